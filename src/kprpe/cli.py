@@ -1,0 +1,100 @@
+"""The ``kprpe`` command. Each sub-package contributes its sub-commands through a ``commands`` module with a
+``register(subparsers)`` function; this file only wires them together."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+
+# Sub-packages that contribute commands, in the order they appear in ``kprpe --help``.
+COMMAND_MODULES = (
+    "kprpe.face.commands",
+    "kprpe.data.commands",
+    "kprpe.train.commands",
+    "kprpe.eval.commands",
+    "kprpe.experiments.commands",
+    "kprpe.bench.commands",
+)
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as ``kprpe: error: <message>`` with exit status 2, no traceback."""
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .nn import list_models, num_parameters, preset_config
+
+    rows = []
+    for name in list_models():
+        cfg = preset_config(name)
+        row = dict(name=name, rel_pos=cfg.rel_pos, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads)
+        if args.params:
+            from .nn import create_model
+
+            row["parameters"] = num_parameters(create_model(name))
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            extra = f"  {r['parameters']:,} params" if "parameters" in r else ""
+            print(f"{r['name']:<18} rel_pos={r['rel_pos']:<6} depth={r['depth']:<3} dim={r['embed_dim']:<4} heads={r['num_heads']}{extra}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(model_name=args.model, batch_size=args.batch_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kprpe",
+        description="Face recognition with KP-RPE vision transformers: models, face pipeline, training, evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"kprpe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the registered model presets")
+    p.add_argument("--params", action="store_true", help="also build each preset and count its parameters")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("demo", help="build a KP-RPE model and embed a few synthetic faces (smoke demo)")
+    p.add_argument("--model", default="vit_small_kprpe", help="preset name (default: vit_small_kprpe)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=_cmd_demo)
+
+    for module_name in COMMAND_MODULES:
+        if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) is None:
+            continue
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        importlib.import_module(module_name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as exc:
+        print(f"kprpe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Models: relative-position buckets, position encodings, attention, the face ViT, presets, checkpoints."""
+
+from .attention import Attention, Block, Mlp
+from .buckets import bucket_ids, num_buckets, piecewise_index
+from .checkpoint import CheckpointError, infer_config, load_official, load_weights, read_state_dict, save_model
+from .position import gather_bias, patch_centres, relative_keypoints
+from .registry import create_model, list_models, preset_config, register_model
+from .vit import ViTConfig, VisionTransformer, normalize_embedding, num_parameters
+
+__all__ = [
+    "Attention",
+    "Block",
+    "CheckpointError",
+    "Mlp",
+    "ViTConfig",
+    "VisionTransformer",
+    "bucket_ids",
+    "create_model",
+    "gather_bias",
+    "infer_config",
+    "list_models",
+    "load_official",
+    "load_weights",
+    "normalize_embedding",
+    "num_buckets",
+    "num_parameters",
+    "patch_centres",
+    "piecewise_index",
+    "preset_config",
+    "read_state_dict",
+    "register_model",
+    "relative_keypoints",
+    "save_model",
+]

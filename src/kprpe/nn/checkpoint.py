@@ -1,0 +1,351 @@
+"""Reading and writing weights: official CVLface checkpoints in, safetensors out.
+
+Official checkpoints come as ``model.safetensors`` (Hugging Face repos, keys prefixed ``model.net.``), research
+``model.pt`` files (keys prefixed ``net.``), or bare state dicts. :func:`load_official` strips the prefixes,
+infers the architecture from tensor shapes (or reads ``config.json`` / our own metadata), and loads strictly.
+Pickled files are only ever read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .registry import SIZES
+from .vit import ViTConfig, VisionTransformer
+
+__all__ = [
+    "CheckpointError",
+    "read_state_dict",
+    "strip_prefixes",
+    "infer_config",
+    "load_official",
+    "load_weights",
+    "save_model",
+]
+
+CONFIG_METADATA_KEY = "kprpe_config"
+_PREFIXES = ("module.", "model.", "net.")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says exactly why."""
+
+
+# ---------------------------------------------------------------------- reading
+def _find_weights_file(directory: Path) -> Path:
+    candidates = [
+        directory / "model.safetensors",
+        directory / "pretrained_model" / "model.safetensors",
+        directory / "pretrained_model" / "model.pt",
+        directory / "model.pt",
+        directory / "model.pth",
+    ]
+    for c in candidates:
+        if c.is_file():
+            return c
+    listed = ", ".join(sorted(p.name for p in directory.iterdir())[:20]) or "(empty)"
+    raise CheckpointError(
+        f"no weights found in directory {directory}: expected one of "
+        f"{', '.join(str(c.relative_to(directory)) for c in candidates)}; it contains: {listed}"
+    )
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """State dict and the config stored beside or inside it (None when there is none)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    config = None
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+        if CONFIG_METADATA_KEY in metadata:
+            config = json.loads(metadata[CONFIG_METADATA_KEY])
+    elif path.suffix in _PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses arbitrary objects: report, never fall back
+            raise CheckpointError(
+                f"could not read {path} with torch.load(weights_only=True) (only tensors and plain containers are "
+                f"accepted; arbitrary pickled objects are refused for safety): {exc}"
+            ) from exc
+        state = _unwrap(obj, str(path))
+    else:
+        raise CheckpointError(
+            f"unsupported checkpoint format {path.suffix!r} for {path}; expected .safetensors, .pt, .pth, .bin or .ckpt"
+        )
+    if config is None:
+        for cfg_path in (path.parent / "config.json", path.parent.parent / "config.json"):
+            if cfg_path.is_file():
+                try:
+                    config = json.loads(cfg_path.read_text())
+                except json.JSONDecodeError as exc:
+                    raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
+                break
+    return state, config
+
+
+def _unwrap(obj, where: str) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or one nested under 'state_dict' / 'model' (training checkpoints)."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in obj and isinstance(obj[key], Mapping) and not isinstance(obj[key], torch.Tensor):
+                return _unwrap(obj[key], where)
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"{where}: expected a state dict of tensors, but keys {bad[:10]} are not tensors")
+        return dict(obj)
+    raise CheckpointError(f"{where}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+
+
+def read_state_dict(source) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """``(state_dict, config_or_None)`` from a file, a checkpoint directory, or an in-memory state dict."""
+    if isinstance(source, Mapping):
+        return _unwrap(source, "state dict"), None
+    if not isinstance(source, (str, os.PathLike)):
+        raise CheckpointError(f"checkpoint source must be a path or a state dict, got {type(source).__name__}")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = _find_weights_file(path)
+    return _read_file(path)
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bare network keys: removes ``module.``, ``model.`` and ``net.`` prefixes (in that order)."""
+    out = {}
+    for key, value in state.items():
+        bare = key
+        for prefix in _PREFIXES:
+            bare = bare.removeprefix(prefix)
+        if bare in out:
+            raise CheckpointError(f"two checkpoint keys map to {bare!r} after removing prefixes (one is {key!r})")
+        out[bare] = value
+    return out
+
+
+# ---------------------------------------------------------------------- architecture inference
+def _need(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in state:
+        raise CheckpointError(
+            f"cannot infer the architecture: key {key!r} is missing (is this a KP-RPE/ViT face model checkpoint?); "
+            f"first keys: {list(state)[:8]}"
+        )
+    return state[key]
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
+    """ViTConfig fields implied by a bare state dict's tensor shapes.
+
+    ``num_heads`` is read from the KP-RPE / iRPE / RPE tables when present; for a plain ViT it is only known
+    for the official sizes, otherwise it is left out and must come from a config or an override.
+    """
+    pw = _need(state, "patch_embed.proj.weight")
+    if pw.ndim != 4:
+        raise CheckpointError(f"patch_embed.proj.weight should be 4-D (D, C, p, p), got shape {tuple(pw.shape)}")
+    dim, chans, patch = pw.shape[0], pw.shape[1], pw.shape[2]
+    cfg: dict = dict(embed_dim=dim, in_chans=chans, patch_size=patch)
+    f0 = _need(state, "feature.0.weight")
+    if "pos_embed" in state:
+        tokens = state["pos_embed"].shape[1]
+    elif f0.shape[1] % dim == 0 and f0.shape[1] != dim:
+        tokens = f0.shape[1] // dim
+    else:
+        tokens = None
+    cfg["abs_pos"] = "pos_embed" in state
+    if tokens is not None:
+        grid = math.isqrt(tokens)
+        if grid * grid != tokens:
+            raise CheckpointError(f"{tokens} tokens do not form a square patch grid")
+        cfg["img_size"] = grid * patch
+    cfg["head"] = "mean" if f0.shape[1] == dim else "flatten"
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks:
+        raise CheckpointError("cannot infer the architecture: the checkpoint has no 'blocks.<i>.' keys")
+    depth = max(blocks) + 1
+    cfg["depth"] = depth
+    cfg["mlp_ratio"] = _need(state, "blocks.0.mlp.fc1.weight").shape[0] / dim
+    cfg["output_dim"] = _need(state, "feature.2.weight").shape[0]
+    cfg["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
+
+    heads = None
+    if "keypoint_linear.weight" in state:
+        cfg["rel_pos"] = "kprpe"
+        out_f, in_f = state["keypoint_linear.weight"].shape
+        if "keypoint_mlp.0.weight" in state:
+            cfg["kp_hidden"] = in_f
+            in_f = state["keypoint_mlp.0.weight"].shape[1]
+        if in_f == 2:
+            cfg["kp_input"] = "query_position"
+        elif in_f % 2 == 0:
+            cfg["num_keypoints"] = in_f // 2
+        if out_f == 49:
+            cfg["kp_sharing"] = "shared"
+        elif out_f % (depth * 49) == 0:
+            heads = out_f // (depth * 49)
+        elif out_f % 49 == 0:
+            cfg["kp_sharing"] = "head"
+            heads = out_f // 49
+    elif any(k.startswith("blocks.0.attn.rpe_") and k.endswith("lookup_table_weight") for k in state):
+        cfg["rel_pos"] = "irpe"
+        cfg["irpe_on"] = "".join(s for s in "qkv" if f"blocks.0.attn.rpe_{s}.lookup_table_weight" in state)
+        name = f"blocks.0.attn.rpe_{cfg['irpe_on'][0]}.lookup_table_weight"
+        table = state[name]
+        head_dim = table.shape[1] if cfg["irpe_on"][0] in "qk" else table.shape[2]
+        heads = dim // head_dim
+        cfg["irpe_shared_head"] = table.shape[0] == 1
+    elif "blocks.0.attn.rpe_bias.table" in state:
+        cfg["rel_pos"] = "rpe"
+        heads = state["blocks.0.attn.rpe_bias.table"].shape[0]
+    else:
+        cfg["rel_pos"] = "none"
+    if heads is None:
+        for size in SIZES.values():
+            if (size["embed_dim"], size["depth"], size["mlp_ratio"]) == (dim, depth, cfg["mlp_ratio"]):
+                heads = size["num_heads"]
+    if heads is not None:
+        cfg["num_heads"] = heads
+    return cfg
+
+
+def _config_from_file(config: Mapping) -> dict:
+    """ViTConfig fields found in a config.json: our own saved config, or official-style keys at any depth
+    (``name: small|base``, ``output_dim``, ``num_heads``, ...)."""
+    if CONFIG_METADATA_KEY in config:
+        return dict(config[CONFIG_METADATA_KEY])
+    fields = set(ViTConfig.__dataclass_fields__) - {"extra"}
+    found: dict = {}
+
+    def walk(node) -> None:
+        if isinstance(node, Mapping):
+            if node.get("name") in SIZES and "num_heads" not in found:
+                found["num_heads"] = SIZES[node["name"]]["num_heads"]
+            for key, value in node.items():
+                if key in fields and not isinstance(value, (Mapping, list)):
+                    found.setdefault(key, value)
+                else:
+                    walk(value)
+
+    walk(config)
+    return found
+
+
+def load_official(source, **overrides) -> VisionTransformer:
+    """Build a model from an official (or kprpe-saved) checkpoint and load it strictly, in eval mode.
+
+    ``source``: a ``.safetensors`` / ``.pt`` / ``.pth`` file; a directory laid out like the published repos
+    (``config.json`` + ``model.safetensors``, or ``pretrained_model/model.pt``); or an in-memory state dict.
+    ``overrides`` set config fields the checkpoint cannot tell (e.g. ``num_heads`` of a non-standard plain
+    ViT) or runtime choices (``attn_impl``). Raises :class:`CheckpointError` on any mismatch.
+    """
+    raw, file_config = read_state_dict(source)
+    state = strip_prefixes(raw)
+    values = infer_config(state)
+    if file_config:
+        from_file = _config_from_file(file_config)
+        # shapes are ground truth; the file only fills what shapes cannot tell
+        for key, value in from_file.items():
+            values.setdefault(key, value)
+    values.update(overrides)
+    if "num_heads" not in values:
+        raise CheckpointError(
+            "cannot infer num_heads of this checkpoint (a plain ViT of a non-standard size and no config.json): "
+            "pass it, e.g. load_official(path, num_heads=8)"
+        )
+    values.pop("extra", None)
+    try:
+        config = ViTConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint implies an invalid model config {values}: {exc}") from exc
+    model = VisionTransformer(config)
+    load_weights(model, state)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, source, *, strict: bool = True) -> nn.Module:
+    """Load a checkpoint (path, directory or state dict; prefixes stripped, floats cast to the model's dtype)
+    into an existing model. Mismatches raise a :class:`CheckpointError` listing every missing, unexpected and
+    mis-shaped key."""
+    raw = source if isinstance(source, Mapping) else read_state_dict(source)[0]
+    state = strip_prefixes(_unwrap(raw, "state dict"))
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if misshaped or (strict and (missing or unexpected)):
+        raise CheckpointError(_mismatch_message(model, missing, unexpected, misshaped))
+    cast = {}
+    for k, v in state.items():
+        if k in own:
+            cast[k] = v.to(own[k].dtype) if v.is_floating_point() else v
+    model.load_state_dict(cast, strict=strict)
+    return model
+
+
+def _mismatch_message(model: nn.Module, missing: list, unexpected: list, misshaped: list) -> str:
+    def block(title: str, items: list) -> str:
+        if not items:
+            return ""
+        shown = "\n    ".join(items[:25])
+        more = f"\n    ... and {len(items) - 25} more" if len(items) > 25 else ""
+        return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+    hint = ""
+    if any(k.startswith("keypoint_linear") for k in unexpected):
+        hint = "\n  hint: this is a KP-RPE checkpoint; build a *_kprpe model or use kprpe.load_official(path)."
+    elif any(k.startswith("keypoint_linear") for k in missing):
+        hint = "\n  hint: the model is KP-RPE but the checkpoint has no keypoint table; use a plain preset or load_official."
+    elif any(".rpe_" in k for k in unexpected + missing):
+        hint = "\n  hint: the checkpoint and the model use different relative position encodings; try kprpe.load_official(path)."
+    name = type(model).__name__
+    cfg = getattr(model, "config", None)
+    desc = f"{name}(rel_pos={cfg.rel_pos}, depth={cfg.depth}, embed_dim={cfg.embed_dim})" if cfg else name
+    return (
+        f"checkpoint does not match {desc}:"
+        + block("missing from checkpoint", missing)
+        + block("unexpected in checkpoint", unexpected)
+        + block("shape mismatch", misshaped)
+        + hint
+    )
+
+
+# ---------------------------------------------------------------------- writing
+def save_model(model: VisionTransformer, path, *, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the model's weights and config to ``path`` (.safetensors) atomically; :func:`load_official`
+    reads it back without any other argument."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_model writes .safetensors files, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
+    meta.update(metadata or {})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
