@@ -1,0 +1,76 @@
+"""The face pipeline: photo -> face box -> 5 keypoints -> 112x112 crop -> KP-RPE embedding -> similarity.
+
+Importing this package does not import dlib; the dlib backend loads it on first use (``pip install
+'kprpe[face]'``). See docs/face.md.
+"""
+
+from __future__ import annotations
+
+from .align import (
+    ALIGN_MODES,
+    CROP_SIZE,
+    AlignedFace,
+    AlignmentError,
+    align_face,
+    box_crop_transform,
+    box_from_keypoints,
+    similarity_transform,
+    template_alignment_error,
+)
+from .detection import (
+    DlibDetector,
+    FaceDetection,
+    FaceDetector,
+    LandmarkFileError,
+    MissingDependencyError,
+    NoFaceFound,
+    SuppliedLandmarks,
+)
+from .draw import draw_keypoints, side_by_side
+from .io import ImageLoadError, expand_image_paths, load_image
+from .pipeline import (
+    DEFAULT_THRESHOLD,
+    BatchResult,
+    FaceEmbedder,
+    FacePipeline,
+    FaceRecord,
+    VerifyResult,
+    cosine_similarity,
+    verify,
+)
+from .search import FaceIndex, FaceIndexError, SearchHit
+
+__all__ = [
+    "ALIGN_MODES",
+    "CROP_SIZE",
+    "DEFAULT_THRESHOLD",
+    "AlignedFace",
+    "AlignmentError",
+    "BatchResult",
+    "DlibDetector",
+    "FaceDetection",
+    "FaceDetector",
+    "FaceEmbedder",
+    "FaceIndex",
+    "FaceIndexError",
+    "FacePipeline",
+    "FaceRecord",
+    "ImageLoadError",
+    "LandmarkFileError",
+    "MissingDependencyError",
+    "NoFaceFound",
+    "SearchHit",
+    "SuppliedLandmarks",
+    "VerifyResult",
+    "align_face",
+    "box_crop_transform",
+    "box_from_keypoints",
+    "cosine_similarity",
+    "draw_keypoints",
+    "expand_image_paths",
+    "load_image",
+    "side_by_side",
+    "similarity_transform",
+    "template_alignment_error",
+    "verify",
+]

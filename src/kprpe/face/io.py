@@ -1,0 +1,119 @@
+"""Reading real-world photos into RGB uint8 arrays, and expanding the paths a user types into image files.
+
+Photos arrive in every mode Pillow knows (grayscale, palette, RGBA, 16-bit PNG, CMYK JPEG) and often carry an
+EXIF orientation tag that cameras set instead of rotating pixels; the pipeline wants upright RGB uint8, and a
+failure that names the file instead of a traceback from inside Pillow.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "load_image", "to_rgb_uint8", "expand_image_paths"]
+
+# Extensions picked up when a directory is given (files named explicitly are always tried).
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+
+
+class ImageLoadError(ValueError):
+    """A file could not be read as an image; the message names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _scale_wide_integers(array: np.ndarray, max_value: int) -> np.ndarray:
+    """Map 0..max_value integers to 0..255 with rounding (65535 -> 255, 32768 -> 128), not clipping."""
+    wide = np.clip(array.astype(np.float64), 0, max_value)
+    return np.rint(wide * (255.0 / max_value)).astype(np.uint8)
+
+
+def to_rgb_uint8(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Any Pillow image -> ``(H, W, 3)`` uint8 RGB.
+
+    Transparent pixels are composited over ``background`` (so a transparent PNG does not turn black where the
+    alpha channel was zero); 16-bit and 32-bit integer images are rescaled from their full range; float images
+    are taken as [0, 1] when their maximum is at most 1, else as [0, 255].
+    """
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        gray = _scale_wide_integers(np.asarray(image), 65535)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "I":
+        values = np.asarray(image)
+        # Pillow opens 16-bit grayscale PNGs as "I"; genuine 32-bit data is rare in photos.
+        top = 65535 if values.max(initial=0) <= 65535 else int(np.iinfo(np.int32).max)
+        gray = _scale_wide_integers(values, top)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        canvas.alpha_composite(rgba)
+        return np.asarray(canvas.convert("RGB"), dtype=np.uint8).copy()
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a photo as upright ``(H, W, 3)`` uint8 RGB; raise :class:`ImageLoadError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageLoadError(path, "no such file")
+    if path.is_dir():
+        raise ImageLoadError(path, "is a directory, not an image file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) before it errors; keep the user's console clean.
+            warnings.simplefilter("ignore")
+            with Image.open(path) as opened:
+                opened.load()  # decode now so truncated files fail here, not later
+                upright = ImageOps.exif_transpose(opened)
+                rgb = to_rgb_uint8(upright if upright is not None else opened)
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image file Pillow can read (unknown or unsupported format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(path, f"image too large to decode safely ({exc})") from None
+    except OSError as exc:
+        message = str(exc) or type(exc).__name__
+        if "truncated" in message.lower():
+            message = f"truncated or corrupt image data ({message})"
+        raise ImageLoadError(path, message) from None
+    except (ValueError, SyntaxError, EOFError) as exc:  # Pillow raises these for malformed headers
+        raise ImageLoadError(path, f"corrupt image ({type(exc).__name__}: {exc})") from None
+    if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageLoadError(path, f"decoded to an empty image of shape {rgb.shape}")
+    return rgb
+
+
+def expand_image_paths(inputs: Iterable[str | os.PathLike], *, recursive: bool = False) -> list[Path]:
+    """Files as given, directories expanded to the image files they hold (sorted; hidden files skipped).
+
+    Files named explicitly are kept whatever their extension so that a non-image file is reported as such
+    rather than silently dropped. A path that does not exist is kept too: loading it reports the problem.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            pattern: Sequence[Path] = sorted(path.rglob("*") if recursive else path.iterdir())
+            for child in pattern:
+                if child.is_file() and not child.name.startswith(".") and child.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append(child)
+        else:
+            found.append(path)
+    return found
