@@ -1,0 +1,92 @@
+"""Evaluation: verification (.bin 10-fold, custom pairs), IJB-B/C 1:1, identification, and the
+alignment-robustness sweep. The command line is ``kprpe eval``; see docs/eval.md."""
+
+from __future__ import annotations
+
+from .binfile import (
+    BinFormatError,
+    RestrictedUnpickler,
+    UnsafePickleError,
+    VerificationBin,
+    read_verification_bin,
+    write_verification_bin,
+)
+from .embedding import EmbeddingCache, FaceSource, embed_faces, embed_with_cache
+from .geometry import (
+    CropParams,
+    aligned_crop_params,
+    box_crop_params,
+    box_from_landmarks,
+    crop_matrix,
+    interpolate_crop,
+    umeyama_similarity,
+    warp_face,
+)
+from .ijb import read_ijb_meta, template_features, template_pair_scores
+from .images import crop_face, read_pairs_csv, scan_identity_folders
+from .metrics import (
+    DEFAULT_FAR_TARGETS,
+    cmc_ranks,
+    kfold_accuracy,
+    open_set_dir_at_fpir,
+    rank_accuracy,
+    roc_auc,
+    roc_curve,
+    tar_at_far,
+    val_at_far,
+)
+from .runs import (
+    EvalSettings,
+    ModelHandle,
+    evaluate_bins,
+    evaluate_identification,
+    evaluate_ijb,
+    evaluate_pairs,
+    robustness_sweep,
+)
+from .verification import pair_scores, verification_metrics
+
+__all__ = [
+    "BinFormatError",
+    "CropParams",
+    "DEFAULT_FAR_TARGETS",
+    "EmbeddingCache",
+    "EvalSettings",
+    "FaceSource",
+    "ModelHandle",
+    "RestrictedUnpickler",
+    "UnsafePickleError",
+    "VerificationBin",
+    "aligned_crop_params",
+    "box_crop_params",
+    "box_from_landmarks",
+    "cmc_ranks",
+    "crop_face",
+    "crop_matrix",
+    "embed_faces",
+    "embed_with_cache",
+    "evaluate_bins",
+    "evaluate_identification",
+    "evaluate_ijb",
+    "evaluate_pairs",
+    "interpolate_crop",
+    "kfold_accuracy",
+    "open_set_dir_at_fpir",
+    "pair_scores",
+    "rank_accuracy",
+    "read_ijb_meta",
+    "read_pairs_csv",
+    "read_verification_bin",
+    "robustness_sweep",
+    "roc_auc",
+    "roc_curve",
+    "scan_identity_folders",
+    "tar_at_far",
+    "template_features",
+    "template_pair_scores",
+    "umeyama_similarity",
+    "val_at_far",
+    "verification_metrics",
+    "warp_face",
+    "write_verification_bin",
+]

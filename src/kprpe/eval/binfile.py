@@ -1,0 +1,151 @@
+"""Verification sets in the insightface ``.bin`` format, read without ever executing pickled code.
+
+A ``.bin`` is a pickle of ``(images, issame)``: ``images`` a list of ``2N`` encoded images (JPEG/PNG bytes),
+``issame`` a list of ``N`` booleans; pair ``k`` is images ``2k`` and ``2k+1``. A pickle is a program, so
+plain ``pickle.load`` on a downloaded file can run anything. :class:`RestrictedUnpickler` resolves no global
+except one harmless byte-string constructor, so a crafted file fails with :class:`UnsafePickleError`
+before any of its code runs.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "UnsafePickleError",
+    "BinFormatError",
+    "RestrictedUnpickler",
+    "restricted_loads",
+    "VerificationBin",
+    "read_verification_bin",
+    "write_verification_bin",
+    "decode_image",
+]
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle asks for a global (a function or class) that a verification set never needs."""
+
+
+class BinFormatError(ValueError):
+    """The file is a valid pickle but not a verification set."""
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """Python 3 pickles ``bytes`` at protocol <= 2 as ``_codecs.encode(str, 'latin1')``; allow only that."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r}) in a pickle")
+    return codecs.encode(text, "latin1")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Builds only lists, tuples, dicts, str, bytes, bool, int, float and None.
+
+    ``find_class`` is the only door through which a pickle reaches code (``os.system``, ``eval``, any
+    class); it is closed except for ``_codecs.encode`` with a latin-1 string (old-protocol ``bytes``).
+    Persistent ids are refused as well.
+    """
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        raise UnsafePickleError(
+            f"refusing to load global '{module}.{name}': a verification .bin only holds image bytes and "
+            "booleans, so this file is corrupt or malicious"
+        )
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError(f"refusing persistent id {pid!r} in a pickle")
+
+
+def restricted_loads(data: bytes):
+    """``pickle.loads`` through :class:`RestrictedUnpickler` (Python 2 ``str`` read as bytes)."""
+    return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+
+
+@dataclass
+class VerificationBin:
+    """Encoded images (``2N``) and pair labels (``N``) of one verification set."""
+
+    name: str
+    encoded_images: list[bytes]
+    issame: np.ndarray  # (N,) bool
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.issame.size)
+
+    def __len__(self) -> int:
+        return len(self.encoded_images)
+
+
+def read_verification_bin(path: str | os.PathLike) -> VerificationBin:
+    """Read and validate a ``.bin`` verification set (images are decoded later, on demand)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"verification set not found: {path}")
+    try:
+        obj = restricted_loads(path.read_bytes())
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as exc:
+        raise BinFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
+        raise BinFormatError(f"{path}: expected a pair (images, issame), got {type(obj).__name__}")
+    images, issame = obj
+    if not isinstance(images, (list, tuple)) or not isinstance(issame, (list, tuple)):
+        raise BinFormatError(
+            f"{path}: expected lists, got images={type(images).__name__}, issame={type(issame).__name__}"
+        )
+    for i, item in enumerate(images):
+        if not isinstance(item, (bytes, bytearray)):
+            raise BinFormatError(f"{path}: image {i} is {type(item).__name__}, expected encoded bytes")
+    for i, flag in enumerate(issame):
+        if not isinstance(flag, (bool, int)) or flag not in (0, 1):
+            raise BinFormatError(f"{path}: issame[{i}] is {flag!r}, expected a boolean")
+    if len(images) != 2 * len(issame):
+        raise BinFormatError(f"{path}: {len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
+    if not issame:
+        raise BinFormatError(f"{path}: no pairs")
+    return VerificationBin(
+        name=path.stem,
+        encoded_images=[bytes(b) for b in images],
+        issame=np.asarray([bool(f) for f in issame], dtype=bool),
+    )
+
+
+def write_verification_bin(path: str | os.PathLike, encoded_images: list[bytes], issame) -> None:
+    """Write a ``.bin`` readable by insightface tools and :func:`read_verification_bin` (atomic)."""
+    issame = [bool(x) for x in issame]
+    if len(encoded_images) != 2 * len(issame):
+        raise ValueError(f"{len(encoded_images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
+    path = Path(path)
+    payload = pickle.dumps(([bytes(b) for b in encoded_images], issame), protocol=4)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def decode_image(data: bytes, where: str = "image", size: int | None = 112) -> np.ndarray:
+    """Encoded bytes -> uint8 RGB ``(H, W, 3)``; resized to ``size`` x ``size`` when it differs."""
+    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise BinFormatError(f"{where}: cannot decode image bytes ({len(data)} bytes)")
+    rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    if size is not None and rgb.shape[:2] != (size, size):
+        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+    return rgb

@@ -1,0 +1,270 @@
+"""``kprpe eval``: verification (.bin), IJB-B/C 1:1, custom pairs, identification and the
+alignment-robustness sweep. Each run writes ``results.json``, ``summary.md`` and PNG plots into ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
+from .embedding import default_cache_dir
+from .metrics import DEFAULT_FAR_TARGETS
+
+__all__ = ["register"]
+
+_EPILOG = """protocols:
+  verify    insightface .bin sets (lfw, cfp_fp, agedb_30, calfw, cplfw, ...): 10-fold accuracy (thresholds
+            chosen on 9 folds, accuracy on the 10th, mean ± std), VAL@FAR=1e-3, TAR@FAR, ROC. Images are
+            pre-aligned; keypoints from --landmarks (CSV idx,ldmk_0..ldmk_9 normalised), the kprpe.face landmark
+            backend, or the ArcFace template. .bin files are read with a restricted unpickler.
+  ijb       IJB-B / IJB-C 1:1 from the insightface meta files: template features, TAR at FAR 1e-6..1e-1, ROC.
+  pairs     custom pairs CSV (image_a,image_b,label); pre-aligned images, or photos + a 5-point landmark file.
+  identify  identity folders: closed-set rank-1/5/20 (CMC) with distractors, open-set DIR@FPIR
+            (TinyFace / IJB-S style).
+  sweep     the paper's Figure 5: accuracy as the crop moves from aligned (t=0) to the detector-box crop
+            (t=1), for one or several checkpoints, as a PNG plot and a JSON table.
+
+Embeddings are cached (--cache-dir, default $KPRPE_CACHE_DIR or ~/.cache/kprpe/embeddings), so another
+protocol or a re-run on the same faces with the same weights does not recompute them. See docs/eval.md."""
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _common(p: argparse.ArgumentParser, weights_help: str = "checkpoint (.safetensors / .pt / published repo folder)") -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, type=Path, help="output folder (results.json, summary.md, plots)")
+    g.add_argument("--cache-dir", type=Path, default=None,
+                   help="embedding cache folder (default: $KPRPE_CACHE_DIR or ~/.cache/kprpe/embeddings)")
+    g.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
+    g.add_argument("--no-flip", action="store_true", help="disable flip-sum test-time augmentation")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: where the model loads)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--far", type=_float_list, default=list(DEFAULT_FAR_TARGETS),
+                   help="FAR targets for TAR@FAR, comma-separated (default: 1e-6,...,1e-1)")
+
+
+def _weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", required=True, type=Path,
+                   help="checkpoint: .safetensors / .pt file or a published repo folder")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint: verification, IJB, identification, robustness sweep",
+        description=__doc__, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL")
+    parser.set_defaults(func=lambda args: _missing_protocol(parser))
+
+    p = sub.add_parser("verify", help="insightface .bin verification sets, 10-fold protocol",
+                       description="10-fold accuracy (mean ± std), VAL@FAR=1e-3, TAR@FAR and ROC on .bin sets.")
+    _weights(p)
+    p.add_argument("--bin", dest="bins", action="append", required=True, type=Path,
+                   help="a .bin set (repeat for several: --bin lfw.bin --bin cfp_fp.bin)")
+    p.add_argument("--landmarks", action="append", type=Path, default=None,
+                   help="per-set landmark CSV (idx,ldmk_0..ldmk_9, normalised; idx = image index); repeat in "
+                        "the order of --bin")
+    p.add_argument("--keypoints", choices=("auto", "file", "backend", "template"), default="auto",
+                   help="keypoint source: file (--landmarks), backend (kprpe.face prealigned landmarks), template "
+                        "(ArcFace template; right only for images aligned to it); auto picks in that order")
+    _common(p)
+    p.set_defaults(func=_run_verify)
+
+    p = sub.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification (TAR@FAR)",
+                       description="Template-based 1:1 verification from the insightface IJB meta files.")
+    _weights(p)
+    p.add_argument("--name", default="IJBC", help="set name in the report (default IJBC)")
+    p.add_argument("--tid-mid", required=True, type=Path, help="*_face_tid_mid.txt: image_name template_id media_id")
+    p.add_argument("--pairs", required=True, type=Path, help="*_template_pair_label.txt: t1 t2 label")
+    p.add_argument("--landmarks", required=True, type=Path, help="*_name_5pts_score.txt: image_name x0 y0 .. x4 y4 score")
+    p.add_argument("--images", required=True, type=Path, help="folder of loose crops")
+    p.add_argument("--t", type=float, default=0.0, help="0 aligned (default), 1 detector-box crop (unaligned)")
+    p.add_argument("--no-norm", action="store_true", help="normalise face features before pooling")
+    p.add_argument("--no-detector-score", action="store_true", help="do not weight faces by detector score")
+    _common(p)
+    p.set_defaults(func=_run_ijb)
+
+    p = sub.add_parser("pairs", help="custom pairs CSV (image_a,image_b,label)",
+                       description="Verification on a pairs CSV; images pre-aligned or cropped from landmarks.")
+    _weights(p)
+    p.add_argument("--pairs", required=True, type=Path, help="CSV rows image_a,image_b,label (1/0)")
+    p.add_argument("--root", type=Path, default=None, help="image folder (default: the CSV's folder)")
+    p.add_argument("--landmarks", type=Path, default=None,
+                   help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'; without it images must be pre-aligned")
+    p.add_argument("--keypoints", choices=("auto", "backend", "template"), default="auto",
+                   help="keypoints for pre-aligned images (no --landmarks)")
+    p.add_argument("--t", type=float, default=0.0, help="with --landmarks: 0 aligned, 1 detector-box crop")
+    _common(p)
+    p.set_defaults(func=_run_pairs)
+
+    p = sub.add_parser("identify", help="identification on identity folders: rank-1/5/20, open-set DIR@FPIR",
+                       description="Closed-set CMC with distractors in the gallery; open-set when probes lack mates.")
+    _weights(p)
+    p.add_argument("--gallery", required=True, type=Path, help="gallery folder (identity/image or --label-regex)")
+    p.add_argument("--probe", required=True, type=Path, help="probe folder (same layout)")
+    p.add_argument("--distractors", type=Path, default=None, help="folder of distractor images added to the gallery")
+    p.add_argument("--label-regex", default=None, help="identity = first group matched on the file name, e.g. '^(\\d+)_'")
+    p.add_argument("--gallery-per", choices=("image", "identity"), default="image",
+                   help="gallery entries: every image (TinyFace) or one averaged template per identity (IJB-S)")
+    p.add_argument("--ranks", type=_float_list, default=[1, 5, 20], help="ranks to report (default 1,5,20)")
+    p.add_argument("--fpir", type=_float_list, default=[0.01, 0.1], help="open-set FPIR targets")
+    p.add_argument("--keypoints", choices=("auto", "backend", "template"), default="auto")
+    p.add_argument("--name", default="identification", help="set name in the report")
+    _common(p)
+    p.set_defaults(func=_run_identify)
+
+    p = sub.add_parser("sweep", help="accuracy vs alignment (paper Fig. 5), several checkpoints in one plot",
+                       description="For each t, faces are cropped on the path from the aligned crop (t=0) to the "
+                                   "detector-box crop (t=1); keypoints follow the warp.")
+    p.add_argument("--weights", required=True, action="append",
+                   help="[NAME=]checkpoint; repeat to compare checkpoints in one plot")
+    p.add_argument("--pairs", required=True, type=Path, help="CSV image_a,image_b,label of raw photos")
+    p.add_argument("--landmarks", required=True, type=Path, help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'")
+    p.add_argument("--boxes", type=Path, default=None,
+                   help="detector boxes 'image x1 y1 x2 y2' (default: landmarks' box, enlarged)")
+    p.add_argument("--root", type=Path, default=None, help="image folder (default: the CSV's folder)")
+    p.add_argument("--t", dest="t_values", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="interpolation points in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    _common(p)
+    p.set_defaults(func=_run_sweep)
+
+
+def _missing_protocol(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _settings(args):
+    from .runs import EvalSettings
+
+    if args.batch_size <= 0:
+        _fail(f"--batch-size must be positive, got {args.batch_size}")
+    for far in args.far:
+        if not 0 < far < 1:
+            _fail(f"--far values must lie in (0, 1), got {far}")
+    cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    return EvalSettings(flip=not args.no_flip, batch_size=args.batch_size, device=args.device, cache_dir=cache,
+                        progress=not args.quiet, far_targets=tuple(args.far))
+
+
+def _fail(message: str):
+    from ..cli import CommandError
+
+    raise CommandError(message)
+
+
+def _guarded(run):
+    """Turn data and checkpoint problems into one-line user errors (no tracebacks for bad input)."""
+    from ..nn import CheckpointError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            return run()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        _fail(str(exc))
+    except (ValueError, pickle.UnpicklingError, CheckpointError, RuntimeError) as exc:
+        _fail(str(exc))
+
+
+def _handle(spec: str):
+    from .runs import ModelHandle
+
+    name, sep, path = str(spec).partition("=")
+    if not sep:
+        name, path = "", spec
+    return ModelHandle(Path(path), name=name)
+
+
+def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
+    from .report import markdown_summary, plot_roc, write_json, write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    write_text_atomic(out / "summary.md", markdown_summary(results))
+    curves = {n: r["roc"] for n, r in results.get("sets", {}).items() if "roc" in r}
+    if roc and curves:
+        plot_roc(curves, out / "roc.png", title=f"{results['protocol']} — {Path(str(results.get('weights'))).name}")
+    print(markdown_summary(results))
+    print(f"wrote {out / 'results.json'}, {out / 'summary.md'}" + (", roc.png" if roc and curves else ""))
+
+
+def _run_verify(args) -> int:
+    from .runs import evaluate_bins
+
+    settings = _settings(args)
+    if args.landmarks and len(args.landmarks) != len(args.bins):
+        _fail(f"give one --landmarks per --bin ({len(args.bins)} sets, {len(args.landmarks)} landmark files)")
+    if args.keypoints == "file" and not args.landmarks:
+        _fail("--keypoints file needs --landmarks")
+    results = _guarded(lambda: evaluate_bins(_handle(args.weights), args.bins, settings,
+                                             keypoint_source=args.keypoints, landmarks=args.landmarks))
+    _write_outputs(args.out, results)
+    return 0
+
+
+def _run_ijb(args) -> int:
+    from .runs import evaluate_ijb
+
+    settings = _settings(args)
+    if not 0 <= args.t <= 1:
+        _fail(f"--t must lie in [0, 1], got {args.t}")
+    results = _guarded(lambda: evaluate_ijb(
+        _handle(args.weights), name=args.name, tid_mid=args.tid_mid, pairs=args.pairs, landmarks=args.landmarks,
+        images_dir=args.images, settings=settings, t=args.t, use_norm=not args.no_norm,
+        use_detector_score=not args.no_detector_score))
+    _write_outputs(args.out, results)
+    return 0
+
+
+def _run_pairs(args) -> int:
+    from .runs import evaluate_pairs
+
+    settings = _settings(args)
+    if not 0 <= args.t <= 1:
+        _fail(f"--t must lie in [0, 1], got {args.t}")
+    results = _guarded(lambda: evaluate_pairs(_handle(args.weights), args.pairs, settings, images_root=args.root,
+                                              landmarks=args.landmarks, t=args.t, keypoint_source=args.keypoints))
+    _write_outputs(args.out, results)
+    return 0
+
+
+def _run_identify(args) -> int:
+    from .runs import evaluate_identification
+
+    settings = _settings(args)
+    ranks = [int(r) for r in args.ranks]
+    if any(r < 1 for r in ranks):
+        _fail(f"--ranks must be positive integers, got {args.ranks}")
+    results = _guarded(lambda: evaluate_identification(
+        _handle(args.weights), settings, gallery=args.gallery, probe=args.probe, distractors=args.distractors,
+        label_regex=args.label_regex, keypoint_source=args.keypoints, ranks=ranks, fpir_targets=args.fpir,
+        gallery_per=args.gallery_per, name=args.name))
+    _write_outputs(args.out, results, roc=False)
+    return 0
+
+
+def _run_sweep(args) -> int:
+    from .report import plot_sweep, write_json
+    from .runs import robustness_sweep
+
+    settings = _settings(args)
+    results = _guarded(lambda: robustness_sweep([_handle(w) for w in args.weights], args.pairs, args.landmarks,
+                                                settings, t_values=args.t_values, images_root=args.root,
+                                                boxes=args.boxes))
+    _write_outputs(args.out, results, roc=False)
+    sweep = results["sweep"]
+    write_json(args.out / "sweep.json", sweep)
+    plot_sweep(sweep["t"], sweep["accuracy"], args.out / "sweep.png")
+    print(f"wrote {args.out / 'sweep.json'}, {args.out / 'sweep.png'}")
+    return 0

@@ -1,0 +1,142 @@
+"""Embedding whole evaluation sets, with an on-disk cache so another protocol on the same faces is free.
+
+A cache entry is one ``.npz`` (no pickle: plain float arrays and a JSON string) named by a hash of the
+weights file (resolved path, size, modification time), the data set's fingerprint, the crop mode and the
+flip setting. Changing any of them gives a new entry; editing a weights file in place changes its mtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..inference import embed, iter_batches, to_model_input
+
+__all__ = [
+    "FaceBatchLoader",
+    "FaceSource",
+    "file_fingerprint",
+    "default_cache_dir",
+    "EmbeddingCache",
+    "embed_faces",
+    "embed_with_cache",
+]
+
+# loader(start, stop) -> (uint8 RGB images (b, S, S, 3), normalised keypoints (b, 5, 2))
+FaceBatchLoader = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class FaceSource:
+    """``count`` faces served in batches by ``load``; ``fingerprint`` identifies them for the cache."""
+
+    count: int
+    load: FaceBatchLoader
+    fingerprint: str
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """Cheap identity of a file: resolved path, size and modification time (nanoseconds)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return f"{p}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def default_cache_dir() -> Path:
+    """``$KPRPE_CACHE_DIR`` or ``~/.cache/kprpe/embeddings``."""
+    env = os.environ.get("KPRPE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "kprpe" / "embeddings"
+
+
+class EmbeddingCache:
+    """A directory of ``<key>.npz`` files holding ``embeddings (N, D)``, ``norms (N,)`` and ``meta``."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    @staticmethod
+    def make_key(**parts) -> str:
+        text = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.npz"
+
+    def load(self, key: str, expected_count: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                emb, norms = data["embeddings"], data["norms"]
+        except (OSError, ValueError, KeyError):
+            return None  # a damaged entry is recomputed and overwritten
+        if expected_count is not None and emb.shape[0] != expected_count:
+            return None
+        return emb, norms
+
+    def save(self, key: str, embeddings: np.ndarray, norms: np.ndarray, meta: dict) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, embeddings=embeddings, norms=norms, meta=np.array(json.dumps(meta, default=str)))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def embed_faces(model: torch.nn.Module, source: FaceSource, *, flip: bool = True, batch_size: int = 64,
+                device: str | None = None, progress: bool = True, desc: str = "embedding"
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings ``(N, D)`` float32 and norms ``(N,)`` of every face of ``source``."""
+    units, norms = [], []
+    for sl in tqdm(list(iter_batches(source.count, batch_size)), desc=desc, unit="batch", disable=not progress):
+        images, keypoints = source.load(sl.start, sl.stop)
+        if images.shape[0] != sl.stop - sl.start or keypoints.shape != (images.shape[0], 5, 2):
+            raise ValueError(
+                f"face loader returned images {images.shape} and keypoints {keypoints.shape} for faces "
+                f"{sl.start}..{sl.stop - 1}"
+            )
+        x = to_model_input(images)
+        kp = torch.as_tensor(keypoints, dtype=torch.float32)
+        unit, norm = embed(model, x, kp, flip=flip, batch_size=batch_size, device=device)
+        units.append(unit.numpy().astype(np.float32))
+        norms.append(norm.numpy().astype(np.float32))
+    if not units:
+        raise ValueError("no faces to embed")
+    return np.concatenate(units), np.concatenate(norms)
+
+
+def embed_with_cache(model_loader: Callable[[], torch.nn.Module], weights: str | os.PathLike, source: FaceSource,
+                     *, mode: str, flip: bool = True, cache_dir: str | os.PathLike | None = None,
+                     batch_size: int = 64, device: str | None = None, progress: bool = True,
+                     desc: str = "embedding") -> tuple[np.ndarray, np.ndarray, bool]:
+    """Embeddings from the cache, or computed (model loaded only then) and stored.
+
+    Returns ``(embeddings, norms, from_cache)``. ``cache_dir=None`` disables the cache.
+    """
+    cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
+    key = EmbeddingCache.make_key(weights=file_fingerprint(weights), data=source.fingerprint, mode=mode, flip=flip,
+                                  count=source.count)
+    if cache is not None:
+        hit = cache.load(key, expected_count=source.count)
+        if hit is not None:
+            return hit[0], hit[1], True
+    emb, norms = embed_faces(model_loader(), source, flip=flip, batch_size=batch_size, device=device,
+                             progress=progress, desc=desc)
+    if cache is not None:
+        cache.save(key, emb, norms, dict(weights=str(weights), data=source.fingerprint, mode=mode, flip=flip))
+    return emb, norms, False

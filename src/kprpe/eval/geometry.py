@@ -1,0 +1,152 @@
+"""Crops for evaluation: ArcFace alignment (t=0), the detector-box crop (t=1), and every warp in between.
+
+A crop is described by where the output image sits in the source photo: its centre ``(cx, cy)`` (source
+pixels), a rotation ``angle`` (radians) and per-axis scales ``(sx, sy)`` (source pixels per output pixel).
+Output pixel ``p`` samples source point ``c + R(angle) diag(sx, sy) (p - o)``, ``o = (size-1)/2``, with
+OpenCV pixel-centre coordinates. Interpolating these five numbers (scales geometrically) moves the crop
+smoothly from the aligned face to the box crop — the alignment-robustness sweep of the paper's Figure 5.
+Keypoints are mapped with the same matrix as the pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from ..keypoints import ARCFACE_TEMPLATE_112
+
+__all__ = [
+    "CropParams",
+    "umeyama_similarity",
+    "aligned_crop_params",
+    "box_from_landmarks",
+    "box_crop_params",
+    "interpolate_crop",
+    "crop_matrix",
+    "warp_face",
+    "transform_points",
+]
+
+
+@dataclass(frozen=True)
+class CropParams:
+    cx: float
+    cy: float
+    angle: float
+    sx: float
+    sy: float
+
+
+def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) taking ``src`` (K,2) to ``dst`` (K,2),
+    as a 2x3 matrix (Umeyama 1991, reflection excluded)."""
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or src.shape[0] < 2:
+        raise ValueError(f"need matching (K>=2, 2) point sets, got {src.shape} and {dst.shape}")
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    xs, xd = src - mu_s, dst - mu_d
+    var_s = (xs**2).sum() / len(src)
+    if var_s <= 1e-12:
+        raise ValueError("degenerate landmarks: all points coincide")
+    cov = xd.T @ xs / len(src)
+    u, d, vt = np.linalg.svd(cov)
+    sign = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[1, 1] = -1
+    rot = u @ sign @ vt
+    scale = np.trace(np.diag(d) @ sign) / var_s
+    m = np.zeros((2, 3))
+    m[:, :2] = scale * rot
+    m[:, 2] = mu_d - scale * rot @ mu_s
+    return m
+
+
+def _params_from_matrix(m: np.ndarray, size: int) -> CropParams:
+    """Crop parameters of a forward (source -> output) similarity or axis-aligned scaling matrix."""
+    inv = cv2.invertAffineTransform(m)
+    o = (size - 1) / 2.0
+    centre = inv[:, :2] @ np.array([o, o]) + inv[:, 2]
+    a = inv[:, :2]
+    angle = float(np.arctan2(a[1, 0], a[0, 0]))
+    rot_t = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+    diag = rot_t @ a
+    return CropParams(float(centre[0]), float(centre[1]), angle, float(diag[0, 0]), float(diag[1, 1]))
+
+
+def aligned_crop_params(landmarks_px: np.ndarray, size: int = 112) -> CropParams:
+    """The ArcFace alignment of a face with 5 landmarks (source pixels) as crop parameters."""
+    template = ARCFACE_TEMPLATE_112 * (size / 112.0)
+    return _params_from_matrix(umeyama_similarity(landmarks_px, template), size)
+
+
+def box_from_landmarks(landmarks_px: np.ndarray, scale: float = 2.2, shift: float = -0.12) -> np.ndarray:
+    """A square detector-like box ``(x1, y1, x2, y2)`` around 5 landmarks, for data without detector boxes.
+
+    Side = ``scale`` x the larger side of the landmarks' bounding box; the centre is the landmarks' box
+    centre moved by ``shift`` x side vertically (negative: up, since the five points sit in the lower face).
+    For the ArcFace template this gives a 90-pixel box on the 112 crop, about as tight as RetinaFace boxes.
+    """
+    pts = np.asarray(landmarks_px, dtype=np.float64)
+    lo, hi = pts.min(0), pts.max(0)
+    side = scale * float(max(hi - lo))
+    if side <= 0:
+        raise ValueError("degenerate landmarks: zero extent")
+    cx, cy = (lo + hi) / 2.0
+    cy += shift * side
+    return np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
+
+
+def box_crop_params(box: np.ndarray, size: int = 112) -> CropParams:
+    """The box ``(x1, y1, x2, y2)`` simply resized to ``size`` x ``size`` (the paper's "unaligned" input).
+
+    The box edges map to the outer edges of the output pixels (``x1 -> -0.5``, ``x2 -> size-0.5``), as
+    ``cv2.resize`` of the box crop does.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"invalid box {box}: need x2 > x1 and y2 > y1")
+    sx, sy = (x2 - x1) / size, (y2 - y1) / size
+    return CropParams((x1 + x2) / 2.0 - 0.5, (y1 + y2) / 2.0 - 0.5, 0.0, sx, sy)
+
+
+def interpolate_crop(start: CropParams, end: CropParams, t: float) -> CropParams:
+    """The crop a fraction ``t`` of the way from ``start`` (t=0) to ``end`` (t=1): centre and angle linear
+    (angle the short way round), scales geometric."""
+    d_angle = (end.angle - start.angle + np.pi) % (2 * np.pi) - np.pi
+    return CropParams(
+        cx=start.cx + t * (end.cx - start.cx),
+        cy=start.cy + t * (end.cy - start.cy),
+        angle=start.angle + t * d_angle,
+        sx=float(np.exp((1 - t) * np.log(start.sx) + t * np.log(end.sx))),
+        sy=float(np.exp((1 - t) * np.log(start.sy) + t * np.log(end.sy))),
+    )
+
+
+def crop_matrix(params: CropParams, size: int = 112) -> np.ndarray:
+    """Forward 2x3 matrix (source pixels -> output pixels) of a crop."""
+    c, s = np.cos(params.angle), np.sin(params.angle)
+    a = np.array([[c, -s], [s, c]]) @ np.diag([params.sx, params.sy])
+    o = (size - 1) / 2.0
+    inv = np.zeros((2, 3))
+    inv[:, :2] = a
+    inv[:, 2] = np.array([params.cx, params.cy]) - a @ np.array([o, o])
+    return cv2.invertAffineTransform(inv)
+
+
+def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 2x3 affine matrix to points ``(..., 2)``."""
+    pts = np.asarray(points, dtype=np.float64)
+    return pts @ matrix[:, :2].T + matrix[:, 2]
+
+
+def warp_face(image: np.ndarray, landmarks_px: np.ndarray, params: CropParams, size: int = 112
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Warp ``image`` (H, W, 3) uint8 with a crop; return the ``size``x``size`` crop (black border) and the
+    landmarks mapped into it, normalised by ``size`` (model keypoints)."""
+    m = crop_matrix(params, size)
+    out = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=0)
+    return out, transform_points(m, landmarks_px) / size

@@ -1,0 +1,159 @@
+"""Run outputs: ``results.json`` (everything, machine-readable), ``summary.md`` (the headline numbers) and
+PNG plots (ROC / TAR-FAR, robustness sweep). Every file is written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_text_atomic", "write_json", "markdown_summary", "plot_roc", "plot_sweep"]
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    return write_text_atomic(path, json.dumps(_plain(data), indent=2) + "\n")
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.2f}"
+
+
+def _far_label(far: float) -> str:
+    return f"{far:.0e}".replace("e-0", "e-")
+
+
+def markdown_summary(results: dict) -> str:
+    """The headline numbers of a ``results.json`` dict, as Markdown tables."""
+    lines = [f"# kprpe eval: {results.get('protocol', '?')}", ""]
+    meta = [("weights", results.get("weights")), ("mode", results.get("mode")),
+            ("keypoints", results.get("keypoint_source")), ("flip TTA", results.get("flip"))]
+    lines += [f"- {k}: `{v}`" for k, v in meta if v is not None]
+    lines.append("")
+    sets = results.get("sets", {})
+    verif = {n: r for n, r in sets.items() if "tar_at_far" in r}
+    if verif:
+        far_targets = [row["far_target"] for row in next(iter(verif.values()))["tar_at_far"]]
+        header = ["set", "pairs", "accuracy (10-fold)", "VAL@FAR"] + [f"TAR@{_far_label(f)}" for f in far_targets] + ["AUC"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name, r in verif.items():
+            kf = r.get("kfold")
+            acc = f"{_pct(kf['accuracy_mean'])} ± {_pct(kf['accuracy_std'])}" if kf else "–"
+            val = r.get("val_at_far")
+            val_s = f"{_pct(val['val_mean'])} @ {_far_label(val['far_target'])}" if val else "–"
+            tars = [(_pct(row["tar"]) if row["resolvable"] else f"({_pct(row['tar'])})") for row in r["tar_at_far"]]
+            lines.append("| " + " | ".join([name, str(r["num_pairs"]), acc, val_s, *tars, f"{r['auc']:.4f}"]) + " |")
+        lines += ["", "Percentages. TAR in parentheses: the FAR target is below 1/#impostors, so the number is not "
+                  "resolvable from this many pairs.", ""]
+    ident = {n: r for n, r in sets.items() if "closed_set" in r}
+    if ident:
+        ks = list(next(iter(ident.values()))["closed_set"].keys())
+        header = ["set", "probes", "gallery", *ks, "DIR@FPIR"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name, r in ident.items():
+            ranks = [_pct(r["closed_set"][k]) for k in ks]
+            open_set = r.get("open_set")
+            dir_s = ", ".join(f"{_pct(row['dir'])} @ {_far_label(row['fpir_target'])}" for row in open_set) if open_set else "–"
+            lines.append("| " + " | ".join([name, str(r["num_probes"]), str(r["num_gallery"]), *ranks, dir_s]) + " |")
+        lines.append("")
+    sweep = results.get("sweep")
+    if sweep:
+        header = ["t", *sweep["checkpoints"]]
+        lines += ["Accuracy (10-fold, %) as alignment degrades (t=0 aligned, t=1 detector-box crop):", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for i, t in enumerate(sweep["t"]):
+            row = [f"{t:g}"] + [_pct(sweep["accuracy"][c][i]) for c in sweep["checkpoints"]]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(curves: dict[str, dict], path: str | os.PathLike, title: str = "ROC") -> Path:
+    """TAR against FAR (log axis) for each named curve ``{"far": [...], "tar": [...]}``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for name, c in curves.items():
+        far, tar = np.asarray(c["far"]), np.asarray(c["tar"])
+        keep = far > 0
+        ax.plot(far[keep], tar[keep], label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-6, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("false accept rate (FAR)")
+    ax.set_ylabel("true accept rate (TAR)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_sweep(t_values, accuracy: dict[str, list[float]], path: str | os.PathLike,
+               title: str = "Accuracy as alignment degrades") -> Path:
+    """Accuracy (%) against the interpolation t, one line per checkpoint."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for name, acc in accuracy.items():
+        ax.plot(t_values, 100.0 * np.asarray(acc), marker="o", label=name)
+    ax.set_xlabel("t (0: aligned, 1: detector-box crop)")
+    ax.set_ylabel("verification accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return path

@@ -1,0 +1,109 @@
+"""1:1 verification on pairs: insightface ``.bin`` sets and custom pairs, all scored the same way."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from .binfile import VerificationBin, decode_image
+from .embedding import FaceSource, file_fingerprint
+from .landmarks import (
+    face_backend_available,
+    face_backend_landmarks,
+    read_normalized_landmark_csv,
+    template_keypoints_for,
+)
+from .metrics import DEFAULT_FAR_TARGETS, kfold_accuracy, roc_auc, roc_curve, tar_at_far, val_at_far
+
+__all__ = [
+    "KEYPOINT_SOURCES",
+    "resolve_keypoint_source",
+    "bin_face_source",
+    "pair_scores",
+    "summarize_roc",
+    "verification_metrics",
+]
+
+KEYPOINT_SOURCES = ("auto", "file", "backend", "template")
+
+
+def resolve_keypoint_source(requested: str, landmarks: str | os.PathLike | None) -> str:
+    """``auto`` -> ``file`` when a landmark file is given, else ``backend`` when ``kprpe.face`` offers one,
+    else ``template`` (with a warning: only right for faces really aligned to the ArcFace template)."""
+    if requested not in KEYPOINT_SOURCES:
+        raise ValueError(f"keypoint source must be one of {KEYPOINT_SOURCES}, got {requested!r}")
+    if requested == "file" and landmarks is None:
+        raise ValueError("keypoint source 'file' needs a landmark file (--landmarks)")
+    if requested != "auto":
+        return requested
+    if landmarks is not None:
+        return "file"
+    if face_backend_available():
+        return "backend"
+    warnings.warn("no landmark file and no kprpe.face landmark backend: using the ArcFace template keypoints",
+                  stacklevel=2)
+    return "template"
+
+
+def bin_face_source(vb: VerificationBin, path: str | os.PathLike, keypoint_source: str,
+                    landmarks: str | os.PathLike | None = None) -> FaceSource:
+    """Faces of a ``.bin`` set (decoded per batch, 112x112) with keypoints from ``keypoint_source``."""
+    table = None
+    if keypoint_source == "file":
+        table = read_normalized_landmark_csv(landmarks)
+        missing = [i for i in range(len(vb)) if i not in table]
+        if missing:
+            raise ValueError(f"{landmarks}: no landmarks for {len(missing)} of {len(vb)} images (first: idx {missing[0]})")
+
+    def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        images = np.stack([decode_image(vb.encoded_images[i], where=f"{path} image {i}") for i in range(start, stop)])
+        if keypoint_source == "file":
+            kps = np.stack([table[i] for i in range(start, stop)])
+        elif keypoint_source == "backend":
+            kps = face_backend_landmarks(images)
+        else:
+            kps = template_keypoints_for(stop - start)
+        return images, kps
+
+    fp = f"bin:{file_fingerprint(path)}|kp:{keypoint_source}"
+    if landmarks is not None and keypoint_source == "file":
+        fp += f"|{file_fingerprint(landmarks)}"
+    return FaceSource(count=len(vb), load=load, fingerprint=fp)
+
+
+def pair_scores(embeddings: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Cosine similarity of unit embeddings for pairs ``(first[k], second[k])``."""
+    return np.einsum("ij,ij->i", embeddings[first], embeddings[second]).astype(np.float64)
+
+
+def summarize_roc(far: np.ndarray, tar: np.ndarray, max_points: int = 400) -> dict:
+    """A ROC thinned for JSON/plots: points spread evenly in log(FAR), plus both ends."""
+    if far.size <= max_points:
+        idx = np.arange(far.size)
+    else:
+        positive = far > 0
+        grid = np.logspace(np.log10(far[positive].min()), 0, max_points)
+        idx = np.unique(np.r_[0, np.searchsorted(far, grid, side="right") - 1, far.size - 1])
+    return dict(far=far[idx].tolist(), tar=tar[idx].tolist())
+
+
+def verification_metrics(scores: np.ndarray, labels: np.ndarray, *, n_folds: int = 10,
+                         far_targets=DEFAULT_FAR_TARGETS, val_far: float = 1e-3) -> dict:
+    """Everything a verification report shows: 10-fold accuracy, VAL@FAR, TAR@FAR, AUC and the ROC."""
+    labels = np.asarray(labels, dtype=bool)
+    far, tar, _ = roc_curve(scores, labels)
+    out = dict(
+        num_pairs=int(labels.size),
+        num_genuine=int(labels.sum()),
+        num_impostor=int((~labels).sum()),
+        auc=roc_auc(far, tar),
+        tar_at_far=tar_at_far(scores, labels, far_targets),
+        roc=summarize_roc(far, tar),
+    )
+    if labels.size >= n_folds:
+        out["kfold"] = kfold_accuracy(scores, labels, n_folds=n_folds).to_dict()
+        out["kfold"]["n_folds"] = n_folds
+        out["val_at_far"] = val_at_far(scores, labels, val_far, n_folds=n_folds).to_dict()
+    return out
