@@ -112,30 +112,35 @@ def template_keypoints_for(n: int) -> np.ndarray:
     return template_keypoints(n).numpy().astype(np.float64)
 
 
-_BACKEND_FUNCTIONS = ("prealigned_landmarks", "landmarks_prealigned")
+_PIPELINE = None
 
 
 def face_backend_available() -> bool:
-    """Whether ``kprpe.face`` is installed and exposes a pre-aligned landmark function."""
-    if importlib.util.find_spec("kprpe.face") is None:
-        return False
-    module = importlib.import_module("kprpe.face")
-    return any(callable(getattr(module, name, None)) for name in _BACKEND_FUNCTIONS)
+    """Whether the ``kprpe.face`` pipeline and its landmark backend (dlib) are importable."""
+    return all(importlib.util.find_spec(name) is not None
+               for name in ("kprpe.face", "dlib", "face_recognition_models"))
 
 
 def face_backend_landmarks(images: np.ndarray) -> np.ndarray:
-    """Keypoints of pre-aligned uint8 RGB faces ``(B, H, W, 3)`` from the ``kprpe.face`` landmark backend
-    (its ``prealigned`` mode), as normalised ``(B, 5, 2)``. Imported lazily: evaluation works without it."""
+    """Keypoints of pre-aligned uint8 RGB 112x112 faces ``(B, 112, 112, 3)`` from the ``kprpe.face`` pipeline
+    in ``prealigned`` mode (landmarks searched in the template face box), as normalised ``(B, 5, 2)``.
+
+    Imported lazily, so evaluation works without the face package or dlib.
+    """
+    global _PIPELINE
     if importlib.util.find_spec("kprpe.face") is None:
-        raise RuntimeError("the landmark backend needs the kprpe.face package, which is not installed")
-    module = importlib.import_module("kprpe.face")
-    for name in _BACKEND_FUNCTIONS:
-        fn = getattr(module, name, None)
-        if callable(fn):
-            out = np.asarray(fn(images), dtype=np.float64)
-            if out.shape != (images.shape[0], 5, 2):
-                raise RuntimeError(f"kprpe.face.{name} returned shape {out.shape}, expected ({images.shape[0]}, 5, 2)")
-            return out
-    raise RuntimeError(
-        f"kprpe.face exposes none of {', '.join(_BACKEND_FUNCTIONS)}; use --landmarks FILE or --keypoints template"
-    )
+        raise RuntimeError("the landmark backend needs the kprpe.face package, which is not installed; "
+                           "use --landmarks FILE or --keypoints template")
+    if _PIPELINE is None:
+        face = importlib.import_module("kprpe.face")
+        _PIPELINE = face.FacePipeline(mode="prealigned")
+    out = np.empty((images.shape[0], 5, 2), dtype=np.float64)
+    for i, image in enumerate(images):
+        try:
+            faces = _PIPELINE.faces_in_image(np.ascontiguousarray(image))
+        except ImportError as exc:  # the optional dlib backend is missing
+            raise RuntimeError(f"landmark backend unavailable: {exc}") from None
+        except Exception as exc:
+            raise RuntimeError(f"landmark backend failed on image {i} of the batch: {exc}") from None
+        out[i] = np.asarray(faces[0].keypoints, dtype=np.float64)
+    return out
