@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from ..keypoints import ARCFACE_TEMPLATE_112
-from .align import TEMPLATE_FACE_BOX, AlignmentError, box_from_keypoints
+from .align import AlignmentError, box_from_keypoints
 
 __all__ = [
     "FaceDetection",

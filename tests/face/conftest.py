@@ -1,0 +1,56 @@
+"""Shared fixtures: the astronaut photo, one dlib detector and its detection, the tiny reference weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TINY_WEIGHTS = DATA / "tiny_kprpe.safetensors"
+
+# Hand-checked on skimage.data.astronaut() by looking at 5x / 10x enlargements with a pixel grid:
+# pupils/eye centres, the nose tip, and the corners where upper and lower lip meet (x, y in pixels).
+ASTRONAUT_KEYPOINTS = np.array(
+    [[203.0, 102.0], [246.0, 104.0], [224.0, 126.0], [203.0, 140.0], [244.0, 141.0]], dtype=np.float64
+)
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    skimage_data = pytest.importorskip("skimage.data")
+    return skimage_data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def dlib_detector():
+    pytest.importorskip("dlib")
+    from kprpe.face import DlibDetector
+
+    return DlibDetector()
+
+
+@pytest.fixture(scope="session")
+def astronaut_detection(dlib_detector, astronaut):
+    faces = dlib_detector.detect(astronaut)
+    assert len(faces) == 1
+    return faces[0]
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from kprpe.face import FaceEmbedder
+
+    return FaceEmbedder.from_weights(TINY_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory, astronaut) -> Path:
+    """astronaut.png plus a rotated JPEG of it."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(astronaut).save(folder / "astronaut.png")
+    Image.fromarray(astronaut).rotate(15, expand=True, resample=Image.BILINEAR).save(folder / "tilted.jpg", quality=95)
+    return folder
