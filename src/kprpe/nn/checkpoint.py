@@ -75,7 +75,7 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
         if CONFIG_METADATA_KEY in metadata:
-            config = json.loads(metadata[CONFIG_METADATA_KEY])
+            config = {CONFIG_METADATA_KEY: json.loads(metadata[CONFIG_METADATA_KEY])}
     elif path.suffix in _PICKLE_SUFFIXES:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -225,8 +225,6 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
 def _config_from_file(config: Mapping) -> dict:
     """ViTConfig fields found in a config.json: our own saved config, or official-style keys at any depth
     (``name: small|base``, ``output_dim``, ``num_heads``, ...)."""
-    if CONFIG_METADATA_KEY in config:
-        return dict(config[CONFIG_METADATA_KEY])
     fields = set(ViTConfig.__dataclass_fields__) - {"extra"}
     found: dict = {}
 
@@ -255,10 +253,11 @@ def load_official(source, **overrides) -> VisionTransformer:
     raw, file_config = read_state_dict(source)
     state = strip_prefixes(raw)
     values = infer_config(state)
-    if file_config:
-        from_file = _config_from_file(file_config)
-        # shapes are ground truth; the file only fills what shapes cannot tell
-        for key, value in from_file.items():
+    if file_config and CONFIG_METADATA_KEY in file_config:
+        values = dict(file_config[CONFIG_METADATA_KEY])  # saved by kprpe: the exact config
+    elif file_config:
+        # official config.json: shapes are ground truth, the file only fills what shapes cannot tell
+        for key, value in _config_from_file(file_config).items():
             values.setdefault(key, value)
     values.update(overrides)
     if "num_heads" not in values:

@@ -136,7 +136,7 @@ class VisionTransformer(nn.Module):
         else:
             self.register_parameter("pos_embed", None)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear stochastic depth
         self.blocks = nn.ModuleList(
             Block(
                 cfg.embed_dim,

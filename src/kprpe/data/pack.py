@@ -1,0 +1,128 @@
+"""Turn an image folder into an insightface RecordIO data set, and compute a data set's landmark file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .dataset import DataError, FolderSource, RecordSource, decode_image, open_source
+from .landmarks import write_landmarks
+from .recordio import RecordHeader, RecordIOWriter, pack_record
+
+__all__ = ["PackReport", "pack_folder", "LandmarkReport", "compute_landmarks"]
+
+
+@dataclass
+class PackReport:
+    rec_path: Path
+    num_images: int = 0
+    num_identities: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    ignored: list[str] = field(default_factory=list)  # non-image files
+
+
+def pack_folder(
+    folder: str | os.PathLike,
+    rec_path: str | os.PathLike,
+    *,
+    resize: int | None = None,
+    quality: int = 95,
+    progress: bool = True,
+) -> PackReport:
+    """Write ``folder/<identity>/<image>`` to ``rec_path`` (+ ``.idx``) in the insightface layout.
+
+    Record 0 is a header with ``label = (N + 1, N + 1 + C)``; images are keys ``1..N`` (label = identity
+    index, sorted folder order); keys ``N+1..N+C`` hold each identity's ``(first key, end key)``. Every image is
+    decoded first: unreadable ones are left out and listed in the report, never silently. With ``resize`` the
+    images are re-encoded as ``resize x resize`` JPEGs, otherwise the original bytes are stored.
+    """
+    source = FolderSource(folder)
+    report = PackReport(Path(rec_path), ignored=list(source.ignored), num_identities=len(source.identities))
+    kept: list[tuple[bytes, int]] = []
+    for index in tqdm(range(len(source)), desc="reading images", unit="img", disable=not progress):
+        try:
+            data, label = source.get(index)
+            image = decode_image(data, source.describe(index))
+        except DataError as exc:
+            report.failures.append((source.files[index], str(exc)))
+            continue
+        if resize is not None:
+            if image.shape[:2] != (resize, resize):
+                interp = cv2.INTER_AREA if image.shape[0] > resize else cv2.INTER_LINEAR
+                image = cv2.resize(image, (resize, resize), interpolation=interp)
+            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if not ok:
+                report.failures.append((source.files[index], "JPEG encoding failed"))
+                continue
+            data = buf.tobytes()
+        kept.append((data, label))
+    if not kept:
+        raise DataError(f"{folder}: none of the {len(source)} images could be read; nothing written")
+    n, c = len(kept), len(source.identities)
+    ranges = np.zeros((c, 2), dtype=np.int64)
+    ranges[:, 0] = ranges[:, 1] = -1
+    with RecordIOWriter(rec_path) as writer:
+        writer.write(0, pack_record(RecordHeader(2, (float(n + 1), float(n + 1 + c)))))
+        for key, (data, label) in enumerate(tqdm(kept, desc="writing records", unit="rec", disable=not progress), 1):
+            writer.write(key, pack_record(RecordHeader(0, float(label)), data))
+            if ranges[label, 0] < 0:
+                ranges[label, 0] = key
+            ranges[label, 1] = key + 1
+        for label in range(c):
+            start, end = (int(v) for v in ranges[label]) if ranges[label, 0] >= 0 else (0, 0)
+            writer.write(n + 1 + label, pack_record(RecordHeader(2, (float(start), float(end)))))
+    report.num_images = n
+    return report
+
+
+@dataclass
+class LandmarkReport:
+    csv_path: Path
+    num_samples: int = 0
+    num_found: int = 0
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (sample index, reason)
+
+
+def compute_landmarks(
+    data: str | os.PathLike | RecordSource | FolderSource,
+    csv_path: str | os.PathLike,
+    detect: Callable[[np.ndarray], np.ndarray | None],
+    *,
+    progress: bool = True,
+    limit: int | None = None,
+) -> LandmarkReport:
+    """Run ``detect(rgb uint8 image) -> (5, 2) normalised keypoints or None`` on every sample and write the
+    landmark CSV. Samples that cannot be decoded or where no face is found are listed in the report (and have
+    no row in the file)."""
+    source = data if isinstance(data, (RecordSource, FolderSource)) else open_source(data)
+    n = len(source) if limit is None else min(limit, len(source))
+    report = LandmarkReport(Path(csv_path), num_samples=n)
+    keypoints = np.full((n, 5, 2), np.nan)
+    for index in tqdm(range(n), desc="landmarks", unit="img", disable=not progress):
+        try:
+            image = decode_image(source.get(index)[0], source.describe(index))
+        except DataError as exc:
+            report.failures.append((index, str(exc)))
+            continue
+        try:
+            kp = detect(image)
+        except Exception as exc:  # a backend failure on one image must not lose the others
+            report.failures.append((index, f"landmark backend failed: {type(exc).__name__}: {exc}"))
+            continue
+        if kp is None:
+            report.failures.append((index, "no face found"))
+            continue
+        kp = np.asarray(kp, dtype=np.float64)
+        if kp.shape != (5, 2) or not np.isfinite(kp).all():
+            report.failures.append((index, f"backend returned keypoints of shape {kp.shape} / non-finite values"))
+            continue
+        keypoints[index] = kp
+    write_landmarks(csv_path, np.arange(n), keypoints)
+    report.num_found = n - len(report.failures)
+    return report
