@@ -1,6 +1,14 @@
 """Training data: RecordIO reader/writer, image folders, landmark files, keypoint-consistent augmentation."""
 
-from .dataset import IMAGE_EXTENSIONS, DataError, FaceDataset, FolderSource, RecordSource, decode_image, open_source
+from .dataset import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    FaceDataset,
+    FolderSource,
+    RecordSource,
+    decode_image,
+    open_source,
+)
 from .landmarks import LandmarkFileError, read_landmarks, write_landmarks
 from .pack import PackReport, pack_folder
 from .recordio import (
@@ -14,7 +22,13 @@ from .recordio import (
     unpack_record,
 )
 from .sampler import ResumableSampler
-from .transforms import AugmentConfig, FaceAugment, apply_affine_to_keypoints, geometric_matrix, image_to_tensor
+from .transforms import (
+    AugmentConfig,
+    FaceAugment,
+    apply_affine_to_keypoints,
+    geometric_matrix,
+    image_to_tensor,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from ..keypoints import ARCFACE_TEMPLATE_112
 from .landmarks import read_landmarks
-from .recordio import RecordIOError, RecordIOReader, index_path_for, unpack_record
+from .recordio import RecordIOError, RecordIOReader, index_path_for
 from .transforms import AugmentConfig, FaceAugment, image_to_tensor
 
 __all__ = [

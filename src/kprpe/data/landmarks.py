@@ -43,7 +43,7 @@ def write_landmarks(path: str | os.PathLike, indices, keypoints) -> Path:
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(landmark_columns(keypoints.shape[1]))
-            for idx, kp in zip(indices.tolist(), keypoints):
+            for idx, kp in zip(indices.tolist(), keypoints, strict=True):
                 if not np.isfinite(kp).all():
                     continue
                 writer.writerow([idx] + [f"{v:.6f}" for v in kp.reshape(-1)])

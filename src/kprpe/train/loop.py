@@ -38,7 +38,14 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .config import TrainConfig
-from .distributed import DistInfo, all_gather_nograd, barrier, init_distributed, is_distributed, sum_allreduce_hook
+from .distributed import (
+    DistInfo,
+    all_gather_nograd,
+    barrier,
+    init_distributed,
+    is_distributed,
+    sum_allreduce_hook,
+)
 from .heads import PartialFC, build_margin
 
 __all__ = ["Trainer", "DistributedBatchNorm1d", "use_distributed_batchnorm", "lr_factor", "clip_global_grad_norm", "build_optimizer"]

@@ -1,0 +1,3 @@
+from kprpe.cli import main
+
+raise SystemExit(main())

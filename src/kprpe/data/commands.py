@@ -1,0 +1,138 @@
+"""``kprpe pack``, ``kprpe landmarks`` and ``kprpe make-example-data``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..cli import CommandError
+from .dataset import DataError
+from .landmarks import LandmarkFileError
+from .recordio import RecordIOError
+
+__all__ = ["register", "face_keypoint_detector"]
+
+_DATA_ERRORS = (DataError, RecordIOError, LandmarkFileError, OSError)
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from .pack import pack_folder
+
+    out = Path(args.output)
+    if out.suffix != ".rec":
+        raise CommandError(f"--output must end in .rec (the .idx is written beside it), got {out}")
+    try:
+        report = pack_folder(args.folder, out, resize=args.resize, quality=args.quality, progress=not args.quiet)
+    except _DATA_ERRORS as exc:
+        raise CommandError(str(exc)) from None
+    print(f"wrote {report.num_images} images of {report.num_identities} identities to {out} (+ {out.with_suffix('.idx').name})")
+    if report.ignored:
+        print(f"ignored {len(report.ignored)} non-image files (first: {', '.join(report.ignored[:5])})")
+    if report.failures:
+        print(f"SKIPPED {len(report.failures)} unreadable images:")
+        for name, reason in report.failures[:20]:
+            print(f"  {name}: {reason}")
+        if len(report.failures) > 20:
+            print(f"  ... and {len(report.failures) - 20} more")
+        print("note: sample indices follow the packed order; compute landmarks on the packed .rec")
+    return 1 if report.failures and args.strict else 0
+
+
+def face_keypoint_detector(mode: str = "auto", detector: str = "hog", landmark_model: str = "68"):
+    """A function ``rgb image -> (5, 2) normalised keypoints or None`` backed by the face pipeline (dlib).
+
+    ``mode``: ``detect`` (largest detected face), ``crop`` (the image *is* the face crop: landmarks inside the
+    whole-image box — the right choice for aligned training sets), ``auto`` (detect, else crop)."""
+    try:
+        from ..face import DlibDetector, MissingDependencyError
+    except ImportError as exc:
+        raise CommandError(f"the face pipeline (kprpe.face) is not available: {exc}") from None
+    try:
+        backend = DlibDetector(detector, landmark_model)
+    except (MissingDependencyError, ValueError) as exc:
+        raise CommandError(f"cannot start the landmark backend: {exc}") from None
+
+    def detect(image: np.ndarray):
+        h, w = image.shape[:2]
+        face = None
+        if mode in ("detect", "auto"):
+            faces = backend.detect(image)
+            if faces:
+                face = max(faces, key=lambda f: f.area)
+        if face is None and mode in ("crop", "auto"):
+            face = backend.landmarks_in_box(image, (0.0, 0.0, float(w), float(h)))
+        if face is None:
+            return None
+        return np.asarray(face.keypoints, dtype=np.float64) / np.array([w, h])
+
+    return detect
+
+
+def _cmd_landmarks(args: argparse.Namespace) -> int:
+    from .pack import compute_landmarks
+
+    detect = face_keypoint_detector(args.mode, args.detector, args.landmark_model)
+    try:
+        report = compute_landmarks(args.data, args.output, detect, progress=not args.quiet, limit=args.limit)
+    except _DATA_ERRORS as exc:
+        raise CommandError(str(exc)) from None
+    print(f"landmarks for {report.num_found} of {report.num_samples} samples written to {report.csv_path}")
+    if report.failures:
+        print(f"{len(report.failures)} samples have no landmarks (no row in the file):")
+        for index, reason in report.failures[:20]:
+            print(f"  sample {index}: {reason}")
+        if len(report.failures) > 20:
+            print(f"  ... and {len(report.failures) - 20} more")
+        failures_path = Path(args.output).with_suffix(".failures.json")
+        failures_path.write_text(json.dumps([{"index": i, "reason": r} for i, r in report.failures], indent=1))
+        print(f"full list: {failures_path}; train with data.missing_landmarks=template to use the template for them")
+    return 0
+
+
+def _cmd_example_data(args: argparse.Namespace) -> int:
+    from .pack import pack_folder
+    from .synthetic import make_synthetic_faces
+
+    out = Path(args.output)
+    folder, landmarks = make_synthetic_faces(out / "images", num_identities=args.identities,
+                                             images_per_identity=args.images_per_identity, size=args.size,
+                                             seed=args.seed, progress=not args.quiet)
+    report = pack_folder(folder, out / "train.rec", progress=not args.quiet)
+    (out / "landmarks.csv").write_bytes(landmarks.read_bytes())
+    print(f"wrote {report.num_images} synthetic images of {report.num_identities} identities: {out / 'train.rec'}, "
+          f"{out / 'landmarks.csv'} (images kept in {folder})")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pack", help="pack an image folder (<identity>/<image>) into insightface RecordIO")
+    p.add_argument("folder", help="folder with one sub-folder of images per identity")
+    p.add_argument("--output", "-o", required=True, help="output .rec path (the .idx is written beside it)")
+    p.add_argument("--resize", type=int, default=None, help="re-encode every image as a SIZE x SIZE JPEG")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 if any image was unreadable")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_pack)
+
+    p = subparsers.add_parser("landmarks", help="compute a data set's 5-point landmark file (CSV idx,ldmk_0..ldmk_9)")
+    p.add_argument("data", help="a .rec file (with .idx) or an image folder")
+    p.add_argument("--output", "-o", required=True, help="CSV to write")
+    p.add_argument("--mode", choices=("auto", "detect", "crop"), default="auto",
+                   help="detect faces, treat each image as a face crop, or detect then fall back to crop (default)")
+    p.add_argument("--detector", choices=("hog", "cnn"), default="hog", help="dlib face detector (default hog)")
+    p.add_argument("--landmark-model", choices=("68", "5"), default="68", help="dlib landmark model (default 68)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples (for a quick check)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_landmarks)
+
+    p = subparsers.add_parser("make-example-data", help="write the small synthetic data set the example config trains on")
+    p.add_argument("output", nargs="?", default="example_data", help="output folder (default example_data)")
+    p.add_argument("--identities", type=int, default=20)
+    p.add_argument("--images-per-identity", type=int, default=16)
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_example_data)

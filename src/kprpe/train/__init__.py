@@ -1,0 +1,30 @@
+"""Training: config, margin heads and partial FC, distributed helpers, checkpoints, the loop."""
+
+from .checkpoint import CheckpointState, latest_checkpoint
+from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
+from .heads import AdaFaceMargin, CombinedMargin, PartialFC, PlainLogits, build_margin, class_shard
+from .loop import DistributedBatchNorm1d, Trainer, lr_factor, use_distributed_batchnorm
+from .validation import evaluate_pairs, load_verification_bin, verification_accuracy
+
+__all__ = [
+    "AdaFaceMargin",
+    "CheckpointState",
+    "CombinedMargin",
+    "ConfigError",
+    "DistributedBatchNorm1d",
+    "PartialFC",
+    "PlainLogits",
+    "TrainConfig",
+    "Trainer",
+    "apply_overrides",
+    "build_margin",
+    "class_shard",
+    "config_from_dict",
+    "evaluate_pairs",
+    "latest_checkpoint",
+    "load_config",
+    "load_verification_bin",
+    "lr_factor",
+    "use_distributed_batchnorm",
+    "verification_accuracy",
+]
