@@ -44,7 +44,7 @@ def test_normalized_coordinates(tmp_path):
     (tmp_path / "lm.csv").write_text(f"{HEADER}\n{_row('a.png', ARCFACE_TEMPLATE_112 / 112)}\n")
     table = SuppliedLandmarks.from_file(tmp_path / "lm.csv", normalized=True)
     face = table.detect(np.zeros((224, 224, 3), np.uint8), source="a.png")[0]
-    np.testing.assert_allclose(face.keypoints, ARCFACE_TEMPLATE_112 * 2, atol=1e-3)
+    np.testing.assert_allclose(face.keypoints, ARCFACE_TEMPLATE_112 * 2, atol=0.02)  # 4 decimals in the file
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,196 @@
+"""The ``kprpe align | embed | verify | search`` commands, run in-process through ``kprpe.cli.main``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kprpe.cli import main
+from kprpe.face import FaceEmbedder, FacePipeline
+
+from .conftest import TINY_WEIGHTS
+
+pytest.importorskip("dlib")
+W = str(TINY_WEIGHTS)
+
+
+def run(capsys, *argv: str) -> tuple[int, dict | None, str]:
+    code = main([*argv])
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out) if captured.out.strip() else None
+    return code, payload, captured.err
+
+
+@pytest.mark.parametrize("command", [["align"], ["embed"], ["verify"], ["search"], ["search", "enrol"], ["search", "query"]])
+def test_every_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    assert "usage: kprpe" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_face_commands():
+    out = subprocess.run([sys.executable, "-m", "kprpe.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for name in ("align", "embed", "verify", "search"):
+        assert name in out
+
+
+def test_align_writes_crops_and_normalised_landmarks(capsys, photo_dir, tmp_path, astronaut, astronaut_detection):
+    from kprpe.face import align_face
+
+    out = tmp_path / "aligned"
+    code, payload, _ = run(capsys, "align", str(photo_dir), "-o", str(out), "--draw", "-q")
+    assert code == 0 and payload["faces"] == 2 and payload["failures"] == []
+    rows = list(csv.DictReader(open(out / "landmarks.csv")))
+    assert list(rows[0]) == ["file", "x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3", "x4", "y4"]
+    assert [r["file"] for r in rows] == ["astronaut.png", "tilted.png"]
+    crop = np.asarray(Image.open(out / "astronaut.png"))
+    assert crop.shape == (112, 112, 3)
+    expected = align_face(astronaut, astronaut_detection.keypoints)
+    np.testing.assert_array_equal(crop, expected.image)
+    values = np.array([float(rows[0][c]) for c in list(rows[0])[1:]]).reshape(5, 2)
+    np.testing.assert_allclose(values, expected.keypoints, atol=1e-6)
+    assert (out / "draw" / "astronaut.png").is_file()
+    # the other photo is the same face rotated 15 degrees: after alignment its keypoints agree
+    other = np.array([float(rows[1][c]) for c in list(rows[1])[1:]]).reshape(5, 2)
+    assert np.abs(other - values).max() * 112 < 3
+
+
+def test_align_modes_and_prealigned_round_trip(capsys, photo_dir, tmp_path):
+    out = tmp_path / "un"
+    code, _, _ = run(capsys, "align", str(photo_dir / "astronaut.png"), "-o", str(out), "--mode", "unaligned", "-q")
+    assert code == 0
+    unaligned = next(csv.DictReader(open(out / "landmarks.csv")))
+    out2 = tmp_path / "al"
+    assert run(capsys, "align", str(photo_dir / "astronaut.png"), "-o", str(out2), "-q")[0] == 0
+    aligned = next(csv.DictReader(open(out2 / "landmarks.csv")))
+    assert unaligned != aligned
+    # prealigned: landmarks predicted on the 112x112 crop land close to where alignment put them
+    out3 = tmp_path / "pre"
+    code, payload, _ = run(capsys, "align", str(out2 / "astronaut.png"), "-o", str(out3), "--mode", "prealigned", "-q")
+    assert code == 0
+    pre = next(csv.DictReader(open(out3 / "landmarks.csv")))
+    diff = max(abs(float(pre[c]) - float(aligned[c])) for c in list(aligned)[1:])
+    assert diff * 112 < 3
+    # and the crops + landmarks.csv feed back as supplied landmarks
+    out4 = tmp_path / "fed"
+    code, _, _ = run(capsys, "align", str(out2 / "astronaut.png"), "-o", str(out4), "--mode", "prealigned",
+                     "--landmarks", str(out2 / "landmarks.csv"), "--landmarks-normalized", "-q")
+    assert code == 0
+    fed = next(csv.DictReader(open(out4 / "landmarks.csv")))
+    assert all(abs(float(fed[c]) - float(aligned[c])) < 1e-5 for c in list(aligned)[1:])
+
+
+def test_embed_matches_python_api(capsys, photo_dir, tmp_path, dlib_detector):
+    code, payload, _ = run(capsys, "embed", str(photo_dir), "--weights", W, "-o", str(tmp_path / "e.npz"), "-q")
+    assert code == 0 and payload["embedded"] == 2 and payload["dim"] == 32
+    with np.load(tmp_path / "e.npz", allow_pickle=False) as data:
+        names, embeddings, norms = data["names"], data["embeddings"], data["norms"]
+        assert data["failures"].shape == (0, 2)
+        json.loads(str(data["metadata"]))
+    batch = FacePipeline(dlib_detector).process([photo_dir], progress=False)
+    unit, api_norms = FaceEmbedder.from_weights(TINY_WEIGHTS).embed_faces([r.face for r in batch.records])
+    assert names.tolist() == [r.name for r in batch.records]
+    np.testing.assert_allclose(embeddings, unit, atol=1e-6)
+    np.testing.assert_allclose(norms, api_norms, rtol=1e-6)
+
+
+def test_embed_reports_bad_inputs_and_continues(capsys, photo_dir, tmp_path):
+    (tmp_path / "x.txt").write_text("text")
+    (tmp_path / "cut.jpg").write_bytes((photo_dir / "tilted.jpg").read_bytes()[:3000])
+    Image.new("RGB", (80, 80), (0, 0, 255)).save(tmp_path / "blue.png")
+    code, payload, err = run(capsys, "embed", str(photo_dir / "astronaut.png"), str(tmp_path / "x.txt"),
+                             str(tmp_path / "cut.jpg"), str(tmp_path / "blue.png"), "--weights", W,
+                             "-o", str(tmp_path / "e.npz"), "-q")
+    assert code == 1
+    assert payload["embedded"] == 1 and len(payload["failures"]) == 3
+    assert "x.txt" in err and "cut.jpg" in err and "blue.png" in err
+    with np.load(tmp_path / "e.npz", allow_pickle=False) as data:
+        assert data["embeddings"].shape == (1, 32)
+        assert sorted(f.split("/")[-1] for f in data["failures"][:, 0]) == ["blue.png", "cut.jpg", "x.txt"]
+
+
+def test_embed_all_faces_names(capsys, astronaut, tmp_path):
+    import cv2
+
+    face = astronaut[40:240, 130:320]
+    big = cv2.resize(face, None, fx=1.3, fy=1.3)
+    canvas = np.full((300, 480, 3), 200, np.uint8)
+    canvas[10 : 10 + big.shape[0], 5 : 5 + big.shape[1]] = big
+    canvas[60 : 60 + face.shape[0], 265 : 265 + face.shape[1]] = face
+    Image.fromarray(canvas).save(tmp_path / "two.png")
+    code, payload, _ = run(capsys, "embed", str(tmp_path / "two.png"), "--all-faces", "--weights", W, "-o", str(tmp_path / "e.npz"), "-q")
+    assert code == 0 and payload["embedded"] == 2
+    with np.load(tmp_path / "e.npz", allow_pickle=False) as data:
+        assert [n.split("/")[-1] for n in data["names"]] == ["two.png#0", "two.png#1"]
+        assert data["face_index"].tolist() == [0, 1]
+
+
+def test_verify_same_photo_and_visualization(capsys, photo_dir, tmp_path):
+    picture = tmp_path / "vis.png"
+    code, payload, _ = run(capsys, "verify", str(photo_dir / "astronaut.png"), str(photo_dir / "astronaut.png"),
+                           "--weights", W, "--visualize", str(picture))
+    assert code == 0
+    assert payload["similarity"] == pytest.approx(1.0, abs=1e-6) and payload["same"] is True
+    image = np.asarray(Image.open(picture))
+    assert image.shape[1] > 2 * 112 and image.shape[0] > 112
+    code, payload, _ = run(capsys, "verify", str(photo_dir / "astronaut.png"), str(photo_dir / "tilted.jpg"),
+                           "--weights", W, "--threshold", "1.5")
+    assert code == 0 and payload["same"] is False and payload["threshold"] == 1.5
+
+
+@pytest.mark.parametrize(
+    "make_b, extra, message",
+    [
+        (lambda p: p.write_text("nope"), [], "not an image file"),
+        (lambda p: Image.new("RGB", (60, 60)).save(p, format="PNG"), [], "no face found"),
+        (None, ["--weights", "/nonexistent/w.safetensors"], "do not exist"),
+    ],
+)
+def test_verify_failures_exit_2_with_message(capsys, photo_dir, tmp_path, make_b, extra, message):
+    b = tmp_path / "b.png"
+    if make_b is not None:
+        make_b(b)
+    else:
+        b = photo_dir / "astronaut.png"
+    argv = ["verify", str(photo_dir / "astronaut.png"), str(b), *(extra or ["--weights", W])]
+    code, payload, err = run(capsys, *argv)
+    assert code == 2 and payload is None
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_weights_file(capsys, photo_dir, tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(b"garbage")
+    code, _, err = run(capsys, "embed", str(photo_dir), "--weights", str(tmp_path / "w.safetensors"), "-o", str(tmp_path / "e.npz"))
+    assert code == 2 and "cannot load weights" in err
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_search_enrol_and_query(capsys, astronaut, photo_dir, tmp_path):
+    gallery = tmp_path / "gallery"
+    (gallery / "eileen").mkdir(parents=True)
+    (gallery / "other").mkdir()
+    Image.fromarray(astronaut).save(gallery / "eileen" / "a.png")
+    Image.fromarray(np.ascontiguousarray(np.rot90(astronaut, 2))).save(gallery / "other" / "upside.png")  # no face
+    code, payload, err = run(capsys, "search", "enrol", str(gallery), "--weights", W, "-o", str(tmp_path / "idx.npz"), "-q")
+    assert code == 1 and payload["identities"] == 1 and "upside.png" in err
+    code, payload, _ = run(capsys, "search", "query", str(photo_dir / "astronaut.png"), "--index", str(tmp_path / "idx.npz"),
+                           "--weights", W, "-k", "3", "-q")
+    assert code == 0
+    [result] = payload["results"]
+    assert result["matches"][0]["identity"] == "eileen"
+    assert result["matches"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    code, _, err = run(capsys, "search", "query", str(photo_dir), "--index", str(tmp_path / "missing.npz"), "--weights", W)
+    assert code == 2 and "does not exist" in err
+
+
+def test_missing_dlib_is_a_clear_cli_error(capsys, photo_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dlib", None)
+    code, _, err = run(capsys, "align", str(photo_dir), "-o", str(tmp_path / "o"))
+    assert code == 2 and "kprpe[face]" in err
