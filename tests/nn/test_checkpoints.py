@@ -8,11 +8,11 @@ import pickle
 
 import pytest
 import torch
-from reference_vectors import DATA, load_vectors
 from safetensors.torch import load_file, save_file
 
 import kprpe
 from kprpe.nn import CheckpointError, infer_config, load_weights, save_model
+from reference_vectors import DATA, load_vectors
 
 LAYOUTS = json.loads((DATA / "official_layouts.json").read_text())["models"]
 PRESET_OF_LAYOUT = {

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_vectors import DATA, load_vectors
 
 import kprpe
 from kprpe.nn import bucket_ids, gather_bias, num_buckets, relative_keypoints
+from reference_vectors import DATA, load_vectors
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 TIGHT = dict(rtol=1e-5, atol=1e-5)
@@ -110,3 +110,40 @@ def test_keypoints_change_kprpe_output_but_not_other_samples():
         out = model(ref["images"], kp)
     assert (out[1] - ref["output"][1]).abs().max() > 1e-3
     torch.testing.assert_close(out[[0, 2]], ref["output"][[0, 2]], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["naive", "gather", "index", "onehot", "decomposed", "auto"])
+@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
+def test_every_kprpe_bias_path_matches_official(impl, attn_impl):
+    ref = load_vectors("kprpe")
+    model = kprpe.load_official(DATA / "tiny_kprpe.safetensors", kp_bias_impl=impl, attn_impl=attn_impl)
+    with torch.no_grad():
+        out = model(ref["images"], ref["keypoints"])
+        again = model(ref["images"], ref["keypoints"])  # decomposed: second call uses the cached position term
+        biases = model.keypoint_bias_layers(ref["keypoints"], bucket_ids(14), torch.device("cpu"))
+        torch.testing.assert_close(biases(0)[:1], ref["attn_bias.layer0"], **TIGHT)
+    torch.testing.assert_close(out, ref["output"], **TOL)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["naive", "gather", "index", "onehot", "decomposed"])
+def test_bias_paths_have_equal_gradients(impl):
+    ref = load_vectors("kprpe")
+    grads = {}
+    for name in ("gather", impl):
+        model = kprpe.load_official(DATA / "tiny_kprpe.safetensors", kp_bias_impl=name).train()
+        model(ref["images"], ref["keypoints"]).square().sum().backward()
+        grads[name] = model.keypoint_linear.weight.grad
+    torch.testing.assert_close(grads[impl], grads["gather"], rtol=1e-4, atol=1e-4)
+
+
+def test_decomposed_cache_follows_weight_updates():
+    ref = load_vectors("kprpe")
+    model = kprpe.load_official(DATA / "tiny_kprpe.safetensors", kp_bias_impl="decomposed")
+    with torch.no_grad():
+        model(ref["images"], ref["keypoints"])
+        model.keypoint_linear.bias.add_(0.5)  # in-place update must invalidate the cached position term
+        out = model(ref["images"], ref["keypoints"])
+    fresh = kprpe.load_official(model.state_dict(), kp_bias_impl="gather")
+    with torch.no_grad():
+        torch.testing.assert_close(out, fresh(ref["images"], ref["keypoints"]), **TOL)

@@ -2,10 +2,17 @@
 
 from .attention import Attention, Block, Mlp
 from .buckets import bucket_ids, num_buckets, piecewise_index
-from .checkpoint import CheckpointError, infer_config, load_official, load_weights, read_state_dict, save_model
+from .checkpoint import (
+    CheckpointError,
+    infer_config,
+    load_official,
+    load_weights,
+    read_state_dict,
+    save_model,
+)
 from .position import gather_bias, patch_centres, relative_keypoints
 from .registry import create_model, list_models, preset_config, register_model
-from .vit import ViTConfig, VisionTransformer, normalize_embedding, num_parameters
+from .vit import VisionTransformer, ViTConfig, normalize_embedding, num_parameters
 
 __all__ = [
     "Attention",

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .registry import SIZES
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "CheckpointError",

@@ -17,7 +17,9 @@ __all__ = [
     "patch_centres",
     "relative_keypoints",
     "keypoint_features",
+    "BIAS_IMPLS",
     "gather_bias",
+    "form_bias",
     "RelativePositionBias",
     "ContextualRPE",
     "KeypointBiasFunction",
@@ -25,6 +27,12 @@ __all__ = [
 
 KP_INPUTS = ("relative", "absolute", "query_position")
 KP_SHARINGS = ("layer_head", "head", "shared")
+# How a (B, H, N, nb) table becomes the (B, H, N, N) bias (all give the same numbers; speed differs):
+#   naive  - advanced indexing table[:, :, arange(N)[:, None], ids], as the official code does
+#   gather - torch.gather with the (N, N) index broadcast over batch and heads
+#   index  - one index_select over the flattened table with a precomputed flat index
+#   onehot - einsum with a one-hot (N, N, nb) matrix (a matmul; can pay off on accelerators)
+BIAS_IMPLS = ("naive", "gather", "index", "onehot")
 
 
 def patch_centres(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -78,6 +86,47 @@ def gather_bias(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     b, h = table.shape[:2]
     table = table.expand(b, h, n, table.shape[-1])
     return torch.gather(table, 3, ids.expand(b, h, n, n))
+
+
+_FLAT_INDEX: dict[tuple, torch.Tensor] = {}
+_ONE_HOT: dict[tuple, torch.Tensor] = {}
+
+
+def _flat_index(ids: torch.Tensor, nb: int) -> torch.Tensor:
+    """``i * nb + ids[i, j]`` flattened: positions of the bias values in a flattened ``(N, nb)`` table."""
+    key = (ids.data_ptr(), ids.device, nb)
+    flat = _FLAT_INDEX.get(key)
+    if flat is None:
+        n = ids.shape[0]
+        flat = (torch.arange(n, device=ids.device)[:, None] * nb + ids).flatten()
+        _FLAT_INDEX[key] = flat
+    return flat
+
+
+def _one_hot(ids: torch.Tensor, nb: int, dtype: torch.dtype) -> torch.Tensor:
+    key = (ids.data_ptr(), ids.device, nb, dtype)
+    m = _ONE_HOT.get(key)
+    if m is None:
+        m = F.one_hot(ids, nb).to(dtype)
+        _ONE_HOT[key] = m
+    return m
+
+
+def form_bias(table: torch.Tensor, ids: torch.Tensor, impl: str = "gather") -> torch.Tensor:
+    """``bias[b, h, i, j] = table[b, h, i, ids[i, j]]`` by the chosen implementation (see BIAS_IMPLS)."""
+    n = ids.shape[0]
+    b, h, _, nb = table.shape
+    if impl == "gather":
+        return gather_bias(table, ids)
+    if impl == "index":
+        flat = table.expand(b, h, n, nb).reshape(b, h, n * nb)
+        return flat.index_select(2, _flat_index(ids, nb)).view(b, h, n, n)
+    if impl == "naive":
+        rows = torch.arange(n, device=ids.device)[:, None]
+        return table.expand(b, h, n, nb)[:, :, rows, ids]
+    if impl == "onehot":
+        return torch.einsum("bhik,ijk->bhij", table.expand(b, h, n, nb), _one_hot(ids, nb, table.dtype))
+    raise ValueError(f"unknown bias implementation {impl!r}; expected one of {BIAS_IMPLS}")
 
 
 class RelativePositionBias(nn.Module):
@@ -142,14 +191,21 @@ class KeypointBiasFunction:
         per_layer = self.num_heads * self.num_buckets
         return {"layer_head": depth * per_layer, "head": per_layer, "shared": self.num_buckets}[self.sharing]
 
-    def layer_table(self, hidden: torch.Tensor, linear: nn.Linear, layer: int) -> torch.Tensor:
+    def layer_table(self, hidden: torch.Tensor, linear: nn.Linear, layer: int, with_bias: bool = True) -> torch.Tensor:
         """``(B, H, N, nb)`` table of ``layer`` from f's last hidden activations ``(B, N, F)``."""
         width = self.num_heads * self.num_buckets
+        weight, bias = linear.weight, linear.bias if with_bias else None
         if self.sharing == "layer_head":
             sl = slice(layer * width, (layer + 1) * width)
-            out = F.linear(hidden, linear.weight[sl], None if linear.bias is None else linear.bias[sl])
-        else:
-            out = linear(hidden)
+            weight, bias = weight[sl], None if bias is None else bias[sl]
+        return self.split(F.linear(hidden, weight, bias), layer if self.sharing == "layer_head" else None)
+
+    def split(self, out: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """View f's output ``(B, N, F)`` as one layer's ``(B, H, N, nb)`` table; ``layer`` selects the slice of
+        a full all-layer output (``None``: ``out`` is already one layer's)."""
+        if layer is not None and out.shape[-1] != self.num_heads * self.num_buckets:
+            width = self.num_heads * self.num_buckets
+            out = out[..., layer * width : (layer + 1) * width]
         b, n = out.shape[:2]
         if self.sharing == "shared":
             return out[:, None, :, :].expand(b, self.num_heads, n, self.num_buckets)

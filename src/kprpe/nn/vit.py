@@ -16,11 +16,20 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTN_IMPLS, Block
 from .buckets import METHODS, bucket_ids, num_buckets
-from .position import KP_INPUTS, KP_SHARINGS, KeypointBiasFunction, gather_bias, keypoint_features
+from .position import (
+    BIAS_IMPLS,
+    KP_INPUTS,
+    KP_SHARINGS,
+    KeypointBiasFunction,
+    form_bias,
+    keypoint_features,
+    patch_centres,
+)
 
 __all__ = ["RELATIVE_ENCODINGS", "HEADS", "ViTConfig", "VisionTransformer", "normalize_embedding", "num_parameters"]
 
 RELATIVE_ENCODINGS = ("none", "rpe", "irpe", "kprpe")
+KP_BIAS_IMPLS = ("auto", "decomposed", *BIAS_IMPLS)
 HEADS = ("flatten", "mean")
 
 
@@ -54,6 +63,9 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     attn_impl: str = "math"  # math (explicit softmax) | sdpa (fused)
+    # How KP-RPE forms its bias (same numbers, different speed): auto | naive | gather | index | onehot |
+    # decomposed (SPEC §1 identity: cached position term + per-sample bucket shift; linear relative f only)
+    kp_bias_impl: str = "auto"
     extra: dict = field(default_factory=dict)  # free-form notes carried with saved checkpoints
 
     def validate(self) -> ViTConfig:
@@ -73,6 +85,7 @@ class ViTConfig:
         need(self.kp_sharing in KP_SHARINGS, f"kp_sharing {self.kp_sharing!r} not in {KP_SHARINGS}")
         need(self.head in HEADS, f"head {self.head!r} not in {HEADS}")
         need(self.attn_impl in ATTN_IMPLS, f"attn_impl {self.attn_impl!r} not in {ATTN_IMPLS}")
+        need(self.kp_bias_impl in KP_BIAS_IMPLS, f"kp_bias_impl {self.kp_bias_impl!r} not in {KP_BIAS_IMPLS}")
         need(isinstance(self.num_keypoints, int) and self.num_keypoints > 0, f"num_keypoints must be a positive int, got {self.num_keypoints!r}")
         need(self.kp_hidden >= 0, f"kp_hidden must be >= 0, got {self.kp_hidden}")
         need(set(self.irpe_on) <= set("qkv") and (self.rel_pos != "irpe" or self.irpe_on), f"irpe_on must be a non-empty combination of q, k, v, got {self.irpe_on!r}")
@@ -129,6 +142,7 @@ class VisionTransformer(nn.Module):
         self.num_tokens = cfg.grid * cfg.grid
         self.num_buckets = num_buckets(cfg.rpe_method, cfg.rpe_ratio)
         self.grad_checkpointing = False
+        self._position_bias_cache: dict = {}  # decomposed KP-RPE: per-layer position term at inference
 
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         if cfg.abs_pos:
@@ -242,12 +256,58 @@ class VisionTransformer(nn.Module):
             x = self.keypoint_mlp(x)
         return x
 
-    def layer_bias(self, hidden: torch.Tensor | None, layer: int, ids: torch.Tensor) -> torch.Tensor | None:
+    def layer_bias(self, hidden: torch.Tensor | None, layer: int, ids: torch.Tensor, impl: str = "gather") -> torch.Tensor | None:
         """KP-RPE's additive logit bias of block ``layer``: ``(B, H, N, N)`` (None for other encodings)."""
         if hidden is None:
             return None
-        table = self.kp_bias.layer_table(hidden, self.keypoint_linear, layer)
-        return gather_bias(table, ids)
+        return form_bias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids, impl)
+
+    def bias_impl(self, device: torch.device) -> str:
+        """The bias path this forward pass uses (``kp_bias_impl``, with ``auto`` resolved for ``device``)."""
+        impl = self.config.kp_bias_impl
+        if impl == "auto":
+            impl = "index"
+        if impl == "decomposed" and (self.config.kp_input != "relative" or self.config.kp_hidden):
+            impl = "index"  # the identity needs a linear f of relative offsets
+        return impl
+
+    def keypoint_bias_layers(self, keypoints: torch.Tensor | None, ids: torch.Tensor, device: torch.device):
+        """A function ``layer -> (B, H, N, N) bias`` for this batch; each layer's table is made when called."""
+        impl = self.bias_impl(device)
+        if impl == "decomposed":
+            return self._decomposed_bias_layers(keypoints, ids)
+        hidden = self.keypoint_hidden(keypoints)
+        if impl == "naive":  # the official code's way: all layers' tables at once, then advanced indexing
+            full = self.keypoint_linear(hidden)
+            return lambda layer: form_bias(self.kp_bias.split(full, layer), ids, "naive")
+        return lambda layer: form_bias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids, impl)
+
+    def _decomposed_bias_layers(self, keypoints: torch.Tensor, ids: torch.Tensor):
+        # f(c_i - p_b) = (W c_i + w0) - W p_b: a batch-independent (1, H, N, N) position term, cached while
+        # weights are frozen (inference), plus a per-sample shift of each bucket's value.
+        k = self.config.num_keypoints
+        centres = patch_centres(self.grid, self.grid, device=ids.device).repeat(1, k)[None]  # (1, N, 2K)
+        points = keypoints.detach().float().flatten(1)[:, None, :]  # (B, 1, 2K)
+        linear = self.keypoint_linear
+        frozen = not (torch.is_grad_enabled() and linear.weight.requires_grad)
+
+        def position_term(layer: int) -> torch.Tensor:
+            key = (layer, ids.device, linear.weight._version, linear.bias._version, linear.weight.data_ptr())
+            if frozen and key in self._position_bias_cache:
+                return self._position_bias_cache[key]
+            term = form_bias(self.kp_bias.layer_table(centres, linear, layer), ids, "index")
+            if frozen:
+                self._position_bias_cache = {kk: v for kk, v in self._position_bias_cache.items() if kk[1:] == key[1:]}
+                self._position_bias_cache[key] = term
+            return term
+
+        def layer_bias(layer: int) -> torch.Tensor:
+            shift = self.kp_bias.layer_table(points, linear, layer, with_bias=False)  # (B, H, 1, nb)
+            b, h, _, nb = shift.shape
+            per_sample = shift.reshape(b * h, nb)[:, ids].view(b, h, ids.shape[0], ids.shape[1])
+            return position_term(layer) - per_sample
+
+        return layer_bias
 
     def forward_features(self, images: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, N, D)`` token features after the final LayerNorm."""
@@ -259,9 +319,9 @@ class VisionTransformer(nn.Module):
         ids = None
         if self.config.rel_pos != "none":
             ids = bucket_ids(self.grid, method=self.config.rpe_method, ratio=self.config.rpe_ratio, device=x.device)
-        hidden = self.keypoint_hidden(keypoints) if self.kp_bias is not None else None
+        biases = self.keypoint_bias_layers(keypoints, ids, x.device) if self.kp_bias is not None else None
         for i, blk in enumerate(self.blocks):
-            bias = self.layer_bias(hidden, i, ids)
+            bias = biases(i) if biases is not None else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, bias, ids, use_reentrant=False)
             else:
