@@ -124,3 +124,20 @@ def test_supplied_landmarks_drive_alignment_like_dlib(astronaut, astronaut_detec
     reference = align_face(astronaut, astronaut_detection.keypoints)
     np.testing.assert_allclose(face.keypoints, reference.keypoints, atol=1e-9)
     np.testing.assert_array_equal(face.image, reference.image)
+
+
+def test_face_package_imports_and_works_without_dlib():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['dlib'] = None\n"
+        "import numpy as np, kprpe.face as f\n"
+        "from kprpe.keypoints import ARCFACE_TEMPLATE_112 as T\n"
+        "p = f.FacePipeline(f.SuppliedLandmarks.from_arrays({'a.png': T}))\n"
+        "[face] = p.faces_in_image(np.zeros((112, 112, 3), np.uint8), source='a.png')\n"
+        "assert abs(face.keypoints * 112 - T).max() < 1e-9\n"
+        "try:\n    f.DlibDetector()\nexcept f.MissingDependencyError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "kprpe[face]" in out

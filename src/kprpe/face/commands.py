@@ -105,8 +105,10 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
         raise CommandError(f"weights {weights} do not exist")
     try:
         return FaceEmbedder.from_weights(weights, flip=not args.no_flip, batch_size=args.batch_size, device=args.device)
-    except (CheckpointError, ValueError, OSError, RuntimeError) as exc:
+    except (CheckpointError, ValueError, OSError) as exc:
         raise CommandError(f"cannot load weights {weights}: {exc}") from None
+    except (RuntimeError, AssertionError) as exc:  # torch: unknown device, CUDA not available
+        raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
 
 
 def _report_failures(command: str, batch: BatchResult) -> list[dict]:
