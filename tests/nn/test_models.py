@@ -203,3 +203,19 @@ def test_config_roundtrip_and_validation():
         kprpe.create_model("vit_tiny", rel_pos="alibi")
     with pytest.raises(ValueError, match="unknown model 'vit_huge'"):
         kprpe.create_model("vit_huge")
+
+
+@pytest.mark.parametrize("impl", ["naive", "gather", "index", "onehot", "decomposed"])
+def test_caches_filled_in_inference_mode_serve_training(impl):
+    from kprpe.nn import buckets, position
+
+    buckets._DEVICE_CACHE.clear()
+    buckets._bucket_ids_cpu.cache_clear()
+    position._FLAT_INDEX.clear()
+    position._ONE_HOT.clear()
+    model = kprpe.create_model("vit_tiny_kprpe", kp_bias_impl=impl, img_size=48)
+    images, kp = _inputs(model)
+    with torch.inference_mode():
+        model.eval()(images, kp)
+    model.train()(images, kp).sum().backward()
+    assert model.keypoint_linear.weight.grad is not None

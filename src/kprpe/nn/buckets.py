@@ -109,8 +109,10 @@ def bucket_ids(
     key = (int(height), int(width), method, float(ratio), str(torch.device(device or "cpu")))
     ids = _DEVICE_CACHE.get(key)
     if ids is None:
-        ids = _bucket_ids_cpu(int(height), int(width), method, float(ratio))
-        if key[-1] != "cpu":
-            ids = ids.to(key[-1])
+        # built outside inference mode so that a cache filled during inference still serves training
+        with torch.inference_mode(False):
+            ids = _bucket_ids_cpu(int(height), int(width), method, float(ratio))
+            if key[-1] != "cpu":
+                ids = ids.to(key[-1])
         _DEVICE_CACHE[key] = ids
     return ids

@@ -98,7 +98,8 @@ def _flat_index(ids: torch.Tensor, nb: int) -> torch.Tensor:
     flat = _FLAT_INDEX.get(key)
     if flat is None:
         n = ids.shape[0]
-        flat = (torch.arange(n, device=ids.device)[:, None] * nb + ids).flatten()
+        with torch.inference_mode(False):  # cached: must stay usable by later autograd passes
+            flat = (torch.arange(n, device=ids.device)[:, None] * nb + ids).flatten()
         _FLAT_INDEX[key] = flat
     return flat
 
@@ -107,7 +108,8 @@ def _one_hot(ids: torch.Tensor, nb: int, dtype: torch.dtype) -> torch.Tensor:
     key = (ids.data_ptr(), ids.device, nb, dtype)
     m = _ONE_HOT.get(key)
     if m is None:
-        m = F.one_hot(ids, nb).to(dtype)
+        with torch.inference_mode(False):
+            m = F.one_hot(ids, nb).to(dtype)
         _ONE_HOT[key] = m
     return m
 

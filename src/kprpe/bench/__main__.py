@@ -1,0 +1,11 @@
+"""``python -m kprpe.bench [options]``: the same as ``kprpe bench``."""
+
+import argparse
+import sys
+
+from .commands import add_arguments
+
+parser = argparse.ArgumentParser(prog="python -m kprpe.bench", description="KP-RPE speed/memory benchmark")
+add_arguments(parser)
+args = parser.parse_args()
+sys.exit(args.func(args))

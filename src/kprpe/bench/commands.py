@@ -1,0 +1,100 @@
+"""``kprpe bench``: the speed/memory benchmark (also ``python -m kprpe.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .runner import Case, format_table, machine_info, run_suite
+
+BIAS_PATHS = ("naive", "gather", "index", "onehot", "decomposed")
+
+
+def _csv(kind):
+    def parse(text: str):
+        return [kind(x) for x in text.split(",") if x]
+
+    return parse
+
+
+def build_cases(args: argparse.Namespace) -> list[Case]:
+    cases = []
+    for size in args.sizes:
+        for mode in args.modes:
+            for batch in args.batch_sizes:
+                common = dict(mode=mode, batch_size=batch, device=args.device, dtype=args.dtype)
+                overrides = {}
+                if size == "micro":  # CI smoke: a tiny config, same code paths
+                    size_name, overrides = "tiny", dict(img_size=32, patch_size=8)
+                else:
+                    size_name = size
+                cases.append(Case(model=f"vit_{size_name}", overrides=overrides, **common))
+                for impl in args.bias_impls:
+                    cases.append(Case(model=f"vit_{size_name}_kprpe", bias_impl=impl, overrides=overrides, **common))
+                if args.irpe:
+                    cases.append(Case(model=f"vit_{size_name}_irpe", attn_impl="math", overrides=overrides, **common))
+    return cases
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.smoke:
+        args.sizes, args.batch_sizes, args.repeats, args.warmup, args.in_process = ["micro"], [2], 1, 1, True
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        from ..cli import CommandError
+
+        raise CommandError("--device cuda requested but CUDA is not available on this machine")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = build_cases(args)
+    info = machine_info(args.device)
+    print(f"machine: {info.get('cpu_model', info['processor'])}, {info['cpu_count']} CPUs, torch {info['torch']}, "
+          f"threads {args.threads or info['threads']}, device {args.device}{' (' + info['gpu'] + ')' if 'gpu' in info else ''}, dtype {args.dtype}")
+    results = run_suite(cases, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                        isolated=not args.in_process)
+    table = format_table(results)
+    print(table)
+    payload = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
+    _write_json_atomic(Path(args.output), payload)
+    print(f"wrote {args.output}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", type=_csv(str), default=["small", "base"], help="model sizes: small,base (micro: CI smoke)")
+    p.add_argument("--modes", type=_csv(str), default=["infer", "train"], help="infer,train")
+    p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 32], help="default 1,8,32")
+    p.add_argument("--bias-impls", type=_csv(str), default=list(BIAS_PATHS) + ["auto"],
+                   help=f"KP-RPE bias paths to compare (default: all of {','.join(BIAS_PATHS)},auto)")
+    p.add_argument("--no-irpe", dest="irpe", action="store_false", help="skip the iRPE baseline")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 = autocast")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--in-process", action="store_true", help="do not isolate cases in child processes")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run on a micro model (CI)")
+    p.add_argument("-o", "--output", default="runs/bench/bench.json", help="JSON output file")
+    p.set_defaults(func=cmd_bench)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time and measure memory of ViT vs KP-RPE (every bias path) vs iRPE",
+        description="Inference and training-step time (median), images/s, peak memory and the KP-RPE/ViT "
+        "ratio, on CPU or CUDA. Prints a Markdown table and writes a JSON file with the machine description.",
+    )
+    add_arguments(p)

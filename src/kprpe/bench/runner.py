@@ -1,0 +1,233 @@
+"""Speed and memory of plain ViT, KP-RPE (every bias path) and iRPE, inference and training step.
+
+Each measurement runs in a fresh child process so its peak memory is its own (CPU: peak resident set size
+from the kernel; CUDA: ``torch.cuda.max_memory_allocated``). Times are medians over ``repeats`` after
+``warmup`` untimed runs. Nothing here is a test: it prints what it measured and on what.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["Case", "machine_info", "run_case", "run_suite", "format_table"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a model variant, a mode and a batch size."""
+
+    model: str  # preset name, e.g. vit_base_kprpe
+    mode: str  # infer | train
+    batch_size: int
+    bias_impl: str = "auto"  # KP-RPE only
+    attn_impl: str = "sdpa"
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    overrides: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def label(self) -> str:
+        name = self.model
+        if "kprpe" in self.model:
+            name += f"[{self.bias_impl}]"
+        if self.attn_impl != "sdpa":
+            name += f"({self.attn_impl})"
+        return name
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
+    """Measure one case in this process (use :func:`run_suite` for isolated peak memory)."""
+    import torch
+
+    import kprpe
+
+    device = torch.device(case.device)
+    torch.manual_seed(0)
+    overrides = dict(case.overrides)
+    overrides["attn_impl"] = case.attn_impl
+    if "kprpe" in case.model:
+        overrides["kp_bias_impl"] = case.bias_impl
+    model = kprpe.create_model(case.model, **overrides).to(device)
+    if model.kp_bias is not None:  # a zero table would make every path trivially cheap to get right
+        with torch.no_grad():
+            model.keypoint_linear.weight.normal_(0, 0.1)
+    cfg = model.config
+    images = torch.rand(case.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device) * 2 - 1
+    keypoints = torch.rand(case.batch_size, cfg.num_keypoints, 2, device=device) * 0.6 + 0.2
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16")
+    if case.mode == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            with autocast:
+                out = model(images, keypoints)
+            out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    elif case.mode == "infer":
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), autocast:
+                model(images, keypoints)
+    else:
+        raise ValueError(f"mode must be infer or train, got {case.mode!r}")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    else:
+        base_mem = _rss_bytes()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _peak_rss_bytes()
+    median = statistics.median(times)
+    return {
+        **asdict(case),
+        "label": case.label,
+        "median_s": median,
+        "times_s": times,
+        "images_per_s": case.batch_size / median,
+        "peak_mem_mb": peak / 2**20,
+        "step_mem_mb": max(peak - base_mem, 0) / 2**20,
+        "bias_impl_used": model.bias_impl(device) if model.kp_bias is not None else None,
+    }
+
+
+def _run_isolated(case: Case, warmup: int, repeats: int, threads: int | None) -> dict:
+    payload = json.dumps({"case": asdict(case), "warmup": warmup, "repeats": repeats, "threads": threads})
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "kprpe.bench.runner", payload, str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            return {**asdict(case), "label": case.label, "error": (proc.stderr or proc.stdout).strip()[-2000:]}
+        return json.loads(out.read_text())
+
+
+def run_suite(cases: list[Case], *, warmup: int = 1, repeats: int = 3, threads: int | None = None,
+              isolated: bool = True, progress: bool = True) -> list[dict]:
+    """Measure every case (each in its own process when ``isolated``)."""
+    from tqdm import tqdm
+
+    results = []
+    bar = tqdm(cases, desc="bench", unit="case", disable=not progress)
+    for case in bar:
+        bar.set_postfix_str(f"{case.label} {case.mode} b={case.batch_size}")
+        if isolated:
+            results.append(_run_isolated(case, warmup, repeats, threads))
+        else:
+            results.append(run_case(case, warmup, repeats))
+    _add_ratios(results)
+    return results
+
+
+def _add_ratios(results: list[dict]) -> None:
+    """Ratio of each row to the plain ViT of the same size, mode, batch, device and dtype."""
+    def key(r: dict) -> tuple:
+        size = r["model"].split("_")[1]
+        return size, r["mode"], r["batch_size"], r["device"], r["dtype"]
+
+    plain = {key(r): r for r in results if "error" not in r and r["model"].count("_") == 1 and r["attn_impl"] == "sdpa"}
+    for r in results:
+        base = plain.get(key(r))
+        if base and "error" not in r:
+            r["time_vs_vit"] = r["median_s"] / base["median_s"]
+            r["step_mem_vs_vit"] = r["step_mem_mb"] / base["step_mem_mb"] if base["step_mem_mb"] > 0 else None
+
+
+def format_table(results: list[dict]) -> str:
+    """A Markdown table of the results."""
+    lines = [
+        "| model | mode | batch | dtype | median ms | img/s | x ViT | peak MB | step MB | step mem x ViT |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['mode']} | {r['batch_size']} | {r['dtype']} | error: {r['error'].splitlines()[-1][:60]} |||||")
+            continue
+        ratio = f"{r['time_vs_vit']:.3f}" if r.get("time_vs_vit") is not None else ""
+        mem_ratio = f"{r['step_mem_vs_vit']:.2f}" if r.get("step_mem_vs_vit") is not None else ""
+        lines.append(
+            f"| {r['label']} | {r['mode']} | {r['batch_size']} | {r['dtype']} | {r['median_s'] * 1000:.1f} | "
+            f"{r['images_per_s']:.1f} | {ratio} | {r['peak_mem_mb']:.0f} | {r['step_mem_mb']:.0f} | {mem_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def _child_main(argv: list[str]) -> int:
+    payload = json.loads(argv[0])
+    if payload.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(payload["threads"]))
+    result = run_case(Case(**payload["case"]), payload["warmup"], payload["repeats"])
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

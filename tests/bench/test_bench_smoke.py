@@ -1,0 +1,23 @@
+"""The benchmark runs end to end on a micro model (timings themselves are not asserted: not a timed test)."""
+
+from __future__ import annotations
+
+import json
+
+from kprpe.cli import main
+
+
+def test_bench_smoke_writes_every_path(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--smoke", "--modes", "infer,train", "-o", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert {"torch", "threads", "cpu_count"} <= set(payload["machine"])
+    labels = {(r["label"], r["mode"]) for r in payload["results"]}
+    for impl in ("naive", "gather", "index", "onehot", "decomposed", "auto"):
+        assert (f"vit_tiny_kprpe[{impl}]", "train") in labels
+    for r in payload["results"]:
+        assert "error" not in r, r
+        assert r["median_s"] > 0 and r["images_per_s"] > 0
+        if r["model"] != "vit_tiny_irpe":
+            assert r["time_vs_vit"] > 0
+    assert "| vit_tiny_kprpe[decomposed] | train |" in capsys.readouterr().out
