@@ -163,7 +163,7 @@ class FaceAugment:
             gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
             img = np.repeat(gray[..., None], 3, axis=2)
         if cfg.blur_p > 0 and rng.random() < cfg.blur_p:
-            sigma = rng.uniform(0.1, max(cfg.blur_sigma_max, 0.1))
+            sigma = rng.uniform(min(0.5, cfg.blur_sigma_max), max(cfg.blur_sigma_max, 0.1))
             img = cv2.GaussianBlur(img, (0, 0), sigmaX=sigma)
         if cfg.lowres_p > 0 and rng.random() < cfg.lowres_p:
             small = max(2, int(round(size * rng.uniform(cfg.lowres_min_scale, 1.0))))

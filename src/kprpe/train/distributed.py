@@ -21,6 +21,7 @@ __all__ = [
     "all_gather_nograd",
     "all_reduce_sum_replicated",
     "all_reduce_max_nograd",
+    "all_reduce_sum",
     "sum_allreduce_hook",
     "barrier",
 ]
@@ -106,6 +107,28 @@ class _SumReplicated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """All-reduce (sum) of per-process *partial* terms; backward sums the gradients as well (each process
+    back-propagates only through its own use of the result)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over processes (for statistics such as distributed batch norm)."""
+    return _AllReduceSum.apply(tensor) if is_distributed() else tensor
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,16 @@ from .distributed import all_gather_nograd, all_reduce_max_nograd, all_reduce_su
 from .distributed import rank as dist_rank
 from .distributed import world_size as dist_world_size
 
-__all__ = ["CombinedMargin", "AdaFaceMargin", "PlainLogits", "PartialFC", "build_margin", "class_shard"]
+__all__ = [
+    "CombinedMargin",
+    "AdaFaceMargin",
+    "PlainLogits",
+    "PartialFC",
+    "build_margin",
+    "class_shard",
+    "init_class_centres",
+    "distributed_cross_entropy",
+]
 
 
 def _target_mask(labels: torch.Tensor, num_columns: int) -> torch.Tensor:
@@ -162,7 +171,7 @@ class PartialFC(nn.Module):
         self.class_start, self.num_local = class_shard(num_classes, self.world_size, self.rank)
         self.sample_rate = float(sample_rate)
         self.margin = margin
-        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_dim).normal_(0, 0.01))
+        self.weight = nn.Parameter(init_class_centres(self.class_start, self.num_local, embedding_dim, seed))
         self.generator = torch.Generator().manual_seed(int(seed) * 1000 + self.rank)
         self.last_sampled: torch.Tensor | None = None
 
@@ -219,6 +228,20 @@ class PartialFC(nn.Module):
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+
+
+def init_class_centres(start: int, count: int, dim: int, seed: int, chunk: int = 1024) -> torch.Tensor:
+    """N(0, 0.01) centres for classes ``start .. start + count - 1``; class ``c`` gets the same values however
+    the classes are sharded (chunks of ``chunk`` classes each have their own seeded generator), so W processes
+    start from exactly the single-process head."""
+    out = torch.empty(count, dim)
+    first, last = start // chunk, (start + count - 1) // chunk
+    for block in range(first, last + 1):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + block)
+        values = torch.empty(chunk, dim).normal_(0, 0.01, generator=g)
+        lo, hi = max(start, block * chunk), min(start + count, (block + 1) * chunk)
+        out[lo - start : hi - start] = values[lo - block * chunk : hi - block * chunk]
+    return out
 
 
 def distributed_cross_entropy(logits: torch.Tensor, local_labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from .config import TrainConfig
 from .distributed import (
     DistInfo,
     all_gather_nograd,
+    all_reduce_sum,
     barrier,
     init_distributed,
     is_distributed,
@@ -58,12 +59,10 @@ class DistributedBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         xf = x.float()
         stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([float(x.shape[0])])])
-        stats = all_reduce(stats)
+        stats = all_reduce_sum(stats)
         total = stats[-1]
         mean = stats[:c] / total
         var = (stats[c : 2 * c] / total - mean * mean).clamp_min(0)
