@@ -59,8 +59,9 @@ class DigitsConfig:
     grad_clip: float = 5.0
     seeds: tuple[int, ...] = (0, 1, 2)
     regimes: tuple[str, ...] = REGIMES
-    model_heads: tuple[str, ...] = ("flatten",)
-    models: tuple[str, ...] = tuple(MODEL_SPECS)
+    models: tuple[str, ...] = tuple(MODEL_SPECS)  # all trained with the official flatten-all-tokens head
+    # also trained with a mean-pooling head (which makes a relative-only encoding translation-invariant)
+    mean_head_models: tuple[str, ...] = ("abs", "rpe", "kprpe", "kprpe_noabs", "qpos_rpe")
     test_fraction: float = 0.22
     split_seed: int = 0
     test_seed: int = 1234
@@ -84,20 +85,33 @@ class DigitsConfig:
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(len(self.seeds) > 0, "at least one seed is needed")
         need(all(r in REGIMES for r in self.regimes) and self.regimes, f"regimes must be a non-empty subset of {REGIMES}, got {self.regimes}")
-        need(all(h in HEADS for h in self.model_heads) and self.model_heads, f"heads must be a non-empty subset of {HEADS}, got {self.model_heads}")
         resolve_models(self.models)
+        if self.mean_head_models:
+            resolve_models(self.mean_head_models)
         need(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
         return self
+
+    @property
+    def model_heads(self) -> tuple[str, ...]:
+        return ("flatten", "mean") if self.mean_head_models else ("flatten",)
+
+    def jobs(self) -> list[tuple[str, str, str, int]]:
+        """(model, regime, head, seed) for every training run, slowest models first (packs workers better)."""
+        runs = [(m, r, "flatten", s) for r in self.regimes for s in self.seeds for m in self.models]
+        runs += [(m, r, "mean", s) for r in self.regimes for s in self.seeds for m in self.mean_head_models]
+        slow_first = {"irpe": 0, "kprpe_mlp": 1}
+        return sorted(runs, key=lambda j: slow_first.get(j[0], 2))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["sweeps"] = {k: list(v) for k, v in self.sweeps.items()}
+        d["model_heads"] = list(self.model_heads)
         return d
 
 
 def quick_config(**overrides) -> DigitsConfig:
     """The ``--quick`` run: one seed, the main models, fewer epochs (CI and the README demo)."""
-    values = dict(seeds=(0,), epochs=12, models=QUICK_MODELS, test_draws=2)
+    values = dict(seeds=(0,), epochs=12, models=QUICK_MODELS, mean_head_models=(), test_draws=2)
     values.update(overrides)
     return DigitsConfig(**values)
 
@@ -198,7 +212,7 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
             opt.step()
             step += 1
             if last:
-                loss_sum += float(loss) * len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
                 correct += int((logits.argmax(-1) == labels[idx]).sum())
                 seen += len(idx)
     train_seconds = time.perf_counter() - start
@@ -224,8 +238,9 @@ _WORKER: dict = {}
 def _worker_init(cfg_dict: dict, threads: int) -> None:
     torch.set_num_threads(threads)
     cfg_dict = dict(cfg_dict)
+    cfg_dict.pop("model_heads", None)  # derived, not a field
     cfg_dict["sweeps"] = {k: tuple(v) for k, v in cfg_dict["sweeps"].items()}
-    for key in ("seeds", "regimes", "model_heads", "models"):
+    for key in ("seeds", "regimes", "models", "mean_head_models"):
         cfg_dict[key] = tuple(cfg_dict[key])
     cfg = DigitsConfig(**cfg_dict)
     _WORKER["cfg"], _WORKER["proto"] = cfg, build_protocol(cfg)
@@ -235,13 +250,6 @@ def _worker_job(job: tuple[str, str, str, int]) -> dict:
     return run_job(_WORKER["cfg"], _WORKER["proto"], *job)
 
 
-def job_list(cfg: DigitsConfig) -> list[tuple[str, str, str, int]]:
-    """(model, regime, head, seed) for every job, slowest models first (better packing over workers)."""
-    jobs = [(m, r, h, s) for h in cfg.model_heads for r in cfg.regimes for s in cfg.seeds for m in cfg.models]
-    slow_first = {"irpe": 0, "kprpe_mlp": 1}
-    return sorted(jobs, key=lambda j: slow_first.get(j[0], 2))
-
-
 def run_digits(cfg: DigitsConfig, progress: bool = True) -> dict:
     """Run every job (in ``cfg.workers`` processes with ``cfg.threads`` torch threads each) and return
     ``{"config", "protocol", "jobs", "elapsed_seconds"}``."""
@@ -249,7 +257,7 @@ def run_digits(cfg: DigitsConfig, progress: bool = True) -> dict:
 
     cfg.validate()
     start = time.perf_counter()
-    jobs = job_list(cfg)
+    jobs = cfg.jobs()
     results: list[dict] = []
     bar = tqdm(total=len(jobs), desc="digits: training", unit="model", disable=not progress)
     if cfg.workers == 1:
@@ -281,7 +289,7 @@ def run_digits(cfg: DigitsConfig, progress: bool = True) -> dict:
     return dict(
         config=cfg.to_dict(),
         protocol=describe_protocol(cfg, proto),
-        jobs=sorted(results, key=lambda r: (r["head"], r["regime"], cfg.models.index(r["model"]), r["seed"])),
+        jobs=sorted(results, key=lambda r: (r["head"], r["regime"], list(MODEL_SPECS).index(r["model"]), r["seed"])),
         elapsed_seconds=round(time.perf_counter() - start, 1),
         cpu_count=os.cpu_count(),
     )

@@ -177,10 +177,10 @@ TRAIN_AUGMENTATION = AffineRange(scale=(0.9, 1.1), rotation_deg=10.0, shift=0.10
 AFFNIST_MIX = AffineRange(scale=(0.8, 1.2), independent_xy=True, rotation_deg=20.0, shear=0.2, shift=None)
 # One-factor sweeps: each level is applied at exactly that strength (with a random sign/direction).
 SWEEPS: dict[str, tuple[float, ...]] = {
-    "rotation": (15.0, 30.0, 45.0, 60.0),  # degrees, random sign
-    "scale": (0.7, 0.8, 1.2, 1.35),  # isotropic factor
-    "translation": (3.0, 5.0, 7.0, 8.0),  # pixels along x and y, random signs (digit stays inside)
-    "shear": (0.2, 0.35, 0.5, 0.7),  # x-shear factor, random sign
+    "rotation": (20.0, 35.0, 50.0),  # degrees, random sign (training sees at most 10)
+    "scale": (0.7, 0.8, 1.2, 1.35),  # isotropic factor (training: 0.9-1.1)
+    "translation": (4.0, 6.0, 8.0),  # pixels along x and y, random signs, digit kept inside (training: 3.2)
+    "shear": (0.25, 0.5, 0.75),  # x-shear factor, random sign (training: none)
 }
 SWEEP_UNITS = {"rotation": "degrees", "scale": "factor", "translation": "pixels (each axis)", "shear": "x-shear"}
 

@@ -1,0 +1,98 @@
+"""A micro end-to-end run of the digits experiment: a few steps, two models, tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kprpe.cli import main
+from kprpe.experiments.digits import DigitsConfig, build_protocol, run_digits, run_job
+from kprpe.experiments.digits_models import MODEL_SPECS, build_classifier, resolve_models
+from kprpe.experiments.report import aggregate, markdown_table, write_outputs
+
+MICRO = dict(
+    epochs=1, seeds=(0, 1), models=("abs", "kprpe"), mean_head_models=("kprpe",), regimes=("none", "mild"),
+    train_limit=64, test_limit=20, test_draws=1, width=16, depth=1, heads=2, workers=1,
+    sweeps={"rotation": (30.0,), "translation": (4.0,)},
+)
+
+
+def test_micro_run_writes_table_json_and_plots(tmp_path):
+    cfg = DigitsConfig(**MICRO)
+    results = run_digits(cfg, progress=False)
+    assert len(results["jobs"]) == 2 * 2 * 2 + 1 * 2 * 2
+    paths = write_outputs(results, tmp_path, command="kprpe experiment digits (micro)")
+    data = json.loads(paths["json"].read_text())
+    assert data["command"] == "kprpe experiment digits (micro)"
+    assert set(data["summary"]) == {"flatten", "mean"}
+    cell = data["summary"]["flatten"]["mild"]["kprpe"]
+    assert cell["affnist"]["n"] == 2 and len(cell["affnist"]["values"]) == 2
+    assert 0.0 <= cell["clean"]["mean"] <= 100.0
+    assert set(data["jobs"][0]["accuracy"]) == {"clean", "affnist", "rotation@30", "translation@4"}
+    assert data["protocol"]["test_digits"] == 20 and data["protocol"]["train_digits"] == 64
+    table = paths["table"].read_text()
+    assert "KP-RPE (`kprpe`)" in table and "Abs-PE (`abs`)" in table and "±" in table
+    assert "Head `mean`" in table and "98.1%" in table  # the paper's numbers sit next to ours
+    for key in ("plot_flatten_none", "plot_flatten_mild", "plot_mean_none", "plot_mean_mild"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*"))  # no temp files left behind
+
+
+def test_training_is_deterministic_per_seed():
+    cfg = DigitsConfig(**dict(MICRO, regimes=("mild",)))
+    proto = build_protocol(cfg)
+    a = run_job(cfg, proto, "kprpe", "mild", "flatten", 0)
+    b = run_job(cfg, proto, "kprpe", "mild", "flatten", 0)
+    assert a["accuracy"] == b["accuracy"] and a["final_train_loss"] == b["final_train_loss"]
+
+
+def test_every_model_builds_from_the_core_and_runs():
+    import torch
+
+    for spec in resolve_models(None):
+        model = build_classifier(spec, canvas=32, patch=4, width=16, depth=2, heads=2, mlp_ratio=2.0, head="flatten")
+        x = torch.zeros(3, 2 if spec.marks else 1, 32, 32)
+        out = model(x, torch.rand(3, 5, 2))
+        assert out.shape == (3, 10), spec.name
+        cfg = model.backbone.config
+        assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (16, 2, 2)
+    assert MODEL_SPECS["qpos_rpe"].overrides["kp_input"] == "query_position"
+    assert MODEL_SPECS["kprpe_mlp"].overrides["kp_hidden"] > 0
+
+
+def test_bad_options_are_clear_errors(capsys):
+    with pytest.raises(ValueError, match="unknown model"):
+        DigitsConfig(models=("abs", "vit9")).validate()
+    with pytest.raises(ValueError, match="regimes"):
+        DigitsConfig(regimes=("heavy",)).validate()
+    assert main(["experiment", "digits", "--models", "nope", "--no-progress"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["experiment", "digits", "--canvas", "30"]) == 2
+    assert "multiple of patch" in capsys.readouterr().err
+
+
+def test_cli_micro_run(tmp_path, capsys):
+    code = main([
+        "experiment", "digits", "--out", str(tmp_path), "--models", "abs,rpe", "--mean-head-models", "none",
+        "--regimes", "none", "--seeds", "1", "--epochs", "1", "--train-limit", "40", "--test-limit", "10",
+        "--width", "16", "--depth", "1", "--workers", "1", "--no-plots", "--no-progress",
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| RPE (`rpe`) |" in out
+    assert (tmp_path / "digits_table.md").exists() and (tmp_path / "digits_results.json").exists()
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_markdown_table_marks_best_per_column():
+    cfg = DigitsConfig(**MICRO).to_dict()
+    jobs = []
+    for model, acc in (("abs", 50.0), ("kprpe", 70.0)):
+        for seed in (0, 1):
+            jobs.append(dict(model=model, regime="none", head="flatten", seed=seed, train_seconds=1.0,
+                             accuracy={"clean": acc, "affnist": acc - 10 + seed, "rotation@30": acc, "translation@4": acc}))
+    results = dict(config=dict(cfg, regimes=["none"], model_heads=["flatten"]), jobs=jobs)
+    table = markdown_table(results, aggregate(results))
+    kp_row = next(line for line in table.splitlines() if "`kprpe`" in line)
+    assert "**60.5 ± 0.7**" in kp_row and "**70.0 ± 0.0**" in kp_row
