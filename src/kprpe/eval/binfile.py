@@ -13,12 +13,13 @@ import codecs
 import io
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from ..files import atomic_write_bytes
 
 __all__ = [
     "UnsafePickleError",
@@ -128,16 +129,8 @@ def write_verification_bin(path: str | os.PathLike, encoded_images: list[bytes],
     issame = [bool(x) for x in issame]
     if len(encoded_images) != 2 * len(issame):
         raise ValueError(f"{len(encoded_images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
-    path = Path(path)
     payload = pickle.dumps(([bytes(b) for b in encoded_images], issame), protocol=4)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, payload)
 
 
 def decode_image(data: bytes, where: str = "image", size: int | None = 112) -> np.ndarray:

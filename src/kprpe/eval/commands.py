@@ -187,11 +187,12 @@ def _handle(spec: str):
 
 
 def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
-    from .report import markdown_summary, plot_roc, write_json, write_text_atomic
+    from ..files import atomic_write_text, write_json
+    from .report import markdown_summary, plot_roc
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
-    write_text_atomic(out / "summary.md", markdown_summary(results))
+    atomic_write_text(out / "summary.md", markdown_summary(results))
     curves = {n: r["roc"] for n, r in results.get("sets", {}).items() if "roc" in r}
     if roc and curves:
         plot_roc(curves, out / "roc.png", title=f"{results['protocol']} — {Path(str(results.get('weights'))).name}")
@@ -255,7 +256,8 @@ def _run_identify(args) -> int:
 
 
 def _run_sweep(args) -> int:
-    from .report import plot_sweep, write_json
+    from ..files import write_json
+    from .report import plot_sweep
     from .runs import robustness_sweep
 
     settings = _settings(args)

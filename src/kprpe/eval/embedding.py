@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..files import read_npz, write_npz
 from ..inference import embed, iter_batches, to_model_input
 
 __all__ = [
@@ -76,8 +76,8 @@ class EmbeddingCache:
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
-                emb, norms = data["embeddings"], data["norms"]
+            data = read_npz(path)
+            emb, norms = data["embeddings"], data["norms"]
         except (OSError, ValueError, KeyError):
             return None  # a damaged entry is recomputed and overwritten
         if expected_count is not None and emb.shape[0] != expected_count:
@@ -85,17 +85,8 @@ class EmbeddingCache:
         return emb, norms
 
     def save(self, key: str, embeddings: np.ndarray, norms: np.ndarray, meta: dict) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, embeddings=embeddings, norms=norms, meta=np.array(json.dumps(meta, default=str)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_npz(self.path(key), embeddings=embeddings, norms=norms,
+                         meta=np.array(json.dumps(meta, default=str)))
 
 
 def embed_faces(model: torch.nn.Module, source: FaceSource, *, flip: bool = True, batch_size: int = 64,

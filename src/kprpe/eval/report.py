@@ -1,50 +1,17 @@
-"""Run outputs: ``results.json`` (everything, machine-readable), ``summary.md`` (the headline numbers) and
-PNG plots (ROC / TAR-FAR, robustness sweep). Every file is written atomically."""
+"""Run outputs besides ``results.json``: the ``summary.md`` text (the headline numbers) and PNG plots (ROC /
+TAR-FAR, robustness sweep). Plots are written atomically; JSON and Markdown go through :mod:`kprpe.files`."""
 
 from __future__ import annotations
 
-import json
+import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_text_atomic", "write_json", "markdown_summary", "plot_roc", "plot_sweep"]
+from ..files import atomic_write_bytes
 
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    return write_text_atomic(path, json.dumps(_plain(data), indent=2) + "\n")
+__all__ = ["markdown_summary", "plot_roc", "plot_sweep"]
 
 
 def _pct(x: float) -> str:
@@ -144,16 +111,11 @@ def plot_sweep(t_values, accuracy: dict[str, list[float]], path: str | os.PathLi
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
+        fig.savefig(buffer, format="png", bbox_inches="tight")
     finally:
-        Path(tmp).unlink(missing_ok=True)
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    return path
+    return atomic_write_bytes(path, buffer.getvalue())

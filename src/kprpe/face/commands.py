@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import CommandError
+from ..files import write_csv, write_npz, write_png
 from .align import ALIGN_MODES, AlignmentError
 from .detection import (
     LANDMARK_COLUMNS,
@@ -24,7 +25,6 @@ from .detection import (
     NoFaceFound,
     SuppliedLandmarks,
 )
-from .files import write_csv, write_npz, write_png
 from .io import ImageLoadError
 from .pipeline import DEFAULT_THRESHOLD, BatchResult, FaceEmbedder, FacePipeline, verify
 from .search import FaceIndex, FaceIndexError

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import read_npz, write_npz
+from ..files import read_npz, write_npz
 from .io import IMAGE_EXTENSIONS
 from .pipeline import FaceEmbedder, FacePipeline
 

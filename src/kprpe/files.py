@@ -1,0 +1,110 @@
+"""Atomic writers for the package's outputs (JSON, Markdown, CSV, NPZ, PNG) and a pickle-free NPZ reader.
+
+Every writer builds the whole content in memory, writes it to a temporary file beside the target and renames
+it into place, so a crash or Ctrl-C never leaves a half-written file where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "to_jsonable",
+    "write_json",
+    "write_csv",
+    "write_npz",
+    "read_npz",
+    "write_png",
+]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path`` (parents created), fsync it, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """UTF-8 text, written atomically (no newline translation: ``\\n`` stays ``\\n`` on every platform)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj):
+    """Nested data -> what :mod:`json` writes: numpy arrays and scalars become lists and numbers, paths
+    strings, dict keys strings; NaN becomes ``null`` and infinities ``"inf"`` / ``"-inf"`` (strict JSON has
+    neither)."""
+    if isinstance(obj, dict):
+        return {str(key): to_jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(value) for value in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """``data`` (after :func:`to_jsonable`) as indented JSON with a final newline."""
+    return atomic_write_text(path, json.dumps(to_jsonable(data), indent=2) + "\n")
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """A header row and data rows, ``\\n`` line ends, UTF-8."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """Uncompressed ``.npz`` of plain arrays (no object arrays, so it loads with ``allow_pickle=False``)."""
+    for name, array in arrays.items():
+        if np.asarray(array).dtype == object:
+            raise TypeError(f"array {name!r} has dtype object; store strings as fixed-width unicode")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load every array of an ``.npz`` with ``allow_pickle=False`` (never executes code from the file)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """uint8 ``(H, W, 3)`` RGB or ``(H, W)`` grayscale array -> PNG file."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())
