@@ -90,6 +90,10 @@ def test_fine_tune_from_an_official_style_checkpoint(tiny_config, tmp_path, synt
     final = trainer.run()
     after = kprpe.load_official(final).state_dict()
     assert not torch.equal(after["patch_embed.proj.weight"], before["patch_embed.proj.weight"])
+    face = pytest.importorskip("kprpe.face")
+    embedder = face.FaceEmbedder.from_weights(final)  # what `kprpe verify --weights` uses
+    unit, _ = embedder.embed_crops(np.zeros((1, 112, 112, 3), np.uint8), template_keypoints(1).numpy())
+    assert unit.shape == (1, 32)
     shutil.rmtree(tmp_path / "big")
 
 

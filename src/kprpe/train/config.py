@@ -108,6 +108,7 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     sync_batchnorm: bool = False  # batch statistics over all processes (exact multi-process equivalence)
+    cpu_threads: int = 0  # torch CPU threads per process; 0: torch's default
 
 
 @dataclass
@@ -171,6 +172,7 @@ class TrainConfig:
         need(bool(t.output_dir), "train.output_dir", "must be a directory path")
         need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
         need(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
+        need(t.cpu_threads >= 0, "train.cpu_threads", f"must be >= 0 (0: torch default), got {t.cpu_threads}")
         need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
         need(all(isinstance(p, str) for p in v.pairs), "validation.pairs", f"must be a list of file paths, got {v.pairs}")
         need(v.every > 0, "validation.every", f"must be positive, got {v.every}")

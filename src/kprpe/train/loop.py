@@ -150,6 +150,8 @@ class Trainer:
         self.device = self.dist.device
         self.output_dir = Path(cfg.train.output_dir)
         self.step_callback = step_callback
+        if cfg.train.cpu_threads:
+            torch.set_num_threads(cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed)
 
         self.model = self._build_model()
