@@ -10,11 +10,10 @@ from kprpe.eval.geometry import (
     box_from_landmarks,
     crop_matrix,
     interpolate_crop,
-    transform_points,
-    umeyama_similarity,
     warp_face,
 )
 from kprpe.eval.images import crop_face
+from kprpe.face.align import apply_transform, similarity_transform
 from kprpe.keypoints import ARCFACE_TEMPLATE_112
 
 
@@ -27,16 +26,16 @@ def test_umeyama_recovers_a_similarity():
     src = np.random.default_rng(0).normal(size=(5, 2)) * 20
     m_true = np.array([[0.8, -0.6, 10.0], [0.6, 0.8, -4.0]]) * np.array([[1.5], [1.5]])
     m_true[:, 2] = [10.0, -4.0]
-    dst = transform_points(m_true, src)
-    np.testing.assert_allclose(umeyama_similarity(src, dst), m_true, atol=1e-9)
+    dst = apply_transform(m_true, src)
+    np.testing.assert_allclose(similarity_transform(src, dst), m_true, atol=1e-9)
     with pytest.raises(ValueError, match="degenerate"):
-        umeyama_similarity(np.zeros((5, 2)), dst)
+        similarity_transform(np.zeros((5, 2)), dst)
 
 
 def test_t0_aligns_landmarks_to_template():
     lm = _rotated_face()
     m = crop_matrix(aligned_crop_params(lm))
-    np.testing.assert_allclose(transform_points(m, lm), ARCFACE_TEMPLATE_112, atol=1e-9)
+    np.testing.assert_allclose(apply_transform(m, lm), ARCFACE_TEMPLATE_112, atol=1e-9)
 
 
 def test_t1_is_the_box_crop_resized():

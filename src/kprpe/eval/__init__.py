@@ -19,7 +19,6 @@ from .geometry import (
     box_from_landmarks,
     crop_matrix,
     interpolate_crop,
-    umeyama_similarity,
     warp_face,
 )
 from .ijb import read_ijb_meta, template_features, template_pair_scores
@@ -84,7 +83,6 @@ __all__ = [
     "tar_at_far",
     "template_features",
     "template_pair_scores",
-    "umeyama_similarity",
     "val_at_far",
     "verification_metrics",
     "warp_face",

@@ -15,18 +15,17 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..face.align import apply_transform, similarity_transform, warp_crop
 from ..keypoints import ARCFACE_TEMPLATE_112
 
 __all__ = [
     "CropParams",
-    "umeyama_similarity",
     "aligned_crop_params",
     "box_from_landmarks",
     "box_crop_params",
     "interpolate_crop",
     "crop_matrix",
     "warp_face",
-    "transform_points",
 ]
 
 
@@ -37,31 +36,6 @@ class CropParams:
     angle: float
     sx: float
     sy: float
-
-
-def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation) taking ``src`` (K,2) to ``dst`` (K,2),
-    as a 2x3 matrix (Umeyama 1991, reflection excluded)."""
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or src.shape[0] < 2:
-        raise ValueError(f"need matching (K>=2, 2) point sets, got {src.shape} and {dst.shape}")
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    xs, xd = src - mu_s, dst - mu_d
-    var_s = (xs**2).sum() / len(src)
-    if var_s <= 1e-12:
-        raise ValueError("degenerate landmarks: all points coincide")
-    cov = xd.T @ xs / len(src)
-    u, d, vt = np.linalg.svd(cov)
-    sign = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[1, 1] = -1
-    rot = u @ sign @ vt
-    scale = np.trace(np.diag(d) @ sign) / var_s
-    m = np.zeros((2, 3))
-    m[:, :2] = scale * rot
-    m[:, 2] = mu_d - scale * rot @ mu_s
-    return m
 
 
 def _params_from_matrix(m: np.ndarray, size: int) -> CropParams:
@@ -79,7 +53,7 @@ def _params_from_matrix(m: np.ndarray, size: int) -> CropParams:
 def aligned_crop_params(landmarks_px: np.ndarray, size: int = 112) -> CropParams:
     """The ArcFace alignment of a face with 5 landmarks (source pixels) as crop parameters."""
     template = ARCFACE_TEMPLATE_112 * (size / 112.0)
-    return _params_from_matrix(umeyama_similarity(landmarks_px, template), size)
+    return _params_from_matrix(similarity_transform(landmarks_px, template), size)
 
 
 def box_from_landmarks(landmarks_px: np.ndarray, scale: float = 2.2, shift: float = -0.12) -> np.ndarray:
@@ -88,6 +62,9 @@ def box_from_landmarks(landmarks_px: np.ndarray, scale: float = 2.2, shift: floa
     Side = ``scale`` x the larger side of the landmarks' bounding box; the centre is the landmarks' box
     centre moved by ``shift`` x side vertically (negative: up, since the five points sit in the lower face).
     For the ArcFace template this gives a 90-pixel box on the 112 crop, about as tight as RetinaFace boxes.
+    This deliberately differs from :func:`kprpe.face.align.box_from_keypoints`, which reproduces dlib's much
+    tighter HOG box (77 pixels on the crop, cutting the forehead): the sweep's t=1 end stands for the paper's
+    detector crop, so its box follows the detector the paper used.
     """
     pts = np.asarray(landmarks_px, dtype=np.float64)
     lo, hi = pts.min(0), pts.max(0)
@@ -103,7 +80,10 @@ def box_crop_params(box: np.ndarray, size: int = 112) -> CropParams:
     """The box ``(x1, y1, x2, y2)`` simply resized to ``size`` x ``size`` (the paper's "unaligned" input).
 
     The box edges map to the outer edges of the output pixels (``x1 -> -0.5``, ``x2 -> size-0.5``), as
-    ``cv2.resize`` of the box crop does.
+    ``cv2.resize`` of the box crop ``image[y1:y2, x1:x2]`` does. Unlike
+    :func:`kprpe.face.align.box_crop_transform` the box is not squared (the aspect ratio may change, as in
+    the paper's setting) and it is read as array slice bounds rather than pixel-centre coordinates; and the
+    sweep needs the crop as :class:`CropParams` to interpolate it.
     """
     x1, y1, x2, y2 = (float(v) for v in box)
     if x2 <= x1 or y2 <= y1:
@@ -136,17 +116,9 @@ def crop_matrix(params: CropParams, size: int = 112) -> np.ndarray:
     return cv2.invertAffineTransform(inv)
 
 
-def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Apply a 2x3 affine matrix to points ``(..., 2)``."""
-    pts = np.asarray(points, dtype=np.float64)
-    return pts @ matrix[:, :2].T + matrix[:, 2]
-
-
 def warp_face(image: np.ndarray, landmarks_px: np.ndarray, params: CropParams, size: int = 112
               ) -> tuple[np.ndarray, np.ndarray]:
     """Warp ``image`` (H, W, 3) uint8 with a crop; return the ``size``x``size`` crop (black border) and the
     landmarks mapped into it, normalised by ``size`` (model keypoints)."""
     m = crop_matrix(params, size)
-    out = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                         borderValue=0)
-    return out, transform_points(m, landmarks_px) / size
+    return warp_crop(image, m, size), apply_transform(m, landmarks_px) / size

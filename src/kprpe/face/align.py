@@ -90,7 +90,7 @@ def similarity_transform(src, dst) -> np.ndarray:
     centred_src, centred_dst = src - mean_src, dst - mean_dst
     variance_src = (centred_src**2).sum() / len(src)
     if variance_src < 1e-12:
-        raise AlignmentError(f"source points are all at one place ({mean_src.tolist()}); cannot align")
+        raise AlignmentError(f"degenerate source points: all at one place ({mean_src.tolist()}); cannot align")
     covariance = centred_dst.T @ centred_src / len(src)
     u, singular, vt = np.linalg.svd(covariance)
     sign = np.ones(2)
