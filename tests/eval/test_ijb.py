@@ -6,10 +6,11 @@ import torch
 
 from kprpe import load_official
 from kprpe.eval.ijb import read_ijb_meta, read_template_pairs, template_features, template_pair_scores
-from kprpe.eval.images import crop_face, read_rgb
+from kprpe.eval.images import crop_face
 from kprpe.eval.landmarks import LandmarkFileError
 from kprpe.eval.metrics import tar_at_far
 from kprpe.eval.runs import EvalSettings, ModelHandle, evaluate_ijb
+from kprpe.face.io import load_image
 from kprpe.inference import embed, to_model_input
 
 from .conftest import TINY_KPRPE, synthetic_photo, write_rgb
@@ -93,7 +94,7 @@ def test_evaluate_ijb_matches_a_manual_computation(tmp_path):
     # manual: align each face, embed with flip, weight by norm x detector score, pool, cosine
     meta = read_ijb_meta(tmp_path / "ijbc_face_tid_mid.txt", tmp_path / "ijbc_template_pair_label.txt",
                          tmp_path / "ijbc_name_5pts_score.txt")
-    crops, kps = zip(*(crop_face(read_rgb(images / n), meta.landmarks[n]) for n in meta.names), strict=True)
+    crops, kps = zip(*(crop_face(load_image(images / n), meta.landmarks[n]) for n in meta.names), strict=True)
     model = load_official(TINY_KPRPE)
     unit, norm = embed(model, to_model_input(np.stack(crops)), torch.tensor(np.stack(kps), dtype=torch.float32),
                        flip=True)

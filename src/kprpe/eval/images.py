@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..face.io import load_image
 from .embedding import FaceSource
 from .geometry import aligned_crop_params, box_crop_params, box_from_landmarks, interpolate_crop, warp_face
 from .landmarks import face_backend_landmarks, template_keypoints_for
@@ -21,30 +22,21 @@ from .landmarks import face_backend_landmarks, template_keypoints_for
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataFormatError",
-    "read_rgb",
     "crop_face",
     "image_face_source",
     "read_pairs_csv",
     "IdentityImages",
+    "list_images",
     "scan_identity_folders",
 ]
 
+# The files a folder contributes to an evaluation. load_image reads more (kprpe.face.io.IMAGE_EXTENSIONS adds
+# .gif, .pgm, .jfif, ...); this list stays as it was so that a folder's content, hence a result, does not move.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class DataFormatError(ValueError):
     """An input list or folder that does not have the documented layout (the message says where)."""
-
-
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """uint8 RGB ``(H, W, 3)``; a clear error for missing or undecodable files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise DataFormatError(f"cannot decode image: {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def crop_face(image: np.ndarray, landmarks_px: np.ndarray, t: float = 0.0, box: np.ndarray | None = None,
@@ -87,7 +79,7 @@ def image_face_source(paths: list[Path], keys: list[str], *, landmarks: dict[str
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         images, kps = [], []
         for i in range(start, stop):
-            img = read_rgb(paths[i])
+            img = load_image(paths[i])
             if landmarks is not None:
                 box = boxes.get(keys[i]) if boxes else None
                 crop, kp = crop_face(img, landmarks[keys[i]], t, box, size)
@@ -150,13 +142,18 @@ class IdentityImages:
     labels: list[str]
 
 
+def list_images(root: Path) -> list[Path]:
+    """Every file under ``root`` (recursively) with an extension of :data:`IMAGE_EXTENSIONS`, sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def scan_identity_folders(root: str | os.PathLike, label_regex: str | None = None) -> IdentityImages:
     """Images under ``root``: identity = the sub-folder name (``root/<identity>/*.jpg``), or, with
     ``label_regex``, the first group of the regex matched on the file name (TinyFace: ``'^(\\d+)_'``)."""
     root = Path(root)
     if not root.is_dir():
         raise DataFormatError(f"not a folder: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = list_images(root)
     if not files:
         raise DataFormatError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     pattern = re.compile(label_regex) if label_regex else None

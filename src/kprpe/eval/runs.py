@@ -13,7 +13,14 @@ import torch
 from .binfile import read_verification_bin
 from .embedding import embed_with_cache
 from .ijb import read_ijb_meta, template_features, template_pair_scores
-from .images import DataFormatError, image_face_source, read_pairs_csv, scan_identity_folders
+from .images import (
+    DataFormatError,
+    IdentityImages,
+    image_face_source,
+    list_images,
+    read_pairs_csv,
+    scan_identity_folders,
+)
 from .landmarks import LandmarkFileError, read_pixel_landmarks
 from .metrics import DEFAULT_FAR_TARGETS, cmc_ranks, kfold_accuracy, open_set_dir_at_fpir, rank_accuracy
 from .verification import bin_face_source, pair_scores, resolve_keypoint_source, verification_metrics
@@ -179,12 +186,9 @@ def evaluate_identification(handle: ModelHandle, settings: EvalSettings, *, gall
     parts = {"gallery": scan_identity_folders(gallery, label_regex), "probe": scan_identity_folders(probe, label_regex)}
     if distractors:
         d = Path(distractors)
-        files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in
-                       (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"))
+        files = list_images(d)
         if not files:
             raise DataFormatError(f"no images under distractor folder {d}")
-        from .images import IdentityImages
-
         parts["distractors"] = IdentityImages(paths=files, labels=[f"\0distractor{i}" for i in range(len(files))])
     feats = {}
     for role, items in parts.items():
