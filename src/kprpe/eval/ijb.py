@@ -16,6 +16,7 @@ a pair's score is the cosine of its two templates.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +28,19 @@ __all__ = ["IJBMeta", "read_face_tid_mid", "read_template_pairs", "read_ijb_meta
            "template_pair_scores"]
 
 
-def _fields(path: Path, lineno: int, line: str, expected: int, what: str) -> list[str] | None:
-    parts = line.replace(",", " ").split()
-    if not parts or parts[0].startswith("#"):
-        return None
-    if len(parts) != expected:
-        raise LandmarkFileError(f"{path}:{lineno}: expected {expected} fields '{what}', got {len(parts)}: {line.strip()[:80]!r}")
-    return parts
+def _rows(path: Path, expected: int, what: str) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, fields)`` of each data line (blank lines and ``#`` comments skipped), checking the
+    field count; fields are separated by white space or commas."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.replace(",", " ").split()
+            if not parts or parts[0].startswith("#"):
+                continue
+            if len(parts) != expected:
+                raise LandmarkFileError(
+                    f"{path}:{lineno}: expected {expected} fields '{what}', got {len(parts)}: {line.strip()[:80]!r}"
+                )
+            yield lineno, parts
 
 
 def _int(path: Path, lineno: int, text: str, what: str) -> int:
@@ -47,14 +54,10 @@ def read_face_tid_mid(path: str | os.PathLike) -> tuple[list[str], np.ndarray, n
     """Face names, template ids and media ids."""
     path = Path(path)
     names, tids, mids = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = _fields(path, lineno, line, 3, "image_name template_id media_id")
-            if parts is None:
-                continue
-            names.append(parts[0])
-            tids.append(_int(path, lineno, parts[1], "template id"))
-            mids.append(_int(path, lineno, parts[2], "media id"))
+    for lineno, parts in _rows(path, 3, "image_name template_id media_id"):
+        names.append(parts[0])
+        tids.append(_int(path, lineno, parts[1], "template id"))
+        mids.append(_int(path, lineno, parts[2], "media id"))
     if not names:
         raise LandmarkFileError(f"{path}: no faces")
     return names, np.asarray(tids, dtype=np.int64), np.asarray(mids, dtype=np.int64)
@@ -64,17 +67,13 @@ def read_template_pairs(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
     """Template pairs ``(t1, t2, label)``."""
     path = Path(path)
     t1, t2, labels = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = _fields(path, lineno, line, 3, "template_1 template_2 label")
-            if parts is None:
-                continue
-            t1.append(_int(path, lineno, parts[0], "template id"))
-            t2.append(_int(path, lineno, parts[1], "template id"))
-            label = _int(path, lineno, parts[2], "label")
-            if label not in (0, 1):
-                raise LandmarkFileError(f"{path}:{lineno}: label {label} is not 0 or 1")
-            labels.append(bool(label))
+    for lineno, parts in _rows(path, 3, "template_1 template_2 label"):
+        t1.append(_int(path, lineno, parts[0], "template id"))
+        t2.append(_int(path, lineno, parts[1], "template id"))
+        label = _int(path, lineno, parts[2], "label")
+        if label not in (0, 1):
+            raise LandmarkFileError(f"{path}:{lineno}: label {label} is not 0 or 1")
+        labels.append(bool(label))
     if not labels:
         raise LandmarkFileError(f"{path}: no pairs")
     return np.asarray(t1, dtype=np.int64), np.asarray(t2, dtype=np.int64), np.asarray(labels, dtype=bool)

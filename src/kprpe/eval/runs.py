@@ -149,22 +149,40 @@ def _resolve_images(root: Path, names: Sequence[str]) -> list[Path]:
     return paths
 
 
-def evaluate_pairs(handle: ModelHandle, pairs_csv, settings: EvalSettings, *, images_root=None,
-                   landmarks=None, t: float = 0.0, keypoint_source: str = "auto") -> dict:
-    """Custom pairs: ``image_a,image_b,label`` rows; images pre-aligned, or cropped from a pixel landmark file."""
-    pairs_csv = Path(pairs_csv)
+@dataclass
+class _ImagePairs:
+    """A pairs CSV resolved to files: each distinct image once (``names``/``paths``), pairs as indices."""
+
+    names: list[str]
+    paths: list[Path]
+    first: np.ndarray
+    second: np.ndarray
+    labels: np.ndarray
+
+
+def _read_image_pairs(pairs_csv: Path, images_root) -> _ImagePairs:
+    """Read ``pairs_csv`` and find its images under ``images_root`` (default: the CSV's folder)."""
     firsts, seconds, labels = read_pairs_csv(pairs_csv)
     root = Path(images_root) if images_root else pairs_csv.parent
     names = sorted(set(firsts) | set(seconds))
     index = {n: i for i, n in enumerate(names)}
-    paths = _resolve_images(root, names)
+    return _ImagePairs(names=names, paths=_resolve_images(root, names),
+                       first=np.array([index[n] for n in firsts]), second=np.array([index[n] for n in seconds]),
+                       labels=labels)
+
+
+def evaluate_pairs(handle: ModelHandle, pairs_csv, settings: EvalSettings, *, images_root=None,
+                   landmarks=None, t: float = 0.0, keypoint_source: str = "auto") -> dict:
+    """Custom pairs: ``image_a,image_b,label`` rows; images pre-aligned, or cropped from a pixel landmark file."""
+    pairs_csv = Path(pairs_csv)
+    pairs = _read_image_pairs(pairs_csv, images_root)
     points = read_pixel_landmarks(landmarks)[0] if landmarks else None
     kp_kind = "landmark file" if points is not None else resolve_keypoint_source(keypoint_source, None)
-    source = image_face_source(paths, names, landmarks=points, t=t,
+    source = image_face_source(pairs.paths, pairs.names, landmarks=points, t=t,
                                keypoint_source="template" if points is not None else kp_kind)
     emb, norms, cached = _embed(handle, source, settings, mode=f"pairs:t={t:g}", desc=pairs_csv.stem)
-    scores = pair_scores(emb, np.array([index[n] for n in firsts]), np.array([index[n] for n in seconds]))
-    result = verification_metrics(scores, labels, n_folds=settings.n_folds, far_targets=settings.far_targets)
+    scores = pair_scores(emb, pairs.first, pairs.second)
+    result = verification_metrics(scores, pairs.labels, n_folds=settings.n_folds, far_targets=settings.far_targets)
     result.update(embeddings_from_cache=cached)
     return dict(protocol="verification (pairs CSV)", weights=str(handle.weights), flip=settings.flip,
                 mode=("aligned" if t == 0 else f"t={t:g}") if points is not None else "prealigned",
@@ -242,15 +260,9 @@ def robustness_sweep(handles: Sequence[ModelHandle], pairs_csv, landmarks, setti
                      t_values: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), images_root=None, boxes=None) -> dict:
     """Figure 5 of the paper: 10-fold accuracy on raw-photo pairs as the crop moves from aligned (t=0) to
     the detector-box crop (t=1), for each checkpoint."""
-    pairs_csv = Path(pairs_csv)
-    firsts, seconds, labels = read_pairs_csv(pairs_csv)
-    root = Path(images_root) if images_root else pairs_csv.parent
-    names = sorted(set(firsts) | set(seconds))
-    index = {n: i for i, n in enumerate(names)}
-    paths = _resolve_images(root, names)
+    pairs = _read_image_pairs(Path(pairs_csv), images_root)
     points = read_pixel_landmarks(landmarks)[0]
     box_table = read_boxes(boxes) if boxes else None
-    ia, ib = np.array([index[n] for n in firsts]), np.array([index[n] for n in seconds])
     names_out = [h.name for h in handles]
     if len(set(names_out)) != len(names_out):
         raise ValueError(f"checkpoint names must differ, got {names_out} (use NAME=PATH)")
@@ -259,15 +271,15 @@ def robustness_sweep(handles: Sequence[ModelHandle], pairs_csv, landmarks, setti
     for t in t_values:
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"t must lie in [0, 1], got {t}")
-        source = image_face_source(paths, names, landmarks=points, boxes=box_table, t=float(t))
+        source = image_face_source(pairs.paths, pairs.names, landmarks=points, boxes=box_table, t=float(t))
         for h in handles:
             emb = _embed(h, source, settings, mode=f"sweep:t={t:g}", desc=f"{h.name} t={t:g}")[0]
-            kf = kfold_accuracy(pair_scores(emb, ia, ib), labels, n_folds=settings.n_folds)
+            kf = kfold_accuracy(pair_scores(emb, pairs.first, pairs.second), pairs.labels, n_folds=settings.n_folds)
             accuracy[h.name].append(kf.accuracy_mean)
             std[h.name].append(kf.accuracy_std)
     return dict(protocol="alignment-robustness sweep", flip=settings.flip,
                 weights={h.name: str(h.weights) for h in handles}, keypoint_source="landmark file",
                 box_source="box file" if boxes else "landmark bounding box (enlarged)",
-                num_pairs=int(labels.size),
+                num_pairs=int(pairs.labels.size),
                 sweep=dict(t=[float(t) for t in t_values], checkpoints=names_out, accuracy=accuracy,
                            accuracy_std=std))
