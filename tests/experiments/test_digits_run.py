@@ -12,7 +12,8 @@ from kprpe.experiments.digits_models import MODEL_SPECS, build_classifier, resol
 from kprpe.experiments.report import aggregate, markdown_table, write_outputs
 
 MICRO = dict(
-    epochs=1, seeds=(0, 1), models=("abs", "kprpe"), mean_head_models=("kprpe",), regimes=("none", "mild"),
+    epochs=1, seeds=(0, 1), models=("abs", "kprpe"), mean_head_models=("kprpe",), mean_head_regimes=("none", "mild"),
+    regimes=("none", "mild"), affnist_draws=1,
     train_limit=64, test_limit=20, test_draws=1, width=16, depth=1, heads=2, workers=1,
     sweeps={"rotation": (30.0,), "translation": (4.0,)},
 )

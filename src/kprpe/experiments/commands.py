@@ -22,13 +22,14 @@ def register(subparsers) -> None:
         "handwritten digits and test them on affine-transformed digits (AffNIST-style mix and one-factor "
         "sweeps). Writes digits_table.md, digits_results.json and PNG plots to --out.",
     )
-    d.add_argument("--quick", action="store_true", help="1 seed, 6 main models, 12 epochs (about 1-2 minutes on 2 cores)")
+    d.add_argument("--quick", action="store_true", help="1 seed, 5 main models (no iRPE), 5 epochs, flatten head only (under 2 minutes on 2 idle cores)")
     d.add_argument("--out", default="runs/digits", help="output folder (default: runs/digits)")
     d.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1); default 3 (1 with --quick)")
-    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 30, 12 with --quick)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 10, 5 with --quick)")
     d.add_argument("--models", default=None, help="comma-separated model names (default: all; see --list-models)")
     d.add_argument("--mean-head-models", default=None, help="comma-separated models also trained with the mean-pooling head ('none' to skip)")
     d.add_argument("--regimes", default=None, help="comma-separated training regimes: none, mild (default: both)")
+    d.add_argument("--ablation-regimes", default=None, help="regimes for the ablation/control models (default: mild)")
     d.add_argument("--keypoint-box", choices=("ink", "frame"), default=None, help="keypoints from the ink's box (default) or the paste frame")
     d.add_argument("--canvas", type=int, default=None, help="canvas size in pixels (default 32)")
     d.add_argument("--digit", type=int, default=None, help="digit size on the canvas (default 16)")
@@ -78,7 +79,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         depth=args.depth, workers=args.workers, threads=args.threads, train_limit=args.train_limit, test_limit=args.test_limit,
     )
     overrides.update({k: v for k, v in simple.items() if v is not None})
-    for key, text in (("models", args.models), ("regimes", args.regimes), ("mean_head_models", args.mean_head_models)):
+    for key, text in (("models", args.models), ("regimes", args.regimes), ("mean_head_models", args.mean_head_models), ("ablation_regimes", args.ablation_regimes)):
         value = _csv(text, none_means_empty=key == "mean_head_models")
         if value is not None:
             overrides[key] = value

@@ -253,25 +253,30 @@ class TestSet:
 
 
 def build_test_sets(
-    data: DigitsCanvas, test_idx: np.ndarray, seed: int = 1234, draws: int = 3, sweeps: dict | None = None
+    data: DigitsCanvas,
+    test_idx: np.ndarray,
+    seed: int = 1234,
+    draws: int = 1,
+    affnist_draws: int = 3,
+    sweeps: dict | None = None,
 ) -> list[TestSet]:
-    """The clean test digits, the AffNIST-style mix and the one-factor sweeps, each drawn ``draws`` times
-    per test digit (fixed seed: every model is tested on exactly the same images)."""
+    """The clean test digits, the AffNIST-style mix (``affnist_draws`` random affines per test digit) and
+    the one-factor sweeps (``draws`` per digit and level). Fixed seed: every model sees the same images."""
     sweeps = SWEEPS if sweeps is None else sweeps
     rng = np.random.default_rng(seed)
     imgs, labels, kps = data.images[test_idx], data.labels[test_idx], data.keypoints[test_idx]
-    rep_imgs, rep_labels, rep_kps = np.repeat(imgs, draws, 0), np.repeat(labels, draws), np.repeat(kps, draws, 0)
     sets = [TestSet("clean", "clean", 0.0, imgs, labels, kps)]
 
-    def add(name: str, factor: str, level: float, mats: np.ndarray) -> None:
-        sets.append(
-            TestSet(name, factor, level, warp_images(rep_imgs, mats), rep_labels, transform_keypoints(rep_kps, mats).astype(np.float32))
-        )
+    def add(name: str, factor: str, level: float, n: int, sample) -> None:
+        rep_imgs, rep_labels, rep_kps = np.repeat(imgs, n, 0), np.repeat(labels, n), np.repeat(kps, n, 0)
+        mats = sample(rep_kps)
+        warped_kps = transform_keypoints(rep_kps, mats).astype(np.float32)
+        sets.append(TestSet(name, factor, level, warp_images(rep_imgs, mats), rep_labels, warped_kps))
 
-    add("affnist", "affnist", 1.0, sample_affines(rep_kps, data.canvas, AFFNIST_MIX, rng))
+    add("affnist", "affnist", 1.0, affnist_draws, lambda k: sample_affines(k, data.canvas, AFFNIST_MIX, rng))
     for factor, levels in sweeps.items():
         for level in levels:
-            add(f"{factor}@{level:g}", factor, float(level), sweep_affines(rep_kps, data.canvas, factor, level, rng))
+            add(f"{factor}@{level:g}", factor, float(level), draws, lambda k, f=factor, lv=level: sweep_affines(k, data.canvas, f, lv, rng))
     return sets
 
 

@@ -43,7 +43,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ModelSpec("kprpe_mlp", "KP-RPE, MLP f", dict(rel_pos="kprpe", kp_hidden=64), group="control", note="non-linear f (one hidden layer of 64, GELU)"),
     )
 }
-QUICK_MODELS = ("abs", "abs_marks", "rpe", "irpe", "kprpe", "kprpe_noabs")
+QUICK_MODELS = ("abs", "abs_marks", "rpe", "kprpe", "kprpe_noabs")  # iRPE is the slowest: full run only
 
 
 def resolve_models(names: list[str] | tuple[str, ...] | None) -> list[ModelSpec]:
