@@ -12,7 +12,9 @@ __all__ = ["register"]
 
 def register(subparsers) -> None:
     """Add ``kprpe experiment digits``."""
-    p = subparsers.add_parser("experiment", help="reproduce the paper's experiments (toy digits: paper Fig. 1)")
+    p = subparsers.add_parser(
+        "experiment", help="reproduce the paper's experiments (toy digits: paper Fig. 1)"
+    )
     sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     d = sub.add_parser(
         "digits",
@@ -22,22 +24,45 @@ def register(subparsers) -> None:
         "handwritten digits and test them on affine-transformed digits (AffNIST-style mix and one-factor "
         "sweeps). Writes digits_table.md, digits_results.json and PNG plots to --out.",
     )
-    d.add_argument("--quick", action="store_true", help="1 seed, 5 main models (no iRPE), 5 epochs, flatten head only (under 2 minutes on 2 idle cores)")
+    d.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 seed, 5 main models (no iRPE), 5 epochs, flatten head only (under 2 minutes on 2 idle cores)",
+    )
     d.add_argument("--out", default="runs/digits", help="output folder (default: runs/digits)")
-    d.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1); default 3 (1 with --quick)")
+    d.add_argument(
+        "--seeds", type=int, default=None, help="number of seeds (0..N-1); default 3 (1 with --quick)"
+    )
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default 10, 5 with --quick)")
-    d.add_argument("--models", default=None, help="comma-separated model names (default: all; see --list-models)")
-    d.add_argument("--mean-head-models", default=None, help="comma-separated models also trained with the mean-pooling head ('none' to skip)")
-    d.add_argument("--regimes", default=None, help="comma-separated training regimes: none, mild (default: both)")
-    d.add_argument("--ablation-regimes", default=None, help="regimes for the ablation/control models (default: mild)")
-    d.add_argument("--keypoint-box", choices=("ink", "frame"), default=None, help="keypoints from the ink's box (default) or the paste frame")
+    d.add_argument(
+        "--models", default=None, help="comma-separated model names (default: all; see --list-models)"
+    )
+    d.add_argument(
+        "--mean-head-models",
+        default=None,
+        help="comma-separated models also trained with the mean-pooling head ('none' to skip)",
+    )
+    d.add_argument(
+        "--regimes", default=None, help="comma-separated training regimes: none, mild (default: both)"
+    )
+    d.add_argument(
+        "--ablation-regimes", default=None, help="regimes for the ablation/control models (default: mild)"
+    )
+    d.add_argument(
+        "--keypoint-box",
+        choices=("ink", "frame"),
+        default=None,
+        help="keypoints from the ink's box (default) or the paste frame",
+    )
     d.add_argument("--canvas", type=int, default=None, help="canvas size in pixels (default 32)")
     d.add_argument("--digit", type=int, default=None, help="digit size on the canvas (default 16)")
     d.add_argument("--width", type=int, default=None, help="ViT width (default 64)")
     d.add_argument("--depth", type=int, default=None, help="ViT depth (default 4)")
     d.add_argument("--workers", type=int, default=None, help="parallel training processes (default 2)")
     d.add_argument("--threads", type=int, default=None, help="torch threads per process (default 1)")
-    d.add_argument("--train-limit", type=int, default=None, help="use only this many training digits (smoke runs)")
+    d.add_argument(
+        "--train-limit", type=int, default=None, help="use only this many training digits (smoke runs)"
+    )
     d.add_argument("--test-limit", type=int, default=None, help="use only this many test digits (smoke runs)")
     d.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     d.add_argument("--list-models", action="store_true", help="list the compared models and exit")
@@ -75,11 +100,24 @@ def _cmd_digits(args: argparse.Namespace) -> int:
             raise CommandError(f"--seeds must be >= 1, got {args.seeds}")
         overrides["seeds"] = tuple(range(args.seeds))
     simple = dict(
-        epochs=args.epochs, keypoint_box=args.keypoint_box, canvas=args.canvas, digit=args.digit, width=args.width,
-        depth=args.depth, workers=args.workers, threads=args.threads, train_limit=args.train_limit, test_limit=args.test_limit,
+        epochs=args.epochs,
+        keypoint_box=args.keypoint_box,
+        canvas=args.canvas,
+        digit=args.digit,
+        width=args.width,
+        depth=args.depth,
+        workers=args.workers,
+        threads=args.threads,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
     )
     overrides.update({k: v for k, v in simple.items() if v is not None})
-    for key, text in (("models", args.models), ("regimes", args.regimes), ("mean_head_models", args.mean_head_models), ("ablation_regimes", args.ablation_regimes)):
+    for key, text in (
+        ("models", args.models),
+        ("regimes", args.regimes),
+        ("mean_head_models", args.mean_head_models),
+        ("ablation_regimes", args.ablation_regimes),
+    ):
         value = _csv(text, none_means_empty=key == "mean_head_models")
         if value is not None:
             overrides[key] = value
@@ -88,13 +126,23 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         cfg.validate()
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None
-    command = "kprpe experiment digits " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a != "digits") if sys.argv[1:2] == ["experiment"] else ""
+    command = (
+        "kprpe experiment digits " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a != "digits")
+        if sys.argv[1:2] == ["experiment"]
+        else ""
+    )
     if not command:
         command = "kprpe experiment digits" + (" --quick" if args.quick else "")
-    print(f"digits experiment: {len(cfg.jobs())} training runs, {cfg.workers} worker(s) x {cfg.threads} thread(s); output -> {args.out}", file=sys.stderr)
+    print(
+        f"digits experiment: {len(cfg.jobs())} training runs, {cfg.workers} worker(s) x {cfg.threads} thread(s); output -> {args.out}",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     results = run_digits(cfg, progress=not args.no_progress)
     paths = write_outputs(results, args.out, command=command.strip(), plots=not args.no_plots)
     print(paths["table"].read_text(encoding="utf-8"))
-    print(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(
+        f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+    )
     return 0

@@ -83,15 +83,34 @@ class DigitsConfig:
 
         need(self.canvas % self.patch == 0, f"canvas {self.canvas} is not a multiple of patch {self.patch}")
         need(8 <= self.digit <= self.canvas, f"digit size {self.digit} must be in [8, canvas={self.canvas}]")
-        need(self.keypoint_box in ("ink", "frame"), f"keypoint_box must be ink or frame, got {self.keypoint_box!r}")
+        need(
+            self.keypoint_box in ("ink", "frame"),
+            f"keypoint_box must be ink or frame, got {self.keypoint_box!r}",
+        )
         need(self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}")
-        for name in ("epochs", "batch_size", "depth", "heads", "width", "test_draws", "affnist_draws", "workers", "threads"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "depth",
+            "heads",
+            "width",
+            "test_draws",
+            "affnist_draws",
+            "workers",
+            "threads",
+        ):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(len(self.seeds) > 0, "at least one seed is needed")
-        need(all(r in REGIMES for r in self.regimes) and self.regimes, f"regimes must be a non-empty subset of {REGIMES}, got {self.regimes}")
+        need(
+            all(r in REGIMES for r in self.regimes) and self.regimes,
+            f"regimes must be a non-empty subset of {REGIMES}, got {self.regimes}",
+        )
         resolve_models(self.models)
         for name in ("mean_head_regimes", "ablation_regimes"):
-            need(all(r in REGIMES for r in getattr(self, name)), f"{name} must be a subset of {REGIMES}, got {getattr(self, name)}")
+            need(
+                all(r in REGIMES for r in getattr(self, name)),
+                f"{name} must be a subset of {REGIMES}, got {getattr(self, name)}",
+            )
         if self.mean_head_models:
             resolve_models(self.mean_head_models)
         need(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
@@ -104,10 +123,17 @@ class DigitsConfig:
 
     def jobs(self) -> list[tuple[str, str, str, int]]:
         """(model, regime, head, seed) for every training run, slowest models first (packs workers better)."""
+
         def wanted(model: str, regime: str) -> bool:
             return MODEL_SPECS[model].group == "main" or regime in self.ablation_regimes
 
-        runs = [(m, r, "flatten", s) for r in self.regimes for s in self.seeds for m in self.models if wanted(m, r)]
+        runs = [
+            (m, r, "flatten", s)
+            for r in self.regimes
+            for s in self.seeds
+            for m in self.models
+            if wanted(m, r)
+        ]
         mean_regimes = [r for r in self.regimes if r in self.mean_head_regimes]
         runs += [(m, r, "mean", s) for r in mean_regimes for s in self.seeds for m in self.mean_head_models]
         slow_first = {"irpe": 0, "kprpe_mlp": 1}
@@ -143,16 +169,27 @@ def build_protocol(cfg: DigitsConfig) -> Protocol:
     data = load_canvas_digits(cfg.canvas, cfg.digit, cfg.keypoint_box)
     train_idx, test_idx = split_indices(data.labels, cfg.test_fraction, cfg.split_seed)
     if cfg.train_limit:
-        train_idx = train_idx[np.random.default_rng(cfg.split_seed).permutation(len(train_idx))[: cfg.train_limit]]
+        train_idx = train_idx[
+            np.random.default_rng(cfg.split_seed).permutation(len(train_idx))[: cfg.train_limit]
+        ]
     if cfg.test_limit:
-        test_idx = test_idx[np.random.default_rng(cfg.split_seed + 1).permutation(len(test_idx))[: cfg.test_limit]]
+        test_idx = test_idx[
+            np.random.default_rng(cfg.split_seed + 1).permutation(len(test_idx))[: cfg.test_limit]
+        ]
     test_sets = build_test_sets(
-        data, test_idx, seed=cfg.test_seed, draws=cfg.test_draws, affnist_draws=cfg.affnist_draws, sweeps=cfg.sweeps
+        data,
+        test_idx,
+        seed=cfg.test_seed,
+        draws=cfg.test_draws,
+        affnist_draws=cfg.affnist_draws,
+        sweeps=cfg.sweeps,
     )
     return Protocol(data, train_idx, test_idx, test_sets)
 
 
-def to_tensors(images: np.ndarray, keypoints: np.ndarray, canvas: int, marks: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensors(
+    images: np.ndarray, keypoints: np.ndarray, canvas: int, marks: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Model inputs: images ``(N, C, S, S)`` in [-1, 1] (C = 2 with Abs-PE*'s marks) and keypoints
     ``(N, 5, 2)`` normalised by the canvas size."""
     x = images[:, None]
@@ -170,7 +207,9 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, spec: ModelSpec, test_sets: list[TestSet], canvas: int, batch: int = 64) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, spec: ModelSpec, test_sets: list[TestSet], canvas: int, batch: int = 64
+) -> dict[str, float]:
     """Accuracy (%) on every test set (small batches: KP-RPE's bias gather slows down sharply with large ones)."""
     model.eval()
     out = {}
@@ -189,7 +228,14 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
     spec = MODEL_SPECS[model_name]
     torch.manual_seed(seed)
     model = build_classifier(
-        spec, canvas=cfg.canvas, patch=cfg.patch, width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, head=head
+        spec,
+        canvas=cfg.canvas,
+        patch=cfg.patch,
+        width=cfg.width,
+        depth=cfg.depth,
+        heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio,
+        head=head,
     )
     # The data stream (order and augmentation draws) depends on the seed only: identical for every model.
     rng = np.random.default_rng(10_000 + seed)
@@ -205,7 +251,10 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
     for epoch in range(cfg.epochs):
         if regime == "mild":
             mats = sample_affines(keypoints, cfg.canvas, TRAIN_AUGMENTATION, rng)
-            ep_images, ep_kp = warp_images(images, mats), transform_keypoints(keypoints, mats).astype(np.float32)
+            ep_images, ep_kp = (
+                warp_images(images, mats),
+                transform_keypoints(keypoints, mats).astype(np.float32),
+            )
         else:
             ep_images, ep_kp = images, keypoints
         x_all, kp_all = to_tensors(ep_images, ep_kp, cfg.canvas, spec.marks)
@@ -289,7 +338,12 @@ def run_digits(cfg: DigitsConfig, progress: bool = True) -> dict:
 
         proto = None
         # spawn: a fresh interpreter per worker (forking a process with torch threads is unsafe)
-        with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(cfg.to_dict(), cfg.threads)) as pool:
+        with ProcessPoolExecutor(
+            cfg.workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(cfg.to_dict(), cfg.threads),
+        ) as pool:
             futures = {pool.submit(_worker_job, job): job for job in jobs}
             for fut in as_completed(futures):
                 results.append(fut.result())
@@ -302,7 +356,9 @@ def run_digits(cfg: DigitsConfig, progress: bool = True) -> dict:
     return dict(
         config=cfg.to_dict(),
         protocol=describe_protocol(cfg, proto),
-        jobs=sorted(results, key=lambda r: (r["head"], r["regime"], list(MODEL_SPECS).index(r["model"]), r["seed"])),
+        jobs=sorted(
+            results, key=lambda r: (r["head"], r["regime"], list(MODEL_SPECS).index(r["model"]), r["seed"])
+        ),
         elapsed_seconds=round(time.perf_counter() - start, 1),
         cpu_count=os.cpu_count(),
     )

@@ -103,7 +103,9 @@ def digit_box_keypoints(image: np.ndarray, box: str = "ink", offset: int = 0, di
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [(x0 + x1) / 2, (y0 + y1) / 2]], np.float64)
 
 
-def split_indices(labels: np.ndarray, test_fraction: float = 0.22, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    labels: np.ndarray, test_fraction: float = 0.22, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """A seeded, class-stratified, disjoint train/test split (sorted index arrays)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -148,8 +150,10 @@ def warp_images(images: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     :func:`transform_keypoints`."""
     size = images.shape[-1]
     out = np.empty_like(images)
-    for i, (img, m) in enumerate(zip(images, matrices)):
-        out[i] = cv2.warpAffine(img, m.astype(np.float64), (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    for i, (img, m) in enumerate(zip(images, matrices, strict=True)):
+        out[i] = cv2.warpAffine(
+            img, m.astype(np.float64), (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0
+        )
     return out
 
 
@@ -166,7 +170,9 @@ class AffineRange:
 
     def describe(self) -> str:
         xy = "independent x/y " if self.independent_xy else ""
-        shift = "anywhere inside the canvas" if self.shift is None else f"up to {self.shift:.0%} of the canvas"
+        shift = (
+            "anywhere inside the canvas" if self.shift is None else f"up to {self.shift:.0%} of the canvas"
+        )
         return (
             f"{xy}scale {self.scale[0]:g}-{self.scale[1]:g}, rotation up to {self.rotation_deg:g} deg, "
             f"shear up to {self.shear:g}, shift {shift}"
@@ -182,7 +188,12 @@ SWEEPS: dict[str, tuple[float, ...]] = {
     "translation": (4.0, 6.0, 8.0),  # pixels along x and y, random signs, digit kept inside (training: 3.2)
     "shear": (0.25, 0.5, 0.75),  # x-shear factor, random sign (training: none)
 }
-SWEEP_UNITS = {"rotation": "degrees", "scale": "factor", "translation": "pixels (each axis)", "shear": "x-shear"}
+SWEEP_UNITS = {
+    "rotation": "degrees",
+    "scale": "factor",
+    "translation": "pixels (each axis)",
+    "shear": "x-shear",
+}
 
 
 def _inside_shift_range(corners: np.ndarray, size: int, margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +203,9 @@ def _inside_shift_range(corners: np.ndarray, size: int, margin: float = 0.0) -> 
     return low, high
 
 
-def sample_affines(keypoints: np.ndarray, size: int, spec: AffineRange, rng: np.random.Generator) -> np.ndarray:
+def sample_affines(
+    keypoints: np.ndarray, size: int, spec: AffineRange, rng: np.random.Generator
+) -> np.ndarray:
     """One random affine per digit ``(N, 2, 3)`` about the canvas centre; the translation is limited so the
     digit's box stays inside the canvas (when the box cannot move, it stays where the linear part put it)."""
     centre = ((size - 1) / 2.0, (size - 1) / 2.0)
@@ -217,7 +230,9 @@ def sample_affines(keypoints: np.ndarray, size: int, spec: AffineRange, rng: np.
     return mats
 
 
-def sweep_affines(keypoints: np.ndarray, size: int, factor: str, level: float, rng: np.random.Generator) -> np.ndarray:
+def sweep_affines(
+    keypoints: np.ndarray, size: int, factor: str, level: float, rng: np.random.Generator
+) -> np.ndarray:
     """``(N, 2, 3)`` affines that change one factor by exactly ``level`` (random sign where it has one)."""
     if factor not in SWEEPS:
         raise ValueError(f"unknown sweep factor {factor!r}; expected one of {sorted(SWEEPS)}")
@@ -276,7 +291,13 @@ def build_test_sets(
     add("affnist", "affnist", 1.0, affnist_draws, lambda k: sample_affines(k, data.canvas, AFFNIST_MIX, rng))
     for factor, levels in sweeps.items():
         for level in levels:
-            add(f"{factor}@{level:g}", factor, float(level), draws, lambda k, f=factor, lv=level: sweep_affines(k, data.canvas, f, lv, rng))
+            add(
+                f"{factor}@{level:g}",
+                factor,
+                float(level),
+                draws,
+                lambda k, f=factor, lv=level: sweep_affines(k, data.canvas, f, lv, rng),
+            )
     return sets
 
 

@@ -11,7 +11,14 @@ from torch import nn
 from ..nn import VisionTransformer
 from .digits_data import NUM_CLASSES, NUM_KEYPOINTS
 
-__all__ = ["ModelSpec", "MODEL_SPECS", "QUICK_MODELS", "DigitClassifier", "build_classifier", "resolve_models"]
+__all__ = [
+    "ModelSpec",
+    "MODEL_SPECS",
+    "QUICK_MODELS",
+    "DigitClassifier",
+    "build_classifier",
+    "resolve_models",
+]
 
 
 @dataclass(frozen=True)
@@ -30,17 +37,67 @@ class ModelSpec:
 MODEL_SPECS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        ModelSpec("abs", "Abs-PE", dict(abs_pos=True, rel_pos="none"), note="learned absolute embedding only"),
-        ModelSpec("abs_marks", "Abs-PE*", dict(abs_pos=True, rel_pos="none"), marks=True, note="keypoints drawn as an extra input channel"),
+        ModelSpec(
+            "abs", "Abs-PE", dict(abs_pos=True, rel_pos="none"), note="learned absolute embedding only"
+        ),
+        ModelSpec(
+            "abs_marks",
+            "Abs-PE*",
+            dict(abs_pos=True, rel_pos="none"),
+            marks=True,
+            note="keypoints drawn as an extra input channel",
+        ),
         ModelSpec("rpe", "RPE", dict(rel_pos="rpe"), note="bias table per head and bucket, plus Abs-PE"),
-        ModelSpec("irpe", "iRPE", dict(rel_pos="irpe"), note="contextual product iRPE (q, k, v), plus Abs-PE"),
-        ModelSpec("kprpe", "KP-RPE", dict(rel_pos="kprpe"), note="paper's final: relative f(P), multi-head per-layer, plus Abs-PE"),
-        ModelSpec("kprpe_noabs", "KP-RPE, no Abs-PE", dict(rel_pos="kprpe", abs_pos=False), note="keypoint bias is the only position signal"),
-        ModelSpec("fp_absolute", "f(P) absolute", dict(rel_pos="kprpe", kp_input="absolute", kp_sharing="shared"), group="ablation", note="one table from the flattened keypoints, same for every query"),
-        ModelSpec("fp_relative", "f(P) relative", dict(rel_pos="kprpe", kp_sharing="shared"), group="ablation", note="relative f(P), one table shared by heads and layers"),
-        ModelSpec("fp_multihead", "f(P) multi-head", dict(rel_pos="kprpe", kp_sharing="head"), group="ablation", note="relative f(P), per head, shared across layers"),
-        ModelSpec("qpos_rpe", "query-position RPE", dict(rel_pos="kprpe", kp_input="query_position"), group="control", note="KP-RPE's keypoint-free half: table depends on the query position only"),
-        ModelSpec("kprpe_mlp", "KP-RPE, MLP f", dict(rel_pos="kprpe", kp_hidden=64), group="control", note="non-linear f (one hidden layer of 64, GELU)"),
+        ModelSpec(
+            "irpe", "iRPE", dict(rel_pos="irpe"), note="contextual product iRPE (q, k, v), plus Abs-PE"
+        ),
+        ModelSpec(
+            "kprpe",
+            "KP-RPE",
+            dict(rel_pos="kprpe"),
+            note="paper's final: relative f(P), multi-head per-layer, plus Abs-PE",
+        ),
+        ModelSpec(
+            "kprpe_noabs",
+            "KP-RPE, no Abs-PE",
+            dict(rel_pos="kprpe", abs_pos=False),
+            note="keypoint bias is the only position signal",
+        ),
+        ModelSpec(
+            "fp_absolute",
+            "f(P) absolute",
+            dict(rel_pos="kprpe", kp_input="absolute", kp_sharing="shared"),
+            group="ablation",
+            note="one table from the flattened keypoints, same for every query",
+        ),
+        ModelSpec(
+            "fp_relative",
+            "f(P) relative",
+            dict(rel_pos="kprpe", kp_sharing="shared"),
+            group="ablation",
+            note="relative f(P), one table shared by heads and layers",
+        ),
+        ModelSpec(
+            "fp_multihead",
+            "f(P) multi-head",
+            dict(rel_pos="kprpe", kp_sharing="head"),
+            group="ablation",
+            note="relative f(P), per head, shared across layers",
+        ),
+        ModelSpec(
+            "qpos_rpe",
+            "query-position RPE",
+            dict(rel_pos="kprpe", kp_input="query_position"),
+            group="control",
+            note="KP-RPE's keypoint-free half: table depends on the query position only",
+        ),
+        ModelSpec(
+            "kprpe_mlp",
+            "KP-RPE, MLP f",
+            dict(rel_pos="kprpe", kp_hidden=64),
+            group="control",
+            note="non-linear f (one hidden layer of 64, GELU)",
+        ),
     )
 }
 QUICK_MODELS = ("abs", "abs_marks", "rpe", "kprpe", "kprpe_noabs")  # iRPE is the slowest: full run only

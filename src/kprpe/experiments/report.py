@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,12 +16,20 @@ from .digits_models import MODEL_SPECS
 __all__ = ["aggregate", "markdown_table", "write_outputs", "plot_sweeps", "PAPER_NUMBERS"]
 
 PAPER_NUMBERS = "[paper, Fig. 1] Abs-PE: 98.1% on MNIST, 77.27% on AffNIST; KP-RPE is the most robust."
-REGIME_TITLES = {"none": "trained without augmentation", "mild": "trained with mild augmentation (same for every model)"}
+REGIME_TITLES = {
+    "none": "trained without augmentation",
+    "mild": "trained with mild augmentation (same for every model)",
+}
 
 
 def _stats(values: list[float]) -> dict:
     arr = np.asarray(values, dtype=np.float64)
-    return dict(mean=float(arr.mean()), std=float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, n=int(len(arr)), values=[float(v) for v in arr])
+    return dict(
+        mean=float(arr.mean()),
+        std=float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        n=int(len(arr)),
+        values=[float(v) for v in arr],
+    )
 
 
 def aggregate(results: dict) -> dict:
@@ -41,7 +50,10 @@ def aggregate(results: dict) -> dict:
         for k, v in metrics.items():
             cell.setdefault(k, []).append(v)
     return {
-        h: {r: {m: {k: _stats(v) for k, v in cell.items()} for m, cell in by_model.items()} for r, by_model in by_regime.items()}
+        h: {
+            r: {m: {k: _stats(v) for k, v in cell.items()} for m, cell in by_model.items()}
+            for r, by_model in by_regime.items()
+        }
         for h, by_regime in grouped.items()
     }
 
@@ -58,7 +70,9 @@ def markdown_table(results: dict, summary: dict | None = None) -> str:
     cfg = results["config"]
     sweeps = list(cfg["sweeps"])
     columns = ["clean", "affnist"] + [f"{f}_mean" for f in sweeps]
-    titles = ["clean", "AffNIST-style mix"] + [f"{f} (mean of {', '.join(f'{v:g}' for v in cfg['sweeps'][f])})" for f in sweeps]
+    titles = ["clean", "AffNIST-style mix"] + [
+        f"{f} (mean of {', '.join(f'{v:g}' for v in cfg['sweeps'][f])})" for f in sweeps
+    ]
     seeds = len(cfg["seeds"])
     lines = [
         f"Test accuracy (%), mean ± std over {seeds} seed{'s' if seeds > 1 else ''} "
@@ -78,7 +92,11 @@ def markdown_table(results: dict, summary: dict | None = None) -> str:
             for model in [m for m in MODEL_SPECS if m in block]:
                 cells = [_fmt(block[model][c], np.isclose(block[model][c]["mean"], best[c])) for c in columns]
                 label = MODEL_SPECS[model].label
-                lines.append(f"| {label} (`{model}`) | " + " | ".join(cells) + f" | {block[model]['train_seconds']['mean']:.0f} |")
+                lines.append(
+                    f"| {label} (`{model}`) | "
+                    + " | ".join(cells)
+                    + f" | {block[model]['train_seconds']['mean']:.0f} |"
+                )
             lines.append("")
     return "\n".join(lines)
 
@@ -93,15 +111,24 @@ def plot_sweeps(results: dict, summary: dict, head: str, regime: str, path: Path
     cfg = results["config"]
     block = summary[head][regime]
     factors = list(cfg["sweeps"])
-    fig, axes = plt.subplots(1, len(factors) + 1, figsize=(4.2 * (len(factors) + 1), 4.2), squeeze=False)
+    ncols = 3
+    nrows = math.ceil((len(factors) + 2) / ncols)  # the sweeps, the AffNIST-style bars, the legend
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
+    panels = list(grid.flat)
+    axes = [panels[: len(factors) + 1]]
+    legend_ax = panels[len(factors) + 1]
+    for extra in panels[len(factors) + 2 :]:
+        extra.axis("off")
     models = [m for m in MODEL_SPECS if m in block]
     cmap = plt.get_cmap("tab20" if len(models) > 10 else "tab10")
     markers = "osD^v<>pPX*h"
     for k, model in enumerate(models):
-        style = dict(color=cmap(k), marker=markers[k % len(markers)], label=MODEL_SPECS[model].label, lw=1.5, ms=4)
+        style = dict(
+            color=cmap(k), marker=markers[k % len(markers)], label=MODEL_SPECS[model].label, lw=1.5, ms=4
+        )
         if MODEL_SPECS[model].group != "main":
             style["ls"] = "--"
-        for ax, factor in zip(axes[0], factors):
+        for ax, factor in zip(axes[0], factors, strict=False):
             identity = 1.0 if factor == "scale" else 0.0
             levels = sorted([identity] + list(cfg["sweeps"][factor]))
             names = ["clean" if lv == identity else f"{factor}@{lv:g}" for lv in levels]
@@ -110,19 +137,31 @@ def plot_sweeps(results: dict, summary: dict, head: str, regime: str, path: Path
             ax.plot(levels, mean, **style)
             ax.fill_between(levels, mean - std, mean + std, color=style["color"], alpha=0.12)
         bar_ax = axes[0][-1]
-        bar_ax.bar(k, block[model]["affnist"]["mean"], yerr=block[model]["affnist"]["std"], color=style["color"], capsize=3)
-    for ax, factor in zip(axes[0], factors):
+        bar_ax.bar(
+            k,
+            block[model]["affnist"]["mean"],
+            yerr=block[model]["affnist"]["std"],
+            color=style["color"],
+            capsize=3,
+        )
+    for ax, factor in zip(axes[0], factors, strict=False):
         ax.set_title(f"{factor}")
         ax.set_xlabel(SWEEP_UNITS.get(factor, "strength"))
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     bar_ax = axes[0][-1]
     bar_ax.set_title("AffNIST-style mix")
-    bar_ax.set_xticks(range(len(models)), [MODEL_SPECS[m].label for m in models], rotation=70, ha="right", fontsize=7)
+    bar_ax.set_xticks(
+        range(len(models)), [MODEL_SPECS[m].label for m in models], rotation=70, ha="right", fontsize=7
+    )
     bar_ax.set_ylabel("test accuracy (%)")
     bar_ax.grid(alpha=0.3, axis="y")
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"UCI digits, head '{head}', {REGIME_TITLES[regime]} ({len(cfg['seeds'])} seed(s), mean ± std)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend_ax.axis("off")
+    legend_ax.legend(handles, labels, loc="center", fontsize=9, title="model (dashed: ablation/control)")
+    fig.suptitle(
+        f"UCI digits, head '{head}', {REGIME_TITLES[regime]} ({len(cfg['seeds'])} seed(s), mean ± std)"
+    )
     fig.tight_layout()
     _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
@@ -150,7 +189,9 @@ def _write_text(path: Path, text: str) -> None:
     _atomic(path, write)
 
 
-def write_outputs(results: dict, out_dir: str | Path, command: str = "", plots: bool = True) -> dict[str, Path]:
+def write_outputs(
+    results: dict, out_dir: str | Path, command: str = "", plots: bool = True
+) -> dict[str, Path]:
     """Write ``digits_results.json`` (all numbers), ``digits_table.md`` and one PNG per (head, regime).
 
     Returns the written paths by kind.
