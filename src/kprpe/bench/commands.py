@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
-from pathlib import Path
 
+from ..files import write_json
 from .runner import Case, format_table, machine_info, run_suite
 
 BIAS_PATHS = ("naive", "gather", "index", "onehot", "decomposed")
@@ -39,14 +36,6 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.smoke:
         args.sizes, args.batch_sizes, args.repeats, args.warmup, args.in_process = ["micro"], [2], 1, 1, True
@@ -67,7 +56,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = format_table(results)
     print(table)
     payload = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
-    _write_json_atomic(Path(args.output), payload)
+    write_json(args.output, payload)
     print(f"wrote {args.output}")
     return 1 if any("error" in r for r in results) else 0
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..files import write_csv
 
 __all__ = ["LandmarkFileError", "landmark_columns", "write_landmarks", "read_landmarks"]
 
@@ -37,20 +38,12 @@ def write_landmarks(path: str | os.PathLike, indices, keypoints) -> Path:
         raise ValueError(f"keypoints must have shape (N, K, 2), got {keypoints.shape}")
     if indices.shape != (keypoints.shape[0],):
         raise ValueError(f"indices must have shape ({keypoints.shape[0]},), got {indices.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(landmark_columns(keypoints.shape[1]))
-            for idx, kp in zip(indices.tolist(), keypoints, strict=True):
-                if not np.isfinite(kp).all():
-                    continue
-                writer.writerow([idx] + [f"{v:.6f}" for v in kp.reshape(-1)])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    rows = [
+        [idx] + [f"{v:.6f}" for v in kp.reshape(-1)]
+        for idx, kp in zip(indices.tolist(), keypoints, strict=True)
+        if np.isfinite(kp).all()
+    ]
+    write_csv(path, landmark_columns(keypoints.shape[1]), rows)
     return path
 
 

@@ -12,13 +12,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files import atomic_path
 from .registry import SIZES
 from .vit import VisionTransformer, ViTConfig
 
@@ -335,16 +335,9 @@ def save_model(model: VisionTransformer, path, *, metadata: Mapping[str, str] | 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_model writes .safetensors files, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
     meta.update(metadata or {})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path

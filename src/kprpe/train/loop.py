@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..data.dataset import FaceDataset
 from ..data.sampler import ResumableSampler
+from ..files import atomic_write_text
 from ..nn import create_model, load_official, load_weights, save_model
 from .checkpoint import (
     CheckpointState,
@@ -35,7 +36,6 @@ from .checkpoint import (
     prune_checkpoints,
     read_meta,
     save_torch_atomic,
-    write_text_atomic,
 )
 from .config import TrainConfig
 from .distributed import (
@@ -262,7 +262,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            write_text_atomic(final.parent / "latest", final.name + "\n")
+            atomic_write_text(final.parent / "latest", final.name + "\n")
             prune_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
         barrier()
         return final
@@ -320,7 +320,7 @@ class Trainer:
                 self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None)
             except ImportError:
                 print("kprpe train: tensorboard is not installed; logging to train_log.csv only (pip install tensorboard)")
-        write_text_atomic(self.output_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
+        atomic_write_text(self.output_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
 
     def _log(self, row: dict) -> None:
         self._csv.writerow(row)
