@@ -9,8 +9,8 @@
 
 from .nn import (
     CheckpointError,
-    ViTConfig,
     VisionTransformer,
+    ViTConfig,
     create_model,
     list_models,
     load_official,
