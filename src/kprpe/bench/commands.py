@@ -28,9 +28,12 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
                     size_name, overrides = "tiny", dict(img_size=32, patch_size=8)
                 else:
                     size_name = size
-                cases.append(Case(model=f"vit_{size_name}", overrides=overrides, **common))
+                cases.append(Case(model=f"vit_{size_name}", attn_impl=args.attn_impl, overrides=overrides, **common))
                 for impl in args.bias_impls:
-                    cases.append(Case(model=f"vit_{size_name}_kprpe", bias_impl=impl, overrides=overrides, **common))
+                    # the naive reference is the official code's way end to end, explicit softmax included
+                    attn = "math" if impl == "naive" else args.attn_impl
+                    cases.append(Case(model=f"vit_{size_name}_kprpe", bias_impl=impl, attn_impl=attn,
+                                      overrides=overrides, **common))
                 if args.irpe:
                     cases.append(Case(model=f"vit_{size_name}_irpe", attn_impl="math", overrides=overrides, **common))
     return cases
@@ -67,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 32], help="default 1,8,32")
     p.add_argument("--bias-impls", type=_csv(str), default=list(BIAS_PATHS) + ["auto"],
                    help=f"KP-RPE bias paths to compare (default: all of {','.join(BIAS_PATHS)},auto)")
+    p.add_argument("--attn-impl", default="sdpa", choices=["sdpa", "math"],
+                   help="attention kernel for ViT and the KP-RPE paths (the naive reference always uses math)")
     p.add_argument("--no-irpe", dest="irpe", action="store_false", help="skip the iRPE baseline")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 = autocast")

@@ -191,7 +191,7 @@ def _add_ratios(results: list[dict]) -> None:
         size = r["model"].split("_")[1]
         return size, r["mode"], r["batch_size"], r["device"], r["dtype"]
 
-    plain = {key(r): r for r in results if "error" not in r and r["model"].count("_") == 1 and r["attn_impl"] == "sdpa"}
+    plain = {key(r): r for r in results if "error" not in r and r["model"].count("_") == 1}
     for r in results:
         base = plain.get(key(r))
         if base and "error" not in r:
