@@ -144,7 +144,7 @@ def test_test_sets_are_fixed_by_their_seed(digits):
     b = build_test_sets(digits, idx, seed=5, draws=2, affnist_draws=3)
     names = [t.name for t in a]
     assert names[:2] == ["clean", "affnist"] and len(names) == 2 + sum(len(v) for v in SWEEPS.values())
-    for ta, tb in zip(a, b):
+    for ta, tb in zip(a, b, strict=True):
         np.testing.assert_array_equal(ta.images, tb.images)
         np.testing.assert_array_equal(ta.keypoints, tb.keypoints)
     assert len(a[1].labels) == 3 * len(idx) and len(a[2].labels) == 2 * len(idx)

@@ -12,9 +12,20 @@ from kprpe.experiments.digits_models import MODEL_SPECS, build_classifier, resol
 from kprpe.experiments.report import aggregate, markdown_table, write_outputs
 
 MICRO = dict(
-    epochs=1, seeds=(0, 1), models=("abs", "kprpe"), mean_head_models=("kprpe",), mean_head_regimes=("none", "mild"),
-    regimes=("none", "mild"), affnist_draws=1,
-    train_limit=64, test_limit=20, test_draws=1, width=16, depth=1, heads=2, workers=1,
+    epochs=1,
+    seeds=(0, 1),
+    models=("abs", "kprpe"),
+    mean_head_models=("kprpe",),
+    mean_head_regimes=("none", "mild"),
+    regimes=("none", "mild"),
+    affnist_draws=1,
+    train_limit=64,
+    test_limit=20,
+    test_draws=1,
+    width=16,
+    depth=1,
+    heads=2,
+    workers=1,
     sweeps={"rotation": (30.0,), "translation": (4.0,)},
 )
 
@@ -52,7 +63,9 @@ def test_every_model_builds_from_the_core_and_runs():
     import torch
 
     for spec in resolve_models(None):
-        model = build_classifier(spec, canvas=32, patch=4, width=16, depth=2, heads=2, mlp_ratio=2.0, head="flatten")
+        model = build_classifier(
+            spec, canvas=32, patch=4, width=16, depth=2, heads=2, mlp_ratio=2.0, head="flatten"
+        )
         x = torch.zeros(3, 2 if spec.marks else 1, 32, 32)
         out = model(x, torch.rand(3, 5, 2))
         assert out.shape == (3, 10), spec.name
@@ -74,16 +87,44 @@ def test_bad_options_are_clear_errors(capsys):
 
 
 def test_cli_micro_run(tmp_path, capsys):
-    code = main([
-        "experiment", "digits", "--out", str(tmp_path), "--models", "abs,rpe", "--mean-head-models", "none",
-        "--regimes", "none", "--seeds", "1", "--epochs", "1", "--train-limit", "40", "--test-limit", "10",
-        "--width", "16", "--depth", "1", "--workers", "1", "--no-plots", "--no-progress",
-    ])
+    code = main(
+        [
+            "experiment",
+            "digits",
+            "--out",
+            str(tmp_path),
+            "--models",
+            "abs,rpe",
+            "--mean-head-models",
+            "none",
+            "--regimes",
+            "none",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "40",
+            "--test-limit",
+            "10",
+            "--width",
+            "16",
+            "--depth",
+            "1",
+            "--workers",
+            "1",
+            "--no-plots",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "| RPE (`rpe`) |" in out
     assert (tmp_path / "digits_table.md").exists() and (tmp_path / "digits_results.json").exists()
     assert not list(tmp_path.glob("*.png"))
+    recorded = json.loads((tmp_path / "digits_results.json").read_text())
+    assert recorded["command"].startswith("kprpe experiment digits")
+    assert [j["model"] for j in recorded["jobs"]] == ["abs", "rpe"]
 
 
 def test_markdown_table_marks_best_per_column():
@@ -91,8 +132,21 @@ def test_markdown_table_marks_best_per_column():
     jobs = []
     for model, acc in (("abs", 50.0), ("kprpe", 70.0)):
         for seed in (0, 1):
-            jobs.append(dict(model=model, regime="none", head="flatten", seed=seed, train_seconds=1.0,
-                             accuracy={"clean": acc, "affnist": acc - 10 + seed, "rotation@30": acc, "translation@4": acc}))
+            jobs.append(
+                dict(
+                    model=model,
+                    regime="none",
+                    head="flatten",
+                    seed=seed,
+                    train_seconds=1.0,
+                    accuracy={
+                        "clean": acc,
+                        "affnist": acc - 10 + seed,
+                        "rotation@30": acc,
+                        "translation@4": acc,
+                    },
+                )
+            )
     results = dict(config=dict(cfg, regimes=["none"], model_heads=["flatten"]), jobs=jobs)
     table = markdown_table(results, aggregate(results))
     kp_row = next(line for line in table.splitlines() if "`kprpe`" in line)

@@ -126,13 +126,10 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         cfg.validate()
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None
-    command = (
-        "kprpe experiment digits " + " ".join(shlex.quote(a) for a in sys.argv[2:] if a != "digits")
-        if sys.argv[1:2] == ["experiment"]
-        else ""
-    )
-    if not command:
-        command = "kprpe experiment digits" + (" --quick" if args.quick else "")
+    if sys.argv[1:3] == ["experiment", "digits"]:  # the exact command line, recorded with the results
+        command = shlex.join(["kprpe", *sys.argv[1:]])
+    else:  # called as a function (tests, notebooks)
+        command = "kprpe experiment digits" + (" --quick" if args.quick else "") + " (called from Python)"
     print(
         f"digits experiment: {len(cfg.jobs())} training runs, {cfg.workers} worker(s) x {cfg.threads} thread(s); output -> {args.out}",
         file=sys.stderr,
