@@ -13,7 +13,8 @@ def test_bench_smoke_writes_every_path(tmp_path, capsys):
     payload = json.loads(out.read_text())
     assert {"torch", "threads", "cpu_count"} <= set(payload["machine"])
     labels = {(r["label"], r["mode"]) for r in payload["results"]}
-    for impl in ("naive", "gather", "index", "onehot", "decomposed", "auto"):
+    assert ("vit_tiny_kprpe[naive](math)", "train") in labels  # the official-style reference
+    for impl in ("gather", "index", "onehot", "decomposed", "auto"):
         assert (f"vit_tiny_kprpe[{impl}]", "train") in labels
     for r in payload["results"]:
         assert "error" not in r, r
