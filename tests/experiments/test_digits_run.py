@@ -151,3 +151,61 @@ def test_markdown_table_marks_best_per_column():
     table = markdown_table(results, aggregate(results))
     kp_row = next(line for line in table.splitlines() if "`kprpe`" in line)
     assert "**60.5 ± 0.7**" in kp_row and "**70.0 ± 0.0**" in kp_row
+
+
+def test_rerender_from_results(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert (
+        main(
+            [
+                "experiment",
+                "digits",
+                "--out",
+                str(first),
+                "--models",
+                "abs",
+                "--mean-head-models",
+                "none",
+                "--regimes",
+                "none",
+                "--seeds",
+                "2",
+                "--epochs",
+                "1",
+                "--train-limit",
+                "40",
+                "--test-limit",
+                "10",
+                "--width",
+                "16",
+                "--depth",
+                "1",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    again = tmp_path / "again"
+    assert (
+        main(
+            [
+                "experiment",
+                "digits",
+                "--from-results",
+                str(first / "digits_results.json"),
+                "--out",
+                str(again),
+            ]
+        )
+        == 0
+    )
+    assert (again / "digits_table.md").read_text() == (first / "digits_table.md").read_text()
+    assert (again / "digits_flatten_none.png").exists()
+    capsys.readouterr()
+    assert main(["experiment", "digits", "--from-results", str(tmp_path / "nope.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main(["experiment", "digits", "--from-results", str(tmp_path / "bad.json")]) == 2
+    assert "not a digits results file" in capsys.readouterr().err

@@ -66,6 +66,12 @@ def register(subparsers) -> None:
     d.add_argument("--test-limit", type=int, default=None, help="use only this many test digits (smoke runs)")
     d.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     d.add_argument("--list-models", action="store_true", help="list the compared models and exit")
+    d.add_argument(
+        "--from-results",
+        metavar="JSON",
+        default=None,
+        help="no training: re-render the table and plots from an earlier digits_results.json into --out",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_digits)
     p.set_defaults(func=lambda args: _no_experiment(p))
@@ -94,6 +100,8 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         for spec in MODEL_SPECS.values():
             print(f"{spec.name:<14} {spec.label:<22} [{spec.group}] {spec.note}")
         return 0
+    if args.from_results:
+        return _render_from_results(args.from_results, args.out, plots=not args.no_plots)
     overrides: dict = {}
     if args.seeds is not None:
         if args.seeds < 1:
@@ -142,4 +150,36 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - start:.0f} s",
         file=sys.stderr,
     )
+    return 0
+
+
+def _render_from_results(json_path: str, out_dir: str, plots: bool) -> int:
+    """Rebuild digits_table.md / plots from a results file (same numbers, current report code)."""
+    import json
+    from pathlib import Path
+
+    from ..cli import CommandError
+    from .report import write_outputs
+
+    path = Path(json_path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CommandError(f"results file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CommandError(f"{path} is not a JSON results file: {exc}") from None
+    missing = (
+        [k for k in ("config", "jobs", "elapsed_seconds") if k not in results]
+        if isinstance(results, dict)
+        else ["config"]
+    )
+    if missing:
+        raise CommandError(f"{path} is not a digits results file: missing {missing}")
+    results.pop("summary", None)
+    command = results.pop("command", "")
+    try:
+        paths = write_outputs(results, out_dir, command=command, plots=plots)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CommandError(f"{path}: malformed digits results ({type(exc).__name__}: {exc})") from None
+    print(paths["table"].read_text(encoding="utf-8"))
     return 0
