@@ -157,3 +157,16 @@ def test_keypoint_marks_peak_at_keypoints():
     for x, y in kp[0].astype(int):
         assert marks[0, y, x] == pytest.approx(1.0)
     assert marks[0, 20, 25] < 1e-3
+
+
+def test_keypoint_definition_does_not_change_the_test_images(digits):
+    frame = load_canvas_digits(canvas=32, digit=16, box="frame")
+    np.testing.assert_allclose(frame.keypoints[:, 0], 8.0)  # top-left of the paste frame for every digit
+    np.testing.assert_allclose(frame.keypoints[:, 2], 23.0)
+    np.testing.assert_array_equal(frame.ink_boxes, digits.keypoints)
+    idx = np.arange(0, 1797, 90)
+    ink_sets = build_test_sets(digits, idx, seed=3)
+    frame_sets = build_test_sets(frame, idx, seed=3)
+    for a, b in zip(ink_sets, frame_sets, strict=True):
+        np.testing.assert_array_equal(a.images, b.images)  # same test images ...
+        assert not np.allclose(a.keypoints, b.keypoints)  # ... different keypoints given to the models

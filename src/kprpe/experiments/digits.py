@@ -242,6 +242,7 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
     images = proto.data.images[proto.train_idx]
     labels = torch.from_numpy(proto.data.labels[proto.train_idx])
     keypoints = proto.data.keypoints[proto.train_idx]
+    ink_boxes = proto.data.ink_boxes[proto.train_idx]
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -250,7 +251,7 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
     model.train()
     for epoch in range(cfg.epochs):
         if regime == "mild":
-            mats = sample_affines(keypoints, cfg.canvas, TRAIN_AUGMENTATION, rng)
+            mats = sample_affines(ink_boxes, cfg.canvas, TRAIN_AUGMENTATION, rng)
             ep_images, ep_kp = (
                 warp_images(images, mats),
                 transform_keypoints(keypoints, mats).astype(np.float32),

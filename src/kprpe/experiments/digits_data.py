@@ -47,7 +47,9 @@ class DigitsCanvas:
 
     ``images`` float32 ``(N, S, S)`` in [0, 1] (ink = 1); ``labels`` int64 ``(N,)``;
     ``keypoints`` float32 ``(N, 5, 2)`` in *pixels* (top-left, top-right, bottom-right, bottom-left corner
-    of the digit's box, then its centre).
+    of the digit's box, then its centre) — what the models are given. ``ink_boxes`` has the same layout for
+    the tight ink box whatever the keypoint definition: the protocol's "keep the digit inside the canvas"
+    limits use it, so the test images do not change when the keypoint definition does.
     """
 
     images: np.ndarray
@@ -55,6 +57,11 @@ class DigitsCanvas:
     keypoints: np.ndarray
     canvas: int
     digit: int
+    ink_boxes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.ink_boxes is None:
+            self.ink_boxes = self.keypoints
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -83,8 +90,15 @@ def load_canvas_digits(canvas: int = 32, digit: int = 16, box: str = "ink") -> D
     for i, img in enumerate(source):
         up = cv2.resize(img, (digit, digit), interpolation=cv2.INTER_CUBIC)
         images[i, offset : offset + digit, offset : offset + digit] = np.clip(up, 0.0, 1.0)
-    keypoints = np.stack([digit_box_keypoints(img, box, offset, digit) for img in images]).astype(np.float32)
-    return DigitsCanvas(images=images, labels=labels, keypoints=keypoints, canvas=canvas, digit=digit)
+    ink_boxes = np.stack([digit_box_keypoints(img, "ink") for img in images]).astype(np.float32)
+    keypoints = (
+        ink_boxes
+        if box == "ink"
+        else np.stack([digit_box_keypoints(img, box, offset, digit) for img in images]).astype(np.float32)
+    )
+    return DigitsCanvas(
+        images=images, labels=labels, keypoints=keypoints, canvas=canvas, digit=digit, ink_boxes=ink_boxes
+    )
 
 
 def digit_box_keypoints(image: np.ndarray, box: str = "ink", offset: int = 0, digit: int = 0) -> np.ndarray:
@@ -280,11 +294,14 @@ def build_test_sets(
     sweeps = SWEEPS if sweeps is None else sweeps
     rng = np.random.default_rng(seed)
     imgs, labels, kps = data.images[test_idx], data.labels[test_idx], data.keypoints[test_idx]
+    boxes = data.ink_boxes[test_idx]
     sets = [TestSet("clean", "clean", 0.0, imgs, labels, kps)]
 
     def add(name: str, factor: str, level: float, n: int, sample) -> None:
         rep_imgs, rep_labels, rep_kps = np.repeat(imgs, n, 0), np.repeat(labels, n), np.repeat(kps, n, 0)
-        mats = sample(rep_kps)
+        mats = sample(
+            np.repeat(boxes, n, 0)
+        )  # limits from the ink box: same images for any keypoint definition
         warped_kps = transform_keypoints(rep_kps, mats).astype(np.float32)
         sets.append(TestSet(name, factor, level, warp_images(rep_imgs, mats), rep_labels, warped_kps))
 
