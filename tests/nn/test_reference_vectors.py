@@ -147,3 +147,14 @@ def test_decomposed_cache_follows_weight_updates():
     fresh = kprpe.load_official(model.state_dict(), kp_bias_impl="gather")
     with torch.no_grad():
         torch.testing.assert_close(out, fresh(ref["images"], ref["keypoints"]), **TOL)
+
+
+def test_flex_attention_reads_the_table_and_matches_official():
+    # On CPU FlexAttention runs PyTorch's eager reference; on CUDA the same path is compiled.
+    ref = load_vectors("kprpe")
+    model = kprpe.load_official(DATA / "tiny_kprpe.safetensors", attn_impl="flex")
+    biases = model.keypoint_bias_layers(ref["keypoints"], bucket_ids(14), torch.device("cpu"))
+    assert isinstance(biases(0), kprpe.nn.position.BucketBias)  # no dense (B, H, N, N) bias is built
+    with torch.no_grad():
+        out = model(ref["images"], ref["keypoints"])
+    torch.testing.assert_close(out, ref["output"], **TOL)

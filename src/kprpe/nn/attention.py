@@ -6,11 +6,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .position import ContextualRPE, RelativePositionBias
+from .position import BucketBias, ContextualRPE, RelativePositionBias
 
 __all__ = ["ATTN_IMPLS", "Attention", "Mlp", "Block", "DropPath"]
 
-ATTN_IMPLS = ("math", "sdpa")
+ATTN_IMPLS = ("math", "sdpa", "flex")
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(q, k, v, table: torch.Tensor, ids: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention whose logit bias is read from the per-bucket ``table (B, H, N, nb)`` inside the kernel
+    (FlexAttention ``score_mod``): no ``(B, H, N, N)`` bias is ever materialised. Compiled on CUDA; on CPU it
+    runs PyTorch's eager reference (slow; for checking numbers)."""
+    global _COMPILED_FLEX
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, h, n, nb = table.shape[0], q.shape[1], q.shape[2], table.shape[-1]
+    table = table.expand(b, h, n, nb)
+
+    def score_mod(score, bi, hi, qi, ki):
+        return score + table[bi, hi, qi, ids[qi, ki]]
+
+    if q.is_cuda:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        return _COMPILED_FLEX(q, k, v, score_mod=score_mod, scale=scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the eager fallback warns that it is not compiled
+        return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
 
 
 class DropPath(nn.Module):
@@ -37,8 +63,9 @@ class Attention(nn.Module):
     ``sum_j a[i, j] rpe_v[d(i, j)]`` to the output.
 
     ``attn_impl='math'`` runs an explicit softmax (matches the official code to the last bit);
-    ``'sdpa'`` uses ``F.scaled_dot_product_attention`` with the bias as an additive mask. iRPE's value term
-    needs the probabilities, so iRPE always uses the explicit path.
+    ``'sdpa'`` uses ``F.scaled_dot_product_attention`` with the bias as an additive mask; ``'flex'`` takes
+    KP-RPE's bias as a per-bucket table (:class:`BucketBias`) and reads it inside a FlexAttention kernel.
+    iRPE's value term needs the probabilities, so iRPE always uses the explicit path.
     """
 
     def __init__(
@@ -82,7 +109,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``x (B, N, D)``; ``bias`` broadcastable to ``(B, H, N, N)``; ``ids (N, N)`` bucket index."""
+        """``x (B, N, D)``; ``bias`` broadcastable to ``(B, H, N, N)`` or a :class:`BucketBias`;
+        ``ids (N, N)`` bucket index."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
@@ -93,7 +121,12 @@ class Attention(nn.Module):
             bias = self.rpe_bias(ids) if bias is None else bias + self.rpe_bias(ids)
 
         irpe = self.rpe_q is not None or self.rpe_k is not None or self.rpe_v is not None
-        if self.attn_impl == "sdpa" and not irpe:
+        if isinstance(bias, BucketBias):
+            if self.attn_impl == "flex" and not irpe:
+                out = _flex_attention(q, k, v, bias.table.to(q.dtype), bias.ids, self.scale)
+                return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
+            bias = bias.dense()
+        if self.attn_impl in ("sdpa", "flex") and not irpe:
             if bias is not None:
                 bias = bias.to(q.dtype)
             out = F.scaled_dot_product_attention(

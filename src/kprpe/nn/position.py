@@ -7,6 +7,8 @@ A *bias table* is ``(B, H, N, nb)``: for each query token, one value per bucket.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,7 @@ __all__ = [
     "relative_keypoints",
     "keypoint_features",
     "BIAS_IMPLS",
+    "BucketBias",
     "gather_bias",
     "form_bias",
     "RelativePositionBias",
@@ -78,6 +81,18 @@ def keypoint_features(keypoints: torch.Tensor | None, height: int, width: int, k
         device = keypoints.device if keypoints is not None else None
         return patch_centres(height, width, device=device)[None]
     raise ValueError(f"unknown kp_input {kp_input!r}; expected one of {KP_INPUTS}")
+
+
+class BucketBias(NamedTuple):
+    """A logit bias kept as a per-bucket table: ``bias[b, h, i, j] = table[b, h, i, ids[i, j]]``.
+
+    Attention kernels that can index the table themselves (FlexAttention) never build the dense bias."""
+
+    table: torch.Tensor  # (B, H, N or 1, nb)
+    ids: torch.Tensor  # (N, N)
+
+    def dense(self, impl: str = "gather") -> torch.Tensor:
+        return form_bias(self.table, self.ids, impl)
 
 
 def gather_bias(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from .position import (
     BIAS_IMPLS,
     KP_INPUTS,
     KP_SHARINGS,
+    BucketBias,
     KeypointBiasFunction,
     form_bias,
     keypoint_features,
@@ -62,7 +63,7 @@ class ViTConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    attn_impl: str = "math"  # math (explicit softmax) | sdpa (fused)
+    attn_impl: str = "math"  # math (explicit softmax) | sdpa (fused) | flex (FlexAttention reads KP-RPE's table)
     # How KP-RPE forms its bias (same numbers, different speed): auto | naive | gather | index | onehot |
     # decomposed (SPEC §1 identity: cached position term + per-sample bucket shift; linear relative f only)
     kp_bias_impl: str = "auto"
@@ -85,6 +86,7 @@ class ViTConfig:
         need(self.kp_sharing in KP_SHARINGS, f"kp_sharing {self.kp_sharing!r} not in {KP_SHARINGS}")
         need(self.head in HEADS, f"head {self.head!r} not in {HEADS}")
         need(self.attn_impl in ATTN_IMPLS, f"attn_impl {self.attn_impl!r} not in {ATTN_IMPLS}")
+        need(self.attn_impl != "flex" or self.rel_pos in ("none", "kprpe"), f"attn_impl 'flex' supports rel_pos none or kprpe, got {self.rel_pos!r}")
         need(self.kp_bias_impl in KP_BIAS_IMPLS, f"kp_bias_impl {self.kp_bias_impl!r} not in {KP_BIAS_IMPLS}")
         need(isinstance(self.num_keypoints, int) and self.num_keypoints > 0, f"num_keypoints must be a positive int, got {self.num_keypoints!r}")
         need(self.kp_hidden >= 0, f"kp_hidden must be >= 0, got {self.kp_hidden}")
@@ -274,6 +276,9 @@ class VisionTransformer(nn.Module):
     def keypoint_bias_layers(self, keypoints: torch.Tensor | None, ids: torch.Tensor, device: torch.device):
         """A function ``layer -> (B, H, N, N) bias`` for this batch; each layer's table is made when called."""
         impl = self.bias_impl(device)
+        if self.config.attn_impl == "flex":  # the kernel reads the table: never build the dense bias
+            hidden = self.keypoint_hidden(keypoints)
+            return lambda layer: BucketBias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids)
         if impl == "decomposed":
             return self._decomposed_bias_layers(keypoints, ids)
         hidden = self.keypoint_hidden(keypoints)
