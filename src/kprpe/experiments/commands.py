@@ -35,7 +35,9 @@ def register(subparsers) -> None:
     )
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default 10, 5 with --quick)")
     d.add_argument(
-        "--models", default=None, help="comma-separated model names (default: all; see --list-models)"
+        "--models",
+        default=None,
+        help="comma-separated model names (default: the 11 models of the full run; see --list-models)",
     )
     d.add_argument(
         "--mean-head-models",

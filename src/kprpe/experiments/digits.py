@@ -31,7 +31,14 @@ from .digits_data import (
     transform_keypoints,
     warp_images,
 )
-from .digits_models import MODEL_SPECS, QUICK_MODELS, ModelSpec, build_classifier, resolve_models
+from .digits_models import (
+    DEFAULT_MODELS,
+    MODEL_SPECS,
+    QUICK_MODELS,
+    ModelSpec,
+    build_classifier,
+    resolve_models,
+)
 
 __all__ = ["REGIMES", "DigitsConfig", "quick_config", "Protocol", "build_protocol", "run_job", "run_digits"]
 
@@ -59,7 +66,7 @@ class DigitsConfig:
     grad_clip: float = 5.0
     seeds: tuple[int, ...] = (0, 1, 2)
     regimes: tuple[str, ...] = REGIMES
-    models: tuple[str, ...] = tuple(MODEL_SPECS)  # all trained with the official flatten-all-tokens head
+    models: tuple[str, ...] = DEFAULT_MODELS  # all trained with the official flatten-all-tokens head
     # the ablation/control models (group != main) are trained only in these regimes (CPU budget)
     ablation_regimes: tuple[str, ...] = ("mild",)
     # also trained with a mean-pooling head (which makes a relative-only encoding translation-invariant)

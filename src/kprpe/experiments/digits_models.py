@@ -14,6 +14,7 @@ from .digits_data import NUM_CLASSES, NUM_KEYPOINTS
 __all__ = [
     "ModelSpec",
     "MODEL_SPECS",
+    "DEFAULT_MODELS",
     "QUICK_MODELS",
     "DigitClassifier",
     "build_classifier",
@@ -98,8 +99,17 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             group="control",
             note="non-linear f (one hidden layer of 64, GELU)",
         ),
+        ModelSpec(
+            "rpe_noabs",
+            "RPE, no Abs-PE",
+            dict(rel_pos="rpe", abs_pos=False),
+            group="control",
+            note="relative-only, no keypoints (not in the default run; pair it with the mean head)",
+        ),
     )
 }
+# the default full run (rpe_noabs is an extra control, used in the investigations)
+DEFAULT_MODELS = tuple(name for name in MODEL_SPECS if name != "rpe_noabs")
 QUICK_MODELS = ("abs", "abs_marks", "rpe", "kprpe", "kprpe_noabs")  # iRPE is the slowest: full run only
 
 
