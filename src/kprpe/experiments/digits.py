@@ -375,7 +375,7 @@ def run_digits(cfg: DigitsConfig, progress: bool = True) -> dict:
 def describe_protocol(cfg: DigitsConfig, proto: Protocol) -> dict:
     """What was trained and tested, in words and sizes (kept in the JSON next to the numbers)."""
     return dict(
-        data="scikit-learn load_digits (UCI ML hand-written digits, 1,797 8x8 images by 43 writers)",
+        data="scikit-learn load_digits (the test part of the UCI ML hand-written digits: 1,797 8x8 images by 13 writers)",
         canvas=f"{cfg.digit}x{cfg.digit} digit (bicubic upsampling) centred on a {cfg.canvas}x{cfg.canvas} canvas",
         keypoints=f"4 corners + centre of the digit's {'ink bounding box' if cfg.keypoint_box == 'ink' else 'paste frame'} in the untransformed image, mapped through the image's affine",
         train_digits=int(len(proto.train_idx)),

@@ -68,7 +68,7 @@ class DigitsCanvas:
 
 
 def load_canvas_digits(canvas: int = 32, digit: int = 16, box: str = "ink") -> DigitsCanvas:
-    """Load scikit-learn's 1,797 UCI handwritten digits (8x8, shipped with the package: no download),
+    """Load scikit-learn's 1,797 UCI handwritten digits (8x8, 13 writers; shipped with the package: no download),
     upsample each to ``digit x digit`` (bicubic, clipped) and paste it in the centre of a ``canvas`` square.
 
     ``box='ink'``: keypoints from the tight box of the ink (the "box around the digit");
