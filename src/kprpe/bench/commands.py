@@ -41,7 +41,7 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.smoke:
-        args.sizes, args.batch_sizes, args.repeats, args.warmup, args.in_process = ["micro"], [2], 1, 1, True
+        args.sizes, args.batch_sizes, args.repeats, args.warmup, args.rounds, args.in_process = ["micro"], [2], 1, 1, 1, True
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -54,7 +54,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     info = machine_info(args.device)
     print(f"machine: {info.get('cpu_model', info['processor'])}, {info['cpu_count']} CPUs, torch {info['torch']}, "
           f"threads {args.threads or info['threads']}, device {args.device}{' (' + info['gpu'] + ')' if 'gpu' in info else ''}, dtype {args.dtype}")
-    results = run_suite(cases, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+    results = run_suite(cases, warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, threads=args.threads,
                         isolated=not args.in_process)
     table = format_table(results)
     print(table)
@@ -77,7 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 = autocast")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="passes over all cases in rotating order, each case in a fresh process (default 3)")
     p.add_argument("--in-process", action="store_true", help="do not isolate cases in child processes")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on a micro model (CI)")
     p.add_argument("-o", "--output", default="runs/bench/bench.json", help="JSON output file")

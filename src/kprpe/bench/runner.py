@@ -168,21 +168,39 @@ def _run_isolated(case: Case, warmup: int, repeats: int, threads: int | None) ->
         return json.loads(out.read_text())
 
 
-def run_suite(cases: list[Case], *, warmup: int = 1, repeats: int = 3, threads: int | None = None,
+def run_suite(cases: list[Case], *, warmup: int = 1, repeats: int = 3, rounds: int = 1, threads: int | None = None,
               isolated: bool = True, progress: bool = True) -> list[dict]:
-    """Measure every case (each in its own process when ``isolated``)."""
+    """Measure every case, ``rounds`` times in a rotating order (each time in a fresh process when
+    ``isolated``), so slow drifts of the machine spread over all cases instead of biasing a few. A case's time
+    is the median of all its timed steps; its memory the median over rounds."""
     from tqdm import tqdm
 
-    results = []
-    bar = tqdm(cases, desc="bench", unit="case", disable=not progress)
-    for case in bar:
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
+    order = [(r, (i + r) % len(cases)) for r in range(rounds) for i in range(len(cases))]
+    bar = tqdm(order, desc="bench", unit="run", disable=not progress)
+    for _, i in bar:
+        case = cases[i]
         bar.set_postfix_str(f"{case.label} {case.mode} b={case.batch_size}")
-        if isolated:
-            results.append(_run_isolated(case, warmup, repeats, threads))
-        else:
-            results.append(run_case(case, warmup, repeats))
+        result = _run_isolated(case, warmup, repeats, threads) if isolated else run_case(case, warmup, repeats)
+        runs[i].append(result)
+    results = [_merge_rounds(runs[i]) for i in range(len(cases))]
     _add_ratios(results)
     return results
+
+
+def _merge_rounds(rounds: list[dict]) -> dict:
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    merged = dict(rounds[0])
+    times = [t for r in rounds for t in r["times_s"]]
+    merged["times_s"] = times
+    merged["median_s"] = statistics.median(times)
+    merged["images_per_s"] = merged["batch_size"] / merged["median_s"]
+    merged["rounds"] = len(rounds)
+    for key in ("peak_mem_mb", "step_mem_mb"):
+        merged[key] = statistics.median(r[key] for r in rounds)
+    return merged
 
 
 def _add_ratios(results: list[dict]) -> None:

@@ -80,7 +80,7 @@ class Attention(nn.Module):
         irpe_on: str = "",
         irpe_shared_head: bool = True,
         num_buckets: int = 49,
-        attn_impl: str = "math",
+        attn_impl: str = "sdpa",
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:

@@ -63,7 +63,7 @@ class ViTConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    attn_impl: str = "math"  # math (explicit softmax) | sdpa (fused) | flex (FlexAttention reads KP-RPE's table)
+    attn_impl: str = "sdpa"  # sdpa (fused, fastest) | math (explicit softmax: bit-exact with the official code) | flex
     # How KP-RPE forms its bias (same numbers, different speed): auto | naive | gather | index | onehot |
     # decomposed (SPEC §1 identity: cached position term + per-sample bucket shift; linear relative f only)
     kp_bias_impl: str = "auto"
@@ -268,9 +268,12 @@ class VisionTransformer(nn.Module):
         """The bias path this forward pass uses (``kp_bias_impl``, with ``auto`` resolved for ``device``)."""
         impl = self.config.kp_bias_impl
         if impl == "auto":
-            impl = "index"
+            # measured on CPU (docs/performance.md): the decomposition with a cached position term is the
+            # fastest at inference, the plain gather while training
+            frozen = not (torch.is_grad_enabled() and self.keypoint_linear.weight.requires_grad)
+            impl = "decomposed" if frozen else "gather"
         if impl == "decomposed" and (self.config.kp_input != "relative" or self.config.kp_hidden):
-            impl = "index"  # the identity needs a linear f of relative offsets
+            impl = "gather"  # the identity needs a linear f of relative offsets
         return impl
 
     def keypoint_bias_layers(self, keypoints: torch.Tensor | None, ids: torch.Tensor, device: torch.device):
@@ -306,11 +309,16 @@ class VisionTransformer(nn.Module):
                 self._position_bias_cache[key] = term
             return term
 
+        flat_ids = ids.flatten()
+
         def layer_bias(layer: int) -> torch.Tensor:
             shift = self.kp_bias.layer_table(points, linear, layer, with_bias=False)  # (B, H, 1, nb)
+            if not frozen:
+                return position_term(layer) - form_bias(shift, ids, "gather")
+            # inference: look each sample's 49 values up from a tiny table, then add the cached term in place
             b, h, _, nb = shift.shape
-            per_sample = shift.reshape(b * h, nb)[:, ids].view(b, h, ids.shape[0], ids.shape[1])
-            return position_term(layer) - per_sample
+            per_sample = shift.reshape(b * h, nb).neg_().index_select(1, flat_ids).view(b, h, *ids.shape)
+            return per_sample.add_(position_term(layer))
 
         return layer_bias
 
