@@ -268,10 +268,9 @@ class VisionTransformer(nn.Module):
         """The bias path this forward pass uses (``kp_bias_impl``, with ``auto`` resolved for ``device``)."""
         impl = self.config.kp_bias_impl
         if impl == "auto":
-            # measured on CPU (docs/performance.md): the decomposition with a cached position term is the
-            # fastest at inference, the plain gather while training
-            frozen = not (torch.is_grad_enabled() and self.keypoint_linear.weight.requires_grad)
-            impl = "decomposed" if frozen else "gather"
+            # measured on CPU (docs/performance.md): the one-hot matmul is fastest for inference and training
+            # at face-model grids; its (N, N, nb) matrix grows as N^2, so large grids use the gather
+            impl = "onehot" if self.num_tokens <= 256 else "gather"
         if impl == "decomposed" and (self.config.kp_input != "relative" or self.config.kp_hidden):
             impl = "gather"  # the identity needs a linear f of relative offsets
         return impl
