@@ -18,13 +18,16 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kprpe demo
+	$(BIN)/kprpe experiment digits --quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/kprpe bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
