@@ -98,3 +98,16 @@ def test_png_round_trip(tmp_path):
     with Image.open(path) as opened:
         assert opened.format == "PNG"
         np.testing.assert_array_equal(np.asarray(opened), image)
+
+
+def test_atomic_writes_get_umask_permissions_not_mkstemp_0600(tmp_path):
+    import os
+
+    from kprpe.files import write_json
+
+    old = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "out.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -43,6 +43,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(temporary)
         with open(temporary, "rb") as stream:
             os.fsync(stream.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_path, atomic_write_text
 from .digits_data import SWEEP_UNITS
 from .digits_models import MODEL_SPECS
 
@@ -163,33 +162,9 @@ def plot_sweeps(results: dict, summary: dict, head: str, regime: str, path: Path
         f"UCI digits, head '{head}', {REGIME_TITLES[regime]} ({len(cfg['seeds'])} seed(s), mean ± std)"
     )
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename (no half-written outputs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    _atomic(path, write)
 
 
 def write_outputs(
@@ -207,8 +182,8 @@ def write_outputs(
     if command:
         header += f"Made by: `{command}` (elapsed {results['elapsed_seconds']:.0f} s, {results.get('cpu_count')} CPUs)\n\n"
     paths = {"json": out / "digits_results.json", "table": out / "digits_table.md"}
-    _write_text(paths["json"], json.dumps(results, indent=1, sort_keys=False) + "\n")
-    _write_text(paths["table"], header + table + "\n")
+    atomic_write_text(paths["json"], json.dumps(results, indent=1, sort_keys=False) + "\n")
+    atomic_write_text(paths["table"], header + table + "\n")
     if plots:
         for head in results["config"]["model_heads"]:
             for regime in results["config"]["regimes"]:
