@@ -109,24 +109,24 @@ _ONE_HOT: dict[tuple, torch.Tensor] = {}
 
 def _flat_index(ids: torch.Tensor, nb: int) -> torch.Tensor:
     """``i * nb + ids[i, j]`` flattened: positions of the bias values in a flattened ``(N, nb)`` table."""
-    key = (ids.data_ptr(), ids.device, nb)
-    flat = _FLAT_INDEX.get(key)
-    if flat is None:
+    key = (id(ids), nb)
+    entry = _FLAT_INDEX.get(key)
+    if entry is None or entry[0] is not ids:  # the entry holds its ids, so the id cannot be reused meanwhile
         n = ids.shape[0]
         with torch.inference_mode(False):  # cached: must stay usable by later autograd passes
-            flat = (torch.arange(n, device=ids.device)[:, None] * nb + ids).flatten()
-        _FLAT_INDEX[key] = flat
-    return flat
+            entry = (ids, (torch.arange(n, device=ids.device)[:, None] * nb + ids).flatten())
+        _FLAT_INDEX[key] = entry
+    return entry[1]
 
 
 def _one_hot(ids: torch.Tensor, nb: int, dtype: torch.dtype) -> torch.Tensor:
-    key = (ids.data_ptr(), ids.device, nb, dtype)
-    m = _ONE_HOT.get(key)
-    if m is None:
+    key = (id(ids), nb, dtype)
+    entry = _ONE_HOT.get(key)
+    if entry is None or entry[0] is not ids:
         with torch.inference_mode(False):
-            m = F.one_hot(ids, nb).to(dtype)
-        _ONE_HOT[key] = m
-    return m
+            entry = (ids, F.one_hot(ids, nb).to(dtype))
+        _ONE_HOT[key] = entry
+    return entry[1]
 
 
 def form_bias(table: torch.Tensor, ids: torch.Tensor, impl: str = "gather") -> torch.Tensor:
