@@ -73,6 +73,9 @@ class FacePipeline:
     first use). ``mode``: ``aligned`` | ``unaligned`` | ``prealigned`` (see :func:`~kprpe.face.align.align_face`).
     ``all_faces``: keep every face (largest first) instead of only the largest. ``min_face_size``: ignore
     faces whose box side is smaller (pixels); tiny faces still work but give blurry crops.
+    ``min_relative_score``: ignore detections scoring below this fraction of the best detection's score
+    (0 disables). "Largest face" is only meaningful among real faces: a weak false positive (the HOG detector
+    scores the astronaut photo's shoulder badge 0.07 against 1.63 for her face) can have the bigger box.
     """
 
     def __init__(
@@ -82,11 +85,15 @@ class FacePipeline:
         mode: str = "aligned",
         all_faces: bool = False,
         min_face_size: float = 0.0,
+        min_relative_score: float = 0.25,
     ) -> None:
         if mode not in ALIGN_MODES:
             raise ValueError(f"unknown alignment mode {mode!r}; choose one of {ALIGN_MODES}")
         if min_face_size < 0:
             raise ValueError(f"min_face_size must be >= 0, got {min_face_size}")
+        if not 0 <= min_relative_score <= 1:
+            raise ValueError(f"min_relative_score must be in [0, 1], got {min_relative_score}")
+        self.min_relative_score = float(min_relative_score)
         self._detector = detector
         self.mode = mode
         self.all_faces = all_faces
@@ -101,7 +108,8 @@ class FacePipeline:
         return self._detector
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "all_faces": self.all_faces, "min_face_size": self.min_face_size, "detector": self.detector.describe()}
+        return {"mode": self.mode, "all_faces": self.all_faces, "min_face_size": self.min_face_size,
+                "min_relative_score": self.min_relative_score, "detector": self.detector.describe()}
 
     def faces_in_image(self, image: np.ndarray, *, source: str | os.PathLike | None = None) -> list[AlignedFace]:
         """Crops of the faces in an RGB uint8 photo, largest first (only the largest unless ``all_faces``).
@@ -125,6 +133,10 @@ class FacePipeline:
             raise NoFaceFound(
                 f"only faces smaller than min_face_size={self.min_face_size:g} px found (largest {max(sizes):.0f} px)"
             )
+        scores = [d.score for d in kept]
+        if self.min_relative_score > 0 and all(sc is not None for sc in scores) and max(scores) > 0:
+            floor = self.min_relative_score * max(scores)
+            kept = [d for d in kept if d.score >= floor]
         kept.sort(key=lambda d: d.area, reverse=True)
         if not self.all_faces:
             kept = kept[:1]
