@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..cli import CommandError
+from ..files import write_json
 from .dataset import DataError
 from .landmarks import LandmarkFileError
 from .recordio import RecordIOError
@@ -16,6 +16,14 @@ from .recordio import RecordIOError
 __all__ = ["register", "face_keypoint_detector"]
 
 _DATA_ERRORS = (DataError, RecordIOError, LandmarkFileError, OSError)
+
+
+def _print_first(failures: list[tuple], label: str, limit: int = 20) -> None:
+    """Print the first ``limit`` (item, reason) failures and how many more there are."""
+    for item, reason in failures[:limit]:
+        print(f"  {label.format(item)}: {reason}")
+    if len(failures) > limit:
+        print(f"  ... and {len(failures) - limit} more")
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
@@ -33,10 +41,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         print(f"ignored {len(report.ignored)} non-image files (first: {', '.join(report.ignored[:5])})")
     if report.failures:
         print(f"SKIPPED {len(report.failures)} unreadable images:")
-        for name, reason in report.failures[:20]:
-            print(f"  {name}: {reason}")
-        if len(report.failures) > 20:
-            print(f"  ... and {len(report.failures) - 20} more")
+        _print_first(report.failures, "{}")
         print("note: sample indices follow the packed order; compute landmarks on the packed .rec")
     return 1 if report.failures and args.strict else 0
 
@@ -82,12 +87,9 @@ def _cmd_landmarks(args: argparse.Namespace) -> int:
     print(f"landmarks for {report.num_found} of {report.num_samples} samples written to {report.csv_path}")
     if report.failures:
         print(f"{len(report.failures)} samples have no landmarks (no row in the file):")
-        for index, reason in report.failures[:20]:
-            print(f"  sample {index}: {reason}")
-        if len(report.failures) > 20:
-            print(f"  ... and {len(report.failures) - 20} more")
-        failures_path = Path(args.output).with_suffix(".failures.json")
-        failures_path.write_text(json.dumps([{"index": i, "reason": r} for i, r in report.failures], indent=1))
+        _print_first(report.failures, "sample {}")
+        failures_path = write_json(Path(args.output).with_suffix(".failures.json"),
+                                   [{"index": i, "reason": r} for i, r in report.failures])
         print(f"full list: {failures_path}; train with data.missing_landmarks=template to use the template for them")
     return 0
 
