@@ -30,6 +30,11 @@ MICRO = dict(
 )
 
 
+# MICRO's sizes as command-line options (one epoch of a one-block, 16-wide model on 40 digits).
+MICRO_CLI = ["--epochs", "1", "--train-limit", "40", "--test-limit", "10", "--width", "16", "--depth", "1",
+         "--workers", "1", "--no-progress"]
+
+
 def test_micro_run_writes_table_json_and_plots(tmp_path):
     cfg = DigitsConfig(**MICRO)
     results = run_digits(cfg, progress=False)
@@ -101,20 +106,8 @@ def test_cli_micro_run(tmp_path, capsys):
             "none",
             "--seeds",
             "1",
-            "--epochs",
-            "1",
-            "--train-limit",
-            "40",
-            "--test-limit",
-            "10",
-            "--width",
-            "16",
-            "--depth",
-            "1",
-            "--workers",
-            "1",
+            *MICRO_CLI,
             "--no-plots",
-            "--no-progress",
         ]
     )
     assert code == 0
@@ -170,19 +163,7 @@ def test_rerender_from_results(tmp_path, capsys):
                 "none",
                 "--seeds",
                 "2",
-                "--epochs",
-                "1",
-                "--train-limit",
-                "40",
-                "--test-limit",
-                "10",
-                "--width",
-                "16",
-                "--depth",
-                "1",
-                "--workers",
-                "1",
-                "--no-progress",
+                *MICRO_CLI,
             ]
         )
         == 0
