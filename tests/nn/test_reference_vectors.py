@@ -120,7 +120,7 @@ def test_every_kprpe_bias_path_matches_official(impl, attn_impl):
     with torch.no_grad():
         out = model(ref["images"], ref["keypoints"])
         again = model(ref["images"], ref["keypoints"])  # decomposed: second call uses the cached position term
-        biases = model.keypoint_bias_layers(ref["keypoints"], bucket_ids(14), torch.device("cpu"))
+        biases = model.keypoint_bias_layers(ref["keypoints"], bucket_ids(14))
         torch.testing.assert_close(biases(0)[:1], ref["attn_bias.layer0"], **TIGHT)
     torch.testing.assert_close(out, ref["output"], **TOL)
     torch.testing.assert_close(again, out, rtol=0, atol=0)
@@ -153,7 +153,7 @@ def test_flex_attention_reads_the_table_and_matches_official():
     # On CPU FlexAttention runs PyTorch's eager reference; on CUDA the same path is compiled.
     ref = load_vectors("kprpe")
     model = kprpe.load_official(DATA / "tiny_kprpe.safetensors", attn_impl="flex")
-    biases = model.keypoint_bias_layers(ref["keypoints"], bucket_ids(14), torch.device("cpu"))
+    biases = model.keypoint_bias_layers(ref["keypoints"], bucket_ids(14))
     assert isinstance(biases(0), kprpe.nn.position.BucketBias)  # no dense (B, H, N, N) bias is built
     with torch.no_grad():
         out = model(ref["images"], ref["keypoints"])

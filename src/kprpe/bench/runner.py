@@ -153,7 +153,7 @@ def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
         "images_per_s": case.batch_size / median,
         "peak_mem_mb": peak / 2**20,
         "step_mem_mb": max(peak - base_mem, 0) / 2**20,
-        "bias_impl_used": model.bias_impl(device) if model.kp_bias is not None else None,
+        "bias_impl_used": model.bias_impl() if model.kp_bias is not None else None,
     }
 
 

@@ -264,8 +264,8 @@ class VisionTransformer(nn.Module):
             return None
         return form_bias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids, impl)
 
-    def bias_impl(self, device: torch.device) -> str:
-        """The bias path this forward pass uses (``kp_bias_impl``, with ``auto`` resolved for ``device``)."""
+    def bias_impl(self) -> str:
+        """The bias path the forward pass uses (``kp_bias_impl``, with ``auto`` resolved)."""
         impl = self.config.kp_bias_impl
         if impl == "auto":
             # measured on CPU (docs/performance.md): the one-hot matmul is fastest for inference and training
@@ -275,9 +275,9 @@ class VisionTransformer(nn.Module):
             impl = "gather"  # the identity needs a linear f of relative offsets
         return impl
 
-    def keypoint_bias_layers(self, keypoints: torch.Tensor | None, ids: torch.Tensor, device: torch.device):
+    def keypoint_bias_layers(self, keypoints: torch.Tensor | None, ids: torch.Tensor):
         """A function ``layer -> (B, H, N, N) bias`` for this batch; each layer's table is made when called."""
-        impl = self.bias_impl(device)
+        impl = self.bias_impl()
         if self.config.attn_impl == "flex":  # the kernel reads the table: never build the dense bias
             hidden = self.keypoint_hidden(keypoints)
             return lambda layer: BucketBias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids)
@@ -331,7 +331,7 @@ class VisionTransformer(nn.Module):
         ids = None
         if self.config.rel_pos != "none":
             ids = bucket_ids(self.grid, method=self.config.rpe_method, ratio=self.config.rpe_ratio, device=x.device)
-        biases = self.keypoint_bias_layers(keypoints, ids, x.device) if self.kp_bias is not None else None
+        biases = self.keypoint_bias_layers(keypoints, ids) if self.kp_bias is not None else None
         for i, blk in enumerate(self.blocks):
             bias = biases(i) if biases is not None else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
