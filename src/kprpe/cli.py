@@ -9,6 +9,8 @@ import importlib.util
 import json
 import sys
 
+from .errors import CommandError, KprpeError
+
 # Sub-packages that contribute commands, in the order they appear in ``kprpe --help``.
 COMMAND_MODULES = (
     "kprpe.face.commands",
@@ -18,10 +20,6 @@ COMMAND_MODULES = (
     "kprpe.experiments.commands",
     "kprpe.bench.commands",
 )
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed as ``kprpe: error: <message>`` with exit status 2, no traceback."""
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -88,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except CommandError as exc:
+    except (CommandError, KprpeError) as exc:
         print(f"kprpe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
