@@ -172,9 +172,9 @@ def test_rewrite_keeps_the_length(tmp_path):
 
 @pytest.mark.parametrize("label", [float("nan"), float("inf"), 2.5])
 def test_bad_labels_are_bad_samples_not_crashes(tmp_path, label):
-    from kprpe.data.dataset import DataError, FaceDataset, RecordSource
-
     import cv2
+
+    from kprpe.data.dataset import DataError, FaceDataset, RecordSource
 
     ok, jpg = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))
     rec = tmp_path / "d.rec"
