@@ -80,7 +80,8 @@ class ModelHandle:
     def fingerprint_path(self) -> Path:
         """The file whose identity keys the cache (a directory's model file when given a directory)."""
         if self.weights.is_dir():
-            for candidate in ("model.safetensors", "pretrained_model/model.pt", "model.pt"):
+            for candidate in ("model.safetensors", "pretrained_model/model.safetensors", "pretrained_model/model.pt",
+                              "model.pt", "model.pth"):
                 if (self.weights / candidate).is_file():
                     return self.weights / candidate
         return self.weights
