@@ -28,6 +28,7 @@ __all__ = [
     "write_csv",
     "write_npz",
     "read_npz",
+    "NpzFormatError",
     "write_png",
     "OutputFolderError",
     "check_output_folder",
@@ -111,10 +112,22 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+class NpzFormatError(ValueError):
+    """An ``.npz`` that is truncated, corrupt (bad CRC) or holds pickled objects."""
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Load every array of an ``.npz`` with ``allow_pickle=False`` (never executes code from the file)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+    """Load every array of an ``.npz`` with ``allow_pickle=False`` (never executes code from the file).
+
+    A truncated, corrupt or pickle-bearing file raises :class:`NpzFormatError` naming it."""
+    import zipfile
+    import zlib
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+        raise NpzFormatError(f"{path}: not a readable plain .npz ({type(exc).__name__}: {exc})") from None
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
