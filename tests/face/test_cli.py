@@ -257,3 +257,12 @@ def test_nan_weights_are_refused_not_printed_as_invalid_json(capsys, photo_dir, 
     out = tmp_path / "e.npz"
     code, payload, err = run(capsys, "embed", photo, "--weights", str(broken), "-o", str(out), "-q")
     assert code == 2 and "non-finite embeddings" in err and not out.exists()
+
+
+def test_a_folder_with_only_sub_folders_is_an_error_not_zero_faces(capsys, photo_dir, tmp_path):
+    nested = tmp_path / "people"
+    (nested / "alice").mkdir(parents=True)
+    (nested / "alice" / "a.png").write_bytes((photo_dir / "astronaut.png").read_bytes())
+    code, payload, err = run(capsys, "embed", str(nested), "--weights", W, "-o", str(tmp_path / "e.npz"), "-q")
+    assert code == 2 and payload is None and "holds no images" in err and "sub-folders" in err
+    assert not (tmp_path / "e.npz").exists()
