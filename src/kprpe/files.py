@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,11 @@ __all__ = [
     "write_csv",
     "write_npz",
     "read_npz",
+    "NpzFormatError",
     "write_png",
+    "OutputFolderError",
+    "check_output_folder",
+    "staged_folder",
 ]
 
 
@@ -107,10 +112,22 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+class NpzFormatError(ValueError):
+    """An ``.npz`` that is truncated, corrupt (bad CRC) or holds pickled objects."""
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Load every array of an ``.npz`` with ``allow_pickle=False`` (never executes code from the file)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+    """Load every array of an ``.npz`` with ``allow_pickle=False`` (never executes code from the file).
+
+    A truncated, corrupt or pickle-bearing file raises :class:`NpzFormatError` naming it."""
+    import zipfile
+    import zlib
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+        raise NpzFormatError(f"{path}: not a readable plain .npz ({type(exc).__name__}: {exc})") from None
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
@@ -120,3 +137,56 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+class OutputFolderError(ValueError):
+    """An output folder that a command may not write: it holds files the command did not create, or inputs."""
+
+
+def check_output_folder(out: str | os.PathLike, marker: str, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Raise :class:`OutputFolderError` unless :func:`staged_folder` may write ``out`` (see there)."""
+    out = Path(out)
+    resolved = out.resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if item == resolved or resolved in item.parents:
+            raise OutputFolderError(f"output folder {out} contains the input {item}; write the output elsewhere")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputFolderError(f"output {out} exists and is not a folder")
+        if any(out.iterdir()) and not (out / marker).is_file():
+            raise OutputFolderError(
+                f"output folder {out} is not empty and was not written by this command (no {marker}); "
+                "choose a new or empty folder — kprpe never overwrites files it did not create"
+            )
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike, marker: str, inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Build a command's output folder in a staging folder beside it and commit it as a whole.
+
+    ``out`` must be new, empty, or a folder this command wrote before (it holds ``marker``, which the staged
+    folder gets on commit); it must not contain any of ``inputs``. On success the previous output is replaced
+    in one rename (a re-run never mixes new files with old ones); on any error the staging folder is removed and
+    ``out`` is left as it was.
+    """
+    out = Path(out)
+    check_output_folder(out, marker, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield staging
+        (staging / marker).write_text("written by kprpe; this folder is replaced as a whole on the next run\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700 folders
+        if out.exists() and any(out.iterdir()):
+            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, retired / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

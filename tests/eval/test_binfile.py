@@ -106,3 +106,21 @@ def test_truncated_and_missing_files(tmp_path):
         read_verification_bin(tmp_path / "nope.bin")
     with pytest.raises(BinFormatError, match="cannot decode"):
         decode_image(b"not an image", where="x.bin image 0")
+
+
+def test_a_buffer_referenced_many_times_is_held_once(tmp_path):
+    """A 1 MB protocol-5 pickle naming one bytearray 4,000 times must not become 4,000 copies (4 GB)."""
+    import pickle
+
+    import numpy as np
+
+    from kprpe.eval.binfile import read_verification_bin
+
+    big = bytearray(b"\xff\xd8" + bytes(1_000_000))
+    path = tmp_path / "refs.bin"
+    path.write_bytes(pickle.dumps(([big] * 4000, [True] * 2000), protocol=5))
+    assert path.stat().st_size < 1_100_000
+    vb = read_verification_bin(path)
+    assert len(vb) == 4000 and vb.issame.all() and isinstance(vb.encoded_images[0], bytes)
+    assert len({id(b) for b in vb.encoded_images}) == 1
+    assert np.frombuffer(vb.encoded_images[3999], np.uint8)[:2].tolist() == [0xFF, 0xD8]

@@ -136,3 +136,25 @@ def test_meta_cross_checks(tmp_path):
     lm.write_text("\n".join(lm.read_text().splitlines()[1:]) + "\n")
     with pytest.raises(LandmarkFileError, match="no landmarks for 1 of 12 faces.*'1.jpg'"):
         read_ijb_meta(tmp_path / "ijbc_face_tid_mid.txt", tmp_path / "ijbc_template_pair_label.txt", lm)
+
+
+def test_ijb_image_names_cannot_leave_the_image_folder(tmp_path):
+    from kprpe.eval.images import DataFormatError
+
+    images = _write_ijb(tmp_path)
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes((images / sorted(p.name for p in images.iterdir())[0]).read_bytes())
+    for bad in ("../secret.jpg", str(secret)):
+        text = (tmp_path / "ijbc_face_tid_mid.txt").read_text().splitlines()
+        first = text[0].split(" ")
+        old = first[0]
+        text[0] = " ".join([bad, *first[1:]])
+        (tmp_path / "ijbc_face_tid_mid.txt").write_text("\n".join(text) + "\n")
+        lm = (tmp_path / "ijbc_name_5pts_score.txt").read_text().replace(old, bad, 1)
+        (tmp_path / "ijbc_name_5pts_score.txt").write_text(lm)
+        with pytest.raises(DataFormatError, match="outside the image folder"):
+            evaluate_ijb(ModelHandle(TINY_KPRPE), name="IJBC", tid_mid=tmp_path / "ijbc_face_tid_mid.txt",
+                         pairs=tmp_path / "ijbc_template_pair_label.txt",
+                         landmarks=tmp_path / "ijbc_name_5pts_score.txt", images_dir=images,
+                         settings=EvalSettings(progress=False, cache_dir=None))
+        _write_ijb(tmp_path)

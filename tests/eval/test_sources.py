@@ -101,3 +101,36 @@ def test_bin_source_with_face_backend(tmp_path):
     images, kps = source.load(0, 2)
     assert images.shape == (2, 112, 112, 3) and kps.shape == (2, 5, 2)
     assert np.all(np.isfinite(kps)) and np.all(np.abs(kps - ARCFACE_TEMPLATE_112 / 112) < 0.2)
+
+
+def test_cache_is_keyed_on_the_bytes_that_define_the_model(tmp_path):
+    """Replacing the weights (or the config beside them) with other bytes of the same size and time stamp must
+    not serve the old model's embeddings."""
+    import os
+    import shutil
+
+    repo = tmp_path / "repo" / "pretrained_model"
+    repo.mkdir(parents=True)
+    weights = repo / "model.safetensors"
+    shutil.copy(TINY_KPRPE, weights)
+    config = tmp_path / "repo" / "config.json"
+    config.write_text('{"note": "a"}')
+    src = _random_source()
+    _, _, cached = embed_with_cache(lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c",
+                                    progress=False)
+    assert not cached
+    stamp = weights.stat().st_mtime_ns
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # other weights, same size
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stamp, stamp))
+    _, _, cached = embed_with_cache(lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c",
+                                    progress=False)
+    assert not cached
+    config.write_text('{"note": "b"}')  # a config that belongs to the checkpoint is part of the model
+    _, _, cached = embed_with_cache(lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c",
+                                    progress=False)
+    assert not cached
+    _, _, cached = embed_with_cache(lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c",
+                                    progress=False)
+    assert cached

@@ -194,3 +194,75 @@ def test_missing_dlib_is_a_clear_cli_error(capsys, photo_dir, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "dlib", None)
     code, _, err = run(capsys, "align", str(photo_dir), "-o", str(tmp_path / "o"))
     assert code == 2 and "kprpe[face]" in err
+
+
+def test_align_never_overwrites_its_inputs_or_foreign_files(capsys, photo_dir, tmp_path):
+    """`kprpe align DIR -o DIR` once replaced the input photos with crops of the same name."""
+    before = {p.name: p.read_bytes() for p in photo_dir.iterdir()}
+    code, _, err = run(capsys, "align", str(photo_dir), "-o", str(photo_dir), "-q")
+    assert code == 2 and "contains the input" in err
+    assert {p.name: p.read_bytes() for p in photo_dir.iterdir()} == before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "astronaut.png").write_bytes(b"precious")
+    code, _, err = run(capsys, "align", str(photo_dir), "-o", str(foreign), "-q")
+    assert code == 2 and "not written by this command" in err
+    assert (foreign / "astronaut.png").read_bytes() == b"precious"
+
+
+def test_align_rerun_replaces_the_whole_set(capsys, photo_dir, tmp_path):
+    out = tmp_path / "aligned"
+    assert run(capsys, "align", str(photo_dir), "-o", str(out), "-q")[0] == 0
+    first = sorted(p.name for p in out.iterdir())
+    assert "landmarks.csv" in first and len([n for n in first if n.endswith(".png")]) == len(list(photo_dir.iterdir()))
+    (out / "failures.csv").write_text("file,reason\nold.png,stale\n")  # as if an earlier run had failures
+    # a re-run into the same folder with one input: no crop, landmark row or failure list of the old run survives
+    one = sorted(photo_dir.iterdir())[0]
+    assert run(capsys, "align", str(one), "-o", str(out), "-q")[0] == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([f"{one.stem}.png", "landmarks.csv"])
+    rows = list(csv.DictReader(open(out / "landmarks.csv")))
+    assert [r["file"] for r in rows] == [f"{one.stem}.png"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".aligned.")]  # no staging left behind
+
+
+def test_align_killed_midway_leaves_the_previous_output_whole(capsys, photo_dir, tmp_path, monkeypatch):
+    out = tmp_path / "aligned"
+    assert run(capsys, "align", str(photo_dir), "-o", str(out), "-q")[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    import kprpe.face.commands as commands
+
+    def die(*a, **k):
+        raise KeyboardInterrupt  # stands in for a crash while the crops are being written
+
+    monkeypatch.setattr(commands, "write_csv", die)
+    assert main(["align", str(photo_dir), "-o", str(out), "-q"]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".aligned.")]
+
+
+def test_nan_weights_are_refused_not_printed_as_invalid_json(capsys, photo_dir, tmp_path):
+    """A diverged checkpoint once gave `"similarity": NaN` (invalid JSON) and NaN rows in embed, with exit 0."""
+    import torch
+
+    import kprpe
+
+    model = kprpe.load_official(TINY_WEIGHTS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    broken = kprpe.save_model(model, tmp_path / "diverged.safetensors")
+    photo = str(photo_dir / "astronaut.png")
+    code, payload, err = run(capsys, "verify", photo, photo, "--weights", str(broken))
+    assert code == 2 and payload is None and "non-finite similarity" in err
+    out = tmp_path / "e.npz"
+    code, payload, err = run(capsys, "embed", photo, "--weights", str(broken), "-o", str(out), "-q")
+    assert code == 2 and "non-finite embeddings" in err and not out.exists()
+
+
+def test_a_folder_with_only_sub_folders_is_an_error_not_zero_faces(capsys, photo_dir, tmp_path):
+    nested = tmp_path / "people"
+    (nested / "alice").mkdir(parents=True)
+    (nested / "alice" / "a.png").write_bytes((photo_dir / "astronaut.png").read_bytes())
+    code, payload, err = run(capsys, "embed", str(nested), "--weights", W, "-o", str(tmp_path / "e.npz"), "-q")
+    assert code == 2 and payload is None and "holds no images" in err and "sub-folders" in err
+    assert not (tmp_path / "e.npz").exists()

@@ -143,3 +143,17 @@ def test_index_refuses_other_weights_and_bad_files(embedder, tmp_path):
         FaceIndex.load(tmp_path / "junk.npz")
     with pytest.raises(FaceIndexError, match="does not exist"):
         FaceIndex.load(tmp_path / "none.npz")
+    # truncated and CRC-corrupt files, metadata of the wrong type: clear errors, not tracebacks
+    saved = index.save(tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(FaceIndexError, match="cut.npz"):
+        FaceIndex.load(tmp_path / "cut.npz")
+    flipped = bytearray(saved)
+    flipped[saved.index(b"embeddings.npy") + 200] ^= 0xFF
+    (tmp_path / "crc.npz").write_bytes(bytes(flipped))
+    with pytest.raises(FaceIndexError, match="crc.npz"):
+        FaceIndex.load(tmp_path / "crc.npz")
+    np.savez(tmp_path / "list.npz", identities=np.array(["a"]), embeddings=np.zeros((1, 32), np.float32),
+             counts=np.ones(1), metadata=np.asarray("[1, 2]"))
+    with pytest.raises(FaceIndexError, match="expected an object"):
+        FaceIndex.load(tmp_path / "list.npz")

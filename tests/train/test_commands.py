@@ -14,10 +14,18 @@ def test_make_example_data_and_pack(tmp_path, capsys):
     assert len(RecordSource(tmp_path / "ex" / "train.rec")) == 12
     assert read_landmarks(tmp_path / "ex" / "landmarks.csv", num_samples=12).shape == (12, 5, 2)
     (tmp_path / "ex" / "images" / "id_0001" / "img_000.png").write_bytes(b"junk")
-    assert main(["pack", str(tmp_path / "ex" / "images"), "-o", str(tmp_path / "p.rec"), "--quiet"]) == 0
-    out = capsys.readouterr().out
+    # skipped images are loud: exit status 1 and a failure list, unless the user accepts them
+    assert main(["pack", str(tmp_path / "ex" / "images"), "-o", str(tmp_path / "p.rec"), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    out = captured.out
     assert "wrote 11 images of 3 identities" in out and "SKIPPED 1 unreadable images" in out and "id_0001/img_000.png" in out
-    assert main(["pack", str(tmp_path / "ex" / "images"), "-o", str(tmp_path / "p2.rec"), "--quiet", "--strict"]) == 1
+    assert "--allow-skipped" in captured.err
+    assert "id_0001/img_000.png" in (tmp_path / "p.failures.json").read_text()
+    assert len(RecordSource(tmp_path / "p.rec")) == 11 and RecordSource(tmp_path / "p.rec").declared_num_classes == 3
+    assert main(["pack", str(tmp_path / "ex" / "images"), "-o", str(tmp_path / "p2.rec"), "--quiet", "--allow-skipped"]) == 0
+    (tmp_path / "ex" / "images" / "id_0001" / "img_000.png").unlink()
+    assert main(["pack", str(tmp_path / "ex" / "images"), "-o", str(tmp_path / "p.rec"), "--quiet"]) == 0
+    assert not (tmp_path / "p.failures.json").exists()  # a stale list from the earlier run is dropped
     assert main(["pack", str(tmp_path / "nowhere"), "-o", str(tmp_path / "p3.rec")]) == 2
     assert "image folder not found" in capsys.readouterr().err
 

@@ -120,3 +120,86 @@ def test_reader_is_safe_in_forked_dataloader_workers(tmp_path):
     got = torch.cat([b for b in loader])
     assert got[:, 0].tolist() == [k % 256 for k in range(40)]
     assert reader.read(39)[0] == 39  # the parent's handle still works after the workers read
+
+
+def test_writer_commits_the_pair_with_normal_permissions_and_no_temporaries(tmp_path):
+    import os
+
+    rec = tmp_path / "d.rec"
+    _write(rec, {0: pack_record(RecordHeader(0, 1.0), b"a")})
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (rec, tmp_path / "d.idx"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.idx", "d.rec"]
+
+
+def test_a_failure_between_the_renames_never_leaves_a_mismatched_index(tmp_path, monkeypatch):
+    import os
+
+    rec = tmp_path / "d.rec"
+    _write(rec, {k: pack_record(RecordHeader(0, float(k)), b"old" * k) for k in range(3)})
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(".idx"):
+            raise OSError("killed between the two renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(OSError, match="killed"):
+        _write(rec, {k: pack_record(RecordHeader(0, float(k)), b"new-longer" * k) for k in range(5)})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # temporaries cleaned up
+    with pytest.raises(RecordIOError, match="index file not found.*interrupted"):
+        RecordIOReader(rec)  # the old index is gone: the new .rec is never read through it
+
+
+def test_rewrite_keeps_the_length(tmp_path):
+    rec = tmp_path / "d.rec"
+    with RecordIOWriter(rec) as w:
+        w.write(0, pack_record(RecordHeader(2, (0.0, 0.0))))
+        w.write(1, pack_record(RecordHeader(0, 0.0), b"img"))
+        with pytest.raises(RecordIOError, match="same length|keep that length"):
+            w.rewrite(0, pack_record(RecordHeader(3, (1.0, 2.0, 3.0))))
+        w.rewrite(0, pack_record(RecordHeader(2, (2.0, 3.0))))
+    reader = RecordIOReader(rec)
+    assert reader.index[0] == 0 and reader.read_header(0).label == (2.0, 3.0)
+    assert reader.read_record(1)[1] == b"img"
+
+
+@pytest.mark.parametrize("label", [float("nan"), float("inf"), 2.5])
+def test_bad_labels_are_bad_samples_not_crashes(tmp_path, label):
+    import cv2
+
+    from kprpe.data.dataset import DataError, FaceDataset, RecordSource
+
+    ok, jpg = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))
+    rec = tmp_path / "d.rec"
+    _write(rec, {
+        0: pack_record(RecordHeader(2, (3.0, 4.0))),
+        1: pack_record(RecordHeader(0, 0.0), jpg.tobytes()),
+        2: pack_record(RecordHeader(0, label), jpg.tobytes()),
+        3: pack_record(RecordHeader(2, (1.0, 3.0))),
+    })
+    source = RecordSource(rec)
+    with pytest.raises(DataError, match="not a whole class number"):
+        source.get(1)
+    replaced = FaceDataset(source, image_size=8, on_error="replace")[1]
+    assert not bool(replaced["valid"])
+    assert bool(FaceDataset(source, image_size=8, on_error="replace")[0]["valid"])
+    with pytest.raises(DataError, match="not a whole class number"):
+        FaceDataset(source, image_size=8, on_error="raise")[1]
+
+
+@pytest.mark.parametrize("header", [(float("nan"), 4.0), (2.0, 2e8)])
+def test_damaged_header_record_is_refused_before_anything_is_sized(tmp_path, header):
+    from kprpe.data.dataset import DataError, RecordSource
+
+    rec = tmp_path / "d.rec"
+    _write(rec, {0: pack_record(RecordHeader(2, header)), 1: pack_record(RecordHeader(0, 0.0), b"x"),
+                 2: pack_record(RecordHeader(2, (1.0, 2.0)))})
+    with pytest.raises(DataError, match="header record 0"):
+        RecordSource(rec)

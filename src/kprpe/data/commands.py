@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,15 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     if report.failures:
         print(f"SKIPPED {len(report.failures)} unreadable images:")
         _print_first(report.failures, "{}")
-        print("note: sample indices follow the packed order; compute landmarks on the packed .rec")
-    return 1 if report.failures and args.strict else 0
+        failures_path = write_json(out.with_suffix(".failures.json"), [{"file": f, "reason": r} for f, r in report.failures])
+        print(f"full list: {failures_path}; note: sample indices follow the packed order; compute landmarks on the packed .rec")
+        if not args.allow_skipped:
+            print(f"kprpe pack: {len(report.failures)} images were skipped (exit status 1; pass --allow-skipped to accept)",
+                  file=sys.stderr)
+            return 1
+    else:
+        out.with_suffix(".failures.json").unlink(missing_ok=True)  # a list from an earlier run no longer applies
+    return 0
 
 
 def face_keypoint_detector(mode: str = "auto", detector: str = "hog", landmark_model: str = "68"):
@@ -115,7 +123,9 @@ def register(subparsers) -> None:
     p.add_argument("--output", "-o", required=True, help="output .rec path (the .idx is written beside it)")
     p.add_argument("--resize", type=int, default=None, help="re-encode every image as a SIZE x SIZE JPEG")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
-    p.add_argument("--strict", action="store_true", help="exit with status 1 if any image was unreadable")
+    p.add_argument("--allow-skipped", action="store_true",
+                   help="exit with status 0 even if unreadable images were skipped (default: status 1, list written)")
+    p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # the default since 0.2
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_pack)
 

@@ -9,6 +9,7 @@ counts and logs every such index.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -64,13 +65,28 @@ class RecordSource:
         if not keys:
             raise DataError(f"{self.path}: the index lists no records")
         first = keys[0]
-        header, _ = self.reader.read_record(first)
+        try:
+            header, _ = self.reader.read_record(first)
+        except RecordIOError as exc:
+            raise DataError(f"{self.path}: cannot read the first record: {exc}") from exc
         if first == 0 and header.flag > 0:
             label = header.label
+            if not all(math.isfinite(v) and v == int(v) and 0 <= v < 2**53 for v in label[:2]):
+                raise DataError(f"{self.path}: header record 0 holds {label[:2]}; expected whole key numbers")
             end_image = int(label[0])
             self.image_keys = [k for k in keys if 0 < k < end_image]
             if len(label) >= 2 and label[1] > label[0]:
-                self.declared_num_classes = int(label[1] - label[0])
+                declared = int(label[1] - label[0])
+                # insightface stores one identity record per class after the images: a header that claims more
+                # classes than the index has records is damaged (and would size the classifier from garbage).
+                identity_records = sum(1 for k in keys if k >= end_image)
+                if declared > identity_records:
+                    raise DataError(
+                        f"{self.path}: header record 0 declares {declared} identities (keys {int(label[0])}.."
+                        f"{int(label[1]) - 1}) but the index has only {identity_records} records after the images; "
+                        "the header is damaged (set data.num_classes to override)"
+                    )
+                self.declared_num_classes = declared
         else:
             self.image_keys = list(keys)
         if not self.image_keys:
@@ -88,12 +104,21 @@ class RecordSource:
             header, data = self.reader.read_record(key)
         except RecordIOError as exc:
             raise DataError(f"sample {index}: {exc}") from exc
-        label = header.label[0] if isinstance(header.label, tuple) else header.label
-        return data, int(label)
+        return data, self._label_of(index, header)
 
     def label(self, index: int) -> int:
-        header = self.reader.read_header(self.image_keys[index])
-        return int(header.label[0] if isinstance(header.label, tuple) else header.label)
+        try:
+            header = self.reader.read_header(self.image_keys[index])
+        except RecordIOError as exc:
+            raise DataError(f"sample {index}: {exc}") from exc
+        return self._label_of(index, header)
+
+    def _label_of(self, index: int, header) -> int:
+        """The record's class label as an int; NaN, infinite or fractional labels make the sample bad."""
+        label = header.label[0] if isinstance(header.label, tuple) else header.label
+        if not math.isfinite(label) or label != int(label) or abs(label) >= 2**31:
+            raise DataError(f"{self.describe(index)}: label {label!r} is not a whole class number")
+        return int(label)
 
 
 class FolderSource:

@@ -44,39 +44,40 @@ def pack_folder(
     """
     source = FolderSource(folder)
     report = PackReport(Path(rec_path), ignored=list(source.ignored), num_identities=len(source.identities))
-    kept: list[tuple[bytes, int]] = []
-    for index in tqdm(range(len(source)), desc="reading images", unit="img", disable=not progress):
-        try:
-            data, label = source.get(index)
-            image = decode_image(data, source.describe(index))
-        except DataError as exc:
-            report.failures.append((source.files[index], str(exc)))
-            continue
-        if resize is not None:
-            if image.shape[:2] != (resize, resize):
-                interp = cv2.INTER_AREA if image.shape[0] > resize else cv2.INTER_LINEAR
-                image = cv2.resize(image, (resize, resize), interpolation=interp)
-            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-            if not ok:
-                report.failures.append((source.files[index], "JPEG encoding failed"))
-                continue
-            data = buf.tobytes()
-        kept.append((data, label))
-    if not kept:
-        raise DataError(f"{folder}: none of the {len(source)} images could be read; nothing written")
-    n, c = len(kept), len(source.identities)
-    ranges = np.zeros((c, 2), dtype=np.int64)
-    ranges[:, 0] = ranges[:, 1] = -1
+    c = len(source.identities)
+    ranges = np.full((c, 2), -1, dtype=np.int64)
+    n = 0
+    # Records are streamed to the writer (memory stays at one image); the header record 0 needs the final count,
+    # so it is written first as a same-sized placeholder and filled in at the end (it keeps offset 0).
     with RecordIOWriter(rec_path) as writer:
-        writer.write(0, pack_record(RecordHeader(2, (float(n + 1), float(n + 1 + c)))))
-        for key, (data, label) in enumerate(tqdm(kept, desc="writing records", unit="rec", disable=not progress), 1):
-            writer.write(key, pack_record(RecordHeader(0, float(label)), data))
+        writer.write(0, pack_record(RecordHeader(2, (0.0, 0.0))))
+        for index in tqdm(range(len(source)), desc="packing images", unit="img", disable=not progress):
+            try:
+                data, label = source.get(index)
+                image = decode_image(data, source.describe(index))
+            except DataError as exc:
+                report.failures.append((source.files[index], str(exc)))
+                continue
+            if resize is not None:
+                if image.shape[:2] != (resize, resize):
+                    interp = cv2.INTER_AREA if image.shape[0] > resize else cv2.INTER_LINEAR
+                    image = cv2.resize(image, (resize, resize), interpolation=interp)
+                ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+                if not ok:
+                    report.failures.append((source.files[index], "JPEG encoding failed"))
+                    continue
+                data = buf.tobytes()
+            n += 1
+            writer.write(n, pack_record(RecordHeader(0, float(label)), data))
             if ranges[label, 0] < 0:
-                ranges[label, 0] = key
-            ranges[label, 1] = key + 1
+                ranges[label, 0] = n
+            ranges[label, 1] = n + 1
+        if n == 0:
+            raise DataError(f"{folder}: none of the {len(source)} images could be read; nothing written")
         for label in range(c):
             start, end = (int(v) for v in ranges[label]) if ranges[label, 0] >= 0 else (0, 0)
             writer.write(n + 1 + label, pack_record(RecordHeader(2, (float(start), float(end)))))
+        writer.rewrite(0, pack_record(RecordHeader(2, (float(n + 1), float(n + 1 + c)))))
     report.num_images = n
     return report
 

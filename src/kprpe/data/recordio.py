@@ -92,7 +92,10 @@ def unpack_record(payload: bytes) -> tuple[RecordHeader, bytes]:
 
 def _read_index(idx_path: Path) -> dict[int, int]:
     if not idx_path.is_file():
-        raise RecordIOError(f"index file not found: {idx_path} (RecordIO needs the .idx beside the .rec)")
+        raise RecordIOError(
+            f"index file not found: {idx_path} (RecordIO needs the .idx beside the .rec; if a write of this pair was "
+            f"interrupted, write it again)"
+        )
     index: dict[int, int] = {}
     with open(idx_path, encoding="ascii", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
@@ -210,9 +213,14 @@ class RecordIOWriter:
         self.rec_path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp_rec = tempfile.mkstemp(dir=self.rec_path.parent, prefix=f".{self.rec_path.name}.", suffix=".tmp")
         self._rec = os.fdopen(fd, "wb")
-        fd, self._tmp_idx = tempfile.mkstemp(dir=self.idx_path.parent, prefix=f".{self.idx_path.name}.", suffix=".tmp")
+        try:
+            fd, self._tmp_idx = tempfile.mkstemp(dir=self.idx_path.parent, prefix=f".{self.idx_path.name}.", suffix=".tmp")
+        except OSError:
+            self._rec.close()
+            os.unlink(self._tmp_rec)
+            raise
         self._idx = os.fdopen(fd, "w", encoding="ascii")
-        self._keys: set[int] = set()
+        self._offsets: dict[int, tuple[int, int]] = {}  # key -> (offset, payload length)
         self._closed = False
 
     def write(self, key: int, payload: bytes) -> None:
@@ -220,34 +228,67 @@ class RecordIOWriter:
         if self._closed:
             raise RecordIOError(f"{self.rec_path}: writer is closed")
         key = int(key)
-        if key in self._keys:
+        if key in self._offsets:
             raise RecordIOError(f"{self.rec_path}: key {key} written twice")
         if len(payload) > _MAX_PAYLOAD:
             raise RecordIOError(f"{self.rec_path}: record {key} has {len(payload)} bytes; at most {_MAX_PAYLOAD} fit one record")
-        self._keys.add(key)
         offset = self._rec.tell()
+        self._offsets[key] = (offset, len(payload))
         self._rec.write(struct.pack("<II", RECORDIO_MAGIC, len(payload)))
         self._rec.write(payload)
         self._rec.write(b"\x00" * ((-len(payload)) % 4))
         self._idx.write(f"{key}\t{offset}\n")
 
+    def rewrite(self, key: int, payload: bytes) -> None:
+        """Replace the payload of an already written record with one of the same length (a header whose counts
+        are known only at the end is written first as a placeholder, so it keeps offset 0)."""
+        if self._closed:
+            raise RecordIOError(f"{self.rec_path}: writer is closed")
+        offset, length = self._offsets.get(int(key), (None, None))
+        if offset is None:
+            raise RecordIOError(f"{self.rec_path}: key {key} was never written")
+        if len(payload) != length:
+            raise RecordIOError(f"{self.rec_path}: record {key} has {length} bytes; a rewrite must keep that length")
+        end = self._rec.tell()
+        self._rec.seek(offset + 8)
+        self._rec.write(payload)
+        self._rec.seek(end)
+
     def close(self) -> None:
+        """Commit the pair. The old ``.idx`` is removed first, then the new ``.rec`` and ``.idx`` are renamed into
+        place: a crash at any point leaves either the complete new pair or a ``.rec`` without an index (which
+        every reader refuses loudly) — never a ``.rec`` with an index of another file."""
         if self._closed:
             return
         self._closed = True
-        for f in (self._rec, self._idx):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        os.replace(self._tmp_rec, self.rec_path)
-        os.replace(self._tmp_idx, self.idx_path)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            for f, tmp in ((self._rec, self._tmp_rec), (self._idx, self._tmp_idx)):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
+            if self.idx_path.exists():
+                self.idx_path.unlink()
+            os.replace(self._tmp_rec, self.rec_path)
+            os.replace(self._tmp_idx, self.idx_path)
+        finally:
+            self._remove_temporaries()
 
     def abort(self) -> None:
+        """Drop everything written so far; the files at the target paths are left untouched."""
         if self._closed:
             return
         self._closed = True
+        self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
         for f, tmp in ((self._rec, self._tmp_rec), (self._idx, self._tmp_idx)):
-            f.close()
+            try:
+                f.close()
+            except OSError:
+                pass
             if os.path.exists(tmp):
                 os.unlink(tmp)
 

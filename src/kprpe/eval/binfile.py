@@ -117,9 +117,13 @@ def read_verification_bin(path: str | os.PathLike) -> VerificationBin:
         raise BinFormatError(f"{path}: {len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
     if not issame:
         raise BinFormatError(f"{path}: no pairs")
+    # A pickle can reference one buffer many times (its memo); copy each distinct buffer once, so a small file
+    # that names one large bytearray thousands of times costs one buffer, not thousands of copies.
+    distinct: dict[int, bytes] = {}
+    encoded = [distinct.setdefault(id(b), b if isinstance(b, bytes) else bytes(b)) for b in images]
     return VerificationBin(
         name=path.stem,
-        encoded_images=[bytes(b) for b in images],
+        encoded_images=encoded,
         issame=np.asarray([bool(f) for f in issame], dtype=bool),
     )
 

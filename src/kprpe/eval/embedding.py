@@ -1,8 +1,8 @@
 """Embedding whole evaluation sets, with an on-disk cache so another protocol on the same faces is free.
 
 A cache entry is one ``.npz`` (no pickle: plain float arrays and a JSON string) named by a hash of the
-weights file (resolved path, size, modification time), the data set's fingerprint, the crop mode and the
-flip setting. Changing any of them gives a new entry; editing a weights file in place changes its mtime.
+bytes that define the model (weights and their config files), the data set's fingerprint, the crop mode and the
+flip setting. Changing any of them gives a new entry.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ __all__ = [
     "FaceBatchLoader",
     "FaceSource",
     "file_fingerprint",
+    "model_fingerprint",
+    "model_files",
     "default_cache_dir",
     "EmbeddingCache",
     "embed_faces",
@@ -44,11 +46,51 @@ class FaceSource:
     fingerprint: str
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file's bytes, remembered for this process while the file is untouched (inode change time:
+    any write, or a reset modification time, moves it)."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if memo not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[memo] = digest.hexdigest()
+    return _DIGESTS[memo]
+
+
+def model_files(weights: str | os.PathLike) -> list[Path]:
+    """The files that define a checkpoint's model: the weights file and the configuration files beside it
+    (``config.json``, ``model.yaml``; for the published ``<repo>/pretrained_model/model.*`` layout also the
+    repo's ``config.json``)."""
+    path = Path(weights)
+    files = [path]
+    for name in ("config.json", "model.yaml"):
+        if (path.parent / name).is_file():
+            files.append(path.parent / name)
+    if path.parent.name == "pretrained_model" and (path.parent.parent / "config.json").is_file():
+        files.append(path.parent.parent / "config.json")
+    return files
+
+
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """Cheap identity of a file: resolved path, size and modification time (nanoseconds)."""
+    """Cheap identity of a data file: resolved path, size and modification time (nanoseconds)."""
     p = Path(path).resolve()
     st = p.stat()
     return f"{p}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """Identity of the model a weights file defines, by content: sha256 of the weights and of the config files
+    that belong to them (replacing any of them, even with the same size and time stamp, changes it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights not found: {path}")
+    return "|".join(f"{f.name}:{_sha256(f)}" for f in model_files(path))
 
 
 def default_cache_dir() -> Path:
@@ -120,7 +162,7 @@ def embed_with_cache(model_loader: Callable[[], torch.nn.Module], weights: str |
     Returns ``(embeddings, norms, from_cache)``. ``cache_dir=None`` disables the cache.
     """
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
-    key = EmbeddingCache.make_key(weights=file_fingerprint(weights), data=source.fingerprint, mode=mode, flip=flip,
+    key = EmbeddingCache.make_key(weights=model_fingerprint(weights), data=source.fingerprint, mode=mode, flip=flip,
                                   count=source.count)
     if cache is not None:
         hit = cache.load(key, expected_count=source.count)

@@ -20,6 +20,7 @@ from .geometry import aligned_crop_params, box_crop_params, box_from_landmarks, 
 from .landmarks import face_backend_landmarks, template_keypoints_for
 
 __all__ = [
+    "path_inside",
     "IMAGE_EXTENSIONS",
     "DataFormatError",
     "crop_face",
@@ -107,6 +108,19 @@ def image_face_source(paths: list[Path], keys: list[str], *, landmarks: dict[str
             if boxes and k in boxes:
                 digest.update(np.asarray(boxes[k], dtype=np.float64).tobytes())
     return FaceSource(count=len(paths), load=load, fingerprint=f"files:{digest.hexdigest()}|{mode}")
+
+
+def path_inside(root: Path, name: str, *, listed_in: str | os.PathLike = "") -> Path:
+    """``root / name`` for a file name read from a data file, refusing names that leave ``root`` (``../x``,
+    absolute paths, symlinked escapes): a metadata file must not make us read elsewhere."""
+    candidate = Path(name)
+    where = f" (listed in {listed_in})" if listed_in else ""
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise DataFormatError(f"image name {name!r}{where} points outside the image folder {root}")
+    path = root / candidate
+    if path.exists() and root.resolve() not in path.resolve().parents:
+        raise DataFormatError(f"image name {name!r}{where} resolves outside the image folder {root}")
+    return path
 
 
 def read_pairs_csv(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:

@@ -18,6 +18,7 @@ from .images import (
     IdentityImages,
     image_face_source,
     list_images,
+    path_inside,
     read_pairs_csv,
     scan_identity_folders,
 )
@@ -80,7 +81,8 @@ class ModelHandle:
     def fingerprint_path(self) -> Path:
         """The file whose identity keys the cache (a directory's model file when given a directory)."""
         if self.weights.is_dir():
-            for candidate in ("model.safetensors", "pretrained_model/model.pt", "model.pt"):
+            for candidate in ("model.safetensors", "pretrained_model/model.safetensors", "pretrained_model/model.pt",
+                              "model.pt", "model.pth"):
                 if (self.weights / candidate).is_file():
                     return self.weights / candidate
         return self.weights
@@ -122,7 +124,7 @@ def evaluate_ijb(handle: ModelHandle, *, name: str, tid_mid, pairs, landmarks, i
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise DataFormatError(f"image folder not found: {images_dir}")
-    paths = [images_dir / n for n in meta.names]
+    paths = [path_inside(images_dir, n, listed_in=tid_mid) for n in meta.names]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DataFormatError(f"{len(missing)} of {len(paths)} faces are missing from {images_dir} (first: {missing[0].name})")

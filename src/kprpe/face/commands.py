@@ -117,8 +117,18 @@ def _report_failures(command: str, batch: BatchResult) -> list[dict]:
     return [{"file": path, "reason": reason} for path, reason in batch.failures]
 
 
+def _require_finite(values, what: str, weights) -> None:
+    """NaN or infinite embeddings come from broken weights (e.g. a diverged training run): refuse them."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values.reshape(len(values), -1) if values.ndim else values.reshape(1, 1))).any(-1).sum())
+        raise CommandError(f"the model produced non-finite {what} ({bad} affected) with weights {weights}; "
+                           "the checkpoint is broken (did its training diverge?) — nothing was written")
+
+
 def _print_json(payload: dict) -> None:
-    print(json.dumps(payload, indent=2))
+    # strict JSON: a NaN or infinity is a bug upstream and must not reach a consumer as invalid JSON
+    print(json.dumps(payload, indent=2, allow_nan=False))
 
 
 def _status(batch: BatchResult) -> int:
@@ -137,26 +147,35 @@ def _unique_stem(stem: str, used: set[str]) -> str:
 # ----------------------------------------------------------------------------------------------- commands
 
 
+ALIGN_MARKER = ".kprpe-align"
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
+    from ..files import OutputFolderError, check_output_folder, staged_folder
     from .draw import draw_keypoints
 
+    out = Path(args.output)
+    try:  # a folder holding inputs or files align did not write is refused before any work is done
+        check_output_folder(out, ALIGN_MARKER, inputs=args.inputs)
+    except OutputFolderError as exc:
+        raise CommandError(str(exc)) from None
     pipeline = _pipeline(args)
     batch = pipeline.process(args.inputs, progress=not args.quiet)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    rows = []
-    for record in batch.records:
-        stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
-        stem = _unique_stem(stem, used)
-        write_png(out / f"{stem}.png", record.face.image)
-        if args.draw:
-            write_png(out / "draw" / f"{stem}.png", draw_keypoints(record.face))
-        rows.append([f"{stem}.png", *(f"{v:.6f}" for v in record.face.keypoints.reshape(-1))])
-    write_csv(out / "landmarks.csv", ["file", *LANDMARK_COLUMNS], rows)
-    failures = _report_failures("align", batch)
-    if failures:
-        write_csv(out / "failures.csv", ["file", "reason"], batch.failures)
+    # crops, landmarks.csv and failures.csv are committed together: they replace an earlier run's set whole
+    with staged_folder(out, ALIGN_MARKER, inputs=args.inputs) as folder:
+        used: set[str] = set()
+        rows = []
+        for record in batch.records:
+            stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
+            stem = _unique_stem(stem, used)
+            write_png(folder / f"{stem}.png", record.face.image)
+            if args.draw:
+                write_png(folder / "draw" / f"{stem}.png", draw_keypoints(record.face))
+            rows.append([f"{stem}.png", *(f"{v:.6f}" for v in record.face.keypoints.reshape(-1))])
+        write_csv(folder / "landmarks.csv", ["file", *LANDMARK_COLUMNS], rows)
+        failures = _report_failures("align", batch)
+        if failures:
+            write_csv(folder / "failures.csv", ["file", "reason"], batch.failures)
     _print_json({"output": str(out), "landmarks": str(out / "landmarks.csv"), "faces": len(rows),
                  "images": len({r.source for r in batch.records}) + len(failures), "failures": failures})
     return _status(batch)
@@ -167,6 +186,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     embedder = _embedder(args)
     batch = pipeline.process(args.inputs, progress=not args.quiet)
     unit, norms = embedder.embed_faces([record.face for record in batch.records])
+    _require_finite(unit, "embeddings", args.weights)
+    _require_finite(norms, "embedding norms", args.weights)
     failures = _report_failures("embed", batch)
     metadata = {"weights": str(args.weights), "model_fingerprint": embedder.fingerprint, "flip": embedder.flip,
                 "pipeline": pipeline.describe()}
@@ -194,6 +215,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         result = verify(args.a, args.b, pipeline=pipeline, embedder=embedder, threshold=args.threshold)
     except (ImageLoadError, NoFaceFound, AlignmentError, LandmarkFileError) as exc:
         raise CommandError(str(exc)) from None
+    _require_finite([result.similarity], "similarity", args.weights)
     payload = {"a": args.a, "b": args.b, **result.to_dict()}
     if args.visualize:
         picture = side_by_side(*result.faces, result.similarity, result.same, result.threshold)

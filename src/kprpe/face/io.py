@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import KprpeError
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "load_image", "to_rgb_uint8", "expand_image_paths"]
 
 # Extensions picked up when a directory is given (files named explicitly are always tried).
@@ -23,7 +25,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(KprpeError, ValueError):
     """A file could not be read as an image; the message names the file and the reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
@@ -111,9 +113,14 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike], *, recursive: bool =
         path = Path(item)
         if path.is_dir():
             pattern: Sequence[Path] = sorted(path.rglob("*") if recursive else path.iterdir())
-            for child in pattern:
-                if child.is_file() and not child.name.startswith(".") and child.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.append(child)
+            images = [child for child in pattern
+                      if child.is_file() and not child.name.startswith(".") and child.suffix.lower() in IMAGE_EXTENSIONS]
+            if not images:  # an empty result would read as "0 faces", a success
+                folders = [c for c in pattern if c.is_dir() and not c.name.startswith(".")]
+                hint = (f"; its {len(folders)} sub-folders are not searched — pass them (e.g. {path}/*/) instead"
+                        if folders and not recursive else "")
+                raise ImageLoadError(path, f"the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}){hint}")
+            found.extend(images)
         else:
             found.append(path)
     return found

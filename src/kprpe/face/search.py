@@ -143,6 +143,11 @@ class FaceIndex:
             metadata = json.loads(str(data["metadata"]))
         except json.JSONDecodeError as exc:
             raise FaceIndexError(f"index file {path}: metadata is not JSON ({exc})") from None
+        if not isinstance(metadata, dict):
+            raise FaceIndexError(f"index file {path}: metadata is a JSON {type(metadata).__name__}, expected an object")
+        if data["identities"].dtype.kind != "U" or data["embeddings"].dtype.kind != "f":
+            raise FaceIndexError(f"index file {path}: identities must be strings and embeddings floats, got "
+                                 f"{data['identities'].dtype} and {data['embeddings'].dtype}")
         if metadata.get("format") != INDEX_FORMAT:
             raise FaceIndexError(f"index file {path}: unknown format {metadata.get('format')!r} (expected {INDEX_FORMAT})")
         identities = [str(x) for x in data["identities"].tolist()]

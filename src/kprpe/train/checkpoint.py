@@ -14,6 +14,7 @@ Every process writes into a temporary directory, which process 0 renames once al
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -58,9 +59,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run directory (via ``latest``), or None."""
     pointer = output_dir / "checkpoints" / "latest"
     if pointer.is_file():
-        path = output_dir / "checkpoints" / pointer.read_text().strip()
-        if (path / "meta.json").is_file():
-            return path
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        # the pointer names a sibling folder, nothing else: a path such as ../../x must not lead outside the run
+        if re.fullmatch(r"step_\d{8}", name):
+            path = output_dir / "checkpoints" / name
+            if (path / "meta.json").is_file():
+                return path
     done = sorted(p for p in (output_dir / "checkpoints").glob("step_*") if (p / "meta.json").is_file())
     return done[-1] if done else None
 
@@ -75,4 +79,10 @@ def read_meta(path: Path) -> dict:
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise CheckpointState(f"{path} is not a complete checkpoint (no meta.json)")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointState(f"{meta_path} is corrupt ({exc}); resume from another checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointState(f"{meta_path} holds a JSON {type(meta).__name__}, expected an object")
+    return meta
