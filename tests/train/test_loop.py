@@ -160,3 +160,52 @@ def test_grad_accumulation_and_clipping_run(tiny_config, tmp_path):
     trainer.run()
     rows = list(csv.DictReader(open(tmp_path / "run" / "train_log.csv")))
     assert rows[-1]["step"] == "3" and np.isfinite(float(rows[-1]["loss"]))
+
+
+def test_a_diverging_run_stops_keeps_its_good_checkpoints_and_saves_nothing_non_finite(tiny_config, tmp_path, capsys):
+    """`optim.lr=1e6` once ended with exit 0, NaN weights saved and the good checkpoints pruned."""
+    import yaml
+
+    from kprpe.train import TrainingDiverged
+
+    tiny_config["train"].update(max_steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=1, progress=False)
+    Trainer(config_from_dict(tiny_config)).run()  # a good first part of the run
+    first_model = (tmp_path / "run" / "model.safetensors").read_bytes()
+    tiny_config["train"].update(max_steps=12, nonfinite_patience=1)
+    trainer = Trainer(config_from_dict(tiny_config), resume="latest")
+    trainer.scheduler.base_lrs = [1e30 for _ in trainer.scheduler.base_lrs]  # the run diverges from here on
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        trainer.run()
+    kept = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert kept  # pruning never removed the last checkpoint with finite weights ...
+    for folder in kept:  # ... and no checkpoint with NaN/inf weights was written
+        tensors = [t.flatten().float() for t in load_file(folder / "model.safetensors").values() if t.is_floating_point()]
+        assert torch.isfinite(torch.cat(tensors)).all(), folder
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == first_model  # not replaced by NaN weights
+    with open(tmp_path / "run" / "train_log.csv") as f:
+        assert int(list(csv.DictReader(f))[-1]["nonfinite_steps"]) >= 1
+    # through the command line: a clear one-line error and exit status 2, not exit 0
+    tiny_config["optim"]["lr"] = 1e30
+    tiny_config["train"].update(output_dir=str(tmp_path / "run2"), checkpoint_every=0)
+    config = tmp_path / "diverge.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    code = main(["train", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2 and "training stopped" in err
+    assert not (tmp_path / "run2" / "model.safetensors").exists()
+
+
+def test_an_isolated_non_finite_step_is_skipped_not_applied(tiny_config):
+    tiny_config["train"].update(max_steps=3, progress=False)
+    trainer = Trainer(config_from_dict(tiny_config))
+    loader = iter(trainer._loader())
+    batch = next(loader)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    poisoned = dict(batch, image=batch["image"].clone())
+    poisoned["image"][0, 0, 0, 0] = float("nan")
+    out = trainer.train_step([poisoned])
+    assert not out["finite"] and trainer.nonfinite_streak == 1
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update, statistics restored
+    out = trainer.train_step([next(loader)])
+    assert out["finite"] and trainer.nonfinite_streak == 0

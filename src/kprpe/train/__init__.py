@@ -3,7 +3,7 @@
 from .checkpoint import CheckpointState, latest_checkpoint
 from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
 from .heads import AdaFaceMargin, CombinedMargin, PartialFC, PlainLogits, build_margin, class_shard
-from .loop import DistributedBatchNorm1d, Trainer, lr_factor, use_distributed_batchnorm
+from .loop import DistributedBatchNorm1d, Trainer, TrainingDiverged, lr_factor, use_distributed_batchnorm
 from .validation import evaluate_pairs, load_verification_bin, verification_accuracy
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "PlainLogits",
     "TrainConfig",
     "Trainer",
+    "TrainingDiverged",
     "apply_overrides",
     "build_margin",
     "class_shard",

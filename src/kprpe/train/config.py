@@ -105,6 +105,8 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 1000  # optimiser steps; 0: only at the end
     keep_checkpoints: int = 2
+    # consecutive steps with a NaN/inf loss or gradient that are skipped (no update) before training stops
+    nonfinite_patience: int = 3
     tensorboard: bool = True
     progress: bool = True
     sync_batchnorm: bool = False  # batch statistics over all processes (exact multi-process equivalence)
@@ -174,6 +176,8 @@ class TrainConfig:
         need(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
         need(t.cpu_threads >= 0, "train.cpu_threads", f"must be >= 0 (0: torch default), got {t.cpu_threads}")
         need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+        need(isinstance(t.nonfinite_patience, int) and t.nonfinite_patience >= 0, "train.nonfinite_patience",
+             f"must be an int >= 0, got {t.nonfinite_patience!r}")
         need(all(isinstance(p, str) for p in v.pairs), "validation.pairs", f"must be a list of file paths, got {v.pairs}")
         need(v.every > 0, "validation.every", f"must be positive, got {v.every}")
         need(v.batch_size > 0, "validation.batch_size", f"must be positive, got {v.batch_size}")

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from ..data.dataset import FaceDataset
 from ..data.sampler import ResumableSampler
+from ..errors import KprpeError
 from ..files import atomic_write_text
 from ..nn import create_model, load_official, load_weights, save_model
 from .checkpoint import (
@@ -41,6 +43,7 @@ from .config import TrainConfig
 from .distributed import (
     DistInfo,
     all_gather_nograd,
+    all_reduce_max_nograd,
     all_reduce_sum,
     barrier,
     init_distributed,
@@ -135,6 +138,10 @@ def clip_global_grad_norm(model_params: list[nn.Parameter], head_params: list[nn
     return float(total)
 
 
+class TrainingDiverged(KprpeError, RuntimeError):
+    """The loss stayed non-finite longer than ``train.nonfinite_patience`` steps, or the weights became NaN/inf."""
+
+
 class Trainer:
     """Build everything from a :class:`TrainConfig`; :meth:`run` trains and returns the final model path.
 
@@ -191,6 +198,8 @@ class Trainer:
         )
         self.step = 0
         self.bad_samples = 0
+        self.nonfinite_steps = 0  # updates skipped because the loss or gradient was NaN/inf
+        self.nonfinite_streak = 0
         if resume is not None:
             self._resume(resume)
         elif latest_checkpoint(self.output_dir) is not None:
@@ -302,7 +311,8 @@ class Trainer:
     def _open_logs(self):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         csv_path = self.output_dir / "train_log.csv"
-        fields = ["step", "epoch", "lr", "loss", "grad_norm", "norm_mean", "samples_per_s", "bad_samples", "elapsed_s"]
+        fields = ["step", "epoch", "lr", "loss", "grad_norm", "norm_mean", "samples_per_s", "bad_samples", "nonfinite_steps",
+                  "elapsed_s"]
         kept = []
         if self.step > 0 and csv_path.is_file():  # drop rows the interrupted run logged after its checkpoint
             with open(csv_path, newline="") as f:
@@ -352,6 +362,8 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimiser step over ``micro_batches`` (this process's part of the global batch)."""
         model = self.ddp or self.model
+        # buffers (batch-norm and AdaFace statistics, batch counts) are restored if this step turns out non-finite
+        saved_buffers = [(b, b.detach().clone()) for m in (self.model, self.head) for b in m.buffers()]
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.train.amp == "bf16" else contextlib.nullcontext()
         accum = len(micro_batches)
         total_loss, norm_mean, bad = 0.0, 0.0, 0
@@ -378,12 +390,38 @@ class Trainer:
                         f.write("".join(f"{i}\n" for i in bad_index))
         grad_norm = clip_global_grad_norm(list(self.model.parameters()), list(self.head.parameters()), self.cfg.optim.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        local_bad = torch.tensor(0.0 if math.isfinite(total_loss) and math.isfinite(grad_norm) else 1.0, device=self.device)
+        finite = not bool(all_reduce_max_nograd(local_bad) > 0)  # every process takes the same decision
+        if finite:
+            self.optimizer.step()
+            self.nonfinite_streak = 0
+        else:  # skip the update: the weights and statistics stay those of the last finite step
+            for buffer, value in saved_buffers:
+                buffer.copy_(value)
+            self.nonfinite_steps += 1
+            self.nonfinite_streak += 1
+        with warnings.catch_warnings():  # torch warns when a skipped first update precedes the schedule step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.bad_samples += bad
-        return dict(loss=total_loss, grad_norm=grad_norm, lr=lr, norm_mean=norm_mean, bad=bad)
+        if self.nonfinite_streak > self.cfg.train.nonfinite_patience:
+            raise TrainingDiverged(
+                f"step {self.step}: the loss or gradient has been non-finite for {self.nonfinite_streak} steps in a row "
+                f"(train.nonfinite_patience={self.cfg.train.nonfinite_patience}; last loss {total_loss}, gradient norm "
+                f"{grad_norm}); training stopped — lower optim.lr or enable optim.grad_clip. Checkpoints already in "
+                f"{self.output_dir / 'checkpoints'} are kept; nothing non-finite was saved"
+            )
+        return dict(loss=total_loss, grad_norm=grad_norm, lr=lr, norm_mean=norm_mean, bad=bad, finite=finite)
+
+    def _require_finite_weights(self, what: str) -> None:
+        """Never write a model whose weights or statistics are NaN/inf (it would replace good checkpoints)."""
+        for module in (self.model, self.head):
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise TrainingDiverged(f"step {self.step}: {name} holds non-finite values; {what} not written, "
+                                           f"the last good checkpoint in {self.output_dir / 'checkpoints'} is kept")
 
     def _loader(self) -> DataLoader:
         workers = self.cfg.data.num_workers
@@ -420,6 +458,9 @@ class Trainer:
                     if main:
                         bar.update(1)
                         bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}")
+                        if not out["finite"]:
+                            bar.write(f"step {self.step}: non-finite loss or gradient; update skipped "
+                                      f"({self.nonfinite_streak} in a row, patience {cfg.train.nonfinite_patience})")
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                         if main:
                             elapsed = time.time() - window_start
@@ -430,12 +471,13 @@ class Trainer:
                                 grad_norm=f"{sum(o['grad_norm'] for o in window) / n:.4f}",
                                 norm_mean=f"{sum(o['norm_mean'] for o in window) / n:.4f}",
                                 samples_per_s=f"{n * accum * cfg.data.batch_size * self.dist.world_size / max(elapsed, 1e-9):.1f}",
-                                bad_samples=self.bad_samples, elapsed_s=f"{time.time() - start_time:.1f}",
+                                bad_samples=self.bad_samples, nonfinite_steps=self.nonfinite_steps, elapsed_s=f"{time.time() - start_time:.1f}",
                             ))
                         window, window_start = [], time.time()
                     if self.validation_sets and self.step % cfg.validation.every == 0 and main:
                         bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self._validate().items()))
                     if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 and self.step < self.total_steps:
+                        self._require_finite_weights("checkpoint")
                         self._save_checkpoint()
                     if self.step_callback is not None:
                         self.step_callback(self.step)
@@ -443,6 +485,7 @@ class Trainer:
                         break
             if self.validation_sets and self.step % cfg.validation.every != 0 and main:
                 bar.write(", ".join(f"{k} {v:.4f}" for k, v in self._validate().items()))
+            self._require_finite_weights("final checkpoint")
             self._save_checkpoint()
             final = self.output_dir / "model.safetensors"
             if main:
