@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from .embedding import default_cache_dir
-from .metrics import DEFAULT_FAR_TARGETS
+from .metrics import DEFAULT_FAR_TARGETS, TAR_FAR_CONVENTIONS
 
 __all__ = ["register"]
 
@@ -52,6 +52,10 @@ def _common(p: argparse.ArgumentParser, weights_help: str = "checkpoint (.safete
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--far", type=_float_list, default=list(DEFAULT_FAR_TARGETS),
                    help="FAR targets for TAR@FAR, comma-separated (default: 1e-6,...,1e-1)")
+    g.add_argument("--tar-far-convention", choices=TAR_FAR_CONVENTIONS, default="insightface",
+                   help="how TAR@FAR picks the ROC point: insightface (default; the papers' numbers: sklearn "
+                        "roc_curve with dropped intermediate points, nearest FAR), full_curve (every threshold, "
+                        "nearest FAR), at_most (best TAR with FAR <= target). See docs/eval.md")
 
 
 def _weights(p: argparse.ArgumentParser) -> None:
@@ -154,7 +158,8 @@ def _settings(args):
             _fail(f"--far values must lie in (0, 1), got {far}")
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     return EvalSettings(flip=not args.no_flip, batch_size=args.batch_size, device=args.device, cache_dir=cache,
-                        progress=not args.quiet, far_targets=tuple(args.far))
+                        progress=not args.quiet, far_targets=tuple(args.far),
+                        tar_far_convention=args.tar_far_convention)
 
 
 def _fail(message: str):
