@@ -7,6 +7,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 from sklearn.model_selection import KFold
 
 from kprpe.eval.metrics import (
+    TAR_FAR_CONVENTIONS,
     cmc_ranks,
     fold_slices,
     insightface_cosine_thresholds,
@@ -15,6 +16,7 @@ from kprpe.eval.metrics import (
     rank_accuracy,
     roc_auc,
     roc_curve,
+    roc_curve_dropped,
     tar_at_far,
     val_at_far,
 )
@@ -150,3 +152,45 @@ def test_cmc_and_open_set_hand_computed():
     # one non-mated probe: FPIR 0.5 allows none above the threshold 0.7 -> only 'a' (0.9) is detected
     assert rows[0]["dir"] == pytest.approx(1 / 3)
     assert rows[0]["fpir"] == 0.0
+
+
+def test_tar_far_conventions_hand_computed():
+    # 4 genuine, 4 impostors; three scores hold one genuine and one impostor each, so the ROC climbs
+    # diagonally (1,1) -> (2,2) -> (3,3) in (impostors, genuine) accepted and sklearn drops the middle point.
+    scores = np.array([0.9, 0.8, 0.7, 0.6] + [0.9, 0.8, 0.7, 0.0])
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0], dtype=bool)
+    far, tar, thr = roc_curve_dropped(scores, labels)
+    np.testing.assert_array_equal(far, [0, 0.25, 0.75, 0.75, 1.0])
+    np.testing.assert_array_equal(tar, [0, 0.25, 0.75, 1.0, 1.0])
+    pick = {c: tar_at_far(scores, labels, [0.5, 0.3], convention=c) for c in TAR_FAR_CONVENTIONS}
+    # target 0.5: FAR 0.5 is on the full curve (TAR 0.5). On the dropped curve FAR 0.25 and 0.75 are equally
+    # near; flipped, the first of them is FAR 0.75 with TAR 1.0.
+    assert (pick["full_curve"][0]["far"], pick["full_curve"][0]["tar"]) == (0.5, 0.5)
+    assert (pick["insightface"][0]["far"], pick["insightface"][0]["tar"]) == (0.75, 1.0)
+    assert (pick["at_most"][0]["far"], pick["at_most"][0]["tar"]) == (0.5, 0.5)
+    # target 0.3: FAR 0.25 is nearest on every curve
+    assert {c: rows[1]["tar"] for c, rows in pick.items()} == {c: 0.25 for c in TAR_FAR_CONVENTIONS}
+    assert pick["insightface"][0]["threshold"] == 0.6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_dropped_roc_and_insightface_rule_match_sklearn(seed):
+    """The rule written out with sklearn's own roc_curve, as the insightface IJB script uses it."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random(3000) < 0.3
+    scores = np.round(rng.normal(labels * 1.5, 1.0), 2)  # ties make the dropping matter
+    far, tar, thr = roc_curve_dropped(scores, labels)
+    sk_far, sk_tar, sk_thr = sk_roc_curve(labels, scores)
+    np.testing.assert_array_equal(far, sk_far)
+    np.testing.assert_array_equal(tar, sk_tar)
+    np.testing.assert_array_equal(thr[1:], sk_thr[1:])
+    targets = [1e-4, 1e-3, 3e-3, 1e-2, 0.05, 0.1, 0.5]
+    fpr, tpr = np.flipud(sk_far), np.flipud(sk_tar)
+    for row, target in zip(tar_at_far(scores, labels, targets), targets, strict=True):
+        _, k = min(zip(np.abs(fpr - target), range(len(fpr)), strict=True))
+        assert row["tar"] == tpr[k] and row["far"] == fpr[k]
+
+
+def test_tar_at_far_rejects_unknown_convention():
+    with pytest.raises(ValueError, match="convention must be one of"):
+        tar_at_far([0.1, 0.2], [0, 1], [0.1], convention="nearest")

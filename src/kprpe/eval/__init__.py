@@ -1,5 +1,5 @@
-"""Evaluation: verification (.bin 10-fold, custom pairs), IJB-B/C 1:1, identification, and the
-alignment-robustness sweep. The command line is ``kprpe eval``; see docs/eval.md."""
+"""Evaluation: verification (.bin 10-fold, custom pairs), IJB-B/C 1:1, identification, TinyFace, the CVLface
+evaluation-toolkit layout, and the alignment-robustness sweep. The command line is ``kprpe eval``; see docs/eval.md."""
 
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ from .ijb import read_ijb_meta, template_features, template_pair_scores
 from .images import crop_face, read_pairs_csv, scan_identity_folders
 from .metrics import (
     DEFAULT_FAR_TARGETS,
+    TAR_FAR_CONVENTIONS,
     cmc_ranks,
     kfold_accuracy,
     open_set_dir_at_fpir,
     rank_accuracy,
     roc_auc,
     roc_curve,
+    roc_curve_dropped,
     tar_at_far,
     val_at_far,
 )
@@ -43,6 +45,8 @@ from .runs import (
     evaluate_pairs,
     robustness_sweep,
 )
+from .tinyface import TinyFaceProtocol, evaluate_tinyface, tinyface_identification
+from .toolkit import ToolkitFormatError, evaluate_toolkit, open_toolkit_set, read_toolkit_metadata
 from .verification import pair_scores, verification_metrics
 
 __all__ = [
@@ -53,6 +57,9 @@ __all__ = [
     "EvalSettings",
     "FaceSource",
     "ModelHandle",
+    "TAR_FAR_CONVENTIONS",
+    "TinyFaceProtocol",
+    "ToolkitFormatError",
     "RestrictedUnpickler",
     "UnsafePickleError",
     "VerificationBin",
@@ -68,21 +75,27 @@ __all__ = [
     "evaluate_identification",
     "evaluate_ijb",
     "evaluate_pairs",
+    "evaluate_tinyface",
+    "evaluate_toolkit",
     "interpolate_crop",
     "kfold_accuracy",
     "open_set_dir_at_fpir",
+    "open_toolkit_set",
     "pair_scores",
     "rank_accuracy",
     "read_ijb_meta",
     "read_pairs_csv",
+    "read_toolkit_metadata",
     "read_verification_bin",
     "robustness_sweep",
     "roc_auc",
     "roc_curve",
+    "roc_curve_dropped",
     "scan_identity_folders",
     "tar_at_far",
     "template_features",
     "template_pair_scores",
+    "tinyface_identification",
     "val_at_far",
     "verification_metrics",
     "warp_face",

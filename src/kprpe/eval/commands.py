@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from .embedding import default_cache_dir
-from .metrics import DEFAULT_FAR_TARGETS
+from .metrics import DEFAULT_FAR_TARGETS, TAR_FAR_CONVENTIONS
 
 __all__ = ["register"]
 
@@ -23,6 +23,9 @@ _EPILOG = """protocols:
   pairs     custom pairs CSV (image_a,image_b,label); pre-aligned images, or photos + a 5-point landmark file.
   identify  identity folders: closed-set rank-1/5/20 (CMC) with distractors, open-set DIR@FPIR
             (TinyFace / IJB-S style).
+  toolkit   the official CVLface evaluation toolkit (Hugging Face `save_to_disk` folders, e.g. facerec_val/):
+            each set by its kind -- verification, IJB-B/C 1:1, TinyFace. Needs kprpe[eval-toolkit].
+  tinyface  TinyFace rank-1/5/20 exactly as the official protocol (toolkit folder or Probe/Gallery_* folders).
   sweep     the paper's Figure 5: accuracy as the crop moves from aligned (t=0) to the detector-box crop
             (t=1), for one or several checkpoints, as a PNG plot and a JSON table.
 
@@ -52,6 +55,10 @@ def _common(p: argparse.ArgumentParser, weights_help: str = "checkpoint (.safete
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--far", type=_float_list, default=list(DEFAULT_FAR_TARGETS),
                    help="FAR targets for TAR@FAR, comma-separated (default: 1e-6,...,1e-1)")
+    g.add_argument("--tar-far-convention", choices=TAR_FAR_CONVENTIONS, default="insightface",
+                   help="how TAR@FAR picks the ROC point: insightface (default; the papers' numbers: sklearn "
+                        "roc_curve with dropped intermediate points, nearest FAR), full_curve (every threshold, "
+                        "nearest FAR), at_most (best TAR with FAR <= target). See docs/eval.md")
 
 
 def _weights(p: argparse.ArgumentParser) -> None:
@@ -69,11 +76,13 @@ def register(subparsers) -> None:
     p = sub.add_parser("verify", help="insightface .bin verification sets, 10-fold protocol",
                        description="10-fold accuracy (mean ± std), VAL@FAR=1e-3, TAR@FAR and ROC on .bin sets.")
     _weights(p)
-    p.add_argument("--bin", dest="bins", action="append", required=True, type=Path,
+    p.add_argument("sets", nargs="*", type=Path, default=[],
+                   help="sets to evaluate: .bin files or CVLface toolkit folders (save_to_disk; kprpe[eval-toolkit])")
+    p.add_argument("--bin", dest="bins", action="append", default=[], type=Path,
                    help="a .bin set (repeat for several: --bin lfw.bin --bin cfp_fp.bin)")
     p.add_argument("--landmarks", action="append", type=Path, default=None,
                    help="per-set landmark CSV (idx,ldmk_0..ldmk_9, normalised; idx = image index); repeat in "
-                        "the order of --bin")
+                        "the order of the sets (--bin ones first)")
     p.add_argument("--keypoints", choices=("auto", "file", "backend", "template"), default="auto",
                    help="keypoint source: file (--landmarks), backend (kprpe.face prealigned landmarks), template "
                         "(ArcFace template; right only for images aligned to it); auto picks in that order")
@@ -123,6 +132,36 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_run_identify)
 
+    p = sub.add_parser("toolkit", help="CVLface evaluation toolkit folders: verification, IJB-B/C, TinyFace",
+                       description="Every set of the official toolkit layout (Hugging Face save_to_disk folders; "
+                                   "a folder of them such as facerec_val/ is searched), each by its kind.")
+    _weights(p)
+    p.add_argument("sets", nargs="+", type=Path, help="toolkit set folders, or folders holding them")
+    p.add_argument("--landmarks", action="append", type=Path, default=None,
+                   help="per-set landmark CSV (idx,ldmk_0..ldmk_9 normalised; idx = the index column), in the "
+                        "order the sets are found")
+    p.add_argument("--keypoints", choices=("auto", "file", "backend", "template"), default="auto")
+    p.add_argument("--ijb-use-norm", action="store_true",
+                   help="IJB: keep the face-feature norm when pooling (default: the toolkit headline, "
+                        "Norm:False_Det:True)")
+    p.add_argument("--no-detector-score", action="store_true", help="IJB: do not weight faces by detector score")
+    p.add_argument("--ranks", type=_float_list, default=[1, 5, 20], help="TinyFace ranks (default 1,5,20)")
+    _common(p)
+    p.set_defaults(func=_run_toolkit)
+
+    p = sub.add_parser("tinyface", help="TinyFace rank-1/5/20 (official protocol)",
+                       description="Closed-set identification: probes against gallery matches plus distractors; "
+                                   "labels from the file-name prefix; inner product of flip-summed unit features.")
+    _weights(p)
+    p.add_argument("folder", type=Path,
+                   help="CVLface toolkit TinyFace folder, or a TinyFace test folder with Probe/, Gallery_Match/, "
+                        "Gallery_Distractor/")
+    p.add_argument("--keypoints", choices=("auto", "backend", "template"), default="auto")
+    p.add_argument("--ranks", type=_float_list, default=[1, 5, 20], help="ranks to report (default 1,5,20)")
+    p.add_argument("--name", default=None, help="set name in the report (default: the folder name)")
+    _common(p)
+    p.set_defaults(func=_run_tinyface)
+
     p = sub.add_parser("sweep", help="accuracy vs alignment (paper Fig. 5), several checkpoints in one plot",
                        description="For each t, faces are cropped on the path from the aligned crop (t=0) to the "
                                    "detector-box crop (t=1); keypoints follow the warp.")
@@ -154,7 +193,8 @@ def _settings(args):
             _fail(f"--far values must lie in (0, 1), got {far}")
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     return EvalSettings(flip=not args.no_flip, batch_size=args.batch_size, device=args.device, cache_dir=cache,
-                        progress=not args.quiet, far_targets=tuple(args.far))
+                        progress=not args.quiet, far_targets=tuple(args.far),
+                        tar_far_convention=args.tar_far_convention)
 
 
 def _fail(message: str):
@@ -202,14 +242,31 @@ def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
 
 def _run_verify(args) -> int:
     from .runs import evaluate_bins
+    from .toolkit import evaluate_toolkit
 
     settings = _settings(args)
-    if args.landmarks and len(args.landmarks) != len(args.bins):
-        _fail(f"give one --landmarks per --bin ({len(args.bins)} sets, {len(args.landmarks)} landmark files)")
+    sets = [*args.bins, *args.sets]
+    if not sets:
+        _fail("give at least one set: a .bin file or a CVLface toolkit folder (or --bin FILE)")
+    if args.landmarks and len(args.landmarks) != len(sets):
+        _fail(f"give one --landmarks per set ({len(sets)} sets, {len(args.landmarks)} landmark files)")
     if args.keypoints == "file" and not args.landmarks:
         _fail("--keypoints file needs --landmarks")
-    results = _guarded(lambda: evaluate_bins(_handle(args.weights), args.bins, settings,
-                                             keypoint_source=args.keypoints, landmarks=args.landmarks))
+    landmarks = args.landmarks or [None] * len(sets)
+    bins = [(s, lm) for s, lm in zip(sets, landmarks, strict=True) if not s.is_dir()]
+    folders = [(s, lm) for s, lm in zip(sets, landmarks, strict=True) if s.is_dir()]
+    results = None
+    if bins:
+        results = _guarded(lambda: evaluate_bins(_handle(args.weights), [b for b, _ in bins], settings,
+                                                 keypoint_source=args.keypoints, landmarks=[lm for _, lm in bins]))
+    if folders:
+        toolkit = _guarded(lambda: evaluate_toolkit(_handle(args.weights), [f for f, _ in folders], settings,
+                                                    keypoint_source=args.keypoints,
+                                                    landmarks=[lm for _, lm in folders] if args.landmarks else None))
+        if results is None:
+            results = toolkit
+        else:
+            results["sets"].update(toolkit["sets"])
     _write_outputs(args.out, results)
     return 0
 
@@ -251,6 +308,36 @@ def _run_identify(args) -> int:
         _handle(args.weights), settings, gallery=args.gallery, probe=args.probe, distractors=args.distractors,
         label_regex=args.label_regex, keypoint_source=args.keypoints, ranks=ranks, fpir_targets=args.fpir,
         gallery_per=args.gallery_per, name=args.name))
+    _write_outputs(args.out, results, roc=False)
+    return 0
+
+
+def _int_ranks(values) -> list[int]:
+    ranks = [int(r) for r in values]
+    if any(r < 1 or r != v for r, v in zip(ranks, values, strict=True)):
+        _fail(f"--ranks must be positive integers, got {values}")
+    return ranks
+
+
+def _run_toolkit(args) -> int:
+    from .toolkit import evaluate_toolkit
+
+    settings = _settings(args)
+    results = _guarded(lambda: evaluate_toolkit(
+        _handle(args.weights), args.sets, settings, keypoint_source=args.keypoints, landmarks=args.landmarks,
+        ijb_use_norm=args.ijb_use_norm, ijb_use_detector_score=not args.no_detector_score,
+        ranks=_int_ranks(args.ranks)))
+    _write_outputs(args.out, results)
+    return 0
+
+
+def _run_tinyface(args) -> int:
+    from .tinyface import evaluate_tinyface
+
+    settings = _settings(args)
+    results = _guarded(lambda: evaluate_tinyface(_handle(args.weights), args.folder, settings,
+                                                 keypoint_source=args.keypoints, ranks=_int_ranks(args.ranks),
+                                                 name=args.name))
     _write_outputs(args.out, results, roc=False)
     return 0
 

@@ -14,7 +14,10 @@ import numpy as np
 __all__ = [
     "DEFAULT_FAR_TARGETS",
     "insightface_cosine_thresholds",
+    "TAR_FAR_CONVENTIONS",
+    "TAR_FAR_RULES",
     "roc_curve",
+    "roc_curve_dropped",
     "roc_auc",
     "tar_at_far",
     "fold_slices",
@@ -53,12 +56,8 @@ def insightface_cosine_thresholds(step: float = 0.01) -> np.ndarray:
     return 1.0 - np.arange(0.0, 4.0, step) / 2.0
 
 
-def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC as ``(far, tar, thresholds)``: the operating point "accept if score >= threshold" at every distinct
-    score, thresholds decreasing, with a first point (far=0, tar=0, threshold=+inf).
-
-    Matches ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``.
-    """
+def _roc_counts(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """False/true accept counts at every distinct score, thresholds decreasing; plus #genuine, #impostor."""
     scores, labels = _check_scores_labels(scores, labels)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
@@ -69,10 +68,17 @@ def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     distinct = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
     tp = np.cumsum(y)[distinct]
     fp = (distinct + 1) - tp
-    far = np.r_[0.0, fp / n_neg]
-    tar = np.r_[0.0, tp / n_pos]
-    thresholds = np.r_[np.inf, s[distinct]]
-    return far, tar, thresholds
+    return fp, tp, s[distinct], n_pos, n_neg
+
+
+def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC as ``(far, tar, thresholds)``: the operating point "accept if score >= threshold" at every distinct
+    score, thresholds decreasing, with a first point (far=0, tar=0, threshold=+inf).
+
+    Matches ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``.
+    """
+    fp, tp, thresholds, n_pos, n_neg = _roc_counts(scores, labels)
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, thresholds]
 
 
 def roc_auc(far: np.ndarray, tar: np.ndarray) -> float:
@@ -80,21 +86,73 @@ def roc_auc(far: np.ndarray, tar: np.ndarray) -> float:
     return float(np.sum(np.diff(far) * (tar[1:] + tar[:-1]) / 2.0))
 
 
-def tar_at_far(scores, labels, far_targets=DEFAULT_FAR_TARGETS, method: str = "nearest") -> list[dict]:
-    """TAR at each target FAR.
+TAR_FAR_CONVENTIONS = ("insightface", "full_curve", "at_most")
+"""How :func:`tar_at_far` picks the ROC point for a target FAR (see its docstring); the first is the default."""
 
-    ``method="nearest"``: the ROC point whose FAR is closest to the target (what the insightface IJB tools and
-    most papers report). ``method="at_most"``: the best TAR whose FAR does not exceed the target
-    (conservative). Each row also gives the FAR actually reached, its threshold, and ``resolvable`` — False
-    when the target is below 1/#impostors, so no measured point can reach it.
+TAR_FAR_RULES = {
+    "insightface": "sklearn roc_curve with drop_intermediate=True, arrays flipped, nearest FAR, first of equals "
+                   "in flipped order (insightface IJB script; the papers' convention)",
+    "full_curve": "every threshold of the ROC, nearest FAR, best TAR at that FAR",
+    "at_most": "best TAR with FAR <= target (conservative)",
+}
+"""One line per convention, for reports."""
+
+
+def roc_curve_dropped(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC as ``sklearn.metrics.roc_curve(labels, scores)`` returns it by default (``drop_intermediate=True``).
+
+    From the points at every distinct score (before the (0, 0) point is prepended), those whose false- and
+    true-positive counts both have a zero second difference -- the middle of three points spaced by equal
+    steps -- are dropped; the first and last points always stay. Then (0, 0, +inf) is prepended. The papers'
+    IJB numbers are read off this curve, so which points survive changes the reported TAR.
     """
-    if method not in ("nearest", "at_most"):
-        raise ValueError(f"method must be 'nearest' or 'at_most', got {method!r}")
-    far, tar, thr = roc_curve(scores, labels)
+    fp, tp, thresholds, n_pos, n_neg = _roc_counts(scores, labels)
+    if fp.size > 2:
+        keep = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True]
+        fp, tp, thresholds = fp[keep], tp[keep], thresholds[keep]
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, thresholds]
+
+
+def _pick_insightface(far: np.ndarray, target: float) -> int:
+    """insightface's IJB rule on the dropped curve: flip the arrays, take the smallest ``|far - target|``,
+    the first such point in the flipped order; returned as an index into the unflipped arrays."""
+    distance_flipped = np.abs(far[::-1] - target)
+    return far.size - 1 - int(np.argmin(distance_flipped))  # argmin: first minimum
+
+
+def tar_at_far(scores, labels, far_targets=DEFAULT_FAR_TARGETS, convention: str = "insightface", *,
+               method: str | None = None) -> list[dict]:
+    """TAR at each target FAR; ``convention`` says how the ROC point is chosen.
+
+    - ``"insightface"`` (default; what papers report, from insightface's IJB script and the official KP-RPE
+      evaluator): the ROC of :func:`roc_curve_dropped` (sklearn ``roc_curve`` with its default
+      ``drop_intermediate=True``); the arrays flipped so FAR descends; the point with the smallest
+      ``|far - target|``, the first such point in the flipped order when several are equally near.
+    - ``"full_curve"``: the full ROC (every distinct score is a threshold); the point with FAR nearest the
+      target, the best TAR among points with that FAR.
+    - ``"at_most"``: the best TAR whose FAR does not exceed the target (conservative).
+
+    ``method`` is the old name: ``"nearest"`` means ``"full_curve"``, ``"at_most"`` stays. Each row also gives
+    the FAR actually reached, its threshold, the convention, and ``resolvable`` -- False when the target is
+    below 1/#impostors, so no measured point can reach it.
+    """
+    if method is not None:
+        legacy = {"nearest": "full_curve", "at_most": "at_most"}
+        if method not in legacy:
+            raise ValueError(f"method must be 'nearest' or 'at_most', got {method!r}")
+        convention = legacy[method]
+    if convention not in TAR_FAR_CONVENTIONS:
+        raise ValueError(f"TAR@FAR convention must be one of {TAR_FAR_CONVENTIONS}, got {convention!r}")
+    if convention == "insightface":
+        far, tar, thr = roc_curve_dropped(scores, labels)
+    else:
+        far, tar, thr = roc_curve(scores, labels)
     n_neg = int((~np.asarray(labels, dtype=bool)).sum())
     rows = []
     for target in far_targets:
-        if method == "nearest":
+        if convention == "insightface":
+            idx = _pick_insightface(far, float(target))
+        elif convention == "full_curve":
             idx = int(np.argmin(np.abs(far - target)))
             # among equally near points take the best TAR (the last one with that FAR)
             idx = int(np.nonzero(far == far[idx])[0][-1])
@@ -107,6 +165,7 @@ def tar_at_far(scores, labels, far_targets=DEFAULT_FAR_TARGETS, method: str = "n
                 far=float(far[idx]),
                 threshold=float(thr[idx]),
                 resolvable=bool(target * n_neg >= 1.0),
+                convention=convention,
             )
         )
     return rows

@@ -49,6 +49,7 @@ class EvalSettings:
     progress: bool = True
     far_targets: Sequence[float] = DEFAULT_FAR_TARGETS
     n_folds: int = 10
+    tar_far_convention: str = "insightface"  # see metrics.TAR_FAR_CONVENTIONS
 
 
 @dataclass
@@ -108,7 +109,8 @@ def evaluate_bins(handle: ModelHandle, bin_paths: Sequence[str | os.PathLike], s
         source = bin_face_source(vb, path, source_kind, lm)
         emb, norms, cached = _embed(handle, source, settings, mode=f"prealigned:{source_kind}", desc=vb.name)
         scores = pair_scores(emb, np.arange(0, len(vb), 2), np.arange(1, len(vb), 2))
-        result = verification_metrics(scores, vb.issame, n_folds=settings.n_folds, far_targets=settings.far_targets)
+        result = verification_metrics(scores, vb.issame, n_folds=settings.n_folds, far_targets=settings.far_targets,
+                                  tar_far_convention=settings.tar_far_convention)
         result.update(keypoint_source=source_kind, embeddings_from_cache=cached)
         sets[vb.name] = result
         sources[vb.name] = source_kind
@@ -134,7 +136,8 @@ def evaluate_ijb(handle: ModelHandle, *, name: str, tid_mid, pairs, landmarks, i
                                          norms=norms if use_norm else None,
                                          detector_scores=meta.detector_scores if use_detector_score else None)
     scores = template_pair_scores(feats, templates, meta.pair_t1, meta.pair_t2)
-    result = verification_metrics(scores, meta.pair_labels, n_folds=settings.n_folds, far_targets=settings.far_targets)
+    result = verification_metrics(scores, meta.pair_labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
+                                  tar_far_convention=settings.tar_far_convention)
     result.pop("kfold", None)  # accuracy is not an IJB metric
     result.pop("val_at_far", None)
     result.update(num_faces=len(meta.names), num_templates=int(templates.size), embeddings_from_cache=cached,
@@ -184,7 +187,8 @@ def evaluate_pairs(handle: ModelHandle, pairs_csv, settings: EvalSettings, *, im
                                keypoint_source="template" if points is not None else kp_kind)
     emb, norms, cached = _embed(handle, source, settings, mode=f"pairs:t={t:g}", desc=pairs_csv.stem)
     scores = pair_scores(emb, pairs.first, pairs.second)
-    result = verification_metrics(scores, pairs.labels, n_folds=settings.n_folds, far_targets=settings.far_targets)
+    result = verification_metrics(scores, pairs.labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
+                                  tar_far_convention=settings.tar_far_convention)
     result.update(embeddings_from_cache=cached)
     return dict(protocol="verification (pairs CSV)", weights=str(handle.weights), flip=settings.flip,
                 mode=("aligned" if t == 0 else f"t={t:g}") if points is not None else "prealigned",

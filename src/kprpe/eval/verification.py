@@ -90,8 +90,10 @@ def summarize_roc(far: np.ndarray, tar: np.ndarray, max_points: int = 400) -> di
 
 
 def verification_metrics(scores: np.ndarray, labels: np.ndarray, *, n_folds: int = 10,
-                         far_targets=DEFAULT_FAR_TARGETS, val_far: float = 1e-3) -> dict:
-    """Everything a verification report shows: 10-fold accuracy, VAL@FAR, TAR@FAR, AUC and the ROC."""
+                         far_targets=DEFAULT_FAR_TARGETS, val_far: float = 1e-3,
+                         tar_far_convention: str = "insightface") -> dict:
+    """Everything a verification report shows: 10-fold accuracy, VAL@FAR, TAR@FAR (in ``tar_far_convention``,
+    recorded in the result), AUC and the full ROC."""
     labels = np.asarray(labels, dtype=bool)
     far, tar, _ = roc_curve(scores, labels)
     out = dict(
@@ -99,7 +101,8 @@ def verification_metrics(scores: np.ndarray, labels: np.ndarray, *, n_folds: int
         num_genuine=int(labels.sum()),
         num_impostor=int((~labels).sum()),
         auc=roc_auc(far, tar),
-        tar_at_far=tar_at_far(scores, labels, far_targets),
+        tar_at_far=tar_at_far(scores, labels, far_targets, tar_far_convention),
+        tar_at_far_convention=tar_far_convention,
         roc=summarize_roc(far, tar),
     )
     if labels.size >= n_folds:
