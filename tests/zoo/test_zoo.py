@@ -289,3 +289,14 @@ def test_cli_errors_are_one_line_and_write_nothing(offline, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "HF_HUB_OFFLINE" in err and "Traceback" not in err
     assert _tree(tmp_path) == before
+
+
+def test_docs_table_matches_catalog():
+    """docs/models.md shows the catalog's numbers (no second copy that can drift)."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`"): line for line in docs.splitlines() if line.startswith("| `minchul/")}
+    assert set(rows) == {entry.repo_id for entry in CATALOG}
+    for entry in CATALOG:
+        cells = [c.strip() for c in rows[entry.repo_id].strip().strip("|").split("|")]
+        shown = [None if c == "—" else float(c) for c in cells[-len(METRICS):]]
+        assert shown == [entry.reported.get(m) for m in METRICS], entry.repo_id
