@@ -19,12 +19,18 @@ COMMAND_MODULES = (
     "kprpe.eval.commands",
     "kprpe.experiments.commands",
     "kprpe.bench.commands",
+    "kprpe.zoo.commands",
 )
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .nn import list_models, num_parameters, preset_config
 
+    if args.zoo:
+        from .zoo.commands import print_zoo
+
+        print_zoo(as_json=args.json)
+        return 0
     rows = []
     for name in list_models():
         cfg = preset_config(name)
@@ -62,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered model presets")
     p.add_argument("--params", action="store_true", help="also build each preset and count its parameters")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--zoo", action="store_true",
+                   help="list the published checkpoints loadable by name (repo id, data, reported accuracy, terms)")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("demo", help="build a KP-RPE model and embed a few synthetic faces (smoke demo)")

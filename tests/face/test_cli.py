@@ -150,7 +150,7 @@ def test_verify_same_photo_and_visualization(capsys, photo_dir, tmp_path):
     [
         (lambda p: p.write_text("nope"), [], "not an image file"),
         (lambda p: Image.new("RGB", (60, 60)).save(p, format="PNG"), [], "no face found"),
-        (None, ["--weights", "/nonexistent/w.safetensors"], "do not exist"),
+        (None, ["--weights", "/nonexistent/w.safetensors"], "weights not found"),
     ],
 )
 def test_verify_failures_exit_2_with_message(capsys, photo_dir, tmp_path, make_b, extra, message):

@@ -63,7 +63,7 @@ def _common(p: argparse.ArgumentParser, weights_help: str = "checkpoint (.safete
 
 def _weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, type=Path,
-                   help="checkpoint: .safetensors / .pt file or a published repo folder")
+                   help="checkpoint: .safetensors / .pt file, a published repo folder or a Hugging Face repo id")
 
 
 def register(subparsers) -> None:

@@ -65,8 +65,9 @@ class ModelHandle:
         self.weights = Path(self.weights)
         if not self.name:
             self.name = self.weights.stem if self.weights.stem != "model" else self.weights.parent.name
-        if not self.weights.exists():
-            raise FileNotFoundError(f"weights not found: {self.weights}")
+        from ..zoo import resolve
+
+        self.weights = resolve(self.weights, kind="recognition")  # a path, or a repo id -> its verified snapshot
 
     def __call__(self) -> torch.nn.Module:
         if self._model is None:

@@ -72,7 +72,7 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, *, all_faces: bool = 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--weights", required=True, metavar="W",
-                       help="checkpoint file or directory (anything kprpe.load_official accepts)")
+                       help="checkpoint file, folder or Hugging Face repo id (anything kprpe.load_official accepts)")
     group.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
     group.add_argument("--batch-size", type=int, default=64)
     group.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -100,9 +100,12 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
 
     if args.batch_size <= 0:
         raise CommandError(f"--batch-size must be positive, got {args.batch_size}")
-    weights = Path(args.weights)
-    if not weights.exists():
-        raise CommandError(f"weights {weights} do not exist")
+    from ..zoo import ZooError, resolve
+
+    try:
+        weights = resolve(args.weights, kind="recognition")  # a path, or a repo id -> its verified snapshot
+    except ZooError as exc:
+        raise CommandError(str(exc)) from None
     try:
         return FaceEmbedder.from_weights(weights, flip=not args.no_flip, batch_size=args.batch_size, device=args.device)
     except (CheckpointError, ValueError, OSError) as exc:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_path
+from ..zoo import ZooError, resolve
 from .registry import SIZES
 from .vit import VisionTransformer, ViTConfig
 
@@ -246,10 +247,16 @@ def load_official(source, **overrides) -> VisionTransformer:
     """Build a model from an official (or kprpe-saved) checkpoint and load it strictly, in eval mode.
 
     ``source``: a ``.safetensors`` / ``.pt`` / ``.pth`` file; a directory laid out like the published repos
-    (``config.json`` + ``model.safetensors``, or ``pretrained_model/model.pt``); or an in-memory state dict.
+    (``config.json`` + ``model.safetensors``, or ``pretrained_model/model.pt``); a Hugging Face repo id
+    (``minchul/cvlface_adaface_vit_base_kprpe_webface4m``, see :func:`kprpe.zoo.resolve`); or a state dict.
     ``overrides`` set config fields the checkpoint cannot tell (e.g. ``num_heads`` of a non-standard plain
     ViT) or runtime choices (``attn_impl``). Raises :class:`CheckpointError` on any mismatch.
     """
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            source = resolve(source, kind="recognition")  # a repo id -> its verified local snapshot
+        except ZooError as exc:
+            raise CheckpointError(str(exc)) from exc
     raw, file_config = read_state_dict(source)
     state = strip_prefixes(raw)
     values = infer_config(state)

@@ -1,0 +1,38 @@
+"""Published checkpoints by name: ``kprpe.zoo.resolve("minchul/cvlface_adaface_vit_base_kprpe_webface4m")``
+gives local, verified files (weights and configs only, from the standard Hugging Face cache).
+
+Imports only the standard library at import time (huggingface_hub is loaded when a repo id must be resolved),
+so :mod:`kprpe.nn` can call it without pulling in anything else.
+"""
+
+from __future__ import annotations
+
+from .catalog import CATALOG, ZooEntry, find_entry
+from .hub import (
+    KINDS,
+    ZooError,
+    hub_cache_dir,
+    hub_offline,
+    kprpe_cache_dir,
+    parse_repo_id,
+    registry_path,
+    resolve,
+    snapshot,
+    verify_snapshot,
+)
+
+__all__ = [
+    "CATALOG",
+    "KINDS",
+    "ZooEntry",
+    "ZooError",
+    "find_entry",
+    "hub_cache_dir",
+    "hub_offline",
+    "kprpe_cache_dir",
+    "parse_repo_id",
+    "registry_path",
+    "resolve",
+    "snapshot",
+    "verify_snapshot",
+]

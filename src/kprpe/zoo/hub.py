@@ -1,0 +1,295 @@
+"""Hugging Face repo ids -> trusted local files: published checkpoints by name, weights and configs only.
+
+A published CVLface repo holds the weights (``model.safetensors``, ``pretrained_model/*.pt``), configs
+(``config.json``, ``pretrained_model/*.yaml``) and the Python wrapper that ``trust_remote_code`` would run. We fetch
+only weights and configs (never ``*.py``) into the standard Hugging Face cache, and check every file we hand out:
+against the content hash the Hub names the blob by, and against the sha256 recorded on first use in a small
+registry (``$KPRPE_CACHE/zoo/sha256.json``), so a truncated or modified file is refused with a message naming it.
+Everything here reads the environment at call time (``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``, ``HF_HOME``,
+``KPRPE_CACHE``), since huggingface_hub itself freezes some of them at import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from fnmatch import fnmatch
+from pathlib import Path
+
+from ..errors import KprpeError
+
+__all__ = [
+    "ZooError",
+    "KINDS",
+    "resolve",
+    "snapshot",
+    "parse_repo_id",
+    "hub_cache_dir",
+    "hub_offline",
+    "kprpe_cache_dir",
+    "registry_path",
+    "verify_snapshot",
+]
+
+KINDS = ("recognition", "aligner")
+EXAMPLES = {
+    "recognition": "minchul/cvlface_adaface_vit_base_kprpe_webface4m",
+    "aligner": "minchul/cvlface_DFA_mobilenet",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".onnx")
+
+# What is fetched: configs always, then safetensors weights; pickled .pt/.pth only when a repo has no
+# safetensors (they are read with torch.load(weights_only=True)). Code and other pickles are never fetched.
+CONFIG_PATTERNS = ["config.json", "*.yaml", "*.yml", "README.md"]
+SAFETENSORS_PATTERNS = ["*.safetensors"]
+PICKLE_PATTERNS = ["*.pt", "*.pth"]
+NEVER_PATTERNS = ["*.py", "*.pyc", "*.so", "*.dll", "*.dylib", "*.ipynb", "*.sh", "*.cu", "*.cpp", "*.bin",
+                  "*.pkl", "*.pickle", "*.whl", "*.exe"]
+FETCH_HINT_PATTERNS = "'config.json' '*.yaml' '*.safetensors'"
+
+_REPO_ID = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@(?P<revision>[\w./-]+))?$"
+)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+_TRUTHY = {"1", "on", "yes", "true"}
+
+
+class ZooError(KprpeError, ValueError):
+    """A model name or cache that cannot give trustworthy local files; the message names it and what to do."""
+
+
+# ---------------------------------------------------------------------- environment (read at call time)
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it only once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def kprpe_cache_dir() -> Path:
+    """kprpe's own cache folder: ``KPRPE_CACHE``, else ``~/.cache/kprpe``."""
+    return Path(os.environ.get("KPRPE_CACHE") or "~/.cache/kprpe").expanduser()
+
+
+def registry_path() -> Path:
+    """The JSON file holding the sha256 of every zoo file on its first use."""
+    return kprpe_cache_dir() / "zoo" / "sha256.json"
+
+
+# ---------------------------------------------------------------------- names
+def parse_repo_id(text: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision_or_None)`` for ``owner/name`` or ``owner/name@revision``; None when ``text``
+    cannot be a Hugging Face model repo id (or plainly names a weights file, e.g. ``runs/model.safetensors``)."""
+    match = _REPO_ID.match(text)
+    if match is None:
+        return None
+    repo = match["repo"]
+    if "--" in repo or ".." in repo or repo.lower().endswith(WEIGHT_SUFFIXES):
+        return None
+    return repo, match["revision"]
+
+
+def _check_kind(repo: str, kind: str) -> None:
+    """Refuse a catalogued aligner where a recognition model is expected, and the reverse."""
+    from .catalog import find_entry
+
+    entry = find_entry(repo)
+    if entry is not None and entry.kind != kind:
+        use = "kprpe.load_aligner / --aligner" if entry.kind == "aligner" else "kprpe.load_official / --weights"
+        raise ZooError(
+            f"{repo} is a published {entry.kind} model ({entry.architecture}), not {'an' if kind == 'aligner' else 'a'} "
+            f"{kind} model; use it through {use}"
+        )
+
+
+def resolve(source, kind: str = "recognition", *, offline: bool | None = None) -> Path:
+    """A local file or folder for ``source``: an existing path is returned as is; otherwise a Hugging Face repo
+    id (``owner/name[@revision]``) is fetched (weights and configs only) or found in the cache, checked against
+    its recorded sha256, and its snapshot folder returned. ``offline`` defaults to ``HF_HUB_OFFLINE``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+    else:
+        raise ZooError(f"{kind} weights must be a path or a Hugging Face repo id, got {type(source).__name__}")
+    path = Path(text).expanduser()
+    if path.exists():  # a file or folder wins over a repo id spelled the same way
+        if not (path.is_file() or path.is_dir()):
+            raise ZooError(f"{kind} weights {text!r} exist but are neither a regular file nor a folder")
+        return path
+    parsed = parse_repo_id(text)
+    if parsed is None:
+        raise ZooError(
+            f"{kind} weights not found: {text!r} is neither an existing checkpoint file (.safetensors, .pt, .pth), "
+            f"a checkpoint folder, nor a Hugging Face repo id (owner/name, e.g. {EXAMPLES[kind]})"
+        )
+    repo, revision = parsed
+    _check_kind(repo, kind)
+    return snapshot(repo, revision=revision, offline=offline)
+
+
+# ---------------------------------------------------------------------- fetching
+def _hub():
+    try:
+        import huggingface_hub
+    except ImportError as exc:  # a core dependency, but say so clearly if an environment lacks it
+        raise ZooError(
+            "resolving a Hugging Face repo id needs the huggingface_hub package: pip install 'huggingface_hub>=0.20'"
+        ) from exc
+    return huggingface_hub
+
+
+def _has(folder: Path, pattern: str) -> bool:
+    return any(p.is_file() for p in folder.rglob(pattern))
+
+
+def snapshot(repo: str, *, revision: str | None = None, offline: bool | None = None) -> Path:
+    """Fetch (or find in the cache, when offline) the weights and configs of ``repo`` and verify them; returns
+    the snapshot folder ``<cache>/models--owner--name/snapshots/<commit>``."""
+    hub = _hub()
+    cache = hub_cache_dir()
+    offline = hub_offline() if offline is None else offline
+    common = dict(repo_id=repo, revision=revision, cache_dir=str(cache), local_files_only=offline,
+                  ignore_patterns=NEVER_PATTERNS)
+    try:
+        folder = Path(hub.snapshot_download(allow_patterns=CONFIG_PATTERNS + SAFETENSORS_PATTERNS, **common))
+        if not _has(folder, "*.safetensors"):
+            folder = Path(hub.snapshot_download(allow_patterns=CONFIG_PATTERNS + PICKLE_PATTERNS, **common))
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one message; unknown ones are re-raised
+        explained = _explain(exc, repo, revision, cache, offline)
+        if explained is exc:
+            raise
+        raise explained from exc
+    if not any(_has(folder, f"*{suffix}") for suffix in (".safetensors", ".pt", ".pth")):
+        raise ZooError(
+            f"{repo} (commit {folder.name}) has no weights in the cache at {folder}: expected model.safetensors or "
+            f"pretrained_model/model.pt; run `kprpe fetch {repo}` on a connected machine"
+        )
+    verify_snapshot(repo, folder)
+    return folder
+
+
+def _fetch_hint(repo: str, cache: Path) -> str:
+    owner, name = repo.split("/", 1)
+    return (
+        f"on a connected machine run `kprpe fetch {repo}` (or `hf download {repo} --include {FETCH_HINT_PATTERNS}`), "
+        f"then copy its cache folder models--{owner}--{name} into {cache} (or point HF_HUB_CACHE at a copy)"
+    )
+
+
+def _explain(exc: Exception, repo: str, revision: str | None, cache: Path, offline: bool) -> Exception:
+    """One clear :class:`ZooError` for a huggingface_hub failure (class names, so any hub version works)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    where = f"{repo}@{revision}" if revision else repo
+    if "RevisionNotFoundError" in names:
+        return ZooError(f"revision {revision!r} of Hugging Face repo {repo} does not exist")
+    if "GatedRepoError" in names:
+        return ZooError(f"Hugging Face repo {repo} is gated: accept its terms on huggingface.co and log in (hf auth login)")
+    if "RepositoryNotFoundError" in names:
+        return ZooError(
+            f"{where!r} is neither a local file or folder nor an existing Hugging Face repo (not found, or private: "
+            f"log in with `hf auth login`); known published checkpoints: kprpe models --zoo"
+        )
+    if "IncompleteSnapshotError" in names:
+        return ZooError(f"the cached copy of {where} is incomplete ({exc}); {_fetch_hint(repo, cache)}")
+    if "LocalEntryNotFoundError" in names or "OfflineModeIsEnabled" in names:
+        reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+        return ZooError(f"{where} is not in the Hugging Face cache {cache} and {reason}; {_fetch_hint(repo, cache)}")
+    if "HFValidationError" in names:
+        return ZooError(f"{where!r} is not a valid Hugging Face repo id: {exc}")
+    if "HfHubHTTPError" in names:
+        return ZooError(f"downloading {where} from the Hugging Face Hub failed: {exc}")
+    if isinstance(exc, OSError):
+        return ZooError(f"could not write {where} into the Hugging Face cache {cache}: {exc}")
+    return exc
+
+
+# ---------------------------------------------------------------------- integrity
+def _wanted(relative: str) -> bool:
+    """Files of a snapshot that kprpe reads (other tools may have put the repo's code beside them)."""
+    name = relative.rsplit("/", 1)[-1]
+    if any(fnmatch(relative, p) or fnmatch(name, p) for p in NEVER_PATTERNS):
+        return False
+    patterns = CONFIG_PATTERNS + SAFETENSORS_PATTERNS + PICKLE_PATTERNS
+    return any(fnmatch(relative, p) for p in patterns)
+
+
+def _digests(path: Path) -> tuple[str, str, int]:
+    """sha256, git blob sha1 and size of a file, in one read."""
+    size = path.stat().st_size
+    sha256 = hashlib.sha256()
+    git_sha1 = hashlib.sha1(f"blob {size}\0".encode())  # noqa: S324 - git's object id, not a security hash
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            sha256.update(chunk)
+            git_sha1.update(chunk)
+    return sha256.hexdigest(), git_sha1.hexdigest(), size
+
+
+def _read_registry(path: Path) -> dict:
+    if not path.is_file():
+        return {"version": 1, "files": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ZooError(f"the zoo sha256 registry {path} is unreadable ({exc}); fix or delete it") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise ZooError(f"the zoo sha256 registry {path} is not a kprpe registry (no 'files' table); fix or delete it")
+    return data
+
+
+def verify_snapshot(repo: str, folder: Path) -> dict[str, str]:
+    """Check every weights/config file of a snapshot; returns ``{relative path: sha256}``.
+
+    A blob the Hub names by its sha256 (LFS files) or git sha1 (small files) must hash to that name; a file
+    seen before must hash to what was recorded on first use. New files are recorded (atomically) only when
+    every file passed, so a failed check writes nothing."""
+    from ..files import atomic_write_text
+
+    commit = folder.name
+    registry_file = registry_path()
+    registry = _read_registry(registry_file)
+    recorded = registry["files"]
+    found: dict[str, str] = {}
+    new: dict[str, dict] = {}
+    refetch = f"delete {folder.parent.parent} and run `kprpe fetch {repo}` again"
+    for file in sorted(folder.rglob("*")):
+        relative = file.relative_to(folder).as_posix()
+        if file.is_dir() or not _wanted(relative):
+            continue
+        if not file.is_file():
+            raise ZooError(f"{file} is a broken link in the Hugging Face cache (its blob is missing); {refetch}")
+        sha256, git_sha1, size = _digests(file)
+        blob = file.resolve().name
+        if (_HEX64.fullmatch(blob) and blob != sha256) or (_HEX40.fullmatch(blob) and blob != git_sha1):
+            raise ZooError(
+                f"{relative} of {repo} (commit {commit}) is corrupt: its {size} bytes do not hash to the content "
+                f"id {blob} the Hub published (truncated or modified download); {refetch}"
+            )
+        key = f"{repo}@{commit}/{relative}"
+        entry = recorded.get(key)
+        if entry is None:
+            new[key] = {"sha256": sha256, "size": size}
+        elif entry.get("sha256") != sha256:
+            raise ZooError(
+                f"{file} changed since its first use: sha256 {sha256} ({size} bytes), but {entry.get('sha256')} "
+                f"({entry.get('size')} bytes) was recorded in {registry_file}; the cached file is truncated or "
+                f"modified: {refetch} (if you replaced it on purpose, delete the entry {key!r} from the registry)"
+            )
+        found[relative] = sha256
+    if new:
+        latest = _read_registry(registry_file)  # merge with entries another process may have added meanwhile
+        latest["files"].update(new)
+        latest["files"] = dict(sorted(latest["files"].items()))
+        atomic_write_text(registry_file, json.dumps(latest, indent=2) + "\n")
+    return found
