@@ -76,7 +76,7 @@ def _check_input(x) -> None:
         raise AlignerInputError(
             f"the aligner takes floating RGB in [-1, 1] ((pixel / 255 - 0.5) / 0.5), got dtype {x.dtype}"
         )
-    low, high = float(x.amin()), float(x.amax())
+    low, high = float(x.detach().amin()), float(x.detach().amax())
     if not (low >= -1.001 and high <= 1.001):
         raise AlignerInputError(
             f"the aligner takes RGB in [-1, 1] ((pixel / 255 - 0.5) / 0.5); this input spans [{low:.4g}, {high:.4g}]"
