@@ -159,10 +159,10 @@ def transform_scale(matrix: np.ndarray) -> float:
 def downscale_for_warp(
     image: np.ndarray, matrix: np.ndarray, *, min_scale: float = ANTIALIAS_BELOW_SCALE
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(image, matrix)`` with the photo shrunk by area averaging when ``matrix`` minifies below ``min_scale``.
+    """``(image, matrix)``, the photo shrunk by area averaging when ``matrix`` minifies below ``min_scale``.
 
     The returned matrix maps the shrunk photo to the same crop pixels (pixel centres stay pixel centres:
-    new pixel ``x'`` covers old ``(x' + 0.5) * W / W' - 0.5``). When no shrinking is needed both come back as given.
+    new pixel ``x'`` covers old ``(x' + 0.5) * W / W' - 0.5``). Without shrinking both come back as given.
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     scale = transform_scale(matrix)
@@ -176,11 +176,15 @@ def downscale_for_warp(
     small = cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_AREA)
     step_x, step_y = width / new_width, height / new_height
     # small pixel (x', y') -> photo pixel ((x' + 0.5) * step_x - 0.5, (y' + 0.5) * step_y - 0.5)
-    to_photo = np.array([[step_x, 0.0, 0.5 * step_x - 0.5], [0.0, step_y, 0.5 * step_y - 0.5], [0.0, 0.0, 1.0]])
+    to_photo = np.array(
+        [[step_x, 0.0, 0.5 * step_x - 0.5], [0.0, step_y, 0.5 * step_y - 0.5], [0.0, 0.0, 1.0]]
+    )
     return small, matrix @ to_photo
 
 
-def warp_crop(image: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZE, *, antialias: bool = False) -> np.ndarray:
+def warp_crop(
+    image: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZE, *, antialias: bool = False
+) -> np.ndarray:
     """Warp ``image`` by ``matrix`` into a ``size`` x ``size`` crop, black outside the photo.
 
     ``antialias``: shrink a photo much larger than the crop first (:func:`downscale_for_warp`), so fine detail

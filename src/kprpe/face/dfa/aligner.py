@@ -1,10 +1,11 @@
-"""The official Differentiable Face Aligner (DFA): RGB image in [-1, 1] -> 112x112 aligned crop and 5 landmarks.
+"""The official Differentiable Face Aligner (DFA): RGB image in [-1, 1] -> 112x112 aligned crop and 5
+landmarks.
 
 Pipeline (one batch shares one input shape): pad to a square with -1, optionally add a margin of
 ``int(side * padding_ratio)`` pixels of -1 per side, resize to 160 (bilinear, ``align_corners=True``), run
-:class:`RetinaFace` on the BGR flip, fit the similarity from the aggregated landmarks to the ArcFace template, and
-sample the crop with ``grid_sample``. The quirks of the official forward are kept so outputs match it number for
-number (see ``AlignerOutput`` and tests/fixtures/dfa/README.md).
+:class:`RetinaFace` on the BGR flip, fit the similarity from the aggregated landmarks to the ArcFace
+template, and sample the crop with ``grid_sample``. The quirks of the official forward are kept so outputs
+match it number for number (see ``AlignerOutput`` and tests/fixtures/dfa/README.md).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _PAD_VALUE = -1.0  # black in the [-1, 1] input range
 
 
 class AlignerInputError(KprpeError, ValueError):
-    """An aligner input that is not a ``(B, 3, H, W)`` floating RGB tensor in [-1, 1], or a bad padding ratio."""
+    """An input that is not a ``(B, 3, H, W)`` floating RGB tensor in [-1, 1], or a bad padding ratio."""
 
 
 class AlignerOutput(NamedTuple):
@@ -48,13 +49,13 @@ class AlignerOutput(NamedTuple):
 
     ``aligned_x``: ``(B, 3, 112, 112)`` RGB crop in [-1, 1] (-1 outside the photo).
     ``orig_pred_ldmks``: ``(B, 5, 2)`` landmarks normalised by the 160 network frame (including the square
-    padding); with a padding ratio ``p > 0`` the margin is removed as ``((2l - 1)(1 + 2p)) / 2 + 0.5``. ``None``
-    for non-square input (as the official aligner).
+    padding); with a padding ratio ``p > 0`` the margin is removed as ``((2l - 1)(1 + 2p)) / 2 + 0.5``.
+    ``None`` for non-square input (as the official aligner).
     ``aligned_ldmks``: ``(B, 5, 2)`` landmarks in the crop, normalised by 112 (what KP-RPE models read).
     ``score``: ``(B, 1)`` face probability of the aggregated prediction; never thresholded here.
     ``thetas``: ``(B, 2, 3)`` ``affine_grid`` matrices, crop normalised -> 160-frame normalised.
-    ``normalized_bbox``: ``(B, 4)`` aggregated box ``(x0, y0, x1, y1)`` divided by 160 **twice** (official quirk:
-    multiply by 160 to get the box normalised by the 160 frame). ``None`` for non-square input.
+    ``normalized_bbox``: ``(B, 4)`` aggregated box ``(x0, y0, x1, y1)`` divided by 160 **twice** (official
+    quirk: multiply by 160 to get the box normalised by the 160 frame). ``None`` for non-square input.
     """
 
     aligned_x: torch.Tensor
@@ -79,7 +80,8 @@ def _check_input(x) -> None:
     low, high = float(x.detach().amin()), float(x.detach().amax())
     if not (low >= -1.001 and high <= 1.001):
         raise AlignerInputError(
-            f"the aligner takes RGB in [-1, 1] ((pixel / 255 - 0.5) / 0.5); this input spans [{low:.4g}, {high:.4g}]"
+            "the aligner takes RGB in [-1, 1] ((pixel / 255 - 0.5) / 0.5); "
+            f"this input spans [{low:.4g}, {high:.4g}]"
         )
 
 
@@ -91,7 +93,7 @@ def _check_padding(ratio) -> float:
 
 
 def square_pad(height: int, width: int, padding_ratio: float) -> tuple[int, int, int]:
-    """``(left, top, margin)`` pixels added before the image: square padding, then the margin on every side."""
+    """``(left, top, margin)`` pixels added before the image: square padding, then the margin."""
     side = max(height, width)
     left = (side - width) // 2
     top = (side - height) // 2
@@ -115,8 +117,8 @@ def warp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(crop, grid)``: bilinear ``grid_sample`` with ``align_corners=True``, -1 outside the image.
 
-    Samples ``preprocessed + 1`` with zero padding and subtracts 1 again, as the official aligner does (the round
-    trip changes values by float32 rounding; kept so crops match bit for bit).
+    Samples ``preprocessed + 1`` with zero padding and subtracts 1 again, as the official aligner does (the
+    round trip changes values by float32 rounding; kept so crops match bit for bit).
     """
     grid = F.affine_grid(thetas, [thetas.shape[0], preprocessed.shape[1], size, size], align_corners=True)
     crop = (
@@ -129,9 +131,10 @@ class DifferentiableFaceAligner(nn.Module):
     """The official DFA (RetinaFace-MobileNet0.25 + mixer aggregator): input any size, crop 112x112.
 
     ``forward(x, padding_ratio_override=None)``: ``x`` ``(B, 3, H, W)`` RGB float in [-1, 1] (``(pixel / 255 -
-    0.5) / 0.5``), on any device. Returns :class:`AlignerOutput`. ``padding_ratio_override`` replaces the configured
-    ``input_padding_ratio`` for this call (a margin of black around the photo, for faces that fill the frame).
-    The crop is differentiable with respect to ``x``; the similarity fit itself is not (as in the official code).
+    0.5) / 0.5``), on any device. Returns :class:`AlignerOutput`. ``padding_ratio_override`` replaces the
+    configured ``input_padding_ratio`` for this call (a margin of black around the photo, for faces that fill
+    the frame). The crop is differentiable with respect to ``x``; the similarity fit itself is not (as in the
+    official code).
     """
 
     def __init__(self, input_padding_ratio: float = 0.0) -> None:
@@ -147,7 +150,7 @@ class DifferentiableFaceAligner(nn.Module):
     def trace(
         self, x: torch.Tensor, padding_ratio_override: float | None = None
     ) -> tuple[AlignerOutput, dict]:
-        """The output and every intermediate tensor (``preprocessed``, the features, ``agg``, ``grid`` ...)."""
+        """The output and every intermediate tensor (``preprocessed``, features, ``agg``, ``grid`` ...)."""
         _check_input(x)
         padding = (
             self.input_padding_ratio
@@ -186,12 +189,14 @@ class DifferentiableFaceAligner(nn.Module):
 def input_landmarks(
     output: AlignerOutput, height: int, width: int, padding_ratio: float = 0.0
 ) -> torch.Tensor:
-    """The 5 landmarks in pixels of the aligner's input image ``(B, 5, 2)``, OpenCV convention (pixel centres).
+    """The 5 landmarks in pixels of the aligner's input image ``(B, 5, 2)``, OpenCV convention (pixel
+    centres).
 
     Recovered from ``aligned_ldmks`` and ``thetas`` (so it works for non-square input, where the official
-    ``orig_pred_ldmks`` is None) and mapped back exactly through the preprocessing: ``l * 160`` is a pixel of the
-    160 frame, which ``align_corners=True`` resizing ties to pixel ``l * 160 * (S - 1) / 159`` of the padded
-    square of side ``S``; then the square padding and margin are removed. ``padding_ratio`` must be the one used.
+    ``orig_pred_ldmks`` is None) and mapped back exactly through the preprocessing: ``l * 160`` is a pixel of
+    the 160 frame, which ``align_corners=True`` resizing ties to pixel ``l * 160 * (S - 1) / 159`` of the
+    padded square of side ``S``; then the square padding and margin are removed. ``padding_ratio`` must be
+    the one used.
     """
     padding = _check_padding(padding_ratio)
     frame = apply_affine(output.thetas, output.aligned_ldmks * 2 - 1) / 2 + 0.5

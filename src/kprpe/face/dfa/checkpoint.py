@@ -36,7 +36,8 @@ def find_aligner_weights(directory: Path) -> Path:
             return candidate
     listed = ", ".join(sorted(p.name for p in directory.iterdir())[:20]) or "(empty)"
     raise AlignerCheckpointError(
-        f"no DFA aligner weights in {directory}: expected one of {', '.join(_FOLDER_CANDIDATES)}; it contains: {listed}"
+        f"no DFA aligner weights in {directory}: expected one of {', '.join(_FOLDER_CANDIDATES)}; "
+        f"it contains: {listed}"
     )
 
 
@@ -70,7 +71,7 @@ def _strip_layout_prefix(state: dict[str, torch.Tensor], path: Path) -> dict[str
 
 
 def _check_config(weights: Path) -> float:
-    """The padding ratio of the official model.yaml beside the weights (0 without one); refuse other variants."""
+    """The padding ratio in the official model.yaml beside the weights (0 if none); refuses other variants."""
     for base in (weights.parent, weights.parent.parent):
         for name in _CONFIG_NAMES:
             path = base / name
@@ -118,9 +119,10 @@ def load_aligner(
 ) -> DifferentiableFaceAligner:
     """The official DFA aligner from a checkpoint file or folder, in eval mode on ``device``.
 
-    ``source``: ``model.safetensors`` (``model.net.`` keys), ``pretrained_model/model.pt`` (``net.`` keys), or a
-    folder holding one of them (an HF snapshot of ``minchul/cvlface_DFA_mobilenet``). Loading is strict: every
-    tensor must exist with the official shape. Raises :class:`AlignerCheckpointError` naming the file otherwise.
+    ``source``: ``model.safetensors`` (``model.net.`` keys), ``pretrained_model/model.pt`` (``net.`` keys),
+    or a folder holding one of them (an HF snapshot of ``minchul/cvlface_DFA_mobilenet``). Loading is strict:
+    every tensor must exist with the official shape. Raises :class:`AlignerCheckpointError` naming the file
+    otherwise.
     """
     if not isinstance(source, (str, os.PathLike)):
         raise AlignerCheckpointError(f"aligner source must be a path, got {type(source).__name__}")

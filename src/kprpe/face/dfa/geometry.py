@@ -1,4 +1,5 @@
-"""The alignment maths of the DFA aligner, batched in torch: similarity fit, affine_grid theta, landmark mapping.
+"""The alignment maths of the DFA aligner, batched in torch: similarity fit, affine_grid theta, landmark
+mapping.
 
 Frames: the network frame is the 160x160 preprocessed image, the output frame the 112x112 crop. Landmarks are
 normalised by the frame size, ``[..., 0]`` = x (right), ``[..., 1]`` = y (down). The similarity is fitted to
@@ -42,9 +43,10 @@ def _det2(m: torch.Tensor) -> torch.Tensor:
 def similarity_matrices(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Least-squares similarity (Umeyama, no reflection) mapping ``source`` onto ``target``; ``(B, 2, 3)``.
 
-    ``source`` ``(B, N, 2)``, ``target`` ``(N, 2)`` or ``(B, N, 2)``. Follows the Umeyama estimate as scikit-image
-    implements it, including its handling of rank-deficient constellations (collinear points); a mirrored
-    constellation gets the best proper rotation. All points at one place give NaN (no transform exists).
+    ``source`` ``(B, N, 2)``, ``target`` ``(N, 2)`` or ``(B, N, 2)``. Follows the Umeyama estimate as
+    scikit-image implements it, including its handling of rank-deficient constellations (collinear points); a
+    mirrored constellation gets the best proper rotation. All points at one place give NaN (no transform
+    exists).
     """
     source = source.to(torch.float64)
     target = target.to(torch.float64).expand_as(source)
@@ -87,10 +89,11 @@ def _normaliser(size: int, dtype: torch.dtype, device) -> torch.Tensor:
 def theta_from_pixel_affine(
     pixel_affine: torch.Tensor, input_size: int = 160, output_size: int = 112
 ) -> torch.Tensor:
-    """``affine_grid`` theta ``(B, 2, 3)`` (output normalised -> input normalised) for an input->output pixel map.
+    """``affine_grid`` theta ``(B, 2, 3)`` (output normalised -> input normalised) for an input->output pixel
+    map.
 
-    Uses the edge convention ``p / size * 2 - 1`` on both sides, as the official aligner does, although the grid
-    is later sampled with ``align_corners=True``; kept on purpose so the crops match the official ones.
+    Uses the edge convention ``p / size * 2 - 1`` on both sides, as the official aligner does, although the
+    grid is later sampled with ``align_corners=True``; kept on purpose so the crops match the official ones.
     """
     matrices = _homogeneous(pixel_affine.to(torch.float64))
     to_input = _normaliser(input_size, torch.float64, matrices.device)

@@ -54,7 +54,7 @@ def _conv_dw(inp: int, out: int, stride: int) -> nn.Sequential:
 
 
 class MobileNetBody(nn.Module):
-    """MobileNetV1 x0.25, cut after stage 3; returns the stride 8, 16 and 32 feature maps (64, 128, 256 ch)."""
+    """MobileNetV1 x0.25 cut after stage 3: the stride 8, 16, 32 feature maps (64, 128, 256 channels)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -137,7 +137,7 @@ def feature_map_sizes(image_size: int = INPUT_SIZE) -> list[int]:
 
 
 def make_priors(image_size: int = INPUT_SIZE) -> torch.Tensor:
-    """Anchors ``(N, 4)`` as ``(cx, cy, w, h) / image_size``: level, then row, then column, then anchor size."""
+    """Anchors ``(N, 4)``, ``(cx, cy, w, h) / image_size``; order: level, row, column, anchor size."""
     rows = []
     for side, step, sizes in zip(feature_map_sizes(image_size), ANCHOR_STEPS, ANCHOR_MIN_SIZES, strict=True):
         for i in range(side):
