@@ -1,4 +1,4 @@
-"""The DFA aligner against the official reference vectors (tests/fixtures/dfa), its loader, its input checks."""
+"""The DFA aligner against the official reference vectors (tests/fixtures/dfa), its loader and input checks."""
 
 from __future__ import annotations
 
