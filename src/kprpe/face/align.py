@@ -7,6 +7,7 @@ face box is ``(x0, y0, x1, y1)`` in the same continuous coordinates (a box cover
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import cv2
@@ -25,6 +26,8 @@ __all__ = [
     "box_crop_transform",
     "box_from_keypoints",
     "warp_crop",
+    "downscale_for_warp",
+    "transform_scale",
     "align_face",
     "template_alignment_error",
 ]
@@ -142,8 +145,53 @@ def box_from_keypoints(keypoints) -> tuple[float, float, float, float]:
     return float(left), float(top), float(right), float(bottom)
 
 
-def warp_crop(image: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
-    """Warp ``image`` by ``matrix`` into a ``size`` x ``size`` crop, black outside the photo."""
+# Bilinear sampling only low-passes over about one photo pixel; when the crop is much coarser than the photo
+# (a 4000 px photo of a face), it aliases. Below this crop-pixels-per-photo-pixel scale the photo is first
+# shrunk with area averaging so the warp itself runs at about 1:1.
+ANTIALIAS_BELOW_SCALE = 2 / 3
+
+
+def transform_scale(matrix: np.ndarray) -> float:
+    """Crop pixels per photo pixel of a 2x3 similarity (geometric mean of the two axis scales)."""
+    return float(np.sqrt(abs(np.linalg.det(np.asarray(matrix, dtype=np.float64)[:, :2]))))
+
+
+def downscale_for_warp(
+    image: np.ndarray, matrix: np.ndarray, *, min_scale: float = ANTIALIAS_BELOW_SCALE
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(image, matrix)``, the photo shrunk by area averaging when ``matrix`` minifies below ``min_scale``.
+
+    The returned matrix maps the shrunk photo to the same crop pixels (pixel centres stay pixel centres:
+    new pixel ``x'`` covers old ``(x' + 0.5) * W / W' - 0.5``). Without shrinking both come back as given.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    scale = transform_scale(matrix)
+    if not np.isfinite(scale) or scale <= 0 or scale >= min_scale:
+        return image, matrix
+    height, width = image.shape[:2]
+    new_width = max(1, math.ceil(width * scale))
+    new_height = max(1, math.ceil(height * scale))
+    if new_width >= width and new_height >= height:
+        return image, matrix
+    small = cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_AREA)
+    step_x, step_y = width / new_width, height / new_height
+    # small pixel (x', y') -> photo pixel ((x' + 0.5) * step_x - 0.5, (y' + 0.5) * step_y - 0.5)
+    to_photo = np.array(
+        [[step_x, 0.0, 0.5 * step_x - 0.5], [0.0, step_y, 0.5 * step_y - 0.5], [0.0, 0.0, 1.0]]
+    )
+    return small, matrix @ to_photo
+
+
+def warp_crop(
+    image: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZE, *, antialias: bool = False
+) -> np.ndarray:
+    """Warp ``image`` by ``matrix`` into a ``size`` x ``size`` crop, black outside the photo.
+
+    ``antialias``: shrink a photo much larger than the crop first (:func:`downscale_for_warp`), so fine detail
+    (hair, fabric, JPEG noise) does not alias into the crop.
+    """
+    if antialias:
+        image, matrix = downscale_for_warp(image, matrix)
     return cv2.warpAffine(
         image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )
@@ -184,12 +232,12 @@ def align_face(
     box_tuple = _check_box(box) if box is not None else None
     if mode == "aligned":
         matrix = similarity_transform(points, ARCFACE_TEMPLATE_112)
-        crop = warp_crop(image, matrix)
+        crop = warp_crop(image, matrix, antialias=True)
     elif mode == "unaligned":
         if box_tuple is None:
             box_tuple = box_from_keypoints(points)
         matrix = box_crop_transform(box_tuple)
-        crop = warp_crop(image, matrix)
+        crop = warp_crop(image, matrix, antialias=True)
     else:
         if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
             raise AlignmentError(
