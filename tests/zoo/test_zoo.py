@@ -300,3 +300,32 @@ def test_docs_table_matches_catalog():
         cells = [c.strip() for c in rows[entry.repo_id].strip().strip("|").split("|")]
         shown = [None if c == "—" else float(c) for c in cells[-len(METRICS):]]
         assert shown == [entry.reported.get(m) for m in METRICS], entry.repo_id
+
+
+def test_eval_on_a_zoo_checkpoint_prints_the_published_number_beside_ours(offline, tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    from kprpe.eval.binfile import write_verification_bin
+
+    make_cached_repo(offline)
+    rng = np.random.default_rng(0)
+    images = [cv2.imencode(".jpg", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))[1].tobytes() for _ in range(20)]
+    write_verification_bin(tmp_path / "lfw.bin", images, [k % 2 == 0 for k in range(10)])
+    out = tmp_path / "run"
+    code = main(["eval", "verify", "--weights", REPO, "--bin", str(tmp_path / "lfw.bin"), "--keypoints", "template",
+                 "--out", str(out), "--no-cache", "--quiet"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["sets"]["lfw"]["published"]
+    published = find_entry(REPO).reported["LFW"]
+    ours = 100 * results["sets"]["lfw"]["kfold"]["accuracy_mean"]
+    assert row["metric"] == "LFW" and row["published"] == published
+    assert row["ours"] == pytest.approx(ours) and row["difference"] == pytest.approx(ours - published)
+    assert f"published {published:.2f}" in stdout and "difference" in stdout and "CVLface README" in stdout
+    assert "published (ours − published)" in (out / "summary.md").read_text()
+    # a local path is not a catalogued checkpoint: no published column
+    code = main(["eval", "verify", "--weights", str(TINY), "--bin", str(tmp_path / "lfw.bin"), "--keypoints",
+                 "template", "--out", str(tmp_path / "run2"), "--no-cache", "--quiet"])
+    assert code == 0 and "published" not in json.loads((tmp_path / "run2" / "results.json").read_text())["sets"]["lfw"]

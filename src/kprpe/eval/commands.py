@@ -228,15 +228,27 @@ def _handle(spec: str):
 
 def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
     from ..files import atomic_write_text, write_json
+    from .published import attach_published, published_lines
     from .report import markdown_summary, plot_roc
 
+    published = attach_published(results)  # a model-zoo checkpoint: its authors' numbers beside ours
+    columns = []
+    if published:
+        def cell(name: str, result: dict) -> str:
+            rows = result.get("published", [])
+            return "; ".join(f"{r['published']:.2f} ({r['difference']:+.2f})" if r["difference"] is not None
+                             else f"{r['published']:.2f}" for r in rows) or "–"
+        columns = [("published (ours − published)", cell)]
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
-    atomic_write_text(out / "summary.md", markdown_summary(results))
+    summary = markdown_summary(results, extra_columns=columns)
+    if published:
+        summary += "\n" + "\n".join(published_lines(published, results["model"])) + "\n"
+    atomic_write_text(out / "summary.md", summary)
     curves = {n: r["roc"] for n, r in results.get("sets", {}).items() if "roc" in r}
     if roc and curves:
         plot_roc(curves, out / "roc.png", title=f"{results['protocol']} — {Path(str(results.get('weights'))).name}")
-    print(markdown_summary(results))
+    print(summary)
     print(f"wrote {out / 'results.json'}, {out / 'summary.md'}" + (", roc.png" if roc and curves else ""))
 
 

@@ -62,6 +62,7 @@ class ModelHandle:
     _model: torch.nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        self.source = str(self.weights)  # as the user named it (a path or a model-zoo repo id)
         self.weights = Path(self.weights)
         if not self.name:
             self.name = self.weights.stem if self.weights.stem != "model" else self.weights.parent.name
@@ -116,7 +117,7 @@ def evaluate_bins(handle: ModelHandle, bin_paths: Sequence[str | os.PathLike], s
         sets[vb.name] = result
         sources[vb.name] = source_kind
     kinds = set(sources.values())
-    return dict(protocol="verification (.bin, 10-fold)", weights=str(handle.weights), flip=settings.flip,
+    return dict(protocol="verification (.bin, 10-fold)", weights=str(handle.weights), model=handle.source, flip=settings.flip,
                 mode="prealigned", keypoint_source=kinds.pop() if len(kinds) == 1 else sources, sets=sets)
 
 
@@ -143,7 +144,7 @@ def evaluate_ijb(handle: ModelHandle, *, name: str, tid_mid, pairs, landmarks, i
     result.pop("val_at_far", None)
     result.update(num_faces=len(meta.names), num_templates=int(templates.size), embeddings_from_cache=cached,
                   use_norm=use_norm, use_detector_score=use_detector_score)
-    return dict(protocol="IJB 1:1 verification", weights=str(handle.weights), flip=settings.flip,
+    return dict(protocol="IJB 1:1 verification", weights=str(handle.weights), model=handle.source, flip=settings.flip,
                 mode="aligned" if t == 0 else f"t={t:g}", keypoint_source="landmark file", sets={name: result})
 
 
@@ -191,7 +192,7 @@ def evaluate_pairs(handle: ModelHandle, pairs_csv, settings: EvalSettings, *, im
     result = verification_metrics(scores, pairs.labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
                                   tar_far_convention=settings.tar_far_convention)
     result.update(embeddings_from_cache=cached)
-    return dict(protocol="verification (pairs CSV)", weights=str(handle.weights), flip=settings.flip,
+    return dict(protocol="verification (pairs CSV)", weights=str(handle.weights), model=handle.source, flip=settings.flip,
                 mode=("aligned" if t == 0 else f"t={t:g}") if points is not None else "prealigned",
                 keypoint_source=kp_kind, sets={pairs_csv.stem: result})
 
@@ -238,7 +239,7 @@ def evaluate_identification(handle: ModelHandle, settings: EvalSettings, *, gall
                   cmc=[float(np.mean(rank_of[rank_of > 0] <= k)) for k in range(1, min(50, g_lab.size) + 1)])
     if (rank_of == 0).any():
         result["open_set"] = open_set_dir_at_fpir(sim, p_lab, g_lab, fpir_targets)
-    return dict(protocol="identification (closed/open set)", weights=str(handle.weights), flip=settings.flip,
+    return dict(protocol="identification (closed/open set)", weights=str(handle.weights), model=handle.source, flip=settings.flip,
                 mode="prealigned", keypoint_source=kp_kind, sets={name: result})
 
 

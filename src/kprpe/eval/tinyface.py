@@ -217,5 +217,6 @@ def evaluate_tinyface(handle, path: str | os.PathLike, settings, *, keypoint_sou
         raise DataFormatError(f"{path}: neither a CVLface toolkit TinyFace set (save_to_disk folder) nor a TinyFace "
                               f"test folder with {', '.join(TINYFACE_FOLDERS)}")
     result.update(layout=layout, keypoint_source=kp_kind, embeddings_from_cache=cached)
-    return dict(protocol="TinyFace identification (rank-k)", weights=str(handle.weights), flip=settings.flip,
+    return dict(protocol="TinyFace identification (rank-k)", weights=str(handle.weights), model=handle.source,
+                flip=settings.flip,
                 mode="prealigned", keypoint_source=kp_kind, sets={name or path.name: result})

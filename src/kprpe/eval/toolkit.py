@@ -365,5 +365,6 @@ def evaluate_toolkit(handle, paths: Sequence[str | os.PathLike], settings, *, ke
         sets[ts.name] = result
         kinds[ts.name] = kp_kind
     used = set(kinds.values())
-    return dict(protocol="CVLface evaluation toolkit", weights=str(handle.weights), flip=settings.flip,
+    return dict(protocol="CVLface evaluation toolkit", weights=str(handle.weights), model=handle.source,
+                flip=settings.flip,
                 mode="prealigned", keypoint_source=used.pop() if len(used) == 1 else kinds, sets=sets)
