@@ -208,3 +208,17 @@ def test_unknown_margin_gradient_is_refused():
         build_margin("arcface", gradient="textbook")
     with pytest.raises(ValueError, match=r"labels \[9\] are outside the 7 columns"):
         build_margin("cosface")(torch.zeros(2, 7), torch.tensor([0, 9]))
+
+
+def test_partial_fc_computes_in_float32_inside_a_bf16_autocast():
+    """The head sees the (bf16-rounded) embeddings it is given, but its cosines, margin and softmax stay
+    float32 even when called inside an autocast region."""
+    torch.manual_seed(2)
+    emb = torch.randn(6, 16).bfloat16()
+    labels = torch.randint(0, 9, (6,))
+    head = PartialFC(16, 9, build_margin("arcface", scale=64.0), rank=0, world_size=1)
+    reference, _ = head(emb.float(), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside, _ = head(emb, labels)
+    assert inside.dtype == torch.float32
+    assert inside.item() == pytest.approx(reference.item(), rel=1e-6)

@@ -261,6 +261,12 @@ class PartialFC(nn.Module):
         return index, remapped
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None):
+        # Always float32, even inside a caller's bf16 autocast: bf16 cosines are quantised to ~4e-3 near 1
+        # (s * cos to 0.25 at s = 64). The norms are those of the embeddings as given (bf16-rounded under amp).
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self._forward(embeddings, labels, valid)
+
+    def _forward(self, embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None):
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings must be (B, {self.embedding_dim}), got {tuple(embeddings.shape)}")
         if labels.shape != embeddings.shape[:1]:
