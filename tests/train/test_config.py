@@ -12,6 +12,8 @@ def test_errors_name_the_key():
         ({"data": {"train": "x"}, "optim": {"lr": -1}}, r"^optim.lr: must be positive"),
         ({"data": {"train": "x"}, "head": {"sample_rate": 1.5}}, r"^head.sample_rate: must be in \(0, 1\]"),
         ({"data": {"train": "x"}, "train": {"amp": "fp8"}}, r"^train.amp: must be none or bf16"),
+        ({"data": {"train": "x"}, "head": {"margin_gradient": "textbook"}},
+         r"^head.margin_gradient: must be straight_through or exact, got 'textbook'"),
         ({"data": {"train": "x"}, "schedule": "cosine"}, r"^schedule: must be a mapping"),
         ({"data": {}}, r"^data.train: is required"),
         ({"data": {"train": "x", "augmentation": {"rotation_p": 3}}}, r"data.augmentation.rotation_p is a probability"),

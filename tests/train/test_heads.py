@@ -61,13 +61,11 @@ def test_adaface_matches_formula_and_updates_its_statistics():
     for i in range(5):
         scaler = max(-1.0, min(1.0, (norms[i].item() - mean) / (std + eps) * h))
         for j in range(cos.shape[1]):
-            c = min(max(cos[i, j].item(), -1 + eps), 1 - eps)
-            theta = math.acos(c)
+            c = cos[i, j].item()
             if j == labels[i]:
-                theta = min(max(theta - m * scaler, eps), math.pi - eps)
-                want = s * (math.cos(theta) - (m + m * scaler))
+                want = s * (math.cos(math.acos(c) - m * scaler) - (m + m * scaler))
             else:
-                want = s * math.cos(min(max(theta, eps), math.pi - eps))
+                want = s * c
             assert out[i, j].item() == pytest.approx(want, abs=1e-9)
     assert set(head.state_dict()) == {"batch_mean", "batch_std"}  # saved with the head
     head.eval()
@@ -134,3 +132,93 @@ def test_partial_fc_masks_invalid_samples_and_checks_labels():
         head(emb, torch.tensor([0, 1, 7, 3]))
     with pytest.raises(ValueError, match="embeddings must be"):
         head(torch.randn(4, 9), labels)
+
+
+def _easy_batch(target_cos: float, b: int = 4, c: int = 7):
+    """Every row's target cosine is ``target_cos``; the others are spread over [0.7, 0.98] (so the softmax
+    is not saturated and the target's gradient is not negligible)."""
+    cos = torch.linspace(0.7, 0.98, b * c, dtype=torch.float64).reshape(b, c)
+    labels = torch.arange(b) % c
+    cos[torch.arange(b), labels] = target_cos
+    return cos.requires_grad_(True), labels
+
+
+def _low_norm_adaface(gradient: str) -> AdaFaceMargin:
+    """Frozen statistics under which a norm of 10 gets the full negative scaler (-1): the largest angle."""
+    head = build_margin("adaface", scale=64.0, gradient=gradient).double().eval()
+    head.batch_mean.fill_(20.0)
+    head.batch_std.fill_(1.0)
+    return head
+
+
+@pytest.mark.parametrize("kind", ["arcface", "adaface", "cosface"])
+def test_gradient_on_an_easy_target_stays_bounded(kind):
+    """Straight-through (default): |d loss / d cos| <= s / B however close the target is to 1. The exact
+    derivative of an angular margin is that times d margined / d cos (sin(theta + m) / sin(theta) for
+    ArcFace), which grows without bound as the target gets easy (limited only by the clamp eps)."""
+    s, b = 64.0, 4
+    norms = torch.full((b,), 10.0, dtype=torch.float64)
+
+    def target_grads(gradient: str, target: float) -> torch.Tensor:
+        cos, labels = _easy_batch(target, b=b)
+        if kind == "adaface":
+            head = _low_norm_adaface(gradient)
+        else:
+            head = build_margin(kind, scale=s, gradient=gradient)
+        F.cross_entropy(head(cos, labels, norms), labels).backward()
+        assert torch.isfinite(cos.grad).all()
+        return cos.grad, cos.grad[torch.arange(b), labels]
+
+    for target in (0.9, 0.99, 0.9999, 1.0 - 1e-6, 1.0):
+        grad, _ = target_grads("straight_through", target)
+        assert grad.abs().max().item() <= s / b + 1e-9
+    _, straight = target_grads("straight_through", 1.0 - 1e-6)
+    _, exact = target_grads("exact", 1.0 - 1e-6)
+    ratio = (exact / straight).min().item()  # same logits, so same softmax: the ratio is d margined / d cos
+    if kind == "cosface":  # an additive margin has the same derivative either way
+        assert ratio == pytest.approx(1.0)
+    else:
+        assert ratio > 5.0
+
+
+def test_straight_through_gradient_is_the_softmax_gradient_times_s():
+    cos, labels = _cos_labels(b=5, c=6, seed=3)
+    cos.requires_grad_(True)
+    logits = build_margin("arcface", scale=30.0)(cos, labels)
+    F.cross_entropy(logits, labels).backward()
+    want = 30.0 * (torch.softmax(logits.detach(), 1) - F.one_hot(labels, 6)) / 5
+    assert torch.allclose(cos.grad, want, atol=1e-12)
+
+
+def test_adaface_does_not_clip_the_margined_angle():
+    """An easy target with a high norm: theta - m * scaler < 0, and the logit is the cosine of that negative
+    angle, not of an angle clipped to [eps, pi - eps]."""
+    head = AdaFaceMargin(64.0, 0.4, 0.333, t_alpha=0.01).double().eval()
+    cos, labels = _easy_batch(0.9995, b=2)
+    norms = torch.tensor([100.0, 100.0], dtype=torch.float64)
+    out = head(cos, labels, norms)
+    scaler = min(1.0, (100.0 - 20.0) / (100.0 + 1e-3) * 0.333)
+    angle = math.acos(0.9995) - 0.4 * scaler
+    assert angle < 0
+    assert out[0, labels[0]].item() == pytest.approx(64 * (math.cos(angle) - 0.4 - 0.4 * scaler), abs=1e-9)
+
+
+def test_unknown_margin_gradient_is_refused():
+    with pytest.raises(ValueError, match="must be one of straight_through, exact, got 'textbook'"):
+        build_margin("arcface", gradient="textbook")
+    with pytest.raises(ValueError, match=r"labels \[9\] are outside the 7 columns"):
+        build_margin("cosface")(torch.zeros(2, 7), torch.tensor([0, 9]))
+
+
+def test_partial_fc_computes_in_float32_inside_a_bf16_autocast():
+    """The head sees the (bf16-rounded) embeddings it is given, but its cosines, margin and softmax stay
+    float32 even when called inside an autocast region."""
+    torch.manual_seed(2)
+    emb = torch.randn(6, 16).bfloat16()
+    labels = torch.randint(0, 9, (6,))
+    head = PartialFC(16, 9, build_margin("arcface", scale=64.0), rank=0, world_size=1)
+    reference, _ = head(emb.float(), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside, _ = head(emb, labels)
+    assert inside.dtype == torch.float32
+    assert inside.item() == pytest.approx(reference.item(), rel=1e-6)

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..data.transforms import AugmentConfig
+from .heads import MARGIN_GRADIENTS
 
 __all__ = [
     "ConfigError",
@@ -31,6 +32,7 @@ __all__ = [
     "config_from_dict",
     "apply_overrides",
     "HEAD_TYPES",
+    "MARGIN_GRADIENTS",
 ]
 
 HEAD_TYPES = ("adaface", "arcface", "cosface", "combined", "softmax")
@@ -71,6 +73,9 @@ class HeadConfig:
     h: float = 0.333  # adaface
     t_alpha: float = 0.01  # adaface EMA rate of the feature-norm statistics
     sample_rate: float = 1.0  # partial FC: fraction of class centres used per step (0.1 - 1.0)
+    # straight_through: the margin is a constant for the backward, as in the official heads (the cosine gets
+    # the plain softmax gradient x s); exact: the textbook derivative, unbounded on easy targets
+    margin_gradient: str = "straight_through"
 
 
 @dataclass
@@ -155,6 +160,8 @@ class TrainConfig:
         need(0.0 < h.sample_rate <= 1.0, "head.sample_rate", f"must be in (0, 1], got {h.sample_rate}")
         need(0.0 < h.t_alpha <= 1.0, "head.t_alpha", f"must be in (0, 1], got {h.t_alpha}")
         need(h.margin is None or h.margin >= 0, "head.margin", f"must be >= 0, got {h.margin}")
+        need(h.margin_gradient in MARGIN_GRADIENTS, "head.margin_gradient",
+             f"must be {' or '.join(MARGIN_GRADIENTS)}, got {h.margin_gradient!r}")
         need(o.name in ("adamw", "sgd"), "optim.name", f"must be adamw or sgd, got {o.name!r}")
         need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
         need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

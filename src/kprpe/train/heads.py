@@ -8,6 +8,15 @@ A *margin* turns the cosine logits ``cos (B, C)`` of a batch into the logits fed
   statistics (``batch_mean``, ``batch_std`` are buffers, so they are saved with the head and resumed).
 - :class:`PlainLogits` — a plain fully connected classifier: raw ``x W^T`` logits, nothing normalised.
 
+How the margin is differentiated (``gradient``, see :data:`MARGIN_GRADIENTS`):
+
+- ``straight_through`` (default; what the official CVLface heads and insightface's arcface_torch do): the
+  margin is written into the target logit without gradient, so ``d logit / d cos = s`` everywhere and the
+  cosine receives the plain softmax cross-entropy gradient times ``s``, however easy the target.
+- ``exact``: the textbook derivative of the margin formula, e.g. ``s * sin(theta + m) / sin(theta)`` for
+  ArcFace, which grows without bound as a target gets easy (cosine -> 1); evaluated at a cosine clamped to
+  ``[-1 + eps, 1 - eps]``. Kept for ablations; the logits are the same in both modes.
+
 :class:`PartialFC` holds the class centres, sharded across processes (process ``r`` owns a contiguous range
 of classes), gathers the embeddings of the whole global batch, optionally samples a fraction of the local
 centres (always keeping the batch's positives), applies the margin and computes the exact softmax
@@ -17,7 +26,7 @@ Labels of ``-1`` in a margin's input mean "this row's target class is not among 
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,76 +41,129 @@ __all__ = [
     "AdaFaceMargin",
     "PlainLogits",
     "PartialFC",
+    "MARGIN_GRADIENTS",
     "build_margin",
     "class_shard",
     "init_class_centres",
     "distributed_cross_entropy",
 ]
 
+MARGIN_GRADIENTS = ("straight_through", "exact")
 
-def _target_mask(labels: torch.Tensor, num_columns: int) -> torch.Tensor:
-    """``(B, C)`` bool, True at ``[i, labels[i]]`` for rows with ``labels[i] >= 0``."""
-    cols = torch.arange(num_columns, device=labels.device)
-    return (labels[:, None] == cols[None, :]) & (labels[:, None] >= 0)
+
+def _check_gradient(gradient: str) -> str:
+    if gradient not in MARGIN_GRADIENTS:
+        raise ValueError(f"margin gradient must be one of {', '.join(MARGIN_GRADIENTS)}, got {gradient!r}")
+    return gradient
+
+
+def _apply_target_margin(
+    cos: torch.Tensor,
+    labels: torch.Tensor,
+    margined: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    gradient: str,
+    eps: float,
+) -> torch.Tensor:
+    """``cos`` with ``margined(target_cos, rows)`` written at ``[rows, labels[rows]]`` (rows: labels >= 0).
+
+    Only the ``B`` target entries are transformed (the other ``B x C`` cosines pass through untouched).
+    ``straight_through``: the change is added without gradient, so ``d out / d cos`` is 1 everywhere.
+    ``exact``: the target's derivative is the formula's, taken at the cosine clamped to ``[-1+eps, 1-eps]``
+    (acos has an infinite slope at +-1); its value is the formula at the unclamped cosine, as above.
+    """
+    if labels.shape != cos.shape[:1]:
+        raise ValueError(f"labels must be ({cos.shape[0]},) for cosines of shape {tuple(cos.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if bool((labels >= cos.shape[1]).any()):
+        raise ValueError(f"labels {labels[labels >= cos.shape[1]][:5].tolist()} are outside the "
+                         f"{cos.shape[1]} columns")
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    cols = labels[rows]
+    target = cos[rows, cols]
+    with torch.no_grad():
+        value = margined(target.detach(), rows)
+    if gradient == "straight_through":
+        shift = torch.zeros_like(cos)
+        shift[rows, cols] = (value - target.detach()).to(cos.dtype)
+        return cos + shift
+    safe = target + (target.clamp(-1 + eps, 1 - eps) - target).detach()  # clamped value, gradient kept
+    with_grad = margined(safe, rows)
+    with_grad = with_grad + (value - with_grad).detach()
+    return cos.index_put((rows, cols), with_grad.to(cos.dtype))
 
 
 class CombinedMargin(nn.Module):
-    """``s * (cos(m1 * theta + m2) - m3)`` for the target, ``s * cos`` for other classes."""
+    """``s * (cos(m1 * theta + m2) - m3)`` for the target, ``s * cos`` for other classes.
+
+    The angle is not limited: with ``theta + m2 > pi`` the target logit is ``cos`` of that angle, as in the
+    official heads. ``gradient``: ``straight_through`` (official) or ``exact`` (module docstring)."""
 
     normalized = True
 
-    def __init__(self, scale: float = 64.0, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0, eps: float = 1e-7) -> None:
+    def __init__(self, scale: float = 64.0, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
+                 eps: float = 1e-7, gradient: str = "straight_through") -> None:
         super().__init__()
         self.scale, self.m1, self.m2, self.m3, self.eps = float(scale), float(m1), float(m2), float(m3), eps
+        self.gradient = _check_gradient(gradient)
+
+    def _margined(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.m1 != 1.0 or self.m2 != 0.0:
+            target = torch.cos(self.m1 * torch.acos(target.clamp(-1, 1)) + self.m2)
+        return target - self.m3
 
     def forward(self, cos: torch.Tensor, labels: torch.Tensor, norms=None, valid=None) -> torch.Tensor:
-        mask = _target_mask(labels, cos.shape[1])
-        target = cos
-        if self.m1 != 1.0 or self.m2 != 0.0:
-            theta = torch.acos(cos.clamp(-1 + self.eps, 1 - self.eps))
-            target = torch.cos(self.m1 * theta + self.m2)
-        target = target - self.m3
-        return self.scale * torch.where(mask, target, cos)
+        return self.scale * _apply_target_margin(cos, labels, self._margined, self.gradient, self.eps)
 
     def extra_repr(self) -> str:
-        return f"s={self.scale}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
+        return f"s={self.scale}, m1={self.m1}, m2={self.m2}, m3={self.m3}, gradient={self.gradient}"
 
 
 class AdaFaceMargin(nn.Module):
     """AdaFace (Kim et al., CVPR 2022): the margin adapts to image quality, proxied by the feature norm.
 
-    ``scaler = clip(h * (norm - mean) / (std + eps), -1, 1)`` with EMA statistics updated from each batch
-    (``t_alpha``) *before* use; target angle ``theta - m * scaler`` (clipped to ``[eps, pi - eps]``), then
-    ``cos(.) - (m + m * scaler)``; everything times ``s``. Cosines are clamped to ``[-1 + eps, 1 - eps]``.
+    In training mode the EMA statistics are first updated from this batch (``t_alpha``; norms clipped to
+    ``[0.001, 100]``, mean and unbiased std over the rows marked ``valid``, which include rows labelled -1),
+    then ``scaler = clip(h * (norm - mean) / (std + eps), -1, 1)``; the target logit is
+    ``s * (cos(theta - m * scaler) - (m + m * scaler))``. The angle ``theta - m * scaler`` is not clipped
+    (for an easy target with a high norm it is the cosine of a negative angle, as in the official code);
+    other logits are ``s * cos``. ``gradient``: ``straight_through`` (official) or ``exact``.
     """
 
     normalized = True
 
-    def __init__(self, scale: float = 64.0, margin: float = 0.4, h: float = 0.333, t_alpha: float = 0.01, eps: float = 1e-3) -> None:
+    def __init__(self, scale: float = 64.0, margin: float = 0.4, h: float = 0.333, t_alpha: float = 0.01,
+                 eps: float = 1e-3, gradient: str = "straight_through") -> None:
         super().__init__()
-        self.scale, self.margin, self.h, self.t_alpha, self.eps = float(scale), float(margin), float(h), float(t_alpha), eps
+        self.scale, self.margin, self.h, self.t_alpha = float(scale), float(margin), float(h), float(t_alpha)
+        self.eps = eps
+        self.gradient = _check_gradient(gradient)
         self.register_buffer("batch_mean", torch.ones(1) * 20.0)
         self.register_buffer("batch_std", torch.ones(1) * 100.0)
 
-    def forward(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor, valid=None) -> torch.Tensor:
+    def forward(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
         if norms is None:
             raise ValueError("AdaFace needs the embedding norms")
         safe = norms.detach().float().reshape(-1).clamp(0.001, 100.0)
+        if safe.shape[0] != cos.shape[0]:
+            raise ValueError(f"AdaFace got {safe.shape[0]} norms for {cos.shape[0]} rows of cosines")
         stats = safe if valid is None else safe[valid]
         if self.training and stats.numel() > 1:
             with torch.no_grad():
                 self.batch_mean.mul_(1 - self.t_alpha).add_(self.t_alpha * stats.mean())
                 self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * stats.std())
-        scaler = ((safe - self.batch_mean) / (self.batch_std + self.eps) * self.h).clamp(-1, 1)[:, None]
-        mask = _target_mask(labels, cos.shape[1])
-        cos = cos.clamp(-1 + self.eps, 1 - self.eps)
-        theta = torch.acos(cos)
-        theta_m = (theta + torch.where(mask, -self.margin * scaler, torch.zeros_like(cos))).clamp(self.eps, math.pi - self.eps)
-        out = torch.cos(theta_m) - torch.where(mask, self.margin + self.margin * scaler, torch.zeros_like(cos))
-        return self.scale * out
+        scaler = ((safe - self.batch_mean) / (self.batch_std + self.eps) * self.h).clamp(-1, 1)
+
+        def margined(target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            row_scaler = scaler[rows].to(target.dtype)
+            angle = torch.acos(target.clamp(-1, 1)) - self.margin * row_scaler
+            return torch.cos(angle) - (self.margin + self.margin * row_scaler)
+
+        return self.scale * _apply_target_margin(cos, labels, margined, self.gradient, self.eps)
 
     def extra_repr(self) -> str:
-        return f"s={self.scale}, m={self.margin}, h={self.h}, t_alpha={self.t_alpha}"
+        return (f"s={self.scale}, m={self.margin}, h={self.h}, t_alpha={self.t_alpha}, "
+                f"gradient={self.gradient}")
 
 
 class PlainLogits(nn.Module):
@@ -113,18 +175,21 @@ class PlainLogits(nn.Module):
         return logits
 
 
-def build_margin(kind: str, *, scale: float = 64.0, margin: float | None = None, m1: float = 1.0, m2: float = 0.0,
-                 m3: float = 0.0, h: float = 0.333, t_alpha: float = 0.01) -> nn.Module:
+def build_margin(kind: str, *, scale: float = 64.0, margin: float | None = None, m1: float = 1.0,
+                 m2: float = 0.0, m3: float = 0.0, h: float = 0.333, t_alpha: float = 0.01,
+                 gradient: str = "straight_through") -> nn.Module:
     """``adaface`` (m 0.4), ``arcface`` (m2 = margin, 0.5), ``cosface`` (m3 = margin, 0.4), ``combined``
-    (m1, m2, m3 as given) or ``softmax`` (plain FC)."""
+    (m1, m2, m3 as given) or ``softmax`` (plain FC). ``gradient``: ``straight_through`` (the official
+    heads' backward) or ``exact`` (the textbook derivative); see the module docstring."""
+    _check_gradient(gradient)
     if kind == "adaface":
-        return AdaFaceMargin(scale, 0.4 if margin is None else margin, h, t_alpha)
+        return AdaFaceMargin(scale, 0.4 if margin is None else margin, h, t_alpha, gradient=gradient)
     if kind == "arcface":
-        return CombinedMargin(scale, 1.0, 0.5 if margin is None else margin, 0.0)
+        return CombinedMargin(scale, 1.0, 0.5 if margin is None else margin, 0.0, gradient=gradient)
     if kind == "cosface":
-        return CombinedMargin(scale, 1.0, 0.0, 0.4 if margin is None else margin)
+        return CombinedMargin(scale, 1.0, 0.0, 0.4 if margin is None else margin, gradient=gradient)
     if kind == "combined":
-        return CombinedMargin(scale, m1, m2, m3)
+        return CombinedMargin(scale, m1, m2, m3, gradient=gradient)
     if kind == "softmax":
         return PlainLogits()
     raise ValueError(f"unknown head type {kind!r}; expected adaface, arcface, cosface, combined or softmax")
@@ -196,6 +261,12 @@ class PartialFC(nn.Module):
         return index, remapped
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None):
+        # Always float32, even inside a caller's bf16 autocast: bf16 cosines are quantised to ~4e-3 near 1
+        # (s * cos to 0.25 at s = 64). The norms are those of the embeddings as given (bf16-rounded under amp).
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self._forward(embeddings, labels, valid)
+
+    def _forward(self, embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None):
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"embeddings must be (B, {self.embedding_dim}), got {tuple(embeddings.shape)}")
         if labels.shape != embeddings.shape[:1]:

@@ -185,7 +185,8 @@ class Trainer:
         milestones = [int(round(m * self.steps_per_epoch)) for m in s.milestones]
 
         h = cfg.head
-        margin = build_margin(h.type, scale=h.scale, margin=h.margin, m1=h.m1, m2=h.m2, m3=h.m3, h=h.h, t_alpha=h.t_alpha)
+        margin = build_margin(h.type, scale=h.scale, margin=h.margin, m1=h.m1, m2=h.m2, m3=h.m3, h=h.h, t_alpha=h.t_alpha,
+                              gradient=h.margin_gradient)
         self.head = PartialFC(self.model.config.output_dim, self.dataset.num_classes, margin, sample_rate=h.sample_rate,
                               rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.train.seed).to(self.device)
         self.model.to(self.device)
