@@ -331,6 +331,19 @@ def test_preset_list_has_both_families():
     assert set(kprpe.list_models("vit")) | set(kprpe.list_models("iresnet")) == names
 
 
+def test_embeds_like_a_vit_through_the_inference_helper():
+    """Pipelines call ``model(images, keypoints)`` and flip-average: an IResNet takes part unchanged."""
+    from kprpe.inference import embed
+
+    model = kprpe.create_model("ir_18").eval()
+    images, keypoints = torch.rand(3, 3, 112, 112) * 2 - 1, torch.rand(3, 5, 2)
+    units, norms = embed(model, images, keypoints, flip=True, batch_size=2)
+    with torch.no_grad():
+        summed = model(images) + model(images.flip(-1))
+    assert torch.allclose(units, summed / summed.norm(dim=1, keepdim=True), atol=1e-5)
+    assert torch.allclose(norms, summed.norm(dim=1), rtol=1e-5)
+
+
 def test_training_mode_backward_reaches_the_se_gate():
     model = kprpe.create_model("ir_se_18", output_dim=128).train()
     out = model(torch.rand(2, 3, 112, 112) * 2 - 1)
