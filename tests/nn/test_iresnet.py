@@ -203,7 +203,6 @@ def test_architecture_inferred_from_shapes(preset):
     assert inferred == dict(num_layers=cfg.num_layers, mode=cfg.mode, img_size=112, output_dim=512)
 
 
-@pytest.mark.slow
 def test_ir101_loads_from_layout_with_official_name(tmp_path):
     """The zoo's IR-101 layout with its model.yaml: built as ir_101 (the 100-layer table), BGR."""
     dtypes = {"float32": torch.float32, "int64": torch.int64}
@@ -281,7 +280,8 @@ def test_invalid_config_values_are_named():
 
 
 # ---------------------------------------------------------------------- presets
-DEEP = {"ir_100", "ir_101", "ir_152", "ir_200", "ir_se_100", "ir_se_101", "ir_se_152", "ir_se_200"}
+# Build + forward: 1.3-1.7 s on an idle 2-core CPU (4-5 s when busy); the 100-layer presets take <= 1.1 s.
+DEEP = {"ir_152", "ir_200", "ir_se_152", "ir_se_200"}
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ DEEP = {"ir_100", "ir_101", "ir_152", "ir_200", "ir_se_100", "ir_se_101", "ir_se
     [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in kprpe.list_models("iresnet")],
 )
 def test_every_preset_forward(name):
-    """Real forward of one image; the >= 100-layer presets take 2-5 s on a small CPU (building dominates)."""
+    """Real forward of one image (building the weights dominates the time)."""
     start = time.perf_counter()
     model = kprpe.create_model(name).eval()
     assert isinstance(model, IResNet)
