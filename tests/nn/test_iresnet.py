@@ -138,6 +138,19 @@ def test_bgr_config_reverses_channels(official_checkpoints, name):
     assert (out - torch.tensor(REFERENCE["models"][name]["output"])).abs().max().item() > 100 * TOLERANCE
 
 
+def test_hf_repo_layout_with_unrelated_config_json(official_checkpoints):
+    """A published repo: config.json (the HF wrapper's, nothing on the net) + pretrained_model/model.yaml."""
+    folder = official_checkpoints["ir18"]
+    wrapper_config = {"name": "CVLFaceRecognitionModel", "model_type": "cvlface"}
+    (folder / "config.json").write_text(json.dumps(wrapper_config))
+    try:
+        model = _load(folder, "name: ir18\noutput_dim: 512\ncolor_space: BGR\n")
+    finally:
+        (folder / "config.json").unlink()
+        (folder / "pretrained_model" / "model.yaml").unlink()
+    assert (model.config.num_layers, model.config.color_space) == (18, "BGR")
+
+
 def test_research_layout_and_keypoints_ignored(official_checkpoints, tmp_path):
     """``net.``-prefixed ``pretrained_model/model.pt`` beside its model.yaml; keypoints change nothing."""
     state = {f"net.{k}": v for k, v in reference_state("ir18").items()}

@@ -265,7 +265,8 @@ def _official_model_config(source, file_config: Mapping | None) -> dict | None:
                 raise CheckpointError(f"{candidate} is not valid YAML: {exc}") from exc
             if not isinstance(loaded, Mapping):
                 raise CheckpointError(f"{candidate} should hold a mapping, got {type(loaded).__name__}")
-            merged = {**merged, **loaded}
+            # model.yaml first: its values win, and are found first when searching at any depth
+            merged = {**loaded, **{k: v for k, v in merged.items() if k not in loaded}}
             break
     return merged or None
 

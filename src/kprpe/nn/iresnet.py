@@ -309,6 +309,7 @@ class IResNet(nn.Module):
 # ---------------------------------------------------------------------- checkpoints
 OFFICIAL_PREFIXES = ("module.", "model.", "net.")
 _IR_NAME = re.compile(r"^(?:iresnet|ir)(_se)?_?(\d+)$")
+_OTHER_ARCH_NAME = re.compile(r"^(vit|swin|small|base|tiny|large)")  # official names of non-IResNet models
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -458,7 +459,8 @@ def load_iresnet(
             )
         values = {k: v for k, v in saved_config.items() if k != "arch"}
     elif official:
-        if "name" in official and "num_layers" not in official:
+        other = official.get("name", "")
+        if "num_layers" not in official and _OTHER_ARCH_NAME.match(other.strip().lower()):
             raise CheckpointError(
                 f"{where}: the config names model {official['name']!r}, but the weights are an IResNet "
                 f"({values['mode']}_{values['num_layers']}); "
