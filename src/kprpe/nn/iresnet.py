@@ -487,10 +487,10 @@ def load_iresnet(
     values.update(overrides)
     if saved_config is None and "color_space" not in values:
         warnings.warn(
-            f"{where}: no config tells this IResNet's colour order; assuming RGB input. The zoo's IR models "
-            "say 'color_space: BGR' in pretrained_model/model.yaml: keep that file beside the weights, "
-            "or pass "
-            "color_space='BGR' (or 'RGB') to load_official",
+            f"{where}: no config tells this IResNet's colour order; assuming RGB input. The official "
+            "wrapper reverses the channels when the repo's pretrained_model/model.yaml says "
+            "'color_space: BGR': keep that file beside the weights, or pass color_space='BGR' (or 'RGB') "
+            "to load_official",
             stacklevel=3,
         )
     try:
