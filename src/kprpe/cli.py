@@ -34,7 +34,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for name in list_models():
         cfg = preset_config(name)
-        row = dict(name=name, rel_pos=cfg.rel_pos, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads)
+        if getattr(cfg, "arch", "vit") == "iresnet":
+            row = dict(name=name, arch="iresnet", num_layers=cfg.num_layers, mode=cfg.mode)
+        else:
+            row = dict(
+                name=name, rel_pos=cfg.rel_pos, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads
+            )
         if args.params:
             from .nn import create_model
 
@@ -45,6 +50,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             extra = f"  {r['parameters']:,} params" if "parameters" in r else ""
+            if r.get("arch") == "iresnet":
+                print(f"{r['name']:<18} IResNet-{r['num_layers']} mode={r['mode']}{extra}")
+                continue
             print(f"{r['name']:<18} rel_pos={r['rel_pos']:<6} depth={r['depth']:<3} dim={r['embed_dim']:<4} heads={r['num_heads']}{extra}")
     return 0
 

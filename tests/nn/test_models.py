@@ -31,7 +31,7 @@ def test_required_presets_exist():
     assert {"vit_small", "vit_base", "vit_small_kprpe", "vit_base_kprpe", "vit_base_irpe"} <= names
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("vit"))
 def test_preset_forward_backward(name):
     model = kprpe.create_model(name)
     if model.kp_bias is not None:  # make the keypoint path carry gradient-relevant values

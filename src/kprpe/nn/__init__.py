@@ -1,4 +1,5 @@
-"""Models: relative-position buckets, position encodings, attention, the face ViT, presets, checkpoints."""
+"""Models: relative-position buckets, position encodings, attention, the face ViT, the IResNet, presets and
+checkpoints."""
 
 from .attention import Attention, Block, Mlp
 from .buckets import bucket_ids, num_buckets, piecewise_index
@@ -10,6 +11,7 @@ from .checkpoint import (
     read_state_dict,
     save_model,
 )
+from .iresnet import IResNet, IResNetConfig
 from .position import gather_bias, patch_centres, relative_keypoints
 from .registry import create_model, list_models, preset_config, register_model
 from .vit import VisionTransformer, ViTConfig, normalize_embedding, num_parameters
@@ -18,6 +20,8 @@ __all__ = [
     "Attention",
     "Block",
     "CheckpointError",
+    "IResNet",
+    "IResNetConfig",
     "Mlp",
     "ViTConfig",
     "VisionTransformer",

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..files import atomic_path
 from ..zoo import ZooError, resolve
+from .iresnet import is_iresnet_checkpoint, load_iresnet, official_fields
 from .registry import SIZES
 from .vit import VisionTransformer, ViTConfig
 
@@ -243,8 +244,39 @@ def _config_from_file(config: Mapping) -> dict:
     return found
 
 
-def load_official(source, **overrides) -> VisionTransformer:
+def _describe(source) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
+
+
+def _official_model_config(source, file_config: Mapping | None) -> dict | None:
+    """The official ``model.yaml`` near a checkpoint (``pretrained_model/model.yaml`` of the published repos,
+    or beside the weights) merged over its ``config.json``; None when neither exists."""
+    import yaml
+
+    merged = dict(file_config or {})
+    if not isinstance(source, (str, os.PathLike)):
+        return merged or None
+    path = Path(source).expanduser()
+    base = path if path.is_dir() else path.parent
+    for candidate in (base / "model.yaml", base / "pretrained_model" / "model.yaml"):
+        if candidate.is_file():
+            try:
+                loaded = yaml.safe_load(candidate.read_text())
+            except yaml.YAMLError as exc:
+                raise CheckpointError(f"{candidate} is not valid YAML: {exc}") from exc
+            if not isinstance(loaded, Mapping):
+                raise CheckpointError(f"{candidate} should hold a mapping, got {type(loaded).__name__}")
+            # model.yaml first: its values win, and are found first when searching at any depth
+            merged = {**loaded, **{k: v for k, v in merged.items() if k not in loaded}}
+            break
+    return merged or None
+
+
+def load_official(source, **overrides) -> nn.Module:
     """Build a model from an official (or kprpe-saved) checkpoint and load it strictly, in eval mode.
+
+    Face ViTs (KP-RPE, iRPE, RPE, plain) and IResNets (recognised by their ``input_layer`` / ``body`` keys,
+    depth from the body units, colour order from the official ``model.yaml``) are both understood.
 
     ``source``: a ``.safetensors`` / ``.pt`` / ``.pth`` file; a directory laid out like the published repos
     (``config.json`` + ``model.safetensors``, or ``pretrained_model/model.pt``); a Hugging Face repo id
@@ -259,6 +291,17 @@ def load_official(source, **overrides) -> VisionTransformer:
             raise CheckpointError(str(exc)) from exc
     raw, file_config = read_state_dict(source)
     state = strip_prefixes(raw)
+    saved = file_config.get(CONFIG_METADATA_KEY) if file_config else None
+    official = None if saved else _official_model_config(source, file_config)
+    if is_iresnet_checkpoint(state):  # IResNet family: its own architecture inference (nn/iresnet.py)
+        where = _describe(source)
+        return load_iresnet(state, saved_config=saved, official_config=official, where=where, **overrides)
+    if "num_layers" in official_fields(official):
+        raise CheckpointError(
+            f"{_describe(source)}: the config names IResNet {official_fields(official)['name']!r}, but the "
+            "weights have no IResNet keys ('input_layer.0.weight', 'body.0.res_layer.*'); "
+            f"first keys: {list(state)[:5]}"
+        )
     values = infer_config(state)
     if file_config and CONFIG_METADATA_KEY in file_config:
         values = dict(file_config[CONFIG_METADATA_KEY])  # saved by kprpe: the exact config
@@ -323,7 +366,10 @@ def _mismatch_message(model: nn.Module, missing: list, unexpected: list, misshap
         hint = "\n  hint: the checkpoint and the model use different relative position encodings; try kprpe.load_official(path)."
     name = type(model).__name__
     cfg = getattr(model, "config", None)
-    desc = f"{name}(rel_pos={cfg.rel_pos}, depth={cfg.depth}, embed_dim={cfg.embed_dim})" if cfg else name
+    if isinstance(cfg, ViTConfig):
+        desc = f"{name}(rel_pos={cfg.rel_pos}, depth={cfg.depth}, embed_dim={cfg.embed_dim})"
+    else:
+        desc = f"{name}({model.extra_repr()})"
     return (
         f"checkpoint does not match {desc}:"
         + block("missing from checkpoint", missing)

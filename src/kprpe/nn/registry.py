@@ -1,17 +1,25 @@
-"""Named model presets: ``create_model("vit_base_kprpe", **overrides)``.
+"""Named model presets: ``create_model("vit_base_kprpe", **overrides)``, ``create_model("ir_101")``.
 
-A preset only fixes sizes and the position encoding; any :class:`ViTConfig` field can be overridden.
+A ViT preset only fixes sizes and the position encoding; any :class:`ViTConfig` field can be overridden.
+An IResNet preset (``ir_18`` ... ``ir_200``, ``ir_se_*``) fixes depth and mode; any :class:`IResNetConfig`
+field can be overridden.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import nn
+
+from .iresnet import IRESNET_PRESETS, IResNet, IResNetConfig
 from .vit import VisionTransformer, ViTConfig
 
 __all__ = ["register_model", "create_model", "list_models", "preset_config"]
 
 _PRESETS: dict[str, Callable[[], dict]] = {}
+_FAMILY_OF: dict[str, str] = {}  # preset name -> "vit" | "iresnet"
+# family -> (config class, builder from a config)
+FAMILIES = {"vit": (ViTConfig, VisionTransformer), "iresnet": (IResNetConfig, IResNet.from_config)}
 
 # Sizes of the official face ViTs (SPEC §2) and the tiny size of the reference test vectors.
 SIZES = {
@@ -27,35 +35,46 @@ ENCODINGS = {
 }
 
 
-def register_model(name: str, values: dict) -> None:
-    """Register a preset under ``name`` (a dict of :class:`ViTConfig` fields)."""
+def register_model(name: str, values: dict, *, family: str = "vit") -> None:
+    """Register a preset under ``name``: a dict of :class:`ViTConfig` fields (``family="vit"``) or of
+    :class:`IResNetConfig` fields (``family="iresnet"``)."""
     if name in _PRESETS:
         raise ValueError(f"model {name!r} is already registered")
-    ViTConfig(**values).validate()  # fail at registration, not at first use
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
+    FAMILIES[family][0](**values).validate()  # fail at registration, not at first use
     _PRESETS[name] = lambda: dict(values)
+    _FAMILY_OF[name] = family
 
 
 for _size, _size_values in SIZES.items():
     for _suffix, _enc_values in ENCODINGS.items():
         register_model(f"vit_{_size}{_suffix}", {**_size_values, **_enc_values})
+for _name, _ir_values in IRESNET_PRESETS.items():
+    register_model(_name, _ir_values, family="iresnet")
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return sorted(_PRESETS)
+def list_models(family: str | None = None) -> list[str]:
+    """Names accepted by :func:`create_model`; ``family`` ("vit" or "iresnet") keeps one family."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
+    return sorted(n for n in _PRESETS if family is None or _FAMILY_OF[n] == family)
 
 
-def preset_config(name: str, **overrides) -> ViTConfig:
-    """The :class:`ViTConfig` of preset ``name`` with ``overrides`` applied (validated)."""
+def preset_config(name: str, **overrides) -> ViTConfig | IResNetConfig:
+    """The config (:class:`ViTConfig` or :class:`IResNetConfig`) of preset ``name`` with ``overrides`` applied
+    (validated)."""
     if name not in _PRESETS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     values = _PRESETS[name]()
     values.update(overrides)
-    return ViTConfig.from_dict(values)
+    return FAMILIES[_FAMILY_OF[name]][0].from_dict(values)
 
 
-def create_model(name: str = "vit_small_kprpe", **overrides) -> VisionTransformer:
+def create_model(name: str = "vit_small_kprpe", **overrides) -> nn.Module:
     """Build preset ``name`` with fresh weights; keyword ``overrides`` change any config field
-    (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``output_dim``,
-    ``num_keypoints``, ``attn_impl``, ...)."""
-    return VisionTransformer(preset_config(name, **overrides))
+    (ViT: ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``,
+    ``output_dim``, ``num_keypoints``, ``attn_impl``, ...; IResNet: ``img_size``, ``output_dim``, ``dropout``,
+    ``color_space``)."""
+    config = preset_config(name, **overrides)
+    return FAMILIES[_FAMILY_OF[name]][1](config)
