@@ -174,3 +174,63 @@ def test_unreadable_sources(tmp_path):
         kprpe.load_official({"foo": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="path or a state dict"):
         kprpe.load_official(42)
+
+
+def _allocated_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_a_config_claiming_a_huge_model_is_refused_before_allocating(tmp_path, tiny_state):
+    """A few-MB file whose embedded config claims embed_dim 2048 / depth 24 once allocated ~7 GB."""
+    from kprpe.nn.checkpoint import CONFIG_METADATA_KEY
+
+    huge = dict(kprpe.nn.preset_config("vit_base_kprpe").to_dict(), embed_dim=2048, depth=24, num_heads=16)
+    path = tmp_path / "claims_huge.safetensors"
+    save_file(tiny_state, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(huge)})
+    before = _allocated_mb()
+    with pytest.raises(CheckpointError, match="do not fit the model config.*nothing was allocated"):
+        kprpe.load_official(path)
+    assert _allocated_mb() - before < 500  # peak RSS did not grow by gigabytes
+
+
+def test_zero_element_tensors_cannot_claim_a_size(tiny_state):
+    state = dict(tiny_state)
+    state["patch_embed.proj.weight"] = torch.zeros(2048, 3, 8, 0)  # 0 bytes, claims embed_dim 2048
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        kprpe.load_official(state)
+
+
+def test_a_stray_block_key_does_not_build_thousands_of_blocks(tiny_state):
+    state = dict(tiny_state)
+    state["blocks.3000.norm1.weight"] = torch.ones(1)
+    with pytest.raises(CheckpointError, match="not contiguous"):
+        kprpe.load_official(state)
+
+
+def test_only_the_config_that_belongs_to_the_checkpoint_is_read(tmp_path, tiny_state):
+    # a config.json two folders up (say, a project's own) must not change the model
+    nested = tmp_path / "project" / "weights"
+    nested.mkdir(parents=True)
+    save_file(tiny_state, str(nested / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 1, "output_dim": 7}))
+    (tmp_path / "project" / "config.json").write_text(json.dumps({"num_heads": 1, "output_dim": 7}))
+    model = kprpe.load_official(nested / "model.safetensors")
+    assert model.config.num_heads == 4
+    # the published layout: <repo>/pretrained_model/model.* with <repo>/config.json — that one belongs to it
+    repo = tmp_path / "repo" / "pretrained_model"
+    repo.mkdir(parents=True)
+    save_file(tiny_state, str(repo / "model.safetensors"))
+    (tmp_path / "repo" / "config.json").write_text(json.dumps({"attn_impl": "math"}))
+    assert kprpe.load_official(repo / "model.safetensors").config.attn_impl == "math"
+
+
+@pytest.mark.parametrize("embedded", ["[1, 2]", "{not json", '"text"'])
+def test_embedded_config_of_the_wrong_type_is_a_checkpoint_error(tmp_path, tiny_state, embedded):
+    from kprpe.nn.checkpoint import CONFIG_METADATA_KEY
+
+    path = tmp_path / "bad_config.safetensors"
+    save_file(tiny_state, str(path), metadata={CONFIG_METADATA_KEY: embedded})
+    with pytest.raises(CheckpointError, match=CONFIG_METADATA_KEY):
+        kprpe.load_official(path)

@@ -77,7 +77,14 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
         if CONFIG_METADATA_KEY in metadata:
-            config = {CONFIG_METADATA_KEY: json.loads(metadata[CONFIG_METADATA_KEY])}
+            try:
+                saved = json.loads(metadata[CONFIG_METADATA_KEY])
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{path}: the embedded {CONFIG_METADATA_KEY} is not JSON ({exc})") from None
+            if not isinstance(saved, dict):
+                raise CheckpointError(f"{path}: the embedded {CONFIG_METADATA_KEY} is a JSON {type(saved).__name__}, "
+                                      "expected an object of model config fields")
+            config = {CONFIG_METADATA_KEY: saved}
     elif path.suffix in _PICKLE_SUFFIXES:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -92,12 +99,19 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             f"unsupported checkpoint format {path.suffix!r} for {path}; expected .safetensors, .pt, .pth, .bin or .ckpt"
         )
     if config is None:
-        for cfg_path in (path.parent / "config.json", path.parent.parent / "config.json"):
+        # only the config that belongs to these weights: beside them, or the repo's when they sit in the
+        # published layout's pretrained_model/ folder — never one found further up the tree
+        owners = [path.parent / "config.json"]
+        if path.parent.name == "pretrained_model":
+            owners.append(path.parent.parent / "config.json")
+        for cfg_path in owners:
             if cfg_path.is_file():
                 try:
-                    config = json.loads(cfg_path.read_text())
-                except json.JSONDecodeError as exc:
-                    raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
+                    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                    raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
+                if not isinstance(config, dict):
+                    raise CheckpointError(f"{cfg_path} holds a JSON {type(config).__name__}, expected an object")
                 break
     return state, config
 
@@ -179,6 +193,10 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
     if not blocks:
         raise CheckpointError("cannot infer the architecture: the checkpoint has no 'blocks.<i>.' keys")
     depth = max(blocks) + 1
+    if len(blocks) != depth:  # one stray 'blocks.3000.*' key must not build 3001 blocks
+        gaps = sorted(set(range(depth)) - blocks)
+        raise CheckpointError(f"block indices are not contiguous: {len(blocks)} blocks numbered up to {depth - 1} "
+                              f"(missing {gaps[:10]}{' ...' if len(gaps) > 10 else ''}); the checkpoint is damaged")
     cfg["depth"] = depth
     cfg["mlp_ratio"] = _need(state, "blocks.0.mlp.fc1.weight").shape[0] / dim
     cfg["output_dim"] = _need(state, "feature.2.weight").shape[0]
@@ -320,9 +338,33 @@ def load_official(source, **overrides) -> nn.Module:
         config = ViTConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint implies an invalid model config {values}: {exc}") from exc
+    _check_fits_before_allocating(config, state, _describe(source))
     model = VisionTransformer(config)
     load_weights(model, state)
     return model.eval()
+
+
+def _check_fits_before_allocating(config: ViTConfig, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Build the model on the meta device (no memory) and compare every tensor's shape with the checkpoint's,
+    so a file whose config or a zero-element tensor claims a huge model is refused before anything is allocated."""
+    with torch.device("meta"):
+        probe = VisionTransformer(config)
+    expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [f"{k}: checkpoint {got[k]} vs model {expected[k]}" for k in sorted(set(expected) & set(got))
+             if got[k] != expected[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} tensors of the wrong shape ({'; '.join(wrong[:5])})")
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])})")
+        raise CheckpointError(f"{where}: the tensors do not fit the model config {config.to_dict()}: "
+                              + "; ".join(parts) + " — nothing was allocated")
 
 
 def load_weights(model: nn.Module, source, *, strict: bool = True) -> nn.Module:
