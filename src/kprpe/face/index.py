@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_NPROBE",
     "GalleryIndex",
     "GalleryIndexError",
+    "enrol_gallery",
     "exact_top_k",
     "faiss_available",
 ]
@@ -107,8 +108,8 @@ def exact_top_k(queries: np.ndarray, templates: np.ndarray, k: int, valid: np.nd
 
 
 def _check_name(name) -> str:
-    if not isinstance(name, str) or not name or "\x00" in name or name != name.strip():
-        raise GalleryIndexError(f"identity names must be non-empty strings without NUL or outer spaces, got {name!r}")
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise GalleryIndexError(f"identity names must be non-empty strings without NUL characters, got {name!r}")
     return name
 
 
@@ -470,3 +471,26 @@ class GalleryIndex:
         for name, template, count in zip(legacy.identities, legacy.embeddings, legacy.counts, strict=True):
             index.add({str(name): np.repeat(template[None].astype(np.float64), max(int(count), 1), axis=0)})
         return index
+
+
+def enrol_gallery(index: GalleryIndex, gallery: str | os.PathLike, *, pipeline, embedder,
+                  progress: bool = True) -> list[tuple[str, str]]:
+    """Embed ``GALLERY/<identity>/<images>`` (largest face each) and pool them into ``index`` (new identities
+    are created, existing ones grow). Returns the images and identities that failed, with reasons."""
+    from .pipeline import FacePipeline
+    from .search import gallery_images
+
+    per_identity_paths = gallery_images(gallery)
+    identity_of = {str(p): name for name, paths in per_identity_paths.items() for p in paths}
+    single = FacePipeline(pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size)
+    batch = single.process([p for paths in per_identity_paths.values() for p in paths], progress=progress)
+    unit, _ = embedder.embed_faces([record.face for record in batch.records])
+    names = [identity_of[record.source] for record in batch.records]
+    failures = list(batch.failures)
+    embedded = set(names)
+    for name in per_identity_paths:
+        if name not in embedded:
+            failures.append((str(Path(gallery) / name), "identity dropped: no usable face in any of its images"))
+    if names:
+        index.add_embeddings(names, unit)
+    return failures
