@@ -44,7 +44,7 @@ GALLERY_INDEX_FORMAT = "kprpe-gallery-index-v2"
 INDEX_BACKENDS = ("auto", "faiss", "numpy")
 # Below this many identities exact search is fast enough (about 10 ms per query at 100k x 512 on one core).
 DEFAULT_APPROXIMATE_ABOVE = 200_000
-DEFAULT_NPROBE = 32
+DEFAULT_NPROBE = 64
 _FAISS_HINT = "install the optional extra: pip install 'kprpe[index]' (faiss-cpu)"
 
 
@@ -227,6 +227,7 @@ class GalleryIndex:
             if (norms < 1e-12).any():
                 bad = start + int(np.nonzero(norms < 1e-12)[0][0])
                 raise GalleryIndexError(f"identity {names[bad]!r}: embedding {bad} has zero norm")
+        self._grow(len(set(names).difference(self._slot)))  # one allocation for the whole batch
         for start in range(0, len(names), chunk_rows):
             rows = embeddings[start:start + chunk_rows].astype(np.float64)
             self._pool(names[start:start + chunk_rows], rows / np.linalg.norm(rows, axis=1, keepdims=True))
