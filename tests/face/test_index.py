@@ -178,3 +178,7 @@ def test_bad_input_is_refused_before_anything_changes():
     assert index.names == ["ok"] and index.count("ok") == 1
     with pytest.raises(GalleryIndexError, match="backend"):
         GalleryIndex(4, backend="annoy")
+    with pytest.raises(GalleryIndexError, match="nprobe"):
+        GalleryIndex(4, backend="numpy", nprobe=0)
+    with pytest.raises(GalleryIndexError, match="approximate_above"):
+        GalleryIndex(4, backend="numpy", approximate_above=-1)

@@ -130,6 +130,8 @@ class GalleryIndex:
             raise GalleryIndexError(f"embedding dimension must be positive, got {dim}")
         if nprobe <= 0:
             raise GalleryIndexError(f"nprobe must be positive, got {nprobe}")
+        if approximate_above is not None and approximate_above < 0:
+            raise GalleryIndexError(f"approximate_above must be >= 0 (0: always exact), got {approximate_above}")
         if nlist is not None and nlist <= 0:
             raise GalleryIndexError(f"nlist must be positive, got {nlist}")
         if backend == "auto":
@@ -430,7 +432,8 @@ class GalleryIndex:
         index = cls(int(templates.shape[1]), metadata=metadata, backend=backend,
                     approximate_above=settings.get("approximate_above") if approximate_above is None
                     else approximate_above,
-                    nlist=settings.get("nlist"), nprobe=nprobe or int(settings.get("nprobe") or DEFAULT_NPROBE))
+                    nlist=settings.get("nlist"),
+                    nprobe=nprobe if nprobe is not None else int(settings.get("nprobe") or DEFAULT_NPROBE))
         index._names = names
         index._slot = {n: i for i, n in enumerate(names) if n}
         index._templates = np.ascontiguousarray(templates, dtype=np.float32)
@@ -468,7 +471,7 @@ class GalleryIndex:
         backend = options.get("backend") or "auto"
         index = cls(int(legacy.embeddings.shape[1]) or 1, metadata=meta, backend=backend,
                     approximate_above=options.get("approximate_above") or DEFAULT_APPROXIMATE_ABOVE,
-                    nprobe=options.get("nprobe") or DEFAULT_NPROBE)
+                    nprobe=options["nprobe"] if options.get("nprobe") is not None else DEFAULT_NPROBE)
         for name, template, count in zip(legacy.identities, legacy.embeddings, legacy.counts, strict=True):
             index.add({str(name): np.repeat(template[None].astype(np.float64), max(int(count), 1), axis=0)})
         return index
