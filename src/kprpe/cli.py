@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "kprpe.experiments.commands",
     "kprpe.bench.commands",
     "kprpe.zoo.commands",
+    "kprpe.serve.commands",
 )
 
 

@@ -61,6 +61,12 @@ def _common(p: argparse.ArgumentParser, weights_help: str = "checkpoint (.safete
                         "nearest FAR), at_most (best TAR with FAR <= target). See docs/eval.md")
 
 
+def _calibrate_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibrate", type=float, default=None, metavar="FAR",
+                   help="also write the threshold for this false-accept rate beside the weights "
+                        "(<weights>.threshold.json; used by kprpe verify/search/serve). Needs one set")
+
+
 def _weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, type=Path,
                    help="checkpoint: .safetensors / .pt file, a published repo folder or a Hugging Face repo id")
@@ -87,6 +93,7 @@ def register(subparsers) -> None:
                    help="keypoint source: file (--landmarks), backend (kprpe.face prealigned landmarks), template "
                         "(ArcFace template; right only for images aligned to it); auto picks in that order")
     _common(p)
+    _calibrate_option(p)
     p.set_defaults(func=_run_verify)
 
     p = sub.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification (TAR@FAR)",
@@ -101,6 +108,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-norm", action="store_true", help="normalise face features before pooling")
     p.add_argument("--no-detector-score", action="store_true", help="do not weight faces by detector score")
     _common(p)
+    _calibrate_option(p)
     p.set_defaults(func=_run_ijb)
 
     p = sub.add_parser("pairs", help="custom pairs CSV (image_a,image_b,label)",
@@ -114,6 +122,7 @@ def register(subparsers) -> None:
                    help="keypoints for pre-aligned images (no --landmarks)")
     p.add_argument("--t", type=float, default=0.0, help="with --landmarks: 0 aligned, 1 detector-box crop")
     _common(p)
+    _calibrate_option(p)
     p.set_defaults(func=_run_pairs)
 
     p = sub.add_parser("identify", help="identification on identity folders: rank-1/5/20, open-set DIR@FPIR",
@@ -192,9 +201,14 @@ def _settings(args):
         if not 0 < far < 1:
             _fail(f"--far values must lie in (0, 1), got {far}")
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    calibrate = getattr(args, "calibrate", None)
+    if calibrate is not None and not 0 < calibrate < 1:
+        _fail(f"--calibrate must be a false-accept rate in (0, 1), got {calibrate}")
+    if calibrate is not None and len(getattr(args, "bins", None) or [None]) != 1:
+        _fail("--calibrate needs exactly one --bin: a threshold is calibrated on one dataset")
     return EvalSettings(flip=not args.no_flip, batch_size=args.batch_size, device=args.device, cache_dir=cache,
                         progress=not args.quiet, far_targets=tuple(args.far),
-                        tar_far_convention=args.tar_far_convention)
+                        tar_far_convention=args.tar_far_convention, calibrate_far=calibrate)
 
 
 def _fail(message: str):
@@ -252,6 +266,25 @@ def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
     print(f"wrote {out / 'results.json'}, {out / 'summary.md'}" + (", roc.png" if roc and curves else ""))
 
 
+def _write_calibration(args, results: dict) -> None:
+    """With ``--calibrate``: the threshold measured on the (single) set goes beside the weights."""
+    if getattr(args, "calibrate", None) is None:
+        return
+    from ..face.pipeline import model_fingerprint
+    from ..nn import load_official
+    from .calibration import write_calibration
+
+    (dataset, result), = results["sets"].items()
+    if "error" in result["calibration"]:
+        _fail(result["calibration"]["error"])
+    fingerprint = _guarded(lambda: model_fingerprint(load_official(args.weights)))
+    path = write_calibration(args.weights, result["calibration"], model_fingerprint=fingerprint, dataset=dataset,
+                             protocol=results["protocol"], flip=results["flip"])
+    cal = result["calibration"]
+    print(f"calibrated threshold {cal['threshold']:.6f} for FAR {cal['far_target']:g} on {dataset} "
+          f"(measured FAR {cal['far']:.3g}, TAR {cal['tar']:.4f}); wrote {path}")
+
+
 def _run_verify(args) -> int:
     from .runs import evaluate_bins
     from .toolkit import evaluate_toolkit
@@ -280,6 +313,7 @@ def _run_verify(args) -> int:
         else:
             results["sets"].update(toolkit["sets"])
     _write_outputs(args.out, results)
+    _write_calibration(args, results)
     return 0
 
 
@@ -294,6 +328,7 @@ def _run_ijb(args) -> int:
         images_dir=args.images, settings=settings, t=args.t, use_norm=not args.no_norm,
         use_detector_score=not args.no_detector_score))
     _write_outputs(args.out, results)
+    _write_calibration(args, results)
     return 0
 
 
@@ -306,6 +341,7 @@ def _run_pairs(args) -> int:
     results = _guarded(lambda: evaluate_pairs(_handle(args.weights), args.pairs, settings, images_root=args.root,
                                               landmarks=args.landmarks, t=args.t, keypoint_source=args.keypoints))
     _write_outputs(args.out, results)
+    _write_calibration(args, results)
     return 0
 
 

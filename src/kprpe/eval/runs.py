@@ -50,6 +50,7 @@ class EvalSettings:
     far_targets: Sequence[float] = DEFAULT_FAR_TARGETS
     n_folds: int = 10
     tar_far_convention: str = "insightface"  # see metrics.TAR_FAR_CONVENTIONS
+    calibrate_far: float | None = None  # also report the threshold for this FAR (kprpe.eval.calibration)
 
 
 @dataclass
@@ -98,6 +99,16 @@ def _embed(handle: ModelHandle, source, settings: EvalSettings, mode: str, desc:
                             progress=settings.progress, desc=desc)
 
 
+def _calibrate(result: dict, scores, labels, settings: EvalSettings) -> None:
+    if settings.calibrate_far is not None:
+        from .calibration import CalibrationError, calibrate_threshold
+
+        try:
+            result["calibration"] = calibrate_threshold(scores, labels, settings.calibrate_far)
+        except CalibrationError as exc:  # the metrics are still worth writing; the command reports this after
+            result["calibration"] = {"far_target": settings.calibrate_far, "error": str(exc)}
+
+
 def evaluate_bins(handle: ModelHandle, bin_paths: Sequence[str | os.PathLike], settings: EvalSettings, *,
                   keypoint_source: str = "auto", landmarks: Sequence[str | os.PathLike | None] | None = None) -> dict:
     """10-fold accuracy, VAL@FAR and TAR@FAR on each ``.bin`` set. ``landmarks[i]`` belongs to ``bin_paths[i]``."""
@@ -113,6 +124,7 @@ def evaluate_bins(handle: ModelHandle, bin_paths: Sequence[str | os.PathLike], s
         scores = pair_scores(emb, np.arange(0, len(vb), 2), np.arange(1, len(vb), 2))
         result = verification_metrics(scores, vb.issame, n_folds=settings.n_folds, far_targets=settings.far_targets,
                                   tar_far_convention=settings.tar_far_convention)
+        _calibrate(result, scores, vb.issame, settings)
         result.update(keypoint_source=source_kind, embeddings_from_cache=cached)
         sets[vb.name] = result
         sources[vb.name] = source_kind
@@ -140,6 +152,7 @@ def evaluate_ijb(handle: ModelHandle, *, name: str, tid_mid, pairs, landmarks, i
     scores = template_pair_scores(feats, templates, meta.pair_t1, meta.pair_t2)
     result = verification_metrics(scores, meta.pair_labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
                                   tar_far_convention=settings.tar_far_convention)
+    _calibrate(result, scores, meta.pair_labels, settings)
     result.pop("kfold", None)  # accuracy is not an IJB metric
     result.pop("val_at_far", None)
     result.update(num_faces=len(meta.names), num_templates=int(templates.size), embeddings_from_cache=cached,
@@ -191,6 +204,7 @@ def evaluate_pairs(handle: ModelHandle, pairs_csv, settings: EvalSettings, *, im
     scores = pair_scores(emb, pairs.first, pairs.second)
     result = verification_metrics(scores, pairs.labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
                                   tar_far_convention=settings.tar_far_convention)
+    _calibrate(result, scores, pairs.labels, settings)
     result.update(embeddings_from_cache=cached)
     return dict(protocol="verification (pairs CSV)", weights=str(handle.weights), model=handle.source, flip=settings.flip,
                 mode=("aligned" if t == 0 else f"t={t:g}") if points is not None else "prealigned",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import CommandError
+from ..errors import CommandError
 from ..files import write_csv, write_npz, write_png
 from .align import ALIGN_MODES, AlignmentError
 from .detection import (
@@ -27,7 +27,7 @@ from .detection import (
 )
 from .io import ImageLoadError
 from .pipeline import DEFAULT_THRESHOLD, BatchResult, FaceEmbedder, FacePipeline, verify
-from .search import FaceIndex, FaceIndexError
+from .search import FaceIndexError
 
 __all__ = ["register"]
 
@@ -214,12 +214,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     pipeline = _pipeline(args)
     embedder = _embedder(args)
+    choice = _threshold(args, embedder)
     try:
-        result = verify(args.a, args.b, pipeline=pipeline, embedder=embedder, threshold=args.threshold)
+        result = verify(args.a, args.b, pipeline=pipeline, embedder=embedder, threshold=choice.threshold)
     except (ImageLoadError, NoFaceFound, AlignmentError, LandmarkFileError) as exc:
         raise CommandError(str(exc)) from None
     _require_finite([result.similarity], "similarity", args.weights)
-    payload = {"a": args.a, "b": args.b, **result.to_dict()}
+    payload = {"a": args.a, "b": args.b, **result.to_dict(), "threshold_source": choice.source}
     if args.visualize:
         picture = side_by_side(*result.faces, result.similarity, result.same, result.threshold)
         payload["visualization"] = str(write_png(args.visualize, picture))
@@ -227,47 +228,90 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threshold(args: argparse.Namespace, embedder: FaceEmbedder):
+    """--threshold, else the calibration beside --weights (kprpe eval ... --calibrate), else the default."""
+    from ..eval.calibration import resolve_threshold
+
+    return resolve_threshold(args.threshold, args.weights, model_fingerprint=embedder.fingerprint,
+                             flip=embedder.flip, default=DEFAULT_THRESHOLD)
+
+
 def _cmd_search_enrol(args: argparse.Namespace) -> int:
+    from .index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
+
     pipeline = _pipeline(args)
     embedder = _embedder(args)
+    output = Path(args.output)
+    if args.append and output.exists():
+        index = GalleryIndex.load(output, backend=args.backend)
+        index.check_compatible(embedder.fingerprint, embedder.output_dim)
+    else:
+        metadata = {"model_fingerprint": embedder.fingerprint, "output_dim": embedder.output_dim,
+                    "flip": embedder.flip, "pipeline": pipeline.describe(), "weights": str(args.weights)}
+        index = GalleryIndex(embedder.output_dim, metadata=metadata, backend=args.backend,
+                             approximate_above=args.approximate_above, nlist=args.nlist,
+                             nprobe=args.nprobe or DEFAULT_NPROBE)
     try:
-        index, failures = FaceIndex.enrol(args.gallery, pipeline=pipeline, embedder=embedder, progress=not args.quiet)
+        failures = enrol_gallery(index, args.gallery, pipeline=pipeline, embedder=embedder, progress=not args.quiet)
     except FaceIndexError as exc:
         raise CommandError(str(exc)) from None
     for path, reason in failures:
         print(f"kprpe search enrol: skipped {path}: {reason}", file=sys.stderr)
     if len(index) == 0:
         raise CommandError(f"no identity in {args.gallery} had a usable face; nothing enrolled")
-    index.metadata["weights"] = str(args.weights)
-    output = index.save(args.output)
-    _print_json({"output": str(output), "identities": len(index), "images": int(index.counts.sum()),
+    index.save(output)
+    _print_json({"output": str(output), "identities": len(index), "index": index.describe(),
                  "failures": [{"file": p, "reason": r} for p, r in failures]})
     return 1 if failures else 0
 
 
+def _cmd_search_remove(args: argparse.Namespace) -> int:
+    from .index import GalleryIndex
+
+    index = GalleryIndex.load(args.index, backend=args.backend)
+    removed = index.remove(args.identities)
+    index.save(args.index)
+    _print_json({"index": str(args.index), "removed": removed, "identities": len(index)})
+    return 0
+
+
 def _cmd_search_query(args: argparse.Namespace) -> int:
+    from .index import GalleryIndex
+
     if args.top_k <= 0:
         raise CommandError(f"-k must be positive, got {args.top_k}")
-    try:
-        index = FaceIndex.load(args.index)
-    except FaceIndexError as exc:
-        raise CommandError(str(exc)) from None
+    index = GalleryIndex.load(args.index, backend=args.backend, nprobe=args.nprobe)
     pipeline = _pipeline(args)
     embedder = _embedder(args)
-    try:
-        index.check_compatible(embedder)
-    except FaceIndexError as exc:
-        raise CommandError(str(exc)) from None
+    index.check_compatible(embedder.fingerprint, embedder.output_dim)
+    choice = _threshold(args, embedder)
     batch = pipeline.process(args.inputs, progress=not args.quiet)
-    hits = index.search_faces([r.face for r in batch.records], embedder, k=args.top_k)
+    unit, _ = embedder.embed_faces([r.face for r in batch.records])
+    hits = index.search(unit, k=args.top_k)
     failures = _report_failures("search", batch)
     results = [
         {"name": record.name, "file": record.source, "face_index": record.face_index,
-         "matches": [{"identity": h.identity, "score": h.score} for h in row]}
+         "matches": [{"identity": h.identity, "score": h.score, "same": h.score >= choice.threshold} for h in row]}
         for record, row in zip(batch.records, hits, strict=True)
     ]
-    _print_json({"index": str(args.index), "results": results, "failures": failures})
+    _print_json({"index": str(args.index), "threshold": choice.threshold, "threshold_source": choice.source,
+                 "results": results, "failures": failures})
     return _status(batch)
+
+
+def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
+    from .index import DEFAULT_APPROXIMATE_ABOVE, INDEX_BACKENDS
+
+    group = parser.add_argument_group("index")
+    group.add_argument("--backend", choices=INDEX_BACKENDS, default="auto",
+                       help="faiss, numpy (exact, no dependency) or auto (faiss when installed; default)")
+    group.add_argument("--nprobe", type=int, default=None,
+                       help="IVF lists searched per query once the index is approximate (recall vs speed)")
+    if build:
+        group.add_argument("--approximate-above", type=int, default=DEFAULT_APPROXIMATE_ABOVE, metavar="N",
+                           help=f"switch to an IVF index at N identities (default {DEFAULT_APPROXIMATE_ABOVE}; "
+                                "0 = always exact)")
+        group.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(identities))")
 
 
 def register(subparsers) -> None:
@@ -296,8 +340,9 @@ def register(subparsers) -> None:
                                           "keypoints. The threshold depends on the checkpoint: calibrate it.")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"cosine similarity at or above which the faces count as the same (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="cosine similarity at or above which the faces count as the same (default: the calibration "
+                        f"beside --weights from 'kprpe eval ... --calibrate FAR', else {DEFAULT_THRESHOLD})")
     p.add_argument("--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score")
     _add_pipeline_options(p, all_faces=False)
     _add_model_options(p)
@@ -305,20 +350,33 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("search", help="enrol a gallery of identities, then identify query faces",
                               description="'kprpe search enrol GALLERY -o index.npz' then "
-                                          "'kprpe search query IMAGES --index index.npz'.")
+                                          "'kprpe search query IMAGES --index index.npz'; 'kprpe search remove "
+                                          "NAMES --index index.npz'. FAISS when installed, NumPy otherwise.")
     search_sub = p.add_subparsers(dest="search_command", metavar="ACTION", required=True)
     e = search_sub.add_parser("enrol", aliases=["enroll"], help="build an index from GALLERY/<identity>/<images>",
                               description="One template per identity: the normalised mean of its images' embeddings. "
                                           "The index is an .npz that loads with allow_pickle=False.")
     e.add_argument("gallery", metavar="GALLERY")
     e.add_argument("-o", "--output", required=True, metavar="INDEX", help="index file to write (.npz)")
+    e.add_argument("--append", action="store_true",
+                   help="add to INDEX if it exists (new identities are added, existing ones pool the new images)")
     _add_pipeline_options(e, all_faces=False)
     _add_model_options(e)
+    _add_index_options(e, build=True)
     e.set_defaults(func=_cmd_search_enrol)
+    r = search_sub.add_parser("remove", help="remove identities from an index (no re-enrolment)")
+    r.add_argument("identities", nargs="+", metavar="IDENTITY")
+    r.add_argument("--index", required=True, metavar="INDEX")
+    r.add_argument("--backend", choices=("auto", "faiss", "numpy"), default="auto")
+    r.set_defaults(func=_cmd_search_remove)
     q = search_sub.add_parser("query", help="top-k identities for the faces of query photos")
     q.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
     q.add_argument("--index", required=True, metavar="INDEX")
     q.add_argument("-k", "--top-k", type=int, default=5, help="identities to return per face (default 5)")
+    q.add_argument("--threshold", type=float, default=None,
+                   help="score at or above which a match counts as the same person (default: the calibration beside "
+                        f"--weights, else {DEFAULT_THRESHOLD})")
     _add_pipeline_options(q)
     _add_model_options(q)
+    _add_index_options(q, build=False)
     q.set_defaults(func=_cmd_search_query)

@@ -178,9 +178,11 @@ class FaceIndex:
             return [[] for _ in range(queries.shape[0])]
         if queries.shape[1] != self.embeddings.shape[1]:
             raise FaceIndexError(f"queries are {queries.shape[1]}-d but the index holds {self.embeddings.shape[1]}-d embeddings")
-        scores = queries.astype(np.float64) @ self.embeddings.astype(np.float64).T
-        top = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, len(self))]
-        return [[SearchHit(self.identities[j], float(scores[i, j])) for j in row] for i, row in enumerate(top)]
+        from .index import exact_top_k  # the exact search GalleryIndex falls back to: one ranking rule
+
+        top, scores = exact_top_k(queries, self.embeddings, k)
+        return [[SearchHit(self.identities[j], float(s)) for j, s in zip(row, score, strict=True)]
+                for row, score in zip(top, scores, strict=True)]
 
     def search_faces(self, faces: Sequence, embedder: FaceEmbedder, k: int = 5) -> list[list[SearchHit]]:
         self.check_compatible(embedder)
