@@ -19,7 +19,7 @@ from .nn import (
     save_model,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CheckpointError",
