@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "kprpe.eval.commands",
     "kprpe.experiments.commands",
     "kprpe.bench.commands",
+    "kprpe.export.commands",
 )
 
 
