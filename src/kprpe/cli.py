@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "kprpe.bench.commands",
     "kprpe.zoo.commands",
     "kprpe.serve.commands",
+    "kprpe.export.commands",
 )
 
 

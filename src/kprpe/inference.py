@@ -50,7 +50,11 @@ def embed(
     Returns ``(unit embeddings (B, D), norms (B,))`` on the CPU.
     """
     model.eval()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:  # an engine (kprpe.export.OnnxEngine) names its device; a module has parameters
+        device = getattr(model, "device", None) or next(model.parameters()).device
+    device = torch.device(device)
+    if not getattr(model, "uses_keypoints", True):
+        keypoints = None  # models without keypoints (and their ONNX graphs) take images only
     width = images.shape[-1]
     units, norms = [], []
     for sl in iter_batches(images.shape[0], batch_size):

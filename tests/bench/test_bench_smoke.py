@@ -22,3 +22,19 @@ def test_bench_smoke_writes_every_path(tmp_path, capsys):
         if r["model"] != "vit_tiny_irpe":
             assert r["time_vs_vit"] > 0
     assert "| vit_tiny_kprpe[decomposed] | train |" in capsys.readouterr().out
+
+
+def test_bench_onnx_engine_smoke(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--smoke", "--engine", "onnx", "-o", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    labels = {r["label"] for r in results}
+    assert {"vit_tiny", "vit_tiny_kprpe[auto]", "vit_tiny (onnx)", "vit_tiny_kprpe (onnx)"} == labels
+    for r in results:
+        assert "error" not in r, r
+        if r["engine"] == "onnx":
+            assert r["speedup_vs_torch"] > 0 and r["threads"] >= 1
+    assert "| vit_tiny_kprpe | 2 |" in capsys.readouterr().out

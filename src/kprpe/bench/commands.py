@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..files import write_json
-from .runner import Case, format_table, machine_info, run_suite
+from .runner import Case, format_engine_table, format_table, machine_info, run_suite
 
 BIAS_PATHS = ("naive", "gather", "index", "onehot", "decomposed")
 
@@ -17,7 +17,22 @@ def _csv(kind):
     return parse
 
 
+def _engine_cases(args: argparse.Namespace) -> list[Case]:
+    """ViT and KP-RPE (default bias path), eager PyTorch and ONNX Runtime, inference only."""
+    cases = []
+    for size in args.sizes:
+        size_name, overrides = ("tiny", dict(img_size=32, patch_size=8)) if size == "micro" else (size, {})
+        for batch in args.batch_sizes:
+            for engine in ("torch", "onnx"):
+                for model in (f"vit_{size_name}", f"vit_{size_name}_kprpe"):
+                    cases.append(Case(model=model, mode="infer", batch_size=batch, engine=engine,
+                                      overrides=overrides))
+    return cases
+
+
 def build_cases(args: argparse.Namespace) -> list[Case]:
+    if getattr(args, "engine", "torch") == "onnx":
+        return _engine_cases(args)
     cases = []
     for size in args.sizes:
         for mode in args.modes:
@@ -46,6 +61,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.sizes, args.batch_sizes, args.repeats, args.warmup, args.rounds, args.in_process = ["micro"], [2], 1, 1, 1, True
     import torch
 
+    if args.engine == "onnx" and (args.device != "cpu" or args.dtype != "float32"):
+        from ..cli import CommandError
+
+        raise CommandError("--engine onnx compares CPU float32 inference: use --device cpu --dtype float32")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         from ..cli import CommandError
 
@@ -60,6 +79,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         isolated=not args.in_process)
     table = format_table(results)
     print(table)
+    engines = format_engine_table(results)
+    if engines:
+        print("\nONNX Runtime vs eager PyTorch (inference):\n" + engines)
     payload = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
     write_json(args.output, payload)
     print(f"wrote {args.output}")
@@ -85,6 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="passes over all cases in rotating order, each case in a fresh process (default 3)")
     p.add_argument("--in-process", action="store_true", help="do not isolate cases in child processes")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on a micro model (CI)")
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="onnx: ViT and KP-RPE inference, eager PyTorch vs ONNX Runtime in one run (needs kprpe[onnx])")
     p.add_argument("-o", "--output", default="runs/bench/bench.json", help="JSON output file")
     p.set_defaults(func=cmd_bench)
 

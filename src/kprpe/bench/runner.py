@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["Case", "machine_info", "run_case", "run_suite", "format_table"]
+__all__ = ["Case", "machine_info", "run_case", "run_suite", "format_table", "format_engine_table"]
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,17 @@ class Case:
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     overrides: dict = field(default_factory=dict, hash=False)
+    engine: str = "torch"  # torch (eager) | onnx (the model exported by kprpe export, run by ONNX Runtime)
 
     @property
     def label(self) -> str:
         name = self.model
-        if "kprpe" in self.model:
+        if "kprpe" in self.model and self.engine == "torch":  # an exported graph always uses the gather path
             name += f"[{self.bias_impl}]"
         if self.attn_impl != "sdpa":
             name += f"({self.attn_impl})"
+        if self.engine != "torch":
+            name += f" ({self.engine})"
         return name
 
 
@@ -102,6 +105,8 @@ def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
     cfg = model.config
     images = torch.rand(case.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device) * 2 - 1
     keypoints = torch.rand(case.batch_size, cfg.num_keypoints, 2, device=device) * 0.6 + 0.2
+    if case.engine == "onnx":
+        return _run_onnx_case(case, model, images, keypoints, warmup, repeats)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16")
     if case.mode == "train":
         model.train()
@@ -157,6 +162,48 @@ def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
     }
 
 
+def _onnx_file(case: Case, model) -> Path:
+    """The case's model exported once per (model, overrides, kprpe version) into a temporary folder."""
+    import hashlib
+
+    import kprpe
+    from kprpe.export import export_onnx
+
+    key = json.dumps([case.model, case.overrides, kprpe.__version__], sort_keys=True, default=str)
+    folder = Path(tempfile.gettempdir()) / "kprpe-bench-onnx"
+    path = folder / f"{case.model}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.onnx"
+    if not path.is_file():
+        export_onnx(model, path, check=False, source=f"bench:{case.model}")
+    return path
+
+
+def _run_onnx_case(case: Case, model, images, keypoints, warmup: int, repeats: int) -> dict:
+    import torch
+
+    from kprpe.export import OnnxEngine
+
+    if case.mode != "infer" or case.device != "cpu" or case.dtype != "float32":
+        raise ValueError("the onnx engine is benchmarked for CPU float32 inference only")
+    threads = torch.get_num_threads()
+    engine = OnnxEngine(_onnx_file(case, model), threads=threads)
+    x = images.numpy()
+    kp = keypoints.numpy() if engine.uses_keypoints else None
+    for _ in range(warmup):
+        engine.run(x, kp)
+    base_mem = _rss_bytes()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.run(x, kp)
+        times.append(time.perf_counter() - start)
+    peak = _peak_rss_bytes()
+    median = statistics.median(times)
+    return {**asdict(case), "label": case.label, "median_s": median, "times_s": times,
+            "images_per_s": case.batch_size / median, "peak_mem_mb": peak / 2**20,
+            "step_mem_mb": max(peak - base_mem, 0) / 2**20, "bias_impl_used": "gather (exported graph)",
+            "threads": threads}
+
+
 def _run_isolated(case: Case, warmup: int, repeats: int, threads: int | None) -> dict:
     payload = json.dumps({"case": asdict(case), "warmup": warmup, "repeats": repeats, "threads": threads})
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,7 +254,7 @@ def _add_ratios(results: list[dict]) -> None:
     """Ratio of each row to the plain ViT of the same size, mode, batch, device and dtype."""
     def key(r: dict) -> tuple:
         size = r["model"].split("_")[1]
-        return size, r["mode"], r["batch_size"], r["device"], r["dtype"]
+        return size, r["mode"], r["batch_size"], r["device"], r["dtype"], r.get("engine", "torch")
 
     plain = {key(r): r for r in results if "error" not in r and r["model"].count("_") == 1}
     for r in results:
@@ -215,6 +262,32 @@ def _add_ratios(results: list[dict]) -> None:
         if base and "error" not in r:
             r["time_vs_vit"] = r["median_s"] / base["median_s"]
             r["step_mem_vs_vit"] = r["step_mem_mb"] / base["step_mem_mb"] if base["step_mem_mb"] > 0 else None
+    # each ONNX Runtime row against eager PyTorch running the same model (default bias path) and batch
+    eager = {(r["model"], r["mode"], r["batch_size"]): r for r in results
+             if "error" not in r and r.get("engine", "torch") == "torch" and r.get("bias_impl") == "auto"}
+    for r in results:
+        base = eager.get((r["model"], r["mode"], r["batch_size"]))
+        if r.get("engine") == "onnx" and base and "error" not in r:
+            r["speedup_vs_torch"] = r["images_per_s"] / base["images_per_s"]
+
+
+def format_engine_table(results: list[dict]) -> str:
+    """ONNX Runtime vs eager PyTorch: one row per model and batch (empty when no ONNX row was measured)."""
+    rows = [r for r in results if r.get("engine") == "onnx" and "speedup_vs_torch" in r]
+    if not rows:
+        return ""
+    eager = {(r["model"], r["batch_size"]): r for r in results
+             if r.get("engine", "torch") == "torch" and r.get("bias_impl") == "auto" and "error" not in r}
+    lines = ["| model | batch | threads | torch ms | onnx ms | torch img/s | onnx img/s | onnx x torch | "
+             "onnx x ViT (onnx) | torch x ViT (torch) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        t = eager[(r["model"], r["batch_size"])]
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r.get('threads', '')} | {t['median_s'] * 1000:.1f} | "
+            f"{r['median_s'] * 1000:.1f} | {t['images_per_s']:.1f} | {r['images_per_s']:.1f} | "
+            f"{r['speedup_vs_torch']:.2f} | {r.get('time_vs_vit', 1.0):.3f} | {t.get('time_vs_vit', 1.0):.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def format_table(results: list[dict]) -> str:

@@ -53,6 +53,8 @@ def _common(p: argparse.ArgumentParser, weights_help: str = "checkpoint (.safete
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: where the model loads)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="torch: --weights is a checkpoint; onnx: a file from 'kprpe export' run by ONNX Runtime")
     g.add_argument("--far", type=_float_list, default=list(DEFAULT_FAR_TARGETS),
                    help="FAR targets for TAR@FAR, comma-separated (default: 1e-6,...,1e-1)")
     g.add_argument("--tar-far-convention", choices=TAR_FAR_CONVENTIONS, default="insightface",
@@ -231,13 +233,13 @@ def _guarded(run):
         _fail(str(exc))
 
 
-def _handle(spec: str):
+def _handle(spec: str, engine: str = "torch"):
     from .runs import ModelHandle
 
     name, sep, path = str(spec).partition("=")
     if not sep:
         name, path = "", spec
-    return ModelHandle(Path(path), name=name)
+    return ModelHandle(Path(path), name=name, engine=engine)
 
 
 def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
@@ -302,10 +304,10 @@ def _run_verify(args) -> int:
     folders = [(s, lm) for s, lm in zip(sets, landmarks, strict=True) if s.is_dir()]
     results = None
     if bins:
-        results = _guarded(lambda: evaluate_bins(_handle(args.weights), [b for b, _ in bins], settings,
+        results = _guarded(lambda: evaluate_bins(_handle(args.weights, args.engine), [b for b, _ in bins], settings,
                                                  keypoint_source=args.keypoints, landmarks=[lm for _, lm in bins]))
     if folders:
-        toolkit = _guarded(lambda: evaluate_toolkit(_handle(args.weights), [f for f, _ in folders], settings,
+        toolkit = _guarded(lambda: evaluate_toolkit(_handle(args.weights, args.engine), [f for f, _ in folders], settings,
                                                     keypoint_source=args.keypoints,
                                                     landmarks=[lm for _, lm in folders] if args.landmarks else None))
         if results is None:
@@ -324,7 +326,7 @@ def _run_ijb(args) -> int:
     if not 0 <= args.t <= 1:
         _fail(f"--t must lie in [0, 1], got {args.t}")
     results = _guarded(lambda: evaluate_ijb(
-        _handle(args.weights), name=args.name, tid_mid=args.tid_mid, pairs=args.pairs, landmarks=args.landmarks,
+        _handle(args.weights, args.engine), name=args.name, tid_mid=args.tid_mid, pairs=args.pairs, landmarks=args.landmarks,
         images_dir=args.images, settings=settings, t=args.t, use_norm=not args.no_norm,
         use_detector_score=not args.no_detector_score))
     _write_outputs(args.out, results)
@@ -338,7 +340,7 @@ def _run_pairs(args) -> int:
     settings = _settings(args)
     if not 0 <= args.t <= 1:
         _fail(f"--t must lie in [0, 1], got {args.t}")
-    results = _guarded(lambda: evaluate_pairs(_handle(args.weights), args.pairs, settings, images_root=args.root,
+    results = _guarded(lambda: evaluate_pairs(_handle(args.weights, args.engine), args.pairs, settings, images_root=args.root,
                                               landmarks=args.landmarks, t=args.t, keypoint_source=args.keypoints))
     _write_outputs(args.out, results)
     _write_calibration(args, results)
@@ -353,7 +355,7 @@ def _run_identify(args) -> int:
     if any(r < 1 for r in ranks):
         _fail(f"--ranks must be positive integers, got {args.ranks}")
     results = _guarded(lambda: evaluate_identification(
-        _handle(args.weights), settings, gallery=args.gallery, probe=args.probe, distractors=args.distractors,
+        _handle(args.weights, args.engine), settings, gallery=args.gallery, probe=args.probe, distractors=args.distractors,
         label_regex=args.label_regex, keypoint_source=args.keypoints, ranks=ranks, fpir_targets=args.fpir,
         gallery_per=args.gallery_per, name=args.name))
     _write_outputs(args.out, results, roc=False)
@@ -372,7 +374,7 @@ def _run_toolkit(args) -> int:
 
     settings = _settings(args)
     results = _guarded(lambda: evaluate_toolkit(
-        _handle(args.weights), args.sets, settings, keypoint_source=args.keypoints, landmarks=args.landmarks,
+        _handle(args.weights, args.engine), args.sets, settings, keypoint_source=args.keypoints, landmarks=args.landmarks,
         ijb_use_norm=args.ijb_use_norm, ijb_use_detector_score=not args.no_detector_score,
         ranks=_int_ranks(args.ranks)))
     _write_outputs(args.out, results)
@@ -383,7 +385,7 @@ def _run_tinyface(args) -> int:
     from .tinyface import evaluate_tinyface
 
     settings = _settings(args)
-    results = _guarded(lambda: evaluate_tinyface(_handle(args.weights), args.folder, settings,
+    results = _guarded(lambda: evaluate_tinyface(_handle(args.weights, args.engine), args.folder, settings,
                                                  keypoint_source=args.keypoints, ranks=_int_ranks(args.ranks),
                                                  name=args.name))
     _write_outputs(args.out, results, roc=False)
@@ -396,7 +398,7 @@ def _run_sweep(args) -> int:
     from .runs import robustness_sweep
 
     settings = _settings(args)
-    results = _guarded(lambda: robustness_sweep([_handle(w) for w in args.weights], args.pairs, args.landmarks,
+    results = _guarded(lambda: robustness_sweep([_handle(w, args.engine) for w in args.weights], args.pairs, args.landmarks,
                                                 settings, t_values=args.t_values, images_root=args.root,
                                                 boxes=args.boxes))
     _write_outputs(args.out, results, roc=False)

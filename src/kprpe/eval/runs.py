@@ -60,6 +60,7 @@ class ModelHandle:
     weights: Path
     name: str = ""
     device: str | None = None
+    engine: str = "torch"  # torch: a checkpoint; onnx: a file from ``kprpe export`` run by ONNX Runtime
     _model: torch.nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -72,6 +73,10 @@ class ModelHandle:
         self.weights = resolve(self.weights, kind="recognition")  # a path, or a repo id -> its verified snapshot
 
     def __call__(self) -> torch.nn.Module:
+        if self._model is None and self.engine == "onnx":
+            from ..export import load_engine
+
+            self._model = load_engine(self.weights, device=self.device)
         if self._model is None:
             from ..nn import load_official
 

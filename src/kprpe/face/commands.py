@@ -76,6 +76,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
     group.add_argument("--batch-size", type=int, default=64)
     group.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    group.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                       help="torch: --weights is a checkpoint; onnx: --weights is a file from 'kprpe export', "
+                            "run by ONNX Runtime")
 
 
 def _detector(args: argparse.Namespace) -> FaceDetector:
@@ -106,6 +109,11 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
         weights = resolve(args.weights, kind="recognition")  # a path, or a repo id -> its verified snapshot
     except ZooError as exc:
         raise CommandError(str(exc)) from None
+    if getattr(args, "engine", "torch") == "onnx":
+        from ..export import load_engine
+
+        engine = load_engine(weights, device=args.device)  # OnnxModelError: a one-line KprpeError
+        return FaceEmbedder(engine, flip=not args.no_flip, batch_size=args.batch_size, device="cpu")
     try:
         return FaceEmbedder.from_weights(weights, flip=not args.no_flip, batch_size=args.batch_size, device=args.device)
     except (CheckpointError, ValueError, OSError) as exc:

@@ -184,6 +184,8 @@ def _describe_short(detector: FaceDetector) -> str:
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over the model's state dict (names, shapes, bytes): ties an index to the weights that made it."""
+    if getattr(model, "fingerprint", None) is not None:  # an ONNX engine: the file's hash
+        return model.fingerprint
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -208,7 +210,9 @@ class FaceEmbedder:
                 raise ValueError(f"the face pipeline gives 5 keypoints but the model expects {config.num_keypoints}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if device is None:
+            device = getattr(model, "device", None) or next(model.parameters()).device
+        self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.flip = flip
         self.batch_size = batch_size

@@ -96,11 +96,16 @@ class BucketBias(NamedTuple):
 
 
 def gather_bias(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``bias[b, h, i, j] = table[b, h, i, ids[i, j]]``: ``(B, H, N or 1, nb)`` -> ``(B, H, N, N)``."""
-    n = ids.shape[0]
+    """``bias[b, h, i, j] = table[b, h, i, ids[i, j]]``: ``(B, H, N or 1, nb)`` -> ``(B, H, N, N)``.
+
+    ``ids`` is the ``(N, N)`` index or that index already expanded to ``(B, H, N, N)`` (a caller that forms
+    many layers' biases expands it once: in an exported ONNX graph that is one Expand instead of one a layer).
+    """
+    n = ids.shape[-1]
     b, h = table.shape[:2]
-    table = table.expand(b, h, n, table.shape[-1])
-    return torch.gather(table, 3, ids.expand(b, h, n, n))
+    if table.shape[2] != n:
+        table = table.expand(b, h, n, table.shape[-1])
+    return torch.gather(table, 3, ids if ids.ndim == 4 else ids.expand(b, h, n, n))
 
 
 _FLAT_INDEX: dict[tuple, torch.Tensor] = {}

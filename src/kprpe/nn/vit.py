@@ -23,6 +23,7 @@ from .position import (
     BucketBias,
     KeypointBiasFunction,
     form_bias,
+    gather_bias,
     keypoint_features,
     patch_centres,
 )
@@ -220,6 +221,8 @@ class VisionTransformer(nn.Module):
     # ------------------------------------------------------------------ input checks
     def check_inputs(self, images: torch.Tensor, keypoints: torch.Tensor | None) -> None:
         """Raise a TypeError/ValueError naming what was expected and what was received."""
+        if torch.onnx.is_in_onnx_export():
+            return  # the exported graph checks nothing; the ONNX engine checks its inputs before every run
         cfg = self.config
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got {type(images).__name__}")
@@ -287,6 +290,9 @@ class VisionTransformer(nn.Module):
         if impl == "naive":  # the official code's way: all layers' tables at once, then advanced indexing
             full = self.keypoint_linear(hidden)
             return lambda layer: form_bias(self.kp_bias.split(full, layer), ids, "naive")
+        if impl == "gather":  # the index expanded once for every layer (a view here; one Expand in ONNX)
+            wide_ids = ids.expand(hidden.shape[0], self.config.num_heads, *ids.shape)
+            return lambda layer: gather_bias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), wide_ids)
         return lambda layer: form_bias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids, impl)
 
     def _decomposed_bias_layers(self, keypoints: torch.Tensor, ids: torch.Tensor):
