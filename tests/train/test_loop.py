@@ -119,7 +119,7 @@ def test_validation_pairs_and_bad_samples_are_logged(tiny_config, tmp_path, synt
 
 
 def test_verification_file_refuses_code(tmp_path):
-    from kprpe.data.dataset import DataError
+    from kprpe.eval import UnsafePickleError
     from kprpe.train import load_verification_bin
 
     class Evil:
@@ -128,7 +128,7 @@ def test_verification_file_refuses_code(tmp_path):
 
     with open(tmp_path / "evil.bin", "wb") as f:
         pickle.dump(([Evil()], []), f)
-    with pytest.raises(DataError, match="refusing to load builtins.print"):
+    with pytest.raises(UnsafePickleError, match="refusing to load global 'builtins.print'"):
         load_verification_bin(tmp_path / "evil.bin")
 
 

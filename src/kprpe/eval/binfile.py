@@ -80,6 +80,7 @@ class VerificationBin:
     name: str
     encoded_images: list[bytes]
     issame: np.ndarray  # (N,) bool
+    path: Path | None = None  # the file it was read from (None: built in memory)
 
     @property
     def num_pairs(self) -> int:
@@ -121,6 +122,7 @@ def read_verification_bin(path: str | os.PathLike) -> VerificationBin:
         name=path.stem,
         encoded_images=[bytes(b) for b in images],
         issame=np.asarray([bool(f) for f in issame], dtype=bool),
+        path=path,
     )
 
 

@@ -37,7 +37,7 @@ from .checkpoint import (
     read_meta,
     save_torch_atomic,
 )
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import (
     DistInfo,
     all_gather_nograd,
@@ -209,7 +209,10 @@ class Trainer:
         if cfg.validation.pairs and self.dist.is_main:
             from .validation import load_verification_bin
 
-            self.validation_sets = [load_verification_bin(p) for p in cfg.validation.pairs]
+            try:
+                self.validation_sets = [load_verification_bin(p) for p in cfg.validation.pairs]
+            except FileNotFoundError as exc:
+                raise ConfigError(f"validation.pairs: {exc}") from None
 
     # ------------------------------------------------------------------ construction
     def _build_model(self) -> nn.Module:
