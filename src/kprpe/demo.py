@@ -20,7 +20,7 @@ def run_demo(model_name: str = "vit_small_kprpe", batch_size: int = 4, seed: int
     model = create_model(model_name).eval()
     # A fresh model's keypoint table is zero (it starts as a plain ViT); give it small random values so the
     # demo shows keypoints at work.
-    if getattr(model, "kp_bias", None) is not None:
+    if getattr(model, "kprpe", None) is not None:
         with torch.no_grad():
             model.keypoint_linear.weight.normal_(0, 0.5)
     images = torch.rand(batch_size, 3, model.config.img_size, model.config.img_size) * 2 - 1

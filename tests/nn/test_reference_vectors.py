@@ -67,10 +67,10 @@ def test_kprpe_keypoint_path_intermediates():
         rel = relative_keypoints(kp, 14, 14)
         torch.testing.assert_close(rel, ref["rel_keypoints"], **TIGHT)
         torch.testing.assert_close(model.keypoint_linear(rel), ref["keypoint_linear_out"], **TIGHT)
-        hidden = model.keypoint_hidden(kp)
-        table = model.kp_bias.layer_table(hidden, model.keypoint_linear, 0)
+        hidden = model.kprpe.hidden(kp)
+        table = model.kprpe.table(hidden, 0)
         torch.testing.assert_close(table[:1], ref["kp_ctx.layer0"], **TIGHT)
-        bias = model.layer_bias(hidden, 0, bucket_ids(14))
+        bias = model.kprpe.layer_bias(hidden, 0)
         torch.testing.assert_close(bias[:1], ref["attn_bias.layer0"], **TIGHT)
 
 
@@ -121,7 +121,7 @@ def test_every_kprpe_bias_path_matches_official(impl, attn_impl):
     with torch.no_grad():
         out = model(ref["images"], ref["keypoints"])
         again = model(ref["images"], ref["keypoints"])  # decomposed: second call uses the cached position term
-        biases = model.keypoint_bias_layers(ref["keypoints"], bucket_ids(14))
+        biases = model.kprpe.layer_biases(ref["keypoints"])
         torch.testing.assert_close(biases(0)[:1], ref["attn_bias.layer0"], **TIGHT)
     torch.testing.assert_close(out, ref["output"], **TOL)
     torch.testing.assert_close(again, out, rtol=0, atol=0)
@@ -154,7 +154,7 @@ def test_flex_attention_reads_the_table_and_matches_official():
     # On CPU FlexAttention runs PyTorch's eager reference; on CUDA the same path is compiled.
     ref = load_vectors("kprpe")
     model = kprpe.load_official(DATA / "tiny_kprpe.safetensors", attn_impl="flex")
-    biases = model.keypoint_bias_layers(ref["keypoints"], bucket_ids(14))
+    biases = model.kprpe.layer_biases(ref["keypoints"])
     assert isinstance(biases(0), kprpe.nn.position.BucketBias)  # no dense (B, H, N, N) bias is built
     with torch.no_grad():
         out = model(ref["images"], ref["keypoints"])

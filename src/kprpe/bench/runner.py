@@ -96,7 +96,7 @@ def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
     if "kprpe" in case.model:
         overrides["kp_bias_impl"] = case.bias_impl
     model = kprpe.create_model(case.model, **overrides).to(device)
-    if model.kp_bias is not None:  # a zero table would make every path trivially cheap to get right
+    if model.kprpe is not None:  # a zero table would make every path trivially cheap to get right
         with torch.no_grad():
             model.keypoint_linear.weight.normal_(0, 0.1)
     cfg = model.config
@@ -153,7 +153,7 @@ def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
         "images_per_s": case.batch_size / median,
         "peak_mem_mb": peak / 2**20,
         "step_mem_mb": max(peak - base_mem, 0) / 2**20,
-        "bias_impl_used": model.bias_impl() if model.kp_bias is not None else None,
+        "bias_impl_used": model.kprpe.impl if model.kprpe is not None else None,
     }
 
 

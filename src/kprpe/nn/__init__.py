@@ -1,4 +1,5 @@
-"""Models: relative-position buckets, position encodings, attention, the face ViT, presets, checkpoints."""
+"""Models: relative-position buckets, position encodings (RPE, iRPE, KP-RPE), attention, the face ViT,
+presets, checkpoints."""
 
 from .attention import Attention, Block, Mlp
 from .buckets import bucket_ids, num_buckets, piecewise_index
@@ -10,7 +11,8 @@ from .checkpoint import (
     read_state_dict,
     save_model,
 )
-from .position import gather_bias, patch_centres, relative_keypoints
+from .keypoint_rpe import KeypointRPE, patch_centres, relative_keypoints
+from .position import gather_bias
 from .registry import create_model, list_models, preset_config, register_model
 from .vit import VisionTransformer, ViTConfig, normalize_embedding, num_parameters
 
@@ -18,6 +20,7 @@ __all__ = [
     "Attention",
     "Block",
     "CheckpointError",
+    "KeypointRPE",
     "Mlp",
     "ViTConfig",
     "VisionTransformer",

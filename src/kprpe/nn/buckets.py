@@ -109,8 +109,9 @@ def bucket_ids(
     key = (int(height), int(width), method, float(ratio), str(torch.device(device or "cpu")))
     ids = _DEVICE_CACHE.get(key)
     if ids is None:
-        # built outside inference mode so that a cache filled during inference still serves training
-        with torch.inference_mode(False):
+        # built outside inference mode so that a cache filled during inference still serves training, and on
+        # the CPU whatever default device a caller has set (a model built under torch.device("meta"))
+        with torch.inference_mode(False), torch.device("cpu"):
             ids = _bucket_ids_cpu(int(height), int(width), method, float(ratio))
             if key[-1] != "cpu":
                 ids = ids.to(key[-1])

@@ -16,21 +16,18 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTN_IMPLS, Block
 from .buckets import METHODS, bucket_ids, num_buckets
-from .position import (
-    BIAS_IMPLS,
+from .keypoint_rpe import (
+    KP_BIAS_IMPLS,
     KP_INPUTS,
     KP_SHARINGS,
-    BucketBias,
-    KeypointBiasFunction,
-    form_bias,
-    keypoint_features,
-    patch_centres,
+    KeypointRPE,
+    module_load_state_dict_hook,
+    official_state_dict_hook,
 )
 
 __all__ = ["RELATIVE_ENCODINGS", "HEADS", "ViTConfig", "VisionTransformer", "normalize_embedding", "num_parameters"]
 
 RELATIVE_ENCODINGS = ("none", "rpe", "irpe", "kprpe")
-KP_BIAS_IMPLS = ("auto", "decomposed", *BIAS_IMPLS)
 HEADS = ("flatten", "mean")
 
 
@@ -65,7 +62,7 @@ class ViTConfig:
     drop_path_rate: float = 0.0
     attn_impl: str = "sdpa"  # sdpa (fused, fastest) | math (explicit softmax: bit-exact with the official code) | flex
     # How KP-RPE forms its bias (same numbers, different speed): auto | naive | gather | index | onehot |
-    # decomposed (SPEC §1 identity: cached position term + per-sample bucket shift; linear relative f only)
+    # decomposed (docs/models.md: cached position term + per-sample bucket shift; linear relative f only)
     kp_bias_impl: str = "auto"
     extra: dict = field(default_factory=dict)  # free-form notes carried with saved checkpoints
 
@@ -144,7 +141,6 @@ class VisionTransformer(nn.Module):
         self.num_tokens = cfg.grid * cfg.grid
         self.num_buckets = num_buckets(cfg.rpe_method, cfg.rpe_ratio)
         self.grad_checkpointing = False
-        self._position_bias_cache: dict = {}  # decomposed KP-RPE: per-layer position term at inference
 
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         if cfg.abs_pos:
@@ -179,15 +175,29 @@ class VisionTransformer(nn.Module):
             nn.BatchNorm1d(cfg.output_dim, eps=2e-5),
         )
 
-        self.kp_bias = None
+        # RPE / iRPE tables are read at the bucket index; KP-RPE owns its own (and f, and its bias paths)
+        ids = None
+        if cfg.rel_pos in ("rpe", "irpe"):
+            ids = bucket_ids(cfg.grid, method=cfg.rpe_method, ratio=cfg.rpe_ratio).clone()
+        self.register_buffer("bucket_ids", ids, persistent=False)
+        self.kprpe = None
         if cfg.rel_pos == "kprpe":
-            self.kp_bias = KeypointBiasFunction(cfg.kp_sharing, cfg.num_heads, self.num_buckets)
-            f_in = 2 if cfg.kp_input == "query_position" else 2 * cfg.num_keypoints
-            f_out = self.kp_bias.out_features(cfg.depth)
-            if cfg.kp_hidden:
-                self.keypoint_mlp = nn.Sequential(nn.Linear(f_in, cfg.kp_hidden), nn.GELU())
-                f_in = cfg.kp_hidden
-            self.keypoint_linear = nn.Linear(f_in, f_out)
+            self.kprpe = KeypointRPE(
+                grid=cfg.grid,
+                num_heads=cfg.num_heads,
+                depth=cfg.depth,
+                num_keypoints=cfg.num_keypoints,
+                kp_input=cfg.kp_input,
+                sharing=cfg.kp_sharing,
+                hidden=cfg.kp_hidden,
+                method=cfg.rpe_method,
+                ratio=cfg.rpe_ratio,
+                bias_impl=cfg.kp_bias_impl,
+                bucket_tables=cfg.attn_impl == "flex",
+            )
+            # checkpoints keep the official names (keypoint_linear.*, keypoint_mlp.*)
+            self.register_state_dict_post_hook(official_state_dict_hook)
+            self.register_load_state_dict_pre_hook(module_load_state_dict_hook)
         self.init_weights()
 
     # ------------------------------------------------------------------ construction
@@ -204,14 +214,18 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if self.kp_bias is not None:
-            nn.init.zeros_(self.keypoint_linear.weight)
-            nn.init.zeros_(self.keypoint_linear.bias)
+        if self.kprpe is not None:
+            self.kprpe.reset_parameters()
 
     @property
     def uses_keypoints(self) -> bool:
         """True when the forward pass needs keypoints."""
-        return self.kp_bias is not None and self.config.kp_input != "query_position"
+        return self.kprpe is not None and self.kprpe.uses_keypoints
+
+    @property
+    def keypoint_linear(self) -> nn.Linear | None:
+        """f's output layer under its official name (``keypoint_linear`` in checkpoints); None without KP-RPE."""
+        return self.kprpe.linear if self.kprpe is not None else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory while training."""
@@ -251,76 +265,6 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"keypoints contain NaN or inf (samples {bad}); every keypoint must be a finite (x, y)")
 
     # ------------------------------------------------------------------ forward
-    def keypoint_hidden(self, keypoints: torch.Tensor | None) -> torch.Tensor:
-        """Input of f's final linear layer for each query token: ``(B|1, N|1, F)``."""
-        x = keypoint_features(keypoints, self.grid, self.grid, self.config.kp_input)
-        if self.config.kp_hidden:
-            x = self.keypoint_mlp(x)
-        return x
-
-    def layer_bias(self, hidden: torch.Tensor | None, layer: int, ids: torch.Tensor, impl: str = "gather") -> torch.Tensor | None:
-        """KP-RPE's additive logit bias of block ``layer``: ``(B, H, N, N)`` (None for other encodings)."""
-        if hidden is None:
-            return None
-        return form_bias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids, impl)
-
-    def bias_impl(self) -> str:
-        """The bias path the forward pass uses (``kp_bias_impl``, with ``auto`` resolved)."""
-        impl = self.config.kp_bias_impl
-        if impl == "auto":
-            # measured on CPU (docs/performance.md): the one-hot matmul is fastest for inference and training
-            # at face-model grids; its (N, N, nb) matrix grows as N^2, so large grids use the gather
-            impl = "onehot" if self.num_tokens <= 256 else "gather"
-        if impl == "decomposed" and (self.config.kp_input != "relative" or self.config.kp_hidden):
-            impl = "gather"  # the identity needs a linear f of relative offsets
-        return impl
-
-    def keypoint_bias_layers(self, keypoints: torch.Tensor | None, ids: torch.Tensor):
-        """A function ``layer -> (B, H, N, N) bias`` for this batch; each layer's table is made when called."""
-        impl = self.bias_impl()
-        if self.config.attn_impl == "flex":  # the kernel reads the table: never build the dense bias
-            hidden = self.keypoint_hidden(keypoints)
-            return lambda layer: BucketBias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids)
-        if impl == "decomposed":
-            return self._decomposed_bias_layers(keypoints, ids)
-        hidden = self.keypoint_hidden(keypoints)
-        if impl == "naive":  # the official code's way: all layers' tables at once, then advanced indexing
-            full = self.keypoint_linear(hidden)
-            return lambda layer: form_bias(self.kp_bias.split(full, layer), ids, "naive")
-        return lambda layer: form_bias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids, impl)
-
-    def _decomposed_bias_layers(self, keypoints: torch.Tensor, ids: torch.Tensor):
-        # f(c_i - p_b) = (W c_i + w0) - W p_b: a batch-independent (1, H, N, N) position term, cached while
-        # weights are frozen (inference), plus a per-sample shift of each bucket's value.
-        k = self.config.num_keypoints
-        centres = patch_centres(self.grid, self.grid, device=ids.device).repeat(1, k)[None]  # (1, N, 2K)
-        points = keypoints.detach().float().flatten(1)[:, None, :]  # (B, 1, 2K)
-        linear = self.keypoint_linear
-        frozen = not (torch.is_grad_enabled() and linear.weight.requires_grad)
-
-        def position_term(layer: int) -> torch.Tensor:
-            key = (layer, ids.device, linear.weight._version, linear.bias._version, linear.weight.data_ptr())
-            if frozen and key in self._position_bias_cache:
-                return self._position_bias_cache[key]
-            term = form_bias(self.kp_bias.layer_table(centres, linear, layer), ids, "index")
-            if frozen:
-                self._position_bias_cache = {kk: v for kk, v in self._position_bias_cache.items() if kk[1:] == key[1:]}
-                self._position_bias_cache[key] = term
-            return term
-
-        flat_ids = ids.flatten()
-
-        def layer_bias(layer: int) -> torch.Tensor:
-            shift = self.kp_bias.layer_table(points, linear, layer, with_bias=False)  # (B, H, 1, nb)
-            if not frozen:
-                return position_term(layer) - form_bias(shift, ids, "gather")
-            # inference: look each sample's 49 values up from a tiny table, then add the cached term in place
-            b, h, _, nb = shift.shape
-            per_sample = shift.reshape(b * h, nb).neg_().index_select(1, flat_ids).view(b, h, *ids.shape)
-            return per_sample.add_(position_term(layer))
-
-        return layer_bias
-
     def forward_features(self, images: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, N, D)`` token features after the final LayerNorm."""
         self.check_inputs(images, keypoints)
@@ -328,10 +272,8 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.pos_drop(x)
-        ids = None
-        if self.config.rel_pos != "none":
-            ids = bucket_ids(self.grid, method=self.config.rpe_method, ratio=self.config.rpe_ratio, device=x.device)
-        biases = self.keypoint_bias_layers(keypoints, ids) if self.kp_bias is not None else None
+        ids = self.bucket_ids
+        biases = self.kprpe.layer_biases(keypoints) if self.kprpe is not None else None
         for i, blk in enumerate(self.blocks):
             bias = biases(i) if biases is not None else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
