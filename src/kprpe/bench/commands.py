@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli_options import add_device_option, add_output_option
+from ..errors import CommandError
 from ..files import write_json
 from .runner import Case, format_table, machine_info, run_suite
 
@@ -47,8 +49,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        from ..cli import CommandError
-
         raise CommandError("--device cuda requested but CUDA is not available on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-impl", default="sdpa", choices=["sdpa", "math"],
                    help="attention kernel for ViT and the KP-RPE paths (the naive reference always uses math)")
     p.add_argument("--no-irpe", dest="irpe", action="store_false", help="skip the iRPE baseline")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_option(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 = autocast")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=1)
@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="passes over all cases in rotating order, each case in a fresh process (default 3)")
     p.add_argument("--in-process", action="store_true", help="do not isolate cases in child processes")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on a micro model (CI)")
-    p.add_argument("-o", "--output", default="runs/bench/bench.json", help="JSON output file")
+    add_output_option(p, help="JSON output file", required=False, default="runs/bench/bench.json", metavar="JSON")
     p.set_defaults(func=cmd_bench)
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import CommandError
+from ..cli_options import add_output_option, add_quiet_option
+from ..errors import CommandError
 from ..files import write_json
 from .dataset import DataError
 from .landmarks import LandmarkFileError
@@ -112,22 +113,22 @@ def _cmd_example_data(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("pack", help="pack an image folder (<identity>/<image>) into insightface RecordIO")
     p.add_argument("folder", help="folder with one sub-folder of images per identity")
-    p.add_argument("--output", "-o", required=True, help="output .rec path (the .idx is written beside it)")
+    add_output_option(p, help="output .rec path (the .idx is written beside it)", metavar="REC")
     p.add_argument("--resize", type=int, default=None, help="re-encode every image as a SIZE x SIZE JPEG")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any image was unreadable")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_option(p)
     p.set_defaults(func=_cmd_pack)
 
     p = subparsers.add_parser("landmarks", help="compute a data set's 5-point landmark file (CSV idx,ldmk_0..ldmk_9)")
     p.add_argument("data", help="a .rec file (with .idx) or an image folder")
-    p.add_argument("--output", "-o", required=True, help="CSV to write")
+    add_output_option(p, help="CSV to write", metavar="CSV")
     p.add_argument("--mode", choices=("auto", "detect", "crop"), default="auto",
                    help="detect faces, treat each image as a face crop, or detect then fall back to crop (default)")
     p.add_argument("--detector", choices=("hog", "cnn"), default="hog", help="dlib face detector (default hog)")
     p.add_argument("--landmark-model", choices=("68", "5"), default="68", help="dlib landmark model (default 68)")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples (for a quick check)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(p)
     p.set_defaults(func=_cmd_landmarks)
 
     p = subparsers.add_parser("make-example-data", help="write the small synthetic data set the example config trains on")
@@ -136,5 +137,5 @@ def register(subparsers) -> None:
     p.add_argument("--images-per-identity", type=int, default=16)
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    add_quiet_option(p)
     p.set_defaults(func=_cmd_example_data)

@@ -1,5 +1,5 @@
 """``kprpe eval``: verification (.bin), IJB-B/C 1:1, custom pairs, identification and the
-alignment-robustness sweep. Each run writes ``results.json``, ``summary.md`` and PNG plots into ``--out``."""
+alignment-robustness sweep. Each run writes ``results.json``, ``summary.md`` and PNG plots into ``-o/--output``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..cli_options import add_model_options, add_output_option, add_quiet_option
+from ..errors import CommandError
 from .embedding import default_cache_dir
 from .metrics import DEFAULT_FAR_TARGETS
 
@@ -40,23 +42,15 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
-def _common(p: argparse.ArgumentParser, weights_help: str = "checkpoint (.safetensors / .pt / published repo folder)") -> None:
+def _common(p: argparse.ArgumentParser) -> None:
+    add_output_option(p, type=Path, help="output folder (results.json, summary.md, plots)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, type=Path, help="output folder (results.json, summary.md, plots)")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="embedding cache folder (default: $KPRPE_CACHE_DIR or ~/.cache/kprpe/embeddings)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
-    g.add_argument("--no-flip", action="store_true", help="disable flip-sum test-time augmentation")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: where the model loads)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_option(g)
     g.add_argument("--far", type=_float_list, default=list(DEFAULT_FAR_TARGETS),
                    help="FAR targets for TAR@FAR, comma-separated (default: 1e-6,...,1e-1)")
-
-
-def _weights(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", required=True, type=Path,
-                   help="checkpoint: .safetensors / .pt file or a published repo folder")
 
 
 def register(subparsers) -> None:
@@ -68,7 +62,7 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("verify", help="insightface .bin verification sets, 10-fold protocol",
                        description="10-fold accuracy (mean ± std), VAL@FAR=1e-3, TAR@FAR and ROC on .bin sets.")
-    _weights(p)
+    add_model_options(p)
     p.add_argument("--bin", dest="bins", action="append", required=True, type=Path,
                    help="a .bin set (repeat for several: --bin lfw.bin --bin cfp_fp.bin)")
     p.add_argument("--landmarks", action="append", type=Path, default=None,
@@ -82,7 +76,7 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification (TAR@FAR)",
                        description="Template-based 1:1 verification from the insightface IJB meta files.")
-    _weights(p)
+    add_model_options(p)
     p.add_argument("--name", default="IJBC", help="set name in the report (default IJBC)")
     p.add_argument("--tid-mid", required=True, type=Path, help="*_face_tid_mid.txt: image_name template_id media_id")
     p.add_argument("--pairs", required=True, type=Path, help="*_template_pair_label.txt: t1 t2 label")
@@ -96,7 +90,7 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("pairs", help="custom pairs CSV (image_a,image_b,label)",
                        description="Verification on a pairs CSV; images pre-aligned or cropped from landmarks.")
-    _weights(p)
+    add_model_options(p)
     p.add_argument("--pairs", required=True, type=Path, help="CSV rows image_a,image_b,label (1/0)")
     p.add_argument("--root", type=Path, default=None, help="image folder (default: the CSV's folder)")
     p.add_argument("--landmarks", type=Path, default=None,
@@ -109,7 +103,7 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("identify", help="identification on identity folders: rank-1/5/20, open-set DIR@FPIR",
                        description="Closed-set CMC with distractors in the gallery; open-set when probes lack mates.")
-    _weights(p)
+    add_model_options(p)
     p.add_argument("--gallery", required=True, type=Path, help="gallery folder (identity/image or --label-regex)")
     p.add_argument("--probe", required=True, type=Path, help="probe folder (same layout)")
     p.add_argument("--distractors", type=Path, default=None, help="folder of distractor images added to the gallery")
@@ -126,8 +120,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("sweep", help="accuracy vs alignment (paper Fig. 5), several checkpoints in one plot",
                        description="For each t, faces are cropped on the path from the aligned crop (t=0) to the "
                                    "detector-box crop (t=1); keypoints follow the warp.")
-    p.add_argument("--weights", required=True, action="append",
-                   help="[NAME=]checkpoint; repeat to compare checkpoints in one plot")
+    add_model_options(p, repeatable=True)
     p.add_argument("--pairs", required=True, type=Path, help="CSV image_a,image_b,label of raw photos")
     p.add_argument("--landmarks", required=True, type=Path, help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'")
     p.add_argument("--boxes", type=Path, default=None,
@@ -158,8 +151,6 @@ def _settings(args):
 
 
 def _fail(message: str):
-    from ..cli import CommandError
-
     raise CommandError(message)
 
 
@@ -210,7 +201,7 @@ def _run_verify(args) -> int:
         _fail("--keypoints file needs --landmarks")
     results = _guarded(lambda: evaluate_bins(_handle(args.weights), args.bins, settings,
                                              keypoint_source=args.keypoints, landmarks=args.landmarks))
-    _write_outputs(args.out, results)
+    _write_outputs(args.output, results)
     return 0
 
 
@@ -224,7 +215,7 @@ def _run_ijb(args) -> int:
         _handle(args.weights), name=args.name, tid_mid=args.tid_mid, pairs=args.pairs, landmarks=args.landmarks,
         images_dir=args.images, settings=settings, t=args.t, use_norm=not args.no_norm,
         use_detector_score=not args.no_detector_score))
-    _write_outputs(args.out, results)
+    _write_outputs(args.output, results)
     return 0
 
 
@@ -236,7 +227,7 @@ def _run_pairs(args) -> int:
         _fail(f"--t must lie in [0, 1], got {args.t}")
     results = _guarded(lambda: evaluate_pairs(_handle(args.weights), args.pairs, settings, images_root=args.root,
                                               landmarks=args.landmarks, t=args.t, keypoint_source=args.keypoints))
-    _write_outputs(args.out, results)
+    _write_outputs(args.output, results)
     return 0
 
 
@@ -251,7 +242,7 @@ def _run_identify(args) -> int:
         _handle(args.weights), settings, gallery=args.gallery, probe=args.probe, distractors=args.distractors,
         label_regex=args.label_regex, keypoint_source=args.keypoints, ranks=ranks, fpir_targets=args.fpir,
         gallery_per=args.gallery_per, name=args.name))
-    _write_outputs(args.out, results, roc=False)
+    _write_outputs(args.output, results, roc=False)
     return 0
 
 
@@ -264,9 +255,9 @@ def _run_sweep(args) -> int:
     results = _guarded(lambda: robustness_sweep([_handle(w) for w in args.weights], args.pairs, args.landmarks,
                                                 settings, t_values=args.t_values, images_root=args.root,
                                                 boxes=args.boxes))
-    _write_outputs(args.out, results, roc=False)
+    _write_outputs(args.output, results, roc=False)
     sweep = results["sweep"]
-    write_json(args.out / "sweep.json", sweep)
-    plot_sweep(sweep["t"], sweep["accuracy"], args.out / "sweep.png")
-    print(f"wrote {args.out / 'sweep.json'}, {args.out / 'sweep.png'}")
+    write_json(args.output / "sweep.json", sweep)
+    plot_sweep(sweep["t"], sweep["accuracy"], args.output / "sweep.png")
+    print(f"wrote {args.output / 'sweep.json'}, {args.output / 'sweep.png'}")
     return 0

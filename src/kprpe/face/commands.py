@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import CommandError
+from ..cli_options import add_model_options, add_output_option, add_quiet_option
+from ..errors import CommandError
 from ..files import write_csv, write_npz, write_png
 from .align import ALIGN_MODES, AlignmentError
 from .detection import (
@@ -66,16 +67,7 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, *, all_faces: bool = 
                        help="coordinates in --landmarks are fractions of image width/height, not pixels")
     if all_faces:
         group.add_argument("--all-faces", action="store_true", help="keep every face, not only the largest")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--weights", required=True, metavar="W",
-                       help="checkpoint file or directory (anything kprpe.load_official accepts)")
-    group.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
-    group.add_argument("--batch-size", type=int, default=64)
-    group.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_quiet_option(parser)
 
 
 def _detector(args: argparse.Namespace) -> FaceDetector:
@@ -251,7 +243,7 @@ def register(subparsers) -> None:
                               description="Detect faces, crop them (aligned, unaligned or prealigned) to 112x112 "
                                           "PNGs in OUT and write OUT/landmarks.csv (keypoints normalised to the crop).")
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    add_output_option(p, help="output directory")
     p.add_argument("--draw", action="store_true", help="also write OUT/draw/<stem>.png with the keypoints drawn")
     _add_pipeline_options(p)
     p.set_defaults(func=_cmd_align)
@@ -261,9 +253,9 @@ def register(subparsers) -> None:
                                           "with names, sources, face_index, embeddings (unit), norms, keypoints, "
                                           "failures (file, reason) and metadata (JSON).")
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
-    p.add_argument("-o", "--output", required=True, metavar="NPZ")
+    add_output_option(p, help="embeddings file to write (.npz)", metavar="NPZ")
     _add_pipeline_options(p)
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=_cmd_embed)
 
     p = subparsers.add_parser("verify", help="compare the largest faces of two photos",
@@ -275,7 +267,7 @@ def register(subparsers) -> None:
                    help=f"cosine similarity at or above which the faces count as the same (default {DEFAULT_THRESHOLD})")
     p.add_argument("--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score")
     _add_pipeline_options(p, all_faces=False)
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=_cmd_verify)
 
     p = subparsers.add_parser("search", help="enrol a gallery of identities, then identify query faces",
@@ -286,14 +278,14 @@ def register(subparsers) -> None:
                               description="One template per identity: the normalised mean of its images' embeddings. "
                                           "The index is an .npz that loads with allow_pickle=False.")
     e.add_argument("gallery", metavar="GALLERY")
-    e.add_argument("-o", "--output", required=True, metavar="INDEX", help="index file to write (.npz)")
+    add_output_option(e, help="index file to write (.npz)", metavar="INDEX")
     _add_pipeline_options(e, all_faces=False)
-    _add_model_options(e)
+    add_model_options(e)
     e.set_defaults(func=_cmd_search_enrol)
     q = search_sub.add_parser("query", help="top-k identities for the faces of query photos")
     q.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
     q.add_argument("--index", required=True, metavar="INDEX")
     q.add_argument("-k", "--top-k", type=int, default=5, help="identities to return per face (default 5)")
     _add_pipeline_options(q)
-    _add_model_options(q)
+    add_model_options(q)
     q.set_defaults(func=_cmd_search_query)

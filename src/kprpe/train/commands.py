@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import CommandError
+from ..errors import CommandError
 
 __all__ = ["register"]
 
