@@ -9,7 +9,7 @@ import importlib.util
 import json
 import sys
 
-from .errors import CommandError, KprpeError
+from .errors import KprpeError
 
 # Sub-packages that contribute commands, in the order they appear in ``kprpe --help``.
 COMMAND_MODULES = (
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CommandError, KprpeError) as exc:
+    except KprpeError as exc:  # every deliberate error (CommandError, bad files, configs, checkpoints)
         print(f"kprpe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

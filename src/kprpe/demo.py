@@ -7,12 +7,8 @@ import time
 
 import torch
 
+from .keypoints import template_keypoints
 from .nn import create_model, normalize_embedding, num_parameters
-
-# ArcFace 112x112 template (pixels), SPEC §3
-ARCFACE_TEMPLATE = torch.tensor(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
-)
 
 
 def run_demo(model_name: str = "vit_small_kprpe", batch_size: int = 4, seed: int = 0) -> int:
@@ -24,7 +20,7 @@ def run_demo(model_name: str = "vit_small_kprpe", batch_size: int = 4, seed: int
         with torch.no_grad():
             model.keypoint_linear.weight.normal_(0, 0.5)
     images = torch.rand(batch_size, 3, model.config.img_size, model.config.img_size) * 2 - 1
-    keypoints = (ARCFACE_TEMPLATE / 112).expand(batch_size, 5, 2).clone()
+    keypoints = template_keypoints(batch_size)
     shifted = keypoints + torch.tensor([0.15, -0.1])
     print(f"model {model_name}: {num_parameters(model):,} parameters, config rel_pos={model.config.rel_pos}")
     with torch.inference_mode():

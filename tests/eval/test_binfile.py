@@ -10,11 +10,11 @@ import pytest
 from kprpe.eval.binfile import (
     BinFormatError,
     UnsafePickleError,
-    decode_image,
     read_verification_bin,
     restricted_loads,
     write_verification_bin,
 )
+from kprpe.images import ImageLoadError, decode_image
 
 
 def _png(seed: int) -> bytes:
@@ -104,5 +104,5 @@ def test_truncated_and_missing_files(tmp_path):
         read_verification_bin(path)
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         read_verification_bin(tmp_path / "nope.bin")
-    with pytest.raises(BinFormatError, match="cannot decode"):
+    with pytest.raises(ImageLoadError, match="cannot decode"):
         decode_image(b"not an image", where="x.bin image 0")

@@ -10,7 +10,7 @@ from kprpe.eval.images import crop_face
 from kprpe.eval.landmarks import LandmarkFileError
 from kprpe.eval.metrics import tar_at_far
 from kprpe.eval.runs import EvalSettings, ModelHandle, evaluate_ijb
-from kprpe.face.io import load_image
+from kprpe.images import load_image
 from kprpe.inference import embed, to_model_input
 
 from .conftest import TINY_KPRPE, synthetic_photo, write_rgb

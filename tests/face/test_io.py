@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kprpe.face.io import ImageLoadError, expand_image_paths, load_image
+from kprpe.images import ImageLoadError, expand_image_paths, load_image
 
 
 @pytest.fixture()

@@ -45,7 +45,7 @@ def test_pack_reports_unreadable_images(tmp_path, synthetic_data):
     assert report.num_images == 24 * 8 - 1
     assert [f for f, _ in report.failures] == ["id_0001/img_003.png"]
     assert report.ignored == ["id_0002/notes.txt"]
-    assert "cannot be decoded" in report.failures[0][1]
+    assert "cannot decode" in report.failures[0][1]
 
 
 def test_landmark_file_round_trip_and_errors(tmp_path):
@@ -58,7 +58,7 @@ def test_landmark_file_round_trip_and_errors(tmp_path):
     back = read_landmarks(path, num_samples=4)
     assert np.allclose(back[[0, 1, 3]], kp[[0, 1, 3]], atol=1e-6) and np.isnan(back[2]).all()
     (tmp_path / "bad.csv").write_text(lines[0] + "\n0,1,2,3\n")
-    with pytest.raises(LandmarkFileError, match=r"bad.csv:2: expected 11 columns"):
+    with pytest.raises(LandmarkFileError, match=r"bad.csv:2: expected 11 fields"):
         read_landmarks(tmp_path / "bad.csv")
     (tmp_path / "dup.csv").write_text("\n".join([lines[0], lines[1], lines[1]]))
     with pytest.raises(LandmarkFileError, match="appears twice"):

@@ -10,14 +10,8 @@ import numpy as np
 from ..cli_options import add_output_option, add_quiet_option
 from ..errors import CommandError
 from ..files import write_json
-from .dataset import DataError
-from .landmarks import LandmarkFileError
-from .recordio import RecordIOError
 
 __all__ = ["register", "face_keypoint_detector"]
-
-_DATA_ERRORS = (DataError, RecordIOError, LandmarkFileError, OSError)
-
 
 def _print_first(failures: list[tuple], label: str, limit: int = 20) -> None:
     """Print the first ``limit`` (item, reason) failures and how many more there are."""
@@ -35,7 +29,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         raise CommandError(f"--output must end in .rec (the .idx is written beside it), got {out}")
     try:
         report = pack_folder(args.folder, out, resize=args.resize, quality=args.quality, progress=not args.quiet)
-    except _DATA_ERRORS as exc:
+    except OSError as exc:  # data, landmark and image errors are KprpeErrors: kprpe.cli prints them
         raise CommandError(str(exc)) from None
     print(f"wrote {report.num_images} images of {report.num_identities} identities to {out} (+ {out.with_suffix('.idx').name})")
     if report.ignored:
@@ -83,7 +77,7 @@ def _cmd_landmarks(args: argparse.Namespace) -> int:
     detect = face_keypoint_detector(args.mode, args.detector, args.landmark_model)
     try:
         report = compute_landmarks(args.data, args.output, detect, progress=not args.quiet, limit=args.limit)
-    except _DATA_ERRORS as exc:
+    except OSError as exc:  # data, landmark and image errors are KprpeErrors: kprpe.cli prints them
         raise CommandError(str(exc)) from None
     print(f"landmarks for {report.num_found} of {report.num_samples} samples written to {report.csv_path}")
     if report.failures:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import KprpeError
+from ..images import ImageLoadError, decode_image
 from ..keypoints import ARCFACE_TEMPLATE_112
-from .landmarks import read_landmarks
+from ..landmarks import read_landmarks
 from .recordio import RecordIOError, RecordIOReader, index_path_for
 from .transforms import AugmentConfig, FaceAugment, image_to_tensor
 
@@ -28,25 +29,14 @@ __all__ = [
     "RecordSource",
     "FolderSource",
     "open_source",
-    "decode_image",
     "FaceDataset",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class DataError(ValueError):
+class DataError(KprpeError, ValueError):
     """A sample or data set that cannot be used; the message names the file and sample index."""
-
-
-def decode_image(data: bytes, where: str) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB ``(H, W, 3)``; raises :class:`DataError` naming ``where``."""
-    if not data:
-        raise DataError(f"{where}: empty image data")
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataError(f"{where}: image data cannot be decoded ({len(data)} bytes; corrupt or not an image)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 class RecordSource:
@@ -219,7 +209,10 @@ class FaceDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, int]:
         """Decoded RGB image and label of sample ``index``, checked; raises :class:`DataError`."""
         data, label = self.source.get(index)
-        image = decode_image(data, self.source.describe(index))
+        try:
+            image = decode_image(data, self.source.describe(index))
+        except ImageLoadError as exc:
+            raise DataError(str(exc)) from None
         if not 0 <= label < self.num_classes:
             raise DataError(f"{self.source.describe(index)}: label {label} outside 0..{self.num_classes - 1} (num_classes)")
         return image, label

@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .dataset import DataError, FolderSource, RecordSource, decode_image, open_source
-from .landmarks import write_landmarks
+from ..images import ImageLoadError, decode_image
+from ..landmarks import write_landmarks
+from .dataset import DataError, FolderSource, RecordSource, open_source
 from .recordio import RecordHeader, RecordIOWriter, pack_record
 
 __all__ = ["PackReport", "pack_folder", "LandmarkReport", "compute_landmarks"]
@@ -49,7 +50,7 @@ def pack_folder(
         try:
             data, label = source.get(index)
             image = decode_image(data, source.describe(index))
-        except DataError as exc:
+        except (DataError, ImageLoadError) as exc:
             report.failures.append((source.files[index], str(exc)))
             continue
         if resize is not None:
@@ -107,7 +108,7 @@ def compute_landmarks(
     for index in tqdm(range(n), desc="landmarks", unit="img", disable=not progress):
         try:
             image = decode_image(source.get(index)[0], source.describe(index))
-        except DataError as exc:
+        except (DataError, ImageLoadError) as exc:
             report.failures.append((index, str(exc)))
             continue
         try:

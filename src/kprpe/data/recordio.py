@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import KprpeError
+
 __all__ = [
     "RECORDIO_MAGIC",
     "RecordIOError",
@@ -43,7 +45,7 @@ _LREC_LENGTH_MASK = (1 << 29) - 1
 _MAX_PAYLOAD = _LREC_LENGTH_MASK
 
 
-class RecordIOError(ValueError):
+class RecordIOError(KprpeError, ValueError):
     """A RecordIO file or record that cannot be read; the message names the file, key and offset."""
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..keypoints import ARCFACE_TEMPLATE_112
-from .landmarks import write_landmarks
+from ..landmarks import write_landmarks
 
 __all__ = ["make_synthetic_faces"]
 

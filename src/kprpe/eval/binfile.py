@@ -16,10 +16,11 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from ..errors import KprpeError
 from ..files import atomic_write_bytes
+from ..images import decode_image  # noqa: F401  (where evaluation code has imported it from)
 
 __all__ = [
     "UnsafePickleError",
@@ -33,11 +34,11 @@ __all__ = [
 ]
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(KprpeError, pickle.UnpicklingError):
     """The pickle asks for a global (a function or class) that a verification set never needs."""
 
 
-class BinFormatError(ValueError):
+class BinFormatError(KprpeError, ValueError):
     """The file is a valid pickle but not a verification set."""
 
 
@@ -133,14 +134,3 @@ def write_verification_bin(path: str | os.PathLike, encoded_images: list[bytes],
         raise ValueError(f"{len(encoded_images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
     payload = pickle.dumps(([bytes(b) for b in encoded_images], issame), protocol=4)
     atomic_write_bytes(path, payload)
-
-
-def decode_image(data: bytes, where: str = "image", size: int | None = 112) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB ``(H, W, 3)``; resized to ``size`` x ``size`` when it differs."""
-    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise BinFormatError(f"{where}: cannot decode image bytes ({len(data)} bytes)")
-    rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-    if size is not None and rgb.shape[:2] != (size, size):
-        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
-    return rgb

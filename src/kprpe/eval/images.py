@@ -14,7 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..face.io import load_image
+from ..errors import KprpeError
+from ..images import load_image
 from .embedding import FaceSource
 from .geometry import aligned_crop_params, box_crop_params, box_from_landmarks, interpolate_crop, warp_face
 from .landmarks import face_backend_landmarks, template_keypoints_for
@@ -30,12 +31,12 @@ __all__ = [
     "scan_identity_folders",
 ]
 
-# The files a folder contributes to an evaluation. load_image reads more (kprpe.face.io.IMAGE_EXTENSIONS adds
+# The files a folder contributes to an evaluation. load_image reads more (kprpe.images.IMAGE_EXTENSIONS adds
 # .gif, .pgm, .jfif, ...); this list stays as it was so that a folder's content, hence a result, does not move.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(KprpeError, ValueError):
     """An input list or folder that does not have the documented layout (the message says where)."""
 
 

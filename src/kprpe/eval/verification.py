@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .binfile import VerificationBin, decode_image
+from ..images import decode_image
+from .binfile import VerificationBin
 from .embedding import FaceSource, file_fingerprint
 from .landmarks import (
     face_backend_available,

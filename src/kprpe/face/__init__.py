@@ -6,6 +6,7 @@ Importing this package does not import dlib; the dlib backend loads it on first 
 
 from __future__ import annotations
 
+from ..images import ImageLoadError, expand_image_paths, load_image
 from .align import (
     ALIGN_MODES,
     CROP_SIZE,
@@ -27,7 +28,6 @@ from .detection import (
     SuppliedLandmarks,
 )
 from .draw import draw_keypoints, side_by_side
-from .io import ImageLoadError, expand_image_paths, load_image
 from .pipeline import (
     DEFAULT_THRESHOLD,
     BatchResult,

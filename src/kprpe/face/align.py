@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..errors import KprpeError
 from ..keypoints import ARCFACE_TEMPLATE_112
 
 __all__ = [
@@ -39,7 +40,7 @@ ALIGN_MODES = ("aligned", "unaligned", "prealigned")
 TEMPLATE_FACE_BOX = (17.0, 37.0, 94.0, 114.0)
 
 
-class AlignmentError(ValueError):
+class AlignmentError(KprpeError, ValueError):
     """Keypoints or boxes that cannot define a crop (wrong shape, not finite, degenerate)."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from ..cli_options import add_model_options, add_output_option, add_quiet_option
 from ..errors import CommandError
 from ..files import write_csv, write_npz, write_png
+from ..images import ImageLoadError
 from .align import ALIGN_MODES, AlignmentError
 from .detection import (
     LANDMARK_COLUMNS,
@@ -26,7 +27,6 @@ from .detection import (
     NoFaceFound,
     SuppliedLandmarks,
 )
-from .io import ImageLoadError
 from .pipeline import DEFAULT_THRESHOLD, BatchResult, FaceEmbedder, FacePipeline, verify
 from .search import FaceIndex, FaceIndexError
 

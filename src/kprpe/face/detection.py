@@ -28,7 +28,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import KprpeError
 from ..keypoints import ARCFACE_TEMPLATE_112
+from ..landmarks import LandmarkFileError
 from .align import AlignmentError, box_from_keypoints
 
 __all__ = [
@@ -50,16 +52,12 @@ BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
 _EXTRA_HINT = "install the optional extra: pip install 'kprpe[face]' (dlib-bin and face-recognition-models)"
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(KprpeError, ImportError):
     """An optional dependency of the face pipeline is not installed."""
 
 
-class NoFaceFound(ValueError):
+class NoFaceFound(KprpeError, ValueError):
     """The detector found no face in an image (or no landmarks were supplied for it)."""
-
-
-class LandmarkFileError(ValueError):
-    """A user-supplied landmark file is missing, malformed or ambiguous; the message names file and row."""
 
 
 @dataclass

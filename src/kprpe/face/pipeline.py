@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..images import ImageLoadError, expand_image_paths, load_image
 from ..inference import embed, to_model_input
 from .align import (
     ALIGN_MODES,
@@ -29,7 +30,6 @@ from .align import (
     align_face,
 )
 from .detection import FaceDetector, LandmarkFileError, NoFaceFound
-from .io import ImageLoadError, expand_image_paths, load_image
 
 __all__ = [
     "DEFAULT_THRESHOLD",

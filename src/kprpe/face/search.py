@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import KprpeError
 from ..files import read_npz, write_npz
-from .io import IMAGE_EXTENSIONS
+from ..images import IMAGE_EXTENSIONS
 from .pipeline import FaceEmbedder, FacePipeline
 
 __all__ = ["FaceIndex", "FaceIndexError", "SearchHit", "gallery_images", "INDEX_FORMAT"]
@@ -25,7 +26,7 @@ __all__ = ["FaceIndex", "FaceIndexError", "SearchHit", "gallery_images", "INDEX_
 INDEX_FORMAT = "kprpe-face-index-v1"
 
 
-class FaceIndexError(ValueError):
+class FaceIndexError(KprpeError, ValueError):
     """An index file is missing, malformed or made with a different model than the query."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import KprpeError
 from ..files import atomic_path
 from .registry import SIZES
 from .vit import VisionTransformer, ViTConfig
@@ -37,7 +38,7 @@ _PREFIXES = ("module.", "model.", "net.")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KprpeError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says exactly why."""
 
 

@@ -4,7 +4,7 @@ from .checkpoint import CheckpointState, latest_checkpoint
 from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
 from .heads import AdaFaceMargin, CombinedMargin, PartialFC, PlainLogits, build_margin, class_shard
 from .loop import DistributedBatchNorm1d, Trainer, lr_factor, use_distributed_batchnorm
-from .validation import evaluate_pairs, load_verification_bin, verification_accuracy
+from .validation import load_verification_bin, validation_accuracy, verification_accuracy
 
 __all__ = [
     "AdaFaceMargin",
@@ -20,11 +20,11 @@ __all__ = [
     "build_margin",
     "class_shard",
     "config_from_dict",
-    "evaluate_pairs",
     "latest_checkpoint",
     "load_config",
     "load_verification_bin",
     "lr_factor",
     "use_distributed_batchnorm",
+    "validation_accuracy",
     "verification_accuracy",
 ]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import KprpeError
 from ..files import atomic_path
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 
-class CheckpointState(ValueError):
+class CheckpointState(KprpeError, ValueError):
     """A resume checkpoint that cannot be used; the message names the file and why."""
 
 

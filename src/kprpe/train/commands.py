@@ -10,23 +10,16 @@ __all__ = ["register"]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ..data.dataset import DataError
-    from ..data.landmarks import LandmarkFileError
-    from ..data.recordio import RecordIOError
-    from ..nn import CheckpointError
-    from .checkpoint import CheckpointState
-    from .config import ConfigError, load_config
+    from .config import load_config
     from .loop import Trainer
 
     if args.resume and args.resume_from:
         raise CommandError("use either --resume (latest checkpoint of the run) or --resume-from DIR, not both")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        resume = args.resume_from or ("latest" if args.resume else None)
-        trainer = Trainer(cfg, resume=resume)
-        final = trainer.run()
-    except (ConfigError, CheckpointState, CheckpointError, DataError, LandmarkFileError, RecordIOError) as exc:
-        raise CommandError(str(exc)) from None
+    # bad configs, data, landmark files and checkpoints raise KprpeError subclasses: kprpe.cli prints them
+    cfg = load_config(args.config, args.overrides)
+    resume = args.resume_from or ("latest" if args.resume else None)
+    trainer = Trainer(cfg, resume=resume)
+    final = trainer.run()
     if trainer.dist.is_main:
         print(f"trained {trainer.step} steps; model: {final} (load with kprpe.load_official or kprpe verify --weights)")
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..data.transforms import AugmentConfig
+from ..errors import KprpeError
 
 __all__ = [
     "ConfigError",
@@ -36,7 +37,7 @@ __all__ = [
 HEAD_TYPES = ("adaface", "arcface", "cosface", "combined", "softmax")
 
 
-class ConfigError(ValueError):
+class ConfigError(KprpeError, ValueError):
     """An invalid training config; the message starts with the dotted key at fault."""
 
 

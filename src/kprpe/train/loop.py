@@ -333,11 +333,11 @@ class Trainer:
                 self._tb.add_scalar(f"train/{k}", row[k], row["step"])
 
     def _validate(self) -> dict[str, float]:
-        from .validation import evaluate_pairs
+        from .validation import validation_accuracy
 
         results = {}
         for vset in self.validation_sets:
-            acc, std = evaluate_pairs(self.model, vset, image_size=self.image_size, batch_size=self.cfg.validation.batch_size,
+            acc, std = validation_accuracy(self.model, vset, image_size=self.image_size, batch_size=self.cfg.validation.batch_size,
                                       flip=self.cfg.validation.flip, device=self.device)
             results[vset.name] = acc
             path = self.output_dir / "validation.csv"

@@ -19,7 +19,7 @@ from ..eval.embedding import embed_faces
 from ..eval.metrics import kfold_accuracy
 from ..eval.verification import bin_face_source, pair_scores
 
-__all__ = ["load_verification_bin", "verification_accuracy", "evaluate_pairs"]
+__all__ = ["load_verification_bin", "verification_accuracy", "validation_accuracy"]
 
 MAX_FOLDS = 10
 
@@ -36,7 +36,7 @@ def verification_accuracy(similarity: np.ndarray, issame: np.ndarray, folds: int
     return result.accuracy_mean, result.accuracy_std
 
 
-def evaluate_pairs(model: nn.Module, vset: VerificationBin, *, image_size: int, batch_size: int = 128,
+def validation_accuracy(model: nn.Module, vset: VerificationBin, *, image_size: int, batch_size: int = 128,
                    flip: bool = True, device=None) -> tuple[float, float]:
     """Embed every image of ``vset`` (template keypoints, flip-sum TTA) and return its verification accuracy
     (mean, std); the model's train/eval mode is restored afterwards."""

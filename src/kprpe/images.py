@@ -1,8 +1,12 @@
-"""Reading real-world photos into RGB uint8 arrays, and expanding the paths a user types into image files.
+"""Images in: photos from files, encoded bytes from data sets, and the paths a user types — one home for all.
 
-Photos arrive in every mode Pillow knows (grayscale, palette, RGBA, 16-bit PNG, CMYK JPEG) and often carry an
-EXIF orientation tag that cameras set instead of rotating pixels; the pipeline wants upright RGB uint8, and a
-failure that names the file instead of a traceback from inside Pillow.
+Everything here returns upright ``(H, W, 3)`` uint8 RGB or raises :class:`ImageLoadError` naming the file (or
+the sample) and the reason, instead of a traceback from inside Pillow or OpenCV.
+
+* :func:`load_image` reads photos. They arrive in every mode Pillow knows (grayscale, palette, RGBA, 16-bit
+  PNG, CMYK JPEG) and often carry an EXIF orientation tag that cameras set instead of rotating pixels.
+* :func:`decode_image` decodes the JPEG/PNG bytes stored in RecordIO files and ``.bin`` verification sets
+  (OpenCV, as the insightface tools that wrote them).
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "load_image", "to_rgb_uint8", "expand_image_paths"]
+from .errors import KprpeError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "load_image", "decode_image", "to_rgb_uint8", "expand_image_paths"]
 
 # Extensions picked up when a directory is given (files named explicitly are always tried).
 IMAGE_EXTENSIONS = frozenset(
@@ -23,8 +30,8 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-class ImageLoadError(ValueError):
-    """A file could not be read as an image; the message names the file and the reason."""
+class ImageLoadError(KprpeError, ValueError):
+    """A file (or stored image) could not be read as an image; the message names it and the reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         self.path = str(path)
@@ -97,6 +104,20 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageLoadError(path, f"corrupt image ({type(exc).__name__}: {exc})") from None
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ImageLoadError(path, f"decoded to an empty image of shape {rgb.shape}")
+    return rgb
+
+
+def decode_image(data: bytes, where: str = "image", size: int | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 RGB ``(H, W, 3)``, resized (bilinear) to ``size`` x ``size`` when given and
+    different; raises :class:`ImageLoadError` naming ``where``."""
+    if not data:
+        raise ImageLoadError(where, "empty image data")
+    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise ImageLoadError(where, f"cannot decode image data ({len(data)} bytes; corrupt or not an image)")
+    rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    if size is not None and rgb.shape[:2] != (size, size):
+        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
     return rgb
 
 
