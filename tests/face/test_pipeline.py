@@ -143,3 +143,14 @@ def test_index_refuses_other_weights_and_bad_files(embedder, tmp_path):
         FaceIndex.load(tmp_path / "junk.npz")
     with pytest.raises(FaceIndexError, match="does not exist"):
         FaceIndex.load(tmp_path / "none.npz")
+
+
+def test_embedder_takes_as_many_keypoints_as_the_model_was_built_for():
+    from kprpe import create_model
+
+    embedder = FaceEmbedder(create_model("vit_tiny_kprpe", num_keypoints=3, depth=1))
+    assert embedder.num_keypoints == 3
+    unit, _ = embedder.embed_crops(np.zeros((2, 112, 112, 3), np.uint8), np.full((2, 3, 2), 0.5))
+    assert unit.shape == (2, embedder.output_dim)
+    with pytest.raises(ValueError, match=r"takes 3 keypoints"):
+        embedder.embed_crops(np.zeros((1, 112, 112, 3), np.uint8), np.zeros((1, 5, 2)))

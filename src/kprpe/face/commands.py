@@ -18,16 +18,12 @@ from ..cli_options import add_model_options, add_output_option, add_quiet_option
 from ..errors import CommandError
 from ..files import write_csv, write_npz, write_png
 from ..images import ImageLoadError
+from ..landmarks import LandmarkFileError
 from .align import ALIGN_MODES, AlignmentError
-from .detection import (
-    LANDMARK_COLUMNS,
-    FaceDetector,
-    LandmarkFileError,
-    MissingDependencyError,
-    NoFaceFound,
-    SuppliedLandmarks,
-)
-from .pipeline import DEFAULT_THRESHOLD, BatchResult, FaceEmbedder, FacePipeline, verify
+from .detector import FaceDetector, MissingDependencyError, NoFaceFound
+from .embedder import FaceEmbedder
+from .landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
+from .pipeline import DEFAULT_THRESHOLD, BatchResult, FacePipeline, verify
 from .search import FaceIndex, FaceIndexError
 
 __all__ = ["register"]
@@ -74,7 +70,7 @@ def _detector(args: argparse.Namespace) -> FaceDetector:
     try:
         if args.landmarks:
             return SuppliedLandmarks.from_file(args.landmarks, normalized=args.landmarks_normalized)
-        from .detection import DlibDetector
+        from .dlib_backend import DlibDetector
 
         return DlibDetector(args.detector, args.landmark_model, upsample=args.upsample, min_score=args.min_score)
     except (MissingDependencyError, LandmarkFileError) as exc:
@@ -169,7 +165,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         face_index=np.asarray([r.face_index for r in batch.records], dtype=np.int64),
         embeddings=unit,
         norms=norms,
-        keypoints=np.asarray([r.face.keypoints for r in batch.records], dtype=np.float32).reshape(-1, 5, 2),
+        keypoints=np.asarray([r.face.keypoints for r in batch.records], dtype=np.float32).reshape(
+            -1, embedder.num_keypoints, 2),
         failures=np.asarray(batch.failures, dtype=str).reshape(-1, 2),
         metadata=np.asarray(json.dumps(metadata)),
     )

@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import KprpeError
 from ..files import read_npz, write_npz
 from ..images import IMAGE_EXTENSIONS
-from .pipeline import FaceEmbedder, FacePipeline
+from .embedder import FaceEmbedder
+from .pipeline import FacePipeline
 
 __all__ = ["FaceIndex", "FaceIndexError", "SearchHit", "gallery_images", "INDEX_FORMAT"]
 
