@@ -148,7 +148,10 @@ def test_index_refuses_other_weights_and_bad_files(embedder, tmp_path):
 def test_embedder_takes_as_many_keypoints_as_the_model_was_built_for():
     from kprpe import create_model
 
-    embedder = FaceEmbedder(create_model("vit_tiny_kprpe", num_keypoints=3, depth=1))
+    model = create_model("vit_tiny_kprpe", num_keypoints=3, depth=1)
+    with pytest.raises(ValueError, match="flip_permutation"):
+        FaceEmbedder(model)  # which of 3 points are left/right is not known
+    embedder = FaceEmbedder(model, flip_permutation=(1, 0, 2))
     assert embedder.num_keypoints == 3
     unit, _ = embedder.embed_crops(np.zeros((2, 112, 112, 3), np.uint8), np.full((2, 3, 2), 0.5))
     assert unit.shape == (2, embedder.output_dim)

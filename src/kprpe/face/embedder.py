@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..inference import embed, to_model_input
-from ..keypoints import ARCFACE_TEMPLATE_112
+from ..keypoints import ARCFACE_TEMPLATE_112, FACE_FLIP_PERMUTATION
 from .align import CROP_SIZE, AlignedFace
 
 __all__ = ["FaceEmbedder", "model_fingerprint"]
@@ -38,13 +38,20 @@ class FaceEmbedder:
     before L2-normalising; the norm of the summed embedding is returned alongside (a quality signal).
     """
 
-    def __init__(self, model: torch.nn.Module, *, flip: bool = True, batch_size: int = 64, device: str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, flip: bool = True, batch_size: int = 64, device: str | None = None,
+                 flip_permutation: Sequence[int] | None = None) -> None:
         config = getattr(model, "config", None)
         if getattr(config, "img_size", CROP_SIZE) != CROP_SIZE:
             raise ValueError(f"the face pipeline makes {CROP_SIZE}x{CROP_SIZE} crops but the model expects "
                              f"{config.img_size}")
         # how many keypoints a crop must come with: what the model was built for (5 ArcFace points by default)
         self.num_keypoints = int(getattr(config, "num_keypoints", len(ARCFACE_TEMPLATE_112)))
+        if flip_permutation is None and self.num_keypoints == len(FACE_FLIP_PERMUTATION):
+            flip_permutation = FACE_FLIP_PERMUTATION
+        if flip and flip_permutation is None:
+            raise ValueError(f"flip test-time augmentation with {self.num_keypoints} keypoints needs the "
+                             "flip_permutation that swaps their left/right points (or flip=False)")
+        self.flip_permutation = flip_permutation
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -90,6 +97,7 @@ class FaceEmbedder:
             flip=self.flip,
             batch_size=self.batch_size,
             device=self.device,
+            flip_permutation=self.flip_permutation,
         )
         return unit.numpy().astype(np.float32), norms.numpy().astype(np.float32)
 
