@@ -2,8 +2,9 @@
 
 from .checkpoint import CheckpointState, latest_checkpoint
 from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
+from .distributed import DistributedBatchNorm1d, use_distributed_batchnorm
 from .heads import AdaFaceMargin, CombinedMargin, PartialFC, PlainLogits, build_margin, class_shard
-from .loop import DistributedBatchNorm1d, Trainer, lr_factor, use_distributed_batchnorm
+from .loop import Trainer, lr_factor
 from .validation import load_verification_bin, validation_accuracy, verification_accuracy
 
 __all__ = [

@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,63 +26,22 @@ from tqdm import tqdm
 from ..data.dataset import FaceDataset
 from ..data.sampler import ResumableSampler
 from ..files import atomic_write_text
-from ..nn import create_model, load_official, load_weights, save_model
-from .checkpoint import (
-    CheckpointState,
-    checkpoint_dir,
-    latest_checkpoint,
-    load_torch_state,
-    prune_checkpoints,
-    read_meta,
-    save_torch_atomic,
-)
+from ..nn import create_model, load_official, save_model
+from .checkpoint import CheckpointState, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .distributed import (
     DistInfo,
+    DistributedBatchNorm1d,
     all_gather_nograd,
-    all_reduce_sum,
     barrier,
     init_distributed,
     is_distributed,
     sum_allreduce_hook,
+    use_distributed_batchnorm,
 )
 from .heads import PartialFC, build_margin
 
 __all__ = ["Trainer", "DistributedBatchNorm1d", "use_distributed_batchnorm", "lr_factor", "clip_global_grad_norm", "build_optimizer"]
-
-
-class DistributedBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the batch of all processes (works with gloo and NCCL),
-    so W processes compute exactly what one process computes on the whole batch. Same state dict keys."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and is_distributed()):
-            return super().forward(x)
-        c = x.shape[1]
-        xf = x.float()
-        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([float(x.shape[0])])])
-        stats = all_reduce_sum(stats)
-        total = stats[-1]
-        mean = stats[:c] / total
-        var = (stats[c : 2 * c] / total - mean * mean).clamp_min(0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                self.running_var.mul_(1 - m).add_(m * var.detach() * total / (total - 1).clamp_min(1))
-        y = (xf - mean) / torch.sqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight + self.bias
-        return y.to(x.dtype)
-
-
-def use_distributed_batchnorm(module: nn.Module) -> nn.Module:
-    """Turn every BatchNorm1d of ``module`` into :class:`DistributedBatchNorm1d`, in place (weights kept)."""
-    for child in module.modules():
-        if type(child) is nn.BatchNorm1d:
-            child.__class__ = DistributedBatchNorm1d
-    return module
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0,
@@ -232,74 +190,16 @@ class Trainer:
             use_distributed_batchnorm(model)
         return model
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (train/checkpoint.py)
     def _save_checkpoint(self) -> Path:
-        final = checkpoint_dir(self.output_dir, self.step)
-        tmp = final.parent / f".{final.name}.tmp"
-        r, w = self.dist.rank, self.dist.world_size
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        from safetensors.torch import save_file
-
-        head_state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        save_file(head_state, str(tmp / f"head.rank{r}.safetensors"))
-        state = dict(
-            step=self.step,
-            bad_samples=self.bad_samples,
-            world_size=w,
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            rng_cpu=torch.get_rng_state(),
-            rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
-            head_extra=self.head.extra_state(),
-        )
-        save_torch_atomic(state, tmp / f"state.rank{r}.pt")
-        if self.dist.is_main:
-            save_model(self.model, tmp / "model.safetensors", metadata={"kprpe_train_step": str(self.step)})
-        barrier()
-        if self.dist.is_main:
-            meta = dict(step=self.step, world_size=w, num_classes=self.head.num_classes, config=self.cfg.to_dict())
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            atomic_write_text(final.parent / "latest", final.name + "\n")
-            prune_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
-        barrier()
-        return final
+        return save_checkpoint(self.output_dir, self.step, model=self.model, head=self.head, optimizer=self.optimizer,
+                               scheduler=self.scheduler, dist_info=self.dist, config=self.cfg.to_dict(),
+                               bad_samples=self.bad_samples, keep=self.cfg.train.keep_checkpoints)
 
     def _resume(self, resume) -> None:
-        path = latest_checkpoint(self.output_dir) if str(resume) == "latest" else Path(resume)
-        if path is None:
-            raise CheckpointState(f"--resume: no complete checkpoint in {self.output_dir / 'checkpoints'}")
-        meta = read_meta(path)
-        r, w = self.dist.rank, self.dist.world_size
-        if meta["world_size"] != w:
-            raise CheckpointState(
-                f"{path} was written by {meta['world_size']} processes but this run has {w}: the class centres are "
-                f"sharded per process and exact resume needs the same number of processes"
-            )
-        if meta["num_classes"] != self.head.num_classes:
-            raise CheckpointState(f"{path} has {meta['num_classes']} classes, the data set {self.head.num_classes}")
-        load_weights(self.model, path / "model.safetensors")
-        from safetensors.torch import load_file
-
-        head_file = path / f"head.rank{r}.safetensors"
-        if not head_file.is_file():
-            raise CheckpointState(f"resume: {head_file} is missing")
-        self.head.load_state_dict({k: v.to(self.device) for k, v in load_file(str(head_file)).items()})
-        state = load_torch_state(path / f"state.rank{r}.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and state["rng_cuda"].numel():
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.head.load_extra_state(state["head_extra"])
-        self.step = int(state["step"])
-        self.bad_samples = int(state.get("bad_samples", 0))
-        self.resumed_from = path
+        restored = restore_checkpoint(resume, self.output_dir, model=self.model, head=self.head,
+                                      optimizer=self.optimizer, scheduler=self.scheduler, dist_info=self.dist)
+        self.step, self.bad_samples, self.resumed_from = restored.step, restored.bad_samples, restored.path
 
     # ------------------------------------------------------------------ logging
     def _open_logs(self):
