@@ -1,4 +1,5 @@
-"""The ``kprpe`` command's structure: shared options spelled once, no command module importing the CLI back."""
+"""The ``kprpe`` command's structure: shared options spelled once, no command module importing the CLI
+back."""
 
 from __future__ import annotations
 
@@ -30,15 +31,28 @@ def _subparser(*names: str):
     return parser
 
 
-@pytest.mark.parametrize("names", [("eval", "verify"), ("eval", "sweep"), ("embed",), ("experiment", "digits"),
-                                   ("bench",), ("pack",), ("landmarks",), ("align",)])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("eval", "verify"),
+        ("eval", "sweep"),
+        ("embed",),
+        ("experiment", "digits"),
+        ("bench",),
+        ("pack",),
+        ("landmarks",),
+        ("align",),
+    ],
+)
 def test_output_is_spelled_dash_o_everywhere(names):
     options = {s for a in _subparser(*names)._actions for s in a.option_strings}
     assert {"-o", "--output"} <= options
 
 
 def test_deprecated_out_alias_still_works(capsys):
-    args = build_parser().parse_args(["eval", "verify", "--weights", "w", "--bin", "b.bin", "--out", "folder"])
+    args = build_parser().parse_args(
+        ["eval", "verify", "--weights", "w", "--bin", "b.bin", "--out", "folder"]
+    )
     assert str(args.output) == "folder"
     assert "--out is deprecated; use -o/--output" in capsys.readouterr().err
     assert "--out " not in _subparser("eval", "verify").format_help()  # hidden

@@ -22,7 +22,11 @@ def test_every_exception_class_derives_from_kprpe_error():
     found = {}
     for module in _all_modules():
         for name, value in vars(module).items():
-            if isinstance(value, type) and issubclass(value, BaseException) and value.__module__.startswith("kprpe"):
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__.startswith("kprpe")
+            ):
                 found[f"{value.__module__}.{name}"] = value
     assert len(found) >= 15
     assert not [name for name, cls in found.items() if not issubclass(cls, KprpeError)]

@@ -28,7 +28,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for name in list_models():
         cfg = preset_config(name)
-        row = dict(name=name, rel_pos=cfg.rel_pos, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads)
+        row = dict(
+            name=name, rel_pos=cfg.rel_pos, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads
+        )
         if args.params:
             from .nn import create_model
 
@@ -39,7 +41,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             extra = f"  {r['parameters']:,} params" if "parameters" in r else ""
-            print(f"{r['name']:<18} rel_pos={r['rel_pos']:<6} depth={r['depth']:<3} dim={r['embed_dim']:<4} heads={r['num_heads']}{extra}")
+            print(
+                f"{r['name']:<18} rel_pos={r['rel_pos']:<6} depth={r['depth']:<3} dim={r['embed_dim']:<4} "
+                f"heads={r['num_heads']}{extra}"
+            )
     return 0
 
 
@@ -54,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kprpe",
-        description="Face recognition with KP-RPE vision transformers: models, face pipeline, training, evaluation.",
+        description="Face recognition with KP-RPE vision transformers: models, face pipeline, training, "
+                    "evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"kprpe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -39,7 +39,9 @@ def add_output_option(parser, *, help: str, required: bool = True, default=None,
     """``-o/--output`` (``--out`` still accepted, hidden and deprecated)."""
     group = parser.add_mutually_exclusive_group(required=required)
     text = help if default is None else f"{help} (default: {default})"
-    group.add_argument("-o", "--output", dest="output", type=type, default=default, metavar=metavar, help=text)
+    group.add_argument(
+        "-o", "--output", dest="output", type=type, default=default, metavar=metavar, help=text
+    )
     group.add_argument("--out", dest="output", type=type, action=_DeprecatedAlias, preferred="-o/--output",
                        help=argparse.SUPPRESS)
 

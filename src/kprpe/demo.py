@@ -31,7 +31,9 @@ def run_demo(model_name: str = "vit_small_kprpe", batch_size: int = 4, seed: int
     unit, norm = normalize_embedding(emb)
     unit_shift, _ = normalize_embedding(emb_shift)
     cos = (unit * unit_shift).sum(-1)
-    print(f"embedded {batch_size} images of {tuple(images.shape[1:])} in {elapsed:.2f}s -> {tuple(emb.shape)}")
+    print(
+        f"embedded {batch_size} images of {tuple(images.shape[1:])} in {elapsed:.2f}s -> {tuple(emb.shape)}"
+    )
     print(f"embedding norms: {[round(v, 2) for v in norm.flatten().tolist()]}")
     print(f"cosine(same image, keypoints moved by (+0.15, -0.10)): {[round(v, 4) for v in cos.tolist()]}")
     print("(untrained weights: load a trained checkpoint with kprpe.load_official for real use)")

@@ -53,7 +53,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` (parents created), fsync it, then rename it into place."""
+    """Write ``data`` to a temporary file beside ``path`` (parents created), fsync it, then rename it into
+    place."""
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
     return Path(path)

@@ -22,7 +22,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import KprpeError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "load_image", "decode_image", "to_rgb_uint8", "expand_image_paths"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageLoadError",
+    "load_image",
+    "decode_image",
+    "to_rgb_uint8",
+    "expand_image_paths",
+]
 
 # Extensions picked up when a directory is given (files named explicitly are always tried).
 IMAGE_EXTENSIONS = frozenset(
@@ -92,7 +99,9 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
                 upright = ImageOps.exif_transpose(opened)
                 rgb = to_rgb_uint8(upright if upright is not None else opened)
     except UnidentifiedImageError:
-        raise ImageLoadError(path, "not an image file Pillow can read (unknown or unsupported format)") from None
+        raise ImageLoadError(
+            path, "not an image file Pillow can read (unknown or unsupported format)"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"image too large to decode safely ({exc})") from None
     except OSError as exc:
@@ -133,7 +142,11 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike], *, recursive: bool =
         if path.is_dir():
             pattern: Sequence[Path] = sorted(path.rglob("*") if recursive else path.iterdir())
             for child in pattern:
-                if child.is_file() and not child.name.startswith(".") and child.suffix.lower() in IMAGE_EXTENSIONS:
+                if (
+                    child.is_file()
+                    and not child.name.startswith(".")
+                    and child.suffix.lower() in IMAGE_EXTENSIONS
+                ):
                     found.append(child)
         else:
             found.append(path)

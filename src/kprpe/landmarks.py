@@ -94,11 +94,15 @@ def read_landmark_rows(path: str | os.PathLike, num_keypoints: int = 5) -> dict[
             if not out and not _is_number(fields[0]):  # the header
                 if fields[: len(expected)] != expected:
                     raise LandmarkFileError(
-                        f"{path}:{lineno}: header must start with {','.join(expected)}, got {','.join(fields)}")
+                        f"{path}:{lineno}: header must start with {','.join(expected)}, got "
+                        f"{','.join(fields)}"
+                    )
                 continue
             if len(fields) != len(expected):
-                raise LandmarkFileError(f"{path}:{lineno}: expected {len(expected)} fields (idx, x0, y0, ..., "
-                                        f"x{num_keypoints - 1}, y{num_keypoints - 1}), got {len(fields)}")
+                raise LandmarkFileError(
+                    f"{path}:{lineno}: expected {len(expected)} fields (idx, x0, y0, ..., "
+                    f"x{num_keypoints - 1}, y{num_keypoints - 1}), got {len(fields)}"
+                )
             try:
                 idx = int(float(fields[0]))
                 values = np.array([float(v) for v in fields[1:]], dtype=np.float64)
@@ -110,7 +114,8 @@ def read_landmark_rows(path: str | os.PathLike, num_keypoints: int = 5) -> dict[
                 raise LandmarkFileError(f"{path}:{lineno}: landmark values must be finite, got {fields[1:]}")
             if np.abs(values).max() > _MAX_NORMALISED:
                 raise LandmarkFileError(
-                    f"{path}:{lineno}: coordinate {np.abs(values).max():.3g} is not normalised (expected ~[0, 1]); "
+                    f"{path}:{lineno}: coordinate {np.abs(values).max():.3g} is not normalised (expected "
+                    "~[0, 1]); "
                     "pixel landmarks belong in the 'name x0 y0 ...' format"
                 )
             if idx in out:
@@ -121,7 +126,9 @@ def read_landmark_rows(path: str | os.PathLike, num_keypoints: int = 5) -> dict[
     return out
 
 
-def read_landmarks(path: str | os.PathLike, num_samples: int | None = None, num_keypoints: int = 5) -> np.ndarray:
+def read_landmarks(
+    path: str | os.PathLike, num_samples: int | None = None, num_keypoints: int = 5
+) -> np.ndarray:
     """``(num_samples, K, 2)`` float32 keypoints of a normalised CSV; samples without a row are NaN (the
     caller decides what a missing row means)."""
     path = Path(path)
@@ -150,7 +157,8 @@ def read_pixel_landmarks(path: str | os.PathLike) -> tuple[dict[str, np.ndarray]
                 continue
             if len(fields) not in (11, 12):
                 raise LandmarkFileError(
-                    f"{path}:{lineno}: expected 'name x0 y0 ... x4 y4 [score]' (11 or 12 fields), got {len(fields)}"
+                    f"{path}:{lineno}: expected 'name x0 y0 ... x4 y4 [score]' (11 or 12 fields), got "
+                    f"{len(fields)}"
                 )
             try:
                 values = np.array([float(v) for v in fields[1:11]], dtype=np.float64)

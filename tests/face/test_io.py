@@ -136,4 +136,8 @@ def test_expand_image_paths(tmp_path, rgb):
     Image.fromarray(rgb).save(tmp_path / "d" / "sub" / "c.png")
     listed = expand_image_paths([tmp_path / "d", tmp_path / "explicit.txt"])
     assert [p.name for p in listed] == ["a.JPG", "b.png", "explicit.txt"]
-    assert [p.name for p in expand_image_paths([tmp_path / "d"], recursive=True)] == ["a.JPG", "b.png", "c.png"]
+    assert [p.name for p in expand_image_paths([tmp_path / "d"], recursive=True)] == [
+        "a.JPG",
+        "b.png",
+        "c.png",
+    ]

@@ -173,7 +173,14 @@ def test_gradient_checkpointing_same_gradients():
 
 def test_keyword_construction_any_size():
     model = kprpe.create_model(
-        "vit_small_kprpe", img_size=64, patch_size=8, embed_dim=48, depth=3, num_heads=3, mlp_ratio=1.5, output_dim=16
+        "vit_small_kprpe",
+        img_size=64,
+        patch_size=8,
+        embed_dim=48,
+        depth=3,
+        num_heads=3,
+        mlp_ratio=1.5,
+        output_dim=16,
     ).eval()
     assert model.grid == 8 and model.keypoint_linear.out_features == 3 * 3 * 49
     out = model(torch.zeros(1, 3, 64, 64), torch.full((1, 5, 2), 0.5))
@@ -222,7 +229,9 @@ def test_kprpe_module_owns_its_index_buffers_and_keeps_official_names():
     buffers = dict(model.named_buffers())
     assert {"kprpe.bucket_ids", "kprpe.flat_index", "kprpe.one_hot"} <= set(buffers)
     keys = list(model.state_dict())
-    assert "keypoint_linear.weight" in keys and not any(k.startswith("kprpe.") for k in keys)  # no buffers saved
+    assert "keypoint_linear.weight" in keys and not any(
+        k.startswith("kprpe.") for k in keys
+    )  # no buffers saved
     with torch.no_grad():
         model.keypoint_linear.weight.normal_()
     other = kprpe.create_model("vit_tiny_kprpe")

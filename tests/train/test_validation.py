@@ -23,7 +23,9 @@ def test_training_validation_reports_the_eval_number(tmp_path):
     weights = kprpe.save_model(model, tmp_path / "model.safetensors")
     model.train()
 
-    acc, std = validation_accuracy(model, load_verification_bin(tmp_path / "toy.bin"), image_size=112, batch_size=8)
+    acc, std = validation_accuracy(
+        model, load_verification_bin(tmp_path / "toy.bin"), image_size=112, batch_size=8
+    )
     assert model.training  # the trainer's mode is given back
     settings = EvalSettings(batch_size=8, progress=False)
     kfold = evaluate_bins(ModelHandle(weights), [tmp_path / "toy.bin"], settings,

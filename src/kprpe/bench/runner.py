@@ -164,12 +164,24 @@ def _run_isolated(case: Case, warmup: int, repeats: int, threads: int | None) ->
         cmd = [sys.executable, "-m", "kprpe.bench.runner", payload, str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
-            return {**asdict(case), "label": case.label, "error": (proc.stderr or proc.stdout).strip()[-2000:]}
+            return {
+                **asdict(case),
+                "label": case.label,
+                "error": (proc.stderr or proc.stdout).strip()[-2000:],
+            }
         return json.loads(out.read_text())
 
 
-def run_suite(cases: list[Case], *, warmup: int = 1, repeats: int = 3, rounds: int = 1, threads: int | None = None,
-              isolated: bool = True, progress: bool = True) -> list[dict]:
+def run_suite(
+    cases: list[Case],
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+    rounds: int = 1,
+    threads: int | None = None,
+    isolated: bool = True,
+    progress: bool = True,
+) -> list[dict]:
     """Measure every case, ``rounds`` times in a rotating order (each time in a fresh process when
     ``isolated``), so slow drifts of the machine spread over all cases instead of biasing a few. A case's time
     is the median of all its timed steps; its memory the median over rounds."""
@@ -181,7 +193,9 @@ def run_suite(cases: list[Case], *, warmup: int = 1, repeats: int = 3, rounds: i
     for _, i in bar:
         case = cases[i]
         bar.set_postfix_str(f"{case.label} {case.mode} b={case.batch_size}")
-        result = _run_isolated(case, warmup, repeats, threads) if isolated else run_case(case, warmup, repeats)
+        result = (
+            _run_isolated(case, warmup, repeats, threads) if isolated else run_case(case, warmup, repeats)
+        )
         runs[i].append(result)
     results = [_merge_rounds(runs[i]) for i in range(len(cases))]
     _add_ratios(results)
@@ -225,13 +239,17 @@ def format_table(results: list[dict]) -> str:
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['label']} | {r['mode']} | {r['batch_size']} | {r['dtype']} | error: {r['error'].splitlines()[-1][:60]} |||||")
+            lines.append(
+                f"| {r['label']} | {r['mode']} | {r['batch_size']} | {r['dtype']} | error: "
+                f"{r['error'].splitlines()[-1][:60]} |||||"
+            )
             continue
         ratio = f"{r['time_vs_vit']:.3f}" if r.get("time_vs_vit") is not None else ""
         mem_ratio = f"{r['step_mem_vs_vit']:.2f}" if r.get("step_mem_vs_vit") is not None else ""
         lines.append(
             f"| {r['label']} | {r['mode']} | {r['batch_size']} | {r['dtype']} | {r['median_s'] * 1000:.1f} | "
-            f"{r['images_per_s']:.1f} | {ratio} | {r['peak_mem_mb']:.0f} | {r['step_mem_mb']:.0f} | {mem_ratio} |"
+            f"{r['images_per_s']:.1f} | {ratio} | {r['peak_mem_mb']:.0f} | {r['step_mem_mb']:.0f} | "
+            f"{mem_ratio} |"
         )
     return "\n".join(lines)
 

@@ -3,8 +3,8 @@
 A *source* lists samples and returns ``(encoded image bytes, label)`` for a sample index. :class:`FaceDataset`
 decodes, looks up the keypoints, augments (seeded per sample) and returns model-ready tensors. Damaged samples
 are never dropped silently: with ``on_error="raise"`` the first one stops training with its index; with
-``"replace"`` the sample is returned flagged ``valid=False`` (black image, excluded from the loss) and the loop
-counts and logs every such index.
+``"replace"`` the sample is returned flagged ``valid=False`` (black image, excluded from the loss) and the
+loop counts and logs every such index.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ class RecordSource:
         else:
             self.image_keys = list(keys)
         if not self.image_keys:
-            raise DataError(f"{self.path}: no image records (header record 0 says images end at key {header.label})")
+            raise DataError(
+                f"{self.path}: no image records (header record 0 says images end at key {header.label})"
+            )
 
     def __len__(self) -> int:
         return len(self.image_keys)
@@ -94,7 +96,9 @@ class FolderSource:
         self.path = Path(root)
         if not self.path.is_dir():
             raise DataError(f"image folder not found: {self.path}")
-        self.identities = sorted(p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.identities = sorted(
+            p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         self.files: list[str] = []
         self.labels: list[int] = []
         self.ignored: list[str] = []
@@ -107,7 +111,8 @@ class FolderSource:
                     self.ignored.append(f"{identity}/{p.name}")
         if not self.files:
             raise DataError(
-                f"{self.path}: no images found; expected <identity>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}"
+                f"{self.path}: no images found; expected <identity>/<image> with extensions "
+                f"{', '.join(IMAGE_EXTENSIONS)}"
             )
         self.declared_num_classes = len(self.identities)
 
@@ -138,7 +143,10 @@ def open_source(path: str | os.PathLike) -> RecordSource | FolderSource:
         if rec.is_file():
             return RecordSource(rec)
         return FolderSource(path)
-    raise DataError(f"training data not found: {path} (expected a .rec file with its .idx, or a folder of <identity>/<image>)")
+    raise DataError(
+        f"training data not found: {path} (expected a .rec file with its .idx, or a folder of "
+        "<identity>/<image>)"
+    )
 
 
 class FaceDataset(Dataset):
@@ -176,7 +184,10 @@ class FaceDataset(Dataset):
         self.eval_transform = FaceAugment(AugmentConfig.disabled(), self.image_size)
         self.num_classes = num_classes or self.source.declared_num_classes
         if not self.num_classes:
-            raise DataError(f"{self.source.path}: the number of identities is not recorded in the data; set data.num_classes")
+            raise DataError(
+                f"{self.source.path}: the number of identities is not recorded in the data; set "
+                "data.num_classes"
+            )
         n = len(self.source)
         self.num_missing_landmarks = 0
         if landmarks is not None:
@@ -186,7 +197,8 @@ class FaceDataset(Dataset):
             if missing.size and missing_landmarks == "error":
                 shown = ", ".join(str(i) for i in missing[:10])
                 raise DataError(
-                    f"{landmarks}: {missing.size} of {n} samples have no landmarks (first: {shown}); add them, or set "
+                    f"{landmarks}: {missing.size} of {n} samples have no landmarks (first: {shown}); add "
+                    "them, or set "
                     f"data.missing_landmarks=template to use the ArcFace template for those samples"
                 )
             if missing.size:
@@ -194,7 +206,10 @@ class FaceDataset(Dataset):
             self.keypoints = kps
         else:
             if num_keypoints != 5:
-                raise DataError(f"without a landmark file the ArcFace 5-point template is used, but num_keypoints={num_keypoints}")
+                raise DataError(
+                    "without a landmark file the ArcFace 5-point template is used, but "
+                    f"num_keypoints={num_keypoints}"
+                )
             self.keypoints = None
 
     def _template(self) -> np.ndarray:
@@ -214,7 +229,10 @@ class FaceDataset(Dataset):
         except ImageLoadError as exc:
             raise DataError(str(exc)) from None
         if not 0 <= label < self.num_classes:
-            raise DataError(f"{self.source.describe(index)}: label {label} outside 0..{self.num_classes - 1} (num_classes)")
+            raise DataError(
+                f"{self.source.describe(index)}: label {label} outside 0..{self.num_classes - 1} "
+                "(num_classes)"
+            )
         return image, label
 
     def __getitem__(self, item) -> dict:

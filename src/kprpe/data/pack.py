@@ -39,7 +39,8 @@ def pack_folder(
     """Write ``folder/<identity>/<image>`` to ``rec_path`` (+ ``.idx``) in the insightface layout.
 
     Record 0 is a header with ``label = (N + 1, N + 1 + C)``; images are keys ``1..N`` (label = identity
-    index, sorted folder order); keys ``N+1..N+C`` hold each identity's ``(first key, end key)``. Every image is
+    index, sorted folder order); keys ``N+1..N+C`` hold each identity's ``(first key, end key)``. Every image
+    is
     decoded first: unreadable ones are left out and listed in the report, never silently. With ``resize`` the
     images are re-encoded as ``resize x resize`` JPEGs, otherwise the original bytes are stored.
     """
@@ -57,7 +58,9 @@ def pack_folder(
             if image.shape[:2] != (resize, resize):
                 interp = cv2.INTER_AREA if image.shape[0] > resize else cv2.INTER_LINEAR
                 image = cv2.resize(image, (resize, resize), interpolation=interp)
-            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+            ok, buf = cv2.imencode(
+                ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+            )
             if not ok:
                 report.failures.append((source.files[index], "JPEG encoding failed"))
                 continue
@@ -70,7 +73,9 @@ def pack_folder(
     ranges[:, 0] = ranges[:, 1] = -1
     with RecordIOWriter(rec_path) as writer:
         writer.write(0, pack_record(RecordHeader(2, (float(n + 1), float(n + 1 + c)))))
-        for key, (data, label) in enumerate(tqdm(kept, desc="writing records", unit="rec", disable=not progress), 1):
+        for key, (data, label) in enumerate(
+            tqdm(kept, desc="writing records", unit="rec", disable=not progress), 1
+        ):
             writer.write(key, pack_record(RecordHeader(0, float(label)), data))
             if ranges[label, 0] < 0:
                 ranges[label, 0] = key
@@ -121,7 +126,9 @@ def compute_landmarks(
             continue
         kp = np.asarray(kp, dtype=np.float64)
         if kp.shape != (5, 2) or not np.isfinite(kp).all():
-            report.failures.append((index, f"backend returned keypoints of shape {kp.shape} / non-finite values"))
+            report.failures.append(
+                (index, f"backend returned keypoints of shape {kp.shape} / non-finite values")
+            )
             continue
         keypoints[index] = kp
     write_landmarks(csv_path, np.arange(n), keypoints)

@@ -116,7 +116,9 @@ def read_verification_bin(path: str | os.PathLike) -> VerificationBin:
         if not isinstance(flag, (bool, int)) or flag not in (0, 1):
             raise BinFormatError(f"{path}: issame[{i}] is {flag!r}, expected a boolean")
     if len(images) != 2 * len(issame):
-        raise BinFormatError(f"{path}: {len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
+        raise BinFormatError(
+            f"{path}: {len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})"
+        )
     if not issame:
         raise BinFormatError(f"{path}: no pairs")
     return VerificationBin(

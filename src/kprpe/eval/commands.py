@@ -1,5 +1,6 @@
 """``kprpe eval``: verification (.bin), IJB-B/C 1:1, custom pairs, identification and the
-alignment-robustness sweep. Each run writes ``results.json``, ``summary.md`` and PNG plots into ``-o/--output``."""
+alignment-robustness sweep. Each run writes ``results.json``, ``summary.md`` and PNG plots into
+``-o/--output``."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ __all__ = ["register"]
 _EPILOG = """protocols:
   verify    insightface .bin sets (lfw, cfp_fp, agedb_30, calfw, cplfw, ...): 10-fold accuracy (thresholds
             chosen on 9 folds, accuracy on the 10th, mean ± std), VAL@FAR=1e-3, TAR@FAR, ROC. Images are
-            pre-aligned; keypoints from --landmarks (CSV idx,ldmk_0..ldmk_9 normalised), the kprpe.face landmark
-            backend, or the ArcFace template. .bin files are read with a restricted unpickler.
+            pre-aligned; keypoints from --landmarks (CSV idx,ldmk_0..ldmk_9 normalised), the kprpe.face
+            landmark backend, or the ArcFace template. .bin files are read with a restricted unpickler.
   ijb       IJB-B / IJB-C 1:1 from the insightface meta files: template features, TAR at FAR 1e-6..1e-1, ROC.
   pairs     custom pairs CSV (image_a,image_b,label); pre-aligned images, or photos + a 5-point landmark file.
   identify  identity folders: closed-set rank-1/5/20 (CMC) with distractors, open-set DIR@FPIR
@@ -60,17 +61,24 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL")
     parser.set_defaults(func=lambda args: _missing_protocol(parser))
 
-    p = sub.add_parser("verify", help="insightface .bin verification sets, 10-fold protocol",
-                       description="10-fold accuracy (mean ± std), VAL@FAR=1e-3, TAR@FAR and ROC on .bin sets.")
+    p = sub.add_parser(
+        "verify",
+        help="insightface .bin verification sets, 10-fold protocol",
+        description="10-fold accuracy (mean ± std), VAL@FAR=1e-3, TAR@FAR and ROC on .bin sets.",
+    )
     add_model_options(p)
     p.add_argument("--bin", dest="bins", action="append", required=True, type=Path,
                    help="a .bin set (repeat for several: --bin lfw.bin --bin cfp_fp.bin)")
     p.add_argument("--landmarks", action="append", type=Path, default=None,
                    help="per-set landmark CSV (idx,ldmk_0..ldmk_9, normalised; idx = image index); repeat in "
                         "the order of --bin")
-    p.add_argument("--keypoints", choices=("auto", "file", "backend", "template"), default="auto",
-                   help="keypoint source: file (--landmarks), backend (kprpe.face prealigned landmarks), template "
-                        "(ArcFace template; right only for images aligned to it); auto picks in that order")
+    p.add_argument(
+        "--keypoints",
+        choices=("auto", "file", "backend", "template"),
+        default="auto",
+        help="keypoint source: file (--landmarks), backend (kprpe.face prealigned landmarks), template "
+        "(ArcFace template; right only for images aligned to it); auto picks in that order",
+    )
     _common(p)
     p.set_defaults(func=_run_verify)
 
@@ -78,38 +86,64 @@ def register(subparsers) -> None:
                        description="Template-based 1:1 verification from the insightface IJB meta files.")
     add_model_options(p)
     p.add_argument("--name", default="IJBC", help="set name in the report (default IJBC)")
-    p.add_argument("--tid-mid", required=True, type=Path, help="*_face_tid_mid.txt: image_name template_id media_id")
+    p.add_argument(
+        "--tid-mid", required=True, type=Path, help="*_face_tid_mid.txt: image_name template_id media_id"
+    )
     p.add_argument("--pairs", required=True, type=Path, help="*_template_pair_label.txt: t1 t2 label")
-    p.add_argument("--landmarks", required=True, type=Path, help="*_name_5pts_score.txt: image_name x0 y0 .. x4 y4 score")
+    p.add_argument(
+        "--landmarks", required=True, type=Path, help="*_name_5pts_score.txt: image_name x0 y0 .. x4 y4 score"
+    )
     p.add_argument("--images", required=True, type=Path, help="folder of loose crops")
-    p.add_argument("--t", type=float, default=0.0, help="0 aligned (default), 1 detector-box crop (unaligned)")
+    p.add_argument(
+        "--t", type=float, default=0.0, help="0 aligned (default), 1 detector-box crop (unaligned)"
+    )
     p.add_argument("--no-norm", action="store_true", help="normalise face features before pooling")
     p.add_argument("--no-detector-score", action="store_true", help="do not weight faces by detector score")
     _common(p)
     p.set_defaults(func=_run_ijb)
 
-    p = sub.add_parser("pairs", help="custom pairs CSV (image_a,image_b,label)",
-                       description="Verification on a pairs CSV; images pre-aligned or cropped from landmarks.")
+    p = sub.add_parser(
+        "pairs",
+        help="custom pairs CSV (image_a,image_b,label)",
+        description="Verification on a pairs CSV; images pre-aligned or cropped from landmarks.",
+    )
     add_model_options(p)
     p.add_argument("--pairs", required=True, type=Path, help="CSV rows image_a,image_b,label (1/0)")
     p.add_argument("--root", type=Path, default=None, help="image folder (default: the CSV's folder)")
-    p.add_argument("--landmarks", type=Path, default=None,
-                   help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'; without it images must be pre-aligned")
+    p.add_argument(
+        "--landmarks",
+        type=Path,
+        default=None,
+        help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'; without it images must be pre-aligned",
+    )
     p.add_argument("--keypoints", choices=("auto", "backend", "template"), default="auto",
                    help="keypoints for pre-aligned images (no --landmarks)")
     p.add_argument("--t", type=float, default=0.0, help="with --landmarks: 0 aligned, 1 detector-box crop")
     _common(p)
     p.set_defaults(func=_run_pairs)
 
-    p = sub.add_parser("identify", help="identification on identity folders: rank-1/5/20, open-set DIR@FPIR",
-                       description="Closed-set CMC with distractors in the gallery; open-set when probes lack mates.")
+    p = sub.add_parser(
+        "identify",
+        help="identification on identity folders: rank-1/5/20, open-set DIR@FPIR",
+        description="Closed-set CMC with distractors in the gallery; open-set when probes lack mates.",
+    )
     add_model_options(p)
-    p.add_argument("--gallery", required=True, type=Path, help="gallery folder (identity/image or --label-regex)")
+    p.add_argument(
+        "--gallery", required=True, type=Path, help="gallery folder (identity/image or --label-regex)"
+    )
     p.add_argument("--probe", required=True, type=Path, help="probe folder (same layout)")
-    p.add_argument("--distractors", type=Path, default=None, help="folder of distractor images added to the gallery")
-    p.add_argument("--label-regex", default=None, help="identity = first group matched on the file name, e.g. '^(\\d+)_'")
-    p.add_argument("--gallery-per", choices=("image", "identity"), default="image",
-                   help="gallery entries: every image (TinyFace) or one averaged template per identity (IJB-S)")
+    p.add_argument(
+        "--distractors", type=Path, default=None, help="folder of distractor images added to the gallery"
+    )
+    p.add_argument(
+        "--label-regex", default=None, help="identity = first group matched on the file name, e.g. '^(\\d+)_'"
+    )
+    p.add_argument(
+        "--gallery-per",
+        choices=("image", "identity"),
+        default="image",
+        help="gallery entries: every image (TinyFace) or one averaged template per identity (IJB-S)",
+    )
     p.add_argument("--ranks", type=_float_list, default=[1, 5, 20], help="ranks to report (default 1,5,20)")
     p.add_argument("--fpir", type=_float_list, default=[0.01, 0.1], help="open-set FPIR targets")
     p.add_argument("--keypoints", choices=("auto", "backend", "template"), default="auto")
@@ -117,12 +151,17 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_run_identify)
 
-    p = sub.add_parser("sweep", help="accuracy vs alignment (paper Fig. 5), several checkpoints in one plot",
-                       description="For each t, faces are cropped on the path from the aligned crop (t=0) to the "
-                                   "detector-box crop (t=1); keypoints follow the warp.")
+    p = sub.add_parser(
+        "sweep",
+        help="accuracy vs alignment (paper Fig. 5), several checkpoints in one plot",
+        description="For each t, faces are cropped on the path from the aligned crop (t=0) to the "
+        "detector-box crop (t=1); keypoints follow the warp.",
+    )
     add_model_options(p, repeatable=True)
     p.add_argument("--pairs", required=True, type=Path, help="CSV image_a,image_b,label of raw photos")
-    p.add_argument("--landmarks", required=True, type=Path, help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'")
+    p.add_argument(
+        "--landmarks", required=True, type=Path, help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'"
+    )
     p.add_argument("--boxes", type=Path, default=None,
                    help="detector boxes 'image x1 y1 x2 y2' (default: landmarks' box, enlarged)")
     p.add_argument("--root", type=Path, default=None, help="image folder (default: the CSV's folder)")
@@ -146,8 +185,14 @@ def _settings(args):
         if not 0 < far < 1:
             _fail(f"--far values must lie in (0, 1), got {far}")
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    return EvalSettings(flip=not args.no_flip, batch_size=args.batch_size, device=args.device, cache_dir=cache,
-                        progress=not args.quiet, far_targets=tuple(args.far))
+    return EvalSettings(
+        flip=not args.no_flip,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_dir=cache,
+        progress=not args.quiet,
+        far_targets=tuple(args.far),
+    )
 
 
 def _fail(message: str):
@@ -186,7 +231,9 @@ def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
     atomic_write_text(out / "summary.md", markdown_summary(results))
     curves = {n: r["roc"] for n, r in results.get("sets", {}).items() if "roc" in r}
     if roc and curves:
-        plot_roc(curves, out / "roc.png", title=f"{results['protocol']} — {Path(str(results.get('weights'))).name}")
+        plot_roc(
+            curves, out / "roc.png", title=f"{results['protocol']} — {Path(str(results.get('weights'))).name}"
+        )
     print(markdown_summary(results))
     print(f"wrote {out / 'results.json'}, {out / 'summary.md'}" + (", roc.png" if roc and curves else ""))
 
@@ -211,10 +258,20 @@ def _run_ijb(args) -> int:
     settings = _settings(args)
     if not 0 <= args.t <= 1:
         _fail(f"--t must lie in [0, 1], got {args.t}")
-    results = _guarded(lambda: evaluate_ijb(
-        _handle(args.weights), name=args.name, tid_mid=args.tid_mid, pairs=args.pairs, landmarks=args.landmarks,
-        images_dir=args.images, settings=settings, t=args.t, use_norm=not args.no_norm,
-        use_detector_score=not args.no_detector_score))
+    results = _guarded(
+        lambda: evaluate_ijb(
+            _handle(args.weights),
+            name=args.name,
+            tid_mid=args.tid_mid,
+            pairs=args.pairs,
+            landmarks=args.landmarks,
+            images_dir=args.images,
+            settings=settings,
+            t=args.t,
+            use_norm=not args.no_norm,
+            use_detector_score=not args.no_detector_score,
+        )
+    )
     _write_outputs(args.output, results)
     return 0
 
@@ -225,8 +282,17 @@ def _run_pairs(args) -> int:
     settings = _settings(args)
     if not 0 <= args.t <= 1:
         _fail(f"--t must lie in [0, 1], got {args.t}")
-    results = _guarded(lambda: evaluate_pairs(_handle(args.weights), args.pairs, settings, images_root=args.root,
-                                              landmarks=args.landmarks, t=args.t, keypoint_source=args.keypoints))
+    results = _guarded(
+        lambda: evaluate_pairs(
+            _handle(args.weights),
+            args.pairs,
+            settings,
+            images_root=args.root,
+            landmarks=args.landmarks,
+            t=args.t,
+            keypoint_source=args.keypoints,
+        )
+    )
     _write_outputs(args.output, results)
     return 0
 
@@ -252,9 +318,17 @@ def _run_sweep(args) -> int:
     from .runs import robustness_sweep
 
     settings = _settings(args)
-    results = _guarded(lambda: robustness_sweep([_handle(w) for w in args.weights], args.pairs, args.landmarks,
-                                                settings, t_values=args.t_values, images_root=args.root,
-                                                boxes=args.boxes))
+    results = _guarded(
+        lambda: robustness_sweep(
+            [_handle(w) for w in args.weights],
+            args.pairs,
+            args.landmarks,
+            settings,
+            t_values=args.t_values,
+            images_root=args.root,
+            boxes=args.boxes,
+        )
+    )
     _write_outputs(args.output, results, roc=False)
     sweep = results["sweep"]
     write_json(args.output / "sweep.json", sweep)

@@ -33,17 +33,30 @@ def markdown_summary(results: dict) -> str:
     verif = {n: r for n, r in sets.items() if "tar_at_far" in r}
     if verif:
         far_targets = [row["far_target"] for row in next(iter(verif.values()))["tar_at_far"]]
-        header = ["set", "pairs", "accuracy (10-fold)", "VAL@FAR"] + [f"TAR@{_far_label(f)}" for f in far_targets] + ["AUC"]
+        header = (
+            ["set", "pairs", "accuracy (10-fold)", "VAL@FAR"]
+            + [f"TAR@{_far_label(f)}" for f in far_targets]
+            + ["AUC"]
+        )
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name, r in verif.items():
             kf = r.get("kfold")
             acc = f"{_pct(kf['accuracy_mean'])} ± {_pct(kf['accuracy_std'])}" if kf else "–"
             val = r.get("val_at_far")
             val_s = f"{_pct(val['val_mean'])} @ {_far_label(val['far_target'])}" if val else "–"
-            tars = [(_pct(row["tar"]) if row["resolvable"] else f"({_pct(row['tar'])})") for row in r["tar_at_far"]]
-            lines.append("| " + " | ".join([name, str(r["num_pairs"]), acc, val_s, *tars, f"{r['auc']:.4f}"]) + " |")
-        lines += ["", "Percentages. TAR in parentheses: the FAR target is below 1/#impostors, so the number is not "
-                  "resolvable from this many pairs.", ""]
+            tars = [
+                (_pct(row["tar"]) if row["resolvable"] else f"({_pct(row['tar'])})")
+                for row in r["tar_at_far"]
+            ]
+            lines.append(
+                "| " + " | ".join([name, str(r["num_pairs"]), acc, val_s, *tars, f"{r['auc']:.4f}"]) + " |"
+            )
+        lines += [
+            "",
+            "Percentages. TAR in parentheses: the FAR target is below 1/#impostors, so the number is not "
+            "resolvable from this many pairs.",
+            "",
+        ]
     ident = {n: r for n, r in sets.items() if "closed_set" in r}
     if ident:
         ks = list(next(iter(ident.values()))["closed_set"].keys())
@@ -52,8 +65,14 @@ def markdown_summary(results: dict) -> str:
         for name, r in ident.items():
             ranks = [_pct(r["closed_set"][k]) for k in ks]
             open_set = r.get("open_set")
-            dir_s = ", ".join(f"{_pct(row['dir'])} @ {_far_label(row['fpir_target'])}" for row in open_set) if open_set else "–"
-            lines.append("| " + " | ".join([name, str(r["num_probes"]), str(r["num_gallery"]), *ranks, dir_s]) + " |")
+            dir_s = (
+                ", ".join(f"{_pct(row['dir'])} @ {_far_label(row['fpir_target'])}" for row in open_set)
+                if open_set
+                else "–"
+            )
+            lines.append(
+                "| " + " | ".join([name, str(r["num_probes"]), str(r["num_gallery"]), *ranks, dir_s]) + " |"
+            )
         lines.append("")
     sweep = results.get("sweep")
     if sweep:

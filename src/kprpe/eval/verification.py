@@ -58,7 +58,9 @@ def bin_face_source(vb: VerificationBin, path: str | os.PathLike, keypoint_sourc
         table = read_normalized_landmark_csv(landmarks)
         missing = [i for i in range(len(vb)) if i not in table]
         if missing:
-            raise ValueError(f"{landmarks}: no landmarks for {len(missing)} of {len(vb)} images (first: idx {missing[0]})")
+            raise ValueError(
+                f"{landmarks}: no landmarks for {len(missing)} of {len(vb)} images (first: idx {missing[0]})"
+            )
 
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         images = np.stack([decode_image(vb.encoded_images[i], where=f"{path} image {i}", size=image_size)

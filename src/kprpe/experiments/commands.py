@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     d = sub.add_parser(
         "digits",
-        help="Fig. 1 on real handwriting: ViTs with Abs-PE / RPE / iRPE / KP-RPE trained on centred UCI digits, "
+        help="Fig. 1 on real handwriting: ViTs with Abs-PE / RPE / iRPE / KP-RPE trained on centred UCI "
+             "digits, "
         "tested under unseen affine transforms",
         description="Train shallow ViTs (the library's own, one per position encoding) on centred UCI "
         "handwritten digits and test them on affine-transformed digits (AffNIST-style mix and one-factor "
@@ -75,7 +76,8 @@ def register(subparsers) -> None:
         "--from-results",
         metavar="JSON",
         default=None,
-        help="no training: re-render the table and plots from an earlier digits_results.json into -o/--output",
+        help="no training: re-render the table and plots from an earlier digits_results.json into "
+        "-o/--output",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_digits)
@@ -143,7 +145,8 @@ def _cmd_digits(args: argparse.Namespace) -> int:
     else:  # called as a function (tests, notebooks)
         command = "kprpe experiment digits" + (" --quick" if args.quick else "") + " (called from Python)"
     print(
-        f"digits experiment: {len(cfg.jobs())} training runs, {cfg.workers} worker(s) x {cfg.threads} thread(s); output -> {args.output}",
+        f"digits experiment: {len(cfg.jobs())} training runs, {cfg.workers} worker(s) x {cfg.threads} "
+        f"thread(s); output -> {args.output}",
         file=sys.stderr,
     )
     start = time.perf_counter()

@@ -46,17 +46,27 @@ def _upsample(text: str) -> int | str:
 
 def _add_pipeline_options(parser: argparse.ArgumentParser, *, all_faces: bool = True) -> None:
     group = parser.add_argument_group("faces")
-    group.add_argument("--mode", choices=ALIGN_MODES, default="aligned",
-                       help="aligned: similarity transform to the ArcFace template (default); unaligned: detector box "
-                            "resized to 112, keypoints follow; prealigned: inputs already are 112x112 crops")
+    group.add_argument(
+        "--mode",
+        choices=ALIGN_MODES,
+        default="aligned",
+        help="aligned: similarity transform to the ArcFace template (default); unaligned: detector box "
+        "resized to 112, keypoints follow; prealigned: inputs already are 112x112 crops",
+    )
     group.add_argument("--detector", choices=("hog", "cnn"), default="hog",
                        help="dlib face detector: hog (fast, default) or cnn (more robust, slow on CPU)")
     group.add_argument("--landmark-model", choices=("68", "5"), default="68",
                        help="dlib shape model: 68 points (default) or 5 points (mouth corners estimated)")
-    group.add_argument("--upsample", type=_upsample, default="auto",
-                       help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4")
+    group.add_argument(
+        "--upsample",
+        type=_upsample,
+        default="auto",
+        help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4",
+    )
     group.add_argument("--min-score", type=float, default=0.0, help="detector score threshold (default 0)")
-    group.add_argument("--min-face-size", type=float, default=0.0, help="ignore faces smaller than this many pixels")
+    group.add_argument(
+        "--min-face-size", type=float, default=0.0, help="ignore faces smaller than this many pixels"
+    )
     group.add_argument("--landmarks", metavar="FILE",
                        help="use keypoints from this CSV/JSON file (any external detector) instead of dlib")
     group.add_argument("--landmarks-normalized", action="store_true",
@@ -72,14 +82,19 @@ def _detector(args: argparse.Namespace) -> FaceDetector:
             return SuppliedLandmarks.from_file(args.landmarks, normalized=args.landmarks_normalized)
         from .dlib_backend import DlibDetector
 
-        return DlibDetector(args.detector, args.landmark_model, upsample=args.upsample, min_score=args.min_score)
+        return DlibDetector(
+            args.detector, args.landmark_model, upsample=args.upsample, min_score=args.min_score
+        )
     except (MissingDependencyError, LandmarkFileError) as exc:
         raise CommandError(str(exc)) from None
 
 
 def _pipeline(args: argparse.Namespace) -> FacePipeline:
     return FacePipeline(
-        _detector(args), mode=args.mode, all_faces=getattr(args, "all_faces", False), min_face_size=args.min_face_size
+        _detector(args),
+        mode=args.mode,
+        all_faces=getattr(args, "all_faces", False),
+        min_face_size=args.min_face_size,
     )
 
 
@@ -92,7 +107,9 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
     if not weights.exists():
         raise CommandError(f"weights {weights} do not exist")
     try:
-        return FaceEmbedder.from_weights(weights, flip=not args.no_flip, batch_size=args.batch_size, device=args.device)
+        return FaceEmbedder.from_weights(
+            weights, flip=not args.no_flip, batch_size=args.batch_size, device=args.device
+        )
     except (CheckpointError, ValueError, OSError) as exc:
         raise CommandError(f"cannot load weights {weights}: {exc}") from None
     except (RuntimeError, AssertionError) as exc:  # torch: unknown device, CUDA not available
@@ -156,8 +173,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     batch = pipeline.process(args.inputs, progress=not args.quiet)
     unit, norms = embedder.embed_faces([record.face for record in batch.records])
     failures = _report_failures("embed", batch)
-    metadata = {"weights": str(args.weights), "model_fingerprint": embedder.fingerprint, "flip": embedder.flip,
-                "pipeline": pipeline.describe()}
+    metadata = {
+        "weights": str(args.weights),
+        "model_fingerprint": embedder.fingerprint,
+        "flip": embedder.flip,
+        "pipeline": pipeline.describe(),
+    }
     output = write_npz(
         args.output,
         names=np.asarray([r.name for r in batch.records], dtype=str).reshape(-1),
@@ -170,7 +191,14 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         failures=np.asarray(batch.failures, dtype=str).reshape(-1, 2),
         metadata=np.asarray(json.dumps(metadata)),
     )
-    _print_json({"output": str(output), "embedded": len(batch.records), "dim": int(unit.shape[1]), "failures": failures})
+    _print_json(
+        {
+            "output": str(output),
+            "embedded": len(batch.records),
+            "dim": int(unit.shape[1]),
+            "failures": failures,
+        }
+    )
     return _status(batch)
 
 
@@ -195,7 +223,9 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     try:
-        index, failures = FaceIndex.enrol(args.gallery, pipeline=pipeline, embedder=embedder, progress=not args.quiet)
+        index, failures = FaceIndex.enrol(
+            args.gallery, pipeline=pipeline, embedder=embedder, progress=not args.quiet
+        )
     except FaceIndexError as exc:
         raise CommandError(str(exc)) from None
     for path, reason in failures:
@@ -236,33 +266,50 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``align``, ``embed``, ``verify`` and ``search`` to the ``kprpe`` command."""
-    p = subparsers.add_parser("align", help="detect faces and write 112x112 crops + landmarks.csv",
-                              description="Detect faces, crop them (aligned, unaligned or prealigned) to 112x112 "
-                                          "PNGs in OUT and write OUT/landmarks.csv (keypoints normalised to the crop).")
+    p = subparsers.add_parser(
+        "align",
+        help="detect faces and write 112x112 crops + landmarks.csv",
+        description="Detect faces, crop them (aligned, unaligned or prealigned) to 112x112 "
+        "PNGs in OUT and write OUT/landmarks.csv (keypoints normalised to the crop).",
+    )
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
     add_output_option(p, help="output directory")
-    p.add_argument("--draw", action="store_true", help="also write OUT/draw/<stem>.png with the keypoints drawn")
+    p.add_argument(
+        "--draw", action="store_true", help="also write OUT/draw/<stem>.png with the keypoints drawn"
+    )
     _add_pipeline_options(p)
     p.set_defaults(func=_cmd_align)
 
-    p = subparsers.add_parser("embed", help="embed the faces of photos into an .npz",
-                              description="Embed faces with a KP-RPE checkpoint. Writes an .npz (allow_pickle=False) "
-                                          "with names, sources, face_index, embeddings (unit), norms, keypoints, "
-                                          "failures (file, reason) and metadata (JSON).")
+    p = subparsers.add_parser(
+        "embed",
+        help="embed the faces of photos into an .npz",
+        description="Embed faces with a KP-RPE checkpoint. Writes an .npz (allow_pickle=False) "
+        "with names, sources, face_index, embeddings (unit), norms, keypoints, "
+        "failures (file, reason) and metadata (JSON).",
+    )
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
     add_output_option(p, help="embeddings file to write (.npz)", metavar="NPZ")
     _add_pipeline_options(p)
     add_model_options(p)
     p.set_defaults(func=_cmd_embed)
 
-    p = subparsers.add_parser("verify", help="compare the largest faces of two photos",
-                              description="Prints one JSON object: similarity (cosine), same, threshold, norms, "
-                                          "keypoints. The threshold depends on the checkpoint: calibrate it.")
+    p = subparsers.add_parser(
+        "verify",
+        help="compare the largest faces of two photos",
+        description="Prints one JSON object: similarity (cosine), same, threshold, norms, "
+        "keypoints. The threshold depends on the checkpoint: calibrate it.",
+    )
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"cosine similarity at or above which the faces count as the same (default {DEFAULT_THRESHOLD})")
-    p.add_argument("--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"cosine similarity at or above which the faces count as the same (default {DEFAULT_THRESHOLD})",
+    )
+    p.add_argument(
+        "--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score"
+    )
     _add_pipeline_options(p, all_faces=False)
     add_model_options(p)
     p.set_defaults(func=_cmd_verify)
@@ -271,9 +318,13 @@ def register(subparsers) -> None:
                               description="'kprpe search enrol GALLERY -o index.npz' then "
                                           "'kprpe search query IMAGES --index index.npz'.")
     search_sub = p.add_subparsers(dest="search_command", metavar="ACTION", required=True)
-    e = search_sub.add_parser("enrol", aliases=["enroll"], help="build an index from GALLERY/<identity>/<images>",
-                              description="One template per identity: the normalised mean of its images' embeddings. "
-                                          "The index is an .npz that loads with allow_pickle=False.")
+    e = search_sub.add_parser(
+        "enrol",
+        aliases=["enroll"],
+        help="build an index from GALLERY/<identity>/<images>",
+        description="One template per identity: the normalised mean of its images' embeddings. "
+        "The index is an .npz that loads with allow_pickle=False.",
+    )
     e.add_argument("gallery", metavar="GALLERY")
     add_output_option(e, help="index file to write (.npz)", metavar="INDEX")
     _add_pipeline_options(e, all_faces=False)

@@ -27,12 +27,16 @@ def face_models_dir() -> Path:
     """
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDependencyError(f"the dlib face backend needs the face-recognition-models package; {_EXTRA_HINT}")
+        raise MissingDependencyError(
+            f"the dlib face backend needs the face-recognition-models package; {_EXTRA_HINT}"
+        )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / "models"
         if candidate.is_dir():
             return candidate
-    raise MissingDependencyError(f"face-recognition-models is installed but has no models/ folder; {_EXTRA_HINT}")
+    raise MissingDependencyError(
+        f"face-recognition-models is installed but has no models/ folder; {_EXTRA_HINT}"
+    )
 
 
 def _import_dlib():
@@ -70,7 +74,8 @@ def arcface_points_from_68(points: np.ndarray) -> np.ndarray:
 
 
 # dlib's 5-point model marks the two corners of each eye and the base of the nose (subnasale), not the
-# mouth. Its ArcFace points are estimated: an affine map fitted to eye centres + subnasale carries the template
+# mouth. Its ArcFace points are estimated: an affine map fitted to eye centres + subnasale carries the
+# template
 # nose tip and mouth corners over. Reference subnasale measured on an aligned face with the 68-point model.
 _DLIB5_REFERENCE = np.array(
     [ARCFACE_TEMPLATE_112[0], ARCFACE_TEMPLATE_112[1], [56.0, 82.0]], dtype=np.float64
@@ -78,7 +83,8 @@ _DLIB5_REFERENCE = np.array(
 
 
 def arcface_points_from_dlib5(points: np.ndarray) -> np.ndarray:
-    """dlib 5-point layout (0-1 image-right eye corners, 2-3 image-left eye corners, 4 subnasale) -> ArcFace 5.
+    """dlib 5-point layout (0-1 image-right eye corners, 2-3 image-left eye corners, 4 subnasale) -> ArcFace
+    5.
 
     The eyes are measured; nose tip and mouth corners are estimates (see module notes), so prefer the 68-point
     model or supplied landmarks when keypoint accuracy matters.
@@ -127,10 +133,18 @@ class DlibDetector(FaceDetector):
         self.min_score = float(min_score)
         self.max_upsampled_side = int(max_upsampled_side)
         directory = Path(models_dir) if models_dir is not None else face_models_dir()
-        shape_file = "shape_predictor_68_face_landmarks.dat" if landmark_model == "68" else "shape_predictor_5_face_landmarks.dat"
+        shape_file = (
+            "shape_predictor_68_face_landmarks.dat"
+            if landmark_model == "68"
+            else "shape_predictor_5_face_landmarks.dat"
+        )
         self._shape_path = str(directory / shape_file)
         self._predictor = _load_dlib_model("shape", self._shape_path)
-        self._cnn = _load_dlib_model("cnn", str(directory / "mmod_human_face_detector.dat")) if detector == "cnn" else None
+        self._cnn = (
+            _load_dlib_model("cnn", str(directory / "mmod_human_face_detector.dat"))
+            if detector == "cnn"
+            else None
+        )
 
     def describe(self) -> dict:
         return {
@@ -162,13 +176,22 @@ class DlibDetector(FaceDetector):
     def _shape(self, image: np.ndarray, rect) -> tuple[np.ndarray, np.ndarray]:
         shape = self._predictor(image, rect)
         raw = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
-        points = arcface_points_from_68(raw) if self.landmark_model == "68" else arcface_points_from_dlib5(raw)
+        points = (
+            arcface_points_from_68(raw) if self.landmark_model == "68" else arcface_points_from_dlib5(raw)
+        )
         return points, raw
 
     @staticmethod
     def _prepare(image: np.ndarray) -> np.ndarray:
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"detector expects a (H, W, 3) uint8 RGB image, got {getattr(image, 'shape', type(image))}")
+        if (
+            not isinstance(image, np.ndarray)
+            or image.ndim != 3
+            or image.shape[2] != 3
+            or image.dtype != np.uint8
+        ):
+            raise ValueError(
+                f"detector expects a (H, W, 3) uint8 RGB image, got {getattr(image, 'shape', type(image))}"
+            )
         return np.ascontiguousarray(image)
 
     def detect(self, image: np.ndarray, *, source=None) -> list[FaceDetection]:

@@ -22,7 +22,8 @@ __all__ = ["FaceEmbedder", "model_fingerprint"]
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over the model's state dict (names, shapes, bytes): ties an index to the weights that made it."""
+    """SHA-256 over the model's state dict (names, shapes, bytes): ties an index to the weights that made
+    it."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -38,8 +39,15 @@ class FaceEmbedder:
     before L2-normalising; the norm of the summed embedding is returned alongside (a quality signal).
     """
 
-    def __init__(self, model: torch.nn.Module, *, flip: bool = True, batch_size: int = 64, device: str | None = None,
-                 flip_permutation: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        flip: bool = True,
+        batch_size: int = 64,
+        device: str | None = None,
+        flip_permutation: Sequence[int] | None = None,
+    ) -> None:
         config = getattr(model, "config", None)
         if getattr(config, "img_size", CROP_SIZE) != CROP_SIZE:
             raise ValueError(f"the face pipeline makes {CROP_SIZE}x{CROP_SIZE} crops but the model expects "
@@ -83,7 +91,9 @@ class FaceEmbedder:
         crops = np.asarray(crops)
         keypoints = np.asarray(keypoints, dtype=np.float32)
         if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3) or crops.dtype != np.uint8:
-            raise ValueError(f"crops must be uint8 (N, {CROP_SIZE}, {CROP_SIZE}, 3), got {crops.dtype} {crops.shape}")
+            raise ValueError(
+                f"crops must be uint8 (N, {CROP_SIZE}, {CROP_SIZE}, 3), got {crops.dtype} {crops.shape}"
+            )
         expected = (crops.shape[0], self.num_keypoints, 2)
         if keypoints.shape != expected:
             raise ValueError(f"keypoints must have shape {expected} (the model takes {self.num_keypoints} "

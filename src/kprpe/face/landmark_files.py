@@ -36,7 +36,9 @@ def _finite_points(values, where: str) -> np.ndarray:
     if points.shape == (10,):
         points = points.reshape(5, 2)
     if points.shape != (5, 2):
-        raise LandmarkFileError(f"{where}: need 5 (x, y) keypoints in ArcFace order, got shape {points.shape}")
+        raise LandmarkFileError(
+            f"{where}: need 5 (x, y) keypoints in ArcFace order, got shape {points.shape}"
+        )
     if not np.isfinite(points).all():
         raise LandmarkFileError(f"{where}: keypoints contain non-finite values {points.tolist()}")
     return points
@@ -50,7 +52,9 @@ def _finite_box(values, where: str) -> tuple[float, float, float, float] | None:
     except (TypeError, ValueError):
         raise LandmarkFileError(f"{where}: box must be 4 numbers, got {values!r}") from None
     if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
-        raise LandmarkFileError(f"{where}: box must be 4 finite numbers x0, y0, x1 > x0, y1 > y0, got {values!r}")
+        raise LandmarkFileError(
+            f"{where}: box must be 4 finite numbers x0, y0, x1 > x0, y1 > y0, got {values!r}"
+        )
     return tuple(float(v) for v in box)  # type: ignore[return-value]
 
 
@@ -72,7 +76,13 @@ class SuppliedLandmarks(FaceDetector):
 
     name = "supplied"
 
-    def __init__(self, entries: Mapping[str, Sequence[_SuppliedFace]], *, normalized: bool = False, origin: str = "<memory>"):
+    def __init__(
+        self,
+        entries: Mapping[str, Sequence[_SuppliedFace]],
+        *,
+        normalized: bool = False,
+        origin: str = "<memory>",
+    ):
         self.normalized = normalized
         self.origin = origin
         self._exact: dict[str, list[_SuppliedFace]] = {}
@@ -112,7 +122,9 @@ class SuppliedLandmarks(FaceDetector):
         elif suffix == ".json":
             entries = _read_landmark_json(path)
         else:
-            raise LandmarkFileError(f"landmark file {path}: unsupported extension {suffix!r} (use .csv or .json)")
+            raise LandmarkFileError(
+                f"landmark file {path}: unsupported extension {suffix!r} (use .csv or .json)"
+            )
         if not entries:
             raise LandmarkFileError(f"landmark file {path} lists no faces")
         return cls(entries, normalized=normalized, origin=str(path))
@@ -129,7 +141,8 @@ class SuppliedLandmarks(FaceDetector):
                 return self._exact[keys[0]]
             if len(keys) > 1:
                 raise LandmarkFileError(
-                    f"{source}: ambiguous in {self.origin}: entries {sorted(keys)} all match {label!r}; use full paths"
+                    f"{source}: ambiguous in {self.origin}: entries {sorted(keys)} all match {label!r}; use "
+                    "full paths"
                 )
         raise NoFaceFound(f"no landmarks supplied for this image in {self.origin}")
 
@@ -177,7 +190,8 @@ def _read_landmark_csv(path: Path) -> dict[str, list[_SuppliedFace]]:
             missing = [c for c in ("file", *LANDMARK_COLUMNS) if c not in columns]
             if missing:
                 raise LandmarkFileError(
-                    f"landmark file {path}: missing columns {missing}; need file,{','.join(LANDMARK_COLUMNS)} "
+                    f"landmark file {path}: missing columns {missing}; need "
+                    f"file,{','.join(LANDMARK_COLUMNS)} "
                     f"(optional {','.join(BOX_COLUMNS)},score)"
                 )
             has_box = all(c in columns for c in BOX_COLUMNS)
@@ -188,7 +202,9 @@ def _read_landmark_csv(path: Path) -> dict[str, list[_SuppliedFace]]:
                     raise LandmarkFileError(f"{where}: empty 'file' value")
                 values = [_optional_float(row.get(c), f"{where} column {c}") for c in LANDMARK_COLUMNS]
                 if any(v is None for v in values):
-                    raise LandmarkFileError(f"{where}: every keypoint column {LANDMARK_COLUMNS} needs a value")
+                    raise LandmarkFileError(
+                        f"{where}: every keypoint column {LANDMARK_COLUMNS} needs a value"
+                    )
                 box = None
                 if has_box:
                     box_values = [_optional_float(row.get(c), f"{where} column {c}") for c in BOX_COLUMNS]
@@ -212,7 +228,9 @@ def _face_from_json(value, where: str) -> _SuppliedFace:
         score = value.get("score")
         if score is not None and not isinstance(score, (int, float)):
             raise LandmarkFileError(f"{where}: score must be a number, got {score!r}")
-        return _SuppliedFace(_finite_points(value["keypoints"], where), _finite_box(value.get("box"), where), score)
+        return _SuppliedFace(
+            _finite_points(value["keypoints"], where), _finite_box(value.get("box"), where), score
+        )
     return _SuppliedFace(_finite_points(value, where), None, None)
 
 
@@ -230,12 +248,19 @@ def _read_landmark_json(path: Path) -> dict[str, list[_SuppliedFace]]:
             entries.setdefault(item["file"], []).append(_face_from_json(item, where))
         return entries
     if not isinstance(data, Mapping):
-        raise LandmarkFileError(f"landmark file {path}: top level must be an object or a list, got {type(data).__name__}")
+        raise LandmarkFileError(
+            f"landmark file {path}: top level must be an object or a list, got {type(data).__name__}"
+        )
     for name, value in data.items():
         where = f"{path} entry {name!r}"
         # several faces: a list of face objects, or a list of 5-point lists
-        is_face_list = isinstance(value, list) and value and (
-            isinstance(value[0], Mapping) or (isinstance(value[0], list) and value[0] and isinstance(value[0][0], list))
+        is_face_list = (
+            isinstance(value, list)
+            and value
+            and (
+                isinstance(value[0], Mapping)
+                or (isinstance(value[0], list) and value[0] and isinstance(value[0][0], list))
+            )
         )
         faces = value if is_face_list else [value]
         entries[name] = [_face_from_json(face, f"{where} face {i}") for i, face in enumerate(faces)]

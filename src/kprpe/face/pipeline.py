@@ -66,10 +66,11 @@ class BatchResult:
 
 
 class FacePipeline:
-    """Detection + landmarks + cropping, with the conventions of SPEC §3.
+    """Detection + landmarks + cropping, with the conventions of docs/face.md ("Conventions").
 
     ``detector``: any :class:`~kprpe.face.detector.FaceDetector` (default: dlib HOG + 68 points, created on
-    first use). ``mode``: ``aligned`` | ``unaligned`` | ``prealigned`` (see :func:`~kprpe.face.align.align_face`).
+    first use). ``mode``: ``aligned`` | ``unaligned`` | ``prealigned`` (see
+    :func:`~kprpe.face.align.align_face`).
     ``all_faces``: keep every face (largest first) instead of only the largest. ``min_face_size``: ignore
     faces whose box side is smaller (pixels); tiny faces still work but give blurry crops.
     ``min_relative_score``: ignore detections scoring below this fraction of the best detection's score
@@ -110,7 +111,9 @@ class FacePipeline:
         return {"mode": self.mode, "all_faces": self.all_faces, "min_face_size": self.min_face_size,
                 "min_relative_score": self.min_relative_score, "detector": self.detector.describe()}
 
-    def faces_in_image(self, image: np.ndarray, *, source: str | os.PathLike | None = None) -> list[AlignedFace]:
+    def faces_in_image(
+        self, image: np.ndarray, *, source: str | os.PathLike | None = None
+    ) -> list[AlignedFace]:
         """Crops of the faces in an RGB uint8 photo, largest first (only the largest unless ``all_faces``).
 
         Raises :class:`NoFaceFound` when there is none, :class:`AlignmentError` for bad keypoints.
@@ -118,7 +121,8 @@ class FacePipeline:
         if self.mode == "prealigned":
             if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
                 raise AlignmentError(
-                    f"mode 'prealigned' needs {CROP_SIZE}x{CROP_SIZE} crops, got {image.shape[1]}x{image.shape[0]}; "
+                    f"mode 'prealigned' needs {CROP_SIZE}x{CROP_SIZE} crops, got "
+                    f"{image.shape[1]}x{image.shape[0]}; "
                     "use mode 'aligned' or 'unaligned' for photos"
                 )
             found = self.detector.landmarks_in_box(image, TEMPLATE_FACE_BOX, source=source)
@@ -130,7 +134,8 @@ class FacePipeline:
         kept = [d for d, size in zip(detections, sizes, strict=True) if size >= self.min_face_size]
         if not kept:
             raise NoFaceFound(
-                f"only faces smaller than min_face_size={self.min_face_size:g} px found (largest {max(sizes):.0f} px)"
+                f"only faces smaller than min_face_size={self.min_face_size:g} px found (largest "
+                f"{max(sizes):.0f} px)"
             )
         scores = [d.score for d in kept]
         if self.min_relative_score > 0 and all(sc is not None for sc in scores) and max(scores) > 0:
@@ -141,9 +146,13 @@ class FacePipeline:
             kept = kept[:1]
         faces = []
         for detection in kept:
-            face = align_face(image, detection.keypoints, mode=self.mode, box=detection.box, score=detection.score)
+            face = align_face(
+                image, detection.keypoints, mode=self.mode, box=detection.box, score=detection.score
+            )
             face.extra["landmarks"] = detection.landmarks
-            face.extra["face_size"] = float(min(detection.box[2] - detection.box[0], detection.box[3] - detection.box[1]))
+            face.extra["face_size"] = float(
+                min(detection.box[2] - detection.box[0], detection.box[3] - detection.box[1])
+            )
             faces.append(face)
         return faces
 

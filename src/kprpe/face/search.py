@@ -38,7 +38,8 @@ class SearchHit:
 
 
 def gallery_images(gallery: str | os.PathLike) -> dict[str, list[Path]]:
-    """``GALLERY/<identity>/*.jpg`` -> ``{identity: [images]}``; loose images in GALLERY count as ``<stem>``."""
+    """``GALLERY/<identity>/*.jpg`` -> ``{identity: [images]}``; loose images in GALLERY count as
+    ``<stem>``."""
     root = Path(gallery)
     if not root.is_dir():
         raise FaceIndexError(f"gallery {root} is not a directory (expected one sub-folder per identity)")
@@ -47,7 +48,11 @@ def gallery_images(gallery: str | os.PathLike) -> dict[str, list[Path]]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            images = sorted(p for p in entry.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            images = sorted(
+                p
+                for p in entry.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
             if images:
                 found.setdefault(entry.name, []).extend(images)
         elif entry.suffix.lower() in IMAGE_EXTENSIONS:
@@ -88,16 +93,28 @@ class FaceIndex:
             names.append(name)
             counts.append(rows.shape[0])
         dim = templates[0].shape[0] if templates else 0
-        return cls(names, np.asarray(templates, np.float32).reshape(len(names), dim), np.asarray(counts), dict(metadata or {}))
+        return cls(
+            names,
+            np.asarray(templates, np.float32).reshape(len(names), dim),
+            np.asarray(counts),
+            dict(metadata or {}),
+        )
 
     @classmethod
     def enrol(
-        cls, gallery: str | os.PathLike, *, pipeline: FacePipeline, embedder: FaceEmbedder, progress: bool = True
+        cls,
+        gallery: str | os.PathLike,
+        *,
+        pipeline: FacePipeline,
+        embedder: FaceEmbedder,
+        progress: bool = True,
     ) -> tuple[FaceIndex, list[tuple[str, str]]]:
         """Embed every gallery image (largest face each); returns the index and the images that failed."""
         per_identity_paths = gallery_images(gallery)
         all_paths = [p for paths in per_identity_paths.values() for p in paths]
-        single = FacePipeline(pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size)
+        single = FacePipeline(
+            pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size
+        )
         batch = single.process(all_paths, progress=progress)
         unit, _ = embedder.embed_faces([record.face for record in batch.records])
         identity_of = {str(p): name for name, paths in per_identity_paths.items() for p in paths}
@@ -107,7 +124,9 @@ class FaceIndex:
         failures = list(batch.failures)
         for name in per_identity_paths:
             if name not in grouped:
-                failures.append((str(Path(gallery) / name), "identity dropped: no usable face in any of its images"))
+                failures.append(
+                    (str(Path(gallery) / name), "identity dropped: no usable face in any of its images")
+                )
         metadata = {
             "format": INDEX_FORMAT,
             "model_fingerprint": embedder.fingerprint,
@@ -146,11 +165,15 @@ class FaceIndex:
         except json.JSONDecodeError as exc:
             raise FaceIndexError(f"index file {path}: metadata is not JSON ({exc})") from None
         if metadata.get("format") != INDEX_FORMAT:
-            raise FaceIndexError(f"index file {path}: unknown format {metadata.get('format')!r} (expected {INDEX_FORMAT})")
+            raise FaceIndexError(
+                f"index file {path}: unknown format {metadata.get('format')!r} (expected {INDEX_FORMAT})"
+            )
         identities = [str(x) for x in data["identities"].tolist()]
         embeddings = data["embeddings"]
         if embeddings.ndim != 2 or embeddings.shape[0] != len(identities):
-            raise FaceIndexError(f"index file {path}: embeddings {embeddings.shape} do not match {len(identities)} identities")
+            raise FaceIndexError(
+                f"index file {path}: embeddings {embeddings.shape} do not match {len(identities)} identities"
+            )
         return cls(identities, embeddings, data["counts"], metadata)
 
     def check_compatible(self, embedder: FaceEmbedder) -> None:
@@ -159,10 +182,14 @@ class FaceIndex:
         if expected and expected != embedder.fingerprint:
             raise FaceIndexError(
                 "the index was enrolled with different weights than the query model "
-                f"(fingerprint {expected[:12]}... vs {embedder.fingerprint[:12]}...); re-enrol or use the same --weights"
+                f"(fingerprint {expected[:12]}... vs {embedder.fingerprint[:12]}...); re-enrol or use the "
+                "same --weights"
             )
         if self.embeddings.shape[1] not in (0, embedder.output_dim):
-            raise FaceIndexError(f"index embeddings are {self.embeddings.shape[1]}-d but the model gives {embedder.output_dim}-d")
+            raise FaceIndexError(
+                f"index embeddings are {self.embeddings.shape[1]}-d but the model gives "
+                f"{embedder.output_dim}-d"
+            )
 
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[SearchHit]]:
         """Top-``k`` identities (cosine similarity, best first) for each unit query embedding ``(N, D)``."""
@@ -174,10 +201,15 @@ class FaceIndex:
         if len(self) == 0:
             return [[] for _ in range(queries.shape[0])]
         if queries.shape[1] != self.embeddings.shape[1]:
-            raise FaceIndexError(f"queries are {queries.shape[1]}-d but the index holds {self.embeddings.shape[1]}-d embeddings")
+            raise FaceIndexError(
+                f"queries are {queries.shape[1]}-d but the index holds {self.embeddings.shape[1]}-d "
+                "embeddings"
+            )
         scores = queries.astype(np.float64) @ self.embeddings.astype(np.float64).T
         top = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, len(self))]
-        return [[SearchHit(self.identities[j], float(scores[i, j])) for j in row] for i, row in enumerate(top)]
+        return [
+            [SearchHit(self.identities[j], float(scores[i, j])) for j in row] for i, row in enumerate(top)
+        ]
 
     def search_faces(self, faces: Sequence, embedder: FaceEmbedder, k: int = 5) -> list[list[SearchHit]]:
         self.check_compatible(embedder)

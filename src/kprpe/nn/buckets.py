@@ -1,6 +1,7 @@
 """iRPE's quantised relative-position buckets on a 2-D patch grid.
 
-A bucket id ``d(i, j)`` says how far key patch ``j`` lies from query patch ``i``; nearby offsets keep their own
+A bucket id ``d(i, j)`` says how far key patch ``j`` lies from query patch ``i``; nearby offsets keep their
+own
 bucket and far offsets share a few log-spaced ones (the *piecewise index*). Buckets depend only on the grid,
 so they are computed once per (grid, method, ratio) and cached per device.
 """

@@ -1,6 +1,7 @@
 """Reading and writing weights: official CVLface checkpoints in, safetensors out.
 
-Official checkpoints come as ``model.safetensors`` (Hugging Face repos, keys prefixed ``model.net.``), research
+Official checkpoints come as ``model.safetensors`` (Hugging Face repos, keys prefixed ``model.net.``),
+research
 ``model.pt`` files (keys prefixed ``net.``), or bare state dicts. :func:`load_official` strips the prefixes,
 infers the architecture from tensor shapes (or reads ``config.json`` / our own metadata), and loads strictly.
 Pickled files are only ever read with ``torch.load(weights_only=True)``.
@@ -82,13 +83,15 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # weights_only refuses arbitrary objects: report, never fall back
             raise CheckpointError(
-                f"could not read {path} with torch.load(weights_only=True) (only tensors and plain containers are "
+                f"could not read {path} with torch.load(weights_only=True) (only tensors and plain "
+                "containers are "
                 f"accepted; arbitrary pickled objects are refused for safety): {exc}"
             ) from exc
         state = _unwrap(obj, str(path))
     else:
         raise CheckpointError(
-            f"unsupported checkpoint format {path.suffix!r} for {path}; expected .safetensors, .pt, .pth, .bin or .ckpt"
+            f"unsupported checkpoint format {path.suffix!r} for {path}; expected .safetensors, .pt, .pth, "
+            ".bin or .ckpt"
         )
     if config is None:
         for cfg_path in (path.parent / "config.json", path.parent.parent / "config.json"):
@@ -109,9 +112,13 @@ def _unwrap(obj, where: str) -> dict[str, torch.Tensor]:
                 return _unwrap(obj[key], where)
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
         if bad:
-            raise CheckpointError(f"{where}: expected a state dict of tensors, but keys {bad[:10]} are not tensors")
+            raise CheckpointError(
+                f"{where}: expected a state dict of tensors, but keys {bad[:10]} are not tensors"
+            )
         return dict(obj)
-    raise CheckpointError(f"{where}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    raise CheckpointError(
+        f"{where}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+    )
 
 
 def read_state_dict(source) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -119,7 +126,9 @@ def read_state_dict(source) -> tuple[dict[str, torch.Tensor], dict | None]:
     if isinstance(source, Mapping):
         return _unwrap(source, "state dict"), None
     if not isinstance(source, (str, os.PathLike)):
-        raise CheckpointError(f"checkpoint source must be a path or a state dict, got {type(source).__name__}")
+        raise CheckpointError(
+            f"checkpoint source must be a path or a state dict, got {type(source).__name__}"
+        )
     path = Path(source).expanduser()
     if path.is_dir():
         path = _find_weights_file(path)
@@ -134,7 +143,9 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         for prefix in _PREFIXES:
             bare = bare.removeprefix(prefix)
         if bare in out:
-            raise CheckpointError(f"two checkpoint keys map to {bare!r} after removing prefixes (one is {key!r})")
+            raise CheckpointError(
+                f"two checkpoint keys map to {bare!r} after removing prefixes (one is {key!r})"
+            )
         out[bare] = value
     return out
 
@@ -143,7 +154,8 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def _need(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in state:
         raise CheckpointError(
-            f"cannot infer the architecture: key {key!r} is missing (is this a KP-RPE/ViT face model checkpoint?); "
+            f"cannot infer the architecture: key {key!r} is missing (is this a KP-RPE/ViT face model "
+            "checkpoint?); "
             f"first keys: {list(state)[:8]}"
         )
     return state[key]
@@ -157,7 +169,9 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
     """
     pw = _need(state, "patch_embed.proj.weight")
     if pw.ndim != 4:
-        raise CheckpointError(f"patch_embed.proj.weight should be 4-D (D, C, p, p), got shape {tuple(pw.shape)}")
+        raise CheckpointError(
+            f"patch_embed.proj.weight should be 4-D (D, C, p, p), got shape {tuple(pw.shape)}"
+        )
     dim, chans, patch = pw.shape[0], pw.shape[1], pw.shape[2]
     cfg: dict = dict(embed_dim=dim, in_chans=chans, patch_size=patch)
     f0 = _need(state, "feature.0.weight")
@@ -263,7 +277,8 @@ def load_official(source, **overrides) -> VisionTransformer:
     values.update(overrides)
     if "num_heads" not in values:
         raise CheckpointError(
-            "cannot infer num_heads of this checkpoint (a plain ViT of a non-standard size and no config.json): "
+            "cannot infer num_heads of this checkpoint (a plain ViT of a non-standard size and no "
+            "config.json): "
             "pass it, e.g. load_official(path, num_heads=8)"
         )
     values.pop("extra", None)
@@ -310,11 +325,19 @@ def _mismatch_message(model: nn.Module, missing: list, unexpected: list, misshap
 
     hint = ""
     if any(k.startswith("keypoint_linear") for k in unexpected):
-        hint = "\n  hint: this is a KP-RPE checkpoint; build a *_kprpe model or use kprpe.load_official(path)."
+        hint = (
+            "\n  hint: this is a KP-RPE checkpoint; build a *_kprpe model or use kprpe.load_official(path)."
+        )
     elif any(k.startswith("keypoint_linear") for k in missing):
-        hint = "\n  hint: the model is KP-RPE but the checkpoint has no keypoint table; use a plain preset or load_official."
+        hint = (
+            "\n  hint: the model is KP-RPE but the checkpoint has no keypoint table; use a plain preset or "
+            "load_official."
+        )
     elif any(".rpe_" in k for k in unexpected + missing):
-        hint = "\n  hint: the checkpoint and the model use different relative position encodings; try kprpe.load_official(path)."
+        hint = (
+            "\n  hint: the checkpoint and the model use different relative position encodings; try "
+            "kprpe.load_official(path)."
+        )
     name = type(model).__name__
     cfg = getattr(model, "config", None)
     desc = f"{name}(rel_pos={cfg.rel_pos}, depth={cfg.depth}, embed_dim={cfg.embed_dim})" if cfg else name

@@ -172,7 +172,9 @@ class KeypointRPE(nn.Module):
     @property
     def out_features(self) -> int:
         per_layer = self.num_heads * self.num_buckets
-        return {"layer_head": self.depth * per_layer, "head": per_layer, "shared": self.num_buckets}[self.sharing]
+        return {"layer_head": self.depth * per_layer, "head": per_layer, "shared": self.num_buckets}[
+            self.sharing
+        ]
 
     @property
     def uses_keypoints(self) -> bool:
@@ -195,8 +197,8 @@ class KeypointRPE(nn.Module):
         return self.split(F.linear(hidden, weight, bias), layer if self.sharing == "layer_head" else None)
 
     def split(self, out: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """View f's output ``(B, N, F)`` as one layer's ``(B, H, N, nb)`` table; ``layer`` selects the slice of
-        a full all-layer output (``None``: ``out`` is already one layer's)."""
+        """View f's output ``(B, N, F)`` as one layer's ``(B, H, N, nb)`` table; ``layer`` selects the slice
+        of a full all-layer output (``None``: ``out`` is already one layer's)."""
         width = self.num_heads * self.num_buckets
         if layer is not None and out.shape[-1] != width:
             out = out[..., layer * width : (layer + 1) * width]
@@ -216,15 +218,17 @@ class KeypointRPE(nn.Module):
         return self.dense(self.table(hidden, layer), impl)
 
     def layer_biases(self, keypoints: torch.Tensor | None) -> Callable[[int], torch.Tensor | BucketBias]:
-        """For one batch: a function ``layer -> bias`` that attention adds to its logits. Each layer's table is
-        made when called, so only one layer's bias is alive at a time."""
+        """For one batch: a function ``layer -> bias`` that attention adds to its logits. Each layer's table
+        is made when called, so only one layer's bias is alive at a time."""
         if self.bucket_tables:  # the kernel reads the table: never build the dense bias
             hidden = self.hidden(keypoints)
             return lambda layer: BucketBias(self.table(hidden, layer), self.bucket_ids)
         if self.impl == "decomposed":
             return self._decomposed_biases(keypoints)
         hidden = self.hidden(keypoints)
-        if self.impl == "naive":  # the official code's way: all layers' tables at once, then advanced indexing
+        if (
+            self.impl == "naive"
+        ):  # the official code's way: all layers' tables at once, then advanced indexing
             full = self.linear(hidden)
             return lambda layer: self.dense(self.split(full, layer), "naive")
         return lambda layer: self.dense(self.table(hidden, layer))
@@ -267,13 +271,20 @@ class KeypointRPE(nn.Module):
 
 
 def official_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """``state_dict`` post-hook for a model holding a :class:`KeypointRPE` as ``kprpe``: official key names."""
-    _rename(state_dict, {f"{prefix}kprpe.{ours}.": f"{prefix}{theirs}." for ours, theirs in OFFICIAL_NAMES.items()})
+    """``state_dict`` post-hook for a model holding a :class:`KeypointRPE` as ``kprpe``: official key
+    names."""
+    _rename(
+        state_dict,
+        {f"{prefix}kprpe.{ours}.": f"{prefix}{theirs}." for ours, theirs in OFFICIAL_NAMES.items()},
+    )
 
 
 def module_load_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """``load_state_dict`` pre-hook: official key names (and our own) load into ``kprpe``."""
-    _rename(state_dict, {f"{prefix}{theirs}.": f"{prefix}kprpe.{ours}." for ours, theirs in OFFICIAL_NAMES.items()})
+    _rename(
+        state_dict,
+        {f"{prefix}{theirs}.": f"{prefix}kprpe.{ours}." for ours, theirs in OFFICIAL_NAMES.items()},
+    )
 
 
 def _rename(state_dict: dict, prefixes: dict[str, str]) -> None:

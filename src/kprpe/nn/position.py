@@ -55,7 +55,8 @@ def form_bias(table: torch.Tensor, ids: torch.Tensor, impl: str = "gather", *,
               flat_index: torch.Tensor | None = None, one_hot: torch.Tensor | None = None) -> torch.Tensor:
     """``bias[b, h, i, j] = table[b, h, i, ids[i, j]]`` by the chosen implementation (see BIAS_IMPLS).
 
-    ``flat_index`` (``i * nb + ids[i, j]`` flattened) and ``one_hot`` (``(N, N, nb)``) are derived from ``ids``;
+    ``flat_index`` (``i * nb + ids[i, j]`` flattened) and ``one_hot`` (``(N, N, nb)``) are derived from
+    ``ids``;
     callers that form many biases keep them (:class:`~kprpe.nn.keypoint_rpe.KeypointRPE` holds them as
     buffers), others let this function build them.
     """
@@ -100,7 +101,9 @@ class ContextualRPE(nn.Module):
     ``T`` is 1 when the table is shared by all heads, else the number of heads.
     """
 
-    def __init__(self, kind: str, head_dim: int, num_heads: int, shared_head: bool = True, num_buckets: int = 49):
+    def __init__(
+        self, kind: str, head_dim: int, num_heads: int, shared_head: bool = True, num_buckets: int = 49
+    ):
         super().__init__()
         if kind not in ("qk", "v"):
             raise ValueError(f"kind must be 'qk' or 'v', got {kind!r}")
@@ -111,7 +114,9 @@ class ContextualRPE(nn.Module):
         nn.init.trunc_normal_(self.lookup_table_weight, std=0.02)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        w = self.lookup_table_weight.to(x.dtype)[None]  # (1, T, ., .) broadcasts over batch (and heads if T=1)
+        w = self.lookup_table_weight.to(x.dtype)[
+            None
+        ]  # (1, T, ., .) broadcasts over batch (and heads if T=1)
         if self.kind == "qk":
             return gather_bias(torch.matmul(x, w), ids)
         b, h, n, _ = x.shape

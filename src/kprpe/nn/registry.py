@@ -13,7 +13,7 @@ __all__ = ["register_model", "create_model", "list_models", "preset_config"]
 
 _PRESETS: dict[str, Callable[[], dict]] = {}
 
-# Sizes of the official face ViTs (SPEC §2) and the tiny size of the reference test vectors.
+# Sizes of the official face ViTs (docs/models.md, "Presets") and the tiny size of the reference test vectors.
 SIZES = {
     "tiny": dict(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, output_dim=32),
     "small": dict(embed_dim=512, depth=12, num_heads=8, mlp_ratio=5.0, output_dim=512),

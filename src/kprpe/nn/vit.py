@@ -1,8 +1,8 @@
 """The face ViT of the official KP-RPE code, with every position encoding behind one constructor.
 
 Input: RGB ``(B, 3, H, W)`` in [-1, 1]; keypoints ``(B, K, 2)`` as (x, y) normalised to [0, 1] by the input's
-width and height (faces: K = 5 in ArcFace order). Output: the raw, *un-normalised* embedding ``(B, output_dim)``
-— its norm carries quality; use :func:`normalize_embedding` for unit vectors.
+width and height (faces: K = 5 in ArcFace order). Output: the raw, *un-normalised* embedding ``(B,
+output_dim)`` — its norm carries quality; use :func:`normalize_embedding` for unit vectors.
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ from .keypoint_rpe import (
     official_state_dict_hook,
 )
 
-__all__ = ["RELATIVE_ENCODINGS", "HEADS", "ViTConfig", "VisionTransformer", "normalize_embedding", "num_parameters"]
+__all__ = [
+    "RELATIVE_ENCODINGS",
+    "HEADS",
+    "ViTConfig",
+    "VisionTransformer",
+    "normalize_embedding",
+    "num_parameters",
+]
 
 RELATIVE_ENCODINGS = ("none", "rpe", "irpe", "kprpe")
 HEADS = ("flatten", "mean")
@@ -60,7 +67,9 @@ class ViTConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    attn_impl: str = "sdpa"  # sdpa (fused, fastest) | math (explicit softmax: bit-exact with the official code) | flex
+    attn_impl: str = (
+        "sdpa"  # sdpa (fused, fastest) | math (explicit softmax: bit-exact with the official code) | flex
+    )
     # How KP-RPE forms its bias (same numbers, different speed): auto | naive | gather | index | onehot |
     # decomposed (docs/models.md: cached position term + per-sample bucket shift; linear relative f only)
     kp_bias_impl: str = "auto"
@@ -74,8 +83,14 @@ class ViTConfig:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "output_dim"):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-        need(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        need(self.embed_dim % self.num_heads == 0, f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        need(
+            self.img_size % self.patch_size == 0,
+            f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}",
+        )
+        need(
+            self.embed_dim % self.num_heads == 0,
+            f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
+        )
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
         need(self.rel_pos in RELATIVE_ENCODINGS, f"rel_pos {self.rel_pos!r} not in {RELATIVE_ENCODINGS}")
         need(self.rpe_method in METHODS, f"rpe_method {self.rpe_method!r} not in {METHODS}")
@@ -83,11 +98,20 @@ class ViTConfig:
         need(self.kp_sharing in KP_SHARINGS, f"kp_sharing {self.kp_sharing!r} not in {KP_SHARINGS}")
         need(self.head in HEADS, f"head {self.head!r} not in {HEADS}")
         need(self.attn_impl in ATTN_IMPLS, f"attn_impl {self.attn_impl!r} not in {ATTN_IMPLS}")
-        need(self.attn_impl != "flex" or self.rel_pos in ("none", "kprpe"), f"attn_impl 'flex' supports rel_pos none or kprpe, got {self.rel_pos!r}")
+        need(
+            self.attn_impl != "flex" or self.rel_pos in ("none", "kprpe"),
+            f"attn_impl 'flex' supports rel_pos none or kprpe, got {self.rel_pos!r}",
+        )
         need(self.kp_bias_impl in KP_BIAS_IMPLS, f"kp_bias_impl {self.kp_bias_impl!r} not in {KP_BIAS_IMPLS}")
-        need(isinstance(self.num_keypoints, int) and self.num_keypoints > 0, f"num_keypoints must be a positive int, got {self.num_keypoints!r}")
+        need(
+            isinstance(self.num_keypoints, int) and self.num_keypoints > 0,
+            f"num_keypoints must be a positive int, got {self.num_keypoints!r}",
+        )
         need(self.kp_hidden >= 0, f"kp_hidden must be >= 0, got {self.kp_hidden}")
-        need(set(self.irpe_on) <= set("qkv") and (self.rel_pos != "irpe" or self.irpe_on), f"irpe_on must be a non-empty combination of q, k, v, got {self.irpe_on!r}")
+        need(
+            set(self.irpe_on) <= set("qkv") and (self.rel_pos != "irpe" or self.irpe_on),
+            f"irpe_on must be a non-empty combination of q, k, v, got {self.irpe_on!r}",
+        )
         return self
 
     @property
@@ -148,7 +172,9 @@ class VisionTransformer(nn.Module):
         else:
             self.register_parameter("pos_embed", None)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear stochastic depth
+        dpr = [
+            cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)
+        ]  # linear stochastic depth
         self.blocks = nn.ModuleList(
             Block(
                 cfg.embed_dim,
@@ -224,7 +250,8 @@ class VisionTransformer(nn.Module):
 
     @property
     def keypoint_linear(self) -> nn.Linear | None:
-        """f's output layer under its official name (``keypoint_linear`` in checkpoints); None without KP-RPE."""
+        """f's output layer under its official name (``keypoint_linear`` in checkpoints); None without
+        KP-RPE."""
         return self.kprpe.linear if self.kprpe is not None else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -236,16 +263,27 @@ class VisionTransformer(nn.Module):
         """Raise a TypeError/ValueError naming what was expected and what was received."""
         cfg = self.config
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got {type(images).__name__}")
+            raise TypeError(
+                f"images must be a torch.Tensor of shape (B, {cfg.in_chans}, {cfg.img_size}, "
+                f"{cfg.img_size}), got {type(images).__name__}"
+            )
         if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor scaled to [-1, 1], got dtype {images.dtype}")
+            raise TypeError(
+                f"images must be a floating-point tensor scaled to [-1, 1], got dtype {images.dtype}"
+            )
         expected = f"(B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size})"
         if images.ndim != 4:
             raise ValueError(f"images must have shape {expected}, got {tuple(images.shape)}")
         if images.shape[1] != cfg.in_chans:
-            raise ValueError(f"images must have {cfg.in_chans} channels (shape {expected}), got {images.shape[1]} channels in shape {tuple(images.shape)}")
+            raise ValueError(
+                f"images must have {cfg.in_chans} channels (shape {expected}), got {images.shape[1]} "
+                f"channels in shape {tuple(images.shape)}"
+            )
         if images.shape[2] != cfg.img_size or images.shape[3] != cfg.img_size:
-            raise ValueError(f"images must be {cfg.img_size}x{cfg.img_size} (shape {expected}), got {images.shape[2]}x{images.shape[3]}")
+            raise ValueError(
+                f"images must be {cfg.img_size}x{cfg.img_size} (shape {expected}), got "
+                f"{images.shape[2]}x{images.shape[3]}"
+            )
         if not self.uses_keypoints:
             return
         if keypoints is None:
@@ -254,15 +292,28 @@ class VisionTransformer(nn.Module):
                 f"(B, {cfg.num_keypoints}, 2), (x, y) normalised to [0, 1]"
             )
         if not isinstance(keypoints, torch.Tensor):
-            raise TypeError(f"keypoints must be a torch.Tensor of shape (B, {cfg.num_keypoints}, 2), got {type(keypoints).__name__}")
+            raise TypeError(
+                f"keypoints must be a torch.Tensor of shape (B, {cfg.num_keypoints}, 2), got "
+                f"{type(keypoints).__name__}"
+            )
         if not keypoints.is_floating_point():
-            raise TypeError(f"keypoints must be floating point, normalised to [0, 1]; got dtype {keypoints.dtype}")
+            raise TypeError(
+                f"keypoints must be floating point, normalised to [0, 1]; got dtype {keypoints.dtype}"
+            )
         kexp = f"({images.shape[0]}, {cfg.num_keypoints}, 2)"
-        if keypoints.ndim != 3 or keypoints.shape[1:] != (cfg.num_keypoints, 2) or keypoints.shape[0] != images.shape[0]:
-            raise ValueError(f"keypoints must have shape {kexp} to match the images, got {tuple(keypoints.shape)}")
+        if (
+            keypoints.ndim != 3
+            or keypoints.shape[1:] != (cfg.num_keypoints, 2)
+            or keypoints.shape[0] != images.shape[0]
+        ):
+            raise ValueError(
+                f"keypoints must have shape {kexp} to match the images, got {tuple(keypoints.shape)}"
+            )
         if not torch.isfinite(keypoints).all():
             bad = (~torch.isfinite(keypoints)).any(-1).any(-1).nonzero().flatten().tolist()
-            raise ValueError(f"keypoints contain NaN or inf (samples {bad}); every keypoint must be a finite (x, y)")
+            raise ValueError(
+                f"keypoints contain NaN or inf (samples {bad}); every keypoint must be a finite (x, y)"
+            )
 
     # ------------------------------------------------------------------ forward
     def forward_features(self, images: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
@@ -295,7 +346,10 @@ class VisionTransformer(nn.Module):
 
     def extra_repr(self) -> str:
         cfg = self.config
-        return f"rel_pos={cfg.rel_pos}, abs_pos={cfg.abs_pos}, grid={self.grid}x{self.grid}, buckets={self.num_buckets}"
+        return (
+            f"rel_pos={cfg.rel_pos}, abs_pos={cfg.abs_pos}, grid={self.grid}x{self.grid}, "
+            f"buckets={self.num_buckets}"
+        )
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -111,7 +111,9 @@ def save_checkpoint(output_dir: Path, step: int, *, model: nn.Module, head: nn.M
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
         rng_cpu=torch.get_rng_state(),
-        rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
+        rng_cuda=torch.cuda.get_rng_state(device)
+        if device.type == "cuda"
+        else torch.empty(0, dtype=torch.uint8),
         head_extra=head.extra_state(),
     )
     save_torch_atomic(state, tmp / f"state.rank{r}.pt")
@@ -152,7 +154,8 @@ def restore_checkpoint(resume, output_dir: Path, *, model: nn.Module, head: nn.M
     r, w, device = dist_info.rank, dist_info.world_size, dist_info.device
     if meta["world_size"] != w:
         raise CheckpointState(
-            f"{path} was written by {meta['world_size']} processes but this run has {w}: the class centres are "
+            f"{path} was written by {meta['world_size']} processes but this run has {w}: the class centres "
+            "are "
             f"sharded per process and exact resume needs the same number of processes"
         )
     if meta["num_classes"] != head.num_classes:

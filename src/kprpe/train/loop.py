@@ -2,8 +2,8 @@
 
 What a step is: ``optim.accumulation_steps`` micro-batches of ``data.batch_size`` samples per process, then
 one optimiser step. The global batch per step is ``batch_size x processes x accumulation_steps``. The data
-order, augmentation and partial-FC sampling are functions of the seed and the step, so a resumed run repeats an
-uninterrupted one exactly.
+order, augmentation and partial-FC sampling are functions of the seed and the step, so a resumed run repeats
+an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -41,13 +41,21 @@ from .distributed import (
 )
 from .heads import PartialFC, build_margin
 
-__all__ = ["Trainer", "DistributedBatchNorm1d", "use_distributed_batchnorm", "lr_factor", "clip_global_grad_norm", "build_optimizer"]
+__all__ = [
+    "Trainer",
+    "DistributedBatchNorm1d",
+    "use_distributed_batchnorm",
+    "lr_factor",
+    "clip_global_grad_norm",
+    "build_optimizer",
+]
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0,
               milestones: list[int] | None = None, gamma: float = 0.1) -> float:
     """Multiplier of the base learning rate for optimiser step ``step`` (0-based): linear warm-up from
-    ``1/warmup`` to 1, then cosine to ``min_ratio``, step decay by ``gamma`` at ``milestones``, or constant."""
+    ``1/warmup`` to 1, then cosine to ``min_ratio``, step decay by ``gamma`` at ``milestones``, or
+    constant."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "cosine":
@@ -66,14 +74,19 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, head: nn.Module) -> torc
             continue
         (no_decay if p.ndim <= 1 or name.endswith("pos_embed") else decay).append(p)
     decay += [p for p in head.parameters() if p.requires_grad]
-    groups = [dict(params=decay, weight_decay=cfg.optim.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    groups = [
+        dict(params=decay, weight_decay=cfg.optim.weight_decay),
+        dict(params=no_decay, weight_decay=0.0),
+    ]
     o = cfg.optim
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
 
 
-def clip_global_grad_norm(model_params: list[nn.Parameter], head_params: list[nn.Parameter], max_norm: float) -> float:
+def clip_global_grad_norm(
+    model_params: list[nn.Parameter], head_params: list[nn.Parameter], max_norm: float
+) -> float:
     """Clip by the norm of *all* gradients: the backbone's (identical on every process after DDP) plus every
     process's class-centre shard. Returns the norm before clipping."""
     def sq(params):
@@ -132,20 +145,40 @@ class Trainer:
         self.steps_per_epoch = self.sampler.micro_batches_per_epoch // accum
         self.total_steps = cfg.train.max_steps or max(1, int(round(cfg.train.epochs * self.steps_per_epoch)))
         s = cfg.schedule
-        self.warmup_steps = s.warmup_steps if s.warmup_steps is not None else int(round(s.warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = (
+            s.warmup_steps
+            if s.warmup_steps is not None
+            else int(round(s.warmup_epochs * self.steps_per_epoch))
+        )
         milestones = [int(round(m * self.steps_per_epoch)) for m in s.milestones]
 
         h = cfg.head
-        margin = build_margin(h.type, scale=h.scale, margin=h.margin, m1=h.m1, m2=h.m2, m3=h.m3, h=h.h, t_alpha=h.t_alpha)
-        self.head = PartialFC(self.model.config.output_dim, self.dataset.num_classes, margin, sample_rate=h.sample_rate,
-                              rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.train.seed).to(self.device)
+        margin = build_margin(
+            h.type, scale=h.scale, margin=h.margin, m1=h.m1, m2=h.m2, m3=h.m3, h=h.h, t_alpha=h.t_alpha
+        )
+        self.head = PartialFC(
+            self.model.config.output_dim,
+            self.dataset.num_classes,
+            margin,
+            sample_rate=h.sample_rate,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            seed=cfg.train.seed,
+        ).to(self.device)
         self.model.to(self.device)
         self.optimizer = build_optimizer(cfg, self.model, self.head)
         min_ratio = s.min_lr / cfg.optim.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: lr_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, schedule=s.name,
-                                   min_ratio=min_ratio, milestones=milestones, gamma=s.gamma),
+            lambda step: lr_factor(
+                step,
+                total_steps=self.total_steps,
+                warmup_steps=self.warmup_steps,
+                schedule=s.name,
+                min_ratio=min_ratio,
+                milestones=milestones,
+                gamma=s.gamma,
+            ),
         )
         self.step = 0
         self.bad_samples = 0
@@ -153,7 +186,8 @@ class Trainer:
             self._resume(resume)
         elif latest_checkpoint(self.output_dir) is not None:
             raise CheckpointState(
-                f"{self.output_dir} already holds checkpoints; pass --resume to continue that run, or choose another "
+                f"{self.output_dir} already holds checkpoints; pass --resume to continue that run, or choose "
+                "another "
                 f"train.output_dir"
             )
         self.ddp = None
@@ -176,13 +210,19 @@ class Trainer:
     def _build_model(self) -> nn.Module:
         m = self.cfg.model
         if m.pretrained:
-            runtime = {k: v for k, v in m.overrides.items() if k in ("attn_impl", "drop_path_rate", "drop_rate", "attn_drop_rate")}
+            runtime = {
+                k: v
+                for k, v in m.overrides.items()
+                if k in ("attn_impl", "drop_path_rate", "drop_rate", "attn_drop_rate")
+            }
             model = load_official(m.pretrained, **runtime)
         else:
             try:
                 model = create_model(m.name, **m.overrides)
             except (TypeError, ValueError) as exc:
-                raise CheckpointState(f"model: cannot build {m.name!r} with overrides {m.overrides}: {exc}") from exc
+                raise CheckpointState(
+                    f"model: cannot build {m.name!r} with overrides {m.overrides}: {exc}"
+                ) from exc
         model.train()
         if m.grad_checkpointing:
             model.set_grad_checkpointing(True)
@@ -192,9 +232,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints (train/checkpoint.py)
     def _save_checkpoint(self) -> Path:
-        return save_checkpoint(self.output_dir, self.step, model=self.model, head=self.head, optimizer=self.optimizer,
-                               scheduler=self.scheduler, dist_info=self.dist, config=self.cfg.to_dict(),
-                               bad_samples=self.bad_samples, keep=self.cfg.train.keep_checkpoints)
+        return save_checkpoint(
+            self.output_dir,
+            self.step,
+            model=self.model,
+            head=self.head,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            dist_info=self.dist,
+            config=self.cfg.to_dict(),
+            bad_samples=self.bad_samples,
+            keep=self.cfg.train.keep_checkpoints,
+        )
 
     def _resume(self, resume) -> None:
         restored = restore_checkpoint(resume, self.output_dir, model=self.model, head=self.head,
@@ -205,7 +254,17 @@ class Trainer:
     def _open_logs(self):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         csv_path = self.output_dir / "train_log.csv"
-        fields = ["step", "epoch", "lr", "loss", "grad_norm", "norm_mean", "samples_per_s", "bad_samples", "elapsed_s"]
+        fields = [
+            "step",
+            "epoch",
+            "lr",
+            "loss",
+            "grad_norm",
+            "norm_mean",
+            "samples_per_s",
+            "bad_samples",
+            "elapsed_s",
+        ]
         kept = []
         if self.step > 0 and csv_path.is_file():  # drop rows the interrupted run logged after its checkpoint
             with open(csv_path, newline="") as f:
@@ -220,9 +279,14 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None)
+                self._tb = SummaryWriter(
+                    str(self.output_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None
+                )
             except ImportError:
-                print("kprpe train: tensorboard is not installed; logging to train_log.csv only (pip install tensorboard)")
+                print(
+                    "kprpe train: tensorboard is not installed; logging to train_log.csv only (pip install "
+                    "tensorboard)"
+                )
         atomic_write_text(self.output_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
 
     def _log(self, row: dict) -> None:
@@ -237,8 +301,14 @@ class Trainer:
 
         results = {}
         for vset in self.validation_sets:
-            acc, std = validation_accuracy(self.model, vset, image_size=self.image_size, batch_size=self.cfg.validation.batch_size,
-                                      flip=self.cfg.validation.flip, device=self.device)
+            acc, std = validation_accuracy(
+                self.model,
+                vset,
+                image_size=self.image_size,
+                batch_size=self.cfg.validation.batch_size,
+                flip=self.cfg.validation.flip,
+                device=self.device,
+            )
             results[vset.name] = acc
             path = self.output_dir / "validation.csv"
             new = not path.exists()
@@ -255,7 +325,11 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimiser step over ``micro_batches`` (this process's part of the global batch)."""
         model = self.ddp or self.model
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.train.amp == "bf16" else contextlib.nullcontext()
+        amp = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.cfg.train.amp == "bf16"
+            else contextlib.nullcontext()
+        )
         accum = len(micro_batches)
         total_loss, norm_mean, bad = 0.0, 0.0, 0
         for i, batch in enumerate(micro_batches):
@@ -279,7 +353,9 @@ class Trainer:
                 if bad_index and self.dist.is_main:
                     with open(self.output_dir / "bad_samples.txt", "a") as f:
                         f.write("".join(f"{i}\n" for i in bad_index))
-        grad_norm = clip_global_grad_norm(list(self.model.parameters()), list(self.head.parameters()), self.cfg.optim.grad_clip)
+        grad_norm = clip_global_grad_norm(
+            list(self.model.parameters()), list(self.head.parameters()), self.cfg.optim.grad_clip
+        )
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -290,11 +366,17 @@ class Trainer:
 
     def _loader(self) -> DataLoader:
         workers = self.cfg.data.num_workers
-        return DataLoader(self.dataset, batch_size=self.cfg.data.batch_size, sampler=self.sampler, num_workers=workers,
-                          drop_last=True, pin_memory=self.device.type == "cuda",
-                          # its own generator: creating a loader must not consume the global RNG (exact resume)
-                          generator=torch.Generator().manual_seed(self.cfg.train.seed),
-                          multiprocessing_context="fork" if workers > 0 and os.name != "nt" else None)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.cfg.data.batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            # its own generator: creating a loader must not consume the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),
+            multiprocessing_context="fork" if workers > 0 and os.name != "nt" else None,
+        )
 
     def run(self) -> Path:
         """Train to ``total_steps``; checkpoints every ``train.checkpoint_every`` steps and at the end; writes
@@ -327,18 +409,31 @@ class Trainer:
                         if main:
                             elapsed = time.time() - window_start
                             n = len(window)
-                            self._log(dict(
-                                step=self.step, epoch=f"{self.step / self.steps_per_epoch:.3f}", lr=f"{out['lr']:.6g}",
-                                loss=f"{sum(o['loss'] for o in window) / n:.5f}",
-                                grad_norm=f"{sum(o['grad_norm'] for o in window) / n:.4f}",
-                                norm_mean=f"{sum(o['norm_mean'] for o in window) / n:.4f}",
-                                samples_per_s=f"{n * accum * cfg.data.batch_size * self.dist.world_size / max(elapsed, 1e-9):.1f}",
-                                bad_samples=self.bad_samples, elapsed_s=f"{time.time() - start_time:.1f}",
-                            ))
+                            samples = n * accum * cfg.data.batch_size * self.dist.world_size
+                            self._log(
+                                dict(
+                                    step=self.step,
+                                    epoch=f"{self.step / self.steps_per_epoch:.3f}",
+                                    lr=f"{out['lr']:.6g}",
+                                    loss=f"{sum(o['loss'] for o in window) / n:.5f}",
+                                    grad_norm=f"{sum(o['grad_norm'] for o in window) / n:.4f}",
+                                    norm_mean=f"{sum(o['norm_mean'] for o in window) / n:.4f}",
+                                    samples_per_s=f"{samples / max(elapsed, 1e-9):.1f}",
+                                    bad_samples=self.bad_samples,
+                                    elapsed_s=f"{time.time() - start_time:.1f}",
+                                )
+                            )
                         window, window_start = [], time.time()
                     if self.validation_sets and self.step % cfg.validation.every == 0 and main:
-                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self._validate().items()))
-                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 and self.step < self.total_steps:
+                        bar.write(
+                            f"step {self.step}: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in self._validate().items())
+                        )
+                    if (
+                        cfg.train.checkpoint_every
+                        and self.step % cfg.train.checkpoint_every == 0
+                        and self.step < self.total_steps
+                    ):
                         self._save_checkpoint()
                     if self.step_callback is not None:
                         self.step_callback(self.step)

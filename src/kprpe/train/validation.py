@@ -29,7 +29,9 @@ def load_verification_bin(path: str | os.PathLike) -> VerificationBin:
     return read_verification_bin(path)
 
 
-def verification_accuracy(similarity: np.ndarray, issame: np.ndarray, folds: int = MAX_FOLDS) -> tuple[float, float]:
+def verification_accuracy(
+    similarity: np.ndarray, issame: np.ndarray, folds: int = MAX_FOLDS
+) -> tuple[float, float]:
     """Mean and std of the 10-fold accuracy (:func:`kprpe.eval.kfold_accuracy`); sets with fewer pairs than
     folds use one fold per pair."""
     result = kfold_accuracy(similarity, issame, n_folds=max(2, min(folds, len(issame))))
