@@ -98,14 +98,18 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
 
 
+def _summed_copy(tensor: torch.Tensor) -> torch.Tensor:
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 class _SumReplicated(torch.autograd.Function):
     """All-reduce (sum) whose result feeds a loss replicated on every process: d(sum)/d(part) = identity."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return _summed_copy(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -118,15 +122,11 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return _summed_copy(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        return _summed_copy(grad)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
