@@ -1,4 +1,4 @@
-"""Access to the official reference vectors committed under tests/data (see tests/data/README.md)."""
+"""Access to the official reference vectors committed under tests/fixtures (see tests/fixtures/README.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "fixtures"
 
 
 def load_vectors(name: str) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import importlib.util
 import json
 import sys
 
-from .errors import CommandError, KprpeError
+from .errors import KprpeError
 
 # Sub-packages that contribute commands, in the order they appear in ``kprpe --help``.
 COMMAND_MODULES = (
@@ -55,7 +55,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
             if r.get("arch") == "iresnet":
                 print(f"{r['name']:<18} IResNet-{r['num_layers']} mode={r['mode']}{extra}")
                 continue
-            print(f"{r['name']:<18} rel_pos={r['rel_pos']:<6} depth={r['depth']:<3} dim={r['embed_dim']:<4} heads={r['num_heads']}{extra}")
+            print(
+                f"{r['name']:<18} rel_pos={r['rel_pos']:<6} depth={r['depth']:<3} dim={r['embed_dim']:<4} "
+                f"heads={r['num_heads']}{extra}"
+            )
     return 0
 
 
@@ -70,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kprpe",
-        description="Face recognition with KP-RPE vision transformers: models, face pipeline, training, evaluation.",
+        description="Face recognition with KP-RPE vision transformers: models, face pipeline, training, "
+                    "evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"kprpe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CommandError, KprpeError) as exc:
+    except KprpeError as exc:  # every deliberate error (CommandError, bad files, configs, checkpoints)
         print(f"kprpe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

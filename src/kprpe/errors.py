@@ -1,4 +1,5 @@
-"""The root of every error kprpe raises on purpose. The CLI catches ``KprpeError`` once and prints it as one line
+"""The root of every error kprpe raises on purpose. The CLI catches ``KprpeError`` once and prints it as one
+line
 (``kprpe <command>: error: <message>``) with exit status 2; anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import KprpeError
+
 __all__ = [
     "atomic_path",
     "atomic_write_bytes",
@@ -58,7 +60,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` (parents created), fsync it, then rename it into place."""
+    """Write ``data`` to a temporary file beside ``path`` (parents created), fsync it, then rename it into
+    place."""
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
     return Path(path)
@@ -112,7 +115,7 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-class NpzFormatError(ValueError):
+class NpzFormatError(KprpeError, ValueError):
     """An ``.npz`` that is truncated, corrupt (bad CRC) or holds pickled objects."""
 
 
@@ -139,7 +142,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(KprpeError, ValueError):
     """An output folder that a command may not write: it holds files the command did not create, or inputs."""
 
 

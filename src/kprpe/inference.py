@@ -1,4 +1,5 @@
-"""Batched embedding with optional flip test-time augmentation — shared by the face pipeline and evaluation."""
+"""Batched embedding with optional flip test-time augmentation — shared by the face pipeline and
+evaluation."""
 
 from __future__ import annotations
 

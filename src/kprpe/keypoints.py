@@ -3,8 +3,8 @@
 Pixel coordinates follow OpenCV: pixel ``(col, row)`` has its centre at ``(x, y) = (col, row)``. The model's
 keypoints are those pixel coordinates divided by the image width (x) and height (y) — the ArcFace template in
 pixels divided by 112 — so they are "normalised to [0, 1]" but not clipped: faces partly out of frame give
-values outside. Five face points, in order: image-left eye, image-right eye, nose tip, image-left mouth corner,
-image-right mouth corner.
+values outside. Five face points, in order: image-left eye, image-right eye, nose tip, image-left mouth
+corner, image-right mouth corner.
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def flip_keypoints(keypoints, width: int = 112, permutation=FACE_FLIP_PERMUTATIO
     out[..., 0] = (width - 1) / width - out[..., 0]
     if permutation is not None:
         if out.shape[-2] != len(permutation):
-            raise ValueError(f"flip permutation has {len(permutation)} points but keypoints have {out.shape[-2]}")
+            raise ValueError(
+                f"flip permutation has {len(permutation)} points but keypoints have {out.shape[-2]}"
+            )
         out = out[..., list(permutation), :]
     return out
 

@@ -9,8 +9,8 @@ import pytest
 from kprpe.keypoints import ARCFACE_TEMPLATE_112
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_KPRPE = REPO / "tests" / "data" / "tiny_kprpe.safetensors"
-TINY_VIT = REPO / "tests" / "data" / "tiny_vit.safetensors"
+TINY_KPRPE = REPO / "tests" / "fixtures" / "tiny_kprpe.safetensors"
+TINY_VIT = REPO / "tests" / "fixtures" / "tiny_vit.safetensors"
 
 
 def synthetic_photo(rng: np.random.Generator, size: int = 160) -> tuple[np.ndarray, np.ndarray]:

@@ -10,11 +10,11 @@ import pytest
 from kprpe.eval.binfile import (
     BinFormatError,
     UnsafePickleError,
-    decode_image,
     read_verification_bin,
     restricted_loads,
     write_verification_bin,
 )
+from kprpe.images import ImageLoadError, decode_image
 
 
 def _png(seed: int) -> bytes:
@@ -34,7 +34,9 @@ def test_bin_round_trip(tmp_path):
     np.testing.assert_array_equal(vb.issame, issame)
     assert vb.encoded_images == images
     decoded = decode_image(vb.encoded_images[3])
-    expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(images[3], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    expected = cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(images[3], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
     np.testing.assert_array_equal(decoded, expected)
 
 
@@ -59,7 +61,9 @@ def test_malicious_pickle_is_refused_without_side_effects(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
     path.write_bytes(pickle.dumps(([_RunsCode(marker), b"x"], [True])))
-    with pytest.raises(UnsafePickleError, match=r"evil\.bin.*refusing to load global '(posix|os|nt)\.system'"):
+    with pytest.raises(
+        UnsafePickleError, match=r"evil\.bin.*refusing to load global '(posix|os|nt)\.system'"
+    ):
         read_verification_bin(path)
     assert not marker.exists()
     # the same file *would* run code through plain pickle: the test is meaningful
@@ -78,7 +82,9 @@ def test_any_global_is_refused(payload):
 
 
 def test_codecs_encode_with_other_codec_is_refused():
-    data = b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcq\x01X\x06\x00\x00\x00rot_13q\x02\x86q\x03Rq\x04."
+    data = (
+        b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcq\x01X\x06\x00\x00\x00rot_13q\x02\x86q\x03Rq\x04."
+    )
     with pytest.raises(UnsafePickleError, match="rot_13"):
         restricted_loads(data)
 
@@ -104,7 +110,7 @@ def test_truncated_and_missing_files(tmp_path):
         read_verification_bin(path)
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         read_verification_bin(tmp_path / "nope.bin")
-    with pytest.raises(BinFormatError, match="cannot decode"):
+    with pytest.raises(ImageLoadError, match="cannot decode"):
         decode_image(b"not an image", where="x.bin image 0")
 
 

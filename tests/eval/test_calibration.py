@@ -104,7 +104,7 @@ def test_eval_pairs_calibrate_writes_the_threshold_beside_the_weights(tmp_path, 
     pairs = _pairs_set(tmp_path)
     out = tmp_path / "run"
     code = main(["eval", "pairs", "--weights", str(weights), "--pairs", str(pairs), "--keypoints", "template",
-                 "--out", str(out), "--no-cache", "--quiet", "--calibrate", "0.1"])
+                 "-o", str(out), "--no-cache", "--quiet", "--calibrate", "0.1"])
     stdout = capsys.readouterr().out
     assert code == 0 and "calibrated threshold" in stdout
     stored = read_calibration(calibration_path(weights))
@@ -115,7 +115,7 @@ def test_eval_pairs_calibrate_writes_the_threshold_beside_the_weights(tmp_path, 
     # 20 impostors cannot resolve FAR 1e-3: one-line error, but the report is still written
     out2 = tmp_path / "run2"
     code = main(["eval", "pairs", "--weights", str(weights), "--pairs", str(pairs), "--keypoints", "template",
-                 "--out", str(out2), "--no-cache", "--quiet", "--calibrate", "0.001"])
+                 "-o", str(out2), "--no-cache", "--quiet", "--calibrate", "0.001"])
     err = capsys.readouterr().err
     assert code == 2 and "1/20" in err and (out2 / "results.json").is_file()
     assert read_calibration(calibration_path(weights))["far_target"] == 0.1  # the earlier file is untouched

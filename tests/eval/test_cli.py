@@ -44,12 +44,15 @@ def test_verify_writes_report_and_reuses_cache(tmp_path, capsys):
     lm = tmp_path / "toy_lfw_landmarks.csv"
     rng = np.random.default_rng(0)
     rows = ["idx," + ",".join(f"ldmk_{i}" for i in range(10))]
-    template = np.array([38.2946, 51.6963, 73.5318, 51.5014, 56.0252, 71.7366, 41.5493, 92.3655, 70.7299, 92.2041]) / 112
+    template = (
+        np.array([38.2946, 51.6963, 73.5318, 51.5014, 56.0252, 71.7366, 41.5493, 92.3655, 70.7299, 92.2041])
+        / 112
+    )
     for i in range(40):
         rows.append(f"{i}," + ",".join(f"{v:.5f}" for v in template + rng.normal(0, 0.01, 10)))
     lm.write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
-    args = ["verify", "--weights", TINY_KPRPE, "--bin", bin_path, "--landmarks", lm, "--out", out,
+    args = ["verify", "--weights", TINY_KPRPE, "--bin", bin_path, "--landmarks", lm, "-o", out,
             "--cache-dir", tmp_path / "cache", "--quiet"]
     code, stdout, _ = _run(capsys, *args)
     assert code == 0
@@ -69,8 +72,11 @@ def test_verify_writes_report_and_reuses_cache(tmp_path, capsys):
     assert again["kfold"] == r["kfold"]
     # template keypoints are a different mode: a different cache entry
     code, _, _ = _run(capsys, "verify", "--weights", TINY_KPRPE, "--bin", bin_path, "--keypoints", "template",
-                      "--out", out, "--cache-dir", tmp_path / "cache", "--quiet")
-    assert code == 0 and not json.loads((out / "results.json").read_text())["sets"]["toy_lfw"]["embeddings_from_cache"]
+                      "-o", out, "--cache-dir", tmp_path / "cache", "--quiet")
+    assert (
+        code == 0
+        and not json.loads((out / "results.json").read_text())["sets"]["toy_lfw"]["embeddings_from_cache"]
+    )
 
 
 class _Evil:
@@ -86,7 +92,7 @@ def test_verify_refuses_a_malicious_bin(tmp_path, capsys):
     evil = tmp_path / "lfw.bin"
     evil.write_bytes(pickle.dumps(([_Evil(marker), b"x"], [True])))
     code, _, err = _run(capsys, "verify", "--weights", TINY_KPRPE, "--bin", evil, "--keypoints", "template",
-                        "--out", tmp_path / "out", "--no-cache", "--quiet")
+                        "-o", tmp_path / "out", "--no-cache", "--quiet")
     assert code == 2
     assert "refusing to load global" in err and "lfw.bin" in err and "Traceback" not in err
     assert not marker.exists() and not (tmp_path / "out" / "results.json").exists()
@@ -95,21 +101,37 @@ def test_verify_refuses_a_malicious_bin(tmp_path, capsys):
 def test_user_errors_are_one_line(tmp_path, capsys):
     bin_path = _make_bin(tmp_path / "a.bin", n_pairs=10)
     code, _, err = _run(capsys, "verify", "--weights", tmp_path / "missing.safetensors", "--bin", bin_path,
-                        "--keypoints", "template", "--out", tmp_path / "o", "--no-cache", "--quiet")
+                        "--keypoints", "template", "-o", tmp_path / "o", "--no-cache", "--quiet")
     assert code == 2 and "weights not found" in err
     bad_lm = tmp_path / "lm.csv"
     bad_lm.write_text("0,1,2,3\n")
     code, _, err = _run(capsys, "verify", "--weights", TINY_KPRPE, "--bin", bin_path, "--landmarks", bad_lm,
-                        "--out", tmp_path / "o", "--no-cache", "--quiet")
+                        "-o", tmp_path / "o", "--no-cache", "--quiet")
     assert code == 2 and "lm.csv:1: expected 11 fields" in err
 
 
 @pytest.mark.slow
 def test_sweep_two_checkpoints_plot_and_table(photo_pairs, tmp_path, capsys):
     out = tmp_path / "sweep"
-    code, stdout, err = _run(capsys, "sweep", "--weights", f"kprpe={TINY_KPRPE}", "--weights", f"vit={TINY_VIT}",
-                             "--pairs", photo_pairs / "pairs.csv", "--landmarks", photo_pairs / "landmarks.txt",
-                             "--t", "0,0.5,1", "--out", out, "--cache-dir", tmp_path / "cache", "--quiet")
+    code, stdout, err = _run(
+        capsys,
+        "sweep",
+        "--weights",
+        f"kprpe={TINY_KPRPE}",
+        "--weights",
+        f"vit={TINY_VIT}",
+        "--pairs",
+        photo_pairs / "pairs.csv",
+        "--landmarks",
+        photo_pairs / "landmarks.txt",
+        "--t",
+        "0,0.5,1",
+        "-o",
+        out,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--quiet",
+    )
     assert code == 0, err
     table = json.loads((out / "sweep.json").read_text())
     assert table["t"] == [0.0, 0.5, 1.0] and table["checkpoints"] == ["kprpe", "vit"]
@@ -120,8 +142,22 @@ def test_sweep_two_checkpoints_plot_and_table(photo_pairs, tmp_path, capsys):
 
 def test_pairs_with_landmarks_and_t(photo_pairs, tmp_path, capsys):
     out = tmp_path / "pairs"
-    code, _, err = _run(capsys, "pairs", "--weights", TINY_KPRPE, "--pairs", photo_pairs / "pairs.csv",
-                        "--landmarks", photo_pairs / "landmarks.txt", "--t", "1", "--out", out, "--no-cache", "--quiet")
+    code, _, err = _run(
+        capsys,
+        "pairs",
+        "--weights",
+        TINY_KPRPE,
+        "--pairs",
+        photo_pairs / "pairs.csv",
+        "--landmarks",
+        photo_pairs / "landmarks.txt",
+        "--t",
+        "1",
+        "-o",
+        out,
+        "--no-cache",
+        "--quiet",
+    )
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
     assert res["mode"] == "t=1" and res["sets"]["pairs"]["num_pairs"] == 20
@@ -139,9 +175,14 @@ def test_identify_closed_and_open_set(tmp_path, capsys):
     out = tmp_path / "ident"
     code, _, err = _run(capsys, "identify", "--weights", TINY_KPRPE, "--gallery", tmp_path / "gallery",
                         "--probe", tmp_path / "probe", "--distractors", tmp_path / "distractors",
-                        "--keypoints", "template", "--ranks", "1,5", "--out", out, "--no-cache", "--quiet")
+                        "--keypoints", "template", "--ranks", "1,5", "-o", out, "--no-cache", "--quiet")
     assert code == 0, err
     r = json.loads((out / "results.json").read_text())["sets"]["identification"]
-    assert r["num_probes"] == 4 and r["num_mated_probes"] == 3 and r["num_gallery"] == 9 and r["num_distractors"] == 3
+    assert (
+        r["num_probes"] == 4
+        and r["num_mated_probes"] == 3
+        and r["num_gallery"] == 9
+        and r["num_distractors"] == 3
+    )
     assert set(r["closed_set"]) == {"rank1", "rank5"} and r["closed_set"]["rank5"] >= r["closed_set"]["rank1"]
     assert "open_set" in r

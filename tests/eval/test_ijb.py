@@ -10,7 +10,7 @@ from kprpe.eval.images import crop_face
 from kprpe.eval.landmarks import LandmarkFileError
 from kprpe.eval.metrics import tar_at_far
 from kprpe.eval.runs import EvalSettings, ModelHandle, evaluate_ijb
-from kprpe.face.io import load_image
+from kprpe.images import load_image
 from kprpe.inference import embed, to_model_input
 
 from .conftest import TINY_KPRPE, synthetic_photo, write_rgb
@@ -48,7 +48,9 @@ def test_synthetic_ijb_gives_the_expected_tar():
                 mids.append(100 * template + media)
     feats, templates = template_features(np.array(emb), np.array(tids), np.array(mids))
     t1 = [2 * i for i in range(n_id)] + [2 * i for i in range(n_id) for j in range(n_id) if j != i][:180]
-    t2 = [2 * i + 1 for i in range(n_id)] + [2 * j + 1 for i in range(n_id) for j in range(n_id) if j != i][:180]
+    t2 = [2 * i + 1 for i in range(n_id)] + [2 * j + 1 for i in range(n_id) for j in range(n_id) if j != i][
+        :180
+    ]
     labels = np.r_[np.ones(n_id, bool), np.zeros(180, bool)]
     scores = template_pair_scores(feats, templates, np.array(t1), np.array(t2))
     np.testing.assert_allclose(scores[:n_id], 1.0, atol=1e-12)
@@ -74,7 +76,9 @@ def _write_ijb(tmp_path, n_templates=6, faces_per_template=2):
             image, lm = synthetic_photo(rng, size=140)
             write_rgb(images / name, image)
             tid_lines.append(f"{name} {t} {1000 + t * 10 + f // 2}")
-            lm_lines.append(name + " " + " ".join(f"{v:.2f}" for v in lm.reshape(-1)) + f" {0.5 + 0.05 * f:.2f}")
+            lm_lines.append(
+                name + " " + " ".join(f"{v:.2f}" for v in lm.reshape(-1)) + f" {0.5 + 0.05 * f:.2f}"
+            )
     pair_lines = [f"{a} {b} {int((a + b) % 3 == 0)}" for a in range(1, n_templates + 1)
                   for b in range(a + 1, n_templates + 1)]
     (tmp_path / "ijbc_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
@@ -96,8 +100,9 @@ def test_evaluate_ijb_matches_a_manual_computation(tmp_path):
                          tmp_path / "ijbc_name_5pts_score.txt")
     crops, kps = zip(*(crop_face(load_image(images / n), meta.landmarks[n]) for n in meta.names), strict=True)
     model = load_official(TINY_KPRPE)
-    unit, norm = embed(model, to_model_input(np.stack(crops)), torch.tensor(np.stack(kps), dtype=torch.float32),
-                       flip=True)
+    unit, norm = embed(
+        model, to_model_input(np.stack(crops)), torch.tensor(np.stack(kps), dtype=torch.float32), flip=True
+    )
     feats, templates = template_features(unit.numpy(), meta.template_ids, meta.media_ids, norms=norm.numpy(),
                                          detector_scores=meta.detector_scores)
     scores = template_pair_scores(feats, templates, meta.pair_t1, meta.pair_t2)
@@ -106,9 +111,15 @@ def test_evaluate_ijb_matches_a_manual_computation(tmp_path):
         assert got["tar"] == pytest.approx(want["tar"], abs=1e-6)
         assert got["far"] == pytest.approx(want["far"])
     assert not r["embeddings_from_cache"]
-    again = evaluate_ijb(ModelHandle(TINY_KPRPE), name="IJBC", tid_mid=tmp_path / "ijbc_face_tid_mid.txt",
-                         pairs=tmp_path / "ijbc_template_pair_label.txt",
-                         landmarks=tmp_path / "ijbc_name_5pts_score.txt", images_dir=images, settings=settings)
+    again = evaluate_ijb(
+        ModelHandle(TINY_KPRPE),
+        name="IJBC",
+        tid_mid=tmp_path / "ijbc_face_tid_mid.txt",
+        pairs=tmp_path / "ijbc_template_pair_label.txt",
+        landmarks=tmp_path / "ijbc_name_5pts_score.txt",
+        images_dir=images,
+        settings=settings,
+    )
     assert again["sets"]["IJBC"]["embeddings_from_cache"]
     assert again["sets"]["IJBC"]["tar_at_far"] == r["tar_at_far"]
 

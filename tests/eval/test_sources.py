@@ -34,11 +34,14 @@ def test_cache_round_trip_and_damaged_entry(tmp_path):
         return load_official(TINY_KPRPE)
 
     src = _random_source()
-    emb, norms, cached = embed_with_cache(loader, TINY_KPRPE, src, mode="m", cache_dir=tmp_path, progress=False,
-                                          batch_size=4)
+    emb, norms, cached = embed_with_cache(
+        loader, TINY_KPRPE, src, mode="m", cache_dir=tmp_path, progress=False, batch_size=4
+    )
     assert not cached and emb.shape == (6, 32) and len(calls) == 1
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    emb2, norms2, cached2 = embed_with_cache(loader, TINY_KPRPE, src, mode="m", cache_dir=tmp_path, progress=False)
+    emb2, norms2, cached2 = embed_with_cache(
+        loader, TINY_KPRPE, src, mode="m", cache_dir=tmp_path, progress=False
+    )
     assert cached2 and len(calls) == 1  # the model was not even loaded
     np.testing.assert_array_equal(emb, emb2)
     # no pickle inside: the entry loads with allow_pickle=False
@@ -54,8 +57,15 @@ def test_cache_round_trip_and_damaged_entry(tmp_path):
 
 def test_landmark_file_errors(tmp_path):
     f = tmp_path / "lm.csv"
-    f.write_text("idx," + ",".join(f"ldmk_{i}" for i in range(10)) + "\n0," + ",".join(["0.5"] * 10) + "\n0," +
-                 ",".join(["0.5"] * 10) + "\n")
+    f.write_text(
+        "idx,"
+        + ",".join(f"ldmk_{i}" for i in range(10))
+        + "\n0,"
+        + ",".join(["0.5"] * 10)
+        + "\n0,"
+        + ",".join(["0.5"] * 10)
+        + "\n"
+    )
     with pytest.raises(LandmarkFileError, match=r"lm\.csv:3: index 0 appears twice"):
         read_normalized_landmark_csv(f)
     f.write_text("0," + ",".join(["50"] * 10) + "\n")

@@ -15,9 +15,9 @@ from kprpe.cli import main
 from kprpe.eval import runs
 from kprpe.eval.ijb import template_features, template_pair_scores
 from kprpe.eval.runs import EvalSettings, ModelHandle
-from kprpe.eval.tinyface import evaluate_tinyface
 from kprpe.eval.toolkit import (
     ToolkitFormatError,
+    evaluate_tinyface,
     evaluate_toolkit,
     find_toolkit_sets,
     open_toolkit_set,
@@ -234,7 +234,7 @@ def test_cli_reads_toolkit_folders(tmp_path, capsys):
     _tinyface_toolkit(tmp_path / "val" / "tinyface")
     out = tmp_path / "run"
     common = ["--weights", str(TINY_KPRPE), "--keypoints", "template", "--no-cache", "--quiet"]
-    assert main(["eval", "toolkit", str(tmp_path / "val"), *common, "--out", str(out),
+    assert main(["eval", "toolkit", str(tmp_path / "val"), *common, "-o", str(out),
                  "--tar-far-convention", "full_curve"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["sets"].keys() == {"lfw", "tinyface"}
@@ -243,12 +243,12 @@ def test_cli_reads_toolkit_folders(tmp_path, capsys):
     summary = (out / "summary.md").read_text()
     assert "TAR@FAR convention — `full_curve`" in summary and "rank1" in summary
     # `verify` takes a toolkit folder in place of a .bin
-    assert main(["eval", "verify", str(lfw), *common, "--out", str(out)]) == 0
+    assert main(["eval", "verify", str(lfw), *common, "-o", str(out)]) == 0
     r = json.loads((out / "results.json").read_text())["sets"]["lfw"]
     assert r["num_pairs"] == 10 and r["tar_at_far_convention"] == "insightface"
-    assert main(["eval", "tinyface", str(tmp_path / "val" / "tinyface"), *common, "--out", str(out)]) == 0
+    assert main(["eval", "tinyface", str(tmp_path / "val" / "tinyface"), *common, "-o", str(out)]) == 0
     capsys.readouterr()
-    assert main(["eval", "tinyface", str(lfw), *common, "--out", str(out)]) == 2
+    assert main(["eval", "tinyface", str(lfw), *common, "-o", str(out)]) == 2
     assert "not TinyFace" in capsys.readouterr().err
 
 

@@ -96,7 +96,7 @@ def test_cli_micro_run(tmp_path, capsys):
         [
             "experiment",
             "digits",
-            "--out",
+            "--output",
             str(tmp_path),
             "--models",
             "abs,rpe",
@@ -153,7 +153,7 @@ def test_rerender_from_results(tmp_path, capsys):
             [
                 "experiment",
                 "digits",
-                "--out",
+                "--output",
                 str(first),
                 "--models",
                 "abs",
@@ -176,7 +176,7 @@ def test_rerender_from_results(tmp_path, capsys):
                 "digits",
                 "--from-results",
                 str(first / "digits_results.json"),
-                "--out",
+                "--output",
                 str(again),
             ]
         )

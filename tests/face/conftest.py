@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 TINY_WEIGHTS = DATA / "tiny_kprpe.safetensors"
 
 # Hand-checked on skimage.data.astronaut() by looking at 5x / 10x enlargements with a pixel grid:
@@ -52,5 +52,7 @@ def photo_dir(tmp_path_factory, astronaut) -> Path:
 
     folder = tmp_path_factory.mktemp("photos")
     Image.fromarray(astronaut).save(folder / "astronaut.png")
-    Image.fromarray(astronaut).rotate(15, expand=True, resample=Image.BILINEAR).save(folder / "tilted.jpg", quality=95)
+    Image.fromarray(astronaut).rotate(15, expand=True, resample=Image.BILINEAR).save(
+        folder / "tilted.jpg", quality=95
+    )
     return folder

@@ -20,10 +20,14 @@ from kprpe.keypoints import ARCFACE_TEMPLATE_112
 
 def _similarity(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:
     a = math.radians(angle_deg)
-    return np.array([[scale * math.cos(a), -scale * math.sin(a), tx], [scale * math.sin(a), scale * math.cos(a), ty]])
+    return np.array(
+        [[scale * math.cos(a), -scale * math.sin(a), tx], [scale * math.sin(a), scale * math.cos(a), ty]]
+    )
 
 
-@pytest.mark.parametrize("angle, scale, tx, ty", [(0, 1, 0, 0), (30, 2.5, 100, -40), (-75, 0.4, 7, 300), (180, 1.2, 5, 5)])
+@pytest.mark.parametrize(
+    "angle, scale, tx, ty", [(0, 1, 0, 0), (30, 2.5, 100, -40), (-75, 0.4, 7, 300), (180, 1.2, 5, 5)]
+)
 def test_similarity_transform_recovers_exact_transform(angle, scale, tx, ty):
     truth = _similarity(angle, scale, tx, ty)
     source = np.random.default_rng(1).uniform(0, 200, (5, 2))
@@ -61,7 +65,9 @@ def test_aligned_crop_content_follows_keypoints():
     import cv2
 
     rng = np.random.default_rng(3)
-    crop = cv2.resize(rng.integers(0, 255, (14, 14, 3), dtype=np.uint8), (112, 112), interpolation=cv2.INTER_CUBIC)
+    crop = cv2.resize(
+        rng.integers(0, 255, (14, 14, 3), dtype=np.uint8), (112, 112), interpolation=cv2.INTER_CUBIC
+    )
     forward = _similarity(25, 2.0, 150, 40)
     photo = cv2.warpAffine(crop, forward, (400, 400), flags=cv2.INTER_CUBIC)
     face = align_face(photo, apply_transform(forward, ARCFACE_TEMPLATE_112))
@@ -83,7 +89,9 @@ def test_unaligned_mode_crops_box_and_keypoints_follow():
 
 def test_box_crop_transform_maps_box_edges_to_crop_edges():
     matrix = box_crop_transform((-0.5, -0.5, 99.5, 99.5))
-    np.testing.assert_allclose(apply_transform(matrix, [[-0.5, -0.5], [99.5, 99.5]]), [[-0.5, -0.5], [111.5, 111.5]])
+    np.testing.assert_allclose(
+        apply_transform(matrix, [[-0.5, -0.5], [99.5, 99.5]]), [[-0.5, -0.5], [111.5, 111.5]]
+    )
     with pytest.raises(AlignmentError, match="no area"):
         box_crop_transform((10, 10, 5, 20))
 

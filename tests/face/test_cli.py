@@ -27,7 +27,9 @@ def run(capsys, *argv: str) -> tuple[int, dict | None, str]:
     return code, payload, captured.err
 
 
-@pytest.mark.parametrize("command", [["align"], ["embed"], ["verify"], ["search"], ["search", "enrol"], ["search", "query"]])
+@pytest.mark.parametrize(
+    "command", [["align"], ["embed"], ["verify"], ["search"], ["search", "enrol"], ["search", "query"]]
+)
 def test_every_command_has_help(capsys, command):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
@@ -36,12 +38,16 @@ def test_every_command_has_help(capsys, command):
 
 
 def test_top_level_help_lists_face_commands():
-    out = subprocess.run([sys.executable, "-m", "kprpe.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "kprpe.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for name in ("align", "embed", "verify", "search"):
         assert name in out
 
 
-def test_align_writes_crops_and_normalised_landmarks(capsys, photo_dir, tmp_path, astronaut, astronaut_detection):
+def test_align_writes_crops_and_normalised_landmarks(
+    capsys, photo_dir, tmp_path, astronaut, astronaut_detection
+):
     from kprpe.face import align_face
 
     out = tmp_path / "aligned"
@@ -64,7 +70,9 @@ def test_align_writes_crops_and_normalised_landmarks(capsys, photo_dir, tmp_path
 
 def test_align_modes_and_prealigned_round_trip(capsys, photo_dir, tmp_path):
     out = tmp_path / "un"
-    code, _, _ = run(capsys, "align", str(photo_dir / "astronaut.png"), "-o", str(out), "--mode", "unaligned", "-q")
+    code, _, _ = run(
+        capsys, "align", str(photo_dir / "astronaut.png"), "-o", str(out), "--mode", "unaligned", "-q"
+    )
     assert code == 0
     unaligned = next(csv.DictReader(open(out / "landmarks.csv")))
     out2 = tmp_path / "al"
@@ -73,7 +81,9 @@ def test_align_modes_and_prealigned_round_trip(capsys, photo_dir, tmp_path):
     assert unaligned != aligned
     # prealigned: landmarks predicted on the 112x112 crop land close to where alignment put them
     out3 = tmp_path / "pre"
-    code, payload, _ = run(capsys, "align", str(out2 / "astronaut.png"), "-o", str(out3), "--mode", "prealigned", "-q")
+    code, payload, _ = run(
+        capsys, "align", str(out2 / "astronaut.png"), "-o", str(out3), "--mode", "prealigned", "-q"
+    )
     assert code == 0
     pre = next(csv.DictReader(open(out3 / "landmarks.csv")))
     diff = max(abs(float(pre[c]) - float(aligned[c])) for c in list(aligned)[1:])
@@ -88,7 +98,9 @@ def test_align_modes_and_prealigned_round_trip(capsys, photo_dir, tmp_path):
 
 
 def test_embed_matches_python_api(capsys, photo_dir, tmp_path, dlib_detector):
-    code, payload, _ = run(capsys, "embed", str(photo_dir), "--weights", W, "-o", str(tmp_path / "e.npz"), "-q")
+    code, payload, _ = run(
+        capsys, "embed", str(photo_dir), "--weights", W, "-o", str(tmp_path / "e.npz"), "-q"
+    )
     assert code == 0 and payload["embedded"] == 2 and payload["dim"] == 32
     with np.load(tmp_path / "e.npz", allow_pickle=False) as data:
         names, embeddings, norms = data["names"], data["embeddings"], data["norms"]
@@ -125,7 +137,17 @@ def test_embed_all_faces_names(capsys, astronaut, tmp_path):
     canvas[10 : 10 + big.shape[0], 5 : 5 + big.shape[1]] = big
     canvas[60 : 60 + face.shape[0], 265 : 265 + face.shape[1]] = face
     Image.fromarray(canvas).save(tmp_path / "two.png")
-    code, payload, _ = run(capsys, "embed", str(tmp_path / "two.png"), "--all-faces", "--weights", W, "-o", str(tmp_path / "e.npz"), "-q")
+    code, payload, _ = run(
+        capsys,
+        "embed",
+        str(tmp_path / "two.png"),
+        "--all-faces",
+        "--weights",
+        W,
+        "-o",
+        str(tmp_path / "e.npz"),
+        "-q",
+    )
     assert code == 0 and payload["embedded"] == 2
     with np.load(tmp_path / "e.npz", allow_pickle=False) as data:
         assert [n.split("/")[-1] for n in data["names"]] == ["two.png#0", "two.png#1"]
@@ -134,8 +156,16 @@ def test_embed_all_faces_names(capsys, astronaut, tmp_path):
 
 def test_verify_same_photo_and_visualization(capsys, photo_dir, tmp_path):
     picture = tmp_path / "vis.png"
-    code, payload, _ = run(capsys, "verify", str(photo_dir / "astronaut.png"), str(photo_dir / "astronaut.png"),
-                           "--weights", W, "--visualize", str(picture))
+    code, payload, _ = run(
+        capsys,
+        "verify",
+        str(photo_dir / "astronaut.png"),
+        str(photo_dir / "astronaut.png"),
+        "--weights",
+        W,
+        "--visualize",
+        str(picture),
+    )
     assert code == 0
     assert payload["similarity"] == pytest.approx(1.0, abs=1e-6) and payload["same"] is True
     image = np.asarray(Image.open(picture))
@@ -167,7 +197,15 @@ def test_verify_failures_exit_2_with_message(capsys, photo_dir, tmp_path, make_b
 
 def test_bad_weights_file(capsys, photo_dir, tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"garbage")
-    code, _, err = run(capsys, "embed", str(photo_dir), "--weights", str(tmp_path / "w.safetensors"), "-o", str(tmp_path / "e.npz"))
+    code, _, err = run(
+        capsys,
+        "embed",
+        str(photo_dir),
+        "--weights",
+        str(tmp_path / "w.safetensors"),
+        "-o",
+        str(tmp_path / "e.npz"),
+    )
     assert code == 2 and "cannot load weights" in err
     assert not (tmp_path / "e.npz").exists()
 
@@ -177,16 +215,33 @@ def test_search_enrol_and_query(capsys, astronaut, photo_dir, tmp_path):
     (gallery / "eileen").mkdir(parents=True)
     (gallery / "other").mkdir()
     Image.fromarray(astronaut).save(gallery / "eileen" / "a.png")
-    Image.fromarray(np.ascontiguousarray(np.rot90(astronaut, 2))).save(gallery / "other" / "upside.png")  # no face
-    code, payload, err = run(capsys, "search", "enrol", str(gallery), "--weights", W, "-o", str(tmp_path / "idx.npz"), "-q")
+    Image.fromarray(np.ascontiguousarray(np.rot90(astronaut, 2))).save(
+        gallery / "other" / "upside.png"
+    )  # no face
+    code, payload, err = run(
+        capsys, "search", "enrol", str(gallery), "--weights", W, "-o", str(tmp_path / "idx.npz"), "-q"
+    )
     assert code == 1 and payload["identities"] == 1 and "upside.png" in err
-    code, payload, _ = run(capsys, "search", "query", str(photo_dir / "astronaut.png"), "--index", str(tmp_path / "idx.npz"),
-                           "--weights", W, "-k", "3", "-q")
+    code, payload, _ = run(
+        capsys,
+        "search",
+        "query",
+        str(photo_dir / "astronaut.png"),
+        "--index",
+        str(tmp_path / "idx.npz"),
+        "--weights",
+        W,
+        "-k",
+        "3",
+        "-q",
+    )
     assert code == 0
     [result] = payload["results"]
     assert result["matches"][0]["identity"] == "eileen"
     assert result["matches"][0]["score"] == pytest.approx(1.0, abs=1e-5)
-    code, _, err = run(capsys, "search", "query", str(photo_dir), "--index", str(tmp_path / "missing.npz"), "--weights", W)
+    code, _, err = run(
+        capsys, "search", "query", str(photo_dir), "--index", str(tmp_path / "missing.npz"), "--weights", W
+    )
     assert code == 2 and "does not exist" in err
 
 

@@ -29,7 +29,7 @@ from kprpe.face.dfa.geometry import (
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "dfa"
 WEIGHTS = FIXTURES / "dfa_weights.safetensors"
-RECOGNITION_WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "tiny_kprpe.safetensors"
+RECOGNITION_WEIGHTS = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_kprpe.safetensors"
 META = json.loads((FIXTURES / "dfa.json").read_text())
 CASES = {case["name"]: case for case in META["cases"]}
 OUTPUT_NAMES = AlignerOutput._fields

@@ -37,15 +37,24 @@ def test_alignment_error_to_template_is_small(astronaut, astronaut_detection):
 
     eye_errors = np.linalg.norm(face.keypoints_px[:2] - ARCFACE_TEMPLATE_112[:2], axis=1)
     assert eye_errors.max() < 4.0
-    unaligned = align_face(astronaut, astronaut_detection.keypoints, mode="unaligned", box=astronaut_detection.box)
+    unaligned = align_face(
+        astronaut, astronaut_detection.keypoints, mode="unaligned", box=astronaut_detection.box
+    )
     assert template_alignment_error(unaligned) > template_alignment_error(face)
 
 
 @pytest.mark.parametrize(
     "angle, scale, shift",
-    [(25.0, 1.0, (0.0, 0.0)), (-30.0, 0.8, (60.0, 90.0)), (0.0, 1.6, (50.0, 150.0)), (10.0, 1.25, (-60.0, 10.0))],
+    [
+        (25.0, 1.0, (0.0, 0.0)),
+        (-30.0, 0.8, (60.0, 90.0)),
+        (0.0, 1.6, (50.0, 150.0)),
+        (10.0, 1.25, (-60.0, 10.0)),
+    ],
 )
-def test_keypoints_recovered_under_known_affines(dlib_detector, astronaut, astronaut_detection, angle, scale, shift):
+def test_keypoints_recovered_under_known_affines(
+    dlib_detector, astronaut, astronaut_detection, angle, scale, shift
+):
     centre = (256.0, 256.0)
     matrix = cv2.getRotationMatrix2D(centre, angle, scale)
     matrix[:, 2] += shift

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kprpe.face.io import ImageLoadError, expand_image_paths, load_image
+from kprpe.images import ImageLoadError, expand_image_paths, load_image
 
 
 @pytest.fixture()
@@ -136,4 +136,8 @@ def test_expand_image_paths(tmp_path, rgb):
     Image.fromarray(rgb).save(tmp_path / "d" / "sub" / "c.png")
     listed = expand_image_paths([tmp_path / "d", tmp_path / "explicit.txt"])
     assert [p.name for p in listed] == ["a.JPG", "b.png", "explicit.txt"]
-    assert [p.name for p in expand_image_paths([tmp_path / "d"], recursive=True)] == ["a.JPG", "b.png", "c.png"]
+    assert [p.name for p in expand_image_paths([tmp_path / "d"], recursive=True)] == [
+        "a.JPG",
+        "b.png",
+        "c.png",
+    ]

@@ -35,7 +35,9 @@ def test_embedding_is_unit_with_norm_and_flip_sum(embedder, astronaut_face):
     image = torch.from_numpy(astronaut_face.image).permute(2, 0, 1)[None].float().div(255).sub(0.5).div(0.5)
     keypoints = torch.from_numpy(astronaut_face.keypoints[None]).float()
     with torch.no_grad():
-        raw = embedder.model(image, keypoints) + embedder.model(image.flip(-1), flip_keypoints(keypoints, 112))
+        raw = embedder.model(image, keypoints) + embedder.model(
+            image.flip(-1), flip_keypoints(keypoints, 112)
+        )
     np.testing.assert_allclose(norms[0], raw.norm().item(), rtol=1e-5)
     np.testing.assert_allclose(unit[0], (raw / raw.norm())[0].numpy(), atol=1e-5)
     no_flip = FaceEmbedder(embedder.model, flip=False)
@@ -70,7 +72,9 @@ def test_embedder_rejects_models_of_other_input_size():
 
 def test_verify_photo_with_itself_is_one(dlib_detector, embedder, photo_dir):
     pipeline = FacePipeline(dlib_detector)
-    result = verify(photo_dir / "astronaut.png", photo_dir / "astronaut.png", pipeline=pipeline, embedder=embedder)
+    result = verify(
+        photo_dir / "astronaut.png", photo_dir / "astronaut.png", pipeline=pipeline, embedder=embedder
+    )
     assert result.similarity == pytest.approx(1.0, abs=1e-6)
     assert result.same is True
     assert set(result.to_dict()) >= {"similarity", "same", "threshold", "norms"}
@@ -81,7 +85,12 @@ def test_verify_reports_missing_face(dlib_detector, embedder, photo_dir, tmp_pat
 
     Image.new("RGB", (120, 90), (90, 90, 90)).save(tmp_path / "wall.png")
     with pytest.raises(NoFaceFound, match="wall.png: no face found"):
-        verify(photo_dir / "astronaut.png", tmp_path / "wall.png", pipeline=FacePipeline(dlib_detector), embedder=embedder)
+        verify(
+            photo_dir / "astronaut.png",
+            tmp_path / "wall.png",
+            pipeline=FacePipeline(dlib_detector),
+            embedder=embedder,
+        )
 
 
 def test_batch_reports_failures_and_continues(dlib_detector, photo_dir, tmp_path):
@@ -95,7 +104,11 @@ def test_batch_reports_failures_and_continues(dlib_detector, photo_dir, tmp_path
     assert [r.source.split("/")[-1] for r in batch.records] == ["astronaut.png", "tilted.jpg"]
     reasons = {path.split("/")[-1]: reason for path, reason in batch.failures}
     assert set(reasons) == {"dark.png", "readme.txt", "missing.jpg"}
-    assert "no face" in reasons["dark.png"] and "not an image" in reasons["readme.txt"] and "no such file" in reasons["missing.jpg"]
+    assert (
+        "no face" in reasons["dark.png"]
+        and "not an image" in reasons["readme.txt"]
+        and "no such file" in reasons["missing.jpg"]
+    )
 
 
 def test_index_enrol_save_load_search(dlib_detector, embedder, astronaut, tmp_path):
@@ -106,7 +119,9 @@ def test_index_enrol_save_load_search(dlib_detector, embedder, astronaut, tmp_pa
     (gallery / "nobody").mkdir()
     Image.fromarray(astronaut).save(gallery / "eileen" / "1.png")
     Image.fromarray(astronaut[::-1].copy()).save(gallery / "eileen" / "upside_down.png")  # no face: reported
-    Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(gallery / "mirror.png")  # loose image: identity "mirror"
+    Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(
+        gallery / "mirror.png"
+    )  # loose image: identity "mirror"
     Image.new("RGB", (100, 100)).save(gallery / "nobody" / "black.png")
     pipeline = FacePipeline(dlib_detector)
     index, failures = FaceIndex.enrol(gallery, pipeline=pipeline, embedder=embedder, progress=False)
@@ -128,7 +143,10 @@ def test_index_enrol_save_load_search(dlib_detector, embedder, astronaut, tmp_pa
 def test_index_refuses_other_weights_and_bad_files(embedder, tmp_path):
     from kprpe import load_official
 
-    index = FaceIndex.from_embeddings({"a": np.eye(32, dtype=np.float32)[:1]}, {"format": "kprpe-face-index-v1", "model_fingerprint": embedder.fingerprint})
+    index = FaceIndex.from_embeddings(
+        {"a": np.eye(32, dtype=np.float32)[:1]},
+        {"format": "kprpe-face-index-v1", "model_fingerprint": embedder.fingerprint},
+    )
     other = load_official(TINY_WEIGHTS)
     with torch.no_grad():
         next(other.parameters()).add_(1.0)
@@ -157,3 +175,17 @@ def test_index_refuses_other_weights_and_bad_files(embedder, tmp_path):
              counts=np.ones(1), metadata=np.asarray("[1, 2]"))
     with pytest.raises(FaceIndexError, match="expected an object"):
         FaceIndex.load(tmp_path / "list.npz")
+
+
+def test_embedder_takes_as_many_keypoints_as_the_model_was_built_for():
+    from kprpe import create_model
+
+    model = create_model("vit_tiny_kprpe", num_keypoints=3, depth=1)
+    with pytest.raises(ValueError, match="flip_permutation"):
+        FaceEmbedder(model)  # which of 3 points are left/right is not known
+    embedder = FaceEmbedder(model, flip_permutation=(1, 0, 2))
+    assert embedder.num_keypoints == 3
+    unit, _ = embedder.embed_crops(np.zeros((2, 112, 112, 3), np.uint8), np.full((2, 3, 2), 0.5))
+    assert unit.shape == (2, embedder.output_dim)
+    with pytest.raises(ValueError, match=r"takes 3 keypoints"):
+        embedder.embed_crops(np.zeros((1, 112, 112, 3), np.uint8), np.zeros((1, 5, 2)))

@@ -29,14 +29,17 @@ def test_csv_lookup_by_path_name_and_stem(tmp_path):
 
 def test_csv_several_faces_boxes_and_scores(tmp_path):
     small, big = ARCFACE_TEMPLATE_112, ARCFACE_TEMPLATE_112 * 2 + 100
-    text = f"{HEADER},box_x0,box_y0,box_x1,box_y1,score\n{_row('g.jpg', small, ',10,20,100,110,0.9')}\n{_row('g.jpg', big, ',,,,,')}\n"
+    rows = [_row("g.jpg", small, ",10,20,100,110,0.9"), _row("g.jpg", big, ",,,,,")]
+    text = f"{HEADER},box_x0,box_y0,box_x1,box_y1,score\n" + "".join(f"{row}\n" for row in rows)
     (tmp_path / "lm.csv").write_text(text)
     image = np.zeros((400, 400, 3), np.uint8)
     faces = SuppliedLandmarks.from_file(tmp_path / "lm.csv").detect(image, source="g.jpg")
     assert len(faces) == 2
     assert faces[0].box == (10.0, 20.0, 100.0, 110.0) and faces[0].score == pytest.approx(0.9)
     assert faces[1].score is None and faces[1].box[2] - faces[1].box[0] > 100  # box derived from keypoints
-    crops = FacePipeline(SuppliedLandmarks.from_file(tmp_path / "lm.csv"), all_faces=True).faces_in_image(image, source="g.jpg")
+    crops = FacePipeline(SuppliedLandmarks.from_file(tmp_path / "lm.csv"), all_faces=True).faces_in_image(
+        image, source="g.jpg"
+    )
     assert [round(f.box[0]) for f in crops] == [round(faces[1].box[0]), 10]  # largest first
 
 

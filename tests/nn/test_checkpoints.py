@@ -27,7 +27,9 @@ PRESET_OF_LAYOUT = {
 def _meta_state(layout: dict, prefix: str = "") -> dict[str, torch.Tensor]:
     dtypes = {"float32": torch.float32, "int64": torch.int64}
     with torch.device("meta"):
-        return {prefix + e["key"]: torch.empty(e["shape"], dtype=dtypes[e["dtype"]]) for e in layout["state_dict"]}
+        return {
+            prefix + e["key"]: torch.empty(e["shape"], dtype=dtypes[e["dtype"]]) for e in layout["state_dict"]
+        }
 
 
 @pytest.mark.parametrize("layout_name,preset", sorted(PRESET_OF_LAYOUT.items()))
@@ -62,7 +64,9 @@ def tiny_ref():
 
 def _check_output(model, ref):
     with torch.no_grad():
-        torch.testing.assert_close(model(ref["images"], ref["keypoints"]), ref["output"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model(ref["images"], ref["keypoints"]), ref["output"], rtol=1e-4, atol=1e-4
+        )
 
 
 def test_huggingface_safetensors_prefix_and_directory(tmp_path, tiny_state, tiny_ref):
@@ -95,7 +99,9 @@ def test_plain_vit_heads_from_known_size_or_config_json(tmp_path):
     state = load_file(str(DATA / "tiny_vit.safetensors"))
     ref = load_vectors("vit")
     with torch.no_grad():  # the tiny size is a registered preset: its head count is known
-        torch.testing.assert_close(kprpe.load_official(state)(ref["images"]), ref["output"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            kprpe.load_official(state)(ref["images"]), ref["output"], rtol=1e-4, atol=1e-4
+        )
     one_block = {k: v for k, v in state.items() if not k.startswith("blocks.1.")}  # a size no preset has
     with pytest.raises(CheckpointError, match="cannot infer num_heads"):
         kprpe.load_official(one_block)
@@ -131,7 +137,10 @@ def test_kprpe_checkpoint_into_plain_model_is_explained(tiny_state):
 
 def test_shape_mismatch_lists_keys(tiny_state):
     model = kprpe.create_model("vit_tiny_kprpe", output_dim=16)
-    with pytest.raises(CheckpointError, match=r"(?s)shape mismatch .*feature.2.weight: checkpoint \(32, 64\) vs model \(16, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)shape mismatch .*feature.2.weight: checkpoint \(32, 64\) vs model \(16, 64\)",
+    ):
         load_weights(model, tiny_state)
 
 

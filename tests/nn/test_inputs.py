@@ -35,7 +35,9 @@ KP = torch.full((2, 5, 2), 0.5)
 )
 def test_bad_images(kp_model, images, error, pattern):
     with pytest.raises(error, match=pattern):
-        kp_model(images, KP[: images.shape[0]] if isinstance(images, torch.Tensor) and images.ndim == 4 else KP)
+        kp_model(
+            images, KP[: images.shape[0]] if isinstance(images, torch.Tensor) and images.ndim == 4 else KP
+        )
 
 
 @pytest.mark.parametrize(

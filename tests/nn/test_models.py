@@ -34,7 +34,7 @@ def test_required_presets_exist():
 @pytest.mark.parametrize("name", list_models("vit"))
 def test_preset_forward_backward(name):
     model = kprpe.create_model(name)
-    if model.kp_bias is not None:  # make the keypoint path carry gradient-relevant values
+    if model.kprpe is not None:  # make the keypoint path carry gradient-relevant values
         with torch.no_grad():
             model.keypoint_linear.weight.normal_(0, 0.1)
     model.train()
@@ -45,7 +45,7 @@ def test_preset_forward_backward(name):
     out.square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    if model.kp_bias is not None:
+    if model.kprpe is not None:
         assert model.keypoint_linear.weight.grad.abs().sum() > 0
 
 
@@ -94,15 +94,14 @@ def test_kprpe_variants_run_and_use_their_input(overrides):
     model = kprpe.create_model("vit_tiny_kprpe", **overrides).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.startswith("keypoint_"):
+            if name.startswith("kprpe."):
                 p.normal_(0, 0.5)
     images, kp = _inputs(model)
-    ids = kprpe.nn.bucket_ids(model.grid)
     with torch.no_grad():
         out = model(images, kp)
         moved_out = model(images, kp + 0.1)
-        bias = model.layer_bias(model.keypoint_hidden(kp), 0, ids)
-        moved_bias = model.layer_bias(model.keypoint_hidden(kp + 0.1), 0, ids)
+        bias = model.kprpe.layer_bias(model.kprpe.hidden(kp), 0)
+        moved_bias = model.kprpe.layer_bias(model.kprpe.hidden(kp + 0.1), 0)
     assert torch.isfinite(out).all()
     assert bias.shape[1:] == (model.config.num_heads, model.num_tokens, model.num_tokens)
     if overrides.get("kp_input") == "query_position":
@@ -118,19 +117,18 @@ def test_absolute_kp_input_gives_same_bias_for_every_query():
     model = kprpe.create_model("vit_tiny_kprpe", kp_input="absolute")
     with torch.no_grad():
         model.keypoint_linear.weight.normal_()
-        hidden = model.keypoint_hidden(template_keypoints(2))
-        table = model.kp_bias.layer_table(hidden, model.keypoint_linear, 0)
+        table = model.kprpe.table(model.kprpe.hidden(template_keypoints(2)), 0)
     assert table.shape[2] == 1
 
 
 def test_linear_f_decomposes_into_position_and_sample_terms():
-    # SPEC §1: with linear f, T[b] - T[b'] does not depend on the query token.
+    # docs/models.md (KP-RPE): with linear f, T[b] - T[b'] does not depend on the query token.
     model = kprpe.create_model("vit_tiny_kprpe")
     with torch.no_grad():
         model.keypoint_linear.weight.normal_()
         model.keypoint_linear.bias.normal_()
         kp = torch.rand(2, 5, 2)
-        table = model.kp_bias.layer_table(model.keypoint_hidden(kp), model.keypoint_linear, 1)
+        table = model.kprpe.table(model.kprpe.hidden(kp), 1)
     diff = table[0] - table[1]  # (H, N, nb)
     torch.testing.assert_close(diff, diff[:, :1].expand_as(diff), rtol=0, atol=1e-5)
 
@@ -175,7 +173,14 @@ def test_gradient_checkpointing_same_gradients():
 
 def test_keyword_construction_any_size():
     model = kprpe.create_model(
-        "vit_small_kprpe", img_size=64, patch_size=8, embed_dim=48, depth=3, num_heads=3, mlp_ratio=1.5, output_dim=16
+        "vit_small_kprpe",
+        img_size=64,
+        patch_size=8,
+        embed_dim=48,
+        depth=3,
+        num_heads=3,
+        mlp_ratio=1.5,
+        output_dim=16,
     ).eval()
     assert model.grid == 8 and model.keypoint_linear.out_features == 3 * 3 * 49
     out = model(torch.zeros(1, 3, 64, 64), torch.full((1, 5, 2), 0.5))
@@ -207,15 +212,28 @@ def test_config_roundtrip_and_validation():
 
 @pytest.mark.parametrize("impl", ["naive", "gather", "index", "onehot", "decomposed"])
 def test_caches_filled_in_inference_mode_serve_training(impl):
-    from kprpe.nn import buckets, position
+    from kprpe.nn import buckets
 
     buckets._DEVICE_CACHE.clear()
     buckets._bucket_ids_cpu.cache_clear()
-    position._FLAT_INDEX.clear()
-    position._ONE_HOT.clear()
     model = kprpe.create_model("vit_tiny_kprpe", kp_bias_impl=impl, img_size=48)
     images, kp = _inputs(model)
     with torch.inference_mode():
         model.eval()(images, kp)
     model.train()(images, kp).sum().backward()
     assert model.keypoint_linear.weight.grad is not None
+
+
+def test_kprpe_module_owns_its_index_buffers_and_keeps_official_names():
+    model = kprpe.create_model("vit_tiny_kprpe", kp_bias_impl="onehot")
+    buffers = dict(model.named_buffers())
+    assert {"kprpe.bucket_ids", "kprpe.flat_index", "kprpe.one_hot"} <= set(buffers)
+    keys = list(model.state_dict())
+    assert "keypoint_linear.weight" in keys and not any(
+        k.startswith("kprpe.") for k in keys
+    )  # no buffers saved
+    with torch.no_grad():
+        model.keypoint_linear.weight.normal_()
+    other = kprpe.create_model("vit_tiny_kprpe")
+    other.load_state_dict(model.state_dict())  # official names load into the module
+    assert torch.equal(other.kprpe.linear.weight, model.kprpe.linear.weight)

@@ -18,7 +18,9 @@ def _capture(model, images, keypoints):
     seen = {}
     hooks = [model.patch_embed.register_forward_hook(lambda m, i, o: seen.__setitem__("patch_embed_out", o))]
     for idx, blk in enumerate(model.blocks):
-        hooks.append(blk.register_forward_hook(lambda m, i, o, idx=idx: seen.__setitem__(f"block_out.{idx}", o)))
+        hooks.append(
+            blk.register_forward_hook(lambda m, i, o, idx=idx: seen.__setitem__(f"block_out.{idx}", o))
+        )
     with torch.no_grad():
         seen["output"] = model(images, keypoints)
         seen["forward_features"] = model.forward_features(images, keypoints).flatten(1)
@@ -31,7 +33,9 @@ def _capture(model, images, keypoints):
 @pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
 def test_output_and_intermediates_match_official(name, attn_impl):
     ref = load_vectors(name)
-    overrides = {"num_heads": 4} if name == "vit" else {}  # a plain tiny ViT's head count is not in its shapes
+    overrides = (
+        {"num_heads": 4} if name == "vit" else {}
+    )  # a plain tiny ViT's head count is not in its shapes
     model = kprpe.load_official(DATA / f"tiny_{name}.safetensors", attn_impl=attn_impl, **overrides)
     assert not model.training
     got = _capture(model, ref["images"], ref.get("keypoints"))
@@ -40,14 +44,16 @@ def test_output_and_intermediates_match_official(name, attn_impl):
 
 
 def test_math_path_follows_official_arithmetic_for_kprpe_and_vit():
-    # The explicit softmax with the gathered bias follows the official arithmetic step for step: bit for bit on
-    # the machine that made the vectors, float32 rounding (BLAS kernels differ between CPUs) elsewhere.
+    # The explicit softmax with the gathered bias follows the official arithmetic step for step: bit for bit
+    # on the machine that made the vectors, float32 rounding (BLAS kernels differ between CPUs) elsewhere.
     for name, kw in (("kprpe", {"kp_bias_impl": "gather"}), ("vit", {"num_heads": 4})):
         ref = load_vectors(name)
         model = kprpe.load_official(DATA / f"tiny_{name}.safetensors", attn_impl="math", **kw)
         with torch.no_grad():
             out = model(ref["images"], ref.get("keypoints"))
-        torch.testing.assert_close(out, ref["output"], rtol=0, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            out, ref["output"], rtol=0, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("name", ["kprpe", "irpe"])
@@ -67,10 +73,10 @@ def test_kprpe_keypoint_path_intermediates():
         rel = relative_keypoints(kp, 14, 14)
         torch.testing.assert_close(rel, ref["rel_keypoints"], **TIGHT)
         torch.testing.assert_close(model.keypoint_linear(rel), ref["keypoint_linear_out"], **TIGHT)
-        hidden = model.keypoint_hidden(kp)
-        table = model.kp_bias.layer_table(hidden, model.keypoint_linear, 0)
+        hidden = model.kprpe.hidden(kp)
+        table = model.kprpe.table(hidden, 0)
         torch.testing.assert_close(table[:1], ref["kp_ctx.layer0"], **TIGHT)
-        bias = model.layer_bias(hidden, 0, bucket_ids(14))
+        bias = model.kprpe.layer_bias(hidden, 0)
         torch.testing.assert_close(bias[:1], ref["attn_bias.layer0"], **TIGHT)
 
 
@@ -120,8 +126,10 @@ def test_every_kprpe_bias_path_matches_official(impl, attn_impl):
     model = kprpe.load_official(DATA / "tiny_kprpe.safetensors", kp_bias_impl=impl, attn_impl=attn_impl)
     with torch.no_grad():
         out = model(ref["images"], ref["keypoints"])
-        again = model(ref["images"], ref["keypoints"])  # decomposed: second call uses the cached position term
-        biases = model.keypoint_bias_layers(ref["keypoints"], bucket_ids(14))
+        again = model(
+            ref["images"], ref["keypoints"]
+        )  # decomposed: second call uses the cached position term
+        biases = model.kprpe.layer_biases(ref["keypoints"])
         torch.testing.assert_close(biases(0)[:1], ref["attn_bias.layer0"], **TIGHT)
     torch.testing.assert_close(out, ref["output"], **TOL)
     torch.testing.assert_close(again, out, rtol=0, atol=0)
@@ -154,7 +162,7 @@ def test_flex_attention_reads_the_table_and_matches_official():
     # On CPU FlexAttention runs PyTorch's eager reference; on CUDA the same path is compiled.
     ref = load_vectors("kprpe")
     model = kprpe.load_official(DATA / "tiny_kprpe.safetensors", attn_impl="flex")
-    biases = model.keypoint_bias_layers(ref["keypoints"], bucket_ids(14))
+    biases = model.kprpe.layer_biases(ref["keypoints"])
     assert isinstance(biases(0), kprpe.nn.position.BucketBias)  # no dense (B, H, N, N) bias is built
     with torch.no_grad():
         out = model(ref["images"], ref["keypoints"])

@@ -10,7 +10,20 @@ from kprpe.data import RecordSource, read_landmarks
 
 
 def test_make_example_data_and_pack(tmp_path, capsys):
-    assert main(["make-example-data", str(tmp_path / "ex"), "--identities", "3", "--images-per-identity", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "make-example-data",
+                str(tmp_path / "ex"),
+                "--identities",
+                "3",
+                "--images-per-identity",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert len(RecordSource(tmp_path / "ex" / "train.rec")) == 12
     assert read_landmarks(tmp_path / "ex" / "landmarks.csv", num_samples=12).shape == (12, 5, 2)
     (tmp_path / "ex" / "images" / "id_0001" / "img_000.png").write_bytes(b"junk")
@@ -18,13 +31,14 @@ def test_make_example_data_and_pack(tmp_path, capsys):
     assert main(["pack", str(tmp_path / "ex" / "images"), "-o", str(tmp_path / "p.rec"), "--quiet"]) == 1
     captured = capsys.readouterr()
     out = captured.out
-    assert "wrote 11 images of 3 identities" in out and "SKIPPED 1 unreadable images" in out and "id_0001/img_000.png" in out
-    assert "--allow-skipped" in captured.err
+    assert "wrote 11 images of 3 identities" in out and "SKIPPED 1 unreadable images" in out
+    assert "id_0001/img_000.png" in out and "--allow-skipped" in captured.err
     assert "id_0001/img_000.png" in (tmp_path / "p.failures.json").read_text()
     assert len(RecordSource(tmp_path / "p.rec")) == 11 and RecordSource(tmp_path / "p.rec").declared_num_classes == 3
-    assert main(["pack", str(tmp_path / "ex" / "images"), "-o", str(tmp_path / "p2.rec"), "--quiet", "--allow-skipped"]) == 0
+    images = str(tmp_path / "ex" / "images")
+    assert main(["pack", images, "-o", str(tmp_path / "p2.rec"), "--quiet", "--allow-skipped"]) == 0
     (tmp_path / "ex" / "images" / "id_0001" / "img_000.png").unlink()
-    assert main(["pack", str(tmp_path / "ex" / "images"), "-o", str(tmp_path / "p.rec"), "--quiet"]) == 0
+    assert main(["pack", images, "-o", str(tmp_path / "p.rec"), "--quiet"]) == 0
     assert not (tmp_path / "p.failures.json").exists()  # a stale list from the earlier run is dropped
     assert main(["pack", str(tmp_path / "nowhere"), "-o", str(tmp_path / "p3.rec")]) == 2
     assert "image folder not found" in capsys.readouterr().err
@@ -39,6 +53,21 @@ def test_landmarks_command_without_face_pipeline(tmp_path, monkeypatch, capsys, 
 def test_landmarks_command_with_the_dlib_backend(tmp_path, synthetic_data):
     pytest.importorskip("dlib")
     out = tmp_path / "l.csv"
-    assert main(["landmarks", str(synthetic_data["rec"]), "-o", str(out), "--mode", "crop", "--limit", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "landmarks",
+                str(synthetic_data["rec"]),
+                "-o",
+                str(out),
+                "--mode",
+                "crop",
+                "--limit",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     kp = read_landmarks(out, num_samples=2)
     assert np.isfinite(kp).all()  # crop mode always yields points (synthetic images are not real faces)

@@ -16,7 +16,10 @@ def test_errors_name_the_key():
          r"^head.margin_gradient: must be straight_through or exact, got 'textbook'"),
         ({"data": {"train": "x"}, "schedule": "cosine"}, r"^schedule: must be a mapping"),
         ({"data": {}}, r"^data.train: is required"),
-        ({"data": {"train": "x", "augmentation": {"rotation_p": 3}}}, r"data.augmentation.rotation_p is a probability"),
+        (
+            {"data": {"train": "x", "augmentation": {"rotation_p": 3}}},
+            r"data.augmentation.rotation_p is a probability",
+        ),
         ({"data": {"train": "x"}, "trian": {}}, r"^trian: unknown key"),
     ]
     for values, pattern in cases:
@@ -28,7 +31,9 @@ def test_overrides_and_yaml_parsing(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  train: data.rec\noptim:\n  lr: 1e-4\n")
     (tmp_path / "data.rec").write_bytes(b"")
-    cfg = load_config(path, ["optim.lr=3e-4", "head.type=arcface", "data.augmentation.flip_p=0", "validation.pairs=[a.bin]"])
+    cfg = load_config(
+        path, ["optim.lr=3e-4", "head.type=arcface", "data.augmentation.flip_p=0", "validation.pairs=[a.bin]"]
+    )
     assert cfg.optim.lr == pytest.approx(3e-4) and cfg.head.type == "arcface"
     assert cfg.data.augmentation.flip_p == 0.0 and cfg.validation.pairs == ["a.bin"]
     assert cfg.data.train == str(tmp_path / "data.rec")  # resolved beside the config file

@@ -104,7 +104,9 @@ def test_partial_fc_sampling_keeps_positives_and_is_cross_entropy_over_the_sampl
     torch.manual_seed(1)
     emb = torch.randn(6, 8)
     labels = torch.tensor([3, 3, 17, 40, 41, 99])
-    head = PartialFC(8, 100, build_margin("cosface", scale=8.0), sample_rate=0.2, rank=0, world_size=1, seed=5)
+    head = PartialFC(
+        8, 100, build_margin("cosface", scale=8.0), sample_rate=0.2, rank=0, world_size=1, seed=5
+    )
     loss, _ = head(emb, labels)
     index = head.last_sampled
     assert index.numel() == 20 and set(labels.tolist()) <= set(index.tolist())

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -33,7 +34,8 @@ def test_short_run_learns_and_writes_a_loadable_model(tiny_config, tmp_path):
 
 
 def test_killed_and_resumed_run_ends_with_identical_weights(tiny_config, tmp_path):
-    """A crash after step 4 (checkpoint at 3), then --resume, must give bit-identical weights to a straight run."""
+    """A crash after step 4 (checkpoint at 3), then --resume, must give bit-identical weights to a straight
+    run."""
     tiny_config["data"]["augmentation"] = {"photometric_p": 0.5, "cutout_p": 0.3}  # randomness everywhere
     tiny_config["head"]["sample_rate"] = 0.5
     tiny_config["model"]["overrides"]["drop_path_rate"] = 0.1
@@ -70,7 +72,9 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_config, tmp_pat
 def test_resume_state_holds_only_tensors_and_plain_containers(tiny_config, tmp_path):
     tiny_config["train"].update(max_steps=2)
     Trainer(config_from_dict(tiny_config)).run()
-    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000002" / "state.rank0.pt", weights_only=True)
+    state = torch.load(
+        tmp_path / "run" / "checkpoints" / "step_00000002" / "state.rank0.pt", weights_only=True
+    )
     assert state["step"] == 2 and "optimizer" in state and state["rng_cpu"].dtype == torch.uint8
 
 
@@ -79,14 +83,18 @@ def test_fine_tune_from_an_official_style_checkpoint(tiny_config, tmp_path, synt
 
     from kprpe.data.synthetic import make_synthetic_faces
 
-    folder, landmarks = make_synthetic_faces(tmp_path / "big", num_identities=4, images_per_identity=4, size=112, progress=False)
-    ref = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "tiny_kprpe.safetensors"
+    folder, landmarks = make_synthetic_faces(
+        tmp_path / "big", num_identities=4, images_per_identity=4, size=112, progress=False
+    )
+    ref = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_kprpe.safetensors"
     tiny_config["model"] = {"pretrained": str(ref)}
     tiny_config["data"].update(train=str(folder), landmarks=str(landmarks), batch_size=8)
     tiny_config["train"].update(max_steps=1)
     trainer = Trainer(config_from_dict(tiny_config))
     before = kprpe.load_official(ref).state_dict()
-    assert torch.equal(trainer.model.state_dict()["patch_embed.proj.weight"], before["patch_embed.proj.weight"])
+    assert torch.equal(
+        trainer.model.state_dict()["patch_embed.proj.weight"], before["patch_embed.proj.weight"]
+    )
     final = trainer.run()
     after = kprpe.load_official(final).state_dict()
     assert not torch.equal(after["patch_embed.proj.weight"], before["patch_embed.proj.weight"])
@@ -100,7 +108,9 @@ def test_fine_tune_from_an_official_style_checkpoint(tiny_config, tmp_path, synt
 def test_validation_pairs_and_bad_samples_are_logged(tiny_config, tmp_path, synthetic_data):
     import shutil
 
-    images = [cv2.imencode(".jpg", np.full((112, 112, 3), v, np.uint8))[1].tobytes() for v in range(0, 240, 12)]
+    images = [
+        cv2.imencode(".jpg", np.full((112, 112, 3), v, np.uint8))[1].tobytes() for v in range(0, 240, 12)
+    ]
     with open(tmp_path / "toy.bin", "wb") as f:
         pickle.dump((images, [True, False] * 5), f)
     folder = tmp_path / "imgs"
@@ -112,14 +122,16 @@ def test_validation_pairs_and_bad_samples_are_logged(tiny_config, tmp_path, synt
     trainer = Trainer(config_from_dict(tiny_config))
     trainer.run()
     rows = list(csv.DictReader(open(tmp_path / "run" / "validation.csv")))
-    assert [r["step"] for r in rows] == ["3", "6", "9", "12"] and all(0 <= float(r["accuracy"]) <= 1 for r in rows)
+    assert [r["step"] for r in rows] == ["3", "6", "9", "12"] and all(
+        0 <= float(r["accuracy"]) <= 1 for r in rows
+    )
     # 12 steps x 16 = 192 samples = one epoch: the broken sample was seen exactly once
     assert trainer.bad_samples == 1
     assert (tmp_path / "run" / "bad_samples.txt").read_text().split() == ["1"]
 
 
 def test_verification_file_refuses_code(tmp_path):
-    from kprpe.data.dataset import DataError
+    from kprpe.eval import UnsafePickleError
     from kprpe.train import load_verification_bin
 
     class Evil:
@@ -128,7 +140,7 @@ def test_verification_file_refuses_code(tmp_path):
 
     with open(tmp_path / "evil.bin", "wb") as f:
         pickle.dump(([Evil()], []), f)
-    with pytest.raises(DataError, match="refusing to load builtins.print"):
+    with pytest.raises(UnsafePickleError, match="refusing to load global 'builtins.print'"):
         load_verification_bin(tmp_path / "evil.bin")
 
 
@@ -138,7 +150,9 @@ def test_lr_schedules():
     assert f(4, warmup_steps=4, schedule="cosine") == pytest.approx(1.0)
     assert f(100, warmup_steps=4, schedule="cosine", min_ratio=0.1) == pytest.approx(0.1)
     assert f(52, warmup_steps=4, schedule="cosine") == pytest.approx(0.5)
-    assert [f(s, warmup_steps=0, schedule="step", milestones=[10, 20], gamma=0.1) for s in (9, 10, 20)] == pytest.approx([1, 0.1, 0.01])
+    assert [
+        f(s, warmup_steps=0, schedule="step", milestones=[10, 20], gamma=0.1) for s in (9, 10, 20)
+    ] == pytest.approx([1, 0.1, 0.01])
 
 
 def test_cli_reports_config_errors_by_key(tmp_path, capsys):

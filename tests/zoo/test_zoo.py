@@ -285,7 +285,7 @@ def test_cli_errors_are_one_line_and_write_nothing(offline, tmp_path, capsys):
     before = _tree(tmp_path)
     out = tmp_path / "out"
     assert main(["eval", "pairs", "--weights", "minchul/no_such_model", "--pairs", str(pairs),
-                 "--out", str(out), "--no-cache", "--quiet"]) == 2
+                 "-o", str(out), "--no-cache", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "HF_HUB_OFFLINE" in err and "Traceback" not in err
     assert _tree(tmp_path) == before
@@ -314,7 +314,7 @@ def test_eval_on_a_zoo_checkpoint_prints_the_published_number_beside_ours(offlin
     write_verification_bin(tmp_path / "lfw.bin", images, [k % 2 == 0 for k in range(10)])
     out = tmp_path / "run"
     code = main(["eval", "verify", "--weights", REPO, "--bin", str(tmp_path / "lfw.bin"), "--keypoints", "template",
-                 "--out", str(out), "--no-cache", "--quiet"])
+                 "-o", str(out), "--no-cache", "--quiet"])
     stdout = capsys.readouterr().out
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -327,5 +327,5 @@ def test_eval_on_a_zoo_checkpoint_prints_the_published_number_beside_ours(offlin
     assert "published (ours − published)" in (out / "summary.md").read_text()
     # a local path is not a catalogued checkpoint: no published column
     code = main(["eval", "verify", "--weights", str(TINY), "--bin", str(tmp_path / "lfw.bin"), "--keypoints",
-                 "template", "--out", str(tmp_path / "run2"), "--no-cache", "--quiet"])
+                 "template", "-o", str(tmp_path / "run2"), "--no-cache", "--quiet"])
     assert code == 0 and "published" not in json.loads((tmp_path / "run2" / "results.json").read_text())["sets"]["lfw"]

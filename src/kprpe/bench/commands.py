@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli_options import add_device_option, add_output_option
 from ..files import write_json
 from .runner import Case, format_engine_table, format_table, machine_info, run_suite
 
@@ -45,60 +46,89 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
                     size_name, overrides = "tiny", dict(img_size=32, patch_size=8)
                 else:
                     size_name = size
-                cases.append(Case(model=f"vit_{size_name}", attn_impl=args.attn_impl, overrides=overrides, **common))
+                cases.append(
+                    Case(model=f"vit_{size_name}", attn_impl=args.attn_impl, overrides=overrides, **common)
+                )
                 for impl in args.bias_impls:
                     # the naive reference is the official code's way end to end, explicit softmax included
                     attn = "math" if impl == "naive" else args.attn_impl
                     cases.append(Case(model=f"vit_{size_name}_kprpe", bias_impl=impl, attn_impl=attn,
                                       overrides=overrides, **common))
                 if args.irpe:
-                    cases.append(Case(model=f"vit_{size_name}_irpe", attn_impl="math", overrides=overrides, **common))
+                    cases.append(
+                        Case(model=f"vit_{size_name}_irpe", attn_impl="math", overrides=overrides, **common)
+                    )
     return cases
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.smoke:
-        args.sizes, args.batch_sizes, args.repeats, args.warmup, args.rounds, args.in_process = ["micro"], [2], 1, 1, 1, True
+        args.sizes, args.batch_sizes, args.repeats, args.warmup, args.rounds, args.in_process = (
+            ["micro"],
+            [2],
+            1,
+            1,
+            1,
+            True,
+        )
     import torch
 
     if args.engine == "onnx" and (args.device != "cpu" or args.dtype != "float32"):
-        from ..cli import CommandError
+        from ..errors import CommandError
 
         raise CommandError("--engine onnx compares CPU float32 inference: use --device cpu --dtype float32")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        from ..cli import CommandError
-
         raise CommandError("--device cuda requested but CUDA is not available on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = build_cases(args)
     info = machine_info(args.device)
-    print(f"machine: {info.get('cpu_model', info['processor'])}, {info['cpu_count']} CPUs, torch {info['torch']}, "
-          f"threads {args.threads or info['threads']}, device {args.device}{' (' + info['gpu'] + ')' if 'gpu' in info else ''}, dtype {args.dtype}")
-    results = run_suite(cases, warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, threads=args.threads,
-                        isolated=not args.in_process)
+    print(
+        f"machine: {info.get('cpu_model', info['processor'])}, {info['cpu_count']} CPUs, torch "
+        f"{info['torch']}, "
+        f"threads {args.threads or info['threads']}, device "
+        f"{args.device}{' (' + info['gpu'] + ')' if 'gpu' in info else ''}, dtype {args.dtype}"
+    )
+    results = run_suite(
+        cases,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        rounds=args.rounds,
+        threads=args.threads,
+        isolated=not args.in_process,
+    )
     table = format_table(results)
     print(table)
     engines = format_engine_table(results)
     if engines:
         print("\nONNX Runtime vs eager PyTorch (inference):\n" + engines)
-    payload = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
+    payload = {
+        "machine": info,
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "results": results,
+    }
     write_json(args.output, payload)
     print(f"wrote {args.output}")
     return 1 if any("error" in r for r in results) else 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", type=_csv(str), default=["small", "base"], help="model sizes: small,base (micro: CI smoke)")
+    p.add_argument(
+        "--sizes", type=_csv(str), default=["small", "base"], help="model sizes: small,base (micro: CI smoke)"
+    )
     p.add_argument("--modes", type=_csv(str), default=["infer", "train"], help="infer,train")
     p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 32],
                    help="default 1,8,32 (training skips batch 1: the BatchNorm head needs 2 or more samples)")
     p.add_argument("--bias-impls", type=_csv(str), default=list(BIAS_PATHS) + ["auto"],
                    help=f"KP-RPE bias paths to compare (default: all of {','.join(BIAS_PATHS)},auto)")
-    p.add_argument("--attn-impl", default="sdpa", choices=["sdpa", "math"],
-                   help="attention kernel for ViT and the KP-RPE paths (the naive reference always uses math)")
+    p.add_argument(
+        "--attn-impl",
+        default="sdpa",
+        choices=["sdpa", "math"],
+        help="attention kernel for ViT and the KP-RPE paths (the naive reference always uses math)",
+    )
     p.add_argument("--no-irpe", dest="irpe", action="store_false", help="skip the iRPE baseline")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_option(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 = autocast")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=1)
@@ -109,7 +139,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on a micro model (CI)")
     p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
                    help="onnx: ViT and KP-RPE inference, eager PyTorch vs ONNX Runtime in one run (needs kprpe[onnx])")
-    p.add_argument("-o", "--output", default="runs/bench/bench.json", help="JSON output file")
+    add_output_option(
+        p, help="JSON output file", required=False, default="runs/bench/bench.json", metavar="JSON"
+    )
     p.set_defaults(func=cmd_bench)
 
 

@@ -99,7 +99,7 @@ def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
     if "kprpe" in case.model:
         overrides["kp_bias_impl"] = case.bias_impl
     model = kprpe.create_model(case.model, **overrides).to(device)
-    if model.kp_bias is not None:  # a zero table would make every path trivially cheap to get right
+    if model.kprpe is not None:  # a zero table would make every path trivially cheap to get right
         with torch.no_grad():
             model.keypoint_linear.weight.normal_(0, 0.1)
     cfg = model.config
@@ -158,7 +158,7 @@ def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
         "images_per_s": case.batch_size / median,
         "peak_mem_mb": peak / 2**20,
         "step_mem_mb": max(peak - base_mem, 0) / 2**20,
-        "bias_impl_used": model.bias_impl() if model.kp_bias is not None else None,
+        "bias_impl_used": model.kprpe.impl if model.kprpe is not None else None,
     }
 
 
@@ -211,12 +211,24 @@ def _run_isolated(case: Case, warmup: int, repeats: int, threads: int | None) ->
         cmd = [sys.executable, "-m", "kprpe.bench.runner", payload, str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
-            return {**asdict(case), "label": case.label, "error": (proc.stderr or proc.stdout).strip()[-2000:]}
+            return {
+                **asdict(case),
+                "label": case.label,
+                "error": (proc.stderr or proc.stdout).strip()[-2000:],
+            }
         return json.loads(out.read_text())
 
 
-def run_suite(cases: list[Case], *, warmup: int = 1, repeats: int = 3, rounds: int = 1, threads: int | None = None,
-              isolated: bool = True, progress: bool = True) -> list[dict]:
+def run_suite(
+    cases: list[Case],
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+    rounds: int = 1,
+    threads: int | None = None,
+    isolated: bool = True,
+    progress: bool = True,
+) -> list[dict]:
     """Measure every case, ``rounds`` times in a rotating order (each time in a fresh process when
     ``isolated``), so slow drifts of the machine spread over all cases instead of biasing a few. A case's time
     is the median of all its timed steps; its memory the median over rounds."""
@@ -228,7 +240,9 @@ def run_suite(cases: list[Case], *, warmup: int = 1, repeats: int = 3, rounds: i
     for _, i in bar:
         case = cases[i]
         bar.set_postfix_str(f"{case.label} {case.mode} b={case.batch_size}")
-        result = _run_isolated(case, warmup, repeats, threads) if isolated else run_case(case, warmup, repeats)
+        result = (
+            _run_isolated(case, warmup, repeats, threads) if isolated else run_case(case, warmup, repeats)
+        )
         runs[i].append(result)
     results = [_merge_rounds(runs[i]) for i in range(len(cases))]
     _add_ratios(results)
@@ -298,13 +312,17 @@ def format_table(results: list[dict]) -> str:
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['label']} | {r['mode']} | {r['batch_size']} | {r['dtype']} | error: {r['error'].splitlines()[-1][:60]} |||||")
+            lines.append(
+                f"| {r['label']} | {r['mode']} | {r['batch_size']} | {r['dtype']} | error: "
+                f"{r['error'].splitlines()[-1][:60]} |||||"
+            )
             continue
         ratio = f"{r['time_vs_vit']:.3f}" if r.get("time_vs_vit") is not None else ""
         mem_ratio = f"{r['step_mem_vs_vit']:.2f}" if r.get("step_mem_vs_vit") is not None else ""
         lines.append(
             f"| {r['label']} | {r['mode']} | {r['batch_size']} | {r['dtype']} | {r['median_s'] * 1000:.1f} | "
-            f"{r['images_per_s']:.1f} | {ratio} | {r['peak_mem_mb']:.0f} | {r['step_mem_mb']:.0f} | {mem_ratio} |"
+            f"{r['images_per_s']:.1f} | {ratio} | {r['peak_mem_mb']:.0f} | {r['step_mem_mb']:.0f} | "
+            f"{mem_ratio} |"
         )
     return "\n".join(lines)
 

@@ -1,15 +1,17 @@
-"""Training data: RecordIO reader/writer, image folders, landmark files, keypoint-consistent augmentation."""
+"""Training data: RecordIO reader/writer, image folders, keypoint-consistent augmentation. Landmark files
+(:mod:`kprpe.landmarks`) and image decoding (:mod:`kprpe.images`) have their own homes; their names are
+re-exported here for existing callers."""
 
+from ..images import decode_image
+from ..landmarks import LandmarkFileError, read_landmarks, write_landmarks
 from .dataset import (
     IMAGE_EXTENSIONS,
     DataError,
     FaceDataset,
     FolderSource,
     RecordSource,
-    decode_image,
     open_source,
 )
-from .landmarks import LandmarkFileError, read_landmarks, write_landmarks
 from .pack import PackReport, pack_folder
 from .recordio import (
     RECORDIO_MAGIC,

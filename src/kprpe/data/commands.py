@@ -8,16 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import CommandError
+from ..cli_options import add_output_option, add_quiet_option
+from ..errors import CommandError
 from ..files import write_json
-from .dataset import DataError
-from .landmarks import LandmarkFileError
-from .recordio import RecordIOError
 
 __all__ = ["register", "face_keypoint_detector"]
-
-_DATA_ERRORS = (DataError, RecordIOError, LandmarkFileError, OSError)
-
 
 def _print_first(failures: list[tuple], label: str, limit: int = 20) -> None:
     """Print the first ``limit`` (item, reason) failures and how many more there are."""
@@ -34,10 +29,15 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     if out.suffix != ".rec":
         raise CommandError(f"--output must end in .rec (the .idx is written beside it), got {out}")
     try:
-        report = pack_folder(args.folder, out, resize=args.resize, quality=args.quality, progress=not args.quiet)
-    except _DATA_ERRORS as exc:
+        report = pack_folder(
+            args.folder, out, resize=args.resize, quality=args.quality, progress=not args.quiet
+        )
+    except OSError as exc:  # data, landmark and image errors are KprpeErrors: kprpe.cli prints them
         raise CommandError(str(exc)) from None
-    print(f"wrote {report.num_images} images of {report.num_identities} identities to {out} (+ {out.with_suffix('.idx').name})")
+    print(
+        f"wrote {report.num_images} images of {report.num_identities} identities to {out} (+ "
+        f"{out.with_suffix('.idx').name})"
+    )
     if report.ignored:
         print(f"ignored {len(report.ignored)} non-image files (first: {', '.join(report.ignored[:5])})")
     if report.failures:
@@ -90,7 +90,7 @@ def _cmd_landmarks(args: argparse.Namespace) -> int:
     detect = face_keypoint_detector(args.mode, args.detector, args.landmark_model)
     try:
         report = compute_landmarks(args.data, args.output, detect, progress=not args.quiet, limit=args.limit)
-    except _DATA_ERRORS as exc:
+    except OSError as exc:  # data, landmark and image errors are KprpeErrors: kprpe.cli prints them
         raise CommandError(str(exc)) from None
     print(f"landmarks for {report.num_found} of {report.num_samples} samples written to {report.csv_path}")
     if report.failures:
@@ -98,7 +98,10 @@ def _cmd_landmarks(args: argparse.Namespace) -> int:
         _print_first(report.failures, "sample {}")
         failures_path = write_json(Path(args.output).with_suffix(".failures.json"),
                                    [{"index": i, "reason": r} for i, r in report.failures])
-        print(f"full list: {failures_path}; train with data.missing_landmarks=template to use the template for them")
+        print(
+            f"full list: {failures_path}; train with data.missing_landmarks=template to use the template for "
+            "them"
+        )
     return 0
 
 
@@ -112,39 +115,56 @@ def _cmd_example_data(args: argparse.Namespace) -> int:
                                              seed=args.seed, progress=not args.quiet)
     report = pack_folder(folder, out / "train.rec", progress=not args.quiet)
     (out / "landmarks.csv").write_bytes(landmarks.read_bytes())
-    print(f"wrote {report.num_images} synthetic images of {report.num_identities} identities: {out / 'train.rec'}, "
-          f"{out / 'landmarks.csv'} (images kept in {folder})")
+    print(
+        f"wrote {report.num_images} synthetic images of {report.num_identities} identities: "
+        f"{out / 'train.rec'}, "
+        f"{out / 'landmarks.csv'} (images kept in {folder})"
+    )
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("pack", help="pack an image folder (<identity>/<image>) into insightface RecordIO")
+    p = subparsers.add_parser(
+        "pack", help="pack an image folder (<identity>/<image>) into insightface RecordIO"
+    )
     p.add_argument("folder", help="folder with one sub-folder of images per identity")
-    p.add_argument("--output", "-o", required=True, help="output .rec path (the .idx is written beside it)")
+    add_output_option(p, help="output .rec path (the .idx is written beside it)", metavar="REC")
     p.add_argument("--resize", type=int, default=None, help="re-encode every image as a SIZE x SIZE JPEG")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
     p.add_argument("--allow-skipped", action="store_true",
                    help="exit with status 0 even if unreadable images were skipped (default: status 1, list written)")
     p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # the default since 0.2
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_option(p)
     p.set_defaults(func=_cmd_pack)
 
-    p = subparsers.add_parser("landmarks", help="compute a data set's 5-point landmark file (CSV idx,ldmk_0..ldmk_9)")
+    p = subparsers.add_parser(
+        "landmarks", help="compute a data set's 5-point landmark file (CSV idx,ldmk_0..ldmk_9)"
+    )
     p.add_argument("data", help="a .rec file (with .idx) or an image folder")
-    p.add_argument("--output", "-o", required=True, help="CSV to write")
-    p.add_argument("--mode", choices=("auto", "detect", "crop"), default="auto",
-                   help="detect faces, treat each image as a face crop, or detect then fall back to crop (default)")
-    p.add_argument("--detector", choices=("hog", "cnn"), default="hog", help="dlib face detector (default hog)")
-    p.add_argument("--landmark-model", choices=("68", "5"), default="68", help="dlib landmark model (default 68)")
+    add_output_option(p, help="CSV to write", metavar="CSV")
+    p.add_argument(
+        "--mode",
+        choices=("auto", "detect", "crop"),
+        default="auto",
+        help="detect faces, treat each image as a face crop, or detect then fall back to crop (default)",
+    )
+    p.add_argument(
+        "--detector", choices=("hog", "cnn"), default="hog", help="dlib face detector (default hog)"
+    )
+    p.add_argument(
+        "--landmark-model", choices=("68", "5"), default="68", help="dlib landmark model (default 68)"
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N samples (for a quick check)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(p)
     p.set_defaults(func=_cmd_landmarks)
 
-    p = subparsers.add_parser("make-example-data", help="write the small synthetic data set the example config trains on")
+    p = subparsers.add_parser(
+        "make-example-data", help="write the small synthetic data set the example config trains on"
+    )
     p.add_argument("output", nargs="?", default="example_data", help="output folder (default example_data)")
     p.add_argument("--identities", type=int, default=20)
     p.add_argument("--images-per-identity", type=int, default=16)
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    add_quiet_option(p)
     p.set_defaults(func=_cmd_example_data)

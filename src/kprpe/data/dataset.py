@@ -3,8 +3,8 @@
 A *source* lists samples and returns ``(encoded image bytes, label)`` for a sample index. :class:`FaceDataset`
 decodes, looks up the keypoints, augments (seeded per sample) and returns model-ready tensors. Damaged samples
 are never dropped silently: with ``on_error="raise"`` the first one stops training with its index; with
-``"replace"`` the sample is returned flagged ``valid=False`` (black image, excluded from the loss) and the loop
-counts and logs every such index.
+``"replace"`` the sample is returned flagged ``valid=False`` (black image, excluded from the loss) and the
+loop counts and logs every such index.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import math
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import KprpeError
+from ..images import ImageLoadError, decode_image
 from ..keypoints import ARCFACE_TEMPLATE_112
-from .landmarks import read_landmarks
+from ..landmarks import read_landmarks
 from .recordio import RecordIOError, RecordIOReader, index_path_for
 from .transforms import AugmentConfig, FaceAugment, image_to_tensor
 
@@ -29,25 +30,14 @@ __all__ = [
     "RecordSource",
     "FolderSource",
     "open_source",
-    "decode_image",
     "FaceDataset",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class DataError(ValueError):
+class DataError(KprpeError, ValueError):
     """A sample or data set that cannot be used; the message names the file and sample index."""
-
-
-def decode_image(data: bytes, where: str) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB ``(H, W, 3)``; raises :class:`DataError` naming ``where``."""
-    if not data:
-        raise DataError(f"{where}: empty image data")
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataError(f"{where}: image data cannot be decoded ({len(data)} bytes; corrupt or not an image)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 class RecordSource:
@@ -90,7 +80,9 @@ class RecordSource:
         else:
             self.image_keys = list(keys)
         if not self.image_keys:
-            raise DataError(f"{self.path}: no image records (header record 0 says images end at key {header.label})")
+            raise DataError(
+                f"{self.path}: no image records (header record 0 says images end at key {header.label})"
+            )
 
     def __len__(self) -> int:
         return len(self.image_keys)
@@ -129,7 +121,9 @@ class FolderSource:
         self.path = Path(root)
         if not self.path.is_dir():
             raise DataError(f"image folder not found: {self.path}")
-        self.identities = sorted(p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.identities = sorted(
+            p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         self.files: list[str] = []
         self.labels: list[int] = []
         self.ignored: list[str] = []
@@ -142,7 +136,8 @@ class FolderSource:
                     self.ignored.append(f"{identity}/{p.name}")
         if not self.files:
             raise DataError(
-                f"{self.path}: no images found; expected <identity>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}"
+                f"{self.path}: no images found; expected <identity>/<image> with extensions "
+                f"{', '.join(IMAGE_EXTENSIONS)}"
             )
         self.declared_num_classes = len(self.identities)
 
@@ -173,7 +168,10 @@ def open_source(path: str | os.PathLike) -> RecordSource | FolderSource:
         if rec.is_file():
             return RecordSource(rec)
         return FolderSource(path)
-    raise DataError(f"training data not found: {path} (expected a .rec file with its .idx, or a folder of <identity>/<image>)")
+    raise DataError(
+        f"training data not found: {path} (expected a .rec file with its .idx, or a folder of "
+        "<identity>/<image>)"
+    )
 
 
 class FaceDataset(Dataset):
@@ -211,7 +209,10 @@ class FaceDataset(Dataset):
         self.eval_transform = FaceAugment(AugmentConfig.disabled(), self.image_size)
         self.num_classes = num_classes or self.source.declared_num_classes
         if not self.num_classes:
-            raise DataError(f"{self.source.path}: the number of identities is not recorded in the data; set data.num_classes")
+            raise DataError(
+                f"{self.source.path}: the number of identities is not recorded in the data; set "
+                "data.num_classes"
+            )
         n = len(self.source)
         self.num_missing_landmarks = 0
         if landmarks is not None:
@@ -221,7 +222,8 @@ class FaceDataset(Dataset):
             if missing.size and missing_landmarks == "error":
                 shown = ", ".join(str(i) for i in missing[:10])
                 raise DataError(
-                    f"{landmarks}: {missing.size} of {n} samples have no landmarks (first: {shown}); add them, or set "
+                    f"{landmarks}: {missing.size} of {n} samples have no landmarks (first: {shown}); add "
+                    "them, or set "
                     f"data.missing_landmarks=template to use the ArcFace template for those samples"
                 )
             if missing.size:
@@ -229,7 +231,10 @@ class FaceDataset(Dataset):
             self.keypoints = kps
         else:
             if num_keypoints != 5:
-                raise DataError(f"without a landmark file the ArcFace 5-point template is used, but num_keypoints={num_keypoints}")
+                raise DataError(
+                    "without a landmark file the ArcFace 5-point template is used, but "
+                    f"num_keypoints={num_keypoints}"
+                )
             self.keypoints = None
 
     def _template(self) -> np.ndarray:
@@ -244,9 +249,15 @@ class FaceDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, int]:
         """Decoded RGB image and label of sample ``index``, checked; raises :class:`DataError`."""
         data, label = self.source.get(index)
-        image = decode_image(data, self.source.describe(index))
+        try:
+            image = decode_image(data, self.source.describe(index))
+        except ImageLoadError as exc:
+            raise DataError(str(exc)) from None
         if not 0 <= label < self.num_classes:
-            raise DataError(f"{self.source.describe(index)}: label {label} outside 0..{self.num_classes - 1} (num_classes)")
+            raise DataError(
+                f"{self.source.describe(index)}: label {label} outside 0..{self.num_classes - 1} "
+                "(num_classes)"
+            )
         return image, label
 
     def __getitem__(self, item) -> dict:

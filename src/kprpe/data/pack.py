@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .dataset import DataError, FolderSource, RecordSource, decode_image, open_source
-from .landmarks import write_landmarks
+from ..images import ImageLoadError, decode_image
+from ..landmarks import write_landmarks
+from .dataset import DataError, FolderSource, RecordSource, open_source
 from .recordio import RecordHeader, RecordIOWriter, pack_record
 
 __all__ = ["PackReport", "pack_folder", "LandmarkReport", "compute_landmarks"]
@@ -38,7 +39,8 @@ def pack_folder(
     """Write ``folder/<identity>/<image>`` to ``rec_path`` (+ ``.idx``) in the insightface layout.
 
     Record 0 is a header with ``label = (N + 1, N + 1 + C)``; images are keys ``1..N`` (label = identity
-    index, sorted folder order); keys ``N+1..N+C`` hold each identity's ``(first key, end key)``. Every image is
+    index, sorted folder order); keys ``N+1..N+C`` hold each identity's ``(first key, end key)``. Every image
+    is
     decoded first: unreadable ones are left out and listed in the report, never silently. With ``resize`` the
     images are re-encoded as ``resize x resize`` JPEGs, otherwise the original bytes are stored.
     """
@@ -55,14 +57,16 @@ def pack_folder(
             try:
                 data, label = source.get(index)
                 image = decode_image(data, source.describe(index))
-            except DataError as exc:
+            except (DataError, ImageLoadError) as exc:
                 report.failures.append((source.files[index], str(exc)))
                 continue
             if resize is not None:
                 if image.shape[:2] != (resize, resize):
                     interp = cv2.INTER_AREA if image.shape[0] > resize else cv2.INTER_LINEAR
                     image = cv2.resize(image, (resize, resize), interpolation=interp)
-                ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+                ok, buf = cv2.imencode(
+                    ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+                )
                 if not ok:
                     report.failures.append((source.files[index], "JPEG encoding failed"))
                     continue
@@ -108,7 +112,7 @@ def compute_landmarks(
     for index in tqdm(range(n), desc="landmarks", unit="img", disable=not progress):
         try:
             image = decode_image(source.get(index)[0], source.describe(index))
-        except DataError as exc:
+        except (DataError, ImageLoadError) as exc:
             report.failures.append((index, str(exc)))
             continue
         try:
@@ -121,7 +125,9 @@ def compute_landmarks(
             continue
         kp = np.asarray(kp, dtype=np.float64)
         if kp.shape != (5, 2) or not np.isfinite(kp).all():
-            report.failures.append((index, f"backend returned keypoints of shape {kp.shape} / non-finite values"))
+            report.failures.append(
+                (index, f"backend returned keypoints of shape {kp.shape} / non-finite values")
+            )
             continue
         keypoints[index] = kp
     write_landmarks(csv_path, np.arange(n), keypoints)

@@ -7,8 +7,8 @@ Layout of one record (little endian)::
     payload       padded with zeros to a multiple of 4 bytes
 
 An image record's payload is the header ``<IfQQ`` (flag, label, id, id2), then ``flag`` float32 labels when
-``flag > 0`` (in which case the scalar ``label`` is unused), then the encoded image (JPEG/PNG). The ``.idx`` file
-has one ``key\\toffset`` line per record. insightface data sets start with record 0, a header whose
+``flag > 0`` (in which case the scalar ``label`` is unused), then the encoded image (JPEG/PNG). The ``.idx``
+file has one ``key\\toffset`` line per record. insightface data sets start with record 0, a header whose
 ``label[0]`` is the first image key (and ``label[1]`` one past the last image key); identity header records
 follow the images and are not images.
 
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import KprpeError
 
 __all__ = [
     "RECORDIO_MAGIC",
@@ -43,7 +45,7 @@ _LREC_LENGTH_MASK = (1 << 29) - 1
 _MAX_PAYLOAD = _LREC_LENGTH_MASK
 
 
-class RecordIOError(ValueError):
+class RecordIOError(KprpeError, ValueError):
     """A RecordIO file or record that cannot be read; the message names the file, key and offset."""
 
 
@@ -78,13 +80,17 @@ def pack_record(header: RecordHeader, data: bytes = b"") -> bytes:
 def unpack_record(payload: bytes) -> tuple[RecordHeader, bytes]:
     """Inverse of :func:`pack_record`: ``(header, data)``."""
     if len(payload) < _HEADER.size:
-        raise RecordIOError(f"record payload of {len(payload)} bytes is shorter than the {_HEADER.size}-byte header")
+        raise RecordIOError(
+            f"record payload of {len(payload)} bytes is shorter than the {_HEADER.size}-byte header"
+        )
     flag, label, id_, id2 = _HEADER.unpack_from(payload)
     offset = _HEADER.size
     if flag > 0:
         end = offset + 4 * flag
         if end > len(payload):
-            raise RecordIOError(f"record header announces {flag} labels but the payload has only {len(payload)} bytes")
+            raise RecordIOError(
+                f"record header announces {flag} labels but the payload has only {len(payload)} bytes"
+            )
         labels = tuple(float(v) for v in np.frombuffer(payload, dtype="<f4", count=flag, offset=offset))
         return RecordHeader(flag, labels, id_, id2), payload[end:]
     return RecordHeader(0, float(label), id_, id2), payload[offset:]
@@ -108,7 +114,9 @@ def _read_index(idx_path: Path) -> dict[int, int]:
             try:
                 key, offset = int(parts[0]), int(parts[1])
             except ValueError as exc:
-                raise RecordIOError(f"{idx_path}:{line_no}: key and offset must be integers, got {line[:60]!r}") from exc
+                raise RecordIOError(
+                    f"{idx_path}:{line_no}: key and offset must be integers, got {line[:60]!r}"
+                ) from exc
             if key in index:
                 raise RecordIOError(f"{idx_path}:{line_no}: duplicate key {key}")
             index[key] = offset
@@ -179,11 +187,16 @@ class RecordIOReader:
                 raise RecordIOError(f"{where}: file ends inside a record header")
             magic, lrec = struct.unpack("<II", frame)
             if magic != RECORDIO_MAGIC:
-                raise RecordIOError(f"{where}: bad magic 0x{magic:08x} (expected 0x{RECORDIO_MAGIC:08x}); the file or index is corrupt")
+                raise RecordIOError(
+                    f"{where}: bad magic 0x{magic:08x} (expected 0x{RECORDIO_MAGIC:08x}); the file or index "
+                    "is corrupt"
+                )
             cflag, length = lrec >> 29, lrec & _LREC_LENGTH_MASK
             data = f.read(length)
             if len(data) < length:
-                raise RecordIOError(f"{where}: record says {length} bytes but the file ends after {len(data)}")
+                raise RecordIOError(
+                    f"{where}: record says {length} bytes but the file ends after {len(data)}"
+                )
             parts.append(data)
             pad = (-length) % 4
             if pad:
@@ -211,10 +224,14 @@ class RecordIOWriter:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else index_path_for(self.rec_path)
         self.rec_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp_rec = tempfile.mkstemp(dir=self.rec_path.parent, prefix=f".{self.rec_path.name}.", suffix=".tmp")
+        fd, self._tmp_rec = tempfile.mkstemp(
+            dir=self.rec_path.parent, prefix=f".{self.rec_path.name}.", suffix=".tmp"
+        )
         self._rec = os.fdopen(fd, "wb")
         try:
-            fd, self._tmp_idx = tempfile.mkstemp(dir=self.idx_path.parent, prefix=f".{self.idx_path.name}.", suffix=".tmp")
+            fd, self._tmp_idx = tempfile.mkstemp(
+                dir=self.idx_path.parent, prefix=f".{self.idx_path.name}.", suffix=".tmp"
+            )
         except OSError:
             self._rec.close()
             os.unlink(self._tmp_rec)
@@ -231,7 +248,10 @@ class RecordIOWriter:
         if key in self._offsets:
             raise RecordIOError(f"{self.rec_path}: key {key} written twice")
         if len(payload) > _MAX_PAYLOAD:
-            raise RecordIOError(f"{self.rec_path}: record {key} has {len(payload)} bytes; at most {_MAX_PAYLOAD} fit one record")
+            raise RecordIOError(
+                f"{self.rec_path}: record {key} has {len(payload)} bytes; at most {_MAX_PAYLOAD} fit one "
+                "record"
+            )
         offset = self._rec.tell()
         self._offsets[key] = (offset, len(payload))
         self._rec.write(struct.pack("<II", RECORDIO_MAGIC, len(payload)))

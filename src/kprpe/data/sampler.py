@@ -3,8 +3,8 @@
 Epoch ``e`` shuffles all samples with ``seed`` and ``e``; global micro-batch ``j`` is
 ``perm[j*B*W : (j+1)*B*W]`` (``B`` per-process batch, ``W`` processes) and process ``r`` takes its ``r``-th
 slice — so ``W`` processes see exactly the batch one process with batch ``B*W`` would see. Each item is
-``(sample index, augmentation seed)`` with the seed derived from ``(seed, epoch, position)``: augmentation does
-not depend on DataLoader workers, and resuming at micro-batch ``j`` continues the same sequence.
+``(sample index, augmentation seed)`` with the seed derived from ``(seed, epoch, position)``: augmentation
+does not depend on DataLoader workers, and resuming at micro-batch ``j`` continues the same sequence.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class ResumableSampler(Sampler):
         self.micro_batches_per_epoch = (micro // micro_batches_multiple) * micro_batches_multiple
         if self.micro_batches_per_epoch == 0:
             raise ValueError(
-                f"{self.num_samples} samples are fewer than one global batch ({self.batch_size} x {self.world_size} "
+                f"{self.num_samples} samples are fewer than one global batch ({self.batch_size} x "
+                f"{self.world_size} "
                 f"processes x {micro_batches_multiple} accumulation steps); lower the batch size"
             )
         self.epoch = 0
@@ -51,7 +52,9 @@ class ResumableSampler(Sampler):
     def set_epoch(self, epoch: int, start_micro_batch: int = 0) -> None:
         """Choose the epoch's order and skip its first ``start_micro_batch`` micro-batches (resume)."""
         if not 0 <= start_micro_batch <= self.micro_batches_per_epoch:
-            raise ValueError(f"start_micro_batch {start_micro_batch} outside 0..{self.micro_batches_per_epoch}")
+            raise ValueError(
+                f"start_micro_batch {start_micro_batch} outside 0..{self.micro_batches_per_epoch}"
+            )
         self.epoch = int(epoch)
         self.start_micro_batch = int(start_micro_batch)
 

@@ -15,11 +15,13 @@ import numpy as np
 from tqdm import tqdm
 
 from ..keypoints import ARCFACE_TEMPLATE_112
-from .landmarks import write_landmarks
+from ..landmarks import write_landmarks
 
 __all__ = ["make_synthetic_faces"]
 
-_BLOB_COLOURS = np.array([[255, 40, 40], [40, 255, 40], [40, 40, 255], [255, 255, 40], [40, 255, 255]], dtype=np.uint8)
+_BLOB_COLOURS = np.array(
+    [[255, 40, 40], [40, 255, 40], [40, 40, 255], [255, 255, 40], [40, 255, 255]], dtype=np.uint8
+)
 
 
 def _identity_prototype(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,11 +57,15 @@ def make_synthetic_faces(
             scale = rng.uniform(0.85, 1.15)
             m = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), angle, scale)
             m[:, 2] += rng.uniform(-0.08, 0.08, size=2) * size
-            img = cv2.warpAffine(proto, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            img = cv2.warpAffine(
+                proto, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+            )
             img = img.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.normal(0, 8, size=img.shape)
             img = np.clip(img, 0, 255).astype(np.uint8)
             kp = proto_kp @ m[:, :2].T + m[:, 2]
-            cv2.imwrite(str(folder / f"id_{ident:04d}" / f"img_{j:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(
+                str(folder / f"id_{ident:04d}" / f"img_{j:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+            )
             all_kp.append(kp / size)
     landmarks = write_landmarks(folder / "landmarks.csv", np.arange(len(all_kp)), np.stack(all_kp))
     return folder, landmarks

@@ -25,8 +25,8 @@ __all__ = ["AugmentConfig", "FaceAugment", "geometric_matrix", "apply_affine_to_
 
 @dataclass
 class AugmentConfig:
-    """Probabilities and ranges of each augmentation (defaults: the official recipe's geometry, SPEC §4;
-    photometric/blur/low-resolution/cutout off unless enabled)."""
+    """Probabilities and ranges of each augmentation (defaults: the official recipe's geometry,
+    docs/training.md "The paper's recipe"; photometric/blur/low-resolution/cutout off unless enabled)."""
 
     flip_p: float = 0.5
     scale_min: float = 0.8
@@ -56,7 +56,9 @@ class AugmentConfig:
             if value < 0:
                 raise ValueError(f"{prefix}.{f.name} must be >= 0, got {value}")
         if not 0 < self.scale_min <= self.scale_max:
-            raise ValueError(f"{prefix}: need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
+            raise ValueError(
+                f"{prefix}: need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}"
+            )
         if not 0 < self.lowres_min_scale <= 1:
             raise ValueError(f"{prefix}.lowres_min_scale must be in (0, 1], got {self.lowres_min_scale}")
         if self.cutout_max_fraction > 1:
@@ -86,7 +88,11 @@ def geometric_matrix(
     if rng is not None:
         scale = rng.uniform(cfg.scale_min, cfg.scale_max) if cfg.scale_max > cfg.scale_min else cfg.scale_min
         angle = rng.uniform(-cfg.rotation_deg, cfg.rotation_deg) if rng.random() < cfg.rotation_p else 0.0
-        tx, ty = (rng.uniform(-cfg.translate, cfg.translate, size=2) * out_size) if cfg.translate > 0 else (0.0, 0.0)
+        tx, ty = (
+            (rng.uniform(-cfg.translate, cfg.translate, size=2) * out_size)
+            if cfg.translate > 0
+            else (0.0, 0.0)
+        )
         flipped = bool(rng.random() < cfg.flip_p)
         c = (out_size - 1) / 2.0
         a = math.radians(angle)
@@ -129,7 +135,9 @@ class FaceAugment:
         self, image: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator | None
     ) -> tuple[np.ndarray, np.ndarray]:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 RGB image (H, W, 3), got dtype {image.dtype} shape {image.shape}")
+            raise ValueError(
+                f"expected a uint8 RGB image (H, W, 3), got dtype {image.dtype} shape {image.shape}"
+            )
         h, w = image.shape[:2]
         matrix, flipped = geometric_matrix(rng, (w, h), self.out_size, self.cfg)
         identity = np.allclose(matrix, [[1, 0, 0], [0, 1, 0]])
@@ -140,7 +148,9 @@ class FaceAugment:
         kp = apply_affine_to_keypoints(keypoints, matrix, (w, h), self.out_size)
         if flipped and self.flip_permutation is not None:
             if kp.shape[0] != len(self.flip_permutation):
-                raise ValueError(f"flip permutation has {len(self.flip_permutation)} points, keypoints have {kp.shape[0]}")
+                raise ValueError(
+                    f"flip permutation has {len(self.flip_permutation)} points, keypoints have {kp.shape[0]}"
+                )
             kp = kp[self.flip_permutation]
         if rng is not None:
             out = self._pixel_augment(np.ascontiguousarray(out), rng)
@@ -168,7 +178,11 @@ class FaceAugment:
         if cfg.lowres_p > 0 and rng.random() < cfg.lowres_p:
             small = max(2, int(round(size * rng.uniform(cfg.lowres_min_scale, 1.0))))
             interp = [cv2.INTER_LINEAR, cv2.INTER_AREA, cv2.INTER_NEAREST][int(rng.integers(3))]
-            img = cv2.resize(cv2.resize(img, (small, small), interpolation=interp), (size, size), interpolation=cv2.INTER_LINEAR)
+            img = cv2.resize(
+                cv2.resize(img, (small, small), interpolation=interp),
+                (size, size),
+                interpolation=cv2.INTER_LINEAR,
+            )
         if cfg.cutout_p > 0 and rng.random() < cfg.cutout_p:
             side = max(1, int(round(size * rng.uniform(0.05, max(cfg.cutout_max_fraction, 0.05)))))
             x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))

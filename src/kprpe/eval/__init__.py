@@ -45,8 +45,14 @@ from .runs import (
     evaluate_pairs,
     robustness_sweep,
 )
-from .tinyface import TinyFaceProtocol, evaluate_tinyface, tinyface_identification
-from .toolkit import ToolkitFormatError, evaluate_toolkit, open_toolkit_set, read_toolkit_metadata
+from .tinyface import TinyFaceProtocol, tinyface_identification
+from .toolkit import (
+    ToolkitFormatError,
+    evaluate_tinyface,
+    evaluate_toolkit,
+    open_toolkit_set,
+    read_toolkit_metadata,
+)
 from .verification import pair_scores, verification_metrics
 
 __all__ = [

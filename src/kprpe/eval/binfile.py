@@ -16,10 +16,11 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from ..errors import KprpeError
 from ..files import atomic_write_bytes
+from ..images import decode_image  # noqa: F401  (where evaluation code has imported it from)
 
 __all__ = [
     "UnsafePickleError",
@@ -33,11 +34,11 @@ __all__ = [
 ]
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(KprpeError, pickle.UnpicklingError):
     """The pickle asks for a global (a function or class) that a verification set never needs."""
 
 
-class BinFormatError(ValueError):
+class BinFormatError(KprpeError, ValueError):
     """The file is a valid pickle but not a verification set."""
 
 
@@ -80,6 +81,7 @@ class VerificationBin:
     name: str
     encoded_images: list[bytes]
     issame: np.ndarray  # (N,) bool
+    path: Path | None = None  # the file it was read from (None: built in memory)
 
     @property
     def num_pairs(self) -> int:
@@ -114,7 +116,9 @@ def read_verification_bin(path: str | os.PathLike) -> VerificationBin:
         if not isinstance(flag, (bool, int)) or flag not in (0, 1):
             raise BinFormatError(f"{path}: issame[{i}] is {flag!r}, expected a boolean")
     if len(images) != 2 * len(issame):
-        raise BinFormatError(f"{path}: {len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
+        raise BinFormatError(
+            f"{path}: {len(images)} images for {len(issame)} pairs (expected {2 * len(issame)})"
+        )
     if not issame:
         raise BinFormatError(f"{path}: no pairs")
     # A pickle can reference one buffer many times (its memo); copy each distinct buffer once, so a small file
@@ -125,6 +129,7 @@ def read_verification_bin(path: str | os.PathLike) -> VerificationBin:
         name=path.stem,
         encoded_images=encoded,
         issame=np.asarray([bool(f) for f in issame], dtype=bool),
+        path=path,
     )
 
 
@@ -135,14 +140,3 @@ def write_verification_bin(path: str | os.PathLike, encoded_images: list[bytes],
         raise ValueError(f"{len(encoded_images)} images for {len(issame)} pairs (expected {2 * len(issame)})")
     payload = pickle.dumps(([bytes(b) for b in encoded_images], issame), protocol=4)
     atomic_write_bytes(path, payload)
-
-
-def decode_image(data: bytes, where: str = "image", size: int | None = 112) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB ``(H, W, 3)``; resized to ``size`` x ``size`` when it differs."""
-    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise BinFormatError(f"{where}: cannot decode image bytes ({len(data)} bytes)")
-    rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-    if size is not None and rgb.shape[:2] != (size, size):
-        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
-    return rgb

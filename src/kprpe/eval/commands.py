@@ -1,5 +1,6 @@
 """``kprpe eval``: verification (.bin), IJB-B/C 1:1, custom pairs, identification and the
-alignment-robustness sweep. Each run writes ``results.json``, ``summary.md`` and PNG plots into ``--out``."""
+alignment-robustness sweep. Each run writes ``results.json``, ``summary.md`` and PNG plots into
+``-o/--output``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..cli_options import add_model_options, add_output_option, add_quiet_option
+from ..errors import CommandError
 from .embedding import default_cache_dir
 from .metrics import DEFAULT_FAR_TARGETS, TAR_FAR_CONVENTIONS
 
@@ -17,8 +20,8 @@ __all__ = ["register"]
 _EPILOG = """protocols:
   verify    insightface .bin sets (lfw, cfp_fp, agedb_30, calfw, cplfw, ...): 10-fold accuracy (thresholds
             chosen on 9 folds, accuracy on the 10th, mean ± std), VAL@FAR=1e-3, TAR@FAR, ROC. Images are
-            pre-aligned; keypoints from --landmarks (CSV idx,ldmk_0..ldmk_9 normalised), the kprpe.face landmark
-            backend, or the ArcFace template. .bin files are read with a restricted unpickler.
+            pre-aligned; keypoints from --landmarks (CSV idx,ldmk_0..ldmk_9 normalised), the kprpe.face
+            landmark backend, or the ArcFace template. .bin files are read with a restricted unpickler.
   ijb       IJB-B / IJB-C 1:1 from the insightface meta files: template features, TAR at FAR 1e-6..1e-1, ROC.
   pairs     custom pairs CSV (image_a,image_b,label); pre-aligned images, or photos + a 5-point landmark file.
   identify  identity folders: closed-set rank-1/5/20 (CMC) with distractors, open-set DIR@FPIR
@@ -43,18 +46,13 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
-def _common(p: argparse.ArgumentParser, weights_help: str = "checkpoint (.safetensors / .pt / published repo folder)") -> None:
+def _common(p: argparse.ArgumentParser) -> None:
+    add_output_option(p, type=Path, help="output folder (results.json, summary.md, plots)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, type=Path, help="output folder (results.json, summary.md, plots)")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="embedding cache folder (default: $KPRPE_CACHE_DIR or ~/.cache/kprpe/embeddings)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
-    g.add_argument("--no-flip", action="store_true", help="disable flip-sum test-time augmentation")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: where the model loads)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--engine", choices=("torch", "onnx"), default="torch",
-                   help="torch: --weights is a checkpoint; onnx: a file from 'kprpe export' run by ONNX Runtime")
+    add_quiet_option(g)
     g.add_argument("--far", type=_float_list, default=list(DEFAULT_FAR_TARGETS),
                    help="FAR targets for TAR@FAR, comma-separated (default: 1e-6,...,1e-1)")
     g.add_argument("--tar-far-convention", choices=TAR_FAR_CONVENTIONS, default="insightface",
@@ -69,11 +67,6 @@ def _calibrate_option(p: argparse.ArgumentParser) -> None:
                         "(<weights>.threshold.json; used by kprpe verify/search/serve). Needs one set")
 
 
-def _weights(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", required=True, type=Path,
-                   help="checkpoint: .safetensors / .pt file, a published repo folder or a Hugging Face repo id")
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a checkpoint: verification, IJB, identification, robustness sweep",
@@ -81,9 +74,12 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL")
     parser.set_defaults(func=lambda args: _missing_protocol(parser))
 
-    p = sub.add_parser("verify", help="insightface .bin verification sets, 10-fold protocol",
-                       description="10-fold accuracy (mean ± std), VAL@FAR=1e-3, TAR@FAR and ROC on .bin sets.")
-    _weights(p)
+    p = sub.add_parser(
+        "verify",
+        help="insightface .bin verification sets, 10-fold protocol",
+        description="10-fold accuracy (mean ± std), VAL@FAR=1e-3, TAR@FAR and ROC on .bin sets.",
+    )
+    add_model_options(p)
     p.add_argument("sets", nargs="*", type=Path, default=[],
                    help="sets to evaluate: .bin files or CVLface toolkit folders (save_to_disk; kprpe[eval-toolkit])")
     p.add_argument("--bin", dest="bins", action="append", default=[], type=Path,
@@ -91,35 +87,52 @@ def register(subparsers) -> None:
     p.add_argument("--landmarks", action="append", type=Path, default=None,
                    help="per-set landmark CSV (idx,ldmk_0..ldmk_9, normalised; idx = image index); repeat in "
                         "the order of the sets (--bin ones first)")
-    p.add_argument("--keypoints", choices=("auto", "file", "backend", "template"), default="auto",
-                   help="keypoint source: file (--landmarks), backend (kprpe.face prealigned landmarks), template "
-                        "(ArcFace template; right only for images aligned to it); auto picks in that order")
+    p.add_argument(
+        "--keypoints",
+        choices=("auto", "file", "backend", "template"),
+        default="auto",
+        help="keypoint source: file (--landmarks), backend (kprpe.face prealigned landmarks), template "
+        "(ArcFace template; right only for images aligned to it); auto picks in that order",
+    )
     _common(p)
     _calibrate_option(p)
     p.set_defaults(func=_run_verify)
 
     p = sub.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification (TAR@FAR)",
                        description="Template-based 1:1 verification from the insightface IJB meta files.")
-    _weights(p)
+    add_model_options(p)
     p.add_argument("--name", default="IJBC", help="set name in the report (default IJBC)")
-    p.add_argument("--tid-mid", required=True, type=Path, help="*_face_tid_mid.txt: image_name template_id media_id")
+    p.add_argument(
+        "--tid-mid", required=True, type=Path, help="*_face_tid_mid.txt: image_name template_id media_id"
+    )
     p.add_argument("--pairs", required=True, type=Path, help="*_template_pair_label.txt: t1 t2 label")
-    p.add_argument("--landmarks", required=True, type=Path, help="*_name_5pts_score.txt: image_name x0 y0 .. x4 y4 score")
+    p.add_argument(
+        "--landmarks", required=True, type=Path, help="*_name_5pts_score.txt: image_name x0 y0 .. x4 y4 score"
+    )
     p.add_argument("--images", required=True, type=Path, help="folder of loose crops")
-    p.add_argument("--t", type=float, default=0.0, help="0 aligned (default), 1 detector-box crop (unaligned)")
+    p.add_argument(
+        "--t", type=float, default=0.0, help="0 aligned (default), 1 detector-box crop (unaligned)"
+    )
     p.add_argument("--no-norm", action="store_true", help="normalise face features before pooling")
     p.add_argument("--no-detector-score", action="store_true", help="do not weight faces by detector score")
     _common(p)
     _calibrate_option(p)
     p.set_defaults(func=_run_ijb)
 
-    p = sub.add_parser("pairs", help="custom pairs CSV (image_a,image_b,label)",
-                       description="Verification on a pairs CSV; images pre-aligned or cropped from landmarks.")
-    _weights(p)
+    p = sub.add_parser(
+        "pairs",
+        help="custom pairs CSV (image_a,image_b,label)",
+        description="Verification on a pairs CSV; images pre-aligned or cropped from landmarks.",
+    )
+    add_model_options(p)
     p.add_argument("--pairs", required=True, type=Path, help="CSV rows image_a,image_b,label (1/0)")
     p.add_argument("--root", type=Path, default=None, help="image folder (default: the CSV's folder)")
-    p.add_argument("--landmarks", type=Path, default=None,
-                   help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'; without it images must be pre-aligned")
+    p.add_argument(
+        "--landmarks",
+        type=Path,
+        default=None,
+        help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'; without it images must be pre-aligned",
+    )
     p.add_argument("--keypoints", choices=("auto", "backend", "template"), default="auto",
                    help="keypoints for pre-aligned images (no --landmarks)")
     p.add_argument("--t", type=float, default=0.0, help="with --landmarks: 0 aligned, 1 detector-box crop")
@@ -127,15 +140,28 @@ def register(subparsers) -> None:
     _calibrate_option(p)
     p.set_defaults(func=_run_pairs)
 
-    p = sub.add_parser("identify", help="identification on identity folders: rank-1/5/20, open-set DIR@FPIR",
-                       description="Closed-set CMC with distractors in the gallery; open-set when probes lack mates.")
-    _weights(p)
-    p.add_argument("--gallery", required=True, type=Path, help="gallery folder (identity/image or --label-regex)")
+    p = sub.add_parser(
+        "identify",
+        help="identification on identity folders: rank-1/5/20, open-set DIR@FPIR",
+        description="Closed-set CMC with distractors in the gallery; open-set when probes lack mates.",
+    )
+    add_model_options(p)
+    p.add_argument(
+        "--gallery", required=True, type=Path, help="gallery folder (identity/image or --label-regex)"
+    )
     p.add_argument("--probe", required=True, type=Path, help="probe folder (same layout)")
-    p.add_argument("--distractors", type=Path, default=None, help="folder of distractor images added to the gallery")
-    p.add_argument("--label-regex", default=None, help="identity = first group matched on the file name, e.g. '^(\\d+)_'")
-    p.add_argument("--gallery-per", choices=("image", "identity"), default="image",
-                   help="gallery entries: every image (TinyFace) or one averaged template per identity (IJB-S)")
+    p.add_argument(
+        "--distractors", type=Path, default=None, help="folder of distractor images added to the gallery"
+    )
+    p.add_argument(
+        "--label-regex", default=None, help="identity = first group matched on the file name, e.g. '^(\\d+)_'"
+    )
+    p.add_argument(
+        "--gallery-per",
+        choices=("image", "identity"),
+        default="image",
+        help="gallery entries: every image (TinyFace) or one averaged template per identity (IJB-S)",
+    )
     p.add_argument("--ranks", type=_float_list, default=[1, 5, 20], help="ranks to report (default 1,5,20)")
     p.add_argument("--fpir", type=_float_list, default=[0.01, 0.1], help="open-set FPIR targets")
     p.add_argument("--keypoints", choices=("auto", "backend", "template"), default="auto")
@@ -146,7 +172,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("toolkit", help="CVLface evaluation toolkit folders: verification, IJB-B/C, TinyFace",
                        description="Every set of the official toolkit layout (Hugging Face save_to_disk folders; "
                                    "a folder of them such as facerec_val/ is searched), each by its kind.")
-    _weights(p)
+    add_model_options(p)
     p.add_argument("sets", nargs="+", type=Path, help="toolkit set folders, or folders holding them")
     p.add_argument("--landmarks", action="append", type=Path, default=None,
                    help="per-set landmark CSV (idx,ldmk_0..ldmk_9 normalised; idx = the index column), in the "
@@ -163,7 +189,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("tinyface", help="TinyFace rank-1/5/20 (official protocol)",
                        description="Closed-set identification: probes against gallery matches plus distractors; "
                                    "labels from the file-name prefix; inner product of flip-summed unit features.")
-    _weights(p)
+    add_model_options(p)
     p.add_argument("folder", type=Path,
                    help="CVLface toolkit TinyFace folder, or a TinyFace test folder with Probe/, Gallery_Match/, "
                         "Gallery_Distractor/")
@@ -173,13 +199,17 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_run_tinyface)
 
-    p = sub.add_parser("sweep", help="accuracy vs alignment (paper Fig. 5), several checkpoints in one plot",
-                       description="For each t, faces are cropped on the path from the aligned crop (t=0) to the "
-                                   "detector-box crop (t=1); keypoints follow the warp.")
-    p.add_argument("--weights", required=True, action="append",
-                   help="[NAME=]checkpoint; repeat to compare checkpoints in one plot")
+    p = sub.add_parser(
+        "sweep",
+        help="accuracy vs alignment (paper Fig. 5), several checkpoints in one plot",
+        description="For each t, faces are cropped on the path from the aligned crop (t=0) to the "
+        "detector-box crop (t=1); keypoints follow the warp.",
+    )
+    add_model_options(p, repeatable=True)
     p.add_argument("--pairs", required=True, type=Path, help="CSV image_a,image_b,label of raw photos")
-    p.add_argument("--landmarks", required=True, type=Path, help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'")
+    p.add_argument(
+        "--landmarks", required=True, type=Path, help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'"
+    )
     p.add_argument("--boxes", type=Path, default=None,
                    help="detector boxes 'image x1 y1 x2 y2' (default: landmarks' box, enlarged)")
     p.add_argument("--root", type=Path, default=None, help="image folder (default: the CSV's folder)")
@@ -208,14 +238,19 @@ def _settings(args):
         _fail(f"--calibrate must be a false-accept rate in (0, 1), got {calibrate}")
     if calibrate is not None and len(getattr(args, "bins", None) or [None]) != 1:
         _fail("--calibrate needs exactly one --bin: a threshold is calibrated on one dataset")
-    return EvalSettings(flip=not args.no_flip, batch_size=args.batch_size, device=args.device, cache_dir=cache,
-                        progress=not args.quiet, far_targets=tuple(args.far),
-                        tar_far_convention=args.tar_far_convention, calibrate_far=calibrate)
+    return EvalSettings(
+        flip=not args.no_flip,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_dir=cache,
+        progress=not args.quiet,
+        far_targets=tuple(args.far),
+        tar_far_convention=args.tar_far_convention,
+        calibrate_far=calibrate,
+    )
 
 
 def _fail(message: str):
-    from ..cli import CommandError
-
     raise CommandError(message)
 
 
@@ -263,7 +298,9 @@ def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
     atomic_write_text(out / "summary.md", summary)
     curves = {n: r["roc"] for n, r in results.get("sets", {}).items() if "roc" in r}
     if roc and curves:
-        plot_roc(curves, out / "roc.png", title=f"{results['protocol']} — {Path(str(results.get('weights'))).name}")
+        plot_roc(
+            curves, out / "roc.png", title=f"{results['protocol']} — {Path(str(results.get('weights'))).name}"
+        )
     print(summary)
     print(f"wrote {out / 'results.json'}, {out / 'summary.md'}" + (", roc.png" if roc and curves else ""))
 
@@ -307,14 +344,14 @@ def _run_verify(args) -> int:
         results = _guarded(lambda: evaluate_bins(_handle(args.weights, args.engine), [b for b, _ in bins], settings,
                                                  keypoint_source=args.keypoints, landmarks=[lm for _, lm in bins]))
     if folders:
-        toolkit = _guarded(lambda: evaluate_toolkit(_handle(args.weights, args.engine), [f for f, _ in folders], settings,
-                                                    keypoint_source=args.keypoints,
-                                                    landmarks=[lm for _, lm in folders] if args.landmarks else None))
+        toolkit = _guarded(lambda: evaluate_toolkit(
+            _handle(args.weights, args.engine), [f for f, _ in folders], settings, keypoint_source=args.keypoints,
+            landmarks=[lm for _, lm in folders] if args.landmarks else None))
         if results is None:
             results = toolkit
         else:
             results["sets"].update(toolkit["sets"])
-    _write_outputs(args.out, results)
+    _write_outputs(args.output, results)
     _write_calibration(args, results)
     return 0
 
@@ -325,11 +362,21 @@ def _run_ijb(args) -> int:
     settings = _settings(args)
     if not 0 <= args.t <= 1:
         _fail(f"--t must lie in [0, 1], got {args.t}")
-    results = _guarded(lambda: evaluate_ijb(
-        _handle(args.weights, args.engine), name=args.name, tid_mid=args.tid_mid, pairs=args.pairs, landmarks=args.landmarks,
-        images_dir=args.images, settings=settings, t=args.t, use_norm=not args.no_norm,
-        use_detector_score=not args.no_detector_score))
-    _write_outputs(args.out, results)
+    results = _guarded(
+        lambda: evaluate_ijb(
+            _handle(args.weights, args.engine),
+            name=args.name,
+            tid_mid=args.tid_mid,
+            pairs=args.pairs,
+            landmarks=args.landmarks,
+            images_dir=args.images,
+            settings=settings,
+            t=args.t,
+            use_norm=not args.no_norm,
+            use_detector_score=not args.no_detector_score,
+        )
+    )
+    _write_outputs(args.output, results)
     _write_calibration(args, results)
     return 0
 
@@ -340,9 +387,18 @@ def _run_pairs(args) -> int:
     settings = _settings(args)
     if not 0 <= args.t <= 1:
         _fail(f"--t must lie in [0, 1], got {args.t}")
-    results = _guarded(lambda: evaluate_pairs(_handle(args.weights, args.engine), args.pairs, settings, images_root=args.root,
-                                              landmarks=args.landmarks, t=args.t, keypoint_source=args.keypoints))
-    _write_outputs(args.out, results)
+    results = _guarded(
+        lambda: evaluate_pairs(
+            _handle(args.weights, args.engine),
+            args.pairs,
+            settings,
+            images_root=args.root,
+            landmarks=args.landmarks,
+            t=args.t,
+            keypoint_source=args.keypoints,
+        )
+    )
+    _write_outputs(args.output, results)
     _write_calibration(args, results)
     return 0
 
@@ -358,7 +414,7 @@ def _run_identify(args) -> int:
         _handle(args.weights, args.engine), settings, gallery=args.gallery, probe=args.probe, distractors=args.distractors,
         label_regex=args.label_regex, keypoint_source=args.keypoints, ranks=ranks, fpir_targets=args.fpir,
         gallery_per=args.gallery_per, name=args.name))
-    _write_outputs(args.out, results, roc=False)
+    _write_outputs(args.output, results, roc=False)
     return 0
 
 
@@ -377,18 +433,18 @@ def _run_toolkit(args) -> int:
         _handle(args.weights, args.engine), args.sets, settings, keypoint_source=args.keypoints, landmarks=args.landmarks,
         ijb_use_norm=args.ijb_use_norm, ijb_use_detector_score=not args.no_detector_score,
         ranks=_int_ranks(args.ranks)))
-    _write_outputs(args.out, results)
+    _write_outputs(args.output, results)
     return 0
 
 
 def _run_tinyface(args) -> int:
-    from .tinyface import evaluate_tinyface
+    from .toolkit import evaluate_tinyface
 
     settings = _settings(args)
     results = _guarded(lambda: evaluate_tinyface(_handle(args.weights, args.engine), args.folder, settings,
                                                  keypoint_source=args.keypoints, ranks=_int_ranks(args.ranks),
                                                  name=args.name))
-    _write_outputs(args.out, results, roc=False)
+    _write_outputs(args.output, results, roc=False)
     return 0
 
 
@@ -398,12 +454,20 @@ def _run_sweep(args) -> int:
     from .runs import robustness_sweep
 
     settings = _settings(args)
-    results = _guarded(lambda: robustness_sweep([_handle(w, args.engine) for w in args.weights], args.pairs, args.landmarks,
-                                                settings, t_values=args.t_values, images_root=args.root,
-                                                boxes=args.boxes))
-    _write_outputs(args.out, results, roc=False)
+    results = _guarded(
+        lambda: robustness_sweep(
+            [_handle(w, args.engine) for w in args.weights],
+            args.pairs,
+            args.landmarks,
+            settings,
+            t_values=args.t_values,
+            images_root=args.root,
+            boxes=args.boxes,
+        )
+    )
+    _write_outputs(args.output, results, roc=False)
     sweep = results["sweep"]
-    write_json(args.out / "sweep.json", sweep)
-    plot_sweep(sweep["t"], sweep["accuracy"], args.out / "sweep.png")
-    print(f"wrote {args.out / 'sweep.json'}, {args.out / 'sweep.png'}")
+    write_json(args.output / "sweep.json", sweep)
+    plot_sweep(sweep["t"], sweep["accuracy"], args.output / "sweep.png")
+    print(f"wrote {args.output / 'sweep.json'}, {args.output / 'sweep.png'}")
     return 0

@@ -136,7 +136,9 @@ def embed_faces(model: torch.nn.Module, source: FaceSource, *, flip: bool = True
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Unit embeddings ``(N, D)`` float32 and norms ``(N,)`` of every face of ``source``."""
     units, norms = [], []
-    for sl in tqdm(list(iter_batches(source.count, batch_size)), desc=desc, unit="batch", disable=not progress):
+    for sl in tqdm(
+        list(iter_batches(source.count, batch_size)), desc=desc, unit="batch", disable=not progress
+    ):
         images, keypoints = source.load(sl.start, sl.stop)
         if images.shape[0] != sl.stop - sl.start or keypoints.shape != (images.shape[0], 5, 2):
             raise ValueError(
@@ -153,17 +155,27 @@ def embed_faces(model: torch.nn.Module, source: FaceSource, *, flip: bool = True
     return np.concatenate(units), np.concatenate(norms)
 
 
-def embed_with_cache(model_loader: Callable[[], torch.nn.Module], weights: str | os.PathLike, source: FaceSource,
-                     *, mode: str, flip: bool = True, cache_dir: str | os.PathLike | None = None,
-                     batch_size: int = 64, device: str | None = None, progress: bool = True,
-                     desc: str = "embedding") -> tuple[np.ndarray, np.ndarray, bool]:
+def embed_with_cache(
+    model_loader: Callable[[], torch.nn.Module],
+    weights: str | os.PathLike,
+    source: FaceSource,
+    *,
+    mode: str,
+    flip: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """Embeddings from the cache, or computed (model loaded only then) and stored.
 
     Returns ``(embeddings, norms, from_cache)``. ``cache_dir=None`` disables the cache.
     """
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
-    key = EmbeddingCache.make_key(weights=model_fingerprint(weights), data=source.fingerprint, mode=mode, flip=flip,
-                                  count=source.count)
+    key = EmbeddingCache.make_key(
+        weights=model_fingerprint(weights), data=source.fingerprint, mode=mode, flip=flip, count=source.count
+    )
     if cache is not None:
         hit = cache.load(key, expected_count=source.count)
         if hit is not None:

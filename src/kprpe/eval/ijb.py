@@ -38,7 +38,8 @@ def _rows(path: Path, expected: int, what: str) -> Iterator[tuple[int, list[str]
                 continue
             if len(parts) != expected:
                 raise LandmarkFileError(
-                    f"{path}:{lineno}: expected {expected} fields '{what}', got {len(parts)}: {line.strip()[:80]!r}"
+                    f"{path}:{lineno}: expected {expected} fields '{what}', got {len(parts)}: "
+                    f"{line.strip()[:80]!r}"
                 )
             yield lineno, parts
 
@@ -91,19 +92,25 @@ class IJBMeta:
     pair_labels: np.ndarray
 
 
-def read_ijb_meta(tid_mid: str | os.PathLike, pairs: str | os.PathLike, landmarks: str | os.PathLike) -> IJBMeta:
+def read_ijb_meta(
+    tid_mid: str | os.PathLike, pairs: str | os.PathLike, landmarks: str | os.PathLike
+) -> IJBMeta:
     """Read and cross-check the three meta files."""
     names, tids, mids = read_face_tid_mid(tid_mid)
     points, scores = read_pixel_landmarks(landmarks)
     missing = [n for n in names if n not in points]
     if missing:
-        raise LandmarkFileError(f"{landmarks}: no landmarks for {len(missing)} of {len(names)} faces listed in "
-                                f"{tid_mid} (first: {missing[0]!r})")
+        raise LandmarkFileError(
+            f"{landmarks}: no landmarks for {len(missing)} of {len(names)} faces listed in "
+            f"{tid_mid} (first: {missing[0]!r})"
+        )
     t1, t2, labels = read_template_pairs(pairs)
     known = set(np.unique(tids).tolist())
     unknown = sorted({int(t) for t in np.r_[t1, t2]} - known)
     if unknown:
-        raise LandmarkFileError(f"{pairs}: {len(unknown)} template ids have no face in {tid_mid} (first: {unknown[0]})")
+        raise LandmarkFileError(
+            f"{pairs}: {len(unknown)} template ids have no face in {tid_mid} (first: {unknown[0]})"
+        )
     return IJBMeta(names=names, template_ids=tids, media_ids=mids, landmarks=points,
                    detector_scores=np.asarray([scores[n] for n in names], dtype=np.float64),
                    pair_t1=t1, pair_t2=t2, pair_labels=labels)
@@ -135,7 +142,9 @@ def template_features(embeddings: np.ndarray, template_ids: np.ndarray, media_id
     return template_sum / np.maximum(norm, 1e-12), templates
 
 
-def template_pair_scores(features: np.ndarray, templates: np.ndarray, t1: np.ndarray, t2: np.ndarray) -> np.ndarray:
+def template_pair_scores(
+    features: np.ndarray, templates: np.ndarray, t1: np.ndarray, t2: np.ndarray
+) -> np.ndarray:
     """Cosine similarity of each template pair."""
     i1 = np.searchsorted(templates, t1)
     i2 = np.searchsorted(templates, t2)

@@ -14,7 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..face.io import load_image
+from ..errors import KprpeError
+from ..images import load_image
 from .embedding import FaceSource
 from .geometry import aligned_crop_params, box_crop_params, box_from_landmarks, interpolate_crop, warp_face
 from .landmarks import face_backend_landmarks, template_keypoints_for
@@ -31,12 +32,13 @@ __all__ = [
     "scan_identity_folders",
 ]
 
-# The files a folder contributes to an evaluation. load_image reads more (kprpe.face.io.IMAGE_EXTENSIONS adds
-# .gif, .pgm, .jfif, ...); this list stays as it was so that a folder's content, hence a result, does not move.
+# The files a folder contributes to an evaluation. load_image reads more (kprpe.images.IMAGE_EXTENSIONS adds
+# .gif, .pgm, .jfif, ...); this list stays as it was so that a folder's content, hence a result, does not
+# move.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(KprpeError, ValueError):
     """An input list or folder that does not have the documented layout (the message says where)."""
 
 
@@ -62,20 +64,31 @@ class _Entry:
     key: str
 
 
-def image_face_source(paths: list[Path], keys: list[str], *, landmarks: dict[str, np.ndarray] | None = None,
-                      boxes: dict[str, np.ndarray] | None = None, t: float = 0.0, keypoint_source: str = "template",
-                      size: int = 112) -> FaceSource:
+def image_face_source(
+    paths: list[Path],
+    keys: list[str],
+    *,
+    landmarks: dict[str, np.ndarray] | None = None,
+    boxes: dict[str, np.ndarray] | None = None,
+    t: float = 0.0,
+    keypoint_source: str = "template",
+    size: int = 112,
+) -> FaceSource:
     """Faces from files. With ``landmarks`` (pixel, keyed by ``keys``) every image is cropped by
-    :func:`crop_face` at ``t``; without, images are taken as already aligned (resized to ``size``) and keypoints
-    come from ``keypoint_source`` (``backend`` or ``template``)."""
+    :func:`crop_face` at ``t``; without, images are taken as already aligned (resized to ``size``) and
+    keypoints come from ``keypoint_source`` (``backend`` or ``template``)."""
     if len(paths) != len(keys):
         raise ValueError("paths and keys differ in length")
     if landmarks is not None:
         missing = [k for k in keys if k not in landmarks]
         if missing:
-            raise DataFormatError(f"no landmarks for {len(missing)} of {len(keys)} images (first: {missing[0]!r})")
+            raise DataFormatError(
+                f"no landmarks for {len(missing)} of {len(keys)} images (first: {missing[0]!r})"
+            )
     elif keypoint_source not in ("backend", "template"):
-        raise ValueError(f"without landmarks the keypoint source must be backend or template, got {keypoint_source!r}")
+        raise ValueError(
+            f"without landmarks the keypoint source must be backend or template, got {keypoint_source!r}"
+        )
 
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         images, kps = [], []
@@ -134,7 +147,9 @@ def read_pairs_csv(path: str | os.PathLike) -> tuple[list[str], list[str], np.nd
             if not row or not any(row) or row[0].startswith("#"):
                 continue
             if len(row) != 3:
-                raise DataFormatError(f"{path}:{lineno}: expected 3 columns 'image_a,image_b,label', got {len(row)}")
+                raise DataFormatError(
+                    f"{path}:{lineno}: expected 3 columns 'image_a,image_b,label', got {len(row)}"
+                )
             label = truth.get(row[2].lower())
             if label is None:
                 if lineno == 1:
@@ -181,7 +196,9 @@ def scan_identity_folders(root: str | os.PathLike, label_regex: str | None = Non
         else:
             rel = p.relative_to(root)
             if len(rel.parts) < 2:
-                raise DataFormatError(f"{p}: images must sit in identity sub-folders (root/<identity>/image), "
-                                      "or pass --label-regex")
+                raise DataFormatError(
+                    f"{p}: images must sit in identity sub-folders (root/<identity>/image), "
+                    "or pass --label-regex"
+                )
             labels.append(rel.parts[0])
     return IdentityImages(paths=files, labels=labels)

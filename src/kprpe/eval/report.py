@@ -54,15 +54,21 @@ def markdown_summary(results: dict, extra_columns: Sequence[ExtraColumn] = ()) -
     verif = {n: r for n, r in sets.items() if "tar_at_far" in r}
     if verif:
         far_targets = [row["far_target"] for row in next(iter(verif.values()))["tar_at_far"]]
-        header = (["set", "pairs", "accuracy (10-fold)", "VAL@FAR"] + [f"TAR@{_far_label(f)}" for f in far_targets]
-                  + ["AUC", *extra_headers])
+        header = (
+            ["set", "pairs", "accuracy (10-fold)", "VAL@FAR"]
+            + [f"TAR@{_far_label(f)}" for f in far_targets]
+            + ["AUC", *extra_headers]
+        )
         rows = []
         for name, r in verif.items():
             kf = r.get("kfold")
             acc = f"{_pct(kf['accuracy_mean'])} ± {_pct(kf['accuracy_std'])}" if kf else "–"
             val = r.get("val_at_far")
             val_s = f"{_pct(val['val_mean'])} @ {_far_label(val['far_target'])}" if val else "–"
-            tars = [(_pct(row["tar"]) if row["resolvable"] else f"({_pct(row['tar'])})") for row in r["tar_at_far"]]
+            tars = [
+                (_pct(row["tar"]) if row["resolvable"] else f"({_pct(row['tar'])})")
+                for row in r["tar_at_far"]
+            ]
             rows.append([name, str(r["num_pairs"]), acc, val_s, *tars, f"{r['auc']:.4f}",
                          *(cell(name, r) for _, cell in extra_columns)])
         lines += _markdown_table(header, rows)
@@ -76,7 +82,11 @@ def markdown_summary(results: dict, extra_columns: Sequence[ExtraColumn] = ()) -
         for name, r in ident.items():
             ranks = [_pct(r["closed_set"][k]) for k in ks]
             open_set = r.get("open_set")
-            dir_s = ", ".join(f"{_pct(row['dir'])} @ {_far_label(row['fpir_target'])}" for row in open_set) if open_set else "–"
+            dir_s = (
+                ", ".join(f"{_pct(row['dir'])} @ {_far_label(row['fpir_target'])}" for row in open_set)
+                if open_set
+                else "–"
+            )
             rows.append([name, str(r["num_probes"]), str(r["num_gallery"]), *ranks, dir_s,
                          *(cell(name, r) for _, cell in extra_columns)])
         lines += _markdown_table(header, rows)

@@ -99,9 +99,18 @@ class ModelHandle:
 
 def _embed(handle: ModelHandle, source, settings: EvalSettings, mode: str, desc: str):
     handle.device = settings.device
-    return embed_with_cache(handle, handle.fingerprint_path, source, mode=mode, flip=settings.flip,
-                            cache_dir=settings.cache_dir, batch_size=settings.batch_size, device=settings.device,
-                            progress=settings.progress, desc=desc)
+    return embed_with_cache(
+        handle,
+        handle.fingerprint_path,
+        source,
+        mode=mode,
+        flip=settings.flip,
+        cache_dir=settings.cache_dir,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        progress=settings.progress,
+        desc=desc,
+    )
 
 
 def _calibrate(result: dict, scores, labels, settings: EvalSettings) -> None:
@@ -114,9 +123,16 @@ def _calibrate(result: dict, scores, labels, settings: EvalSettings) -> None:
             result["calibration"] = {"far_target": settings.calibrate_far, "error": str(exc)}
 
 
-def evaluate_bins(handle: ModelHandle, bin_paths: Sequence[str | os.PathLike], settings: EvalSettings, *,
-                  keypoint_source: str = "auto", landmarks: Sequence[str | os.PathLike | None] | None = None) -> dict:
-    """10-fold accuracy, VAL@FAR and TAR@FAR on each ``.bin`` set. ``landmarks[i]`` belongs to ``bin_paths[i]``."""
+def evaluate_bins(
+    handle: ModelHandle,
+    bin_paths: Sequence[str | os.PathLike],
+    settings: EvalSettings,
+    *,
+    keypoint_source: str = "auto",
+    landmarks: Sequence[str | os.PathLike | None] | None = None,
+) -> dict:
+    """10-fold accuracy, VAL@FAR and TAR@FAR on each ``.bin`` set. ``landmarks[i]`` belongs to
+    ``bin_paths[i]``."""
     landmarks = list(landmarks) if landmarks else [None] * len(bin_paths)
     if len(landmarks) != len(bin_paths):
         raise ValueError(f"{len(landmarks)} landmark files for {len(bin_paths)} .bin sets")
@@ -127,8 +143,10 @@ def evaluate_bins(handle: ModelHandle, bin_paths: Sequence[str | os.PathLike], s
         source = bin_face_source(vb, path, source_kind, lm)
         emb, norms, cached = _embed(handle, source, settings, mode=f"prealigned:{source_kind}", desc=vb.name)
         scores = pair_scores(emb, np.arange(0, len(vb), 2), np.arange(1, len(vb), 2))
-        result = verification_metrics(scores, vb.issame, n_folds=settings.n_folds, far_targets=settings.far_targets,
-                                  tar_far_convention=settings.tar_far_convention)
+        result = verification_metrics(
+            scores, vb.issame, n_folds=settings.n_folds, far_targets=settings.far_targets,
+            tar_far_convention=settings.tar_far_convention,
+        )
         _calibrate(result, scores, vb.issame, settings)
         result.update(keypoint_source=source_kind, embeddings_from_cache=cached)
         sets[vb.name] = result
@@ -138,8 +156,19 @@ def evaluate_bins(handle: ModelHandle, bin_paths: Sequence[str | os.PathLike], s
                 mode="prealigned", keypoint_source=kinds.pop() if len(kinds) == 1 else sources, sets=sets)
 
 
-def evaluate_ijb(handle: ModelHandle, *, name: str, tid_mid, pairs, landmarks, images_dir,
-                 settings: EvalSettings, t: float = 0.0, use_norm: bool = True, use_detector_score: bool = True) -> dict:
+def evaluate_ijb(
+    handle: ModelHandle,
+    *,
+    name: str,
+    tid_mid,
+    pairs,
+    landmarks,
+    images_dir,
+    settings: EvalSettings,
+    t: float = 0.0,
+    use_norm: bool = True,
+    use_detector_score: bool = True,
+) -> dict:
     """IJB-B/C 1:1: template features from aligned loose crops (or crops at ``t`` toward the box crop)."""
     meta = read_ijb_meta(tid_mid, pairs, landmarks)
     images_dir = Path(images_dir)
@@ -148,22 +177,33 @@ def evaluate_ijb(handle: ModelHandle, *, name: str, tid_mid, pairs, landmarks, i
     paths = [path_inside(images_dir, n, listed_in=tid_mid) for n in meta.names]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise DataFormatError(f"{len(missing)} of {len(paths)} faces are missing from {images_dir} (first: {missing[0].name})")
+        raise DataFormatError(
+            f"{len(missing)} of {len(paths)} faces are missing from {images_dir} (first: {missing[0].name})"
+        )
     source = image_face_source(paths, meta.names, landmarks=meta.landmarks, t=t)
     emb, norms, cached = _embed(handle, source, settings, mode=f"ijb:t={t:g}", desc=name)
     feats, templates = template_features(emb, meta.template_ids, meta.media_ids,
                                          norms=norms if use_norm else None,
                                          detector_scores=meta.detector_scores if use_detector_score else None)
     scores = template_pair_scores(feats, templates, meta.pair_t1, meta.pair_t2)
-    result = verification_metrics(scores, meta.pair_labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
-                                  tar_far_convention=settings.tar_far_convention)
+    result = verification_metrics(
+        scores, meta.pair_labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
+        tar_far_convention=settings.tar_far_convention,
+    )
     _calibrate(result, scores, meta.pair_labels, settings)
     result.pop("kfold", None)  # accuracy is not an IJB metric
     result.pop("val_at_far", None)
     result.update(num_faces=len(meta.names), num_templates=int(templates.size), embeddings_from_cache=cached,
                   use_norm=use_norm, use_detector_score=use_detector_score)
-    return dict(protocol="IJB 1:1 verification", weights=str(handle.weights), model=handle.source, flip=settings.flip,
-                mode="aligned" if t == 0 else f"t={t:g}", keypoint_source="landmark file", sets={name: result})
+    return dict(
+        protocol="IJB 1:1 verification",
+        weights=str(handle.weights),
+        model=handle.source,
+        flip=settings.flip,
+        mode="aligned" if t == 0 else f"t={t:g}",
+        keypoint_source="landmark file",
+        sets={name: result},
+    )
 
 
 def _resolve_images(root: Path, names: Sequence[str]) -> list[Path]:
@@ -191,14 +231,19 @@ def _read_image_pairs(pairs_csv: Path, images_root) -> _ImagePairs:
     root = Path(images_root) if images_root else pairs_csv.parent
     names = sorted(set(firsts) | set(seconds))
     index = {n: i for i, n in enumerate(names)}
-    return _ImagePairs(names=names, paths=_resolve_images(root, names),
-                       first=np.array([index[n] for n in firsts]), second=np.array([index[n] for n in seconds]),
-                       labels=labels)
+    return _ImagePairs(
+        names=names,
+        paths=_resolve_images(root, names),
+        first=np.array([index[n] for n in firsts]),
+        second=np.array([index[n] for n in seconds]),
+        labels=labels,
+    )
 
 
 def evaluate_pairs(handle: ModelHandle, pairs_csv, settings: EvalSettings, *, images_root=None,
                    landmarks=None, t: float = 0.0, keypoint_source: str = "auto") -> dict:
-    """Custom pairs: ``image_a,image_b,label`` rows; images pre-aligned, or cropped from a pixel landmark file."""
+    """Custom pairs: ``image_a,image_b,label`` rows; images pre-aligned, or cropped from a pixel landmark
+    file."""
     pairs_csv = Path(pairs_csv)
     pairs = _read_image_pairs(pairs_csv, images_root)
     points = read_pixel_landmarks(landmarks)[0] if landmarks else None
@@ -207,8 +252,10 @@ def evaluate_pairs(handle: ModelHandle, pairs_csv, settings: EvalSettings, *, im
                                keypoint_source="template" if points is not None else kp_kind)
     emb, norms, cached = _embed(handle, source, settings, mode=f"pairs:t={t:g}", desc=pairs_csv.stem)
     scores = pair_scores(emb, pairs.first, pairs.second)
-    result = verification_metrics(scores, pairs.labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
-                                  tar_far_convention=settings.tar_far_convention)
+    result = verification_metrics(
+        scores, pairs.labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
+        tar_far_convention=settings.tar_far_convention,
+    )
     _calibrate(result, scores, pairs.labels, settings)
     result.update(embeddings_from_cache=cached)
     return dict(protocol="verification (pairs CSV)", weights=str(handle.weights), model=handle.source, flip=settings.flip,
@@ -228,13 +275,18 @@ def evaluate_identification(handle: ModelHandle, settings: EvalSettings, *, gall
     if gallery_per not in ("image", "identity"):
         raise ValueError(f"gallery_per must be 'image' or 'identity', got {gallery_per!r}")
     kp_kind = resolve_keypoint_source(keypoint_source, None)
-    parts = {"gallery": scan_identity_folders(gallery, label_regex), "probe": scan_identity_folders(probe, label_regex)}
+    parts = {
+        "gallery": scan_identity_folders(gallery, label_regex),
+        "probe": scan_identity_folders(probe, label_regex),
+    }
     if distractors:
         d = Path(distractors)
         files = list_images(d)
         if not files:
             raise DataFormatError(f"no images under distractor folder {d}")
-        parts["distractors"] = IdentityImages(paths=files, labels=[f"\0distractor{i}" for i in range(len(files))])
+        parts["distractors"] = IdentityImages(
+            paths=files, labels=[f"\0distractor{i}" for i in range(len(files))]
+        )
     feats = {}
     for role, items in parts.items():
         source = image_face_source(items.paths, [str(p) for p in items.paths], keypoint_source=kp_kind)
@@ -252,10 +304,15 @@ def evaluate_identification(handle: ModelHandle, settings: EvalSettings, *, gall
     p_lab = np.asarray(parts["probe"].labels, dtype=object)
     sim = feats["probe"].astype(np.float64) @ g_emb.T.astype(np.float64)
     rank_of = cmc_ranks(sim, p_lab, g_lab)
-    result = dict(num_probes=int(p_lab.size), num_mated_probes=int((rank_of > 0).sum()),
-                  num_gallery=int(g_lab.size), num_distractors=len(parts["distractors"].paths) if distractors else 0,
-                  gallery_per=gallery_per, closed_set=rank_accuracy(rank_of, ranks),
-                  cmc=[float(np.mean(rank_of[rank_of > 0] <= k)) for k in range(1, min(50, g_lab.size) + 1)])
+    result = dict(
+        num_probes=int(p_lab.size),
+        num_mated_probes=int((rank_of > 0).sum()),
+        num_gallery=int(g_lab.size),
+        num_distractors=len(parts["distractors"].paths) if distractors else 0,
+        gallery_per=gallery_per,
+        closed_set=rank_accuracy(rank_of, ranks),
+        cmc=[float(np.mean(rank_of[rank_of > 0] <= k)) for k in range(1, min(50, g_lab.size) + 1)],
+    )
     if (rank_of == 0).any():
         result["open_set"] = open_set_dir_at_fpir(sim, p_lab, g_lab, fpir_targets)
     return dict(protocol="identification (closed/open set)", weights=str(handle.weights), model=handle.source, flip=settings.flip,
@@ -272,7 +329,9 @@ def read_boxes(path) -> dict[str, np.ndarray]:
             if not parts or parts[0].startswith("#"):
                 continue
             if len(parts) != 5:
-                raise LandmarkFileError(f"{path}:{lineno}: expected 'image_name x1 y1 x2 y2', got {len(parts)} fields")
+                raise LandmarkFileError(
+                    f"{path}:{lineno}: expected 'image_name x1 y1 x2 y2', got {len(parts)} fields"
+                )
             try:
                 box = np.array([float(v) for v in parts[1:]])
             except ValueError as exc:
@@ -283,8 +342,16 @@ def read_boxes(path) -> dict[str, np.ndarray]:
     return boxes
 
 
-def robustness_sweep(handles: Sequence[ModelHandle], pairs_csv, landmarks, settings: EvalSettings, *,
-                     t_values: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), images_root=None, boxes=None) -> dict:
+def robustness_sweep(
+    handles: Sequence[ModelHandle],
+    pairs_csv,
+    landmarks,
+    settings: EvalSettings,
+    *,
+    t_values: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    images_root=None,
+    boxes=None,
+) -> dict:
     """Figure 5 of the paper: 10-fold accuracy on raw-photo pairs as the crop moves from aligned (t=0) to
     the detector-box crop (t=1), for each checkpoint."""
     pairs = _read_image_pairs(Path(pairs_csv), images_root)
@@ -301,7 +368,9 @@ def robustness_sweep(handles: Sequence[ModelHandle], pairs_csv, landmarks, setti
         source = image_face_source(pairs.paths, pairs.names, landmarks=points, boxes=box_table, t=float(t))
         for h in handles:
             emb = _embed(h, source, settings, mode=f"sweep:t={t:g}", desc=f"{h.name} t={t:g}")[0]
-            kf = kfold_accuracy(pair_scores(emb, pairs.first, pairs.second), pairs.labels, n_folds=settings.n_folds)
+            kf = kfold_accuracy(
+                pair_scores(emb, pairs.first, pairs.second), pairs.labels, n_folds=settings.n_folds
+            )
             accuracy[h.name].append(kf.accuracy_mean)
             std[h.name].append(kf.accuracy_std)
     return dict(protocol="alignment-robustness sweep", flip=settings.flip,

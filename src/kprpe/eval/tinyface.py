@@ -37,8 +37,6 @@ __all__ = [
     "tinyface_identification",
     "is_tinyface_folder",
     "tinyface_folder_lists",
-    "tinyface_toolkit_result",
-    "evaluate_tinyface",
 ]
 
 TINYFACE_RANKS = (1, 5, 20)
@@ -160,63 +158,3 @@ def tinyface_folder_lists(path: str | os.PathLike) -> tuple[list[Path], list[Pat
         if not files and name != "Gallery_Distractor":
             raise DataFormatError(f"{p / name}: no images")
     return lists
-
-
-def tinyface_toolkit_result(ts, features: np.ndarray, ranks: Sequence[int] = TINYFACE_RANKS) -> dict:
-    """Rank-k on a toolkit TinyFace set (``ts``: an opened :class:`kprpe.eval.toolkit.ToolkitSet`), with
-    ``features[i]`` the unit flip-summed feature of the face with index ``i``."""
-    from .toolkit import METADATA_FILE, TINYFACE_METADATA_KEYS, ToolkitFormatError, metadata_strings
-
-    where = ts.path / METADATA_FILE
-    lists = {k: metadata_strings(ts.metadata, k, where) for k in TINYFACE_METADATA_KEYS}
-    if len(lists["image_paths"]) != len(ts):
-        raise ToolkitFormatError(f"{where}: image_paths lists {len(lists['image_paths'])} images, the set has "
-                                 f"{len(ts)}")
-    # the faces' own names, in index order; the metadata's image_paths only when the set has no path column
-    paths = ([str(p) for p in ts.column("path")] if "path" in ts.dataset.column_names else lists["image_paths"])
-    protocol = TinyFaceProtocol.from_paths(paths, lists["probe_paths"], lists["gallery_paths"],
-                                           lists["distractor_paths"], where=str(ts.path))
-    return tinyface_identification(features, protocol, ranks)
-
-
-def evaluate_tinyface(handle, path: str | os.PathLike, settings, *, keypoint_source: str = "auto",
-                      ranks: Sequence[int] = TINYFACE_RANKS, name: str | None = None) -> dict:
-    """TinyFace rank-k from a CVLface toolkit folder or an original ``Testing_Set`` folder (Probe/,
-    Gallery_Match/, Gallery_Distractor/; images taken as pre-aligned crops and resized to 112)."""
-    from .images import image_face_source
-    from .runs import _embed
-    from .toolkit import ToolkitFormatError, is_toolkit_dataset, open_toolkit_set, toolkit_face_source
-    from .verification import resolve_keypoint_source
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"TinyFace folder not found: {path}")
-    kp_kind = resolve_keypoint_source(keypoint_source, None)
-    if is_toolkit_dataset(path):
-        ts = open_toolkit_set(path)
-        if ts.kind != "tinyface":
-            raise ToolkitFormatError(f"{path}: a {ts.kind} set, not TinyFace (use `kprpe eval toolkit`)")
-        emb, _, cached = _embed(handle, toolkit_face_source(ts, kp_kind), settings, mode=f"prealigned:{kp_kind}",
-                                desc=ts.name)
-        result = tinyface_toolkit_result(ts, emb, ranks)
-        layout = "CVLface toolkit"
-    elif is_tinyface_folder(path):
-        probes, matches, distractors = tinyface_folder_lists(path)
-        files = probes + matches + distractors
-        source = image_face_source(files, [str(p) for p in files], keypoint_source=kp_kind)
-        emb, _, cached = _embed(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=path.name)
-        n_p, n_m = len(probes), len(matches)
-        protocol = TinyFaceProtocol(
-            probe_rows=np.arange(n_p), match_rows=np.arange(n_p, n_p + n_m),
-            distractor_rows=np.arange(n_p + n_m, len(files)),
-            probe_labels=np.array([tinyface_label(p) for p in probes], dtype=np.int64),
-            match_labels=np.array([tinyface_label(p) for p in matches], dtype=np.int64))
-        result = tinyface_identification(emb, protocol, ranks)
-        layout = "TinyFace folders"
-    else:
-        raise DataFormatError(f"{path}: neither a CVLface toolkit TinyFace set (save_to_disk folder) nor a TinyFace "
-                              f"test folder with {', '.join(TINYFACE_FOLDERS)}")
-    result.update(layout=layout, keypoint_source=kp_kind, embeddings_from_cache=cached)
-    return dict(protocol="TinyFace identification (rank-k)", weights=str(handle.weights), model=handle.source,
-                flip=settings.flip,
-                mode="prealigned", keypoint_source=kp_kind, sets={name or path.name: result})

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
-from .binfile import VerificationBin, decode_image
+from ..images import decode_image
+from .binfile import VerificationBin
 from .embedding import FaceSource, file_fingerprint
 from .landmarks import (
     face_backend_available,
@@ -48,17 +50,21 @@ def resolve_keypoint_source(requested: str, landmarks: str | os.PathLike | None)
 
 
 def bin_face_source(vb: VerificationBin, path: str | os.PathLike, keypoint_source: str,
-                    landmarks: str | os.PathLike | None = None) -> FaceSource:
-    """Faces of a ``.bin`` set (decoded per batch, 112x112) with keypoints from ``keypoint_source``."""
+                    landmarks: str | os.PathLike | None = None, *, image_size: int = 112) -> FaceSource:
+    """Faces of a ``.bin`` set (decoded per batch, resized to ``image_size``) with keypoints from
+    ``keypoint_source``. ``path`` names the set in messages and, when it is a file, keys the cache."""
     table = None
     if keypoint_source == "file":
         table = read_normalized_landmark_csv(landmarks)
         missing = [i for i in range(len(vb)) if i not in table]
         if missing:
-            raise ValueError(f"{landmarks}: no landmarks for {len(missing)} of {len(vb)} images (first: idx {missing[0]})")
+            raise ValueError(
+                f"{landmarks}: no landmarks for {len(missing)} of {len(vb)} images (first: idx {missing[0]})"
+            )
 
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        images = np.stack([decode_image(vb.encoded_images[i], where=f"{path} image {i}") for i in range(start, stop)])
+        images = np.stack([decode_image(vb.encoded_images[i], where=f"{path} image {i}", size=image_size)
+                           for i in range(start, stop)])
         if keypoint_source == "file":
             kps = np.stack([table[i] for i in range(start, stop)])
         elif keypoint_source == "backend":
@@ -67,7 +73,9 @@ def bin_face_source(vb: VerificationBin, path: str | os.PathLike, keypoint_sourc
             kps = template_keypoints_for(stop - start)
         return images, kps
 
-    fp = f"bin:{file_fingerprint(path)}|kp:{keypoint_source}"
+    fp = f"bin:{file_fingerprint(path) if Path(path).is_file() else vb.name}|kp:{keypoint_source}"
+    if image_size != 112:
+        fp += f"|size:{image_size}"
     if landmarks is not None and keypoint_source == "file":
         fp += f"|{file_fingerprint(landmarks)}"
     return FaceSource(count=len(vb), load=load, fingerprint=fp)

@@ -7,6 +7,9 @@ import shlex
 import sys
 import time
 
+from ..cli_options import add_output_option
+from ..errors import CommandError
+
 __all__ = ["register"]
 
 
@@ -18,18 +21,19 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     d = sub.add_parser(
         "digits",
-        help="Fig. 1 on real handwriting: ViTs with Abs-PE / RPE / iRPE / KP-RPE trained on centred UCI digits, "
+        help="Fig. 1 on real handwriting: ViTs with Abs-PE / RPE / iRPE / KP-RPE trained on centred UCI "
+             "digits, "
         "tested under unseen affine transforms",
         description="Train shallow ViTs (the library's own, one per position encoding) on centred UCI "
         "handwritten digits and test them on affine-transformed digits (AffNIST-style mix and one-factor "
-        "sweeps). Writes digits_table.md, digits_results.json and PNG plots to --out.",
+        "sweeps). Writes digits_table.md, digits_results.json and PNG plots to -o/--output.",
     )
     d.add_argument(
         "--quick",
         action="store_true",
         help="1 seed, 5 main models (no iRPE), 5 epochs, flatten head only (under 2 minutes on 2 idle cores)",
     )
-    d.add_argument("--out", default="runs/digits", help="output folder (default: runs/digits)")
+    add_output_option(d, help="output folder", required=False, default="runs/digits")
     d.add_argument(
         "--seeds", type=int, default=None, help="number of seeds (0..N-1); default 3 (1 with --quick)"
     )
@@ -72,7 +76,8 @@ def register(subparsers) -> None:
         "--from-results",
         metavar="JSON",
         default=None,
-        help="no training: re-render the table and plots from an earlier digits_results.json into --out",
+        help="no training: re-render the table and plots from an earlier digits_results.json into "
+        "-o/--output",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_digits)
@@ -93,7 +98,6 @@ def _csv(text: str | None, none_means_empty: bool = False) -> tuple[str, ...] | 
 
 
 def _cmd_digits(args: argparse.Namespace) -> int:
-    from ..cli import CommandError
     from .digits import DigitsConfig, quick_config, run_digits
     from .digits_models import MODEL_SPECS
     from .report import write_outputs
@@ -103,7 +107,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
             print(f"{spec.name:<14} {spec.label:<22} [{spec.group}] {spec.note}")
         return 0
     if args.from_results:
-        return _render_from_results(args.from_results, args.out, plots=not args.no_plots)
+        return _render_from_results(args.from_results, args.output, plots=not args.no_plots)
     overrides: dict = {}
     if args.seeds is not None:
         if args.seeds < 1:
@@ -141,12 +145,13 @@ def _cmd_digits(args: argparse.Namespace) -> int:
     else:  # called as a function (tests, notebooks)
         command = "kprpe experiment digits" + (" --quick" if args.quick else "") + " (called from Python)"
     print(
-        f"digits experiment: {len(cfg.jobs())} training runs, {cfg.workers} worker(s) x {cfg.threads} thread(s); output -> {args.out}",
+        f"digits experiment: {len(cfg.jobs())} training runs, {cfg.workers} worker(s) x {cfg.threads} "
+        f"thread(s); output -> {args.output}",
         file=sys.stderr,
     )
     start = time.perf_counter()
     results = run_digits(cfg, progress=not args.no_progress)
-    paths = write_outputs(results, args.out, command=command.strip(), plots=not args.no_plots)
+    paths = write_outputs(results, args.output, command=command.strip(), plots=not args.no_plots)
     print(paths["table"].read_text(encoding="utf-8"))
     print(
         f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - start:.0f} s",
@@ -160,7 +165,6 @@ def _render_from_results(json_path: str, out_dir: str, plots: bool) -> int:
     import json
     from pathlib import Path
 
-    from ..cli import CommandError
     from .report import write_outputs
 
     path = Path(json_path)

@@ -217,7 +217,8 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 def evaluate(
     model: torch.nn.Module, spec: ModelSpec, test_sets: list[TestSet], canvas: int, batch: int = 64
 ) -> dict[str, float]:
-    """Accuracy (%) on every test set (small batches: KP-RPE's bias gather slows down sharply with large ones)."""
+    """Accuracy (%) on every test set (small batches: KP-RPE's bias gather slows down sharply with large
+    ones)."""
     model.eval()
     out = {}
     for ts in test_sets:
@@ -375,9 +376,13 @@ def run_digits(cfg: DigitsConfig, progress: bool = True) -> dict:
 def describe_protocol(cfg: DigitsConfig, proto: Protocol) -> dict:
     """What was trained and tested, in words and sizes (kept in the JSON next to the numbers)."""
     return dict(
-        data="scikit-learn load_digits (the test part of the UCI ML hand-written digits: 1,797 8x8 images by 13 writers)",
-        canvas=f"{cfg.digit}x{cfg.digit} digit (bicubic upsampling) centred on a {cfg.canvas}x{cfg.canvas} canvas",
-        keypoints=f"4 corners + centre of the digit's {'ink bounding box' if cfg.keypoint_box == 'ink' else 'paste frame'} in the untransformed image, mapped through the image's affine",
+        data="scikit-learn load_digits (the test part of the UCI ML hand-written digits: 1,797 8x8 images by "
+             "13 writers)",
+        canvas=f"{cfg.digit}x{cfg.digit} digit (bicubic upsampling) centred on a {cfg.canvas}x{cfg.canvas} "
+               "canvas",
+        keypoints="4 corners + centre of the digit's "
+                  f"{'ink bounding box' if cfg.keypoint_box == 'ink' else 'paste frame'} in the "
+                  "untransformed image, mapped through the image's affine",
         train_digits=int(len(proto.train_idx)),
         test_digits=int(len(proto.test_idx)),
         draws_per_test_digit=dict(affnist=cfg.affnist_draws, sweeps=cfg.test_draws),

@@ -68,7 +68,8 @@ class DigitsCanvas:
 
 
 def load_canvas_digits(canvas: int = 32, digit: int = 16, box: str = "ink") -> DigitsCanvas:
-    """Load scikit-learn's 1,797 UCI handwritten digits (8x8, 13 writers; shipped with the package: no download),
+    """Load scikit-learn's 1,797 UCI handwritten digits (8x8, 13 writers; shipped with the package: no
+    download),
     upsample each to ``digit x digit`` (bicubic, clipped) and paste it in the centre of a ``canvas`` square.
 
     ``box='ink'``: keypoints from the tight box of the ink (the "box around the digit");
@@ -319,7 +320,8 @@ def build_test_sets(
 
 
 def keypoint_marks(keypoints: np.ndarray, size: int, sigma: float = 0.7) -> np.ndarray:
-    """Abs-PE*'s extra input channel: a small Gaussian blob at each pixel keypoint, ``(N, S, S)`` in [0, 1]."""
+    """Abs-PE*'s extra input channel: a small Gaussian blob at each pixel keypoint, ``(N, S, S)`` in [0,
+    1]."""
     grid = np.arange(size, dtype=np.float32)
     dx = grid[None, None, :] - keypoints[:, :, 0:1]  # (N, K, S)
     dy = grid[None, None, :] - keypoints[:, :, 1:2]

@@ -180,7 +180,10 @@ def write_outputs(
     table = markdown_table(results, summary)
     header = "# Digits experiment (paper Fig. 1 on UCI handwriting)\n\n"
     if command:
-        header += f"Made by: `{command}` (elapsed {results['elapsed_seconds']:.0f} s, {results.get('cpu_count')} CPUs)\n\n"
+        header += (
+            f"Made by: `{command}` (elapsed {results['elapsed_seconds']:.0f} s, "
+            f"{results.get('cpu_count')} CPUs)\n\n"
+        )
     paths = {"json": out / "digits_results.json", "table": out / "digits_table.md"}
     atomic_write_text(paths["json"], json.dumps(results, indent=1, sort_keys=False) + "\n")
     atomic_write_text(paths["table"], header + table + "\n")

@@ -6,6 +6,8 @@ Importing this package does not import dlib; the dlib backend loads it on first 
 
 from __future__ import annotations
 
+from ..images import ImageLoadError, expand_image_paths, load_image
+from ..landmarks import LandmarkFileError
 from .align import (
     ALIGN_MODES,
     CROP_SIZE,
@@ -17,21 +19,14 @@ from .align import (
     similarity_transform,
     template_alignment_error,
 )
-from .detection import (
-    DlibDetector,
-    FaceDetection,
-    FaceDetector,
-    LandmarkFileError,
-    MissingDependencyError,
-    NoFaceFound,
-    SuppliedLandmarks,
-)
+from .detector import FaceDetection, FaceDetector, MissingDependencyError, NoFaceFound
+from .dlib_backend import DlibDetector
 from .draw import draw_keypoints, side_by_side
-from .io import ImageLoadError, expand_image_paths, load_image
+from .embedder import FaceEmbedder
+from .landmark_files import SuppliedLandmarks
 from .pipeline import (
     DEFAULT_THRESHOLD,
     BatchResult,
-    FaceEmbedder,
     FacePipeline,
     FaceRecord,
     VerifyResult,

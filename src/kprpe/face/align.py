@@ -1,4 +1,5 @@
-"""From 5 face points in a photo to the 112x112 crop and normalised keypoints the model reads (SPEC §3).
+"""From 5 face points in a photo to the 112x112 crop and normalised keypoints the model reads (docs/face.md,
+"Conventions").
 
 Coordinates follow :mod:`kprpe.keypoints`: pixel ``(col, row)`` has its centre at ``(x, y) = (col, row)``. A
 face box is ``(x0, y0, x1, y1)`` in the same continuous coordinates (a box covering a whole W x H image is
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..errors import KprpeError
 from ..keypoints import ARCFACE_TEMPLATE_112
 
 __all__ = [
@@ -42,7 +44,7 @@ ALIGN_MODES = ("aligned", "unaligned", "prealigned")
 TEMPLATE_FACE_BOX = (17.0, 37.0, 94.0, 114.0)
 
 
-class AlignmentError(ValueError):
+class AlignmentError(KprpeError, ValueError):
     """Keypoints or boxes that cannot define a crop (wrong shape, not finite, degenerate)."""
 
 
@@ -93,7 +95,9 @@ def similarity_transform(src, dst) -> np.ndarray:
     centred_src, centred_dst = src - mean_src, dst - mean_dst
     variance_src = (centred_src**2).sum() / len(src)
     if variance_src < 1e-12:
-        raise AlignmentError(f"degenerate source points: all at one place ({mean_src.tolist()}); cannot align")
+        raise AlignmentError(
+            f"degenerate source points: all at one place ({mean_src.tolist()}); cannot align"
+        )
     covariance = centred_dst.T @ centred_src / len(src)
     u, singular, vt = np.linalg.svd(covariance)
     sign = np.ones(2)
@@ -220,14 +224,16 @@ def align_face(
     """Crop one face for the model.
 
     ``image``: ``(H, W, 3)`` uint8 RGB photo; ``keypoints``: ``(5, 2)`` photo pixels in ArcFace order.
-    ``mode``: ``aligned`` — similarity transform to the ArcFace template (SPEC §3); ``unaligned`` — the box
-    crop resized to 112 (box derived from the keypoints when not given), keypoints land wherever they are;
+    ``mode``: ``aligned`` — similarity transform to the ArcFace template (docs/face.md); ``unaligned`` — the
+    box crop resized to 112 (box derived from the keypoints when not given), keypoints land wherever they are;
     ``prealigned`` — the image already is the 112x112 crop, used as is.
     """
     if mode not in ALIGN_MODES:
         raise AlignmentError(f"unknown alignment mode {mode!r}; choose one of {ALIGN_MODES}")
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise AlignmentError(f"image must be a (H, W, 3) uint8 RGB array, got {getattr(image, 'shape', type(image))}")
+        raise AlignmentError(
+            f"image must be a (H, W, 3) uint8 RGB array, got {getattr(image, 'shape', type(image))}"
+        )
     points = _check_five(keypoints)
     box_tuple = _check_box(box) if box is not None else None
     if mode == "aligned":
@@ -241,7 +247,8 @@ def align_face(
     else:
         if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
             raise AlignmentError(
-                f"mode 'prealigned' needs a {CROP_SIZE}x{CROP_SIZE} image, got {image.shape[1]}x{image.shape[0]}; "
+                f"mode 'prealigned' needs a {CROP_SIZE}x{CROP_SIZE} image, got "
+                f"{image.shape[1]}x{image.shape[0]}; "
                 "use mode 'aligned' or 'unaligned' for photos"
             )
         matrix = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])

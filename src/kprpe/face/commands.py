@@ -14,19 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_options import add_model_options, add_output_option, add_quiet_option
 from ..errors import CommandError
 from ..files import write_csv, write_npz, write_png
+from ..images import ImageLoadError
+from ..landmarks import LandmarkFileError
 from .align import ALIGN_MODES, AlignmentError
-from .detection import (
-    LANDMARK_COLUMNS,
-    FaceDetector,
-    LandmarkFileError,
-    MissingDependencyError,
-    NoFaceFound,
-    SuppliedLandmarks,
-)
-from .io import ImageLoadError
-from .pipeline import DEFAULT_THRESHOLD, BatchResult, FaceEmbedder, FacePipeline, verify
+from .detector import FaceDetector, MissingDependencyError, NoFaceFound
+from .embedder import FaceEmbedder
+from .landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
+from .pipeline import DEFAULT_THRESHOLD, BatchResult, FacePipeline, verify
 from .search import FaceIndexError
 
 __all__ = ["register"]
@@ -49,52 +46,55 @@ def _upsample(text: str) -> int | str:
 
 def _add_pipeline_options(parser: argparse.ArgumentParser, *, all_faces: bool = True) -> None:
     group = parser.add_argument_group("faces")
-    group.add_argument("--mode", choices=ALIGN_MODES, default="aligned",
-                       help="aligned: similarity transform to the ArcFace template (default); unaligned: detector box "
-                            "resized to 112, keypoints follow; prealigned: inputs already are 112x112 crops")
+    group.add_argument(
+        "--mode",
+        choices=ALIGN_MODES,
+        default="aligned",
+        help="aligned: similarity transform to the ArcFace template (default); unaligned: detector box "
+        "resized to 112, keypoints follow; prealigned: inputs already are 112x112 crops",
+    )
     group.add_argument("--detector", choices=("hog", "cnn"), default="hog",
                        help="dlib face detector: hog (fast, default) or cnn (more robust, slow on CPU)")
     group.add_argument("--landmark-model", choices=("68", "5"), default="68",
                        help="dlib shape model: 68 points (default) or 5 points (mouth corners estimated)")
-    group.add_argument("--upsample", type=_upsample, default="auto",
-                       help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4")
+    group.add_argument(
+        "--upsample",
+        type=_upsample,
+        default="auto",
+        help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4",
+    )
     group.add_argument("--min-score", type=float, default=0.0, help="detector score threshold (default 0)")
-    group.add_argument("--min-face-size", type=float, default=0.0, help="ignore faces smaller than this many pixels")
+    group.add_argument(
+        "--min-face-size", type=float, default=0.0, help="ignore faces smaller than this many pixels"
+    )
     group.add_argument("--landmarks", metavar="FILE",
                        help="use keypoints from this CSV/JSON file (any external detector) instead of dlib")
     group.add_argument("--landmarks-normalized", action="store_true",
                        help="coordinates in --landmarks are fractions of image width/height, not pixels")
     if all_faces:
         group.add_argument("--all-faces", action="store_true", help="keep every face, not only the largest")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--weights", required=True, metavar="W",
-                       help="checkpoint file, folder or Hugging Face repo id (anything kprpe.load_official accepts)")
-    group.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
-    group.add_argument("--batch-size", type=int, default=64)
-    group.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    group.add_argument("--engine", choices=("torch", "onnx"), default="torch",
-                       help="torch: --weights is a checkpoint; onnx: --weights is a file from 'kprpe export', "
-                            "run by ONNX Runtime")
+    add_quiet_option(parser)
 
 
 def _detector(args: argparse.Namespace) -> FaceDetector:
     try:
         if args.landmarks:
             return SuppliedLandmarks.from_file(args.landmarks, normalized=args.landmarks_normalized)
-        from .detection import DlibDetector
+        from .dlib_backend import DlibDetector
 
-        return DlibDetector(args.detector, args.landmark_model, upsample=args.upsample, min_score=args.min_score)
+        return DlibDetector(
+            args.detector, args.landmark_model, upsample=args.upsample, min_score=args.min_score
+        )
     except (MissingDependencyError, LandmarkFileError) as exc:
         raise CommandError(str(exc)) from None
 
 
 def _pipeline(args: argparse.Namespace) -> FacePipeline:
     return FacePipeline(
-        _detector(args), mode=args.mode, all_faces=getattr(args, "all_faces", False), min_face_size=args.min_face_size
+        _detector(args),
+        mode=args.mode,
+        all_faces=getattr(args, "all_faces", False),
+        min_face_size=args.min_face_size,
     )
 
 
@@ -115,7 +115,9 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
         engine = load_engine(weights, device=args.device)  # OnnxModelError: a one-line KprpeError
         return FaceEmbedder(engine, flip=not args.no_flip, batch_size=args.batch_size, device="cpu")
     try:
-        return FaceEmbedder.from_weights(weights, flip=not args.no_flip, batch_size=args.batch_size, device=args.device)
+        return FaceEmbedder.from_weights(
+            weights, flip=not args.no_flip, batch_size=args.batch_size, device=args.device
+        )
     except (CheckpointError, ValueError, OSError) as exc:
         raise CommandError(f"cannot load weights {weights}: {exc}") from None
     except (RuntimeError, AssertionError) as exc:  # torch: unknown device, CUDA not available
@@ -200,8 +202,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     _require_finite(unit, "embeddings", args.weights)
     _require_finite(norms, "embedding norms", args.weights)
     failures = _report_failures("embed", batch)
-    metadata = {"weights": str(args.weights), "model_fingerprint": embedder.fingerprint, "flip": embedder.flip,
-                "pipeline": pipeline.describe()}
+    metadata = {
+        "weights": str(args.weights),
+        "model_fingerprint": embedder.fingerprint,
+        "flip": embedder.flip,
+        "pipeline": pipeline.describe(),
+    }
     output = write_npz(
         args.output,
         names=np.asarray([r.name for r in batch.records], dtype=str).reshape(-1),
@@ -209,11 +215,19 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         face_index=np.asarray([r.face_index for r in batch.records], dtype=np.int64),
         embeddings=unit,
         norms=norms,
-        keypoints=np.asarray([r.face.keypoints for r in batch.records], dtype=np.float32).reshape(-1, 5, 2),
+        keypoints=np.asarray([r.face.keypoints for r in batch.records], dtype=np.float32).reshape(
+            -1, embedder.num_keypoints, 2),
         failures=np.asarray(batch.failures, dtype=str).reshape(-1, 2),
         metadata=np.asarray(json.dumps(metadata)),
     )
-    _print_json({"output": str(output), "embedded": len(batch.records), "dim": int(unit.shape[1]), "failures": failures})
+    _print_json(
+        {
+            "output": str(output),
+            "embedded": len(batch.records),
+            "dim": int(unit.shape[1]),
+            "failures": failures,
+        }
+    )
     return _status(batch)
 
 
@@ -238,7 +252,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _threshold(args: argparse.Namespace, embedder: FaceEmbedder):
     """--threshold, else the calibration beside --weights (kprpe eval ... --calibrate), else the default."""
-    from ..eval.calibration import resolve_threshold
+    from ..thresholds import resolve_threshold
 
     return resolve_threshold(args.threshold, args.weights, model_fingerprint=embedder.fingerprint,
                              flip=embedder.flip, default=DEFAULT_THRESHOLD)
@@ -324,36 +338,49 @@ def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
 
 def register(subparsers) -> None:
     """Add ``align``, ``embed``, ``verify`` and ``search`` to the ``kprpe`` command."""
-    p = subparsers.add_parser("align", help="detect faces and write 112x112 crops + landmarks.csv",
-                              description="Detect faces, crop them (aligned, unaligned or prealigned) to 112x112 "
-                                          "PNGs in OUT and write OUT/landmarks.csv (keypoints normalised to the crop).")
+    p = subparsers.add_parser(
+        "align",
+        help="detect faces and write 112x112 crops + landmarks.csv",
+        description="Detect faces, crop them (aligned, unaligned or prealigned) to 112x112 "
+        "PNGs in OUT and write OUT/landmarks.csv (keypoints normalised to the crop).",
+    )
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
-    p.add_argument("--draw", action="store_true", help="also write OUT/draw/<stem>.png with the keypoints drawn")
+    add_output_option(p, help="output directory")
+    p.add_argument(
+        "--draw", action="store_true", help="also write OUT/draw/<stem>.png with the keypoints drawn"
+    )
     _add_pipeline_options(p)
     p.set_defaults(func=_cmd_align)
 
-    p = subparsers.add_parser("embed", help="embed the faces of photos into an .npz",
-                              description="Embed faces with a KP-RPE checkpoint. Writes an .npz (allow_pickle=False) "
-                                          "with names, sources, face_index, embeddings (unit), norms, keypoints, "
-                                          "failures (file, reason) and metadata (JSON).")
+    p = subparsers.add_parser(
+        "embed",
+        help="embed the faces of photos into an .npz",
+        description="Embed faces with a KP-RPE checkpoint. Writes an .npz (allow_pickle=False) "
+        "with names, sources, face_index, embeddings (unit), norms, keypoints, "
+        "failures (file, reason) and metadata (JSON).",
+    )
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
-    p.add_argument("-o", "--output", required=True, metavar="NPZ")
+    add_output_option(p, help="embeddings file to write (.npz)", metavar="NPZ")
     _add_pipeline_options(p)
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=_cmd_embed)
 
-    p = subparsers.add_parser("verify", help="compare the largest faces of two photos",
-                              description="Prints one JSON object: similarity (cosine), same, threshold, norms, "
-                                          "keypoints. The threshold depends on the checkpoint: calibrate it.")
+    p = subparsers.add_parser(
+        "verify",
+        help="compare the largest faces of two photos",
+        description="Prints one JSON object: similarity (cosine), same, threshold, norms, "
+        "keypoints. The threshold depends on the checkpoint: calibrate it.",
+    )
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
     p.add_argument("--threshold", type=float, default=None,
                    help="cosine similarity at or above which the faces count as the same (default: the calibration "
                         f"beside --weights from 'kprpe eval ... --calibrate FAR', else {DEFAULT_THRESHOLD})")
-    p.add_argument("--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score")
+    p.add_argument(
+        "--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score"
+    )
     _add_pipeline_options(p, all_faces=False)
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=_cmd_verify)
 
     p = subparsers.add_parser("search", help="enrol a gallery of identities, then identify query faces",
@@ -361,15 +388,19 @@ def register(subparsers) -> None:
                                           "'kprpe search query IMAGES --index index.npz'; 'kprpe search remove "
                                           "NAMES --index index.npz'. FAISS when installed, NumPy otherwise.")
     search_sub = p.add_subparsers(dest="search_command", metavar="ACTION", required=True)
-    e = search_sub.add_parser("enrol", aliases=["enroll"], help="build an index from GALLERY/<identity>/<images>",
-                              description="One template per identity: the normalised mean of its images' embeddings. "
-                                          "The index is an .npz that loads with allow_pickle=False.")
+    e = search_sub.add_parser(
+        "enrol",
+        aliases=["enroll"],
+        help="build an index from GALLERY/<identity>/<images>",
+        description="One template per identity: the normalised mean of its images' embeddings. "
+        "The index is an .npz that loads with allow_pickle=False.",
+    )
     e.add_argument("gallery", metavar="GALLERY")
-    e.add_argument("-o", "--output", required=True, metavar="INDEX", help="index file to write (.npz)")
+    add_output_option(e, help="index file to write (.npz)", metavar="INDEX")
     e.add_argument("--append", action="store_true",
                    help="add to INDEX if it exists (new identities are added, existing ones pool the new images)")
     _add_pipeline_options(e, all_faces=False)
-    _add_model_options(e)
+    add_model_options(e)
     _add_index_options(e, build=True)
     e.set_defaults(func=_cmd_search_enrol)
     r = search_sub.add_parser("remove", help="remove identities from an index (no re-enrolment)")
@@ -385,6 +416,6 @@ def register(subparsers) -> None:
                    help="score at or above which a match counts as the same person (default: the calibration beside "
                         f"--weights, else {DEFAULT_THRESHOLD})")
     _add_pipeline_options(q)
-    _add_model_options(q)
+    add_model_options(q)
     _add_index_options(q, build=False)
     q.set_defaults(func=_cmd_search_query)

@@ -25,7 +25,9 @@ def draw_keypoints(face: AlignedFace, scale: int = 2) -> np.ndarray:
     return canvas
 
 
-def side_by_side(face_a: AlignedFace, face_b: AlignedFace, similarity: float, same: bool, threshold: float) -> np.ndarray:
+def side_by_side(
+    face_a: AlignedFace, face_b: AlignedFace, similarity: float, same: bool, threshold: float
+) -> np.ndarray:
     """Both crops with keypoints, and the score under them, as one RGB image."""
     left, right = draw_keypoints(face_a), draw_keypoints(face_b)
     gap = np.full((left.shape[0], 8, 3), 255, np.uint8)
@@ -33,6 +35,24 @@ def side_by_side(face_a: AlignedFace, face_b: AlignedFace, similarity: float, sa
     footer = np.full((56, top.shape[1], 3), 255, np.uint8)
     verdict = "same person" if same else "different people"
     colour = (0, 140, 0) if same else (200, 0, 0)
-    cv2.putText(footer, f"similarity {similarity:+.4f}", (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(footer, f"{verdict} (threshold {threshold:.3f})", (8, 46), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+    cv2.putText(
+        footer,
+        f"similarity {similarity:+.4f}",
+        (8, 22),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        0.6,
+        (0, 0, 0),
+        1,
+        cv2.LINE_AA,
+    )
+    cv2.putText(
+        footer,
+        f"{verdict} (threshold {threshold:.3f})",
+        (8, 46),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        0.5,
+        colour,
+        1,
+        cv2.LINE_AA,
+    )
     return np.vstack([top, footer])

@@ -9,17 +9,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from ..inference import embed, to_model_input
+from ..images import ImageLoadError, expand_image_paths, load_image
+from ..landmarks import LandmarkFileError
 from .align import (
     ALIGN_MODES,
     CROP_SIZE,
@@ -28,8 +27,8 @@ from .align import (
     AlignmentError,
     align_face,
 )
-from .detection import FaceDetector, LandmarkFileError, NoFaceFound
-from .io import ImageLoadError, expand_image_paths, load_image
+from .detector import FaceDetector, NoFaceFound
+from .embedder import FaceEmbedder, model_fingerprint
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -67,10 +66,11 @@ class BatchResult:
 
 
 class FacePipeline:
-    """Detection + landmarks + cropping, with the conventions of SPEC §3.
+    """Detection + landmarks + cropping, with the conventions of docs/face.md ("Conventions").
 
-    ``detector``: any :class:`~kprpe.face.detection.FaceDetector` (default: dlib HOG + 68 points, created on
-    first use). ``mode``: ``aligned`` | ``unaligned`` | ``prealigned`` (see :func:`~kprpe.face.align.align_face`).
+    ``detector``: any :class:`~kprpe.face.detector.FaceDetector` (default: dlib HOG + 68 points, created on
+    first use). ``mode``: ``aligned`` | ``unaligned`` | ``prealigned`` (see
+    :func:`~kprpe.face.align.align_face`).
     ``all_faces``: keep every face (largest first) instead of only the largest. ``min_face_size``: ignore
     faces whose box side is smaller (pixels); tiny faces still work but give blurry crops.
     ``min_relative_score``: ignore detections scoring below this fraction of the best detection's score
@@ -102,7 +102,7 @@ class FacePipeline:
     @property
     def detector(self) -> FaceDetector:
         if self._detector is None:
-            from .detection import DlibDetector
+            from .dlib_backend import DlibDetector
 
             self._detector = DlibDetector()
         return self._detector
@@ -111,7 +111,9 @@ class FacePipeline:
         return {"mode": self.mode, "all_faces": self.all_faces, "min_face_size": self.min_face_size,
                 "min_relative_score": self.min_relative_score, "detector": self.detector.describe()}
 
-    def faces_in_image(self, image: np.ndarray, *, source: str | os.PathLike | None = None) -> list[AlignedFace]:
+    def faces_in_image(
+        self, image: np.ndarray, *, source: str | os.PathLike | None = None
+    ) -> list[AlignedFace]:
         """Crops of the faces in an RGB uint8 photo, largest first (only the largest unless ``all_faces``).
 
         Raises :class:`NoFaceFound` when there is none, :class:`AlignmentError` for bad keypoints.
@@ -119,7 +121,8 @@ class FacePipeline:
         if self.mode == "prealigned":
             if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
                 raise AlignmentError(
-                    f"mode 'prealigned' needs {CROP_SIZE}x{CROP_SIZE} crops, got {image.shape[1]}x{image.shape[0]}; "
+                    f"mode 'prealigned' needs {CROP_SIZE}x{CROP_SIZE} crops, got "
+                    f"{image.shape[1]}x{image.shape[0]}; "
                     "use mode 'aligned' or 'unaligned' for photos"
                 )
             found = self.detector.landmarks_in_box(image, TEMPLATE_FACE_BOX, source=source)
@@ -131,7 +134,8 @@ class FacePipeline:
         kept = [d for d, size in zip(detections, sizes, strict=True) if size >= self.min_face_size]
         if not kept:
             raise NoFaceFound(
-                f"only faces smaller than min_face_size={self.min_face_size:g} px found (largest {max(sizes):.0f} px)"
+                f"only faces smaller than min_face_size={self.min_face_size:g} px found (largest "
+                f"{max(sizes):.0f} px)"
             )
         scores = [d.score for d in kept]
         if self.min_relative_score > 0 and all(sc is not None for sc in scores) and max(scores) > 0:
@@ -142,9 +146,13 @@ class FacePipeline:
             kept = kept[:1]
         faces = []
         for detection in kept:
-            face = align_face(image, detection.keypoints, mode=self.mode, box=detection.box, score=detection.score)
+            face = align_face(
+                image, detection.keypoints, mode=self.mode, box=detection.box, score=detection.score
+            )
             face.extra["landmarks"] = detection.landmarks
-            face.extra["face_size"] = float(min(detection.box[2] - detection.box[0], detection.box[3] - detection.box[1]))
+            face.extra["face_size"] = float(
+                min(detection.box[2] - detection.box[0], detection.box[3] - detection.box[1])
+            )
             faces.append(face)
         return faces
 
@@ -180,88 +188,6 @@ class FacePipeline:
 def _describe_short(detector: FaceDetector) -> str:
     info = detector.describe()
     return ", ".join(f"{k}={v}" for k, v in info.items())
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over the model's state dict (names, shapes, bytes): ties an index to the weights that made it."""
-    if getattr(model, "fingerprint", None) is not None:  # an ONNX engine: the file's hash
-        return model.fingerprint
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-class FaceEmbedder:
-    """KP-RPE (or any kprpe) model + flip test-time augmentation over crops from :class:`FacePipeline`.
-
-    Flip TTA sums the raw embeddings of a crop and its mirror (keypoints mirrored, 0<->1 and 3<->4 swapped)
-    before L2-normalising; the norm of the summed embedding is returned alongside (a quality signal).
-    """
-
-    def __init__(self, model: torch.nn.Module, *, flip: bool = True, batch_size: int = 64, device: str | None = None) -> None:
-        config = getattr(model, "config", None)
-        if config is not None:
-            if getattr(config, "img_size", CROP_SIZE) != CROP_SIZE:
-                raise ValueError(f"the face pipeline makes {CROP_SIZE}x{CROP_SIZE} crops but the model expects {config.img_size}")
-            if getattr(config, "rel_pos", "") == "kprpe" and getattr(config, "num_keypoints", 5) != 5:
-                raise ValueError(f"the face pipeline gives 5 keypoints but the model expects {config.num_keypoints}")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if device is None:
-            device = getattr(model, "device", None) or next(model.parameters()).device
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.flip = flip
-        self.batch_size = batch_size
-        self._fingerprint: str | None = None
-
-    @classmethod
-    def from_weights(cls, weights: str | os.PathLike, **kwargs) -> FaceEmbedder:
-        """Load any checkpoint :func:`kprpe.load_official` accepts (file, published directory)."""
-        from ..nn import load_official
-
-        return cls(load_official(weights), **kwargs)
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
-        return self._fingerprint
-
-    @property
-    def output_dim(self) -> int:
-        return int(getattr(getattr(self.model, "config", None), "output_dim", 0))
-
-    def embed_crops(self, crops: np.ndarray, keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 crops ``(N, 112, 112, 3)`` + normalised keypoints ``(N, 5, 2)`` -> unit ``(N, D)``, norms ``(N,)``."""
-        crops = np.asarray(crops)
-        keypoints = np.asarray(keypoints, dtype=np.float32)
-        if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3) or crops.dtype != np.uint8:
-            raise ValueError(f"crops must be uint8 (N, {CROP_SIZE}, {CROP_SIZE}, 3), got {crops.dtype} {crops.shape}")
-        if keypoints.shape != (crops.shape[0], 5, 2):
-            raise ValueError(f"keypoints must have shape ({crops.shape[0]}, 5, 2), got {keypoints.shape}")
-        if crops.shape[0] == 0:
-            return np.zeros((0, self.output_dim), np.float32), np.zeros((0,), np.float32)
-        unit, norms = embed(
-            self.model,
-            to_model_input(crops),
-            torch.from_numpy(keypoints),
-            flip=self.flip,
-            batch_size=self.batch_size,
-            device=self.device,
-        )
-        return unit.numpy().astype(np.float32), norms.numpy().astype(np.float32)
-
-    def embed_faces(self, faces: Sequence[AlignedFace]) -> tuple[np.ndarray, np.ndarray]:
-        """Embed crops made by :class:`FacePipeline` (batched)."""
-        if not faces:
-            return self.embed_crops(np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8), np.zeros((0, 5, 2), np.float32))
-        crops = np.stack([face.image for face in faces])
-        keypoints = np.stack([face.keypoints for face in faces]).astype(np.float32)
-        return self.embed_crops(crops, keypoints)
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -16,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import KprpeError
 from ..files import read_npz, write_npz
-from .io import IMAGE_EXTENSIONS
-from .pipeline import FaceEmbedder, FacePipeline
+from ..images import IMAGE_EXTENSIONS
+from .embedder import FaceEmbedder
+from .pipeline import FacePipeline
 
 __all__ = ["FaceIndex", "FaceIndexError", "SearchHit", "gallery_images", "INDEX_FORMAT"]
 
 INDEX_FORMAT = "kprpe-face-index-v1"
 
 
-class FaceIndexError(ValueError):
+class FaceIndexError(KprpeError, ValueError):
     """An index file is missing, malformed or made with a different model than the query."""
 
 
@@ -36,7 +38,8 @@ class SearchHit:
 
 
 def gallery_images(gallery: str | os.PathLike) -> dict[str, list[Path]]:
-    """``GALLERY/<identity>/*.jpg`` -> ``{identity: [images]}``; loose images in GALLERY count as ``<stem>``."""
+    """``GALLERY/<identity>/*.jpg`` -> ``{identity: [images]}``; loose images in GALLERY count as
+    ``<stem>``."""
     root = Path(gallery)
     if not root.is_dir():
         raise FaceIndexError(f"gallery {root} is not a directory (expected one sub-folder per identity)")
@@ -45,7 +48,11 @@ def gallery_images(gallery: str | os.PathLike) -> dict[str, list[Path]]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            images = sorted(p for p in entry.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            images = sorted(
+                p
+                for p in entry.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
             if images:
                 found.setdefault(entry.name, []).extend(images)
         elif entry.suffix.lower() in IMAGE_EXTENSIONS:
@@ -86,16 +93,28 @@ class FaceIndex:
             names.append(name)
             counts.append(rows.shape[0])
         dim = templates[0].shape[0] if templates else 0
-        return cls(names, np.asarray(templates, np.float32).reshape(len(names), dim), np.asarray(counts), dict(metadata or {}))
+        return cls(
+            names,
+            np.asarray(templates, np.float32).reshape(len(names), dim),
+            np.asarray(counts),
+            dict(metadata or {}),
+        )
 
     @classmethod
     def enrol(
-        cls, gallery: str | os.PathLike, *, pipeline: FacePipeline, embedder: FaceEmbedder, progress: bool = True
+        cls,
+        gallery: str | os.PathLike,
+        *,
+        pipeline: FacePipeline,
+        embedder: FaceEmbedder,
+        progress: bool = True,
     ) -> tuple[FaceIndex, list[tuple[str, str]]]:
         """Embed every gallery image (largest face each); returns the index and the images that failed."""
         per_identity_paths = gallery_images(gallery)
         all_paths = [p for paths in per_identity_paths.values() for p in paths]
-        single = FacePipeline(pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size)
+        single = FacePipeline(
+            pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size
+        )
         batch = single.process(all_paths, progress=progress)
         unit, _ = embedder.embed_faces([record.face for record in batch.records])
         identity_of = {str(p): name for name, paths in per_identity_paths.items() for p in paths}
@@ -105,7 +124,9 @@ class FaceIndex:
         failures = list(batch.failures)
         for name in per_identity_paths:
             if name not in grouped:
-                failures.append((str(Path(gallery) / name), "identity dropped: no usable face in any of its images"))
+                failures.append(
+                    (str(Path(gallery) / name), "identity dropped: no usable face in any of its images")
+                )
         metadata = {
             "format": INDEX_FORMAT,
             "model_fingerprint": embedder.fingerprint,
@@ -149,11 +170,15 @@ class FaceIndex:
             raise FaceIndexError(f"index file {path}: identities must be strings and embeddings floats, got "
                                  f"{data['identities'].dtype} and {data['embeddings'].dtype}")
         if metadata.get("format") != INDEX_FORMAT:
-            raise FaceIndexError(f"index file {path}: unknown format {metadata.get('format')!r} (expected {INDEX_FORMAT})")
+            raise FaceIndexError(
+                f"index file {path}: unknown format {metadata.get('format')!r} (expected {INDEX_FORMAT})"
+            )
         identities = [str(x) for x in data["identities"].tolist()]
         embeddings = data["embeddings"]
         if embeddings.ndim != 2 or embeddings.shape[0] != len(identities):
-            raise FaceIndexError(f"index file {path}: embeddings {embeddings.shape} do not match {len(identities)} identities")
+            raise FaceIndexError(
+                f"index file {path}: embeddings {embeddings.shape} do not match {len(identities)} identities"
+            )
         return cls(identities, embeddings, data["counts"], metadata)
 
     def check_compatible(self, embedder: FaceEmbedder) -> None:
@@ -162,10 +187,14 @@ class FaceIndex:
         if expected and expected != embedder.fingerprint:
             raise FaceIndexError(
                 "the index was enrolled with different weights than the query model "
-                f"(fingerprint {expected[:12]}... vs {embedder.fingerprint[:12]}...); re-enrol or use the same --weights"
+                f"(fingerprint {expected[:12]}... vs {embedder.fingerprint[:12]}...); re-enrol or use the "
+                "same --weights"
             )
         if self.embeddings.shape[1] not in (0, embedder.output_dim):
-            raise FaceIndexError(f"index embeddings are {self.embeddings.shape[1]}-d but the model gives {embedder.output_dim}-d")
+            raise FaceIndexError(
+                f"index embeddings are {self.embeddings.shape[1]}-d but the model gives "
+                f"{embedder.output_dim}-d"
+            )
 
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[SearchHit]]:
         """Top-``k`` identities (cosine similarity, best first) for each unit query embedding ``(N, D)``."""
@@ -177,9 +206,10 @@ class FaceIndex:
         if len(self) == 0:
             return [[] for _ in range(queries.shape[0])]
         if queries.shape[1] != self.embeddings.shape[1]:
-            raise FaceIndexError(f"queries are {queries.shape[1]}-d but the index holds {self.embeddings.shape[1]}-d embeddings")
-        from .index import exact_top_k  # the exact search GalleryIndex falls back to: one ranking rule
-
+            raise FaceIndexError(
+                f"queries are {queries.shape[1]}-d but the index holds {self.embeddings.shape[1]}-d "
+                "embeddings"
+            )
         top, scores = exact_top_k(queries, self.embeddings, k)
         return [[SearchHit(self.identities[j], float(s)) for j, s in zip(row, score, strict=True)]
                 for row, score in zip(top, scores, strict=True)]
@@ -188,3 +218,42 @@ class FaceIndex:
         self.check_compatible(embedder)
         unit, _ = embedder.embed_faces(faces)
         return self.search(unit, k)
+
+
+def exact_top_k(queries: np.ndarray, templates: np.ndarray, k: int, valid: np.ndarray | None = None,
+                chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` rows of ``templates`` by inner product (float64) for each query.
+
+    Ranking: score descending, ties by lower row first (what a stable ``argsort`` gives). Works through the
+    gallery in chunks so 1M x 512 never needs a float64 copy of the whole matrix. Rows with ``valid`` False
+    are skipped. Returns ``(rows, scores)`` of shape ``(N, min(k, #valid))``.
+    """
+    queries = np.asarray(queries, dtype=np.float64)
+    if queries.ndim == 1:
+        queries = queries[None]
+    count = templates.shape[0]
+    usable = count if valid is None else int(np.count_nonzero(valid[:count]))
+    width = min(k, usable)
+    if width == 0 or queries.shape[0] == 0:
+        return np.zeros((queries.shape[0], 0), np.int64), np.zeros((queries.shape[0], 0), np.float64)
+    picked_rows, picked_scores = [], []
+    for start in range(0, count, chunk_rows):
+        block = np.asarray(templates[start:start + chunk_rows], dtype=np.float64)
+        scores = queries @ block.T
+        if valid is not None:
+            scores[:, ~valid[start:start + block.shape[0]]] = -np.inf
+        take = min(width, block.shape[0])
+        if take < block.shape[0]:
+            part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+            kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
+            ties = np.count_nonzero(scores >= kth[:, None], axis=1) > take
+            for row in np.nonzero(ties)[0]:  # rare: equal scores at the cut; keep the lowest rows like argsort
+                part[row] = np.argsort(-scores[row], kind="stable")[:take]
+        else:
+            part = np.broadcast_to(np.arange(block.shape[0]), scores.shape).copy()
+        picked_rows.append(part + start)
+        picked_scores.append(np.take_along_axis(scores, part, axis=1))
+    rows = np.concatenate(picked_rows, axis=1)
+    scores = np.concatenate(picked_scores, axis=1)
+    order = np.lexsort((rows, -scores), axis=-1)[:, :width]
+    return np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)

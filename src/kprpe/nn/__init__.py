@@ -1,5 +1,5 @@
-"""Models: relative-position buckets, position encodings, attention, the face ViT, the IResNet, presets and
-checkpoints."""
+"""Models: relative-position buckets, position encodings (RPE, iRPE, KP-RPE), attention, the face ViT, the
+IResNet, presets, checkpoints."""
 
 from .attention import Attention, Block, Mlp
 from .buckets import bucket_ids, num_buckets, piecewise_index
@@ -12,7 +12,8 @@ from .checkpoint import (
     save_model,
 )
 from .iresnet import IResNet, IResNetConfig
-from .position import gather_bias, patch_centres, relative_keypoints
+from .keypoint_rpe import KeypointRPE, patch_centres, relative_keypoints
+from .position import gather_bias
 from .registry import create_model, list_models, preset_config, register_model
 from .vit import VisionTransformer, ViTConfig, normalize_embedding, num_parameters
 
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "IResNet",
     "IResNetConfig",
+    "KeypointRPE",
     "Mlp",
     "ViTConfig",
     "VisionTransformer",

@@ -130,7 +130,12 @@ class Attention(nn.Module):
             if bias is not None:
                 bias = bias.to(q.dtype)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
+                q,
+                k,
+                v,
+                attn_mask=bias,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+                scale=self.scale,
             )
         else:
             q = q * self.scale
@@ -153,7 +158,9 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """``fc2(act(fc1(x)))``; the official face ViTs use ReLU6."""
 
-    def __init__(self, dim: int, hidden: int, act_layer: type[nn.Module] = nn.ReLU6, drop: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, hidden: int, act_layer: type[nn.Module] = nn.ReLU6, drop: float = 0.0
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = act_layer()

@@ -1,6 +1,7 @@
 """iRPE's quantised relative-position buckets on a 2-D patch grid.
 
-A bucket id ``d(i, j)`` says how far key patch ``j`` lies from query patch ``i``; nearby offsets keep their own
+A bucket id ``d(i, j)`` says how far key patch ``j`` lies from query patch ``i``; nearby offsets keep their
+own
 bucket and far offsets share a few log-spaced ones (the *piecewise index*). Buckets depend only on the grid,
 so they are computed once per (grid, method, ratio) and cached per device.
 """
@@ -109,8 +110,9 @@ def bucket_ids(
     key = (int(height), int(width), method, float(ratio), str(torch.device(device or "cpu")))
     ids = _DEVICE_CACHE.get(key)
     if ids is None:
-        # built outside inference mode so that a cache filled during inference still serves training
-        with torch.inference_mode(False):
+        # built outside inference mode so that a cache filled during inference still serves training, and on
+        # the CPU whatever default device a caller has set (a model built under torch.device("meta"))
+        with torch.inference_mode(False), torch.device("cpu"):
             ids = _bucket_ids_cpu(int(height), int(width), method, float(ratio))
             if key[-1] != "cpu":
                 ids = ids.to(key[-1])

@@ -1,6 +1,7 @@
 """Reading and writing weights: official CVLface checkpoints in, safetensors out.
 
-Official checkpoints come as ``model.safetensors`` (Hugging Face repos, keys prefixed ``model.net.``), research
+Official checkpoints come as ``model.safetensors`` (Hugging Face repos, keys prefixed ``model.net.``),
+research
 ``model.pt`` files (keys prefixed ``net.``), or bare state dicts. :func:`load_official` strips the prefixes,
 infers the architecture from tensor shapes (or reads ``config.json`` / our own metadata), and loads strictly.
 Pickled files are only ever read with ``torch.load(weights_only=True)``.
@@ -12,15 +13,26 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..errors import KprpeError
 from ..files import atomic_path
 from ..zoo import ZooError, resolve
-from .iresnet import is_iresnet_checkpoint, load_iresnet, official_fields
+from . import iresnet
+from .iresnet import (
+    LAYER_TABLES,
+    IResNet,
+    IResNetConfig,
+    checkpoint_filter_fn,
+    config_from_state_dict,
+    is_iresnet_checkpoint,
+    official_fields,
+)
 from .registry import SIZES
 from .vit import VisionTransformer, ViTConfig
 
@@ -39,7 +51,7 @@ _PREFIXES = ("module.", "model.", "net.")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KprpeError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says exactly why."""
 
 
@@ -90,13 +102,15 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # weights_only refuses arbitrary objects: report, never fall back
             raise CheckpointError(
-                f"could not read {path} with torch.load(weights_only=True) (only tensors and plain containers are "
+                f"could not read {path} with torch.load(weights_only=True) (only tensors and plain "
+                "containers are "
                 f"accepted; arbitrary pickled objects are refused for safety): {exc}"
             ) from exc
         state = _unwrap(obj, str(path))
     else:
         raise CheckpointError(
-            f"unsupported checkpoint format {path.suffix!r} for {path}; expected .safetensors, .pt, .pth, .bin or .ckpt"
+            f"unsupported checkpoint format {path.suffix!r} for {path}; expected .safetensors, .pt, .pth, "
+            ".bin or .ckpt"
         )
     if config is None:
         # only the config that belongs to these weights: beside them, or the repo's when they sit in the
@@ -124,9 +138,13 @@ def _unwrap(obj, where: str) -> dict[str, torch.Tensor]:
                 return _unwrap(obj[key], where)
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
         if bad:
-            raise CheckpointError(f"{where}: expected a state dict of tensors, but keys {bad[:10]} are not tensors")
+            raise CheckpointError(
+                f"{where}: expected a state dict of tensors, but keys {bad[:10]} are not tensors"
+            )
         return dict(obj)
-    raise CheckpointError(f"{where}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    raise CheckpointError(
+        f"{where}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+    )
 
 
 def read_state_dict(source) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -134,7 +152,9 @@ def read_state_dict(source) -> tuple[dict[str, torch.Tensor], dict | None]:
     if isinstance(source, Mapping):
         return _unwrap(source, "state dict"), None
     if not isinstance(source, (str, os.PathLike)):
-        raise CheckpointError(f"checkpoint source must be a path or a state dict, got {type(source).__name__}")
+        raise CheckpointError(
+            f"checkpoint source must be a path or a state dict, got {type(source).__name__}"
+        )
     path = Path(source).expanduser()
     if path.is_dir():
         path = _find_weights_file(path)
@@ -149,7 +169,9 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         for prefix in _PREFIXES:
             bare = bare.removeprefix(prefix)
         if bare in out:
-            raise CheckpointError(f"two checkpoint keys map to {bare!r} after removing prefixes (one is {key!r})")
+            raise CheckpointError(
+                f"two checkpoint keys map to {bare!r} after removing prefixes (one is {key!r})"
+            )
         out[bare] = value
     return out
 
@@ -158,7 +180,8 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def _need(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in state:
         raise CheckpointError(
-            f"cannot infer the architecture: key {key!r} is missing (is this a KP-RPE/ViT face model checkpoint?); "
+            f"cannot infer the architecture: key {key!r} is missing (is this a KP-RPE/ViT face model "
+            "checkpoint?); "
             f"first keys: {list(state)[:8]}"
         )
     return state[key]
@@ -172,7 +195,9 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
     """
     pw = _need(state, "patch_embed.proj.weight")
     if pw.ndim != 4:
-        raise CheckpointError(f"patch_embed.proj.weight should be 4-D (D, C, p, p), got shape {tuple(pw.shape)}")
+        raise CheckpointError(
+            f"patch_embed.proj.weight should be 4-D (D, C, p, p), got shape {tuple(pw.shape)}"
+        )
     dim, chans, patch = pw.shape[0], pw.shape[1], pw.shape[2]
     cfg: dict = dict(embed_dim=dim, in_chans=chans, patch_size=patch)
     f0 = _need(state, "feature.0.weight")
@@ -290,6 +315,83 @@ def _official_model_config(source, file_config: Mapping | None) -> dict | None:
     return merged or None
 
 
+def load_iresnet(
+    state: Mapping[str, torch.Tensor],
+    *,
+    saved_config: Mapping | None = None,
+    official_config: Mapping | None = None,
+    where: str = "checkpoint",
+    **overrides,
+) -> IResNet:
+    """Build the IResNet a checkpoint describes and load it strictly (eval mode).
+
+    Shapes are ground truth; ``saved_config`` (kprpe's own metadata) gives the exact config; an official
+    config (model.yaml / config.json) adds ``color_space`` and ``dropout`` and must agree with the shapes;
+    keyword ``overrides`` win. Without any config the colour order cannot be known: RGB is assumed, with a
+    warning.
+    """
+    bare = checkpoint_filter_fn(state)
+    try:
+        values = config_from_state_dict(bare)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: not a loadable IResNet: {exc}") from exc
+    official = official_fields(official_config)
+    if saved_config is not None:
+        if saved_config.get("arch") != IResNetConfig.arch:
+            raise CheckpointError(
+                f"{where}: the weights are an IResNet but the stored kprpe config is for "
+                f"{saved_config.get('arch', 'a ViT')!r}: the file is inconsistent"
+            )
+        values = {k: v for k, v in saved_config.items() if k != "arch"}
+    elif official:
+        other = official.get("name", "")
+        if "num_layers" not in official and iresnet.OTHER_ARCH_NAME.match(other.strip().lower()):
+            raise CheckpointError(
+                f"{where}: the config names model {official['name']!r}, but the weights are an IResNet "
+                f"({values['mode']}_{values['num_layers']}); "
+                "the config and the weights do not belong together"
+            )
+        shape_table = LAYER_TABLES[values["num_layers"]]
+        named = (official["mode"], LAYER_TABLES[official["num_layers"]]) if "num_layers" in official else None
+        said = {  # what the config says vs what the tensor shapes say
+            "architecture": (named, (values["mode"], shape_table)),
+            "output_dim": (official.get("output_dim"), values["output_dim"]),
+            "input_size": (list(official.get("img_size") or []) or None, [values["img_size"]] * 2),
+        }
+        for what, (config_value, shape_value) in said.items():
+            if config_value is not None and config_value != shape_value:
+                raise CheckpointError(
+                    f"{where}: the config says {what} {config_value} (name {official.get('name')!r}) but the "
+                    f"tensor shapes say {shape_value}; the config and the weights do not belong together"
+                )
+        if "num_layers" in official:
+            values["num_layers"] = official["num_layers"]  # keeps the official name (101 rather than 100)
+        for key in ("color_space", "dropout"):
+            if key in official:
+                values[key] = official[key]
+    values.update(overrides)
+    if saved_config is None and "color_space" not in values:
+        warnings.warn(
+            f"{where}: no config tells this IResNet's colour order; assuming RGB input. The official "
+            "wrapper reverses the channels when the repo's pretrained_model/model.yaml says "
+            "'color_space: BGR': keep that file beside the weights, or pass color_space='BGR' (or 'RGB') "
+            "to load_official",
+            stacklevel=3,
+        )
+    try:
+        config = IResNetConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{where}: checkpoint implies an invalid IResNet config {values}: {exc}"
+        ) from exc
+    model = IResNet.from_config(config)
+    load_weights(model, bare)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------- factories
+
+
 def load_official(source, **overrides) -> nn.Module:
     """Build a model from an official (or kprpe-saved) checkpoint and load it strictly, in eval mode.
 
@@ -330,7 +432,8 @@ def load_official(source, **overrides) -> nn.Module:
     values.update(overrides)
     if "num_heads" not in values:
         raise CheckpointError(
-            "cannot infer num_heads of this checkpoint (a plain ViT of a non-standard size and no config.json): "
+            "cannot infer num_heads of this checkpoint (a plain ViT of a non-standard size and no "
+            "config.json): "
             "pass it, e.g. load_official(path, num_heads=8)"
         )
     values.pop("extra", None)
@@ -401,11 +504,19 @@ def _mismatch_message(model: nn.Module, missing: list, unexpected: list, misshap
 
     hint = ""
     if any(k.startswith("keypoint_linear") for k in unexpected):
-        hint = "\n  hint: this is a KP-RPE checkpoint; build a *_kprpe model or use kprpe.load_official(path)."
+        hint = (
+            "\n  hint: this is a KP-RPE checkpoint; build a *_kprpe model or use kprpe.load_official(path)."
+        )
     elif any(k.startswith("keypoint_linear") for k in missing):
-        hint = "\n  hint: the model is KP-RPE but the checkpoint has no keypoint table; use a plain preset or load_official."
+        hint = (
+            "\n  hint: the model is KP-RPE but the checkpoint has no keypoint table; use a plain preset or "
+            "load_official."
+        )
     elif any(".rpe_" in k for k in unexpected + missing):
-        hint = "\n  hint: the checkpoint and the model use different relative position encodings; try kprpe.load_official(path)."
+        hint = (
+            "\n  hint: the checkpoint and the model use different relative position encodings; try "
+            "kprpe.load_official(path)."
+        )
     name = type(model).__name__
     cfg = getattr(model, "config", None)
     if isinstance(cfg, ViTConfig):

@@ -21,7 +21,7 @@ _FAMILY_OF: dict[str, str] = {}  # preset name -> "vit" | "iresnet"
 # family -> (config class, builder from a config)
 FAMILIES = {"vit": (ViTConfig, VisionTransformer), "iresnet": (IResNetConfig, IResNet.from_config)}
 
-# Sizes of the official face ViTs (SPEC §2) and the tiny size of the reference test vectors.
+# Sizes of the official face ViTs (docs/models.md, "Presets") and the tiny size of the reference test vectors.
 SIZES = {
     "tiny": dict(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, output_dim=32),
     "small": dict(embed_dim=512, depth=12, num_heads=8, mlp_ratio=5.0, output_dim=512),

@@ -1,8 +1,8 @@
 """The face ViT of the official KP-RPE code, with every position encoding behind one constructor.
 
 Input: RGB ``(B, 3, H, W)`` in [-1, 1]; keypoints ``(B, K, 2)`` as (x, y) normalised to [0, 1] by the input's
-width and height (faces: K = 5 in ArcFace order). Output: the raw, *un-normalised* embedding ``(B, output_dim)``
-— its norm carries quality; use :func:`normalize_embedding` for unit vectors.
+width and height (faces: K = 5 in ArcFace order). Output: the raw, *un-normalised* embedding ``(B,
+output_dim)`` — its norm carries quality; use :func:`normalize_embedding` for unit vectors.
 """
 
 from __future__ import annotations
@@ -16,22 +16,25 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTN_IMPLS, Block
 from .buckets import METHODS, bucket_ids, num_buckets
-from .position import (
-    BIAS_IMPLS,
+from .keypoint_rpe import (
+    KP_BIAS_IMPLS,
     KP_INPUTS,
     KP_SHARINGS,
-    BucketBias,
-    KeypointBiasFunction,
-    form_bias,
-    gather_bias,
-    keypoint_features,
-    patch_centres,
+    KeypointRPE,
+    module_load_state_dict_hook,
+    official_state_dict_hook,
 )
 
-__all__ = ["RELATIVE_ENCODINGS", "HEADS", "ViTConfig", "VisionTransformer", "normalize_embedding", "num_parameters"]
+__all__ = [
+    "RELATIVE_ENCODINGS",
+    "HEADS",
+    "ViTConfig",
+    "VisionTransformer",
+    "normalize_embedding",
+    "num_parameters",
+]
 
 RELATIVE_ENCODINGS = ("none", "rpe", "irpe", "kprpe")
-KP_BIAS_IMPLS = ("auto", "decomposed", *BIAS_IMPLS)
 HEADS = ("flatten", "mean")
 
 
@@ -64,9 +67,11 @@ class ViTConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    attn_impl: str = "sdpa"  # sdpa (fused, fastest) | math (explicit softmax: bit-exact with the official code) | flex
+    attn_impl: str = (
+        "sdpa"  # sdpa (fused, fastest) | math (explicit softmax: bit-exact with the official code) | flex
+    )
     # How KP-RPE forms its bias (same numbers, different speed): auto | naive | gather | index | onehot |
-    # decomposed (SPEC §1 identity: cached position term + per-sample bucket shift; linear relative f only)
+    # decomposed (docs/models.md: cached position term + per-sample bucket shift; linear relative f only)
     kp_bias_impl: str = "auto"
     extra: dict = field(default_factory=dict)  # free-form notes carried with saved checkpoints
 
@@ -78,8 +83,14 @@ class ViTConfig:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "output_dim"):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-        need(self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        need(self.embed_dim % self.num_heads == 0, f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        need(
+            self.img_size % self.patch_size == 0,
+            f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}",
+        )
+        need(
+            self.embed_dim % self.num_heads == 0,
+            f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
+        )
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
         need(self.rel_pos in RELATIVE_ENCODINGS, f"rel_pos {self.rel_pos!r} not in {RELATIVE_ENCODINGS}")
         need(self.rpe_method in METHODS, f"rpe_method {self.rpe_method!r} not in {METHODS}")
@@ -87,11 +98,20 @@ class ViTConfig:
         need(self.kp_sharing in KP_SHARINGS, f"kp_sharing {self.kp_sharing!r} not in {KP_SHARINGS}")
         need(self.head in HEADS, f"head {self.head!r} not in {HEADS}")
         need(self.attn_impl in ATTN_IMPLS, f"attn_impl {self.attn_impl!r} not in {ATTN_IMPLS}")
-        need(self.attn_impl != "flex" or self.rel_pos in ("none", "kprpe"), f"attn_impl 'flex' supports rel_pos none or kprpe, got {self.rel_pos!r}")
+        need(
+            self.attn_impl != "flex" or self.rel_pos in ("none", "kprpe"),
+            f"attn_impl 'flex' supports rel_pos none or kprpe, got {self.rel_pos!r}",
+        )
         need(self.kp_bias_impl in KP_BIAS_IMPLS, f"kp_bias_impl {self.kp_bias_impl!r} not in {KP_BIAS_IMPLS}")
-        need(isinstance(self.num_keypoints, int) and self.num_keypoints > 0, f"num_keypoints must be a positive int, got {self.num_keypoints!r}")
+        need(
+            isinstance(self.num_keypoints, int) and self.num_keypoints > 0,
+            f"num_keypoints must be a positive int, got {self.num_keypoints!r}",
+        )
         need(self.kp_hidden >= 0, f"kp_hidden must be >= 0, got {self.kp_hidden}")
-        need(set(self.irpe_on) <= set("qkv") and (self.rel_pos != "irpe" or self.irpe_on), f"irpe_on must be a non-empty combination of q, k, v, got {self.irpe_on!r}")
+        need(
+            set(self.irpe_on) <= set("qkv") and (self.rel_pos != "irpe" or self.irpe_on),
+            f"irpe_on must be a non-empty combination of q, k, v, got {self.irpe_on!r}",
+        )
         return self
 
     @property
@@ -145,7 +165,6 @@ class VisionTransformer(nn.Module):
         self.num_tokens = cfg.grid * cfg.grid
         self.num_buckets = num_buckets(cfg.rpe_method, cfg.rpe_ratio)
         self.grad_checkpointing = False
-        self._position_bias_cache: dict = {}  # decomposed KP-RPE: per-layer position term at inference
 
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         if cfg.abs_pos:
@@ -153,7 +172,9 @@ class VisionTransformer(nn.Module):
         else:
             self.register_parameter("pos_embed", None)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear stochastic depth
+        dpr = [
+            cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)
+        ]  # linear stochastic depth
         self.blocks = nn.ModuleList(
             Block(
                 cfg.embed_dim,
@@ -180,15 +201,29 @@ class VisionTransformer(nn.Module):
             nn.BatchNorm1d(cfg.output_dim, eps=2e-5),
         )
 
-        self.kp_bias = None
+        # RPE / iRPE tables are read at the bucket index; KP-RPE owns its own (and f, and its bias paths)
+        ids = None
+        if cfg.rel_pos in ("rpe", "irpe"):
+            ids = bucket_ids(cfg.grid, method=cfg.rpe_method, ratio=cfg.rpe_ratio).clone()
+        self.register_buffer("bucket_ids", ids, persistent=False)
+        self.kprpe = None
         if cfg.rel_pos == "kprpe":
-            self.kp_bias = KeypointBiasFunction(cfg.kp_sharing, cfg.num_heads, self.num_buckets)
-            f_in = 2 if cfg.kp_input == "query_position" else 2 * cfg.num_keypoints
-            f_out = self.kp_bias.out_features(cfg.depth)
-            if cfg.kp_hidden:
-                self.keypoint_mlp = nn.Sequential(nn.Linear(f_in, cfg.kp_hidden), nn.GELU())
-                f_in = cfg.kp_hidden
-            self.keypoint_linear = nn.Linear(f_in, f_out)
+            self.kprpe = KeypointRPE(
+                grid=cfg.grid,
+                num_heads=cfg.num_heads,
+                depth=cfg.depth,
+                num_keypoints=cfg.num_keypoints,
+                kp_input=cfg.kp_input,
+                sharing=cfg.kp_sharing,
+                hidden=cfg.kp_hidden,
+                method=cfg.rpe_method,
+                ratio=cfg.rpe_ratio,
+                bias_impl=cfg.kp_bias_impl,
+                bucket_tables=cfg.attn_impl == "flex",
+            )
+            # checkpoints keep the official names (keypoint_linear.*, keypoint_mlp.*)
+            self.register_state_dict_post_hook(official_state_dict_hook)
+            self.register_load_state_dict_pre_hook(module_load_state_dict_hook)
         self.init_weights()
 
     # ------------------------------------------------------------------ construction
@@ -205,14 +240,19 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if self.kp_bias is not None:
-            nn.init.zeros_(self.keypoint_linear.weight)
-            nn.init.zeros_(self.keypoint_linear.bias)
+        if self.kprpe is not None:
+            self.kprpe.reset_parameters()
 
     @property
     def uses_keypoints(self) -> bool:
         """True when the forward pass needs keypoints."""
-        return self.kp_bias is not None and self.config.kp_input != "query_position"
+        return self.kprpe is not None and self.kprpe.uses_keypoints
+
+    @property
+    def keypoint_linear(self) -> nn.Linear | None:
+        """f's output layer under its official name (``keypoint_linear`` in checkpoints); None without
+        KP-RPE."""
+        return self.kprpe.linear if self.kprpe is not None else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory while training."""
@@ -225,16 +265,27 @@ class VisionTransformer(nn.Module):
             return  # the exported graph checks nothing; the ONNX engine checks its inputs before every run
         cfg = self.config
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got {type(images).__name__}")
+            raise TypeError(
+                f"images must be a torch.Tensor of shape (B, {cfg.in_chans}, {cfg.img_size}, "
+                f"{cfg.img_size}), got {type(images).__name__}"
+            )
         if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor scaled to [-1, 1], got dtype {images.dtype}")
+            raise TypeError(
+                f"images must be a floating-point tensor scaled to [-1, 1], got dtype {images.dtype}"
+            )
         expected = f"(B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size})"
         if images.ndim != 4:
             raise ValueError(f"images must have shape {expected}, got {tuple(images.shape)}")
         if images.shape[1] != cfg.in_chans:
-            raise ValueError(f"images must have {cfg.in_chans} channels (shape {expected}), got {images.shape[1]} channels in shape {tuple(images.shape)}")
+            raise ValueError(
+                f"images must have {cfg.in_chans} channels (shape {expected}), got {images.shape[1]} "
+                f"channels in shape {tuple(images.shape)}"
+            )
         if images.shape[2] != cfg.img_size or images.shape[3] != cfg.img_size:
-            raise ValueError(f"images must be {cfg.img_size}x{cfg.img_size} (shape {expected}), got {images.shape[2]}x{images.shape[3]}")
+            raise ValueError(
+                f"images must be {cfg.img_size}x{cfg.img_size} (shape {expected}), got "
+                f"{images.shape[2]}x{images.shape[3]}"
+            )
         if not self.uses_keypoints:
             return
         if keypoints is None:
@@ -243,90 +294,30 @@ class VisionTransformer(nn.Module):
                 f"(B, {cfg.num_keypoints}, 2), (x, y) normalised to [0, 1]"
             )
         if not isinstance(keypoints, torch.Tensor):
-            raise TypeError(f"keypoints must be a torch.Tensor of shape (B, {cfg.num_keypoints}, 2), got {type(keypoints).__name__}")
+            raise TypeError(
+                f"keypoints must be a torch.Tensor of shape (B, {cfg.num_keypoints}, 2), got "
+                f"{type(keypoints).__name__}"
+            )
         if not keypoints.is_floating_point():
-            raise TypeError(f"keypoints must be floating point, normalised to [0, 1]; got dtype {keypoints.dtype}")
+            raise TypeError(
+                f"keypoints must be floating point, normalised to [0, 1]; got dtype {keypoints.dtype}"
+            )
         kexp = f"({images.shape[0]}, {cfg.num_keypoints}, 2)"
-        if keypoints.ndim != 3 or keypoints.shape[1:] != (cfg.num_keypoints, 2) or keypoints.shape[0] != images.shape[0]:
-            raise ValueError(f"keypoints must have shape {kexp} to match the images, got {tuple(keypoints.shape)}")
+        if (
+            keypoints.ndim != 3
+            or keypoints.shape[1:] != (cfg.num_keypoints, 2)
+            or keypoints.shape[0] != images.shape[0]
+        ):
+            raise ValueError(
+                f"keypoints must have shape {kexp} to match the images, got {tuple(keypoints.shape)}"
+            )
         if not torch.isfinite(keypoints).all():
             bad = (~torch.isfinite(keypoints)).any(-1).any(-1).nonzero().flatten().tolist()
-            raise ValueError(f"keypoints contain NaN or inf (samples {bad}); every keypoint must be a finite (x, y)")
+            raise ValueError(
+                f"keypoints contain NaN or inf (samples {bad}); every keypoint must be a finite (x, y)"
+            )
 
     # ------------------------------------------------------------------ forward
-    def keypoint_hidden(self, keypoints: torch.Tensor | None) -> torch.Tensor:
-        """Input of f's final linear layer for each query token: ``(B|1, N|1, F)``."""
-        x = keypoint_features(keypoints, self.grid, self.grid, self.config.kp_input)
-        if self.config.kp_hidden:
-            x = self.keypoint_mlp(x)
-        return x
-
-    def layer_bias(self, hidden: torch.Tensor | None, layer: int, ids: torch.Tensor, impl: str = "gather") -> torch.Tensor | None:
-        """KP-RPE's additive logit bias of block ``layer``: ``(B, H, N, N)`` (None for other encodings)."""
-        if hidden is None:
-            return None
-        return form_bias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids, impl)
-
-    def bias_impl(self) -> str:
-        """The bias path the forward pass uses (``kp_bias_impl``, with ``auto`` resolved)."""
-        impl = self.config.kp_bias_impl
-        if impl == "auto":
-            # measured on CPU (docs/performance.md): the one-hot matmul is fastest for inference and training
-            # at face-model grids; its (N, N, nb) matrix grows as N^2, so large grids use the gather
-            impl = "onehot" if self.num_tokens <= 256 else "gather"
-        if impl == "decomposed" and (self.config.kp_input != "relative" or self.config.kp_hidden):
-            impl = "gather"  # the identity needs a linear f of relative offsets
-        return impl
-
-    def keypoint_bias_layers(self, keypoints: torch.Tensor | None, ids: torch.Tensor):
-        """A function ``layer -> (B, H, N, N) bias`` for this batch; each layer's table is made when called."""
-        impl = self.bias_impl()
-        if self.config.attn_impl == "flex":  # the kernel reads the table: never build the dense bias
-            hidden = self.keypoint_hidden(keypoints)
-            return lambda layer: BucketBias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids)
-        if impl == "decomposed":
-            return self._decomposed_bias_layers(keypoints, ids)
-        hidden = self.keypoint_hidden(keypoints)
-        if impl == "naive":  # the official code's way: all layers' tables at once, then advanced indexing
-            full = self.keypoint_linear(hidden)
-            return lambda layer: form_bias(self.kp_bias.split(full, layer), ids, "naive")
-        if impl == "gather":  # the index expanded once for every layer (a view here; one Expand in ONNX)
-            wide_ids = ids.expand(hidden.shape[0], self.config.num_heads, *ids.shape)
-            return lambda layer: gather_bias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), wide_ids)
-        return lambda layer: form_bias(self.kp_bias.layer_table(hidden, self.keypoint_linear, layer), ids, impl)
-
-    def _decomposed_bias_layers(self, keypoints: torch.Tensor, ids: torch.Tensor):
-        # f(c_i - p_b) = (W c_i + w0) - W p_b: a batch-independent (1, H, N, N) position term, cached while
-        # weights are frozen (inference), plus a per-sample shift of each bucket's value.
-        k = self.config.num_keypoints
-        centres = patch_centres(self.grid, self.grid, device=ids.device).repeat(1, k)[None]  # (1, N, 2K)
-        points = keypoints.detach().float().flatten(1)[:, None, :]  # (B, 1, 2K)
-        linear = self.keypoint_linear
-        frozen = not (torch.is_grad_enabled() and linear.weight.requires_grad)
-
-        def position_term(layer: int) -> torch.Tensor:
-            key = (layer, ids.device, linear.weight._version, linear.bias._version, linear.weight.data_ptr())
-            if frozen and key in self._position_bias_cache:
-                return self._position_bias_cache[key]
-            term = form_bias(self.kp_bias.layer_table(centres, linear, layer), ids, "index")
-            if frozen:
-                self._position_bias_cache = {kk: v for kk, v in self._position_bias_cache.items() if kk[1:] == key[1:]}
-                self._position_bias_cache[key] = term
-            return term
-
-        flat_ids = ids.flatten()
-
-        def layer_bias(layer: int) -> torch.Tensor:
-            shift = self.kp_bias.layer_table(points, linear, layer, with_bias=False)  # (B, H, 1, nb)
-            if not frozen:
-                return position_term(layer) - form_bias(shift, ids, "gather")
-            # inference: look each sample's 49 values up from a tiny table, then add the cached term in place
-            b, h, _, nb = shift.shape
-            per_sample = shift.reshape(b * h, nb).neg_().index_select(1, flat_ids).view(b, h, *ids.shape)
-            return per_sample.add_(position_term(layer))
-
-        return layer_bias
-
     def forward_features(self, images: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, N, D)`` token features after the final LayerNorm."""
         self.check_inputs(images, keypoints)
@@ -334,10 +325,8 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.pos_drop(x)
-        ids = None
-        if self.config.rel_pos != "none":
-            ids = bucket_ids(self.grid, method=self.config.rpe_method, ratio=self.config.rpe_ratio, device=x.device)
-        biases = self.keypoint_bias_layers(keypoints, ids) if self.kp_bias is not None else None
+        ids = self.bucket_ids
+        biases = self.kprpe.layer_biases(keypoints) if self.kprpe is not None else None
         for i, blk in enumerate(self.blocks):
             bias = biases(i) if biases is not None else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -359,7 +348,10 @@ class VisionTransformer(nn.Module):
 
     def extra_repr(self) -> str:
         cfg = self.config
-        return f"rel_pos={cfg.rel_pos}, abs_pos={cfg.abs_pos}, grid={self.grid}x{self.grid}, buckets={self.num_buckets}"
+        return (
+            f"rel_pos={cfg.rel_pos}, abs_pos={cfg.abs_pos}, grid={self.grid}x{self.grid}, "
+            f"buckets={self.num_buckets}"
+        )
 
 
 def num_parameters(model: nn.Module) -> int:

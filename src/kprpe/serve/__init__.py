@@ -5,6 +5,15 @@ Importing this package imports neither FastAPI nor uvicorn (``pip install 'kprpe
 
 from __future__ import annotations
 
-from .app import ALIGNERS, FaceService, RequestError, ServeLimits, create_app, decode_upload
+from .app import ALIGNERS, FaceService, RequestError, ServeLimits, decode_upload
+
+
+def create_app(service: FaceService, limits: ServeLimits | None = None):
+    """The ASGI application for ``service`` (see :func:`kprpe.serve.routes.create_app`). FastAPI is imported
+    here, not at package import, so ``kprpe --help`` works without the ``serve`` extra."""
+    from .routes import create_app as build
+
+    return build(service, limits)
+
 
 __all__ = ["ALIGNERS", "FaceService", "RequestError", "ServeLimits", "create_app", "decode_upload"]

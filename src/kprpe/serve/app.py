@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import KprpeError
 
-__all__ = ["ALIGNERS", "ServeLimits", "FaceService", "RequestError", "create_app", "decode_upload"]
+__all__ = ["ALIGNERS", "ServeLimits", "FaceService", "RequestError", "decode_upload"]
 
 # Formats the service decodes (a short list keeps rarely used, less-tested decoders away from the network).
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
@@ -74,7 +74,7 @@ def decode_upload(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
     """Uploaded bytes -> upright RGB uint8, refusing empty, non-image, oversized and corrupt uploads."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from ..face.io import to_rgb_uint8
+    from ..images import to_rgb_uint8
 
     if not data:
         raise RequestError(400, f"field {field!r}: empty upload (0 bytes)")
@@ -119,7 +119,7 @@ def parse_keypoints(text: str | None, *, field: str) -> np.ndarray | None:
 
 
 def _dlib_aligner(options: dict) -> Callable:
-    from ..face.detection import DlibDetector
+    from ..face.dlib_backend import DlibDetector
     from ..face.pipeline import FacePipeline
 
     pipeline = FacePipeline(DlibDetector(options.get("detector", "hog"), options.get("landmark_model", "68")))
@@ -145,7 +145,7 @@ ALIGNERS: dict[str, Callable[[dict], Callable]] = {
 
 def _faces_from_keypoints(image: np.ndarray, keypoints: np.ndarray) -> list:
     """Crop the face the client located itself (keypoints in the request: no detector runs)."""
-    from ..face.detection import SuppliedLandmarks
+    from ..face.landmark_files import SuppliedLandmarks
     from ..face.pipeline import FacePipeline
 
     return FacePipeline(SuppliedLandmarks.from_arrays({"upload": keypoints})).faces_in_image(image, source="upload")
@@ -174,7 +174,8 @@ class FaceService:
     def analyse(self, images: list[tuple[str, np.ndarray, np.ndarray | None]]) -> tuple[list, np.ndarray, np.ndarray]:
         """``[(field, image, keypoints or None)]`` -> largest face of each, unit embeddings, norms."""
         from ..face.align import AlignmentError
-        from ..face.detection import LandmarkFileError, NoFaceFound
+        from ..face.detector import NoFaceFound
+        from ..landmarks import LandmarkFileError
 
         with self._lock:
             faces = []
@@ -270,7 +271,7 @@ class _BodyLimit:
                 await _send_json(send, 413, {"error": message})
 
 
-class _BodyTooLarge(Exception):
+class _BodyTooLarge(KprpeError):
     pass
 
 
@@ -279,16 +280,3 @@ async def _send_json(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
-
-
-# --------------------------------------------------------------------------------------------------- app
-
-
-def create_app(service: FaceService, limits: ServeLimits | None = None):
-    """The ASGI application for ``service`` (run it with uvicorn, or ``kprpe serve``). FastAPI is imported
-    here, not at package import, so ``kprpe --help`` works without the ``serve`` extra."""
-    from .routes import build_app
-
-    limits = limits or ServeLimits()
-    return _BodyLimit(build_app(service, limits, _Admission(limits.max_concurrent, limits.max_queued)),
-                      limits.max_body_bytes)

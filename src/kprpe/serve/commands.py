@@ -13,10 +13,11 @@ __all__ = ["register", "build_service"]
 
 def build_service(args: argparse.Namespace):
     """Model, aligner, index and threshold from the command line (shared by the CLI and the tests)."""
-    from ..eval.calibration import resolve_threshold
-    from ..face.detection import MissingDependencyError
-    from ..face.pipeline import DEFAULT_THRESHOLD, FaceEmbedder
+    from ..face.detector import MissingDependencyError
+    from ..face.embedder import FaceEmbedder
+    from ..face.pipeline import DEFAULT_THRESHOLD
     from ..nn import CheckpointError
+    from ..thresholds import resolve_threshold
     from .app import FaceService
 
     weights = Path(args.weights)
@@ -55,7 +56,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from .routes import create_app
     except ImportError as exc:
         raise CommandError(f"kprpe serve needs FastAPI and uvicorn ({exc}); pip install 'kprpe[serve]'") from None
     limits = limits_from_args(args)

@@ -13,9 +13,18 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .app import FaceService, RequestError, ServeLimits, decode_upload, face_json, parse_keypoints
+from .app import (
+    FaceService,
+    RequestError,
+    ServeLimits,
+    _Admission,
+    _BodyLimit,
+    decode_upload,
+    face_json,
+    parse_keypoints,
+)
 
-__all__ = ["build_app"]
+__all__ = ["build_app", "create_app"]
 
 
 def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
@@ -106,3 +115,11 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
         return await run(work)
 
     return app
+
+
+def create_app(service: FaceService, limits: ServeLimits | None = None):
+    """The ASGI application for ``service`` (run it with uvicorn, or ``kprpe serve``): the routes behind the
+    request-body size limit and the admission (concurrency) control."""
+    limits = limits or ServeLimits()
+    return _BodyLimit(build_app(service, limits, _Admission(limits.max_concurrent, limits.max_queued)),
+                      limits.max_body_bytes)

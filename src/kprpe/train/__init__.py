@@ -2,9 +2,10 @@
 
 from .checkpoint import CheckpointState, latest_checkpoint
 from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
+from .distributed import DistributedBatchNorm1d, use_distributed_batchnorm
 from .heads import AdaFaceMargin, CombinedMargin, PartialFC, PlainLogits, build_margin, class_shard
-from .loop import DistributedBatchNorm1d, Trainer, TrainingDiverged, lr_factor, use_distributed_batchnorm
-from .validation import evaluate_pairs, load_verification_bin, verification_accuracy
+from .loop import Trainer, TrainingDiverged, lr_factor
+from .validation import load_verification_bin, validation_accuracy, verification_accuracy
 
 __all__ = [
     "AdaFaceMargin",
@@ -21,11 +22,11 @@ __all__ = [
     "build_margin",
     "class_shard",
     "config_from_dict",
-    "evaluate_pairs",
     "latest_checkpoint",
     "load_config",
     "load_verification_bin",
     "lr_factor",
     "use_distributed_batchnorm",
+    "validation_accuracy",
     "verification_accuracy",
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..data.transforms import AugmentConfig
+from ..errors import KprpeError
 from .heads import MARGIN_GRADIENTS
 
 __all__ = [
@@ -38,7 +39,7 @@ __all__ = [
 HEAD_TYPES = ("adaface", "arcface", "cosface", "combined", "softmax")
 
 
-class ConfigError(ValueError):
+class ConfigError(KprpeError, ValueError):
     """An invalid training config; the message starts with the dotted key at fault."""
 
 
@@ -145,12 +146,28 @@ class TrainConfig:
                 raise ConfigError(f"{key}: {msg}")
 
         d, h, o, s, t, v = self.data, self.head, self.optim, self.schedule, self.train, self.validation
-        need(bool(d.train), "data.train", "is required: a .rec file (with its .idx) or a folder of <identity>/<image>")
-        need(d.num_classes is None or d.num_classes > 0, "data.num_classes", f"must be positive, got {d.num_classes}")
+        need(
+            bool(d.train),
+            "data.train",
+            "is required: a .rec file (with its .idx) or a folder of <identity>/<image>",
+        )
+        need(
+            d.num_classes is None or d.num_classes > 0,
+            "data.num_classes",
+            f"must be positive, got {d.num_classes}",
+        )
         need(d.batch_size > 0, "data.batch_size", f"must be positive, got {d.batch_size}")
         need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-        need(d.missing_landmarks in ("error", "template"), "data.missing_landmarks", f"must be error or template, got {d.missing_landmarks!r}")
-        need(d.on_bad_sample in ("raise", "replace"), "data.on_bad_sample", f"must be raise or replace, got {d.on_bad_sample!r}")
+        need(
+            d.missing_landmarks in ("error", "template"),
+            "data.missing_landmarks",
+            f"must be error or template, got {d.missing_landmarks!r}",
+        )
+        need(
+            d.on_bad_sample in ("raise", "replace"),
+            "data.on_bad_sample",
+            f"must be raise or replace, got {d.on_bad_sample!r}",
+        )
         try:
             d.augmentation.validate("data.augmentation")
         except ValueError as exc:
@@ -165,19 +182,43 @@ class TrainConfig:
         need(o.name in ("adamw", "sgd"), "optim.name", f"must be adamw or sgd, got {o.name!r}")
         need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
         need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-        need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
+        need(
+            len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
+            "optim.betas",
+            f"must be two numbers in [0, 1), got {o.betas}",
+        )
         need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
-        need(o.accumulation_steps >= 1, "optim.accumulation_steps", f"must be >= 1, got {o.accumulation_steps}")
-        need(s.name in ("cosine", "step", "constant"), "schedule.name", f"must be cosine, step or constant, got {s.name!r}")
+        need(
+            o.accumulation_steps >= 1, "optim.accumulation_steps", f"must be >= 1, got {o.accumulation_steps}"
+        )
+        need(
+            s.name in ("cosine", "step", "constant"),
+            "schedule.name",
+            f"must be cosine, step or constant, got {s.name!r}",
+        )
         need(s.warmup_epochs >= 0, "schedule.warmup_epochs", f"must be >= 0, got {s.warmup_epochs}")
-        need(s.warmup_steps is None or s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
+        need(
+            s.warmup_steps is None or s.warmup_steps >= 0,
+            "schedule.warmup_steps",
+            f"must be >= 0, got {s.warmup_steps}",
+        )
         need(0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr], got {s.min_lr}")
-        need(all(isinstance(m, (int, float)) and m > 0 for m in s.milestones), "schedule.milestones", f"must be positive epochs, got {s.milestones}")
+        need(
+            all(isinstance(m, (int, float)) and m > 0 for m in s.milestones),
+            "schedule.milestones",
+            f"must be positive epochs, got {s.milestones}",
+        )
         need(0 < s.gamma <= 1, "schedule.gamma", f"must be in (0, 1], got {s.gamma}")
         need(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
-        need(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be positive, got {t.max_steps}")
+        need(
+            t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be positive, got {t.max_steps}"
+        )
         need(t.amp in ("none", "bf16"), "train.amp", f"must be none or bf16, got {t.amp!r}")
-        need(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
+        need(
+            t.device in ("auto", "cpu", "cuda"),
+            "train.device",
+            f"must be auto, cpu or cuda, got {t.device!r}",
+        )
         need(bool(t.output_dir), "train.output_dir", "must be a directory path")
         need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
         need(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
@@ -185,7 +226,11 @@ class TrainConfig:
         need(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
         need(isinstance(t.nonfinite_patience, int) and t.nonfinite_patience >= 0, "train.nonfinite_patience",
              f"must be an int >= 0, got {t.nonfinite_patience!r}")
-        need(all(isinstance(p, str) for p in v.pairs), "validation.pairs", f"must be a list of file paths, got {v.pairs}")
+        need(
+            all(isinstance(p, str) for p in v.pairs),
+            "validation.pairs",
+            f"must be a list of file paths, got {v.pairs}",
+        )
         need(v.every > 0, "validation.every", f"must be positive, got {v.every}")
         need(v.batch_size > 0, "validation.batch_size", f"must be positive, got {v.batch_size}")
         return self
@@ -261,7 +306,9 @@ def _build(cls, values: dict, prefix: str):
     unknown = sorted(set(values) - set(known))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key; {prefix or 'the top level'} accepts: {', '.join(known)}")
+        raise ConfigError(
+            f"{where}{unknown[0]}: unknown key; {prefix or 'the top level'} accepts: {', '.join(known)}"
+        )
     kwargs = {}
     for name in known:
         if name in values:
@@ -272,12 +319,15 @@ def _build(cls, values: dict, prefix: str):
 
 def config_from_dict(values: dict) -> TrainConfig:
     if not isinstance(values, dict):
-        raise ConfigError(f"the config must be a mapping of sections (model, data, head, ...), got {type(values).__name__}")
+        raise ConfigError(
+            f"the config must be a mapping of sections (model, data, head, ...), got {type(values).__name__}"
+        )
     return _build(TrainConfig, values, "").validate()
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """``["optim.lr=3e-4", "data.augmentation.flip_p=0"]`` -> nested dict updated in place (values as YAML)."""
+    """``["optim.lr=3e-4", "data.augmentation.flip_p=0"]`` -> nested dict updated in place (values as
+    YAML)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")

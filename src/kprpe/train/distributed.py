@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 __all__ = [
     "DistInfo",
@@ -24,6 +25,8 @@ __all__ = [
     "all_reduce_sum",
     "sum_allreduce_hook",
     "barrier",
+    "DistributedBatchNorm1d",
+    "use_distributed_batchnorm",
 ]
 
 
@@ -95,14 +98,18 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
 
 
+def _summed_copy(tensor: torch.Tensor) -> torch.Tensor:
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 class _SumReplicated(torch.autograd.Function):
     """All-reduce (sum) whose result feeds a loss replicated on every process: d(sum)/d(part) = identity."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return _summed_copy(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -115,15 +122,11 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return _summed_copy(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        return _summed_copy(grad)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -165,3 +168,37 @@ def sum_allreduce_hook(process_group, bucket):
     group = process_group if process_group is not None else dist.group.WORLD
     fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
+
+
+class DistributedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the batch of all processes (works with gloo and NCCL),
+    so W processes compute exactly what one process computes on the whole batch. Same state dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        c = x.shape[1]
+        xf = x.float()
+        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([float(x.shape[0])])])
+        stats = all_reduce_sum(stats)
+        total = stats[-1]
+        mean = stats[:c] / total
+        var = (stats[c : 2 * c] / total - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * total / (total - 1).clamp_min(1))
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def use_distributed_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn every BatchNorm1d of ``module`` into :class:`DistributedBatchNorm1d`, in place (weights kept)."""
+    for child in module.modules():
+        if type(child) is nn.BatchNorm1d:
+            child.__class__ = DistributedBatchNorm1d
+    return module

@@ -2,8 +2,8 @@
 
 What a step is: ``optim.accumulation_steps`` micro-batches of ``data.batch_size`` samples per process, then
 one optimiser step. The global batch per step is ``batch_size x processes x accumulation_steps``. The data
-order, augmentation and partial-FC sampling are functions of the seed and the step, so a resumed run repeats an
-uninterrupted one exactly.
+order, augmentation and partial-FC sampling are functions of the seed and the step, so a resumed run repeats
+an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -29,70 +28,37 @@ from ..data.dataset import FaceDataset
 from ..data.sampler import ResumableSampler
 from ..errors import KprpeError
 from ..files import atomic_write_text
-from ..nn import create_model, load_official, load_weights, save_model
-from .checkpoint import (
-    CheckpointState,
-    checkpoint_dir,
-    latest_checkpoint,
-    load_torch_state,
-    prune_checkpoints,
-    read_meta,
-    save_torch_atomic,
-)
-from .config import TrainConfig
+from ..nn import create_model, load_official, save_model
+from .checkpoint import CheckpointState, latest_checkpoint, restore_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig
 from .distributed import (
     DistInfo,
+    DistributedBatchNorm1d,
     all_gather_nograd,
     all_reduce_max_nograd,
-    all_reduce_sum,
     barrier,
     init_distributed,
     is_distributed,
     sum_allreduce_hook,
+    use_distributed_batchnorm,
 )
 from .heads import PartialFC, build_margin
 
-__all__ = ["Trainer", "DistributedBatchNorm1d", "use_distributed_batchnorm", "lr_factor", "clip_global_grad_norm", "build_optimizer"]
-
-
-class DistributedBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the batch of all processes (works with gloo and NCCL),
-    so W processes compute exactly what one process computes on the whole batch. Same state dict keys."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and is_distributed()):
-            return super().forward(x)
-        c = x.shape[1]
-        xf = x.float()
-        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([float(x.shape[0])])])
-        stats = all_reduce_sum(stats)
-        total = stats[-1]
-        mean = stats[:c] / total
-        var = (stats[c : 2 * c] / total - mean * mean).clamp_min(0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                self.running_var.mul_(1 - m).add_(m * var.detach() * total / (total - 1).clamp_min(1))
-        y = (xf - mean) / torch.sqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight + self.bias
-        return y.to(x.dtype)
-
-
-def use_distributed_batchnorm(module: nn.Module) -> nn.Module:
-    """Turn every BatchNorm1d of ``module`` into :class:`DistributedBatchNorm1d`, in place (weights kept)."""
-    for child in module.modules():
-        if type(child) is nn.BatchNorm1d:
-            child.__class__ = DistributedBatchNorm1d
-    return module
+__all__ = [
+    "Trainer",
+    "DistributedBatchNorm1d",
+    "use_distributed_batchnorm",
+    "lr_factor",
+    "clip_global_grad_norm",
+    "build_optimizer",
+]
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0,
               milestones: list[int] | None = None, gamma: float = 0.1) -> float:
     """Multiplier of the base learning rate for optimiser step ``step`` (0-based): linear warm-up from
-    ``1/warmup`` to 1, then cosine to ``min_ratio``, step decay by ``gamma`` at ``milestones``, or constant."""
+    ``1/warmup`` to 1, then cosine to ``min_ratio``, step decay by ``gamma`` at ``milestones``, or
+    constant."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "cosine":
@@ -111,14 +77,19 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, head: nn.Module) -> torc
             continue
         (no_decay if p.ndim <= 1 or name.endswith("pos_embed") else decay).append(p)
     decay += [p for p in head.parameters() if p.requires_grad]
-    groups = [dict(params=decay, weight_decay=cfg.optim.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    groups = [
+        dict(params=decay, weight_decay=cfg.optim.weight_decay),
+        dict(params=no_decay, weight_decay=0.0),
+    ]
     o = cfg.optim
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
 
 
-def clip_global_grad_norm(model_params: list[nn.Parameter], head_params: list[nn.Parameter], max_norm: float) -> float:
+def clip_global_grad_norm(
+    model_params: list[nn.Parameter], head_params: list[nn.Parameter], max_norm: float
+) -> float:
     """Clip by the norm of *all* gradients: the backbone's (identical on every process after DDP) plus every
     process's class-centre shard. Returns the norm before clipping."""
     def sq(params):
@@ -181,21 +152,41 @@ class Trainer:
         self.steps_per_epoch = self.sampler.micro_batches_per_epoch // accum
         self.total_steps = cfg.train.max_steps or max(1, int(round(cfg.train.epochs * self.steps_per_epoch)))
         s = cfg.schedule
-        self.warmup_steps = s.warmup_steps if s.warmup_steps is not None else int(round(s.warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = (
+            s.warmup_steps
+            if s.warmup_steps is not None
+            else int(round(s.warmup_epochs * self.steps_per_epoch))
+        )
         milestones = [int(round(m * self.steps_per_epoch)) for m in s.milestones]
 
         h = cfg.head
-        margin = build_margin(h.type, scale=h.scale, margin=h.margin, m1=h.m1, m2=h.m2, m3=h.m3, h=h.h, t_alpha=h.t_alpha,
-                              gradient=h.margin_gradient)
-        self.head = PartialFC(self.model.config.output_dim, self.dataset.num_classes, margin, sample_rate=h.sample_rate,
-                              rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg.train.seed).to(self.device)
+        margin = build_margin(
+            h.type, scale=h.scale, margin=h.margin, m1=h.m1, m2=h.m2, m3=h.m3, h=h.h, t_alpha=h.t_alpha,
+            gradient=h.margin_gradient,
+        )
+        self.head = PartialFC(
+            self.model.config.output_dim,
+            self.dataset.num_classes,
+            margin,
+            sample_rate=h.sample_rate,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            seed=cfg.train.seed,
+        ).to(self.device)
         self.model.to(self.device)
         self.optimizer = build_optimizer(cfg, self.model, self.head)
         min_ratio = s.min_lr / cfg.optim.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: lr_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, schedule=s.name,
-                                   min_ratio=min_ratio, milestones=milestones, gamma=s.gamma),
+            lambda step: lr_factor(
+                step,
+                total_steps=self.total_steps,
+                warmup_steps=self.warmup_steps,
+                schedule=s.name,
+                min_ratio=min_ratio,
+                milestones=milestones,
+                gamma=s.gamma,
+            ),
         )
         self.step = 0
         self.bad_samples = 0
@@ -205,7 +196,8 @@ class Trainer:
             self._resume(resume)
         elif latest_checkpoint(self.output_dir) is not None:
             raise CheckpointState(
-                f"{self.output_dir} already holds checkpoints; pass --resume to continue that run, or choose another "
+                f"{self.output_dir} already holds checkpoints; pass --resume to continue that run, or choose "
+                "another "
                 f"train.output_dir"
             )
         self.ddp = None
@@ -219,19 +211,28 @@ class Trainer:
         if cfg.validation.pairs and self.dist.is_main:
             from .validation import load_verification_bin
 
-            self.validation_sets = [load_verification_bin(p) for p in cfg.validation.pairs]
+            try:
+                self.validation_sets = [load_verification_bin(p) for p in cfg.validation.pairs]
+            except FileNotFoundError as exc:
+                raise ConfigError(f"validation.pairs: {exc}") from None
 
     # ------------------------------------------------------------------ construction
     def _build_model(self) -> nn.Module:
         m = self.cfg.model
         if m.pretrained:
-            runtime = {k: v for k, v in m.overrides.items() if k in ("attn_impl", "drop_path_rate", "drop_rate", "attn_drop_rate")}
+            runtime = {
+                k: v
+                for k, v in m.overrides.items()
+                if k in ("attn_impl", "drop_path_rate", "drop_rate", "attn_drop_rate")
+            }
             model = load_official(m.pretrained, **runtime)
         else:
             try:
                 model = create_model(m.name, **m.overrides)
             except (TypeError, ValueError) as exc:
-                raise CheckpointState(f"model: cannot build {m.name!r} with overrides {m.overrides}: {exc}") from exc
+                raise CheckpointState(
+                    f"model: cannot build {m.name!r} with overrides {m.overrides}: {exc}"
+                ) from exc
         model.train()
         if m.grad_checkpointing:
             model.set_grad_checkpointing(True)
@@ -239,81 +240,42 @@ class Trainer:
             use_distributed_batchnorm(model)
         return model
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (train/checkpoint.py)
     def _save_checkpoint(self) -> Path:
-        final = checkpoint_dir(self.output_dir, self.step)
-        tmp = final.parent / f".{final.name}.tmp"
-        r, w = self.dist.rank, self.dist.world_size
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        from safetensors.torch import save_file
-
-        head_state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        save_file(head_state, str(tmp / f"head.rank{r}.safetensors"))
-        state = dict(
-            step=self.step,
+        return save_checkpoint(
+            self.output_dir,
+            self.step,
+            model=self.model,
+            head=self.head,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            dist_info=self.dist,
+            config=self.cfg.to_dict(),
             bad_samples=self.bad_samples,
-            world_size=w,
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            rng_cpu=torch.get_rng_state(),
-            rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
-            head_extra=self.head.extra_state(),
+            keep=self.cfg.train.keep_checkpoints,
         )
-        save_torch_atomic(state, tmp / f"state.rank{r}.pt")
-        if self.dist.is_main:
-            save_model(self.model, tmp / "model.safetensors", metadata={"kprpe_train_step": str(self.step)})
-        barrier()
-        if self.dist.is_main:
-            meta = dict(step=self.step, world_size=w, num_classes=self.head.num_classes, config=self.cfg.to_dict())
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            atomic_write_text(final.parent / "latest", final.name + "\n")
-            prune_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
-        barrier()
-        return final
 
     def _resume(self, resume) -> None:
-        path = latest_checkpoint(self.output_dir) if str(resume) == "latest" else Path(resume)
-        if path is None:
-            raise CheckpointState(f"--resume: no complete checkpoint in {self.output_dir / 'checkpoints'}")
-        meta = read_meta(path)
-        r, w = self.dist.rank, self.dist.world_size
-        if meta["world_size"] != w:
-            raise CheckpointState(
-                f"{path} was written by {meta['world_size']} processes but this run has {w}: the class centres are "
-                f"sharded per process and exact resume needs the same number of processes"
-            )
-        if meta["num_classes"] != self.head.num_classes:
-            raise CheckpointState(f"{path} has {meta['num_classes']} classes, the data set {self.head.num_classes}")
-        load_weights(self.model, path / "model.safetensors")
-        from safetensors.torch import load_file
-
-        head_file = path / f"head.rank{r}.safetensors"
-        if not head_file.is_file():
-            raise CheckpointState(f"resume: {head_file} is missing")
-        self.head.load_state_dict({k: v.to(self.device) for k, v in load_file(str(head_file)).items()})
-        state = load_torch_state(path / f"state.rank{r}.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and state["rng_cuda"].numel():
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.head.load_extra_state(state["head_extra"])
-        self.step = int(state["step"])
-        self.bad_samples = int(state.get("bad_samples", 0))
-        self.resumed_from = path
+        restored = restore_checkpoint(resume, self.output_dir, model=self.model, head=self.head,
+                                      optimizer=self.optimizer, scheduler=self.scheduler, dist_info=self.dist)
+        self.step, self.bad_samples, self.resumed_from = restored.step, restored.bad_samples, restored.path
 
     # ------------------------------------------------------------------ logging
     def _open_logs(self):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         csv_path = self.output_dir / "train_log.csv"
-        fields = ["step", "epoch", "lr", "loss", "grad_norm", "norm_mean", "samples_per_s", "bad_samples", "nonfinite_steps",
-                  "elapsed_s"]
+        fields = [
+            "step",
+            "epoch",
+            "lr",
+            "loss",
+            "grad_norm",
+            "norm_mean",
+            "samples_per_s",
+            "bad_samples",
+            "nonfinite_steps",
+            "elapsed_s",
+        ]
         kept = []
         if self.step > 0 and csv_path.is_file():  # drop rows the interrupted run logged after its checkpoint
             with open(csv_path, newline="") as f:
@@ -328,9 +290,14 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None)
+                self._tb = SummaryWriter(
+                    str(self.output_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None
+                )
             except ImportError:
-                print("kprpe train: tensorboard is not installed; logging to train_log.csv only (pip install tensorboard)")
+                print(
+                    "kprpe train: tensorboard is not installed; logging to train_log.csv only (pip install "
+                    "tensorboard)"
+                )
         atomic_write_text(self.output_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
 
     def _log(self, row: dict) -> None:
@@ -341,12 +308,18 @@ class Trainer:
                 self._tb.add_scalar(f"train/{k}", row[k], row["step"])
 
     def _validate(self) -> dict[str, float]:
-        from .validation import evaluate_pairs
+        from .validation import validation_accuracy
 
         results = {}
         for vset in self.validation_sets:
-            acc, std = evaluate_pairs(self.model, vset, image_size=self.image_size, batch_size=self.cfg.validation.batch_size,
-                                      flip=self.cfg.validation.flip, device=self.device)
+            acc, std = validation_accuracy(
+                self.model,
+                vset,
+                image_size=self.image_size,
+                batch_size=self.cfg.validation.batch_size,
+                flip=self.cfg.validation.flip,
+                device=self.device,
+            )
             results[vset.name] = acc
             path = self.output_dir / "validation.csv"
             new = not path.exists()
@@ -365,7 +338,11 @@ class Trainer:
         model = self.ddp or self.model
         # buffers (batch-norm and AdaFace statistics, batch counts) are restored if this step turns out non-finite
         saved_buffers = [(b, b.detach().clone()) for m in (self.model, self.head) for b in m.buffers()]
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.train.amp == "bf16" else contextlib.nullcontext()
+        amp = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.cfg.train.amp == "bf16"
+            else contextlib.nullcontext()
+        )
         accum = len(micro_batches)
         total_loss, norm_mean, bad = 0.0, 0.0, 0
         for i, batch in enumerate(micro_batches):
@@ -389,7 +366,9 @@ class Trainer:
                 if bad_index and self.dist.is_main:
                     with open(self.output_dir / "bad_samples.txt", "a") as f:
                         f.write("".join(f"{i}\n" for i in bad_index))
-        grad_norm = clip_global_grad_norm(list(self.model.parameters()), list(self.head.parameters()), self.cfg.optim.grad_clip)
+        grad_norm = clip_global_grad_norm(
+            list(self.model.parameters()), list(self.head.parameters()), self.cfg.optim.grad_clip
+        )
         lr = self.optimizer.param_groups[0]["lr"]
         local_bad = torch.tensor(0.0 if math.isfinite(total_loss) and math.isfinite(grad_norm) else 1.0, device=self.device)
         finite = not bool(all_reduce_max_nograd(local_bad) > 0)  # every process takes the same decision
@@ -426,11 +405,17 @@ class Trainer:
 
     def _loader(self) -> DataLoader:
         workers = self.cfg.data.num_workers
-        return DataLoader(self.dataset, batch_size=self.cfg.data.batch_size, sampler=self.sampler, num_workers=workers,
-                          drop_last=True, pin_memory=self.device.type == "cuda",
-                          # its own generator: creating a loader must not consume the global RNG (exact resume)
-                          generator=torch.Generator().manual_seed(self.cfg.train.seed),
-                          multiprocessing_context="fork" if workers > 0 and os.name != "nt" else None)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.cfg.data.batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            # its own generator: creating a loader must not consume the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),
+            multiprocessing_context="fork" if workers > 0 and os.name != "nt" else None,
+        )
 
     def run(self) -> Path:
         """Train to ``total_steps``; checkpoints every ``train.checkpoint_every`` steps and at the end; writes
@@ -466,18 +451,32 @@ class Trainer:
                         if main:
                             elapsed = time.time() - window_start
                             n = len(window)
-                            self._log(dict(
-                                step=self.step, epoch=f"{self.step / self.steps_per_epoch:.3f}", lr=f"{out['lr']:.6g}",
-                                loss=f"{sum(o['loss'] for o in window) / n:.5f}",
-                                grad_norm=f"{sum(o['grad_norm'] for o in window) / n:.4f}",
-                                norm_mean=f"{sum(o['norm_mean'] for o in window) / n:.4f}",
-                                samples_per_s=f"{n * accum * cfg.data.batch_size * self.dist.world_size / max(elapsed, 1e-9):.1f}",
-                                bad_samples=self.bad_samples, nonfinite_steps=self.nonfinite_steps, elapsed_s=f"{time.time() - start_time:.1f}",
-                            ))
+                            samples = n * accum * cfg.data.batch_size * self.dist.world_size
+                            self._log(
+                                dict(
+                                    step=self.step,
+                                    epoch=f"{self.step / self.steps_per_epoch:.3f}",
+                                    lr=f"{out['lr']:.6g}",
+                                    loss=f"{sum(o['loss'] for o in window) / n:.5f}",
+                                    grad_norm=f"{sum(o['grad_norm'] for o in window) / n:.4f}",
+                                    norm_mean=f"{sum(o['norm_mean'] for o in window) / n:.4f}",
+                                    samples_per_s=f"{samples / max(elapsed, 1e-9):.1f}",
+                                    bad_samples=self.bad_samples,
+                                    nonfinite_steps=self.nonfinite_steps,
+                                    elapsed_s=f"{time.time() - start_time:.1f}",
+                                )
+                            )
                         window, window_start = [], time.time()
                     if self.validation_sets and self.step % cfg.validation.every == 0 and main:
-                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self._validate().items()))
-                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 and self.step < self.total_steps:
+                        bar.write(
+                            f"step {self.step}: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in self._validate().items())
+                        )
+                    if (
+                        cfg.train.checkpoint_every
+                        and self.step % cfg.train.checkpoint_every == 0
+                        and self.step < self.total_steps
+                    ):
                         self._require_finite_weights("checkpoint")
                         self._save_checkpoint()
                     if self.step_callback is not None:

@@ -1,8 +1,12 @@
-"""Reading real-world photos into RGB uint8 arrays, and expanding the paths a user types into image files.
+"""Images in: photos from files, encoded bytes from data sets, and the paths a user types — one home for all.
 
-Photos arrive in every mode Pillow knows (grayscale, palette, RGBA, 16-bit PNG, CMYK JPEG) and often carry an
-EXIF orientation tag that cameras set instead of rotating pixels; the pipeline wants upright RGB uint8, and a
-failure that names the file instead of a traceback from inside Pillow.
+Everything here returns upright ``(H, W, 3)`` uint8 RGB or raises :class:`ImageLoadError` naming the file (or
+the sample) and the reason, instead of a traceback from inside Pillow or OpenCV.
+
+* :func:`load_image` reads photos. They arrive in every mode Pillow knows (grayscale, palette, RGBA, 16-bit
+  PNG, CMYK JPEG) and often carry an EXIF orientation tag that cameras set instead of rotating pixels.
+* :func:`decode_image` decodes the JPEG/PNG bytes stored in RecordIO files and ``.bin`` verification sets
+  (OpenCV, as the insightface tools that wrote them).
 """
 
 from __future__ import annotations
@@ -12,12 +16,20 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import KprpeError
+from .errors import KprpeError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "load_image", "to_rgb_uint8", "expand_image_paths"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageLoadError",
+    "load_image",
+    "decode_image",
+    "to_rgb_uint8",
+    "expand_image_paths",
+]
 
 # Extensions picked up when a directory is given (files named explicitly are always tried).
 IMAGE_EXTENSIONS = frozenset(
@@ -26,7 +38,7 @@ IMAGE_EXTENSIONS = frozenset(
 
 
 class ImageLoadError(KprpeError, ValueError):
-    """A file could not be read as an image; the message names the file and the reason."""
+    """A file (or stored image) could not be read as an image; the message names it and the reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         self.path = str(path)
@@ -87,7 +99,9 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
                 upright = ImageOps.exif_transpose(opened)
                 rgb = to_rgb_uint8(upright if upright is not None else opened)
     except UnidentifiedImageError:
-        raise ImageLoadError(path, "not an image file Pillow can read (unknown or unsupported format)") from None
+        raise ImageLoadError(
+            path, "not an image file Pillow can read (unknown or unsupported format)"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"image too large to decode safely ({exc})") from None
     except OSError as exc:
@@ -102,6 +116,20 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return rgb
 
 
+def decode_image(data: bytes, where: str = "image", size: int | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 RGB ``(H, W, 3)``, resized (bilinear) to ``size`` x ``size`` when given and
+    different; raises :class:`ImageLoadError` naming ``where``."""
+    if not data:
+        raise ImageLoadError(where, "empty image data")
+    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise ImageLoadError(where, f"cannot decode image data ({len(data)} bytes; corrupt or not an image)")
+    rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    if size is not None and rgb.shape[:2] != (size, size):
+        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+    return rgb
+
+
 def expand_image_paths(inputs: Iterable[str | os.PathLike], *, recursive: bool = False) -> list[Path]:
     """Files as given, directories expanded to the image files they hold (sorted; hidden files skipped).
 
@@ -113,8 +141,11 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike], *, recursive: bool =
         path = Path(item)
         if path.is_dir():
             pattern: Sequence[Path] = sorted(path.rglob("*") if recursive else path.iterdir())
-            images = [child for child in pattern
-                      if child.is_file() and not child.name.startswith(".") and child.suffix.lower() in IMAGE_EXTENSIONS]
+            images = [
+                child
+                for child in pattern
+                if child.is_file() and not child.name.startswith(".") and child.suffix.lower() in IMAGE_EXTENSIONS
+            ]
             if not images:  # an empty result would read as "0 faces", a success
                 folders = [c for c in pattern if c.is_dir() and not c.name.startswith(".")]
                 hint = (f"; its {len(folders)} sub-folders are not searched — pass them (e.g. {path}/*/) instead"

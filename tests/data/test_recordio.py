@@ -55,14 +55,21 @@ def test_continuation_parts_are_joined(tmp_path):
     parts = [(1, b"abcde"), (2, b"fg"), (3, b"hijk")]
     with open(rec, "wb") as f:
         for flag, data in parts:
-            f.write(struct.pack("<II", RECORDIO_MAGIC, (flag << 29) | len(data)) + data + b"\0" * ((-len(data)) % 4))
+            f.write(
+                struct.pack("<II", RECORDIO_MAGIC, (flag << 29) | len(data))
+                + data
+                + b"\0" * ((-len(data)) % 4)
+            )
     (tmp_path / "split.idx").write_text("0\t0\n")
     assert RecordIOReader(rec).read(0) == b"abcdefghijk"
 
 
 def test_damage_is_reported_with_key_and_offset(tmp_path):
     rec = tmp_path / "d.rec"
-    _write(rec, {0: pack_record(RecordHeader(0, 0.0), b"a" * 40), 1: pack_record(RecordHeader(0, 1.0), b"b" * 40)})
+    _write(
+        rec,
+        {0: pack_record(RecordHeader(0, 0.0), b"a" * 40), 1: pack_record(RecordHeader(0, 1.0), b"b" * 40)},
+    )
     raw = bytearray(rec.read_bytes())
     off1 = int((tmp_path / "d.idx").read_text().splitlines()[1].split("\t")[1])
     raw[off1] ^= 0xFF

@@ -26,7 +26,10 @@ def test_pack_keeps_images_labels_and_insightface_layout(synthetic_data):
     assert rec_src.declared_num_classes == folder_src.declared_num_classes == 24
     header = rec_src.reader.read_header(0)
     assert header.flag == 2 and header.label == (193.0, 217.0)
-    assert rec_src.reader.read_header(193 + 5).label == (41.0, 49.0)  # identity 5: its (first, end) image keys
+    assert rec_src.reader.read_header(193 + 5).label == (
+        41.0,
+        49.0,
+    )  # identity 5: its (first, end) image keys
     for i in (0, 57, 191):
         a, la = folder_src.get(i)
         b, lb = rec_src.get(i)
@@ -45,7 +48,7 @@ def test_pack_reports_unreadable_images(tmp_path, synthetic_data):
     assert report.num_images == 24 * 8 - 1
     assert [f for f, _ in report.failures] == ["id_0001/img_003.png"]
     assert report.ignored == ["id_0002/notes.txt"]
-    assert "cannot be decoded" in report.failures[0][1]
+    assert "cannot decode" in report.failures[0][1]
 
 
 def test_landmark_file_round_trip_and_errors(tmp_path):
@@ -58,7 +61,7 @@ def test_landmark_file_round_trip_and_errors(tmp_path):
     back = read_landmarks(path, num_samples=4)
     assert np.allclose(back[[0, 1, 3]], kp[[0, 1, 3]], atol=1e-6) and np.isnan(back[2]).all()
     (tmp_path / "bad.csv").write_text(lines[0] + "\n0,1,2,3\n")
-    with pytest.raises(LandmarkFileError, match=r"bad.csv:2: expected 11 columns"):
+    with pytest.raises(LandmarkFileError, match=r"bad.csv:2: expected 11 fields"):
         read_landmarks(tmp_path / "bad.csv")
     (tmp_path / "dup.csv").write_text("\n".join([lines[0], lines[1], lines[1]]))
     with pytest.raises(LandmarkFileError, match="appears twice"):
@@ -75,7 +78,9 @@ def test_dataset_items_and_missing_landmarks(synthetic_data, tmp_path):
     item = ds[10]
     assert item["image"].shape == (3, 32, 32) and item["image"].min() >= -1 and item["image"].max() <= 1
     assert item["label"].item() == 1 and item["valid"].item()
-    assert torch.allclose(item["keypoints"], torch.from_numpy(read_landmarks(synthetic_data["landmarks"])[10]), atol=1e-5)
+    assert torch.allclose(
+        item["keypoints"], torch.from_numpy(read_landmarks(synthetic_data["landmarks"])[10]), atol=1e-5
+    )
     a, b = ds[(10, (0, 0, 5))], ds[(10, (0, 0, 5))]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["keypoints"], b["keypoints"])  # seeded
     lines = synthetic_data["landmarks"].read_text().splitlines()

@@ -1,0 +1,302 @@
+"""KP-RPE as one module: f (keypoints -> per-bucket bias tables), the bucket index it reads, and every way of
+turning its tables into the attention logit bias, with the caches those ways need.
+
+Like timm's ``RelPosBias``, :class:`KeypointRPE` owns its parameters *and* its index tensors (non-persistent
+buffers that move with ``.to(device)`` and never enter a checkpoint); the transformer asks it for one bias per
+layer and passes that to attention as an opaque additive mask. The method is in docs/models.md
+("KP-RPE"); shapes: ``B`` batch, ``H`` heads, ``N`` tokens (row-major patch grid), ``nb`` buckets, ``K``
+keypoints.
+
+Parameter names follow the official checkpoints through :data:`OFFICIAL_NAMES` (``kprpe.linear`` is saved as
+``keypoint_linear``), so files written by kprpe load in the official code and vice versa.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .buckets import bucket_ids, num_buckets
+from .position import BIAS_IMPLS, BucketBias, form_bias, gather_bias
+
+__all__ = [
+    "KP_INPUTS",
+    "KP_SHARINGS",
+    "KP_BIAS_IMPLS",
+    "OFFICIAL_NAMES",
+    "patch_centres",
+    "relative_keypoints",
+    "keypoint_features",
+    "resolve_bias_impl",
+    "KeypointRPE",
+]
+
+KP_INPUTS = ("relative", "absolute", "query_position")
+KP_SHARINGS = ("layer_head", "head", "shared")
+# How the bias is formed (same numbers, different speed): one of BIAS_IMPLS, or "decomposed" (the linear-f
+# identity: a cached position term plus a per-sample bucket shift), or "auto" (chosen from the grid size).
+KP_BIAS_IMPLS = ("auto", "decomposed", *BIAS_IMPLS)
+# Sub-module name inside KeypointRPE -> the official checkpoint's top-level name.
+OFFICIAL_NAMES = {"mlp": "keypoint_mlp", "linear": "keypoint_linear"}
+
+
+def patch_centres(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``(N, 2)`` normalised (x, y) centre of every patch, token ``n = row * width + col``.
+
+    Centres are midpoints of ``linspace(0, 1, S + 1)`` computed in float32 — the official code's values,
+    which differ from ``(i + 0.5) / S`` by one ulp for some ``i``.
+    """
+
+    def mids(size: int) -> torch.Tensor:
+        edges = torch.linspace(0, 1, size + 1, dtype=torch.float32)
+        return (edges[:-1] + edges[1:]) / 2
+
+    cx = mids(width).repeat(height)
+    cy = mids(height).repeat_interleave(width)
+    return torch.stack([cx, cy], dim=-1).to(device=device, dtype=dtype)
+
+
+def relative_keypoints(keypoints: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(B, N, 2K)`` offsets *patch centre minus keypoint*, interleaved ``(dx_0, dy_0, dx_1, ...)``.
+
+    ``keypoints`` is ``(B, K, 2)`` with (x, y) normalised to [0, 1] by the input image's width/height.
+    No gradient flows back into the keypoints.
+    """
+    kp = keypoints.detach().float()
+    centres = patch_centres(height, width, device=kp.device)  # (N, 2)
+    rel = centres[None, :, None, :] - kp[:, None, :, :]  # (B, N, K, 2)
+    return rel.flatten(2)
+
+
+def keypoint_features(keypoints: torch.Tensor | None, height: int, width: int, kp_input: str) -> torch.Tensor:
+    """Input of f for each query token: ``(B, N, F)``, or ``(B, 1, F)`` / ``(1, N, F)`` when it is constant.
+
+    - ``relative``: patch centre minus each keypoint (the paper's KP-RPE), F = 2K.
+    - ``absolute``: the flattened keypoints themselves, the same for every query, F = 2K.
+    - ``query_position``: the query patch centre only, no keypoints (a keypoint-free control), F = 2.
+    """
+    if kp_input == "relative":
+        return relative_keypoints(keypoints, height, width)
+    if kp_input == "absolute":
+        return keypoints.detach().float().flatten(1)[:, None, :]
+    if kp_input == "query_position":
+        device = keypoints.device if keypoints is not None else None
+        return patch_centres(height, width, device=device)[None]
+    raise ValueError(f"unknown kp_input {kp_input!r}; expected one of {KP_INPUTS}")
+
+
+def resolve_bias_impl(requested: str, num_tokens: int, kp_input: str = "relative", kp_hidden: int = 0) -> str:
+    """The bias path a model uses: ``auto`` resolved, ``decomposed`` only where its identity holds."""
+    if requested not in KP_BIAS_IMPLS:
+        raise ValueError(f"unknown kp_bias_impl {requested!r}; expected one of {KP_BIAS_IMPLS}")
+    impl = requested
+    if impl == "auto":
+        # measured on CPU (docs/performance.md): the one-hot matmul is fastest for inference and training
+        # at face-model grids; its (N, N, nb) matrix grows as N^2, so large grids use the gather
+        impl = "onehot" if num_tokens <= 256 else "gather"
+    if impl == "decomposed" and (kp_input != "relative" or kp_hidden):
+        impl = "gather"  # the identity needs a linear f of relative offsets
+    return impl
+
+
+class KeypointRPE(nn.Module):
+    """KP-RPE: ``f`` maps each query's keypoint offsets to one bias per (head, bucket); the logit bias of
+    query ``i`` and key ``j`` is that table at bucket ``d(i, j)``.
+
+    ``f`` is ``linear`` (the paper), optionally after an MLP of width ``hidden`` (a non-linear control).
+    Its output features are laid out ``(layer * H + head) * nb + bucket`` for ``layer_head`` sharing,
+    ``head * nb + bucket`` for ``head``, ``bucket`` for ``shared`` (the official layout). Only the running
+    layer's slice is computed, so no ``(B, N, depth * H * nb)`` tensor lives through the forward pass.
+
+    ``bucket_tables=True`` (FlexAttention) hands attention a :class:`BucketBias` instead of a dense bias.
+    """
+
+    def __init__(
+        self,
+        *,
+        grid: int,
+        num_heads: int,
+        depth: int,
+        num_keypoints: int = 5,
+        kp_input: str = "relative",
+        sharing: str = "layer_head",
+        hidden: int = 0,
+        method: str = "product",
+        ratio: float = 1.9,
+        bias_impl: str = "auto",
+        bucket_tables: bool = False,
+    ) -> None:
+        super().__init__()
+        if kp_input not in KP_INPUTS:
+            raise ValueError(f"unknown kp_input {kp_input!r}; expected one of {KP_INPUTS}")
+        if sharing not in KP_SHARINGS:
+            raise ValueError(f"unknown kp_sharing {sharing!r}; expected one of {KP_SHARINGS}")
+        self.grid = grid
+        self.num_heads = num_heads
+        self.depth = depth
+        self.num_keypoints = num_keypoints
+        self.kp_input = kp_input
+        self.sharing = sharing
+        self.num_buckets = num_buckets(method, ratio)
+        self.bucket_tables = bucket_tables
+        self.impl = resolve_bias_impl(bias_impl, grid * grid, kp_input, hidden)
+
+        f_in = 2 if kp_input == "query_position" else 2 * num_keypoints
+        self.mlp = None
+        if hidden:
+            self.mlp = nn.Sequential(nn.Linear(f_in, hidden), nn.GELU())
+            f_in = hidden
+        self.linear = nn.Linear(f_in, self.out_features)
+
+        ids = bucket_ids(grid, method=method, ratio=ratio).clone()
+        n, nb = ids.shape[0], self.num_buckets
+        self.register_buffer("bucket_ids", ids, persistent=False)
+        # position of bias value (i, j) in a flattened (N, nb) table: i * nb + ids[i, j]
+        flat_index = (torch.arange(n, device=ids.device)[:, None] * nb + ids).flatten()
+        self.register_buffer("flat_index", flat_index, persistent=False)
+        one_hot = F.one_hot(ids, nb).float() if self.impl == "onehot" else None  # (N, N, nb): only where used
+        self.register_buffer("one_hot", one_hot, persistent=False)
+        # decomposed path at inference: each layer's batch-independent position term, valid while f's weights
+        # are unchanged (keyed by their version counters and storage, so in-place updates invalidate it)
+        self._position_terms: dict[int, torch.Tensor] = {}
+        self._position_terms_key: tuple | None = None
+
+    def reset_parameters(self) -> None:
+        """f's output layer starts at zero, so a new KP-RPE model begins as a plain ViT (as in the paper)."""
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    @property
+    def out_features(self) -> int:
+        per_layer = self.num_heads * self.num_buckets
+        return {"layer_head": self.depth * per_layer, "head": per_layer, "shared": self.num_buckets}[
+            self.sharing
+        ]
+
+    @property
+    def uses_keypoints(self) -> bool:
+        """False for the keypoint-free ``query_position`` control."""
+        return self.kp_input != "query_position"
+
+    # ------------------------------------------------------------------ f
+    def hidden(self, keypoints: torch.Tensor | None) -> torch.Tensor:
+        """Input of f's final linear layer for each query token: ``(B|1, N|1, F)``."""
+        x = keypoint_features(keypoints, self.grid, self.grid, self.kp_input)
+        return self.mlp(x) if self.mlp is not None else x
+
+    def table(self, hidden: torch.Tensor, layer: int, *, with_bias: bool = True) -> torch.Tensor:
+        """``(B, H, N|1, nb)`` bias table of ``layer`` from f's last hidden activations ``(B, N|1, F)``."""
+        width = self.num_heads * self.num_buckets
+        weight, bias = self.linear.weight, self.linear.bias if with_bias else None
+        if self.sharing == "layer_head":
+            sl = slice(layer * width, (layer + 1) * width)
+            weight, bias = weight[sl], None if bias is None else bias[sl]
+        return self.split(F.linear(hidden, weight, bias), layer if self.sharing == "layer_head" else None)
+
+    def split(self, out: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """View f's output ``(B, N, F)`` as one layer's ``(B, H, N, nb)`` table; ``layer`` selects the slice
+        of a full all-layer output (``None``: ``out`` is already one layer's)."""
+        width = self.num_heads * self.num_buckets
+        if layer is not None and out.shape[-1] != width:
+            out = out[..., layer * width : (layer + 1) * width]
+        b, n = out.shape[:2]
+        if self.sharing == "shared":
+            return out[:, None, :, :].expand(b, self.num_heads, n, self.num_buckets)
+        return out.reshape(b, n, self.num_heads, self.num_buckets).permute(0, 2, 1, 3)
+
+    # ------------------------------------------------------------------ bias
+    def dense(self, table: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+        """``(B, H, N, N)`` bias ``table[b, h, i, ids[i, j]]`` by ``impl`` (default: this module's path)."""
+        impl = impl or ("gather" if self.impl == "decomposed" else self.impl)
+        return form_bias(table, self.bucket_ids, impl, flat_index=self.flat_index, one_hot=self.one_hot)
+
+    def layer_bias(self, hidden: torch.Tensor, layer: int, impl: str = "gather") -> torch.Tensor:
+        """The ``(B, H, N, N)`` logit bias of ``layer`` from :meth:`hidden`'s output."""
+        return self.dense(self.table(hidden, layer), impl)
+
+    def layer_biases(self, keypoints: torch.Tensor | None) -> Callable[[int], torch.Tensor | BucketBias]:
+        """For one batch: a function ``layer -> bias`` that attention adds to its logits. Each layer's table
+        is made when called, so only one layer's bias is alive at a time."""
+        if self.bucket_tables:  # the kernel reads the table: never build the dense bias
+            hidden = self.hidden(keypoints)
+            return lambda layer: BucketBias(self.table(hidden, layer), self.bucket_ids)
+        if self.impl == "decomposed":
+            return self._decomposed_biases(keypoints)
+        hidden = self.hidden(keypoints)
+        if self.impl == "naive":  # the official code's way: all layers' tables at once, then advanced indexing
+            full = self.linear(hidden)
+            return lambda layer: self.dense(self.split(full, layer), "naive")
+        if self.impl == "gather":  # the index expanded once for every layer (a view here; one Expand in ONNX)
+            wide_ids = self.bucket_ids.expand(hidden.shape[0], self.num_heads, *self.bucket_ids.shape)
+            return lambda layer: gather_bias(self.table(hidden, layer), wide_ids)
+        return lambda layer: self.dense(self.table(hidden, layer))
+
+    def _decomposed_biases(self, keypoints: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        # f(c_i - p_b) = (W c_i + w0) - W p_b: a batch-independent (1, H, N, N) position term, cached while
+        # weights are frozen (inference), plus a per-sample shift of each bucket's value.
+        ids = self.bucket_ids
+        centres = patch_centres(self.grid, self.grid, device=ids.device).repeat(1, self.num_keypoints)[None]
+        points = keypoints.detach().float().flatten(1)[:, None, :]  # (B, 1, 2K)
+        weight, bias = self.linear.weight, self.linear.bias
+        frozen = not (torch.is_grad_enabled() and weight.requires_grad)
+        if frozen:
+            key = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr(), ids.device)
+            if key != self._position_terms_key:
+                self._position_terms, self._position_terms_key = {}, key
+
+        def position_term(layer: int) -> torch.Tensor:
+            if frozen and layer in self._position_terms:
+                return self._position_terms[layer]
+            term = self.dense(self.table(centres, layer), "index")
+            if frozen:
+                self._position_terms[layer] = term
+            return term
+
+        def layer_bias(layer: int) -> torch.Tensor:
+            shift = self.table(points, layer, with_bias=False)  # (B, H, 1, nb)
+            if not frozen:
+                return position_term(layer) - self.dense(shift, "gather")
+            # inference: look each sample's N*N values up from a tiny table, then add the cached term in place
+            b, h, _, nb = shift.shape
+            per_sample = shift.reshape(b * h, nb).neg_().index_select(1, ids.flatten()).view(b, h, *ids.shape)
+            return per_sample.add_(position_term(layer))
+
+        return layer_bias
+
+    def extra_repr(self) -> str:
+        return (f"grid={self.grid}x{self.grid}, buckets={self.num_buckets}, kp_input={self.kp_input}, "
+                f"sharing={self.sharing}, impl={self.impl}")
+
+
+def official_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """``state_dict`` post-hook for a model holding a :class:`KeypointRPE` as ``kprpe``: official key
+    names."""
+    _rename(
+        state_dict,
+        {f"{prefix}kprpe.{ours}.": f"{prefix}{theirs}." for ours, theirs in OFFICIAL_NAMES.items()},
+    )
+
+
+def module_load_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: official key names (and our own) load into ``kprpe``."""
+    _rename(
+        state_dict,
+        {f"{prefix}{theirs}.": f"{prefix}kprpe.{ours}." for ours, theirs in OFFICIAL_NAMES.items()},
+    )
+
+
+def _rename(state_dict: dict, prefixes: dict[str, str]) -> None:
+    """Rename keys by prefix in place, keeping their order."""
+    if not any(k.startswith(p) for k in state_dict for p in prefixes):
+        return
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        for old, new in prefixes.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        state_dict[key] = value

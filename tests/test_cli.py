@@ -1,0 +1,82 @@
+"""The ``kprpe`` command's structure: shared options spelled once, no command module importing the CLI
+back."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kprpe.cli import COMMAND_MODULES, build_parser, main
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "kprpe"
+
+
+def test_command_modules_import_errors_not_the_cli():
+    # cli.py imports the command modules; a command module importing cli.py back would be a hidden loop
+    for name in COMMAND_MODULES:
+        path = SRC / Path(*name.split(".")[1:]).with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in ("cli", "kprpe.cli"), f"{path} imports the CLI module"
+
+
+def _subparser(*names: str):
+    parser = build_parser()
+    for name in names:
+        parser = parser._subparsers._group_actions[0].choices[name]
+    return parser
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("eval", "verify"),
+        ("eval", "sweep"),
+        ("embed",),
+        ("experiment", "digits"),
+        ("bench",),
+        ("pack",),
+        ("landmarks",),
+        ("align",),
+    ],
+)
+def test_output_is_spelled_dash_o_everywhere(names):
+    options = {s for a in _subparser(*names)._actions for s in a.option_strings}
+    assert {"-o", "--output"} <= options
+
+
+def test_deprecated_out_alias_still_works(capsys):
+    args = build_parser().parse_args(
+        ["eval", "verify", "--weights", "w", "--bin", "b.bin", "--out", "folder"]
+    )
+    assert str(args.output) == "folder"
+    assert "--out is deprecated; use -o/--output" in capsys.readouterr().err
+    assert "--out " not in _subparser("eval", "verify").format_help()  # hidden
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "verify", "--weights", "w", "--bin", "b.bin"])
+    assert "-o/--output is required" in capsys.readouterr().err
+
+
+def test_one_device_default_for_face_eval_and_bench():
+    parser = build_parser()
+    embed = parser.parse_args(["embed", "x.jpg", "-o", "e.npz", "--weights", "w"])
+    verify = parser.parse_args(["eval", "verify", "--weights", "w", "--bin", "b", "-o", "o"])
+    bench = parser.parse_args(["bench"])
+    assert embed.device == verify.device == bench.device == "cpu"
+
+
+def test_bad_option_combination_is_one_line_under_python_m(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "kprpe.cli", "train", str(tmp_path / "x.yaml"), "--resume",
+                          "--resume-from", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("kprpe train: error: use either --resume (latest checkpoint of the run) or "
+                                  "--resume-from DIR, not both")
+
+
+def test_main_without_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
