@@ -40,7 +40,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
             row = dict(name=name, arch="iresnet", num_layers=cfg.num_layers, mode=cfg.mode)
         else:
             row = dict(
-                name=name, rel_pos=cfg.rel_pos, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads
+                name=name,
+                rel_pos=cfg.rel_pos,
+                depth=cfg.depth,
+                embed_dim=cfg.embed_dim,
+                num_heads=cfg.num_heads,
             )
         if args.params:
             from .nn import create_model
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kprpe",
         description="Face recognition with KP-RPE vision transformers: models, face pipeline, training, "
-                    "evaluation.",
+        "evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"kprpe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -82,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered model presets")
     p.add_argument("--params", action="store_true", help="also build each preset and count its parameters")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--zoo", action="store_true",
-                   help="list the published checkpoints loadable by name (repo id, data, reported accuracy, terms)")
+    p.add_argument(
+        "--zoo",
+        action="store_true",
+        help="list the published checkpoints loadable by name (repo id, data, reported accuracy, terms)",
+    )
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("demo", help="build a KP-RPE model and embed a few synthetic faces (smoke demo)")

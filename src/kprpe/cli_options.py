@@ -34,16 +34,23 @@ class _DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_output_option(parser, *, help: str, required: bool = True, default=None, type=str,
-                      metavar: str = "OUT") -> None:
+def add_output_option(
+    parser, *, help: str, required: bool = True, default=None, type=str, metavar: str = "OUT"
+) -> None:
     """``-o/--output`` (``--out`` still accepted, hidden and deprecated)."""
     group = parser.add_mutually_exclusive_group(required=required)
     text = help if default is None else f"{help} (default: {default})"
     group.add_argument(
         "-o", "--output", dest="output", type=type, default=default, metavar=metavar, help=text
     )
-    group.add_argument("--out", dest="output", type=type, action=_DeprecatedAlias, preferred="-o/--output",
-                       help=argparse.SUPPRESS)
+    group.add_argument(
+        "--out",
+        dest="output",
+        type=type,
+        action=_DeprecatedAlias,
+        preferred="-o/--output",
+        help=argparse.SUPPRESS,
+    )
 
 
 def add_quiet_option(parser) -> None:
@@ -51,27 +58,48 @@ def add_quiet_option(parser) -> None:
 
 
 def add_device_option(parser) -> None:
-    parser.add_argument("--device", default=DEFAULT_DEVICE,
-                        help=f"torch device, e.g. cpu, cuda, cuda:1 (default {DEFAULT_DEVICE})")
+    parser.add_argument(
+        "--device",
+        default=DEFAULT_DEVICE,
+        help=f"torch device, e.g. cpu, cuda, cuda:1 (default {DEFAULT_DEVICE})",
+    )
 
 
 def add_model_options(parser, *, repeatable: bool = False) -> argparse._ArgumentGroup:
     """The checkpoint and how faces are embedded with it (``--weights``, ``--no-flip``, ``--batch-size``,
-    ``--device``, ``--engine``); ``repeatable``: ``--weights [NAME=]W`` may be given several times (comparisons)."""
+    ``--device``, ``--engine``); ``repeatable``: ``--weights [NAME=]W`` may be given several times
+    (comparisons)."""
     group = parser.add_argument_group("model")
     if repeatable:
-        group.add_argument("--weights", required=True, action="append", metavar="[NAME=]W",
-                           help="checkpoint, optionally named; repeat to compare checkpoints")
+        group.add_argument(
+            "--weights",
+            required=True,
+            action="append",
+            metavar="[NAME=]W",
+            help="checkpoint, optionally named; repeat to compare checkpoints",
+        )
     else:
-        group.add_argument("--weights", required=True, metavar="W",
-                           help="checkpoint file or directory, or a published repo id such as "
-                                "minchul/cvlface_adaface_vit_base_kprpe_webface4m (anything kprpe.load_official "
-                                "accepts); with --engine onnx, a file from 'kprpe export'")
+        group.add_argument(
+            "--weights",
+            required=True,
+            metavar="W",
+            help="checkpoint file or directory, or a published repo id such as "
+            "minchul/cvlface_adaface_vit_base_kprpe_webface4m (anything kprpe.load_official "
+            "accepts); with --engine onnx, a file from 'kprpe export'",
+        )
     group.add_argument("--no-flip", action="store_true", help="disable flip-sum test-time augmentation")
-    group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                       help=f"faces per forward pass (default {DEFAULT_BATCH_SIZE})")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"faces per forward pass (default {DEFAULT_BATCH_SIZE})",
+    )
     add_device_option(group)
-    group.add_argument("--engine", choices=("torch", "onnx"), default="torch",
-                       help="torch (default): --weights is a checkpoint run by PyTorch; onnx: a file from "
-                            "'kprpe export' run by ONNX Runtime (kprpe[onnx])")
+    group.add_argument(
+        "--engine",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch (default): --weights is a checkpoint run by PyTorch; onnx: a file from "
+        "'kprpe export' run by ONNX Runtime (kprpe[onnx])",
+    )
     return group

@@ -146,14 +146,18 @@ class OutputFolderError(KprpeError, ValueError):
     """An output folder that a command may not write: it holds files the command did not create, or inputs."""
 
 
-def check_output_folder(out: str | os.PathLike, marker: str, inputs: Sequence[str | os.PathLike] = ()) -> None:
+def check_output_folder(
+    out: str | os.PathLike, marker: str, inputs: Sequence[str | os.PathLike] = ()
+) -> None:
     """Raise :class:`OutputFolderError` unless :func:`staged_folder` may write ``out`` (see there)."""
     out = Path(out)
     resolved = out.resolve()
     for item in inputs:
         item = Path(item).resolve()
         if item == resolved or resolved in item.parents:
-            raise OutputFolderError(f"output folder {out} contains the input {item}; write the output elsewhere")
+            raise OutputFolderError(
+                f"output folder {out} contains the input {item}; write the output elsewhere"
+            )
     if out.exists():
         if not out.is_dir():
             raise OutputFolderError(f"output {out} exists and is not a folder")
@@ -165,13 +169,15 @@ def check_output_folder(out: str | os.PathLike, marker: str, inputs: Sequence[st
 
 
 @contextmanager
-def staged_folder(out: str | os.PathLike, marker: str, inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
+def staged_folder(
+    out: str | os.PathLike, marker: str, inputs: Sequence[str | os.PathLike] = ()
+) -> Iterator[Path]:
     """Build a command's output folder in a staging folder beside it and commit it as a whole.
 
     ``out`` must be new, empty, or a folder this command wrote before (it holds ``marker``, which the staged
     folder gets on commit); it must not contain any of ``inputs``. On success the previous output is replaced
-    in one rename (a re-run never mixes new files with old ones); on any error the staging folder is removed and
-    ``out`` is left as it was.
+    in one rename (a re-run never mixes new files with old ones); on any error the staging folder is removed
+    and ``out`` is left as it was.
     """
     out = Path(out)
     check_output_folder(out, marker, inputs)
@@ -179,7 +185,9 @@ def staged_folder(out: str | os.PathLike, marker: str, inputs: Sequence[str | os
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         yield staging
-        (staging / marker).write_text("written by kprpe; this folder is replaced as a whole on the next run\n")
+        (staging / marker).write_text(
+            "written by kprpe; this folder is replaced as a whole on the next run\n"
+        )
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700 folders

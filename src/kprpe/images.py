@@ -144,13 +144,20 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike], *, recursive: bool =
             images = [
                 child
                 for child in pattern
-                if child.is_file() and not child.name.startswith(".") and child.suffix.lower() in IMAGE_EXTENSIONS
+                if child.is_file()
+                and not child.name.startswith(".")
+                and child.suffix.lower() in IMAGE_EXTENSIONS
             ]
             if not images:  # an empty result would read as "0 faces", a success
                 folders = [c for c in pattern if c.is_dir() and not c.name.startswith(".")]
-                hint = (f"; its {len(folders)} sub-folders are not searched — pass them (e.g. {path}/*/) instead"
-                        if folders and not recursive else "")
-                raise ImageLoadError(path, f"the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}){hint}")
+                hint = (
+                    f"; its {len(folders)} sub-folders are not searched — pass them (e.g. {path}/*/) instead"
+                    if folders and not recursive
+                    else ""
+                )
+                raise ImageLoadError(
+                    path, f"the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}){hint}"
+                )
             found.extend(images)
         else:
             found.append(path)

@@ -1,11 +1,13 @@
 """Decision thresholds for "same person": the calibration files that ``kprpe eval ... --calibrate FAR`` writes
-beside the weights (``model.safetensors.threshold.json``, or ``threshold.json`` inside a checkpoint folder), and
-the choice ``kprpe verify``, ``kprpe search query`` and ``kprpe serve`` make between an explicit threshold, such a
-file and the uncalibrated default — reporting which one they used and where it came from. A file made for other
-weights (different model fingerprint) or another flip setting is ignored, with a note saying so.
+beside the weights (``model.safetensors.threshold.json``, or ``threshold.json`` inside a checkpoint folder),
+and the choice ``kprpe verify``, ``kprpe search query`` and ``kprpe serve`` make between an explicit
+threshold, such a file and the uncalibrated default — reporting which one they used and where it came from. A
+file made for other weights (different model fingerprint) or another flip setting is ignored, with a note
+saying so.
 
-The measurement itself (a threshold from labelled pair scores) is :func:`kprpe.eval.calibration.calibrate_threshold`;
-this module only reads and writes its results, so the face pipeline can use them without the evaluation package.
+The measurement itself (a threshold from labelled pair scores) is
+:func:`kprpe.eval.calibration.calibrate_threshold`; this module only reads and writes its results, so the face
+pipeline can use them without the evaluation package.
 """
 
 from __future__ import annotations
@@ -40,17 +42,35 @@ class CalibrationError(KprpeError):
 def calibration_path(weights: str | os.PathLike) -> Path:
     """Where the calibration of ``weights`` lives: beside the file, or inside the checkpoint folder."""
     weights = Path(weights)
-    return weights / "threshold.json" if weights.is_dir() else weights.with_name(weights.name + ".threshold.json")
+    return (
+        weights / "threshold.json"
+        if weights.is_dir()
+        else weights.with_name(weights.name + ".threshold.json")
+    )
 
 
-def write_calibration(weights: str | os.PathLike, calibration: dict, *, model_fingerprint: str, dataset: str,
-                      protocol: str, flip: bool) -> Path:
+def write_calibration(
+    weights: str | os.PathLike,
+    calibration: dict,
+    *,
+    model_fingerprint: str,
+    dataset: str,
+    protocol: str,
+    flip: bool,
+) -> Path:
     """Write (atomically, replacing an older one) the calibration file beside ``weights``."""
     from .files import write_json
 
-    payload = dict(format=CALIBRATION_FORMAT, model_fingerprint=model_fingerprint, weights=str(weights),
-                   dataset=dataset, protocol=protocol, flip=bool(flip), **calibration,
-                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    payload = dict(
+        format=CALIBRATION_FORMAT,
+        model_fingerprint=model_fingerprint,
+        weights=str(weights),
+        dataset=dataset,
+        protocol=protocol,
+        flip=bool(flip),
+        **calibration,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     return write_json(calibration_path(weights), payload)
 
 
@@ -68,8 +88,9 @@ def read_calibration(path: str | os.PathLike) -> dict:
         raise CalibrationError(f"calibration file {path} lacks {missing}")
     threshold = payload["threshold"]
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
-        raise CalibrationError(f"calibration file {path}: threshold must be a cosine similarity in [-1, 1], "
-                               f"got {threshold!r}")
+        raise CalibrationError(
+            f"calibration file {path}: threshold must be a cosine similarity in [-1, 1], got {threshold!r}"
+        )
     return payload
 
 
@@ -82,8 +103,14 @@ class ThresholdChoice:
     calibration: dict | None = None
 
 
-def resolve_threshold(explicit: float | None, weights: str | os.PathLike | None, *, model_fingerprint: str,
-                      flip: bool, default: float) -> ThresholdChoice:
+def resolve_threshold(
+    explicit: float | None,
+    weights: str | os.PathLike | None,
+    *,
+    model_fingerprint: str,
+    flip: bool,
+    default: float,
+) -> ThresholdChoice:
     """``explicit`` (a ``--threshold``) wins; then a matching calibration file beside ``weights``; then
     ``default``. A calibration file for other weights or another flip setting is ignored, and the source
     says so."""
@@ -101,9 +128,13 @@ def resolve_threshold(explicit: float | None, weights: str | os.PathLike | None,
             elif bool(payload.get("flip", True)) != bool(flip):
                 note = f"{path} ignored: calibrated with flip={payload.get('flip')}, running with flip={flip}"
             else:
-                source = (f"calibration {path} (FAR {payload['far_target']:g} on {payload.get('dataset', '?')}, "
-                          f"TAR {payload.get('tar', float('nan')):.4f})")
+                source = (
+                    f"calibration {path} (FAR {payload['far_target']:g} on {payload.get('dataset', '?')}, "
+                    f"TAR {payload.get('tar', float('nan')):.4f})"
+                )
                 return ThresholdChoice(float(payload["threshold"]), source, payload)
         else:
             note = f"no calibration file {path}"
-    return ThresholdChoice(float(default), f"default (uncalibrated; {note}; run kprpe eval ... --calibrate FAR)")
+    return ThresholdChoice(
+        float(default), f"default (uncalibrated; {note}; run kprpe eval ... --calibrate FAR)"
+    )

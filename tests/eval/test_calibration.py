@@ -55,12 +55,20 @@ def test_resolution_order_and_files_for_other_models(tmp_path):
     assert calibration_path(weights) == tmp_path / "model.safetensors.threshold.json"
     assert calibration_path(tmp_path) == tmp_path / "threshold.json"
     choice = resolve_threshold(None, weights, model_fingerprint="f1", flip=True, default=0.3)
-    assert choice.threshold == 0.3 and choice.source.startswith("default") and "no calibration file" in choice.source
+    assert (
+        choice.threshold == 0.3
+        and choice.source.startswith("default")
+        and "no calibration file" in choice.source
+    )
     scores, labels = _scores(np.random.default_rng(2))
     cal = calibrate_threshold(scores, labels, 1e-2)
     path = write_calibration(weights, cal, model_fingerprint="f1", dataset="toy", protocol="pairs", flip=True)
     stored = read_calibration(path)
-    assert stored["threshold"] == cal["threshold"] and stored["dataset"] == "toy" and stored["model_fingerprint"] == "f1"
+    assert (
+        stored["threshold"] == cal["threshold"]
+        and stored["dataset"] == "toy"
+        and stored["model_fingerprint"] == "f1"
+    )
     choice = resolve_threshold(None, weights, model_fingerprint="f1", flip=True, default=0.3)
     assert choice.threshold == cal["threshold"] and str(path) in choice.source and "toy" in choice.source
     other = resolve_threshold(None, weights, model_fingerprint="f2", flip=True, default=0.3)
@@ -72,8 +80,16 @@ def test_resolution_order_and_files_for_other_models(tmp_path):
     path.write_text("{not json")
     with pytest.raises(CalibrationError, match="threshold.json"):
         resolve_threshold(None, weights, model_fingerprint="f1", flip=True, default=0.3)
-    path.write_text(json.dumps({"format": "kprpe-threshold-v1", "model_fingerprint": "f1", "far_target": 0.1,
-                                "threshold": "high"}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "kprpe-threshold-v1",
+                "model_fingerprint": "f1",
+                "far_target": 0.1,
+                "threshold": "high",
+            }
+        )
+    )
     with pytest.raises(CalibrationError, match="cosine similarity"):
         read_calibration(path)
 
@@ -103,8 +119,24 @@ def test_eval_pairs_calibrate_writes_the_threshold_beside_the_weights(tmp_path, 
     weights = kprpe.save_model(model, tmp_path / "w" / "tiny.safetensors")
     pairs = _pairs_set(tmp_path)
     out = tmp_path / "run"
-    code = main(["eval", "pairs", "--weights", str(weights), "--pairs", str(pairs), "--keypoints", "template",
-                 "-o", str(out), "--no-cache", "--quiet", "--calibrate", "0.1"])
+    code = main(
+        [
+            "eval",
+            "pairs",
+            "--weights",
+            str(weights),
+            "--pairs",
+            str(pairs),
+            "--keypoints",
+            "template",
+            "-o",
+            str(out),
+            "--no-cache",
+            "--quiet",
+            "--calibrate",
+            "0.1",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0 and "calibrated threshold" in stdout
     stored = read_calibration(calibration_path(weights))
@@ -114,8 +146,24 @@ def test_eval_pairs_calibrate_writes_the_threshold_beside_the_weights(tmp_path, 
     assert stored["dataset"] == "pairs" and stored["flip"] is True and stored["num_impostor"] == 20
     # 20 impostors cannot resolve FAR 1e-3: one-line error, but the report is still written
     out2 = tmp_path / "run2"
-    code = main(["eval", "pairs", "--weights", str(weights), "--pairs", str(pairs), "--keypoints", "template",
-                 "-o", str(out2), "--no-cache", "--quiet", "--calibrate", "0.001"])
+    code = main(
+        [
+            "eval",
+            "pairs",
+            "--weights",
+            str(weights),
+            "--pairs",
+            str(pairs),
+            "--keypoints",
+            "template",
+            "-o",
+            str(out2),
+            "--no-cache",
+            "--quiet",
+            "--calibrate",
+            "0.001",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "1/20" in err and (out2 / "results.json").is_file()
     assert read_calibration(calibration_path(weights))["far_target"] == 0.1  # the earlier file is untouched

@@ -36,8 +36,12 @@ def test_full_curve_rule_differs_on_the_cases_chosen_for_it():
     for case in CASES:
         if case["seed"] not in (105, 111):
             continue
-        rows = tar_at_far(np.asarray(case["scores"]), np.asarray(case["labels"], dtype=bool), DATA["far_targets"],
-                          convention="full_curve")
+        rows = tar_at_far(
+            np.asarray(case["scores"]),
+            np.asarray(case["labels"], dtype=bool),
+            DATA["far_targets"],
+            convention="full_curve",
+        )
         gaps = [abs(r["tar"] - _expected_tar(case, r["far_target"])) for r in rows]
         assert max(gaps) > 0.01
 
@@ -47,7 +51,8 @@ def test_kfold_accuracy_matches_insightface_verification(case):
     e1, e2 = np.asarray(case["embeddings1"]), np.asarray(case["embeddings2"])
     labels = np.asarray(case["labels"], dtype=bool)
     want = np.asarray(case["kfold_fold_accuracies"])
-    # insightface's own arithmetic: squared L2 distance, "same" when distance < threshold on arange(0, 4, 0.01)
+    # insightface's own arithmetic: squared L2 distance, "same" when distance < threshold on arange(0, 4,
+    # 0.01)
     squared_distance = np.sum((e1 - e2) ** 2, axis=1)
     by_distance = kfold_accuracy(-squared_distance, labels, thresholds=-np.arange(0.0, 4.0, 0.01))
     # the pipeline's path: cosine scores with the same grid expressed as cosine thresholds

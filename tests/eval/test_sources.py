@@ -89,8 +89,10 @@ def test_keypoint_source_resolution(tmp_path):
 
 def _tiny_bin(tmp_path, n_pairs=2):
     rng = np.random.default_rng(0)
-    images = [cv2.imencode(".png", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))[1].tobytes()
-              for _ in range(2 * n_pairs)]
+    images = [
+        cv2.imencode(".png", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))[1].tobytes()
+        for _ in range(2 * n_pairs)
+    ]
     path = tmp_path / "t.bin"
     write_verification_bin(path, images, [True, False][:n_pairs])
     return path
@@ -126,21 +128,25 @@ def test_cache_is_keyed_on_the_bytes_that_define_the_model(tmp_path):
     config = tmp_path / "repo" / "config.json"
     config.write_text('{"note": "a"}')
     src = _random_source()
-    _, _, cached = embed_with_cache(lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c",
-                                    progress=False)
+    _, _, cached = embed_with_cache(
+        lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c", progress=False
+    )
     assert not cached
     stamp = weights.stat().st_mtime_ns
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # other weights, same size
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(stamp, stamp))
-    _, _, cached = embed_with_cache(lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c",
-                                    progress=False)
+    _, _, cached = embed_with_cache(
+        lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c", progress=False
+    )
     assert not cached
     config.write_text('{"note": "b"}')  # a config that belongs to the checkpoint is part of the model
-    _, _, cached = embed_with_cache(lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c",
-                                    progress=False)
+    _, _, cached = embed_with_cache(
+        lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c", progress=False
+    )
     assert not cached
-    _, _, cached = embed_with_cache(lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c",
-                                    progress=False)
+    _, _, cached = embed_with_cache(
+        lambda: load_official(weights), weights, src, mode="m", cache_dir=tmp_path / "c", progress=False
+    )
     assert cached

@@ -133,7 +133,9 @@ def test_toolkit_ijb_pools_templates_from_metadata(tmp_path, colour_embedder):
     got = evaluate_toolkit(_handle(), [tmp_path / "IJBC_gt_aligned"], settings, keypoint_source="template")
     r = got["sets"]["IJBC_gt_aligned"]
     feats, tids = template_features(_unit_colors(colors), templates, medias, detector_scores=faceness)
-    want = verification_metrics(template_pair_scores(feats, tids, p1, p2), label.astype(bool), far_targets=(0.1, 0.5))
+    want = verification_metrics(
+        template_pair_scores(feats, tids, p1, p2), label.astype(bool), far_targets=(0.1, 0.5)
+    )
     assert r["tar_at_far"] == want["tar_at_far"] and r["auc"] == pytest.approx(want["auc"])
     assert r["num_templates"] == 8 and r["use_norm"] is False and r["use_detector_score"] is True
     assert "kfold" not in r
@@ -143,30 +145,48 @@ def test_toolkit_ijb_pools_templates_from_metadata(tmp_path, colour_embedder):
 #   probe 1_a  A=(250,0,0): mate 1_b D=(250,250,0) scores .707; the distractor named 1_x is A itself (1.0) and
 #              E=(250,0,100) scores .928: two gallery images above the mate -> rank 3. (If a distractor could
 #              match, 1_x would make it rank 1.)
-#   probe 2_a  B=(0,250,0): mate 2_b C=(0,60,250) scores .233; D (identity 1) scores .707 above it; A, E score 0,
-#              F=(60,20,250) .077 -> rank 2.
+#   probe 2_a  B=(0,250,0): mate 2_b C=(0,60,250) scores .233; D (identity 1) scores .707 above it; A, E score
+# 0, F=(60,20,250) .077 -> rank 2.
 #   probe 1_c  (250,240,0): D scores .9998, above every other image -> rank 1.
 #   probe 3_a  has no mate in the gallery: left out of the rates.
-TINY_PROBES = {"Probe/1_a.jpg": (250, 0, 0), "Probe/2_a.jpg": (0, 250, 0), "Probe/1_c.jpg": (250, 240, 0),
-               "Probe/3_a.jpg": (10, 10, 250)}
+TINY_PROBES = {
+    "Probe/1_a.jpg": (250, 0, 0),
+    "Probe/2_a.jpg": (0, 250, 0),
+    "Probe/1_c.jpg": (250, 240, 0),
+    "Probe/3_a.jpg": (10, 10, 250),
+}
 TINY_MATCHES = {"Gallery_Match/1_b.jpg": (250, 250, 0), "Gallery_Match/2_b.jpg": (0, 60, 250)}
-TINY_DISTRACTORS = {"Gallery_Distractor/1_x.jpg": (250, 0, 0), "Gallery_Distractor/9001.jpg": (250, 0, 100),
-                    "Gallery_Distractor/9002.jpg": (60, 20, 250)}
+TINY_DISTRACTORS = {
+    "Gallery_Distractor/1_x.jpg": (250, 0, 0),
+    "Gallery_Distractor/9001.jpg": (250, 0, 100),
+    "Gallery_Distractor/9002.jpg": (60, 20, 250),
+}
 
 
 def _tinyface_toolkit(folder):
     everything = {**TINY_PROBES, **TINY_MATCHES, **TINY_DISTRACTORS}
     paths = [f"/data/tinyface/{p}" for p in everything]
-    meta = dict(image_paths=paths, probe_paths=[f"/x/{p}" for p in TINY_PROBES],
-                gallery_paths=list(TINY_MATCHES), distractor_paths=list(TINY_DISTRACTORS))
-    return _save_set(folder, list(everything.values()), {"path": (paths, "string")}, shuffle_seed=3, metadata=meta)
+    meta = dict(
+        image_paths=paths,
+        probe_paths=[f"/x/{p}" for p in TINY_PROBES],
+        gallery_paths=list(TINY_MATCHES),
+        distractor_paths=list(TINY_DISTRACTORS),
+    )
+    return _save_set(
+        folder, list(everything.values()), {"path": (paths, "string")}, shuffle_seed=3, metadata=meta
+    )
 
 
 def test_tinyface_toolkit_ranks_hand_checked(tmp_path, colour_embedder):
     folder = _tinyface_toolkit(tmp_path / "tinyface_aligned_pad_0.1")
     assert open_toolkit_set(folder).kind == "tinyface"
-    res = evaluate_tinyface(_handle(), folder, EvalSettings(progress=False, cache_dir=None),
-                            keypoint_source="template", ranks=(1, 2, 3, 20))
+    res = evaluate_tinyface(
+        _handle(),
+        folder,
+        EvalSettings(progress=False, cache_dir=None),
+        keypoint_source="template",
+        ranks=(1, 2, 3, 20),
+    )
     r = res["sets"]["tinyface_aligned_pad_0.1"]
     assert (r["num_probes"], r["num_mated_probes"], r["num_gallery"], r["num_distractors"]) == (4, 3, 5, 3)
     assert r["closed_set"] == pytest.approx({"rank1": 1 / 3, "rank2": 2 / 3, "rank3": 1.0, "rank20": 1.0})
@@ -178,9 +198,16 @@ def test_tinyface_original_folders_give_the_same_ranks(tmp_path, colour_embedder
     for rel, color in {**TINY_PROBES, **TINY_MATCHES, **TINY_DISTRACTORS}.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         PIL.fromarray(np.full((112, 112, 3), color, dtype=np.uint8)).save(root / rel.replace(".jpg", ".png"))
-    res = evaluate_tinyface(_handle(), root, EvalSettings(progress=False, cache_dir=None),
-                            keypoint_source="template", ranks=(1, 2, 3))
-    assert res["sets"]["Testing_Set"]["closed_set"] == pytest.approx({"rank1": 1 / 3, "rank2": 2 / 3, "rank3": 1.0})
+    res = evaluate_tinyface(
+        _handle(),
+        root,
+        EvalSettings(progress=False, cache_dir=None),
+        keypoint_source="template",
+        ranks=(1, 2, 3),
+    )
+    assert res["sets"]["Testing_Set"]["closed_set"] == pytest.approx(
+        {"rank1": 1 / 3, "rank2": 2 / 3, "rank3": 1.0}
+    )
 
 
 class _RunsCode:
@@ -200,7 +227,9 @@ def test_metadata_is_read_without_unpickling_objects(tmp_path):
         read_toolkit_metadata(tmp_path / "metadata.pt")
     assert not marker.exists()
     # numpy arrays, tensors, strings and lists are fine
-    torch.save({"a": np.arange(3), "b": torch.ones(2), "c": ["x.jpg"], "d": np.float32(1.5)}, tmp_path / "ok.pt")
+    torch.save(
+        {"a": np.arange(3), "b": torch.ones(2), "c": ["x.jpg"], "d": np.float32(1.5)}, tmp_path / "ok.pt"
+    )
     meta = read_toolkit_metadata(tmp_path / "ok.pt", required=("a", "c"))
     np.testing.assert_array_equal(meta["a"], [0, 1, 2])
     assert meta["c"] == ["x.jpg"] and float(meta["d"]) == 1.5
@@ -217,7 +246,9 @@ def test_bad_layouts_are_named(tmp_path):
     datasets.Dataset.from_dict(data).save_to_disk(str(tmp_path / "dup"))
     with pytest.raises(ToolkitFormatError, match="repeats values"):
         open_toolkit_set(tmp_path / "dup")
-    flipped = _save_set(tmp_path / "flip", colors, {"is_same": ([True, False, True, True], "bool")}, shuffle_seed=None)
+    flipped = _save_set(
+        tmp_path / "flip", colors, {"is_same": ([True, False, True, True], "bool")}, shuffle_seed=None
+    )
     with pytest.raises(ToolkitFormatError, match="is_same differ"):
         verification_pairs(open_toolkit_set(flipped))
     _save_set(tmp_path / "nometa", colors, {})
@@ -234,8 +265,21 @@ def test_cli_reads_toolkit_folders(tmp_path, capsys):
     _tinyface_toolkit(tmp_path / "val" / "tinyface")
     out = tmp_path / "run"
     common = ["--weights", str(TINY_KPRPE), "--keypoints", "template", "--no-cache", "--quiet"]
-    assert main(["eval", "toolkit", str(tmp_path / "val"), *common, "-o", str(out),
-                 "--tar-far-convention", "full_curve"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "toolkit",
+                str(tmp_path / "val"),
+                *common,
+                "-o",
+                str(out),
+                "--tar-far-convention",
+                "full_curve",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["sets"].keys() == {"lfw", "tinyface"}
     assert results["sets"]["lfw"]["tar_at_far_convention"] == "full_curve"

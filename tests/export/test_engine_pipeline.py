@@ -37,7 +37,9 @@ def test_face_embedder_same_embeddings_with_both_engines(onnx_file):
     from kprpe.face import FaceEmbedder
 
     crops, keypoints = _crops(5)
-    torch_unit, torch_norms = FaceEmbedder(kprpe.load_official(WEIGHTS), batch_size=2).embed_crops(crops, keypoints)
+    torch_unit, torch_norms = FaceEmbedder(kprpe.load_official(WEIGHTS), batch_size=2).embed_crops(
+        crops, keypoints
+    )
     embedder = FaceEmbedder(OnnxEngine(onnx_file), batch_size=2)  # flip TTA on, batches of 2, 2 and 1
     unit, norms = embedder.embed_crops(crops, keypoints)
     np.testing.assert_allclose(unit, torch_unit, atol=1e-4, rtol=0)
@@ -69,9 +71,22 @@ def test_embed_cli_with_onnx_engine(onnx_file, tmp_path, capsys):
     outputs = {}
     for engine, weights in (("torch", WEIGHTS), ("onnx", onnx_file)):
         out = tmp_path / f"{engine}.npz"
-        code = main(["embed", str(tmp_path / "face0.png"), str(tmp_path / "face1.png"), "--landmarks",
-                     str(tmp_path / "landmarks.csv"), "--weights", str(weights), "--engine", engine, "-o", str(out),
-                     "-q"])
+        code = main(
+            [
+                "embed",
+                str(tmp_path / "face0.png"),
+                str(tmp_path / "face1.png"),
+                "--landmarks",
+                str(tmp_path / "landmarks.csv"),
+                "--weights",
+                str(weights),
+                "--engine",
+                engine,
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
         payload = json.loads(capsys.readouterr().out)
         assert code == 0 and payload["embedded"] == 2, payload
         with np.load(out, allow_pickle=False) as data:
@@ -81,8 +96,20 @@ def test_embed_cli_with_onnx_engine(onnx_file, tmp_path, capsys):
 
 def test_engine_option_rejects_a_checkpoint_in_one_line(tmp_path, capsys):
     (tmp_path / "landmarks.csv").write_text("file,x0,y0,x1,y1,x2,y2,x3,y3,x4,y4\na.png,1,1,2,1,1,2,1,3,2,3\n")
-    code = main(["embed", str(tmp_path / "a.png"), "--weights", str(WEIGHTS), "--engine", "onnx",
-                 "-o", str(tmp_path / "e.npz"), "--landmarks", str(tmp_path / "landmarks.csv")])
+    code = main(
+        [
+            "embed",
+            str(tmp_path / "a.png"),
+            "--weights",
+            str(WEIGHTS),
+            "--engine",
+            "onnx",
+            "-o",
+            str(tmp_path / "e.npz"),
+            "--landmarks",
+            str(tmp_path / "landmarks.csv"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
     assert "tiny_kprpe.safetensors is not a loadable ONNX model" in err

@@ -1,4 +1,5 @@
-"""ONNX export and the ONNX Runtime engine: parity with PyTorch and the official vectors, metadata, bad input."""
+"""ONNX export and the ONNX Runtime engine: parity with PyTorch and the official vectors, metadata, bad
+input."""
 
 from __future__ import annotations
 
@@ -98,14 +99,21 @@ def test_metadata_sidecar_and_graph(exported):
     assert config["rel_pos"] == "kprpe" and config["depth"] == 2 and config["num_heads"] == 4
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}  # no custom operators
-    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    inputs = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input
+    }
     assert inputs == {"images": ["batch", 3, 112, 112], "keypoints": ["batch", 5, 2]}
     assert [o.name for o in proto.graph.output] == ["embedding"]
     # the (N, N) bucket index is a constant of the graph, not computed from anything at run time
     ids = load_vectors("kprpe")["bucket_ids"].numpy()
     constants = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer]
-    constants += [onnx.numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant"
-                  for a in n.attribute if a.name == "value"]
+    constants += [
+        onnx.numpy_helper.to_array(a.t)
+        for n in proto.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    ]
     assert any(c.shape == ids.shape and np.array_equal(c, ids) for c in constants)
     sidecar = json.loads(sidecar_path(path).read_text())
     assert sidecar["inputs"]["keypoints"]["shape"] == ["batch", 5, 2]
@@ -121,7 +129,9 @@ def test_export_cli_records_parity_and_fp16(tmp_path, capsys):
     assert summary["inputs"] == ["images"] and summary["parity"]["batch"] != EXPORT_BATCH
     assert summary["parity"]["max_abs_diff"] < 1e-4
     half = tmp_path / "kprpe16.onnx"
-    assert main(["export", str(DATA / "tiny_kprpe.safetensors"), "-o", str(half), "--fp16", "--no-check"]) == 0
+    assert (
+        main(["export", str(DATA / "tiny_kprpe.safetensors"), "-o", str(half), "--fp16", "--no-check"]) == 0
+    )
     capsys.readouterr()
     engine = OnnxEngine(half)
     assert engine.precision == "float16"
@@ -142,9 +152,12 @@ def test_bad_files_and_inputs_are_clear_errors(exported, tmp_path, capsys):
     # a valid ONNX file without the expected inputs
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     other = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(other))
     with pytest.raises(OnnxModelError, match=r"expected an input 'images'.*inputs x\[1, 4\]"):
@@ -156,7 +169,9 @@ def test_bad_files_and_inputs_are_clear_errors(exported, tmp_path, capsys):
         vit(images, keypoints)
     with pytest.raises(OnnxInputError, match="needs keypoints"):
         kp_model(images)
-    with pytest.raises(OnnxInputError, match=r"images must have shape \(B, 3, 112, 112\).*\(2, 1, 112, 112\)"):
+    with pytest.raises(
+        OnnxInputError, match=r"images must have shape \(B, 3, 112, 112\).*\(2, 1, 112, 112\)"
+    ):
         vit(torch.zeros(2, 1, 112, 112))
     with pytest.raises(OnnxInputError, match=r"keypoints must have shape \(2, 5, 2\).*\(3, 5, 2\)"):
         kp_model(images, torch.full((3, 5, 2), 0.5))

@@ -90,8 +90,19 @@ def test_align_modes_and_prealigned_round_trip(capsys, photo_dir, tmp_path):
     assert diff * 112 < 3
     # and the crops + landmarks.csv feed back as supplied landmarks
     out4 = tmp_path / "fed"
-    code, _, _ = run(capsys, "align", str(out2 / "astronaut.png"), "-o", str(out4), "--mode", "prealigned",
-                     "--landmarks", str(out2 / "landmarks.csv"), "--landmarks-normalized", "-q")
+    code, _, _ = run(
+        capsys,
+        "align",
+        str(out2 / "astronaut.png"),
+        "-o",
+        str(out4),
+        "--mode",
+        "prealigned",
+        "--landmarks",
+        str(out2 / "landmarks.csv"),
+        "--landmarks-normalized",
+        "-q",
+    )
     assert code == 0
     fed = next(csv.DictReader(open(out4 / "landmarks.csv")))
     assert all(abs(float(fed[c]) - float(aligned[c])) < 1e-5 for c in list(aligned)[1:])
@@ -117,9 +128,19 @@ def test_embed_reports_bad_inputs_and_continues(capsys, photo_dir, tmp_path):
     (tmp_path / "x.txt").write_text("text")
     (tmp_path / "cut.jpg").write_bytes((photo_dir / "tilted.jpg").read_bytes()[:3000])
     Image.new("RGB", (80, 80), (0, 0, 255)).save(tmp_path / "blue.png")
-    code, payload, err = run(capsys, "embed", str(photo_dir / "astronaut.png"), str(tmp_path / "x.txt"),
-                             str(tmp_path / "cut.jpg"), str(tmp_path / "blue.png"), "--weights", W,
-                             "-o", str(tmp_path / "e.npz"), "-q")
+    code, payload, err = run(
+        capsys,
+        "embed",
+        str(photo_dir / "astronaut.png"),
+        str(tmp_path / "x.txt"),
+        str(tmp_path / "cut.jpg"),
+        str(tmp_path / "blue.png"),
+        "--weights",
+        W,
+        "-o",
+        str(tmp_path / "e.npz"),
+        "-q",
+    )
     assert code == 1
     assert payload["embedded"] == 1 and len(payload["failures"]) == 3
     assert "x.txt" in err and "cut.jpg" in err and "blue.png" in err
@@ -170,8 +191,16 @@ def test_verify_same_photo_and_visualization(capsys, photo_dir, tmp_path):
     assert payload["similarity"] == pytest.approx(1.0, abs=1e-6) and payload["same"] is True
     image = np.asarray(Image.open(picture))
     assert image.shape[1] > 2 * 112 and image.shape[0] > 112
-    code, payload, _ = run(capsys, "verify", str(photo_dir / "astronaut.png"), str(photo_dir / "tilted.jpg"),
-                           "--weights", W, "--threshold", "1.5")
+    code, payload, _ = run(
+        capsys,
+        "verify",
+        str(photo_dir / "astronaut.png"),
+        str(photo_dir / "tilted.jpg"),
+        "--weights",
+        W,
+        "--threshold",
+        "1.5",
+    )
     assert code == 0 and payload["same"] is False and payload["threshold"] == 1.5
 
 
@@ -269,12 +298,17 @@ def test_align_rerun_replaces_the_whole_set(capsys, photo_dir, tmp_path):
     out = tmp_path / "aligned"
     assert run(capsys, "align", str(photo_dir), "-o", str(out), "-q")[0] == 0
     first = sorted(p.name for p in out.iterdir())
-    assert "landmarks.csv" in first and len([n for n in first if n.endswith(".png")]) == len(list(photo_dir.iterdir()))
+    assert "landmarks.csv" in first and len([n for n in first if n.endswith(".png")]) == len(
+        list(photo_dir.iterdir())
+    )
     (out / "failures.csv").write_text("file,reason\nold.png,stale\n")  # as if an earlier run had failures
-    # a re-run into the same folder with one input: no crop, landmark row or failure list of the old run survives
+    # a re-run into the same folder with one input: no crop, landmark row or failure list of the old run
+    # survives
     one = sorted(photo_dir.iterdir())[0]
     assert run(capsys, "align", str(one), "-o", str(out), "-q")[0] == 0
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([f"{one.stem}.png", "landmarks.csv"])
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        [f"{one.stem}.png", "landmarks.csv"]
+    )
     rows = list(csv.DictReader(open(out / "landmarks.csv")))
     assert [r["file"] for r in rows] == [f"{one.stem}.png"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".aligned.")]  # no staging left behind
@@ -296,7 +330,8 @@ def test_align_killed_midway_leaves_the_previous_output_whole(capsys, photo_dir,
 
 
 def test_nan_weights_are_refused_not_printed_as_invalid_json(capsys, photo_dir, tmp_path):
-    """A diverged checkpoint once gave `"similarity": NaN` (invalid JSON) and NaN rows in embed, with exit 0."""
+    """A diverged checkpoint once gave `"similarity": NaN` (invalid JSON) and NaN rows in embed, with exit
+    0."""
     import torch
 
     import kprpe
@@ -318,6 +353,8 @@ def test_a_folder_with_only_sub_folders_is_an_error_not_zero_faces(capsys, photo
     nested = tmp_path / "people"
     (nested / "alice").mkdir(parents=True)
     (nested / "alice" / "a.png").write_bytes((photo_dir / "astronaut.png").read_bytes())
-    code, payload, err = run(capsys, "embed", str(nested), "--weights", W, "-o", str(tmp_path / "e.npz"), "-q")
+    code, payload, err = run(
+        capsys, "embed", str(nested), "--weights", W, "-o", str(tmp_path / "e.npz"), "-q"
+    )
     assert code == 2 and payload is None and "holds no images" in err and "sub-folders" in err
     assert not (tmp_path / "e.npz").exists()

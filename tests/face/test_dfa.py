@@ -1,4 +1,5 @@
-"""The DFA aligner against the official reference vectors (tests/fixtures/dfa), its loader and input checks."""
+"""The DFA aligner against the official reference vectors (tests/fixtures/dfa), its loader and input
+checks."""
 
 from __future__ import annotations
 

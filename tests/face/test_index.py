@@ -50,7 +50,9 @@ def test_numpy_backend_gives_exactly_the_legacy_face_index_results():
     same_templates = FaceIndex(legacy.identities, templates, legacy.counts)
     queries = _unit(rng, 9).astype(np.float32)
     ours, theirs = index.search(queries, k=5), same_templates.search(queries, k=5)
-    assert [[(h.identity, h.score) for h in row] for row in ours] == [[(h.identity, h.score) for h in row] for row in theirs]
+    assert [[(h.identity, h.score) for h in row] for row in ours] == [
+        [(h.identity, h.score) for h in row] for row in theirs
+    ]
 
 
 @needs_faiss
@@ -109,13 +111,17 @@ def test_remove_and_re_add_without_rebuilding(backend, tmp_path):
 def test_ivf_above_the_threshold_survives_save_load_and_edits(tmp_path):
     rng = np.random.default_rng(6)
     gallery = _gallery(rng, identities=300)
-    index = GalleryIndex(32, backend="faiss", approximate_above=250, nlist=8, nprobe=8)  # nprobe = nlist: exact
+    index = GalleryIndex(
+        32, backend="faiss", approximate_above=250, nlist=8, nprobe=8
+    )  # nprobe = nlist: exact
     index.add(gallery)
     assert index.describe()["kind"] == "ivf" and index.describe()["nlist"] == 8
     exact = GalleryIndex(32, backend="numpy")
     exact.add(gallery)
     queries = _unit(rng, 20).astype(np.float32)
-    assert [[h.identity for h in r] for r in index.search(queries, 3)] == [[h.identity for h in r] for r in exact.search(queries, 3)]
+    assert [[h.identity for h in r] for r in index.search(queries, 3)] == [
+        [h.identity for h in r] for r in exact.search(queries, 3)
+    ]
     index.remove(["id005"])
     index.add({"new": queries[0]})
     index.save(tmp_path / "ivf.npz")
@@ -154,8 +160,9 @@ def test_index_files_refuse_other_models_and_pickles(tmp_path):
 
 def test_legacy_face_index_files_load_with_their_templates(tmp_path):
     rng = np.random.default_rng(8)
-    legacy = FaceIndex.from_embeddings(_gallery(rng, identities=5), {"format": "kprpe-face-index-v1",
-                                                                         "model_fingerprint": "f" * 64})
+    legacy = FaceIndex.from_embeddings(
+        _gallery(rng, identities=5), {"format": "kprpe-face-index-v1", "model_fingerprint": "f" * 64}
+    )
     legacy.save(tmp_path / "v1.npz")
     index = GalleryIndex.load(tmp_path / "v1.npz", backend="numpy")
     assert index.names == legacy.identities and index.metadata["model_fingerprint"] == "f" * 64

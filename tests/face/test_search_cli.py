@@ -26,8 +26,10 @@ def tiny_weights(tmp_path_factory):
     import kprpe
 
     folder = tmp_path_factory.mktemp("weights")
-    return {name: kprpe.save_model(kprpe.create_model("vit_tiny_kprpe"), folder / f"{name}.safetensors")
-            for name in ("a", "b")}
+    return {
+        name: kprpe.save_model(kprpe.create_model("vit_tiny_kprpe"), folder / f"{name}.safetensors")
+        for name in ("a", "b")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,23 +43,59 @@ def gallery(tmp_path_factory, astronaut):
     return root
 
 
-@pytest.mark.parametrize("backend", ["numpy", pytest.param("faiss", marks=pytest.mark.skipif(
-    not faiss_available(), reason="faiss-cpu not installed"))])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "numpy",
+        pytest.param(
+            "faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed")
+        ),
+    ],
+)
 def test_enrol_append_query_remove(capsys, tmp_path, gallery, astronaut, tiny_weights, backend):
     index = tmp_path / "gallery.npz"
     w = tiny_weights["a"]
-    code, out, _ = run(capsys, "search", "enrol", gallery, "-o", index, "--weights", w, "--backend", backend, "-q")
-    assert code == 0 and out["identities"] == 2 and out["index"]["backend"] == backend  # extra/ holds no images
-    code, out, _ = run(capsys, "search", "enrol", gallery / "extra", "-o", index, "--append", "--weights", w,
-                       "--backend", backend, "-q")
+    code, out, _ = run(
+        capsys, "search", "enrol", gallery, "-o", index, "--weights", w, "--backend", backend, "-q"
+    )
+    assert (
+        code == 0 and out["identities"] == 2 and out["index"]["backend"] == backend
+    )  # extra/ holds no images
+    code, out, _ = run(
+        capsys,
+        "search",
+        "enrol",
+        gallery / "extra",
+        "-o",
+        index,
+        "--append",
+        "--weights",
+        w,
+        "--backend",
+        backend,
+        "-q",
+    )
     assert code == 0 and out["identities"] == 2
     from kprpe.face.index import GalleryIndex
 
     assert GalleryIndex.load(index, backend=backend).count("eileen") == 2  # pooled a second image
     photo = tmp_path / "probe.png"
     Image.fromarray(astronaut).save(photo)
-    code, out, _ = run(capsys, "search", "query", photo, "--index", index, "--weights", w, "-k", "2",
-                       "--backend", backend, "-q")
+    code, out, _ = run(
+        capsys,
+        "search",
+        "query",
+        photo,
+        "--index",
+        index,
+        "--weights",
+        w,
+        "-k",
+        "2",
+        "--backend",
+        backend,
+        "-q",
+    )
     assert code == 0 and out["threshold_source"].startswith("default")
     [result] = out["results"]
     assert [m["identity"] for m in result["matches"]][0] == "eileen"
@@ -75,12 +113,15 @@ def test_query_with_other_weights_is_refused(capsys, tmp_path, gallery, astronau
     assert run(capsys, "search", "enrol", gallery, "-o", index, "--weights", tiny_weights["a"], "-q")[0] == 0
     photo = tmp_path / "probe.png"
     Image.fromarray(astronaut).save(photo)
-    code, out, err = run(capsys, "search", "query", photo, "--index", index, "--weights", tiny_weights["b"], "-q")
+    code, out, err = run(
+        capsys, "search", "query", photo, "--index", index, "--weights", tiny_weights["b"], "-q"
+    )
     assert code == 2 and out is None and "different weights" in err
 
 
-def test_verify_and_search_use_the_calibration_beside_the_weights(capsys, tmp_path, gallery, astronaut,
-                                                                  tiny_weights):
+def test_verify_and_search_use_the_calibration_beside_the_weights(
+    capsys, tmp_path, gallery, astronaut, tiny_weights
+):
     from kprpe.eval.calibration import calibration_path, write_calibration
     from kprpe.face import FaceEmbedder
 
@@ -90,7 +131,9 @@ def test_verify_and_search_use_the_calibration_beside_the_weights(capsys, tmp_pa
     code, out, _ = run(capsys, "verify", photo, photo, "--weights", w, "-q")
     assert code == 0 and out["threshold"] == 0.3 and out["threshold_source"].startswith("default")
     fingerprint = FaceEmbedder.from_weights(w).fingerprint
-    cal = dict(far_target=1e-3, far=1e-3, threshold=0.42, tar=0.9, num_genuine=10, num_impostor=1000, rule="test")
+    cal = dict(
+        far_target=1e-3, far=1e-3, threshold=0.42, tar=0.9, num_genuine=10, num_impostor=1000, rule="test"
+    )
     write_calibration(w, cal, model_fingerprint=fingerprint, dataset="toy", protocol="pairs", flip=True)
     code, out, _ = run(capsys, "verify", photo, photo, "--weights", w, "-q")
     assert code == 0 and out["threshold"] == 0.42 and str(calibration_path(w)) in out["threshold_source"]

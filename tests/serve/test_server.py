@@ -50,8 +50,9 @@ class _Server:
         import uvicorn
 
         self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    limit_concurrency=200))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", limit_concurrency=200)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -76,7 +77,9 @@ class _Server:
 def weights(tmp_path_factory) -> Path:
     import kprpe
 
-    return kprpe.save_model(kprpe.create_model("vit_tiny_kprpe"), tmp_path_factory.mktemp("w") / "tiny.safetensors")
+    return kprpe.save_model(
+        kprpe.create_model("vit_tiny_kprpe"), tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +93,24 @@ def service(weights, astronaut, tmp_path_factory):
     other = np.random.default_rng(0).standard_normal((3, embedder.output_dim))
     index.add({"eileen": unit, "someone": other})
     path = index.save(tmp_path_factory.mktemp("index") / "gallery.npz")
-    return FaceService(embedder, aligner="dlib", index=GalleryIndex.load(path), threshold=0.3,
-                       threshold_source="default (test)")
+    return FaceService(
+        embedder,
+        aligner="dlib",
+        index=GalleryIndex.load(path),
+        threshold=0.3,
+        threshold_source="default (test)",
+    )
 
 
 @pytest.fixture(scope="module")
 def server(service):
-    limits = ServeLimits(max_upload_bytes=2 * 2**20, max_pixels=4_000_000, request_timeout_s=60, max_concurrent=2,
-                         max_queued=64)
+    limits = ServeLimits(
+        max_upload_bytes=2 * 2**20,
+        max_pixels=4_000_000,
+        request_timeout_s=60,
+        max_concurrent=2,
+        max_queued=64,
+    )
     with _Server(create_app(service, limits)) as running:
         yield running
 
@@ -121,7 +134,9 @@ def test_health_describes_model_index_and_limits(server, service):
     assert body["index"]["identities"] == 2 and body["limits"]["max_pixels"] == 4_000_000
 
 
-def test_embed_returns_the_library_embedding_with_box_and_landmarks(server, service, astronaut, astronaut_png):
+def test_embed_returns_the_library_embedding_with_box_and_landmarks(
+    server, service, astronaut, astronaut_png
+):
     from kprpe.face import FacePipeline
 
     response = httpx.post(f"{server.url}/embed", files={"image": ("face.png", astronaut_png, "image/png")})
@@ -134,14 +149,18 @@ def test_embed_returns_the_library_embedding_with_box_and_landmarks(server, serv
     x0, y0, x1, y1 = body["face"]["box"]
     landmarks = np.array(body["face"]["landmarks"])
     assert landmarks.shape == (5, 2)
-    assert ((landmarks[:, 0] > x0) & (landmarks[:, 0] < x1) & (landmarks[:, 1] > y0) & (landmarks[:, 1] < y1)).all()
+    assert (
+        (landmarks[:, 0] > x0) & (landmarks[:, 0] < x1) & (landmarks[:, 1] > y0) & (landmarks[:, 1] < y1)
+    ).all()
     # the eyes of the astronaut are near (203, 102) and (246, 104)
     np.testing.assert_allclose(landmarks[:2], [[203, 102], [246, 104]], atol=8)
 
 
 def test_verify_and_search(server, astronaut, astronaut_png):
     mirrored = _png(np.ascontiguousarray(astronaut[:, ::-1]))
-    response = httpx.post(f"{server.url}/verify", files={"a": ("a.png", astronaut_png), "b": ("b.png", mirrored)})
+    response = httpx.post(
+        f"{server.url}/verify", files={"a": ("a.png", astronaut_png), "b": ("b.png", mirrored)}
+    )
     body = response.json()
     assert response.status_code == 200, response.text
     assert -1 <= body["similarity"] <= 1 and body["same"] == (body["similarity"] >= body["threshold"])
@@ -152,23 +171,45 @@ def test_verify_and_search(server, astronaut, astronaut_png):
     assert response.status_code == 200, response.text
     assert [m["identity"] for m in body["matches"]][0] == "eileen" and len(body["matches"]) == 2
     assert body["matches"][0]["score"] == pytest.approx(1.0, abs=1e-4) and body["matches"][0]["same"] is True
-    _error(httpx.post(f"{server.url}/search", files={"image": ("q.png", astronaut_png)}, data={"k": "0"}), 422, "'k'")
-    _error(httpx.post(f"{server.url}/search", files={"image": ("q.png", astronaut_png)}, data={"k": "many"}), 422, "k")
+    _error(
+        httpx.post(f"{server.url}/search", files={"image": ("q.png", astronaut_png)}, data={"k": "0"}),
+        422,
+        "'k'",
+    )
+    _error(
+        httpx.post(f"{server.url}/search", files={"image": ("q.png", astronaut_png)}, data={"k": "many"}),
+        422,
+        "k",
+    )
 
 
 def test_client_supplied_keypoints_skip_the_detector(server, astronaut_png):
     points = [[203.0, 102.0], [246.0, 104.0], [224.0, 126.0], [203.0, 140.0], [244.0, 141.0]]
-    response = httpx.post(f"{server.url}/embed", files={"image": ("f.png", astronaut_png)},
-                          data={"keypoints": json.dumps(points)})
+    response = httpx.post(
+        f"{server.url}/embed",
+        files={"image": ("f.png", astronaut_png)},
+        data={"keypoints": json.dumps(points)},
+    )
     assert response.status_code == 200 and response.json()["face"]["landmarks"] == points
-    _error(httpx.post(f"{server.url}/embed", files={"image": ("f.png", astronaut_png)}, data={"keypoints": "[1, 2]"}),
-           422, "keypoints")
+    _error(
+        httpx.post(
+            f"{server.url}/embed", files={"image": ("f.png", astronaut_png)}, data={"keypoints": "[1, 2]"}
+        ),
+        422,
+        "keypoints",
+    )
 
 
 def _png_header_bomb(width: int, height: int) -> bytes:
     """A 1-bit PNG of width x height zeros: a few hundred KB that would decode to gigabytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     row = b"\x00" * (1 + (width + 7) // 8)
     compressor = zlib.compressobj(9)
@@ -179,9 +220,17 @@ def _png_header_bomb(width: int, height: int) -> bytes:
 
 def test_bad_uploads_get_json_4xx(server, astronaut_png):
     url = f"{server.url}/embed"
-    _error(httpx.post(url, files={"image": ("notes.txt", b"hello, not an image", "text/plain")}), 415, "not an image")
+    _error(
+        httpx.post(url, files={"image": ("notes.txt", b"hello, not an image", "text/plain")}),
+        415,
+        "not an image",
+    )
     _error(httpx.post(url, files={"image": ("empty.png", b"", "image/png")}), 400, "0 bytes")
-    _error(httpx.post(url, files={"image": ("cut.png", astronaut_png[: len(astronaut_png) // 3])}), 400, "corrupt")
+    _error(
+        httpx.post(url, files={"image": ("cut.png", astronaut_png[: len(astronaut_png) // 3])}),
+        400,
+        "corrupt",
+    )
     _error(httpx.post(url, data={"k": "1"}), 422, "image")
     bomb = _png_header_bomb(20000, 20000)  # 400 megapixels in about 50 KB
     assert len(bomb) < 100_000
@@ -196,8 +245,11 @@ def test_bad_uploads_get_json_4xx(server, astronaut_png):
     # a path in the file name is only a label: the bytes are decoded from memory
     response = httpx.post(url, files={"image": ("../../../etc/passwd", astronaut_png)})
     assert response.status_code == 200
-    _error(httpx.post(f"{server.url}/verify", files={"a": ("a.png", astronaut_png), "b": ("b.txt", b"nope")}),
-           415, "'b'")
+    _error(
+        httpx.post(f"{server.url}/verify", files={"a": ("a.png", astronaut_png), "b": ("b.txt", b"nope")}),
+        415,
+        "'b'",
+    )
     _error(httpx.get(f"{server.url}/nothing-here"), 404, "Not Found")
     assert httpx.get(f"{server.url}/health").status_code == 200
 
@@ -206,8 +258,9 @@ def test_bad_uploads_get_json_4xx(server, astronaut_png):
 def test_fifty_concurrent_requests_all_answer_the_same(server, astronaut_png):
     async def burst():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            return await asyncio.gather(*(client.post("/embed", files={"image": ("f.png", astronaut_png)})
-                                          for _ in range(50)))
+            return await asyncio.gather(
+                *(client.post("/embed", files={"image": ("f.png", astronaut_png)}) for _ in range(50))
+            )
 
     responses = asyncio.run(burst())
     assert [r.status_code for r in responses] == [200] * 50
@@ -218,26 +271,47 @@ def test_fifty_concurrent_requests_all_answer_the_same(server, astronaut_png):
 def test_queue_bound_and_deadline(service, astronaut_png):
     tight = ServeLimits(max_concurrent=1, max_queued=1, request_timeout_s=60)
     with _Server(create_app(service, tight)) as running:
+
         async def burst():
             async with httpx.AsyncClient(base_url=running.url, timeout=120) as client:
-                return await asyncio.gather(*(client.post("/embed", files={"image": ("f.png", astronaut_png)})
-                                              for _ in range(12)))
+                return await asyncio.gather(
+                    *(client.post("/embed", files={"image": ("f.png", astronaut_png)}) for _ in range(12))
+                )
 
         codes = [r.status_code for r in asyncio.run(burst())]
         assert set(codes) <= {200, 503} and 200 in codes and 503 in codes
         assert httpx.get(f"{running.url}/health").status_code == 200
     hurried = ServeLimits(request_timeout_s=0.001)
     with _Server(create_app(service, hurried)) as running:
-        _error(httpx.post(f"{running.url}/embed", files={"image": ("f.png", astronaut_png)}), 504, "longer than")
+        _error(
+            httpx.post(f"{running.url}/embed", files={"image": ("f.png", astronaut_png)}), 504, "longer than"
+        )
 
 
 @pytest.mark.slow
 def test_kprpe_serve_command_with_supplied_keypoints(weights, astronaut_png, tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "kprpe", "serve", "--weights", str(weights), "--port", str(port),
-                                "--aligner", "supplied", "--log-level", "warning"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kprpe",
+            "serve",
+            "--weights",
+            str(weights),
+            "--port",
+            str(port),
+            "--aligner",
+            "supplied",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -247,15 +321,28 @@ def test_kprpe_serve_command_with_supplied_keypoints(weights, astronaut_png, tmp
                 break
             except httpx.TransportError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"server did not start: {process.communicate()[1][-2000:]}") from None
+                    raise AssertionError(
+                        f"server did not start: {process.communicate()[1][-2000:]}"
+                    ) from None
                 time.sleep(0.3)
-        assert health.json()["aligner"] == "supplied" and health.json()["threshold_source"].startswith("default")
+        assert health.json()["aligner"] == "supplied" and health.json()["threshold_source"].startswith(
+            "default"
+        )
         _error(httpx.post(f"{url}/embed", files={"image": ("f.png", astronaut_png)}), 422, "keypoints")
         points = json.dumps([[203, 102], [246, 104], [224, 126], [203, 140], [244, 141]])
-        response = httpx.post(f"{url}/embed", files={"image": ("f.png", astronaut_png)}, data={"keypoints": points})
-        assert response.status_code == 200 and len(response.json()["embedding"]) == health.json()["output_dim"]
-        _error(httpx.post(f"{url}/search", files={"image": ("f.png", astronaut_png)}, data={"keypoints": points}),
-               400, "no gallery index")
+        response = httpx.post(
+            f"{url}/embed", files={"image": ("f.png", astronaut_png)}, data={"keypoints": points}
+        )
+        assert (
+            response.status_code == 200 and len(response.json()["embedding"]) == health.json()["output_dim"]
+        )
+        _error(
+            httpx.post(
+                f"{url}/search", files={"image": ("f.png", astronaut_png)}, data={"keypoints": points}
+            ),
+            400,
+            "no gallery index",
+        )
     finally:
         process.terminate()
         process.wait(timeout=30)

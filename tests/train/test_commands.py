@@ -34,7 +34,10 @@ def test_make_example_data_and_pack(tmp_path, capsys):
     assert "wrote 11 images of 3 identities" in out and "SKIPPED 1 unreadable images" in out
     assert "id_0001/img_000.png" in out and "--allow-skipped" in captured.err
     assert "id_0001/img_000.png" in (tmp_path / "p.failures.json").read_text()
-    assert len(RecordSource(tmp_path / "p.rec")) == 11 and RecordSource(tmp_path / "p.rec").declared_num_classes == 3
+    assert (
+        len(RecordSource(tmp_path / "p.rec")) == 11
+        and RecordSource(tmp_path / "p.rec").declared_num_classes == 3
+    )
     images = str(tmp_path / "ex" / "images")
     assert main(["pack", images, "-o", str(tmp_path / "p2.rec"), "--quiet", "--allow-skipped"]) == 0
     (tmp_path / "ex" / "images" / "id_0001" / "img_000.png").unlink()

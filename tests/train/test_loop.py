@@ -176,13 +176,17 @@ def test_grad_accumulation_and_clipping_run(tiny_config, tmp_path):
     assert rows[-1]["step"] == "3" and np.isfinite(float(rows[-1]["loss"]))
 
 
-def test_a_diverging_run_stops_keeps_its_good_checkpoints_and_saves_nothing_non_finite(tiny_config, tmp_path, capsys):
+def test_a_diverging_run_stops_keeps_its_good_checkpoints_and_saves_nothing_non_finite(
+    tiny_config, tmp_path, capsys
+):
     """`optim.lr=1e6` once ended with exit 0, NaN weights saved and the good checkpoints pruned."""
     import yaml
 
     from kprpe.train import TrainingDiverged
 
-    tiny_config["train"].update(max_steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=1, progress=False)
+    tiny_config["train"].update(
+        max_steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=1, progress=False
+    )
     Trainer(config_from_dict(tiny_config)).run()  # a good first part of the run
     first_model = (tmp_path / "run" / "model.safetensors").read_bytes()
     tiny_config["train"].update(max_steps=12, nonfinite_patience=1)
@@ -193,7 +197,11 @@ def test_a_diverging_run_stops_keeps_its_good_checkpoints_and_saves_nothing_non_
     kept = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
     assert kept  # pruning never removed the last checkpoint with finite weights ...
     for folder in kept:  # ... and no checkpoint with NaN/inf weights was written
-        tensors = [t.flatten().float() for t in load_file(folder / "model.safetensors").values() if t.is_floating_point()]
+        tensors = [
+            t.flatten().float()
+            for t in load_file(folder / "model.safetensors").values()
+            if t.is_floating_point()
+        ]
         assert torch.isfinite(torch.cat(tensors)).all(), folder
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == first_model  # not replaced by NaN weights
     with open(tmp_path / "run" / "train_log.csv") as f:

@@ -1,5 +1,5 @@
-"""Model zoo by name: Hugging Face repo ids resolve from a hand-made offline cache, files are checked by sha256,
-and every bad input is one clear error that writes nothing."""
+"""Model zoo by name: Hugging Face repo ids resolve from a hand-made offline cache, files are checked by
+sha256, and every bad input is one clear error that writes nothing."""
 
 from __future__ import annotations
 
@@ -47,9 +47,17 @@ def _put(repo_dir: Path, commit: str, relative: str, data: bytes, *, blob: str |
     return target
 
 
-def make_cached_repo(hub: Path, repo: str = REPO, commit: str = COMMIT, *, weights: bytes | None = None,
-                     weights_blob: str | None = "sha256", layout: str = "safetensors") -> Path:
-    """A repo in the Hugging Face cache layout (refs/main, snapshots/<commit>, blobs/), as the Hub writes it."""
+def make_cached_repo(
+    hub: Path,
+    repo: str = REPO,
+    commit: str = COMMIT,
+    *,
+    weights: bytes | None = None,
+    weights_blob: str | None = "sha256",
+    layout: str = "safetensors",
+) -> Path:
+    """A repo in the Hugging Face cache layout (refs/main, snapshots/<commit>, blobs/), as the Hub writes
+    it."""
     owner, name = repo.split("/")
     repo_dir = hub / f"models--{owner}--{name}"
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
@@ -57,7 +65,9 @@ def make_cached_repo(hub: Path, repo: str = REPO, commit: str = COMMIT, *, weigh
     config = json.dumps({"model_type": "cvlface"}).encode()
     _put(repo_dir, commit, "config.json", config, blob=_git_sha1(config))
     _put(repo_dir, commit, "pretrained_model/model.yaml", b"name: tiny\n", blob=None)
-    _put(repo_dir, commit, "wrapper.py", b"raise SystemExit('never run')\n", blob=None)  # as another tool left it
+    _put(
+        repo_dir, commit, "wrapper.py", b"raise SystemExit('never run')\n", blob=None
+    )  # as another tool left it
     if layout == "safetensors":
         if weights is None:
             tmp = hub / "_w.safetensors"
@@ -77,7 +87,8 @@ def make_cached_repo(hub: Path, repo: str = REPO, commit: str = COMMIT, *, weigh
 
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
-    """HF_HUB_OFFLINE=1 with HF_HUB_CACHE and KPRPE_CACHE in tmp_path, set after huggingface_hub was imported."""
+    """HF_HUB_OFFLINE=1 with HF_HUB_CACHE and KPRPE_CACHE in tmp_path, set after huggingface_hub was
+    imported."""
     hub = tmp_path / "hub"
     hub.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -87,7 +98,9 @@ def offline(tmp_path, monkeypatch):
 
 
 def _tree(root: Path) -> dict[str, bytes | str]:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "dir") for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "dir") for p in sorted(root.rglob("*"))
+    }
 
 
 def _registry(tmp_path: Path) -> dict:
@@ -107,7 +120,9 @@ def test_repo_id_loads_from_offline_cache_and_records_sha256(offline, tmp_path):
     recorded = _registry(tmp_path)
     weights = folder / "model.safetensors"
     assert recorded[f"{REPO}@{COMMIT}/model.safetensors"] == {
-        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "size": weights.stat().st_size}
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "size": weights.stat().st_size,
+    }
     assert f"{REPO}@{COMMIT}/config.json" in recorded
     assert not any(key.endswith(".py") for key in recorded)  # code is never part of what we read
 
@@ -120,7 +135,9 @@ def test_revision_pinned_by_commit(offline):
 def test_research_layout_uses_weights_only_pickle(offline):
     make_cached_repo(offline, layout="pt")
     model = kprpe.load_official(REPO)
-    assert torch.equal(model.state_dict()["keypoint_linear.weight"], load_file(str(TINY))["keypoint_linear.weight"])
+    assert torch.equal(
+        model.state_dict()["keypoint_linear.weight"], load_file(str(TINY))["keypoint_linear.weight"]
+    )
 
 
 def test_local_path_wins_and_is_returned_unchanged(tmp_path):
@@ -206,7 +223,9 @@ def test_hub_failures_become_one_clear_message(tmp_path):
         explained = _explain(hub_error(name), "minchul/x", "v9", cache, offline=False)
         assert isinstance(explained, ZooError) and expected in str(explained), name
     surprise = KeyError("bug")
-    assert _explain(surprise, "minchul/x", None, cache, offline=False) is surprise  # bugs keep their traceback
+    assert (
+        _explain(surprise, "minchul/x", None, cache, offline=False) is surprise
+    )  # bugs keep their traceback
 
 
 def test_online_fetch_never_asks_for_code(tmp_path, monkeypatch):
@@ -214,17 +233,30 @@ def test_online_fetch_never_asks_for_code(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
-    published = ["README.md", "files.txt", "config.json", "wrapper.py", "model.safetensors",
-                 "pretrained_model/model.pt", "pretrained_model/model.yaml", "pretrained_model/aligner.pt",
-                 "models/__init__.py", "models/vit_kprpe/vit.py", "models/vit_kprpe/RPE/rpe_ops/setup.py"]
+    published = [
+        "README.md",
+        "files.txt",
+        "config.json",
+        "wrapper.py",
+        "model.safetensors",
+        "pretrained_model/model.pt",
+        "pretrained_model/model.yaml",
+        "pretrained_model/aligner.pt",
+        "models/__init__.py",
+        "models/vit_kprpe/vit.py",
+        "models/vit_kprpe/RPE/rpe_ops/setup.py",
+    ]
     hub = tmp_path / "hub"
     snapshot = make_cached_repo(hub)
     requested: list[str] = []
 
-    def fake_snapshot_download(*, repo_id, revision, cache_dir, local_files_only, allow_patterns, ignore_patterns):
+    def fake_snapshot_download(
+        *, repo_id, revision, cache_dir, local_files_only, allow_patterns, ignore_patterns
+    ):
         assert (repo_id, cache_dir, local_files_only) == (REPO, str(hub), False)
-        requested.extend(filter_repo_objects(published, allow_patterns=allow_patterns,
-                                             ignore_patterns=ignore_patterns))
+        requested.extend(
+            filter_repo_objects(published, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        )
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
@@ -232,7 +264,12 @@ def test_online_fetch_never_asks_for_code(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("KPRPE_CACHE", str(tmp_path / "kprpe"))
     assert resolve(REPO) == snapshot
-    assert sorted(requested) == ["README.md", "config.json", "model.safetensors", "pretrained_model/model.yaml"]
+    assert sorted(requested) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "pretrained_model/model.yaml",
+    ]
 
 
 # ---------------------------------------------------------------------- names and catalog
@@ -278,14 +315,32 @@ def test_cli_errors_are_one_line_and_write_nothing(offline, tmp_path, capsys):
     before = _tree(tmp_path)
     assert main(["fetch", "minchul/no_such_model"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "kprpe fetch: error: minchul/no_such_model is not in the Hugging Face cache" in err
+    assert (
+        err.count("\n") == 1
+        and "kprpe fetch: error: minchul/no_such_model is not in the Hugging Face cache" in err
+    )
     assert _tree(tmp_path) == before
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("a.png,b.png,1\n")
     before = _tree(tmp_path)
     out = tmp_path / "out"
-    assert main(["eval", "pairs", "--weights", "minchul/no_such_model", "--pairs", str(pairs),
-                 "-o", str(out), "--no-cache", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "pairs",
+                "--weights",
+                "minchul/no_such_model",
+                "--pairs",
+                str(pairs),
+                "-o",
+                str(out),
+                "--no-cache",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "HF_HUB_OFFLINE" in err and "Traceback" not in err
     assert _tree(tmp_path) == before
@@ -294,11 +349,15 @@ def test_cli_errors_are_one_line_and_write_nothing(offline, tmp_path, capsys):
 def test_docs_table_matches_catalog():
     """docs/models.md shows the catalog's numbers (no second copy that can drift)."""
     docs = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text(encoding="utf-8")
-    rows = {line.split("|")[1].strip().strip("`"): line for line in docs.splitlines() if line.startswith("| `minchul/")}
+    rows = {
+        line.split("|")[1].strip().strip("`"): line
+        for line in docs.splitlines()
+        if line.startswith("| `minchul/")
+    }
     assert set(rows) == {entry.repo_id for entry in CATALOG}
     for entry in CATALOG:
         cells = [c.strip() for c in rows[entry.repo_id].strip().strip("|").split("|")]
-        shown = [None if c == "—" else float(c) for c in cells[-len(METRICS):]]
+        shown = [None if c == "—" else float(c) for c in cells[-len(METRICS) :]]
         assert shown == [entry.reported.get(m) for m in METRICS], entry.repo_id
 
 
@@ -310,11 +369,28 @@ def test_eval_on_a_zoo_checkpoint_prints_the_published_number_beside_ours(offlin
 
     make_cached_repo(offline)
     rng = np.random.default_rng(0)
-    images = [cv2.imencode(".jpg", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))[1].tobytes() for _ in range(20)]
+    images = [
+        cv2.imencode(".jpg", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))[1].tobytes()
+        for _ in range(20)
+    ]
     write_verification_bin(tmp_path / "lfw.bin", images, [k % 2 == 0 for k in range(10)])
     out = tmp_path / "run"
-    code = main(["eval", "verify", "--weights", REPO, "--bin", str(tmp_path / "lfw.bin"), "--keypoints", "template",
-                 "-o", str(out), "--no-cache", "--quiet"])
+    code = main(
+        [
+            "eval",
+            "verify",
+            "--weights",
+            REPO,
+            "--bin",
+            str(tmp_path / "lfw.bin"),
+            "--keypoints",
+            "template",
+            "-o",
+            str(out),
+            "--no-cache",
+            "--quiet",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -326,6 +402,23 @@ def test_eval_on_a_zoo_checkpoint_prints_the_published_number_beside_ours(offlin
     assert f"published {published:.2f}" in stdout and "difference" in stdout and "CVLface README" in stdout
     assert "published (ours − published)" in (out / "summary.md").read_text()
     # a local path is not a catalogued checkpoint: no published column
-    code = main(["eval", "verify", "--weights", str(TINY), "--bin", str(tmp_path / "lfw.bin"), "--keypoints",
-                 "template", "-o", str(tmp_path / "run2"), "--no-cache", "--quiet"])
-    assert code == 0 and "published" not in json.loads((tmp_path / "run2" / "results.json").read_text())["sets"]["lfw"]
+    code = main(
+        [
+            "eval",
+            "verify",
+            "--weights",
+            str(TINY),
+            "--bin",
+            str(tmp_path / "lfw.bin"),
+            "--keypoints",
+            "template",
+            "-o",
+            str(tmp_path / "run2"),
+            "--no-cache",
+            "--quiet",
+        ]
+    )
+    assert (
+        code == 0
+        and "published" not in json.loads((tmp_path / "run2" / "results.json").read_text())["sets"]["lfw"]
+    )

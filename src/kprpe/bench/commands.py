@@ -26,8 +26,9 @@ def _engine_cases(args: argparse.Namespace) -> list[Case]:
         for batch in args.batch_sizes:
             for engine in ("torch", "onnx"):
                 for model in (f"vit_{size_name}", f"vit_{size_name}_kprpe"):
-                    cases.append(Case(model=model, mode="infer", batch_size=batch, engine=engine,
-                                      overrides=overrides))
+                    cases.append(
+                        Case(model=model, mode="infer", batch_size=batch, engine=engine, overrides=overrides)
+                    )
     return cases
 
 
@@ -52,8 +53,15 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
                 for impl in args.bias_impls:
                     # the naive reference is the official code's way end to end, explicit softmax included
                     attn = "math" if impl == "naive" else args.attn_impl
-                    cases.append(Case(model=f"vit_{size_name}_kprpe", bias_impl=impl, attn_impl=attn,
-                                      overrides=overrides, **common))
+                    cases.append(
+                        Case(
+                            model=f"vit_{size_name}_kprpe",
+                            bias_impl=impl,
+                            attn_impl=attn,
+                            overrides=overrides,
+                            **common,
+                        )
+                    )
                 if args.irpe:
                     cases.append(
                         Case(model=f"vit_{size_name}_irpe", attn_impl="math", overrides=overrides, **common)
@@ -117,10 +125,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sizes", type=_csv(str), default=["small", "base"], help="model sizes: small,base (micro: CI smoke)"
     )
     p.add_argument("--modes", type=_csv(str), default=["infer", "train"], help="infer,train")
-    p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 32],
-                   help="default 1,8,32 (training skips batch 1: the BatchNorm head needs 2 or more samples)")
-    p.add_argument("--bias-impls", type=_csv(str), default=list(BIAS_PATHS) + ["auto"],
-                   help=f"KP-RPE bias paths to compare (default: all of {','.join(BIAS_PATHS)},auto)")
+    p.add_argument(
+        "--batch-sizes",
+        type=_csv(int),
+        default=[1, 8, 32],
+        help="default 1,8,32 (training skips batch 1: the BatchNorm head needs 2 or more samples)",
+    )
+    p.add_argument(
+        "--bias-impls",
+        type=_csv(str),
+        default=list(BIAS_PATHS) + ["auto"],
+        help=f"KP-RPE bias paths to compare (default: all of {','.join(BIAS_PATHS)},auto)",
+    )
     p.add_argument(
         "--attn-impl",
         default="sdpa",
@@ -133,12 +149,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="passes over all cases in rotating order, each case in a fresh process (default 3)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="passes over all cases in rotating order, each case in a fresh process (default 3)",
+    )
     p.add_argument("--in-process", action="store_true", help="do not isolate cases in child processes")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on a micro model (CI)")
-    p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
-                   help="onnx: ViT and KP-RPE inference, eager PyTorch vs ONNX Runtime in one run (needs kprpe[onnx])")
+    p.add_argument(
+        "--engine",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: ViT and KP-RPE inference, eager PyTorch vs ONNX Runtime in one run (needs kprpe[onnx])",
+    )
     add_output_option(
         p, help="JSON output file", required=False, default="runs/bench/bench.json", metavar="JSON"
     )

@@ -1,8 +1,9 @@
 """Gallery-index benchmark: query latency and recall@1 of the IVF index against exact search.
 
-``python -m kprpe.bench.index --entries 1000000`` builds a :class:`~kprpe.face.index.GalleryIndex` of synthetic
-512-d identities, searches it exactly (FAISS flat, and a few queries with the NumPy fallback), trains the IVF
-index and measures recall@1 (approximate top-1 == exact top-1) and single-query latency for several ``nprobe``.
+``python -m kprpe.bench.index --entries 1000000`` builds a :class:`~kprpe.face.index.GalleryIndex` of
+synthetic 512-d identities, searches it exactly (FAISS flat, and a few queries with the NumPy fallback),
+trains the IVF index and measures recall@1 (approximate top-1 == exact top-1) and single-query latency for
+several ``nprobe``.
 
 Synthetic data: with ``--structure clustered`` (default) identities are drawn around ``--clusters`` random
 centres (cosine about 0.25 within a cluster, 0 across), a crude stand-in for the structure real face
@@ -30,8 +31,9 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-def synthetic_gallery_chunks(entries: int, dim: int, *, structure: str, clusters: int, seed: int,
-                             chunk: int = 65536):
+def synthetic_gallery_chunks(
+    entries: int, dim: int, *, structure: str, clusters: int, seed: int, chunk: int = 65536
+):
     """Yield ``(start, unit rows)`` chunks of synthetic identity templates (float32)."""
     rng = np.random.default_rng(seed)
     centres = _unit(rng.standard_normal((clusters, dim)))
@@ -56,21 +58,36 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def run_index_benchmark(entries: int = 1_000_000, dim: int = 512, *, queries: int = 500, latency_queries: int = 50,
-                        nprobes=(1, 4, 16, 32, 64, 128), nlist: int | None = None, structure: str = "clustered",
-                        clusters: int = 4096, numpy_queries: int = 3, seed: int = 0, log=print) -> dict:
+def run_index_benchmark(
+    entries: int = 1_000_000,
+    dim: int = 512,
+    *,
+    queries: int = 500,
+    latency_queries: int = 50,
+    nprobes=(1, 4, 16, 32, 64, 128),
+    nlist: int | None = None,
+    structure: str = "clustered",
+    clusters: int = 4096,
+    numpy_queries: int = 3,
+    seed: int = 0,
+    log=print,
+) -> dict:
     import faiss
 
     index = GalleryIndex(dim, backend="faiss", approximate_above=0)
     began = time.perf_counter()
-    for start, rows in synthetic_gallery_chunks(entries, dim, structure=structure, clusters=clusters, seed=seed):
+    for start, rows in synthetic_gallery_chunks(
+        entries, dim, structure=structure, clusters=clusters, seed=seed
+    ):
         index.add_embeddings([f"id{start + i:08d}" for i in range(rows.shape[0])], rows)
     add_s = time.perf_counter() - began
     log(f"added {entries:,} x {dim} in {add_s:.1f} s (peak RSS {_peak_rss_gib():.1f} GiB)")
 
     rng = np.random.default_rng(seed + 1)
     mates = rng.choice(entries, queries, replace=False)
-    probe = _unit(np.sqrt(0.5) * index._templates[mates] + np.sqrt(0.5) * _unit(rng.standard_normal((queries, dim))))
+    probe = _unit(
+        np.sqrt(0.5) * index._templates[mates] + np.sqrt(0.5) * _unit(rng.standard_normal((queries, dim)))
+    )
     probe = probe.astype(np.float32)
 
     began = time.perf_counter()
@@ -78,8 +95,10 @@ def run_index_benchmark(entries: int = 1_000_000, dim: int = 512, *, queries: in
     exact_batch_s = time.perf_counter() - began
     exact_ms = _median_ms(lambda q: index.search_rows(q, 10), probe[:latency_queries])
     mate_recall = float(np.mean(exact_rows[:, 0] == mates))
-    log(f"exact (faiss flat): {exact_ms:.1f} ms/query, batch of {queries}: {exact_batch_s:.1f} s; "
-        f"mate found at rank 1 for {mate_recall:.3f}")
+    log(
+        f"exact (faiss flat): {exact_ms:.1f} ms/query, batch of {queries}: {exact_batch_s:.1f} s; "
+        f"mate found at rank 1 for {mate_recall:.3f}"
+    )
 
     size = len(index._names)
     numpy_ms = _median_ms(lambda q: exact_top_k(q, index._templates[:size], 10), probe[:numpy_queries])
@@ -97,25 +116,53 @@ def run_index_benchmark(entries: int = 1_000_000, dim: int = 512, *, queries: in
         index.set_nprobe(nprobe)
         approx_rows, _ = index.search_rows(probe, 10)
         recall1 = float(np.mean(approx_rows[:, 0] == exact_rows[:, 0]))
-        recall10 = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx_rows, exact_rows, strict=True)]))
+        recall10 = float(
+            np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx_rows, exact_rows, strict=True)])
+        )
         latency = _median_ms(lambda q: index.search_rows(q, 10), probe[:latency_queries])
-        rows_out.append(dict(nprobe=nprobe, recall_at_1=recall1, recall_10_at_10=recall10, ms_per_query=latency,
-                             speedup=exact_ms / latency))
-        log(f"nprobe {nprobe:>4}: recall@1 {recall1:.3f}, 10@10 {recall10:.3f}, {latency:.2f} ms/query "
-            f"({exact_ms / latency:.1f}x faster than exact)")
+        rows_out.append(
+            dict(
+                nprobe=nprobe,
+                recall_at_1=recall1,
+                recall_10_at_10=recall10,
+                ms_per_query=latency,
+                speedup=exact_ms / latency,
+            )
+        )
+        log(
+            f"nprobe {nprobe:>4}: recall@1 {recall1:.3f}, 10@10 {recall10:.3f}, {latency:.2f} ms/query "
+            f"({exact_ms / latency:.1f}x faster than exact)"
+        )
     return dict(
-        entries=entries, dim=dim, structure=structure, clusters=clusters if structure == "clustered" else None,
-        queries=queries, latency_queries=latency_queries, nlist=int(index._faiss_index.nlist),
-        faiss=faiss.__version__, faiss_threads=int(faiss.omp_get_max_threads()), python=platform.python_version(),
-        machine=platform.machine(), add_seconds=add_s, exact_ms_per_query=exact_ms, exact_batch_seconds=exact_batch_s,
-        numpy_ms_per_query=numpy_ms, numpy_top1_agrees=numpy_agrees, exact_mate_rank1=mate_recall,
-        ivf_build_seconds=build_s, approximate=rows_out, peak_rss_gib=_peak_rss_gib(),
+        entries=entries,
+        dim=dim,
+        structure=structure,
+        clusters=clusters if structure == "clustered" else None,
+        queries=queries,
+        latency_queries=latency_queries,
+        nlist=int(index._faiss_index.nlist),
+        faiss=faiss.__version__,
+        faiss_threads=int(faiss.omp_get_max_threads()),
+        python=platform.python_version(),
+        machine=platform.machine(),
+        add_seconds=add_s,
+        exact_ms_per_query=exact_ms,
+        exact_batch_seconds=exact_batch_s,
+        numpy_ms_per_query=numpy_ms,
+        numpy_top1_agrees=numpy_agrees,
+        exact_mate_rank1=mate_recall,
+        ivf_build_seconds=build_s,
+        approximate=rows_out,
+        peak_rss_gib=_peak_rss_gib(),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kprpe.bench.index", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m kprpe.bench.index",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=500, help="queries for recall (default 500)")
@@ -133,10 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         import faiss
 
         faiss.omp_set_num_threads(args.threads)
-    results = run_index_benchmark(args.entries, args.dim, queries=args.queries, latency_queries=args.latency_queries,
-                                  nprobes=[int(v) for v in args.nprobe.split(",") if v], nlist=args.nlist,
-                                  structure=args.structure, clusters=args.clusters,
-                                  log=lambda line: print(line, file=sys.stderr, flush=True))
+    results = run_index_benchmark(
+        args.entries,
+        args.dim,
+        queries=args.queries,
+        latency_queries=args.latency_queries,
+        nprobes=[int(v) for v in args.nprobe.split(",") if v],
+        nlist=args.nlist,
+        structure=args.structure,
+        clusters=args.clusters,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     if args.output:
         from ..files import write_json
 

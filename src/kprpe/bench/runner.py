@@ -198,10 +198,17 @@ def _run_onnx_case(case: Case, model, images, keypoints, warmup: int, repeats: i
         times.append(time.perf_counter() - start)
     peak = _peak_rss_bytes()
     median = statistics.median(times)
-    return {**asdict(case), "label": case.label, "median_s": median, "times_s": times,
-            "images_per_s": case.batch_size / median, "peak_mem_mb": peak / 2**20,
-            "step_mem_mb": max(peak - base_mem, 0) / 2**20, "bias_impl_used": "gather (exported graph)",
-            "threads": threads}
+    return {
+        **asdict(case),
+        "label": case.label,
+        "median_s": median,
+        "times_s": times,
+        "images_per_s": case.batch_size / median,
+        "peak_mem_mb": peak / 2**20,
+        "step_mem_mb": max(peak - base_mem, 0) / 2**20,
+        "bias_impl_used": "gather (exported graph)",
+        "threads": threads,
+    }
 
 
 def _run_isolated(case: Case, warmup: int, repeats: int, threads: int | None) -> dict:
@@ -266,6 +273,7 @@ def _merge_rounds(rounds: list[dict]) -> dict:
 
 def _add_ratios(results: list[dict]) -> None:
     """Ratio of each row to the plain ViT of the same size, mode, batch, device and dtype."""
+
     def key(r: dict) -> tuple:
         size = r["model"].split("_")[1]
         return size, r["mode"], r["batch_size"], r["device"], r["dtype"], r.get("engine", "torch")
@@ -277,8 +285,11 @@ def _add_ratios(results: list[dict]) -> None:
             r["time_vs_vit"] = r["median_s"] / base["median_s"]
             r["step_mem_vs_vit"] = r["step_mem_mb"] / base["step_mem_mb"] if base["step_mem_mb"] > 0 else None
     # each ONNX Runtime row against eager PyTorch running the same model (default bias path) and batch
-    eager = {(r["model"], r["mode"], r["batch_size"]): r for r in results
-             if "error" not in r and r.get("engine", "torch") == "torch" and r.get("bias_impl") == "auto"}
+    eager = {
+        (r["model"], r["mode"], r["batch_size"]): r
+        for r in results
+        if "error" not in r and r.get("engine", "torch") == "torch" and r.get("bias_impl") == "auto"
+    }
     for r in results:
         base = eager.get((r["model"], r["mode"], r["batch_size"]))
         if r.get("engine") == "onnx" and base and "error" not in r:
@@ -290,16 +301,23 @@ def format_engine_table(results: list[dict]) -> str:
     rows = [r for r in results if r.get("engine") == "onnx" and "speedup_vs_torch" in r]
     if not rows:
         return ""
-    eager = {(r["model"], r["batch_size"]): r for r in results
-             if r.get("engine", "torch") == "torch" and r.get("bias_impl") == "auto" and "error" not in r}
-    lines = ["| model | batch | threads | torch ms | onnx ms | torch img/s | onnx img/s | onnx x torch | "
-             "onnx x ViT (onnx) | torch x ViT (torch) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    eager = {
+        (r["model"], r["batch_size"]): r
+        for r in results
+        if r.get("engine", "torch") == "torch" and r.get("bias_impl") == "auto" and "error" not in r
+    }
+    lines = [
+        "| model | batch | threads | torch ms | onnx ms | torch img/s | onnx img/s | onnx x torch | "
+        "onnx x ViT (onnx) | torch x ViT (torch) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         t = eager[(r["model"], r["batch_size"])]
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r.get('threads', '')} | {t['median_s'] * 1000:.1f} | "
             f"{r['median_s'] * 1000:.1f} | {t['images_per_s']:.1f} | {r['images_per_s']:.1f} | "
-            f"{r['speedup_vs_torch']:.2f} | {r.get('time_vs_vit', 1.0):.3f} | {t.get('time_vs_vit', 1.0):.3f} |"
+            f"{r['speedup_vs_torch']:.2f} | {r.get('time_vs_vit', 1.0):.3f} | "
+            f"{t.get('time_vs_vit', 1.0):.3f} |"
         )
     return "\n".join(lines)
 

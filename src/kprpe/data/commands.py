@@ -14,6 +14,7 @@ from ..files import write_json
 
 __all__ = ["register", "face_keypoint_detector"]
 
+
 def _print_first(failures: list[tuple], label: str, limit: int = 20) -> None:
     """Print the first ``limit`` (item, reason) failures and how many more there are."""
     for item, reason in failures[:limit]:
@@ -43,14 +44,24 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     if report.failures:
         print(f"SKIPPED {len(report.failures)} unreadable images:")
         _print_first(report.failures, "{}")
-        failures_path = write_json(out.with_suffix(".failures.json"), [{"file": f, "reason": r} for f, r in report.failures])
-        print(f"full list: {failures_path}; note: sample indices follow the packed order; compute landmarks on the packed .rec")
+        failures_path = write_json(
+            out.with_suffix(".failures.json"), [{"file": f, "reason": r} for f, r in report.failures]
+        )
+        print(
+            f"full list: {failures_path}; note: sample indices follow the packed order; compute landmarks "
+            "on the packed .rec"
+        )
         if not args.allow_skipped:
-            print(f"kprpe pack: {len(report.failures)} images were skipped (exit status 1; pass --allow-skipped to accept)",
-                  file=sys.stderr)
+            print(
+                f"kprpe pack: {len(report.failures)} images were skipped (exit status 1; pass "
+                "--allow-skipped to accept)",
+                file=sys.stderr,
+            )
             return 1
     else:
-        out.with_suffix(".failures.json").unlink(missing_ok=True)  # a list from an earlier run no longer applies
+        out.with_suffix(".failures.json").unlink(
+            missing_ok=True
+        )  # a list from an earlier run no longer applies
     return 0
 
 
@@ -96,8 +107,10 @@ def _cmd_landmarks(args: argparse.Namespace) -> int:
     if report.failures:
         print(f"{len(report.failures)} samples have no landmarks (no row in the file):")
         _print_first(report.failures, "sample {}")
-        failures_path = write_json(Path(args.output).with_suffix(".failures.json"),
-                                   [{"index": i, "reason": r} for i, r in report.failures])
+        failures_path = write_json(
+            Path(args.output).with_suffix(".failures.json"),
+            [{"index": i, "reason": r} for i, r in report.failures],
+        )
         print(
             f"full list: {failures_path}; train with data.missing_landmarks=template to use the template for "
             "them"
@@ -110,9 +123,14 @@ def _cmd_example_data(args: argparse.Namespace) -> int:
     from .synthetic import make_synthetic_faces
 
     out = Path(args.output)
-    folder, landmarks = make_synthetic_faces(out / "images", num_identities=args.identities,
-                                             images_per_identity=args.images_per_identity, size=args.size,
-                                             seed=args.seed, progress=not args.quiet)
+    folder, landmarks = make_synthetic_faces(
+        out / "images",
+        num_identities=args.identities,
+        images_per_identity=args.images_per_identity,
+        size=args.size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     report = pack_folder(folder, out / "train.rec", progress=not args.quiet)
     (out / "landmarks.csv").write_bytes(landmarks.read_bytes())
     print(
@@ -131,8 +149,11 @@ def register(subparsers) -> None:
     add_output_option(p, help="output .rec path (the .idx is written beside it)", metavar="REC")
     p.add_argument("--resize", type=int, default=None, help="re-encode every image as a SIZE x SIZE JPEG")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
-    p.add_argument("--allow-skipped", action="store_true",
-                   help="exit with status 0 even if unreadable images were skipped (default: status 1, list written)")
+    p.add_argument(
+        "--allow-skipped",
+        action="store_true",
+        help="exit with status 0 even if unreadable images were skipped (default: status 1, list written)",
+    )
     p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # the default since 0.2
     add_quiet_option(p)
     p.set_defaults(func=_cmd_pack)

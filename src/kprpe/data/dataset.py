@@ -73,7 +73,8 @@ class RecordSource:
                 if declared > identity_records:
                     raise DataError(
                         f"{self.path}: header record 0 declares {declared} identities (keys {int(label[0])}.."
-                        f"{int(label[1]) - 1}) but the index has only {identity_records} records after the images; "
+                        f"{int(label[1]) - 1}) but the index has only {identity_records} records after the "
+                        "images; "
                         "the header is damaged (set data.num_classes to override)"
                     )
                 self.declared_num_classes = declared
@@ -261,7 +262,7 @@ class FaceDataset(Dataset):
         return image, label
 
     def __getitem__(self, item) -> dict:
-        index, seed = (item if isinstance(item, tuple) else (item, None))
+        index, seed = item if isinstance(item, tuple) else (item, None)
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range 0..{len(self) - 1}")

@@ -49,8 +49,8 @@ def pack_folder(
     c = len(source.identities)
     ranges = np.full((c, 2), -1, dtype=np.int64)
     n = 0
-    # Records are streamed to the writer (memory stays at one image); the header record 0 needs the final count,
-    # so it is written first as a same-sized placeholder and filled in at the end (it keeps offset 0).
+    # Records are streamed to the writer (memory stays at one image); the header record 0 needs the final
+    # count, so it is written first as a same-sized placeholder and filled in at the end (it keeps offset 0).
     with RecordIOWriter(rec_path) as writer:
         writer.write(0, pack_record(RecordHeader(2, (0.0, 0.0))))
         for index in tqdm(range(len(source)), desc="packing images", unit="img", disable=not progress):

@@ -99,7 +99,8 @@ def unpack_record(payload: bytes) -> tuple[RecordHeader, bytes]:
 def _read_index(idx_path: Path) -> dict[int, int]:
     if not idx_path.is_file():
         raise RecordIOError(
-            f"index file not found: {idx_path} (RecordIO needs the .idx beside the .rec; if a write of this pair was "
+            f"index file not found: {idx_path} (RecordIO needs the .idx beside the .rec; if a write of this "
+            "pair was "
             f"interrupted, write it again)"
         )
     index: dict[int, int] = {}
@@ -268,16 +269,18 @@ class RecordIOWriter:
         if offset is None:
             raise RecordIOError(f"{self.rec_path}: key {key} was never written")
         if len(payload) != length:
-            raise RecordIOError(f"{self.rec_path}: record {key} has {length} bytes; a rewrite must keep that length")
+            raise RecordIOError(
+                f"{self.rec_path}: record {key} has {length} bytes; a rewrite must keep that length"
+            )
         end = self._rec.tell()
         self._rec.seek(offset + 8)
         self._rec.write(payload)
         self._rec.seek(end)
 
     def close(self) -> None:
-        """Commit the pair. The old ``.idx`` is removed first, then the new ``.rec`` and ``.idx`` are renamed into
-        place: a crash at any point leaves either the complete new pair or a ``.rec`` without an index (which
-        every reader refuses loudly) — never a ``.rec`` with an index of another file."""
+        """Commit the pair. The old ``.idx`` is removed first, then the new ``.rec`` and ``.idx`` are renamed
+        into place: a crash at any point leaves either the complete new pair or a ``.rec`` without an index
+        (which every reader refuses loudly) — never a ``.rec`` with an index of another file."""
         if self._closed:
             return
         self._closed = True

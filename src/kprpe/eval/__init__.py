@@ -1,5 +1,6 @@
 """Evaluation: verification (.bin 10-fold, custom pairs), IJB-B/C 1:1, identification, TinyFace, the CVLface
-evaluation-toolkit layout, and the alignment-robustness sweep. The command line is ``kprpe eval``; see docs/eval.md."""
+evaluation-toolkit layout, and the alignment-robustness sweep. The command line is ``kprpe eval``; see
+docs/eval.md."""
 
 from __future__ import annotations
 

@@ -49,28 +49,49 @@ def _float_list(text: str) -> list[float]:
 def _common(p: argparse.ArgumentParser) -> None:
     add_output_option(p, type=Path, help="output folder (results.json, summary.md, plots)")
     g = p.add_argument_group("run")
-    g.add_argument("--cache-dir", type=Path, default=None,
-                   help="embedding cache folder (default: $KPRPE_CACHE_DIR or ~/.cache/kprpe/embeddings)")
+    g.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="embedding cache folder (default: $KPRPE_CACHE_DIR or ~/.cache/kprpe/embeddings)",
+    )
     g.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
     add_quiet_option(g)
-    g.add_argument("--far", type=_float_list, default=list(DEFAULT_FAR_TARGETS),
-                   help="FAR targets for TAR@FAR, comma-separated (default: 1e-6,...,1e-1)")
-    g.add_argument("--tar-far-convention", choices=TAR_FAR_CONVENTIONS, default="insightface",
-                   help="how TAR@FAR picks the ROC point: insightface (default; the papers' numbers: sklearn "
-                        "roc_curve with dropped intermediate points, nearest FAR), full_curve (every threshold, "
-                        "nearest FAR), at_most (best TAR with FAR <= target). See docs/eval.md")
+    g.add_argument(
+        "--far",
+        type=_float_list,
+        default=list(DEFAULT_FAR_TARGETS),
+        help="FAR targets for TAR@FAR, comma-separated (default: 1e-6,...,1e-1)",
+    )
+    g.add_argument(
+        "--tar-far-convention",
+        choices=TAR_FAR_CONVENTIONS,
+        default="insightface",
+        help="how TAR@FAR picks the ROC point: insightface (default; the papers' numbers: sklearn "
+        "roc_curve with dropped intermediate points, nearest FAR), full_curve (every threshold, "
+        "nearest FAR), at_most (best TAR with FAR <= target). See docs/eval.md",
+    )
 
 
 def _calibrate_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calibrate", type=float, default=None, metavar="FAR",
-                   help="also write the threshold for this false-accept rate beside the weights "
-                        "(<weights>.threshold.json; used by kprpe verify/search/serve). Needs one set")
+    p.add_argument(
+        "--calibrate",
+        type=float,
+        default=None,
+        metavar="FAR",
+        help="also write the threshold for this false-accept rate beside the weights "
+        "(<weights>.threshold.json; used by kprpe verify/search/serve). Needs one set",
+    )
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="evaluate a checkpoint: verification, IJB, identification, robustness sweep",
-        description=__doc__, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "eval",
+        help="evaluate a checkpoint: verification, IJB, identification, robustness sweep",
+        description=__doc__,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL")
     parser.set_defaults(func=lambda args: _missing_protocol(parser))
 
@@ -80,13 +101,29 @@ def register(subparsers) -> None:
         description="10-fold accuracy (mean ± std), VAL@FAR=1e-3, TAR@FAR and ROC on .bin sets.",
     )
     add_model_options(p)
-    p.add_argument("sets", nargs="*", type=Path, default=[],
-                   help="sets to evaluate: .bin files or CVLface toolkit folders (save_to_disk; kprpe[eval-toolkit])")
-    p.add_argument("--bin", dest="bins", action="append", default=[], type=Path,
-                   help="a .bin set (repeat for several: --bin lfw.bin --bin cfp_fp.bin)")
-    p.add_argument("--landmarks", action="append", type=Path, default=None,
-                   help="per-set landmark CSV (idx,ldmk_0..ldmk_9, normalised; idx = image index); repeat in "
-                        "the order of the sets (--bin ones first)")
+    p.add_argument(
+        "sets",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="sets to evaluate: .bin files or CVLface toolkit folders (save_to_disk; kprpe[eval-toolkit])",
+    )
+    p.add_argument(
+        "--bin",
+        dest="bins",
+        action="append",
+        default=[],
+        type=Path,
+        help="a .bin set (repeat for several: --bin lfw.bin --bin cfp_fp.bin)",
+    )
+    p.add_argument(
+        "--landmarks",
+        action="append",
+        type=Path,
+        default=None,
+        help="per-set landmark CSV (idx,ldmk_0..ldmk_9, normalised; idx = image index); repeat in "
+        "the order of the sets (--bin ones first)",
+    )
     p.add_argument(
         "--keypoints",
         choices=("auto", "file", "backend", "template"),
@@ -98,8 +135,11 @@ def register(subparsers) -> None:
     _calibrate_option(p)
     p.set_defaults(func=_run_verify)
 
-    p = sub.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification (TAR@FAR)",
-                       description="Template-based 1:1 verification from the insightface IJB meta files.")
+    p = sub.add_parser(
+        "ijb",
+        help="IJB-B / IJB-C 1:1 verification (TAR@FAR)",
+        description="Template-based 1:1 verification from the insightface IJB meta files.",
+    )
     add_model_options(p)
     p.add_argument("--name", default="IJBC", help="set name in the report (default IJBC)")
     p.add_argument(
@@ -133,8 +173,12 @@ def register(subparsers) -> None:
         default=None,
         help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'; without it images must be pre-aligned",
     )
-    p.add_argument("--keypoints", choices=("auto", "backend", "template"), default="auto",
-                   help="keypoints for pre-aligned images (no --landmarks)")
+    p.add_argument(
+        "--keypoints",
+        choices=("auto", "backend", "template"),
+        default="auto",
+        help="keypoints for pre-aligned images (no --landmarks)",
+    )
     p.add_argument("--t", type=float, default=0.0, help="with --landmarks: 0 aligned, 1 detector-box crop")
     _common(p)
     _calibrate_option(p)
@@ -169,30 +213,49 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_run_identify)
 
-    p = sub.add_parser("toolkit", help="CVLface evaluation toolkit folders: verification, IJB-B/C, TinyFace",
-                       description="Every set of the official toolkit layout (Hugging Face save_to_disk folders; "
-                                   "a folder of them such as facerec_val/ is searched), each by its kind.")
+    p = sub.add_parser(
+        "toolkit",
+        help="CVLface evaluation toolkit folders: verification, IJB-B/C, TinyFace",
+        description="Every set of the official toolkit layout (Hugging Face save_to_disk folders; "
+        "a folder of them such as facerec_val/ is searched), each by its kind.",
+    )
     add_model_options(p)
     p.add_argument("sets", nargs="+", type=Path, help="toolkit set folders, or folders holding them")
-    p.add_argument("--landmarks", action="append", type=Path, default=None,
-                   help="per-set landmark CSV (idx,ldmk_0..ldmk_9 normalised; idx = the index column), in the "
-                        "order the sets are found")
+    p.add_argument(
+        "--landmarks",
+        action="append",
+        type=Path,
+        default=None,
+        help="per-set landmark CSV (idx,ldmk_0..ldmk_9 normalised; idx = the index column), in the "
+        "order the sets are found",
+    )
     p.add_argument("--keypoints", choices=("auto", "file", "backend", "template"), default="auto")
-    p.add_argument("--ijb-use-norm", action="store_true",
-                   help="IJB: keep the face-feature norm when pooling (default: the toolkit headline, "
-                        "Norm:False_Det:True)")
-    p.add_argument("--no-detector-score", action="store_true", help="IJB: do not weight faces by detector score")
+    p.add_argument(
+        "--ijb-use-norm",
+        action="store_true",
+        help="IJB: keep the face-feature norm when pooling (default: the toolkit headline, "
+        "Norm:False_Det:True)",
+    )
+    p.add_argument(
+        "--no-detector-score", action="store_true", help="IJB: do not weight faces by detector score"
+    )
     p.add_argument("--ranks", type=_float_list, default=[1, 5, 20], help="TinyFace ranks (default 1,5,20)")
     _common(p)
     p.set_defaults(func=_run_toolkit)
 
-    p = sub.add_parser("tinyface", help="TinyFace rank-1/5/20 (official protocol)",
-                       description="Closed-set identification: probes against gallery matches plus distractors; "
-                                   "labels from the file-name prefix; inner product of flip-summed unit features.")
+    p = sub.add_parser(
+        "tinyface",
+        help="TinyFace rank-1/5/20 (official protocol)",
+        description="Closed-set identification: probes against gallery matches plus distractors; "
+        "labels from the file-name prefix; inner product of flip-summed unit features.",
+    )
     add_model_options(p)
-    p.add_argument("folder", type=Path,
-                   help="CVLface toolkit TinyFace folder, or a TinyFace test folder with Probe/, Gallery_Match/, "
-                        "Gallery_Distractor/")
+    p.add_argument(
+        "folder",
+        type=Path,
+        help="CVLface toolkit TinyFace folder, or a TinyFace test folder with Probe/, Gallery_Match/, "
+        "Gallery_Distractor/",
+    )
     p.add_argument("--keypoints", choices=("auto", "backend", "template"), default="auto")
     p.add_argument("--ranks", type=_float_list, default=[1, 5, 20], help="ranks to report (default 1,5,20)")
     p.add_argument("--name", default=None, help="set name in the report (default: the folder name)")
@@ -210,11 +273,20 @@ def register(subparsers) -> None:
     p.add_argument(
         "--landmarks", required=True, type=Path, help="pixel landmarks 'image x0 y0 .. x4 y4 [score]'"
     )
-    p.add_argument("--boxes", type=Path, default=None,
-                   help="detector boxes 'image x1 y1 x2 y2' (default: landmarks' box, enlarged)")
+    p.add_argument(
+        "--boxes",
+        type=Path,
+        default=None,
+        help="detector boxes 'image x1 y1 x2 y2' (default: landmarks' box, enlarged)",
+    )
     p.add_argument("--root", type=Path, default=None, help="image folder (default: the CSV's folder)")
-    p.add_argument("--t", dest="t_values", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
-                   help="interpolation points in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    p.add_argument(
+        "--t",
+        dest="t_values",
+        type=_float_list,
+        default=[0.0, 0.25, 0.5, 0.75, 1.0],
+        help="interpolation points in [0, 1] (default 0,0.25,0.5,0.75,1)",
+    )
     _common(p)
     p.set_defaults(func=_run_sweep)
 
@@ -285,10 +357,19 @@ def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
     published = attach_published(results)  # a model-zoo checkpoint: its authors' numbers beside ours
     columns = []
     if published:
+
         def cell(name: str, result: dict) -> str:
             rows = result.get("published", [])
-            return "; ".join(f"{r['published']:.2f} ({r['difference']:+.2f})" if r["difference"] is not None
-                             else f"{r['published']:.2f}" for r in rows) or "–"
+            return (
+                "; ".join(
+                    f"{r['published']:.2f} ({r['difference']:+.2f})"
+                    if r["difference"] is not None
+                    else f"{r['published']:.2f}"
+                    for r in rows
+                )
+                or "–"
+            )
+
         columns = [("published (ours − published)", cell)]
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
@@ -313,15 +394,23 @@ def _write_calibration(args, results: dict) -> None:
     from ..nn import load_official
     from .calibration import write_calibration
 
-    (dataset, result), = results["sets"].items()
+    ((dataset, result),) = results["sets"].items()
     if "error" in result["calibration"]:
         _fail(result["calibration"]["error"])
     fingerprint = _guarded(lambda: model_fingerprint(load_official(args.weights)))
-    path = write_calibration(args.weights, result["calibration"], model_fingerprint=fingerprint, dataset=dataset,
-                             protocol=results["protocol"], flip=results["flip"])
+    path = write_calibration(
+        args.weights,
+        result["calibration"],
+        model_fingerprint=fingerprint,
+        dataset=dataset,
+        protocol=results["protocol"],
+        flip=results["flip"],
+    )
     cal = result["calibration"]
-    print(f"calibrated threshold {cal['threshold']:.6f} for FAR {cal['far_target']:g} on {dataset} "
-          f"(measured FAR {cal['far']:.3g}, TAR {cal['tar']:.4f}); wrote {path}")
+    print(
+        f"calibrated threshold {cal['threshold']:.6f} for FAR {cal['far_target']:g} on {dataset} "
+        f"(measured FAR {cal['far']:.3g}, TAR {cal['tar']:.4f}); wrote {path}"
+    )
 
 
 def _run_verify(args) -> int:
@@ -341,12 +430,25 @@ def _run_verify(args) -> int:
     folders = [(s, lm) for s, lm in zip(sets, landmarks, strict=True) if s.is_dir()]
     results = None
     if bins:
-        results = _guarded(lambda: evaluate_bins(_handle(args.weights, args.engine), [b for b, _ in bins], settings,
-                                                 keypoint_source=args.keypoints, landmarks=[lm for _, lm in bins]))
+        results = _guarded(
+            lambda: evaluate_bins(
+                _handle(args.weights, args.engine),
+                [b for b, _ in bins],
+                settings,
+                keypoint_source=args.keypoints,
+                landmarks=[lm for _, lm in bins],
+            )
+        )
     if folders:
-        toolkit = _guarded(lambda: evaluate_toolkit(
-            _handle(args.weights, args.engine), [f for f, _ in folders], settings, keypoint_source=args.keypoints,
-            landmarks=[lm for _, lm in folders] if args.landmarks else None))
+        toolkit = _guarded(
+            lambda: evaluate_toolkit(
+                _handle(args.weights, args.engine),
+                [f for f, _ in folders],
+                settings,
+                keypoint_source=args.keypoints,
+                landmarks=[lm for _, lm in folders] if args.landmarks else None,
+            )
+        )
         if results is None:
             results = toolkit
         else:
@@ -410,10 +512,21 @@ def _run_identify(args) -> int:
     ranks = [int(r) for r in args.ranks]
     if any(r < 1 for r in ranks):
         _fail(f"--ranks must be positive integers, got {args.ranks}")
-    results = _guarded(lambda: evaluate_identification(
-        _handle(args.weights, args.engine), settings, gallery=args.gallery, probe=args.probe, distractors=args.distractors,
-        label_regex=args.label_regex, keypoint_source=args.keypoints, ranks=ranks, fpir_targets=args.fpir,
-        gallery_per=args.gallery_per, name=args.name))
+    results = _guarded(
+        lambda: evaluate_identification(
+            _handle(args.weights, args.engine),
+            settings,
+            gallery=args.gallery,
+            probe=args.probe,
+            distractors=args.distractors,
+            label_regex=args.label_regex,
+            keypoint_source=args.keypoints,
+            ranks=ranks,
+            fpir_targets=args.fpir,
+            gallery_per=args.gallery_per,
+            name=args.name,
+        )
+    )
     _write_outputs(args.output, results, roc=False)
     return 0
 
@@ -429,10 +542,18 @@ def _run_toolkit(args) -> int:
     from .toolkit import evaluate_toolkit
 
     settings = _settings(args)
-    results = _guarded(lambda: evaluate_toolkit(
-        _handle(args.weights, args.engine), args.sets, settings, keypoint_source=args.keypoints, landmarks=args.landmarks,
-        ijb_use_norm=args.ijb_use_norm, ijb_use_detector_score=not args.no_detector_score,
-        ranks=_int_ranks(args.ranks)))
+    results = _guarded(
+        lambda: evaluate_toolkit(
+            _handle(args.weights, args.engine),
+            args.sets,
+            settings,
+            keypoint_source=args.keypoints,
+            landmarks=args.landmarks,
+            ijb_use_norm=args.ijb_use_norm,
+            ijb_use_detector_score=not args.no_detector_score,
+            ranks=_int_ranks(args.ranks),
+        )
+    )
     _write_outputs(args.output, results)
     return 0
 
@@ -441,9 +562,16 @@ def _run_tinyface(args) -> int:
     from .toolkit import evaluate_tinyface
 
     settings = _settings(args)
-    results = _guarded(lambda: evaluate_tinyface(_handle(args.weights, args.engine), args.folder, settings,
-                                                 keypoint_source=args.keypoints, ranks=_int_ranks(args.ranks),
-                                                 name=args.name))
+    results = _guarded(
+        lambda: evaluate_tinyface(
+            _handle(args.weights, args.engine),
+            args.folder,
+            settings,
+            keypoint_source=args.keypoints,
+            ranks=_int_ranks(args.ranks),
+            name=args.name,
+        )
+    )
     _write_outputs(args.output, results, roc=False)
     return 0
 

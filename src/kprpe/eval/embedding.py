@@ -1,8 +1,8 @@
 """Embedding whole evaluation sets, with an on-disk cache so another protocol on the same faces is free.
 
 A cache entry is one ``.npz`` (no pickle: plain float arrays and a JSON string) named by a hash of the
-bytes that define the model (weights and their config files), the data set's fingerprint, the crop mode and the
-flip setting. Changing any of them gives a new entry.
+bytes that define the model (weights and their config files), the data set's fingerprint, the crop mode and
+the flip setting. Changing any of them gives a new entry.
 """
 
 from __future__ import annotations
@@ -127,13 +127,21 @@ class EmbeddingCache:
         return emb, norms
 
     def save(self, key: str, embeddings: np.ndarray, norms: np.ndarray, meta: dict) -> Path:
-        return write_npz(self.path(key), embeddings=embeddings, norms=norms,
-                         meta=np.array(json.dumps(meta, default=str)))
+        return write_npz(
+            self.path(key), embeddings=embeddings, norms=norms, meta=np.array(json.dumps(meta, default=str))
+        )
 
 
-def embed_faces(model: torch.nn.Module, source: FaceSource, *, flip: bool = True, batch_size: int = 64,
-                device: str | None = None, progress: bool = True, desc: str = "embedding"
-                ) -> tuple[np.ndarray, np.ndarray]:
+def embed_faces(
+    model: torch.nn.Module,
+    source: FaceSource,
+    *,
+    flip: bool = True,
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> tuple[np.ndarray, np.ndarray]:
     """Unit embeddings ``(N, D)`` float32 and norms ``(N,)`` of every face of ``source``."""
     units, norms = [], []
     for sl in tqdm(
@@ -180,8 +188,9 @@ def embed_with_cache(
         hit = cache.load(key, expected_count=source.count)
         if hit is not None:
             return hit[0], hit[1], True
-    emb, norms = embed_faces(model_loader(), source, flip=flip, batch_size=batch_size, device=device,
-                             progress=progress, desc=desc)
+    emb, norms = embed_faces(
+        model_loader(), source, flip=flip, batch_size=batch_size, device=device, progress=progress, desc=desc
+    )
     if cache is not None:
         cache.save(key, emb, norms, dict(weights=str(weights), data=source.fingerprint, mode=mode, flip=flip))
     return emb, norms, False

@@ -87,11 +87,12 @@ def roc_auc(far: np.ndarray, tar: np.ndarray) -> float:
 
 
 TAR_FAR_CONVENTIONS = ("insightface", "full_curve", "at_most")
-"""How :func:`tar_at_far` picks the ROC point for a target FAR (see its docstring); the first is the default."""
+"""How :func:`tar_at_far` picks the ROC point for a target FAR (see its docstring); the first is the
+default."""
 
 TAR_FAR_RULES = {
-    "insightface": "sklearn roc_curve with drop_intermediate=True, arrays flipped, nearest FAR, first of equals "
-                   "in flipped order (insightface IJB script; the papers' convention)",
+    "insightface": "sklearn roc_curve with drop_intermediate=True, arrays flipped, nearest FAR, first of "
+    "equals in flipped order (insightface IJB script; the papers' convention)",
     "full_curve": "every threshold of the ROC, nearest FAR, best TAR at that FAR",
     "at_most": "best TAR with FAR <= target (conservative)",
 }
@@ -99,7 +100,8 @@ TAR_FAR_RULES = {
 
 
 def roc_curve_dropped(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ROC as ``sklearn.metrics.roc_curve(labels, scores)`` returns it by default (``drop_intermediate=True``).
+    """The ROC as ``sklearn.metrics.roc_curve(labels, scores)`` returns it by default
+    (``drop_intermediate=True``).
 
     From the points at every distinct score (before the (0, 0) point is prepended), those whose false- and
     true-positive counts both have a zero second difference -- the middle of three points spaced by equal
@@ -120,8 +122,14 @@ def _pick_insightface(far: np.ndarray, target: float) -> int:
     return far.size - 1 - int(np.argmin(distance_flipped))  # argmin: first minimum
 
 
-def tar_at_far(scores, labels, far_targets=DEFAULT_FAR_TARGETS, convention: str = "insightface", *,
-               method: str | None = None) -> list[dict]:
+def tar_at_far(
+    scores,
+    labels,
+    far_targets=DEFAULT_FAR_TARGETS,
+    convention: str = "insightface",
+    *,
+    method: str | None = None,
+) -> list[dict]:
     """TAR at each target FAR; ``convention`` says how the ROC point is chosen.
 
     - ``"insightface"`` (default; what papers report, from insightface's IJB script and the official KP-RPE
@@ -283,8 +291,12 @@ def val_at_far(scores, labels, far_target: float = 1e-3, n_folds: int = 10, thre
     if np.all(np.isnan(vals)) or np.all(np.isnan(fars)):
         raise ValueError("VAL@FAR needs genuine and impostor pairs in the held-out folds")
     # a fold without genuine (or impostor) pairs says nothing about VAL (or FAR): left out of the mean
-    return ValResult(far_target=float(far_target), val_mean=float(np.nanmean(vals)), val_std=float(np.nanstd(vals)),
-                     far_mean=float(np.nanmean(fars)))
+    return ValResult(
+        far_target=float(far_target),
+        val_mean=float(np.nanmean(vals)),
+        val_std=float(np.nanstd(vals)),
+        far_mean=float(np.nanmean(fars)),
+    )
 
 
 def cmc_ranks(similarity, probe_labels, gallery_labels) -> np.ndarray:
@@ -297,7 +309,9 @@ def cmc_ranks(similarity, probe_labels, gallery_labels) -> np.ndarray:
     probe_labels = np.asarray(probe_labels)
     gallery_labels = np.asarray(gallery_labels)
     if sim.shape != (probe_labels.size, gallery_labels.size):
-        raise ValueError(f"similarity has shape {sim.shape}, expected ({probe_labels.size}, {gallery_labels.size})")
+        raise ValueError(
+            f"similarity has shape {sim.shape}, expected ({probe_labels.size}, {gallery_labels.size})"
+        )
     mated = probe_labels[:, None] == gallery_labels[None, :]
     has_mate = mated.any(axis=1)
     best_mate = np.where(mated, sim, -np.inf).max(axis=1)
@@ -332,7 +346,13 @@ def open_set_dir_at_fpir(similarity, probe_labels, gallery_labels, fpir_targets=
         k = int(np.floor(target * nonmated_top.size))  # number of non-mated probes allowed above threshold
         threshold = float(nonmated_top[k]) if k < nonmated_top.size else -np.inf
         hit = mated & (ranks == 1) & (top > threshold)
-        rows.append(dict(fpir_target=float(target), dir=float(hit.sum() / mated.sum()),
-                         fpir=float(np.mean(nonmated_top > threshold)), threshold=threshold,
-                         resolvable=bool(target * nonmated_top.size >= 1.0)))
+        rows.append(
+            dict(
+                fpir_target=float(target),
+                dir=float(hit.sum() / mated.sum()),
+                fpir=float(np.mean(nonmated_top > threshold)),
+                threshold=threshold,
+                resolvable=bool(target * nonmated_top.size >= 1.0),
+            )
+        )
     return rows

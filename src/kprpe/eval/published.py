@@ -1,10 +1,10 @@
 """Our number beside the one published for a model-zoo checkpoint, so a user sees at once whether their setup
 (data, alignment, keypoints, flip) reproduces the paper.
 
-The published numbers are those of :mod:`kprpe.zoo.catalog` (copied from the source it names). A set is matched
-to a published column by its name (``lfw``, ``cfp_fp``, ``agedb_30``, ``calfw``, ``cplfw``, ``IJBB``, ``IJBC``,
-``tinyface``...): verification sets compare the 10-fold accuracy, IJB sets TAR at FAR 1e-4 (the source's
-"@0.01" columns are percent: 0.01 % = 1e-4), TinyFace the rank-1 and rank-5 rates.
+The published numbers are those of :mod:`kprpe.zoo.catalog` (copied from the source it names). A set is
+matched to a published column by its name (``lfw``, ``cfp_fp``, ``agedb_30``, ``calfw``, ``cplfw``, ``IJBB``,
+``IJBC``, ``tinyface``...): verification sets compare the 10-fold accuracy, IJB sets TAR at FAR 1e-4 (the
+source's "@0.01" columns are percent: 0.01 % = 1e-4), TinyFace the rank-1 and rank-5 rates.
 """
 
 from __future__ import annotations
@@ -71,9 +71,14 @@ def attach_published(results: dict) -> list[dict]:
                 continue
             ours = _ours(column, result)
             published = entry.reported[column]
-            row = dict(set=name, metric=column, published=published, ours=ours,
-                       difference=None if ours is None else ours - published,
-                       source=SOURCES.get(entry.source, entry.source))
+            row = dict(
+                set=name,
+                metric=column,
+                published=published,
+                ours=ours,
+                difference=None if ours is None else ours - published,
+                source=SOURCES.get(entry.source, entry.source),
+            )
             result.setdefault("published", []).append(row)
             rows.append(row)
     return rows
@@ -87,5 +92,7 @@ def published_lines(rows: list[dict], model: str) -> list[str]:
     for row in rows:
         ours = "not measured" if row["ours"] is None else f"{row['ours']:.2f}"
         diff = "" if row["difference"] is None else f"  (difference {row['difference']:+.2f})"
-        lines.append(f"  {row['set']:<12} {row['metric']:<12} published {row['published']:.2f}  ours {ours}{diff}")
+        lines.append(
+            f"  {row['set']:<12} {row['metric']:<12} published {row['published']:.2f}  ours {ours}{diff}"
+        )
     return lines

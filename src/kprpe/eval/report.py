@@ -30,7 +30,9 @@ ExtraColumn = tuple[str, Callable[[str, dict], str]]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
 
 
 def _tar_far_note(verif: dict[str, dict]) -> str:
@@ -45,8 +47,12 @@ def markdown_summary(results: dict, extra_columns: Sequence[ExtraColumn] = ()) -
     ``extra_columns`` are appended to the verification and identification tables (see :data:`ExtraColumn`).
     """
     lines = [f"# kprpe eval: {results.get('protocol', '?')}", ""]
-    meta = [("weights", results.get("weights")), ("mode", results.get("mode")),
-            ("keypoints", results.get("keypoint_source")), ("flip TTA", results.get("flip"))]
+    meta = [
+        ("weights", results.get("weights")),
+        ("mode", results.get("mode")),
+        ("keypoints", results.get("keypoint_source")),
+        ("flip TTA", results.get("flip")),
+    ]
     lines += [f"- {k}: `{v}`" for k, v in meta if v is not None]
     lines.append("")
     extra_headers = [h for h, _ in extra_columns]
@@ -69,11 +75,25 @@ def markdown_summary(results: dict, extra_columns: Sequence[ExtraColumn] = ()) -
                 (_pct(row["tar"]) if row["resolvable"] else f"({_pct(row['tar'])})")
                 for row in r["tar_at_far"]
             ]
-            rows.append([name, str(r["num_pairs"]), acc, val_s, *tars, f"{r['auc']:.4f}",
-                         *(cell(name, r) for _, cell in extra_columns)])
+            rows.append(
+                [
+                    name,
+                    str(r["num_pairs"]),
+                    acc,
+                    val_s,
+                    *tars,
+                    f"{r['auc']:.4f}",
+                    *(cell(name, r) for _, cell in extra_columns),
+                ]
+            )
         lines += _markdown_table(header, rows)
-        lines += ["", "Percentages. TAR in parentheses: the FAR target is below 1/#impostors, so the number is not "
-                  "resolvable from this many pairs.", _tar_far_note(verif), ""]
+        lines += [
+            "",
+            "Percentages. TAR in parentheses: the FAR target is below 1/#impostors, so the number is not "
+            "resolvable from this many pairs.",
+            _tar_far_note(verif),
+            "",
+        ]
     ident = {n: r for n, r in sets.items() if "closed_set" in r}
     if ident:
         ks = list(next(iter(ident.values()))["closed_set"].keys())
@@ -87,17 +107,30 @@ def markdown_summary(results: dict, extra_columns: Sequence[ExtraColumn] = ()) -
                 if open_set
                 else "–"
             )
-            rows.append([name, str(r["num_probes"]), str(r["num_gallery"]), *ranks, dir_s,
-                         *(cell(name, r) for _, cell in extra_columns)])
+            rows.append(
+                [
+                    name,
+                    str(r["num_probes"]),
+                    str(r["num_gallery"]),
+                    *ranks,
+                    dir_s,
+                    *(cell(name, r) for _, cell in extra_columns),
+                ]
+            )
         lines += _markdown_table(header, rows)
         lines.append("")
     sweep = results.get("sweep")
     if sweep:
         header = ["t", *sweep["checkpoints"]]
-        rows = [[f"{t:g}"] + [_pct(sweep["accuracy"][c][i]) for c in sweep["checkpoints"]]
-                for i, t in enumerate(sweep["t"])]
-        lines += ["Accuracy (10-fold, %) as alignment degrades (t=0 aligned, t=1 detector-box crop):", "",
-                  *_markdown_table(header, rows)]
+        rows = [
+            [f"{t:g}"] + [_pct(sweep["accuracy"][c][i]) for c in sweep["checkpoints"]]
+            for i, t in enumerate(sweep["t"])
+        ]
+        lines += [
+            "Accuracy (10-fold, %) as alignment degrades (t=0 aligned, t=1 detector-box crop):",
+            "",
+            *_markdown_table(header, rows),
+        ]
         lines.append("")
     return "\n".join(lines)
 
@@ -130,8 +163,12 @@ def plot_roc(curves: dict[str, dict], path: str | os.PathLike, title: str = "ROC
     return _save(fig, path)
 
 
-def plot_sweep(t_values, accuracy: dict[str, list[float]], path: str | os.PathLike,
-               title: str = "Accuracy as alignment degrades") -> Path:
+def plot_sweep(
+    t_values,
+    accuracy: dict[str, list[float]],
+    path: str | os.PathLike,
+    title: str = "Accuracy as alignment degrades",
+) -> Path:
     """Accuracy (%) against the interpolation t, one line per checkpoint."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)

@@ -70,7 +70,9 @@ class ModelHandle:
             self.name = self.weights.stem if self.weights.stem != "model" else self.weights.parent.name
         from ..zoo import resolve
 
-        self.weights = resolve(self.weights, kind="recognition")  # a path, or a repo id -> its verified snapshot
+        self.weights = resolve(
+            self.weights, kind="recognition"
+        )  # a path, or a repo id -> its verified snapshot
 
     def __call__(self) -> torch.nn.Module:
         if self._model is None and self.engine == "onnx":
@@ -90,8 +92,13 @@ class ModelHandle:
     def fingerprint_path(self) -> Path:
         """The file whose identity keys the cache (a directory's model file when given a directory)."""
         if self.weights.is_dir():
-            for candidate in ("model.safetensors", "pretrained_model/model.safetensors", "pretrained_model/model.pt",
-                              "model.pt", "model.pth"):
+            for candidate in (
+                "model.safetensors",
+                "pretrained_model/model.safetensors",
+                "pretrained_model/model.pt",
+                "model.pt",
+                "model.pth",
+            ):
                 if (self.weights / candidate).is_file():
                     return self.weights / candidate
         return self.weights
@@ -144,7 +151,10 @@ def evaluate_bins(
         emb, norms, cached = _embed(handle, source, settings, mode=f"prealigned:{source_kind}", desc=vb.name)
         scores = pair_scores(emb, np.arange(0, len(vb), 2), np.arange(1, len(vb), 2))
         result = verification_metrics(
-            scores, vb.issame, n_folds=settings.n_folds, far_targets=settings.far_targets,
+            scores,
+            vb.issame,
+            n_folds=settings.n_folds,
+            far_targets=settings.far_targets,
             tar_far_convention=settings.tar_far_convention,
         )
         _calibrate(result, scores, vb.issame, settings)
@@ -152,8 +162,15 @@ def evaluate_bins(
         sets[vb.name] = result
         sources[vb.name] = source_kind
     kinds = set(sources.values())
-    return dict(protocol="verification (.bin, 10-fold)", weights=str(handle.weights), model=handle.source, flip=settings.flip,
-                mode="prealigned", keypoint_source=kinds.pop() if len(kinds) == 1 else sources, sets=sets)
+    return dict(
+        protocol="verification (.bin, 10-fold)",
+        weights=str(handle.weights),
+        model=handle.source,
+        flip=settings.flip,
+        mode="prealigned",
+        keypoint_source=kinds.pop() if len(kinds) == 1 else sources,
+        sets=sets,
+    )
 
 
 def evaluate_ijb(
@@ -182,19 +199,31 @@ def evaluate_ijb(
         )
     source = image_face_source(paths, meta.names, landmarks=meta.landmarks, t=t)
     emb, norms, cached = _embed(handle, source, settings, mode=f"ijb:t={t:g}", desc=name)
-    feats, templates = template_features(emb, meta.template_ids, meta.media_ids,
-                                         norms=norms if use_norm else None,
-                                         detector_scores=meta.detector_scores if use_detector_score else None)
+    feats, templates = template_features(
+        emb,
+        meta.template_ids,
+        meta.media_ids,
+        norms=norms if use_norm else None,
+        detector_scores=meta.detector_scores if use_detector_score else None,
+    )
     scores = template_pair_scores(feats, templates, meta.pair_t1, meta.pair_t2)
     result = verification_metrics(
-        scores, meta.pair_labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
+        scores,
+        meta.pair_labels,
+        n_folds=settings.n_folds,
+        far_targets=settings.far_targets,
         tar_far_convention=settings.tar_far_convention,
     )
     _calibrate(result, scores, meta.pair_labels, settings)
     result.pop("kfold", None)  # accuracy is not an IJB metric
     result.pop("val_at_far", None)
-    result.update(num_faces=len(meta.names), num_templates=int(templates.size), embeddings_from_cache=cached,
-                  use_norm=use_norm, use_detector_score=use_detector_score)
+    result.update(
+        num_faces=len(meta.names),
+        num_templates=int(templates.size),
+        embeddings_from_cache=cached,
+        use_norm=use_norm,
+        use_detector_score=use_detector_score,
+    )
     return dict(
         protocol="IJB 1:1 verification",
         weights=str(handle.weights),
@@ -240,33 +269,65 @@ def _read_image_pairs(pairs_csv: Path, images_root) -> _ImagePairs:
     )
 
 
-def evaluate_pairs(handle: ModelHandle, pairs_csv, settings: EvalSettings, *, images_root=None,
-                   landmarks=None, t: float = 0.0, keypoint_source: str = "auto") -> dict:
+def evaluate_pairs(
+    handle: ModelHandle,
+    pairs_csv,
+    settings: EvalSettings,
+    *,
+    images_root=None,
+    landmarks=None,
+    t: float = 0.0,
+    keypoint_source: str = "auto",
+) -> dict:
     """Custom pairs: ``image_a,image_b,label`` rows; images pre-aligned, or cropped from a pixel landmark
     file."""
     pairs_csv = Path(pairs_csv)
     pairs = _read_image_pairs(pairs_csv, images_root)
     points = read_pixel_landmarks(landmarks)[0] if landmarks else None
     kp_kind = "landmark file" if points is not None else resolve_keypoint_source(keypoint_source, None)
-    source = image_face_source(pairs.paths, pairs.names, landmarks=points, t=t,
-                               keypoint_source="template" if points is not None else kp_kind)
+    source = image_face_source(
+        pairs.paths,
+        pairs.names,
+        landmarks=points,
+        t=t,
+        keypoint_source="template" if points is not None else kp_kind,
+    )
     emb, norms, cached = _embed(handle, source, settings, mode=f"pairs:t={t:g}", desc=pairs_csv.stem)
     scores = pair_scores(emb, pairs.first, pairs.second)
     result = verification_metrics(
-        scores, pairs.labels, n_folds=settings.n_folds, far_targets=settings.far_targets,
+        scores,
+        pairs.labels,
+        n_folds=settings.n_folds,
+        far_targets=settings.far_targets,
         tar_far_convention=settings.tar_far_convention,
     )
     _calibrate(result, scores, pairs.labels, settings)
     result.update(embeddings_from_cache=cached)
-    return dict(protocol="verification (pairs CSV)", weights=str(handle.weights), model=handle.source, flip=settings.flip,
-                mode=("aligned" if t == 0 else f"t={t:g}") if points is not None else "prealigned",
-                keypoint_source=kp_kind, sets={pairs_csv.stem: result})
+    return dict(
+        protocol="verification (pairs CSV)",
+        weights=str(handle.weights),
+        model=handle.source,
+        flip=settings.flip,
+        mode=("aligned" if t == 0 else f"t={t:g}") if points is not None else "prealigned",
+        keypoint_source=kp_kind,
+        sets={pairs_csv.stem: result},
+    )
 
 
-def evaluate_identification(handle: ModelHandle, settings: EvalSettings, *, gallery, probe, distractors=None,
-                            label_regex: str | None = None, keypoint_source: str = "auto",
-                            ranks: Sequence[int] = (1, 5, 20), fpir_targets: Sequence[float] = (1e-2, 1e-1),
-                            gallery_per: str = "image", name: str = "identification") -> dict:
+def evaluate_identification(
+    handle: ModelHandle,
+    settings: EvalSettings,
+    *,
+    gallery,
+    probe,
+    distractors=None,
+    label_regex: str | None = None,
+    keypoint_source: str = "auto",
+    ranks: Sequence[int] = (1, 5, 20),
+    fpir_targets: Sequence[float] = (1e-2, 1e-1),
+    gallery_per: str = "image",
+    name: str = "identification",
+) -> dict:
     """Closed-set rank-k (CMC) and, when some probes have no mate, open-set DIR@FPIR, on identity folders.
 
     Distractor images join the gallery under labels no probe can have. ``gallery_per="identity"`` averages
@@ -315,8 +376,15 @@ def evaluate_identification(handle: ModelHandle, settings: EvalSettings, *, gall
     )
     if (rank_of == 0).any():
         result["open_set"] = open_set_dir_at_fpir(sim, p_lab, g_lab, fpir_targets)
-    return dict(protocol="identification (closed/open set)", weights=str(handle.weights), model=handle.source, flip=settings.flip,
-                mode="prealigned", keypoint_source=kp_kind, sets={name: result})
+    return dict(
+        protocol="identification (closed/open set)",
+        weights=str(handle.weights),
+        model=handle.source,
+        flip=settings.flip,
+        mode="prealigned",
+        keypoint_source=kp_kind,
+        sets={name: result},
+    )
 
 
 def read_boxes(path) -> dict[str, np.ndarray]:
@@ -373,9 +441,14 @@ def robustness_sweep(
             )
             accuracy[h.name].append(kf.accuracy_mean)
             std[h.name].append(kf.accuracy_std)
-    return dict(protocol="alignment-robustness sweep", flip=settings.flip,
-                weights={h.name: str(h.weights) for h in handles}, keypoint_source="landmark file",
-                box_source="box file" if boxes else "landmark bounding box (enlarged)",
-                num_pairs=int(pairs.labels.size),
-                sweep=dict(t=[float(t) for t in t_values], checkpoints=names_out, accuracy=accuracy,
-                           accuracy_std=std))
+    return dict(
+        protocol="alignment-robustness sweep",
+        flip=settings.flip,
+        weights={h.name: str(h.weights) for h in handles},
+        keypoint_source="landmark file",
+        box_source="box file" if boxes else "landmark bounding box (enlarged)",
+        num_pairs=int(pairs.labels.size),
+        sweep=dict(
+            t=[float(t) for t in t_values], checkpoints=names_out, accuracy=accuracy, accuracy_std=std
+        ),
+    )

@@ -1,8 +1,8 @@
 """The official CVLface evaluation toolkit's on-disk layout, read directly.
 
 Each evaluation set of the toolkit (``facerec_val/<name>``) is a Hugging Face ``datasets`` folder written with
-``Dataset.save_to_disk`` (``state.json``, ``dataset_info.json``, ``data-*.arrow``); face ``i`` is the row whose
-``index`` column is ``i`` (the indices are 0..N-1). Three kinds:
+``Dataset.save_to_disk`` (``state.json``, ``dataset_info.json``, ``data-*.arrow``); face ``i`` is the row
+whose ``index`` column is ``i`` (the indices are 0..N-1). Three kinds:
 
 - **verification** (lfw, cfp_fp, agedb_30, calfw, cplfw): columns ``image``, ``index``, ``is_same``; the faces
   with indices 2k and 2k+1 form pair k, labelled by their ``is_same``.
@@ -73,15 +73,17 @@ _INSTALL_HINT = "pip install 'kprpe[eval-toolkit]'"
 
 
 class ToolkitFormatError(DataFormatError, KprpeError):
-    """A folder that is not an evaluation set in the CVLface toolkit layout (the message says what is wrong)."""
+    """A folder that is not an evaluation set in the CVLface toolkit layout (the message says what is
+    wrong)."""
 
 
 def _datasets():
     try:
         import datasets
     except ImportError:
-        raise ToolkitFormatError(f"reading the CVLface toolkit layout needs the `datasets` library: {_INSTALL_HINT}"
-                                 ) from None
+        raise ToolkitFormatError(
+            f"reading the CVLface toolkit layout needs the `datasets` library: {_INSTALL_HINT}"
+        ) from None
     return datasets
 
 
@@ -92,7 +94,8 @@ def is_toolkit_dataset(path: str | os.PathLike) -> bool:
 
 
 def find_toolkit_sets(root: str | os.PathLike) -> list[Path]:
-    """``root`` itself when it is a toolkit set, else its sub-folders that are (e.g. ``facerec_val/``), sorted."""
+    """``root`` itself when it is a toolkit set, else its sub-folders that are (e.g. ``facerec_val/``),
+    sorted."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"toolkit folder not found: {root}")
@@ -100,8 +103,10 @@ def find_toolkit_sets(root: str | os.PathLike) -> list[Path]:
         return [root]
     found = sorted(p for p in root.iterdir() if is_toolkit_dataset(p)) if root.is_dir() else []
     if not found:
-        raise ToolkitFormatError(f"{root}: neither a `save_to_disk` dataset folder (state.json, dataset_info.json) "
-                                 "nor a folder of them")
+        raise ToolkitFormatError(
+            f"{root}: neither a `save_to_disk` dataset folder (state.json, dataset_info.json) "
+            "nor a folder of them"
+        )
     return found
 
 
@@ -138,8 +143,10 @@ def read_toolkit_metadata(path: str | os.PathLike, required: Sequence[str] = ())
             meta = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        raise ToolkitFormatError(f"{path}: refusing to unpickle it ({reason}); only tensors, numpy arrays, "
-                                 "strings, numbers and containers are read") from None
+        raise ToolkitFormatError(
+            f"{path}: refusing to unpickle it ({reason}); only tensors, numpy arrays, "
+            "strings, numbers and containers are read"
+        ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise ToolkitFormatError(f"{path}: not a torch-saved file ({exc})") from None
     if not isinstance(meta, dict):
@@ -159,7 +166,9 @@ def metadata_array(meta: dict, key: str, where: Path, dtype=None) -> np.ndarray:
     if arr.ndim == 2 and 1 in arr.shape:  # a column or row vector
         arr = arr.reshape(-1)
     if arr.ndim != 1:
-        raise ToolkitFormatError(f"{where}: metadata {key!r} should be one-dimensional, got shape {arr.shape}")
+        raise ToolkitFormatError(
+            f"{where}: metadata {key!r} should be one-dimensional, got shape {arr.shape}"
+        )
     return arr
 
 
@@ -169,7 +178,9 @@ def metadata_strings(meta: dict, key: str, where: Path) -> list[str]:
     items = value.tolist() if isinstance(value, np.ndarray) else list(value)
     bad = [v for v in items if not isinstance(v, str)]
     if bad:
-        raise ToolkitFormatError(f"{where}: metadata {key!r} should hold file paths, found {type(bad[0]).__name__}")
+        raise ToolkitFormatError(
+            f"{where}: metadata {key!r} should hold file paths, found {type(bad[0]).__name__}"
+        )
     return items
 
 
@@ -193,7 +204,9 @@ class ToolkitSet:
     def column(self, name: str) -> np.ndarray:
         """A non-image column in index order (face ``i`` at position ``i``)."""
         if name not in self.dataset.column_names:
-            raise ToolkitFormatError(f"{self.path}: no column {name!r} (columns: {self.dataset.column_names})")
+            raise ToolkitFormatError(
+                f"{self.path}: no column {name!r} (columns: {self.dataset.column_names})"
+            )
         values = self.dataset.select_columns([name]).with_format("numpy")[:][name]
         return np.asarray(values)[self.rows]
 
@@ -223,7 +236,9 @@ def open_toolkit_set(path: str | os.PathLike) -> ToolkitSet:
     if not path.exists():
         raise FileNotFoundError(f"toolkit set not found: {path}")
     if not is_toolkit_dataset(path):
-        raise ToolkitFormatError(f"{path}: not a `save_to_disk` dataset folder (no state.json/dataset_info.json)")
+        raise ToolkitFormatError(
+            f"{path}: not a `save_to_disk` dataset folder (no state.json/dataset_info.json)"
+        )
     datasets = _datasets()
     try:
         ds = datasets.load_from_disk(str(path))
@@ -239,28 +254,35 @@ def open_toolkit_set(path: str | os.PathLike) -> ToolkitSet:
     meta_path = path / METADATA_FILE
     if "is_same" in ds.column_names:
         if len(rows) % 2:
-            raise ToolkitFormatError(f"{path}: a verification set needs an even number of faces, got {len(rows)}")
+            raise ToolkitFormatError(
+                f"{path}: a verification set needs an even number of faces, got {len(rows)}"
+            )
         return ToolkitSet(path=path, kind="verification", dataset=ds, rows=rows, metadata=None)
     if not meta_path.is_file():
-        raise ToolkitFormatError(f"{path}: no 'is_same' column and no {METADATA_FILE}: not a verification, IJB or "
-                                 "TinyFace set")
+        raise ToolkitFormatError(
+            f"{path}: no 'is_same' column and no {METADATA_FILE}: not a verification, IJB or TinyFace set"
+        )
     meta = read_toolkit_metadata(meta_path)
     for kind, keys in (("ijb", IJB_METADATA_KEYS), ("tinyface", TINYFACE_METADATA_KEYS)):
         if all(k in meta for k in keys):
             return ToolkitSet(path=path, kind=kind, dataset=ds, rows=rows, metadata=meta)
-    raise ToolkitFormatError(f"{meta_path}: keys {sorted(map(str, meta))} are neither IJB {list(IJB_METADATA_KEYS)} "
-                             f"nor TinyFace {list(TINYFACE_METADATA_KEYS)}")
+    raise ToolkitFormatError(
+        f"{meta_path}: keys {sorted(map(str, meta))} are neither IJB {list(IJB_METADATA_KEYS)} "
+        f"nor TinyFace {list(TINYFACE_METADATA_KEYS)}"
+    )
 
 
 def verification_pairs(ts: ToolkitSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs of a verification set: faces ``2k`` and ``2k+1``, label ``is_same`` of face ``2k`` (both faces of a
-    pair must carry the same label)."""
+    """Pairs of a verification set: faces ``2k`` and ``2k+1``, label ``is_same`` of face ``2k`` (both faces of
+    a pair must carry the same label)."""
     same = ts.column("is_same").astype(bool)
     first, second = np.arange(0, len(ts), 2), np.arange(1, len(ts), 2)
     disagree = np.nonzero(same[first] != same[second])[0]
     if disagree.size:
         k = int(disagree[0])
-        raise ToolkitFormatError(f"{ts.path}: faces {2 * k} and {2 * k + 1} form pair {k} but their is_same differ")
+        raise ToolkitFormatError(
+            f"{ts.path}: faces {2 * k} and {2 * k + 1} form pair {k} but their is_same differ"
+        )
     return first, second, same[first]
 
 
@@ -273,8 +295,9 @@ def _image_bytes(item, where: str) -> bytes:
     raise ToolkitFormatError(f"{where}: no encoded image bytes (got {type(item).__name__})")
 
 
-def toolkit_face_source(ts: ToolkitSet, keypoint_source: str, landmarks: str | os.PathLike | None = None
-                        ) -> FaceSource:
+def toolkit_face_source(
+    ts: ToolkitSet, keypoint_source: str, landmarks: str | os.PathLike | None = None
+) -> FaceSource:
     """The faces of ``ts`` in index order, decoded per batch (112x112), keypoints from ``keypoint_source``
     (``file``: a ``idx,ldmk_0..ldmk_9`` CSV keyed by the ``index`` column; ``backend``; ``template``)."""
     datasets = _datasets()
@@ -284,16 +307,22 @@ def toolkit_face_source(ts: ToolkitSet, keypoint_source: str, landmarks: str | o
         table = read_normalized_landmark_csv(landmarks)
         missing = [i for i in range(len(ts)) if i not in table]
         if missing:
-            raise ToolkitFormatError(f"{landmarks}: no landmarks for {len(missing)} of {len(ts)} faces "
-                                     f"(first: index {missing[0]})")
+            raise ToolkitFormatError(
+                f"{landmarks}: no landmarks for {len(missing)} of {len(ts)} faces (first: index {missing[0]})"
+            )
 
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         rows = ts.rows[start:stop]
         contiguous = rows.size and rows[-1] - rows[0] == rows.size - 1 and np.all(np.diff(rows) == 1)
-        batch = images[int(rows[0]):int(rows[-1]) + 1] if contiguous else images[rows.tolist()]
-        faces = np.stack([decode_image(_image_bytes(item, f"{ts.path} index {start + k}"),
-                                       where=f"{ts.path} index {start + k}")
-                          for k, item in enumerate(batch["image"])])
+        batch = images[int(rows[0]) : int(rows[-1]) + 1] if contiguous else images[rows.tolist()]
+        faces = np.stack(
+            [
+                decode_image(
+                    _image_bytes(item, f"{ts.path} index {start + k}"), where=f"{ts.path} index {start + k}"
+                )
+                for k, item in enumerate(batch["image"])
+            ]
+        )
         if keypoint_source == "file":
             kps = np.stack([table[i] for i in range(start, stop)])
         elif keypoint_source == "backend":
@@ -309,8 +338,9 @@ def toolkit_face_source(ts: ToolkitSet, keypoint_source: str, landmarks: str | o
     return FaceSource(count=len(ts), load=load, fingerprint=fp)
 
 
-def _ijb_result(ts: ToolkitSet, emb: np.ndarray, norms: np.ndarray, settings, use_norm: bool,
-                use_detector_score: bool) -> dict:
+def _ijb_result(
+    ts: ToolkitSet, emb: np.ndarray, norms: np.ndarray, settings, use_norm: bool, use_detector_score: bool
+) -> dict:
     from .ijb import template_features, template_pair_scores
     from .verification import verification_metrics
 
@@ -322,25 +352,48 @@ def _ijb_result(ts: ToolkitSet, emb: np.ndarray, norms: np.ndarray, settings, us
     p1, p2 = metadata_array(meta, "p1", where, np.int64), metadata_array(meta, "p2", where, np.int64)
     label = metadata_array(meta, "label", where)
     if not (p1.size == p2.size == label.size):
-        raise ToolkitFormatError(f"{where}: p1, p2 and label differ in length ({p1.size}, {p2.size}, {label.size})")
-    feats, templates = template_features(emb, per_face["templates"].astype(np.int64),
-                                         per_face["medias"].astype(np.int64), norms=norms if use_norm else None,
-                                         detector_scores=per_face["faceness_scores"] if use_detector_score else None)
+        raise ToolkitFormatError(
+            f"{where}: p1, p2 and label differ in length ({p1.size}, {p2.size}, {label.size})"
+        )
+    feats, templates = template_features(
+        emb,
+        per_face["templates"].astype(np.int64),
+        per_face["medias"].astype(np.int64),
+        norms=norms if use_norm else None,
+        detector_scores=per_face["faceness_scores"] if use_detector_score else None,
+    )
     scores = template_pair_scores(feats, templates, p1, p2)
-    result = verification_metrics(scores, label.astype(bool), n_folds=settings.n_folds,
-                                  far_targets=settings.far_targets, tar_far_convention=settings.tar_far_convention)
+    result = verification_metrics(
+        scores,
+        label.astype(bool),
+        n_folds=settings.n_folds,
+        far_targets=settings.far_targets,
+        tar_far_convention=settings.tar_far_convention,
+    )
     result.pop("kfold", None)  # accuracy is not an IJB metric
     result.pop("val_at_far", None)
-    result.update(num_faces=len(ts), num_templates=int(templates.size), use_norm=use_norm,
-                  use_detector_score=use_detector_score)
+    result.update(
+        num_faces=len(ts),
+        num_templates=int(templates.size),
+        use_norm=use_norm,
+        use_detector_score=use_detector_score,
+    )
     return result
 
 
-def evaluate_toolkit(handle, paths: Sequence[str | os.PathLike], settings, *, keypoint_source: str = "auto",
-                     landmarks: Sequence[str | os.PathLike | None] | None = None, ijb_use_norm: bool = False,
-                     ijb_use_detector_score: bool = True, ranks: Sequence[int] = (1, 5, 20)) -> dict:
-    """Every set under ``paths`` (toolkit sets, or folders of them such as ``facerec_val/``), each by its kind:
-    verification (10-fold accuracy, TAR@FAR), IJB 1:1 (TAR@FAR), TinyFace (rank-k).
+def evaluate_toolkit(
+    handle,
+    paths: Sequence[str | os.PathLike],
+    settings,
+    *,
+    keypoint_source: str = "auto",
+    landmarks: Sequence[str | os.PathLike | None] | None = None,
+    ijb_use_norm: bool = False,
+    ijb_use_detector_score: bool = True,
+    ranks: Sequence[int] = (1, 5, 20),
+) -> dict:
+    """Every set under ``paths`` (toolkit sets, or folders of them such as ``facerec_val/``), each by its
+    kind: verification (10-fold accuracy, TAR@FAR), IJB 1:1 (TAR@FAR), TinyFace (rank-k).
 
     IJB templates pool faces as the toolkit's headline number does (``Norm:False_Det:True``): unit face
     features weighted by detector score; ``ijb_use_norm`` keeps the feature norm too. ``landmarks[i]`` (a
@@ -364,9 +417,13 @@ def evaluate_toolkit(handle, paths: Sequence[str | os.PathLike], settings, *, ke
         emb, norms, cached = _embed(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=ts.name)
         if ts.kind == "verification":
             first, second, labels = verification_pairs(ts)
-            result = verification_metrics(pair_scores(emb, first, second), labels, n_folds=settings.n_folds,
-                                          far_targets=settings.far_targets,
-                                          tar_far_convention=settings.tar_far_convention)
+            result = verification_metrics(
+                pair_scores(emb, first, second),
+                labels,
+                n_folds=settings.n_folds,
+                far_targets=settings.far_targets,
+                tar_far_convention=settings.tar_far_convention,
+            )
         elif ts.kind == "ijb":
             result = _ijb_result(ts, emb, norms, settings, ijb_use_norm, ijb_use_detector_score)
         else:
@@ -375,29 +432,45 @@ def evaluate_toolkit(handle, paths: Sequence[str | os.PathLike], settings, *, ke
         sets[ts.name] = result
         kinds[ts.name] = kp_kind
     used = set(kinds.values())
-    return dict(protocol="CVLface evaluation toolkit", weights=str(handle.weights), model=handle.source,
-                flip=settings.flip,
-                mode="prealigned", keypoint_source=used.pop() if len(used) == 1 else kinds, sets=sets)
+    return dict(
+        protocol="CVLface evaluation toolkit",
+        weights=str(handle.weights),
+        model=handle.source,
+        flip=settings.flip,
+        mode="prealigned",
+        keypoint_source=used.pop() if len(used) == 1 else kinds,
+        sets=sets,
+    )
 
 
-# ------------------------------------------------------------------ TinyFace (toolkit set or original folders)
+# ------------------------------------------------------------------ TinyFace (toolkit set or original
+# folders)
 def tinyface_toolkit_result(ts, features: np.ndarray, ranks: Sequence[int] = TINYFACE_RANKS) -> dict:
     """Rank-k on a toolkit TinyFace set (``ts``: an opened :class:`kprpe.eval.toolkit.ToolkitSet`), with
     ``features[i]`` the unit flip-summed feature of the face with index ``i``."""
     where = ts.path / METADATA_FILE
     lists = {k: metadata_strings(ts.metadata, k, where) for k in TINYFACE_METADATA_KEYS}
     if len(lists["image_paths"]) != len(ts):
-        raise ToolkitFormatError(f"{where}: image_paths lists {len(lists['image_paths'])} images, the set has "
-                                 f"{len(ts)}")
+        raise ToolkitFormatError(
+            f"{where}: image_paths lists {len(lists['image_paths'])} images, the set has {len(ts)}"
+        )
     # the faces' own names, in index order; the metadata's image_paths only when the set has no path column
-    paths = ([str(p) for p in ts.column("path")] if "path" in ts.dataset.column_names else lists["image_paths"])
-    protocol = TinyFaceProtocol.from_paths(paths, lists["probe_paths"], lists["gallery_paths"],
-                                           lists["distractor_paths"], where=str(ts.path))
+    paths = [str(p) for p in ts.column("path")] if "path" in ts.dataset.column_names else lists["image_paths"]
+    protocol = TinyFaceProtocol.from_paths(
+        paths, lists["probe_paths"], lists["gallery_paths"], lists["distractor_paths"], where=str(ts.path)
+    )
     return tinyface_identification(features, protocol, ranks)
 
 
-def evaluate_tinyface(handle, path: str | os.PathLike, settings, *, keypoint_source: str = "auto",
-                      ranks: Sequence[int] = TINYFACE_RANKS, name: str | None = None) -> dict:
+def evaluate_tinyface(
+    handle,
+    path: str | os.PathLike,
+    settings,
+    *,
+    keypoint_source: str = "auto",
+    ranks: Sequence[int] = TINYFACE_RANKS,
+    name: str | None = None,
+) -> dict:
     """TinyFace rank-k from a CVLface toolkit folder or an original ``Testing_Set`` folder (Probe/,
     Gallery_Match/, Gallery_Distractor/; images taken as pre-aligned crops and resized to 112)."""
     from .images import image_face_source
@@ -412,8 +485,9 @@ def evaluate_tinyface(handle, path: str | os.PathLike, settings, *, keypoint_sou
         ts = open_toolkit_set(path)
         if ts.kind != "tinyface":
             raise ToolkitFormatError(f"{path}: a {ts.kind} set, not TinyFace (use `kprpe eval toolkit`)")
-        emb, _, cached = _embed(handle, toolkit_face_source(ts, kp_kind), settings, mode=f"prealigned:{kp_kind}",
-                                desc=ts.name)
+        emb, _, cached = _embed(
+            handle, toolkit_face_source(ts, kp_kind), settings, mode=f"prealigned:{kp_kind}", desc=ts.name
+        )
         result = tinyface_toolkit_result(ts, emb, ranks)
         layout = "CVLface toolkit"
     elif is_tinyface_folder(path):
@@ -423,16 +497,26 @@ def evaluate_tinyface(handle, path: str | os.PathLike, settings, *, keypoint_sou
         emb, _, cached = _embed(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=path.name)
         n_p, n_m = len(probes), len(matches)
         protocol = TinyFaceProtocol(
-            probe_rows=np.arange(n_p), match_rows=np.arange(n_p, n_p + n_m),
+            probe_rows=np.arange(n_p),
+            match_rows=np.arange(n_p, n_p + n_m),
             distractor_rows=np.arange(n_p + n_m, len(files)),
             probe_labels=np.array([tinyface_label(p) for p in probes], dtype=np.int64),
-            match_labels=np.array([tinyface_label(p) for p in matches], dtype=np.int64))
+            match_labels=np.array([tinyface_label(p) for p in matches], dtype=np.int64),
+        )
         result = tinyface_identification(emb, protocol, ranks)
         layout = "TinyFace folders"
     else:
-        raise DataFormatError(f"{path}: neither a CVLface toolkit TinyFace set (save_to_disk folder) nor a TinyFace "
-                              f"test folder with {', '.join(TINYFACE_FOLDERS)}")
+        raise DataFormatError(
+            f"{path}: neither a CVLface toolkit TinyFace set (save_to_disk folder) nor a TinyFace "
+            f"test folder with {', '.join(TINYFACE_FOLDERS)}"
+        )
     result.update(layout=layout, keypoint_source=kp_kind, embeddings_from_cache=cached)
-    return dict(protocol="TinyFace identification (rank-k)", weights=str(handle.weights), model=handle.source,
-                flip=settings.flip,
-                mode="prealigned", keypoint_source=kp_kind, sets={name or path.name: result})
+    return dict(
+        protocol="TinyFace identification (rank-k)",
+        weights=str(handle.weights),
+        model=handle.source,
+        flip=settings.flip,
+        mode="prealigned",
+        keypoint_source=kp_kind,
+        sets={name or path.name: result},
+    )

@@ -37,7 +37,9 @@ def _import_onnxruntime():
     try:
         import onnxruntime
     except ImportError as exc:
-        raise OnnxModelError(f"the onnx engine needs onnxruntime: pip install 'kprpe[onnx]' ({exc})") from None
+        raise OnnxModelError(
+            f"the onnx engine needs onnxruntime: pip install 'kprpe[onnx]' ({exc})"
+        ) from None
     return onnxruntime
 
 
@@ -58,7 +60,9 @@ class OnnxEngine:
 
     training = False
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, device: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, threads: int | None = None, device: str | None = None
+    ) -> None:
         ort = _import_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
@@ -71,7 +75,9 @@ class OnnxEngine:
         self.providers = _providers(device, ort)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
-        except Exception as exc:  # onnxruntime raises its own pybind exception types (InvalidProtobuf, Fail, ...)
+        except (
+            Exception
+        ) as exc:  # onnxruntime raises its own pybind exception types (InvalidProtobuf, Fail, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OnnxModelError(f"{self.path} is not a loadable ONNX model: {first[:300]}") from None
         self.threads = threads or options.intra_op_num_threads or os.cpu_count()
@@ -92,11 +98,19 @@ class OnnxEngine:
             )
         extra = sorted(set(inputs) - {"images", "keypoints"})
         if extra:
-            raise OnnxModelError(f"{self.path} has unexpected inputs {extra} (inputs: {listed}); export it with kprpe")
-        if "keypoints" in inputs and (len(inputs["keypoints"].shape) != 3 or inputs["keypoints"].shape[2] != 2):
-            raise OnnxModelError(f"{self.path}: input 'keypoints' must be (B, K, 2), got {inputs['keypoints'].shape}")
+            raise OnnxModelError(
+                f"{self.path} has unexpected inputs {extra} (inputs: {listed}); export it with kprpe"
+            )
+        if "keypoints" in inputs and (
+            len(inputs["keypoints"].shape) != 3 or inputs["keypoints"].shape[2] != 2
+        ):
+            raise OnnxModelError(
+                f"{self.path}: input 'keypoints' must be (B, K, 2), got {inputs['keypoints'].shape}"
+            )
         if "embedding" not in outputs:
-            raise OnnxModelError(f"{self.path} has no output 'embedding' (outputs: {outputs}); export it with kprpe")
+            raise OnnxModelError(
+                f"{self.path} has no output 'embedding' (outputs: {outputs}); export it with kprpe"
+            )
         shape = inputs["images"].shape
         kp_shape = inputs["keypoints"].shape if "keypoints" in inputs else None
         out_shape = self.session.get_outputs()[outputs.index("embedding")].shape
@@ -113,13 +127,21 @@ class OnnxEngine:
             except json.JSONDecodeError:
                 cfg = {}
         self.config = SimpleNamespace(
-            **{**cfg, "in_chans": static(shape[1], "channel count"), "img_size": static(shape[2], "image height"),
-               "num_keypoints": static(kp_shape[1], "keypoint count") if kp_shape else cfg.get("num_keypoints", 0),
-               "output_dim": static(out_shape[1], "embedding size"),
-               "rel_pos": cfg.get("rel_pos", "kprpe" if kp_shape else "none")}
+            **{
+                **cfg,
+                "in_chans": static(shape[1], "channel count"),
+                "img_size": static(shape[2], "image height"),
+                "num_keypoints": static(kp_shape[1], "keypoint count")
+                if kp_shape
+                else cfg.get("num_keypoints", 0),
+                "output_dim": static(out_shape[1], "embedding size"),
+                "rel_pos": cfg.get("rel_pos", "kprpe" if kp_shape else "none"),
+            }
         )
         if shape[3] != shape[2]:
-            raise OnnxModelError(f"{self.path}: images must be square, the graph expects {shape[2]}x{shape[3]}")
+            raise OnnxModelError(
+                f"{self.path}: images must be square, the graph expects {shape[2]}x{shape[3]}"
+            )
         self.uses_keypoints = kp_shape is not None
         self.precision = self.metadata.get("kprpe_precision", "float32")
 
@@ -147,8 +169,10 @@ class OnnxEngine:
 
     def to(self, device=None, *args, **kwargs) -> OnnxEngine:
         if device is not None and torch.device(device).type != "cpu":
-            raise OnnxModelError(f"the onnx engine takes CPU tensors; choose the provider with device= at load, "
-                                 f"not .to({device!r})")
+            raise OnnxModelError(
+                f"the onnx engine takes CPU tensors; choose the provider with device= at load, "
+                f"not .to({device!r})"
+            )
         return self
 
     def __repr__(self) -> str:
@@ -160,7 +184,9 @@ class OnnxEngine:
         cfg = self.config
         expected = f"(B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size})"
         if images.ndim != 4 or images.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
-            raise OnnxInputError(f"images must have shape {expected} for {self.path.name}, got {tuple(images.shape)}")
+            raise OnnxInputError(
+                f"images must have shape {expected} for {self.path.name}, got {tuple(images.shape)}"
+            )
         if images.shape[0] == 0:
             raise OnnxInputError("images is an empty batch (B = 0)")
         if not self.uses_keypoints:
@@ -173,10 +199,14 @@ class OnnxEngine:
         if keypoints is None:
             raise OnnxInputError(f"{self.path.name} is a KP-RPE model: it needs keypoints of shape {kexp}")
         if keypoints.shape != (images.shape[0], cfg.num_keypoints, 2):
-            raise OnnxInputError(f"keypoints must have shape {kexp} to match the images, got {tuple(keypoints.shape)}")
+            raise OnnxInputError(
+                f"keypoints must have shape {kexp} to match the images, got {tuple(keypoints.shape)}"
+            )
         if not np.isfinite(keypoints).all():
             bad = np.flatnonzero(~np.isfinite(keypoints).reshape(keypoints.shape[0], -1).all(1)).tolist()
-            raise OnnxInputError(f"keypoints contain NaN or inf (samples {bad}); every keypoint must be a finite (x, y)")
+            raise OnnxInputError(
+                f"keypoints contain NaN or inf (samples {bad}); every keypoint must be a finite (x, y)"
+            )
 
     @staticmethod
     def _array(value, name: str) -> np.ndarray:
@@ -205,6 +235,8 @@ class OnnxEngine:
         return torch.from_numpy(np.ascontiguousarray(self.run(images, keypoints), dtype=np.float32))
 
 
-def load_engine(path: str | os.PathLike, *, threads: int | None = None, device: str | None = None) -> OnnxEngine:
+def load_engine(
+    path: str | os.PathLike, *, threads: int | None = None, device: str | None = None
+) -> OnnxEngine:
     """An :class:`OnnxEngine` for ``path`` (a ``.onnx`` file written by ``kprpe export``)."""
     return OnnxEngine(path, threads=threads, device=device)

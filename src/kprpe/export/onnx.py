@@ -87,13 +87,15 @@ class ExportSpec:
                 "shape": ["batch", self.num_keypoints, 2],
                 "dtype": "float32",
                 "meaning": "(x, y) of each keypoint divided by the image width and height (0..1 inside the "
-                "image); faces: ArcFace order left eye, right eye, nose, left mouth corner, right mouth corner",
+                "image); faces: ArcFace order left eye, right eye, nose, left mouth corner, right mouth "
+                "corner",
             }
         outputs = {
             "embedding": {
                 "shape": ["batch", self.output_dim],
                 "dtype": "float32",
-                "meaning": "raw (un-normalised) embedding: L2-normalise it for cosine similarity; its norm is a "
+                "meaning": "raw (un-normalised) embedding: L2-normalise it for cosine similarity; its norm "
+                "is a "
                 "quality signal",
             }
         }
@@ -114,7 +116,9 @@ def export_spec(model: nn.Module) -> ExportSpec:
         if isinstance(model, module_type):
             return adapter(model)
     known = ", ".join(t.__name__ for t, _ in _ADAPTERS)
-    raise ExportError(f"cannot export a {type(model).__name__}: no export adapter for it (exportable: {known})")
+    raise ExportError(
+        f"cannot export a {type(model).__name__}: no export adapter for it (exportable: {known})"
+    )
 
 
 # ------------------------------------------------------------------------------------------ ViT family
@@ -138,8 +142,9 @@ def _vit_adapter(model: nn.Module) -> ExportSpec:
     cfg = model.config
     # same weights, the export-friendly kernels: fused attention (traced to MatMul/Softmax; iRPE keeps its
     # explicit softmax by itself) and the gather bias path (no Python-side caches)
-    export_cfg = dataclasses.replace(cfg, attn_impl="sdpa", kp_bias_impl="gather", drop_rate=0.0,
-                                     attn_drop_rate=0.0, drop_path_rate=0.0)
+    export_cfg = dataclasses.replace(
+        cfg, attn_impl="sdpa", kp_bias_impl="gather", drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0
+    )
     clone = VisionTransformer(export_cfg)
     clone.load_state_dict(model.state_dict())
     clone.eval()
@@ -236,15 +241,25 @@ def export_onnx(
         try:
             with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")  # tracer warnings about Python shapes: every shape is static
-                torch.onnx.export(spec.module, args, str(traced), input_names=names, output_names=["embedding"],
-                                  dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True,
-                                  dynamo=False)
+                torch.onnx.export(
+                    spec.module,
+                    args,
+                    str(traced),
+                    input_names=names,
+                    output_names=["embedding"],
+                    dynamic_axes=dynamic,
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
         except Exception as exc:  # the exporter raises many types; name the model and keep the cause
             raise ExportError(f"ONNX export of {source} failed: {type(exc).__name__}: {exc}") from exc
         proto = onnx.load(str(traced))
         custom = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
         if custom:
-            raise ExportError(f"the exported graph uses custom operator domains {custom}; expected standard ONNX")
+            raise ExportError(
+                f"the exported graph uses custom operator domains {custom}; expected standard ONNX"
+            )
         if fp16:
             proto = _to_float16(proto)
         meta = {

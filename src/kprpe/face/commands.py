@@ -53,10 +53,18 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, *, all_faces: bool = 
         help="aligned: similarity transform to the ArcFace template (default); unaligned: detector box "
         "resized to 112, keypoints follow; prealigned: inputs already are 112x112 crops",
     )
-    group.add_argument("--detector", choices=("hog", "cnn"), default="hog",
-                       help="dlib face detector: hog (fast, default) or cnn (more robust, slow on CPU)")
-    group.add_argument("--landmark-model", choices=("68", "5"), default="68",
-                       help="dlib shape model: 68 points (default) or 5 points (mouth corners estimated)")
+    group.add_argument(
+        "--detector",
+        choices=("hog", "cnn"),
+        default="hog",
+        help="dlib face detector: hog (fast, default) or cnn (more robust, slow on CPU)",
+    )
+    group.add_argument(
+        "--landmark-model",
+        choices=("68", "5"),
+        default="68",
+        help="dlib shape model: 68 points (default) or 5 points (mouth corners estimated)",
+    )
     group.add_argument(
         "--upsample",
         type=_upsample,
@@ -67,10 +75,16 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, *, all_faces: bool = 
     group.add_argument(
         "--min-face-size", type=float, default=0.0, help="ignore faces smaller than this many pixels"
     )
-    group.add_argument("--landmarks", metavar="FILE",
-                       help="use keypoints from this CSV/JSON file (any external detector) instead of dlib")
-    group.add_argument("--landmarks-normalized", action="store_true",
-                       help="coordinates in --landmarks are fractions of image width/height, not pixels")
+    group.add_argument(
+        "--landmarks",
+        metavar="FILE",
+        help="use keypoints from this CSV/JSON file (any external detector) instead of dlib",
+    )
+    group.add_argument(
+        "--landmarks-normalized",
+        action="store_true",
+        help="coordinates in --landmarks are fractions of image width/height, not pixels",
+    )
     if all_faces:
         group.add_argument("--all-faces", action="store_true", help="keep every face, not only the largest")
     add_quiet_option(parser)
@@ -134,9 +148,15 @@ def _require_finite(values, what: str, weights) -> None:
     """NaN or infinite embeddings come from broken weights (e.g. a diverged training run): refuse them."""
     values = np.asarray(values, dtype=np.float64)
     if not np.isfinite(values).all():
-        bad = int((~np.isfinite(values.reshape(len(values), -1) if values.ndim else values.reshape(1, 1))).any(-1).sum())
-        raise CommandError(f"the model produced non-finite {what} ({bad} affected) with weights {weights}; "
-                           "the checkpoint is broken (did its training diverge?) — nothing was written")
+        bad = int(
+            (~np.isfinite(values.reshape(len(values), -1) if values.ndim else values.reshape(1, 1)))
+            .any(-1)
+            .sum()
+        )
+        raise CommandError(
+            f"the model produced non-finite {what} ({bad} affected) with weights {weights}; "
+            "the checkpoint is broken (did its training diverge?) — nothing was written"
+        )
 
 
 def _print_json(payload: dict) -> None:
@@ -189,8 +209,15 @@ def _cmd_align(args: argparse.Namespace) -> int:
         failures = _report_failures("align", batch)
         if failures:
             write_csv(folder / "failures.csv", ["file", "reason"], batch.failures)
-    _print_json({"output": str(out), "landmarks": str(out / "landmarks.csv"), "faces": len(rows),
-                 "images": len({r.source for r in batch.records}) + len(failures), "failures": failures})
+    _print_json(
+        {
+            "output": str(out),
+            "landmarks": str(out / "landmarks.csv"),
+            "faces": len(rows),
+            "images": len({r.source for r in batch.records}) + len(failures),
+            "failures": failures,
+        }
+    )
     return _status(batch)
 
 
@@ -216,7 +243,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         embeddings=unit,
         norms=norms,
         keypoints=np.asarray([r.face.keypoints for r in batch.records], dtype=np.float32).reshape(
-            -1, embedder.num_keypoints, 2),
+            -1, embedder.num_keypoints, 2
+        ),
         failures=np.asarray(batch.failures, dtype=str).reshape(-1, 2),
         metadata=np.asarray(json.dumps(metadata)),
     )
@@ -254,8 +282,13 @@ def _threshold(args: argparse.Namespace, embedder: FaceEmbedder):
     """--threshold, else the calibration beside --weights (kprpe eval ... --calibrate), else the default."""
     from ..thresholds import resolve_threshold
 
-    return resolve_threshold(args.threshold, args.weights, model_fingerprint=embedder.fingerprint,
-                             flip=embedder.flip, default=DEFAULT_THRESHOLD)
+    return resolve_threshold(
+        args.threshold,
+        args.weights,
+        model_fingerprint=embedder.fingerprint,
+        flip=embedder.flip,
+        default=DEFAULT_THRESHOLD,
+    )
 
 
 def _cmd_search_enrol(args: argparse.Namespace) -> int:
@@ -268,13 +301,25 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
         index = GalleryIndex.load(output, backend=args.backend)
         index.check_compatible(embedder.fingerprint, embedder.output_dim)
     else:
-        metadata = {"model_fingerprint": embedder.fingerprint, "output_dim": embedder.output_dim,
-                    "flip": embedder.flip, "pipeline": pipeline.describe(), "weights": str(args.weights)}
-        index = GalleryIndex(embedder.output_dim, metadata=metadata, backend=args.backend,
-                             approximate_above=args.approximate_above, nlist=args.nlist,
-                             nprobe=args.nprobe or DEFAULT_NPROBE)
+        metadata = {
+            "model_fingerprint": embedder.fingerprint,
+            "output_dim": embedder.output_dim,
+            "flip": embedder.flip,
+            "pipeline": pipeline.describe(),
+            "weights": str(args.weights),
+        }
+        index = GalleryIndex(
+            embedder.output_dim,
+            metadata=metadata,
+            backend=args.backend,
+            approximate_above=args.approximate_above,
+            nlist=args.nlist,
+            nprobe=args.nprobe or DEFAULT_NPROBE,
+        )
     try:
-        failures = enrol_gallery(index, args.gallery, pipeline=pipeline, embedder=embedder, progress=not args.quiet)
+        failures = enrol_gallery(
+            index, args.gallery, pipeline=pipeline, embedder=embedder, progress=not args.quiet
+        )
     except FaceIndexError as exc:
         raise CommandError(str(exc)) from None
     for path, reason in failures:
@@ -282,8 +327,14 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     if len(index) == 0:
         raise CommandError(f"no identity in {args.gallery} had a usable face; nothing enrolled")
     index.save(output)
-    _print_json({"output": str(output), "identities": len(index), "index": index.describe(),
-                 "failures": [{"file": p, "reason": r} for p, r in failures]})
+    _print_json(
+        {
+            "output": str(output),
+            "identities": len(index),
+            "index": index.describe(),
+            "failures": [{"file": p, "reason": r} for p, r in failures],
+        }
+    )
     return 1 if failures else 0
 
 
@@ -312,12 +363,25 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
     hits = index.search(unit, k=args.top_k)
     failures = _report_failures("search", batch)
     results = [
-        {"name": record.name, "file": record.source, "face_index": record.face_index,
-         "matches": [{"identity": h.identity, "score": h.score, "same": h.score >= choice.threshold} for h in row]}
+        {
+            "name": record.name,
+            "file": record.source,
+            "face_index": record.face_index,
+            "matches": [
+                {"identity": h.identity, "score": h.score, "same": h.score >= choice.threshold} for h in row
+            ],
+        }
         for record, row in zip(batch.records, hits, strict=True)
     ]
-    _print_json({"index": str(args.index), "threshold": choice.threshold, "threshold_source": choice.source,
-                 "results": results, "failures": failures})
+    _print_json(
+        {
+            "index": str(args.index),
+            "threshold": choice.threshold,
+            "threshold_source": choice.source,
+            "results": results,
+            "failures": failures,
+        }
+    )
     return _status(batch)
 
 
@@ -325,14 +389,27 @@ def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
     from .index import DEFAULT_APPROXIMATE_ABOVE, INDEX_BACKENDS
 
     group = parser.add_argument_group("index")
-    group.add_argument("--backend", choices=INDEX_BACKENDS, default="auto",
-                       help="faiss, numpy (exact, no dependency) or auto (faiss when installed; default)")
-    group.add_argument("--nprobe", type=int, default=None,
-                       help="IVF lists searched per query once the index is approximate (recall vs speed)")
+    group.add_argument(
+        "--backend",
+        choices=INDEX_BACKENDS,
+        default="auto",
+        help="faiss, numpy (exact, no dependency) or auto (faiss when installed; default)",
+    )
+    group.add_argument(
+        "--nprobe",
+        type=int,
+        default=None,
+        help="IVF lists searched per query once the index is approximate (recall vs speed)",
+    )
     if build:
-        group.add_argument("--approximate-above", type=int, default=DEFAULT_APPROXIMATE_ABOVE, metavar="N",
-                           help=f"switch to an IVF index at N identities (default {DEFAULT_APPROXIMATE_ABOVE}; "
-                                "0 = always exact)")
+        group.add_argument(
+            "--approximate-above",
+            type=int,
+            default=DEFAULT_APPROXIMATE_ABOVE,
+            metavar="N",
+            help=f"switch to an IVF index at N identities (default {DEFAULT_APPROXIMATE_ABOVE}; "
+            "0 = always exact)",
+        )
         group.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(identities))")
 
 
@@ -373,9 +450,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="cosine similarity at or above which the faces count as the same (default: the calibration "
-                        f"beside --weights from 'kprpe eval ... --calibrate FAR', else {DEFAULT_THRESHOLD})")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="cosine similarity at or above which the faces count as the same (default: the calibration "
+        f"beside --weights from 'kprpe eval ... --calibrate FAR', else {DEFAULT_THRESHOLD})",
+    )
     p.add_argument(
         "--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score"
     )
@@ -383,10 +464,13 @@ def register(subparsers) -> None:
     add_model_options(p)
     p.set_defaults(func=_cmd_verify)
 
-    p = subparsers.add_parser("search", help="enrol a gallery of identities, then identify query faces",
-                              description="'kprpe search enrol GALLERY -o index.npz' then "
-                                          "'kprpe search query IMAGES --index index.npz'; 'kprpe search remove "
-                                          "NAMES --index index.npz'. FAISS when installed, NumPy otherwise.")
+    p = subparsers.add_parser(
+        "search",
+        help="enrol a gallery of identities, then identify query faces",
+        description="'kprpe search enrol GALLERY -o index.npz' then "
+        "'kprpe search query IMAGES --index index.npz'; 'kprpe search remove "
+        "NAMES --index index.npz'. FAISS when installed, NumPy otherwise.",
+    )
     search_sub = p.add_subparsers(dest="search_command", metavar="ACTION", required=True)
     e = search_sub.add_parser(
         "enrol",
@@ -397,8 +481,11 @@ def register(subparsers) -> None:
     )
     e.add_argument("gallery", metavar="GALLERY")
     add_output_option(e, help="index file to write (.npz)", metavar="INDEX")
-    e.add_argument("--append", action="store_true",
-                   help="add to INDEX if it exists (new identities are added, existing ones pool the new images)")
+    e.add_argument(
+        "--append",
+        action="store_true",
+        help="add to INDEX if it exists (new identities are added, existing ones pool the new images)",
+    )
     _add_pipeline_options(e, all_faces=False)
     add_model_options(e)
     _add_index_options(e, build=True)
@@ -412,9 +499,13 @@ def register(subparsers) -> None:
     q.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
     q.add_argument("--index", required=True, metavar="INDEX")
     q.add_argument("-k", "--top-k", type=int, default=5, help="identities to return per face (default 5)")
-    q.add_argument("--threshold", type=float, default=None,
-                   help="score at or above which a match counts as the same person (default: the calibration beside "
-                        f"--weights, else {DEFAULT_THRESHOLD})")
+    q.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="score at or above which a match counts as the same person (default: the calibration beside "
+        f"--weights, else {DEFAULT_THRESHOLD})",
+    )
     _add_pipeline_options(q)
     add_model_options(q)
     _add_index_options(q, build=False)

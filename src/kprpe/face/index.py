@@ -70,7 +70,9 @@ def _faiss():
 
 def _check_name(name) -> str:
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise GalleryIndexError(f"identity names must be non-empty strings without NUL characters, got {name!r}")
+        raise GalleryIndexError(
+            f"identity names must be non-empty strings without NUL characters, got {name!r}"
+        )
     return name
 
 
@@ -82,9 +84,16 @@ class GalleryIndex:
     ``nlist``: IVF lists (default ``sqrt(N)``); ``nprobe``: lists visited per query (recall vs speed).
     """
 
-    def __init__(self, dim: int, *, metadata: dict | None = None, backend: str = "auto",
-                 approximate_above: int | None = DEFAULT_APPROXIMATE_ABOVE, nlist: int | None = None,
-                 nprobe: int = DEFAULT_NPROBE) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        metadata: dict | None = None,
+        backend: str = "auto",
+        approximate_above: int | None = DEFAULT_APPROXIMATE_ABOVE,
+        nlist: int | None = None,
+        nprobe: int = DEFAULT_NPROBE,
+    ) -> None:
         if backend not in INDEX_BACKENDS:
             raise GalleryIndexError(f"unknown index backend {backend!r}; choose one of {INDEX_BACKENDS}")
         if dim <= 0:
@@ -92,7 +101,9 @@ class GalleryIndex:
         if nprobe <= 0:
             raise GalleryIndexError(f"nprobe must be positive, got {nprobe}")
         if approximate_above is not None and approximate_above < 0:
-            raise GalleryIndexError(f"approximate_above must be >= 0 (0: always exact), got {approximate_above}")
+            raise GalleryIndexError(
+                f"approximate_above must be >= 0 (0: always exact), got {approximate_above}"
+            )
         if nlist is not None and nlist <= 0:
             raise GalleryIndexError(f"nlist must be positive, got {nlist}")
         if backend == "auto":
@@ -132,8 +143,12 @@ class GalleryIndex:
         return self._templates[self._lookup(name)].copy()
 
     def describe(self) -> dict:
-        info = {"backend": self.backend, "kind": self.kind, "identities": len(self),
-                "approximate_above": self.approximate_above or None}
+        info = {
+            "backend": self.backend,
+            "kind": self.kind,
+            "identities": len(self),
+            "approximate_above": self.approximate_above or None,
+        }
         if self.kind == "ivf":
             info.update(nlist=int(self._faiss_index.nlist), nprobe=self.nprobe)
         return info
@@ -164,7 +179,9 @@ class GalleryIndex:
             rows = np.asarray(rows, dtype=np.float64)
             rows = rows[None] if rows.ndim == 1 else rows
             if rows.ndim != 2 or rows.shape[1] != self.dim:
-                raise GalleryIndexError(f"identity {name!r}: embeddings must be (n, {self.dim}), got {rows.shape}")
+                raise GalleryIndexError(
+                    f"identity {name!r}: embeddings must be (n, {self.dim}), got {rows.shape}"
+                )
             names.extend([name] * rows.shape[0])
             blocks.append(rows)
         if names:
@@ -179,10 +196,12 @@ class GalleryIndex:
         names = [_check_name(name) for name in names]
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or embeddings.shape != (len(names), self.dim):
-            raise GalleryIndexError(f"embeddings must be ({len(names)}, {self.dim}) for {len(names)} names, "
-                                    f"got {embeddings.shape}")
+            raise GalleryIndexError(
+                f"embeddings must be ({len(names)}, {self.dim}) for {len(names)} names, "
+                f"got {embeddings.shape}"
+            )
         for start in range(0, len(names), chunk_rows):
-            rows = embeddings[start:start + chunk_rows].astype(np.float64)
+            rows = embeddings[start : start + chunk_rows].astype(np.float64)
             if not np.isfinite(rows).all():
                 bad = start + int(np.nonzero(~np.isfinite(rows).all(axis=1))[0][0])
                 raise GalleryIndexError(f"identity {names[bad]!r}: embedding {bad} contains NaN or infinity")
@@ -192,8 +211,8 @@ class GalleryIndex:
                 raise GalleryIndexError(f"identity {names[bad]!r}: embedding {bad} has zero norm")
         self._grow(len(set(names).difference(self._slot)))  # one allocation for the whole batch
         for start in range(0, len(names), chunk_rows):
-            rows = embeddings[start:start + chunk_rows].astype(np.float64)
-            self._pool(names[start:start + chunk_rows], rows / np.linalg.norm(rows, axis=1, keepdims=True))
+            rows = embeddings[start : start + chunk_rows].astype(np.float64)
+            self._pool(names[start : start + chunk_rows], rows / np.linalg.norm(rows, axis=1, keepdims=True))
 
     def _pool(self, names: list[str], unit: np.ndarray) -> None:
         unique, inverse = np.unique(np.asarray(names, dtype=str), return_inverse=True)
@@ -210,7 +229,9 @@ class GalleryIndex:
         pooled[known] += self._templates[existing].astype(np.float64) * self._sum_norms[existing, None]
         norm = np.linalg.norm(pooled, axis=1)
         if (norm < 1e-12).any():  # the images cancel out exactly: no direction to keep
-            raise GalleryIndexError(f"identity {unique[int(np.argmin(norm))]!r}: pooled embeddings sum to zero")
+            raise GalleryIndexError(
+                f"identity {unique[int(np.argmin(norm))]!r}: pooled embeddings sum to zero"
+            )
         new_names = [name for name in unique if name not in self._slot]
         self._grow(len(new_names))
         for name in new_names:
@@ -270,7 +291,7 @@ class GalleryIndex:
             sample = np.sort(np.random.default_rng(0).choice(live, 64 * nlist, replace=False))
         ivf.train(np.ascontiguousarray(self._templates[sample]))
         for start in range(0, live.size, 100_000):
-            part = live[start:start + 100_000]
+            part = live[start : start + 100_000]
             ivf.add_with_ids(np.ascontiguousarray(self._templates[part]), part)
         ivf.nprobe = self.nprobe
         self._faiss_index, self.kind = ivf, "ivf"
@@ -293,7 +314,9 @@ class GalleryIndex:
         if queries.ndim == 1:
             queries = queries[None]
         if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise GalleryIndexError(f"queries are {queries.shape[1:]}-shaped but the index holds {self.dim}-d templates")
+            raise GalleryIndexError(
+                f"queries are {queries.shape[1:]}-shaped but the index holds {self.dim}-d templates"
+            )
         if not np.isfinite(queries).all():
             raise GalleryIndexError("queries contain NaN or infinity")
         width = min(k, len(self))
@@ -309,8 +332,10 @@ class GalleryIndex:
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[SearchHit]]:
         """Top-``k`` identities (cosine similarity, best first) for each unit query embedding."""
         rows, scores = self.search_rows(queries, k)
-        return [[SearchHit(self._names[r], float(s)) for r, s in zip(row, score, strict=True) if r >= 0]
-                for row, score in zip(rows, scores, strict=True)]
+        return [
+            [SearchHit(self._names[r], float(s)) for r, s in zip(row, score, strict=True) if r >= 0]
+            for row, score in zip(rows, scores, strict=True)
+        ]
 
     # ----------------------------------------------------------------------------------------- model check
 
@@ -320,17 +345,25 @@ class GalleryIndex:
         if expected and expected != fingerprint:
             raise GalleryIndexError(
                 "the index was enrolled with different weights than the query model "
-                f"(fingerprint {expected[:12]}... vs {fingerprint[:12]}...); re-enrol or use the same --weights")
+                f"(fingerprint {expected[:12]}... vs {fingerprint[:12]}...); re-enrol or use the same "
+                "--weights"
+            )
         if output_dim and output_dim != self.dim:
-            raise GalleryIndexError(f"index templates are {self.dim}-d but the model gives {output_dim}-d embeddings")
+            raise GalleryIndexError(
+                f"index templates are {self.dim}-d but the model gives {output_dim}-d embeddings"
+            )
 
     # -------------------------------------------------------------------------------------------- files
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index atomically as a pickle-free ``.npz``."""
         size = len(self._names)
-        settings = {"approximate_above": self.approximate_above, "nlist": self.nlist, "nprobe": self.nprobe,
-                    "kind": self.kind}
+        settings = {
+            "approximate_above": self.approximate_above,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "kind": self.kind,
+        }
         metadata = {**self.metadata, "format": GALLERY_INDEX_FORMAT, "dim": self.dim, "index": settings}
         arrays = dict(
             metadata=np.asarray(json.dumps(metadata)),
@@ -348,8 +381,14 @@ class GalleryIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, backend: str = "auto", nprobe: int | None = None,
-             approximate_above: int | None = None) -> GalleryIndex:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        backend: str = "auto",
+        nprobe: int | None = None,
+        approximate_above: int | None = None,
+    ) -> GalleryIndex:
         """Read an index written by :meth:`save` (or a v1 ``FaceIndex`` file). Never unpickles."""
         path = Path(path)
         if not path.is_file():
@@ -368,20 +407,30 @@ class GalleryIndex:
         if not isinstance(metadata, dict):
             raise GalleryIndexError(f"index file {path} has no metadata object; not a kprpe index")
         if metadata.get("format") == LEGACY_INDEX_FORMAT:
-            return cls._from_legacy(path, arrays, metadata, backend=backend, nprobe=nprobe,
-                                    approximate_above=approximate_above)
+            return cls._from_legacy(
+                path, arrays, metadata, backend=backend, nprobe=nprobe, approximate_above=approximate_above
+            )
         if metadata.get("format") != GALLERY_INDEX_FORMAT:
-            raise GalleryIndexError(f"index file {path}: unknown format {metadata.get('format')!r} "
-                                    f"(expected {GALLERY_INDEX_FORMAT})")
+            raise GalleryIndexError(
+                f"index file {path}: unknown format {metadata.get('format')!r} "
+                f"(expected {GALLERY_INDEX_FORMAT})"
+            )
         missing = [k for k in ("names", "templates", "sum_norms", "counts") if k not in arrays]
         if missing:
             raise GalleryIndexError(f"index file {path} lacks arrays {missing}")
         names = [str(n) for n in arrays["names"].tolist()]
         templates, sum_norms, counts = arrays["templates"], arrays["sum_norms"], arrays["counts"]
         size = len(names)
-        if templates.ndim != 2 or templates.shape[0] != size or sum_norms.shape != (size,) or counts.shape != (size,):
-            raise GalleryIndexError(f"index file {path}: array shapes disagree (names {size}, templates "
-                                    f"{templates.shape}, sum_norms {sum_norms.shape}, counts {counts.shape})")
+        if (
+            templates.ndim != 2
+            or templates.shape[0] != size
+            or sum_norms.shape != (size,)
+            or counts.shape != (size,)
+        ):
+            raise GalleryIndexError(
+                f"index file {path}: array shapes disagree (names {size}, templates "
+                f"{templates.shape}, sum_norms {sum_norms.shape}, counts {counts.shape})"
+            )
         live = [n for n in names if n]
         if len(set(live)) != len(live):
             raise GalleryIndexError(f"index file {path}: identity names repeat")
@@ -390,11 +439,16 @@ class GalleryIndex:
         settings = metadata.pop("index", {}) or {}
         for key in ("format", "dim"):
             metadata.pop(key, None)
-        index = cls(int(templates.shape[1]), metadata=metadata, backend=backend,
-                    approximate_above=settings.get("approximate_above") if approximate_above is None
-                    else approximate_above,
-                    nlist=settings.get("nlist"),
-                    nprobe=nprobe if nprobe is not None else int(settings.get("nprobe") or DEFAULT_NPROBE))
+        index = cls(
+            int(templates.shape[1]),
+            metadata=metadata,
+            backend=backend,
+            approximate_above=settings.get("approximate_above")
+            if approximate_above is None
+            else approximate_above,
+            nlist=settings.get("nlist"),
+            nprobe=nprobe if nprobe is not None else int(settings.get("nprobe") or DEFAULT_NPROBE),
+        )
         index._names = names
         index._slot = {n: i for i, n in enumerate(names) if n}
         index._templates = np.ascontiguousarray(templates, dtype=np.float32)
@@ -407,15 +461,21 @@ class GalleryIndex:
                 try:
                     ivf = faiss.deserialize_index(np.ascontiguousarray(arrays["faiss_ivf"], dtype=np.uint8))
                 except RuntimeError as exc:
-                    raise GalleryIndexError(f"index file {path}: the FAISS part cannot be read ({exc})") from None
+                    raise GalleryIndexError(
+                        f"index file {path}: the FAISS part cannot be read ({exc})"
+                    ) from None
                 if ivf.ntotal != len(index) or ivf.d != index.dim:
-                    raise GalleryIndexError(f"index file {path}: the FAISS part holds {ivf.ntotal} x {ivf.d}, "
-                                            f"expected {len(index)} x {index.dim}")
+                    raise GalleryIndexError(
+                        f"index file {path}: the FAISS part holds {ivf.ntotal} x {ivf.d}, "
+                        f"expected {len(index)} x {index.dim}"
+                    )
                 ivf.nprobe = index.nprobe
                 index._faiss_index, index.kind = ivf, "ivf"
             else:
                 live_slots = np.nonzero(index._counts > 0)[0].astype(np.int64)
-                index._faiss_index.add_with_ids(np.ascontiguousarray(index._templates[live_slots]), live_slots)
+                index._faiss_index.add_with_ids(
+                    np.ascontiguousarray(index._templates[live_slots]), live_slots
+                )
                 if index.approximate_above and len(index) >= index.approximate_above:
                     index.build_approximate()
         return index
@@ -430,16 +490,21 @@ class GalleryIndex:
         legacy = FaceIndex(arrays["identities"].tolist(), arrays["embeddings"], arrays["counts"], metadata)
         meta = {k: v for k, v in metadata.items() if k != "format"}
         backend = options.get("backend") or "auto"
-        index = cls(int(legacy.embeddings.shape[1]) or 1, metadata=meta, backend=backend,
-                    approximate_above=options.get("approximate_above") or DEFAULT_APPROXIMATE_ABOVE,
-                    nprobe=options["nprobe"] if options.get("nprobe") is not None else DEFAULT_NPROBE)
+        index = cls(
+            int(legacy.embeddings.shape[1]) or 1,
+            metadata=meta,
+            backend=backend,
+            approximate_above=options.get("approximate_above") or DEFAULT_APPROXIMATE_ABOVE,
+            nprobe=options["nprobe"] if options.get("nprobe") is not None else DEFAULT_NPROBE,
+        )
         for name, template, count in zip(legacy.identities, legacy.embeddings, legacy.counts, strict=True):
             index.add({str(name): np.repeat(template[None].astype(np.float64), max(int(count), 1), axis=0)})
         return index
 
 
-def enrol_gallery(index: GalleryIndex, gallery: str | os.PathLike, *, pipeline, embedder,
-                  progress: bool = True) -> list[tuple[str, str]]:
+def enrol_gallery(
+    index: GalleryIndex, gallery: str | os.PathLike, *, pipeline, embedder, progress: bool = True
+) -> list[tuple[str, str]]:
     """Embed ``GALLERY/<identity>/<images>`` (largest face each) and pool them into ``index`` (new identities
     are created, existing ones grow). Returns the images and identities that failed, with reasons."""
     from .pipeline import FacePipeline
@@ -447,7 +512,9 @@ def enrol_gallery(index: GalleryIndex, gallery: str | os.PathLike, *, pipeline, 
 
     per_identity_paths = gallery_images(gallery)
     identity_of = {str(p): name for name, paths in per_identity_paths.items() for p in paths}
-    single = FacePipeline(pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size)
+    single = FacePipeline(
+        pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size
+    )
     batch = single.process([p for paths in per_identity_paths.values() for p in paths], progress=progress)
     unit, _ = embedder.embed_faces([record.face for record in batch.records])
     names = [identity_of[record.source] for record in batch.records]
@@ -455,7 +522,9 @@ def enrol_gallery(index: GalleryIndex, gallery: str | os.PathLike, *, pipeline, 
     embedded = set(names)
     for name in per_identity_paths:
         if name not in embedded:
-            failures.append((str(Path(gallery) / name), "identity dropped: no usable face in any of its images"))
+            failures.append(
+                (str(Path(gallery) / name), "identity dropped: no usable face in any of its images")
+            )
     if names:
         index.add_embeddings(names, unit)
     return failures

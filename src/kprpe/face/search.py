@@ -165,10 +165,14 @@ class FaceIndex:
         except json.JSONDecodeError as exc:
             raise FaceIndexError(f"index file {path}: metadata is not JSON ({exc})") from None
         if not isinstance(metadata, dict):
-            raise FaceIndexError(f"index file {path}: metadata is a JSON {type(metadata).__name__}, expected an object")
+            raise FaceIndexError(
+                f"index file {path}: metadata is a JSON {type(metadata).__name__}, expected an object"
+            )
         if data["identities"].dtype.kind != "U" or data["embeddings"].dtype.kind != "f":
-            raise FaceIndexError(f"index file {path}: identities must be strings and embeddings floats, got "
-                                 f"{data['identities'].dtype} and {data['embeddings'].dtype}")
+            raise FaceIndexError(
+                f"index file {path}: identities must be strings and embeddings floats, got "
+                f"{data['identities'].dtype} and {data['embeddings'].dtype}"
+            )
         if metadata.get("format") != INDEX_FORMAT:
             raise FaceIndexError(
                 f"index file {path}: unknown format {metadata.get('format')!r} (expected {INDEX_FORMAT})"
@@ -211,8 +215,10 @@ class FaceIndex:
                 "embeddings"
             )
         top, scores = exact_top_k(queries, self.embeddings, k)
-        return [[SearchHit(self.identities[j], float(s)) for j, s in zip(row, score, strict=True)]
-                for row, score in zip(top, scores, strict=True)]
+        return [
+            [SearchHit(self.identities[j], float(s)) for j, s in zip(row, score, strict=True)]
+            for row, score in zip(top, scores, strict=True)
+        ]
 
     def search_faces(self, faces: Sequence, embedder: FaceEmbedder, k: int = 5) -> list[list[SearchHit]]:
         self.check_compatible(embedder)
@@ -220,8 +226,13 @@ class FaceIndex:
         return self.search(unit, k)
 
 
-def exact_top_k(queries: np.ndarray, templates: np.ndarray, k: int, valid: np.ndarray | None = None,
-                chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def exact_top_k(
+    queries: np.ndarray,
+    templates: np.ndarray,
+    k: int,
+    valid: np.ndarray | None = None,
+    chunk_rows: int = 65536,
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` rows of ``templates`` by inner product (float64) for each query.
 
     Ranking: score descending, ties by lower row first (what a stable ``argsort`` gives). Works through the
@@ -238,16 +249,18 @@ def exact_top_k(queries: np.ndarray, templates: np.ndarray, k: int, valid: np.nd
         return np.zeros((queries.shape[0], 0), np.int64), np.zeros((queries.shape[0], 0), np.float64)
     picked_rows, picked_scores = [], []
     for start in range(0, count, chunk_rows):
-        block = np.asarray(templates[start:start + chunk_rows], dtype=np.float64)
+        block = np.asarray(templates[start : start + chunk_rows], dtype=np.float64)
         scores = queries @ block.T
         if valid is not None:
-            scores[:, ~valid[start:start + block.shape[0]]] = -np.inf
+            scores[:, ~valid[start : start + block.shape[0]]] = -np.inf
         take = min(width, block.shape[0])
         if take < block.shape[0]:
             part = np.argpartition(-scores, take - 1, axis=1)[:, :take]
             kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
             ties = np.count_nonzero(scores >= kth[:, None], axis=1) > take
-            for row in np.nonzero(ties)[0]:  # rare: equal scores at the cut; keep the lowest rows like argsort
+            for row in np.nonzero(ties)[
+                0
+            ]:  # rare: equal scores at the cut; keep the lowest rows like argsort
                 part[row] = np.argsort(-scores[row], kind="stable")[:take]
         else:
             part = np.broadcast_to(np.arange(block.shape[0]), scores.shape).copy()

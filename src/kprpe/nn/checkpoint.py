@@ -92,10 +92,14 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             try:
                 saved = json.loads(metadata[CONFIG_METADATA_KEY])
             except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{path}: the embedded {CONFIG_METADATA_KEY} is not JSON ({exc})") from None
+                raise CheckpointError(
+                    f"{path}: the embedded {CONFIG_METADATA_KEY} is not JSON ({exc})"
+                ) from None
             if not isinstance(saved, dict):
-                raise CheckpointError(f"{path}: the embedded {CONFIG_METADATA_KEY} is a JSON {type(saved).__name__}, "
-                                      "expected an object of model config fields")
+                raise CheckpointError(
+                    f"{path}: the embedded {CONFIG_METADATA_KEY} is a JSON {type(saved).__name__}, "
+                    "expected an object of model config fields"
+                )
             config = {CONFIG_METADATA_KEY: saved}
     elif path.suffix in _PICKLE_SUFFIXES:
         try:
@@ -125,7 +129,9 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
                 except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
                     raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
                 if not isinstance(config, dict):
-                    raise CheckpointError(f"{cfg_path} holds a JSON {type(config).__name__}, expected an object")
+                    raise CheckpointError(
+                        f"{cfg_path} holds a JSON {type(config).__name__}, expected an object"
+                    )
                 break
     return state, config
 
@@ -220,8 +226,10 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
     depth = max(blocks) + 1
     if len(blocks) != depth:  # one stray 'blocks.3000.*' key must not build 3001 blocks
         gaps = sorted(set(range(depth)) - blocks)
-        raise CheckpointError(f"block indices are not contiguous: {len(blocks)} blocks numbered up to {depth - 1} "
-                              f"(missing {gaps[:10]}{' ...' if len(gaps) > 10 else ''}); the checkpoint is damaged")
+        raise CheckpointError(
+            f"block indices are not contiguous: {len(blocks)} blocks numbered up to {depth - 1} "
+            f"(missing {gaps[:10]}{' ...' if len(gaps) > 10 else ''}); the checkpoint is damaged"
+        )
     cfg["depth"] = depth
     cfg["mlp_ratio"] = _need(state, "blocks.0.mlp.fc1.weight").shape[0] / dim
     cfg["output_dim"] = _need(state, "feature.2.weight").shape[0]
@@ -449,15 +457,19 @@ def load_official(source, **overrides) -> nn.Module:
 
 def _check_fits_before_allocating(config: ViTConfig, state: Mapping[str, torch.Tensor], where: str) -> None:
     """Build the model on the meta device (no memory) and compare every tensor's shape with the checkpoint's,
-    so a file whose config or a zero-element tensor claims a huge model is refused before anything is allocated."""
+    so a file whose config or a zero-element tensor claims a huge model is refused before anything is
+    allocated."""
     with torch.device("meta"):
         probe = VisionTransformer(config)
     expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{k}: checkpoint {got[k]} vs model {expected[k]}" for k in sorted(set(expected) & set(got))
-             if got[k] != expected[k]]
+    wrong = [
+        f"{k}: checkpoint {got[k]} vs model {expected[k]}"
+        for k in sorted(set(expected) & set(got))
+        if got[k] != expected[k]
+    ]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
@@ -466,8 +478,11 @@ def _check_fits_before_allocating(config: ViTConfig, state: Mapping[str, torch.T
             parts.append(f"{len(missing)} missing ({', '.join(missing[:5])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])})")
-        raise CheckpointError(f"{where}: the tensors do not fit the model config {config.to_dict()}: "
-                              + "; ".join(parts) + " — nothing was allocated")
+        raise CheckpointError(
+            f"{where}: the tensors do not fit the model config {config.to_dict()}: "
+            + "; ".join(parts)
+            + " — nothing was allocated"
+        )
 
 
 def load_weights(model: nn.Module, source, *, strict: bool = True) -> nn.Module:

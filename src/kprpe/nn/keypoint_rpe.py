@@ -226,7 +226,9 @@ class KeypointRPE(nn.Module):
         if self.impl == "decomposed":
             return self._decomposed_biases(keypoints)
         hidden = self.hidden(keypoints)
-        if self.impl == "naive":  # the official code's way: all layers' tables at once, then advanced indexing
+        if (
+            self.impl == "naive"
+        ):  # the official code's way: all layers' tables at once, then advanced indexing
             full = self.linear(hidden)
             return lambda layer: self.dense(self.split(full, layer), "naive")
         if self.impl == "gather":  # the index expanded once for every layer (a view here; one Expand in ONNX)
@@ -267,8 +269,10 @@ class KeypointRPE(nn.Module):
         return layer_bias
 
     def extra_repr(self) -> str:
-        return (f"grid={self.grid}x{self.grid}, buckets={self.num_buckets}, kp_input={self.kp_input}, "
-                f"sharing={self.sharing}, impl={self.impl}")
+        return (
+            f"grid={self.grid}x{self.grid}, buckets={self.num_buckets}, kp_input={self.kp_input}, "
+            f"sharing={self.sharing}, impl={self.impl}"
+        )
 
 
 def official_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -297,6 +301,6 @@ def _rename(state_dict: dict, prefixes: dict[str, str]) -> None:
     for key, value in items:
         for old, new in prefixes.items():
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         state_dict[key] = value

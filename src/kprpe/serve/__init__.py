@@ -1,6 +1,7 @@
 """``kprpe serve``: face embedding, verification and gallery search over HTTP (FastAPI + uvicorn).
 
-Importing this package imports neither FastAPI nor uvicorn (``pip install 'kprpe[serve]'``); see docs/serving.md.
+Importing this package imports neither FastAPI nor uvicorn (``pip install 'kprpe[serve]'``); see
+docs/serving.md.
 """
 
 from __future__ import annotations

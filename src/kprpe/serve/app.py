@@ -2,8 +2,10 @@
 
 Endpoints (multipart uploads, JSON answers):
 
-- ``POST /embed``  file ``image`` [, form ``keypoints``]: ``embedding``, ``norm``, ``face`` (box, landmarks, score)
-- ``POST /verify`` files ``a``, ``b`` [, ``keypoints_a``, ``keypoints_b``]: ``similarity``, ``same``, ``threshold``,
+- ``POST /embed``  file ``image`` [, form ``keypoints``]: ``embedding``, ``norm``, ``face`` (box, landmarks,
+score)
+- ``POST /verify`` files ``a``, ``b`` [, ``keypoints_a``, ``keypoints_b``]: ``similarity``, ``same``,
+``threshold``,
   ``threshold_source``, ``faces``
 - ``POST /search`` file ``image``, form ``k`` [, ``keypoints``]: ``matches`` (identity, score, same), ``face``
 - ``GET /health``: model, aligner, index and limits
@@ -84,8 +86,11 @@ def decode_upload(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
             with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
-                    raise RequestError(413, f"field {field!r}: image is {width}x{height} = {width * height:,} pixels; "
-                                            f"the limit is {max_pixels:,}")
+                    raise RequestError(
+                        413,
+                        f"field {field!r}: image is {width}x{height} = {width * height:,} pixels; "
+                        f"the limit is {max_pixels:,}",
+                    )
                 if width == 0 or height == 0:
                     raise RequestError(400, f"field {field!r}: image has no pixels ({width}x{height})")
                 opened.load()
@@ -94,12 +99,15 @@ def decode_upload(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
     except RequestError:
         raise
     except UnidentifiedImageError:
-        raise RequestError(415, f"field {field!r}: not an image in a supported format "
-                                f"({', '.join(UPLOAD_FORMATS)})") from None
+        raise RequestError(
+            415, f"field {field!r}: not an image in a supported format ({', '.join(UPLOAD_FORMATS)})"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise RequestError(413, f"field {field!r}: image too large to decode safely ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
-        raise RequestError(400, f"field {field!r}: corrupt or truncated image ({type(exc).__name__}: {exc})") from None
+        raise RequestError(
+            400, f"field {field!r}: corrupt or truncated image ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def parse_keypoints(text: str | None, *, field: str) -> np.ndarray | None:
@@ -109,7 +117,9 @@ def parse_keypoints(text: str | None, *, field: str) -> np.ndarray | None:
     try:
         points = np.asarray(json.loads(text), dtype=np.float64)
     except (json.JSONDecodeError, TypeError, ValueError):
-        raise RequestError(422, f"field {field!r}: expected JSON [[x, y] x 5] in photo pixels, got {text[:80]!r}") from None
+        raise RequestError(
+            422, f"field {field!r}: expected JSON [[x, y] x 5] in photo pixels, got {text[:80]!r}"
+        ) from None
     if points.shape != (5, 2) or not np.isfinite(points).all():
         raise RequestError(422, f"field {field!r}: expected 5 finite [x, y] points, got shape {points.shape}")
     return points
@@ -129,8 +139,11 @@ def _dlib_aligner(options: dict) -> Callable:
 
 def _supplied_aligner(options: dict) -> Callable:
     def faces_in_image(image: np.ndarray) -> list:
-        raise RequestError(422, "this server uses --aligner supplied: send the face's 5 keypoints in the "
-                                "'keypoints' form field (JSON [[x, y] x 5], photo pixels)")
+        raise RequestError(
+            422,
+            "this server uses --aligner supplied: send the face's 5 keypoints in the "
+            "'keypoints' form field (JSON [[x, y] x 5], photo pixels)",
+        )
 
     return faces_in_image
 
@@ -148,7 +161,9 @@ def _faces_from_keypoints(image: np.ndarray, keypoints: np.ndarray) -> list:
     from ..face.landmark_files import SuppliedLandmarks
     from ..face.pipeline import FacePipeline
 
-    return FacePipeline(SuppliedLandmarks.from_arrays({"upload": keypoints})).faces_in_image(image, source="upload")
+    return FacePipeline(SuppliedLandmarks.from_arrays({"upload": keypoints})).faces_in_image(
+        image, source="upload"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- service
@@ -157,8 +172,16 @@ def _faces_from_keypoints(image: np.ndarray, keypoints: np.ndarray) -> list:
 class FaceService:
     """The model, aligner, index and threshold one server uses; :meth:`analyse` is safe from many threads."""
 
-    def __init__(self, embedder, *, aligner: str = "dlib", aligner_options: dict | None = None, index=None,
-                 threshold: float, threshold_source: str) -> None:
+    def __init__(
+        self,
+        embedder,
+        *,
+        aligner: str = "dlib",
+        aligner_options: dict | None = None,
+        index=None,
+        threshold: float,
+        threshold_source: str,
+    ) -> None:
         if aligner not in ALIGNERS:
             raise KprpeError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS)}")
         self.embedder = embedder
@@ -171,7 +194,9 @@ class FaceService:
         if index is not None:
             index.check_compatible(embedder.fingerprint, embedder.output_dim)
 
-    def analyse(self, images: list[tuple[str, np.ndarray, np.ndarray | None]]) -> tuple[list, np.ndarray, np.ndarray]:
+    def analyse(
+        self, images: list[tuple[str, np.ndarray, np.ndarray | None]]
+    ) -> tuple[list, np.ndarray, np.ndarray]:
         """``[(field, image, keypoints or None)]`` -> largest face of each, unit embeddings, norms."""
         from ..face.align import AlignmentError
         from ..face.detector import NoFaceFound
@@ -181,8 +206,11 @@ class FaceService:
             faces = []
             for field, image, keypoints in images:
                 try:
-                    found = (_faces_from_keypoints(image, keypoints) if keypoints is not None
-                             else self._faces_in_image(image))
+                    found = (
+                        _faces_from_keypoints(image, keypoints)
+                        if keypoints is not None
+                        else self._faces_in_image(image)
+                    )
                 except NoFaceFound as exc:
                     raise RequestError(422, f"field {field!r}: {exc}") from None
                 except (AlignmentError, LandmarkFileError) as exc:
@@ -192,17 +220,24 @@ class FaceService:
         return faces, unit, norms
 
     def describe(self) -> dict:
-        return {"aligner": self.aligner, "model_fingerprint": self.embedder.fingerprint,
-                "output_dim": self.embedder.output_dim, "flip": self.embedder.flip,
-                "threshold": self.threshold, "threshold_source": self.threshold_source,
-                "index": self.index.describe() if self.index is not None else None}
+        return {
+            "aligner": self.aligner,
+            "model_fingerprint": self.embedder.fingerprint,
+            "output_dim": self.embedder.output_dim,
+            "flip": self.embedder.flip,
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "index": self.index.describe() if self.index is not None else None,
+        }
 
 
 def face_json(face) -> dict:
-    return {"box": [float(v) for v in face.box] if face.box is not None else None,
-            "landmarks": np.asarray(face.source_keypoints, dtype=np.float64).round(3).tolist(),
-            "score": None if face.score is None else float(face.score),
-            "crop_keypoints": np.asarray(face.keypoints, dtype=np.float64).round(6).tolist()}
+    return {
+        "box": [float(v) for v in face.box] if face.box is not None else None,
+        "landmarks": np.asarray(face.source_keypoints, dtype=np.float64).round(3).tolist(),
+        "score": None if face.score is None else float(face.score),
+        "crop_keypoints": np.asarray(face.keypoints, dtype=np.float64).round(6).tolist(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- admission
@@ -221,8 +256,11 @@ class _Admission:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_concurrent)
         if self._semaphore.locked() and self.waiting >= self.max_queued:
-            raise RequestError(503, f"server busy: {self.max_concurrent} requests running and "
-                                    f"{self.waiting} waiting; retry later")
+            raise RequestError(
+                503,
+                f"server busy: {self.max_concurrent} requests running and "
+                f"{self.waiting} waiting; retry later",
+            )
         self.waiting += 1
         try:
             await self._semaphore.acquire()
@@ -277,6 +315,11 @@ class _BodyTooLarge(KprpeError):
 
 async def _send_json(send, status: int, payload: dict) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -34,12 +34,22 @@ def build_service(args: argparse.Namespace):
         from ..face.index import GalleryIndex
 
         index = GalleryIndex.load(args.index, nprobe=args.nprobe)
-    choice = resolve_threshold(args.threshold, weights, model_fingerprint=embedder.fingerprint, flip=embedder.flip,
-                               default=DEFAULT_THRESHOLD)
+    choice = resolve_threshold(
+        args.threshold,
+        weights,
+        model_fingerprint=embedder.fingerprint,
+        flip=embedder.flip,
+        default=DEFAULT_THRESHOLD,
+    )
     try:
-        return FaceService(embedder, aligner=args.aligner, index=index, threshold=choice.threshold,
-                           threshold_source=choice.source,
-                           aligner_options={"detector": args.detector, "landmark_model": args.landmark_model})
+        return FaceService(
+            embedder,
+            aligner=args.aligner,
+            index=index,
+            threshold=choice.threshold,
+            threshold_source=choice.source,
+            aligner_options={"detector": args.detector, "landmark_model": args.landmark_model},
+        )
     except MissingDependencyError as exc:
         raise CommandError(str(exc)) from None
 
@@ -47,9 +57,13 @@ def build_service(args: argparse.Namespace):
 def limits_from_args(args: argparse.Namespace):
     from .app import ServeLimits
 
-    return ServeLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
-                       request_timeout_s=args.timeout, max_concurrent=args.max_concurrent,
-                       max_queued=args.max_queued)
+    return ServeLimits(
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=int(args.max_megapixels * 1e6),
+        request_timeout_s=args.timeout,
+        max_concurrent=args.max_concurrent,
+        max_queued=args.max_queued,
+    )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -58,16 +72,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         from .routes import create_app
     except ImportError as exc:
-        raise CommandError(f"kprpe serve needs FastAPI and uvicorn ({exc}); pip install 'kprpe[serve]'") from None
+        raise CommandError(
+            f"kprpe serve needs FastAPI and uvicorn ({exc}); pip install 'kprpe[serve]'"
+        ) from None
     limits = limits_from_args(args)
     service = build_service(args)
     app = create_app(service, limits)
-    print(f"kprpe serve: http://{args.host}:{args.port} aligner={service.aligner} "
-          f"threshold={service.threshold:g} ({service.threshold_source})"
-          + (f" index={args.index} ({len(service.index)} identities)" if service.index is not None else ""),
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                limit_concurrency=limits.max_concurrent + limits.max_queued + 8, timeout_keep_alive=5)
+    print(
+        f"kprpe serve: http://{args.host}:{args.port} aligner={service.aligner} "
+        f"threshold={service.threshold:g} ({service.threshold_source})"
+        + (f" index={args.index} ({len(service.index)} identities)" if service.index is not None else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        limit_concurrency=limits.max_concurrent + limits.max_queued + 8,
+        timeout_keep_alive=5,
+    )
     return 0
 
 
@@ -77,33 +102,72 @@ def register(subparsers) -> None:
 
     defaults = ServeLimits()
     p = subparsers.add_parser(
-        "serve", help="HTTP service: /embed, /verify, /search, /health (FastAPI + uvicorn)",
-        description="Serve a KP-RPE checkpoint over HTTP. POST /embed (file 'image'), /verify (files 'a', 'b'), "
-                    "/search (file 'image', form 'k'); GET /health. JSON answers; errors are JSON with a 4xx "
-                    "status. See docs/serving.md.")
+        "serve",
+        help="HTTP service: /embed, /verify, /search, /health (FastAPI + uvicorn)",
+        description="Serve a KP-RPE checkpoint over HTTP. POST /embed (file 'image'), /verify (files 'a', "
+        "'b'), "
+        "/search (file 'image', form 'k'); GET /health. JSON answers; errors are JSON with a 4xx "
+        "status. See docs/serving.md.",
+    )
     p.add_argument("--weights", required=True, metavar="W", help="checkpoint file or directory")
-    p.add_argument("--aligner", choices=sorted(ALIGNERS), default="dlib",
-                   help="dlib: detect faces and landmarks (default); supplied: clients send 5 keypoints per image")
-    p.add_argument("--index", metavar="INDEX", help="gallery index from 'kprpe search enrol' (enables /search)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--aligner",
+        choices=sorted(ALIGNERS),
+        default="dlib",
+        help="dlib: detect faces and landmarks (default); supplied: clients send 5 keypoints per image",
+    )
+    p.add_argument(
+        "--index", metavar="INDEX", help="gallery index from 'kprpe search enrol' (enables /search)"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threshold", type=float, default=None,
-                   help="same-person threshold (default: the calibration beside --weights, else 0.3)")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (approximate indexes)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="same-person threshold (default: the calibration beside --weights, else 0.3)",
+    )
+    p.add_argument(
+        "--nprobe", type=int, default=None, help="IVF lists searched per query (approximate indexes)"
+    )
     p.add_argument("--detector", choices=("hog", "cnn"), default="hog", help="dlib detector (default hog)")
-    p.add_argument("--landmark-model", choices=("68", "5"), default="68", help="dlib shape model (default 68)")
+    p.add_argument(
+        "--landmark-model", choices=("68", "5"), default="68", help="dlib shape model (default 68)"
+    )
     p.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20,
-                   help="largest file per upload field, MiB (default %(default)g)")
-    g.add_argument("--max-megapixels", type=float, default=defaults.max_pixels / 1e6,
-                   help="largest image, megapixels, checked before decoding (default %(default)g)")
-    g.add_argument("--timeout", type=float, default=defaults.request_timeout_s,
-                   help="seconds a request may take, waiting included (default %(default)g)")
-    g.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent,
-                   help="requests decoding/inferring at once (default %(default)d; the model runs one at a time)")
-    g.add_argument("--max-queued", type=int, default=defaults.max_queued,
-                   help="requests allowed to wait; more get 503 (default %(default)d)")
+    g.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=defaults.max_upload_bytes / 2**20,
+        help="largest file per upload field, MiB (default %(default)g)",
+    )
+    g.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=defaults.max_pixels / 1e6,
+        help="largest image, megapixels, checked before decoding (default %(default)g)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.request_timeout_s,
+        help="seconds a request may take, waiting included (default %(default)g)",
+    )
+    g.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=defaults.max_concurrent,
+        help="requests decoding/inferring at once (default %(default)d; the model runs one at a time)",
+    )
+    g.add_argument(
+        "--max-queued",
+        type=int,
+        default=defaults.max_queued,
+        help="requests allowed to wait; more get 503 (default %(default)d)",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_cmd_serve)

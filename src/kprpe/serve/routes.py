@@ -1,4 +1,5 @@
-"""The FastAPI routes of ``kprpe serve`` (imported only when a server is built: FastAPI is an optional extra)."""
+"""The FastAPI routes of ``kprpe serve`` (imported only when a server is built: FastAPI is an optional
+extra)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,13 @@ __all__ = ["build_app", "create_app"]
 
 
 def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
-    app = FastAPI(title="kprpe", description="KP-RPE face embedding, verification and search",
-                  openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="kprpe",
+        description="KP-RPE face embedding, verification and search",
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
@@ -37,8 +43,10 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        problems = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
-                    for e in exc.errors()]
+        problems = [
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
+            for e in exc.errors()
+        ]
         return JSONResponse({"error": "; ".join(problems) or "invalid request"}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -53,6 +61,7 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
 
     async def run(work):
         """Admission, then ``work`` (a coroutine function) under the request deadline."""
+
         async def admitted():
             async with admission.slot():
                 return await work()
@@ -72,32 +81,49 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
             photo = await read(image, "image")
             points = parse_keypoints(keypoints, field="keypoints")
             faces, unit, norms = await run_in_threadpool(service.analyse, [("image", photo, points)])
-            return {"embedding": unit[0].tolist(), "norm": float(norms[0]), "dim": int(unit.shape[1]),
-                    "face": face_json(faces[0])}
+            return {
+                "embedding": unit[0].tolist(),
+                "norm": float(norms[0]),
+                "dim": int(unit.shape[1]),
+                "face": face_json(faces[0]),
+            }
 
         return await run(work)
 
     @app.post("/verify")
-    async def verify(a: Annotated[UploadFile, File()], b: Annotated[UploadFile, File()],
-                     keypoints_a: Annotated[str | None, Form()] = None,
-                     keypoints_b: Annotated[str | None, Form()] = None):
+    async def verify(
+        a: Annotated[UploadFile, File()],
+        b: Annotated[UploadFile, File()],
+        keypoints_a: Annotated[str | None, Form()] = None,
+        keypoints_b: Annotated[str | None, Form()] = None,
+    ):
         async def work():
             photos = [await read(a, "a"), await read(b, "b")]
-            points = [parse_keypoints(keypoints_a, field="keypoints_a"),
-                      parse_keypoints(keypoints_b, field="keypoints_b")]
+            points = [
+                parse_keypoints(keypoints_a, field="keypoints_a"),
+                parse_keypoints(keypoints_b, field="keypoints_b"),
+            ]
             faces, unit, norms = await run_in_threadpool(
-                service.analyse, [("a", photos[0], points[0]), ("b", photos[1], points[1])])
+                service.analyse, [("a", photos[0], points[0]), ("b", photos[1], points[1])]
+            )
             similarity = float(np.clip(unit[0].astype(np.float64) @ unit[1].astype(np.float64), -1.0, 1.0))
-            return {"similarity": similarity, "same": similarity >= service.threshold,
-                    "threshold": service.threshold, "threshold_source": service.threshold_source,
-                    "norms": [float(norms[0]), float(norms[1])],
-                    "faces": {"a": face_json(faces[0]), "b": face_json(faces[1])}}
+            return {
+                "similarity": similarity,
+                "same": similarity >= service.threshold,
+                "threshold": service.threshold,
+                "threshold_source": service.threshold_source,
+                "norms": [float(norms[0]), float(norms[1])],
+                "faces": {"a": face_json(faces[0]), "b": face_json(faces[1])},
+            }
 
         return await run(work)
 
     @app.post("/search")
-    async def search(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 5,
-                     keypoints: Annotated[str | None, Form()] = None):
+    async def search(
+        image: Annotated[UploadFile, File()],
+        k: Annotated[int, Form()] = 5,
+        keypoints: Annotated[str | None, Form()] = None,
+    ):
         async def work():
             if service.index is None:
                 raise RequestError(400, "this server has no gallery index; start it with --index INDEX")
@@ -107,10 +133,15 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
             points = parse_keypoints(keypoints, field="keypoints")
             faces, unit, _ = await run_in_threadpool(service.analyse, [("image", photo, points)])
             hits = await run_in_threadpool(service.index.search, unit, k)
-            return {"matches": [{"identity": h.identity, "score": h.score, "same": h.score >= service.threshold}
-                                for h in hits[0]],
-                    "threshold": service.threshold, "threshold_source": service.threshold_source,
-                    "face": face_json(faces[0])}
+            return {
+                "matches": [
+                    {"identity": h.identity, "score": h.score, "same": h.score >= service.threshold}
+                    for h in hits[0]
+                ],
+                "threshold": service.threshold,
+                "threshold_source": service.threshold_source,
+                "face": face_json(faces[0]),
+            }
 
         return await run(work)
 
@@ -121,5 +152,7 @@ def create_app(service: FaceService, limits: ServeLimits | None = None):
     """The ASGI application for ``service`` (run it with uvicorn, or ``kprpe serve``): the routes behind the
     request-body size limit and the admission (concurrency) control."""
     limits = limits or ServeLimits()
-    return _BodyLimit(build_app(service, limits, _Admission(limits.max_concurrent, limits.max_queued)),
-                      limits.max_body_bytes)
+    return _BodyLimit(
+        build_app(service, limits, _Admission(limits.max_concurrent, limits.max_queued)),
+        limits.max_body_bytes,
+    )

@@ -69,7 +69,8 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     pointer = output_dir / "checkpoints" / "latest"
     if pointer.is_file():
         name = pointer.read_text(encoding="utf-8", errors="replace").strip()
-        # the pointer names a sibling folder, nothing else: a path such as ../../x must not lead outside the run
+        # the pointer names a sibling folder, nothing else: a path such as ../../x must not lead outside the
+        # run
         if re.fullmatch(r"step_\d{8}", name):
             path = output_dir / "checkpoints" / name
             if (path / "meta.json").is_file():
@@ -97,9 +98,19 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def save_checkpoint(output_dir: Path, step: int, *, model: nn.Module, head: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, dist_info: DistInfo, config: dict,
-                    bad_samples: int, keep: int) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    dist_info: DistInfo,
+    config: dict,
+    bad_samples: int,
+    keep: int,
+) -> Path:
     """Write ``<output_dir>/checkpoints/step_<step>`` (every process its part, process 0 the model and meta),
     point ``latest`` at it and keep the newest ``keep``. Collective: every process must call it."""
     from safetensors.torch import save_file
@@ -151,8 +162,16 @@ class RestoredState:
     path: Path
 
 
-def restore_checkpoint(resume, output_dir: Path, *, model: nn.Module, head: nn.Module,
-                       optimizer: torch.optim.Optimizer, scheduler, dist_info: DistInfo) -> RestoredState:
+def restore_checkpoint(
+    resume,
+    output_dir: Path,
+    *,
+    model: nn.Module,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    dist_info: DistInfo,
+) -> RestoredState:
     """Load ``resume`` (``"latest"`` or a checkpoint directory) into the given objects, checking that the
     run has the same number of processes and classes."""
     from safetensors.torch import load_file

@@ -72,11 +72,14 @@ def _apply_target_margin(
     (acos has an infinite slope at +-1); its value is the formula at the unclamped cosine, as above.
     """
     if labels.shape != cos.shape[:1]:
-        raise ValueError(f"labels must be ({cos.shape[0]},) for cosines of shape {tuple(cos.shape)}, "
-                         f"got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be ({cos.shape[0]},) for cosines of shape {tuple(cos.shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
     if bool((labels >= cos.shape[1]).any()):
-        raise ValueError(f"labels {labels[labels >= cos.shape[1]][:5].tolist()} are outside the "
-                         f"{cos.shape[1]} columns")
+        raise ValueError(
+            f"labels {labels[labels >= cos.shape[1]][:5].tolist()} are outside the {cos.shape[1]} columns"
+        )
     rows = torch.nonzero(labels >= 0).squeeze(1)
     cols = labels[rows]
     target = cos[rows, cols]
@@ -100,8 +103,15 @@ class CombinedMargin(nn.Module):
 
     normalized = True
 
-    def __init__(self, scale: float = 64.0, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
-                 eps: float = 1e-7, gradient: str = "straight_through") -> None:
+    def __init__(
+        self,
+        scale: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.0,
+        m3: float = 0.0,
+        eps: float = 1e-7,
+        gradient: str = "straight_through",
+    ) -> None:
         super().__init__()
         self.scale, self.m1, self.m2, self.m3, self.eps = float(scale), float(m1), float(m2), float(m3), eps
         self.gradient = _check_gradient(gradient)
@@ -131,8 +141,15 @@ class AdaFaceMargin(nn.Module):
 
     normalized = True
 
-    def __init__(self, scale: float = 64.0, margin: float = 0.4, h: float = 0.333, t_alpha: float = 0.01,
-                 eps: float = 1e-3, gradient: str = "straight_through") -> None:
+    def __init__(
+        self,
+        scale: float = 64.0,
+        margin: float = 0.4,
+        h: float = 0.333,
+        t_alpha: float = 0.01,
+        eps: float = 1e-3,
+        gradient: str = "straight_through",
+    ) -> None:
         super().__init__()
         self.scale, self.margin, self.h, self.t_alpha = float(scale), float(margin), float(h), float(t_alpha)
         self.eps = eps
@@ -140,8 +157,13 @@ class AdaFaceMargin(nn.Module):
         self.register_buffer("batch_mean", torch.ones(1) * 20.0)
         self.register_buffer("batch_std", torch.ones(1) * 100.0)
 
-    def forward(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        cos: torch.Tensor,
+        labels: torch.Tensor,
+        norms: torch.Tensor | None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if norms is None:
             raise ValueError("AdaFace needs the embedding norms")
         safe = norms.detach().float().reshape(-1).clamp(0.001, 100.0)
@@ -162,8 +184,9 @@ class AdaFaceMargin(nn.Module):
         return self.scale * _apply_target_margin(cos, labels, margined, self.gradient, self.eps)
 
     def extra_repr(self) -> str:
-        return (f"s={self.scale}, m={self.margin}, h={self.h}, t_alpha={self.t_alpha}, "
-                f"gradient={self.gradient}")
+        return (
+            f"s={self.scale}, m={self.margin}, h={self.h}, t_alpha={self.t_alpha}, gradient={self.gradient}"
+        )
 
 
 class PlainLogits(nn.Module):
@@ -175,9 +198,18 @@ class PlainLogits(nn.Module):
         return logits
 
 
-def build_margin(kind: str, *, scale: float = 64.0, margin: float | None = None, m1: float = 1.0,
-                 m2: float = 0.0, m3: float = 0.0, h: float = 0.333, t_alpha: float = 0.01,
-                 gradient: str = "straight_through") -> nn.Module:
+def build_margin(
+    kind: str,
+    *,
+    scale: float = 64.0,
+    margin: float | None = None,
+    m1: float = 1.0,
+    m2: float = 0.0,
+    m3: float = 0.0,
+    h: float = 0.333,
+    t_alpha: float = 0.01,
+    gradient: str = "straight_through",
+) -> nn.Module:
     """``adaface`` (m 0.4), ``arcface`` (m2 = margin, 0.5), ``cosface`` (m3 = margin, 0.4), ``combined``
     (m1, m2, m3 as given) or ``softmax`` (plain FC). ``gradient``: ``straight_through`` (the official
     heads' backward) or ``exact`` (the textbook derivative); see the module docstring."""
@@ -241,8 +273,10 @@ class PartialFC(nn.Module):
         self.last_sampled: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
-        return (f"classes {self.class_start}..{self.class_start + self.num_local - 1} of {self.num_classes} "
-                f"(rank {self.rank}/{self.world_size}), dim={self.embedding_dim}, sample_rate={self.sample_rate}")
+        return (
+            f"classes {self.class_start}..{self.class_start + self.num_local - 1} of {self.num_classes} "
+            f"(rank {self.rank}/{self.world_size}), dim={self.embedding_dim}, sample_rate={self.sample_rate}"
+        )
 
     def sample(self, local_labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Sorted indices of the local centres to use (None: all) and the labels remapped to them."""
@@ -257,12 +291,15 @@ class PartialFC(nn.Module):
             scores[positives] = 2.0
             index = torch.topk(scores, num_sample).indices.sort().values
         index = index.to(local_labels.device)
-        remapped = torch.where(local_labels >= 0, torch.searchsorted(index, local_labels.clamp(min=0)), local_labels)
+        remapped = torch.where(
+            local_labels >= 0, torch.searchsorted(index, local_labels.clamp(min=0)), local_labels
+        )
         return index, remapped
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None):
         # Always float32, even inside a caller's bf16 autocast: bf16 cosines are quantised to ~4e-3 near 1
-        # (s * cos to 0.25 at s = 64). The norms are those of the embeddings as given (bf16-rounded under amp).
+        # (s * cos to 0.25 at s = 64). The norms are those of the embeddings as given (bf16-rounded under
+        # amp).
         with torch.autocast(embeddings.device.type, enabled=False):
             return self._forward(embeddings, labels, valid)
 
@@ -280,7 +317,9 @@ class PartialFC(nn.Module):
         if ((all_labels < 0) | (all_labels >= self.num_classes))[all_valid].any():
             bad = all_labels[all_valid & ((all_labels < 0) | (all_labels >= self.num_classes))][:5].tolist()
             raise ValueError(f"labels {bad} are outside 0..{self.num_classes - 1}")
-        in_shard = (all_labels >= self.class_start) & (all_labels < self.class_start + self.num_local) & all_valid
+        in_shard = (
+            (all_labels >= self.class_start) & (all_labels < self.class_start + self.num_local) & all_valid
+        )
         local_labels = torch.where(in_shard, all_labels - self.class_start, torch.full_like(all_labels, -1))
         index, local_labels = self.sample(local_labels)
         weight = self.weight if index is None else self.weight[index]
@@ -315,7 +354,9 @@ def init_class_centres(start: int, count: int, dim: int, seed: int, chunk: int =
     return out
 
 
-def distributed_cross_entropy(logits: torch.Tensor, local_labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def distributed_cross_entropy(
+    logits: torch.Tensor, local_labels: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """Softmax cross-entropy where each process holds some columns of ``logits`` (the global batch's rows);
     ``local_labels[i]`` is the target column here or -1 if another process holds it. Mean over valid rows."""
     row_max = all_reduce_max_nograd(logits.detach().max(dim=1).values)

@@ -54,8 +54,16 @@ __all__ = [
 ]
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0,
-              milestones: list[int] | None = None, gamma: float = 0.1) -> float:
+def lr_factor(
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str,
+    min_ratio: float = 0.0,
+    milestones: list[int] | None = None,
+    gamma: float = 0.1,
+) -> float:
     """Multiplier of the base learning rate for optimiser step ``step`` (0-based): linear warm-up from
     ``1/warmup`` to 1, then cosine to ``min_ratio``, step decay by ``gamma`` at ``milestones``, or
     constant."""
@@ -92,6 +100,7 @@ def clip_global_grad_norm(
 ) -> float:
     """Clip by the norm of *all* gradients: the backbone's (identical on every process after DDP) plus every
     process's class-centre shard. Returns the norm before clipping."""
+
     def sq(params):
         grads = [p.grad.float().pow(2).sum() for p in params if p.grad is not None]
         return torch.stack(grads).sum() if grads else torch.zeros(())
@@ -110,7 +119,8 @@ def clip_global_grad_norm(
 
 
 class TrainingDiverged(KprpeError, RuntimeError):
-    """The loss stayed non-finite longer than ``train.nonfinite_patience`` steps, or the weights became NaN/inf."""
+    """The loss stayed non-finite longer than ``train.nonfinite_patience`` steps, or the weights became
+    NaN/inf."""
 
 
 class Trainer:
@@ -121,8 +131,13 @@ class Trainer:
     after every optimiser step (tests use it to simulate a crash).
     """
 
-    def __init__(self, cfg: TrainConfig, *, resume: str | os.PathLike | None = None,
-                 step_callback: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: str | os.PathLike | None = None,
+        step_callback: Callable[[int], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.train.device)
         self.device = self.dist.device
@@ -146,8 +161,12 @@ class Trainer:
         )
         accum = cfg.optim.accumulation_steps
         self.sampler = ResumableSampler(
-            len(self.dataset), cfg.data.batch_size, world_size=self.dist.world_size, rank=self.dist.rank,
-            seed=cfg.train.seed, micro_batches_multiple=accum,
+            len(self.dataset),
+            cfg.data.batch_size,
+            world_size=self.dist.world_size,
+            rank=self.dist.rank,
+            seed=cfg.train.seed,
+            micro_batches_multiple=accum,
         )
         self.steps_per_epoch = self.sampler.micro_batches_per_epoch // accum
         self.total_steps = cfg.train.max_steps or max(1, int(round(cfg.train.epochs * self.steps_per_epoch)))
@@ -161,7 +180,14 @@ class Trainer:
 
         h = cfg.head
         margin = build_margin(
-            h.type, scale=h.scale, margin=h.margin, m1=h.m1, m2=h.m2, m3=h.m3, h=h.h, t_alpha=h.t_alpha,
+            h.type,
+            scale=h.scale,
+            margin=h.margin,
+            m1=h.m1,
+            m2=h.m2,
+            m3=h.m3,
+            h=h.h,
+            t_alpha=h.t_alpha,
             gradient=h.margin_gradient,
         )
         self.head = PartialFC(
@@ -256,8 +282,15 @@ class Trainer:
         )
 
     def _resume(self, resume) -> None:
-        restored = restore_checkpoint(resume, self.output_dir, model=self.model, head=self.head,
-                                      optimizer=self.optimizer, scheduler=self.scheduler, dist_info=self.dist)
+        restored = restore_checkpoint(
+            resume,
+            self.output_dir,
+            model=self.model,
+            head=self.head,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            dist_info=self.dist,
+        )
         self.step, self.bad_samples, self.resumed_from = restored.step, restored.bad_samples, restored.path
 
     # ------------------------------------------------------------------ logging
@@ -336,7 +369,8 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimiser step over ``micro_batches`` (this process's part of the global batch)."""
         model = self.ddp or self.model
-        # buffers (batch-norm and AdaFace statistics, batch counts) are restored if this step turns out non-finite
+        # buffers (batch-norm and AdaFace statistics, batch counts) are restored if this step turns out
+        # non-finite
         saved_buffers = [(b, b.detach().clone()) for m in (self.model, self.head) for b in m.buffers()]
         amp = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -370,7 +404,9 @@ class Trainer:
             list(self.model.parameters()), list(self.head.parameters()), self.cfg.optim.grad_clip
         )
         lr = self.optimizer.param_groups[0]["lr"]
-        local_bad = torch.tensor(0.0 if math.isfinite(total_loss) and math.isfinite(grad_norm) else 1.0, device=self.device)
+        local_bad = torch.tensor(
+            0.0 if math.isfinite(total_loss) and math.isfinite(grad_norm) else 1.0, device=self.device
+        )
         finite = not bool(all_reduce_max_nograd(local_bad) > 0)  # every process takes the same decision
         if finite:
             self.optimizer.step()
@@ -388,9 +424,12 @@ class Trainer:
         self.bad_samples += bad
         if self.nonfinite_streak > self.cfg.train.nonfinite_patience:
             raise TrainingDiverged(
-                f"step {self.step}: the loss or gradient has been non-finite for {self.nonfinite_streak} steps in a row "
-                f"(train.nonfinite_patience={self.cfg.train.nonfinite_patience}; last loss {total_loss}, gradient norm "
-                f"{grad_norm}); training stopped — lower optim.lr or enable optim.grad_clip. Checkpoints already in "
+                f"step {self.step}: the loss or gradient has been non-finite for {self.nonfinite_streak} "
+                "steps in a row "
+                f"(train.nonfinite_patience={self.cfg.train.nonfinite_patience}; last loss {total_loss}, "
+                "gradient norm "
+                f"{grad_norm}); training stopped — lower optim.lr or enable optim.grad_clip. Checkpoints "
+                "already in "
                 f"{self.output_dir / 'checkpoints'} are kept; nothing non-finite was saved"
             )
         return dict(loss=total_loss, grad_norm=grad_norm, lr=lr, norm_mean=norm_mean, bad=bad, finite=finite)
@@ -400,8 +439,10 @@ class Trainer:
         for module in (self.model, self.head):
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise TrainingDiverged(f"step {self.step}: {name} holds non-finite values; {what} not written, "
-                                           f"the last good checkpoint in {self.output_dir / 'checkpoints'} is kept")
+                    raise TrainingDiverged(
+                        f"step {self.step}: {name} holds non-finite values; {what} not written, "
+                        f"the last good checkpoint in {self.output_dir / 'checkpoints'} is kept"
+                    )
 
     def _loader(self) -> DataLoader:
         workers = self.cfg.data.num_workers
@@ -424,8 +465,14 @@ class Trainer:
         if main:
             self._open_logs()
         accum = cfg.optim.accumulation_steps
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not (main and cfg.train.progress), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (main and cfg.train.progress),
+            dynamic_ncols=True,
+        )
         start_time = time.time()
         window: list[dict] = []
         window_start = time.time()
@@ -445,8 +492,10 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}")
                         if not out["finite"]:
-                            bar.write(f"step {self.step}: non-finite loss or gradient; update skipped "
-                                      f"({self.nonfinite_streak} in a row, patience {cfg.train.nonfinite_patience})")
+                            bar.write(
+                                f"step {self.step}: non-finite loss or gradient; update skipped "
+                                f"({self.nonfinite_streak} in a row, patience {cfg.train.nonfinite_patience})"
+                            )
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                         if main:
                             elapsed = time.time() - window_start

@@ -20,22 +20,33 @@ def print_zoo(as_json: bool = False) -> None:
         print(json.dumps(rows, indent=2))
         return
     shown = ("AVG", "IJBC@0.01", "TinyFace R1")
-    print(f"{'repo id':<52} {'kind':<11} {'architecture':<17} {'loss':<8} {'data':<13} "
-          + " ".join(f"{m:>11}" for m in shown))
+    print(
+        f"{'repo id':<52} {'kind':<11} {'architecture':<17} {'loss':<8} {'data':<13} "
+        + " ".join(f"{m:>11}" for m in shown)
+    )
     for row in rows:
         arch = row["architecture"].split(" (")[0].split(":")[0]
-        scores = " ".join(f"{row['reported'][m]:>11.2f}" if m in row["reported"] else f"{'-':>11}" for m in shown)
-        print(f"{row['repo_id']:<52} {row['kind']:<11} {arch[:17]:<17} {row['loss'] or '-':<8} "
-              f"{row['training_data'] or '-':<13} {scores}")
-    print("\nreported accuracy (%) as published by the authors; all columns "
-          f"({', '.join(METRICS)}): kprpe models --zoo --json")
+        scores = " ".join(
+            f"{row['reported'][m]:>11.2f}" if m in row["reported"] else f"{'-':>11}" for m in shown
+        )
+        print(
+            f"{row['repo_id']:<52} {row['kind']:<11} {arch[:17]:<17} {row['loss'] or '-':<8} "
+            f"{row['training_data'] or '-':<13} {scores}"
+        )
+    print(
+        "\nreported accuracy (%) as published by the authors; all columns "
+        f"({', '.join(METRICS)}): kprpe models --zoo --json"
+    )
     print("source: " + SOURCES["cvlface-readme"])
     print("training-data terms:")
     for data in sorted({row["training_data"] for row in rows if row["training_data"]}):
         licence = next(r["licence"] for r in rows if r["training_data"] == data)
         print(f"  {data}: {licence}")
     print(f"  all: {COMMON_TERMS}")
-    print("load one by name: kprpe.load_official('<repo id>') / --weights <repo id>; offline machines: kprpe fetch")
+    print(
+        "load one by name: kprpe.load_official('<repo id>') / --weights <repo id>; offline machines: kprpe "
+        "fetch"
+    )
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
@@ -45,8 +56,10 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
     parsed = parse_repo_id(args.repo)
     if parsed is None:
-        raise CommandError(f"{args.repo!r} is not a Hugging Face repo id (owner/name[@revision]), e.g. "
-                           "minchul/cvlface_adaface_vit_base_kprpe_webface4m")
+        raise CommandError(
+            f"{args.repo!r} is not a Hugging Face repo id (owner/name[@revision]), e.g. "
+            "minchul/cvlface_adaface_vit_base_kprpe_webface4m"
+        )
     repo, revision = parsed
     try:
         folder = snapshot(repo, revision=revision)  # verifies and records every file's sha256
@@ -58,15 +71,20 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     prefix = f"{repo}@{folder.name}/"
     for key, value in recorded.items():
         if key.startswith(prefix):
-            print(f"  {value['sha256']}  {key[len(prefix):]}")
+            print(f"  {value['sha256']}  {key[len(prefix) :]}")
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "fetch", help="download a published checkpoint (weights and configs only) into the Hugging Face cache",
-        description="Fetch a Hugging Face repo's weights and configs (never its Python code) into the standard "
-                    "cache ($HF_HUB_CACHE), record their sha256, and print where they are. Copy the cache to an "
-                    "offline machine and set HF_HUB_OFFLINE=1 there.")
-    p.add_argument("repo", help="repo id, e.g. minchul/cvlface_adaface_vit_base_kprpe_webface4m (@revision optional)")
+        "fetch",
+        help="download a published checkpoint (weights and configs only) into the Hugging Face cache",
+        description="Fetch a Hugging Face repo's weights and configs (never its Python code) into the "
+        "standard "
+        "cache ($HF_HUB_CACHE), record their sha256, and print where they are. Copy the cache to an "
+        "offline machine and set HF_HUB_OFFLINE=1 there.",
+    )
+    p.add_argument(
+        "repo", help="repo id, e.g. minchul/cvlface_adaface_vit_base_kprpe_webface4m (@revision optional)"
+    )
     p.set_defaults(func=_cmd_fetch)

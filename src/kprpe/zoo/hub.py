@@ -1,12 +1,12 @@
 """Hugging Face repo ids -> trusted local files: published checkpoints by name, weights and configs only.
 
 A published CVLface repo holds the weights (``model.safetensors``, ``pretrained_model/*.pt``), configs
-(``config.json``, ``pretrained_model/*.yaml``) and the Python wrapper that ``trust_remote_code`` would run. We fetch
-only weights and configs (never ``*.py``) into the standard Hugging Face cache, and check every file we hand out:
-against the content hash the Hub names the blob by, and against the sha256 recorded on first use in a small
-registry (``$KPRPE_CACHE/zoo/sha256.json``), so a truncated or modified file is refused with a message naming it.
-Everything here reads the environment at call time (``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``, ``HF_HOME``,
-``KPRPE_CACHE``), since huggingface_hub itself freezes some of them at import.
+(``config.json``, ``pretrained_model/*.yaml``) and the Python wrapper that ``trust_remote_code`` would run. We
+fetch only weights and configs (never ``*.py``) into the standard Hugging Face cache, and check every file we
+hand out: against the content hash the Hub names the blob by, and against the sha256 recorded on first use in
+a small registry (``$KPRPE_CACHE/zoo/sha256.json``), so a truncated or modified file is refused with a message
+naming it. Everything here reads the environment at call time (``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``,
+``HF_HOME``, ``KPRPE_CACHE``), since huggingface_hub itself freezes some of them at import.
 """
 
 from __future__ import annotations
@@ -45,8 +45,22 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".onnx")
 CONFIG_PATTERNS = ["config.json", "*.yaml", "*.yml", "README.md"]
 SAFETENSORS_PATTERNS = ["*.safetensors"]
 PICKLE_PATTERNS = ["*.pt", "*.pth"]
-NEVER_PATTERNS = ["*.py", "*.pyc", "*.so", "*.dll", "*.dylib", "*.ipynb", "*.sh", "*.cu", "*.cpp", "*.bin",
-                  "*.pkl", "*.pickle", "*.whl", "*.exe"]
+NEVER_PATTERNS = [
+    "*.py",
+    "*.pyc",
+    "*.so",
+    "*.dll",
+    "*.dylib",
+    "*.ipynb",
+    "*.sh",
+    "*.cu",
+    "*.cpp",
+    "*.bin",
+    "*.pkl",
+    "*.pickle",
+    "*.whl",
+    "*.exe",
+]
 FETCH_HINT_PATTERNS = "'config.json' '*.yaml' '*.safetensors'"
 
 _REPO_ID = re.compile(
@@ -68,11 +82,14 @@ def hub_offline() -> bool:
 
 
 def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    """The Hugging Face hub cache: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
+    ``~/.cache/huggingface/hub``."""
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(variable):
             return Path(os.environ[variable]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
+    )
     return Path(home).expanduser() / "hub"
 
 
@@ -89,7 +106,8 @@ def registry_path() -> Path:
 # ---------------------------------------------------------------------- names
 def parse_repo_id(text: str) -> tuple[str, str | None] | None:
     """``(repo_id, revision_or_None)`` for ``owner/name`` or ``owner/name@revision``; None when ``text``
-    cannot be a Hugging Face model repo id (or plainly names a weights file, e.g. ``runs/model.safetensors``)."""
+    cannot be a Hugging Face model repo id (or plainly names a weights file, e.g.
+    ``runs/model.safetensors``)."""
     match = _REPO_ID.match(text)
     if match is None:
         return None
@@ -105,23 +123,29 @@ def _check_kind(repo: str, kind: str) -> None:
 
     entry = find_entry(repo)
     if entry is not None and entry.kind != kind:
-        use = "kprpe.load_aligner / --aligner" if entry.kind == "aligner" else "kprpe.load_official / --weights"
+        use = (
+            "kprpe.load_aligner / --aligner" if entry.kind == "aligner" else "kprpe.load_official / --weights"
+        )
         raise ZooError(
-            f"{repo} is a published {entry.kind} model ({entry.architecture}), not {'an' if kind == 'aligner' else 'a'} "
+            f"{repo} is a published {entry.kind} model ({entry.architecture}), not "
+            f"{'an' if kind == 'aligner' else 'a'} "
             f"{kind} model; use it through {use}"
         )
 
 
 def resolve(source, kind: str = "recognition", *, offline: bool | None = None) -> Path:
-    """A local file or folder for ``source``: an existing path is returned as is; otherwise a Hugging Face repo
-    id (``owner/name[@revision]``) is fetched (weights and configs only) or found in the cache, checked against
-    its recorded sha256, and its snapshot folder returned. ``offline`` defaults to ``HF_HUB_OFFLINE``."""
+    """A local file or folder for ``source``: an existing path is returned as is; otherwise a Hugging Face
+    repo id (``owner/name[@revision]``) is fetched (weights and configs only) or found in the cache, checked
+    against its recorded sha256, and its snapshot folder returned. ``offline`` defaults to
+    ``HF_HUB_OFFLINE``."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
     else:
-        raise ZooError(f"{kind} weights must be a path or a Hugging Face repo id, got {type(source).__name__}")
+        raise ZooError(
+            f"{kind} weights must be a path or a Hugging Face repo id, got {type(source).__name__}"
+        )
     path = Path(text).expanduser()
     if path.exists():  # a file or folder wins over a repo id spelled the same way
         if not (path.is_file() or path.is_dir()):
@@ -130,7 +154,8 @@ def resolve(source, kind: str = "recognition", *, offline: bool | None = None) -
     parsed = parse_repo_id(text)
     if parsed is None:
         raise ZooError(
-            f"{kind} weights not found: {text!r} is neither an existing checkpoint file (.safetensors, .pt, .pth), "
+            f"{kind} weights not found: {text!r} is neither an existing checkpoint file (.safetensors, .pt, "
+            ".pth), "
             f"a checkpoint folder, nor a Hugging Face repo id (owner/name, e.g. {EXAMPLES[kind]})"
         )
     repo, revision = parsed
@@ -144,7 +169,8 @@ def _hub():
         import huggingface_hub
     except ImportError as exc:  # a core dependency, but say so clearly if an environment lacks it
         raise ZooError(
-            "resolving a Hugging Face repo id needs the huggingface_hub package: pip install 'huggingface_hub>=0.20'"
+            "resolving a Hugging Face repo id needs the huggingface_hub package: pip install "
+            "'huggingface_hub>=0.20'"
         ) from exc
     return huggingface_hub
 
@@ -159,8 +185,13 @@ def snapshot(repo: str, *, revision: str | None = None, offline: bool | None = N
     hub = _hub()
     cache = hub_cache_dir()
     offline = hub_offline() if offline is None else offline
-    common = dict(repo_id=repo, revision=revision, cache_dir=str(cache), local_files_only=offline,
-                  ignore_patterns=NEVER_PATTERNS)
+    common = dict(
+        repo_id=repo,
+        revision=revision,
+        cache_dir=str(cache),
+        local_files_only=offline,
+        ignore_patterns=NEVER_PATTERNS,
+    )
     try:
         folder = Path(hub.snapshot_download(allow_patterns=CONFIG_PATTERNS + SAFETENSORS_PATTERNS, **common))
         if not _has(folder, "*.safetensors"):
@@ -172,7 +203,8 @@ def snapshot(repo: str, *, revision: str | None = None, offline: bool | None = N
         raise explained from exc
     if not any(_has(folder, f"*{suffix}") for suffix in (".safetensors", ".pt", ".pth")):
         raise ZooError(
-            f"{repo} (commit {folder.name}) has no weights in the cache at {folder}: expected model.safetensors or "
+            f"{repo} (commit {folder.name}) has no weights in the cache at {folder}: expected "
+            "model.safetensors or "
             f"pretrained_model/model.pt; run `kprpe fetch {repo}` on a connected machine"
         )
     verify_snapshot(repo, folder)
@@ -182,7 +214,8 @@ def snapshot(repo: str, *, revision: str | None = None, offline: bool | None = N
 def _fetch_hint(repo: str, cache: Path) -> str:
     owner, name = repo.split("/", 1)
     return (
-        f"on a connected machine run `kprpe fetch {repo}` (or `hf download {repo} --include {FETCH_HINT_PATTERNS}`), "
+        f"on a connected machine run `kprpe fetch {repo}` (or `hf download {repo} --include "
+        f"{FETCH_HINT_PATTERNS}`), "
         f"then copy its cache folder models--{owner}--{name} into {cache} (or point HF_HUB_CACHE at a copy)"
     )
 
@@ -194,17 +227,23 @@ def _explain(exc: Exception, repo: str, revision: str | None, cache: Path, offli
     if "RevisionNotFoundError" in names:
         return ZooError(f"revision {revision!r} of Hugging Face repo {repo} does not exist")
     if "GatedRepoError" in names:
-        return ZooError(f"Hugging Face repo {repo} is gated: accept its terms on huggingface.co and log in (hf auth login)")
+        return ZooError(
+            f"Hugging Face repo {repo} is gated: accept its terms on huggingface.co and log in (hf auth "
+            "login)"
+        )
     if "RepositoryNotFoundError" in names:
         return ZooError(
-            f"{where!r} is neither a local file or folder nor an existing Hugging Face repo (not found, or private: "
+            f"{where!r} is neither a local file or folder nor an existing Hugging Face repo (not found, or "
+            "private: "
             f"log in with `hf auth login`); known published checkpoints: kprpe models --zoo"
         )
     if "IncompleteSnapshotError" in names:
         return ZooError(f"the cached copy of {where} is incomplete ({exc}); {_fetch_hint(repo, cache)}")
     if "LocalEntryNotFoundError" in names or "OfflineModeIsEnabled" in names:
         reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
-        return ZooError(f"{where} is not in the Hugging Face cache {cache} and {reason}; {_fetch_hint(repo, cache)}")
+        return ZooError(
+            f"{where} is not in the Hugging Face cache {cache} and {reason}; {_fetch_hint(repo, cache)}"
+        )
     if "HFValidationError" in names:
         return ZooError(f"{where!r} is not a valid Hugging Face repo id: {exc}")
     if "HfHubHTTPError" in names:
@@ -244,7 +283,9 @@ def _read_registry(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise ZooError(f"the zoo sha256 registry {path} is unreadable ({exc}); fix or delete it") from exc
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        raise ZooError(f"the zoo sha256 registry {path} is not a kprpe registry (no 'files' table); fix or delete it")
+        raise ZooError(
+            f"the zoo sha256 registry {path} is not a kprpe registry (no 'files' table); fix or delete it"
+        )
     return data
 
 
@@ -268,12 +309,15 @@ def verify_snapshot(repo: str, folder: Path) -> dict[str, str]:
         if file.is_dir() or not _wanted(relative):
             continue
         if not file.is_file():
-            raise ZooError(f"{file} is a broken link in the Hugging Face cache (its blob is missing); {refetch}")
+            raise ZooError(
+                f"{file} is a broken link in the Hugging Face cache (its blob is missing); {refetch}"
+            )
         sha256, git_sha1, size = _digests(file)
         blob = file.resolve().name
         if (_HEX64.fullmatch(blob) and blob != sha256) or (_HEX40.fullmatch(blob) and blob != git_sha1):
             raise ZooError(
-                f"{relative} of {repo} (commit {commit}) is corrupt: its {size} bytes do not hash to the content "
+                f"{relative} of {repo} (commit {commit}) is corrupt: its {size} bytes do not hash to the "
+                "content "
                 f"id {blob} the Hub published (truncated or modified download); {refetch}"
             )
         key = f"{repo}@{commit}/{relative}"
@@ -282,9 +326,12 @@ def verify_snapshot(repo: str, folder: Path) -> dict[str, str]:
             new[key] = {"sha256": sha256, "size": size}
         elif entry.get("sha256") != sha256:
             raise ZooError(
-                f"{file} changed since its first use: sha256 {sha256} ({size} bytes), but {entry.get('sha256')} "
-                f"({entry.get('size')} bytes) was recorded in {registry_file}; the cached file is truncated or "
-                f"modified: {refetch} (if you replaced it on purpose, delete the entry {key!r} from the registry)"
+                f"{file} changed since its first use: sha256 {sha256} ({size} bytes), but "
+                f"{entry.get('sha256')} "
+                f"({entry.get('size')} bytes) was recorded in {registry_file}; the cached file is truncated "
+                "or "
+                f"modified: {refetch} (if you replaced it on purpose, delete the entry {key!r} from the "
+                "registry)"
             )
         found[relative] = sha256
     if new:
