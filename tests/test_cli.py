@@ -88,7 +88,10 @@ def test_a_closed_pipe_is_not_a_traceback():
     import sys
 
     # more output than a pipe buffer holds, so the writer is still writing when the reader leaves
-    script = "import sys; from kprpe.cli import main; sys.exit(max(main(['models', '--json']) for _ in range(300)))"
+    script = (
+        "import sys; from kprpe.cli import main; "
+        "sys.exit(max(main(['models', '--json']) for _ in range(300)))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.read(10)
     proc.stdout.close()  # the reader goes away after the first bytes, like `head -c 10`

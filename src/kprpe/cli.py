@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # the reader went away (`kprpe models --json | head`): not an error of ours. Point stdout at devnull so
-        # the interpreter's final flush does not raise again, and exit like other Unix tools.
+        # the reader went away (`kprpe models --json | head`): not an error of ours. Point stdout at devnull
+        # so the interpreter's final flush does not raise again, and exit like other Unix tools.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
