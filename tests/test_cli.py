@@ -80,3 +80,22 @@ def test_bad_option_combination_is_one_line_under_python_m(tmp_path):
 def test_main_without_command_prints_help(capsys):
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_a_closed_pipe_is_not_a_traceback():
+    """`kprpe models --json | head -1` once printed a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    # more output than a pipe buffer holds, so the writer is still writing when the reader leaves
+    script = (
+        "import sys; from kprpe.cli import main; "
+        "sys.exit(max(main(['models', '--json']) for _ in range(300)))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # the reader goes away after the first bytes, like `head -c 10`
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert code == 141

@@ -11,6 +11,7 @@ the sample) and the reason, instead of a traceback from inside Pillow or OpenCV.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -27,6 +28,9 @@ __all__ = [
     "ImageLoadError",
     "load_image",
     "decode_image",
+    "DEFAULT_MAX_PIXELS",
+    "max_pixels",
+    "check_pixels",
     "to_rgb_uint8",
     "expand_image_paths",
 ]
@@ -83,8 +87,41 @@ def to_rgb_uint8(image: Image.Image, background: tuple[int, int, int] = (255, 25
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a photo as upright ``(H, W, 3)`` uint8 RGB; raise :class:`ImageLoadError` naming the file."""
+# 8000 x 8000: above any camera's photo, far below what a decompression bomb claims
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def max_pixels() -> int:
+    """The largest image (width x height) any kprpe reader decodes: ``$KPRPE_MAX_PIXELS`` or 64 million."""
+    text = os.environ.get("KPRPE_MAX_PIXELS")
+    if text is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise ImageLoadError("KPRPE_MAX_PIXELS", f"must be a number of pixels, got {text!r}") from None
+    if value <= 0:
+        raise ImageLoadError("KPRPE_MAX_PIXELS", f"must be positive, got {value}")
+    return value
+
+
+def check_pixels(width: int, height: int, where, limit: int | None = None) -> None:
+    """Refuse an image whose header announces more than ``limit`` (default :func:`max_pixels`) pixels, before
+    decoding it: a few-KB file can claim 13000 x 13000 pixels (2.4 GB decoded)."""
+    limit = max_pixels() if limit is None else int(limit)
+    if width * height > limit:
+        raise ImageLoadError(
+            where,
+            f"image of {width}x{height} = {width * height / 1e6:.1f} million pixels is larger than the limit "
+            f"of {limit / 1e6:.1f} million (set KPRPE_MAX_PIXELS to raise it)",
+        )
+
+
+def load_image(path: str | os.PathLike, *, limit: int | None = None) -> np.ndarray:
+    """Read a photo as upright ``(H, W, 3)`` uint8 RGB; raise :class:`ImageLoadError` naming the file.
+
+    Images larger than ``limit`` pixels (default :func:`max_pixels`) are refused from their header, before
+    anything is decoded."""
     path = Path(path)
     if not path.exists():
         raise ImageLoadError(path, "no such file")
@@ -95,6 +132,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             # Pillow warns (DecompressionBombWarning) before it errors; keep the user's console clean.
             warnings.simplefilter("ignore")
             with Image.open(path) as opened:
+                check_pixels(*opened.size, path, limit)
                 opened.load()  # decode now so truncated files fail here, not later
                 upright = ImageOps.exif_transpose(opened)
                 rgb = to_rgb_uint8(upright if upright is not None else opened)
@@ -116,14 +154,34 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return rgb
 
 
-def decode_image(data: bytes, where: str = "image", size: int | None = None) -> np.ndarray:
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header without decoding its pixels; None if Pillow does not
+    know the format (OpenCV may still)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as probe:
+                return probe.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return None
+
+
+def decode_image(
+    data: bytes, where: str = "image", size: int | None = None, *, limit: int | None = None
+) -> np.ndarray:
     """Encoded bytes -> uint8 RGB ``(H, W, 3)``, resized (bilinear) to ``size`` x ``size`` when given and
-    different; raises :class:`ImageLoadError` naming ``where``."""
+    different; raises :class:`ImageLoadError` naming ``where``. Images whose header announces more than
+    ``limit`` pixels (default :func:`max_pixels`) are refused before decoding."""
     if not data:
         raise ImageLoadError(where, "empty image data")
+    announced = _header_size(data)
+    if announced is not None:
+        check_pixels(*announced, where, limit)
     arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if arr is None:
         raise ImageLoadError(where, f"cannot decode image data ({len(data)} bytes; corrupt or not an image)")
+    if announced is None:
+        check_pixels(arr.shape[1], arr.shape[0], where, limit)
     rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
     if size is not None and rgb.shape[:2] != (size, size):
         rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)

@@ -75,10 +75,28 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _open(path: Path):
-    if not path.is_file():
-        raise LandmarkFileError(f"landmark file not found: {path}")
-    return open(path, encoding="utf-8")
+class _LandmarkText:
+    """Lines of a landmark file; a file that is not UTF-8 text is a :class:`LandmarkFileError`, not a
+    ``UnicodeDecodeError`` from the middle of a loop."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise LandmarkFileError(f"landmark file not found: {path}")
+        self.path = path
+
+    def __enter__(self):
+        try:
+            self.lines = self.path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as exc:
+            raise LandmarkFileError(f"landmark file {self.path} is not UTF-8 text ({exc})") from None
+        return self.lines
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _open(path: Path) -> _LandmarkText:
+    return _LandmarkText(path)
 
 
 def read_landmark_rows(path: str | os.PathLike, num_keypoints: int = 5) -> dict[int, np.ndarray]:

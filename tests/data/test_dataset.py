@@ -147,3 +147,10 @@ def test_augment_config_validation():
         AugmentConfig(flip_p=1.5).validate()
     with pytest.raises(ValueError, match="scale_min <= scale_max"):
         AugmentConfig(scale_min=1.2, scale_max=0.9).validate()
+def test_training_landmarks_that_are_not_utf8_are_a_landmark_error(tmp_path):
+    from kprpe.landmarks import LandmarkFileError, read_landmarks
+
+    path = tmp_path / "landmarks.csv"
+    path.write_bytes(b"idx,ldmk_0,ldmk_1\n0,\xff\xfe\n")
+    with pytest.raises(LandmarkFileError, match="not UTF-8"):
+        read_landmarks(path, num_samples=1)

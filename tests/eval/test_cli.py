@@ -186,3 +186,23 @@ def test_identify_closed_and_open_set(tmp_path, capsys):
     )
     assert set(r["closed_set"]) == {"rank1", "rank5"} and r["closed_set"]["rank5"] >= r["closed_set"]["rank1"]
     assert "open_set" in r
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """`--out` naming an existing file was discovered only after the whole evaluation ran."""
+    import kprpe.eval.runs as runs
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation ran before the output was checked")
+
+    monkeypatch.setattr(runs, "evaluate_bins", never)
+    bin_path = _make_bin(tmp_path / "toy.bin")
+    taken = tmp_path / "results"
+    taken.write_text("a file, not a folder")
+    code, _, err = _run(capsys, "verify", "--weights", TINY_KPRPE, "--bin", bin_path, "-o", taken, "--quiet")
+    assert code == 2 and "is an existing file" in err and err.count("\n") == 1
+    code, _, err = _run(
+        capsys, "verify", "--weights", TINY_KPRPE, "--bin", bin_path, "-o", taken / "sub", "--quiet"
+    )
+    assert code == 2 and "is a file" in err
+    assert taken.read_text() == "a file, not a folder"

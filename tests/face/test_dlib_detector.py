@@ -178,3 +178,25 @@ def test_weak_false_positive_does_not_win_largest_face(dlib_detector, astronaut,
     assert x0 < ASTRONAUT_KEYPOINTS[2][0] < x1 and y0 < ASTRONAUT_KEYPOINTS[2][1] < y1  # the nose is inside
     badge = FacePipeline(dlib_detector, min_relative_score=0).faces_in_file(path)[0]
     assert badge.box[1] > 250  # without the score floor the bigger, weaker box below the face wins
+
+
+def test_large_photos_are_searched_for_faces_at_a_bounded_size(astronaut, astronaut_detection):
+    from kprpe.face.dlib_backend import DlibDetector
+
+    big = cv2.resize(astronaut, (2048, 2048), interpolation=cv2.INTER_CUBIC)  # 4x the photo
+    detector = DlibDetector(max_detect_side=600)
+    seen = []
+    original = detector._boxes
+
+    def spy(image):
+        seen.append(image.shape)
+        return original(image)
+
+    detector._boxes = spy
+    faces = detector.detect(big)
+    face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))  # the face, not the badge
+    assert seen and max(seen[0][:2]) == 600  # the detector never ran on the 2048-pixel photo
+    # the landmarks are placed on the full-resolution photo, where the astronaut's are (x4)
+    np.testing.assert_allclose(face.keypoints, astronaut_detection.keypoints * 4, atol=4 * 3.0)
+    with pytest.raises(ValueError, match="max_detect_side"):
+        DlibDetector(max_detect_side=10)

@@ -144,3 +144,22 @@ def test_face_package_imports_and_works_without_dlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "kprpe[face]" in out
+
+
+def test_a_68_point_file_is_refused_not_read_as_its_first_5_points(tmp_path):
+    from kprpe.face.landmark_files import SuppliedLandmarks
+    from kprpe.landmarks import LandmarkFileError
+
+    columns = ",".join(f"{axis}{i}" for i in range(68) for axis in "xy")
+    (tmp_path / "lm68.csv").write_text("file," + columns + "\na.png," + ",".join(["10"] * 136) + "\n")
+    with pytest.raises(LandmarkFileError, match="68 points.*5 ArcFace points"):
+        SuppliedLandmarks.from_file(tmp_path / "lm68.csv")
+
+
+def test_deeply_nested_json_is_a_landmark_error(tmp_path):
+    from kprpe.face.landmark_files import SuppliedLandmarks
+    from kprpe.landmarks import LandmarkFileError
+
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LandmarkFileError, match="nests JSON too deeply"):
+        SuppliedLandmarks.from_file(tmp_path / "deep.json")

@@ -76,3 +76,20 @@ def test_keypoints_outside_unit_square_are_legal(kp_model):
 def test_plain_model_ignores_keypoints(plain_model):
     with torch.no_grad():
         torch.testing.assert_close(plain_model(IMAGES, KP), plain_model(IMAGES))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_kprpe", "vit_tiny", "ir_18"])
+def test_float64_images_and_empty_batches(name):
+    """float64 batches (NumPy's default) and empty batches once ended in tracebacks from deep inside torch."""
+    import torch
+
+    import kprpe
+    from kprpe.keypoints import template_keypoints
+
+    model = kprpe.create_model(name).eval()
+    with torch.no_grad():
+        ref = model(torch.zeros(2, 3, 112, 112), template_keypoints(2))
+        got = model(torch.zeros(2, 3, 112, 112, dtype=torch.float64), template_keypoints(2).double())
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
+        empty = model(torch.zeros(0, 3, 112, 112), template_keypoints(0))
+    assert empty.shape == (0, ref.shape[1])

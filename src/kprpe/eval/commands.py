@@ -301,6 +301,17 @@ def _settings(args):
 
     if args.batch_size <= 0:
         _fail(f"--batch-size must be positive, got {args.batch_size}")
+    out = Path(args.output)
+    # the outputs are checked before any work: an evaluation must not run for hours to fail at the write
+    if out.exists() and not out.is_dir():
+        _fail(f"-o/--output {out} is an existing file; the output is a folder (results.json, summary.md, "
+              "plots)")
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        _fail(f"-o/--output {out} cannot be created: {blocked} is a file")
+    for name in ("results.json", "summary.md", "roc.png", "sweep.json", "sweep.png"):
+        if (out / name).is_dir():
+            _fail(f"-o/--output {out}: {out / name} is a folder where a result file goes")
     for far in args.far:
         if not 0 < far < 1:
             _fail(f"--far values must lie in (0, 1), got {far}")

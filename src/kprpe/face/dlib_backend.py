@@ -99,12 +99,25 @@ def arcface_points_from_dlib5(points: np.ndarray) -> np.ndarray:
     return np.vstack([left_eye, right_eye, estimated])
 
 
+def _scaled_rect(rect, factor: float):
+    """A dlib rectangle found on a resized image, in the original image's pixel indices."""
+    dlib = _import_dlib()
+    return dlib.rectangle(
+        round((rect.left() + 0.5) * factor - 0.5),
+        round((rect.top() + 0.5) * factor - 0.5),
+        round((rect.right() + 0.5) * factor - 0.5),
+        round((rect.bottom() + 0.5) * factor - 0.5),
+    )
+
+
 class DlibDetector(FaceDetector):
     """dlib HOG (default) or CNN face detector + 68- or 5-point shape model, offline.
 
     ``upsample``: how many times dlib doubles the image before detecting (finds faces down to ~40 px at 1,
     ~20 px at 2); ``"auto"`` tries 0, then 1, then 2 until a face is found, which keeps the common case fast
     and avoids the false positives of always upsampling. ``min_score``: HOG score / CNN confidence threshold.
+    ``max_detect_side``: photos larger than this are searched for faces at this size (the landmarks are still
+    placed on the full-resolution photo), so an 8000-pixel photo costs what a 2000-pixel one does.
     """
 
     name = "dlib"
@@ -118,6 +131,7 @@ class DlibDetector(FaceDetector):
         min_score: float = 0.0,
         models_dir: str | os.PathLike | None = None,
         max_upsampled_side: int = 2400,
+        max_detect_side: int = 2000,
     ) -> None:
         if detector not in ("hog", "cnn"):
             raise ValueError(f"dlib detector must be 'hog' or 'cnn', got {detector!r}")
@@ -132,6 +146,9 @@ class DlibDetector(FaceDetector):
         self.upsample = upsample
         self.min_score = float(min_score)
         self.max_upsampled_side = int(max_upsampled_side)
+        if int(max_detect_side) < 64:
+            raise ValueError(f"max_detect_side must be at least 64 pixels, got {max_detect_side}")
+        self.max_detect_side = int(max_detect_side)
         directory = Path(models_dir) if models_dir is not None else face_models_dir()
         shape_file = (
             "shape_predictor_68_face_landmarks.dat"
@@ -196,8 +213,17 @@ class DlibDetector(FaceDetector):
 
     def detect(self, image: np.ndarray, *, source=None) -> list[FaceDetection]:
         image = self._prepare(image)
+        # Large photos are searched at a reduced size (area-averaged): detection cost and memory stay bounded
+        # whatever the camera; the landmarks are then placed on the full-resolution photo.
+        side = max(image.shape[:2])
+        scale = min(1.0, self.max_detect_side / side)
+        searched = image
+        if scale < 1.0:
+            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+            searched = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         faces = []
-        for rect, score in self._boxes(image):
+        for small_rect, score in self._boxes(searched):
+            rect = small_rect if scale == 1.0 else _scaled_rect(small_rect, 1.0 / scale)
             points, raw = self._shape(image, rect)
             # dlib rectangles are inclusive pixel indices; boxes here are continuous pixel-edge coordinates
             box = (rect.left() - 0.5, rect.top() - 0.5, rect.right() + 0.5, rect.bottom() + 0.5)

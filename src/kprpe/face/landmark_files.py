@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,17 @@ def _read_landmark_csv(path: Path) -> dict[str, list[_SuppliedFace]]:
                     f"file,{','.join(LANDMARK_COLUMNS)} "
                     f"(optional {','.join(BOX_COLUMNS)},score)"
                 )
+            extra = [
+                c for c in columns if re.fullmatch(r"[xy]\d+", c or "") and c not in LANDMARK_COLUMNS
+            ]
+            if extra:  # e.g. a 68-point file: silently reading its first 5 points would be wrong points
+                raise LandmarkFileError(
+                    f"landmark file {path} has {(len(LANDMARK_COLUMNS) + len(extra)) // 2} points "
+                    f"(columns up to {extra[-1]}); kprpe needs the 5 ArcFace points "
+                    f"({','.join(LANDMARK_COLUMNS)}: left eye, right eye, nose, left and right mouth "
+                    "corners). "
+                    "From 68 points: eye centres = mean of 36-41 and 42-47, nose 30, mouth corners 48 and 54"
+                )
             has_box = all(c in columns for c in BOX_COLUMNS)
             for line_number, row in enumerate(reader, start=2):
                 where = f"{path}:{line_number}"
@@ -239,6 +251,8 @@ def _read_landmark_json(path: Path) -> dict[str, list[_SuppliedFace]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LandmarkFileError(f"landmark file {path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise LandmarkFileError(f"landmark file {path} nests JSON too deeply to be a landmark file") from None
     entries: dict[str, list[_SuppliedFace]] = {}
     if isinstance(data, list):  # [{"file": ..., "keypoints": ..., "box": ...}, ...]
         for index, item in enumerate(data):

@@ -295,6 +295,11 @@ class IResNet(nn.Module):
         return self.output_layer(features)
 
     def forward(self, images: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
+        from .vit import match_weight_dtype
+
+        images = match_weight_dtype(self, images)
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] == 0:
+            return images.new_zeros((0, self.config.output_dim))
         return self.forward_head(self.forward_features(images))
 
     def extra_repr(self) -> str:

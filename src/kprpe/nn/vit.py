@@ -32,6 +32,7 @@ __all__ = [
     "VisionTransformer",
     "normalize_embedding",
     "num_parameters",
+    "match_weight_dtype",
 ]
 
 RELATIVE_ENCODINGS = ("none", "rpe", "irpe", "kprpe")
@@ -344,6 +345,10 @@ class VisionTransformer(nn.Module):
         return self.feature(x)
 
     def forward(self, images: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
+        images = match_weight_dtype(self, images)  # e.g. float64 arrays from NumPy: run in the model's dtype
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] == 0:
+            self.check_inputs(images, keypoints)  # an empty batch is still checked, then costs nothing
+            return images.new_zeros((0, self.config.output_dim))
         return self.forward_head(self.forward_features(images, keypoints))
 
     def extra_repr(self) -> str:
@@ -352,6 +357,22 @@ class VisionTransformer(nn.Module):
             f"rel_pos={cfg.rel_pos}, abs_pos={cfg.abs_pos}, grid={self.grid}x{self.grid}, "
             f"buckets={self.num_buckets}"
         )
+
+
+def match_weight_dtype(model: nn.Module, images):
+    """``images`` in the dtype of the model's weights when both are floating point and differ (a float64 batch
+    from NumPy into a float32 model would otherwise fail deep inside a convolution); under autocast the
+    autocast rules apply instead."""
+    if (
+        isinstance(images, torch.Tensor)
+        and images.is_floating_point()
+        and not torch.is_autocast_enabled(images.device.type)
+        and not torch.onnx.is_in_onnx_export()
+    ):
+        weight = next(model.parameters(), None)
+        if weight is not None and weight.is_floating_point() and images.dtype != weight.dtype:
+            return images.to(weight.dtype)
+    return images
 
 
 def num_parameters(model: nn.Module) -> int:
