@@ -105,6 +105,7 @@ class DigitsConfig:
     lr_drops: int = 1
     lr_drop_factor: float = 0.1
     val_fraction: float = 0.12
+    bn_calibration_images: int = 512  # training images (this epoch's) that set BatchNorm's statistics
     # keypoint-noise tests (same clean test digits, perturbed keypoints, fixed seed): Gaussian noise of these
     # sigmas (canvas pixels) on every keypoint, and one random keypoint displaced by these distances
     keypoint_noise_levels: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
@@ -227,7 +228,8 @@ def convergence_rule(cfg: DigitsConfig | dict) -> str:
         f"improved by more than {c['min_delta']:g} points for {c['patience']} epochs; then restore the best "
         f"weights and multiply the learning rate by {c['lr_drop_factor']:g}"
         + (f" (at most {drops} time{'s' if drops > 1 else ''}); the next plateau stops" if drops else "; stop")
-        + f"; cap {c['max_epochs']} epochs; the best-validation weights are tested"
+        + f"; cap {c['max_epochs']} epochs; the best-validation weights are tested (BatchNorm statistics "
+        f"recomputed on {c.get('bn_calibration_images', 512)} training images before each validation)"
     )
 
 
@@ -346,6 +348,26 @@ def _accuracy_and_loss(model: torch.nn.Module, x: torch.Tensor, kp: torch.Tensor
     return 100.0 * correct / len(x), loss / len(x)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, kp: torch.Tensor, batch: int = 64) -> None:
+    """Exact BatchNorm statistics of the current weights (cumulative average over ``x``), so that an
+    evaluation in the middle of training measures the weights, not the lag of the running averages: at a
+    constant learning rate the running statistics trail the moving weights and eval-mode accuracy swings
+    by tens of points from one epoch to the next."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for i in range(0, len(x) - 1, batch):
+        model(x[i : i + batch], kp[i : i + batch])
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+
+
 def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, head: str, seed: int) -> dict:
     """Train one model with one seed in one regime (fixed length, or under the convergence rule), then test
     it on every test set. The result holds the per-epoch learning curve."""
@@ -425,6 +447,8 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
         curve["lr"].append(lr)
         if val is None:
             continue
+        calib = order[: cfg.bn_calibration_images]
+        recalibrate_batchnorm(model, x_all[calib], kp_all[calib])
         val_acc, val_loss = _accuracy_and_loss(model, *val)
         curve["val_accuracy"].append(round(val_acc, 3))
         curve["val_loss"].append(round(val_loss, 5))
