@@ -26,6 +26,7 @@ __all__ = [
 
 # The longer run the --quick numbers are compared with (same models, head, regime and rule; 3 seeds, no cap
 # below 80 epochs), found next to the sources in a checkout of the repository.
+QUICK_GAP_WARNING = 5.0  # points of clean accuracy below the reference that mark a model as not converged
 QUICK_REFERENCE = Path("docs") / "results" / "converged_mean_mild" / "digits_results.json"
 
 PAPER_NUMBERS = "[paper, Fig. 1] Abs-PE: 98.1% on MNIST, 77.27% on AffNIST; KP-RPE is the most robust."
@@ -397,5 +398,25 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
                     q, r = cell[metric]["mean"], ref_cell[metric]
                     parts.append(f"{q:5.1f} / {r['mean']:5.1f} ± {r['std']:3.1f} ({q - r['mean']:+5.1f})")
                 lines.append(f"  {MODEL_SPECS[model].label:<40} {parts[0]:>26} {parts[1]:>30}")
+    behind = [
+        (model, ref_summary[h][r][model]["clean"]["mean"] - cell["clean"]["mean"])
+        for h, by_regime in quick_summary.items()
+        for r, by_model in by_regime.items()
+        for model, cell in by_model.items()
+        if model in ref_summary.get(h, {}).get(r, {})
+    ]
+    for model, gap in behind:
+        if gap > QUICK_GAP_WARNING:
+            lines.append(
+                f"WARNING: {MODEL_SPECS[model].label} is {gap:.1f} points below its reference clean accuracy: it "
+                "has not converged in this short run; do not rank it from these numbers."
+            )
+    for h, by_regime in ref_summary.items():
+        for r, by_model in by_regime.items():
+            ranked = sorted(by_model, key=lambda m: -by_model[m]["affnist"]["mean"])
+            lines.append(
+                f"Reference ranking on the AffNIST-style mix (head {h}, {r} aug.): "
+                + ", ".join(f"{MODEL_SPECS[m].label} {by_model[m]['affnist']['mean']:.1f}" for m in ranked)
+            )
     lines.append("Read model comparisons from the reference run (more seeds, trained to its plateau).")
     return "\n".join(lines + ["=" * 100])
