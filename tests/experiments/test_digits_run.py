@@ -31,8 +31,21 @@ MICRO = dict(
 
 
 # MICRO's sizes as command-line options (one epoch of a one-block, 16-wide model on 40 digits).
-MICRO_CLI = ["--epochs", "1", "--train-limit", "40", "--test-limit", "10", "--width", "16", "--depth", "1",
-         "--workers", "1", "--no-progress"]
+MICRO_CLI = [
+    "--epochs",
+    "1",
+    "--train-limit",
+    "40",
+    "--test-limit",
+    "10",
+    "--width",
+    "16",
+    "--depth",
+    "1",
+    "--workers",
+    "1",
+    "--no-progress",
+]
 
 
 def test_micro_run_writes_table_json_and_plots(tmp_path):
@@ -46,12 +59,24 @@ def test_micro_run_writes_table_json_and_plots(tmp_path):
     cell = data["summary"]["flatten"]["mild"]["kprpe"]
     assert cell["affnist"]["n"] == 2 and len(cell["affnist"]["values"]) == 2
     assert 0.0 <= cell["clean"]["mean"] <= 100.0
-    assert set(data["jobs"][0]["accuracy"]) == {"clean", "affnist", "rotation@30", "translation@4"}
+    kp_sets = {f"kpnoise@{s:g}" for s in (1, 2, 4, 8)} | {"kpshift@4", "kpshift@8"}
+    assert set(data["jobs"][0]["accuracy"]) == {"clean", "affnist", "rotation@30", "translation@4"} | kp_sets
+    assert (
+        len(data["jobs"][0]["curve"]["train_loss"]) == 1 and data["jobs"][0]["stop_reason"] == "fixed epochs"
+    )
     assert data["protocol"]["test_digits"] == 20 and data["protocol"]["train_digits"] == 64
     table = paths["table"].read_text()
     assert "KP-RPE (`kprpe`)" in table and "Abs-PE (`abs`)" in table and "±" in table
     assert "Head `mean`" in table and "98.1%" in table  # the paper's numbers sit next to ours
-    for key in ("plot_flatten_none", "plot_flatten_mild", "plot_mean_none", "plot_mean_mild"):
+    assert "noise σ=8 px" in table  # the bad-keypoints block, for the models that read keypoints
+    for key in (
+        "plot_flatten_none",
+        "plot_flatten_mild",
+        "plot_mean_none",
+        "plot_mean_mild",
+        "curves_mean_mild",
+        "kpnoise_flatten_none",
+    ):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*"))  # no temp files left behind
 
@@ -190,3 +215,103 @@ def test_rerender_from_results(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert main(["experiment", "digits", "--from-results", str(tmp_path / "bad.json")]) == 2
     assert "not a digits results file" in capsys.readouterr().err
+
+
+def test_convergence_rule_stops_keeps_best_weights_and_reports(tmp_path):
+    cfg = DigitsConfig(
+        **dict(
+            MICRO,
+            regimes=("mild",),
+            mean_head_models=(),
+            converge=True,
+            max_epochs=4,
+            patience=1,
+            lr_drops=1,
+            seeds=(0,),
+        )
+    )
+    proto = build_protocol(cfg)
+    assert len(proto.val_idx) > 0 and not set(proto.val_idx) & set(proto.train_idx)
+    assert not set(proto.val_idx) & set(proto.test_idx)  # validation comes from the training split only
+    results = run_digits(cfg, progress=False)
+    for job in results["jobs"]:
+        curve = job["curve"]
+        assert job["epochs_used"] == len(curve["val_accuracy"]) <= 4
+        assert job["stop_reason"] in ("plateau", "max_epochs")
+        assert curve["val_accuracy"][job["best_epoch"] - 1] == max(curve["val_accuracy"])
+        assert job["best_val_accuracy"] == max(curve["val_accuracy"])
+    paths = write_outputs(results, tmp_path, command="micro converge")
+    table = paths["table"].read_text()
+    assert "Training length: train until the clean accuracy on a held-out" in table
+    assert "epochs used (best)" in table
+    assert paths["curves_flatten_mild"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_keypoint_noise_training_changes_only_the_keypoint_stream():
+    cfg = DigitsConfig(**dict(MICRO, regimes=("mild",), seeds=(0,), epochs=3, train_limit=128, lr=1e-2))
+    proto = build_protocol(cfg)
+    plain = run_job(cfg, proto, "kprpe_noabs", "mild", "flatten", 0)
+    noisy = run_job(cfg, proto, "kprpe_noabs_kpnoise", "mild", "flatten", 0)
+    # same images and order; only the keypoints the model sees differ, so what f learns differs
+    assert plain["curve"]["train_loss"][1:] != noisy["curve"]["train_loss"][1:]
+    assert MODEL_SPECS["kprpe_noabs_kpnoise"].train_keypoint_noise > 0
+
+
+def test_keypoint_noise_test_sets_move_keypoints_not_images():
+    import numpy as np
+
+    cfg = DigitsConfig(**MICRO)
+    sets = {ts.name: ts for ts in build_protocol(cfg).test_sets}
+    clean = sets["clean"]
+    for name in ("kpnoise@1", "kpnoise@8", "kpshift@4", "kpshift@8"):
+        assert np.array_equal(sets[name].images, clean.images)
+    moved = np.linalg.norm(sets["kpshift@8"].keypoints - clean.keypoints, axis=-1)
+    assert np.allclose(np.sort(moved, axis=1)[:, -1], 8.0, atol=1e-3) and np.allclose(
+        np.sort(moved, axis=1)[:, :-1], 0
+    )
+    spread = [np.std(sets[f"kpnoise@{s}"].keypoints - clean.keypoints) for s in (1, 8)]
+    assert 0.5 < spread[0] < 1.5 and 6 < spread[1] < 10
+
+
+def test_learned_keypoints_model_is_listed_and_trains(capsys):
+    assert main(["experiment", "digits", "--list-models"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("kprpe_learned_noabs"))
+    assert "[learned-keypoints model]" in line
+    cfg = DigitsConfig(**dict(MICRO, regimes=("none",), seeds=(0,)))
+    job = run_job(cfg, build_protocol(cfg), "kprpe_learned_noabs", "none", "mean", 0)
+    assert job["accuracy"]["kpnoise@8"] == job["accuracy"]["clean"]  # it never reads the given keypoints
+
+
+def test_quick_path_prints_that_it_is_a_short_run(tmp_path, capsys):
+    from kprpe.experiments.digits import quick_config
+
+    cfg = quick_config()
+    assert cfg.converge and {j[2] for j in cfg.jobs()} == {"mean"}
+    assert sorted(j[0] for j in cfg.jobs()) == ["abs", "kprpe_noabs", "rpe_noabs"]
+    code = main(
+        [
+            "experiment",
+            "digits",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--max-epochs",
+            "1",
+            "--train-limit",
+            "40",
+            "--test-limit",
+            "10",
+            "--width",
+            "16",
+            "--depth",
+            "1",
+            "--workers",
+            "1",
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "SHORT RUN (--quick)" in out and "Epochs used (best)" in out
+    assert "Reference:" in out or "No reference results found" in out

@@ -29,6 +29,10 @@ _EPILOG = """protocols:
   toolkit   the official CVLface evaluation toolkit (Hugging Face `save_to_disk` folders, e.g. facerec_val/):
             each set by its kind -- verification, IJB-B/C 1:1, TinyFace. Needs kprpe[eval-toolkit].
   tinyface  TinyFace rank-1/5/20 exactly as the official protocol (toolkit folder or Probe/Gallery_* folders).
+  keypoint-noise
+            how much a model depends on its landmarks: .bin faces with Gaussian keypoint noise (sigma px in
+            the 112 crop) or one landmark displaced; embedding cosine to the clean-keypoint embedding and
+            accuracy.
   sweep     the paper's Figure 5: accuracy as the crop moves from aligned (t=0) to the detector-box crop
             (t=1), for one or several checkpoints, as a PNG plot and a JSON table.
 
@@ -262,6 +266,8 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_run_tinyface)
 
+    _register_keypoint_noise(sub)
+
     p = sub.add_parser(
         "sweep",
         help="accuracy vs alignment (paper Fig. 5), several checkpoints in one plot",
@@ -304,8 +310,9 @@ def _settings(args):
     out = Path(args.output)
     # the outputs are checked before any work: an evaluation must not run for hours to fail at the write
     if out.exists() and not out.is_dir():
-        _fail(f"-o/--output {out} is an existing file; the output is a folder (results.json, summary.md, "
-              "plots)")
+        _fail(
+            f"-o/--output {out} is an existing file; the output is a folder (results.json, summary.md, plots)"
+        )
     blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         _fail(f"-o/--output {out} cannot be created: {blocked} is a file")
@@ -609,4 +616,81 @@ def _run_sweep(args) -> int:
     write_json(args.output / "sweep.json", sweep)
     plot_sweep(sweep["t"], sweep["accuracy"], args.output / "sweep.png")
     print(f"wrote {args.output / 'sweep.json'}, {args.output / 'sweep.png'}")
+    return 0
+
+
+def _register_keypoint_noise(sub) -> None:
+    p = sub.add_parser(
+        "keypoint-noise",
+        help="embedding cosine and accuracy vs keypoint noise (bad landmarks)",
+        description="Perturb the keypoints of aligned .bin faces (Gaussian noise of sigma pixels on "
+        "every keypoint; one landmark moved d pixels) and report the cosine to the "
+        "clean-keypoint embedding and the 10-fold accuracy per condition, with a plot.",
+    )
+    add_model_options(p)
+    p.add_argument("sets", nargs="*", type=Path, default=[], help=".bin verification sets")
+    p.add_argument(
+        "--bin", dest="bins", action="append", default=[], type=Path, help="a .bin set (repeatable)"
+    )
+    p.add_argument(
+        "--landmarks",
+        action="append",
+        type=Path,
+        default=None,
+        help="per-set landmark CSV (idx,ldmk_0..ldmk_9, normalised), in the order of the sets",
+    )
+    p.add_argument(
+        "--keypoints",
+        choices=("auto", "file", "backend", "template"),
+        default="auto",
+        help="clean keypoint source, as for verify",
+    )
+    p.add_argument(
+        "--sigmas",
+        type=_float_list,
+        default=[0.0, 1.0, 2.0, 4.0, 8.0],
+        help="Gaussian noise sigmas in crop pixels (default 0,1,2,4,8)",
+    )
+    p.add_argument(
+        "--displacements",
+        type=_float_list,
+        default=[8.0, 16.0],
+        help="distances (crop pixels) one landmark is moved (default 8,16)",
+    )
+    p.add_argument(
+        "--displace-index",
+        type=int,
+        default=None,
+        help="which landmark to move (0-4: eyes, nose, mouth corners); default a random one per face",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
+    _common(p)
+    p.set_defaults(func=_run_keypoint_noise)
+
+
+def _run_keypoint_noise(args) -> int:
+    from .keypoint_noise import keypoint_noise_study, markdown_keypoint_noise, write_keypoint_noise_outputs
+
+    settings = _settings(args)
+    sets = [*args.bins, *args.sets]
+    if not sets:
+        _fail("give at least one .bin set")
+    if args.landmarks and len(args.landmarks) != len(sets):
+        _fail(f"give one --landmarks per set ({len(sets)} sets, {len(args.landmarks)} landmark files)")
+    results = _guarded(
+        lambda: keypoint_noise_study(
+            _handle(args.weights, args.engine),
+            sets,
+            settings,
+            keypoint_source=args.keypoints,
+            landmarks=args.landmarks,
+            sigmas=args.sigmas,
+            displacements=args.displacements,
+            displace_index=args.displace_index,
+            seed=args.seed,
+        )
+    )
+    paths = write_keypoint_noise_outputs(args.output, results)
+    print(markdown_keypoint_noise(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

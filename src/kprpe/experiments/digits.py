@@ -34,13 +34,22 @@ from .digits_data import (
 from .digits_models import (
     DEFAULT_MODELS,
     MODEL_SPECS,
-    QUICK_MODELS,
+    QUICK_MEAN_HEAD_MODELS,
     ModelSpec,
     build_classifier,
     resolve_models,
 )
 
-__all__ = ["REGIMES", "DigitsConfig", "quick_config", "Protocol", "build_protocol", "run_job", "run_digits"]
+__all__ = [
+    "REGIMES",
+    "DigitsConfig",
+    "quick_config",
+    "Protocol",
+    "build_protocol",
+    "run_job",
+    "run_digits",
+    "convergence_rule",
+]
 
 REGIMES = ("none", "mild")  # training augmentation: none, or TRAIN_AUGMENTATION for every model alike
 HEADS = ("flatten", "mean")
@@ -82,6 +91,25 @@ class DigitsConfig:
     sweeps: dict = field(default_factory=lambda: dict(SWEEPS))
     workers: int = 2
     threads: int = 1  # torch threads per worker
+    # Convergence rule (converge=True; the same for every model): after each epoch, accuracy on a clean,
+    # held-out, class-stratified part of the TRAINING split (val_fraction; never a test set). When it has not
+    # improved by more than min_delta points for `patience` epochs, the best weights are restored and the
+    # learning rate is multiplied by lr_drop_factor (at most lr_drops times); the next such plateau stops
+    # training, as does max_epochs. The best-validation weights are the ones tested. The learning rate is
+    # constant after the warm-up (a cosine needs a known length). converge=False: `epochs` with a cosine,
+    # on the whole training split (the committed 10-epoch runs).
+    converge: bool = False
+    max_epochs: int = 80
+    patience: int = 6
+    min_delta: float = 0.0
+    lr_drops: int = 1
+    lr_drop_factor: float = 0.1
+    val_fraction: float = 0.12
+    bn_calibration_images: int = 512  # training images (this epoch's) that set BatchNorm's statistics
+    # keypoint-noise tests (same clean test digits, perturbed keypoints, fixed seed): Gaussian noise of these
+    # sigmas (canvas pixels) on every keypoint, and one random keypoint displaced by these distances
+    keypoint_noise_levels: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    keypoint_shift_levels: tuple[float, ...] = (4.0, 8.0)
 
     def validate(self) -> DigitsConfig:
         def need(cond: bool, msg: str) -> None:
@@ -120,7 +148,21 @@ class DigitsConfig:
             )
         if self.mean_head_models:
             resolve_models(self.mean_head_models)
+        need(bool(self.jobs()), "nothing to train: give --models and/or --mean-head-models")
         need(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
+        if self.converge:
+            need(0.0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+            for name in ("max_epochs", "patience"):
+                need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+            need(
+                self.lr_drops >= 0 and 0.0 < self.lr_drop_factor < 1.0,
+                "lr_drops >= 0, 0 < lr_drop_factor < 1",
+            )
+            need(self.min_delta >= 0.0, f"min_delta must be >= 0, got {self.min_delta}")
+        need(
+            all(v > 0 for v in (*self.keypoint_noise_levels, *self.keypoint_shift_levels)),
+            "keypoint noise/shift levels must be positive",
+        )
         return self
 
     @property
@@ -138,12 +180,14 @@ class DigitsConfig:
             (m, r, "flatten", s)
             for r in self.regimes
             for s in self.seeds
-            for m in self.models
+            for m in dict.fromkeys(self.models)
             if wanted(m, r)
         ]
         mean_regimes = [r for r in self.regimes if r in self.mean_head_regimes]
         runs += [(m, r, "mean", s) for r in mean_regimes for s in self.seeds for m in self.mean_head_models]
-        slow_first = {"irpe": 0, "kprpe_mlp": 1}
+        slow_first = {"irpe": 0, "kprpe_mlp": 1, "kprpe_learned_noabs": 1}
+        if self.converge:  # relative-only models with a mean head need the most epochs
+            slow_first.update({"kprpe_noabs": 1, "rpe_noabs": 1})
         return sorted(runs, key=lambda j: slow_first.get(j[0], 2))
 
     def to_dict(self) -> dict:
@@ -154,10 +198,48 @@ class DigitsConfig:
 
 
 def quick_config(**overrides) -> DigitsConfig:
-    """The ``--quick`` run: one seed, the main models, fewer epochs (CI and the README demo)."""
-    values = dict(seeds=(0,), epochs=5, models=QUICK_MODELS, mean_head_models=(), affnist_draws=2)
+    """The ``--quick`` run (CI and the README demo, ~2 minutes on 2 idle cores): one seed, mild augmentation,
+    the three models of the clearest comparison (Abs-PE, relative-only RPE and relative-only KP-RPE) with the
+    mean-pooling head, trained under the convergence rule with a short patience and an epoch cap."""
+    values = dict(
+        seeds=(0,),
+        models=(),
+        mean_head_models=QUICK_MEAN_HEAD_MODELS,
+        regimes=("mild",),
+        mean_head_regimes=("mild",),
+        converge=True,
+        max_epochs=QUICK_MAX_EPOCHS,
+        patience=4,
+        lr_drops=1,
+        affnist_draws=2,
+    )
     values.update(overrides)
     return DigitsConfig(**values)
+
+
+QUICK_MAX_EPOCHS = 30
+
+
+def convergence_rule(cfg: DigitsConfig | dict) -> str:
+    """The stopping rule in one sentence (printed with every table)."""
+    c = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    if not c.get("converge"):
+        return (
+            f"fixed length: {c['epochs']} epochs ({c['warmup_epochs']} warm-up, then cosine), no validation"
+        )
+    drops = c["lr_drops"]
+    return (
+        f"train until the clean accuracy on a held-out {c['val_fraction']:.0%} of the training split has not "
+        f"improved by more than {c['min_delta']:g} points for {c['patience']} epochs; then restore the best "
+        f"weights and multiply the learning rate by {c['lr_drop_factor']:g}"
+        + (
+            f" (at most {drops} time{'s' if drops > 1 else ''}); the next plateau stops"
+            if drops
+            else "; stop"
+        )
+        + f"; cap {c['max_epochs']} epochs; the best-validation weights are tested (BatchNorm statistics "
+        f"recomputed on {c.get('bn_calibration_images', 512)} training images before each validation)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- protocol
@@ -169,6 +251,7 @@ class Protocol:
     train_idx: np.ndarray
     test_idx: np.ndarray
     test_sets: list[TestSet]
+    val_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def build_protocol(cfg: DigitsConfig) -> Protocol:
@@ -191,7 +274,45 @@ def build_protocol(cfg: DigitsConfig) -> Protocol:
         affnist_draws=cfg.affnist_draws,
         sweeps=cfg.sweeps,
     )
-    return Protocol(data, train_idx, test_idx, test_sets)
+    test_sets += keypoint_noise_sets(
+        test_sets[0], cfg.keypoint_noise_levels, cfg.keypoint_shift_levels, cfg.test_seed + 7
+    )
+    val_idx = np.zeros(0, dtype=np.int64)
+    if cfg.converge:  # held out of the training split, stratified, fixed by the split seed
+        keep, held = split_indices(data.labels[train_idx], cfg.val_fraction, cfg.split_seed + 2)
+        train_idx, val_idx = train_idx[keep], train_idx[held]
+    return Protocol(data, train_idx, test_idx, test_sets, val_idx)
+
+
+def keypoint_noise_sets(
+    clean: TestSet, sigmas: tuple[float, ...], shifts: tuple[float, ...], seed: int
+) -> list[TestSet]:
+    """The clean test digits with bad keypoints: Gaussian noise of each sigma (pixels) on every keypoint
+    (``kpnoise@sigma``), and one random keypoint moved by each distance in a random direction
+    (``kpshift@d``). The images are untouched; draws are fixed by ``seed``."""
+    rng = np.random.default_rng(seed)
+    kp, n, k = clean.keypoints, len(clean.labels), clean.keypoints.shape[1]
+    unit_noise = rng.standard_normal(kp.shape)
+    which = rng.integers(0, k, n)
+    angle = rng.uniform(0, 2 * np.pi, n)
+    sets = []
+    for sigma in sigmas:
+        noisy = (kp + sigma * unit_noise).astype(np.float32)
+        sets.append(TestSet(f"kpnoise@{sigma:g}", "kpnoise", float(sigma), clean.images, clean.labels, noisy))
+    for dist in shifts:
+        moved = kp.astype(np.float64).copy()
+        moved[np.arange(n), which] += dist * np.stack([np.cos(angle), np.sin(angle)], -1)
+        sets.append(
+            TestSet(
+                f"kpshift@{dist:g}",
+                "kpshift",
+                float(dist),
+                clean.images,
+                clean.labels,
+                moved.astype(np.float32),
+            )
+        )
+    return sets
 
 
 def to_tensors(
@@ -231,8 +352,43 @@ def evaluate(
     return out
 
 
+def _accuracy_and_loss(
+    model: torch.nn.Module, x: torch.Tensor, kp: torch.Tensor, labels: torch.Tensor, batch: int = 128
+) -> tuple[float, float]:
+    model.eval()
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            logits = model(x[i : i + batch], kp[i : i + batch])
+            loss += float(F.cross_entropy(logits, labels[i : i + batch], reduction="sum"))
+            correct += int((logits.argmax(-1) == labels[i : i + batch]).sum())
+    model.train()
+    return 100.0 * correct / len(x), loss / len(x)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, kp: torch.Tensor, batch: int = 64) -> None:
+    """Exact BatchNorm statistics of the current weights (cumulative average over ``x``), so that an
+    evaluation in the middle of training measures the weights, not the lag of the running averages: at a
+    constant learning rate the running statistics trail the moving weights and eval-mode accuracy swings
+    by tens of points from one epoch to the next."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for i in range(0, len(x) - 1, batch):
+        model(x[i : i + batch], kp[i : i + batch])
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+
+
 def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, head: str, seed: int) -> dict:
-    """Train one model with one seed in one regime, then test it on every test set."""
+    """Train one model with one seed in one regime (fixed length, or under the convergence rule), then test
+    it on every test set. The result holds the per-epoch learning curve."""
     spec = MODEL_SPECS[model_name]
     torch.manual_seed(seed)
     model = build_classifier(
@@ -247,17 +403,31 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
     )
     # The data stream (order and augmentation draws) depends on the seed only: identical for every model.
     rng = np.random.default_rng(10_000 + seed)
+    noise_rng = np.random.default_rng(30_000 + seed)  # keypoint-noise training only: leaves the stream alone
     images = proto.data.images[proto.train_idx]
     labels = torch.from_numpy(proto.data.labels[proto.train_idx])
     keypoints = proto.data.keypoints[proto.train_idx]
     ink_boxes = proto.data.ink_boxes[proto.train_idx]
+    val = None
+    if len(proto.val_idx):
+        vx, vkp = to_tensors(
+            proto.data.images[proto.val_idx], proto.data.keypoints[proto.val_idx], cfg.canvas, spec.marks
+        )
+        val = (vx, vkp, torch.from_numpy(proto.data.labels[proto.val_idx]))
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    max_epochs = cfg.max_epochs if cfg.converge else cfg.epochs
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    curve: dict[str, list] = {
+        k: [] for k in ("train_loss", "train_accuracy", "val_accuracy", "val_loss", "lr")
+    }
+    best = dict(accuracy=-1.0, epoch=0, state=None)
+    lr_scale, drops_done, since_best, stop_reason = 1.0, 0, 0, "fixed epochs"
     start = time.perf_counter()
-    step, loss_sum, correct, seen = 0, 0.0, 0, 0
+    step = 0
     model.train()
-    for epoch in range(cfg.epochs):
+    for epoch in range(max_epochs):
         if regime == "mild":
             mats = sample_affines(ink_boxes, cfg.canvas, TRAIN_AUGMENTATION, rng)
             ep_images, ep_kp = (
@@ -266,15 +436,22 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
             )
         else:
             ep_images, ep_kp = images, keypoints
+        if spec.train_keypoint_noise > 0:
+            sigma = noise_rng.uniform(0.0, spec.train_keypoint_noise, (len(ep_kp), 1, 1))
+            ep_kp = (ep_kp + sigma * noise_rng.standard_normal(ep_kp.shape)).astype(np.float32)
         x_all, kp_all = to_tensors(ep_images, ep_kp, cfg.canvas, spec.marks)
         order = torch.from_numpy(rng.permutation(len(images)))
-        last = epoch == cfg.epochs - 1
+        loss_sum, correct, seen = 0.0, 0, 0
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm in the head needs two samples
                 continue
+            if cfg.converge:
+                lr = cfg.lr * lr_scale * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            else:
+                lr = _lr_at(step, total, warmup, cfg.lr)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
+                group["lr"] = lr
             logits = model(x_all[idx], kp_all[idx])
             loss = F.cross_entropy(logits, labels[idx])
             opt.zero_grad(set_to_none=True)
@@ -282,10 +459,42 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            if last:
-                loss_sum += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(-1) == labels[idx]).sum())
-                seen += len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(-1) == labels[idx]).sum())
+            seen += len(idx)
+        curve["train_loss"].append(round(loss_sum / max(seen, 1), 5))
+        curve["train_accuracy"].append(round(100.0 * correct / max(seen, 1), 3))
+        curve["lr"].append(lr)
+        if val is None:
+            continue
+        calib = order[: cfg.bn_calibration_images]
+        recalibrate_batchnorm(model, x_all[calib], kp_all[calib])
+        val_acc, val_loss = _accuracy_and_loss(model, *val)
+        curve["val_accuracy"].append(round(val_acc, 3))
+        curve["val_loss"].append(round(val_loss, 5))
+        if val_acc > best["accuracy"] + cfg.min_delta or best["state"] is None:
+            best.update(
+                accuracy=val_acc, epoch=epoch + 1, state={k: v.clone() for k, v in model.state_dict().items()}
+            )
+            since_best = 0
+        else:
+            since_best += 1
+        if epoch + 1 >= cfg.warmup_epochs and since_best >= cfg.patience:
+            model.load_state_dict(best["state"])  # continue (or stop) from the best weights
+            if drops_done < cfg.lr_drops:
+                drops_done += 1
+                lr_scale *= cfg.lr_drop_factor
+                since_best = 0
+            else:
+                stop_reason = "plateau"
+                break
+    else:
+        if cfg.converge:
+            stop_reason = "max_epochs"
+    if cfg.converge and best["state"] is not None:
+        model.load_state_dict(best["state"])
+    epochs_used = len(curve["train_loss"])
+    final_epoch = best["epoch"] if cfg.converge else epochs_used
     train_seconds = time.perf_counter() - start
     acc = evaluate(model, spec, proto.test_sets, cfg.canvas)
     return dict(
@@ -296,8 +505,14 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
         parameters=sum(p.numel() for p in model.parameters()),
         train_seconds=round(train_seconds, 2),
         eval_seconds=round(time.perf_counter() - start - train_seconds, 2),
-        final_train_loss=loss_sum / max(seen, 1),
-        final_train_accuracy=100.0 * correct / max(seen, 1),
+        epochs_used=epochs_used,
+        best_epoch=final_epoch,
+        stop_reason=stop_reason,
+        lr_drops_done=drops_done,
+        best_val_accuracy=best["accuracy"] if cfg.converge else None,
+        final_train_loss=curve["train_loss"][final_epoch - 1],
+        final_train_accuracy=curve["train_accuracy"][final_epoch - 1],
+        curve={k: v for k, v in curve.items() if v},
         accuracy=acc,
     )
 
@@ -311,7 +526,16 @@ def _worker_init(cfg_dict: dict, threads: int) -> None:
     cfg_dict = dict(cfg_dict)
     cfg_dict.pop("model_heads", None)  # derived, not a field
     cfg_dict["sweeps"] = {k: tuple(v) for k, v in cfg_dict["sweeps"].items()}
-    for key in ("seeds", "regimes", "models", "mean_head_models", "mean_head_regimes", "ablation_regimes"):
+    for key in (
+        "seeds",
+        "regimes",
+        "models",
+        "mean_head_models",
+        "mean_head_regimes",
+        "ablation_regimes",
+        "keypoint_noise_levels",
+        "keypoint_shift_levels",
+    ):
         cfg_dict[key] = tuple(cfg_dict[key])
     cfg = DigitsConfig(**cfg_dict)
     _WORKER["cfg"], _WORKER["proto"] = cfg, build_protocol(cfg)
@@ -377,12 +601,12 @@ def describe_protocol(cfg: DigitsConfig, proto: Protocol) -> dict:
     """What was trained and tested, in words and sizes (kept in the JSON next to the numbers)."""
     return dict(
         data="scikit-learn load_digits (the test part of the UCI ML hand-written digits: 1,797 8x8 images by "
-             "13 writers)",
+        "13 writers)",
         canvas=f"{cfg.digit}x{cfg.digit} digit (bicubic upsampling) centred on a {cfg.canvas}x{cfg.canvas} "
-               "canvas",
+        "canvas",
         keypoints="4 corners + centre of the digit's "
-                  f"{'ink bounding box' if cfg.keypoint_box == 'ink' else 'paste frame'} in the "
-                  "untransformed image, mapped through the image's affine",
+        f"{'ink bounding box' if cfg.keypoint_box == 'ink' else 'paste frame'} in the "
+        "untransformed image, mapped through the image's affine",
         train_digits=int(len(proto.train_idx)),
         test_digits=int(len(proto.test_idx)),
         draws_per_test_digit=dict(affnist=cfg.affnist_draws, sweeps=cfg.test_draws),
@@ -390,4 +614,8 @@ def describe_protocol(cfg: DigitsConfig, proto: Protocol) -> dict:
         affnist_mix=AFFNIST_MIX.describe(),
         sweeps={k: list(v) for k, v in cfg.sweeps.items()},
         test_sets={ts.name: int(len(ts.labels)) for ts in proto.test_sets},
+        validation_digits=int(len(proto.val_idx)),
+        stopping=convergence_rule(cfg),
+        keypoint_noise="clean test digits with perturbed keypoints (images untouched): kpnoise@s = Gaussian "
+        "noise of s canvas pixels on every keypoint, kpshift@d = one random keypoint moved d pixels",
     )

@@ -12,7 +12,22 @@ from ..files import atomic_path, atomic_write_text
 from .digits_data import SWEEP_UNITS
 from .digits_models import MODEL_SPECS
 
-__all__ = ["aggregate", "markdown_table", "write_outputs", "plot_sweeps", "PAPER_NUMBERS"]
+__all__ = [
+    "aggregate",
+    "markdown_table",
+    "write_outputs",
+    "plot_sweeps",
+    "plot_learning_curves",
+    "plot_keypoint_noise",
+    "PAPER_NUMBERS",
+    "QUICK_REFERENCE",
+    "quick_run_notice",
+]
+
+# The longer run the --quick numbers are compared with (same models, head, regime and rule; 3 seeds, no cap
+# below 80 epochs), found next to the sources in a checkout of the repository.
+QUICK_GAP_WARNING = 5.0  # points of clean accuracy below the reference that mark a model as not converged
+QUICK_REFERENCE = Path("docs") / "results" / "converged_mean_mild" / "digits_results.json"
 
 PAPER_NUMBERS = "[paper, Fig. 1] Abs-PE: 98.1% on MNIST, 77.27% on AffNIST; KP-RPE is the most robust."
 REGIME_TITLES = {
@@ -45,6 +60,9 @@ def aggregate(results: dict) -> dict:
             names = [f"{factor}@{lvl:g}" for lvl in levels]
             metrics[f"{factor}_mean"] = float(np.mean([job["accuracy"][n] for n in names]))
         metrics["train_seconds"] = job["train_seconds"]
+        if "epochs_used" in job:
+            metrics["epochs_used"] = float(job["epochs_used"])
+            metrics["best_epoch"] = float(job["best_epoch"])
         cell = grouped.setdefault(job["head"], {}).setdefault(job["regime"], {}).setdefault(job["model"], {})
         for k, v in metrics.items():
             cell.setdefault(k, []).append(v)
@@ -73,11 +91,16 @@ def markdown_table(results: dict, summary: dict | None = None) -> str:
         f"{f} (mean of {', '.join(f'{v:g}' for v in cfg['sweeps'][f])})" for f in sweeps
     ]
     seeds = len(cfg["seeds"])
+    converge = bool(cfg.get("converge"))
     lines = [
         f"Test accuracy (%), mean ± std over {seeds} seed{'s' if seeds > 1 else ''} "
         f"({'seeds ' + ', '.join(map(str, cfg['seeds']))}); best mean per column in bold. {PAPER_NUMBERS}",
         "",
     ]
+    if "epochs_used" in cfg or converge:
+        from .digits import convergence_rule
+
+        lines += [f"Training length: {convergence_rule(cfg)}.", ""]
     for head in cfg["model_heads"]:
         for regime in cfg["regimes"]:
             block = summary.get(head, {}).get(regime)
@@ -85,19 +108,70 @@ def markdown_table(results: dict, summary: dict | None = None) -> str:
                 continue
             lines.append(f"### Head `{head}`, {REGIME_TITLES[regime]}")
             lines.append("")
-            lines.append("| model | " + " | ".join(titles) + " | train s |")
-            lines.append("|---" * (len(titles) + 2) + "|")
+            epochs_col = converge and all("epochs_used" in block[m] for m in block)
+            extra = " epochs used (best) |" if epochs_col else ""
+            lines.append("| model | " + " | ".join(titles) + " | train s |" + extra)
+            lines.append("|---" * (len(titles) + 2 + int(epochs_col)) + "|")
             best = {c: max(block[m][c]["mean"] for m in block) for c in columns}
             for model in [m for m in MODEL_SPECS if m in block]:
                 cells = [_fmt(block[model][c], np.isclose(block[model][c]["mean"], best[c])) for c in columns]
                 label = MODEL_SPECS[model].label
-                lines.append(
+                row = (
                     f"| {label} (`{model}`) | "
                     + " | ".join(cells)
                     + f" | {block[model]['train_seconds']['mean']:.0f} |"
                 )
+                if epochs_col:
+                    used, best_ep = (
+                        block[model]["epochs_used"]["values"],
+                        block[model]["best_epoch"]["values"],
+                    )
+                    row += (
+                        " "
+                        + ", ".join(f"{u:.0f} ({b:.0f})" for u, b in zip(used, best_ep, strict=True))
+                        + " |"
+                    )
+                lines.append(row)
             lines.append("")
+            lines += _keypoint_noise_block(block)
     return "\n".join(lines)
+
+
+def _keypoint_columns(block: dict) -> list[str]:
+    any_model = next(iter(block.values()))
+    noise = sorted((k for k in any_model if k.startswith("kpnoise@")), key=lambda k: float(k.split("@")[1]))
+    shift = sorted((k for k in any_model if k.startswith("kpshift@")), key=lambda k: float(k.split("@")[1]))
+    return noise + shift
+
+
+def _keypoint_noise_block(block: dict) -> list[str]:
+    """Clean test accuracy with bad keypoints, for the models that read keypoints."""
+    columns = _keypoint_columns(block)
+    models = [m for m in MODEL_SPECS if m in block and _reads_keypoints(m)]
+    if not columns or not models:
+        return []
+    titles = [
+        f"noise σ={c.split('@')[1]} px" if c.startswith("kpnoise") else f"one moved {c.split('@')[1]} px"
+        for c in columns
+    ]
+    lines = [
+        "Clean test digits with bad keypoints (images untouched; canvas pixels):",
+        "",
+        "| model | clean | " + " | ".join(titles) + " |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
+    for model in models:
+        cells = [_fmt(block[model][c]) for c in ["clean", *columns]]
+        lines.append(f"| {MODEL_SPECS[model].label} (`{model}`) | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _reads_keypoints(model: str) -> bool:
+    spec = MODEL_SPECS[model]
+    reads = spec.marks or (
+        spec.overrides.get("rel_pos") == "kprpe" and spec.overrides.get("kp_input") != "query_position"
+    )
+    return reads and not spec.learned_keypoints or spec.learned_keypoints
 
 
 def plot_sweeps(results: dict, summary: dict, head: str, regime: str, path: Path) -> None:
@@ -167,6 +241,98 @@ def plot_sweeps(results: dict, summary: dict, head: str, regime: str, path: Path
     plt.close(fig)
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(results: dict, head: str, regime: str, path: Path) -> None:
+    """Per job: training accuracy (dashed) and clean validation accuracy (solid) per epoch; a dot marks the
+    epoch whose weights were tested."""
+    plt = _pyplot()
+    jobs = [j for j in results["jobs"] if j["head"] == head and j["regime"] == regime and "curve" in j]
+    models = [m for m in MODEL_SPECS if any(j["model"] == m for j in jobs)]
+    cmap = plt.get_cmap("tab20" if len(models) > 10 else "tab10")
+    fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for k, model in enumerate(models):
+        for j in (j for j in jobs if j["model"] == model):
+            curve, color = j["curve"], cmap(k)
+            epochs = np.arange(1, len(curve["train_accuracy"]) + 1)
+            label = (
+                MODEL_SPECS[model].label
+                if j["seed"] == min(x["seed"] for x in jobs if x["model"] == model)
+                else None
+            )
+            ax_val.plot(epochs, curve["train_accuracy"], ls="--", lw=0.8, color=color, alpha=0.6)
+            if curve.get("val_accuracy"):
+                ax_val.plot(epochs, curve["val_accuracy"], lw=1.3, color=color, label=label)
+                ax_val.plot(
+                    j["best_epoch"], curve["val_accuracy"][j["best_epoch"] - 1], "o", color=color, ms=4
+                )
+            else:
+                ax_val.lines[-1].set_label(label)
+            ax_loss.plot(epochs, curve["train_loss"], lw=1.0, color=color, label=label)
+    ax_val.set_xlabel("epoch")
+    ax_val.set_ylabel("accuracy (%)")
+    ax_val.set_title("clean validation (solid; dot = tested weights), training (dashed)")
+    ax_val.grid(alpha=0.3)
+    ax_val.legend(fontsize=7)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    ax_loss.grid(alpha=0.3)
+    cfg = results["config"]
+    fig.suptitle(
+        f"Learning curves: head '{head}', {REGIME_TITLES[regime]} ({len(cfg['seeds'])} seed(s))", fontsize=10
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def plot_keypoint_noise(summary: dict, head: str, regime: str, path: Path, title: str = "") -> bool:
+    """Clean test accuracy versus keypoint noise sigma (left) and with one keypoint displaced (right), for
+    the models that read keypoints. Returns False (no file) when there is nothing to plot."""
+    block = summary[head][regime]
+    columns = _keypoint_columns(block)
+    models = [m for m in MODEL_SPECS if m in block and _reads_keypoints(m)]
+    if not columns or not models:
+        return False
+    plt = _pyplot()
+    noise = [c for c in columns if c.startswith("kpnoise@")]
+    shift = [c for c in columns if c.startswith("kpshift@")]
+    fig, (ax_n, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
+    cmap = plt.get_cmap("tab10")
+    for k, model in enumerate(models):
+        cell, color = block[model], cmap(k % 10)
+        xs = [0.0] + [float(c.split("@")[1]) for c in noise]
+        mean = np.array([cell[c]["mean"] for c in ["clean", *noise]])
+        std = np.array([cell[c]["std"] for c in ["clean", *noise]])
+        ax_n.plot(xs, mean, "o-", color=color, label=MODEL_SPECS[model].label, ms=4)
+        ax_n.fill_between(xs, mean - std, mean + std, color=color, alpha=0.12)
+        ds = [0.0] + [float(c.split("@")[1]) for c in shift]
+        ax_s.plot(ds, [cell[c]["mean"] for c in ["clean", *shift]], "s-", color=color, ms=4)
+    ax_n.set_xlabel("keypoint noise sigma (canvas pixels; digit is 16 px)")
+    ax_n.set_ylabel("clean test accuracy (%)")
+    ax_n.set_title("Gaussian noise on every keypoint")
+    ax_s.set_xlabel("displacement of one random keypoint (pixels)")
+    ax_s.set_title("one keypoint displaced")
+    for ax in (ax_n, ax_s):
+        ax.grid(alpha=0.3)
+    ax_n.legend(fontsize=7)
+    fig.suptitle(title or f"Bad keypoints: head '{head}', {REGIME_TITLES[regime]}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return True
+
+
 def write_outputs(
     results: dict, out_dir: str | Path, command: str = "", plots: bool = True
 ) -> dict[str, Path]:
@@ -194,4 +360,87 @@ def write_outputs(
                     p = out / f"digits_{head}_{regime}.png"
                     plot_sweeps(results, summary, head, regime, p)
                     paths[f"plot_{head}_{regime}"] = p
+                    if any("curve" in j for j in results["jobs"]):
+                        p = out / f"digits_{head}_{regime}_curves.png"
+                        plot_learning_curves(results, head, regime, p)
+                        paths[f"curves_{head}_{regime}"] = p
+                    p = out / f"digits_{head}_{regime}_keypoint_noise.png"
+                    if plot_keypoint_noise(summary, head, regime, p):
+                        paths[f"kpnoise_{head}_{regime}"] = p
     return paths
+
+
+def _find_reference() -> Path | None:
+    for root in (Path(__file__).resolve().parents[3], Path.cwd()):
+        if (root / QUICK_REFERENCE).is_file():
+            return root / QUICK_REFERENCE
+    return None
+
+
+def quick_run_notice(results: dict, wall_seconds: float) -> str:
+    """What a ``--quick`` run is and how far its numbers are from the longer reference run."""
+    cfg = results["config"]
+    jobs = results["jobs"]
+    lines = [
+        "=" * 100,
+        f"SHORT RUN (--quick): {len(cfg['seeds'])} seed, {len(jobs)} models, the convergence rule capped at "
+        f"{cfg['max_epochs']} epochs (patience {cfg['patience']}), {wall_seconds:.0f} s wall on "
+        f"{results.get('cpu_count')} CPUs.",
+        "Epochs used (best): "
+        + ", ".join(
+            f"{MODEL_SPECS[j['model']].label} {j['epochs_used']} ({j['best_epoch']}, {j['stop_reason']})"
+            for j in jobs
+        ),
+    ]
+    ref_path = _find_reference()
+    if ref_path is None:
+        lines.append(
+            f"No reference results found ({QUICK_REFERENCE} is in the source repository): see "
+            "docs/experiments.md for the longer run's numbers."
+        )
+        return "\n".join(lines + ["=" * 100])
+    ref = json.loads(ref_path.read_text(encoding="utf-8"))
+    ref_summary = ref.get("summary") or aggregate(ref)
+    ref_cfg = ref["config"]
+    lines.append(
+        f"Reference: {QUICK_REFERENCE} ({len(ref_cfg['seeds'])} seeds, cap {ref_cfg.get('max_epochs')} "
+        "epochs, "
+        f"made by `{ref.get('command', '?')}`). Quick minus reference, in points:"
+    )
+    lines.append(f"  {'model':<40} {'clean (quick / ref)':>26} {'AffNIST-style (quick / ref)':>30}")
+    quick_summary = aggregate(results)
+    for head, by_regime in quick_summary.items():
+        for regime, by_model in by_regime.items():
+            for model, cell in by_model.items():
+                ref_cell = ref_summary.get(head, {}).get(regime, {}).get(model)
+                if ref_cell is None:
+                    lines.append(f"  {MODEL_SPECS[model].label:<40} (not in the reference run)")
+                    continue
+                parts = []
+                for metric in ("clean", "affnist"):
+                    q, r = cell[metric]["mean"], ref_cell[metric]
+                    parts.append(f"{q:5.1f} / {r['mean']:5.1f} ± {r['std']:3.1f} ({q - r['mean']:+5.1f})")
+                lines.append(f"  {MODEL_SPECS[model].label:<40} {parts[0]:>26} {parts[1]:>30}")
+    behind = [
+        (model, ref_summary[h][r][model]["clean"]["mean"] - cell["clean"]["mean"])
+        for h, by_regime in quick_summary.items()
+        for r, by_model in by_regime.items()
+        for model, cell in by_model.items()
+        if model in ref_summary.get(h, {}).get(r, {})
+    ]
+    for model, gap in behind:
+        if gap > QUICK_GAP_WARNING:
+            lines.append(
+                f"WARNING: {MODEL_SPECS[model].label} is {gap:.1f} points below its reference clean "
+                "accuracy: it "
+                "has not converged in this short run; do not rank it from these numbers."
+            )
+    for h, by_regime in ref_summary.items():
+        for r, by_model in by_regime.items():
+            ranked = sorted(by_model, key=lambda m: -by_model[m]["affnist"]["mean"])
+            lines.append(
+                f"Reference ranking on the AffNIST-style mix (head {h}, {r} aug.): "
+                + ", ".join(f"{MODEL_SPECS[m].label} {by_model[m]['affnist']['mean']:.1f}" for m in ranked)
+            )
+    lines.append("Read model comparisons from the reference run (more seeds, trained to its plateau).")
+    return "\n".join(lines + ["=" * 100])
