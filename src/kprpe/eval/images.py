@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from ..errors import KprpeError
+from ..face.align import apply_transform, unaligned_crop
 from ..images import load_image
 from .embedding import FaceSource
 from .geometry import aligned_crop_params, box_crop_params, box_from_landmarks, interpolate_crop, warp_face
@@ -46,9 +47,14 @@ def crop_face(image: np.ndarray, landmarks_px: np.ndarray, t: float = 0.0, box: 
               size: int = 112) -> tuple[np.ndarray, np.ndarray]:
     """Crop a face a fraction ``t`` of the way from the ArcFace alignment (0) to the box crop (1).
 
-    ``box`` ``(x1, y1, x2, y2)`` is the detector box; without one, :func:`box_from_landmarks` stands in.
+    ``box`` ``(x1, y1, x2, y2)`` is the detector box in continuous pixel coordinates (pixel centres at
+    integers, as :mod:`kprpe.face.align`); without one, :func:`box_from_landmarks` stands in. At t=1 the crop
+    is :func:`kprpe.face.align.unaligned_crop`, the face pipeline's own ``unaligned`` crop.
     Returns the crop and its normalised keypoints (the landmarks moved by the same warp).
     """
+    if t == 1.0:
+        crop, matrix = unaligned_crop(image, box if box is not None else box_from_landmarks(landmarks_px), size)
+        return crop, apply_transform(matrix, landmarks_px) / size
     start = aligned_crop_params(landmarks_px, size)
     if t == 0.0:
         params = start

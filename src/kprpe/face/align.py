@@ -26,6 +26,7 @@ __all__ = [
     "similarity_transform",
     "apply_transform",
     "box_crop_transform",
+    "unaligned_crop",
     "box_from_keypoints",
     "warp_crop",
     "downscale_for_warp",
@@ -126,17 +127,29 @@ def _check_box(box) -> tuple[float, float, float, float]:
 
 
 def box_crop_transform(box, size: int = CROP_SIZE) -> np.ndarray:
-    """Transform that crops the square around ``box`` (same centre, side = the longer box side) to ``size``.
+    """Transform that resizes ``box`` to ``size`` x ``size``: the paper's "unaligned" input.
 
-    Squaring keeps the face's aspect ratio; the paper's "unaligned" setting is the detector box resized to
-    112 with no rotation, and detector boxes are near-square anyway.
+    The box is in this module's continuous coordinates (its edges, not pixel centres: a box covering a whole
+    W x H photo is ``(-0.5, -0.5, W - 0.5, H - 0.5)``); its edges land on the crop's outer edges. The box is
+    simply resized, not squared (SPEC: "the detector's box crop simply resized to 112"), so a non-square box
+    changes the face's aspect ratio exactly as in the paper's setting; dlib and the DFA give square or
+    near-square boxes anyway.
     """
     x0, y0, x1, y1 = _check_box(box)
-    side = max(x1 - x0, y1 - y0)
-    scale = size / side
-    centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
-    half = (size - 1) / 2  # the crop's centre in pixel-centre coordinates
-    return np.array([[scale, 0.0, half - scale * centre_x], [0.0, scale, half - scale * centre_y]])
+    scale_x, scale_y = size / (x1 - x0), size / (y1 - y0)
+    # edge x0 -> -0.5 and x1 -> size - 0.5 (pixel-centre coordinates of the crop)
+    return np.array([[scale_x, 0.0, -0.5 - scale_x * x0], [0.0, scale_y, -0.5 - scale_y * y0]])
+
+
+def unaligned_crop(image: np.ndarray, box, size: int = CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``(crop, transform)``: the box resized to ``size`` (:func:`box_crop_transform`), anti-aliased.
+
+    The one definition of the "unaligned" crop: the face pipeline (``--mode unaligned``) and the evaluation
+    sweep's t=1 end (:func:`kprpe.eval.images.crop_face`) both call it, so the same photo and box give the
+    same crop everywhere.
+    """
+    matrix = box_crop_transform(box, size)
+    return warp_crop(image, matrix, size, antialias=True), matrix
 
 
 def box_from_keypoints(keypoints) -> tuple[float, float, float, float]:
@@ -242,8 +255,7 @@ def align_face(
     elif mode == "unaligned":
         if box_tuple is None:
             box_tuple = box_from_keypoints(points)
-        matrix = box_crop_transform(box_tuple)
-        crop = warp_crop(image, matrix, antialias=True)
+        crop, matrix = unaligned_crop(image, box_tuple)
     else:
         if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
             raise AlignmentError(
