@@ -32,6 +32,7 @@ __all__ = [
     "downscale_for_warp",
     "transform_scale",
     "align_face",
+    "backend_aligned_face",
     "template_alignment_error",
 ]
 
@@ -56,6 +57,8 @@ class AlignedFace:
     ``image``: ``(112, 112, 3)`` uint8 RGB crop. ``keypoints``: ``(5, 2)`` crop keypoints divided by 112 (the
     model's input). ``transform``: 2x3 photo-pixel -> crop-pixel matrix. ``source_keypoints``: the 5 points in
     photo pixels. ``box``: the detector box in photo pixels (None if unknown). ``mode``: how it was cropped.
+    ``pixels``: ``(3, 112, 112)`` float32 RGB in [-1, 1] when the crop came from a backend as floats (the
+    DFA's ``aligned_x``): the model reads these exactly, ``image`` is their uint8 rendering for files.
     """
 
     image: np.ndarray
@@ -66,6 +69,7 @@ class AlignedFace:
     mode: str
     score: float | None = None
     extra: dict = field(default_factory=dict)
+    pixels: np.ndarray | None = None
 
     @property
     def keypoints_px(self) -> np.ndarray:
@@ -211,6 +215,32 @@ def warp_crop(
         image, matrix = downscale_for_warp(image, matrix)
     return cv2.warpAffine(
         image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+
+
+def backend_aligned_face(
+    crop: np.ndarray, crop_keypoints, source_keypoints, *, box=None, score: float | None = None
+) -> AlignedFace:
+    """An :class:`AlignedFace` from a backend's own float crop (the DFA's ``aligned_x`` and
+    ``aligned_ldmks``), kept exactly for the model; ``image`` is its uint8 rendering. ``transform`` is the
+    similarity fitted from the photo keypoints to the crop keypoints (for drawing and bookkeeping only)."""
+    pixels = np.asarray(crop, dtype=np.float32)
+    if pixels.shape != (3, CROP_SIZE, CROP_SIZE) or not np.isfinite(pixels).all():
+        raise AlignmentError(
+            f"a backend crop must be finite float (3, {CROP_SIZE}, {CROP_SIZE}) in [-1, 1], got {pixels.shape}"
+        )
+    keypoints = _check_five(crop_keypoints)
+    points = _check_five(source_keypoints)
+    image = np.clip(np.rint((pixels.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return AlignedFace(
+        image=np.ascontiguousarray(image),
+        keypoints=keypoints,
+        transform=similarity_transform(points, keypoints * CROP_SIZE),
+        source_keypoints=points,
+        box=_check_box(box) if box is not None else None,
+        mode="aligned",
+        score=score,
+        pixels=pixels,
     )
 
 
