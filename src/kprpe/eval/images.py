@@ -19,7 +19,7 @@ from ..face.align import apply_transform, unaligned_crop
 from ..images import load_image
 from .embedding import FaceSource
 from .geometry import aligned_crop_params, box_crop_params, box_from_landmarks, interpolate_crop, warp_face
-from .landmarks import face_backend_landmarks, template_keypoints_for
+from .landmarks import backend_tag, face_backend_landmarks, template_keypoints_for
 
 __all__ = [
     "path_inside",
@@ -121,6 +121,8 @@ def image_face_source(
         st = p.stat() if p.exists() else None
         digest.update(f"{p.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
     mode = f"t={t:g}" if landmarks is not None else f"prealigned:{keypoint_source}"
+    if landmarks is None and keypoint_source == "backend":
+        mode += backend_tag()
     if landmarks is not None:
         for k in keys:
             digest.update(landmarks[k].tobytes())
