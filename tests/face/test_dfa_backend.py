@@ -248,3 +248,52 @@ def test_eval_pairs_with_the_dfa_backend(capsys, dfa_folder, astronaut, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "recognition" in err and not (tmp_path / "bad").exists()
     _no_traceback(err)
+
+
+def test_landmarks_command_with_the_dfa(capsys, dfa_folder, astronaut, tmp_path):
+    from kprpe.face.dfa_backend import photo_to_input
+    from kprpe.landmarks import read_landmark_rows
+
+    faces = [np.ascontiguousarray(astronaut[y : y + 112, x : x + 112]) for y, x in ((40, 160), (60, 170))]
+    for i, face in enumerate(faces):
+        (tmp_path / "data" / f"id{i}").mkdir(parents=True)
+        Image.fromarray(face).save(tmp_path / "data" / f"id{i}" / "0.png")
+    code = main(["landmarks", str(tmp_path / "data"), "-o", str(tmp_path / "lm.csv"), "--aligner", "dfa",
+                 "--aligner-weights", str(dfa_folder), "-q"])
+    assert code == 0, capsys.readouterr().err
+    rows = read_landmark_rows(tmp_path / "lm.csv")
+    import kprpe
+
+    with torch.no_grad():
+        expected = kprpe.load_aligner(dfa_folder)(photo_to_input(faces)).orig_pred_ldmks.numpy()
+    np.testing.assert_allclose(np.stack([rows[0], rows[1]]), expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- serving
+def test_serve_dfa_aligner_embeds_the_dfa_crop(dfa_folder, photos):
+    pytest.importorskip("fastapi")
+    from kprpe.face import FaceEmbedder
+    from kprpe.face.dfa import DifferentiableFaceAligner
+    from kprpe.nn import load_official
+    from kprpe.serve import FaceService
+
+    embedder = FaceEmbedder.from_weights(TINY_WEIGHTS, flip=False)
+    service = FaceService(embedder, aligner="dfa", aligner_options={"weights": str(dfa_folder)},
+                          threshold=0.3, threshold_source="test")
+    photo = np.array(Image.open(photos[1]).convert("RGB"))
+    faces, unit, _ = service.analyse([("image", photo, None)])
+    aligner = DifferentiableFaceAligner()
+    aligner.load_state_dict(load_file(DFA_WEIGHTS))
+    feature, out = _official_composition(photos[1], aligner.eval(), load_official(TINY_WEIGHTS).eval())
+    np.testing.assert_allclose(unit[0], F.normalize(feature, dim=-1)[0].numpy(), atol=1e-5)
+    assert faces[0].score == pytest.approx(float(out.score[0, 0]), abs=1e-6)
+
+
+def test_serve_refuses_a_recognition_model_as_aligner(capsys):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    code = main(["serve", "--weights", str(TINY_WEIGHTS), "--aligner", "dfa", "--aligner-weights",
+                 str(TINY_WEIGHTS), "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "recognition" in err
+    _no_traceback(err)
