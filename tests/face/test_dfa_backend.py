@@ -73,8 +73,16 @@ def test_verify_with_dfa_is_the_official_composition(capsys, dfa_folder, photos)
     expected = float(F.cosine_similarity(feature_a, feature_b)[0])
 
     code, payload, err = run(
-        capsys, "verify", *photos, "--aligner", "dfa", "--aligner-weights", dfa_folder,
-        "--weights", TINY_WEIGHTS, "-q",
+        capsys,
+        "verify",
+        *photos,
+        "--aligner",
+        "dfa",
+        "--aligner-weights",
+        dfa_folder,
+        "--weights",
+        TINY_WEIGHTS,
+        "-q",
     )
     assert code == 0, err
     assert abs(payload["similarity"] - expected) <= 1e-5
@@ -114,7 +122,12 @@ def test_batched_alignment_equals_one_photo_at_a_time(dfa_folder, astronaut):
     from kprpe.face import DfaAligner
 
     backend = DfaAligner(dfa_folder, batch_size=2)
-    photos = [astronaut[:200, :200], astronaut[100:300, 150:350], astronaut[:150, :220], astronaut[:200, :200]]
+    photos = [
+        astronaut[:200, :200],
+        astronaut[100:300, 150:350],
+        astronaut[:150, :220],
+        astronaut[:200, :200],
+    ]
     photos = [np.ascontiguousarray(p) for p in photos]
     together = backend.align(photos)
     for photo, batched in zip(photos, together, strict=True):
@@ -126,8 +139,18 @@ def test_batched_alignment_equals_one_photo_at_a_time(dfa_folder, astronaut):
 
 def test_min_aligner_score_rejects_low_scores(capsys, dfa_folder, photos, tmp_path):
     code, payload, err = run(
-        capsys, "embed", *photos, "--aligner", "dfa", "--aligner-weights", dfa_folder,
-        "--weights", TINY_WEIGHTS, "-o", tmp_path / "e.npz", "-q",
+        capsys,
+        "embed",
+        *photos,
+        "--aligner",
+        "dfa",
+        "--aligner-weights",
+        dfa_folder,
+        "--weights",
+        TINY_WEIGHTS,
+        "-o",
+        tmp_path / "e.npz",
+        "-q",
     )
     assert code == 0, err
     scores = np.load(tmp_path / "e.npz")["scores"]
@@ -135,8 +158,20 @@ def test_min_aligner_score_rejects_low_scores(capsys, dfa_folder, photos, tmp_pa
     assert payload["lowest_score"] == pytest.approx(scores.min())
     threshold = float(scores.max()) + 1e-3 if scores.max() < 0.999 else 1.0
     code, payload, err = run(
-        capsys, "embed", *photos, "--aligner", "dfa", "--aligner-weights", dfa_folder,
-        "--weights", TINY_WEIGHTS, "-o", tmp_path / "f.npz", "-q", "--min-aligner-score", threshold,
+        capsys,
+        "embed",
+        *photos,
+        "--aligner",
+        "dfa",
+        "--aligner-weights",
+        dfa_folder,
+        "--weights",
+        TINY_WEIGHTS,
+        "-o",
+        tmp_path / "f.npz",
+        "-q",
+        "--min-aligner-score",
+        threshold,
     )
     assert code == 1 and payload["embedded"] == 0 and len(payload["failures"]) == 2
     assert "below --min-aligner-score" in payload["failures"][0]["reason"]
@@ -159,8 +194,18 @@ def _no_traceback(err: str) -> None:
 
 def test_dfa_checkpoint_given_as_recognition_weights(capsys, dfa_folder, photos):
     weights = dfa_folder / "pretrained_model" / "model.pt"
-    code, payload, err = run(capsys, "verify", *photos, "--weights", weights, "--aligner", "dfa",
-                             "--aligner-weights", dfa_folder, "-q")
+    code, payload, err = run(
+        capsys,
+        "verify",
+        *photos,
+        "--weights",
+        weights,
+        "--aligner",
+        "dfa",
+        "--aligner-weights",
+        dfa_folder,
+        "-q",
+    )
     assert code == 2 and payload is None
     assert str(weights) in err and "aligner" in err.lower()
     _no_traceback(err)
@@ -168,8 +213,9 @@ def test_dfa_checkpoint_given_as_recognition_weights(capsys, dfa_folder, photos)
 
 def test_recognition_weights_given_as_aligner(capsys, photos, tmp_path):
     out = tmp_path / "never"
-    code, payload, err = run(capsys, "align", *photos, "--aligner", "dfa", "--aligner-weights",
-                             TINY_WEIGHTS, "-o", out, "-q")
+    code, payload, err = run(
+        capsys, "align", *photos, "--aligner", "dfa", "--aligner-weights", TINY_WEIGHTS, "-o", out, "-q"
+    )
     assert code == 2 and payload is None and not out.exists()
     assert str(TINY_WEIGHTS) in err and "recognition" in err
     _no_traceback(err)
@@ -179,20 +225,54 @@ def test_unknown_aligner_repo_id_offline(capsys, photos, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("KPRPE_CACHE", str(tmp_path / "kprpe"))
-    code, payload, err = run(capsys, "verify", *photos, "--aligner", "dfa", "--aligner-weights",
-                             "nobody/no_such_aligner", "--weights", TINY_WEIGHTS, "-q")
+    code, payload, err = run(
+        capsys,
+        "verify",
+        *photos,
+        "--aligner",
+        "dfa",
+        "--aligner-weights",
+        "nobody/no_such_aligner",
+        "--weights",
+        TINY_WEIGHTS,
+        "-q",
+    )
     assert code == 2 and payload is None and "nobody/no_such_aligner" in err
     _no_traceback(err)
 
 
 def test_min_aligner_score_out_of_range_and_landmarks_conflict(capsys, dfa_folder, photos, tmp_path):
-    code, _, err = run(capsys, "align", *photos, "--aligner", "dfa", "--aligner-weights", dfa_folder,
-                       "--min-aligner-score", "1.5", "-o", tmp_path / "x", "-q")
+    code, _, err = run(
+        capsys,
+        "align",
+        *photos,
+        "--aligner",
+        "dfa",
+        "--aligner-weights",
+        dfa_folder,
+        "--min-aligner-score",
+        "1.5",
+        "-o",
+        tmp_path / "x",
+        "-q",
+    )
     assert code == 2 and "[0, 1]" in err and not (tmp_path / "x").exists()
     landmarks = tmp_path / "l.csv"
     landmarks.write_text("file,x0,y0,x1,y1,x2,y2,x3,y3,x4,y4\n")
-    code, _, err = run(capsys, "align", *photos, "--aligner", "dfa", "--aligner-weights", dfa_folder,
-                       "--landmarks", landmarks, "-o", tmp_path / "y", "-q")
+    code, _, err = run(
+        capsys,
+        "align",
+        *photos,
+        "--aligner",
+        "dfa",
+        "--aligner-weights",
+        dfa_folder,
+        "--landmarks",
+        landmarks,
+        "-o",
+        tmp_path / "y",
+        "-q",
+    )
     assert code == 2 and "choose one" in err
 
 
@@ -230,9 +310,26 @@ def test_eval_pairs_with_the_dfa_backend(capsys, dfa_folder, astronaut, tmp_path
     rows = ["0.png,1.png,1", "2.png,3.png,1", "0.png,3.png,0", "1.png,2.png,0"]
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     try:
-        code = main(["eval", "pairs", "--weights", str(TINY_WEIGHTS), "--pairs", str(tmp_path / "pairs.csv"),
-                     "--keypoints", "backend", "--aligner", "dfa", "--aligner-weights", str(dfa_folder),
-                     "-o", str(tmp_path / "run"), "--no-cache", "--quiet"])
+        code = main(
+            [
+                "eval",
+                "pairs",
+                "--weights",
+                str(TINY_WEIGHTS),
+                "--pairs",
+                str(tmp_path / "pairs.csv"),
+                "--keypoints",
+                "backend",
+                "--aligner",
+                "dfa",
+                "--aligner-weights",
+                str(dfa_folder),
+                "-o",
+                str(tmp_path / "run"),
+                "--no-cache",
+                "--quiet",
+            ]
+        )
     finally:
         from kprpe.eval.landmarks import set_landmark_backend
 
@@ -240,9 +337,26 @@ def test_eval_pairs_with_the_dfa_backend(capsys, dfa_folder, astronaut, tmp_path
     err = capsys.readouterr().err
     assert code == 0, err
     try:
-        code = main(["eval", "pairs", "--weights", str(TINY_WEIGHTS), "--pairs", str(tmp_path / "pairs.csv"),
-                     "--keypoints", "backend", "--aligner", "dfa", "--aligner-weights", str(TINY_WEIGHTS),
-                     "-o", str(tmp_path / "bad"), "--no-cache", "--quiet"])
+        code = main(
+            [
+                "eval",
+                "pairs",
+                "--weights",
+                str(TINY_WEIGHTS),
+                "--pairs",
+                str(tmp_path / "pairs.csv"),
+                "--keypoints",
+                "backend",
+                "--aligner",
+                "dfa",
+                "--aligner-weights",
+                str(TINY_WEIGHTS),
+                "-o",
+                str(tmp_path / "bad"),
+                "--no-cache",
+                "--quiet",
+            ]
+        )
     finally:
         set_landmark_backend("dlib")
     err = capsys.readouterr().err
@@ -258,8 +372,19 @@ def test_landmarks_command_with_the_dfa(capsys, dfa_folder, astronaut, tmp_path)
     for i, face in enumerate(faces):
         (tmp_path / "data" / f"id{i}").mkdir(parents=True)
         Image.fromarray(face).save(tmp_path / "data" / f"id{i}" / "0.png")
-    code = main(["landmarks", str(tmp_path / "data"), "-o", str(tmp_path / "lm.csv"), "--aligner", "dfa",
-                 "--aligner-weights", str(dfa_folder), "-q"])
+    code = main(
+        [
+            "landmarks",
+            str(tmp_path / "data"),
+            "-o",
+            str(tmp_path / "lm.csv"),
+            "--aligner",
+            "dfa",
+            "--aligner-weights",
+            str(dfa_folder),
+            "-q",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = read_landmark_rows(tmp_path / "lm.csv")
     import kprpe
@@ -278,8 +403,13 @@ def test_serve_dfa_aligner_embeds_the_dfa_crop(dfa_folder, photos):
     from kprpe.serve import FaceService
 
     embedder = FaceEmbedder.from_weights(TINY_WEIGHTS, flip=False)
-    service = FaceService(embedder, aligner="dfa", aligner_options={"weights": str(dfa_folder)},
-                          threshold=0.3, threshold_source="test")
+    service = FaceService(
+        embedder,
+        aligner="dfa",
+        aligner_options={"weights": str(dfa_folder)},
+        threshold=0.3,
+        threshold_source="test",
+    )
     photo = np.array(Image.open(photos[1]).convert("RGB"))
     faces, unit, _ = service.analyse([("image", photo, None)])
     aligner = DifferentiableFaceAligner()
@@ -292,8 +422,19 @@ def test_serve_dfa_aligner_embeds_the_dfa_crop(dfa_folder, photos):
 def test_serve_refuses_a_recognition_model_as_aligner(capsys):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    code = main(["serve", "--weights", str(TINY_WEIGHTS), "--aligner", "dfa", "--aligner-weights",
-                 str(TINY_WEIGHTS), "--port", "0"])
+    code = main(
+        [
+            "serve",
+            "--weights",
+            str(TINY_WEIGHTS),
+            "--aligner",
+            "dfa",
+            "--aligner-weights",
+            str(TINY_WEIGHTS),
+            "--port",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "recognition" in err
     _no_traceback(err)

@@ -315,7 +315,10 @@ def _landmark_backend(args) -> None:
 
     aligner = getattr(args, "aligner", "dlib")
     set_landmark_backend(
-        aligner, weights=getattr(args, "aligner_weights", None), device=args.device, batch_size=args.batch_size
+        aligner,
+        weights=getattr(args, "aligner_weights", None),
+        device=args.device,
+        batch_size=args.batch_size,
     )
     if aligner == "dfa":
         from ..face.dfa import AlignerCheckpointError

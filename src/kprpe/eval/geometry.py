@@ -118,6 +118,7 @@ def warp_face(image: np.ndarray, landmarks_px: np.ndarray, params: CropParams, s
               ) -> tuple[np.ndarray, np.ndarray]:
     """Warp ``image`` (H, W, 3) uint8 with a crop; return the ``size``x``size`` crop (black border) and the
     landmarks mapped into it, normalised by ``size`` (model keypoints). A photo much larger than the crop is
-    shrunk with area averaging first, as in the face pipeline (:func:`kprpe.face.align.downscale_for_warp`)."""
+    shrunk with area averaging first, as in the face pipeline
+    (:func:`kprpe.face.align.downscale_for_warp`)."""
     m = crop_matrix(params, size)
     return warp_crop(image, m, size, antialias=True), apply_transform(m, landmarks_px) / size

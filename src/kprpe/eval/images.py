@@ -53,7 +53,8 @@ def crop_face(image: np.ndarray, landmarks_px: np.ndarray, t: float = 0.0, box: 
     Returns the crop and its normalised keypoints (the landmarks moved by the same warp).
     """
     if t == 1.0:
-        crop, matrix = unaligned_crop(image, box if box is not None else box_from_landmarks(landmarks_px), size)
+        box = box if box is not None else box_from_landmarks(landmarks_px)
+        crop, matrix = unaligned_crop(image, box, size)
         return crop, apply_transform(matrix, landmarks_px) / size
     start = aligned_crop_params(landmarks_px, size)
     if t == 0.0:

@@ -392,8 +392,8 @@ def read_boxes(path) -> dict[str, np.ndarray]:
     coordinates (:mod:`kprpe.face.align`).
 
     The file holds the detector convention, array slice bounds: the box is ``image[y1:y2, x1:x2]``, so a box
-    covering a whole W x H image reads ``0 0 W H``. Pixel centres sit at integers in kprpe, so each value moves
-    by -0.5 on the way in."""
+    covering a whole W x H image reads ``0 0 W H``. Pixel centres sit at integers in kprpe, so each value
+    moves by -0.5 on the way in."""
     path = Path(path)
     boxes = {}
     with open(path, encoding="utf-8") as f:

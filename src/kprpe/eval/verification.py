@@ -34,7 +34,8 @@ KEYPOINT_SOURCES = ("auto", "file", "backend", "template")
 
 def resolve_keypoint_source(requested: str, landmarks: str | os.PathLike | None) -> str:
     """``auto`` -> ``file`` when a landmark file is given, else ``backend`` when ``kprpe.face`` offers one
-    (dlib, or the DFA aligner chosen with ``--aligner dfa``, see :func:`set_landmark_backend`), else ``template`` (with a warning: only right for faces really aligned to the ArcFace template)."""
+    (dlib, or the DFA aligner chosen with ``--aligner dfa``, see :func:`set_landmark_backend`), else
+    ``template`` (with a warning: only right for faces really aligned to the ArcFace template)."""
     if requested not in KEYPOINT_SOURCES:
         raise ValueError(f"keypoint source must be one of {KEYPOINT_SOURCES}, got {requested!r}")
     if requested == "file" and landmarks is None:

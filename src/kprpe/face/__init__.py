@@ -15,10 +15,10 @@ from .align import (
     AlignmentError,
     align_face,
     box_crop_transform,
-    unaligned_crop,
     box_from_keypoints,
     similarity_transform,
     template_alignment_error,
+    unaligned_crop,
 )
 from .detector import FaceDetection, FaceDetector, MissingDependencyError, NoFaceFound
 from .dfa_backend import DfaAligner

@@ -227,7 +227,8 @@ def backend_aligned_face(
     pixels = np.asarray(crop, dtype=np.float32)
     if pixels.shape != (3, CROP_SIZE, CROP_SIZE) or not np.isfinite(pixels).all():
         raise AlignmentError(
-            f"a backend crop must be finite float (3, {CROP_SIZE}, {CROP_SIZE}) in [-1, 1], got {pixels.shape}"
+            f"a backend crop must be finite float (3, {CROP_SIZE}, {CROP_SIZE}) in [-1, 1], "
+            f"got {pixels.shape}"
         )
     keypoints = _check_five(crop_keypoints)
     points = _check_five(source_keypoints)

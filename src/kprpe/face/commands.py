@@ -20,8 +20,8 @@ from ..files import write_csv, write_npz, write_png
 from ..images import ImageLoadError
 from ..landmarks import LandmarkFileError
 from .align import ALIGN_MODES, AlignmentError
-from .dfa_backend import DEFAULT_ALIGNER_WEIGHTS
 from .detector import FaceDetector, MissingDependencyError, NoFaceFound
+from .dfa_backend import DEFAULT_ALIGNER_WEIGHTS
 from .embedder import FaceEmbedder
 from .landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
 from .pipeline import DEFAULT_THRESHOLD, BatchResult, FacePipeline, verify

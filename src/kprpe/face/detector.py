@@ -76,7 +76,8 @@ class FaceDetector(ABC):
         self, images: Sequence[np.ndarray], *, sources: Sequence | None = None
     ) -> list[list[FaceDetection] | Exception]:
         """:meth:`detect` for many photos: per photo its faces, or the deliberate error (a
-        :class:`~kprpe.errors.KprpeError` such as :class:`NoFaceFound`) it raised. Backends that run a network override it to batch (the DFA)."""
+        :class:`~kprpe.errors.KprpeError` such as :class:`NoFaceFound`) it raised. Backends that run a
+        network override it to batch (the DFA)."""
         out: list[list[FaceDetection] | Exception] = []
         for index, image in enumerate(images):
             try:

@@ -28,7 +28,9 @@ __all__ = ["DEFAULT_ALIGNER_WEIGHTS", "DfaAligner", "DfaResult", "load_aligner",
 DEFAULT_ALIGNER_WEIGHTS = "minchul/cvlface_DFA_mobilenet"
 
 
-def load_aligner(name_or_path: str | os.PathLike = DEFAULT_ALIGNER_WEIGHTS, *, device: str | torch.device = "cpu"):
+def load_aligner(
+    name_or_path: str | os.PathLike = DEFAULT_ALIGNER_WEIGHTS, *, device: str | torch.device = "cpu"
+):
     """The official DFA aligner from a checkpoint file or folder, or a Hugging Face repo id
     (``minchul/cvlface_DFA_mobilenet``, resolved through :func:`kprpe.zoo.resolve`: weights and configs only,
     sha256-checked), in eval mode on ``device``."""
@@ -205,6 +207,7 @@ def _check_photo(image) -> np.ndarray:
         or min(image.shape[:2]) < 2
     ):
         raise ValueError(
-            f"the DFA aligner expects (H>=2, W>=2, 3) uint8 RGB photos, got {getattr(image, 'shape', type(image))}"
+            "the DFA aligner expects (H>=2, W>=2, 3) uint8 RGB photos, "
+            f"got {getattr(image, 'shape', type(image))}"
         )
     return image
