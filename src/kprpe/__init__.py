@@ -5,7 +5,10 @@
 >>> model = kprpe.load_official("path/to/model.safetensors")  # official or kprpe-saved weights
 >>> emb = model(images, keypoints)                            # raw embedding, (B, 512)
 >>> unit, norm = kprpe.normalize_embedding(emb)
+>>> aligner = kprpe.load_aligner("minchul/cvlface_DFA_mobilenet")  # the official DFA (path or repo id)
 """
+
+from __future__ import annotations
 
 from .nn import (
     CheckpointError,
@@ -21,6 +24,17 @@ from .nn import (
 
 __version__ = "0.2.0"
 
+
+def load_aligner(name_or_path="minchul/cvlface_DFA_mobilenet", *, device="cpu"):
+    """The official DFA face aligner (:class:`kprpe.face.dfa.DifferentiableFaceAligner`, eval mode) from a
+    checkpoint file or folder, or a Hugging Face repo id resolved with :func:`kprpe.zoo.resolve` (weights and
+    configs only, from the standard cache). ``aligner(rgb)`` with ``rgb`` ``(B, 3, H, W)`` in [-1, 1] returns
+    the official tuple ``(aligned_x, orig_pred_ldmks, aligned_ldmks, score, thetas, normalized_bbox)``."""
+    from .face.dfa_backend import load_aligner as _load_aligner
+
+    return _load_aligner(name_or_path, device=device)
+
+
 __all__ = [
     "CheckpointError",
     "ViTConfig",
@@ -28,6 +42,7 @@ __all__ = [
     "__version__",
     "create_model",
     "list_models",
+    "load_aligner",
     "load_official",
     "load_weights",
     "normalize_embedding",

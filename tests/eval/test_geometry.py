@@ -41,7 +41,7 @@ def test_t0_aligns_landmarks_to_template():
 def test_t1_is_the_box_crop_resized():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    box = np.array([100.0, 50.0, 324.0, 274.0])  # 224 px -> exact factor 2
+    box = np.array([99.5, 49.5, 323.5, 273.5])  # edges of pixels 100..323 and 50..273: 224 px -> factor 2
     lm = _rotated_face(offset=(150.0, 100.0))
     crop, _ = crop_face(image, lm, t=1.0, box=box)
     reference = cv2.resize(image[50:274, 100:324], (112, 112), interpolation=cv2.INTER_LINEAR)
@@ -90,3 +90,31 @@ def test_warp_face_returns_normalised_keypoints():
     crop, kp = warp_face(image, lm, aligned_crop_params(lm))
     assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
     np.testing.assert_allclose(kp, ARCFACE_TEMPLATE_112 / 112, atol=1e-9)
+
+
+def test_t1_is_the_face_pipelines_unaligned_crop():
+    """One definition of "unaligned": the sweep's t=1 end is align_face(mode='unaligned') for any photo+box,
+    a non-square box and a photo large enough to be shrunk before the warp included."""
+    from kprpe.face.align import align_face, unaligned_crop
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (900, 700, 3), dtype=np.uint8)
+    lm = _rotated_face(angle=0.2, scale=4.0, offset=(330.0, 420.0))
+    for box in ((120.3, 180.7, 610.2, 760.9), (200.0, 250.0, 460.0, 560.0)):
+        sweep_crop, sweep_kp = crop_face(image, lm, t=1.0, box=np.array(box))
+        face = align_face(image, lm, mode="unaligned", box=box)
+        np.testing.assert_array_equal(sweep_crop, face.image)
+        np.testing.assert_allclose(sweep_kp, face.keypoints, atol=1e-12)
+        np.testing.assert_array_equal(unaligned_crop(image, box)[0], face.image)
+        # the interpolation's end point describes the same geometry
+        np.testing.assert_allclose(
+            crop_matrix(box_crop_params(np.array(box))), face.transform, atol=1e-9
+        )
+
+
+def test_box_file_slice_bounds_become_pixel_centre_boxes(tmp_path):
+    from kprpe.eval.runs import read_boxes
+
+    path = tmp_path / "boxes.txt"
+    path.write_text("a.jpg 100 50 324 274\n")
+    np.testing.assert_allclose(read_boxes(path)["a.jpg"], [99.5, 49.5, 323.5, 273.5])

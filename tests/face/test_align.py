@@ -79,9 +79,9 @@ def test_aligned_crop_content_follows_keypoints():
 def test_unaligned_mode_crops_box_and_keypoints_follow():
     image = np.zeros((300, 400, 3), np.uint8)
     keypoints = ARCFACE_TEMPLATE_112 * 2 + [100, 50]
-    box = (120.0, 80.0, 300.0, 240.0)  # 180 x 160: squared to 180 around its centre (210, 160)
+    box = (120.0, 80.0, 300.0, 240.0)  # 180 x 160: each axis resized to 112 (the paper's box resize)
     face = align_face(image, keypoints, mode="unaligned", box=box)
-    scale = 112 / 180
+    scale = np.array([112 / 180, 112 / 160])
     expected = (keypoints - [210, 160]) * scale + 55.5
     np.testing.assert_allclose(face.keypoints * 112, expected, atol=1e-9)
     assert face.mode == "unaligned" and face.box == box
@@ -94,6 +94,14 @@ def test_box_crop_transform_maps_box_edges_to_crop_edges():
     )
     with pytest.raises(AlignmentError, match="no area"):
         box_crop_transform((10, 10, 5, 20))
+
+
+def test_box_crop_transform_resizes_a_non_square_box_without_squaring():
+    # the paper's "unaligned" crop is the box simply resized: a 50x100 box fills the crop on both axes
+    matrix = box_crop_transform((9.5, 19.5, 59.5, 119.5))
+    np.testing.assert_allclose(
+        apply_transform(matrix, [[9.5, 19.5], [59.5, 119.5]]), [[-0.5, -0.5], [111.5, 111.5]]
+    )
 
 
 def test_box_from_keypoints_on_template_is_template_box():

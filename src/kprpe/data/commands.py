@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli_options import add_output_option, add_quiet_option
+from ..cli_options import add_device_option, add_output_option, add_quiet_option
 from ..errors import CommandError
 from ..files import write_json
 
@@ -95,10 +95,52 @@ def face_keypoint_detector(mode: str = "auto", detector: str = "hog", landmark_m
     return detect
 
 
+def dfa_keypoint_detector(weights: str, device: str = "cpu", min_score: float | None = None):
+    """``rgb image -> (5, 2) normalised keypoints or None`` from the official DFA aligner, with ``.batch``
+    (photos of one shape in one forward pass). Square images (aligned training crops) get the official
+    ``orig_pred_ldmks``; others the landmarks mapped back to their pixels, divided by width and height.
+    ``min_score``: below it an image counts as "no face" (the DFA itself always answers)."""
+    try:
+        from ..face.dfa import AlignerCheckpointError
+        from ..face.dfa_backend import DfaAligner
+        from ..zoo import ZooError
+    except ImportError as exc:
+        raise CommandError(f"the face pipeline (kprpe.face) is not available: {exc}") from None
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise CommandError(f"--min-aligner-score must be in [0, 1] (a face probability), got {min_score:g}")
+    try:
+        backend = DfaAligner(weights, device=device, batch_size=64)
+    except (ZooError, AlignerCheckpointError) as exc:
+        raise CommandError(f"cannot load the DFA aligner {weights}: {exc}") from None
+    except (RuntimeError, AssertionError) as exc:
+        raise CommandError(f"cannot use device {device!r} for the DFA aligner: {exc}") from None
+
+    def batch(images: list[np.ndarray]) -> list:
+        out = []
+        for image, result in zip(images, backend.align(images), strict=True):
+            if min_score is not None and result.score < min_score:
+                out.append(None)
+            elif result.frame_keypoints is not None:
+                out.append(result.frame_keypoints)
+            else:
+                h, w = image.shape[:2]
+                out.append(result.keypoints / np.array([w, h]))
+        return out
+
+    def detect(image: np.ndarray):
+        return batch([image])[0]
+
+    detect.batch = batch
+    return detect
+
+
 def _cmd_landmarks(args: argparse.Namespace) -> int:
     from .pack import compute_landmarks
 
-    detect = face_keypoint_detector(args.mode, args.detector, args.landmark_model)
+    if args.aligner == "dfa":
+        detect = dfa_keypoint_detector(args.aligner_weights, args.device, args.min_aligner_score)
+    else:
+        detect = face_keypoint_detector(args.mode, args.detector, args.landmark_model)
     try:
         report = compute_landmarks(args.data, args.output, detect, progress=not args.quiet, limit=args.limit)
     except OSError as exc:  # data, landmark and image errors are KprpeErrors: kprpe.cli prints them
@@ -176,6 +218,28 @@ def register(subparsers) -> None:
         "--landmark-model", choices=("68", "5"), default="68", help="dlib landmark model (default 68)"
     )
     p.add_argument("--limit", type=int, default=None, help="only the first N samples (for a quick check)")
+    g = p.add_argument_group("aligner")
+    g.add_argument(
+        "--aligner",
+        choices=("dlib", "dfa"),
+        default="dlib",
+        help="dlib (default) or dfa: the official DFA aligner the published KP-RPE weights were trained with "
+        "(batched; --mode, --detector, --landmark-model are dlib's)",
+    )
+    g.add_argument(
+        "--aligner-weights",
+        metavar="W",
+        default="minchul/cvlface_DFA_mobilenet",
+        help="DFA checkpoint file/folder or Hugging Face repo id (default minchul/cvlface_DFA_mobilenet)",
+    )
+    g.add_argument(
+        "--min-aligner-score",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --aligner dfa: samples whose DFA face score is below S get no row (default: keep all)",
+    )
+    add_device_option(g)
     add_quiet_option(p)
     p.set_defaults(func=_cmd_landmarks)
 

@@ -109,27 +109,46 @@ def compute_landmarks(
     n = len(source) if limit is None else min(limit, len(source))
     report = LandmarkReport(Path(csv_path), num_samples=n)
     keypoints = np.full((n, 5, 2), np.nan)
-    for index in tqdm(range(n), desc="landmarks", unit="img", disable=not progress):
-        try:
-            image = decode_image(source.get(index)[0], source.describe(index))
-        except (DataError, ImageLoadError) as exc:
-            report.failures.append((index, str(exc)))
-            continue
-        try:
-            kp = detect(image)
-        except Exception as exc:  # a backend failure on one image must not lose the others
-            report.failures.append((index, f"landmark backend failed: {type(exc).__name__}: {exc}"))
-            continue
-        if kp is None:
-            report.failures.append((index, "no face found"))
-            continue
-        kp = np.asarray(kp, dtype=np.float64)
-        if kp.shape != (5, 2) or not np.isfinite(kp).all():
-            report.failures.append(
-                (index, f"backend returned keypoints of shape {kp.shape} / non-finite values")
-            )
-            continue
-        keypoints[index] = kp
+    # a backend that runs a network (the DFA) offers detect.batch(images) -> [keypoints | None | Exception]
+    batch = getattr(detect, "batch", None)
+    step = 64 if batch is not None else 1
+    bar = tqdm(total=n, desc="landmarks", unit="img", disable=not progress)
+    for start in range(0, n, step):
+        decoded: dict[int, np.ndarray] = {}
+        for index in range(start, min(start + step, n)):
+            try:
+                decoded[index] = decode_image(source.get(index)[0], source.describe(index))
+            except (DataError, ImageLoadError) as exc:
+                report.failures.append((index, str(exc)))
+        if batch is not None and decoded:
+            try:
+                answers = dict(zip(decoded, batch(list(decoded.values())), strict=True))
+            except Exception as exc:  # the whole batch failed: say so for each of its images
+                answers = dict.fromkeys(decoded, exc)
+        else:
+            answers = {}
+            for index, image in decoded.items():
+                try:
+                    answers[index] = detect(image)
+                except Exception as exc:  # a backend failure on one image must not lose the others
+                    answers[index] = exc
+        for index, kp in answers.items():
+            if isinstance(kp, Exception):
+                report.failures.append((index, f"landmark backend failed: {type(kp).__name__}: {kp}"))
+                continue
+            if kp is None:
+                report.failures.append((index, "no face found"))
+                continue
+            kp = np.asarray(kp, dtype=np.float64)
+            if kp.shape != (5, 2) or not np.isfinite(kp).all():
+                report.failures.append(
+                    (index, f"backend returned keypoints of shape {kp.shape} / non-finite values")
+                )
+                continue
+            keypoints[index] = kp
+        bar.update(min(start + step, n) - start)
+    bar.close()
+    report.failures.sort(key=lambda failure: failure[0])
     write_landmarks(csv_path, np.arange(n), keypoints)
     report.num_found = n - len(report.failures)
     return report

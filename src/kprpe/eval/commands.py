@@ -60,6 +60,19 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="embedding cache folder (default: $KPRPE_CACHE_DIR or ~/.cache/kprpe/embeddings)",
     )
     g.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
+    g.add_argument(
+        "--aligner",
+        choices=("dlib", "dfa"),
+        default="dlib",
+        help="landmark backend of --keypoints backend: dlib (default) or dfa (the official DFA aligner, "
+        "which the published KP-RPE weights were evaluated with; runs on --device, batched)",
+    )
+    g.add_argument(
+        "--aligner-weights",
+        metavar="W",
+        default="minchul/cvlface_DFA_mobilenet",
+        help="DFA checkpoint file/folder or Hugging Face repo id (default minchul/cvlface_DFA_mobilenet)",
+    )
     add_quiet_option(g)
     g.add_argument(
         "--far",
@@ -302,6 +315,28 @@ def _missing_protocol(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def _landmark_backend(args) -> None:
+    """Configure (and, for the DFA, load now, so a bad checkpoint fails before any work) the backend."""
+    from .landmarks import set_landmark_backend
+
+    aligner = getattr(args, "aligner", "dlib")
+    set_landmark_backend(
+        aligner,
+        weights=getattr(args, "aligner_weights", None),
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    if aligner == "dfa":
+        from ..face.dfa import AlignerCheckpointError
+        from ..zoo import ZooError
+        from .landmarks import landmark_backend
+
+        try:
+            landmark_backend()
+        except (ZooError, AlignerCheckpointError) as exc:
+            _fail(f"cannot load the DFA aligner {args.aligner_weights}: {exc}")
+
+
 def _settings(args):
     from .runs import EvalSettings
 
@@ -328,6 +363,7 @@ def _settings(args):
         _fail(f"--calibrate must be a false-accept rate in (0, 1), got {calibrate}")
     if calibrate is not None and len(getattr(args, "bins", None) or [None]) != 1:
         _fail("--calibrate needs exactly one --bin: a threshold is calibrated on one dataset")
+    _landmark_backend(args)
     return EvalSettings(
         flip=not args.no_flip,
         batch_size=args.batch_size,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..face.align import apply_transform, similarity_transform, warp_crop
+from ..face.align import apply_transform, box_crop_transform, similarity_transform, warp_crop
 from ..keypoints import ARCFACE_TEMPLATE_112
 
 __all__ = [
@@ -77,19 +77,17 @@ def box_from_landmarks(landmarks_px: np.ndarray, scale: float = 2.2, shift: floa
 
 
 def box_crop_params(box: np.ndarray, size: int = 112) -> CropParams:
-    """The box ``(x1, y1, x2, y2)`` simply resized to ``size`` x ``size`` (the paper's "unaligned" input).
+    """The box ``(x1, y1, x2, y2)`` simply resized to ``size`` x ``size`` (the paper's "unaligned" input), as
+    crop parameters the sweep can interpolate.
 
-    The box edges map to the outer edges of the output pixels (``x1 -> -0.5``, ``x2 -> size-0.5``), as
-    ``cv2.resize`` of the box crop ``image[y1:y2, x1:x2]`` does. Unlike
-    :func:`kprpe.face.align.box_crop_transform` the box is not squared (the aspect ratio may change, as in
-    the paper's setting) and it is read as array slice bounds rather than pixel-centre coordinates; and the
-    sweep needs the crop as :class:`CropParams` to interpolate it.
+    The crop is :func:`kprpe.face.align.box_crop_transform`'s, the one definition shared with the face
+    pipeline: the box is in continuous pixel coordinates (pixel centres at integers, a whole W x H image is
+    ``(-0.5, -0.5, W - 0.5, H - 0.5)``), its edges map to the crop's outer edges, and it is not squared.
     """
     x1, y1, x2, y2 = (float(v) for v in box)
     if x2 <= x1 or y2 <= y1:
         raise ValueError(f"invalid box {box}: need x2 > x1 and y2 > y1")
-    sx, sy = (x2 - x1) / size, (y2 - y1) / size
-    return CropParams((x1 + x2) / 2.0 - 0.5, (y1 + y2) / 2.0 - 0.5, 0.0, sx, sy)
+    return _params_from_matrix(box_crop_transform((x1, y1, x2, y2), size), size)
 
 
 def interpolate_crop(start: CropParams, end: CropParams, t: float) -> CropParams:
@@ -119,6 +117,8 @@ def crop_matrix(params: CropParams, size: int = 112) -> np.ndarray:
 def warp_face(image: np.ndarray, landmarks_px: np.ndarray, params: CropParams, size: int = 112
               ) -> tuple[np.ndarray, np.ndarray]:
     """Warp ``image`` (H, W, 3) uint8 with a crop; return the ``size``x``size`` crop (black border) and the
-    landmarks mapped into it, normalised by ``size`` (model keypoints)."""
+    landmarks mapped into it, normalised by ``size`` (model keypoints). A photo much larger than the crop is
+    shrunk with area averaging first, as in the face pipeline
+    (:func:`kprpe.face.align.downscale_for_warp`)."""
     m = crop_matrix(params, size)
-    return warp_crop(image, m, size), apply_transform(m, landmarks_px) / size
+    return warp_crop(image, m, size, antialias=True), apply_transform(m, landmarks_px) / size

@@ -15,10 +15,11 @@ import cv2
 import numpy as np
 
 from ..errors import KprpeError
+from ..face.align import apply_transform, unaligned_crop
 from ..images import load_image
 from .embedding import FaceSource
 from .geometry import aligned_crop_params, box_crop_params, box_from_landmarks, interpolate_crop, warp_face
-from .landmarks import face_backend_landmarks, template_keypoints_for
+from .landmarks import backend_tag, face_backend_landmarks, template_keypoints_for
 
 __all__ = [
     "path_inside",
@@ -46,9 +47,15 @@ def crop_face(image: np.ndarray, landmarks_px: np.ndarray, t: float = 0.0, box: 
               size: int = 112) -> tuple[np.ndarray, np.ndarray]:
     """Crop a face a fraction ``t`` of the way from the ArcFace alignment (0) to the box crop (1).
 
-    ``box`` ``(x1, y1, x2, y2)`` is the detector box; without one, :func:`box_from_landmarks` stands in.
+    ``box`` ``(x1, y1, x2, y2)`` is the detector box in continuous pixel coordinates (pixel centres at
+    integers, as :mod:`kprpe.face.align`); without one, :func:`box_from_landmarks` stands in. At t=1 the crop
+    is :func:`kprpe.face.align.unaligned_crop`, the face pipeline's own ``unaligned`` crop.
     Returns the crop and its normalised keypoints (the landmarks moved by the same warp).
     """
+    if t == 1.0:
+        box = box if box is not None else box_from_landmarks(landmarks_px)
+        crop, matrix = unaligned_crop(image, box, size)
+        return crop, apply_transform(matrix, landmarks_px) / size
     start = aligned_crop_params(landmarks_px, size)
     if t == 0.0:
         params = start
@@ -115,6 +122,8 @@ def image_face_source(
         st = p.stat() if p.exists() else None
         digest.update(f"{p.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
     mode = f"t={t:g}" if landmarks is not None else f"prealigned:{keypoint_source}"
+    if landmarks is None and keypoint_source == "backend":
+        mode += backend_tag()
     if landmarks is not None:
         for k in keys:
             digest.update(landmarks[k].tobytes())

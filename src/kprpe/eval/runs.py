@@ -388,7 +388,12 @@ def evaluate_identification(
 
 
 def read_boxes(path) -> dict[str, np.ndarray]:
-    """Detector boxes ``image_name x1 y1 x2 y2`` (pixels), one per line."""
+    """Detector boxes ``image_name x1 y1 x2 y2`` (pixels), one per line, returned in continuous pixel
+    coordinates (:mod:`kprpe.face.align`).
+
+    The file holds the detector convention, array slice bounds: the box is ``image[y1:y2, x1:x2]``, so a box
+    covering a whole W x H image reads ``0 0 W H``. Pixel centres sit at integers in kprpe, so each value
+    moves by -0.5 on the way in."""
     path = Path(path)
     boxes = {}
     with open(path, encoding="utf-8") as f:
@@ -406,7 +411,7 @@ def read_boxes(path) -> dict[str, np.ndarray]:
                 raise LandmarkFileError(f"{path}:{lineno}: {exc}") from None
             if box[2] <= box[0] or box[3] <= box[1]:
                 raise LandmarkFileError(f"{path}:{lineno}: box needs x2 > x1 and y2 > y1")
-            boxes[parts[0]] = box
+            boxes[parts[0]] = box - 0.5
     return boxes
 
 

@@ -34,7 +34,12 @@ from ..errors import KprpeError
 from .binfile import decode_image
 from .embedding import FaceSource, file_fingerprint
 from .images import DataFormatError
-from .landmarks import face_backend_landmarks, read_normalized_landmark_csv, template_keypoints_for
+from .landmarks import (
+    backend_tag,
+    face_backend_landmarks,
+    read_normalized_landmark_csv,
+    template_keypoints_for,
+)
 from .tinyface import (
     TINYFACE_FOLDERS,
     TINYFACE_RANKS,
@@ -333,6 +338,8 @@ def toolkit_face_source(
 
     arrow = sorted(ts.path.glob("*.arrow"))
     fp = "toolkit:" + "|".join(file_fingerprint(p) for p in arrow) + f"|kp:{keypoint_source}"
+    if keypoint_source == "backend":
+        fp += backend_tag()
     if landmarks is not None and keypoint_source == "file":
         fp += f"|{file_fingerprint(landmarks)}"
     return FaceSource(count=len(ts), load=load, fingerprint=fp)

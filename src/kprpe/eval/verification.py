@@ -12,6 +12,7 @@ from ..images import decode_image
 from .binfile import VerificationBin
 from .embedding import FaceSource, file_fingerprint
 from .landmarks import (
+    backend_tag,
     face_backend_available,
     face_backend_landmarks,
     read_normalized_landmark_csv,
@@ -32,8 +33,9 @@ KEYPOINT_SOURCES = ("auto", "file", "backend", "template")
 
 
 def resolve_keypoint_source(requested: str, landmarks: str | os.PathLike | None) -> str:
-    """``auto`` -> ``file`` when a landmark file is given, else ``backend`` when ``kprpe.face`` offers one,
-    else ``template`` (with a warning: only right for faces really aligned to the ArcFace template)."""
+    """``auto`` -> ``file`` when a landmark file is given, else ``backend`` when ``kprpe.face`` offers one
+    (dlib, or the DFA aligner chosen with ``--aligner dfa``, see :func:`set_landmark_backend`), else
+    ``template`` (with a warning: only right for faces really aligned to the ArcFace template)."""
     if requested not in KEYPOINT_SOURCES:
         raise ValueError(f"keypoint source must be one of {KEYPOINT_SOURCES}, got {requested!r}")
     if requested == "file" and landmarks is None:
@@ -74,6 +76,8 @@ def bin_face_source(vb: VerificationBin, path: str | os.PathLike, keypoint_sourc
         return images, kps
 
     fp = f"bin:{file_fingerprint(path) if Path(path).is_file() else vb.name}|kp:{keypoint_source}"
+    if keypoint_source == "backend":
+        fp += backend_tag()
     if image_size != 112:
         fp += f"|size:{image_size}"
     if landmarks is not None and keypoint_source == "file":

@@ -14,6 +14,8 @@ docs/deployment.md).
 
 Other architectures join by registering an adapter that turns the module into an :class:`ExportSpec` (a
 module with ``forward(images[, keypoints])`` plus its input conventions): ``register_adapter(IResNet, fn)``.
+Registered here: the ViT family, IResNet, and the DFA face aligner (``kind="dfa"``: input the 160x160 image,
+outputs the official tuple, with the similarity fit in closed form so it traces; see :class:`DfaGraph`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KprpeError
@@ -66,6 +70,8 @@ class ExportSpec:
     output_dim: int
     num_keypoints: int = 0  # 0: the graph has no keypoints input
     config: dict = field(default_factory=dict)
+    output_names: tuple[str, ...] = ("embedding",)
+    outputs: dict | None = None  # the outputs' conventions, when they are not one embedding
 
     @property
     def input_names(self) -> list[str]:
@@ -90,6 +96,8 @@ class ExportSpec:
                 "image); faces: ArcFace order left eye, right eye, nose, left mouth corner, right mouth "
                 "corner",
             }
+        if self.outputs is not None:
+            return {"inputs": inputs, "outputs": self.outputs}
         outputs = {
             "embedding": {
                 "shape": ["batch", self.output_dim],
@@ -102,20 +110,30 @@ class ExportSpec:
         return {"inputs": inputs, "outputs": outputs}
 
 
-_ADAPTERS: list[tuple[type, Callable[[nn.Module], ExportSpec]]] = []
+_ADAPTERS: list[tuple[type | str, Callable[[nn.Module], ExportSpec]]] = []
 
 
-def register_adapter(module_type: type, adapter: Callable[[nn.Module], ExportSpec]) -> None:
-    """Make modules of ``module_type`` exportable: ``adapter(module) -> ExportSpec``."""
+def register_adapter(module_type: type | str, adapter: Callable[[nn.Module], ExportSpec]) -> None:
+    """Make modules of ``module_type`` exportable: ``adapter(module) -> ExportSpec``.
+
+    ``module_type`` is a class, or its dotted name (``"kprpe.face.dfa.aligner.DifferentiableFaceAligner"``)
+    for classes of packages that sit above this one (the exporter must not import them: no import loop).
+    """
     _ADAPTERS.insert(0, (module_type, adapter))
+
+
+def _accepts(module_type: type | str, model: nn.Module) -> bool:
+    if isinstance(module_type, str):
+        return any(f"{k.__module__}.{k.__qualname__}" == module_type for k in type(model).__mro__)
+    return isinstance(model, module_type)
 
 
 def export_spec(model: nn.Module) -> ExportSpec:
     """The :class:`ExportSpec` of ``model`` from the first registered adapter that accepts its type."""
     for module_type, adapter in _ADAPTERS:
-        if isinstance(model, module_type):
+        if _accepts(module_type, model):
             return adapter(model)
-    known = ", ".join(t.__name__ for t, _ in _ADAPTERS)
+    known = ", ".join(t if isinstance(t, str) else t.__name__ for t, _ in _ADAPTERS)
     raise ExportError(
         f"cannot export a {type(model).__name__}: no export adapter for it (exportable: {known})"
     )
@@ -162,12 +180,147 @@ def _vit_adapter(model: nn.Module) -> ExportSpec:
     )
 
 
+def _iresnet_adapter(model: nn.Module) -> ExportSpec:
+    cfg = model.config  # BGR checkpoints reverse the channels inside forward: the graph still takes RGB
+    return ExportSpec(
+        _ImagesOnly(model).eval(), "iresnet", cfg.img_size, 3, cfg.output_dim, config=cfg.to_dict()
+    )
+
+
+# ------------------------------------------------------------------------------------------ DFA aligner
+DFA_OUTPUTS = ("aligned_x", "orig_pred_ldmks", "aligned_ldmks", "score", "thetas", "normalized_bbox")
+
+
+class DfaGraph(nn.Module):
+    """The DFA aligner's forward on a ``(B, 3, 160, 160)`` RGB image in [-1, 1], written to trace to ONNX.
+
+    Same network and the same official quirks (``kprpe.face.dfa``); what differs is the similarity fit: the
+    official one is scikit-image's Umeyama in float64 on the CPU (an SVD, which ONNX has no operator for),
+    here the closed-form least-squares similarity in float32 — for 2-D points without reflection the two
+    solve the same problem, and they agree to float32 rounding (tests/export/test_onnx_dfa.py). The crop is
+    ``grid_sample`` on a grid built from theta by one matrix product (ONNX ``GridSample``).
+    """
+
+    def __init__(self, aligner: nn.Module) -> None:
+        super().__init__()
+        from ..keypoints import ARCFACE_TEMPLATE_112
+
+        self.net = aligner.net
+        self.padding = float(aligner.input_padding_ratio)
+        self.size_in, self.size_out = int(aligner.input_size), int(aligner.output_size)
+        # the official template: the 96x112 one stored in float32, shifted by 8 px (kprpe.face.dfa.geometry)
+        template = torch.tensor(ARCFACE_TEMPLATE_112, dtype=torch.float64)
+        template[:, 0] -= 8.0
+        template = template.float().double()
+        template[:, 0] += 8.0
+        self.register_buffer("template", template.float(), persistent=False)
+        line = torch.linspace(-1.0, 1.0, self.size_out)  # affine_grid's align_corners=True base grid
+        ys, xs = torch.meshgrid(line, line, indexing="ij")
+        base = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(-1, 3)
+        self.register_buffer("base_grid", base, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = images
+        if self.padding > 0:
+            margin = int(self.size_in * self.padding)
+            x = F.pad(x, (margin, margin, margin, margin), value=-1.0)
+            x = F.interpolate(x, size=(self.size_in, self.size_in), mode="bilinear", align_corners=True)
+        agg = self.net(x.flip(1))
+        batch = agg.shape[0]
+        landmarks = agg[:, 6:16].reshape(batch, 5, 2)
+        score = torch.softmax(agg[:, 4:6], dim=-1)[:, 1:]
+        # closed-form least-squares similarity: 160-frame pixels -> 112-crop pixels, [[a, -b, tx], [b, a, ty]]
+        source = landmarks * self.size_in
+        source_mean = source.mean(dim=1, keepdim=True)
+        target_mean = self.template.mean(dim=0, keepdim=True)
+        s, t = source - source_mean, self.template - target_mean
+        norm = (s * s).sum(dim=(1, 2))
+        a = (s[..., 0] * t[..., 0] + s[..., 1] * t[..., 1]).sum(dim=1) / norm
+        b = (s[..., 0] * t[..., 1] - s[..., 1] * t[..., 0]).sum(dim=1) / norm
+        # inverse map (crop pixel -> frame pixel): rotation [[a, b], [-b, a]] / (a^2 + b^2), then translation
+        scale2 = a * a + b * b
+        ia, ib = a / scale2, b / scale2
+        mx, my = source_mean[:, 0, 0], source_mean[:, 0, 1]
+        tx, ty = target_mean[0, 0], target_mean[0, 1]
+        # frame = mean_s + R^-1 (crop - mean_t); theta = normalise_in o that o unnormalise_out
+        half_out, k_in = self.size_out / 2.0, 2.0 / self.size_in
+        r00, r01, r10, r11 = ia, ib, -ib, ia
+        c0 = mx - (r00 * tx + r01 * ty)
+        c1 = my - (r10 * tx + r11 * ty)
+        # crop pixel p = (q + 1) * half_out  ->  frame pixel  ->  q_in = frame * k_in - 1
+        theta = torch.stack(
+            [
+                torch.stack(
+                    [
+                        r00 * half_out * k_in,
+                        r01 * half_out * k_in,
+                        ((r00 + r01) * half_out + c0) * k_in - 1.0,
+                    ],
+                    dim=-1,
+                ),
+                torch.stack(
+                    [
+                        r10 * half_out * k_in,
+                        r11 * half_out * k_in,
+                        ((r10 + r11) * half_out + c1) * k_in - 1.0,
+                    ],
+                    dim=-1,
+                ),
+            ],
+            dim=1,
+        )
+        grid = (self.base_grid @ theta.transpose(1, 2)).reshape(batch, self.size_out, self.size_out, 2)
+        crop = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=True) - 1
+        # aligned_ldmks: landmarks through the closed-form inverse of theta (as the official code)
+        det = theta[:, 0, 0] * theta[:, 1, 1] - theta[:, 0, 1] * theta[:, 1, 0]
+        i00, i01 = theta[:, 1, 1] / det, -theta[:, 0, 1] / det
+        i10, i11 = -theta[:, 1, 0] / det, theta[:, 0, 0] / det
+        i02 = -(i00 * theta[:, 0, 2] + i01 * theta[:, 1, 2])
+        i12 = -(i10 * theta[:, 0, 2] + i11 * theta[:, 1, 2])
+        q = landmarks * 2 - 1
+        qx = i00[:, None] * q[..., 0] + i01[:, None] * q[..., 1] + i02[:, None]
+        qy = i10[:, None] * q[..., 0] + i11[:, None] * q[..., 1] + i12[:, None]
+        aligned_ldmks = torch.stack([qx, qy], dim=-1) / 2 + 0.5
+        orig = landmarks
+        if self.padding > 0:
+            orig = ((landmarks * 2 - 1) * (1 + 2 * self.padding)) / 2 + 0.5
+        return crop, orig, aligned_ldmks, score, theta, agg[:, 0:4] / self.size_in
+
+
+def _dfa_adapter(model: nn.Module) -> ExportSpec:
+    graph = DfaGraph(model).eval()
+    described = {
+        "aligned_x": "(B, 3, 112, 112) RGB crop in [-1, 1], -1 outside the photo",
+        "orig_pred_ldmks": "(B, 5, 2) landmarks / 160 in the input frame",
+        "aligned_ldmks": "(B, 5, 2) landmarks in the crop / 112 (the KP-RPE keypoints)",
+        "score": "(B, 1) face probability (the DFA never finds 'no face': threshold this)",
+        "thetas": "(B, 2, 3) affine_grid matrices, crop-normalised -> input-normalised",
+        "normalized_bbox": "(B, 4) box divided by 160 twice (official quirk)",
+    }
+    return ExportSpec(
+        graph,
+        "dfa",
+        img_size=graph.size_in,
+        in_chans=3,
+        output_dim=0,
+        config={
+            "arch": "dfa_mobilenet0.25",
+            "input_size": graph.size_in,
+            "output_size": graph.size_out,
+            "input_padding_ratio": graph.padding,
+        },
+        output_names=DFA_OUTPUTS,
+        outputs={name: {"dtype": "float32", "meaning": text} for name, text in described.items()},
+    )
+
+
 def _register_builtin() -> None:
+    from ..nn.iresnet import IResNet
     from ..nn.vit import VisionTransformer
 
     register_adapter(VisionTransformer, _vit_adapter)
-    # IResNet / the DFA aligner join here with one line each once they exist, e.g.
-    # register_adapter(IResNet, lambda m: ExportSpec(m.eval(), "iresnet", 112, 3, m.output_dim))
+    register_adapter(IResNet, _iresnet_adapter)
+    register_adapter("kprpe.face.dfa.aligner.DifferentiableFaceAligner", _dfa_adapter)
 
 
 _register_builtin()
@@ -234,7 +387,7 @@ def export_onnx(
     module = resolve_model(model, **(overrides or {}))
     spec = export_spec(module)
     names = spec.input_names
-    dynamic = {name: {0: "batch"} for name in [*names, "embedding"]}
+    dynamic = {name: {0: "batch"} for name in [*names, *spec.output_names]}
     args = _trace_inputs(spec, EXPORT_BATCH)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as traced:
@@ -246,7 +399,7 @@ def export_onnx(
                     args,
                     str(traced),
                     input_names=names,
-                    output_names=["embedding"],
+                    output_names=list(spec.output_names),
                     dynamic_axes=dynamic,
                     opset_version=opset,
                     do_constant_folding=True,
@@ -338,6 +491,25 @@ def _parity(spec: ExportSpec, path: Path) -> dict:
     inputs = _trace_inputs(spec, batch)
     with torch.no_grad():
         expected = spec.module(*inputs)
+    if len(spec.output_names) > 1:  # not an embedding model: compare every output with ONNX Runtime itself
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {name: tensor.numpy() for name, tensor in zip(spec.input_names, inputs, strict=True)}
+        outputs = session.run(list(spec.output_names), feeds)
+        per_output = {
+            name: float(np.abs(o - e.numpy()).max())
+            for name, o, e in zip(spec.output_names, outputs, expected, strict=True)
+        }
+        diff = max(per_output.values())
+        scale = max(float(e.abs().max()) for e in expected)
+        return {
+            "per_output": per_output,
+            "batch": batch,
+            "max_abs_diff": diff,
+            "max_abs_output": scale,
+            "provider": "CPUExecutionProvider",
+        }
     got = OnnxEngine(path)(*inputs)
     diff = float((got - expected).abs().max())
     scale = float(expected.abs().max())

@@ -18,8 +18,10 @@ from .align import (
     box_from_keypoints,
     similarity_transform,
     template_alignment_error,
+    unaligned_crop,
 )
 from .detector import FaceDetection, FaceDetector, MissingDependencyError, NoFaceFound
+from .dfa_backend import DfaAligner
 from .dlib_backend import DlibDetector
 from .draw import draw_keypoints, side_by_side
 from .embedder import FaceEmbedder
@@ -40,6 +42,7 @@ __all__ = [
     "CROP_SIZE",
     "DEFAULT_THRESHOLD",
     "AlignedFace",
+    "DfaAligner",
     "AlignmentError",
     "BatchResult",
     "DlibDetector",
@@ -67,5 +70,6 @@ __all__ = [
     "side_by_side",
     "similarity_transform",
     "template_alignment_error",
+    "unaligned_crop",
     "verify",
 ]

@@ -26,11 +26,13 @@ __all__ = [
     "similarity_transform",
     "apply_transform",
     "box_crop_transform",
+    "unaligned_crop",
     "box_from_keypoints",
     "warp_crop",
     "downscale_for_warp",
     "transform_scale",
     "align_face",
+    "backend_aligned_face",
     "template_alignment_error",
 ]
 
@@ -55,6 +57,8 @@ class AlignedFace:
     ``image``: ``(112, 112, 3)`` uint8 RGB crop. ``keypoints``: ``(5, 2)`` crop keypoints divided by 112 (the
     model's input). ``transform``: 2x3 photo-pixel -> crop-pixel matrix. ``source_keypoints``: the 5 points in
     photo pixels. ``box``: the detector box in photo pixels (None if unknown). ``mode``: how it was cropped.
+    ``pixels``: ``(3, 112, 112)`` float32 RGB in [-1, 1] when the crop came from a backend as floats (the
+    DFA's ``aligned_x``): the model reads these exactly, ``image`` is their uint8 rendering for files.
     """
 
     image: np.ndarray
@@ -65,6 +69,7 @@ class AlignedFace:
     mode: str
     score: float | None = None
     extra: dict = field(default_factory=dict)
+    pixels: np.ndarray | None = None
 
     @property
     def keypoints_px(self) -> np.ndarray:
@@ -126,17 +131,29 @@ def _check_box(box) -> tuple[float, float, float, float]:
 
 
 def box_crop_transform(box, size: int = CROP_SIZE) -> np.ndarray:
-    """Transform that crops the square around ``box`` (same centre, side = the longer box side) to ``size``.
+    """Transform that resizes ``box`` to ``size`` x ``size``: the paper's "unaligned" input.
 
-    Squaring keeps the face's aspect ratio; the paper's "unaligned" setting is the detector box resized to
-    112 with no rotation, and detector boxes are near-square anyway.
+    The box is in this module's continuous coordinates (its edges, not pixel centres: a box covering a whole
+    W x H photo is ``(-0.5, -0.5, W - 0.5, H - 0.5)``); its edges land on the crop's outer edges. The box is
+    simply resized, not squared (SPEC: "the detector's box crop simply resized to 112"), so a non-square box
+    changes the face's aspect ratio exactly as in the paper's setting; dlib and the DFA give square or
+    near-square boxes anyway.
     """
     x0, y0, x1, y1 = _check_box(box)
-    side = max(x1 - x0, y1 - y0)
-    scale = size / side
-    centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
-    half = (size - 1) / 2  # the crop's centre in pixel-centre coordinates
-    return np.array([[scale, 0.0, half - scale * centre_x], [0.0, scale, half - scale * centre_y]])
+    scale_x, scale_y = size / (x1 - x0), size / (y1 - y0)
+    # edge x0 -> -0.5 and x1 -> size - 0.5 (pixel-centre coordinates of the crop)
+    return np.array([[scale_x, 0.0, -0.5 - scale_x * x0], [0.0, scale_y, -0.5 - scale_y * y0]])
+
+
+def unaligned_crop(image: np.ndarray, box, size: int = CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``(crop, transform)``: the box resized to ``size`` (:func:`box_crop_transform`), anti-aliased.
+
+    The one definition of the "unaligned" crop: the face pipeline (``--mode unaligned``) and the evaluation
+    sweep's t=1 end (:func:`kprpe.eval.images.crop_face`) both call it, so the same photo and box give the
+    same crop everywhere.
+    """
+    matrix = box_crop_transform(box, size)
+    return warp_crop(image, matrix, size, antialias=True), matrix
 
 
 def box_from_keypoints(keypoints) -> tuple[float, float, float, float]:
@@ -201,6 +218,33 @@ def warp_crop(
     )
 
 
+def backend_aligned_face(
+    crop: np.ndarray, crop_keypoints, source_keypoints, *, box=None, score: float | None = None
+) -> AlignedFace:
+    """An :class:`AlignedFace` from a backend's own float crop (the DFA's ``aligned_x`` and
+    ``aligned_ldmks``), kept exactly for the model; ``image`` is its uint8 rendering. ``transform`` is the
+    similarity fitted from the photo keypoints to the crop keypoints (for drawing and bookkeeping only)."""
+    pixels = np.asarray(crop, dtype=np.float32)
+    if pixels.shape != (3, CROP_SIZE, CROP_SIZE) or not np.isfinite(pixels).all():
+        raise AlignmentError(
+            f"a backend crop must be finite float (3, {CROP_SIZE}, {CROP_SIZE}) in [-1, 1], "
+            f"got {pixels.shape}"
+        )
+    keypoints = _check_five(crop_keypoints)
+    points = _check_five(source_keypoints)
+    image = np.clip(np.rint((pixels.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return AlignedFace(
+        image=np.ascontiguousarray(image),
+        keypoints=keypoints,
+        transform=similarity_transform(points, keypoints * CROP_SIZE),
+        source_keypoints=points,
+        box=_check_box(box) if box is not None else None,
+        mode="aligned",
+        score=score,
+        pixels=pixels,
+    )
+
+
 def _check_five(keypoints) -> np.ndarray:
     points = _as_points(keypoints)
     if points.shape != (5, 2):
@@ -242,8 +286,7 @@ def align_face(
     elif mode == "unaligned":
         if box_tuple is None:
             box_tuple = box_from_keypoints(points)
-        matrix = box_crop_transform(box_tuple)
-        crop = warp_crop(image, matrix, antialias=True)
+        crop, matrix = unaligned_crop(image, box_tuple)
     else:
         if image.shape[:2] != (CROP_SIZE, CROP_SIZE):
             raise AlignmentError(

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli_options import add_model_options, add_output_option, add_quiet_option
+from ..cli_options import add_device_option, add_model_options, add_output_option, add_quiet_option
 from ..errors import CommandError
 from ..files import write_csv, write_npz, write_png
 from ..images import ImageLoadError
 from ..landmarks import LandmarkFileError
 from .align import ALIGN_MODES, AlignmentError
 from .detector import FaceDetector, MissingDependencyError, NoFaceFound
+from .dfa_backend import DEFAULT_ALIGNER_WEIGHTS
 from .embedder import FaceEmbedder
 from .landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
 from .pipeline import DEFAULT_THRESHOLD, BatchResult, FacePipeline, verify
@@ -44,8 +45,42 @@ def _upsample(text: str) -> int | str:
     return value
 
 
-def _add_pipeline_options(parser: argparse.ArgumentParser, *, all_faces: bool = True) -> None:
+ALIGNER_CHOICES = ("dlib", "dfa")
+
+
+def add_aligner_options(group, *, device: bool) -> None:
+    """``--aligner dlib|dfa``, ``--aligner-weights``, ``--min-aligner-score`` (and ``--device`` for commands
+    without model options)."""
+    group.add_argument(
+        "--aligner",
+        choices=ALIGNER_CHOICES,
+        default="dlib",
+        help="landmark backend: dlib (offline, no download; default) or dfa (the official CVLface "
+        "Differentiable Face Aligner the published KP-RPE weights were trained with; its own crop is used)",
+    )
+    group.add_argument(
+        "--aligner-weights",
+        metavar="W",
+        default=DEFAULT_ALIGNER_WEIGHTS,
+        help=f"DFA checkpoint file/folder or Hugging Face repo id (default {DEFAULT_ALIGNER_WEIGHTS})",
+    )
+    group.add_argument(
+        "--min-aligner-score",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --aligner dfa: reject photos whose DFA face score is below S in [0, 1] (default: keep "
+        "all; the DFA always returns its best guess, see docs/face.md)",
+    )
+    if device:
+        add_device_option(group)
+
+
+def _add_pipeline_options(
+    parser: argparse.ArgumentParser, *, all_faces: bool = True, device: bool = False
+) -> None:
     group = parser.add_argument_group("faces")
+    add_aligner_options(group, device=device)
     group.add_argument(
         "--mode",
         choices=ALIGN_MODES,
@@ -90,7 +125,46 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, *, all_faces: bool = 
     add_quiet_option(parser)
 
 
+def dfa_detector(args: argparse.Namespace) -> FaceDetector:
+    """The DFA backend from ``--aligner-weights``, ``--min-aligner-score``, ``--device`` (and
+    ``--batch-size``); every load problem becomes one CommandError line naming the weights."""
+    from ..zoo import ZooError
+    from .dfa import AlignerCheckpointError
+    from .dfa_backend import DfaAligner
+
+    score = args.min_aligner_score
+    if score is not None and not 0.0 <= score <= 1.0:
+        raise CommandError(f"--min-aligner-score must be in [0, 1] (a face probability), got {score:g}")
+    device = getattr(args, "device", "cpu")
+    try:
+        return DfaAligner(
+            args.aligner_weights,
+            device=device,
+            min_score=score,
+            batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
+        )
+    except (ZooError, AlignerCheckpointError) as exc:
+        raise CommandError(f"cannot load the DFA aligner {args.aligner_weights}: {exc}") from None
+    except (RuntimeError, AssertionError) as exc:  # torch: unknown device, CUDA not available
+        raise CommandError(f"cannot use device {device!r} for the DFA aligner: {exc}") from None
+
+
+def _add_flip_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="flip-sum test-time augmentation even with --aligner dfa (whose official pipeline, and so "
+        "its default here, has none)",
+    )
+
+
 def _detector(args: argparse.Namespace) -> FaceDetector:
+    if args.aligner == "dfa":
+        if args.landmarks:
+            raise CommandError("--landmarks and --aligner dfa both give keypoints; choose one")
+        return dfa_detector(args)
+    if args.min_aligner_score is not None:
+        raise CommandError("--min-aligner-score applies to --aligner dfa; dlib's threshold is --min-score")
     try:
         if args.landmarks:
             return SuppliedLandmarks.from_file(args.landmarks, normalized=args.landmarks_normalized)
@@ -109,7 +183,18 @@ def _pipeline(args: argparse.Namespace) -> FacePipeline:
         mode=args.mode,
         all_faces=getattr(args, "all_faces", False),
         min_face_size=args.min_face_size,
+        batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
     )
+
+
+def _flip(args: argparse.Namespace) -> bool:
+    """Flip TTA: on by default with dlib; off by default with the DFA, whose official pipeline has none
+    (``--flip`` turns it on, ``--no-flip`` off, either way)."""
+    if getattr(args, "flip", False) and args.no_flip:
+        raise CommandError("--flip and --no-flip contradict each other; give one")
+    if getattr(args, "flip", False):
+        return True
+    return not args.no_flip and getattr(args, "aligner", "dlib") != "dfa"
 
 
 def _embedder(args: argparse.Namespace) -> FaceEmbedder:
@@ -127,10 +212,10 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
         from ..export import load_engine
 
         engine = load_engine(weights, device=args.device)  # OnnxModelError: a one-line KprpeError
-        return FaceEmbedder(engine, flip=not args.no_flip, batch_size=args.batch_size, device="cpu")
+        return FaceEmbedder(engine, flip=_flip(args), batch_size=args.batch_size, device="cpu")
     try:
         return FaceEmbedder.from_weights(
-            weights, flip=not args.no_flip, batch_size=args.batch_size, device=args.device
+            weights, flip=_flip(args), batch_size=args.batch_size, device=args.device
         )
     except (CheckpointError, ValueError, OSError) as exc:
         raise CommandError(f"cannot load weights {weights}: {exc}") from None
@@ -157,6 +242,11 @@ def _require_finite(values, what: str, weights) -> None:
             f"the model produced non-finite {what} ({bad} affected) with weights {weights}; "
             "the checkpoint is broken (did its training diverge?) — nothing was written"
         )
+
+
+def _score(value) -> float | None:
+    """A face's detector/aligner score for JSON (None when the backend gives none)."""
+    return None if value is None else round(float(value), 6)
 
 
 def _print_json(payload: dict) -> None:
@@ -197,7 +287,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     # crops, landmarks.csv and failures.csv are committed together: they replace an earlier run's set whole
     with staged_folder(out, ALIGN_MARKER, inputs=args.inputs) as folder:
         used: set[str] = set()
-        rows = []
+        rows, scores = [], []
         for record in batch.records:
             stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
             stem = _unique_stem(stem, used)
@@ -205,6 +295,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
             if args.draw:
                 write_png(folder / "draw" / f"{stem}.png", draw_keypoints(record.face))
             rows.append([f"{stem}.png", *(f"{v:.6f}" for v in record.face.keypoints.reshape(-1))])
+            scores.append({"file": f"{stem}.png", "score": _score(record.face.score)})
         write_csv(folder / "landmarks.csv", ["file", *LANDMARK_COLUMNS], rows)
         failures = _report_failures("align", batch)
         if failures:
@@ -215,6 +306,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
             "landmarks": str(out / "landmarks.csv"),
             "faces": len(rows),
             "images": len({r.source for r in batch.records}) + len(failures),
+            "aligner": pipeline.detector.name,
+            "scores": scores,
             "failures": failures,
         }
     )
@@ -242,6 +335,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         face_index=np.asarray([r.face_index for r in batch.records], dtype=np.int64),
         embeddings=unit,
         norms=norms,
+        scores=np.asarray(
+            [np.nan if r.face.score is None else r.face.score for r in batch.records], dtype=np.float64
+        ),
         keypoints=np.asarray([r.face.keypoints for r in batch.records], dtype=np.float32).reshape(
             -1, embedder.num_keypoints, 2
         ),
@@ -253,6 +349,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             "output": str(output),
             "embedded": len(batch.records),
             "dim": int(unit.shape[1]),
+            "aligner": pipeline.detector.name,
+            "lowest_score": min(
+                (r.face.score for r in batch.records if r.face.score is not None), default=None
+            ),
             "failures": failures,
         }
     )
@@ -270,7 +370,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     except (ImageLoadError, NoFaceFound, AlignmentError, LandmarkFileError) as exc:
         raise CommandError(str(exc)) from None
     _require_finite([result.similarity], "similarity", args.weights)
-    payload = {"a": args.a, "b": args.b, **result.to_dict(), "threshold_source": choice.source}
+    payload = {
+        "a": args.a,
+        "b": args.b,
+        **result.to_dict(),
+        "threshold_source": choice.source,
+        "aligner": pipeline.detector.name,
+        "flip": embedder.flip,
+    }
     if args.visualize:
         picture = side_by_side(*result.faces, result.similarity, result.same, result.threshold)
         payload["visualization"] = str(write_png(args.visualize, picture))
@@ -367,6 +474,7 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
             "name": record.name,
             "file": record.source,
             "face_index": record.face_index,
+            "face_score": _score(record.face.score),
             "matches": [
                 {"identity": h.identity, "score": h.score, "same": h.score >= choice.threshold} for h in row
             ],
@@ -426,7 +534,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--draw", action="store_true", help="also write OUT/draw/<stem>.png with the keypoints drawn"
     )
-    _add_pipeline_options(p)
+    _add_pipeline_options(p, device=True)
     p.set_defaults(func=_cmd_align)
 
     p = subparsers.add_parser(
@@ -440,6 +548,7 @@ def register(subparsers) -> None:
     add_output_option(p, help="embeddings file to write (.npz)", metavar="NPZ")
     _add_pipeline_options(p)
     add_model_options(p)
+    _add_flip_option(p)
     p.set_defaults(func=_cmd_embed)
 
     p = subparsers.add_parser(
@@ -462,6 +571,7 @@ def register(subparsers) -> None:
     )
     _add_pipeline_options(p, all_faces=False)
     add_model_options(p)
+    _add_flip_option(p)
     p.set_defaults(func=_cmd_verify)
 
     p = subparsers.add_parser(
@@ -488,6 +598,7 @@ def register(subparsers) -> None:
     )
     _add_pipeline_options(e, all_faces=False)
     add_model_options(e)
+    _add_flip_option(e)
     _add_index_options(e, build=True)
     e.set_defaults(func=_cmd_search_enrol)
     r = search_sub.add_parser("remove", help="remove identities from an index (no re-enrolment)")
@@ -508,5 +619,6 @@ def register(subparsers) -> None:
     )
     _add_pipeline_options(q)
     add_model_options(q)
+    _add_flip_option(q)
     _add_index_options(q, build=False)
     q.set_defaults(func=_cmd_search_query)

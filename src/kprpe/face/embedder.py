@@ -116,10 +116,33 @@ class FaceEmbedder:
         return unit.numpy().astype(np.float32), norms.numpy().astype(np.float32)
 
     def embed_faces(self, faces: Sequence[AlignedFace]) -> tuple[np.ndarray, np.ndarray]:
-        """Embed crops made by :class:`FacePipeline` (batched)."""
+        """Embed crops made by :class:`FacePipeline` (batched). A face that carries float ``pixels`` (the
+        DFA's own crop) is embedded from them exactly; the others from their uint8 ``image``."""
         if not faces:
             empty = np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
             return self.embed_crops(empty, np.zeros((0, self.num_keypoints, 2), np.float32))
-        crops = np.stack([face.image for face in faces])
         keypoints = np.stack([face.keypoints for face in faces]).astype(np.float32)
-        return self.embed_crops(crops, keypoints)
+        if all(face.pixels is None for face in faces):
+            return self.embed_crops(np.stack([face.image for face in faces]), keypoints)
+        expected = (len(faces), self.num_keypoints, 2)
+        if keypoints.shape != expected:
+            raise ValueError(f"keypoints must have shape {expected} (the model takes {self.num_keypoints} "
+                             f"keypoints), got {keypoints.shape}")
+        images = torch.stack(
+            [
+                torch.from_numpy(np.ascontiguousarray(face.pixels, dtype=np.float32))
+                if face.pixels is not None
+                else to_model_input(face.image[None])[0]
+                for face in faces
+            ]
+        )
+        unit, norms = embed(
+            self.model,
+            images,
+            torch.from_numpy(keypoints),
+            flip=self.flip,
+            batch_size=self.batch_size,
+            device=self.device,
+            flip_permutation=self.flip_permutation,
+        )
+        return unit.numpy().astype(np.float32), norms.numpy().astype(np.float32)

@@ -26,6 +26,7 @@ from .align import (
     AlignedFace,
     AlignmentError,
     align_face,
+    backend_aligned_face,
 )
 from .detector import FaceDetector, NoFaceFound
 from .embedder import FaceEmbedder, model_fingerprint
@@ -76,6 +77,9 @@ class FacePipeline:
     ``min_relative_score``: ignore detections scoring below this fraction of the best detection's score
     (0 disables). "Largest face" is only meaningful among real faces: a weak false positive (the HOG detector
     scores the astronaut photo's shoulder badge 0.07 against 1.63 for her face) can have the bigger box.
+    ``batch_size``: photos handed to the backend at once by :meth:`process` (the DFA aligns photos of one
+    shape in one forward pass). In ``aligned`` mode a backend's own crop (the DFA's ``aligned_x``) is used
+    as is; ``unaligned`` crops its box, ``prealigned`` reads keypoints on the crop itself.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class FacePipeline:
         all_faces: bool = False,
         min_face_size: float = 0.0,
         min_relative_score: float = 0.25,
+        batch_size: int = 16,
     ) -> None:
         if mode not in ALIGN_MODES:
             raise ValueError(f"unknown alignment mode {mode!r}; choose one of {ALIGN_MODES}")
@@ -93,7 +98,10 @@ class FacePipeline:
             raise ValueError(f"min_face_size must be >= 0, got {min_face_size}")
         if not 0 <= min_relative_score <= 1:
             raise ValueError(f"min_relative_score must be in [0, 1], got {min_relative_score}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.min_relative_score = float(min_relative_score)
+        self.batch_size = int(batch_size)
         self._detector = detector
         self.mode = mode
         self.all_faces = all_faces
@@ -127,7 +135,12 @@ class FacePipeline:
                 )
             found = self.detector.landmarks_in_box(image, TEMPLATE_FACE_BOX, source=source)
             return [align_face(image, found.keypoints, mode="prealigned", box=found.box, score=found.score)]
-        detections = self.detector.detect(image, source=source)
+        return self.faces_from_detections(image, self.detector.detect(image, source=source))
+
+    def faces_from_detections(self, image: np.ndarray, detections: list) -> list[AlignedFace]:
+        """Crops for a photo's detections: size and relative-score filters, largest first, cropped by mode."""
+        if self.mode == "prealigned":
+            return self.faces_in_image(image)
         if not detections:
             raise NoFaceFound(f"no face found ({_describe_short(self.detector)})")
         sizes = [min(d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in detections]
@@ -146,9 +159,15 @@ class FacePipeline:
             kept = kept[:1]
         faces = []
         for detection in kept:
-            face = align_face(
-                image, detection.keypoints, mode=self.mode, box=detection.box, score=detection.score
-            )
+            if self.mode == "aligned" and detection.aligned is not None:
+                crop, crop_keypoints = detection.aligned
+                face = backend_aligned_face(
+                    crop, crop_keypoints, detection.keypoints, box=detection.box, score=detection.score
+                )
+            else:
+                face = align_face(
+                    image, detection.keypoints, mode=self.mode, box=detection.box, score=detection.score
+                )
             face.extra["landmarks"] = detection.landmarks
             face.extra["face_size"] = float(
                 min(detection.box[2] - detection.box[0], detection.box[3] - detection.box[1])
@@ -171,17 +190,46 @@ class FacePipeline:
         """
         result = BatchResult()
         paths = expand_image_paths(inputs)
-        for path in tqdm(paths, desc="faces", unit="img", disable=None if progress else True):
-            try:
-                image = load_image(path)
-                faces = self.faces_in_image(image, source=path)
-            except (ImageLoadError, NoFaceFound, AlignmentError, LandmarkFileError) as exc:
-                reason = exc.reason if isinstance(exc, ImageLoadError) else str(exc)
-                result.failures.append((str(path), reason))
-                continue
-            for index, face in enumerate(faces):
-                name = str(path) if index == 0 and not self.all_faces else f"{path}#{index}"
-                result.records.append(FaceRecord(name=name, source=str(path), face_index=index, face=face))
+        expected = (ImageLoadError, NoFaceFound, AlignmentError, LandmarkFileError)
+        bar = tqdm(total=len(paths), desc="faces", unit="img", disable=None if progress else True)
+        for start in range(0, len(paths), self.batch_size):
+            chunk = paths[start : start + self.batch_size]
+            images: dict[int, np.ndarray] = {}
+            problems: dict[int, Exception] = {}
+            for position, path in enumerate(chunk):
+                try:
+                    images[position] = load_image(path)
+                except ImageLoadError as exc:
+                    problems[position] = exc
+            found: dict[int, object] = dict.fromkeys(images)  # None: crop in faces_in_image (prealigned)
+            if self.mode != "prealigned" and images:
+                answers = self.detector.detect_batch(
+                    list(images.values()), sources=[chunk[position] for position in images]
+                )
+                found = dict(zip(images, answers, strict=True))
+            for position, path in enumerate(chunk):
+                try:
+                    if position in problems:
+                        raise problems[position]
+                    detections = found[position]
+                    if isinstance(detections, Exception):
+                        raise detections
+                    faces = (
+                        self.faces_in_image(images[position], source=path)
+                        if detections is None
+                        else self.faces_from_detections(images[position], detections)
+                    )
+                except expected as exc:
+                    reason = exc.reason if isinstance(exc, ImageLoadError) else str(exc)
+                    result.failures.append((str(path), reason))
+                    continue
+                for index, face in enumerate(faces):
+                    name = str(path) if index == 0 and not self.all_faces else f"{path}#{index}"
+                    result.records.append(
+                        FaceRecord(name=name, source=str(path), face_index=index, face=face)
+                    )
+            bar.update(len(chunk))
+        bar.close()
         return result
 
 
@@ -211,6 +259,7 @@ class VerifyResult:
             "same": self.same,
             "threshold": self.threshold,
             "norms": list(self.norms),
+            "scores": [None if face.score is None else float(face.score) for face in self.faces],
             "keypoints": [face.keypoints.round(6).tolist() for face in self.faces],
             "boxes": [list(face.box) if face.box is not None else None for face in self.faces],
         }

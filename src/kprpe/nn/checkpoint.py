@@ -421,6 +421,12 @@ def load_official(source, **overrides) -> nn.Module:
     state = strip_prefixes(raw)
     saved = file_config.get(CONFIG_METADATA_KEY) if file_config else None
     official = None if saved else _official_model_config(source, file_config)
+    if any(k.startswith("aggregator.") for k in state) and any(k.startswith("body.stage1.") for k in state):
+        raise CheckpointError(
+            f"{_describe(source)} holds the DFA face aligner (RetinaFace + aggregator keys), not a "
+            "recognition model; give it as the aligner (--aligner dfa --aligner-weights, "
+            "kprpe.load_aligner) and give a face-recognition checkpoint here"
+        )
     if is_iresnet_checkpoint(state):  # IResNet family: its own architecture inference (nn/iresnet.py)
         where = _describe(source)
         return load_iresnet(state, saved_config=saved, official_config=official, where=where, **overrides)

@@ -137,6 +137,18 @@ def _dlib_aligner(options: dict) -> Callable:
     return pipeline.faces_in_image
 
 
+def _dfa_aligner(options: dict) -> Callable:
+    from ..face.dfa_backend import DEFAULT_ALIGNER_WEIGHTS, DfaAligner
+    from ..face.pipeline import FacePipeline
+
+    backend = DfaAligner(
+        options.get("weights") or DEFAULT_ALIGNER_WEIGHTS,
+        device=options.get("device", "cpu"),
+        min_score=options.get("min_score"),
+    )
+    return FacePipeline(backend).faces_in_image
+
+
 def _supplied_aligner(options: dict) -> Callable:
     def faces_in_image(image: np.ndarray) -> list:
         raise RequestError(
@@ -152,6 +164,7 @@ def _supplied_aligner(options: dict) -> Callable:
 # A new backend (e.g. DFA) is one entry here.
 ALIGNERS: dict[str, Callable[[dict], Callable]] = {
     "dlib": _dlib_aligner,
+    "dfa": _dfa_aligner,
     "supplied": _supplied_aligner,
 }
 

@@ -14,17 +14,23 @@ __all__ = ["register", "build_service"]
 def build_service(args: argparse.Namespace):
     """Model, aligner, index and threshold from the command line (shared by the CLI and the tests)."""
     from ..face.detector import MissingDependencyError
+    from ..face.dfa import AlignerCheckpointError
     from ..face.embedder import FaceEmbedder
     from ..face.pipeline import DEFAULT_THRESHOLD
     from ..nn import CheckpointError
     from ..thresholds import resolve_threshold
+    from ..zoo import ZooError
     from .app import FaceService
 
     weights = Path(args.weights)
     if not weights.exists():
         raise CommandError(f"weights {weights} do not exist")
+    if getattr(args, "flip", False) and args.no_flip:
+        raise CommandError("--flip and --no-flip contradict each other; give one")
+    # the DFA's official pipeline has no flip TTA, so neither has --aligner dfa unless --flip asks for it
+    flip = getattr(args, "flip", False) or (not args.no_flip and args.aligner != "dfa")
     try:
-        embedder = FaceEmbedder.from_weights(weights, flip=not args.no_flip, batch_size=2, device=args.device)
+        embedder = FaceEmbedder.from_weights(weights, flip=flip, batch_size=2, device=args.device)
     except (CheckpointError, ValueError, OSError) as exc:
         raise CommandError(f"cannot load weights {weights}: {exc}") from None
     except (RuntimeError, AssertionError) as exc:
@@ -48,9 +54,19 @@ def build_service(args: argparse.Namespace):
             index=index,
             threshold=choice.threshold,
             threshold_source=choice.source,
-            aligner_options={"detector": args.detector, "landmark_model": args.landmark_model},
+            aligner_options={
+                "detector": args.detector,
+                "landmark_model": args.landmark_model,
+                "weights": getattr(args, "aligner_weights", None),
+                "device": args.device,
+                "min_score": getattr(args, "min_aligner_score", None),
+            },
         )
     except MissingDependencyError as exc:
+        raise CommandError(str(exc)) from None
+    except (ZooError, AlignerCheckpointError) as exc:
+        raise CommandError(f"cannot load the DFA aligner {args.aligner_weights}: {exc}") from None
+    except ValueError as exc:  # e.g. --min-aligner-score outside [0, 1]
         raise CommandError(str(exc)) from None
 
 
@@ -114,7 +130,21 @@ def register(subparsers) -> None:
         "--aligner",
         choices=sorted(ALIGNERS),
         default="dlib",
-        help="dlib: detect faces and landmarks (default); supplied: clients send 5 keypoints per image",
+        help="dlib: detect faces and landmarks (default); dfa: the official DFA aligner (its crop, "
+        "no flip TTA unless --flip); supplied: clients send 5 keypoints per image",
+    )
+    p.add_argument(
+        "--aligner-weights",
+        metavar="W",
+        default="minchul/cvlface_DFA_mobilenet",
+        help="DFA checkpoint file/folder or repo id (default minchul/cvlface_DFA_mobilenet)",
+    )
+    p.add_argument(
+        "--min-aligner-score",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --aligner dfa: answer 422 'no face' when the DFA face score is below S",
     )
     p.add_argument(
         "--index", metavar="INDEX", help="gallery index from 'kprpe search enrol' (enables /search)"
@@ -137,6 +167,7 @@ def register(subparsers) -> None:
         "--landmark-model", choices=("68", "5"), default="68", help="dlib shape model (default 68)"
     )
     p.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
+    p.add_argument("--flip", action="store_true", help="flip test-time augmentation even with --aligner dfa")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     g = p.add_argument_group("limits")
     g.add_argument(
