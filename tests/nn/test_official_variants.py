@@ -245,3 +245,22 @@ def test_official_keypoint_ctx_warns_when_its_table_is_not_zero(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _same_function(model, kprpe.load_official(repo2))
+
+
+@pytest.mark.parametrize("layout_name", sorted(LAYOUTS))
+def test_real_official_configs_map_to_the_presets_and_fit_their_layouts(layout_name):
+    """The model.yaml of each official preset (recorded in official_layouts.json) describes its layout."""
+    from kprpe.nn.checkpoint import _check_fits_before_allocating
+
+    layout = LAYOUTS[layout_name]
+    fields = official_vit_fields(layout["config_yaml_content"])
+    preset = {"vit": "vit_{}", "vit_irpe": "vit_{}_irpe", "vit_kprpe": "vit_{}_kprpe"}[
+        layout_name.split("/")[0]
+    ]
+    expected = kprpe.nn.preset_config(preset.format(layout_name.split("/")[1])).to_dict()
+    assert {k: expected[k] for k in fields} == fields
+    dtypes = {"float32": torch.float32, "int64": torch.int64}
+    with torch.device("meta"):
+        state = {e["key"]: torch.empty(e["shape"], dtype=dtypes[e["dtype"]]) for e in layout["state_dict"]}
+    values = {**infer_config(state, known=fields), **fields}
+    _check_fits_before_allocating(kprpe.nn.ViTConfig.from_dict(values), state, layout_name)
