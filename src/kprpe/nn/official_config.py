@@ -44,7 +44,7 @@ CTX_TYPES: dict[str, dict] = {
     "rel_keypoint_v2": dict(kp_input="relative", kp_sharing="shared", **_MLP),
     "rel_keypoint_unshared_v2": dict(kp_input="relative", kp_sharing="layer", **_MLP),
 }
-# rpe_config.name -> ViTConfig.rel_pos (no rpe_config at all: a plain ViT)
+# rpe_config.name -> ViTConfig.rel_pos (without an rpe_config the tensors tell the encoding)
 RPE_NAMES = {"KPRPE_shared": "kprpe", "iRPE": "irpe"}
 # rpe_config.method -> ViTConfig.rpe_method (the official "cross" sums rows and cols: not a kprpe method)
 OFFICIAL_METHODS = {"product": "product", "euc": "euclidean", "quant": "quantized"}
@@ -89,8 +89,7 @@ def official_vit_fields(config: Mapping | None) -> dict:
         )
     rpe = node.get("rpe_config")
     if rpe is None:
-        if name in SIZES:
-            fields["rel_pos"] = "none"
+        # the official family (vit, vit_kprpe, ...) is the config's folder, not a key: the tensors tell it
         return fields
     if not isinstance(rpe, Mapping):
         raise ValueError(f"rpe_config should be a mapping, got {type(rpe).__name__}")
