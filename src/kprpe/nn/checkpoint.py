@@ -34,7 +34,7 @@ from .iresnet import (
     is_iresnet_checkpoint,
     official_fields,
 )
-from .official_config import official_vit_fields
+from .official_config import ctx_type_of, official_vit_fields
 from .registry import SIZES
 from .vit import VisionTransformer, ViTConfig
 
@@ -351,8 +351,6 @@ def _kprpe_from_shapes(
 
 
 def _ambiguity_message(where: str, out_shape, in_f: int, candidates: list[dict]) -> str:
-    from .official_config import ctx_type_of
-
     def describe(c: dict) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in c.items() if k != "num_heads" and v is not None)
         heads = "num_heads=? (not in the weights)"
