@@ -207,8 +207,10 @@ def test_a_config_claiming_a_huge_model_is_refused_before_allocating(tmp_path, t
 def test_zero_element_tensors_cannot_claim_a_size(tiny_state):
     state = dict(tiny_state)
     state["patch_embed.proj.weight"] = torch.zeros(2048, 3, 8, 0)  # 0 bytes, claims embed_dim 2048
-    with pytest.raises(CheckpointError, match="wrong shape"):
+    with pytest.raises(CheckpointError, match="identical tensor shapes"):  # no longer a known size
         kprpe.load_official(state)
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        kprpe.load_official(state, num_heads=4)
 
 
 def test_a_stray_block_key_does_not_build_thousands_of_blocks(tiny_state):

@@ -81,10 +81,12 @@ def test_keypoints_do_not_receive_gradient():
     "overrides",
     [
         dict(kp_sharing="head"),
+        dict(kp_sharing="layer"),
         dict(kp_sharing="shared"),
         dict(kp_input="absolute"),
         dict(kp_input="query_position"),
         dict(kp_hidden=16),
+        dict(kp_hidden=16, kp_mlp="relu_layernorm", kp_sharing="layer"),
         dict(abs_pos=False),
         dict(num_keypoints=3),
         dict(head="mean"),
@@ -121,9 +123,10 @@ def test_absolute_kp_input_gives_same_bias_for_every_query():
     assert table.shape[2] == 1
 
 
-def test_linear_f_decomposes_into_position_and_sample_terms():
+@pytest.mark.parametrize("sharing", ["layer_head", "layer", "head", "shared"])
+def test_linear_f_decomposes_into_position_and_sample_terms(sharing):
     # docs/models.md (KP-RPE): with linear f, T[b] - T[b'] does not depend on the query token.
-    model = kprpe.create_model("vit_tiny_kprpe")
+    model = kprpe.create_model("vit_tiny_kprpe", kp_sharing=sharing)
     with torch.no_grad():
         model.keypoint_linear.weight.normal_()
         model.keypoint_linear.bias.normal_()
@@ -131,6 +134,82 @@ def test_linear_f_decomposes_into_position_and_sample_terms():
         table = model.kprpe.table(model.kprpe.hidden(kp), 1)
     diff = table[0] - table[1]  # (H, N, nb)
     torch.testing.assert_close(diff, diff[:, :1].expand_as(diff), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sharing", ["layer_head", "layer", "head", "shared"])
+def test_table_layout_of_every_sharing(sharing):
+    """f's output feature of (layer, head, bucket): (layer * H + head) * nb + bucket, leaving out the
+    dimensions the mode shares (the official ctx types' layouts, docs/models.md "KP-RPE variants")."""
+    model = kprpe.create_model("vit_tiny_kprpe", kp_sharing=sharing)
+    cfg, nb = model.config, model.num_buckets
+    per_layer, per_head = sharing in ("layer_head", "layer"), sharing in ("layer_head", "head")
+    heads_in_f = cfg.num_heads if per_head else 1
+    assert model.keypoint_linear.out_features == nb * heads_in_f * (cfg.depth if per_layer else 1)
+    with torch.no_grad():
+        model.keypoint_linear.weight.normal_()
+        model.keypoint_linear.bias.normal_()
+        kp = torch.rand(2, 5, 2)
+        full = model.keypoint_linear(kprpe.nn.relative_keypoints(kp, model.grid, model.grid))
+        for layer in range(cfg.depth):
+            table = model.kprpe.table(model.kprpe.hidden(kp), layer)
+            assert table.shape == (2, cfg.num_heads, model.num_tokens, nb)
+            for head in range(cfg.num_heads):
+                start = ((layer if per_layer else 0) * heads_in_f + (head if per_head else 0)) * nb
+                torch.testing.assert_close(table[:, head], full[..., start : start + nb], rtol=0, atol=0)
+
+
+def test_official_mlp_is_linear_relu_layernorm_linear():
+    model = kprpe.create_model("vit_tiny_kprpe", kp_hidden=8, kp_mlp="relu_layernorm", kp_sharing="layer")
+    with torch.no_grad():
+        for p in model.kprpe.parameters():
+            p.normal_()
+        kp = torch.rand(2, 5, 2)
+        rel = kprpe.nn.relative_keypoints(kp, model.grid, model.grid)
+        first, norm = model.kprpe.mlp[0], model.kprpe.mlp[2]
+        hidden = torch.nn.functional.layer_norm(first(rel).clamp_min(0), (8,), norm.weight, norm.bias, 1e-5)
+        torch.testing.assert_close(model.kprpe.hidden(kp), hidden)
+
+
+def _layer_sharing_model(**overrides):
+    model = kprpe.create_model("vit_tiny_kprpe", kp_sharing="layer", img_size=48, **overrides)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.keypoint_linear.weight.normal_(0, 0.5)
+        model.keypoint_linear.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
+@pytest.mark.parametrize("impl", ["naive", "gather", "index", "onehot", "decomposed"])
+def test_layer_sharing_every_bias_path_forward_backward(impl, attn_impl):
+    """Per-layer tables shared by the heads: every bias path and attention gives the reference's output and
+    gradients (decomposed: the linear-f identity holds per layer)."""
+    ref = _layer_sharing_model(kp_bias_impl="gather", attn_impl="math").train()
+    model = _layer_sharing_model(kp_bias_impl=impl, attn_impl=attn_impl).train()
+    model.load_state_dict(ref.state_dict())
+    images, kp = _inputs(ref)
+    outs, grads = [], []
+    for m in (ref, model):
+        out = m(images, kp)
+        out.square().mean().backward()
+        outs.append(out)
+        grads.append(m.keypoint_linear.weight.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # inference (decomposed: the cached position term)
+        torch.testing.assert_close(model.eval()(images, kp), ref.eval()(images, kp), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_sharing_flex_attention_reads_the_table():
+    # FlexAttention has no backward on CPU (its eager reference runs here); on CUDA the same path is compiled
+    ref = _layer_sharing_model(kp_bias_impl="gather", attn_impl="math").eval()
+    model = _layer_sharing_model(attn_impl="flex").eval()
+    model.load_state_dict(ref.state_dict())
+    images, kp = _inputs(ref)
+    assert isinstance(model.kprpe.layer_biases(kp)(1), kprpe.nn.position.BucketBias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, kp), ref(images, kp), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["vit_tiny", "vit_tiny_rpe", "vit_tiny_irpe", "vit_tiny_kprpe"])

@@ -24,6 +24,7 @@ from ..errors import KprpeError
 from ..files import atomic_path
 from ..zoo import ZooError, resolve
 from . import iresnet
+from .buckets import num_buckets
 from .iresnet import (
     LAYER_TABLES,
     IResNet,
@@ -33,6 +34,7 @@ from .iresnet import (
     is_iresnet_checkpoint,
     official_fields,
 )
+from .official_config import ctx_type_of, official_vit_fields
 from .registry import SIZES
 from .vit import VisionTransformer, ViTConfig
 
@@ -193,12 +195,18 @@ def _need(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     return state[key]
 
 
-def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
+def infer_config(
+    state: Mapping[str, torch.Tensor], *, known: Mapping | None = None, where: str = "checkpoint"
+) -> dict:
     """ViTConfig fields implied by a bare state dict's tensor shapes.
 
     ``num_heads`` is read from the KP-RPE / iRPE / RPE tables when present; for a plain ViT it is only known
     for the official sizes, otherwise it is left out and must come from a config or an override.
+    ``known`` holds fields already settled by a config or the caller (``kp_sharing``, ``num_heads``, ...):
+    they decide between KP-RPE variants whose tensors have the same shapes. When the shapes still fit more
+    than one variant, a :class:`CheckpointError` lists them and says how to choose — nothing is guessed.
     """
+    known = dict(known or {})
     pw = _need(state, "patch_embed.proj.weight")
     if pw.ndim != 4:
         raise CheckpointError(
@@ -236,23 +244,18 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
     cfg["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
 
     heads = None
-    if "keypoint_linear.weight" in state:
-        cfg["rel_pos"] = "kprpe"
-        out_f, in_f = state["keypoint_linear.weight"].shape
-        if "keypoint_mlp.0.weight" in state:
-            cfg["kp_hidden"] = in_f
-            in_f = state["keypoint_mlp.0.weight"].shape[1]
-        if in_f == 2:
-            cfg["kp_input"] = "query_position"
-        elif in_f % 2 == 0:
-            cfg["num_keypoints"] = in_f // 2
-        if out_f == 49:
-            cfg["kp_sharing"] = "shared"
-        elif out_f % (depth * 49) == 0:
-            heads = out_f // (depth * 49)
-        elif out_f % 49 == 0:
-            cfg["kp_sharing"] = "head"
-            heads = out_f // 49
+    size_heads = next(
+        (
+            size["num_heads"]
+            for size in SIZES.values()
+            if (size["embed_dim"], size["depth"], size["mlp_ratio"]) == (dim, depth, cfg["mlp_ratio"])
+        ),
+        None,
+    )
+    if "keypoint_linear.weight" in state or "keypoint_linear.0.weight" in state:
+        kp = _kprpe_from_shapes(state, dim, depth, size_heads, known, where)
+        heads = kp.pop("num_heads", None)
+        cfg.update(kp)
     elif any(k.startswith("blocks.0.attn.rpe_") and k.endswith("lookup_table_weight") for k in state):
         cfg["rel_pos"] = "irpe"
         cfg["irpe_on"] = "".join(s for s in "qkv" if f"blocks.0.attn.rpe_{s}.lookup_table_weight" in state)
@@ -266,13 +269,106 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
         heads = state["blocks.0.attn.rpe_bias.table"].shape[0]
     else:
         cfg["rel_pos"] = "none"
-    if heads is None:
-        for size in SIZES.values():
-            if (size["embed_dim"], size["depth"], size["mlp_ratio"]) == (dim, depth, cfg["mlp_ratio"]):
-                heads = size["num_heads"]
+    if heads is None and cfg["rel_pos"] != "kprpe":  # KP-RPE: settled by _kprpe_from_shapes
+        heads = size_heads
     if heads is not None:
         cfg["num_heads"] = heads
     return cfg
+
+
+def _matrix(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    tensor = _need(state, key)
+    if tensor.ndim != 2:
+        raise CheckpointError(f"{key} should be a 2-D (out, in) matrix, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _kprpe_from_shapes(
+    state: Mapping[str, torch.Tensor],
+    dim: int,
+    depth: int,
+    size_heads: int | None,
+    known: Mapping,
+    where: str,
+) -> dict:
+    """KP-RPE fields from f's tensors: what f is (linear, kprpe's GELU MLP, the official MLP) is in the key
+    names; its input and sharing come from f's in/out features, which several variants can share.
+
+    The candidates are the official context types (docs/models.md, "KP-RPE variants") plus the keypoint-free
+    control (2 inputs). ``known`` fields filter them; an official size's head count is assumed next.
+    """
+    cfg: dict = {"rel_pos": "kprpe"}
+    if "keypoint_linear.0.weight" in state:  # the official MLP: Linear, ReLU, LayerNorm, Linear
+        first, last = _matrix(state, "keypoint_linear.0.weight"), _matrix(state, "keypoint_linear.3.weight")
+        cfg.update(kp_hidden=first.shape[0], kp_mlp="relu_layernorm")
+    elif "keypoint_mlp.0.weight" in state:  # kprpe's control: Linear, GELU, then keypoint_linear
+        first, last = _matrix(state, "keypoint_mlp.0.weight"), _matrix(state, "keypoint_linear.weight")
+        cfg.update(kp_hidden=first.shape[0], kp_mlp="gelu")
+    else:
+        first = last = _matrix(state, "keypoint_linear.weight")
+    in_f, out_f = first.shape[1], last.shape[0]
+    nb = num_buckets(known.get("rpe_method", "product"), known.get("rpe_ratio", 1.9))
+
+    inputs = []
+    if in_f == 2:
+        inputs.append(dict(kp_input="query_position"))
+    if in_f % 2 == 0:
+        inputs.append(dict(kp_input="relative", num_keypoints=in_f // 2))
+    tables = []  # (kp_sharing, num_heads or None when the weights do not store it)
+    if out_f % (depth * nb) == 0 and dim % (out_f // (depth * nb)) == 0:
+        tables.append(("layer_head", out_f // (depth * nb)))
+    if out_f == depth * nb:
+        tables.append(("layer", None))
+    if out_f % nb == 0 and dim % (out_f // nb) == 0:
+        tables.append(("head", out_f // nb))
+    if out_f == nb:
+        tables.append(("shared", None))
+    candidates = [dict(**i, kp_sharing=s, num_heads=h) for i in inputs for s, h in tables]
+    if out_f == nb and in_f % 2 == 0 and "kp_hidden" not in cfg:  # the official "keypoint" context type
+        candidates.append(
+            dict(kp_input="absolute", num_keypoints=in_f // 2, kp_sharing="shared", num_heads=None)
+        )
+
+    def fits(c: dict) -> bool:
+        if c["num_heads"] is not None and known.get("num_heads", c["num_heads"]) != c["num_heads"]:
+            return False
+        return all(known[k] == v for k, v in c.items() if k in known and k != "num_heads")
+
+    candidates = [c for c in candidates if fits(c)]
+    for c in candidates:
+        if c["num_heads"] is None:
+            c["num_heads"] = known.get("num_heads")
+    if "num_heads" not in known and size_heads is not None:
+        # an official size: its head count (a table-per-head variant with another count is not official)
+        assumed = [dict(c, num_heads=size_heads) for c in candidates if c["num_heads"] in (None, size_heads)]
+        candidates = assumed or candidates
+    if len(candidates) == 1:
+        cfg.update({k: v for k, v in candidates[0].items() if v is not None})
+    elif len(candidates) > 1:
+        raise CheckpointError(_ambiguity_message(where, last.shape, in_f, candidates))
+    # no candidate: the config/overrides contradict the shapes; the shape check names what differs
+    return cfg
+
+
+def _ambiguity_message(where: str, out_shape, in_f: int, candidates: list[dict]) -> str:
+    def describe(c: dict) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in c.items() if k != "num_heads" and v is not None)
+        heads = "num_heads=? (not in the weights)"
+        if c["num_heads"] is not None:
+            heads = f"num_heads={c['num_heads']}"
+        ctx = ctx_type_of(c)
+        return f"({fields}, {heads}{f'; official ctx_type {ctx!r}' if ctx else ''})"
+
+    example = next((c for c in candidates if c["kp_sharing"] != "layer_head"), candidates[0])
+    hint = ", ".join(f"{k}={v!r}" for k, v in example.items() if k in ("kp_input", "kp_sharing"))
+    return (
+        f"{where}: the KP-RPE table f ({in_f} inputs -> {out_shape[0]} outputs) fits {len(candidates)} "
+        f"variants with identical tensor shapes, and no config says which: "
+        f"{'; '.join(map(describe, candidates))}. "
+        f"Choose one: pass its fields to load_official (e.g. load_official(path, {hint}, num_heads=...)), "
+        "or keep the official config beside the weights (config.json or pretrained_model/model.yaml with "
+        "rpe_config.ctx_type)"
+    )
 
 
 def _config_from_file(config: Mapping) -> dict:
@@ -436,18 +532,29 @@ def load_official(source, **overrides) -> nn.Module:
             "weights have no IResNet keys ('input_layer.0.weight', 'body.0.res_layer.*'); "
             f"first keys: {list(state)[:5]}"
         )
-    values = infer_config(state)
-    if file_config and CONFIG_METADATA_KEY in file_config:
-        values = dict(file_config[CONFIG_METADATA_KEY])  # saved by kprpe: the exact config
-    elif file_config:
-        # official config.json: shapes are ground truth, the file only fills what shapes cannot tell
-        for key, value in _config_from_file(file_config).items():
+    where = _describe(source)
+    stated: dict = {}
+    if saved:
+        values = dict(saved)  # saved by kprpe: the exact config
+    else:
+        # the official config (model.yaml / config.json's conf) builds the architecture; shapes must agree
+        try:
+            stated = official_vit_fields(official)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: its official config (model.yaml / config.json): {exc}") from None
+        # other config.json keys named like ViTConfig fields only fill what neither tells
+        loose = _config_from_file(file_config) if file_config else {}
+        values = infer_config(state, known={**loose, **stated, **overrides}, where=where)
+        values.update(stated)
+        for key, value in loose.items():
             values.setdefault(key, value)
     values.update(overrides)
     if "num_heads" not in values:
+        why = "a plain ViT of a non-standard size"
+        if values.get("rel_pos") == "kprpe":
+            why = f"KP-RPE with kp_sharing={values.get('kp_sharing')!r} shares its tables across heads"
         raise CheckpointError(
-            "cannot infer num_heads of this checkpoint (a plain ViT of a non-standard size and no "
-            "config.json): "
+            f"{where}: cannot infer num_heads ({why}, and no config states it): "
             "pass it, e.g. load_official(path, num_heads=8)"
         )
     values.pop("extra", None)
@@ -455,9 +562,17 @@ def load_official(source, **overrides) -> nn.Module:
         config = ViTConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint implies an invalid model config {values}: {exc}") from exc
-    _check_fits_before_allocating(config, state, _describe(source))
+    _check_fits_before_allocating(config, state, where)
     model = VisionTransformer(config)
     load_weights(model, state)
+    if stated.get("kp_input") == "absolute" and any(p.any() for p in model.kprpe.linear.parameters()):
+        warnings.warn(
+            f"{where}: official ctx_type 'keypoint' reads only the centre bucket of f's table, a per-sample "
+            "constant that softmax cancels, so the official model ignores keypoint_linear; kprpe's absolute "
+            "variant reads the whole table (the paper's absolute f(P)) and so differs from the official "
+            "output here. To reproduce the official numbers, zero model.kprpe.linear's weight and bias",
+            stacklevel=2,
+        )
     return model.eval()
 
 

@@ -7,8 +7,9 @@ layer and passes that to attention as an opaque additive mask. The method is in 
 ("KP-RPE"); shapes: ``B`` batch, ``H`` heads, ``N`` tokens (row-major patch grid), ``nb`` buckets, ``K``
 keypoints.
 
-Parameter names follow the official checkpoints through :data:`OFFICIAL_NAMES` (``kprpe.linear`` is saved as
-``keypoint_linear``), so files written by kprpe load in the official code and vice versa.
+Parameter names follow the official checkpoints through :attr:`KeypointRPE.official_names`
+(``kprpe.linear`` is saved as ``keypoint_linear``; the official MLP as ``keypoint_linear.0/.2/.3``), so files
+written by kprpe load in the official code and vice versa.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .position import BIAS_IMPLS, BucketBias, form_bias, gather_bias
 __all__ = [
     "KP_INPUTS",
     "KP_SHARINGS",
+    "KP_MLPS",
     "KP_BIAS_IMPLS",
     "OFFICIAL_NAMES",
     "patch_centres",
@@ -35,12 +37,26 @@ __all__ = [
 ]
 
 KP_INPUTS = ("relative", "absolute", "query_position")
-KP_SHARINGS = ("layer_head", "head", "shared")
+# Which tables f produces: one per (layer, head) (the paper's), one per layer shared by its heads, one per
+# head shared by the layers, or one for everything. Feature layout: (layer * H + head) * nb + bucket, with the
+# dimensions a mode shares left out (docs/models.md, "KP-RPE variants").
+KP_SHARINGS = ("layer_head", "layer", "head", "shared")
+_PER_LAYER = ("layer_head", "layer")  # a table per layer: f's output holds depth slices
+_PER_HEAD = ("layer_head", "head")  # a table per head; otherwise one table broadcast over the heads
+# Hidden layer of a non-linear f: kprpe's control (Linear -> GELU) or the official one of the "_v2" context
+# types (Linear -> ReLU -> LayerNorm), whose parameters are saved as keypoint_linear.0 / .2 / .3.
+KP_MLPS = ("gelu", "relu_layernorm")
 # How the bias is formed (same numbers, different speed): one of BIAS_IMPLS, or "decomposed" (the linear-f
 # identity: a cached position term plus a per-sample bucket shift), or "auto" (chosen from the grid size).
 KP_BIAS_IMPLS = ("auto", "decomposed", *BIAS_IMPLS)
-# Sub-module name inside KeypointRPE -> the official checkpoint's top-level name.
+# Sub-module name inside KeypointRPE -> the official checkpoint's name (linear f, and kprpe's GELU MLP).
 OFFICIAL_NAMES = {"mlp": "keypoint_mlp", "linear": "keypoint_linear"}
+# The official MLP is one nn.Sequential, keypoint_linear: Linear (0), ReLU (1), LayerNorm (2), Linear (3).
+OFFICIAL_MLP_NAMES = {
+    "mlp.0": "keypoint_linear.0",
+    "mlp.2": "keypoint_linear.2",
+    "linear": "keypoint_linear.3",
+}
 
 
 def patch_centres(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -106,9 +122,10 @@ class KeypointRPE(nn.Module):
     """KP-RPE: ``f`` maps each query's keypoint offsets to one bias per (head, bucket); the logit bias of
     query ``i`` and key ``j`` is that table at bucket ``d(i, j)``.
 
-    ``f`` is ``linear`` (the paper), optionally after an MLP of width ``hidden`` (a non-linear control).
-    Its output features are laid out ``(layer * H + head) * nb + bucket`` for ``layer_head`` sharing,
-    ``head * nb + bucket`` for ``head``, ``bucket`` for ``shared`` (the official layout). Only the running
+    ``f`` is ``linear`` (the paper), optionally after an MLP of width ``hidden`` (``mlp``: kprpe's GELU
+    control or the official ReLU + LayerNorm one). Its output features are laid out
+    ``(layer * H + head) * nb + bucket`` for ``layer_head`` sharing, ``layer * nb + bucket`` for ``layer``,
+    ``head * nb + bucket`` for ``head``, ``bucket`` for ``shared`` (the official layouts). Only the running
     layer's slice is computed, so no ``(B, N, depth * H * nb)`` tensor lives through the forward pass.
 
     ``bucket_tables=True`` (FlexAttention) hands attention a :class:`BucketBias` instead of a dense bias.
@@ -124,6 +141,7 @@ class KeypointRPE(nn.Module):
         kp_input: str = "relative",
         sharing: str = "layer_head",
         hidden: int = 0,
+        mlp: str = "gelu",
         method: str = "product",
         ratio: float = 1.9,
         bias_impl: str = "auto",
@@ -134,12 +152,15 @@ class KeypointRPE(nn.Module):
             raise ValueError(f"unknown kp_input {kp_input!r}; expected one of {KP_INPUTS}")
         if sharing not in KP_SHARINGS:
             raise ValueError(f"unknown kp_sharing {sharing!r}; expected one of {KP_SHARINGS}")
+        if mlp not in KP_MLPS:
+            raise ValueError(f"unknown kp_mlp {mlp!r}; expected one of {KP_MLPS}")
         self.grid = grid
         self.num_heads = num_heads
         self.depth = depth
         self.num_keypoints = num_keypoints
         self.kp_input = kp_input
         self.sharing = sharing
+        self.mlp_kind = mlp
         self.num_buckets = num_buckets(method, ratio)
         self.bucket_tables = bucket_tables
         self.impl = resolve_bias_impl(bias_impl, grid * grid, kp_input, hidden)
@@ -147,7 +168,10 @@ class KeypointRPE(nn.Module):
         f_in = 2 if kp_input == "query_position" else 2 * num_keypoints
         self.mlp = None
         if hidden:
-            self.mlp = nn.Sequential(nn.Linear(f_in, hidden), nn.GELU())
+            if mlp == "gelu":
+                self.mlp = nn.Sequential(nn.Linear(f_in, hidden), nn.GELU())
+            else:
+                self.mlp = nn.Sequential(nn.Linear(f_in, hidden), nn.ReLU(), nn.LayerNorm(hidden))
             f_in = hidden
         self.linear = nn.Linear(f_in, self.out_features)
 
@@ -170,11 +194,19 @@ class KeypointRPE(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     @property
+    def table_width(self) -> int:
+        """Features of f that make one layer's table: ``H * nb`` with a table per head, else ``nb``."""
+        return self.num_buckets * (self.num_heads if self.sharing in _PER_HEAD else 1)
+
+    @property
     def out_features(self) -> int:
-        per_layer = self.num_heads * self.num_buckets
-        return {"layer_head": self.depth * per_layer, "head": per_layer, "shared": self.num_buckets}[
-            self.sharing
-        ]
+        return self.table_width * (self.depth if self.sharing in _PER_LAYER else 1)
+
+    @property
+    def official_names(self) -> dict[str, str]:
+        """Sub-module name -> the official checkpoint's name for this f."""
+        official_mlp = self.mlp is not None and self.mlp_kind == "relu_layernorm"
+        return OFFICIAL_MLP_NAMES if official_mlp else OFFICIAL_NAMES
 
     @property
     def uses_keypoints(self) -> bool:
@@ -189,21 +221,21 @@ class KeypointRPE(nn.Module):
 
     def table(self, hidden: torch.Tensor, layer: int, *, with_bias: bool = True) -> torch.Tensor:
         """``(B, H, N|1, nb)`` bias table of ``layer`` from f's last hidden activations ``(B, N|1, F)``."""
-        width = self.num_heads * self.num_buckets
+        width = self.table_width
         weight, bias = self.linear.weight, self.linear.bias if with_bias else None
-        if self.sharing == "layer_head":
+        if self.sharing in _PER_LAYER:
             sl = slice(layer * width, (layer + 1) * width)
             weight, bias = weight[sl], None if bias is None else bias[sl]
-        return self.split(F.linear(hidden, weight, bias), layer if self.sharing == "layer_head" else None)
+        return self.split(F.linear(hidden, weight, bias))
 
     def split(self, out: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """View f's output ``(B, N, F)`` as one layer's ``(B, H, N, nb)`` table; ``layer`` selects the slice
         of a full all-layer output (``None``: ``out`` is already one layer's)."""
-        width = self.num_heads * self.num_buckets
+        width = self.table_width
         if layer is not None and out.shape[-1] != width:
             out = out[..., layer * width : (layer + 1) * width]
         b, n = out.shape[:2]
-        if self.sharing == "shared":
+        if self.sharing not in _PER_HEAD:  # one table broadcast over the heads
             return out[:, None, :, :].expand(b, self.num_heads, n, self.num_buckets)
         return out.reshape(b, n, self.num_heads, self.num_buckets).permute(0, 2, 1, 3)
 
@@ -278,18 +310,14 @@ class KeypointRPE(nn.Module):
 def official_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     """``state_dict`` post-hook for a model holding a :class:`KeypointRPE` as ``kprpe``: official key
     names."""
-    _rename(
-        state_dict,
-        {f"{prefix}kprpe.{ours}.": f"{prefix}{theirs}." for ours, theirs in OFFICIAL_NAMES.items()},
-    )
+    names = module.kprpe.official_names
+    _rename(state_dict, {f"{prefix}kprpe.{ours}.": f"{prefix}{theirs}." for ours, theirs in names.items()})
 
 
 def module_load_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """``load_state_dict`` pre-hook: official key names (and our own) load into ``kprpe``."""
-    _rename(
-        state_dict,
-        {f"{prefix}{theirs}.": f"{prefix}kprpe.{ours}." for ours, theirs in OFFICIAL_NAMES.items()},
-    )
+    names = module.kprpe.official_names
+    _rename(state_dict, {f"{prefix}{theirs}.": f"{prefix}kprpe.{ours}." for ours, theirs in names.items()})
 
 
 def _rename(state_dict: dict, prefixes: dict[str, str]) -> None:

@@ -19,6 +19,7 @@ from .buckets import METHODS, bucket_ids, num_buckets
 from .keypoint_rpe import (
     KP_BIAS_IMPLS,
     KP_INPUTS,
+    KP_MLPS,
     KP_SHARINGS,
     KeypointRPE,
     module_load_state_dict_hook,
@@ -62,8 +63,9 @@ class ViTConfig:
     # KP-RPE: f maps keypoint offsets to bias tables.
     num_keypoints: int = 5
     kp_input: str = "relative"  # relative (paper) | absolute | query_position (keypoint-free control)
-    kp_sharing: str = "layer_head"  # layer_head (paper's default) | head | shared
+    kp_sharing: str = "layer_head"  # layer_head (paper's default) | layer | head | shared
     kp_hidden: int = 0  # 0: linear f (paper); > 0: an MLP with this hidden width (non-linear control)
+    kp_mlp: str = "gelu"  # the MLP's hidden layer: gelu (kprpe) | relu_layernorm (official "_v2" ctx types)
     head: str = "flatten"  # flatten all tokens (official) | mean-pool tokens
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
@@ -109,6 +111,7 @@ class ViTConfig:
             f"num_keypoints must be a positive int, got {self.num_keypoints!r}",
         )
         need(self.kp_hidden >= 0, f"kp_hidden must be >= 0, got {self.kp_hidden}")
+        need(self.kp_mlp in KP_MLPS, f"kp_mlp {self.kp_mlp!r} not in {KP_MLPS}")
         need(
             set(self.irpe_on) <= set("qkv") and (self.rel_pos != "irpe" or self.irpe_on),
             f"irpe_on must be a non-empty combination of q, k, v, got {self.irpe_on!r}",
@@ -217,12 +220,13 @@ class VisionTransformer(nn.Module):
                 kp_input=cfg.kp_input,
                 sharing=cfg.kp_sharing,
                 hidden=cfg.kp_hidden,
+                mlp=cfg.kp_mlp,
                 method=cfg.rpe_method,
                 ratio=cfg.rpe_ratio,
                 bias_impl=cfg.kp_bias_impl,
                 bucket_tables=cfg.attn_impl == "flex",
             )
-            # checkpoints keep the official names (keypoint_linear.*, keypoint_mlp.*)
+            # checkpoints keep the official names (keypoint_linear.*, keypoint_mlp.*, keypoint_linear.0/2/3)
             self.register_state_dict_post_hook(official_state_dict_hook)
             self.register_load_state_dict_pre_hook(module_load_state_dict_hook)
         self.init_weights()
