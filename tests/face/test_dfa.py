@@ -250,7 +250,7 @@ def test_refuses_missing_and_misshaped_tensors(tmp_path):
     state = _reference_state()
     state["net.ClassHead.0.conv1x1.bias"] = torch.zeros(6)
     save_file(state, str(tmp_path / "shape.safetensors"))
-    with pytest.raises(AlignerCheckpointError, match=r"another shape.*ClassHead\.0\.conv1x1\.bias"):
+    with pytest.raises(AlignerCheckpointError, match=r"wrong shape.*ClassHead\.0\.conv1x1\.bias"):
         load_aligner(tmp_path / "shape.safetensors")
 
 

@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -576,33 +577,55 @@ def load_official(source, **overrides) -> nn.Module:
     return model.eval()
 
 
+@dataclass
+class ShapeMismatch:
+    """How a state dict differs from what a model expects: keys it lacks, keys it has in excess, and
+    ``"key: checkpoint (..) vs model (..)"`` lines for tensors of another shape."""
+
+    missing: list[str]
+    unexpected: list[str]
+    misshaped: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.misshaped)
+
+    def summary(self, limit: int = 5) -> str:
+        """One line: counts and the first ``limit`` of each kind."""
+        parts = []
+        if self.misshaped:
+            shown = "; ".join(self.misshaped[:limit])
+            parts.append(f"{len(self.misshaped)} tensors of the wrong shape ({shown})")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing ({', '.join(self.missing[:limit])})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected ({', '.join(self.unexpected[:limit])})")
+        return "; ".join(parts)
+
+
+def compare_shapes(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> ShapeMismatch:
+    """Compare a model's state dict (``expected``; meta tensors are fine) with a checkpoint's (``got``)."""
+    return ShapeMismatch(
+        missing=[k for k in expected if k not in got],
+        unexpected=[k for k in got if k not in expected],
+        misshaped=[
+            f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in got and tuple(got[k].shape) != tuple(v.shape)
+        ],
+    )
+
+
 def _check_fits_before_allocating(config: ViTConfig, state: Mapping[str, torch.Tensor], where: str) -> None:
     """Build the model on the meta device (no memory) and compare every tensor's shape with the checkpoint's,
     so a file whose config or a zero-element tensor claims a huge model is refused before anything is
     allocated."""
     with torch.device("meta"):
         probe = VisionTransformer(config)
-    expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = [
-        f"{k}: checkpoint {got[k]} vs model {expected[k]}"
-        for k in sorted(set(expected) & set(got))
-        if got[k] != expected[k]
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} tensors of the wrong shape ({'; '.join(wrong[:5])})")
-        if missing:
-            parts.append(f"{len(missing)} missing ({', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])})")
+    mismatch = compare_shapes(probe.state_dict(), state)
+    if mismatch:
         raise CheckpointError(
-            f"{where}: the tensors do not fit the model config {config.to_dict()}: "
-            + "; ".join(parts)
-            + " — nothing was allocated"
+            f"{where}: the tensors do not fit the model config {config.to_dict()}: {mismatch.summary()} — "
+            "nothing was allocated"
         )
 
 
@@ -613,15 +636,9 @@ def load_weights(model: nn.Module, source, *, strict: bool = True) -> nn.Module:
     raw = source if isinstance(source, Mapping) else read_state_dict(source)[0]
     state = strip_prefixes(_unwrap(raw, "state dict"))
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    misshaped = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if misshaped or (strict and (missing or unexpected)):
-        raise CheckpointError(_mismatch_message(model, missing, unexpected, misshaped))
+    m = compare_shapes(own, state)
+    if m.misshaped or (strict and (m.missing or m.unexpected)):
+        raise CheckpointError(_mismatch_message(model, m.missing, m.unexpected, m.misshaped))
     cast = {}
     for k, v in state.items():
         if k in own:

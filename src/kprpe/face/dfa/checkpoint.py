@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ...errors import KprpeError
-from ...nn.checkpoint import CheckpointError, read_state_dict
+from ...nn.checkpoint import CheckpointError, compare_shapes, read_state_dict
 from .aligner import DifferentiableFaceAligner
 
 __all__ = ["AlignerCheckpointError", "find_aligner_weights", "load_aligner", "aligner_state_dict"]
@@ -133,25 +133,11 @@ def load_aligner(
         raise AlignerCheckpointError(f"aligner checkpoint not found: {path}")
     state = aligner_state_dict(path)
     aligner = DifferentiableFaceAligner(input_padding_ratio=_check_config(path))
-    expected = aligner.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if misshaped:
-            parts.append(f"{len(misshaped)} with another shape (e.g. {'; '.join(misshaped[:3])})")
+    mismatch = compare_shapes(aligner.state_dict(), state)
+    if mismatch:
         raise AlignerCheckpointError(
             f"{path} does not match the official DFA aligner (RetinaFace-mobilenet0.25 + mixer aggregator, "
-            f"input 160): {'; '.join(parts)}"
+            f"input 160): {mismatch.summary(limit=3)}"
         )
     floating = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if floating:
