@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..errors import CommandError
 
@@ -19,12 +18,13 @@ def build_service(args: argparse.Namespace):
     from ..face.pipeline import DEFAULT_THRESHOLD
     from ..nn import CheckpointError
     from ..thresholds import resolve_threshold
-    from ..zoo import ZooError
+    from ..zoo import ZooError, resolve
     from .app import FaceService
 
-    weights = Path(args.weights)
-    if not weights.exists():
-        raise CommandError(f"weights {weights} do not exist")
+    try:
+        weights = resolve(args.weights, kind="recognition")  # a path, or a published repo id -> its snapshot
+    except ZooError as exc:
+        raise CommandError(str(exc)) from None
     if getattr(args, "flip", False) and args.no_flip:
         raise CommandError("--flip and --no-flip contradict each other; give one")
     # the DFA's official pipeline has no flip TTA, so neither has --aligner dfa unless --flip asks for it
@@ -125,7 +125,8 @@ def register(subparsers) -> None:
         "/search (file 'image', form 'k'); GET /health. JSON answers; errors are JSON with a 4xx "
         "status. See docs/serving.md.",
     )
-    p.add_argument("--weights", required=True, metavar="W", help="checkpoint file or directory")
+    p.add_argument("--weights", required=True, metavar="W",
+                   help="checkpoint file or directory, or a published repo id (see kprpe models --zoo)")
     p.add_argument(
         "--aligner",
         choices=sorted(ALIGNERS),
