@@ -113,6 +113,6 @@ def add_workers_option(parser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="worker processes for decoding, face detection and alignment (default: CPU cores - 1, at most "
-        "4; 0 = all in this process)",
+        help="worker processes for decoding, face detection and alignment (default: in this process for "
+        "fewer than 32 photos, else CPU cores - 1, at most 4; 0 = all in this process)",
     )

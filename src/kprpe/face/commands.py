@@ -222,14 +222,10 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return _status(batch)
 
 
-def _workers(args: argparse.Namespace) -> int:
-    from .stream import default_workers
-
-    if args.workers is None:
-        return default_workers()
-    if args.workers < 0:
+def _workers(args: argparse.Namespace) -> int | None:
+    if args.workers is not None and args.workers < 0:
         raise CommandError(f"--workers must be >= 0, got {args.workers}")
-    return args.workers
+    return args.workers  # None: kprpe.face.stream.resolve_workers picks from the number of inputs
 
 
 def _skipped(command: str):

@@ -536,7 +536,7 @@ def embed_to_output(
     pipeline,
     embedder,
     fps: float = DEFAULT_FPS,
-    workers: int = 0,
+    workers: int | None = 0,
     pipeline_factory: Callable | None = None,
     overwrite: bool = False,
     shard_rows: int = SHARD_ROWS,

@@ -509,7 +509,7 @@ def enrol_gallery(
     pipeline,
     embedder,
     progress: bool = True,
-    workers: int = 0,
+    workers: int | None = 0,
     pipeline_factory=None,
 ) -> list[tuple[str, str]]:
     """Embed ``GALLERY/<identity>/<images>`` (largest face each) and pool them into ``index`` (new identities

@@ -50,6 +50,7 @@ __all__ = [
     "default_workers",
     "expand_media_paths",
     "file_key",
+    "resolve_workers",
     "iter_embedded",
     "iter_task_results",
     "run_task",
@@ -81,6 +82,20 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(0, min(4, cores - 1))
+
+
+AUTO_WORKERS_MIN_FILES = 32  # below this, starting worker processes (seconds each) costs more than it saves
+
+
+def resolve_workers(workers: int | None, paths: list[Path]) -> int:
+    """``None`` (auto): in-process for a handful of photos, else :func:`default_workers`; a video counts as
+    many photos."""
+    if workers is not None:
+        if workers < 0:
+            raise StreamError(f"--workers must be >= 0, got {workers}")
+        return int(workers)
+    weight = sum(AUTO_WORKERS_MIN_FILES if is_video_path(path) else 1 for path in paths)
+    return default_workers() if weight >= AUTO_WORKERS_MIN_FILES else 0
 
 
 def file_key(path: str | os.PathLike) -> str:
@@ -454,7 +469,7 @@ def stream_embeddings(
     embedder,
     fps: float = DEFAULT_FPS,
     segment_frames: int = SEGMENT_FRAMES,
-    workers: int = 0,
+    workers: int | None = 0,
     pipeline_factory: Callable | None = None,
     completed: Completed | None = None,
     progress: bool = True,
@@ -464,7 +479,8 @@ def stream_embeddings(
     """Photos and videos (files or folders) -> embedded tasks in input order (see the module notes).
 
     A video in which no sampled frame had a usable face gets a failure on its last segment, as a photo
-    without a face does. ``completed``: tasks to skip (a resumed run).
+    without a face does. ``completed``: tasks to skip (a resumed run). ``workers``: processes for decoding,
+    detection and alignment (0: in this process; None: :func:`resolve_workers` decides).
     """
     if not fps > 0 or not math.isfinite(fps):
         raise StreamError(f"--fps must be a positive number of frames per second, got {fps}")
@@ -472,6 +488,7 @@ def stream_embeddings(
     stats = stats if stats is not None else StreamStats()
     paths = expand_media_paths(inputs) if paths is None else paths
     todo = [path for path in paths if not completed.file_done(path)]
+    workers = resolve_workers(workers, todo)
     video_rows = dict(completed.video_rows)
     video_frames = dict(completed.video_frames)
     results = iter_task_results(
