@@ -56,7 +56,7 @@ __all__ = [
 
 EMBED_FORMAT = "kprpe-embeddings-v1"
 HEADER = "_kprpe_embed.json"  # "_" prefix: Parquet readers skip it when they read the folder as a table
-SHARD_ROWS = 4096  # rows per committed shard (a crash loses at most this much work, or SHARD_SECONDS of it)
+SHARD_ROWS = 1024  # rows per committed shard (a crash loses at most this much work, or SHARD_SECONDS of it)
 SHARD_SECONDS = 60.0
 _PARQUET_HINT = "install the optional extra: pip install 'kprpe[parquet]' (pyarrow)"
 
@@ -610,44 +610,46 @@ def embed_to_output(
     new_failures: list[list[str]] = []
     committed = len(store.shards())
     last_commit = time.monotonic()
+    buffered_rows = 0
 
     def commit() -> None:
-        nonlocal committed, last_commit
+        nonlocal committed, last_commit, buffered_rows
         if buffered:
             store.commit(buffered)
             buffered.clear()
             committed += 1
-        last_commit = time.monotonic()
+        buffered_rows, last_commit = 0, time.monotonic()
 
     ok = False
+    stream = stream_embeddings(
+        paths,
+        pipeline=pipeline,
+        embedder=embedder,
+        fps=fps,
+        workers=workers,
+        pipeline_factory=pipeline_factory,
+        completed=completed,
+        progress=progress,
+        stats=stats,
+        paths=paths,
+    )
     try:
-        stream = stream_embeddings(
-            paths,
-            pipeline=pipeline,
-            embedder=embedder,
-            fps=fps,
-            workers=workers,
-            pipeline_factory=pipeline_factory,
-            completed=completed,
-            progress=progress,
-            stats=stats,
-            paths=paths,
-        )
         for done in stream:
             buffered.append(done)
             if done.failure is not None:
                 new_failures.append([done.task.path, done.failure])
                 if on_failure is not None:
                     on_failure(done.task.path, done.failure)
-            rows = sum(len(task.rows) for task in buffered)
+            buffered_rows += len(done.rows)
             if (
-                rows >= shard_rows
+                buffered_rows >= shard_rows
                 or len(buffered) >= shard_rows
                 or time.monotonic() - last_commit >= shard_seconds
             ):
                 commit()
         ok = True
     finally:
+        stream.close()
         if not ok:
             with contextlib.suppress(Exception):  # keep the finished tasks of an interrupted run
                 commit()

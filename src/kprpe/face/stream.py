@@ -378,18 +378,35 @@ def iter_task_results(
                 source.ended[task.key] = task.segment
             yield result
         return
-    context = multiprocessing.get_context("spawn")
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     factory = pipeline_factory if pipeline_factory is not None else _Given(pipeline)
-    pool = context.Pool(workers, initializer=_worker_init, initargs=(factory, fps, segment_frames))
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(factory, fps, segment_frames),
+    )
     pending: deque = deque()
+    finished = False
     try:
         while True:
             while len(pending) < 2 * workers and (task := source.next()) is not None:
-                pending.append((task, pool.apply_async(_worker_run, (task,))))
+                pending.append((task, pool.submit(_worker_run, task)))
             if not pending:
                 break
             task, handle = pending.popleft()
-            result = handle.get()
+            try:
+                result = handle.result()
+            except BrokenProcessPool:  # a worker died: killed for memory, or a crash in a native library
+                in_flight = [task.path, *(other.path for other, _ in pending)]
+                raise StreamError(
+                    f"a worker process died while working on one of {sorted(set(in_flight))[:5]} (out of "
+                    "memory, a crash in a native library, or a script without an `if __name__ == "
+                    "'__main__':` guard: workers import the main module); what was finished before is kept — "
+                    "re-run to continue, or use --workers 0"
+                ) from None
             if task.is_video:
                 end = source.ended.get(task.key)
                 if end is not None and task.segment > end:
@@ -397,10 +414,9 @@ def iter_task_results(
                 if result.end:
                     source.ended[task.key] = task.segment
             yield result
-        pool.close()
-        pool.join()
+        finished = True
     finally:
-        pool.terminate()
+        pool.shutdown(wait=finished, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------- embedding
@@ -455,6 +471,10 @@ def iter_embedded(
             _embed_rows(waiting[:batch_size], embedder)
             del waiting[:batch_size]
             stats.batches += 1
+        if waiting and len(open_tasks) > 4 * batch_size:  # a long run of faceless inputs behind a few faces
+            _embed_rows(waiting, embedder)
+            waiting.clear()
+            stats.batches += 1
         yield from finished()
     if waiting:
         _embed_rows(waiting, embedder)
@@ -500,11 +520,12 @@ def stream_embeddings(
         pipeline_factory=pipeline_factory,
         completed=completed,
     )
+    embedded = iter_embedded(results, embedder, stats=stats)
     bar = tqdm(
         total=len(todo), desc="embed", unit="file", disable=None if progress else True, file=sys.stderr
     )
     try:
-        for done in iter_embedded(results, embedder, stats=stats):
+        for done in embedded:
             stats.tasks += 1
             stats.frames += done.frames
             stats.faces += len(done.rows)
@@ -522,4 +543,6 @@ def stream_embeddings(
                 bar.set_postfix(faces=stats.faces, refresh=False)
             yield done
     finally:
+        embedded.close()
+        results.close()  # stops the worker processes now, not when the garbage collector gets to them
         bar.close()
