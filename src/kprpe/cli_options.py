@@ -16,6 +16,7 @@ __all__ = [
     "add_quiet_option",
     "add_device_option",
     "add_model_options",
+    "add_workers_option",
 ]
 
 DEFAULT_DEVICE = "cpu"
@@ -103,3 +104,15 @@ def add_model_options(parser, *, repeatable: bool = False) -> argparse._Argument
         "'kprpe export' run by ONNX Runtime (kprpe[onnx])",
     )
     return group
+
+
+def add_workers_option(parser) -> None:
+    """``--workers N``: processes that decode, detect and align while the model embeds (0: in-process)."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes for decoding, face detection and alignment (default: in this process for "
+        "fewer than 32 photos, else CPU cores - 1, at most 4; 0 = all in this process)",
+    )

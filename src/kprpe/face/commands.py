@@ -8,15 +8,22 @@ be done (bad arguments, missing weights, no face in a verify photo, ...).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..cli_options import add_device_option, add_model_options, add_output_option, add_quiet_option
+from ..cli_options import (
+    add_device_option,
+    add_model_options,
+    add_output_option,
+    add_quiet_option,
+    add_workers_option,
+)
 from ..errors import CommandError
-from ..files import write_csv, write_npz, write_png
+from ..files import write_csv, write_png
 from ..images import ImageLoadError
 from ..landmarks import LandmarkFileError
 from .align import ALIGN_MODES, AlignmentError
@@ -314,49 +321,40 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return _status(batch)
 
 
+def _workers(args: argparse.Namespace) -> int | None:
+    if args.workers is not None and args.workers < 0:
+        raise CommandError(f"--workers must be >= 0, got {args.workers}")
+    return args.workers  # None: kprpe.face.stream.resolve_workers picks from the number of inputs
+
+
+def _skipped(command: str):
+    from tqdm.auto import tqdm
+
+    return lambda path, reason: tqdm.write(f"kprpe {command}: skipped {path}: {reason}", file=sys.stderr)
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
+    """Streams (face/stream.py) into a resumable output (face/embed_output.py)."""
+    from .embed_output import embed_to_output
+
     pipeline = _pipeline(args)
     embedder = _embedder(args)
-    batch = pipeline.process(args.inputs, progress=not args.quiet)
-    unit, norms = embedder.embed_faces([record.face for record in batch.records])
-    _require_finite(unit, "embeddings", args.weights)
-    _require_finite(norms, "embedding norms", args.weights)
-    failures = _report_failures("embed", batch)
-    metadata = {
-        "weights": str(args.weights),
-        "model_fingerprint": embedder.fingerprint,
-        "flip": embedder.flip,
-        "pipeline": pipeline.describe(),
-    }
-    output = write_npz(
+    summary = embed_to_output(
+        args.inputs,
         args.output,
-        names=np.asarray([r.name for r in batch.records], dtype=str).reshape(-1),
-        sources=np.asarray([r.source for r in batch.records], dtype=str).reshape(-1),
-        face_index=np.asarray([r.face_index for r in batch.records], dtype=np.int64),
-        embeddings=unit,
-        norms=norms,
-        scores=np.asarray(
-            [np.nan if r.face.score is None else r.face.score for r in batch.records], dtype=np.float64
-        ),
-        keypoints=np.asarray([r.face.keypoints for r in batch.records], dtype=np.float32).reshape(
-            -1, embedder.num_keypoints, 2
-        ),
-        failures=np.asarray(batch.failures, dtype=str).reshape(-1, 2),
-        metadata=np.asarray(json.dumps(metadata)),
+        pipeline=pipeline,
+        embedder=embedder,
+        fps=args.fps,
+        workers=_workers(args),
+        pipeline_factory=functools.partial(_pipeline, args),  # each worker builds its own detector
+        overwrite=args.overwrite,
+        shard_rows=args.shard_rows,
+        progress=not args.quiet,
+        info={"weights": str(args.weights)},
+        on_failure=_skipped("embed"),
     )
-    _print_json(
-        {
-            "output": str(output),
-            "embedded": len(batch.records),
-            "dim": int(unit.shape[1]),
-            "aligner": pipeline.detector.name,
-            "lowest_score": min(
-                (r.face.score for r in batch.records if r.face.score is not None), default=None
-            ),
-            "failures": failures,
-        }
-    )
-    return _status(batch)
+    _print_json(summary.to_dict())
+    return 1 if summary.failures else 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -425,7 +423,13 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
         )
     try:
         failures = enrol_gallery(
-            index, args.gallery, pipeline=pipeline, embedder=embedder, progress=not args.quiet
+            index,
+            args.gallery,
+            pipeline=pipeline,
+            embedder=embedder,
+            progress=not args.quiet,
+            workers=_workers(args),
+            pipeline_factory=functools.partial(_pipeline, args),
         )
     except FaceIndexError as exc:
         raise CommandError(str(exc)) from None
@@ -521,6 +525,32 @@ def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
         group.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(identities))")
 
 
+def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
+    from .embed_output import SHARD_ROWS
+    from .stream import DEFAULT_FPS
+
+    group = parser.add_argument_group("streaming")
+    group.add_argument(
+        "--fps",
+        type=float,
+        default=DEFAULT_FPS,
+        help=f"video frames sampled per second (default {DEFAULT_FPS:g})",
+    )
+    add_workers_option(group)
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT (an output of kprpe embed) instead of continuing it",
+    )
+    group.add_argument(
+        "--shard-rows",
+        type=int,
+        default=SHARD_ROWS,
+        metavar="N",
+        help=f"rows per committed shard: an interrupted run loses at most this many (default {SHARD_ROWS})",
+    )
+
+
 def register(subparsers) -> None:
     """Add ``align``, ``embed``, ``verify`` and ``search`` to the ``kprpe`` command."""
     p = subparsers.add_parser(
@@ -539,16 +569,19 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "embed",
-        help="embed the faces of photos into an .npz",
-        description="Embed faces with a KP-RPE checkpoint. Writes an .npz (allow_pickle=False) "
-        "with names, sources, face_index, embeddings (unit), norms, keypoints, "
-        "failures (file, reason) and metadata (JSON).",
+        help="embed the faces of photos and videos into Parquet or .npz (resumable)",
+        description="Embed faces with a KP-RPE checkpoint, streaming: workers detect and align while the "
+        "model embeds in batches. OUT.parquet: a Parquet data set (folder of shards); OUT.npz: one .npz "
+        "(allow_pickle=False); other OUT: a folder of shards. Rows: file, name, frame, time, face_index, "
+        "box, landmarks, keypoints, score, embedding (unit), norm; failures are listed. Re-running into "
+        "the same OUT with the same model and options continues it (inputs already done are skipped).",
     )
-    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
-    add_output_option(p, help="embeddings file to write (.npz)", metavar="NPZ")
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_VIDEOS_OR_DIRS")
+    add_output_option(p, help="output: OUT.parquet, OUT.npz or a folder", metavar="OUT")
     _add_pipeline_options(p)
     add_model_options(p)
     _add_flip_option(p)
+    _add_embed_stream_options(p)
     p.set_defaults(func=_cmd_embed)
 
     p = subparsers.add_parser(
@@ -599,6 +632,7 @@ def register(subparsers) -> None:
     _add_pipeline_options(e, all_faces=False)
     add_model_options(e)
     _add_flip_option(e)
+    add_workers_option(e)
     _add_index_options(e, build=True)
     e.set_defaults(func=_cmd_search_enrol)
     r = search_sub.add_parser("remove", help="remove identities from an index (no re-enrolment)")

@@ -503,28 +503,67 @@ class GalleryIndex:
 
 
 def enrol_gallery(
-    index: GalleryIndex, gallery: str | os.PathLike, *, pipeline, embedder, progress: bool = True
+    index: GalleryIndex,
+    gallery: str | os.PathLike,
+    *,
+    pipeline,
+    embedder,
+    progress: bool = True,
+    workers: int | None = 0,
+    pipeline_factory=None,
 ) -> list[tuple[str, str]]:
     """Embed ``GALLERY/<identity>/<images>`` (largest face each) and pool them into ``index`` (new identities
-    are created, existing ones grow). Returns the images and identities that failed, with reasons."""
+    are created, existing ones grow). Returns the images and identities that failed, with reasons.
+
+    Streams (:mod:`kprpe.face.stream`): crops are embedded a batch at a time and pooled as they come, so
+    memory does not grow with the gallery. ``workers``/``pipeline_factory``: detection in worker processes.
+    """
     from .pipeline import FacePipeline
     from .search import gallery_images
+    from .stream import stream_embeddings
 
     per_identity_paths = gallery_images(gallery)
     identity_of = {str(p): name for name, paths in per_identity_paths.items() for p in paths}
-    single = FacePipeline(
-        pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size
-    )
-    batch = single.process([p for paths in per_identity_paths.values() for p in paths], progress=progress)
-    unit, _ = embedder.embed_faces([record.face for record in batch.records])
-    names = [identity_of[record.source] for record in batch.records]
-    failures = list(batch.failures)
-    embedded = set(names)
+    single = pipeline
+    if pipeline.all_faces:
+        single = FacePipeline(
+            pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size
+        )
+    failures: list[tuple[str, str]] = []
+    embedded: set[str] = set()
+    names: list[str] = []
+    vectors: list[np.ndarray] = []
+
+    def pool() -> None:
+        if names:
+            index.add_embeddings(names, np.stack(vectors))
+            names.clear()
+            vectors.clear()
+
+    paths = [p for paths in per_identity_paths.values() for p in paths]
+    for done in stream_embeddings(
+        paths,
+        pipeline=single,
+        embedder=embedder,
+        workers=workers,
+        pipeline_factory=pipeline_factory,
+        progress=progress,
+        paths=paths,
+    ):
+        if done.failure is not None:
+            failures.append((done.task.path, done.failure))
+        for row in done.rows:
+            if row.face_index == 0:  # the largest face (a factory-built pipeline may keep them all)
+                names.append(identity_of[done.task.path])
+                vectors.append(row.embedding)
+        if len(names) >= embedder.batch_size:
+            embedded.update(names)
+            pool()
+    embedded.update(names)
+    pool()
     for name in per_identity_paths:
         if name not in embedded:
             failures.append(
                 (str(Path(gallery) / name), "identity dropped: no usable face in any of its images")
             )
-    if names:
-        index.add_embeddings(names, unit)
     return failures

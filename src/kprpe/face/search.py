@@ -109,19 +109,26 @@ class FaceIndex:
         embedder: FaceEmbedder,
         progress: bool = True,
     ) -> tuple[FaceIndex, list[tuple[str, str]]]:
-        """Embed every gallery image (largest face each); returns the index and the images that failed."""
+        """Embed every gallery image (largest face each); returns the index and the images that failed.
+
+        Streams (:mod:`kprpe.face.stream`): only the embeddings are kept, never every crop."""
+        from .stream import stream_embeddings
+
         per_identity_paths = gallery_images(gallery)
         all_paths = [p for paths in per_identity_paths.values() for p in paths]
         single = FacePipeline(
             pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size
         )
-        batch = single.process(all_paths, progress=progress)
-        unit, _ = embedder.embed_faces([record.face for record in batch.records])
         identity_of = {str(p): name for name, paths in per_identity_paths.items() for p in paths}
         grouped: dict[str, list[np.ndarray]] = {}
-        for record, row in zip(batch.records, unit, strict=True):
-            grouped.setdefault(identity_of[record.source], []).append(row)
-        failures = list(batch.failures)
+        failures = []
+        for done in stream_embeddings(
+            all_paths, pipeline=single, embedder=embedder, progress=progress, paths=all_paths
+        ):
+            if done.failure is not None:
+                failures.append((done.task.path, done.failure))
+            for row in done.rows:
+                grouped.setdefault(identity_of[done.task.path], []).append(row.embedding)
         for name in per_identity_paths:
             if name not in grouped:
                 failures.append(
