@@ -8,6 +8,7 @@ A *bias table* is ``(B, H, N, nb)``: for each query token, one value per bucket.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -34,13 +35,18 @@ BIAS_IMPLS = ("naive", "gather", "index", "onehot")
 class BucketBias(NamedTuple):
     """A logit bias kept as a per-bucket table: ``bias[b, h, i, j] = table[b, h, i, ids[i, j]]``.
 
-    Attention kernels that can index the table themselves (FlexAttention) never build the dense bias."""
+    Attention kernels that can index the table themselves (FlexAttention) never build the dense bias; the
+    fused kernel with KP-RPE's own backward (:mod:`kprpe.nn.kprpe_attention`) builds it with ``form`` (the
+    model's chosen bias path) and takes the table's gradient directly."""
 
-    table: torch.Tensor  # (B, H, N or 1, nb)
+    table: torch.Tensor  # (B|1, H, N|1, nb)
     ids: torch.Tensor  # (N, N)
+    form: Callable[[], torch.Tensor] | None = None  # builds the dense bias (default: a gather)
 
-    def dense(self, impl: str = "gather") -> torch.Tensor:
-        return form_bias(self.table, self.ids, impl)
+    def dense(self, impl: str | None = None) -> torch.Tensor:
+        if impl is None and self.form is not None:
+            return self.form()
+        return form_bias(self.table, self.ids, impl or "gather")
 
 
 def gather_bias(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
