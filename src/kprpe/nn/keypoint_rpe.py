@@ -106,6 +106,13 @@ AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 AUTO_MARGIN = 0.05
 
 
+def choose_bias_path(seconds: dict[str, float]) -> str:
+    """``auto``'s rule on measured times (path -> seconds): the fastest, unless it beats the gather by less
+    than :data:`AUTO_MARGIN` (a near-tie is noise; the gather is the simplest path and the exported one)."""
+    fastest = min(seconds, key=seconds.get)
+    return fastest if seconds[fastest] < (1 - AUTO_MARGIN) * seconds["gather"] else "gather"
+
+
 class KeypointRPE(nn.Module):
     """KP-RPE: ``f`` maps each query's keypoint offsets to one bias per (head, bucket); the logit bias of
     query ``i`` and key ``j`` is that table at bucket ``d(i, j)``.
@@ -331,9 +338,7 @@ class KeypointRPE(nn.Module):
                 sync()
                 if rep:  # the first round warms up (and fills the decomposed cache)
                     best[impl] = min(best.get(impl, float("inf")), time.perf_counter() - start)
-        fastest = min(best, key=best.get)
-        choice = fastest if best[fastest] < (1 - AUTO_MARGIN) * best["gather"] else "gather"
-        return choice, best
+        return choose_bias_path(best), best
 
     def _bucket_bias(
         self, table: torch.Tensor, dense_of: Callable[[torch.Tensor], torch.Tensor]
