@@ -242,13 +242,17 @@ class KeypointRPE(nn.Module):
         """The ``(B, H, N, N)`` logit bias of ``layer`` from :meth:`hidden`'s output."""
         return self.dense(self.table(hidden, layer), impl)
 
-    def layer_biases(self, keypoints: torch.Tensor | None) -> Callable[[int], torch.Tensor | BucketBias]:
+    def layer_biases(
+        self, keypoints: torch.Tensor | None, *, buckets: bool = False
+    ) -> Callable[[int], torch.Tensor | BucketBias]:
         """For one batch: a function ``layer -> bias`` that attention adds to its logits. Each layer's table
         is made when called, so only one layer's bias is alive at a time.
 
-        Without gradients (inference) the bias is the dense ``(B, H, N, N)`` tensor formed by this module's
-        path. With gradients it is a :class:`BucketBias` (the table, and that same path to densify it), so
-        the fused attention can take the table's gradient directly (:mod:`kprpe.nn.kprpe_attention`)."""
+        The bias is the dense ``(B, H, N, N)`` tensor formed by this module's path, or with ``buckets``
+        (what the ViT asks for) and whenever gradients are on, a :class:`BucketBias`: the table and that same
+        path to densify it, for any slice of the batch. The fused attention then forms the bias a few
+        samples at a time, while it is in cache, and takes the table's gradient directly
+        (:mod:`kprpe.nn.kprpe_attention`)."""
         if self.bucket_tables:  # the kernel reads the table: never build the dense bias
             hidden = self.hidden(keypoints)
             return lambda layer: BucketBias(self.table(hidden, layer), self.bucket_ids)
@@ -256,13 +260,13 @@ class KeypointRPE(nn.Module):
         if impl == "auto":
             impl = "gather" if torch.is_grad_enabled() else self._timed_choice(keypoints)
         self.last_impl = impl
-        return self._biases_by(impl, keypoints)
+        return self._biases_by(impl, keypoints, buckets or torch.is_grad_enabled())
 
     def _biases_by(
-        self, impl: str, keypoints: torch.Tensor | None
+        self, impl: str, keypoints: torch.Tensor | None, buckets: bool = False
     ) -> Callable[[int], torch.Tensor | BucketBias]:
         if impl == "decomposed":
-            return self._decomposed_biases(keypoints)
+            return self._decomposed_biases(keypoints, buckets)
         hidden = self.hidden(keypoints)
         if impl == "naive":  # the official code's way: all layers' tables at once, advanced indexing
             full = self.linear(hidden)
@@ -281,13 +285,14 @@ class KeypointRPE(nn.Module):
                 wide_ids = self.bucket_ids.expand(hidden.shape[0], self.num_heads, *self.bucket_ids.shape)
 
                 def dense_of(table: torch.Tensor) -> torch.Tensor:
-                    return gather_bias(table, wide_ids)
+                    ids = wide_ids if table.shape[0] == wide_ids.shape[0] else self.bucket_ids
+                    return gather_bias(table, ids)
             else:
 
                 def dense_of(table: torch.Tensor) -> torch.Tensor:
                     return self.dense(table, impl)
 
-        if torch.is_grad_enabled():
+        if buckets:
             return lambda layer: self._bucket_bias(table_of(layer), dense_of)
         return lambda layer: dense_of(table_of(layer))
 
@@ -343,9 +348,14 @@ class KeypointRPE(nn.Module):
     def _bucket_bias(
         self, table: torch.Tensor, dense_of: Callable[[torch.Tensor], torch.Tensor]
     ) -> BucketBias:
-        return BucketBias(table, self.bucket_ids, lambda: dense_of(table))
+        def form(batch: slice | None = None) -> torch.Tensor:
+            return dense_of(table if batch is None or table.shape[0] == 1 else table[batch])
 
-    def _decomposed_biases(self, keypoints: torch.Tensor) -> Callable[[int], torch.Tensor | BucketBias]:
+        return BucketBias(table, self.bucket_ids, form)
+
+    def _decomposed_biases(
+        self, keypoints: torch.Tensor, buckets: bool = False
+    ) -> Callable[[int], torch.Tensor | BucketBias]:
         # f(c_i - p_b) = (W c_i + w0) - W p_b: a batch-independent (1, H, N, N) position term, cached while
         # weights are frozen (inference), plus a per-sample shift of each bucket's value.
         ids = self.bucket_ids
@@ -370,9 +380,19 @@ class KeypointRPE(nn.Module):
             if not frozen:  # training: the per-bucket table (position minus shift), gradient by the table
                 return self._bucket_bias(self.table(centres, layer) - shift, self.dense)
             # inference: look each sample's N*N values up from a tiny table, then add the cached term in place
-            b, h, _, nb = shift.shape
-            per_sample = shift.reshape(b * h, nb).neg_().index_select(1, ids.flatten()).view(b, h, *ids.shape)
-            return per_sample.add_(position_term(layer))
+            table = self.table(centres, layer) - shift if buckets else None  # (B, H, N, nb), for the record
+            shift = -shift  # (B, H, 1, nb): small; may be a view expanded over heads
+            term = position_term(layer)
+
+            def form(batch: slice | None = None) -> torch.Tensor:
+                part = shift if batch is None else shift[batch]
+                b, h, _, nb = part.shape
+                per_sample = part.reshape(b * h, nb).index_select(1, ids.flatten()).view(b, h, *ids.shape)
+                return per_sample.add_(term)
+
+            if buckets:
+                return BucketBias(table, ids, form)
+            return form()
 
         return layer_bias
 
