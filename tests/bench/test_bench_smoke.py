@@ -24,6 +24,36 @@ def test_bench_smoke_writes_every_path(tmp_path, capsys):
     assert "| vit_tiny_kprpe[decomposed] | train |" in capsys.readouterr().out
 
 
+def test_bench_dense_backward_rows_and_train_batch_sizes(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--smoke", "--modes", "infer,train", "--bias-impls", "auto", "--no-irpe"]
+    assert (
+        main([*args, "--batch-sizes", "2", "--train-batch-sizes", "3", "--dense-backward", "-o", str(out)])
+        == 0
+    )
+    results = json.loads(out.read_text())["results"]
+    rows = {(r["label"], r["mode"], r["batch_size"]) for r in results}
+    assert ("vit_tiny_kprpe[auto]{dense-bwd}", "train", 3) in rows  # the path before the custom backward
+    assert ("vit_tiny_kprpe[auto]", "train", 3) in rows and ("vit_tiny_kprpe[auto]", "infer", 2) in rows
+    for r in results:
+        assert "error" not in r, r
+        if r["label"] == "vit_tiny_kprpe[auto]" and r["mode"] == "infer":
+            assert r["bias_impl_used"] in ("gather", "index", "onehot", "decomposed")
+            assert any(t["chosen"] == r["bias_impl_used"] for t in r["auto_timings_s"].values())
+
+
+def test_bench_gpu_options_fail_cleanly_without_cuda(capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["bench", "--device", "cuda", "--dtype", "bfloat16", "--kprpe-attn-impls", "sdpa,flex"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["bench", "--smoke", "--kprpe-attn-impls", "flex"]) == 2
+    assert "compiled on CUDA only" in capsys.readouterr().err
+
+
 def test_bench_onnx_engine_smoke(tmp_path, capsys):
     import pytest
 

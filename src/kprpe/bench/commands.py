@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli_options import add_device_option, add_output_option
+from ..errors import CommandError
 from ..files import write_json
 from .runner import Case, format_engine_table, format_table, machine_info, run_suite
 
@@ -38,7 +39,10 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
     cases = []
     for size in args.sizes:
         for mode in args.modes:
-            for batch in args.batch_sizes:
+            batches = (
+                args.train_batch_sizes if mode == "train" and args.train_batch_sizes else args.batch_sizes
+            )
+            for batch in batches:
                 if mode == "train" and batch < 2:
                     continue  # the official head's BatchNorm cannot train on a single sample
                 common = dict(mode=mode, batch_size=batch, device=args.device, dtype=args.dtype)
@@ -50,15 +54,29 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
                 cases.append(
                     Case(model=f"vit_{size_name}", attn_impl=args.attn_impl, overrides=overrides, **common)
                 )
-                for impl in args.bias_impls:
-                    # the naive reference is the official code's way end to end, explicit softmax included
-                    attn = "math" if impl == "naive" else args.attn_impl
+                kprpe_attns = args.kprpe_attn_impls or [args.attn_impl]
+                for attn_impl in kprpe_attns:
+                    # flex reads the table inside the kernel: the bias path does not matter there
+                    impls = ["auto"] if attn_impl == "flex" else args.bias_impls
+                    for impl in impls:
+                        # the naive reference is the official code's way end to end, explicit softmax included
+                        attn = "math" if impl == "naive" else attn_impl
+                        cases.append(
+                            Case(
+                                model=f"vit_{size_name}_kprpe",
+                                bias_impl=impl,
+                                attn_impl=attn,
+                                overrides=overrides,
+                                **common,
+                            )
+                        )
+                if args.dense_backward and mode == "train":
                     cases.append(
                         Case(
                             model=f"vit_{size_name}_kprpe",
-                            bias_impl=impl,
-                            attn_impl=attn,
+                            attn_impl=args.attn_impl,
                             overrides=overrides,
+                            bucket_backward=False,
                             **common,
                         )
                     )
@@ -82,11 +100,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     if args.engine == "onnx" and (args.device != "cpu" or args.dtype != "float32"):
-        from ..errors import CommandError
-
         raise CommandError("--engine onnx compares CPU float32 inference: use --device cpu --dtype float32")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError("--device cuda requested but CUDA is not available on this machine")
+        raise CommandError(
+            f"--device {args.device} requested but CUDA is not available on this machine "
+            f"(torch {torch.__version__})"
+        )
+    unknown = sorted(set(args.kprpe_attn_impls or []) - {"sdpa", "math", "flex"})
+    if unknown:
+        raise CommandError(f"--kprpe-attn-impls: unknown attention {unknown}; expected sdpa, math or flex")
+    if not args.device.startswith("cuda") and "flex" in (args.kprpe_attn_impls or [args.attn_impl]):
+        raise CommandError(
+            "attention 'flex' is compiled on CUDA only (on CPU it runs PyTorch's slow eager reference): "
+            "benchmark it with --device cuda"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = build_cases(args)
@@ -143,9 +170,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["sdpa", "math"],
         help="attention kernel for ViT and the KP-RPE paths (the naive reference always uses math)",
     )
+    p.add_argument(
+        "--kprpe-attn-impls",
+        type=_csv(str),
+        default=None,
+        help="attention kernels for the KP-RPE rows, e.g. sdpa,flex (flex: CUDA only; default: --attn-impl)",
+    )
+    p.add_argument(
+        "--dense-backward",
+        action="store_true",
+        help="also time KP-RPE training through autograd of the dense bias (the path before the custom "
+        "backward), labelled {dense-bwd}",
+    )
     p.add_argument("--no-irpe", dest="irpe", action="store_false", help="skip the iRPE baseline")
     add_device_option(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16 = autocast")
+    p.add_argument(
+        "--train-batch-sizes",
+        type=_csv(int),
+        default=None,
+        help="batch sizes of the training rows when they differ from --batch-sizes (e.g. GPU: 256 / 128)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed steps per round")

@@ -34,6 +34,8 @@ class Case:
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     overrides: dict = field(default_factory=dict, hash=False)
     engine: str = "torch"  # torch (eager) | onnx (the model exported by kprpe export, run by ONNX Runtime)
+    # False: KP-RPE training through autograd of the dense bias (the path before kprpe.nn.kprpe_attention)
+    bucket_backward: bool = True
 
     @property
     def label(self) -> str:
@@ -44,6 +46,8 @@ class Case:
             name += f"({self.attn_impl})"
         if self.engine != "torch":
             name += f" ({self.engine})"
+        if not self.bucket_backward:
+            name += "{dense-bwd}"
         return name
 
 
@@ -88,6 +92,14 @@ def _peak_rss_bytes() -> int:
 
 def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
     """Measure one case in this process (use :func:`run_suite` for isolated peak memory)."""
+
+    from kprpe.nn.kprpe_attention import bucket_autograd
+
+    with bucket_autograd(case.bucket_backward):
+        return _measure(case, warmup, repeats)
+
+
+def _measure(case: Case, warmup: int, repeats: int) -> dict:
     import torch
 
     import kprpe
@@ -158,8 +170,16 @@ def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
         "images_per_s": case.batch_size / median,
         "peak_mem_mb": peak / 2**20,
         "step_mem_mb": max(peak - base_mem, 0) / 2**20,
-        "bias_impl_used": model.kprpe.impl if model.kprpe is not None else None,
+        "bias_impl_used": model.kprpe.last_impl if model.kprpe is not None else None,
+        "auto_timings_s": _auto_timings(),
     }
+
+
+def _auto_timings() -> dict:
+    """What ``auto`` timed in this process (path -> seconds per shape), for the JSON record."""
+    from kprpe.nn.keypoint_rpe import AUTO_CHOICES
+
+    return {str(key): {"chosen": choice, **seconds} for key, (choice, seconds) in AUTO_CHOICES.items()}
 
 
 def _onnx_file(case: Case, model) -> Path:

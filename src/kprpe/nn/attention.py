@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kprpe_attention import bucket_attention
 from .position import BucketBias, ContextualRPE, RelativePositionBias
 
 __all__ = ["ATTN_IMPLS", "Attention", "Mlp", "Block", "DropPath"]
@@ -63,8 +64,10 @@ class Attention(nn.Module):
     ``sum_j a[i, j] rpe_v[d(i, j)]`` to the output.
 
     ``attn_impl='math'`` runs an explicit softmax (matches the official code to the last bit);
-    ``'sdpa'`` uses ``F.scaled_dot_product_attention`` with the bias as an additive mask; ``'flex'`` takes
-    KP-RPE's bias as a per-bucket table (:class:`BucketBias`) and reads it inside a FlexAttention kernel.
+    ``'sdpa'`` uses ``F.scaled_dot_product_attention`` with the bias as an additive mask (given a
+    :class:`BucketBias` while training, KP-RPE's own backward: :mod:`kprpe.nn.kprpe_attention`);
+    ``'flex'`` takes KP-RPE's bias as a per-bucket table (:class:`BucketBias`) and reads it inside a
+    FlexAttention kernel.
     iRPE's value term needs the probabilities, so iRPE always uses the explicit path.
     """
 
@@ -124,6 +127,10 @@ class Attention(nn.Module):
         if isinstance(bias, BucketBias):
             if self.attn_impl == "flex" and not irpe:
                 out = _flex_attention(q, k, v, bias.table.to(q.dtype), bias.ids, self.scale)
+                return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
+            if self.attn_impl == "sdpa" and not irpe and not (self.training and self.attn_drop.p > 0):
+                # fused forward, own backward: no (B, H, N, N) probabilities or bias gradient kept
+                out = bucket_attention(q, k, v, bias.table, bias.ids, self.scale, bias.form)
                 return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
             bias = bias.dense()
         if self.attn_impl in ("sdpa", "flex") and not irpe:

@@ -105,17 +105,28 @@ def keypoint_features(keypoints: torch.Tensor | None, height: int, width: int, k
 
 
 def resolve_bias_impl(requested: str, num_tokens: int, kp_input: str = "relative", kp_hidden: int = 0) -> str:
-    """The bias path a model uses: ``auto`` resolved, ``decomposed`` only where its identity holds."""
+    """The bias path a model uses: ``decomposed`` only where its identity holds; ``auto`` stays ``auto``
+    (timed on first use per device, dtype and shape: :meth:`KeypointRPE.layer_biases`)."""
     if requested not in KP_BIAS_IMPLS:
         raise ValueError(f"unknown kp_bias_impl {requested!r}; expected one of {KP_BIAS_IMPLS}")
-    impl = requested
-    if impl == "auto":
-        # measured on CPU (docs/performance.md): the one-hot matmul is fastest for inference and training
-        # at face-model grids; its (N, N, nb) matrix grows as N^2, so large grids use the gather
-        impl = "onehot" if num_tokens <= 256 else "gather"
-    if impl == "decomposed" and (kp_input != "relative" or kp_hidden):
-        impl = "gather"  # the identity needs a linear f of relative offsets
-    return impl
+    if requested == "decomposed" and (kp_input != "relative" or kp_hidden):
+        return "gather"  # the identity needs a linear f of relative offsets
+    return requested
+
+
+# ``auto``'s choice per (device, dtype, batch, heads, grid, f's form): the bias paths timed once in this
+# process (docs/performance.md: which path wins depends on the device and dtype, e.g. gather for float32 and
+# the one-hot matmul for bfloat16 on an AVX-512 CPU). Values: (chosen path, {path: seconds}).
+AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
+# a path replaces the gather only when it is faster by more than this: near-ties are noise
+AUTO_MARGIN = 0.05
+
+
+def choose_bias_path(seconds: dict[str, float]) -> str:
+    """``auto``'s rule on measured times (path -> seconds): the fastest, unless it beats the gather by less
+    than :data:`AUTO_MARGIN` (a near-tie is noise; the gather is the simplest path and the exported one)."""
+    fastest = min(seconds, key=seconds.get)
+    return fastest if seconds[fastest] < (1 - AUTO_MARGIN) * seconds["gather"] else "gather"
 
 
 class KeypointRPE(nn.Module):
@@ -183,6 +194,8 @@ class KeypointRPE(nn.Module):
         self.register_buffer("flat_index", flat_index, persistent=False)
         one_hot = F.one_hot(ids, nb).float() if self.impl == "onehot" else None  # (N, N, nb): only where used
         self.register_buffer("one_hot", one_hot, persistent=False)
+        self._one_hot_cast: torch.Tensor | None = None  # one_hot in the table's dtype when that differs
+        self.last_impl = self.impl  # the path the latest layer_biases call used (auto: the timed choice)
         # decomposed path at inference: each layer's batch-independent position term, valid while f's weights
         # are unchanged (keyed by their version counters and storage, so in-place updates invalidate it)
         self._position_terms: dict[int, torch.Tensor] = {}
@@ -242,33 +255,139 @@ class KeypointRPE(nn.Module):
     # ------------------------------------------------------------------ bias
     def dense(self, table: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         """``(B, H, N, N)`` bias ``table[b, h, i, ids[i, j]]`` by ``impl`` (default: this module's path)."""
-        impl = impl or ("gather" if self.impl == "decomposed" else self.impl)
-        return form_bias(table, self.bucket_ids, impl, flat_index=self.flat_index, one_hot=self.one_hot)
+        impl = impl or ("gather" if self.impl in ("decomposed", "auto") else self.impl)
+        one_hot = self._one_hot(table.dtype) if impl == "onehot" else None
+        return form_bias(table, self.bucket_ids, impl, flat_index=self.flat_index, one_hot=one_hot)
+
+    def _one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """The ``(N, N, nb)`` one-hot matrix in ``dtype``, made once (``auto`` makes it on first use)."""
+        if self.one_hot is None:
+            self.one_hot = F.one_hot(self.bucket_ids, self.num_buckets).float()
+        if self.one_hot.dtype == dtype:
+            return self.one_hot
+        cast = self._one_hot_cast
+        if cast is None or cast.dtype != dtype or cast.device != self.one_hot.device:
+            cast = self._one_hot_cast = self.one_hot.to(dtype)
+        return cast
 
     def layer_bias(self, hidden: torch.Tensor, layer: int, impl: str = "gather") -> torch.Tensor:
         """The ``(B, H, N, N)`` logit bias of ``layer`` from :meth:`hidden`'s output."""
         return self.dense(self.table(hidden, layer), impl)
 
-    def layer_biases(self, keypoints: torch.Tensor | None) -> Callable[[int], torch.Tensor | BucketBias]:
+    def layer_biases(
+        self, keypoints: torch.Tensor | None, *, buckets: bool = False
+    ) -> Callable[[int], torch.Tensor | BucketBias]:
         """For one batch: a function ``layer -> bias`` that attention adds to its logits. Each layer's table
-        is made when called, so only one layer's bias is alive at a time."""
+        is made when called, so only one layer's bias is alive at a time.
+
+        The bias is the dense ``(B, H, N, N)`` tensor formed by this module's path, or with ``buckets``
+        (what the ViT asks for) and whenever gradients are on, a :class:`BucketBias`: the table and that same
+        path to densify it, for any slice of the batch. The fused attention then forms the bias a few
+        samples at a time, while it is in cache, and takes the table's gradient directly
+        (:mod:`kprpe.nn.kprpe_attention`)."""
         if self.bucket_tables:  # the kernel reads the table: never build the dense bias
             hidden = self.hidden(keypoints)
             return lambda layer: BucketBias(self.table(hidden, layer), self.bucket_ids)
-        if self.impl == "decomposed":
-            return self._decomposed_biases(keypoints)
-        hidden = self.hidden(keypoints)
-        if (
-            self.impl == "naive"
-        ):  # the official code's way: all layers' tables at once, then advanced indexing
-            full = self.linear(hidden)
-            return lambda layer: self.dense(self.split(full, layer), "naive")
-        if self.impl == "gather":  # the index expanded once for every layer (a view here; one Expand in ONNX)
-            wide_ids = self.bucket_ids.expand(hidden.shape[0], self.num_heads, *self.bucket_ids.shape)
-            return lambda layer: gather_bias(self.table(hidden, layer), wide_ids)
-        return lambda layer: self.dense(self.table(hidden, layer))
+        impl = self.impl
+        if impl == "auto":
+            impl = "gather" if torch.is_grad_enabled() else self._timed_choice(keypoints)
+        self.last_impl = impl
+        return self._biases_by(impl, keypoints, buckets or torch.is_grad_enabled())
 
-    def _decomposed_biases(self, keypoints: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    def _biases_by(
+        self, impl: str, keypoints: torch.Tensor | None, buckets: bool = False
+    ) -> Callable[[int], torch.Tensor | BucketBias]:
+        if impl == "decomposed":
+            return self._decomposed_biases(keypoints, buckets)
+        hidden = self.hidden(keypoints)
+        if impl == "naive":  # the official code's way: all layers' tables at once, advanced indexing
+            full = self.linear(hidden)
+
+            def table_of(layer: int) -> torch.Tensor:
+                return self.split(full, layer)
+
+            def dense_of(table: torch.Tensor) -> torch.Tensor:
+                return self.dense(table, "naive")
+        else:
+
+            def table_of(layer: int) -> torch.Tensor:
+                return self.table(hidden, layer)
+
+            if impl == "gather":  # the index expanded once for every layer (one Expand in ONNX)
+                wide_ids = self.bucket_ids.expand(hidden.shape[0], self.num_heads, *self.bucket_ids.shape)
+
+                def dense_of(table: torch.Tensor) -> torch.Tensor:
+                    ids = wide_ids if table.shape[0] == wide_ids.shape[0] else self.bucket_ids
+                    return gather_bias(table, ids)
+            else:
+
+                def dense_of(table: torch.Tensor) -> torch.Tensor:
+                    return self.dense(table, impl)
+
+        if buckets:
+            return lambda layer: self._bucket_bias(table_of(layer), dense_of)
+        return lambda layer: dense_of(table_of(layer))
+
+    def _timed_choice(self, keypoints: torch.Tensor | None) -> str:
+        """``auto`` at inference: the fastest bias path for this device, dtype and shape, timed once per
+        process (each candidate forms layer 0's bias, 1 untimed + 3 timed runs, interleaved; the minimum
+        counts). Tracing and compiling use the gather without timing."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return "gather"
+        ids = self.bucket_ids
+        dtype = (
+            torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else None
+        )
+        batch = keypoints.shape[0] if keypoints is not None else 1
+        key = (
+            str(ids.device),
+            dtype,
+            batch,
+            self.num_heads,
+            self.grid,
+            self.num_buckets,
+            self.kp_input,
+            self.sharing,
+            self.mlp is not None,
+        )
+        if key not in AUTO_CHOICES:
+            AUTO_CHOICES[key] = self._time_paths(keypoints)
+        return AUTO_CHOICES[key][0]
+
+    def _time_paths(self, keypoints: torch.Tensor | None) -> tuple[str, dict[str, float]]:
+        import time
+
+        candidates = ["gather", "index", "onehot"]
+        if self.kp_input == "relative" and self.mlp is None:
+            candidates.append("decomposed")
+        device = self.bucket_ids.device
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        best: dict[str, float] = {}
+        for rep in range(4):
+            for impl in candidates:
+                sync()
+                start = time.perf_counter()
+                self._biases_by(impl, keypoints)(0)
+                sync()
+                if rep:  # the first round warms up (and fills the decomposed cache)
+                    best[impl] = min(best.get(impl, float("inf")), time.perf_counter() - start)
+        return choose_bias_path(best), best
+
+    def _bucket_bias(
+        self, table: torch.Tensor, dense_of: Callable[[torch.Tensor], torch.Tensor]
+    ) -> BucketBias:
+        def form(batch: slice | None = None) -> torch.Tensor:
+            return dense_of(table if batch is None or table.shape[0] == 1 else table[batch])
+
+        return BucketBias(table, self.bucket_ids, form)
+
+    def _decomposed_biases(
+        self, keypoints: torch.Tensor, buckets: bool = False
+    ) -> Callable[[int], torch.Tensor | BucketBias]:
         # f(c_i - p_b) = (W c_i + w0) - W p_b: a batch-independent (1, H, N, N) position term, cached while
         # weights are frozen (inference), plus a per-sample shift of each bucket's value.
         ids = self.bucket_ids
@@ -282,21 +401,30 @@ class KeypointRPE(nn.Module):
                 self._position_terms, self._position_terms_key = {}, key
 
         def position_term(layer: int) -> torch.Tensor:
-            if frozen and layer in self._position_terms:
+            if layer in self._position_terms:
                 return self._position_terms[layer]
             term = self.dense(self.table(centres, layer), "index")
-            if frozen:
-                self._position_terms[layer] = term
+            self._position_terms[layer] = term
             return term
 
-        def layer_bias(layer: int) -> torch.Tensor:
+        def layer_bias(layer: int) -> torch.Tensor | BucketBias:
             shift = self.table(points, layer, with_bias=False)  # (B, H, 1, nb)
-            if not frozen:
-                return position_term(layer) - self.dense(shift, "gather")
+            if not frozen:  # training: the per-bucket table (position minus shift), gradient by the table
+                return self._bucket_bias(self.table(centres, layer) - shift, self.dense)
             # inference: look each sample's N*N values up from a tiny table, then add the cached term in place
-            b, h, _, nb = shift.shape
-            per_sample = shift.reshape(b * h, nb).neg_().index_select(1, ids.flatten()).view(b, h, *ids.shape)
-            return per_sample.add_(position_term(layer))
+            table = self.table(centres, layer) - shift if buckets else None  # (B, H, N, nb), for the record
+            shift = -shift  # (B, H, 1, nb): small; may be a view expanded over heads
+            term = position_term(layer)
+
+            def form(batch: slice | None = None) -> torch.Tensor:
+                part = shift if batch is None else shift[batch]
+                b, h, _, nb = part.shape
+                per_sample = part.reshape(b * h, nb).index_select(1, ids.flatten()).view(b, h, *ids.shape)
+                return per_sample.add_(term)
+
+            if buckets:
+                return BucketBias(table, ids, form)
+            return form()
 
         return layer_bias
 

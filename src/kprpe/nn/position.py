@@ -8,6 +8,7 @@ A *bias table* is ``(B, H, N, nb)``: for each query token, one value per bucket.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -34,13 +35,20 @@ BIAS_IMPLS = ("naive", "gather", "index", "onehot")
 class BucketBias(NamedTuple):
     """A logit bias kept as a per-bucket table: ``bias[b, h, i, j] = table[b, h, i, ids[i, j]]``.
 
-    Attention kernels that can index the table themselves (FlexAttention) never build the dense bias."""
+    Attention kernels that can index the table themselves (FlexAttention) never build the dense bias; the
+    fused kernel with KP-RPE's own backward (:mod:`kprpe.nn.kprpe_attention`) builds it with ``form`` (the
+    model's chosen bias path) and takes the table's gradient directly."""
 
-    table: torch.Tensor  # (B, H, N or 1, nb)
+    table: torch.Tensor  # (B|1, H, N|1, nb)
     ids: torch.Tensor  # (N, N)
+    # builds the dense bias of the samples in a batch slice (None: all) the model's way (default: a gather)
+    form: Callable[[slice | None], torch.Tensor] | None = None
 
-    def dense(self, impl: str = "gather") -> torch.Tensor:
-        return form_bias(self.table, self.ids, impl)
+    def dense(self, impl: str | None = None, batch: slice | None = None) -> torch.Tensor:
+        if impl is None and self.form is not None:
+            return self.form(batch)
+        table = self.table if batch is None or self.table.shape[0] == 1 else self.table[batch]
+        return form_bias(table, self.ids, impl or "gather")
 
 
 def gather_bias(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -56,8 +64,14 @@ def gather_bias(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(table, 3, ids if ids.ndim == 4 else ids.expand(b, h, n, n))
 
 
-def form_bias(table: torch.Tensor, ids: torch.Tensor, impl: str = "gather", *,
-              flat_index: torch.Tensor | None = None, one_hot: torch.Tensor | None = None) -> torch.Tensor:
+def form_bias(
+    table: torch.Tensor,
+    ids: torch.Tensor,
+    impl: str = "gather",
+    *,
+    flat_index: torch.Tensor | None = None,
+    one_hot: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``bias[b, h, i, j] = table[b, h, i, ids[i, j]]`` by the chosen implementation (see BIAS_IMPLS).
 
     ``flat_index`` (``i * nb + ids[i, j]`` flattened) and ``one_hot`` (``(N, N, nb)``) are derived from

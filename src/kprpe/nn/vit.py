@@ -331,7 +331,7 @@ class VisionTransformer(nn.Module):
             x = x + self.pos_embed
         x = self.pos_drop(x)
         ids = self.bucket_ids
-        biases = self.kprpe.layer_biases(keypoints) if self.kprpe is not None else None
+        biases = self.kprpe.layer_biases(keypoints, buckets=True) if self.kprpe is not None else None
         for i, blk in enumerate(self.blocks):
             bias = biases(i) if biases is not None else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
