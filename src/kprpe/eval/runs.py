@@ -104,6 +104,16 @@ class ModelHandle:
         return self.weights
 
 
+def run_report(protocol: str, handle: ModelHandle, settings: EvalSettings, *, mode: str, keypoint_source,
+               sets: dict) -> dict:
+    """The ``results.json`` header every single-model protocol writes, then its sets. ``keypoint_source`` may
+    be a per-set mapping; it is written as one value when every set used the same source."""
+    if isinstance(keypoint_source, dict) and len(set(keypoint_source.values())) == 1:
+        keypoint_source = next(iter(keypoint_source.values()))
+    return dict(protocol=protocol, weights=str(handle.weights), model=handle.source, flip=settings.flip,
+                mode=mode, keypoint_source=keypoint_source, sets=sets)
+
+
 def _embed(handle: ModelHandle, source, settings: EvalSettings, mode: str, desc: str):
     handle.device = settings.device
     return embed_with_cache(
@@ -161,16 +171,8 @@ def evaluate_bins(
         result.update(keypoint_source=source_kind, embeddings_from_cache=cached)
         sets[vb.name] = result
         sources[vb.name] = source_kind
-    kinds = set(sources.values())
-    return dict(
-        protocol="verification (.bin, 10-fold)",
-        weights=str(handle.weights),
-        model=handle.source,
-        flip=settings.flip,
-        mode="prealigned",
-        keypoint_source=kinds.pop() if len(kinds) == 1 else sources,
-        sets=sets,
-    )
+    return run_report("verification (.bin, 10-fold)", handle, settings, mode="prealigned",
+                      keypoint_source=sources, sets=sets)
 
 
 def evaluate_ijb(
@@ -224,15 +226,8 @@ def evaluate_ijb(
         use_norm=use_norm,
         use_detector_score=use_detector_score,
     )
-    return dict(
-        protocol="IJB 1:1 verification",
-        weights=str(handle.weights),
-        model=handle.source,
-        flip=settings.flip,
-        mode="aligned" if t == 0 else f"t={t:g}",
-        keypoint_source="landmark file",
-        sets={name: result},
-    )
+    return run_report("IJB 1:1 verification", handle, settings, mode="aligned" if t == 0 else f"t={t:g}",
+                      keypoint_source="landmark file", sets={name: result})
 
 
 def _resolve_images(root: Path, names: Sequence[str]) -> list[Path]:
@@ -303,15 +298,9 @@ def evaluate_pairs(
     )
     _calibrate(result, scores, pairs.labels, settings)
     result.update(embeddings_from_cache=cached)
-    return dict(
-        protocol="verification (pairs CSV)",
-        weights=str(handle.weights),
-        model=handle.source,
-        flip=settings.flip,
-        mode=("aligned" if t == 0 else f"t={t:g}") if points is not None else "prealigned",
-        keypoint_source=kp_kind,
-        sets={pairs_csv.stem: result},
-    )
+    mode = ("aligned" if t == 0 else f"t={t:g}") if points is not None else "prealigned"
+    return run_report("verification (pairs CSV)", handle, settings, mode=mode, keypoint_source=kp_kind,
+                      sets={pairs_csv.stem: result})
 
 
 def evaluate_identification(
@@ -376,15 +365,8 @@ def evaluate_identification(
     )
     if (rank_of == 0).any():
         result["open_set"] = open_set_dir_at_fpir(sim, p_lab, g_lab, fpir_targets)
-    return dict(
-        protocol="identification (closed/open set)",
-        weights=str(handle.weights),
-        model=handle.source,
-        flip=settings.flip,
-        mode="prealigned",
-        keypoint_source=kp_kind,
-        sets={name: result},
-    )
+    return run_report("identification (closed/open set)", handle, settings, mode="prealigned",
+                      keypoint_source=kp_kind, sets={name: result})
 
 
 def read_boxes(path) -> dict[str, np.ndarray]:

@@ -406,7 +406,7 @@ def evaluate_toolkit(
     features weighted by detector score; ``ijb_use_norm`` keeps the feature norm too. ``landmarks[i]`` (a
     normalised ``idx,ldmk_0..ldmk_9`` CSV keyed by the ``index`` column) belongs to the i-th set found.
     """
-    from .runs import _embed
+    from .runs import _embed, run_report
     from .verification import pair_scores, resolve_keypoint_source, verification_metrics
 
     folders = [s for p in paths for s in find_toolkit_sets(p)]
@@ -438,16 +438,8 @@ def evaluate_toolkit(
         result.update(toolkit_kind=ts.kind, keypoint_source=kp_kind, embeddings_from_cache=cached)
         sets[ts.name] = result
         kinds[ts.name] = kp_kind
-    used = set(kinds.values())
-    return dict(
-        protocol="CVLface evaluation toolkit",
-        weights=str(handle.weights),
-        model=handle.source,
-        flip=settings.flip,
-        mode="prealigned",
-        keypoint_source=used.pop() if len(used) == 1 else kinds,
-        sets=sets,
-    )
+    return run_report("CVLface evaluation toolkit", handle, settings, mode="prealigned",
+                      keypoint_source=kinds, sets=sets)
 
 
 # ------------------------------------------------------------------ TinyFace (toolkit set or original
@@ -481,7 +473,7 @@ def evaluate_tinyface(
     """TinyFace rank-k from a CVLface toolkit folder or an original ``Testing_Set`` folder (Probe/,
     Gallery_Match/, Gallery_Distractor/; images taken as pre-aligned crops and resized to 112)."""
     from .images import image_face_source
-    from .runs import _embed
+    from .runs import _embed, run_report
     from .verification import resolve_keypoint_source
 
     path = Path(path)
@@ -518,12 +510,5 @@ def evaluate_tinyface(
             f"test folder with {', '.join(TINYFACE_FOLDERS)}"
         )
     result.update(layout=layout, keypoint_source=kp_kind, embeddings_from_cache=cached)
-    return dict(
-        protocol="TinyFace identification (rank-k)",
-        weights=str(handle.weights),
-        model=handle.source,
-        flip=settings.flip,
-        mode="prealigned",
-        keypoint_source=kp_kind,
-        sets={name or path.name: result},
-    )
+    return run_report("TinyFace identification (rank-k)", handle, settings, mode="prealigned",
+                      keypoint_source=kp_kind, sets={name or path.name: result})
