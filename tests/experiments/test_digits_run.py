@@ -315,3 +315,58 @@ def test_quick_path_prints_that_it_is_a_short_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "SHORT RUN (--quick)" in out and "Epochs used (best)" in out
     assert "Reference:" in out or "No reference results found" in out
+
+
+def _resumable_run(out, *extra: str) -> int:
+    args = ["experiment", "digits", "-o", str(out), "--models", "abs,rpe", "--mean-head-models", "none"]
+    return main([*args, "--regimes", "none", "--seeds", "1", *MICRO_CLI, "--no-plots", *extra])
+
+
+def test_interrupted_run_keeps_finished_trainings_and_resumes(tmp_path, capsys, monkeypatch):
+    import kprpe.experiments.digits as digits
+
+    real_run_job = digits.run_job
+    calls = []
+
+    def dies_on_second_job(cfg, proto, model, *rest):
+        calls.append(model)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed while training the second model
+        return real_run_job(cfg, proto, model, *rest)
+
+    monkeypatch.setattr(digits, "run_job", dies_on_second_job)
+    assert _resumable_run(tmp_path) == 130  # the CLI reports the interrupt
+    saved = sorted(p.name for p in (tmp_path / "jobs").iterdir())
+    assert saved == [f"{calls[0]}__none__flatten__seed0.json"]
+
+    # rerunning into the same folder without --resume is refused, naming the folder and the option
+    assert _resumable_run(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "1 finished training run(s)" in err and "--resume" in err and str(tmp_path / "jobs") in err
+
+    # --resume trains only the missing model; the finished one is read back unchanged
+    calls.clear()
+    monkeypatch.setattr(
+        digits,
+        "run_job",
+        lambda cfg, proto, model, *rest: (calls.append(model), real_run_job(cfg, proto, model, *rest))[1],
+    )
+    first = json.loads((tmp_path / "jobs" / saved[0]).read_text())["result"]
+    assert _resumable_run(tmp_path, "--resume") == 0
+    assert len(calls) == 1 and calls[0] != first["model"]
+    recorded = json.loads((tmp_path / "digits_results.json").read_text())
+    assert recorded["resumed_jobs"] == 1 and sorted(j["model"] for j in recorded["jobs"]) == ["abs", "rpe"]
+    assert [j for j in recorded["jobs"] if j["model"] == first["model"]] == [first]
+    assert "1 of 2 trainings reused" in (tmp_path / "digits_table.md").read_text()
+
+
+def test_resume_refuses_trainings_made_with_other_settings(tmp_path, capsys):
+    assert _resumable_run(tmp_path) == 0
+    capsys.readouterr()
+    # a different model width changes every result: the saved trainings must not be mixed in
+    assert _resumable_run(tmp_path, "--resume", "--width", "8") == 2
+    err = capsys.readouterr().err
+    assert "made with other settings (differ in: width)" in err
+    # scheduling options (workers, more seeds) do not invalidate finished trainings
+    assert _resumable_run(tmp_path, "--resume", "--seeds", "2") == 0
+    assert json.loads((tmp_path / "digits_results.json").read_text())["resumed_jobs"] == 2

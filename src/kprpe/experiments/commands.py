@@ -41,9 +41,9 @@ def register(subparsers) -> None:
         help="train every model until its clean validation accuracy (held-out part of the training split) "
         "plateaus, the same rule for all (see --patience, --max-epochs); default: fixed --epochs",
     )
-    d.add_argument("--max-epochs", type=int, default=None, help="convergence rule: epoch cap (default 80)")
+    d.add_argument("--max-epochs", type=int, default=None, help="convergence rule: epoch cap (default 100)")
     d.add_argument(
-        "--patience", type=int, default=None, help="convergence rule: epochs without improvement (default 6)"
+        "--patience", type=int, default=None, help="convergence rule: epochs without improvement (default 10)"
     )
     d.add_argument(
         "--min-delta",
@@ -104,6 +104,12 @@ def register(subparsers) -> None:
         help="no training: re-render the table and plots from an earlier digits_results.json into "
         "-o/--output",
     )
+    d.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished trainings saved in OUTPUT/jobs by an earlier, interrupted run with the same "
+        "settings (every training is saved there as soon as it ends)",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_digits)
     p.set_defaults(func=lambda args: _no_experiment(p))
@@ -123,7 +129,9 @@ def _csv(text: str | None, none_means_empty: bool = False) -> tuple[str, ...] | 
 
 
 def _cmd_digits(args: argparse.Namespace) -> int:
-    from .digits import DigitsConfig, quick_config, run_digits
+    from pathlib import Path
+
+    from .digits import DigitsConfig, JobStore, JobStoreError, quick_config, run_digits
     from .digits_models import MODEL_SPECS
     from .report import write_outputs
 
@@ -177,13 +185,27 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         command = shlex.join(["kprpe", *sys.argv[1:]])
     else:  # called as a function (tests, notebooks)
         command = "kprpe experiment digits" + (" --quick" if args.quick else "") + " (called from Python)"
+    store = JobStore(Path(args.output) / "jobs", cfg)
+    earlier = store.finished_files()
+    if earlier and not args.resume:
+        raise CommandError(
+            f"{store.folder} holds {len(earlier)} finished training run(s) of an earlier run: pass --resume "
+            "to reuse them (same settings), or choose another -o/--output folder"
+        )
     print(
         f"digits experiment: {len(cfg.jobs())} training runs, {cfg.workers} worker(s) x {cfg.threads} "
-        f"thread(s); output -> {args.output}",
+        f"thread(s); output -> {args.output} (each training saved to {store.folder} when it ends)",
         file=sys.stderr,
     )
     start = time.perf_counter()
-    results = run_digits(cfg, progress=not args.no_progress)
+    try:
+        results = run_digits(cfg, progress=not args.no_progress, store=store)
+    except JobStoreError as exc:
+        raise CommandError(str(exc)) from None
+    if results["resumed_jobs"]:
+        print(
+            f"reused {results['resumed_jobs']} finished training run(s) from {store.folder}", file=sys.stderr
+        )
     paths = write_outputs(results, args.output, command=command.strip(), plots=not args.no_plots)
     print(paths["table"].read_text(encoding="utf-8"))
     if args.quick:

@@ -346,9 +346,16 @@ def write_outputs(
     table = markdown_table(results, summary)
     header = "# Digits experiment (paper Fig. 1 on UCI handwriting)\n\n"
     if command:
+        resumed = results.get("resumed_jobs", 0)
         header += (
             f"Made by: `{command}` (elapsed {results['elapsed_seconds']:.0f} s, "
-            f"{results.get('cpu_count')} CPUs)\n\n"
+            f"{results.get('cpu_count')} CPUs"
+            + (
+                f"; {resumed} of {len(results['jobs'])} trainings reused from an earlier sitting"
+                if resumed
+                else ""
+            )
+            + ")\n\n"
         )
     paths = {"json": out / "digits_results.json", "table": out / "digits_table.md"}
     atomic_write_text(paths["json"], json.dumps(results, indent=1, sort_keys=False) + "\n")
