@@ -46,6 +46,12 @@ def register(subparsers) -> None:
         "--patience", type=int, default=None, help="convergence rule: epochs without improvement (default 10)"
     )
     d.add_argument(
+        "--smooth-epochs",
+        type=int,
+        default=None,
+        help="convergence rule: judge the plateau on the mean of this many last validation accuracies (5)",
+    )
+    d.add_argument(
         "--min-delta",
         type=float,
         default=None,
@@ -160,6 +166,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         test_limit=args.test_limit,
         max_epochs=args.max_epochs,
         patience=args.patience,
+        smooth_epochs=args.smooth_epochs,
         min_delta=args.min_delta,
         lr_drops=args.lr_drops,
         val_fraction=args.val_fraction,
