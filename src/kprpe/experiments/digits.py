@@ -590,6 +590,8 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
 
 # ---------------------------------------------------------------------------------------------- all jobs
 _WORKER: dict = {}
+# the config's tuple fields that list which jobs to run
+_JOB_LIST_FIELDS = ("seeds", "regimes", "models", "mean_head_models", "mean_head_regimes", "ablation_regimes")
 
 
 def _worker_init(cfg_dict: dict, threads: int) -> None:
@@ -597,16 +599,7 @@ def _worker_init(cfg_dict: dict, threads: int) -> None:
     cfg_dict = dict(cfg_dict)
     cfg_dict.pop("model_heads", None)  # derived, not a field
     cfg_dict["sweeps"] = {k: tuple(v) for k, v in cfg_dict["sweeps"].items()}
-    for key in (
-        "seeds",
-        "regimes",
-        "models",
-        "mean_head_models",
-        "mean_head_regimes",
-        "ablation_regimes",
-        "keypoint_noise_levels",
-        "keypoint_shift_levels",
-    ):
+    for key in (*_JOB_LIST_FIELDS, "keypoint_noise_levels", "keypoint_shift_levels"):
         cfg_dict[key] = tuple(cfg_dict[key])
     cfg = DigitsConfig(**cfg_dict)
     _WORKER["cfg"], _WORKER["proto"] = cfg, build_protocol(cfg)
@@ -621,17 +614,7 @@ class JobStoreError(KprpeError):
 
 
 # Fields that only say which jobs to run or how to schedule them: a finished job stays valid when they change.
-_SCHEDULING_FIELDS = (
-    "workers",
-    "threads",
-    "seeds",
-    "regimes",
-    "models",
-    "mean_head_models",
-    "mean_head_regimes",
-    "ablation_regimes",
-    "model_heads",
-)
+_SCHEDULING_FIELDS = ("workers", "threads", "model_heads", *_JOB_LIST_FIELDS)
 
 
 def job_settings(cfg: DigitsConfig) -> dict:
