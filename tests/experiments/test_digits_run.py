@@ -416,3 +416,16 @@ def test_resume_refuses_trainings_made_with_other_settings(tmp_path, capsys):
     # scheduling options (workers, more seeds) do not invalidate finished trainings
     assert _resumable_run(tmp_path, "--resume", "--seeds", "2") == 0
     assert json.loads((tmp_path / "digits_results.json").read_text())["resumed_jobs"] == 2
+
+
+def test_quick_notice_ranks_only_the_blocks_the_quick_run_trained(tmp_path, monkeypatch):
+    import kprpe.experiments.report as report
+
+    full = run_digits(DigitsConfig(**dict(MICRO, seeds=(0,), regimes=("mild",))), progress=False)
+    reference = tmp_path / "digits_results.json"
+    reference.write_text(json.dumps(full))
+    monkeypatch.setattr(report, "_find_reference", lambda: reference)
+    quick = dict(full, jobs=[j for j in full["jobs"] if j["head"] == "mean"])
+    notice = report.quick_run_notice(quick, wall_seconds=1.0)
+    assert "Reference ranking on the AffNIST-style mix (head mean, mild aug.)" in notice
+    assert "(head flatten" not in notice

@@ -444,6 +444,8 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
             )
     for h, by_regime in ref_summary.items():
         for r, by_model in by_regime.items():
+            if r not in quick_summary.get(h, {}):  # only the blocks the quick run trained
+                continue
             ranked = sorted(by_model, key=lambda m: -by_model[m]["affnist"]["mean"])
             lines.append(
                 f"Reference ranking on the AffNIST-style mix (head {h}, {r} aug.): "
