@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kprpe experiment digits --quick
+	$(BIN)/kprpe experiment digits --quick --restart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

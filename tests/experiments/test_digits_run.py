@@ -416,6 +416,11 @@ def test_resume_refuses_trainings_made_with_other_settings(tmp_path, capsys):
     # scheduling options (workers, more seeds) do not invalidate finished trainings
     assert _resumable_run(tmp_path, "--resume", "--seeds", "2") == 0
     assert json.loads((tmp_path / "digits_results.json").read_text())["resumed_jobs"] == 2
+    # --restart discards them and trains everything again (make demo uses it)
+    assert _resumable_run(tmp_path, "--restart") == 0
+    assert json.loads((tmp_path / "digits_results.json").read_text())["resumed_jobs"] == 0
+    assert len(list((tmp_path / "jobs").glob("*.json"))) == 2
+    assert _resumable_run(tmp_path, "--restart", "--resume") == 2
 
 
 def test_quick_notice_ranks_only_the_blocks_the_quick_run_trained(tmp_path, monkeypatch):

@@ -116,6 +116,11 @@ def register(subparsers) -> None:
         help="reuse the finished trainings saved in OUTPUT/jobs by an earlier, interrupted run with the same "
         "settings (every training is saved there as soon as it ends)",
     )
+    d.add_argument(
+        "--restart",
+        action="store_true",
+        help="delete the trainings an earlier run saved in OUTPUT/jobs and train everything again",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_digits)
     p.set_defaults(func=lambda args: _no_experiment(p))
@@ -194,10 +199,16 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         command = "kprpe experiment digits" + (" --quick" if args.quick else "") + " (called from Python)"
     store = JobStore(Path(args.output) / "jobs", cfg)
     earlier = store.finished_files()
+    if args.resume and args.restart:
+        raise CommandError("--resume and --restart exclude each other")
+    if earlier and args.restart:
+        for path in earlier:
+            path.unlink()
+        earlier = []
     if earlier and not args.resume:
         raise CommandError(
             f"{store.folder} holds {len(earlier)} finished training run(s) of an earlier run: pass --resume "
-            "to reuse them (same settings), or choose another -o/--output folder"
+            "to reuse them (same settings), --restart to discard them, or choose another -o/--output folder"
         )
     print(
         f"digits experiment: {len(cfg.jobs())} training runs, {cfg.workers} worker(s) x {cfg.threads} "
