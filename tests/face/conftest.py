@@ -10,6 +10,18 @@ import pytest
 DATA = Path(__file__).resolve().parents[1] / "fixtures"
 TINY_WEIGHTS = DATA / "tiny_kprpe.safetensors"
 
+
+def run_cli(capsys, *argv) -> tuple[int, dict | None, str]:
+    """Run ``kprpe ARGV`` in-process: exit status, the JSON it printed (None if nothing), its stderr."""
+    import json
+
+    from kprpe.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out) if captured.out.strip() else None, captured.err
+
+
 # Hand-checked on skimage.data.astronaut() by looking at 5x / 10x enlargements with a pixel grid:
 # pupils/eye centres, the nose tip, and the corners where upper and lower lip meet (x, y in pixels).
 ASTRONAUT_KEYPOINTS = np.array(

@@ -14,17 +14,11 @@ from PIL import Image
 from kprpe.cli import main
 from kprpe.face import FaceEmbedder, FacePipeline
 
-from .conftest import TINY_WEIGHTS
+from .conftest import TINY_WEIGHTS, run_cli
 
 pytest.importorskip("dlib")
+run = run_cli
 W = str(TINY_WEIGHTS)
-
-
-def run(capsys, *argv: str) -> tuple[int, dict | None, str]:
-    code = main([*argv])
-    captured = capsys.readouterr()
-    payload = json.loads(captured.out) if captured.out.strip() else None
-    return code, payload, captured.err
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ KP-RPE. Random weights show the pipeline is composed exactly, not how good a tra
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,11 @@ from safetensors.torch import load_file
 
 from kprpe.cli import main
 
-from .conftest import DATA, TINY_WEIGHTS
+from .conftest import DATA, TINY_WEIGHTS, run_cli
+
+run = run_cli
 
 DFA_WEIGHTS = DATA / "dfa" / "dfa_weights.safetensors"
-
-
-def run(capsys, *argv) -> tuple[int, dict | None, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    payload = json.loads(captured.out) if captured.out.strip() else None
-    return code, payload, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,16 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from kprpe.cli import main
 from kprpe.face.index import faiss_available
 
+from .conftest import run_cli
+
 pytest.importorskip("dlib")
-
-
-def run(capsys, *argv) -> tuple[int, dict | None, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, json.loads(captured.out) if captured.out.strip() else None, captured.err
+run = run_cli
 
 
 @pytest.fixture(scope="module")

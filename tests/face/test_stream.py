@@ -16,17 +16,11 @@ from kprpe.face.embed_output import HEADER, read_embeddings
 from kprpe.face.stream import StreamStats, stream_embeddings
 from kprpe.face.video import sample_frames
 
-from .conftest import TINY_WEIGHTS
+from .conftest import TINY_WEIGHTS, run_cli
 
 pytest.importorskip("dlib")
+run = run_cli
 W = str(TINY_WEIGHTS)
-
-
-def run(capsys, *argv: str) -> tuple[int, dict | None, str]:
-    code = main([*argv])
-    captured = capsys.readouterr()
-    payload = json.loads(captured.out) if captured.out.strip() else None
-    return code, payload, captured.err
 
 
 def _face(astronaut: np.ndarray) -> np.ndarray:
