@@ -22,7 +22,7 @@ from .nn import (
     save_model,
 )
 
-__version__ = "0.2.1"
+__version__ = "0.2.2"
 
 
 def load_aligner(name_or_path="minchul/cvlface_DFA_mobilenet", *, device="cpu"):
