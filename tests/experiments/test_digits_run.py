@@ -332,7 +332,8 @@ def test_quick_path_prints_that_it_is_a_short_run(tmp_path, capsys):
     from kprpe.experiments.digits import quick_config
 
     cfg = quick_config()
-    assert cfg.converge and {j[2] for j in cfg.jobs()} == {"mean"}
+    assert not cfg.converge and cfg.epochs == 30 and cfg.lr > DigitsConfig().lr
+    assert {j[2] for j in cfg.jobs()} == {"mean"}
     assert sorted(j[0] for j in cfg.jobs()) == ["abs", "kprpe_noabs", "rpe_noabs"]
     code = main(
         [
@@ -341,7 +342,7 @@ def test_quick_path_prints_that_it_is_a_short_run(tmp_path, capsys):
             "--quick",
             "--out",
             str(tmp_path),
-            "--max-epochs",
+            "--epochs",
             "1",
             "--train-limit",
             "40",
@@ -359,7 +360,7 @@ def test_quick_path_prints_that_it_is_a_short_run(tmp_path, capsys):
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "SHORT RUN (--quick)" in out and "Epochs used (best)" in out
+    assert "SHORT RUN (--quick)" in out and "1 epochs each, cosine schedule from learning rate 0.003" in out
     assert "Reference:" in out or "No reference results found" in out
 
 

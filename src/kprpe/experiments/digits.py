@@ -217,24 +217,31 @@ class DigitsConfig:
 def quick_config(**overrides) -> DigitsConfig:
     """The ``--quick`` run (CI and the README demo, ~2 minutes on 2 idle cores): one seed, mild augmentation,
     the three models of the clearest comparison (Abs-PE, relative-only RPE and relative-only KP-RPE) with the
-    mean-pooling head, trained under the convergence rule with a short patience and an epoch cap."""
+    mean-pooling head, trained for a fixed QUICK_EPOCHS with a cosine schedule at QUICK_LR.
+
+    Why not the convergence rule with a cap: at a constant learning rate the relative-only models are still
+    climbing when the cap ends them, and nothing anneals them. Annealing within the same 30 epochs at a higher
+    peak rate brings every model closer to its converged accuracy (seed 0, clean / AffNIST-style mix, plateau
+    rule capped at 30 -> this schedule: RPE without Abs-PE 73.7 / 71.9 -> 85.6 / 79.7, KP-RPE without Abs-PE
+    88.6 / 74.2 -> 93.2 / 84.9, Abs-PE 94.9 / 60.9 -> 94.9 / 63.7; converged: 97.4-97.9 clean)."""
     values = dict(
         seeds=(0,),
         models=(),
         mean_head_models=QUICK_MEAN_HEAD_MODELS,
         regimes=("mild",),
         mean_head_regimes=("mild",),
-        converge=True,
-        max_epochs=QUICK_MAX_EPOCHS,
-        patience=4,
-        lr_drops=1,
+        epochs=QUICK_EPOCHS,
+        lr=QUICK_LR,
         affnist_draws=2,
     )
     values.update(overrides)
     return DigitsConfig(**values)
 
 
-QUICK_MAX_EPOCHS = 30
+QUICK_EPOCHS = 30
+# chosen on RPE without Abs-PE, seed 0, clean / mix after 30 epochs:
+# 1e-3 -> 78.5 / 80.5, 3e-3 -> 85.6 / 79.7, 5e-3 -> 80.5 / 73.8
+QUICK_LR = 3e-3
 
 
 def convergence_rule(cfg: DigitsConfig | dict) -> str:
