@@ -68,3 +68,41 @@ def photo_dir(tmp_path_factory, astronaut) -> Path:
         folder / "tilted.jpg", quality=95
     )
     return folder
+
+
+@pytest.fixture(scope="session")
+def three_photos(tmp_path_factory, astronaut) -> Path:
+    """Three photos with one face each (the astronaut, mirrored, and tilted)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("three")
+    Image.fromarray(astronaut).save(folder / "a.png")
+    Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(folder / "b.png")
+    Image.fromarray(astronaut).rotate(10, resample=Image.BILINEAR).save(folder / "c.png")
+    return folder
+
+
+@pytest.fixture
+def old_crops_alive(monkeypatch) -> list[int]:
+    """Runs every FacePipeline.iter_batches one photo per chunk and records, each time the caller asks for
+    the next chunk, how many crops of chunks two or more back are still alive. A caller that writes or
+    embeds each chunk and lets it go keeps this at 0 (it may still hold the chunk it just finished)."""
+    import gc
+    import weakref
+
+    from kprpe.face.pipeline import FacePipeline
+
+    original = FacePipeline.iter_batches
+    alive: list[int] = []
+
+    def watched(self, inputs, *, progress=True):
+        self.batch_size = 1
+        refs: list[list[weakref.ref]] = []
+        for part in original(self, inputs, progress=progress):
+            gc.collect()
+            alive.append(sum(ref() is not None for chunk in refs[:-1] for ref in chunk))
+            refs.append([weakref.ref(record.face) for record in part.records])
+            yield part
+
+    monkeypatch.setattr(FacePipeline, "iter_batches", watched)
+    return alive

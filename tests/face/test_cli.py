@@ -352,3 +352,22 @@ def test_a_folder_with_only_sub_folders_is_an_error_not_zero_faces(capsys, photo
     )
     assert code == 2 and payload is None and "holds no images" in err and "sub-folders" in err
     assert not (tmp_path / "e.npz").exists()
+
+
+def test_align_lets_each_chunk_of_crops_go(capsys, three_photos, tmp_path, old_crops_alive):
+    code, payload, _ = run(capsys, "align", three_photos, "-o", tmp_path / "out", "-q")
+    assert code == 0 and payload["faces"] == 3 and payload["images"] == 3
+    assert len(old_crops_alive) == 3 and max(old_crops_alive) == 0  # bounded memory, whatever the input count
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "b.png", "c.png"]
+
+
+def test_search_query_lets_each_chunk_of_crops_go(capsys, three_photos, tmp_path, old_crops_alive):
+    index = tmp_path / "idx.npz"
+    assert run(capsys, "search", "enrol", three_photos, "-o", index, "--weights", W, "-q")[0] == 0
+    old_crops_alive.clear()  # enrol streams through its own path; only the query is measured
+    code, payload, _ = run(
+        capsys, "search", "query", three_photos, "--index", index, "--weights", W, "--batch-size", "1", "-q"
+    )
+    best = [r["matches"][0]["score"] for r in payload["results"]]
+    assert code == 0 and best == pytest.approx([1, 1, 1], abs=1e-5)
+    assert len(old_crops_alive) == 3 and max(old_crops_alive) == 0

@@ -189,3 +189,16 @@ def test_embedder_takes_as_many_keypoints_as_the_model_was_built_for():
     assert unit.shape == (2, embedder.output_dim)
     with pytest.raises(ValueError, match=r"takes 3 keypoints"):
         embedder.embed_crops(np.zeros((1, 112, 112, 3), np.uint8), np.zeros((1, 5, 2)))
+
+
+def test_iter_batches_yields_chunks_in_order_and_process_joins_them(dlib_detector, photo_dir, tmp_path):
+    (tmp_path / "readme.txt").write_text("not an image")
+    inputs = [photo_dir, tmp_path / "readme.txt"]
+    pipeline = FacePipeline(dlib_detector, batch_size=2)
+    parts = list(pipeline.iter_batches(inputs, progress=False))
+    names = [[r.source.split("/")[-1] for r in p.records] for p in parts]
+    assert names == [["astronaut.png", "tilted.jpg"], []]
+    assert [p.split("/")[-1] for part in parts for p, _ in part.failures] == ["readme.txt"]
+    whole = pipeline.process(inputs, progress=False)
+    assert [r.name for r in whole.records] == [r.name for p in parts for r in p.records]
+    assert whole.failures == [f for p in parts for f in p.failures]

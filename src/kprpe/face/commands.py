@@ -290,19 +290,23 @@ def _cmd_align(args: argparse.Namespace) -> int:
     except OutputFolderError as exc:
         raise CommandError(str(exc)) from None
     pipeline = _pipeline(args)
-    batch = pipeline.process(args.inputs, progress=not args.quiet)
+    batch = BatchResult()  # failures only: each chunk's crops are written, then dropped (bounded memory)
+    sources: set[str] = set()
     # crops, landmarks.csv and failures.csv are committed together: they replace an earlier run's set whole
     with staged_folder(out, ALIGN_MARKER, inputs=args.inputs) as folder:
         used: set[str] = set()
         rows, scores = [], []
-        for record in batch.records:
-            stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
-            stem = _unique_stem(stem, used)
-            write_png(folder / f"{stem}.png", record.face.image)
-            if args.draw:
-                write_png(folder / "draw" / f"{stem}.png", draw_keypoints(record.face))
-            rows.append([f"{stem}.png", *(f"{v:.6f}" for v in record.face.keypoints.reshape(-1))])
-            scores.append({"file": f"{stem}.png", "score": _score(record.face.score)})
+        for part in pipeline.iter_batches(args.inputs, progress=not args.quiet):
+            batch.failures.extend(part.failures)
+            for record in part.records:
+                sources.add(record.source)
+                stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
+                stem = _unique_stem(stem, used)
+                write_png(folder / f"{stem}.png", record.face.image)
+                if args.draw:
+                    write_png(folder / "draw" / f"{stem}.png", draw_keypoints(record.face))
+                rows.append([f"{stem}.png", *(f"{v:.6f}" for v in record.face.keypoints.reshape(-1))])
+                scores.append({"file": f"{stem}.png", "score": _score(record.face.score)})
         write_csv(folder / "landmarks.csv", ["file", *LANDMARK_COLUMNS], rows)
         failures = _report_failures("align", batch)
         if failures:
@@ -312,7 +316,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
             "output": str(out),
             "landmarks": str(out / "landmarks.csv"),
             "faces": len(rows),
-            "images": len({r.source for r in batch.records}) + len(failures),
+            "images": len(sources) + len(failures),
             "aligner": pipeline.detector.name,
             "scores": scores,
             "failures": failures,
@@ -469,22 +473,35 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
     embedder = _embedder(args)
     index.check_compatible(embedder.fingerprint, embedder.output_dim)
     choice = _threshold(args, embedder)
-    batch = pipeline.process(args.inputs, progress=not args.quiet)
-    unit, _ = embedder.embed_faces([r.face for r in batch.records])
-    hits = index.search(unit, k=args.top_k)
-    failures = _report_failures("search", batch)
-    results = [
-        {
-            "name": record.name,
-            "file": record.source,
-            "face_index": record.face_index,
-            "face_score": _score(record.face.score),
-            "matches": [
+    batch = BatchResult()  # failures only: crops are embedded and dropped an embedder batch at a time
+    results: list[dict] = []
+    pending: list = []
+
+    def search_pending() -> None:
+        unit, _ = embedder.embed_faces([r.face for r in pending])
+        for record, row in zip(pending, index.search(unit, k=args.top_k), strict=True):
+            matches = [
                 {"identity": h.identity, "score": h.score, "same": h.score >= choice.threshold} for h in row
-            ],
-        }
-        for record, row in zip(batch.records, hits, strict=True)
-    ]
+            ]
+            results.append(
+                {
+                    "name": record.name,
+                    "file": record.source,
+                    "face_index": record.face_index,
+                    "face_score": _score(record.face.score),
+                    "matches": matches,
+                }
+            )
+        pending.clear()
+
+    for part in pipeline.iter_batches(args.inputs, progress=not args.quiet):
+        batch.failures.extend(part.failures)
+        pending.extend(part.records)
+        if len(pending) >= embedder.batch_size:
+            search_pending()
+    if pending:
+        search_pending()
+    failures = _report_failures("search", batch)
     _print_json(
         {
             "index": str(args.index),

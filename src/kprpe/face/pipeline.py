@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,50 +186,72 @@ class FacePipeline:
     def process(self, inputs: Iterable[str | os.PathLike], *, progress: bool = True) -> BatchResult:
         """Files and directories -> every face found, plus a failure entry for each photo that gave none.
 
-        A failing photo (unreadable, not an image, no face) is reported and the rest continue.
+        A failing photo (unreadable, not an image, no face) is reported and the rest continue. Every crop is
+        kept in memory: for large sets use :meth:`iter_batches`.
         """
         result = BatchResult()
+        for part in self.iter_batches(inputs, progress=progress):
+            result.records.extend(part.records)
+            result.failures.extend(part.failures)
+        return result
+
+    def iter_batches(
+        self, inputs: Iterable[str | os.PathLike], *, progress: bool = True
+    ) -> Iterator[BatchResult]:
+        """:meth:`process`, one ``batch_size`` chunk of photos at a time, in input order.
+
+        Only one chunk's photos and crops are held at once, so a caller that writes or embeds each chunk
+        before asking for the next keeps memory bounded whatever the number of inputs.
+        """
         paths = expand_image_paths(inputs)
-        expected = (ImageLoadError, NoFaceFound, AlignmentError, LandmarkFileError)
         bar = tqdm(total=len(paths), desc="faces", unit="img", disable=None if progress else True)
-        for start in range(0, len(paths), self.batch_size):
-            chunk = paths[start : start + self.batch_size]
-            images: dict[int, np.ndarray] = {}
-            problems: dict[int, Exception] = {}
-            for position, path in enumerate(chunk):
-                try:
-                    images[position] = load_image(path)
-                except ImageLoadError as exc:
-                    problems[position] = exc
-            found: dict[int, object] = dict.fromkeys(images)  # None: crop in faces_in_image (prealigned)
-            if self.mode != "prealigned" and images:
-                answers = self.detector.detect_batch(
-                    list(images.values()), sources=[chunk[position] for position in images]
+        try:
+            for start in range(0, len(paths), self.batch_size):
+                chunk = paths[start : start + self.batch_size]
+                result = self._process_chunk(chunk)
+                bar.update(len(chunk))
+                yield result
+        finally:
+            bar.close()
+
+    def _process_chunk(self, chunk: list[Path]) -> BatchResult:
+        """One chunk of photos: loaded, detected in one backend call, cropped; failures named per photo."""
+        expected = (ImageLoadError, NoFaceFound, AlignmentError, LandmarkFileError)
+        result = BatchResult()
+        images: dict[int, np.ndarray] = {}
+        problems: dict[int, Exception] = {}
+        for position, path in enumerate(chunk):
+            try:
+                images[position] = load_image(path)
+            except ImageLoadError as exc:
+                problems[position] = exc
+        found: dict[int, object] = dict.fromkeys(images)  # None: crop in faces_in_image (prealigned)
+        if self.mode != "prealigned" and images:
+            answers = self.detector.detect_batch(
+                list(images.values()), sources=[chunk[position] for position in images]
+            )
+            found = dict(zip(images, answers, strict=True))
+        for position, path in enumerate(chunk):
+            try:
+                if position in problems:
+                    raise problems[position]
+                detections = found[position]
+                if isinstance(detections, Exception):
+                    raise detections
+                faces = (
+                    self.faces_in_image(images[position], source=path)
+                    if detections is None
+                    else self.faces_from_detections(images[position], detections)
                 )
-                found = dict(zip(images, answers, strict=True))
-            for position, path in enumerate(chunk):
-                try:
-                    if position in problems:
-                        raise problems[position]
-                    detections = found[position]
-                    if isinstance(detections, Exception):
-                        raise detections
-                    faces = (
-                        self.faces_in_image(images[position], source=path)
-                        if detections is None
-                        else self.faces_from_detections(images[position], detections)
-                    )
-                except expected as exc:
-                    reason = exc.reason if isinstance(exc, ImageLoadError) else str(exc)
-                    result.failures.append((str(path), reason))
-                    continue
-                for index, face in enumerate(faces):
-                    name = str(path) if index == 0 and not self.all_faces else f"{path}#{index}"
-                    result.records.append(
-                        FaceRecord(name=name, source=str(path), face_index=index, face=face)
-                    )
-            bar.update(len(chunk))
-        bar.close()
+            except expected as exc:
+                reason = exc.reason if isinstance(exc, ImageLoadError) else str(exc)
+                result.failures.append((str(path), reason))
+                continue
+            for index, face in enumerate(faces):
+                name = str(path) if index == 0 and not self.all_faces else f"{path}#{index}"
+                result.records.append(
+                    FaceRecord(name=name, source=str(path), face_index=index, face=face)
+                )
         return result
 
 
