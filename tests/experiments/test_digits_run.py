@@ -435,3 +435,7 @@ def test_quick_notice_ranks_only_the_blocks_the_quick_run_trained(tmp_path, monk
     notice = report.quick_run_notice(quick, wall_seconds=1.0)
     assert "Reference ranking on the AffNIST-style mix (head mean, mild aug.)" in notice
     assert "(head flatten" not in notice
+    assert "1 epochs each, cosine schedule" in notice and "Epochs used (best)" not in notice
+    plateau = dict(quick, config=dict(quick["config"], converge=True, max_epochs=7, patience=2))
+    notice = report.quick_run_notice(plateau, wall_seconds=1.0)
+    assert "the convergence rule capped at 7 epochs (patience 2)" in notice and "Epochs used (best)" in notice
