@@ -28,8 +28,6 @@ __all__ = [
 # convergence rule with a 100-epoch cap), found next to the sources in a checkout of the repository.
 QUICK_GAP_WARNING = 5.0  # points of clean accuracy below the reference that mark a model as not converged
 QUICK_REFERENCE = Path("docs") / "results" / "converged" / "digits_results.json"
-# used while the full run under the current rule is not committed: the first complete converged run
-QUICK_REFERENCE_FALLBACK = Path("docs") / "results" / "converged_v1" / "digits_results.json"
 
 PAPER_NUMBERS = "[paper, Fig. 1] Abs-PE: 98.1% on MNIST, 77.27% on AffNIST; KP-RPE is the most robust."
 REGIME_TITLES = {
@@ -381,9 +379,8 @@ def write_outputs(
 
 def _find_reference() -> Path | None:
     for root in (Path(__file__).resolve().parents[3], Path.cwd()):
-        for candidate in (QUICK_REFERENCE, QUICK_REFERENCE_FALLBACK):
-            if (root / candidate).is_file():
-                return root / candidate
+        if (root / QUICK_REFERENCE).is_file():
+            return root / QUICK_REFERENCE
     return None
 
 

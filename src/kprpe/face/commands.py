@@ -31,7 +31,7 @@ from .detector import FaceDetector, MissingDependencyError, NoFaceFound
 from .dfa_backend import DEFAULT_ALIGNER_WEIGHTS
 from .embedder import FaceEmbedder
 from .landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
-from .pipeline import DEFAULT_THRESHOLD, BatchResult, FacePipeline, verify
+from .pipeline import DEFAULT_THRESHOLD, FacePipeline, verify
 from .search import FaceIndexError
 
 __all__ = ["register"]
@@ -230,10 +230,10 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
         raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
 
 
-def _report_failures(command: str, batch: BatchResult) -> list[dict]:
-    for path, reason in batch.failures:
+def _report_failures(command: str, failed: list[tuple[str, str]]) -> list[dict]:
+    for path, reason in failed:
         print(f"kprpe {command}: skipped {path}: {reason}", file=sys.stderr)
-    return [{"file": path, "reason": reason} for path, reason in batch.failures]
+    return [{"file": path, "reason": reason} for path, reason in failed]
 
 
 def _require_finite(values, what: str, weights) -> None:
@@ -261,10 +261,6 @@ def _print_json(payload: dict) -> None:
     print(json.dumps(payload, indent=2, allow_nan=False))
 
 
-def _status(batch: BatchResult) -> int:
-    return 1 if batch.failures else 0
-
-
 def _unique_stem(stem: str, used: set[str]) -> str:
     candidate, counter = stem, 2
     while candidate in used:
@@ -290,14 +286,14 @@ def _cmd_align(args: argparse.Namespace) -> int:
     except OutputFolderError as exc:
         raise CommandError(str(exc)) from None
     pipeline = _pipeline(args)
-    batch = BatchResult()  # failures only: each chunk's crops are written, then dropped (bounded memory)
+    failed: list[tuple[str, str]] = []  # each chunk's crops are written, then dropped (bounded memory)
     sources: set[str] = set()
     # crops, landmarks.csv and failures.csv are committed together: they replace an earlier run's set whole
     with staged_folder(out, ALIGN_MARKER, inputs=args.inputs) as folder:
         used: set[str] = set()
         rows, scores = [], []
         for part in pipeline.iter_batches(args.inputs, progress=not args.quiet):
-            batch.failures.extend(part.failures)
+            failed.extend(part.failures)
             for record in part.records:
                 sources.add(record.source)
                 stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
@@ -308,9 +304,9 @@ def _cmd_align(args: argparse.Namespace) -> int:
                 rows.append([f"{stem}.png", *(f"{v:.6f}" for v in record.face.keypoints.reshape(-1))])
                 scores.append({"file": f"{stem}.png", "score": _score(record.face.score)})
         write_csv(folder / "landmarks.csv", ["file", *LANDMARK_COLUMNS], rows)
-        failures = _report_failures("align", batch)
+        failures = _report_failures("align", failed)
         if failures:
-            write_csv(folder / "failures.csv", ["file", "reason"], batch.failures)
+            write_csv(folder / "failures.csv", ["file", "reason"], failed)
     _print_json(
         {
             "output": str(out),
@@ -322,7 +318,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
             "failures": failures,
         }
     )
-    return _status(batch)
+    return 1 if failures else 0
 
 
 def _workers(args: argparse.Namespace) -> int | None:
@@ -473,8 +469,8 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
     embedder = _embedder(args)
     index.check_compatible(embedder.fingerprint, embedder.output_dim)
     choice = _threshold(args, embedder)
-    batch = BatchResult()  # failures only: crops are embedded and dropped an embedder batch at a time
-    results: list[dict] = []
+    failed: list[tuple[str, str]] = []
+    results: list[dict] = []  # crops are embedded and dropped an embedder batch at a time
     pending: list = []
 
     def search_pending() -> None:
@@ -495,13 +491,13 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
         pending.clear()
 
     for part in pipeline.iter_batches(args.inputs, progress=not args.quiet):
-        batch.failures.extend(part.failures)
+        failed.extend(part.failures)
         pending.extend(part.records)
         if len(pending) >= embedder.batch_size:
             search_pending()
     if pending:
         search_pending()
-    failures = _report_failures("search", batch)
+    failures = _report_failures("search", failed)
     _print_json(
         {
             "index": str(args.index),
@@ -511,7 +507,7 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
             "failures": failures,
         }
     )
-    return _status(batch)
+    return 1 if failures else 0
 
 
 def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
