@@ -1,6 +1,6 @@
 """Gallery-index benchmark: query latency and recall@1 of the IVF index against exact search.
 
-``python -m kprpe.bench.index --entries 1000000`` builds a :class:`~kprpe.face.index.GalleryIndex` of
+``python -m kprpe.bench.index --entries 1000000`` builds a :class:`~kprpe.gallery.index.GalleryIndex` of
 synthetic 512-d identities, searches it exactly (FAISS flat, and a few queries with the NumPy fallback),
 trains the IVF index and measures recall@1 (approximate top-1 == exact top-1) and single-query latency for
 several ``nprobe``.
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from ..face.index import GalleryIndex, exact_top_k
+from ..gallery.index import GalleryIndex, exact_top_k
 
 __all__ = ["synthetic_gallery_chunks", "run_index_benchmark", "main"]
 

@@ -111,8 +111,8 @@ class FaceIndex:
     ) -> tuple[FaceIndex, list[tuple[str, str]]]:
         """Embed every gallery image (largest face each); returns the index and the images that failed.
 
-        Streams (:mod:`kprpe.face.stream`): only the embeddings are kept, never every crop."""
-        from .stream import stream_embeddings
+        Streams (:mod:`kprpe.streaming.stream`): only the embeddings are kept, never every crop."""
+        from ..streaming.stream import stream_embeddings
 
         per_identity_paths = gallery_images(gallery)
         all_paths = [p for paths in per_identity_paths.values() for p in paths]

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KprpeError
+from ..face.search import INDEX_FORMAT as LEGACY_INDEX_FORMAT
+from ..face.search import FaceIndexError, SearchHit, exact_top_k
 from ..files import atomic_path
-from .search import INDEX_FORMAT as LEGACY_INDEX_FORMAT
-from .search import FaceIndexError, SearchHit, exact_top_k
 
 __all__ = [
     "GALLERY_INDEX_FORMAT",
@@ -484,7 +484,7 @@ class GalleryIndex:
     def _from_legacy(cls, path: Path, arrays: dict, metadata: dict, **options) -> GalleryIndex:
         """A v1 ``FaceIndex`` file: its templates are kept; pooled sums are taken as ``count`` long (exact for
         identical images, close otherwise), so adding images later weighs old and new images alike."""
-        from .search import FaceIndex
+        from ..face.search import FaceIndex
 
         del path
         legacy = FaceIndex(arrays["identities"].tolist(), arrays["embeddings"], arrays["counts"], metadata)
@@ -515,12 +515,12 @@ def enrol_gallery(
     """Embed ``GALLERY/<identity>/<images>`` (largest face each) and pool them into ``index`` (new identities
     are created, existing ones grow). Returns the images and identities that failed, with reasons.
 
-    Streams (:mod:`kprpe.face.stream`): crops are embedded a batch at a time and pooled as they come, so
+    Streams (:mod:`kprpe.streaming.stream`): crops are embedded a batch at a time and pooled as they come, so
     memory does not grow with the gallery. ``workers``/``pipeline_factory``: detection in worker processes.
     """
-    from .pipeline import FacePipeline
-    from .search import gallery_images
-    from .stream import stream_embeddings
+    from ..face.pipeline import FacePipeline
+    from ..face.search import gallery_images
+    from ..streaming.stream import stream_embeddings
 
     per_identity_paths = gallery_images(gallery)
     identity_of = {str(p): name for name, paths in per_identity_paths.items() for p in paths}

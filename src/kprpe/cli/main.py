@@ -10,27 +10,27 @@ import json
 import os
 import sys
 
-from .errors import KprpeError
+from ..errors import KprpeError
 
 # Sub-packages that contribute commands, in the order they appear in ``kprpe --help``.
 COMMAND_MODULES = (
-    "kprpe.face.commands",
-    "kprpe.data.commands",
-    "kprpe.train.commands",
-    "kprpe.eval.commands",
-    "kprpe.experiments.commands",
-    "kprpe.bench.commands",
-    "kprpe.zoo.commands",
-    "kprpe.serve.commands",
-    "kprpe.export.commands",
+    "kprpe.cli.face",
+    "kprpe.cli.data",
+    "kprpe.cli.train",
+    "kprpe.cli.eval",
+    "kprpe.cli.experiments",
+    "kprpe.cli.bench",
+    "kprpe.cli.zoo",
+    "kprpe.cli.serve",
+    "kprpe.cli.export",
 )
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .nn import list_models, num_parameters, preset_config
+    from ..nn import list_models, num_parameters, preset_config
 
     if args.zoo:
-        from .zoo.commands import print_zoo
+        from .zoo import print_zoo
 
         print_zoo(as_json=args.json)
         return 0
@@ -48,7 +48,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 num_heads=cfg.num_heads,
             )
         if args.params:
-            from .nn import create_model
+            from ..nn import create_model
 
             row["parameters"] = num_parameters(create_model(name))
         rows.append(row)
@@ -68,13 +68,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     return run_demo(model_name=args.model, batch_size=args.batch_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="kprpe",

@@ -17,9 +17,9 @@ def build_service(args: argparse.Namespace):
     from ..face.embedder import FaceEmbedder
     from ..face.pipeline import DEFAULT_THRESHOLD
     from ..nn import CheckpointError
+    from ..serve.app import FaceService
     from ..thresholds import resolve_threshold
     from ..zoo import ZooError, resolve
-    from .app import FaceService
 
     try:
         weights = resolve(args.weights, kind="recognition")  # a path, or a published repo id -> its snapshot
@@ -37,7 +37,7 @@ def build_service(args: argparse.Namespace):
         raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
     index = None
     if args.index:
-        from ..face.index import GalleryIndex
+        from ..gallery.index import GalleryIndex
 
         index = GalleryIndex.load(args.index, nprobe=args.nprobe)
     choice = resolve_threshold(
@@ -71,7 +71,7 @@ def build_service(args: argparse.Namespace):
 
 
 def limits_from_args(args: argparse.Namespace):
-    from .app import ServeLimits
+    from ..serve.app import ServeLimits
 
     return ServeLimits(
         max_upload_bytes=int(args.max_upload_mb * 2**20),
@@ -86,7 +86,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .routes import create_app
+        from ..serve.routes import create_app
     except ImportError as exc:
         raise CommandError(
             f"kprpe serve needs FastAPI and uvicorn ({exc}); pip install 'kprpe[serve]'"
@@ -114,7 +114,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``serve`` to the ``kprpe`` command."""
-    from .app import ALIGNERS, ServeLimits
+    from ..serve.app import ALIGNERS, ServeLimits
 
     defaults = ServeLimits()
     p = subparsers.add_parser(

@@ -7,8 +7,8 @@ import shlex
 import sys
 import time
 
-from ..cli_options import add_output_option
 from ..errors import CommandError
+from .options import add_output_option
 
 __all__ = ["register"]
 
@@ -142,9 +142,9 @@ def _csv(text: str | None, none_means_empty: bool = False) -> tuple[str, ...] | 
 def _cmd_digits(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .digits import DigitsConfig, JobStore, JobStoreError, quick_config, run_digits
-    from .digits_models import MODEL_SPECS
-    from .report import write_outputs
+    from ..experiments.digits import DigitsConfig, JobStore, JobStoreError, quick_config, run_digits
+    from ..experiments.digits_models import MODEL_SPECS
+    from ..experiments.report import write_outputs
 
     if args.list_models:
         kinds = {"learned": "learned-keypoints model"}
@@ -227,7 +227,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
     paths = write_outputs(results, args.output, command=command.strip(), plots=not args.no_plots)
     print(paths["table"].read_text(encoding="utf-8"))
     if args.quick:
-        from .report import quick_run_notice
+        from ..experiments.report import quick_run_notice
 
         print(quick_run_notice(results, time.perf_counter() - start))
     print(
@@ -242,7 +242,7 @@ def _render_from_results(json_path: str, out_dir: str, plots: bool) -> int:
     import json
     from pathlib import Path
 
-    from .report import write_outputs
+    from ..experiments.report import write_outputs
 
     path = Path(json_path)
     try:

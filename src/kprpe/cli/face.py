@@ -15,24 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli_options import (
+from ..errors import CommandError
+from ..face.align import ALIGN_MODES, AlignmentError
+from ..face.detector import FaceDetector, MissingDependencyError, NoFaceFound
+from ..face.dfa_backend import DEFAULT_ALIGNER_WEIGHTS
+from ..face.embedder import FaceEmbedder
+from ..face.landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
+from ..face.pipeline import DEFAULT_THRESHOLD, FacePipeline, verify
+from ..face.search import FaceIndexError
+from ..files import write_csv, write_png
+from ..images import ImageLoadError
+from ..landmarks import LandmarkFileError
+from .options import (
     add_device_option,
     add_model_options,
     add_output_option,
     add_quiet_option,
     add_workers_option,
 )
-from ..errors import CommandError
-from ..files import write_csv, write_png
-from ..images import ImageLoadError
-from ..landmarks import LandmarkFileError
-from .align import ALIGN_MODES, AlignmentError
-from .detector import FaceDetector, MissingDependencyError, NoFaceFound
-from .dfa_backend import DEFAULT_ALIGNER_WEIGHTS
-from .embedder import FaceEmbedder
-from .landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
-from .pipeline import DEFAULT_THRESHOLD, FacePipeline, verify
-from .search import FaceIndexError
 
 __all__ = ["register"]
 
@@ -135,9 +135,9 @@ def _add_pipeline_options(
 def dfa_detector(args: argparse.Namespace) -> FaceDetector:
     """The DFA backend from ``--aligner-weights``, ``--min-aligner-score``, ``--device`` (and
     ``--batch-size``); every load problem becomes one CommandError line naming the weights."""
+    from ..face.dfa import AlignerCheckpointError
+    from ..face.dfa_backend import DfaAligner
     from ..zoo import ZooError
-    from .dfa import AlignerCheckpointError
-    from .dfa_backend import DfaAligner
 
     score = args.min_aligner_score
     if score is not None and not 0.0 <= score <= 1.0:
@@ -175,7 +175,7 @@ def _detector(args: argparse.Namespace) -> FaceDetector:
     try:
         if args.landmarks:
             return SuppliedLandmarks.from_file(args.landmarks, normalized=args.landmarks_normalized)
-        from .dlib_backend import DlibDetector
+        from ..face.dlib_backend import DlibDetector
 
         return DlibDetector(
             args.detector, args.landmark_model, upsample=args.upsample, min_score=args.min_score
@@ -277,8 +277,8 @@ ALIGN_MARKER = ".kprpe-align"
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
+    from ..face.draw import draw_keypoints
     from ..files import OutputFolderError, check_output_folder, staged_folder
-    from .draw import draw_keypoints
 
     out = Path(args.output)
     try:  # a folder holding inputs or files align did not write is refused before any work is done
@@ -324,7 +324,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
 def _workers(args: argparse.Namespace) -> int | None:
     if args.workers is not None and args.workers < 0:
         raise CommandError(f"--workers must be >= 0, got {args.workers}")
-    return args.workers  # None: kprpe.face.stream.resolve_workers picks from the number of inputs
+    return args.workers  # None: kprpe.streaming.stream.resolve_workers picks from the number of inputs
 
 
 def _skipped(command: str):
@@ -335,7 +335,7 @@ def _skipped(command: str):
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     """Streams (face/stream.py) into a resumable output (face/embed_output.py)."""
-    from .embed_output import embed_to_output
+    from ..streaming.shards import embed_to_output
 
     pipeline = _pipeline(args)
     embedder = _embedder(args)
@@ -358,7 +358,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .draw import side_by_side
+    from ..face.draw import side_by_side
 
     pipeline = _pipeline(args)
     embedder = _embedder(args)
@@ -397,7 +397,7 @@ def _threshold(args: argparse.Namespace, embedder: FaceEmbedder):
 
 
 def _cmd_search_enrol(args: argparse.Namespace) -> int:
-    from .index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
+    from ..gallery.index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
 
     pipeline = _pipeline(args)
     embedder = _embedder(args)
@@ -450,7 +450,7 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
 
 
 def _cmd_search_remove(args: argparse.Namespace) -> int:
-    from .index import GalleryIndex
+    from ..gallery.index import GalleryIndex
 
     index = GalleryIndex.load(args.index, backend=args.backend)
     removed = index.remove(args.identities)
@@ -460,7 +460,7 @@ def _cmd_search_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_search_query(args: argparse.Namespace) -> int:
-    from .index import GalleryIndex
+    from ..gallery.index import GalleryIndex
 
     if args.top_k <= 0:
         raise CommandError(f"-k must be positive, got {args.top_k}")
@@ -511,7 +511,7 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
 
 
 def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
-    from .index import DEFAULT_APPROXIMATE_ABOVE, INDEX_BACKENDS
+    from ..gallery.index import DEFAULT_APPROXIMATE_ABOVE, INDEX_BACKENDS
 
     group = parser.add_argument_group("index")
     group.add_argument(
@@ -539,8 +539,8 @@ def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
 
 
 def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
-    from .embed_output import SHARD_ROWS
-    from .stream import DEFAULT_FPS
+    from ..streaming.shards import SHARD_ROWS
+    from ..streaming.stream import DEFAULT_FPS
 
     group = parser.add_argument_group("streaming")
     group.add_argument(

@@ -2,7 +2,7 @@
 calls, in input order, with memory bounded by the batch size instead of the number of inputs.
 
 The unit of work is a :class:`Task`: one photo, or one segment of a video (``SEGMENT_FRAMES`` sampled
-frames, see :mod:`kprpe.face.video`). Workers turn tasks into face crops; the main process keeps a few tasks
+frames, see :mod:`.video`). Workers turn tasks into face crops; the main process keeps a few tasks
 in flight, embeds the crops ``batch_size`` at a time and hands back each task once all its faces are
 embedded (:class:`EmbeddedTask`, crops dropped). Crops alive at once: at most one batch plus the faces of
 the tasks in flight — never the folder. :class:`Completed` says which tasks an earlier run finished, so a
@@ -29,10 +29,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import KprpeError
+from ..face.align import AlignmentError
+from ..face.detector import NoFaceFound
 from ..images import ImageLoadError, expand_image_paths, load_image
 from ..landmarks import LandmarkFileError
-from .align import AlignmentError
-from .detector import NoFaceFound
 from .video import VIDEO_EXTENSIONS, SegmentEnd, VideoError, is_video_path, sample_frames
 
 __all__ = [

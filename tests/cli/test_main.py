@@ -12,7 +12,7 @@ import pytest
 
 from kprpe.cli import COMMAND_MODULES, build_parser, main
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "kprpe"
+SRC = Path(__file__).resolve().parents[2] / "src" / "kprpe"
 
 
 def test_command_modules_import_errors_not_the_cli():

@@ -19,7 +19,7 @@ def _override(text: str) -> tuple[str, object]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .onnx import export_onnx, sidecar_path
+    from ..export.onnx import export_onnx, sidecar_path
 
     result = export_onnx(
         args.model,

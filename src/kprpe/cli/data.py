@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli_options import add_device_option, add_output_option, add_quiet_option
 from ..errors import CommandError
 from ..files import write_json
+from .options import add_device_option, add_output_option, add_quiet_option
 
 __all__ = ["register", "face_keypoint_detector"]
 
@@ -24,7 +24,7 @@ def _print_first(failures: list[tuple], label: str, limit: int = 20) -> None:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from .pack import pack_folder
+    from ..data.pack import pack_folder
 
     out = Path(args.output)
     if out.suffix != ".rec":
@@ -135,7 +135,7 @@ def dfa_keypoint_detector(weights: str, device: str = "cpu", min_score: float | 
 
 
 def _cmd_landmarks(args: argparse.Namespace) -> int:
-    from .pack import compute_landmarks
+    from ..data.pack import compute_landmarks
 
     if args.aligner == "dfa":
         detect = dfa_keypoint_detector(args.aligner_weights, args.device, args.min_aligner_score)
@@ -161,8 +161,8 @@ def _cmd_landmarks(args: argparse.Namespace) -> int:
 
 
 def _cmd_example_data(args: argparse.Namespace) -> int:
-    from .pack import pack_folder
-    from .synthetic import make_synthetic_faces
+    from ..data.pack import pack_folder
+    from ..data.synthetic import make_synthetic_faces
 
     out = Path(args.output)
     folder, landmarks = make_synthetic_faces(

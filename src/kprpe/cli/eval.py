@@ -10,10 +10,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..cli_options import add_model_options, add_output_option, add_quiet_option
 from ..errors import CommandError
-from .embedding import default_cache_dir
-from .metrics import DEFAULT_FAR_TARGETS, TAR_FAR_CONVENTIONS
+from ..eval.embedding import default_cache_dir
+from ..eval.metrics import DEFAULT_FAR_TARGETS, TAR_FAR_CONVENTIONS
+from .options import add_model_options, add_output_option, add_quiet_option
 
 __all__ = ["register"]
 
@@ -317,7 +317,7 @@ def _missing_protocol(parser: argparse.ArgumentParser) -> int:
 
 def _landmark_backend(args) -> None:
     """Configure (and, for the DFA, load now, so a bad checkpoint fails before any work) the backend."""
-    from .landmarks import set_landmark_backend
+    from ..eval.landmarks import set_landmark_backend
 
     aligner = getattr(args, "aligner", "dlib")
     set_landmark_backend(
@@ -327,9 +327,9 @@ def _landmark_backend(args) -> None:
         batch_size=args.batch_size,
     )
     if aligner == "dfa":
+        from ..eval.landmarks import landmark_backend
         from ..face.dfa import AlignerCheckpointError
         from ..zoo import ZooError
-        from .landmarks import landmark_backend
 
         try:
             landmark_backend()
@@ -338,7 +338,7 @@ def _landmark_backend(args) -> None:
 
 
 def _settings(args):
-    from .runs import EvalSettings
+    from ..eval.runs import EvalSettings
 
     if args.batch_size <= 0:
         _fail(f"--batch-size must be positive, got {args.batch_size}")
@@ -395,7 +395,7 @@ def _guarded(run):
 
 
 def _handle(spec: str, engine: str = "torch"):
-    from .runs import ModelHandle
+    from ..eval.runs import ModelHandle
 
     name, sep, path = str(spec).partition("=")
     if not sep:
@@ -404,9 +404,9 @@ def _handle(spec: str, engine: str = "torch"):
 
 
 def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
+    from ..eval.published import attach_published, published_lines
+    from ..eval.report import markdown_summary, plot_roc
     from ..files import atomic_write_text, write_json
-    from .published import attach_published, published_lines
-    from .report import markdown_summary, plot_roc
 
     published = attach_published(results)  # a model-zoo checkpoint: its authors' numbers beside ours
     columns = []
@@ -444,9 +444,9 @@ def _write_calibration(args, results: dict) -> None:
     """With ``--calibrate``: the threshold measured on the (single) set goes beside the weights."""
     if getattr(args, "calibrate", None) is None:
         return
+    from ..eval.calibration import write_calibration
     from ..face.pipeline import model_fingerprint
     from ..nn import load_official
-    from .calibration import write_calibration
 
     ((dataset, result),) = results["sets"].items()
     if "error" in result["calibration"]:
@@ -468,8 +468,8 @@ def _write_calibration(args, results: dict) -> None:
 
 
 def _run_verify(args) -> int:
-    from .runs import evaluate_bins
-    from .toolkit import evaluate_toolkit
+    from ..eval.runs import evaluate_bins
+    from ..eval.toolkit import evaluate_toolkit
 
     settings = _settings(args)
     sets = [*args.bins, *args.sets]
@@ -513,7 +513,7 @@ def _run_verify(args) -> int:
 
 
 def _run_ijb(args) -> int:
-    from .runs import evaluate_ijb
+    from ..eval.runs import evaluate_ijb
 
     settings = _settings(args)
     if not 0 <= args.t <= 1:
@@ -538,7 +538,7 @@ def _run_ijb(args) -> int:
 
 
 def _run_pairs(args) -> int:
-    from .runs import evaluate_pairs
+    from ..eval.runs import evaluate_pairs
 
     settings = _settings(args)
     if not 0 <= args.t <= 1:
@@ -560,7 +560,7 @@ def _run_pairs(args) -> int:
 
 
 def _run_identify(args) -> int:
-    from .runs import evaluate_identification
+    from ..eval.runs import evaluate_identification
 
     settings = _settings(args)
     ranks = [int(r) for r in args.ranks]
@@ -593,7 +593,7 @@ def _int_ranks(values) -> list[int]:
 
 
 def _run_toolkit(args) -> int:
-    from .toolkit import evaluate_toolkit
+    from ..eval.toolkit import evaluate_toolkit
 
     settings = _settings(args)
     results = _guarded(
@@ -613,7 +613,7 @@ def _run_toolkit(args) -> int:
 
 
 def _run_tinyface(args) -> int:
-    from .toolkit import evaluate_tinyface
+    from ..eval.toolkit import evaluate_tinyface
 
     settings = _settings(args)
     results = _guarded(
@@ -631,9 +631,9 @@ def _run_tinyface(args) -> int:
 
 
 def _run_sweep(args) -> int:
+    from ..eval.report import plot_sweep
+    from ..eval.runs import robustness_sweep
     from ..files import write_json
-    from .report import plot_sweep
-    from .runs import robustness_sweep
 
     settings = _settings(args)
     results = _guarded(
@@ -705,7 +705,11 @@ def _register_keypoint_noise(sub) -> None:
 
 
 def _run_keypoint_noise(args) -> int:
-    from .keypoint_noise import keypoint_noise_study, markdown_keypoint_noise, write_keypoint_noise_outputs
+    from ..eval.keypoint_noise import (
+        keypoint_noise_study,
+        markdown_keypoint_noise,
+        write_keypoint_noise_outputs,
+    )
 
     settings = _settings(args)
     sets = [*args.bins, *args.sets]

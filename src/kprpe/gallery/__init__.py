@@ -1,0 +1,1 @@
+"""The gallery index: identities pooled from embeddings, searched exactly or with FAISS (:mod:`.index`)."""
