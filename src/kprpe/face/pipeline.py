@@ -82,6 +82,10 @@ class FacePipeline:
     as is; ``unaligned`` crops its box, ``prealigned`` reads keypoints on the crop itself.
     """
 
+    # what "no usable face in this image" raises: kprpe.streaming skips such a frame (a listed failure for a
+    # photo) instead of stopping the run
+    skip_errors = (NoFaceFound, AlignmentError, LandmarkFileError)
+
     def __init__(
         self,
         detector: FaceDetector | None = None,
@@ -180,7 +184,7 @@ class FacePipeline:
         image = load_image(path)
         try:
             return self.faces_in_image(image, source=path)
-        except (NoFaceFound, AlignmentError, LandmarkFileError) as exc:
+        except self.skip_errors as exc:
             raise type(exc)(f"{path}: {exc}") from None
 
     def process(self, inputs: Iterable[str | os.PathLike], *, progress: bool = True) -> BatchResult:
@@ -216,7 +220,7 @@ class FacePipeline:
 
     def _process_chunk(self, chunk: list[Path]) -> BatchResult:
         """One chunk of photos: loaded, detected in one backend call, cropped; failures named per photo."""
-        expected = (ImageLoadError, NoFaceFound, AlignmentError, LandmarkFileError)
+        expected = (ImageLoadError, *self.skip_errors)
         result = BatchResult()
         images: dict[int, np.ndarray] = {}
         problems: dict[int, Exception] = {}

@@ -29,10 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import KprpeError
-from ..face.align import AlignmentError
-from ..face.detector import NoFaceFound
 from ..images import ImageLoadError, expand_image_paths, load_image
-from ..landmarks import LandmarkFileError
 from .video import VIDEO_EXTENSIONS, SegmentEnd, VideoError, is_video_path, sample_frames
 
 __all__ = [
@@ -61,7 +58,6 @@ __all__ = [
 DEFAULT_FPS = 1.0
 SEGMENT_FRAMES = 16  # sampled frames per video task: bounds a task's crops, sets the resume granularity
 STILL = -1  # the segment number of a photo
-_FACE_ERRORS = (NoFaceFound, AlignmentError, LandmarkFileError)
 
 
 class StreamError(KprpeError, ValueError):
@@ -212,7 +208,13 @@ def run_task(
     task: Task, pipeline, *, fps: float = DEFAULT_FPS, segment_frames: int = SEGMENT_FRAMES
 ) -> TaskResult:
     """Detect and align the faces of one task. Problems with the file become ``failure``, never an
-    exception: one bad file must not stop a run over thousands."""
+    exception: one bad file must not stop a run over thousands.
+
+    ``pipeline``: any object with ``faces_in_image(image, source=...)`` returning detections (``box``,
+    ``source_keypoints``, ``keypoints``, ``score``, ``image``, optional ``pixels``) and ``skip_errors``, the
+    exceptions that mean "nothing usable in this image" (a face pipeline: no face found; a gait pipeline: no
+    person). Nothing here knows what is detected."""
+    skippable = tuple(getattr(pipeline, "skip_errors", ()))
     all_faces = bool(getattr(pipeline, "all_faces", False))
     if not task.is_video:
         try:
@@ -220,7 +222,7 @@ def run_task(
             faces = pipeline.faces_in_image(image, source=task.path)
         except ImageLoadError as exc:
             return TaskResult(task, failure=exc.reason)
-        except _FACE_ERRORS as exc:
+        except skippable as exc:
             return TaskResult(task, failure=str(exc))
         except Exception as exc:  # a library choking on one odd file: report it, keep going
             return TaskResult(task, failure=f"{type(exc).__name__}: {exc}")
@@ -237,7 +239,7 @@ def run_task(
             frames += 1
             try:
                 faces = pipeline.faces_in_image(frame.image, source=f"{task.path}@{frame.number}")
-            except _FACE_ERRORS:  # frames without a (usable) face are normal in video
+            except skippable:  # frames without a (usable) face are normal in video
                 continue
             rows.extend(
                 _face_rows(
