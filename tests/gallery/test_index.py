@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from kprpe.errors import KprpeError
-from kprpe.face.search import FaceIndex
 from kprpe.gallery.index import GalleryIndex, GalleryIndexError, exact_top_k, faiss_available
+from kprpe.gallery.search import FaceIndex
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed")
 

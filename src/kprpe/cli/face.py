@@ -22,8 +22,8 @@ from ..face.dfa_backend import DEFAULT_ALIGNER_WEIGHTS
 from ..face.embedder import FaceEmbedder
 from ..face.landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
 from ..face.pipeline import DEFAULT_THRESHOLD, FacePipeline, verify
-from ..face.search import FaceIndexError
 from ..files import write_csv, write_png
+from ..gallery.search import FaceIndexError
 from ..images import ImageLoadError
 from ..landmarks import LandmarkFileError
 from .options import (

@@ -6,6 +6,7 @@ Importing this package does not import dlib; the dlib backend loads it on first 
 
 from __future__ import annotations
 
+from ..gallery.search import FaceIndex, FaceIndexError, SearchHit
 from ..images import ImageLoadError, expand_image_paths, load_image
 from ..landmarks import LandmarkFileError
 from .align import (
@@ -35,7 +36,6 @@ from .pipeline import (
     cosine_similarity,
     verify,
 )
-from .search import FaceIndex, FaceIndexError, SearchHit
 
 __all__ = [
     "ALIGN_MODES",

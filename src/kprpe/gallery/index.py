@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KprpeError
-from ..face.search import INDEX_FORMAT as LEGACY_INDEX_FORMAT
-from ..face.search import FaceIndexError, SearchHit, exact_top_k
 from ..files import atomic_path
+from .search import INDEX_FORMAT as LEGACY_INDEX_FORMAT
+from .search import FaceIndexError, SearchHit, exact_top_k
 
 __all__ = [
     "GALLERY_INDEX_FORMAT",
@@ -484,7 +484,7 @@ class GalleryIndex:
     def _from_legacy(cls, path: Path, arrays: dict, metadata: dict, **options) -> GalleryIndex:
         """A v1 ``FaceIndex`` file: its templates are kept; pooled sums are taken as ``count`` long (exact for
         identical images, close otherwise), so adding images later weighs old and new images alike."""
-        from ..face.search import FaceIndex
+        from .search import FaceIndex
 
         del path
         legacy = FaceIndex(arrays["identities"].tolist(), arrays["embeddings"], arrays["counts"], metadata)
@@ -519,8 +519,8 @@ def enrol_gallery(
     memory does not grow with the gallery. ``workers``/``pipeline_factory``: detection in worker processes.
     """
     from ..face.pipeline import FacePipeline
-    from ..face.search import gallery_images
     from ..streaming.stream import stream_embeddings
+    from .search import gallery_images
 
     per_identity_paths = gallery_images(gallery)
     identity_of = {str(p): name for name, paths in per_identity_paths.items() for p in paths}

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KprpeError
+from ..face.embedder import FaceEmbedder
+from ..face.pipeline import FacePipeline
 from ..files import read_npz, write_npz
 from ..images import IMAGE_EXTENSIONS
-from .embedder import FaceEmbedder
-from .pipeline import FacePipeline
 
 __all__ = ["FaceIndex", "FaceIndexError", "SearchHit", "gallery_images", "INDEX_FORMAT"]
 
