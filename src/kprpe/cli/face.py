@@ -23,7 +23,7 @@ from ..face.embedder import FaceEmbedder
 from ..face.landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
 from ..face.pipeline import DEFAULT_THRESHOLD, FacePipeline, verify
 from ..files import write_csv, write_png
-from ..gallery.search import FaceIndexError
+from ..gallery.search import GalleryIndexError
 from ..images import ImageLoadError
 from ..landmarks import LandmarkFileError
 from .options import (
@@ -431,7 +431,7 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
             workers=_workers(args),
             pipeline_factory=functools.partial(_pipeline, args),
         )
-    except FaceIndexError as exc:
+    except GalleryIndexError as exc:
         raise CommandError(str(exc)) from None
     for path, reason in failures:
         print(f"kprpe search enrol: skipped {path}: {reason}", file=sys.stderr)

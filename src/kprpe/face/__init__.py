@@ -6,7 +6,6 @@ Importing this package does not import dlib; the dlib backend loads it on first 
 
 from __future__ import annotations
 
-from ..gallery.search import FaceIndex, FaceIndexError, SearchHit
 from ..images import ImageLoadError, expand_image_paths, load_image
 from ..landmarks import LandmarkFileError
 from .align import (
@@ -49,15 +48,12 @@ __all__ = [
     "FaceDetection",
     "FaceDetector",
     "FaceEmbedder",
-    "FaceIndex",
-    "FaceIndexError",
     "FacePipeline",
     "FaceRecord",
     "ImageLoadError",
     "LandmarkFileError",
     "MissingDependencyError",
     "NoFaceFound",
-    "SearchHit",
     "SuppliedLandmarks",
     "VerifyResult",
     "align_face",

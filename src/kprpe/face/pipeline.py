@@ -123,6 +123,12 @@ class FacePipeline:
         return {"mode": self.mode, "all_faces": self.all_faces, "min_face_size": self.min_face_size,
                 "min_relative_score": self.min_relative_score, "detector": self.detector.describe()}
 
+    def largest_only(self) -> FacePipeline:
+        """The same detection and cropping, keeping only the largest face (gallery enrolment)."""
+        return FacePipeline(
+            self.detector, mode=self.mode, all_faces=False, min_face_size=self.min_face_size
+        )
+
     def faces_in_image(
         self, image: np.ndarray, *, source: str | os.PathLike | None = None
     ) -> list[AlignedFace]:
