@@ -6,23 +6,55 @@
 >>> emb = model(images, keypoints)                            # raw embedding, (B, 512)
 >>> unit, norm = kprpe.normalize_embedding(emb)
 >>> aligner = kprpe.load_aligner("minchul/cvlface_DFA_mobilenet")  # the official DFA (path or repo id)
+
+The names below are imported on first use: ``import kprpe`` (or ``kprpe.errors``, or ``kprpe --help``) does
+not load torch.
 """
 
 from __future__ import annotations
 
-from .nn import (
-    CheckpointError,
-    VisionTransformer,
-    ViTConfig,
-    create_model,
-    list_models,
-    load_official,
-    load_weights,
-    normalize_embedding,
-    save_model,
-)
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.2.2"
+
+# public name -> the module that defines it (loaded by __getattr__ the first time the name is used)
+_LAZY = {
+    "CheckpointError": ".nn",
+    "VisionTransformer": ".nn",
+    "ViTConfig": ".nn",
+    "create_model": ".nn",
+    "list_models": ".nn",
+    "load_official": ".nn",
+    "load_weights": ".nn",
+    "normalize_embedding": ".nn",
+    "save_model": ".nn",
+}
+
+if TYPE_CHECKING:
+    from .nn import (
+        CheckpointError,
+        VisionTransformer,
+        ViTConfig,
+        create_model,
+        list_models,
+        load_official,
+        load_weights,
+        normalize_embedding,
+        save_model,
+    )
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kprpe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def load_aligner(name_or_path="minchul/cvlface_DFA_mobilenet", *, device="cpu"):

@@ -101,19 +101,11 @@ def dfa_keypoint_detector(weights: str, device: str = "cpu", min_score: float | 
     ``orig_pred_ldmks``; others the landmarks mapped back to their pixels, divided by width and height.
     ``min_score``: below it an image counts as "no face" (the DFA itself always answers)."""
     try:
-        from ..face.dfa import AlignerCheckpointError
-        from ..face.dfa_backend import DfaAligner
-        from ..zoo import ZooError
+        from ..face.dfa_backend import load_dfa_backend
     except ImportError as exc:
         raise CommandError(f"the face pipeline (kprpe.face) is not available: {exc}") from None
-    if min_score is not None and not 0.0 <= min_score <= 1.0:
-        raise CommandError(f"--min-aligner-score must be in [0, 1] (a face probability), got {min_score:g}")
-    try:
-        backend = DfaAligner(weights, device=device, batch_size=64)
-    except (ZooError, AlignerCheckpointError) as exc:
-        raise CommandError(f"cannot load the DFA aligner {weights}: {exc}") from None
-    except (RuntimeError, AssertionError) as exc:
-        raise CommandError(f"cannot use device {device!r} for the DFA aligner: {exc}") from None
+    # align() reports every score; min_score (checked by the loader) is applied below: a low score, no row
+    backend = load_dfa_backend(weights, device=device, min_score=min_score, batch_size=64)
 
     def batch(images: list[np.ndarray]) -> list:
         out = []

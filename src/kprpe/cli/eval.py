@@ -328,13 +328,8 @@ def _landmark_backend(args) -> None:
     )
     if aligner == "dfa":
         from ..eval.landmarks import landmark_backend
-        from ..face.dfa import AlignerCheckpointError
-        from ..zoo import ZooError
 
-        try:
-            landmark_backend()
-        except (ZooError, AlignerCheckpointError) as exc:
-            _fail(f"cannot load the DFA aligner {args.aligner_weights}: {exc}")
+        landmark_backend()  # AlignerLoadError: one line naming the weights or device
 
 
 def _settings(args):

@@ -134,26 +134,15 @@ def _add_pipeline_options(
 
 def dfa_detector(args: argparse.Namespace) -> FaceDetector:
     """The DFA backend from ``--aligner-weights``, ``--min-aligner-score``, ``--device`` (and
-    ``--batch-size``); every load problem becomes one CommandError line naming the weights."""
-    from ..face.dfa import AlignerCheckpointError
-    from ..face.dfa_backend import DfaAligner
-    from ..zoo import ZooError
+    ``--batch-size``); a load problem is one AlignerLoadError line naming the weights."""
+    from ..face.dfa_backend import load_dfa_backend
 
-    score = args.min_aligner_score
-    if score is not None and not 0.0 <= score <= 1.0:
-        raise CommandError(f"--min-aligner-score must be in [0, 1] (a face probability), got {score:g}")
-    device = getattr(args, "device", "cpu")
-    try:
-        return DfaAligner(
-            args.aligner_weights,
-            device=device,
-            min_score=score,
-            batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
-        )
-    except (ZooError, AlignerCheckpointError) as exc:
-        raise CommandError(f"cannot load the DFA aligner {args.aligner_weights}: {exc}") from None
-    except (RuntimeError, AssertionError) as exc:  # torch: unknown device, CUDA not available
-        raise CommandError(f"cannot use device {device!r} for the DFA aligner: {exc}") from None
+    return load_dfa_backend(
+        args.aligner_weights,
+        device=getattr(args, "device", "cpu"),
+        min_score=args.min_aligner_score,
+        batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
+    )
 
 
 def _add_flip_option(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,6 @@ __all__ = ["register", "build_service"]
 def build_service(args: argparse.Namespace):
     """Model, aligner, index and threshold from the command line (shared by the CLI and the tests)."""
     from ..face.detector import MissingDependencyError
-    from ..face.dfa import AlignerCheckpointError
     from ..face.embedder import FaceEmbedder
     from ..face.pipeline import DEFAULT_THRESHOLD
     from ..nn import CheckpointError
@@ -64,9 +63,7 @@ def build_service(args: argparse.Namespace):
         )
     except MissingDependencyError as exc:
         raise CommandError(str(exc)) from None
-    except (ZooError, AlignerCheckpointError) as exc:
-        raise CommandError(f"cannot load the DFA aligner {args.aligner_weights}: {exc}") from None
-    except ValueError as exc:  # e.g. --min-aligner-score outside [0, 1]
+    except ValueError as exc:  # AlignerLoadError (bad DFA weights, device or score) is one too
         raise CommandError(str(exc)) from None
 
 

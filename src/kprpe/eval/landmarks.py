@@ -72,8 +72,8 @@ def landmark_backend():
         face = importlib.import_module("kprpe.face")
         if _BACKEND["aligner"] == "dfa":
             backend = importlib.import_module("kprpe.face.dfa_backend")
-            _PIPELINE = backend.DfaAligner(
-                _BACKEND.get("weights") or backend.DEFAULT_ALIGNER_WEIGHTS,
+            _PIPELINE = backend.load_dfa_backend(  # AlignerLoadError: one line naming the weights
+                _BACKEND.get("weights"),
                 device=_BACKEND.get("device", "cpu"),
                 batch_size=_BACKEND.get("batch_size", 64),
             )
