@@ -13,13 +13,14 @@ not load torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 __version__ = "0.2.2"
 
-# public name -> the module that defines it (loaded by __getattr__ the first time the name is used)
-_LAZY = {
+# public name -> the module that defines it, imported the first time the name is read
+_EXPORTS = {
     "CheckpointError": ".nn",
     "VisionTransformer": ".nn",
     "ViTConfig": ".nn",
@@ -30,8 +31,9 @@ _LAZY = {
     "normalize_embedding": ".nn",
     "save_model": ".nn",
 }
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .nn import (
         CheckpointError,
         VisionTransformer,
@@ -43,18 +45,6 @@ if TYPE_CHECKING:
         normalize_embedding,
         save_model,
     )
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'kprpe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
 
 
 def load_aligner(name_or_path="minchul/cvlface_DFA_mobilenet", *, device="cpu"):

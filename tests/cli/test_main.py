@@ -99,3 +99,30 @@ def test_a_closed_pipe_is_not_a_traceback():
     code = proc.wait(timeout=60)
     assert "Traceback" not in err and "BrokenPipe" not in err
     assert code == 141
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import kprpe",
+        "import kprpe.errors",
+        "import kprpe.face, kprpe.eval, kprpe.streaming, kprpe.gallery",
+        "from kprpe.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+    ],
+)
+def test_import_and_help_do_not_load_torch(code):
+    # torch's import alone takes ~3 s: the package, its sub-packages and `kprpe --help` (which registers
+    # every command group) must leave it to the commands that run a model
+    script = f"import sys\n{code}\nprint('torch' in sys.modules, 'kprpe.nn' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "False False", run.stdout
+
+
+def test_lazy_names_load_on_first_use():
+    import kprpe
+    import kprpe.face
+
+    assert callable(kprpe.create_model) and kprpe.face.FacePipeline.__name__ == "FacePipeline"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        kprpe.face.nope  # noqa: B018
+    assert "FacePipeline" in dir(kprpe.face)

@@ -6,13 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import CommandError
 from ..files import write_json
 from .options import add_device_option, add_output_option, add_quiet_option
 
-__all__ = ["register", "face_keypoint_detector"]
+__all__ = ["register"]
 
 
 def _print_first(failures: list[tuple], label: str, limit: int = 20) -> None:
@@ -65,74 +63,17 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def face_keypoint_detector(mode: str = "auto", detector: str = "hog", landmark_model: str = "68"):
-    """A function ``rgb image -> (5, 2) normalised keypoints or None`` backed by the face pipeline (dlib).
-
-    ``mode``: ``detect`` (largest detected face), ``crop`` (the image *is* the face crop: landmarks inside the
-    whole-image box — the right choice for aligned training sets), ``auto`` (detect, else crop)."""
-    try:
-        from ..face import DlibDetector, MissingDependencyError
-    except ImportError as exc:
-        raise CommandError(f"the face pipeline (kprpe.face) is not available: {exc}") from None
-    try:
-        backend = DlibDetector(detector, landmark_model)
-    except (MissingDependencyError, ValueError) as exc:
-        raise CommandError(f"cannot start the landmark backend: {exc}") from None
-
-    def detect(image: np.ndarray):
-        h, w = image.shape[:2]
-        face = None
-        if mode in ("detect", "auto"):
-            faces = backend.detect(image)
-            if faces:
-                face = max(faces, key=lambda f: f.area)
-        if face is None and mode in ("crop", "auto"):
-            face = backend.landmarks_in_box(image, (0.0, 0.0, float(w), float(h)))
-        if face is None:
-            return None
-        return np.asarray(face.keypoints, dtype=np.float64) / np.array([w, h])
-
-    return detect
-
-
-def dfa_keypoint_detector(weights: str, device: str = "cpu", min_score: float | None = None):
-    """``rgb image -> (5, 2) normalised keypoints or None`` from the official DFA aligner, with ``.batch``
-    (photos of one shape in one forward pass). Square images (aligned training crops) get the official
-    ``orig_pred_ldmks``; others the landmarks mapped back to their pixels, divided by width and height.
-    ``min_score``: below it an image counts as "no face" (the DFA itself always answers)."""
-    try:
-        from ..face.dfa_backend import load_dfa_backend
-    except ImportError as exc:
-        raise CommandError(f"the face pipeline (kprpe.face) is not available: {exc}") from None
-    # align() reports every score; min_score (checked by the loader) is applied below: a low score, no row
-    backend = load_dfa_backend(weights, device=device, min_score=min_score, batch_size=64)
-
-    def batch(images: list[np.ndarray]) -> list:
-        out = []
-        for image, result in zip(images, backend.align(images), strict=True):
-            if min_score is not None and result.score < min_score:
-                out.append(None)
-            elif result.frame_keypoints is not None:
-                out.append(result.frame_keypoints)
-            else:
-                h, w = image.shape[:2]
-                out.append(result.keypoints / np.array([w, h]))
-        return out
-
-    def detect(image: np.ndarray):
-        return batch([image])[0]
-
-    detect.batch = batch
-    return detect
-
-
 def _cmd_landmarks(args: argparse.Namespace) -> int:
     from ..data.pack import compute_landmarks
 
+    try:
+        from ..face import backends  # the package itself: it may be left out of an install
+    except ImportError as exc:
+        raise CommandError(f"the face pipeline (kprpe.face) is not available: {exc}") from None
     if args.aligner == "dfa":
-        detect = dfa_keypoint_detector(args.aligner_weights, args.device, args.min_aligner_score)
+        detect = backends.dfa_keypoint_function(args.aligner_weights, args.device, args.min_aligner_score)
     else:
-        detect = face_keypoint_detector(args.mode, args.detector, args.landmark_model)
+        detect = backends.dlib_keypoint_function(args.mode, args.detector, args.landmark_model)
     try:
         report = compute_landmarks(args.data, args.output, detect, progress=not args.quiet, limit=args.limit)
     except OSError as exc:  # data, landmark and image errors are KprpeErrors: kprpe.cli prints them

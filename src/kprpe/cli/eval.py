@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 from ..errors import CommandError
-from ..eval.embedding import default_cache_dir
 from ..eval.metrics import DEFAULT_FAR_TARGETS, TAR_FAR_CONVENTIONS
 from .options import add_model_options, add_output_option, add_quiet_option
 
@@ -352,6 +351,8 @@ def _settings(args):
     for far in args.far:
         if not 0 < far < 1:
             _fail(f"--far values must lie in (0, 1), got {far}")
+    from ..eval.embedding import default_cache_dir
+
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     calibrate = getattr(args, "calibrate", None)
     if calibrate is not None and not 0 < calibrate < 1:

@@ -12,20 +12,21 @@ import functools
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import CommandError
 from ..face.align import ALIGN_MODES, AlignmentError
-from ..face.detector import FaceDetector, MissingDependencyError, NoFaceFound
-from ..face.dfa_backend import DEFAULT_ALIGNER_WEIGHTS
-from ..face.embedder import FaceEmbedder
-from ..face.landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
-from ..face.pipeline import DEFAULT_THRESHOLD, FacePipeline, verify
+from ..face.backends import ALIGNER_CHOICES, make_detector
+from ..face.detector import NoFaceFound
+from ..face.landmark_files import LANDMARK_COLUMNS
 from ..files import write_csv, write_png
 from ..gallery.search import GalleryIndexError
 from ..images import ImageLoadError
 from ..landmarks import LandmarkFileError
+from ..thresholds import DEFAULT_THRESHOLD
+from ..zoo.catalog import DEFAULT_ALIGNER_WEIGHTS
 from .options import (
     add_device_option,
     add_model_options,
@@ -33,6 +34,11 @@ from .options import (
     add_quiet_option,
     add_workers_option,
 )
+
+if TYPE_CHECKING:  # the model side (torch) is imported by the commands that run it, not by `kprpe --help`
+    from ..face.detector import FaceDetector
+    from ..face.embedder import FaceEmbedder
+    from ..face.pipeline import FacePipeline
 
 __all__ = ["register"]
 
@@ -50,9 +56,6 @@ def _upsample(text: str) -> int | str:
     if not 0 <= value <= 4:
         raise argparse.ArgumentTypeError(f"expected 'auto' or 0..4, got {value}")
     return value
-
-
-ALIGNER_CHOICES = ("dlib", "dfa")
 
 
 def add_aligner_options(group, *, device: bool) -> None:
@@ -132,19 +135,6 @@ def _add_pipeline_options(
     add_quiet_option(parser)
 
 
-def dfa_detector(args: argparse.Namespace) -> FaceDetector:
-    """The DFA backend from ``--aligner-weights``, ``--min-aligner-score``, ``--device`` (and
-    ``--batch-size``); a load problem is one AlignerLoadError line naming the weights."""
-    from ..face.dfa_backend import load_dfa_backend
-
-    return load_dfa_backend(
-        args.aligner_weights,
-        device=getattr(args, "device", "cpu"),
-        min_score=args.min_aligner_score,
-        batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
-    )
-
-
 def _add_flip_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flip",
@@ -155,25 +145,25 @@ def _add_flip_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _detector(args: argparse.Namespace) -> FaceDetector:
-    if args.aligner == "dfa":
-        if args.landmarks:
-            raise CommandError("--landmarks and --aligner dfa both give keypoints; choose one")
-        return dfa_detector(args)
-    if args.min_aligner_score is not None:
-        raise CommandError("--min-aligner-score applies to --aligner dfa; dlib's threshold is --min-score")
-    try:
-        if args.landmarks:
-            return SuppliedLandmarks.from_file(args.landmarks, normalized=args.landmarks_normalized)
-        from ..face.dlib_backend import DlibDetector
-
-        return DlibDetector(
-            args.detector, args.landmark_model, upsample=args.upsample, min_score=args.min_score
-        )
-    except (MissingDependencyError, LandmarkFileError) as exc:
-        raise CommandError(str(exc)) from None
+    """The backend the face options name (built by :func:`kprpe.face.backends.make_detector`)."""
+    return make_detector(
+        args.aligner,
+        landmarks=args.landmarks,
+        landmarks_normalized=args.landmarks_normalized,
+        detector=args.detector,
+        landmark_model=args.landmark_model,
+        upsample=args.upsample,
+        min_score=args.min_score,
+        aligner_weights=args.aligner_weights,
+        min_aligner_score=args.min_aligner_score,
+        device=getattr(args, "device", "cpu"),
+        batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
+    )
 
 
 def _pipeline(args: argparse.Namespace) -> FacePipeline:
+    from ..face.pipeline import FacePipeline
+
     return FacePipeline(
         _detector(args),
         mode=args.mode,
@@ -194,6 +184,7 @@ def _flip(args: argparse.Namespace) -> bool:
 
 
 def _embedder(args: argparse.Namespace) -> FaceEmbedder:
+    from ..face.embedder import FaceEmbedder
     from ..nn import CheckpointError
 
     if args.batch_size <= 0:
@@ -348,6 +339,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from ..face.draw import side_by_side
+    from ..face.pipeline import verify
 
     pipeline = _pipeline(args)
     embedder = _embedder(args)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import KprpeError
+from ..zoo.catalog import DEFAULT_ALIGNER_WEIGHTS  # the published aligner's repo id; any path works too
 from .detector import FaceDetection, FaceDetector, NoFaceFound
 
 __all__ = [
@@ -33,8 +34,6 @@ __all__ = [
     "photo_to_input",
 ]
 
-# The published aligner (Hugging Face repo id); any path to its files works too.
-DEFAULT_ALIGNER_WEIGHTS = "minchul/cvlface_DFA_mobilenet"
 
 
 def load_aligner(

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..images import ImageLoadError, expand_image_paths, load_image
 from ..landmarks import LandmarkFileError
+from ..thresholds import DEFAULT_THRESHOLD
 from .align import (
     ALIGN_MODES,
     CROP_SIZE,
@@ -43,9 +44,6 @@ __all__ = [
     "model_fingerprint",
 ]
 
-# Cosine-similarity threshold for "same person". Typical for ArcFace-style models, but it depends on the
-# checkpoint and the false-accept rate you need: calibrate it on your own pairs.
-DEFAULT_THRESHOLD = 0.3
 
 
 @dataclass

@@ -26,7 +26,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import KprpeError
 from ..images import ImageLoadError, expand_image_paths, load_image
@@ -530,6 +529,8 @@ def stream_embeddings(
         completed=completed,
     )
     embedded = iter_embedded(results, embedder, stats=stats)
+    from tqdm.auto import tqdm  # here, not at the top: `kprpe --help` reads this module's defaults
+
     bar = tqdm(
         total=len(todo), desc="embed", unit="file", disable=None if progress else True, file=sys.stderr
     )
