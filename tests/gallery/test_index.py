@@ -198,3 +198,15 @@ def test_bad_input_is_refused_before_anything_changes():
         GalleryIndex(4, backend="numpy", nprobe=0)
     with pytest.raises(GalleryIndexError, match="approximate_above"):
         GalleryIndex(4, backend="numpy", approximate_above=-1)
+
+
+def test_template_rows_are_the_rows_search_reports_and_read_only():
+    rng = np.random.default_rng(9)
+    index = GalleryIndex(32, backend="numpy")
+    index.add(_gallery(rng, identities=6))
+    index.remove(["id002"])
+    rows = index.template_rows
+    assert rows.shape == (6, 32) and not rows.flags.writeable
+    found, _ = index.search_rows(rows[[4]], 1)
+    assert found[0, 0] == 4
+    np.testing.assert_array_equal(rows[5], index.template("id005"))

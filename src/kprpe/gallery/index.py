@@ -136,6 +136,14 @@ class GalleryIndex:
     def template(self, name: str) -> np.ndarray:
         return self._templates[self._lookup(name)].copy()
 
+    @property
+    def template_rows(self) -> np.ndarray:
+        """Every slot's template ``(slots, dim)``, row ``r`` being what :meth:`search_rows` returns as ``r``
+        (a removed identity leaves its row unused); a read-only view, not a copy (1M x 512 is 2 GiB)."""
+        view = self._templates[: len(self._names)].view()
+        view.flags.writeable = False
+        return view
+
     def describe(self) -> dict:
         info = {
             "backend": self.backend,
