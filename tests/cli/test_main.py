@@ -1,5 +1,5 @@
 """The ``kprpe`` command's structure: shared options spelled once, no command module importing the CLI
-back."""
+back, no torch for ``import kprpe`` or ``kprpe --help``."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "kprpe"
 
 
 def test_command_modules_import_errors_not_the_cli():
-    # cli.py imports the command modules; a command module importing cli.py back would be a hidden loop
+    # cli/main.py imports the command modules; a command module importing it back would be a hidden loop
     for name in COMMAND_MODULES:
         path = SRC / Path(*name.split(".")[1:]).with_suffix(".py")
+        if not path.exists():  # a group whose package is not there (yet)
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                assert node.module not in ("cli", "kprpe.cli"), f"{path} imports the CLI module"
+                module = "." * node.level + (node.module or "")
+                assert module not in (".main", "kprpe.cli.main", "kprpe.cli", "."), f"{path} imports the CLI"
 
 
 def _subparser(*names: str):

@@ -1,5 +1,6 @@
-"""The ``kprpe`` command. Each sub-package contributes its sub-commands through a ``commands`` module with a
-``register(subparsers)`` function; this file only wires them together."""
+"""The ``kprpe`` command. Each command group is a module of this package with a ``register(subparsers)``
+function that imports no model code (the handlers import what they run); this file only wires them together.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import sys
 
 from ..errors import KprpeError
 
-# Sub-packages that contribute commands, in the order they appear in ``kprpe --help``.
+# Command groups, in the order they appear in ``kprpe --help``; a group whose module is absent is skipped
+# (a task package such as gait adds its cli/<task>.py and its name here).
 COMMAND_MODULES = (
     "kprpe.cli.face",
+    "kprpe.cli.gait",
     "kprpe.cli.data",
     "kprpe.cli.train",
     "kprpe.cli.eval",
