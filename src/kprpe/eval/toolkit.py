@@ -36,9 +36,7 @@ from .embedding import FaceSource, file_fingerprint
 from .images import DataFormatError
 from .landmarks import (
     backend_tag,
-    face_backend_landmarks,
-    read_normalized_landmark_csv,
-    template_keypoints_for,
+    indexed_keypoints,
 )
 from .tinyface import (
     TINYFACE_FOLDERS,
@@ -307,14 +305,9 @@ def toolkit_face_source(
     (``file``: a ``idx,ldmk_0..ldmk_9`` CSV keyed by the ``index`` column; ``backend``; ``template``)."""
     datasets = _datasets()
     images = ts.dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
-    table = None
-    if keypoint_source == "file":
-        table = read_normalized_landmark_csv(landmarks)
-        missing = [i for i in range(len(ts)) if i not in table]
-        if missing:
-            raise ToolkitFormatError(
-                f"{landmarks}: no landmarks for {len(missing)} of {len(ts)} faces (first: index {missing[0]})"
-            )
+    keypoints = indexed_keypoints(
+        keypoint_source, landmarks, len(ts), what="faces", index_name="index", error=ToolkitFormatError
+    )
 
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         rows = ts.rows[start:stop]
@@ -328,13 +321,7 @@ def toolkit_face_source(
                 for k, item in enumerate(batch["image"])
             ]
         )
-        if keypoint_source == "file":
-            kps = np.stack([table[i] for i in range(start, stop)])
-        elif keypoint_source == "backend":
-            kps = face_backend_landmarks(faces)
-        else:
-            kps = template_keypoints_for(stop - start)
-        return faces, kps
+        return faces, keypoints(start, stop, faces)
 
     arrow = sorted(ts.path.glob("*.arrow"))
     fp = "toolkit:" + "|".join(file_fingerprint(p) for p in arrow) + f"|kp:{keypoint_source}"
