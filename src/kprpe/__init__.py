@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .lazy import lazy_exports
+from .lazy import alias_moved_modules, lazy_exports
 
 __version__ = "0.2.2"
 
@@ -32,6 +32,17 @@ _EXPORTS = {
     "save_model": ".nn",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+# documented module paths that moved when streaming and the gallery left kprpe.face (0.3): still importable,
+# with a DeprecationWarning
+alias_moved_modules(
+    {
+        "kprpe.face.index": "kprpe.gallery.index",
+        "kprpe.face.stream": "kprpe.streaming.stream",
+        "kprpe.face.video": "kprpe.streaming.video",
+        "kprpe.face.embed_output": "kprpe.streaming.shards",
+    }
+)
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .nn import (
