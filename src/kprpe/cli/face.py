@@ -314,7 +314,7 @@ def _skipped(command: str):
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    """Streams (face/stream.py) into a resumable output (face/embed_output.py)."""
+    """Streams (streaming/stream.py) into a resumable output (streaming/shards.py)."""
     from ..streaming.shards import embed_to_output
 
     pipeline = _pipeline(args)

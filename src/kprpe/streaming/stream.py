@@ -1,5 +1,8 @@
-"""Streaming face embedding: photos and videos -> detection and alignment in worker processes -> batched model
+"""Streaming embedding: photos and videos -> detection and alignment in worker processes -> batched model
 calls, in input order, with memory bounded by the batch size instead of the number of inputs.
+
+Task-neutral: the pipeline that finds and crops what is embedded is passed in (the face pipeline today; see
+:func:`run_task` for what it must offer), so rows are called faces but hold any detection.
 
 The unit of work is a :class:`Task`: one photo, or one segment of a video (``SEGMENT_FRAMES`` sampled
 frames, see :mod:`.video`). Workers turn tasks into face crops; the main process keeps a few tasks
