@@ -1,6 +1,7 @@
-"""``kprpe serve`` under hostile connections: idle and trickling sockets, timed-out work, bursts over the queue,
-oversized chunked bodies, absurd form fields. The real server (uvicorn, configured as ``kprpe serve`` does) runs
-on 127.0.0.1 in front of a stand-in service whose "model" sleeps, so no checkpoint or detector is needed."""
+"""``kprpe serve`` under hostile connections: idle and trickling sockets, timed-out work, bursts over the
+queue, oversized chunked bodies, absurd form fields. The real server (uvicorn, configured as ``kprpe serve``
+does) runs on 127.0.0.1 in front of a stand-in service whose "model" sleeps, so no checkpoint or detector is
+needed."""
 
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ class SlowService:
         try:
             time.sleep(self.delay)
             face = SimpleNamespace(
-                box=[0.0, 0.0, 1.0, 1.0], source_keypoints=np.zeros((5, 2)), score=1.0, keypoints=np.zeros((5, 2))
+                box=[0.0, 0.0, 1.0, 1.0],
+                source_keypoints=np.zeros((5, 2)),
+                score=1.0,
+                keypoints=np.zeros((5, 2)),
             )
             unit = np.eye(len(images), 4, dtype=np.float32)
             return [face] * len(images), unit, np.ones(len(images), np.float32)
@@ -215,6 +219,9 @@ def test_deeply_nested_keypoints_are_a_422():
     with RunningServer(create_app(SlowService(), limits), limits) as running:
         for text in ("[" * 100_000, "[" * 2000 + "]" * 2000):
             response = httpx.post(
-                f"{running.url}/embed", files={"image": ("f.png", _png())}, data={"keypoints": text}, timeout=10
+                f"{running.url}/embed",
+                files={"image": ("f.png", _png())},
+                data={"keypoints": text},
+                timeout=10,
             )
             _json_error(response, 422, "keypoints")

@@ -17,4 +17,12 @@ def create_app(service: FaceService, limits: ServeLimits | None = None):
     return build(service, limits)
 
 
-__all__ = ["ALIGNERS", "FaceService", "RequestError", "ServeLimits", "create_app", "decode_upload", "server_config"]
+__all__ = [
+    "ALIGNERS",
+    "FaceService",
+    "RequestError",
+    "ServeLimits",
+    "create_app",
+    "decode_upload",
+    "server_config",
+]

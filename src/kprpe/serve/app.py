@@ -12,14 +12,15 @@ score)
 
 Safety: uploads are read from memory only (no name or path from a request is ever used on the file system);
 the request body is capped while it streams in (413, chunked bodies included); images are refused by their
-header's pixel count before any pixel is decoded (decompression bombs). Time: a connection must send its request
-headers within ``read_timeout_s`` and the body within ``read_timeout_s`` after them (else it is closed, or answered
-408); the whole request, body included, has a deadline (504); an idle keep-alive connection is closed after
-``idle_timeout_s``. Admission counts requests, never sockets: at most ``max_concurrent`` requests decode and infer
-at once, at most ``max_queued`` more wait or stream their body (the rest get a JSON 503); a request that times out
-keeps its slot until its worker thread has finished, so timed-out work never piles up beyond ``max_concurrent``.
-Detection and the model run under one lock, so one model instance serves every request safely. Every error is JSON
-``{"error": ...}`` with a 4xx (or 503/504) status.
+header's pixel count before any pixel is decoded (decompression bombs). Time: a connection must send its
+request headers within ``read_timeout_s`` and the body within ``read_timeout_s`` after them (else it is
+closed, or answered 408); the whole request, body included, has a deadline (504); an idle keep-alive
+connection is closed after ``idle_timeout_s``. Admission counts requests, never sockets: at most
+``max_concurrent`` requests decode and infer at once, at most ``max_queued`` more wait or stream their body
+(the rest get a JSON 503); a request that times out keeps its slot until its worker thread has finished, so
+timed-out work never piles up beyond ``max_concurrent``. Detection and the model run under one lock, so one
+model instance serves every request safely. Every error is JSON ``{"error": ...}`` with a 4xx (or 503/504)
+status.
 """
 
 from __future__ import annotations
@@ -407,15 +408,28 @@ class _RequestGuard:
             started = started or event["type"] == "http.response.start"
             await send(event)
 
-        try:
-            await asyncio.wait_for(self.app(scope, guarded_receive, guarded_send), limits.request_timeout_s)
-        except asyncio.TimeoutError:
+        # The deadline is kept here, not by cancelling and awaiting the app: a cancellation can be absorbed
+        # inside the framework, and the answer must not wait for that.
+        task = asyncio.ensure_future(self.app(scope, guarded_receive, guarded_send))
+        done, _ = await asyncio.wait({task}, timeout=limits.request_timeout_s)
+        if task in done:
+            try:
+                task.result()
+            except _Refused:
+                pass
+        else:
             if refusal is None:
                 refusal = (504, f"request took longer than {limits.request_timeout_s:g} s")
-        except _Refused:
-            pass
+            task.cancel()  # its worker thread, if any, keeps its slot until it ends (see _Admission)
+            task.add_done_callback(_retrieve)
         if refusal is not None and not started:
             await _send_json(send, refusal[0], {"error": refusal[1]}, close=True)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Collect an abandoned request's outcome (else asyncio logs 'exception was never retrieved')."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _send_json(send, status: int, payload: dict, *, close: bool = True) -> None:
