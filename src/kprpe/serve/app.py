@@ -88,9 +88,9 @@ class ServeLimits:
 
 def decode_upload(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
     """Uploaded bytes -> upright RGB uint8, refusing empty, non-image, oversized and corrupt uploads."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
-    from ..images import to_rgb_uint8
+    from ..images import upright_rgb
 
     if not data:
         raise RequestError(400, f"field {field!r}: empty upload (0 bytes)")
@@ -107,9 +107,7 @@ def decode_upload(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
                     )
                 if width == 0 or height == 0:
                     raise RequestError(400, f"field {field!r}: image has no pixels ({width}x{height})")
-                opened.load()
-                upright = ImageOps.exif_transpose(opened)
-                return to_rgb_uint8(upright if upright is not None else opened)
+                return upright_rgb(opened)  # memory: the decoded image + 3 bytes a pixel
     except RequestError:
         raise
     except UnidentifiedImageError:
