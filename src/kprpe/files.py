@@ -179,13 +179,13 @@ def check_not_input(
             continue
         same = resolved == found or (out.exists() and os.path.samefile(out, found))
         inside_input = inside and not folder and found.is_dir() and found in resolved.parents and out.exists()
+        if folder and (same or resolved in found.parents):
+            raise error(f"output folder {out} contains the input {given}; write the output elsewhere")
         if same or inside_input:
             raise error(
                 f"output {out} would overwrite the input {given}; inputs are never modified — write the "
                 "output elsewhere"
             )
-        if folder and resolved in found.parents:
-            raise error(f"output folder {out} contains the input {given}; write the output elsewhere")
 
 
 def check_output_path(
