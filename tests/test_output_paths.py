@@ -4,6 +4,7 @@ Each command that writes a file is run against it, and the input is checked byte
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -147,3 +148,35 @@ def test_overwrite_replaces_a_file_that_is_not_an_input(made_files, capsys):
     assert code == 0, err
     with Image.open(made["other"]) as picture:
         assert picture.format == "PNG"
+
+
+def test_eval_never_writes_a_result_file_over_an_input(tmp_path, capsys):
+    from kprpe.eval.binfile import write_verification_bin
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(8):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+        images.append(buffer.getvalue())
+    out = tmp_path / "run"
+    out.mkdir()
+    data = out / "summary.md"  # a verification set that happens to carry a result file's name
+    write_verification_bin(data, images, [True, False, True, False])
+    before = data.read_bytes()
+    weights = TINY_WEIGHTS.parent / "tiny_vit.safetensors"
+    argv = [
+        "eval",
+        "verify",
+        "--weights",
+        str(weights),
+        "--bin",
+        str(data),
+        "-o",
+        str(out),
+        "--no-cache",
+        "-q",
+    ]
+    assert main(argv) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert data.read_bytes() == before
