@@ -43,6 +43,7 @@ from .distributed import (
     use_distributed_batchnorm,
 )
 from .heads import PartialFC, build_margin
+from .schedule import lr_factor
 
 __all__ = [
     "Trainer",
@@ -52,29 +53,6 @@ __all__ = [
     "clip_global_grad_norm",
     "build_optimizer",
 ]
-
-
-def lr_factor(
-    step: int,
-    *,
-    total_steps: int,
-    warmup_steps: int,
-    schedule: str,
-    min_ratio: float = 0.0,
-    milestones: list[int] | None = None,
-    gamma: float = 0.1,
-) -> float:
-    """Multiplier of the base learning rate for optimiser step ``step`` (0-based): linear warm-up from
-    ``1/warmup`` to 1, then cosine to ``min_ratio``, step decay by ``gamma`` at ``milestones``, or
-    constant."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "cosine":
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "step":
-        return gamma ** sum(1 for m in (milestones or []) if step >= m)
-    return 1.0
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
