@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 
 import kprpe
 from kprpe.nn import CheckpointError, infer_config, save_model
-from kprpe.nn.official_config import CTX_TYPES, ctx_type_of, official_vit_fields
-from kprpe.nn.official_config import SIZES
+from kprpe.nn.official_config import CTX_TYPES, SIZES, ctx_type_of, official_vit_fields
 from reference_vectors import DATA
 
 LAYOUTS = json.loads((DATA / "official_layouts.json").read_text())["models"]
