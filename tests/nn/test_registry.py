@@ -96,7 +96,8 @@ def test_saved_family_must_match_the_weights(tmp_path):
     config = kprpe.nn.preset_config("ir_18").to_dict()  # an IResNet config stored with ViT weights
     save_file(state, str(tmp_path / "a.safetensors"), metadata={CONFIG_METADATA_KEY: json.dumps(config)})
     with pytest.raises(
-        CheckpointError, match="weights are a ViT but the stored kprpe config is for 'iresnet'"
+        CheckpointError,
+        match="weights are of model family 'vit' but the stored kprpe config is for 'iresnet'",
     ):
         load_official(tmp_path / "a.safetensors")
     unknown = dict(kprpe.nn.preset_config("vit_tiny").to_dict(), arch="swin")

@@ -170,7 +170,6 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-
 def _describe(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
 
@@ -199,7 +198,6 @@ def _official_model_config(source, file_config: Mapping | None) -> dict | None:
     return merged or None
 
 
-
 # ---------------------------------------------------------------------- loading: dispatch to a family
 def _family_for(
     state: Mapping[str, torch.Tensor], saved: Mapping | None, official: Mapping | None, where: str
@@ -219,8 +217,8 @@ def _family_for(
             raise CheckpointError(f"{where}: the stored {CONFIG_METADATA_KEY} names {exc}") from None
         if found is not None and found is not named:
             raise CheckpointError(
-                f"{where}: the weights are a {found.label} but the stored kprpe config is for {arch!r}: "
-                "the file is inconsistent"
+                f"{where}: the weights are of model family {found.name!r} but the stored kprpe config is "
+                f"for {arch!r}: the file is inconsistent"
             )
         return named
     for family in (get_family(name) for name in list_families()):
@@ -404,4 +402,3 @@ def save_model(model: nn.Module, path, *, metadata: Mapping[str, str] | None = N
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
-

@@ -506,7 +506,6 @@ def load_iresnet(
     return model.eval()
 
 
-
 def ir_18(**kwargs) -> IResNet:
     return IResNet(num_layers=18, mode="ir", **kwargs)
 

@@ -240,7 +240,6 @@ def _config_from_file(config: Mapping) -> dict:
     return found
 
 
-
 # ---------------------------------------------------------------------- loading
 def is_vit_checkpoint(state: Mapping[str, torch.Tensor]) -> bool:
     """True when bare keys have the ViT's patch embedding (``patch_embed.proj.weight``)."""
