@@ -106,6 +106,18 @@ def test_saved_family_must_match_the_weights(tmp_path):
         load_official(tmp_path / "b.safetensors")
 
 
+def test_a_saved_iresnet_config_claiming_a_huge_input_allocates_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        shapes = kprpe.create_model("ir_18").state_dict()
+    state = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}
+    claim = dict(kprpe.nn.preset_config("ir_18").to_dict(), img_size=112 * 400)  # a 4e10-input linear layer
+    save_file(state, str(tmp_path / "m.safetensors"), metadata={CONFIG_METADATA_KEY: json.dumps(claim)})
+    with pytest.raises(CheckpointError, match="output_layer.3.weight: checkpoint .*nothing was allocated"):
+        load_official(tmp_path / "m.safetensors")
+
+
 def test_a_config_saved_before_families_is_a_vit(tmp_path):
     """Files written before save_model stored "arch" still load (as ViTs)."""
     from safetensors.torch import save_file

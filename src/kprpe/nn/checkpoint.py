@@ -29,6 +29,7 @@ __all__ = [
     "read_state_dict",
     "strip_prefixes",
     "compare_shapes",
+    "check_fits_before_allocating",
     "load_official",
     "load_weights",
     "save_model",
@@ -317,7 +318,7 @@ def compare_shapes(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch
     )
 
 
-def _check_fits_before_allocating(config, state: Mapping[str, torch.Tensor], where: str) -> None:
+def check_fits_before_allocating(config, state: Mapping[str, torch.Tensor], where: str) -> None:
     """Build the model of ``config`` (any registered family's) on the meta device (no memory) and compare
     every tensor's shape with the checkpoint's, so a file whose config or a zero-element tensor claims a huge
     model is refused before anything is allocated."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_weights
+from .checkpoint import CheckpointError, check_fits_before_allocating, load_weights
 from .registry import register_family, register_model
 
 __all__ = [
@@ -501,6 +501,7 @@ def load_iresnet(
         raise CheckpointError(
             f"{where}: checkpoint implies an invalid IResNet config {values}: {exc}"
         ) from exc
+    check_fits_before_allocating(config, bare, where)  # a config claiming a huge input allocates nothing
     model = IResNet.from_config(config)
     load_weights(model, bare)
     return model.eval()

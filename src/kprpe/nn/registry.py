@@ -8,10 +8,11 @@ This module imports no family. A family is what the rest of kprpe asks instead o
 - ``config_class``: a dataclass with ``from_dict(values)`` (validates, names a bad key) and ``to_dict()``;
 - ``build(config)``: a fresh model whose ``.config`` is that config;
 - ``recognizes(state)``: does a bare state dict (prefixes stripped) hold this family's keys;
-- ``load(state, *, saved_config, official_config, where, **overrides)``: build the model a checkpoint
-  describes and load it strictly, in eval mode (``saved_config``: kprpe's own, ``arch`` removed;
-  ``official_config``: the official ``model.yaml`` / ``config.json``; raise ``CheckpointError`` naming
-  ``where``);
+- ``load(state, *, saved_config, official_config, file_config, where, **overrides)``: build the model a
+  checkpoint describes and load it strictly, in eval mode (``saved_config``: kprpe's own, ``arch`` removed,
+  else None; ``official_config``: the official ``model.yaml`` merged over ``config.json``; ``file_config``:
+  ``config.json`` alone; keyword ``overrides`` win; raise ``CheckpointError`` naming ``where``). Common
+  helpers are in nn/checkpoint.py (``load_weights``, ``check_fits_before_allocating``);
 - ``signature``: its characteristic keys, in words, for "no family recognises this checkpoint" messages;
 - optional ``describe(config) -> dict`` (the row ``kprpe models`` prints) with ``describe_text(row) -> str``
   (its table line), and ``names_model(official_config) -> str | None`` (the model name when an official

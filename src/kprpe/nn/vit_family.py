@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .buckets import num_buckets
-from .checkpoint import CheckpointError, _check_fits_before_allocating, load_weights
+from .checkpoint import CheckpointError, check_fits_before_allocating, load_weights
 from .official_config import SIZES, ctx_type_of, official_vit_fields
 from .registry import register_family, register_model
 from .vit import VisionTransformer, ViTConfig
@@ -289,7 +289,7 @@ def load_vit(
         config = ViTConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint implies an invalid model config {values}: {exc}") from exc
-    _check_fits_before_allocating(config, state, where)
+    check_fits_before_allocating(config, state, where)
     model = VisionTransformer(config)
     load_weights(model, state)
     if stated.get("kp_input") == "absolute" and any(p.any() for p in model.kprpe.linear.parameters()):
