@@ -399,8 +399,8 @@ def make_synthetic(
 ) -> SyntheticReport:
     """Write ``config.ids`` walkers in the OpenGait layout under ``out``
     (``<id>/walkNN/<view>/{pose,sils}.pkl``), a Gait3D-style ``partition.json`` and ``synthetic.json`` (the
-    configuration and every sequence's nuisances). The folder is built aside and renamed into place; ``out`` must be new, empty or an earlier
-    output of this command."""
+    configuration and every sequence's nuisances). The folder is built aside and renamed into place;
+    ``out`` must be new, empty or an earlier output of this command."""
     report = SyntheticReport()
     sequences = []
     with staged_folder(out, SYNTHETIC_MARKER) as staging:
