@@ -76,6 +76,13 @@ def _cmd_pack(args: argparse.Namespace) -> int:
             print(f"  {path}: {reason}")
         if len(report.skipped) > 20:
             print(f"  ... and {len(report.skipped) - 20} more")
+        if not args.allow_skipped:
+            print(
+                f"kprpe gait pack: {len(report.skipped)} sequences were skipped (exit status 1; pass "
+                "--allow-skipped to accept; re-running resumes)",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 
@@ -135,6 +142,9 @@ def register(subparsers) -> None:
     )
     pack.add_argument(
         "--allow-missing-ids", action="store_true", help="accept a partition naming ids that have no sequence"
+    )
+    pack.add_argument(
+        "--allow-skipped", action="store_true", help="exit 0 even if some sequences were skipped (listed)"
     )
     pack.add_argument("--test-fraction", type=float, default=0.5, help="made partition: share of test ids")
     pack.add_argument("--seed", type=int, default=0, help="made partition: seed for test ids and probes")

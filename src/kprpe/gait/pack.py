@@ -30,13 +30,12 @@ from ..files import check_output_folder
 from .dataset import scan_sequences
 from .formats import NUM_JOINTS, GaitFormatError, dump_array_pickle
 from .partition import GaitPartition, make_partition, read_partition, write_partition
-from .pretreatment import MIN_FRAME_MASS, apply_to_keypoints, frame_transform
+from .pretreatment import MIN_FRAME_MASS, pretreat_frame_and_keypoints
 
 __all__ = [
     "PackReport",
     "frame_number",
     "read_pose_file",
-    "clean_keypoints",
     "pack_sequences",
     "POSE_SUFFIXES",
 ]
@@ -105,21 +104,6 @@ def _numeric(row: list[str]) -> bool:
     return True
 
 
-def clean_keypoints(keypoints: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int]:
-    """Keypoints ``[17, 3]`` with invalid joints zeroed (x = y = confidence = 0) and how many there were.
-    Invalid: a NaN/inf value, a negative confidence, or a confident joint outside the ``height x width`` input
-    image (by over a pixel: detectors answer inside the image). Confidences above 1 are clipped to 1."""
-    kp = np.array(keypoints, dtype=np.float64, copy=True)
-    with np.errstate(invalid="ignore"):
-        bad = ~np.all(np.isfinite(kp), axis=1) | (kp[:, 2] < 0)
-        x, y = kp[:, 0], kp[:, 1]
-        outside = (kp[:, 2] > 0) & ((x < -1) | (x > width) | (y < -1) | (y > height))
-    bad |= outside
-    kp[bad] = 0.0
-    kp[:, 2] = np.clip(kp[:, 2], 0.0, 1.0)
-    return kp, int(bad.sum())
-
-
 @dataclass
 class PackReport:
     """What a pack did; every frame and sequence that was not packed is counted with its reason."""
@@ -184,22 +168,18 @@ def _pack_one(
     frames, keypoints = [], []
     for number in sorted(silhouettes):
         image = _read_silhouette(silhouettes[number])
-        result = frame_transform(image, width, MIN_FRAME_MASS)
+        raw = read_pose_file(poses[number]) if number in poses else np.zeros((NUM_JOINTS, 3))
+        result = pretreat_frame_and_keypoints(image, raw, width, MIN_FRAME_MASS)
         if result is None:
             report.dropped_frames += 1
             continue
-        transform, frame = result
+        frame, moved, invalid = result
         frames.append(frame)
         if pose_root is None:
             continue
-        if number not in poses:
+        if number not in poses:  # the joint cannot be guessed: (0, 0, 0) like an undetected joint
             report.frames_without_pose += 1
-            keypoints.append(np.zeros((NUM_JOINTS, 3)))
-            continue
-        kp, invalid = clean_keypoints(read_pose_file(poses[number]), *image.shape)
         report.invalid_joints += invalid
-        moved = apply_to_keypoints(transform, kp)
-        moved[kp[:, 2] <= 0] = 0.0  # missing joints stay (0, 0, 0), not a transformed origin
         keypoints.append(moved)
     if not frames:
         return None, None
@@ -260,7 +240,11 @@ def pack_sequences(
         if pose_dir is not None and pose_dir.exists() and not _inside(pose_dir, pose_root):
             report.skipped.append((str(pose_dir), "a link that leaves the pose root"))
             continue
-        sils, pose = _pack_one(ref.path, sil_root, pose_dir, pose_root, width, report)
+        try:
+            sils, pose = _pack_one(ref.path, sil_root, pose_dir, pose_root, width, report)
+        except GaitFormatError as exc:  # an unreadable frame or pose file costs its sequence, not the run
+            report.skipped.append((str(ref.path), str(exc)))
+            continue
         if sils is None:
             report.skipped.append((str(ref.path), "empty after pretreatment (every frame near-empty)"))
             continue

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MIN_FRAME_MASS", "FrameTransform", "pretreat_frame", "frame_transform", "apply_to_keypoints"]
+__all__ = [
+    "MIN_FRAME_MASS",
+    "FrameTransform",
+    "pretreat_frame",
+    "frame_transform",
+    "apply_to_keypoints",
+    "clean_keypoints",
+    "pretreat_frame_and_keypoints",
+]
 
 MIN_FRAME_MASS = 10000  # pixel sum (uint8) at or below which a frame is dropped as near-empty
 HEIGHT = 64
@@ -96,3 +104,34 @@ def pretreat_frame(
         return None
     transform, frame = result
     return frame, (None if keypoints is None else apply_to_keypoints(transform, keypoints))
+
+
+def clean_keypoints(keypoints: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int]:
+    """Keypoints ``[17, 3]`` with invalid joints zeroed (x = y = confidence = 0) and how many there were.
+    Invalid: a NaN/inf value, a negative confidence, or a confident joint outside the ``height x width`` input
+    image (by over a pixel: detectors answer inside the image). Confidences above 1 are clipped to 1."""
+    kp = np.array(keypoints, dtype=np.float64, copy=True)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.all(np.isfinite(kp), axis=1) | (kp[:, 2] < 0)
+        x, y = kp[:, 0], kp[:, 1]
+        outside = (kp[:, 2] > 0) & ((x < -1) | (x > width) | (y < -1) | (y > height))
+    bad |= outside
+    kp[bad] = 0.0
+    kp[:, 2] = np.clip(kp[:, 2], 0.0, 1.0)
+    return kp, int(bad.sum())
+
+
+def pretreat_frame_and_keypoints(
+    image: np.ndarray, keypoints: np.ndarray, width: int = 44, min_mass: int = MIN_FRAME_MASS
+):
+    """A frame and its raw detector keypoints ``[17, 3]`` (input pixels) through the pretreatment:
+    ``(frame, keypoints in frame pixels, number of invalid joints)``, or ``None`` when the frame is dropped.
+    Invalid joints (see :func:`clean_keypoints`) and undetected ones (confidence 0) come out as (0, 0, 0)."""
+    result = frame_transform(image, width, min_mass)
+    if result is None:
+        return None
+    transform, frame = result
+    cleaned, invalid = clean_keypoints(keypoints, *image.shape)
+    moved = apply_to_keypoints(transform, cleaned)
+    moved[cleaned[:, 2] <= 0] = 0.0  # missing joints stay (0, 0, 0), not a transformed origin
+    return frame, moved.astype(np.float32), invalid

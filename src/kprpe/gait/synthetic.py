@@ -24,12 +24,13 @@ import numpy as np
 from ..files import staged_folder, write_json
 from .formats import NUM_JOINTS, dump_array_pickle
 from .partition import GaitPartition, make_partition, write_partition
-from .pretreatment import apply_to_keypoints, frame_transform
+from .pretreatment import pretreat_frame_and_keypoints
 
 __all__ = [
     "SyntheticConfig",
     "WalkerIdentity",
     "draw_identity",
+    "render_walk",
     "walk_sequence",
     "make_synthetic",
     "SYNTHETIC_MARKER",
@@ -287,10 +288,9 @@ def _render(segments, yaw: float, scale: float, origin) -> np.ndarray:
     return frames
 
 
-def walk_sequence(identity: WalkerIdentity, rng: np.random.Generator, config: SyntheticConfig):
-    """One sequence of ``identity``: ``(sils uint8 [T, 64, width], pose float32 [T, 17, 3], nuisances)``.
-    Pose is COCO-17 ``(x, y, confidence)`` in the pixels of the silhouette frames. Frames the pretreatment
-    drops are left out of both, so ``T`` can be below the drawn length."""
+def render_walk(identity: WalkerIdentity, rng: np.random.Generator, config: SyntheticConfig):
+    """The raw frames of one sequence, as a data set ships them before pretreatment: ``(frames uint8
+    [T, 128, 112] in {0, 255}, keypoints float [T, 17, 3] (x, y, confidence) in frame pixels, nuisances)``."""
     # posture varies from walk to walk (mood, a bag, shoes), so a frame's lean or arm bend is no fingerprint
     identity = replace(
         identity,
@@ -326,17 +326,6 @@ def walk_sequence(identity: WalkerIdentity, rng: np.random.Generator, config: Sy
         hidden = occluded[np.arange(length)[:, None], iy, ix]
         confidence[hidden] = rng.uniform(0.0, 0.3, size=int(hidden.sum()))
 
-    sils, pose = [], []
-    for i in range(length):
-        result = frame_transform(frames[i], config.width)
-        if result is None:
-            continue
-        transform, frame = result
-        kp = np.concatenate([keypoints[i], confidence[i][:, None]], axis=1)
-        sils.append(frame)
-        pose.append(apply_to_keypoints(transform, kp))
-    sils_array = np.stack(sils) if sils else np.zeros((0, 64, config.width), np.uint8)
-    pose_array = np.stack(pose) if pose else np.zeros((0, NUM_JOINTS, 3))
     nuisances = dict(
         view=yaw_degrees,
         speed=speed,
@@ -346,6 +335,23 @@ def walk_sequence(identity: WalkerIdentity, rng: np.random.Generator, config: Sy
         thickness=thickness,
         occluded=bool(occluded.any()),
     )
+    return frames, np.concatenate([keypoints, confidence[..., None]], axis=2), nuisances
+
+
+def walk_sequence(identity: WalkerIdentity, rng: np.random.Generator, config: SyntheticConfig):
+    """One sequence of ``identity``: ``(sils uint8 [T, 64, width], pose float32 [T, 17, 3], nuisances)``.
+    Pose is COCO-17 ``(x, y, confidence)`` in the pixels of the silhouette frames. The raw frames of
+    :func:`render_walk` go through the pretreatment of real data; frames it drops are left out of both, so
+    ``T`` can be below the drawn length."""
+    frames, keypoints, nuisances = render_walk(identity, rng, config)
+    sils, pose = [], []
+    for frame, raw in zip(frames, keypoints, strict=True):
+        result = pretreat_frame_and_keypoints(frame, raw, config.width)
+        if result is not None:
+            sils.append(result[0])
+            pose.append(result[1])
+    sils_array = np.stack(sils) if sils else np.zeros((0, 64, config.width), np.uint8)
+    pose_array = np.stack(pose) if pose else np.zeros((0, NUM_JOINTS, 3), np.float32)
     if config.misalign and len(sils):
         sils_array, pose_array, warp = _misalign(sils_array, pose_array, rng, config)
         nuisances["misalign"] = warp
