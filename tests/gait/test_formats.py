@@ -7,10 +7,11 @@ import pickle
 
 import numpy as np
 import pytest
-from .conftest import evil_pickle, write_sequence
 
 from kprpe.errors import KprpeError
 from kprpe.gait import GaitFormatError, UnsafePickleError, dump_array_pickle, load_array_pickle, load_sequence
+
+from .conftest import evil_pickle, write_sequence
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
@@ -127,4 +128,6 @@ def test_links_leaving_the_root_are_refused(tmp_path):
     os.symlink(outside / "sils.pkl", root / "0002" / "t" / "v" / "sils.pkl")
     with pytest.raises(GaitFormatError, match="leaves the data root"):
         load_sequence(root / "0002" / "t" / "v", root=root)
-    assert load_sequence(root / "0001" / "t" / "v")["sils"].shape[0] == 3  # without a root: no containment rule
+    assert (
+        load_sequence(root / "0001" / "t" / "v")["sils"].shape[0] == 3
+    )  # without a root: no containment rule

@@ -34,8 +34,11 @@ def test_partition_round_trip(tmp_path):
     partition = GaitPartition(("0000",), ("0001", "0002"), ("0001-a-b",))
     path = write_partition(tmp_path / "p.json", partition)
     assert read_partition(path) == partition
-    assert json.loads(path.read_text()) == {"TRAIN_SET": ["0000"], "TEST_SET": ["0001", "0002"],
-                                            "PROBE_SET": ["0001-a-b"]}
+    assert json.loads(path.read_text()) == {
+        "TRAIN_SET": ["0000"],
+        "TEST_SET": ["0001", "0002"],
+        "PROBE_SET": ["0001-a-b"],
+    }
 
 
 @pytest.mark.parametrize(
@@ -81,8 +84,13 @@ def test_scan_counts_skips(gait_root, tmp_path):
     os.symlink(outside, gait_root / "0004" / "t" / "v")
     scan = scan_sequences(gait_root)
     assert [s.key for s in scan.sequences] == [
-        "0000-cam0_video0-seq0", "0000-cam1_video0-seq0", "0000-cam2_video0-seq0",
-        "0001-cam0_video0-seq0", "0001-cam1_video0-seq0", "0002-cam0_video0-seq0", "0002-cam1_video0-seq0",
+        "0000-cam0_video0-seq0",
+        "0000-cam1_video0-seq0",
+        "0000-cam2_video0-seq0",
+        "0001-cam0_video0-seq0",
+        "0001-cam1_video0-seq0",
+        "0002-cam0_video0-seq0",
+        "0002-cam1_video0-seq0",
     ]
     reasons = sorted(reason.split(" (")[0] for _, reason in scan.skipped)
     assert reasons == ["a link that leaves the data root", "empty sequence"]

@@ -115,16 +115,17 @@ def make_partition(
     sequences: Iterable[tuple[str, str, str]], *, test_fraction: float = 0.5, seed: int = 0
 ) -> GaitPartition:
     """A Gait3D-style partition of ``(id, type, view)`` sequences: a seeded ``test_fraction`` of the ids
-    (at least one each side when there are two or more) are test ids, and one seeded sequence per test id is
-    its probe (only ids with two or more sequences can have a gallery match; others get no probe)."""
+    (at least one each side when there are two or more; a single id is train only) are test ids, and one
+    seeded sequence per test id is its probe (only ids with two or more sequences can have a gallery match;
+    others get no probe)."""
     if not 0.0 < test_fraction < 1.0:
         raise GaitFormatError(f"test fraction must be in (0, 1), got {test_fraction}")
     by_id: dict[str, list[str]] = {}
     for identity, seq_type, view in sequences:
         by_id.setdefault(identity, []).append(sequence_key(identity, seq_type, view))
     ids = sorted(by_id)
-    if len(ids) < 2:
-        raise GaitFormatError(f"a partition needs at least 2 identities, got {len(ids)}")
+    if len(ids) < 2:  # nothing to test on: everything trains
+        return GaitPartition(tuple(ids), (), ())
     rng = np.random.default_rng(seed)
     num_test = min(max(1, round(len(ids) * test_fraction)), len(ids) - 1)
     test = sorted(rng.choice(ids, size=num_test, replace=False).tolist())
