@@ -105,7 +105,11 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    report = make_synthetic(args.output, config, progress=_progress(args.quiet, "sequence"))
+    if args.workers < 1:
+        raise CommandError(f"--workers must be at least 1, got {args.workers}")
+    report = make_synthetic(
+        args.output, config, progress=_progress(args.quiet, "walker"), workers=args.workers
+    )
     partition = report.partition
     print(
         f"wrote {report.sequences} sequences ({report.frames} frames) of {config.ids} walkers to "
@@ -183,5 +187,6 @@ def register(subparsers) -> None:
         "--dropout", type=float, default=0.05, help="share of joints that are wild guesses (0.05)"
     )
     syn.add_argument("--test-fraction", type=float, default=0.5, help="share of test ids in partition.json")
+    syn.add_argument("--workers", type=int, default=1, help="processes rendering walkers (same output)")
     syn.add_argument("-q", "--quiet", action="store_true", help="no progress")
     syn.set_defaults(func=_cmd_make_synthetic)

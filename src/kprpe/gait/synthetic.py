@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -400,26 +402,38 @@ def _rng(seed: int, identity: int, sequence: int) -> np.random.Generator:
     return np.random.default_rng([seed, identity, sequence])
 
 
+def _walker_sequences(config: SyntheticConfig, index: int) -> list:
+    """Every sequence of walker ``index`` (a unit of work for a process pool)."""
+    identity = draw_identity(_rng(config.seed, index, 0))
+    return [
+        walk_sequence(identity, _rng(config.seed, index, j + 1), config)
+        for j in range(config.sequences_per_id)
+    ]
+
+
 def make_synthetic(
-    out: str | os.PathLike, config: SyntheticConfig, progress: Callable[[int, int], None] | None = None
+    out: str | os.PathLike,
+    config: SyntheticConfig,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> SyntheticReport:
     """Write ``config.ids`` walkers in the OpenGait layout under ``out``
     (``<id>/walkNN/<view>/{pose,sils}.pkl``), a Gait3D-style ``partition.json`` and ``synthetic.json`` (the
     configuration and every sequence's nuisances). The folder is built aside and renamed into place;
-    ``out`` must be new, empty or an earlier output of this command."""
+    ``out`` must be new, empty or an earlier output of this command. ``workers > 1`` renders walkers in that
+    many processes; the output is the same (one random stream per walker and sequence)."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     report = SyntheticReport()
     sequences = []
-    with staged_folder(out, SYNTHETIC_MARKER) as staging:
-        for i in range(config.ids):
-            identity = draw_identity(_rng(config.seed, i, 0))
+    with staged_folder(out, SYNTHETIC_MARKER) as staging, _pool(workers) as pool:
+        walkers = pool.map(_walker_sequences, [config] * config.ids, range(config.ids))
+        for i, walks in enumerate(walkers):
+            if progress is not None:
+                progress(i, config.ids)
             name = f"{i:05d}"
-            for j in range(config.sequences_per_id):
-                if progress is not None:
-                    progress(i * config.sequences_per_id + j, config.ids * config.sequences_per_id)
-                sils, pose, nuisances = walk_sequence(identity, _rng(config.seed, i, j + 1), config)
-                if (
-                    sils.shape[0] == 0
-                ):  # every frame dropped: cannot happen at these sizes, but never write it
+            for j, (sils, pose, nuisances) in enumerate(walks):
+                if sils.shape[0] == 0:  # every frame dropped: not at these sizes, but never write it
                     continue
                 view = f"{nuisances['view']:03d}"
                 seq_type = f"walk{j:02d}"
@@ -434,3 +448,15 @@ def make_synthetic(
         write_partition(staging / "partition.json", report.partition)
         write_json(staging / "synthetic.json", {"config": asdict(config), "sequences": report.nuisances})
     return report
+
+
+@contextmanager
+def _pool(workers: int):
+    """``map`` in this process, or over ``workers`` processes (results in order either way)."""
+    if workers == 1:
+        yield SimpleNamespace(map=map)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as executor:
+        yield executor
