@@ -212,8 +212,8 @@ def pack_sequences(
     inputs = [sil_root] + ([pose_root] if pose_root is not None else [])
     check_output_folder(out, PACK_MARKER, inputs)
     for item in inputs:
-        if _inside(item, out):
-            raise GaitFormatError(f"the input {item} is inside the output folder {out}")
+        if _inside(out, item):  # the scan would find the output among the inputs on the next run
+            raise GaitFormatError(f"the output folder {out} is inside the input {item}; write it elsewhere")
     scan = scan_sequences(sil_root, suffixes=(".png",))
     report = PackReport(skipped=list(scan.skipped))
     given = read_partition(partition) if partition is not None else None
