@@ -123,6 +123,9 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "sils" / "0009" / "t" / "v").mkdir(parents=True)  # an empty sequence folder
     with pytest.raises(OutputFolderError, match="contains the input"):
         pack_sequences(tmp_path / "sils", tmp_path, tmp_path / "poses")
+    with pytest.raises(GaitFormatError, match="test fraction"):
+        pack_sequences(tmp_path / "sils", tmp_path / "early", tmp_path / "poses", test_fraction=1.5)
+    assert not (tmp_path / "early").exists()
     with pytest.raises(GaitFormatError, match="is inside the input"):
         pack_sequences(tmp_path / "sils", tmp_path / "poses" / "packed", tmp_path / "poses")
     assert not (tmp_path / "poses" / "packed").exists()

@@ -180,3 +180,7 @@ def test_cli_make_synthetic(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main([*args, "--views", "200"]) == 2
     assert "camera yaws in [0, 180]" in capsys.readouterr().err
+    assert main([*args, "--test-fraction", "1"]) == 2
+    assert "test fraction must be in (0, 1)" in capsys.readouterr().err
+    assert main([*args, "--frames", "1,3"]) == 2
+    assert "2 <= low <= high" in capsys.readouterr().err

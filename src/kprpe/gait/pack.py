@@ -206,6 +206,8 @@ def pack_sequences(
     without it a seeded Gait3D-style partition is made (``test_fraction`` of the ids, one probe each).
     """
     sil_root, out = Path(silhouettes), Path(out)
+    if partition is None and not 0.0 < test_fraction < 1.0:  # checked now, not after hours of packing
+        raise GaitFormatError(f"test fraction must be in (0, 1), got {test_fraction}")
     pose_root = Path(poses) if poses is not None else None
     if pose_root is not None and not pose_root.is_dir():
         raise GaitFormatError(f"pose folder not found: {pose_root}")

@@ -91,6 +91,10 @@ class SyntheticConfig:
             raise ValueError(f"views are camera yaws in [0, 180] degrees, got {self.views}")
         if self.width not in (44, 64):
             raise ValueError(f"width must be 44 or 64, got {self.width}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 < self.misalign_scale[0] <= self.misalign_scale[1] or self.misalign_shift < 0:
+            raise ValueError("misalign scale must be (low, high) with 0 < low <= high, and the shift >= 0")
         if not 0 <= self.dropout < 1 or not 0 <= self.occluder_probability <= 1 or self.keypoint_noise < 0:
             raise ValueError("dropout must be in [0, 1), occluder probability in [0, 1], noise >= 0")
 
