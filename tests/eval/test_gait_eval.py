@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kprpe.eval.gait import GaitEvalError, gait3d_split, part_distance, rank_metrics, split_from_partition
+from kprpe.eval.gait import (
+    GaitEvalError,
+    evaluate_gait3d,
+    gait3d_split,
+    part_distance,
+    rank_metrics,
+    split_from_partition,
+)
 from kprpe.gait import GaitPartition
 
 CASES = json.loads(
@@ -100,3 +107,19 @@ def test_gait3d_split_from_partition():
         gait3d_split(sequences, ["0001"], ["0001-cam9-seq0"])
     with pytest.raises(GaitEvalError, match="no PROBE_SET"):
         split_from_partition(sequences, {"TRAIN_SET": [], "TEST_SET": ["0001"]})
+
+
+def test_evaluate_gait3d_end_to_end():
+    rng = np.random.default_rng(0)
+    ids = [f"{i:04d}" for i in range(6)]
+    sequences = [(i, f"cam{k}", "seq0") for i in ids for k in range(3)]
+    centres = {i: rng.normal(size=(16, 4)) for i in ids}
+    features = np.stack([centres[s[0]] + 0.01 * rng.normal(size=(16, 4)) for s in sequences])
+    partition = GaitPartition(tuple(ids[:2]), tuple(ids[2:]), tuple(f"{i}-cam0-seq0" for i in ids[2:]))
+    result = evaluate_gait3d(features, sequences, partition, "euc")
+    assert result["probes"] == 4 and result["gallery"] == 8  # 4 test ids x 3 walks, one of each is a probe
+    assert result["Rank-1"] == 100.0 and result["mAP"] == 100.0 and result["mINP"] == 100.0
+    shuffled = features[rng.permutation(len(features))]  # features no longer belong to their sequences
+    assert evaluate_gait3d(shuffled, sequences, partition, "cos")["mAP"] < 100.0
+    with pytest.raises(GaitEvalError, match="17 feature rows for 18 sequences"):
+        evaluate_gait3d(features[:-1], sequences, partition)

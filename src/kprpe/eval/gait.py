@@ -21,6 +21,7 @@ __all__ = [
     "rank_metrics",
     "gait3d_split",
     "split_from_partition",
+    "evaluate_gait3d",
     "sequence_key",
 ]
 
@@ -148,3 +149,23 @@ def split_from_partition(
     if not probe_set:
         raise GaitEvalError("the partition has no PROBE_SET: the Gait3D split needs one probe list")
     return gait3d_split(sequences, test_ids, probe_set)
+
+
+def evaluate_gait3d(
+    features, sequences: Sequence[Sequence[str]], partition: Mapping, metric: str = "euc"
+) -> dict:
+    """The whole published protocol on embedded sequences: ``features [N, c, p]`` of ``sequences`` (each an
+    ``(id, type, view)``, in the same order) -> :func:`rank_metrics` on the Gait3D split of ``partition``,
+    plus ``probes`` and ``gallery`` (how many sequences each side had)."""
+    features = _features("sequence", features)
+    sequences = [tuple(s) for s in sequences]
+    if features.shape[0] != len(sequences):
+        raise GaitEvalError(f"{features.shape[0]} feature rows for {len(sequences)} sequences")
+    probe, gallery = split_from_partition(sequences, partition)
+    if not gallery.any():
+        raise GaitEvalError("the split has no gallery sequences (test ids with a single sequence each?)")
+    labels = np.array([s[0] for s in sequences])
+    distance = part_distance(features[probe], features[gallery], metric)
+    result: dict = rank_metrics(distance, labels[probe], labels[gallery])
+    result.update(probes=int(probe.sum()), gallery=int(gallery.sum()))
+    return result
