@@ -1,6 +1,7 @@
-"""Make docs/results/gait/pretreatment.png: synthetic walkers before and after the pretreatment, keypoints drawn.
+"""Make docs/results/gait/pretreatment.png: synthetic walkers before and after the pretreatment, with their
+keypoints drawn.
 
-Run from the repository root: ``python docs/results/gait/make_figure.py`` (seeded: the same picture every time).
+Run from the repo root: ``python docs/results/gait/make_figure.py`` (seeded: the same picture each run).
 Row 1: raw frames (the "human crop" a data set ships) with the detector-like keypoints. Row 2: the same frames
 after `kprpe gait pack`'s pretreatment (64 x 44), keypoints moved by the same transform. Row 3: `--misalign`.
 Green: confidence >= 0.5; red: below (dropped or occluded joints).
@@ -49,7 +50,8 @@ def main() -> None:
             raw_row.append(draw(frames[k], keypoints[k], 2))  # 128 x 112 -> 256 x 224
             frame, moved, _ = pretreat_frame_and_keypoints(frames[k], keypoints[k], 44)
             packed_row.append(cv2.copyMakeBorder(draw(frame, moved, 4), 0, 0, 0, 48, cv2.BORDER_CONSTANT))
-            shifted_row.append(cv2.copyMakeBorder(draw(sils[k], pose[k], 4), 0, 0, 0, 48, cv2.BORDER_CONSTANT))
+            shifted = draw(sils[k], pose[k], 4)
+            shifted_row.append(cv2.copyMakeBorder(shifted, 0, 0, 0, 48, cv2.BORDER_CONSTANT))
     gap = np.full((256, 8, 3), 255, np.uint8)
     rows = [np.concatenate([x for tile in row for x in (tile, gap)], axis=1) for row in (raw_row, packed_row,
                                                                                         shifted_row)]
