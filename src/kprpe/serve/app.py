@@ -330,8 +330,14 @@ class _Lease:
         loop = asyncio.get_running_loop()
         job = self._executor.submit(functools.partial(fn, *args, **kwargs))
         self._holders += 1
-        # called in the worker thread when fn ends, or at once if the job is cancelled before it starts
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._drop))
+
+        def finished(_) -> None:  # in the worker thread when fn ends, or at once if cancelled unstarted
+            try:
+                loop.call_soon_threadsafe(self._drop)
+            except RuntimeError:  # the server has stopped and closed its loop: nothing is left to release
+                pass
+
+        job.add_done_callback(finished)
         return await asyncio.wrap_future(job)
 
 
