@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import CommandError
-from ..files import write_json
-from .options import add_device_option, add_output_option, add_quiet_option
+from ..files import check_output_path, write_json
+from .options import add_device_option, add_output_option, add_overwrite_option, add_quiet_option
 
 __all__ = ["register"]
 
@@ -27,6 +27,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix != ".rec":
         raise CommandError(f"--output must end in .rec (the .idx is written beside it), got {out}")
+    for path in (out, out.with_suffix(".idx")):
+        check_output_path(path, inputs=[args.folder], overwrite=args.overwrite)
     try:
         report = pack_folder(
             args.folder, out, resize=args.resize, quality=args.quality, progress=not args.quiet
@@ -66,6 +68,9 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 def _cmd_landmarks(args: argparse.Namespace) -> int:
     from ..data.pack import compute_landmarks
 
+    data = Path(args.data)
+    for path in (Path(args.output), Path(args.output).with_suffix(".failures.json")):
+        check_output_path(path, inputs=[data, data.with_suffix(".idx")], overwrite=args.overwrite)
     try:
         from ..face import backends  # the package itself: it may be left out of an install
     except ImportError as exc:
@@ -122,6 +127,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("folder", help="folder with one sub-folder of images per identity")
     add_output_option(p, help="output .rec path (the .idx is written beside it)", metavar="REC")
+    add_overwrite_option(p, help="replace an existing .rec and .idx")
     p.add_argument("--resize", type=int, default=None, help="re-encode every image as a SIZE x SIZE JPEG")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
     p.add_argument(
@@ -138,6 +144,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("data", help="a .rec file (with .idx) or an image folder")
     add_output_option(p, help="CSV to write", metavar="CSV")
+    add_overwrite_option(p)
     p.add_argument(
         "--mode",
         choices=("auto", "detect", "crop"),
