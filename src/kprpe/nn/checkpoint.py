@@ -26,6 +26,7 @@ from ..files import atomic_path
 from ..zoo import ZooError, resolve
 from . import iresnet
 from .buckets import num_buckets
+from .config_file import check_config_tree, check_field_types, read_config_yaml
 from .iresnet import (
     LAYER_TABLES,
     IResNet,
@@ -380,15 +381,20 @@ def _config_from_file(config: Mapping) -> dict:
 
     def walk(node) -> None:
         if isinstance(node, Mapping):
-            if node.get("name") in SIZES and "num_heads" not in found:
-                found["num_heads"] = SIZES[node["name"]]["num_heads"]
+            name = node.get("name")
+            if isinstance(name, str) and name in SIZES and "num_heads" not in found:
+                found["num_heads"] = SIZES[name]["num_heads"]
             for key, value in node.items():
                 if key in fields and not isinstance(value, (Mapping, list)):
                     found.setdefault(key, value)
                 else:
                     walk(value)
 
-    walk(config)
+    walk(config)  # a JSON tree, bounded by check_config_tree in _official_model_config
+    try:
+        check_field_types(found, ViTConfig)
+    except ValueError as exc:
+        raise CheckpointError(f"config.json: {exc}") from None
     return found
 
 
@@ -399,8 +405,6 @@ def _describe(source) -> str:
 def _official_model_config(source, file_config: Mapping | None) -> dict | None:
     """The official ``model.yaml`` near a checkpoint (``pretrained_model/model.yaml`` of the published repos,
     or beside the weights) merged over its ``config.json``; None when neither exists."""
-    import yaml
-
     merged = dict(file_config or {})
     if not isinstance(source, (str, os.PathLike)):
         return merged or None
@@ -408,15 +412,22 @@ def _official_model_config(source, file_config: Mapping | None) -> dict | None:
     base = path if path.is_dir() else path.parent
     for candidate in (base / "model.yaml", base / "pretrained_model" / "model.yaml"):
         if candidate.is_file():
-            try:
-                loaded = yaml.safe_load(candidate.read_text())
-            except yaml.YAMLError as exc:
-                raise CheckpointError(f"{candidate} is not valid YAML: {exc}") from exc
+            try:  # bounded: size, depth, alias expansion (nn/config_file.py)
+                loaded = read_config_yaml(candidate)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(str(exc)) from None
             if not isinstance(loaded, Mapping):
                 raise CheckpointError(f"{candidate} should hold a mapping, got {type(loaded).__name__}")
             # model.yaml first: its values win, and are found first when searching at any depth
             merged = {**loaded, **{k: v for k, v in merged.items() if k not in loaded}}
             break
+    try:  # every value the IResNet walk reads is type-checked here, once, before any use
+        check_config_tree(merged, f"{_describe(source)}: its config")
+        official_fields(merged)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{_describe(source)}: its official config (model.yaml / config.json): {exc}"
+        ) from None
     return merged or None
 
 

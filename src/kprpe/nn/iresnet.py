@@ -343,31 +343,36 @@ def official_fields(config: Mapping | None) -> dict:
     """IResNet fields of an official config (``model.yaml`` / ``config.json``), searched at any depth:
     ``name`` (``ir18``, ``ir50``, ``ir101``, ``ir_se50``, ...), ``color_space``, ``output_dim``, ``dropout``,
     ``input_size``. Keeps the raw ``name`` under ``"name"`` so a non-IResNet name can be reported."""
+    from .config_file import config_int, config_number
+
     found: dict = {}
-
-    def walk(node) -> None:
-        if not isinstance(node, Mapping):
-            return
-        for key, value in node.items():
-            if isinstance(value, Mapping):
-                walk(value)
-            elif key == "name" and isinstance(value, str) and "name" not in found:
-                found["name"] = value
-                parsed = _parse_name(value)
-                if parsed:
-                    found["num_layers"], found["mode"] = parsed
-            elif key == "color_space" and isinstance(value, str):
-                found.setdefault("color_space", value.upper())
-            elif (
-                key in ("output_dim", "dropout")
-                and isinstance(value, (int, float))
-                and not isinstance(value, bool)
-            ):
-                found.setdefault(key, value)
-            elif key == "input_size" and isinstance(value, (list, tuple)) and len(value) == 2:
-                found.setdefault("img_size", value)
-
-    walk(config)
+    seen: set[int] = set()
+    # depth first in key order (a nested mapping is searched before the keys after it), each mapping once:
+    # YAML aliases share mappings, and a tree walk of nested aliases is exponential
+    stack = [iter(config.items())] if isinstance(config, Mapping) else []
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        key, value = entry
+        if isinstance(value, Mapping):
+            if id(value) not in seen:
+                seen.add(id(value))
+                stack.append(iter(value.items()))
+        elif key == "name" and isinstance(value, str) and "name" not in found:
+            found["name"] = value
+            parsed = _parse_name(value)
+            if parsed:
+                found["num_layers"], found["mode"] = parsed
+        elif key == "color_space" and isinstance(value, str):
+            found.setdefault("color_space", value.upper())
+        elif key == "output_dim" and "output_dim" not in found and value is not None:
+            found["output_dim"] = config_int(value, "output_dim", 1, 1 << 16)
+        elif key == "dropout" and "dropout" not in found and value is not None:
+            found["dropout"] = config_number(value, "dropout", 0.0, 1.0)
+        elif key == "input_size" and isinstance(value, (list, tuple)) and len(value) == 2:
+            found.setdefault("img_size", [config_int(v, "input_size", 1, 4096) for v in value])
     return found
 
 
