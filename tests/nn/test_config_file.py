@@ -155,3 +155,25 @@ def test_deep_config_json_is_a_checkpoint_error(tmp_path):
     deep = '{"a": ' * 900 + "1" + "}" * 900
     with pytest.raises(CheckpointError, match="nests deeper than"):
         _load(_folder(tmp_path, config_json=deep))
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("a: " + "[" * 20000 + "]" * 20000 + "\n", "nests deeper than"),
+        (_anchor_bomb(40), "aliases are expanded"),
+        ("arch: mobile0.25\ninput_padding_ratio: .nan\n", "input_padding_ratio must be a number"),
+    ],
+)
+def test_the_aligner_model_yaml_is_bounded_too(tmp_path, text, message):
+    """The DFA aligner's model.yaml comes from the same untrusted folders (20,000 levels: RecursionError)."""
+    from safetensors.torch import load_file, save_file
+
+    from kprpe.face.dfa import AlignerCheckpointError, load_aligner
+
+    state = load_file(str(DATA / "dfa" / "dfa_weights.safetensors"))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.yaml").write_text(text)
+    with pytest.raises(AlignerCheckpointError, match=message):
+        with deadline(20):
+            load_aligner(tmp_path)
