@@ -122,3 +122,14 @@ def test_nan_is_never_pooled_or_written(tmp_path):
     with pytest.raises(GalleryIndexError, match="NaN or infinite"):
         index.save(path)
     assert path.read_bytes() == before
+
+
+def test_serve_start_up_on_a_damaged_index_is_one_line(tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    from reference_vectors import DATA
+
+    path = _index_file(tmp_path)
+    path.write_bytes(path.read_bytes()[:-40])
+    code = main(["serve", "--weights", str(DATA / "tiny_kprpe.safetensors"), "--index", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a readable .npz" in err and "Traceback" not in err
