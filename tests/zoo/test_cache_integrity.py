@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import kprpe
 from kprpe.zoo import ZooError, parse_repo_id, resolve
+from kprpe.zoo.hub import snapshot
 from zoo.test_zoo import COMMIT, REPO, TINY, make_cached_repo, offline  # noqa: F401 - offline is a fixture
 
 
@@ -27,6 +28,13 @@ def test_revision_that_would_leave_the_cache_is_refused(offline, revision):  # n
     assert parse_repo_id(f"{REPO}@{revision}") is None
     with pytest.raises(ZooError, match="is not a branch, tag or commit name"):
         resolve(f"{REPO}@{revision}")
+    with pytest.raises(ZooError, match="is not a branch, tag or commit name"):
+        snapshot(REPO, revision=revision)
+
+
+def test_ordinary_revisions_still_parse():
+    for revision in ("main", "v1.0", "refs/pr/1", COMMIT):
+        assert parse_repo_id(f"{REPO}@{revision}") == (REPO, revision)
 
 
 def test_ref_naming_a_folder_outside_the_cache_is_refused(offline, tmp_path):  # noqa: F811

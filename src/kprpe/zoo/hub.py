@@ -233,6 +233,8 @@ def _snapshot_files(folder: Path) -> list[Path]:
 def snapshot(repo: str, *, revision: str | None = None, offline: bool | None = None) -> Path:
     """Fetch (or find in the cache, when offline) the weights and configs of ``repo`` and verify them; returns
     the snapshot folder ``<cache>/models--owner--name/snapshots/<commit>``."""
+    if revision is not None and not _safe_revision(revision):  # also for direct callers of snapshot()
+        raise ZooError(f"revision {revision!r} of {repo} is not a branch, tag or commit name")
     hub = _hub()
     cache = hub_cache_dir()
     offline = hub_offline() if offline is None else offline
