@@ -162,11 +162,9 @@ def resolve(source, kind: str = "recognition", *, offline: bool | None = None) -
     path = Path(text).expanduser()
     try:
         exists = path.exists()  # a file or folder wins over a repo id spelled the same way
-    except OSError as exc:  # a name too long for the file system, a NUL byte: neither a path nor a repo id
+    except OSError as exc:  # a name too long for the file system: neither a path nor a repo id
         shown = text[:80] + ("..." if len(text) > 80 else "")
         raise ZooError(f"{kind} weights {shown!r} cannot be a path here ({exc.strerror or exc})") from None
-    except ValueError:
-        raise ZooError(f"{kind} weights {text[:80]!r} contain a NUL character") from None
     if exists:
         if not (path.is_file() or path.is_dir()):
             raise ZooError(f"{kind} weights {text!r} exist but are neither a regular file nor a folder")
