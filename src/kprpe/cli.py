@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "kprpe.data.commands",
     "kprpe.train.commands",
     "kprpe.eval.commands",
+    "kprpe.gait.commands",
     "kprpe.experiments.commands",
     "kprpe.bench.commands",
     "kprpe.zoo.commands",
