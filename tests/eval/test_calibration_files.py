@@ -157,3 +157,35 @@ def test_calibrate_on_toolkit_sets(tmp_path, capsys):
     code = main(["eval", "verify", str(tiny), *common, "-o", str(tmp_path / "run3")])
     err = capsys.readouterr().err
     assert code == 2 and "needs verification pairs" in err and "Traceback" not in err
+
+
+def test_calibrate_with_the_onnx_engine_writes_the_engines_fingerprint(tmp_path, capsys):
+    """It loaded the .onnx file as a PyTorch checkpoint after the whole evaluation (an error, no file)."""
+    pytest.importorskip("onnxruntime")
+    from kprpe.export import OnnxEngine, export_onnx
+
+    weights = tmp_path / "w" / "tiny.onnx"
+    export_onnx(TINY_KPRPE, weights, check=False)
+    a = _make_bin(tmp_path / "a.bin", n_pairs=10)
+    code = main(
+        [
+            "eval",
+            "verify",
+            "--weights",
+            str(weights),
+            "--engine",
+            "onnx",
+            str(a),
+            "--keypoints",
+            "template",
+            "--calibrate",
+            "0.5",
+            "-o",
+            str(tmp_path / "run"),
+            "--no-cache",
+            "--quiet",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    stored = read_calibration(calibration_path(weights))
+    assert stored["model_fingerprint"] == OnnxEngine(weights).fingerprint

@@ -464,7 +464,6 @@ def _write_calibration(args, results: dict) -> None:
     if getattr(args, "calibrate", None) is None:
         return
     from ..face.pipeline import model_fingerprint
-    from ..nn import load_official
     from .calibration import write_calibration
 
     ((dataset, result),) = results["sets"].items()
@@ -472,7 +471,9 @@ def _write_calibration(args, results: dict) -> None:
         _fail(f"{dataset} gave no calibration: a threshold needs verification pairs")
     if "error" in result["calibration"]:
         _fail(result["calibration"]["error"])
-    fingerprint = _guarded(lambda: model_fingerprint(load_official(args.weights)))
+    # the model as the commands that read the file load it (an ONNX file's fingerprint is its hash)
+    engine = getattr(args, "engine", "torch")
+    fingerprint = _guarded(lambda: model_fingerprint(_handle(args.weights, engine)()))
     path = write_calibration(
         args.weights,
         result["calibration"],
