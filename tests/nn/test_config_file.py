@@ -98,7 +98,11 @@ BAD_YAML = {
     "name as a list": (GOOD_YAML.replace("name: tiny", "name: [a, b]"), "name should be text"),
     "ctx_type as a list": (
         GOOD_YAML.replace("ctx_type: rel_keypoint_splithead_unshared", "ctx_type: [x]"),
-        "rpe_config.ctx_type should be text",
+        r"rpe_config.ctx_type \['x'\] is not an official KP-RPE context type",
+    ),
+    "rpe_config.name as a list": (
+        GOOD_YAML.replace("name: KPRPE_shared", "name: [KPRPE_shared]"),
+        r"rpe_config.name \['KPRPE_shared'\] is not one of",
     ),
     "num_keypoints .inf": (
         GOOD_YAML.replace("num_keypoints: 5", "num_keypoints: .inf"),

@@ -84,7 +84,7 @@ def official_vit_fields(config: Mapping | None) -> dict:
     if name is not None and config_text(name, "name") in SIZES:
         size = SIZES[name]
         fields.update(_FIXED, **{k: size[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio")})
-    if "output_dim" in node:
+    if node.get("output_dim") is not None:
         fields["output_dim"] = config_int(node["output_dim"], "output_dim", 1, MAX_OUTPUT_DIM)
     size_in = node.get("input_size")
     if size_in is not None:
@@ -107,9 +107,9 @@ def official_vit_fields(config: Mapping | None) -> dict:
         return fields
     if not isinstance(rpe, Mapping):
         raise ValueError(f"rpe_config should be a mapping, got {type(rpe).__name__}")
-    rpe_name = config_text(rpe.get("name"), "rpe_config.name")
-    if rpe_name not in RPE_NAMES:
-        raise ValueError(f"rpe_config.name {rpe_name!r} is not one of {sorted(RPE_NAMES)}")
+    rpe_name = rpe.get("name")
+    if not isinstance(rpe_name, str) or rpe_name not in RPE_NAMES:  # a list is unhashable: kind first
+        raise ValueError(f"rpe_config.name {rpe_name!r:.60} is not one of {sorted(RPE_NAMES)}")
     fields["rel_pos"] = RPE_NAMES[rpe_name]
     if "method" in rpe:
         method = config_text(rpe["method"], "rpe_config.method").lower()
@@ -129,10 +129,10 @@ def official_vit_fields(config: Mapping | None) -> dict:
     rpe_on = config_text(rpe.get("rpe_on", "k"), "rpe_config.rpe_on")
     if rpe_on != "k":
         raise ValueError(f"rpe_config.rpe_on {rpe_on!r}: KP-RPE acts on keys only ('k')")
-    ctx = config_text(rpe.get("ctx_type"), "rpe_config.ctx_type")
-    if ctx not in CTX_TYPES:
+    ctx = rpe.get("ctx_type")
+    if not isinstance(ctx, str) or ctx not in CTX_TYPES:
         raise ValueError(
-            f"rpe_config.ctx_type {ctx!r} is not an official KP-RPE context type "
+            f"rpe_config.ctx_type {ctx!r:.60} is not an official KP-RPE context type "
             f"(known: {', '.join(CTX_TYPES)})"
         )
     fields.update(CTX_TYPES[ctx])
