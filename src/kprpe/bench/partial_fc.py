@@ -11,12 +11,13 @@ global batch whatever the number of processes). It reports, per rank:
 
 - the bytes of the class centres, their gradient and the optimiser state, measured from the tensors and
   compared with :func:`state_bytes_formula` (they must be equal);
-- the process's resident memory before the head and at its peak (``ru_maxrss``), against
+- the process's resident memory before the head and at its peak (``VmHWM``), against
   :func:`peak_bytes_formula`;
 - every collective of one step, counted by wrapping ``torch.distributed`` (:func:`count_collectives`), against
   :func:`communication_formula`; bytes are the payload each rank contributes, and ``ring_bytes_sent`` what a
   ring algorithm sends per rank for it;
-- the median step time (forward, backward, optimiser step).
+- the median step time (forward, backward, optimiser step), wall clock and this process's CPU time (the
+  latter is less disturbed by other load on the machine).
 
 Memory is checked before anything is allocated: a run that cannot fit in the machine's available memory is
 refused (``--force`` runs it anyway). The backbone (whose gradients DDP all-reduces as well) is left out:
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import resource
 import statistics
 import sys
 import time
@@ -83,14 +83,15 @@ def state_bytes_formula(setup: Setup, rank: int) -> dict[str, int]:
 
 
 def peak_bytes_formula(setup: Setup, rank: int) -> int:
-    """Persistent state + the largest transients of a step: AdamW's ``denom`` (one more ``L x D`` tensor in
-    PyTorch's CPU for-loop implementation), 4 ``k x D`` copies of the sampled centres (gathered, normalised,
-    their two gradients) and about 8 ``B x k`` logit-sized tensors (cosines, clamp, margin shift, scaled
-    logits, exp; their gradients), ``k`` = sampled centres, ``B`` = the global batch."""
+    """Persistent state + the largest transients of a step: AdamW's ``denom`` (PyTorch's CPU for-loop
+    implementation computes ``exp_avg_sq.sqrt() / c``: two more ``L x D`` tensors at once), 4 ``k x D``
+    copies of the sampled centres (gathered, normalised, their two gradients) and about 8 ``B x k``
+    logit-sized tensors (cosines, clamp, margin shift, scaled logits, exp; their gradients), ``k`` =
+    sampled centres, ``B`` = the global batch. Not counted: the allocator's slack."""
     state = sum(state_bytes_formula(setup, rank).values())
     centres = setup.local_classes(rank) * setup.dim * FLOAT32
     k, batch = setup.sampled_classes(rank), setup.batch_per_rank * setup.ranks
-    adam_denom = centres if setup.optimizer == "adamw" else 0
+    adam_denom = 2 * centres if setup.optimizer == "adamw" else 0
     return state + adam_denom + 4 * k * setup.dim * FLOAT32 + 8 * batch * k * FLOAT32
 
 
@@ -159,13 +160,13 @@ def count_collectives() -> Iterator[list[dict]]:
             setattr(dist, name, fn)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak; unlike ``ru_maxrss``, never below VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _available_bytes() -> int | None:
@@ -209,13 +210,50 @@ def _state_bytes(head, optimizer) -> dict[str, int]:
 def run_rank(setup: Setup, *, steps: int = 3, warmup: int = 1, seed: int = 0) -> dict:
     """Build the head on this process (its rank and world from ``torch.distributed``), take the steps and
     return this rank's measurements."""
-    import torch
-
     from ..train.distributed import rank as dist_rank
-    from ..train.heads import PartialFC, build_margin
 
     rank = dist_rank()
-    rss_before = _rss_bytes()
+    # one step on a tiny head first, so that code loaded on first use (kernels, gloo buffers) is not counted
+    small = Setup(setup.ranks * 64, setup.dim, setup.ranks, 1.0, setup.batch_per_rank, setup.optimizer)
+    small_head, small_optimizer = _head_and_optimizer(small, rank, seed)
+    _step(small_head, small_optimizer, small, rank, seed)
+    del small_head, small_optimizer
+    rss_before = _status_bytes("VmRSS")
+    head, optimizer = _head_and_optimizer(setup, rank, seed)
+    times, cpu_times, losses, collectives, state = [], [], [], [], {}
+    for step in range(warmup + steps):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        loss, records, step_state = _step(head, optimizer, setup, rank, seed)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        losses.append(loss)
+        if step >= warmup:
+            times.append(elapsed)
+            cpu_times.append(cpu)
+            collectives, state = records, step_state
+    return {
+        "rank": rank,
+        "local_classes": setup.local_classes(rank),
+        "sampled_classes": setup.sampled_classes(rank),
+        "state_bytes": state,
+        "state_bytes_formula": state_bytes_formula(setup, rank),
+        "rss_before_head_bytes": rss_before,
+        "peak_rss_bytes": _status_bytes("VmHWM"),
+        "peak_above_start_bytes": _status_bytes("VmHWM") - rss_before,
+        "peak_bytes_formula": peak_bytes_formula(setup, rank),
+        "collectives": collectives,
+        "step_seconds": times,
+        "median_step_seconds": statistics.median(times),
+        "step_cpu_seconds": cpu_times,
+        "median_step_cpu_seconds": statistics.median(cpu_times),
+        "losses": losses,
+    }
+
+
+def _head_and_optimizer(setup: Setup, rank: int, seed: int):
+    import torch
+
+    from ..train.heads import PartialFC, build_margin
+
     head = PartialFC(
         setup.dim,
         setup.classes,
@@ -229,40 +267,22 @@ def run_rank(setup: Setup, *, steps: int = 3, warmup: int = 1, seed: int = 0) ->
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
     else:
         optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    return head, optimizer
+
+
+def _step(head, optimizer, setup: Setup, rank: int, seed: int) -> tuple[float, list[dict], dict[str, int]]:
+    """One step (forward, backward, optimiser) on this rank's part of the global batch: the loss, the
+    collectives counted during it and the state bytes before ``zero_grad`` frees the gradient."""
     embeddings, labels = global_batch(setup, seed)
     rows = slice(rank * setup.batch_per_rank, (rank + 1) * setup.batch_per_rank)
-    times, losses, collectives = [], [], []
-    for step in range(warmup + steps):
-        x = embeddings[rows].clone().requires_grad_(True)  # stands in for the backbone's output
-        started = time.perf_counter()
-        with count_collectives() if setup.ranks > 1 else contextlib.nullcontext([]) as records:
-            loss, _ = head(x, labels[rows])
-            loss.backward()
-        optimizer.step()
-        elapsed = time.perf_counter() - started
-        state = _state_bytes(
-            head, optimizer
-        )  # before zero_grad (the trainer's, set_to_none) frees the gradient
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if step >= warmup:
-            times.append(elapsed)
-            collectives = records
-    return {
-        "rank": rank,
-        "local_classes": setup.local_classes(rank),
-        "sampled_classes": setup.sampled_classes(rank),
-        "state_bytes": state,
-        "state_bytes_formula": state_bytes_formula(setup, rank),
-        "rss_before_head_bytes": rss_before,
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "peak_above_start_bytes": _peak_rss_bytes() - rss_before,
-        "peak_bytes_formula": peak_bytes_formula(setup, rank),
-        "collectives": collectives,
-        "step_seconds": times,
-        "median_step_seconds": statistics.median(times) if times else None,
-        "losses": losses,
-    }
+    x = embeddings[rows].clone().requires_grad_(True)  # stands in for the backbone's output
+    with count_collectives() if setup.ranks > 1 else contextlib.nullcontext([]) as records:
+        loss, _ = head(x, labels[rows])
+        loss.backward()
+    optimizer.step()
+    state = _state_bytes(head, optimizer)
+    optimizer.zero_grad(set_to_none=True)  # as the trainer does
+    return float(loss.detach()), records, state
 
 
 def format_row(setup: Setup, per_rank: list[dict]) -> str:
@@ -277,14 +297,15 @@ def format_row(setup: Setup, per_rank: list[dict]) -> str:
         f"{sum(worst['state_bytes_formula'].values()) / gib:.2f} | "
         f"{max(r['peak_above_start_bytes'] for r in per_rank) / gib:.2f} | "
         f"{max(r['peak_bytes_formula'] for r in per_rank) / gib:.2f} | "
-        f"{max(r['median_step_seconds'] for r in per_rank):.3f} | {comm / mib:.2f} |"
+        f"{max(r['median_step_seconds'] for r in per_rank):.2f} | "
+        f"{max(r['median_step_cpu_seconds'] for r in per_rank):.2f} | {comm / mib:.2f} |"
     )
 
 
 TABLE_HEADER = (
     "| classes | ranks | sample rate | optimiser | state/rank GiB (measured) | (formula) | "
-    "peak RSS above start GiB | (formula) | step s | comm/rank MiB |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "peak RSS above start GiB | (formula) | step s (wall) | step s (CPU) | comm/rank MiB |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
