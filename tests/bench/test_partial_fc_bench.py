@@ -67,3 +67,13 @@ def test_torchrun_two_gloo_processes(tmp_path):
         assert len(result["step_seconds"]) == 2
     assert payload["ranks"][0]["losses"] == payload["ranks"][1]["losses"]  # the replicated loss
     assert [r["local_classes"] for r in payload["ranks"]] == [1001, 1000]
+
+
+def test_formula_table_at_two_million_classes(capsys):
+    assert main(["--classes", "2000000", "--formula-ranks", "8,16"]) == 0
+    out = capsys.readouterr().out
+    # AdamW: 16 bytes per centre element (weight, gradient, two moments); 250,000 x 512 on each of 8 ranks
+    assert f"| 2,000,000 | 8 | 0.1 | adamw | {16 * 250_000 * 512 / 2**30:.2f} |" in out
+    assert "| 2,000,000 | 16 | 0.1 | adamw | 0.95 |" in out
+    assert main(["--formula-ranks", "0"]) == 2
+    assert "--formula-ranks must list" in capsys.readouterr().err

@@ -41,6 +41,7 @@ __all__ = [
     "peak_bytes_formula",
     "communication_formula",
     "count_collectives",
+    "formula_table",
     "run_rank",
     "main",
 ]
@@ -309,6 +310,25 @@ TABLE_HEADER = (
 )
 
 
+def formula_table(setup: Setup, ranks: list[int]) -> str:
+    """Markdown rows of the formulas alone (nothing allocated): the largest rank's state and peak, and the
+    communication per rank, for each number of processes."""
+    gib, mib = 2**30, 2**20
+    rows = [
+        "| classes | ranks | sample rate | optimiser | state/rank GiB | peak/rank GiB | comm/rank MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in ranks:
+        s = Setup(setup.classes, setup.dim, r, setup.sample_rate, setup.batch_per_rank, setup.optimizer)
+        comm = sum(c["bytes"] for c in communication_formula(s))
+        rows.append(
+            f"| {s.classes:,} | {r} | {s.sample_rate} | {s.optimizer} | "
+            f"{sum(state_bytes_formula(s, 0).values()) / gib:.2f} | {peak_bytes_formula(s, 0) / gib:.2f} | "
+            f"{comm / mib:.2f} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc_per_node R -m kprpe.bench.partial_fc", description=__doc__.split("\n")[0]
@@ -324,9 +344,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="run even if the formula says it will not fit")
+    parser.add_argument(
+        "--formula-ranks",
+        help="only print the formulas for these process counts, e.g. 8,16,32 (nothing allocated)",
+    )
     parser.add_argument("-o", "--output", help="write every rank's measurements as JSON here (rank 0)")
     args = parser.parse_args(argv)
     prog = "kprpe.bench.partial_fc"
+    if args.formula_ranks:
+        try:
+            counts = [int(x) for x in args.formula_ranks.split(",") if x]
+        except ValueError:
+            counts = []
+        if not counts or min(counts) < 1 or max(counts) > args.classes:
+            print(
+                f"{prog}: error: --formula-ranks must list process counts from 1 to --classes, got "
+                f"{args.formula_ranks!r}",
+                file=sys.stderr,
+            )
+            return 2
+        base = Setup(args.classes, args.dim, 1, args.sample_rate, args.batch_per_rank, args.optimizer)
+        print(formula_table(base, counts))
+        return 0
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     for name, value, low in (
         ("--classes", args.classes, ranks),
