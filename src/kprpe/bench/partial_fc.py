@@ -50,6 +50,9 @@ FLOAT32 = 4
 INT64 = 8
 # Tensors the optimiser keeps per parameter element: AdamW exp_avg + exp_avg_sq; SGD the momentum buffer.
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}
+# Temporaries of that size inside ``optimizer.step()`` (PyTorch's CPU for-loop implementations): AdamW's
+# ``exp_avg_sq.sqrt() / c`` makes two at once; SGD's weight decay ``grad.add(param)`` one.
+OPTIMIZER_TEMPORARIES = {"adamw": 2, "sgd": 1}
 
 
 @dataclass(frozen=True)
@@ -84,16 +87,20 @@ def state_bytes_formula(setup: Setup, rank: int) -> dict[str, int]:
 
 
 def peak_bytes_formula(setup: Setup, rank: int) -> int:
-    """Persistent state + the largest transients of a step: AdamW's ``denom`` (PyTorch's CPU for-loop
-    implementation computes ``exp_avg_sq.sqrt() / c``: two more ``L x D`` tensors at once), 4 ``k x D``
+    """Persistent state + the largest transients of a step: the optimiser's temporaries
+    (:data:`OPTIMIZER_TEMPORARIES` ``L x D`` tensors), 4 ``k x D``
     copies of the sampled centres (gathered, normalised, their two gradients) and about 8 ``B x k``
     logit-sized tensors (cosines, clamp, margin shift, scaled logits, exp; their gradients), ``k`` =
     sampled centres, ``B`` = the global batch. Not counted: the allocator's slack."""
     state = sum(state_bytes_formula(setup, rank).values())
     centres = setup.local_classes(rank) * setup.dim * FLOAT32
     k, batch = setup.sampled_classes(rank), setup.batch_per_rank * setup.ranks
-    adam_denom = 2 * centres if setup.optimizer == "adamw" else 0
-    return state + adam_denom + 4 * k * setup.dim * FLOAT32 + 8 * batch * k * FLOAT32
+    return (
+        state
+        + OPTIMIZER_TEMPORARIES[setup.optimizer] * centres
+        + 4 * k * setup.dim * FLOAT32
+        + 8 * batch * k * FLOAT32
+    )
 
 
 def communication_formula(setup: Setup) -> list[dict]:
