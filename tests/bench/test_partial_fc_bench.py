@@ -44,7 +44,7 @@ def test_refuses_what_the_formula_says_cannot_fit(capsys, monkeypatch):
     assert "--sample-rate must be in (0, 1]" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # torchrun + 2 processes importing torch: ~10 s idle, about a minute on a loaded machine
+@pytest.mark.slow  # torchrun + 2 processes importing torch: about a minute on the loaded 2-core CI machine
 def test_torchrun_two_gloo_processes(tmp_path):
     out = tmp_path / "pfc.json"
     env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")

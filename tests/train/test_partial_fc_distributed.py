@@ -93,7 +93,7 @@ def _reference(columns: torch.Tensor):
     )
 
 
-@pytest.mark.slow  # two spawned processes importing torch: ~10 s idle, a minute on a loaded CI machine
+@pytest.mark.slow  # two spawned processes importing torch: about a minute on the loaded 2-core CI machine
 def test_two_gloo_processes_take_the_single_process_step(tmp_path):
     mp.start_processes(
         _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn"
