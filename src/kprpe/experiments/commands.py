@@ -113,6 +113,7 @@ def register(subparsers) -> None:
     d.add_argument("--digit", type=int, default=None, help="digit size on the canvas (default 16)")
     d.add_argument("--width", type=int, default=None, help="ViT width (default 64)")
     d.add_argument("--depth", type=int, default=None, help="ViT depth (default 4)")
+    d.add_argument("--patch", type=int, default=None, help="ViT patch size in pixels (default 4)")
     d.add_argument("--workers", type=int, default=None, help="parallel training processes (default 2)")
     d.add_argument("--threads", type=int, default=None, help="torch threads per process (default 1)")
     d.add_argument(
@@ -184,6 +185,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         digit=args.digit,
         width=args.width,
         depth=args.depth,
+        patch=args.patch,
         workers=args.workers,
         threads=args.threads,
         train_limit=args.train_limit,
