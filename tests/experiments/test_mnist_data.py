@@ -226,3 +226,14 @@ def test_the_real_file_when_installed():
     # the official MNIST test set's class counts
     counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     np.testing.assert_array_equal(np.bincount(splits["test"][1]), counts)
+
+
+def test_quick_mnist_run_says_it_is_short_and_has_no_reference(fake_mnist, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
+    args = ["experiment", "digits", "--quick", "--data", "mnist", "-o", str(tmp_path), "--epochs", "1"]
+    args += ["--train-limit", "20", "--test-limit", "4", "--width", "8", "--depth", "1", "--workers", "1"]
+    assert main([*args, "--no-progress", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    # the UCI reference run is not compared with an MNIST run
+    assert "a short run on real MNIST" in out and "No full MNIST run is committed yet" in out
+    assert "quick / ref" not in out

@@ -762,6 +762,7 @@ def run_digits(cfg: DigitsConfig, progress: bool = True, store: JobStore | None 
         unit="model",
         disable=not progress,
     )
+    proto = None
     if not jobs:
         pass
     elif cfg.workers == 1:
@@ -792,7 +793,8 @@ def run_digits(cfg: DigitsConfig, progress: bool = True, store: JobStore | None 
                 bar.set_postfix_str(f"done {job[0]} {job[1]} seed {job[3]}")
                 bar.update()
     bar.close()
-    proto = build_protocol(cfg)
+    if proto is None:  # built in this process only on the one-worker path (MNIST takes seconds to load)
+        proto = build_protocol(cfg)
     return dict(
         config=cfg.to_dict(),
         protocol=describe_protocol(cfg, proto),
