@@ -25,8 +25,9 @@ def register(subparsers) -> None:
         "digits, "
         "tested under unseen affine transforms",
         description="Train shallow ViTs (the library's own, one per position encoding) on centred UCI "
-        "handwritten digits and test them on affine-transformed digits (AffNIST-style mix and one-factor "
-        "sweeps). Writes digits_table.md, digits_results.json and PNG plots to -o/--output.",
+        "handwritten digits (or real MNIST: --data mnist) and test them on affine-transformed digits "
+        "(AffNIST-style mix and one-factor sweeps). Writes digits_table.md, digits_results.json and PNG "
+        "plots to -o/--output.",
     )
     d.add_argument(
         "--data",
