@@ -237,3 +237,16 @@ def test_quick_mnist_run_says_it_is_short_and_has_no_reference(fake_mnist, monke
     # the UCI reference run is not compared with an MNIST run
     assert "a short run on real MNIST" in out and "No full MNIST run is committed yet" in out
     assert "quick / ref" not in out
+
+
+def test_placed_regime_only_translates_and_keeps_digits_inside(fake_mnist):
+    from kprpe.experiments.digits import TRAIN_REGIMES
+    from kprpe.experiments.digits_data import sample_affines
+
+    m = load_mnist_canvas(path=fake_mnist)
+    boxes = m.data.ink_boxes[m.train_idx]
+    mats = sample_affines(boxes, 40, TRAIN_REGIMES["placed"], np.random.default_rng(0))
+    np.testing.assert_allclose(mats[:, :, :2], np.broadcast_to(np.eye(2), mats[:, :, :2].shape), atol=1e-12)
+    moved = boxes[:, :4] + mats[:, None, :, 2]
+    assert moved.min() >= 0.0 and moved.max() <= 39.0
+    assert np.abs(mats[:, :, 2]).max() > 8.0  # anywhere on the canvas, not a few pixels

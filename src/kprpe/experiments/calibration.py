@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from ..files import atomic_write_text
-from .digits import REGIMES, DigitsConfig, JobStore, run_digits
+from .digits import TRAIN_REGIMES, DigitsConfig, JobStore, run_digits
 
 __all__ = [
     "PAPER_ABS_PE",
@@ -66,8 +66,10 @@ def parse_candidates(text: str) -> list[dict]:
                 raise ValueError(
                     f"calibration candidate {key}={value!r}: not a {CANDIDATE_KEYS[key].__name__}"
                 ) from None
-        if cand.get("regime", "mild") not in REGIMES:
-            raise ValueError(f"calibration candidate regime must be one of {REGIMES}, got {cand['regime']!r}")
+        if cand.get("regime", "mild") not in TRAIN_REGIMES:
+            raise ValueError(
+                f"calibration candidate regime must be one of {tuple(TRAIN_REGIMES)}, got {cand['regime']!r}"
+            )
         candidates.append(cand)
     if not candidates:
         raise ValueError("no calibration candidates given (e.g. 'depth=2,width=64;depth=4,epochs=30')")

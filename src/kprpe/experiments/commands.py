@@ -44,7 +44,7 @@ def register(subparsers) -> None:
         help="instead of the comparison: train only Abs-PE under each candidate setup and print its clean / "
         "affNIST accuracy against the paper's 98.1 / 77.27; candidates separated by ';', each a "
         "comma-separated KEY=VALUE list (depth, width, heads, patch, mlp_ratio, epochs, lr, batch_size, "
-        "weight_decay, train_limit, regime=none|mild), e.g. 'depth=2,width=64;depth=4,regime=none'; "
+        "weight_decay, train_limit, regime=none|mild|placed), e.g. 'depth=2,width=64;depth=4,regime=none'; "
         "the other options (--data, --seeds, --converge, --train-limit, ...) set the base",
     )
     d.add_argument(
@@ -99,7 +99,10 @@ def register(subparsers) -> None:
         help="comma-separated models also trained with the mean-pooling head ('none' to skip)",
     )
     d.add_argument(
-        "--regimes", default=None, help="comma-separated training regimes: none, mild (default: both)"
+        "--regimes",
+        default=None,
+        help="comma-separated training regimes: none, mild (default: both), placed (random placement "
+        "on the canvas, affNIST's usual training protocol)",
     )
     d.add_argument(
         "--ablation-regimes", default=None, help="regimes for the ablation/control models (default: mild)"

