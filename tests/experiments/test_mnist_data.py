@@ -250,3 +250,15 @@ def test_placed_regime_only_translates_and_keeps_digits_inside(fake_mnist):
     moved = boxes[:, :4] + mats[:, None, :, 2]
     assert moved.min() >= 0.0 and moved.max() <= 39.0
     assert np.abs(mats[:, :, 2]).max() > 8.0  # anywhere on the canvas, not a few pixels
+
+
+def test_placed_regime_and_mean_head_regimes_from_the_command_line(fake_mnist, monkeypatch, tmp_path):
+    monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
+    args = ["experiment", "digits", "--data", "mnist", "-o", str(tmp_path), "--models", "none"]
+    args += ["--mean-head-models", "abs", "--regimes", "placed", "--mean-head-regimes", "placed"]
+    args += ["--seeds", "1", "--epochs", "1"]
+    args += ["--train-limit", "20", "--test-limit", "4", "--width", "8", "--depth", "1", "--workers", "1"]
+    assert main([*args, "--no-progress", "--no-plots"]) == 0
+    results = json.loads((tmp_path / "digits_results.json").read_text())
+    assert [(j["model"], j["regime"], j["head"]) for j in results["jobs"]] == [("abs", "placed", "mean")]
+    assert "shift anywhere inside the canvas" in results["protocol"]["train_augmentation"]["placed"]

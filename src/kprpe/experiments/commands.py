@@ -108,6 +108,9 @@ def register(subparsers) -> None:
         "--ablation-regimes", default=None, help="regimes for the ablation/control models (default: mild)"
     )
     d.add_argument(
+        "--mean-head-regimes", default=None, help="regimes for the mean-pooling-head models (default: mild)"
+    )
+    d.add_argument(
         "--keypoint-box",
         choices=("ink", "frame"),
         default=None,
@@ -209,6 +212,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         ("regimes", args.regimes),
         ("mean_head_models", args.mean_head_models),
         ("ablation_regimes", args.ablation_regimes),
+        ("mean_head_regimes", args.mean_head_regimes),
     ):
         value = _csv(text, none_means_empty=key in ("mean_head_models", "models"))
         if value is not None:
