@@ -103,7 +103,15 @@ def read_mnist_pickle(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np
         obj = restricted_loads(raw, numpy_arrays=True)
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{path}: {exc}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        AttributeError,
+        MemoryError,
+    ) as exc:
         raise MnistFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 3:
         raise MnistFormatError(f"{path}: expected 3 splits (train, valid, test), got {type(obj).__name__}")
