@@ -262,3 +262,12 @@ def test_placed_regime_and_mean_head_regimes_from_the_command_line(fake_mnist, m
     results = json.loads((tmp_path / "digits_results.json").read_text())
     assert [(j["model"], j["regime"], j["head"]) for j in results["jobs"]] == [("abs", "placed", "mean")]
     assert "shift anywhere inside the canvas" in results["protocol"]["train_augmentation"]["placed"]
+
+
+def test_quick_mnist_is_a_subset_unless_told_otherwise():
+    from kprpe.experiments.digits import quick_config
+
+    quick = quick_config(data="mnist")
+    assert (quick.canvas, quick.digit, quick.train_limit, quick.test_limit) == (40, 28, 1000, 500)
+    assert quick_config(data="mnist", train_limit=20).train_limit == 20
+    assert quick_config().train_limit == 0  # the UCI quick run is unchanged
