@@ -19,7 +19,12 @@ SRC = ROOT / "src"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 LAZY_NAME_TABLES = ("_EXPORTS", "COMMAND_MODULES")  # module names loaded later by importlib
 # Benchmark scripts run as `python -m kprpe.bench.<name>` with their own options (docs/performance.md).
-ARGPARSE_SCRIPTS = {"kprpe.bench.kernels", "kprpe.bench.embed_memory", "kprpe.bench.index"}
+ARGPARSE_SCRIPTS = {
+    "kprpe.bench.kernels",
+    "kprpe.bench.embed_memory",
+    "kprpe.bench.index",
+    "kprpe.bench.partial_fc",
+}
 
 
 @dataclass(frozen=True)

@@ -395,6 +395,10 @@ def evaluate_toolkit(
     sets, kinds = {}, {}
     for folder, lm in zip(folders, landmarks, strict=True):
         ts = open_toolkit_set(folder)
+        if getattr(settings, "calibrate_far", None) is not None and ts.kind == "tinyface":  # before any work
+            raise ToolkitFormatError(
+                f"{folder}: --calibrate needs verification pairs; {ts.name} is a TinyFace identification set"
+            )
         kp_kind = resolve_keypoint_source(keypoint_source, lm)
         source = toolkit_face_source(ts, kp_kind, lm)
         mode = f"prealigned:{kp_kind}"
