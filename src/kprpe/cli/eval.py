@@ -397,7 +397,7 @@ def _settings(args):
 def _count_sets(paths) -> int:
     """How many sets ``kprpe eval verify`` will evaluate: a toolkit folder may hold several (facerec_val/)."""
     from ..errors import KprpeError
-    from .toolkit import find_toolkit_sets
+    from ..eval.toolkit import find_toolkit_sets
 
     count = 0
     for path in paths:
