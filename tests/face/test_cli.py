@@ -312,7 +312,7 @@ def test_align_killed_midway_leaves_the_previous_output_whole(capsys, photo_dir,
     out = tmp_path / "aligned"
     assert run(capsys, "align", str(photo_dir), "-o", str(out), "-q")[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    import kprpe.face.commands as commands
+    import kprpe.cli.face as commands
 
     def die(*a, **k):
         raise KeyboardInterrupt  # stands in for a crash while the crops are being written

@@ -155,13 +155,11 @@ def _dlib_aligner(options: dict) -> Callable:
 
 
 def _dfa_aligner(options: dict) -> Callable:
-    from ..face.dfa_backend import DEFAULT_ALIGNER_WEIGHTS, DfaAligner
+    from ..face.dfa_backend import load_dfa_backend
     from ..face.pipeline import FacePipeline
 
-    backend = DfaAligner(
-        options.get("weights") or DEFAULT_ALIGNER_WEIGHTS,
-        device=options.get("device", "cpu"),
-        min_score=options.get("min_score"),
+    backend = load_dfa_backend(
+        options.get("weights"), device=options.get("device", "cpu"), min_score=options.get("min_score")
     )
     return FacePipeline(backend).faces_in_image
 

@@ -12,10 +12,22 @@ import functools
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..cli_options import (
+from ..errors import CommandError
+from ..face.align import ALIGN_MODES, AlignmentError
+from ..face.backends import ALIGNER_CHOICES, make_detector
+from ..face.detector import NoFaceFound
+from ..face.landmark_files import LANDMARK_COLUMNS
+from ..files import write_csv, write_png
+from ..gallery.search import GalleryIndexError
+from ..images import ImageLoadError
+from ..landmarks import LandmarkFileError
+from ..thresholds import DEFAULT_THRESHOLD
+from ..zoo.catalog import DEFAULT_ALIGNER_WEIGHTS
+from .options import (
     add_device_option,
     add_model_options,
     add_output_option,
@@ -23,17 +35,11 @@ from ..cli_options import (
     add_quiet_option,
     add_workers_option,
 )
-from ..errors import CommandError
-from ..files import write_csv, write_png
-from ..images import ImageLoadError
-from ..landmarks import LandmarkFileError
-from .align import ALIGN_MODES, AlignmentError
-from .detector import FaceDetector, MissingDependencyError, NoFaceFound
-from .dfa_backend import DEFAULT_ALIGNER_WEIGHTS
-from .embedder import FaceEmbedder
-from .landmark_files import LANDMARK_COLUMNS, SuppliedLandmarks
-from .pipeline import DEFAULT_THRESHOLD, FacePipeline, verify
-from .search import FaceIndexError
+
+if TYPE_CHECKING:  # the model side (torch) is imported by the commands that run it, not by `kprpe --help`
+    from ..face.detector import FaceDetector
+    from ..face.embedder import FaceEmbedder
+    from ..face.pipeline import FacePipeline
 
 __all__ = ["register"]
 
@@ -51,9 +57,6 @@ def _upsample(text: str) -> int | str:
     if not 0 <= value <= 4:
         raise argparse.ArgumentTypeError(f"expected 'auto' or 0..4, got {value}")
     return value
-
-
-ALIGNER_CHOICES = ("dlib", "dfa")
 
 
 def add_aligner_options(group, *, device: bool) -> None:
@@ -133,30 +136,6 @@ def _add_pipeline_options(
     add_quiet_option(parser)
 
 
-def dfa_detector(args: argparse.Namespace) -> FaceDetector:
-    """The DFA backend from ``--aligner-weights``, ``--min-aligner-score``, ``--device`` (and
-    ``--batch-size``); every load problem becomes one CommandError line naming the weights."""
-    from ..zoo import ZooError
-    from .dfa import AlignerCheckpointError
-    from .dfa_backend import DfaAligner
-
-    score = args.min_aligner_score
-    if score is not None and not 0.0 <= score <= 1.0:
-        raise CommandError(f"--min-aligner-score must be in [0, 1] (a face probability), got {score:g}")
-    device = getattr(args, "device", "cpu")
-    try:
-        return DfaAligner(
-            args.aligner_weights,
-            device=device,
-            min_score=score,
-            batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
-        )
-    except (ZooError, AlignerCheckpointError) as exc:
-        raise CommandError(f"cannot load the DFA aligner {args.aligner_weights}: {exc}") from None
-    except (RuntimeError, AssertionError) as exc:  # torch: unknown device, CUDA not available
-        raise CommandError(f"cannot use device {device!r} for the DFA aligner: {exc}") from None
-
-
 def _add_flip_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flip",
@@ -167,25 +146,25 @@ def _add_flip_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _detector(args: argparse.Namespace) -> FaceDetector:
-    if args.aligner == "dfa":
-        if args.landmarks:
-            raise CommandError("--landmarks and --aligner dfa both give keypoints; choose one")
-        return dfa_detector(args)
-    if args.min_aligner_score is not None:
-        raise CommandError("--min-aligner-score applies to --aligner dfa; dlib's threshold is --min-score")
-    try:
-        if args.landmarks:
-            return SuppliedLandmarks.from_file(args.landmarks, normalized=args.landmarks_normalized)
-        from .dlib_backend import DlibDetector
-
-        return DlibDetector(
-            args.detector, args.landmark_model, upsample=args.upsample, min_score=args.min_score
-        )
-    except (MissingDependencyError, LandmarkFileError) as exc:
-        raise CommandError(str(exc)) from None
+    """The backend the face options name (built by :func:`kprpe.face.backends.make_detector`)."""
+    return make_detector(
+        args.aligner,
+        landmarks=args.landmarks,
+        landmarks_normalized=args.landmarks_normalized,
+        detector=args.detector,
+        landmark_model=args.landmark_model,
+        upsample=args.upsample,
+        min_score=args.min_score,
+        aligner_weights=args.aligner_weights,
+        min_aligner_score=args.min_aligner_score,
+        device=getattr(args, "device", "cpu"),
+        batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
+    )
 
 
 def _pipeline(args: argparse.Namespace) -> FacePipeline:
+    from ..face.pipeline import FacePipeline
+
     return FacePipeline(
         _detector(args),
         mode=args.mode,
@@ -206,6 +185,7 @@ def _flip(args: argparse.Namespace) -> bool:
 
 
 def _embedder(args: argparse.Namespace) -> FaceEmbedder:
+    from ..face.embedder import FaceEmbedder
     from ..nn import CheckpointError
 
     if args.batch_size <= 0:
@@ -278,8 +258,8 @@ ALIGN_MARKER = ".kprpe-align"
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
+    from ..face.draw import draw_keypoints
     from ..files import OutputFolderError, check_output_folder, staged_folder
-    from .draw import draw_keypoints
 
     out = Path(args.output)
     try:  # a folder holding inputs or files align did not write is refused before any work is done
@@ -325,7 +305,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
 def _workers(args: argparse.Namespace) -> int | None:
     if args.workers is not None and args.workers < 0:
         raise CommandError(f"--workers must be >= 0, got {args.workers}")
-    return args.workers  # None: kprpe.face.stream.resolve_workers picks from the number of inputs
+    return args.workers  # None: kprpe.streaming.stream.resolve_workers picks from the number of inputs
 
 
 def _skipped(command: str):
@@ -335,9 +315,9 @@ def _skipped(command: str):
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    """Streams (face/stream.py) into a resumable output (face/embed_output.py)."""
+    """Streams (streaming/stream.py) into a resumable output (streaming/shards.py)."""
     from ..files import check_not_input
-    from .embed_output import embed_to_output
+    from ..streaming.shards import embed_to_output
 
     # an existing output this command wrote is continued or (--overwrite) replaced: embed_to_output's rule
     check_not_input(args.output, [*args.inputs, str(args.weights)], inside=False)
@@ -372,7 +352,8 @@ def _check_output(path, args: argparse.Namespace, inputs: list, *, overwrite: bo
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .draw import side_by_side
+    from ..face.draw import side_by_side
+    from ..face.pipeline import verify
 
     if args.visualize:  # before the model is loaded: a refusal should not cost a run
         _check_output(args.visualize, args, [args.a, args.b])
@@ -414,7 +395,7 @@ def _threshold(args: argparse.Namespace, embedder: FaceEmbedder):
 
 
 def _cmd_search_enrol(args: argparse.Namespace) -> int:
-    from .index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
+    from ..gallery.index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
 
     pipeline = _pipeline(args)
     output = Path(args.output)
@@ -450,7 +431,7 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
             workers=_workers(args),
             pipeline_factory=functools.partial(_pipeline, args),
         )
-    except FaceIndexError as exc:
+    except GalleryIndexError as exc:
         raise CommandError(str(exc)) from None
     for path, reason in failures:
         print(f"kprpe search enrol: skipped {path}: {reason}", file=sys.stderr)
@@ -469,7 +450,7 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
 
 
 def _cmd_search_remove(args: argparse.Namespace) -> int:
-    from .index import GalleryIndex
+    from ..gallery.index import GalleryIndex
 
     index = GalleryIndex.load(args.index, backend=args.backend)
     removed = index.remove(args.identities)
@@ -479,7 +460,7 @@ def _cmd_search_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_search_query(args: argparse.Namespace) -> int:
-    from .index import GalleryIndex
+    from ..gallery.index import GalleryIndex
 
     if args.top_k <= 0:
         raise CommandError(f"-k must be positive, got {args.top_k}")
@@ -530,7 +511,7 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
 
 
 def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
-    from .index import DEFAULT_APPROXIMATE_ABOVE, INDEX_BACKENDS
+    from ..gallery.index import DEFAULT_APPROXIMATE_ABOVE, INDEX_BACKENDS
 
     group = parser.add_argument_group("index")
     group.add_argument(
@@ -558,8 +539,8 @@ def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
 
 
 def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
-    from .embed_output import SHARD_ROWS
-    from .stream import DEFAULT_FPS
+    from ..streaming.shards import SHARD_ROWS
+    from ..streaming.stream import DEFAULT_FPS
 
     group = parser.add_argument_group("streaming")
     group.add_argument(

@@ -25,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import KprpeError
 from ..files import atomic_path
-from .search import INDEX_FORMAT as LEGACY_INDEX_FORMAT
-from .search import FaceIndexError, SearchHit, exact_top_k
+from .search import LEGACY_INDEX_FORMAT, GalleryIndexError, SearchHit, exact_top_k, gallery_images
 
 __all__ = [
     "GALLERY_INDEX_FORMAT",
@@ -51,10 +49,6 @@ DEFAULT_NPROBE = 64
 # admits a float16 copy (2^-11) and still refuses a rescaled template (x1000 scored ~988 as "same").
 UNIT_NORM_TOLERANCE = 1e-3
 _FAISS_HINT = "install the optional extra: pip install 'kprpe[index]' (faiss-cpu)"
-
-
-class GalleryIndexError(FaceIndexError, KprpeError):
-    """A gallery index file, name or query is unusable; the message says which and why."""
 
 
 def faiss_available() -> bool:
@@ -146,6 +140,14 @@ class GalleryIndex:
 
     def template(self, name: str) -> np.ndarray:
         return self._templates[self._lookup(name)].copy()
+
+    @property
+    def template_rows(self) -> np.ndarray:
+        """Every slot's template ``(slots, dim)``, row ``r`` being what :meth:`search_rows` returns as ``r``
+        (a removed identity leaves its row unused); a read-only view, not a copy (1M x 512 is 2 GiB)."""
+        view = self._templates[: len(self._names)].view()
+        view.flags.writeable = False
+        return view
 
     def describe(self) -> dict:
         info = {
@@ -517,22 +519,36 @@ class GalleryIndex:
 
     @classmethod
     def _from_legacy(cls, path: Path, arrays: dict, metadata: dict, **options) -> GalleryIndex:
-        """A v1 ``FaceIndex`` file: its templates are kept; pooled sums are taken as ``count`` long (exact for
-        identical images, close otherwise), so adding images later weighs old and new images alike."""
-        from .search import FaceIndex
-
-        del path
-        legacy = FaceIndex(arrays["identities"].tolist(), arrays["embeddings"], arrays["counts"], metadata)
+        """A v1 index file (the old ``FaceIndex``): its templates are kept; pooled sums are taken as ``count``
+        long (exact for identical images, close otherwise), so adding images later weighs old and new images
+        alike."""
+        missing = [k for k in ("identities", "embeddings", "counts") if k not in arrays]
+        if missing:
+            raise GalleryIndexError(f"index file {path} lacks arrays {missing}")
+        identities, embeddings, counts = arrays["identities"], arrays["embeddings"], arrays["counts"]
+        if identities.dtype.kind != "U" or embeddings.dtype.kind != "f":
+            raise GalleryIndexError(
+                f"index file {path}: identities must be strings and embeddings floats, got "
+                f"{identities.dtype} and {embeddings.dtype}"
+            )
+        names = [str(x) for x in identities.tolist()]
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(names) or counts.shape != (len(names),):
+            raise GalleryIndexError(
+                f"index file {path}: embeddings {embeddings.shape} and counts {counts.shape} do not match "
+                f"{len(names)} identities"
+            )
+        if len(set(names)) != len(names):
+            raise GalleryIndexError(f"index file {path}: identity names repeat")
         meta = {k: v for k, v in metadata.items() if k != "format"}
         backend = options.get("backend") or "auto"
         index = cls(
-            int(legacy.embeddings.shape[1]) or 1,
+            int(embeddings.shape[1]) or 1,
             metadata=meta,
             backend=backend,
             approximate_above=options.get("approximate_above") or DEFAULT_APPROXIMATE_ABOVE,
             nprobe=options["nprobe"] if options.get("nprobe") is not None else DEFAULT_NPROBE,
         )
-        for name, template, count in zip(legacy.identities, legacy.embeddings, legacy.counts, strict=True):
+        for name, template, count in zip(names, embeddings, counts, strict=True):
             index.add({str(name): np.repeat(template[None].astype(np.float64), max(int(count), 1), axis=0)})
         return index
 
@@ -593,20 +609,16 @@ def enrol_gallery(
     """Embed ``GALLERY/<identity>/<images>`` (largest face each) and pool them into ``index`` (new identities
     are created, existing ones grow). Returns the images and identities that failed, with reasons.
 
-    Streams (:mod:`kprpe.face.stream`): crops are embedded a batch at a time and pooled as they come, so
+    Streams (:mod:`kprpe.streaming.stream`): crops are embedded a batch at a time and pooled as they come, so
     memory does not grow with the gallery. ``workers``/``pipeline_factory``: detection in worker processes.
+    ``pipeline``: what :func:`~kprpe.streaming.stream.stream_embeddings` takes; one that keeps every face
+    (``all_faces``) is asked for its largest-face-only copy (``largest_only()``).
     """
-    from .pipeline import FacePipeline
-    from .search import gallery_images
-    from .stream import stream_embeddings
+    from ..streaming.stream import stream_embeddings
 
     per_identity_paths = gallery_images(gallery)
     identity_of = {str(p): name for name, paths in per_identity_paths.items() for p in paths}
-    single = pipeline
-    if pipeline.all_faces:
-        single = FacePipeline(
-            pipeline.detector, mode=pipeline.mode, all_faces=False, min_face_size=pipeline.min_face_size
-        )
+    single = pipeline.largest_only() if getattr(pipeline, "all_faces", False) else pipeline
     failures: list[tuple[str, str]] = []
     embedded: set[str] = set()
     names: list[str] = []

@@ -1,5 +1,6 @@
-"""The ``kprpe`` command. Each sub-package contributes its sub-commands through a ``commands`` module with a
-``register(subparsers)`` function; this file only wires them together."""
+"""The ``kprpe`` command. Each command group is a module of this package with a ``register(subparsers)``
+function that imports no model code (the handlers import what they run); this file only wires them together.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +11,30 @@ import json
 import os
 import sys
 
-from .errors import KprpeError
+from ..errors import KprpeError
 
-# Sub-packages that contribute commands, in the order they appear in ``kprpe --help``.
+# Command groups, in the order they appear in ``kprpe --help``; a group whose module is absent is skipped
+# (a task package such as gait adds its cli/<task>.py and its name here).
 COMMAND_MODULES = (
-    "kprpe.face.commands",
-    "kprpe.data.commands",
-    "kprpe.train.commands",
-    "kprpe.eval.commands",
-    "kprpe.gait.commands",
-    "kprpe.experiments.commands",
-    "kprpe.bench.commands",
-    "kprpe.zoo.commands",
-    "kprpe.serve.commands",
-    "kprpe.export.commands",
+    "kprpe.cli.face",
+    "kprpe.cli.data",
+    "kprpe.cli.train",
+    "kprpe.cli.eval",
+    "kprpe.cli.gait",
+    "kprpe.cli.experiments",
+    "kprpe.cli.bench",
+    "kprpe.cli.zoo",
+    "kprpe.cli.serve",
+    "kprpe.cli.export",
 )
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .nn import list_models, num_parameters, preset_config
-    from .nn.registry import preset_family
+    from ..nn import list_models, num_parameters, preset_config
+    from ..nn.registry import preset_family
 
     if args.zoo:
-        from .zoo.commands import print_zoo
+        from .zoo import print_zoo
 
         print_zoo(as_json=args.json)
         return 0
@@ -42,7 +44,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         row = dict(name=name, **family.row(preset_config(name)))
         texts.append(family.describe_text(row))
         if args.params:
-            from .nn import create_model
+            from ..nn import create_model
 
             row["parameters"] = num_parameters(create_model(name))
         rows.append(row)
@@ -56,13 +58,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     return run_demo(model_name=args.model, batch_size=args.batch_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="kprpe",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli_options import add_overwrite_option
+from .options import add_overwrite_option
 
 __all__ = ["register"]
 
@@ -21,8 +21,8 @@ def _override(text: str) -> tuple[str, object]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from ..export.onnx import export_onnx, sidecar_path
     from ..files import check_output_path
-    from .onnx import export_onnx, sidecar_path
 
     for path in (args.output, sidecar_path(args.output)):  # both, before minutes of export work
         check_output_path(path, inputs=[args.model], overwrite=args.overwrite)

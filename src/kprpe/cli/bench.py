@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_options import add_device_option, add_output_option
+from ..bench.runner import Case, format_engine_table, format_table, machine_info, run_suite
 from ..errors import CommandError
 from ..files import write_json
-from .runner import Case, format_engine_table, format_table, machine_info, run_suite
+from .options import add_device_option, add_output_option
 
 BIAS_PATHS = ("naive", "gather", "index", "onehot", "decomposed")
 

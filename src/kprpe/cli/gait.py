@@ -41,7 +41,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from .pack import pack_sequences
+    from ..gait.pack import pack_sequences
 
     report = pack_sequences(
         args.silhouettes,
@@ -87,7 +87,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
-    from .synthetic import SyntheticConfig, make_synthetic
+    from ..gait.synthetic import SyntheticConfig, make_synthetic
 
     try:
         config = SyntheticConfig(

@@ -10,10 +10,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..cli_options import add_model_options, add_output_option, add_quiet_option
 from ..errors import CommandError
-from .embedding import default_cache_dir
-from .metrics import DEFAULT_FAR_TARGETS, TAR_FAR_CONVENTIONS
+from ..eval.metrics import DEFAULT_FAR_TARGETS, TAR_FAR_CONVENTIONS
+from .options import add_model_options, add_output_option, add_quiet_option
 
 __all__ = ["register"]
 
@@ -317,7 +316,7 @@ def _missing_protocol(parser: argparse.ArgumentParser) -> int:
 
 def _landmark_backend(args) -> None:
     """Configure (and, for the DFA, load now, so a bad checkpoint fails before any work) the backend."""
-    from .landmarks import set_landmark_backend
+    from ..eval.landmarks import set_landmark_backend
 
     aligner = getattr(args, "aligner", "dlib")
     set_landmark_backend(
@@ -327,14 +326,9 @@ def _landmark_backend(args) -> None:
         batch_size=args.batch_size,
     )
     if aligner == "dfa":
-        from ..face.dfa import AlignerCheckpointError
-        from ..zoo import ZooError
-        from .landmarks import landmark_backend
+        from ..eval.landmarks import landmark_backend
 
-        try:
-            landmark_backend()
-        except (ZooError, AlignerCheckpointError) as exc:
-            _fail(f"cannot load the DFA aligner {args.aligner_weights}: {exc}")
+        landmark_backend()  # AlignerLoadError: one line naming the weights or device
 
 
 def _path_arguments(args) -> list[str]:
@@ -350,8 +344,8 @@ def _path_arguments(args) -> list[str]:
 
 
 def _settings(args):
+    from ..eval.runs import EvalSettings
     from ..files import OutputPathError, check_not_input
-    from .runs import EvalSettings
 
     if args.batch_size <= 0:
         _fail(f"--batch-size must be positive, got {args.batch_size}")
@@ -374,6 +368,8 @@ def _settings(args):
     for far in args.far:
         if not 0 < far < 1:
             _fail(f"--far values must lie in (0, 1), got {far}")
+    from ..eval.embedding import default_cache_dir
+
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
     calibrate = getattr(args, "calibrate", None)
     if calibrate is not None and not 0 < calibrate < 1:
@@ -401,7 +397,7 @@ def _settings(args):
 def _count_sets(paths) -> int:
     """How many sets ``kprpe eval verify`` will evaluate: a toolkit folder may hold several (facerec_val/)."""
     from ..errors import KprpeError
-    from .toolkit import find_toolkit_sets
+    from ..eval.toolkit import find_toolkit_sets
 
     count = 0
     for path in paths:
@@ -431,7 +427,7 @@ def _guarded(run):
 
 
 def _handle(spec: str, engine: str = "torch"):
-    from .runs import ModelHandle
+    from ..eval.runs import ModelHandle
 
     name, sep, path = str(spec).partition("=")
     if not sep:
@@ -440,9 +436,9 @@ def _handle(spec: str, engine: str = "torch"):
 
 
 def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
+    from ..eval.published import attach_published, published_lines
+    from ..eval.report import markdown_summary, plot_roc
     from ..files import atomic_write_text, write_json
-    from .published import attach_published, published_lines
-    from .report import markdown_summary, plot_roc
 
     published = attach_published(results)  # a model-zoo checkpoint: its authors' numbers beside ours
     columns = []
@@ -480,8 +476,8 @@ def _write_calibration(args, results: dict) -> None:
     """With ``--calibrate``: the threshold measured on the (single) set goes beside the weights."""
     if getattr(args, "calibrate", None) is None:
         return
+    from ..eval.calibration import write_calibration
     from ..face.pipeline import model_fingerprint
-    from .calibration import write_calibration
 
     ((dataset, result),) = results["sets"].items()
     if "calibration" not in result:
@@ -507,8 +503,8 @@ def _write_calibration(args, results: dict) -> None:
 
 
 def _run_verify(args) -> int:
-    from .runs import evaluate_bins
-    from .toolkit import evaluate_toolkit
+    from ..eval.runs import evaluate_bins
+    from ..eval.toolkit import evaluate_toolkit
 
     settings = _settings(args)
     sets = [*args.bins, *args.sets]
@@ -552,7 +548,7 @@ def _run_verify(args) -> int:
 
 
 def _run_ijb(args) -> int:
-    from .runs import evaluate_ijb
+    from ..eval.runs import evaluate_ijb
 
     settings = _settings(args)
     if not 0 <= args.t <= 1:
@@ -577,7 +573,7 @@ def _run_ijb(args) -> int:
 
 
 def _run_pairs(args) -> int:
-    from .runs import evaluate_pairs
+    from ..eval.runs import evaluate_pairs
 
     settings = _settings(args)
     if not 0 <= args.t <= 1:
@@ -599,7 +595,7 @@ def _run_pairs(args) -> int:
 
 
 def _run_identify(args) -> int:
-    from .runs import evaluate_identification
+    from ..eval.runs import evaluate_identification
 
     settings = _settings(args)
     ranks = [int(r) for r in args.ranks]
@@ -632,7 +628,7 @@ def _int_ranks(values) -> list[int]:
 
 
 def _run_toolkit(args) -> int:
-    from .toolkit import evaluate_toolkit
+    from ..eval.toolkit import evaluate_toolkit
 
     settings = _settings(args)
     results = _guarded(
@@ -652,7 +648,7 @@ def _run_toolkit(args) -> int:
 
 
 def _run_tinyface(args) -> int:
-    from .toolkit import evaluate_tinyface
+    from ..eval.toolkit import evaluate_tinyface
 
     settings = _settings(args)
     results = _guarded(
@@ -670,9 +666,9 @@ def _run_tinyface(args) -> int:
 
 
 def _run_sweep(args) -> int:
+    from ..eval.report import plot_sweep
+    from ..eval.runs import robustness_sweep
     from ..files import write_json
-    from .report import plot_sweep
-    from .runs import robustness_sweep
 
     settings = _settings(args)
     results = _guarded(
@@ -744,7 +740,11 @@ def _register_keypoint_noise(sub) -> None:
 
 
 def _run_keypoint_noise(args) -> int:
-    from .keypoint_noise import keypoint_noise_study, markdown_keypoint_noise, write_keypoint_noise_outputs
+    from ..eval.keypoint_noise import (
+        keypoint_noise_study,
+        markdown_keypoint_noise,
+        write_keypoint_noise_outputs,
+    )
 
     settings = _settings(args)
     sets = [*args.bins, *args.sets]

@@ -6,13 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from ..cli_options import add_device_option, add_output_option, add_overwrite_option, add_quiet_option
 from ..errors import CommandError
 from ..files import check_output_path, write_json
+from .options import add_device_option, add_output_option, add_overwrite_option, add_quiet_option
 
-__all__ = ["register", "face_keypoint_detector"]
+__all__ = ["register"]
 
 
 def _print_first(failures: list[tuple], label: str, limit: int = 20) -> None:
@@ -24,7 +22,7 @@ def _print_first(failures: list[tuple], label: str, limit: int = 20) -> None:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from .pack import pack_folder
+    from ..data.pack import pack_folder
 
     out = Path(args.output)
     if out.suffix != ".rec":
@@ -67,85 +65,20 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def face_keypoint_detector(mode: str = "auto", detector: str = "hog", landmark_model: str = "68"):
-    """A function ``rgb image -> (5, 2) normalised keypoints or None`` backed by the face pipeline (dlib).
-
-    ``mode``: ``detect`` (largest detected face), ``crop`` (the image *is* the face crop: landmarks inside the
-    whole-image box — the right choice for aligned training sets), ``auto`` (detect, else crop)."""
-    try:
-        from ..face import DlibDetector, MissingDependencyError
-    except ImportError as exc:
-        raise CommandError(f"the face pipeline (kprpe.face) is not available: {exc}") from None
-    try:
-        backend = DlibDetector(detector, landmark_model)
-    except (MissingDependencyError, ValueError) as exc:
-        raise CommandError(f"cannot start the landmark backend: {exc}") from None
-
-    def detect(image: np.ndarray):
-        h, w = image.shape[:2]
-        face = None
-        if mode in ("detect", "auto"):
-            faces = backend.detect(image)
-            if faces:
-                face = max(faces, key=lambda f: f.area)
-        if face is None and mode in ("crop", "auto"):
-            face = backend.landmarks_in_box(image, (0.0, 0.0, float(w), float(h)))
-        if face is None:
-            return None
-        return np.asarray(face.keypoints, dtype=np.float64) / np.array([w, h])
-
-    return detect
-
-
-def dfa_keypoint_detector(weights: str, device: str = "cpu", min_score: float | None = None):
-    """``rgb image -> (5, 2) normalised keypoints or None`` from the official DFA aligner, with ``.batch``
-    (photos of one shape in one forward pass). Square images (aligned training crops) get the official
-    ``orig_pred_ldmks``; others the landmarks mapped back to their pixels, divided by width and height.
-    ``min_score``: below it an image counts as "no face" (the DFA itself always answers)."""
-    try:
-        from ..face.dfa import AlignerCheckpointError
-        from ..face.dfa_backend import DfaAligner
-        from ..zoo import ZooError
-    except ImportError as exc:
-        raise CommandError(f"the face pipeline (kprpe.face) is not available: {exc}") from None
-    if min_score is not None and not 0.0 <= min_score <= 1.0:
-        raise CommandError(f"--min-aligner-score must be in [0, 1] (a face probability), got {min_score:g}")
-    try:
-        backend = DfaAligner(weights, device=device, batch_size=64)
-    except (ZooError, AlignerCheckpointError) as exc:
-        raise CommandError(f"cannot load the DFA aligner {weights}: {exc}") from None
-    except (RuntimeError, AssertionError) as exc:
-        raise CommandError(f"cannot use device {device!r} for the DFA aligner: {exc}") from None
-
-    def batch(images: list[np.ndarray]) -> list:
-        out = []
-        for image, result in zip(images, backend.align(images), strict=True):
-            if min_score is not None and result.score < min_score:
-                out.append(None)
-            elif result.frame_keypoints is not None:
-                out.append(result.frame_keypoints)
-            else:
-                h, w = image.shape[:2]
-                out.append(result.keypoints / np.array([w, h]))
-        return out
-
-    def detect(image: np.ndarray):
-        return batch([image])[0]
-
-    detect.batch = batch
-    return detect
-
-
 def _cmd_landmarks(args: argparse.Namespace) -> int:
-    from .pack import compute_landmarks
+    from ..data.pack import compute_landmarks
 
     data = Path(args.data)
     for path in (Path(args.output), Path(args.output).with_suffix(".failures.json")):
         check_output_path(path, inputs=[data, data.with_suffix(".idx")], overwrite=args.overwrite)
+    try:
+        from ..face import backends  # the package itself: it may be left out of an install
+    except ImportError as exc:
+        raise CommandError(f"the face pipeline (kprpe.face) is not available: {exc}") from None
     if args.aligner == "dfa":
-        detect = dfa_keypoint_detector(args.aligner_weights, args.device, args.min_aligner_score)
+        detect = backends.dfa_keypoint_function(args.aligner_weights, args.device, args.min_aligner_score)
     else:
-        detect = face_keypoint_detector(args.mode, args.detector, args.landmark_model)
+        detect = backends.dlib_keypoint_function(args.mode, args.detector, args.landmark_model)
     try:
         report = compute_landmarks(args.data, args.output, detect, progress=not args.quiet, limit=args.limit)
     except OSError as exc:  # data, landmark and image errors are KprpeErrors: kprpe.cli prints them
@@ -166,8 +99,8 @@ def _cmd_landmarks(args: argparse.Namespace) -> int:
 
 
 def _cmd_example_data(args: argparse.Namespace) -> int:
-    from .pack import pack_folder
-    from .synthetic import make_synthetic_faces
+    from ..data.pack import pack_folder
+    from ..data.synthetic import make_synthetic_faces
 
     out = Path(args.output)
     folder, landmarks = make_synthetic_faces(

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from kprpe.errors import KprpeError
-from kprpe.face.index import GalleryIndex, GalleryIndexError, exact_top_k, faiss_available
-from kprpe.face.search import FaceIndex
+from kprpe.gallery.index import GalleryIndex, GalleryIndexError, exact_top_k, faiss_available
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed")
 
@@ -39,19 +38,21 @@ def test_exact_top_k_matches_a_stable_argsort_even_with_ties(chunk_rows):
     assert list(rows[0, :3]) == [3, 10, 40]
 
 
-def test_numpy_backend_gives_exactly_the_legacy_face_index_results():
+def test_numpy_backend_pools_the_normalised_mean_and_ranks_like_exact_top_k():
     rng = np.random.default_rng(2)
     gallery = _gallery(rng)
-    legacy = FaceIndex.from_embeddings(gallery)
     index = GalleryIndex(32, backend="numpy")
     index.add(gallery)
-    templates = np.stack([index.template(name) for name in legacy.identities])
-    np.testing.assert_allclose(templates, legacy.embeddings, rtol=0, atol=1e-7)  # same pooling
-    same_templates = FaceIndex(legacy.identities, templates, legacy.counts)
+    names = list(gallery)
+    means = np.stack([rows.mean(axis=0) for rows in gallery.values()])
+    expected = means / np.linalg.norm(means, axis=1, keepdims=True)
+    templates = np.stack([index.template(name) for name in names])
+    np.testing.assert_allclose(templates, expected, rtol=0, atol=1e-7)  # float32 templates of unit rows
     queries = _unit(rng, 9).astype(np.float32)
-    ours, theirs = index.search(queries, k=5), same_templates.search(queries, k=5)
-    assert [[(h.identity, h.score) for h in row] for row in ours] == [
-        [(h.identity, h.score) for h in row] for row in theirs
+    rows, scores = exact_top_k(queries, templates, 5)
+    assert [[(h.identity, h.score) for h in row] for row in index.search(queries, k=5)] == [
+        [(names[r], float(s)) for r, s in zip(row, score, strict=True)]
+        for row, score in zip(rows, scores, strict=True)
     ]
 
 
@@ -160,13 +161,21 @@ def test_index_files_refuse_other_models_and_pickles(tmp_path):
 
 def test_legacy_face_index_files_load_with_their_templates(tmp_path):
     rng = np.random.default_rng(8)
-    legacy = FaceIndex.from_embeddings(
-        _gallery(rng, identities=5), {"format": "kprpe-face-index-v1", "model_fingerprint": "f" * 64}
+    templates = _unit(rng, 5).astype(np.float32)
+    names = [f"id{i:03d}" for i in range(5)]
+    metadata = {"format": "kprpe-face-index-v1", "model_fingerprint": "f" * 64}
+    np.savez(  # the v1 layout the old FaceIndex wrote
+        tmp_path / "v1.npz", identities=np.asarray(names), embeddings=templates,
+        counts=np.array([1, 2, 1, 3, 1]), metadata=np.asarray(json.dumps(metadata)),
     )
-    legacy.save(tmp_path / "v1.npz")
     index = GalleryIndex.load(tmp_path / "v1.npz", backend="numpy")
-    assert index.names == legacy.identities and index.metadata["model_fingerprint"] == "f" * 64
-    np.testing.assert_allclose(index.template("id002"), legacy.embeddings[2], atol=1e-6)
+    assert index.names == names and index.metadata["model_fingerprint"] == "f" * 64
+    assert index.count("id003") == 3
+    np.testing.assert_allclose(index.template("id002"), templates[2], atol=1e-6)
+    np.savez(tmp_path / "twice.npz", identities=np.asarray(["a", "a"]), embeddings=templates[:2],
+             counts=np.ones(2, np.int64), metadata=np.asarray(json.dumps(metadata)))
+    with pytest.raises(GalleryIndexError, match="repeat"):
+        GalleryIndex.load(tmp_path / "twice.npz", backend="numpy")
 
 
 def test_bad_input_is_refused_before_anything_changes():
@@ -189,3 +198,15 @@ def test_bad_input_is_refused_before_anything_changes():
         GalleryIndex(4, backend="numpy", nprobe=0)
     with pytest.raises(GalleryIndexError, match="approximate_above"):
         GalleryIndex(4, backend="numpy", approximate_above=-1)
+
+
+def test_template_rows_are_the_rows_search_reports_and_read_only():
+    rng = np.random.default_rng(9)
+    index = GalleryIndex(32, backend="numpy")
+    index.add(_gallery(rng, identities=6))
+    index.remove(["id002"])
+    rows = index.template_rows
+    assert rows.shape == (6, 32) and not rows.flags.writeable
+    found, _ = index.search_rows(rows[[4]], 1)
+    assert found[0, 0] == 4
+    np.testing.assert_array_equal(rows[5], index.template("id005"))

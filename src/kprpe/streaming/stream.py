@@ -1,8 +1,11 @@
-"""Streaming face embedding: photos and videos -> detection and alignment in worker processes -> batched model
+"""Streaming embedding: photos and videos -> detection and alignment in worker processes -> batched model
 calls, in input order, with memory bounded by the batch size instead of the number of inputs.
 
+Task-neutral: the pipeline that finds and crops what is embedded is passed in (the face pipeline today; see
+:func:`run_task` for what it must offer), so rows are called faces but hold any detection.
+
 The unit of work is a :class:`Task`: one photo, or one segment of a video (``SEGMENT_FRAMES`` sampled
-frames, see :mod:`kprpe.face.video`). Workers turn tasks into face crops; the main process keeps a few tasks
+frames, see :mod:`.video`). Workers turn tasks into face crops; the main process keeps a few tasks
 in flight, embeds the crops ``batch_size`` at a time and hands back each task once all its faces are
 embedded (:class:`EmbeddedTask`, crops dropped). Crops alive at once: at most one batch plus the faces of
 the tasks in flight — never the folder. :class:`Completed` says which tasks an earlier run finished, so a
@@ -26,13 +29,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import KprpeError
 from ..images import ImageLoadError, expand_image_paths, load_image
-from ..landmarks import LandmarkFileError
-from .align import AlignmentError
-from .detector import NoFaceFound
 from .video import VIDEO_EXTENSIONS, SegmentEnd, VideoError, is_video_path, sample_frames
 
 __all__ = [
@@ -61,7 +60,6 @@ __all__ = [
 DEFAULT_FPS = 1.0
 SEGMENT_FRAMES = 16  # sampled frames per video task: bounds a task's crops, sets the resume granularity
 STILL = -1  # the segment number of a photo
-_FACE_ERRORS = (NoFaceFound, AlignmentError, LandmarkFileError)
 
 
 class StreamError(KprpeError, ValueError):
@@ -213,7 +211,13 @@ def run_task(
     task: Task, pipeline, *, fps: float = DEFAULT_FPS, segment_frames: int = SEGMENT_FRAMES
 ) -> TaskResult:
     """Detect and align the faces of one task. Problems with the file become ``failure``, never an
-    exception: one bad file must not stop a run over thousands."""
+    exception: one bad file must not stop a run over thousands.
+
+    ``pipeline``: any object with ``faces_in_image(image, source=...)`` returning detections (``box``,
+    ``source_keypoints``, ``keypoints``, ``score``, ``image``, optional ``pixels``) and ``skip_errors``, the
+    exceptions that mean "nothing usable in this image" (a face pipeline: no face found; a gait pipeline: no
+    person). Nothing here knows what is detected."""
+    skippable = tuple(getattr(pipeline, "skip_errors", ()))
     all_faces = bool(getattr(pipeline, "all_faces", False))
     if not task.is_video:
         try:
@@ -221,7 +225,7 @@ def run_task(
             faces = pipeline.faces_in_image(image, source=task.path)
         except ImageLoadError as exc:
             return TaskResult(task, failure=exc.reason)
-        except _FACE_ERRORS as exc:
+        except skippable as exc:
             return TaskResult(task, failure=str(exc))
         except Exception as exc:  # a library choking on one odd file: report it, keep going
             return TaskResult(task, failure=f"{type(exc).__name__}: {exc}")
@@ -238,7 +242,7 @@ def run_task(
             frames += 1
             try:
                 faces = pipeline.faces_in_image(frame.image, source=f"{task.path}@{frame.number}")
-            except _FACE_ERRORS:  # frames without a (usable) face are normal in video
+            except skippable:  # frames without a (usable) face are normal in video
                 continue
             rows.extend(
                 _face_rows(
@@ -554,6 +558,8 @@ def stream_embeddings(
         completed=completed,
     )
     embedded = iter_embedded(results, embedder, stats=stats)
+    from tqdm.auto import tqdm  # here, not at the top: `kprpe --help` reads this module's defaults
+
     bar = tqdm(
         total=len(todo), desc="embed", unit="file", disable=None if progress else True, file=sys.stderr
     )

@@ -13,13 +13,12 @@ __all__ = ["register", "build_service"]
 def build_service(args: argparse.Namespace):
     """Model, aligner, index and threshold from the command line (shared by the CLI and the tests)."""
     from ..face.detector import MissingDependencyError
-    from ..face.dfa import AlignerCheckpointError
     from ..face.embedder import FaceEmbedder
     from ..face.pipeline import DEFAULT_THRESHOLD
     from ..nn import CheckpointError
+    from ..serve.app import FaceService
     from ..thresholds import resolve_threshold
     from ..zoo import ZooError, resolve
-    from .app import FaceService
 
     try:
         weights = resolve(args.weights, kind="recognition")  # a path, or a published repo id -> its snapshot
@@ -37,7 +36,7 @@ def build_service(args: argparse.Namespace):
         raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
     index = None
     if args.index:
-        from ..face.index import GalleryIndex
+        from ..gallery.index import GalleryIndex
 
         index = GalleryIndex.load(args.index, nprobe=args.nprobe)
     choice = resolve_threshold(
@@ -64,14 +63,12 @@ def build_service(args: argparse.Namespace):
         )
     except MissingDependencyError as exc:
         raise CommandError(str(exc)) from None
-    except (ZooError, AlignerCheckpointError) as exc:
-        raise CommandError(f"cannot load the DFA aligner {args.aligner_weights}: {exc}") from None
-    except ValueError as exc:  # e.g. --min-aligner-score outside [0, 1]
+    except ValueError as exc:  # AlignerLoadError (bad DFA weights, device or score) is one too
         raise CommandError(str(exc)) from None
 
 
 def limits_from_args(args: argparse.Namespace):
-    from .app import ServeLimits
+    from ..serve.app import ServeLimits
 
     return ServeLimits(
         max_upload_bytes=int(args.max_upload_mb * 2**20),
@@ -88,8 +85,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import server_config
-        from .routes import create_app
+        from ..serve.app import server_config
+        from ..serve.routes import create_app
     except ImportError as exc:
         raise CommandError(
             f"kprpe serve needs FastAPI and uvicorn ({exc}); pip install 'kprpe[serve]'"
@@ -114,7 +111,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``serve`` to the ``kprpe`` command."""
-    from .app import ALIGNERS, ServeLimits
+    from ..serve.app import ALIGNERS, ServeLimits
 
     defaults = ServeLimits()
     p = subparsers.add_parser(

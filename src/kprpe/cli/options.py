@@ -1,13 +1,12 @@
 """Command-line options that several ``kprpe`` commands share, defined once so they are spelled alike.
 
-A leaf module (it imports only the standard library): every ``*/commands.py`` may import it, and
-:mod:`kprpe.cli` loads the command modules, never the reverse.
+A leaf module (it imports only the standard library): every command module of :mod:`kprpe.cli` may import
+it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 __all__ = [
     "DEFAULT_DEVICE",
@@ -24,34 +23,20 @@ DEFAULT_DEVICE = "cpu"
 DEFAULT_BATCH_SIZE = 64
 
 
-class _DeprecatedAlias(argparse.Action):
-    """Stores like the option it aliases and says once on stderr which spelling to use instead."""
-
-    def __init__(self, option_strings, dest, *, preferred: str, **kwargs) -> None:
-        self.preferred = preferred
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        print(f"{parser.prog}: {option_string} is deprecated; use {self.preferred}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 def add_output_option(
     parser, *, help: str, required: bool = True, default=None, type=str, metavar: str = "OUT"
 ) -> None:
-    """``-o/--output`` (``--out`` still accepted, hidden and deprecated)."""
-    group = parser.add_mutually_exclusive_group(required=required)
+    """``-o/--output``, the one spelling of every command's output."""
     text = help if default is None else f"{help} (default: {default})"
-    group.add_argument(
-        "-o", "--output", dest="output", type=type, default=default, metavar=metavar, help=text
-    )
-    group.add_argument(
-        "--out",
+    parser.add_argument(
+        "-o",
+        "--output",
         dest="output",
         type=type,
-        action=_DeprecatedAlias,
-        preferred="-o/--output",
-        help=argparse.SUPPRESS,
+        default=default,
+        required=required,
+        metavar=metavar,
+        help=text,
     )
 
 

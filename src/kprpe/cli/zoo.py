@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .catalog import CATALOG, COMMON_TERMS, METRICS, SOURCES
+from ..zoo.catalog import CATALOG, COMMON_TERMS, METRICS, SOURCES
 
 
 def zoo_rows() -> list[dict]:
@@ -51,8 +51,8 @@ def print_zoo(as_json: bool = False) -> None:
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
     from ..errors import CommandError
-    from .catalog import find_entry
-    from .hub import ZooError, _read_registry, parse_repo_id, registry_path, snapshot
+    from ..zoo.catalog import find_entry
+    from ..zoo.hub import ZooError, _read_registry, parse_repo_id, registry_path, snapshot
 
     parsed = parse_repo_id(args.repo)
     if parsed is None:

@@ -7,8 +7,8 @@ import shlex
 import sys
 import time
 
-from ..cli_options import add_output_option
 from ..errors import CommandError
+from .options import add_output_option
 
 __all__ = ["register"]
 
@@ -168,9 +168,16 @@ def _csv(text: str | None, none_means_empty: bool = False) -> tuple[str, ...] | 
 def _cmd_digits(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .digits import DigitsConfig, JobStore, JobStoreError, data_defaults, quick_config, run_digits
-    from .digits_models import MODEL_SPECS
-    from .report import write_outputs
+    from ..experiments.digits import (
+        DigitsConfig,
+        JobStore,
+        JobStoreError,
+        data_defaults,
+        quick_config,
+        run_digits,
+    )
+    from ..experiments.digits_models import MODEL_SPECS
+    from ..experiments.report import write_outputs
 
     if args.list_models:
         kinds = {"learned": "learned-keypoints model"}
@@ -263,7 +270,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
             "is committed yet, so how far these numbers are from it is unknown (docs/experiments.md)."
         )
     elif args.quick:
-        from .report import quick_run_notice
+        from ..experiments.report import quick_run_notice
 
         print(quick_run_notice(results, time.perf_counter() - start))
     print(
@@ -275,7 +282,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
 
 def _check_data(data: str) -> None:
     """MNIST must be installed for --data mnist; the built-in UCI run says where MNIST comes from."""
-    from .mnist_data import MNIST_INSTALL, MnistUnavailableError, find_mnist_pickle
+    from ..experiments.mnist_data import MNIST_INSTALL, MnistUnavailableError, find_mnist_pickle
 
     try:
         find_mnist_pickle()
@@ -292,8 +299,8 @@ def _check_data(data: str) -> None:
 def _calibrate(cfg, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .calibration import calibrate_abs, calibration_table, candidate_config, parse_candidates
-    from .digits import JobStoreError
+    from ..experiments.calibration import calibrate_abs, calibration_table, candidate_config, parse_candidates
+    from ..experiments.digits import JobStoreError
 
     try:  # every candidate checked before the first one trains
         candidates = parse_candidates(args.calibrate_abs)
@@ -315,7 +322,7 @@ def _render_from_results(json_path: str, out_dir: str, plots: bool) -> int:
     import json
     from pathlib import Path
 
-    from .report import write_outputs
+    from ..experiments.report import write_outputs
 
     path = Path(json_path)
     try:

@@ -10,8 +10,8 @@ __all__ = ["register"]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .loop import Trainer
+    from ..train.config import load_config
+    from ..train.loop import Trainer
 
     if args.resume and args.resume_from:
         raise CommandError(
