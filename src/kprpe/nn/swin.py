@@ -1,0 +1,459 @@
+"""Swin-V2 face backbone, plain (continuous position bias) or with windowed KP-RPE: the official CVLface
+``swin`` / ``swin_kprpe`` models, with their state dict layout.
+
+Conventions (checked against the official vectors, docs/models.md "Swin"): channels-last maps ``(B, H, W,
+C)``; patch embedding Conv(p, stride p) -> LayerNorm; post-norm blocks ``x + LN1(attn(x))``, ``x +
+LN2(mlp(x))`` with exact GELU; cosine attention ``cos(q, k) * exp(min(logit_scale, ln 100))`` with the key
+third of ``qkv.bias`` replaced by 0; windows padded, shifted and cut as in :mod:`kprpe.nn.windows`; padded
+tokens are attended to, not masked; PatchMergingV2 (pad odd maps, concatenate ``(0,0), (1,0), (0,1), (1,1)``,
+Linear 4C -> 2C, LayerNorm); head LayerNorm -> flatten ``(row, col, channel)`` -> Linear -> BN -> Linear -> BN,
+not L2-normalised. The plain model adds Swin-V2's CPB ``16 * sigmoid(cpb_mlp(coords))``; the KP-RPE model
+replaces it with one :class:`~kprpe.nn.keypoint_rpe.KeypointRPE` per stage (saved at the top level as
+``keypoint_linear.<stage>``, outside the network) whose table is made once per stage and gathered per window.
+The CPB buffers stay in the state dict in both (the official layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from .attention import DropPath
+from .buckets import METHODS
+from .keypoint_rpe import KP_SHARINGS, KeypointRPE, _rename
+from .windows import merge, partition, shift_mask
+
+__all__ = [
+    "SWIN_ENCODINGS",
+    "SWIN_PRESETS",
+    "SwinConfig",
+    "SwinTransformer",
+    "is_swin_checkpoint",
+    "swin_config_from_state_dict",
+    "load_swin",
+]
+
+SWIN_ENCODINGS = ("cpb", "kprpe", "none")
+SWIN_ATTN_IMPLS = ("sdpa", "math")
+# The official face presets (swin/names.py swin_v2_s / swin_v2_b on a 112 x 112 input): they differ only in the
+# third stage's depth and the stochastic depth rate.
+_OFFICIAL = dict(img_size=112, patch_size=3, embed_dim=128, num_heads=(4, 8, 16, 32), window_size=(5, 5))
+SWIN_SIZES = {
+    "small": dict(_OFFICIAL, depths=(2, 2, 12, 2), drop_path_rate=0.3),
+    "base": dict(_OFFICIAL, depths=(2, 2, 18, 2), drop_path_rate=0.5),
+}
+SWIN_PRESETS = {
+    f"swin_{size}{suffix}": dict(values, rel_pos=rel_pos)
+    for size, values in SWIN_SIZES.items()
+    for suffix, rel_pos in (("", "cpb"), ("_kprpe", "kprpe"))
+}
+LOG_100 = math.log(100.0)  # the logit scale's clamp
+
+
+@dataclass
+class SwinConfig:
+    """Every architecture choice of :class:`SwinTransformer` (defaults: the official Swin-Small face model)."""
+
+    img_size: int = 112
+    patch_size: int = 3
+    in_chans: int = 3
+    embed_dim: int = 128
+    depths: tuple = (2, 2, 12, 2)
+    num_heads: tuple = (4, 8, 16, 32)
+    window_size: tuple = (5, 5)  # (height, width); an int means a square window
+    mlp_ratio: float = 4.0
+    output_dim: int = 512
+    qkv_bias: bool = True
+    rel_pos: str = "cpb"  # cpb (Swin-V2's continuous position bias) | kprpe | none
+    num_keypoints: int = 5
+    kp_sharing: str = "layer_head"  # official ctx_type rel_keypoint_splithead_unshared
+    rpe_method: str = "product"
+    rpe_ratio: float = 1.9
+    cpb_hidden: int = 512
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    attn_impl: str = "sdpa"  # sdpa (fused) | math (explicit softmax: the official arithmetic)
+    extra: dict = field(default_factory=dict)
+
+    arch = "swin"  # written with saved configs so the loader knows the family (not a dataclass field)
+
+    def __post_init__(self) -> None:
+        window = self.window_size
+        self.window_size = (window, window) if isinstance(window, int) else tuple(window)
+        self.depths = tuple(self.depths) if isinstance(self.depths, (list, tuple)) else self.depths
+        heads = self.num_heads
+        if isinstance(heads, int) and isinstance(self.depths, tuple):
+            heads = [heads] * len(self.depths)
+        self.num_heads = tuple(heads) if isinstance(heads, (list, tuple)) else heads
+
+    def validate(self) -> SwinConfig:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid Swin config: {msg}")
+
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "output_dim", "num_keypoints"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+        need(
+            isinstance(self.depths, tuple) and self.depths and all(isinstance(d, int) and d > 0 for d in self.depths),
+            f"depths must be positive ints, one per stage, got {self.depths!r}",
+        )
+        need(
+            isinstance(self.num_heads, tuple) and len(self.num_heads) == len(self.depths),
+            f"num_heads must give one head count per stage ({len(self.depths)}), got {self.num_heads!r}",
+        )
+        for s, heads in enumerate(self.num_heads):
+            dim = self.stage_dim(s)
+            need(isinstance(heads, int) and heads > 0 and dim % heads == 0,
+                 f"stage {s}: width {dim} is not divisible by {heads} heads")
+        need(
+            len(self.window_size) == 2 and all(isinstance(w, int) and w > 0 for w in self.window_size),
+            f"window_size must be a positive int or (height, width), got {self.window_size!r}",
+        )
+        need(self.img_size >= self.patch_size, f"img_size {self.img_size} is smaller than the patch")
+        need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        need(self.rel_pos in SWIN_ENCODINGS, f"rel_pos {self.rel_pos!r} not in {SWIN_ENCODINGS}")
+        need(self.kp_sharing in KP_SHARINGS, f"kp_sharing {self.kp_sharing!r} not in {KP_SHARINGS}")
+        need(self.rpe_method in METHODS, f"rpe_method {self.rpe_method!r} not in {METHODS}")
+        need(self.attn_impl in SWIN_ATTN_IMPLS, f"attn_impl {self.attn_impl!r} not in {SWIN_ATTN_IMPLS}")
+        return self
+
+    def stage_dim(self, stage: int) -> int:
+        return self.embed_dim * 2**stage
+
+    @property
+    def map_sizes(self) -> list[int]:
+        """Side of each stage's token map: ``img // patch``, then halved (rounded up) by each merge."""
+        sizes = [self.img_size // self.patch_size]
+        for _ in self.depths[1:]:
+            sizes.append(-(-sizes[-1] // 2))
+        return sizes
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values.update(depths=list(self.depths), num_heads=list(self.num_heads), window_size=list(self.window_size))
+        return {"arch": self.arch, **values}
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> SwinConfig:
+        values = dict(values)
+        arch = values.pop("arch", cls.arch)
+        if arch != cls.arch:
+            raise ValueError(f"config is for architecture {arch!r}, not {cls.arch!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Swin config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values).validate()
+
+
+# ---------------------------------------------------------------------- modules
+class Permute(nn.Module):
+    """Channels-first conv output to the channels-last map (holds no weights; index 1 of the stem)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class ContinuousPositionBias(nn.Sequential):
+    """Swin-V2's CPB (``cpb_mlp``): Linear(2, hidden) -> ReLU -> Linear(hidden, H, no bias) on the log-spaced
+    relative coordinates; the bias is ``16 * sigmoid`` of its output read at the relative position index."""
+
+    def __init__(self, num_heads: int, hidden: int = 512) -> None:
+        super().__init__(nn.Linear(2, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_heads, bias=False))
+
+    def bias(self, coords_table: torch.Tensor, index: torch.Tensor, tokens: int) -> torch.Tensor:
+        """``(1, H, ws, ws)`` bias of one window."""
+        table = self(coords_table).view(-1, self[2].out_features)
+        bias = table[index].view(tokens, tokens, -1).permute(2, 0, 1)
+        return (16 * torch.sigmoid(bias)).unsqueeze(0)
+
+
+def relative_coords_table(window: tuple[int, int]) -> torch.Tensor:
+    """``(1, 2wh-1, 2ww-1, 2)`` Swin-V2 CPB input: offsets scaled to [-8, 8], then sign * log2(1 + |x|) / 3."""
+    rows = torch.arange(-(window[0] - 1), window[0], dtype=torch.float32)
+    cols = torch.arange(-(window[1] - 1), window[1], dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).permute(1, 2, 0).contiguous().unsqueeze(0)
+    table[:, :, :, 0] /= max(window[0] - 1, 1)
+    table[:, :, :, 1] /= max(window[1] - 1, 1)
+    table *= 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0
+
+
+def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
+    """``(ws * ws,)`` index of the (query, key) offset into the flattened coords table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij"))
+    flat = coords.flatten(1)
+    rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += window[0] - 1
+    rel[:, :, 1] += window[1] - 1
+    rel[:, :, 0] *= 2 * window[1] - 1
+    return rel.sum(-1).flatten()
+
+
+class WindowAttentionV2(nn.Module):
+    """Cosine multi-head attention inside windows. Its position bias comes from a module (``cpb_mlp``, the
+    plain model's) and/or is passed in (KP-RPE's per-window bias); the shift mask is added last."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window: tuple[int, int],
+        *,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        position: nn.Module | None = None,
+        attn_impl: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window = window
+        self.attn_impl = attn_impl
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
+        # kept (and saved) even without the CPB: the official state dicts carry them
+        self.register_buffer("relative_coords_table", relative_coords_table(window))
+        self.register_buffer("relative_position_index", relative_position_index(window))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.cpb_mlp = position
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x (B * nW, ws, C)``; ``bias`` broadcastable to ``(B * nW, H, ws, ws)``; ``mask (nW, ws, ws)``."""
+        bw, n, c = x.shape
+        qkv_bias = self.qkv.bias
+        if qkv_bias is not None:  # the key third is never used (cosine attention normalises k anyway)
+            third = qkv_bias.numel() // 3
+            qkv_bias = torch.cat([qkv_bias[:third], qkv_bias.new_zeros(third), qkv_bias[2 * third :]])
+        qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(bw, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.cpb_mlp is not None:
+            cpb = self.cpb_mlp.bias(self.relative_coords_table, self.relative_position_index, n)
+            bias = cpb if bias is None else bias + cpb
+        if mask is not None:  # (nW, ws, ws), windows batch-major
+            nw = mask.shape[0]
+            full = bias if bias is not None else mask.new_zeros(1, 1, n, n)
+            full = full.expand(bw, self.num_heads, n, n) if full.shape[0] == 1 else full
+            bias = (full.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]).view(bw, -1, n, n)
+        scale = torch.clamp(self.logit_scale, max=LOG_100).exp()
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        drop = self.attn_drop if self.training else 0.0
+        if self.attn_impl == "sdpa":
+            if bias is not None:
+                bias = bias.to(q.dtype)
+            out = F.scaled_dot_product_attention(q * scale, k, v, attn_mask=bias, dropout_p=drop, scale=1.0)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * scale
+            if bias is not None:
+                attn = attn + bias
+            attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training)
+            out = attn @ v
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
+
+
+class SwinBlockV2(nn.Module):
+    """Post-norm Swin-V2 block on a ``(B, H, W, C)`` map: windowed attention, then the MLP."""
+
+    def __init__(self, dim: int, num_heads: int, window, shift, cfg: SwinConfig, drop_path: float) -> None:
+        super().__init__()
+        self.window, self.shift = tuple(window), tuple(shift)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        cpb = ContinuousPositionBias(num_heads, cfg.cpb_hidden) if cfg.rel_pos == "cpb" else None
+        self.attn = WindowAttentionV2(
+            dim,
+            num_heads,
+            self.window,
+            qkv_bias=cfg.qkv_bias,
+            attn_drop=cfg.attn_drop_rate,
+            proj_drop=cfg.drop_rate,
+            position=cpb,
+            attn_impl=cfg.attn_impl,
+        )
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        hidden = int(dim * cfg.mlp_ratio)
+        # torchvision's MLP numbering: fc1 (0), GELU (1), Dropout (2), fc2 (3), Dropout (4)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(cfg.drop_rate), nn.Linear(hidden, dim),
+            nn.Dropout(cfg.drop_rate),
+        )
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        h, w = x.shape[1:3]
+        mask = shift_mask(h, w, self.window, self.shift, device=x.device, dtype=x.dtype)
+        out = self.attn(partition(x, self.window, self.shift), bias, mask)
+        x = x + self.drop_path(self.norm1(merge(out, h, w, self.window, self.shift)))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
+
+
+class PatchMergingV2(nn.Module):
+    """Halve the map: zero-pad odd sides, concatenate the 2x2 neighbours, Linear 4C -> 2C, LayerNorm."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[1:3]
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.norm(self.reduction(x))
+
+
+def _state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
+    """Save the per-stage tables under their official names, ``keypoint_linear.<stage>``."""
+    n = len(module.config.depths)
+    _rename(state_dict, {f"{prefix}kprpe.{s}.linear.": f"{prefix}keypoint_linear.{s}." for s in range(n)})
+
+
+def _load_state_dict_hook(module, state_dict, prefix, *args) -> None:
+    n = len(module.config.depths)
+    _rename(state_dict, {f"{prefix}keypoint_linear.{s}.": f"{prefix}kprpe.{s}.linear." for s in range(n)})
+
+
+class SwinTransformer(nn.Module):
+    """Swin-V2 face embedder: ``model(images)`` (plain), ``model(images, keypoints)`` (KP-RPE; plain models
+    accept and ignore keypoints). Output: the raw embedding ``(B, output_dim)``, not normalised."""
+
+    def __init__(self, config: SwinConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        if config is None:
+            config = SwinConfig(**kwargs)
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        self.config = cfg = config.validate()
+        self.grad_checkpointing = False
+        sizes = cfg.map_sizes
+        total = sum(cfg.depths)
+        layers: list[nn.Module] = [
+            nn.Sequential(
+                nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size),
+                Permute(),
+                nn.LayerNorm(cfg.embed_dim, eps=1e-5),
+            )
+        ]
+        self.stage_of: list[tuple[int, int] | None] = [None]  # features index -> (stage, block in stage)
+        done = 0
+        shift = (cfg.window_size[0] // 2, cfg.window_size[1] // 2)
+        for s, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads, strict=True)):
+            for j in range(depth):
+                rate = cfg.drop_path_rate * done / max(total - 1, 1)  # torchvision's linear rule
+                block_shift = (0, 0) if j % 2 == 0 else shift
+                layers.append(SwinBlockV2(cfg.stage_dim(s), heads, cfg.window_size, block_shift, cfg, rate))
+                self.stage_of.append((s, j))
+                done += 1
+            if s < len(cfg.depths) - 1:
+                layers.append(PatchMergingV2(cfg.stage_dim(s)))
+                self.stage_of.append(None)
+        self.features = nn.ModuleList(layers)
+        last = cfg.stage_dim(len(cfg.depths) - 1)
+        self.norm = nn.LayerNorm(last, eps=1e-5)
+        self.feature = nn.Sequential(
+            nn.Linear(sizes[-1] ** 2 * last, last, bias=False),
+            nn.BatchNorm1d(last, eps=2e-5),
+            nn.Linear(last, cfg.output_dim, bias=False),
+            nn.BatchNorm1d(cfg.output_dim, eps=2e-5),
+        )
+        self.kprpe = None
+        if cfg.rel_pos == "kprpe":
+            self.kprpe = nn.ModuleList(
+                KeypointRPE(
+                    grid=(size, size),
+                    num_heads=heads,
+                    depth=depth,
+                    num_keypoints=cfg.num_keypoints,
+                    sharing=cfg.kp_sharing,
+                    method=cfg.rpe_method,
+                    ratio=cfg.rpe_ratio,
+                    window=cfg.window_size,
+                )
+                for size, depth, heads in zip(sizes, cfg.depths, cfg.num_heads, strict=True)
+            )
+            self.register_state_dict_post_hook(_state_dict_hook)
+            self.register_load_state_dict_pre_hook(_load_state_dict_hook)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Truncated-normal linear weights and zero biases (torchvision's Swin init); KP-RPE's tables start at
+        zero, so a new Swin-KP-RPE begins as a Swin without position bias."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if self.kprpe is not None:
+            for stage in self.kprpe:
+                stage.reset_parameters()
+
+    @property
+    def uses_keypoints(self) -> bool:
+        return self.kprpe is not None
+
+    @property
+    def keypoint_linear(self) -> nn.ModuleList | None:
+        """The per-stage tables f_s (``keypoint_linear.<s>`` in checkpoints); None without KP-RPE."""
+        return None if self.kprpe is None else nn.ModuleList(stage.linear for stage in self.kprpe)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = bool(enable)
+
+    def check_inputs(self, images: torch.Tensor, keypoints: torch.Tensor | None) -> None:
+        """Raise a TypeError/ValueError naming what was expected and what was received (the ViT's checks: same
+        config fields, same messages)."""
+        from .vit import VisionTransformer
+
+        VisionTransformer.check_inputs(self, images, keypoints)
+
+    def forward_features(self, images: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, S, S, C)`` last-stage map after the final LayerNorm."""
+        self.check_inputs(images, keypoints)
+        x = images
+        biases = None
+        for layer, where in zip(self.features, self.stage_of, strict=True):
+            if where is None:
+                x = layer(x)
+                continue
+            stage, j = where
+            if j == 0 and self.kprpe is not None:  # the stage's table input, made once for its blocks
+                biases = self.kprpe[stage].window_biases(keypoints)
+            bias = biases(j, layer.shift) if self.kprpe is not None else None
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, bias, use_reentrant=False)
+            else:
+                x = layer(x, bias)
+        return self.norm(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.feature(features.reshape(features.shape[0], -1))
+
+    def forward(self, images: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
+        from .vit import match_weight_dtype
+
+        images = match_weight_dtype(self, images)
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] == 0:
+            self.check_inputs(images, keypoints)
+            return images.new_zeros((0, self.config.output_dim))
+        return self.forward_head(self.forward_features(images, keypoints))
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (
+            f"rel_pos={cfg.rel_pos}, depths={list(cfg.depths)}, heads={list(cfg.num_heads)}, "
+            f"window={cfg.window_size[0]}x{cfg.window_size[1]}, maps={cfg.map_sizes}"
+        )
