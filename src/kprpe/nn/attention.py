@@ -99,7 +99,7 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # a factory is called here, after qkv/proj exist, so seeded models draw their numbers in the same order
+        # a factory is called here, after qkv/proj exist: seeded models draw their numbers in the same order
         terms = position() if callable(position) else position
         self.position_names: tuple[str, ...] = tuple(terms or {})
         for name, module in (terms or {}).items():

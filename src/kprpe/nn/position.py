@@ -147,7 +147,7 @@ class ContextualRPE(nn.Module):
         nn.init.trunc_normal_(self.lookup_table_weight, std=0.02)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        w = self.lookup_table_weight.to(x.dtype)[None]  # (1, T, ., .) broadcasts over batch (and heads if T=1)
+        w = self.lookup_table_weight.to(x.dtype)[None]  # (1, T, ., .) broadcasts over batch (heads if T=1)
         if self.kind != "v":
             return gather_bias(torch.matmul(x, w), ids)
         b, h, n, _ = x.shape

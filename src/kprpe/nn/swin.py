@@ -6,8 +6,8 @@ C)``; patch embedding Conv(p, stride p) -> LayerNorm; post-norm blocks ``x + LN1
 LN2(mlp(x))`` with exact GELU; cosine attention ``cos(q, k) * exp(min(logit_scale, ln 100))`` with the key
 third of ``qkv.bias`` replaced by 0; windows padded, shifted and cut as in :mod:`kprpe.nn.windows`; padded
 tokens are attended to, not masked; PatchMergingV2 (pad odd maps, concatenate ``(0,0), (1,0), (0,1), (1,1)``,
-Linear 4C -> 2C, LayerNorm); head LayerNorm -> flatten ``(row, col, channel)`` -> Linear -> BN -> Linear -> BN,
-not L2-normalised. The plain model adds Swin-V2's CPB ``16 * sigmoid(cpb_mlp(coords))``; the KP-RPE model
+Linear 4C -> 2C, LayerNorm); head LayerNorm -> flatten ``(row, col, channel)`` -> Linear -> BN -> Linear ->
+BN, not L2-normalised. The plain model adds Swin-V2's CPB ``16 * sigmoid(cpb_mlp(coords))``; the KP-RPE model
 replaces it with one :class:`~kprpe.nn.keypoint_rpe.KeypointRPE` per stage (saved at the top level as
 ``keypoint_linear.<stage>``, outside the network) whose table is made once per stage and gathered per window.
 The CPB buffers stay in the state dict in both (the official layout).
@@ -44,8 +44,8 @@ __all__ = [
 
 SWIN_ENCODINGS = ("cpb", "kprpe", "none")
 SWIN_ATTN_IMPLS = ("sdpa", "math")
-# The official face presets (swin/names.py swin_v2_s / swin_v2_b on a 112 x 112 input): they differ only in the
-# third stage's depth and the stochastic depth rate.
+# The official face presets (swin/names.py swin_v2_s / swin_v2_b on a 112 x 112 input): they differ only in
+# the third stage's depth and the stochastic depth rate.
 _OFFICIAL = dict(img_size=112, patch_size=3, embed_dim=128, num_heads=(4, 8, 16, 32), window_size=(5, 5))
 SWIN_SIZES = {
     "small": dict(_OFFICIAL, depths=(2, 2, 12, 2), drop_path_rate=0.3),
@@ -61,7 +61,7 @@ LOG_100 = math.log(100.0)  # the logit scale's clamp
 
 @dataclass
 class SwinConfig:
-    """Every architecture choice of :class:`SwinTransformer` (defaults: the official Swin-Small face model)."""
+    """Every architecture choice of :class:`SwinTransformer` (defaults: the official Swin-Small face net)."""
 
     img_size: int = 112
     patch_size: int = 3
@@ -105,7 +105,9 @@ class SwinConfig:
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
         need(
-            isinstance(self.depths, tuple) and self.depths and all(isinstance(d, int) and d > 0 for d in self.depths),
+            isinstance(self.depths, tuple)
+            and self.depths
+            and all(isinstance(d, int) and d > 0 for d in self.depths),
             f"depths must be positive ints, one per stage, got {self.depths!r}",
         )
         need(
@@ -114,8 +116,10 @@ class SwinConfig:
         )
         for s, heads in enumerate(self.num_heads):
             dim = self.stage_dim(s)
-            need(isinstance(heads, int) and heads > 0 and dim % heads == 0,
-                 f"stage {s}: width {dim} is not divisible by {heads} heads")
+            need(
+                isinstance(heads, int) and heads > 0 and dim % heads == 0,
+                f"stage {s}: width {dim} is not divisible by {heads} heads",
+            )
         need(
             len(self.window_size) == 2 and all(isinstance(w, int) and w > 0 for w in self.window_size),
             f"window_size must be a positive int or (height, width), got {self.window_size!r}",
@@ -127,6 +131,11 @@ class SwinConfig:
         need(self.rpe_method in METHODS, f"rpe_method {self.rpe_method!r} not in {METHODS}")
         need(self.attn_impl in SWIN_ATTN_IMPLS, f"attn_impl {self.attn_impl!r} not in {SWIN_ATTN_IMPLS}")
         return self
+
+    @property
+    def depth(self) -> int:
+        """Blocks in all stages (what ``kprpe models`` lists as depth)."""
+        return sum(self.depths)
 
     def stage_dim(self, stage: int) -> int:
         return self.embed_dim * 2**stage
@@ -141,7 +150,9 @@ class SwinConfig:
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
-        values.update(depths=list(self.depths), num_heads=list(self.num_heads), window_size=list(self.window_size))
+        values.update(
+            depths=list(self.depths), num_heads=list(self.num_heads), window_size=list(self.window_size)
+        )
         return {"arch": self.arch, **values}
 
     @classmethod
@@ -170,7 +181,9 @@ class ContinuousPositionBias(nn.Sequential):
     relative coordinates; the bias is ``16 * sigmoid`` of its output read at the relative position index."""
 
     def __init__(self, num_heads: int, hidden: int = 512) -> None:
-        super().__init__(nn.Linear(2, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_heads, bias=False))
+        super().__init__(
+            nn.Linear(2, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_heads, bias=False)
+        )
 
     def bias(self, coords_table: torch.Tensor, index: torch.Tensor, tokens: int) -> torch.Tensor:
         """``(1, H, ws, ws)`` bias of one window."""
@@ -180,7 +193,7 @@ class ContinuousPositionBias(nn.Sequential):
 
 
 def relative_coords_table(window: tuple[int, int]) -> torch.Tensor:
-    """``(1, 2wh-1, 2ww-1, 2)`` Swin-V2 CPB input: offsets scaled to [-8, 8], then sign * log2(1 + |x|) / 3."""
+    """``(1, 2wh-1, 2ww-1, 2)`` Swin-V2 CPB input: offsets scaled to [-8, 8], then sign * log2(1+|x|) / 3."""
     rows = torch.arange(-(window[0] - 1), window[0], dtype=torch.float32)
     cols = torch.arange(-(window[1] - 1), window[1], dtype=torch.float32)
     table = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).permute(1, 2, 0).contiguous().unsqueeze(0)
@@ -231,38 +244,60 @@ class WindowAttentionV2(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.cpb_mlp = position
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bw, n, c = x.shape
+        qkv_bias = self.qkv.bias
+        if qkv_bias is not None:  # the key third is never used (the official forward replaces it by 0)
+            third = qkv_bias.numel() // 3
+            qkv_bias = torch.cat([qkv_bias[:third], qkv_bias.new_zeros(third), qkv_bias[2 * third :]])
+        qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(bw, n, 3, self.num_heads, c // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _full_bias(
+        self, bias: torch.Tensor | None, mask: torch.Tensor | None, bw: int, n: int
+    ) -> torch.Tensor | None:
+        """The passed-in bias plus this layer's own position term, then the shift mask (in that order)."""
+        if self.cpb_mlp is not None:
+            cpb = self.cpb_mlp.bias(self.relative_coords_table, self.relative_position_index, n)
+            bias = cpb if bias is None else bias + cpb
+        if mask is None:
+            return bias
+        nw = mask.shape[0]  # windows are batch-major: b * nW + w
+        full = bias if bias is not None else mask.new_zeros(1, 1, n, n)
+        full = full.expand(bw, self.num_heads, n, n) if full.shape[0] == 1 else full
+        return (full.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]).view(bw, -1, n, n)
+
+    def scores(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pre-softmax logits ``(B * nW, H, ws, ws)``: ``cos(q, k) * exp(min(logit_scale, ln 100))`` plus the
+        bias and the shift mask (the official order of additions)."""
+        q, k, _ = self._qkv(x)
+        return self._logits(q, k, self._full_bias(bias, mask, x.shape[0], x.shape[1]))
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self._scale()
+        return attn if bias is None else attn + bias
+
+    def _scale(self) -> torch.Tensor:
+        return torch.clamp(self.logit_scale, max=LOG_100).exp()
+
     def forward(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``x (B * nW, ws, C)``; ``bias`` broadcastable to ``(B * nW, H, ws, ws)``; ``mask (nW, ws, ws)``."""
         bw, n, c = x.shape
-        qkv_bias = self.qkv.bias
-        if qkv_bias is not None:  # the key third is never used (cosine attention normalises k anyway)
-            third = qkv_bias.numel() // 3
-            qkv_bias = torch.cat([qkv_bias[:third], qkv_bias.new_zeros(third), qkv_bias[2 * third :]])
-        qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(bw, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if self.cpb_mlp is not None:
-            cpb = self.cpb_mlp.bias(self.relative_coords_table, self.relative_position_index, n)
-            bias = cpb if bias is None else bias + cpb
-        if mask is not None:  # (nW, ws, ws), windows batch-major
-            nw = mask.shape[0]
-            full = bias if bias is not None else mask.new_zeros(1, 1, n, n)
-            full = full.expand(bw, self.num_heads, n, n) if full.shape[0] == 1 else full
-            bias = (full.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]).view(bw, -1, n, n)
-        scale = torch.clamp(self.logit_scale, max=LOG_100).exp()
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         drop = self.attn_drop if self.training else 0.0
-        if self.attn_impl == "sdpa":
-            if bias is not None:
-                bias = bias.to(q.dtype)
-            out = F.scaled_dot_product_attention(q * scale, k, v, attn_mask=bias, dropout_p=drop, scale=1.0)
-        else:
-            attn = (q @ k.transpose(-2, -1)) * scale
-            if bias is not None:
-                attn = attn + bias
-            attn = F.dropout(attn.softmax(dim=-1), p=drop, training=self.training)
+        q, k, v = self._qkv(x)
+        full = self._full_bias(bias, mask, bw, n)
+        if self.attn_impl == "math":
+            attn = F.dropout(self._logits(q, k, full).softmax(dim=-1), p=drop, training=self.training)
             out = attn @ v
+        else:
+            if full is not None:
+                full = full.to(q.dtype)
+            q, k = F.normalize(q, dim=-1) * self._scale(), F.normalize(k, dim=-1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=drop, scale=1.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
 
 
@@ -288,7 +323,10 @@ class SwinBlockV2(nn.Module):
         hidden = int(dim * cfg.mlp_ratio)
         # torchvision's MLP numbering: fc1 (0), GELU (1), Dropout (2), fc2 (3), Dropout (4)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(cfg.drop_rate), nn.Linear(hidden, dim),
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.drop_rate),
+            nn.Linear(hidden, dim),
             nn.Dropout(cfg.drop_rate),
         )
         self.drop_path = DropPath(drop_path)
@@ -457,3 +495,270 @@ class SwinTransformer(nn.Module):
             f"rel_pos={cfg.rel_pos}, depths={list(cfg.depths)}, heads={list(cfg.num_heads)}, "
             f"window={cfg.window_size[0]}x{cfg.window_size[1]}, maps={cfg.map_sizes}"
         )
+
+
+# ---------------------------------------------------------------------- checkpoints
+_BLOCK = re.compile(r"features\.(\d+)\.(norm1|reduction)\.weight$")
+# official rpe_config.ctx_type -> kp_sharing (linear relative context types; the official Swin: the first)
+_CTX_SHARING = {
+    "rel_keypoint_splithead_unshared": "layer_head",
+    "rel_keypoint_unshared": "layer",
+    "rel_keypoint_splithead": "head",
+    "rel_keypoint": "shared",
+}
+_SWIN_NAMES = {"small": "small", "base": "base", "swin_v2_s": "small", "swin_v2_b": "base"}
+OFFICIAL_IMG_SIZE = 112  # the official Swin face code runs only on 112 x 112 (its head hard-codes the map)
+
+
+def is_swin_checkpoint(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for bare Swin keys: the stem ``features.0.0.weight`` and cosine attention's ``logit_scale``."""
+    return "features.0.0.weight" in state and any(
+        k.startswith("features.") and k.endswith(".attn.logit_scale") for k in state
+    )
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
+    if key not in state:
+        raise ValueError(f"key {key!r} is missing")
+    shape = tuple(state[key].shape)
+    if len(shape) != ndim:
+        raise ValueError(f"{key} should be {ndim}-D, got shape {shape}")
+    return shape
+
+
+def swin_config_from_state_dict(state: Mapping[str, torch.Tensor], known: Mapping | None = None) -> dict:
+    """SwinConfig fields implied by a bare state dict's tensor shapes: embed, patch, depths, heads per stage
+    (``logit_scale``), window (the CPB coordinate table), MLP ratio, output dim, encoding, KP-RPE sharing.
+    ``known`` fields (a config, the caller) settle what shapes cannot; when the shapes fit several
+    architectures that compute different functions, a ValueError lists the candidates."""
+    known = dict(known or {})
+    embed, chans, patch, patch_w = _shape(state, "features.0.0.weight", 4)
+    if patch != patch_w:
+        raise ValueError(f"the patch embedding is {patch}x{patch_w}: only square patches are supported")
+    layout = sorted((int(m.group(1)), m.group(2)) for k in state if (m := _BLOCK.match(k)))
+    if [i for i, _ in layout] != list(range(1, len(layout) + 1)):
+        raise ValueError(f"features are not numbered 1..n (found {[i for i, _ in layout][:12]})")
+    depths, heads, dims = [0], [], []
+    for i, kind in layout:
+        if kind == "reduction":
+            depths.append(0)
+            continue
+        dim = _shape(state, f"features.{i}.norm1.weight", 1)[0]
+        h = _shape(state, f"features.{i}.attn.logit_scale", 3)[0]
+        if depths[-1] == 0:
+            heads.append(h)
+            dims.append(dim)
+        elif (h, dim) != (heads[-1], dims[-1]):
+            raise ValueError(f"block features.{i} has {h} heads / width {dim}, unlike its stage")
+        depths[-1] += 1
+    if 0 in depths or layout[-1][1] == "reduction":
+        raise ValueError(f"stages {depths}: a patch merging must sit between two non-empty stages")
+    expected = [embed * 2**s for s in range(len(depths))]
+    if dims != expected:
+        raise ValueError(f"stage widths {dims} are not the embedding {embed} doubled per stage {expected}")
+    first = layout[0][0]
+    cfg: dict = dict(embed_dim=embed, in_chans=chans, patch_size=patch, depths=depths, num_heads=heads)
+    cfg["mlp_ratio"] = _shape(state, f"features.{first}.mlp.0.weight", 2)[0] / embed
+    cfg["qkv_bias"] = f"features.{first}.attn.qkv.bias" in state
+    cfg["window_size"] = _window_from(state, first, known)
+    last = expected[-1]
+    cfg["output_dim"] = _shape(state, "feature.2.weight", 2)[0]
+    cells, rem = divmod(_shape(state, "feature.0.weight", 2)[1], last)
+    side = math.isqrt(cells)
+    if rem or side * side != cells:
+        raise ValueError(f"feature.0.weight reads {cells * last + rem} inputs: not {last} x a square map")
+    cfg["img_size"] = _img_size_from(side, patch, len(depths), known)
+    if f"features.{first}.attn.cpb_mlp.0.weight" in state:
+        cfg["rel_pos"] = "cpb"
+        cfg["cpb_hidden"] = _shape(state, f"features.{first}.attn.cpb_mlp.0.weight", 2)[0]
+    elif "keypoint_linear.0.weight" in state:
+        cfg["rel_pos"] = "kprpe"
+        cfg.update(_kprpe_from(state, depths, heads, known))
+    else:
+        cfg["rel_pos"] = "none"
+    return cfg
+
+
+def _window_from(state: Mapping[str, torch.Tensor], first: int, known: Mapping) -> tuple[int, int]:
+    table = state.get(f"features.{first}.attn.relative_coords_table")
+    if table is not None and table.ndim == 4:
+        return ((table.shape[1] + 1) // 2, (table.shape[2] + 1) // 2)
+    index = state.get(f"features.{first}.attn.relative_position_index")
+    if index is None:
+        if "window_size" in known:
+            return tuple(known["window_size"])
+        raise ValueError("no CPB coordinate table or position index tells the window size: pass window_size")
+    tokens = math.isqrt(index.numel())
+    candidates = [(h, tokens // h) for h in range(1, tokens + 1) if tokens % h == 0]
+    wanted = known.get("window_size")
+    if wanted is not None:
+        wanted = (wanted, wanted) if isinstance(wanted, int) else tuple(wanted)
+        if wanted in candidates:
+            return wanted
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ValueError(
+        f"the windows hold {tokens} tokens, which fits windows {candidates}; pass window_size=(height, width)"
+    )
+
+
+def _img_size_from(side: int, patch: int, stages: int, known: Mapping) -> int:
+    def final(img: int) -> int:
+        size = img // patch
+        for _ in range(stages - 1):
+            size = -(-size // 2)
+        return size
+
+    if "img_size" in known:
+        if final(known["img_size"]) != side:
+            raise ValueError(
+                f"img_size {known['img_size']} gives a final map of {final(known['img_size'])}, "
+                f"but the head reads a {side}x{side} map"
+            )
+        return int(known["img_size"])
+    if final(OFFICIAL_IMG_SIZE) == side:
+        return OFFICIAL_IMG_SIZE
+    fits = [img for img in range(patch, patch * side * 2**stages + 1) if final(img) == side]
+    raise ValueError(f"input sizes {fits[0]}..{fits[-1]} all give the {side}x{side} final map: pass img_size")
+
+
+def _kprpe_from(state: Mapping[str, torch.Tensor], depths: list, heads: list, known: Mapping) -> dict:
+    from .buckets import num_buckets
+
+    nb = num_buckets(known.get("rpe_method", "product"), known.get("rpe_ratio", 1.9))
+    inputs = _shape(state, "keypoint_linear.0.weight", 2)[1]
+    if inputs % 2:
+        raise ValueError(f"keypoint_linear.0 reads {inputs} inputs: not 2 per keypoint")
+    widths = {
+        "layer_head": lambda d, h: d * h * nb,
+        "layer": lambda d, h: d * nb,
+        "head": lambda d, h: h * nb,
+        "shared": lambda d, h: nb,
+    }
+    outs = []
+    for s in range(len(depths)):
+        out, f_in = _shape(state, f"keypoint_linear.{s}.weight", 2)
+        if f_in != inputs:
+            raise ValueError(f"keypoint_linear.{s} reads {f_in} inputs, keypoint_linear.0 reads {inputs}")
+        outs.append(out)
+    fits = [
+        m
+        for m, width in widths.items()
+        if all(width(d, h) == o for d, h, o in zip(depths, heads, outs, strict=True))
+    ]
+    if known.get("kp_sharing") in fits:
+        fits = [known["kp_sharing"]]
+    if not fits:
+        raise ValueError(
+            f"keypoint tables of {outs} features fit no sharing of {nb} buckets over stages of "
+            f"depths {depths} and heads {heads}"
+        )
+    # when layer_head fits, every other fit has one head or one block per stage: the same function
+    if len(fits) > 1 and "layer_head" not in fits:
+        raise ValueError(f"keypoint tables of {outs} features fit kp_sharing {fits}: pass kp_sharing")
+    return dict(num_keypoints=inputs // 2, kp_sharing=fits[0] if len(fits) == 1 else "layer_head")
+
+
+def official_swin_fields(config: Mapping | None) -> dict:
+    """SwinConfig fields an official config (model.yaml / config.json) states: ``name`` small | base (the
+    sizes), ``rpe_config`` (KP-RPE, its ctx_type and keypoints). The official ``from_config`` ignores
+    ``output_dim`` (its presets hard-code 512), so the tensors tell it. Raises ValueError on values kprpe
+    cannot reproduce."""
+    node, queue = None, [config] if isinstance(config, Mapping) else []
+    while queue:
+        item = queue.pop(0)
+        if str(item.get("name", "")).lower() in _SWIN_NAMES or isinstance(item.get("rpe_config"), Mapping):
+            node = item
+            break
+        queue.extend(v for v in item.values() if isinstance(v, Mapping))
+    if node is None:
+        return {}
+    fields: dict = {}
+    name = str(node.get("name", "")).lower()
+    if name in _SWIN_NAMES:
+        size = SWIN_SIZES[_SWIN_NAMES[name]]
+        fields.update(
+            {
+                k: size[k]
+                for k in ("img_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size")
+            }
+        )
+    if str(node.get("color_space", "RGB")).upper() != "RGB":
+        raise ValueError(
+            f"color_space {node['color_space']!r}: kprpe's Swin takes RGB input; reverse the "
+            "channels yourself, or remove the key if the model was trained on RGB"
+        )
+    rpe = node.get("rpe_config")
+    if rpe is None:
+        return fields
+    if rpe.get("name") != "KPRPE_shared":
+        raise ValueError(f"rpe_config.name {rpe.get('name')!r}: the Swin models know only KPRPE_shared")
+    ctx = rpe.get("ctx_type", "rel_keypoint_splithead_unshared")
+    if ctx not in _CTX_SHARING:
+        raise ValueError(
+            f"rpe_config.ctx_type {ctx!r} is not supported for Swin (known: {list(_CTX_SHARING)})"
+        )
+    fields.update(rel_pos="kprpe", kp_sharing=_CTX_SHARING[ctx])
+    if "num_keypoints" in rpe:
+        fields["num_keypoints"] = int(rpe["num_keypoints"])
+    if "ratio" in rpe:
+        fields["rpe_ratio"] = float(rpe["ratio"])
+    if str(rpe.get("method", "product")).lower() != "product":
+        raise ValueError(f"rpe_config.method {rpe['method']!r}: the Swin tables use the product buckets")
+    return fields
+
+
+def load_swin(
+    state: Mapping[str, torch.Tensor],
+    *,
+    saved_config: Mapping | None = None,
+    official_config: Mapping | None = None,
+    where: str = "checkpoint",
+    **overrides,
+) -> SwinTransformer:
+    """Build the Swin a bare state dict describes and load it strictly (eval mode). ``saved_config`` (kprpe's
+    metadata) is the exact config; an official config (model.yaml / config.json) must agree with the shapes;
+    keyword ``overrides`` win (runtime choices such as ``attn_impl``, or what the shapes leave open)."""
+    from .checkpoint import CheckpointError, compare_shapes, load_weights
+
+    if saved_config is not None:
+        if saved_config.get("arch") != SwinConfig.arch:
+            raise CheckpointError(
+                f"{where}: the weights are a Swin but the stored kprpe config is for "
+                f"{saved_config.get('arch', 'a ViT')!r}: the file is inconsistent"
+            )
+        values = {k: v for k, v in saved_config.items() if k != "arch"}
+    else:
+        try:
+            stated = official_swin_fields(official_config)
+            values = swin_config_from_state_dict(state, known={**stated, **overrides})
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: cannot read the Swin architecture: {exc}") from None
+        for key, said in stated.items():
+            shape_value = values.get(key)
+            if key in ("depths", "num_heads", "window_size"):
+                said, shape_value = list(said), list(shape_value or [])
+            if key in values and said != shape_value:
+                raise CheckpointError(
+                    f"{where}: the config says {key} {said} but the tensor shapes say "
+                    f"{shape_value}; the config and the weights do not belong together"
+                )
+        values.update({k: v for k, v in stated.items() if k not in values})
+    values.pop("extra", None)
+    values.update(overrides)
+    try:
+        config = SwinConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: checkpoint implies an invalid Swin config {values}: {exc}") from None
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = SwinTransformer(config)
+    mismatch = compare_shapes(probe.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(
+            f"{where}: the tensors do not fit the Swin config {config.to_dict()}: "
+            f"{mismatch.summary()} — nothing was allocated"
+        )
+    model = SwinTransformer(config)
+    load_weights(model, state)
+    return model.eval()

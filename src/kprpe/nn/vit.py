@@ -16,7 +16,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTN_IMPLS, Block
 from .buckets import METHODS, bucket_ids, num_buckets
-from .position import ContextualRPE, RelativePositionBias
 from .keypoint_rpe import (
     KP_BIAS_IMPLS,
     KP_INPUTS,
@@ -26,6 +25,7 @@ from .keypoint_rpe import (
     module_load_state_dict_hook,
     official_state_dict_hook,
 )
+from .position import ContextualRPE, RelativePositionBias
 
 __all__ = [
     "RELATIVE_ENCODINGS",

@@ -42,7 +42,9 @@ def effective_shift(
 
 
 @lru_cache(maxsize=128)
-def _window_index_cpu(height: int, width: int, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+def _window_index_cpu(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int]
+) -> torch.Tensor:
     ph, pw = padded_size(height, width, window)
     index = torch.full((ph, pw), -1, dtype=torch.int64)
     index[:height, :width] = torch.arange(height * width).view(height, width)
