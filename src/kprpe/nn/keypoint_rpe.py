@@ -467,11 +467,10 @@ class KeypointRPE(nn.Module):
         if self.window is None:
             raise ValueError("window_bias needs a KeypointRPE built with window=(height, width)")
         h, w = self.grid_size
-        b, heads, _, nb = table.shape
-        table = table.expand(b, heads, h * w, nb)
-        flat = torch.cat([table, table.new_zeros(b, heads, 1, nb)], dim=2).reshape(b, heads, -1)
-        ws = self.bucket_ids.shape[0]
-        bias = flat.index_select(2, self.window_flat_index(shift)).view(b, heads, -1, ws, ws)
+        heads, ws = table.shape[1], self.bucket_ids.shape[0]
+        table = table.expand(-1, -1, h * w, -1)  # sizes from the tensors, so a traced batch stays free
+        flat = torch.cat([table, torch.zeros_like(table[:, :, :1])], dim=2).flatten(2)
+        bias = flat.index_select(2, self.window_flat_index(shift)).unflatten(2, (-1, ws, ws))
         return bias.transpose(1, 2).reshape(-1, heads, ws, ws)
 
     def window_biases(self, keypoints: torch.Tensor | None) -> Callable[[int, tuple[int, int]], torch.Tensor]:

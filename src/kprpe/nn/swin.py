@@ -245,35 +245,41 @@ class WindowAttentionV2(nn.Module):
         self.cpb_mlp = position
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        bw, n, c = x.shape
+        n, c = x.shape[1:]
         qkv_bias = self.qkv.bias
         if qkv_bias is not None:  # the key third is never used (the official forward replaces it by 0)
             third = qkv_bias.numel() // 3
             qkv_bias = torch.cat([qkv_bias[:third], qkv_bias.new_zeros(third), qkv_bias[2 * third :]])
-        qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(bw, n, 3, self.num_heads, c // self.num_heads)
+        qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(-1, n, 3, self.num_heads, c // self.num_heads)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-    def _full_bias(
-        self, bias: torch.Tensor | None, mask: torch.Tensor | None, bw: int, n: int
-    ) -> torch.Tensor | None:
-        """The passed-in bias plus this layer's own position term, then the shift mask (in that order)."""
+    def _full_bias(self, bias: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The passed-in bias plus this layer's own position term, then the shift mask (in that order). With a
+        mask the result is ``(B|1, nW, H, ws, ws)``: attention then runs on ``(B, nW, H, ws, d)``, which keeps
+        the batch free in traced graphs."""
         if self.cpb_mlp is not None:
-            cpb = self.cpb_mlp.bias(self.relative_coords_table, self.relative_position_index, n)
+            tokens = self.window[0] * self.window[1]
+            cpb = self.cpb_mlp.bias(self.relative_coords_table, self.relative_position_index, tokens)
             bias = cpb if bias is None else bias + cpb
         if mask is None:
             return bias
-        nw = mask.shape[0]  # windows are batch-major: b * nW + w
-        full = bias if bias is not None else mask.new_zeros(1, 1, n, n)
-        full = full.expand(bw, self.num_heads, n, n) if full.shape[0] == 1 else full
-        return (full.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]).view(bw, -1, n, n)
+        nw = mask.shape[0]
+        if bias is None:
+            return mask[None, :, None]
+        bias = bias[:, None] if bias.shape[0] == 1 else bias.unflatten(0, (-1, nw))
+        return bias + mask[None, :, None]
 
     def scores(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Pre-softmax logits ``(B * nW, H, ws, ws)``: ``cos(q, k) * exp(min(logit_scale, ln 100))`` plus the
         bias and the shift mask (the official order of additions)."""
-        q, k, _ = self._qkv(x)
-        return self._logits(q, k, self._full_bias(bias, mask, x.shape[0], x.shape[1]))
+        q, k, _ = self._windowed(self._qkv(x), mask)
+        return self._logits(q, k, self._full_bias(bias, mask)).flatten(0, -4)
+
+    def _windowed(self, qkv, mask: torch.Tensor | None):
+        """``(B * nW, H, ws, d)`` -> ``(B, nW, H, ws, d)`` when a shift mask (one per window) applies."""
+        return qkv if mask is None else tuple(t.unflatten(0, (-1, mask.shape[0])) for t in qkv)
 
     def _logits(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self._scale()
@@ -286,10 +292,10 @@ class WindowAttentionV2(nn.Module):
         self, x: torch.Tensor, bias: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``x (B * nW, ws, C)``; ``bias`` broadcastable to ``(B * nW, H, ws, ws)``; ``mask (nW, ws, ws)``."""
-        bw, n, c = x.shape
+        n, c = x.shape[1:]
         drop = self.attn_drop if self.training else 0.0
-        q, k, v = self._qkv(x)
-        full = self._full_bias(bias, mask, bw, n)
+        q, k, v = self._windowed(self._qkv(x), mask)
+        full = self._full_bias(bias, mask)
         if self.attn_impl == "math":
             attn = F.dropout(self._logits(q, k, full).softmax(dim=-1), p=drop, training=self.training)
             out = attn @ v
@@ -298,7 +304,8 @@ class WindowAttentionV2(nn.Module):
                 full = full.to(q.dtype)
             q, k = F.normalize(q, dim=-1) * self._scale(), F.normalize(k, dim=-1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=drop, scale=1.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
+        out = out.flatten(0, -4).transpose(1, 2).reshape(-1, n, c)
+        return self.proj_drop(self.proj(out))
 
 
 class SwinBlockV2(nn.Module):
@@ -332,7 +339,7 @@ class SwinBlockV2(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        h, w = x.shape[1:3]
+        h, w = int(x.shape[1]), int(x.shape[2])  # constants of the model: static pads in traced graphs
         mask = shift_mask(h, w, self.window, self.shift, device=x.device, dtype=x.dtype)
         out = self.attn(partition(x, self.window, self.shift), bias, mask)
         x = x + self.drop_path(self.norm1(merge(out, h, w, self.window, self.shift)))
@@ -348,7 +355,7 @@ class PatchMergingV2(nn.Module):
         self.norm = nn.LayerNorm(2 * dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[1:3]
+        h, w = int(x.shape[1]), int(x.shape[2])
         x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         return self.norm(self.reduction(x))

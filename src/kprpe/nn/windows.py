@@ -99,7 +99,7 @@ def shift_mask(
 
 def partition(x: torch.Tensor, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
     """``(B, H, W, C)`` -> ``(B * nW, wh * ww, C)``: zero pad, roll by ``-shift`` (the effective one), cut."""
-    b, h, w, c = x.shape
+    h, w, c = (int(v) for v in x.shape[1:])  # map sizes are constants of the model (batch stays free)
     ph, pw = padded_size(h, w, window)
     if (ph, pw) != (h, w):
         x = F.pad(x, (0, 0, 0, pw - w, 0, ph - h))
@@ -107,7 +107,7 @@ def partition(x: torch.Tensor, window: tuple[int, int], shift: tuple[int, int]) 
     if sh or sw:
         x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
     wh, ww = window
-    x = x.view(b, ph // wh, wh, pw // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    x = x.view(-1, ph // wh, wh, pw // ww, ww, c).permute(0, 1, 3, 2, 4, 5)  # -1: traced batch stays free
     return x.reshape(-1, wh * ww, c)
 
 
@@ -115,7 +115,7 @@ def merge(windows: torch.Tensor, height: int, width: int, window: tuple[int, int
     """Inverse of :func:`partition`: ``(B * nW, wh * ww, C)`` -> ``(B, H, W, C)`` (roll back, crop)."""
     ph, pw = padded_size(height, width, window)
     wh, ww = window
-    c = windows.shape[-1]
+    c = int(windows.shape[-1])
     x = windows.view(-1, ph // wh, pw // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ph, pw, c)
     sh, sw = effective_shift(height, width, window, shift)
     if sh or sw:
