@@ -64,13 +64,16 @@ def _naive_window_bias(table: torch.Tensor, height, width, window, shift) -> tor
 )
 def test_window_bias_equals_naive_per_window_reference(grid, window, shift):
     rpe = KeypointRPE(grid=grid, num_heads=3, depth=2, window=window)
+    loop = KeypointRPE(grid=grid, num_heads=3, depth=2, window=window, bias_impl="loop")
     _random_tables(rpe)
+    loop.load_state_dict(rpe.state_dict())
     kp = torch.rand(2, 5, 2) * 1.4 - 0.2  # on and outside the border
     hidden = rpe.hidden(kp)
     for layer in range(2):
         table = rpe.table(hidden, layer)
         got = rpe.window_biases(kp)(layer, shift)
         assert torch.equal(got, _naive_window_bias(table, *grid, window, shift))
+        assert torch.equal(loop.window_biases(kp)(layer, shift), got)  # the benchmark's official-style loop
 
 
 def test_partition_and_merge_are_inverse_on_padded_shifted_maps():

@@ -29,6 +29,7 @@ __all__ = [
     "KP_SHARINGS",
     "KP_MLPS",
     "KP_BIAS_IMPLS",
+    "WINDOW_BIAS_IMPLS",
     "OFFICIAL_NAMES",
     "patch_centres",
     "relative_keypoints",
@@ -50,6 +51,8 @@ KP_MLPS = ("gelu", "relu_layernorm")
 # How the bias is formed (same numbers, different speed): one of BIAS_IMPLS, or "decomposed" (the linear-f
 # identity: a cached position term plus a per-sample bucket shift), or "auto" (chosen from the grid size).
 KP_BIAS_IMPLS = ("auto", "decomposed", *BIAS_IMPLS)
+# Windowed (Swin) bias paths: one gather for all windows, or the official per-window loop (for benchmarks).
+WINDOW_BIAS_IMPLS = ("auto", "gather", "loop")
 # Sub-module name inside KeypointRPE -> the official checkpoint's name (linear f, and kprpe's GELU MLP).
 OFFICIAL_NAMES = {"mlp": "keypoint_mlp", "linear": "keypoint_linear"}
 # The official MLP is one nn.Sequential, keypoint_linear: Linear (0), ReLU (1), LayerNorm (2), Linear (3).
@@ -175,8 +178,10 @@ class KeypointRPE(nn.Module):
         self.grid = grid
         self.grid_size = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
         self.window = None if window is None else (int(window[0]), int(window[1]))
-        if self.window is not None and bias_impl not in ("auto", "gather"):
-            raise ValueError(f"windowed KP-RPE forms its bias by a gather, got bias_impl {bias_impl!r}")
+        if self.window is not None and bias_impl not in WINDOW_BIAS_IMPLS:
+            raise ValueError(
+                f"windowed KP-RPE bias_impl must be one of {WINDOW_BIAS_IMPLS}, got {bias_impl!r}"
+            )
         self.num_heads = num_heads
         self.depth = depth
         self.num_keypoints = num_keypoints
@@ -187,7 +192,7 @@ class KeypointRPE(nn.Module):
         self.bucket_tables = bucket_tables
         attended = self.window if self.window is not None else self.grid_size  # the grid buckets live on
         self.impl = (
-            "gather"
+            ("loop" if bias_impl == "loop" else "gather")
             if self.window is not None
             else resolve_bias_impl(bias_impl, attended[0] * attended[1], kp_input, hidden)
         )
@@ -466,12 +471,28 @@ class KeypointRPE(nn.Module):
         ``bias[b * nW + w, h, i, j] = table[b, h, token(w, i), bucket(i, j)]``, 0 for padded query rows."""
         if self.window is None:
             raise ValueError("window_bias needs a KeypointRPE built with window=(height, width)")
+        if self.impl == "loop":
+            return self._window_bias_loop(table, shift)
         h, w = self.grid_size
         heads, ws = table.shape[1], self.bucket_ids.shape[0]
         table = table.expand(-1, -1, h * w, -1)  # sizes from the tensors, so a traced batch stays free
         flat = torch.cat([table, torch.zeros_like(table[:, :, :1])], dim=2).flatten(2)
         bias = flat.index_select(2, self.window_flat_index(shift)).unflatten(2, (-1, ws, ws))
         return bias.transpose(1, 2).reshape(-1, heads, ws, ws)
+
+    def _window_bias_loop(self, table: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
+        """The official code's way (a benchmark reference, same numbers): pad, roll and cut the table map like
+        the tokens, then one advanced-indexing call per window in a Python loop."""
+        from .windows import partition
+
+        b, heads, _, nb = table.shape
+        h, w = self.grid_size
+        grid = table.expand(-1, -1, h * w, -1).permute(0, 2, 1, 3).reshape(b, h, w, heads * nb)
+        ws = self.bucket_ids.shape[0]
+        windows = partition(grid, self.window, shift).view(b, -1, ws, heads, nb).transpose(2, 3)
+        rows = torch.arange(ws, device=table.device)[:, None]
+        per_window = [windows[:, i][:, :, rows, self.bucket_ids] for i in range(windows.shape[1])]
+        return torch.stack(per_window, dim=1).reshape(-1, heads, ws, ws)
 
     def window_biases(self, keypoints: torch.Tensor | None) -> Callable[[int, tuple[int, int]], torch.Tensor]:
         """For one batch: ``(layer, shift) -> (B * nW, H, ws, ws)`` windowed bias. f runs once over the map

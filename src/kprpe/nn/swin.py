@@ -29,7 +29,7 @@ from torch import nn
 
 from .attention import DropPath
 from .buckets import METHODS
-from .keypoint_rpe import KP_SHARINGS, KeypointRPE, _rename
+from .keypoint_rpe import KP_SHARINGS, WINDOW_BIAS_IMPLS, KeypointRPE, _rename
 from .windows import merge, partition, shift_mask
 
 __all__ = [
@@ -83,6 +83,9 @@ class SwinConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     attn_impl: str = "sdpa"  # sdpa (fused) | math (explicit softmax: the official arithmetic)
+    # KP-RPE's windowed bias: gather (one index for all windows; auto = gather) | loop (the official
+    # per-window Python loop, for benchmarks; same numbers)
+    kp_bias_impl: str = "auto"
     extra: dict = field(default_factory=dict)
 
     arch = "swin"  # written with saved configs so the loader knows the family (not a dataclass field)
@@ -129,6 +132,10 @@ class SwinConfig:
         need(self.rel_pos in SWIN_ENCODINGS, f"rel_pos {self.rel_pos!r} not in {SWIN_ENCODINGS}")
         need(self.kp_sharing in KP_SHARINGS, f"kp_sharing {self.kp_sharing!r} not in {KP_SHARINGS}")
         need(self.rpe_method in METHODS, f"rpe_method {self.rpe_method!r} not in {METHODS}")
+        need(
+            self.kp_bias_impl in WINDOW_BIAS_IMPLS,
+            f"kp_bias_impl {self.kp_bias_impl!r} not in {WINDOW_BIAS_IMPLS}",
+        )
         need(self.attn_impl in SWIN_ATTN_IMPLS, f"attn_impl {self.attn_impl!r} not in {SWIN_ATTN_IMPLS}")
         return self
 
@@ -427,6 +434,7 @@ class SwinTransformer(nn.Module):
                     method=cfg.rpe_method,
                     ratio=cfg.rpe_ratio,
                     window=cfg.window_size,
+                    bias_impl=cfg.kp_bias_impl,
                 )
                 for size, depth, heads in zip(sizes, cfg.depths, cfg.num_heads, strict=True)
             )
