@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +46,17 @@ def test_swin_kprpe_trains_and_writes_a_loadable_model(swin_config, tmp_path):
     assert model.kprpe[0].linear.weight.abs().max() > 0  # the zero-initialised tables have learned
     out = model(torch.zeros(2, 3, 32, 32), template_keypoints(2))
     assert out.shape == (2, 32) and torch.isfinite(out).all()
+
+
+def test_example_swin_config_builds(tmp_path):
+    import yaml
+
+    from kprpe.train.config import config_from_dict
+
+    values = yaml.safe_load((Path(__file__).parents[2] / "configs" / "example_tiny_swin.yaml").read_text())
+    cfg = config_from_dict(values)
+    model = kprpe.create_model(cfg.model.name, **cfg.model.overrides)
+    assert model.uses_keypoints and model.config.map_sizes == [16, 8]
 
 
 def test_swin_resumed_run_is_bit_identical(swin_config, tmp_path):
