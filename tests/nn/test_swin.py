@@ -156,6 +156,17 @@ def test_sdpa_and_math_paths_agree_and_train():
     assert model.kprpe[0].linear.weight.grad.abs().sum() > 0
 
 
+def test_training_after_inference_mode_evaluation():
+    # the per-shift window index is cached on first use: filled under inference_mode, it must serve training
+    model = SwinTransformer(**TINY, rel_pos="kprpe").eval()
+    images, kp = torch.rand(2, 3, 32, 32), torch.rand(2, 5, 2)
+    with torch.inference_mode():
+        model(images, kp)
+    model.train()
+    model(images, kp).square().mean().backward()
+    assert model.kprpe[1].linear.weight.grad is not None
+
+
 def test_bad_inputs_are_named():
     model = SwinTransformer(**TINY, rel_pos="kprpe").eval()
     with pytest.raises(ValueError, match="needs keypoints"):

@@ -527,7 +527,10 @@ def load_official(source, **overrides) -> nn.Module:
         )
     if is_swin_checkpoint(state):  # Swin family: its own architecture inference (nn/swin.py)
         where = _describe(source)
-        return load_swin(state, saved_config=saved, official_config=official, where=where, **overrides)
+        try:
+            return load_swin(state, saved_config=saved, official_config=official, where=where, **overrides)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
     if is_iresnet_checkpoint(state):  # IResNet family: its own architecture inference (nn/iresnet.py)
         where = _describe(source)
         return load_iresnet(state, saved_config=saved, official_config=official, where=where, **overrides)

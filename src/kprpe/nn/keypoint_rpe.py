@@ -460,9 +460,11 @@ class KeypointRPE(nn.Module):
         cached = self._window_flat.get(shift)
         if cached is None or cached.device != device:
             h, w = self.grid_size
-            index = window_index(h, w, self.window, shift, device=device)
-            rows = torch.where(index < 0, h * w, index)  # padding -> the zero row
-            cached = (rows[:, :, None] * self.num_buckets + self.bucket_ids[None]).flatten()
+            # made outside inference mode: a cache filled while evaluating must still serve training
+            with torch.inference_mode(False):
+                index = window_index(h, w, self.window, shift, device=device)
+                rows = torch.where(index < 0, h * w, index)  # padding -> the zero row
+                cached = (rows[:, :, None] * self.num_buckets + self.bucket_ids[None]).flatten()
             self._window_flat[shift] = cached
         return cached
 

@@ -723,6 +723,27 @@ def official_swin_fields(config: Mapping | None) -> dict:
     return fields
 
 
+def _mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], limit: int = 5) -> str:
+    """One line naming the keys a state dict lacks, has in excess, or holds in another shape ('' if none)."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    misshaped = [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in got and tuple(got[k].shape) != tuple(v.shape)
+    ]
+    parts = [
+        f"{len(items)} {what} ({'; '.join(items[:limit])})"
+        for what, items in (
+            ("of the wrong shape", misshaped),
+            ("missing", missing),
+            ("unexpected", unexpected),
+        )
+        if items
+    ]
+    return "; ".join(parts)
+
+
 def load_swin(
     state: Mapping[str, torch.Tensor],
     *,
@@ -733,12 +754,11 @@ def load_swin(
 ) -> SwinTransformer:
     """Build the Swin a bare state dict describes and load it strictly (eval mode). ``saved_config`` (kprpe's
     metadata) is the exact config; an official config (model.yaml / config.json) must agree with the shapes;
-    keyword ``overrides`` win (runtime choices such as ``attn_impl``, or what the shapes leave open)."""
-    from .checkpoint import CheckpointError, compare_shapes, load_weights
-
+    keyword ``overrides`` win (runtime choices such as ``attn_impl``, or what the shapes leave open). Raises
+    ValueError naming the problem (``load_official`` reports it as a ``CheckpointError``)."""
     if saved_config is not None:
         if saved_config.get("arch") != SwinConfig.arch:
-            raise CheckpointError(
+            raise ValueError(
                 f"{where}: the weights are a Swin but the stored kprpe config is for "
                 f"{saved_config.get('arch', 'a ViT')!r}: the file is inconsistent"
             )
@@ -748,13 +768,13 @@ def load_swin(
             stated = official_swin_fields(official_config)
             values = swin_config_from_state_dict(state, known={**stated, **overrides})
         except ValueError as exc:
-            raise CheckpointError(f"{where}: cannot read the Swin architecture: {exc}") from None
+            raise ValueError(f"{where}: cannot read the Swin architecture: {exc}") from None
         for key, said in stated.items():
             shape_value = values.get(key)
             if key in ("depths", "num_heads", "window_size"):
                 said, shape_value = list(said), list(shape_value or [])
             if key in values and said != shape_value:
-                raise CheckpointError(
+                raise ValueError(
                     f"{where}: the config says {key} {said} but the tensor shapes say "
                     f"{shape_value}; the config and the weights do not belong together"
                 )
@@ -764,16 +784,16 @@ def load_swin(
     try:
         config = SwinConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: checkpoint implies an invalid Swin config {values}: {exc}") from None
+        raise ValueError(f"{where}: checkpoint implies an invalid Swin config {values}: {exc}") from None
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         probe = SwinTransformer(config)
-    mismatch = compare_shapes(probe.state_dict(), state)
-    if mismatch:
-        raise CheckpointError(
-            f"{where}: the tensors do not fit the Swin config {config.to_dict()}: "
-            f"{mismatch.summary()} — nothing was allocated"
+    mismatch = _mismatch(probe.state_dict(), state)
+    if mismatch:  # before anything is allocated: a file cannot make us build a huge model for nothing
+        raise ValueError(
+            f"{where}: the tensors do not fit the Swin config {config.to_dict()}: {mismatch} — nothing was "
+            "allocated"
         )
     model = SwinTransformer(config)
-    load_weights(model, state)
+    model.load_state_dict(dict(state))  # same keys and shapes (checked); copy_ casts the dtypes
     return model.eval()
