@@ -62,9 +62,10 @@ def _naive_window_bias(table: torch.Tensor, height, width, window, shift) -> tor
         ((5, 5), (5, 5), (2, 2)),
     ],
 )
-def test_window_bias_equals_naive_per_window_reference(grid, window, shift):
-    rpe = KeypointRPE(grid=grid, num_heads=3, depth=2, window=window)
-    loop = KeypointRPE(grid=grid, num_heads=3, depth=2, window=window, bias_impl="loop")
+@pytest.mark.parametrize("sharing", ["layer_head", "layer", "head", "shared"])
+def test_window_bias_equals_naive_per_window_reference(grid, window, shift, sharing):
+    rpe = KeypointRPE(grid=grid, num_heads=3, depth=2, window=window, sharing=sharing)
+    loop = KeypointRPE(grid=grid, num_heads=3, depth=2, window=window, sharing=sharing, bias_impl="loop")
     _random_tables(rpe)
     loop.load_state_dict(rpe.state_dict())
     kp = torch.rand(2, 5, 2) * 1.4 - 0.2  # on and outside the border
