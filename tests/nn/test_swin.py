@@ -272,3 +272,12 @@ def test_ambiguous_shapes_are_refused_with_the_candidates():
     assert loaded.config.kp_sharing == "layer"
     with pytest.raises(CheckpointError, match="pass img_size"):
         kprpe.load_official(model.state_dict(), kp_sharing="layer")
+
+
+def test_models_command_lists_the_swin_family(capsys):
+    from kprpe.cli import main
+
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["swin_small_kprpe"]["rel_pos"] == "kprpe" and rows["swin_base"]["rel_pos"] == "cpb"
+    assert rows["swin_base_kprpe"]["depth"] == 24 and list(rows["swin_base"]["num_heads"]) == [4, 8, 16, 32]
