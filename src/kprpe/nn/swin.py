@@ -29,7 +29,9 @@ from torch import nn
 
 from .attention import DropPath
 from .buckets import METHODS
+from .checkpoint import CheckpointError
 from .keypoint_rpe import KP_SHARINGS, WINDOW_BIAS_IMPLS, KeypointRPE, _rename
+from .registry import register_family, register_model
 from .windows import merge, partition, shift_mask
 
 __all__ = [
@@ -749,19 +751,34 @@ def load_swin(
     *,
     saved_config: Mapping | None = None,
     official_config: Mapping | None = None,
+    file_config: Mapping | None = None,
     where: str = "checkpoint",
     **overrides,
 ) -> SwinTransformer:
     """Build the Swin a bare state dict describes and load it strictly (eval mode). ``saved_config`` (kprpe's
     metadata) is the exact config; an official config (model.yaml / config.json) must agree with the shapes;
     keyword ``overrides`` win (runtime choices such as ``attn_impl``, or what the shapes leave open). Raises
-    ValueError naming the problem (``load_official`` reports it as a ``CheckpointError``)."""
-    if saved_config is not None:
-        if saved_config.get("arch") != SwinConfig.arch:
-            raise ValueError(
-                f"{where}: the weights are a Swin but the stored kprpe config is for "
-                f"{saved_config.get('arch', 'a ViT')!r}: the file is inconsistent"
-            )
+    :class:`~kprpe.nn.checkpoint.CheckpointError` naming the problem."""
+    try:
+        return _load_swin(
+            state, saved_config=saved_config, official_config=official_config, where=where, **overrides
+        )
+    except CheckpointError:
+        raise
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def _load_swin(
+    state: Mapping[str, torch.Tensor],
+    *,
+    saved_config: Mapping | None = None,
+    official_config: Mapping | None = None,
+    where: str = "checkpoint",
+    **overrides,
+) -> SwinTransformer:
+    """load_swin's work; raises ValueError naming the problem."""
+    if saved_config is not None:  # the registry has checked that it names this family
         values = {k: v for k, v in saved_config.items() if k != "arch"}
     else:
         try:
@@ -797,3 +814,35 @@ def load_swin(
     model = SwinTransformer(config)
     model.load_state_dict(dict(state))  # same keys and shapes (checked); copy_ casts the dtypes
     return model.eval()
+
+
+def _describe(config: SwinConfig) -> dict:
+    return dict(
+        rel_pos=config.rel_pos,
+        depth=config.depth,
+        embed_dim=config.embed_dim,
+        num_heads=list(config.num_heads),
+        window=list(config.window_size),
+    )
+
+
+def _describe_text(row: Mapping) -> str:
+    return (
+        f"rel_pos={row['rel_pos']:<6} depth={row['depth']:<3} dim={row['embed_dim']:<4} "
+        f"heads={row['num_heads']} window={row['window'][0]}x{row['window'][1]}"
+    )
+
+
+register_family(
+    SwinConfig.arch,
+    SwinConfig,
+    SwinTransformer,
+    recognizes=is_swin_checkpoint,
+    load=load_swin,
+    signature="'features.0.0.weight' and 'features.<i>.attn.logit_scale' keys",
+    title="Swin",
+    describe=_describe,
+    describe_text=_describe_text,
+)
+for _name, _values in SWIN_PRESETS.items():
+    register_model(_name, _values, family=SwinConfig.arch)
