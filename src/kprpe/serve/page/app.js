@@ -283,7 +283,10 @@ function drawBias() {
     "Colour scale shared by both maps: blue " + low.toFixed(4) + " .. red " + high.toFixed(4) +
     " (logit bias). Query patch " + kp.query + ", layer " + rows.layer + ", " +
     (rows.head === null ? "mean of heads" : "head " + rows.head) + ".";
-  $("kprpe-canvas").dataset.state = JSON.stringify(kp.points) + "|" + kp.query;
+  // what is drawn, for scripts and tests that read the page
+  $("kprpe-canvas").dataset.state = JSON.stringify({ points: kp.points, query: kp.query });
+  $("kprpe-canvas").dataset.bias = JSON.stringify(rows.kprpe);
+  $("rpe-canvas").dataset.bias = JSON.stringify(rows.rpe);
 }
 
 function canvasPoint(event) {
@@ -353,14 +356,20 @@ function showView(name) {
 document.addEventListener("DOMContentLoaded", () => {
   for (const slot of ["a", "b", "query", "enrol", "kprpe"]) wireSlot(slot);
   for (const tab of document.querySelectorAll(".tab")) {
-    tab.addEventListener("click", () => showView(tab.dataset.view));
+    tab.addEventListener("click", () => {
+      location.hash = tab.dataset.view; // hashchange shows it (and the address links to the view)
+    });
   }
   $("verify-go").addEventListener("click", () => guarded(verify));
   $("search-go").addEventListener("click", () => guarded(search));
   $("enrol-go").addEventListener("click", () => guarded(enrol));
   wireKprpeCanvas();
-  const wanted = location.hash.slice(1);
-  showView(["verify", "search", "kprpe"].includes(wanted) ? wanted : "verify");
+  const fromHash = () => {
+    const wanted = location.hash.slice(1);
+    showView(["verify", "search", "kprpe"].includes(wanted) ? wanted : "verify");
+  };
+  window.addEventListener("hashchange", fromHash);
+  fromHash();
   guarded(async () => {
     const health = await call("/health");
     $("server-info").textContent =
