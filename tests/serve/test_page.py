@@ -196,3 +196,36 @@ def test_a_public_server_without_a_key_refuses_writes(embedder, tmp_path):
         assert httpx.get(running.url + "/gallery").json()["identities"] == ["someone"]
     with RunningServer(create_app(service, LIMITS), LIMITS) as running:  # loopback: allowed without a key
         assert httpx.post(running.url + "/gallery/remove", data={"identity": "someone"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True), ("0.0.0.0", False),
+     ("::", False), ("192.168.1.5", False), ("example.org", False)],
+)
+def test_only_loopback_hosts_allow_keyless_writes(host, loopback):
+    from kprpe.serve.routes import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_serve_takes_the_key_from_the_option_or_the_environment(monkeypatch, embedder, tmp_path):
+    import argparse
+
+    from kprpe.serve.commands import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--weights", "w", "--api-key", "k1"])
+    assert args.api_key == "k1"
+    from kprpe.serve import commands
+
+    monkeypatch.setenv("KPRPE_API_KEY", "from-env")
+    monkeypatch.setattr("kprpe.face.embedder.FaceEmbedder.from_weights", lambda *a, **k: embedder)
+    monkeypatch.setattr("kprpe.zoo.resolve", lambda weights, kind: tmp_path / "w.safetensors")
+    service = commands.build_service(parser.parse_args(["serve", "--weights", "w", "--aligner", "supplied"]))
+    assert service.api_key == "from-env"
+    service = commands.build_service(
+        parser.parse_args(["serve", "--weights", "w", "--aligner", "supplied", "--api-key", "k1"])
+    )
+    assert service.api_key == "k1"
