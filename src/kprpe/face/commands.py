@@ -376,6 +376,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     if args.visualize:  # before the model is loaded: a refusal should not cost a run
         _check_output(args.visualize, args, [args.a, args.b])
+    if args.show:
+        _check_output(args.show, args, [args.a, args.b])
+        if args.visualize and Path(args.show).resolve() == Path(args.visualize).resolve():
+            raise CommandError("--show and --visualize name the same file; give two")
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     choice = _threshold(args, embedder)
@@ -396,6 +400,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _check_output(args.visualize, args, [args.a, args.b])
         picture = side_by_side(*result.faces, result.similarity, result.same, result.threshold)
         payload["visualization"] = str(write_png(args.visualize, picture))
+    if args.show:
+        from ..images import load_image
+        from .draw import verification_picture
+
+        _check_output(args.show, args, [args.a, args.b])
+        try:
+            photos = (load_image(args.a), load_image(args.b))
+        except ImageLoadError as exc:  # changed or removed while the model ran
+            raise CommandError(str(exc)) from None
+        picture = verification_picture(
+            photos, result.faces, result.similarity, result.same, result.threshold, choice.source
+        )
+        payload["show"] = str(write_png(args.show, picture))
     _print_json(payload)
     return 0
 
@@ -630,7 +647,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score"
     )
-    add_overwrite_option(p, help="replace an existing --visualize file")
+    p.add_argument(
+        "--show",
+        metavar="PNG",
+        help="write what kprpe serve's page shows: each photo with its face box and 5 keypoints, the 112x112 "
+        "crops the model saw, the similarity, the decision and the threshold's source",
+    )
+    add_overwrite_option(p, help="replace an existing --visualize / --show file")
     _add_pipeline_options(p, all_faces=False)
     add_model_options(p)
     _add_flip_option(p)
