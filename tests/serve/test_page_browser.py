@@ -134,6 +134,19 @@ def test_a_hostile_file_name_renders_as_text(browser, page, photos):
     assert browser.execute_script("return window.pwned === undefined")
 
 
+def test_a_refused_upload_shows_the_servers_one_line_error(browser, page, photos, tmp_path):
+    not_a_photo = tmp_path / "notes.png"
+    not_a_photo.write_text("just text")
+    browser.get(page.url + "/")
+    browser.find_element(By.ID, "file-a").send_keys(str(not_a_photo))
+    browser.find_element(By.ID, "file-b").send_keys(str(photos["astronaut"]))
+    browser.find_element(By.ID, "verify-go").click()
+    wait(browser, error_text)
+    message = error_text(browser)
+    assert "field 'a': not an image" in message and "(415)" in message and "Traceback" not in message
+    assert not browser.find_element(By.ID, "verify-result").is_displayed()
+
+
 def test_bias_heat_map_follows_a_dragged_keypoint(browser, page, photos):
     browser.get(page.url + "/")
     browser.find_element(By.ID, "tab-kprpe").click()
