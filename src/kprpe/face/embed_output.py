@@ -386,9 +386,32 @@ class ShardFolder:
         return sorted(self.folder.glob(f"part-*{self.suffix}"))
 
     def manifests(self) -> Iterator[tuple[Path, dict]]:
+        """Each shard with its manifest, checked to be this output's: same model and options."""
         read = _read_parquet_manifest if self.shard_format == "parquet" else _read_npz_manifest
         for shard in self.shards():
-            yield shard, read(shard)
+            manifest = read(shard)
+            self._check_owner(shard, manifest)
+            yield shard, manifest
+
+    def _check_owner(self, shard: Path, manifest: dict) -> None:
+        """A shard copied in from another output (other weights or options) would mix two models' rows into
+        one output: each shard names the settings it was made with, and must name these."""
+        wanted = _normalise(self.settings)
+        found = manifest.get("settings") if isinstance(manifest, dict) else None
+        fix = "remove it, or pass --overwrite to start the output afresh"
+        if not isinstance(found, dict) or "model_fingerprint" not in found:
+            raise EmbedOutputError(
+                f"{shard} names no model fingerprint (copied in, or written by a kprpe before shards "
+                f"carried one), so its rows cannot be trusted to come from these weights; {fix}"
+            )
+        if found["model_fingerprint"] != wanted.get("model_fingerprint"):
+            raise EmbedOutputError(
+                f"{shard} was made by another model (fingerprint {str(found['model_fingerprint'])[:12]}..., "
+                f"this output's {str(wanted.get('model_fingerprint'))[:12]}...); {fix}"
+            )
+        if found != wanted:
+            changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            raise EmbedOutputError(f"{shard} was made with other options ({', '.join(changed)}); {fix}")
 
     def columns(self, shard: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
         if self.shard_format == "parquet":
@@ -403,7 +426,13 @@ class ShardFolder:
         rows = [row for task in tasks for row in task.rows]
         columns = rows_to_columns(rows, int(self.settings["output_dim"]), int(self.settings["num_keypoints"]))
         entries, failures = _task_entries(tasks)
-        manifest = {"format": EMBED_FORMAT, "rows": len(rows), "tasks": entries, "failures": failures}
+        manifest = {
+            "format": EMBED_FORMAT,
+            "rows": len(rows),
+            "tasks": entries,
+            "failures": failures,
+            "settings": self.settings,  # names the model: a shard copied into another output is refused
+        }
         existing = self.shards()
         number = int(existing[-1].name.split("-")[1].split(".")[0]) + 1 if existing else 0
         path = self.folder / f"part-{number:06d}{self.suffix}"
