@@ -101,11 +101,13 @@ WRITES_OVER_AN_INPUT = {
     "landmarks -o (the .idx)": ["landmarks", "{rec}", "-o", "{idx}", "--overwrite"],
     "embed -o": ["embed", "{a}", "-o", "{a}", "--weights", W],
     "align -o": ["align", "{g}", "-o", "{g}"],
+    "align --show": ["align", "{a}", "-o", "{tmp}/aligned", "--show", "{a}"],
 }
 
 WRITES_OVER_ANOTHER_FILE = {
     "verify --visualize": ["verify", "{a}", "{b}", "--weights", W, "--visualize", "{other}"],
     "verify --show": ["verify", "{a}", "{b}", "--weights", W, "--show", "{other}"],
+    "align --show": ["align", "{a}", "-o", "{tmp}/aligned", "--show", "{other}"],
     "search enrol -o": ["search", "enrol", "{g}", "-o", "{other}", "--weights", W],
     "landmarks -o": ["landmarks", "{rec}", "-o", "{other}"],
     "export -o": ["export", "vit_tiny_kprpe", "-o", "{tmp}/other.onnx"],

@@ -286,6 +286,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
         check_output_folder(out, ALIGN_MARKER, inputs=args.inputs)
     except OutputFolderError as exc:
         raise CommandError(str(exc)) from None
+    if args.show:
+        _check_show(args, out)
     pipeline = _pipeline(args)
     failed: list[tuple[str, str]] = []  # each chunk's crops are written, then dropped (bounded memory)
     sources: set[str] = set()
@@ -293,10 +295,13 @@ def _cmd_align(args: argparse.Namespace) -> int:
     with staged_folder(out, ALIGN_MARKER, inputs=args.inputs) as folder:
         used: set[str] = set()
         rows, scores = [], []
+        shown = None  # (source, face) of the first face, for --show
         for part in pipeline.iter_batches(args.inputs, progress=not args.quiet):
             failed.extend(part.failures)
             for record in part.records:
                 sources.add(record.source)
+                if shown is None:
+                    shown = (record.source, record.face)
                 stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
                 stem = _unique_stem(stem, used)
                 write_png(folder / f"{stem}.png", record.face.image)
@@ -304,6 +309,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
                     write_png(folder / "draw" / f"{stem}.png", draw_keypoints(record.face))
                 rows.append([f"{stem}.png", *(f"{v:.6f}" for v in record.face.keypoints.reshape(-1))])
                 scores.append({"file": f"{stem}.png", "score": _score(record.face.score)})
+        if args.show and shown is not None:
+            _write_show(args, *shown, pipeline.detector.name)
         write_csv(folder / "landmarks.csv", ["file", *LANDMARK_COLUMNS], rows)
         failures = _report_failures("align", failed)
         if failures:
@@ -317,9 +324,37 @@ def _cmd_align(args: argparse.Namespace) -> int:
             "aligner": pipeline.detector.name,
             "scores": scores,
             "failures": failures,
+            **({"show": args.show} if args.show and shown is not None else {}),
         }
     )
     return 1 if failures else 0
+
+
+def _check_show(args: argparse.Namespace, out: Path) -> None:
+    """``align --show PNG``: one photo, a new file outside the output folder (which align replaces whole)."""
+    from ..files import check_output_path
+
+    if len(args.inputs) != 1 or Path(args.inputs[0]).is_dir():
+        raise CommandError("--show draws one photo: give exactly one image file")
+    show = Path(args.show).resolve()
+    if show == out.resolve() or out.resolve() in show.parents:
+        raise CommandError(f"--show {args.show} is inside the output folder {out}; write it elsewhere")
+    check_output_path(args.show, inputs=args.inputs)
+
+
+def _write_show(args: argparse.Namespace, source: str, face, aligner: str) -> None:
+    from ..files import write_png
+    from ..images import load_image
+    from .draw import alignment_picture
+
+    _check_show(args, Path(args.output))  # again: time has passed since the first check
+    try:
+        photo = load_image(source)
+    except ImageLoadError as exc:
+        raise CommandError(str(exc)) from None
+    score = "" if face.score is None else f", face score {face.score:.3f}"
+    caption = f"{Path(source).name}: aligner {aligner}{score}; the 112x112 crop the model reads"
+    write_png(args.show, alignment_picture(photo, face, caption))
 
 
 def _workers(args: argparse.Namespace) -> int | None:
@@ -608,6 +643,12 @@ def register(subparsers) -> None:
     add_output_option(p, help="output directory")
     p.add_argument(
         "--draw", action="store_true", help="also write OUT/draw/<stem>.png with the keypoints drawn"
+    )
+    p.add_argument(
+        "--show",
+        metavar="PNG",
+        help="(one photo) write the photo with its face box and 5 keypoints beside the crop, as kprpe "
+        "serve's page shows it",
     )
     _add_pipeline_options(p, device=True)
     p.set_defaults(func=_cmd_align)

@@ -7,7 +7,14 @@ import numpy as np
 
 from .align import AlignedFace
 
-__all__ = ["KEYPOINT_COLOURS", "draw_keypoints", "draw_photo", "side_by_side", "verification_picture"]
+__all__ = [
+    "KEYPOINT_COLOURS",
+    "alignment_picture",
+    "draw_keypoints",
+    "draw_photo",
+    "side_by_side",
+    "verification_picture",
+]
 
 # RGB colours for image-left eye, image-right eye, nose, image-left mouth, image-right mouth.
 KEYPOINT_COLOURS = ((255, 64, 64), (64, 160, 255), (64, 220, 64), (255, 200, 0), (220, 64, 255))
@@ -76,10 +83,12 @@ def draw_photo(photo: np.ndarray, face: AlignedFace, height: int = 320) -> np.nd
     return canvas
 
 
-def _text_lines(text: str, width_px: int, char_px: int = 8) -> list[str]:
-    """``text`` cut into lines that fit ``width_px`` (OpenCV draws one line at a time)."""
-    per_line = max(10, width_px // char_px)
-    return [text[i : i + per_line] for i in range(0, len(text), per_line)] or [""]
+def _text_lines(text: str, width_px: int, scale: float = 0.45) -> list[str]:
+    """``text`` wrapped at spaces to fit ``width_px`` (OpenCV draws one line at a time)."""
+    import textwrap
+
+    char_px = cv2.getTextSize("x" * 20, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] / 20
+    return textwrap.wrap(text, max(10, int(width_px / char_px))) or [""]
 
 
 def verification_picture(
@@ -113,3 +122,19 @@ def verification_picture(
         cv2.putText(footer, text, (8, 24 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, size, colour, 1, cv2.LINE_AA)
     spacer = np.full((10, width, 3), 255, np.uint8)
     return np.vstack([pad(top), spacer, pad(crop_row), footer])
+
+
+def alignment_picture(photo: np.ndarray, face: AlignedFace, caption: str) -> np.ndarray:
+    """``kprpe align --show``: the photo with the face's box and keypoints beside the 112x112 crop (2x, its
+    keypoints drawn), ``caption`` under them."""
+    drawn = draw_photo(photo, face, 320)
+    crop = draw_keypoints(face)
+    column = np.vstack([crop, np.full((320 - crop.shape[0], crop.shape[1], 3), 255, np.uint8)])
+    top = np.hstack([drawn, np.full((320, 12, 3), 255, np.uint8), column])
+    lines = _text_lines(caption, top.shape[1] - 16)
+    footer = np.full((14 + 22 * len(lines), top.shape[1], 3), 255, np.uint8)
+    for i, text in enumerate(lines):
+        cv2.putText(
+            footer, text, (8, 24 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (60, 60, 60), 1, cv2.LINE_AA
+        )
+    return np.vstack([top, footer])
