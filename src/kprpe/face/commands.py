@@ -300,7 +300,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
             failed.extend(part.failures)
             for record in part.records:
                 sources.add(record.source)
-                if shown is None:
+                if args.show and shown is None:  # kept only when asked: crops are otherwise let go per chunk
                     shown = (record.source, record.face)
                 stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
                 stem = _unique_stem(stem, used)
