@@ -266,6 +266,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
         check_output_folder(out, ALIGN_MARKER, inputs=args.inputs)
     except OutputFolderError as exc:
         raise CommandError(str(exc)) from None
+    if args.show:
+        _check_show(args, out)
     pipeline = _pipeline(args)
     failed: list[tuple[str, str]] = []  # each chunk's crops are written, then dropped (bounded memory)
     sources: set[str] = set()
@@ -273,10 +275,13 @@ def _cmd_align(args: argparse.Namespace) -> int:
     with staged_folder(out, ALIGN_MARKER, inputs=args.inputs) as folder:
         used: set[str] = set()
         rows, scores = [], []
+        shown = None  # (source, face) of the first face, for --show
         for part in pipeline.iter_batches(args.inputs, progress=not args.quiet):
             failed.extend(part.failures)
             for record in part.records:
                 sources.add(record.source)
+                if args.show and shown is None:  # kept only when asked: crops are otherwise let go per chunk
+                    shown = (record.source, record.face)
                 stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
                 stem = _unique_stem(stem, used)
                 write_png(folder / f"{stem}.png", record.face.image)
@@ -284,6 +289,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
                     write_png(folder / "draw" / f"{stem}.png", draw_keypoints(record.face))
                 rows.append([f"{stem}.png", *(f"{v:.6f}" for v in record.face.keypoints.reshape(-1))])
                 scores.append({"file": f"{stem}.png", "score": _score(record.face.score)})
+        if args.show and shown is not None:
+            _write_show(args, *shown, pipeline.detector.name)
         write_csv(folder / "landmarks.csv", ["file", *LANDMARK_COLUMNS], rows)
         failures = _report_failures("align", failed)
         if failures:
@@ -297,9 +304,37 @@ def _cmd_align(args: argparse.Namespace) -> int:
             "aligner": pipeline.detector.name,
             "scores": scores,
             "failures": failures,
+            **({"show": args.show} if args.show and shown is not None else {}),
         }
     )
     return 1 if failures else 0
+
+
+def _check_show(args: argparse.Namespace, out: Path) -> None:
+    """``align --show PNG``: one photo, a new file outside the output folder (which align replaces whole)."""
+    from ..files import check_output_path
+
+    if len(args.inputs) != 1 or Path(args.inputs[0]).is_dir():
+        raise CommandError("--show draws one photo: give exactly one image file")
+    show = Path(args.show).resolve()
+    if show == out.resolve() or out.resolve() in show.parents:
+        raise CommandError(f"--show {args.show} is inside the output folder {out}; write it elsewhere")
+    check_output_path(args.show, inputs=args.inputs)
+
+
+def _write_show(args: argparse.Namespace, source: str, face, aligner: str) -> None:
+    from ..files import write_png
+    from ..images import load_image
+    from .draw import alignment_picture
+
+    _check_show(args, Path(args.output))  # again: time has passed since the first check
+    try:
+        photo = load_image(source)
+    except ImageLoadError as exc:
+        raise CommandError(str(exc)) from None
+    score = "" if face.score is None else f", face score {face.score:.3f}"
+    caption = f"{Path(source).name}: aligner {aligner}{score}; the 112x112 crop the model reads"
+    write_png(args.show, alignment_picture(photo, face, caption))
 
 
 def _workers(args: argparse.Namespace) -> int | None:
@@ -357,6 +392,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     if args.visualize:  # before the model is loaded: a refusal should not cost a run
         _check_output(args.visualize, args, [args.a, args.b])
+    if args.show:
+        _check_output(args.show, args, [args.a, args.b])
+        if args.visualize and Path(args.show).resolve() == Path(args.visualize).resolve():
+            raise CommandError("--show and --visualize name the same file; give two")
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     choice = _threshold(args, embedder)
@@ -377,6 +416,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _check_output(args.visualize, args, [args.a, args.b])
         picture = side_by_side(*result.faces, result.similarity, result.same, result.threshold)
         payload["visualization"] = str(write_png(args.visualize, picture))
+    if args.show:
+        from ..images import load_image
+        from .draw import verification_picture
+
+        _check_output(args.show, args, [args.a, args.b])
+        try:
+            photos = (load_image(args.a), load_image(args.b))
+        except ImageLoadError as exc:  # changed or removed while the model ran
+            raise CommandError(str(exc)) from None
+        picture = verification_picture(
+            photos, result.faces, result.similarity, result.same, result.threshold, choice.source
+        )
+        payload["show"] = str(write_png(args.show, picture))
     _print_json(payload)
     return 0
 
@@ -573,6 +625,12 @@ def register(subparsers) -> None:
     p.add_argument(
         "--draw", action="store_true", help="also write OUT/draw/<stem>.png with the keypoints drawn"
     )
+    p.add_argument(
+        "--show",
+        metavar="PNG",
+        help="(one photo) write the photo with its face box and 5 keypoints beside the crop, as kprpe "
+        "serve's page shows it",
+    )
     _add_pipeline_options(p, device=True)
     p.set_defaults(func=_cmd_align)
 
@@ -611,7 +669,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score"
     )
-    add_overwrite_option(p, help="replace an existing --visualize file")
+    p.add_argument(
+        "--show",
+        metavar="PNG",
+        help="write what kprpe serve's page shows: each photo with its face box and 5 keypoints, the 112x112 "
+        "crops the model saw, the similarity, the decision and the threshold's source",
+    )
+    add_overwrite_option(p, help="replace an existing --visualize / --show file")
     _add_pipeline_options(p, all_faces=False)
     add_model_options(p)
     _add_flip_option(p)

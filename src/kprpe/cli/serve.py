@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import CommandError, KprpeError
@@ -53,6 +54,8 @@ def build_service(args: argparse.Namespace):
             index=index,
             threshold=choice.threshold,
             threshold_source=choice.source,
+            index_path=args.index or None,
+            api_key=getattr(args, "api_key", None) or os.environ.get("KPRPE_API_KEY") or None,
             aligner_options={
                 "detector": args.detector,
                 "landmark_model": args.landmark_model,
@@ -96,9 +99,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except KprpeError as exc:  # a limit that is not positive
         raise CommandError(str(exc)) from None
     service = build_service(args)
-    app = create_app(service, limits)
+    from .routes import is_loopback
+
+    app = create_app(service, limits, host=args.host)
+    writes = (
+        "gallery changes need the API key" if service.api_key
+        else "gallery changes allowed (loopback only)" if is_loopback(args.host)
+        else "gallery changes refused (no --api-key)"
+    )
     print(
-        f"kprpe serve: http://{args.host}:{args.port} aligner={service.aligner} "
+        f"kprpe serve: page and API at http://{args.host}:{args.port}/ ; {writes}; aligner={service.aligner} "
         f"threshold={service.threshold:g} ({service.threshold_source})"
         + (f" index={args.index} ({len(service.index)} identities)" if service.index is not None else ""),
         file=sys.stderr,
@@ -116,7 +126,7 @@ def register(subparsers) -> None:
     defaults = ServeLimits()
     p = subparsers.add_parser(
         "serve",
-        help="HTTP service: /embed, /verify, /search, /health (FastAPI + uvicorn)",
+        help="HTTP service: a web page at / and /embed, /verify, /search, /health (FastAPI + uvicorn)",
         description="Serve a KP-RPE checkpoint over HTTP. POST /embed (file 'image'), /verify (files 'a', "
         "'b'), "
         "/search (file 'image', form 'k'); GET /health. JSON answers; errors are JSON with a 4xx "
@@ -146,6 +156,13 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--index", metavar="INDEX", help="gallery index from 'kprpe search enrol' (enables /search)"
+    )
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help="key the page's gallery changes (enrol/remove, header X-API-Key) must carry (default: env "
+        "KPRPE_API_KEY). Without one, changes are allowed only when --host is a loopback address",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
