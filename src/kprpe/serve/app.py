@@ -404,8 +404,9 @@ class _Lease:
         return await asyncio.wrap_future(job)
 
 
-class _Refused(Exception):
-    """The body stream was cut short by the guard (too large, or too slow)."""
+class _Refused(KprpeError):
+    """The body stream was cut short by the guard (too large, or too slow); internal to the guard, never
+    reaches a caller (a KprpeError like every deliberate error, so the CLI would print it as one line)."""
 
 
 class _RequestGuard:
