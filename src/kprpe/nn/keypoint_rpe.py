@@ -229,7 +229,8 @@ class KeypointRPE(nn.Module):
     # ------------------------------------------------------------------ f
     def hidden(self, keypoints: torch.Tensor | None) -> torch.Tensor:
         """Input of f's final linear layer for each query token: ``(B|1, N|1, F)``."""
-        x = keypoint_features(keypoints, self.grid, self.grid, self.kp_input)
+        # in f's dtype: the features are made in float32 (the official centres), a float64 model stays float64
+        x = keypoint_features(keypoints, self.grid, self.grid, self.kp_input).to(self.linear.weight.dtype)
         return self.mlp(x) if self.mlp is not None else x
 
     def table(self, hidden: torch.Tensor, layer: int, *, with_bias: bool = True) -> torch.Tensor:
@@ -391,9 +392,10 @@ class KeypointRPE(nn.Module):
         # f(c_i - p_b) = (W c_i + w0) - W p_b: a batch-independent (1, H, N, N) position term, cached while
         # weights are frozen (inference), plus a per-sample shift of each bucket's value.
         ids = self.bucket_ids
-        centres = patch_centres(self.grid, self.grid, device=ids.device).repeat(1, self.num_keypoints)[None]
-        points = keypoints.detach().float().flatten(1)[:, None, :]  # (B, 1, 2K)
         weight, bias = self.linear.weight, self.linear.bias
+        centres = patch_centres(self.grid, self.grid, device=ids.device).repeat(1, self.num_keypoints)[None]
+        centres = centres.to(weight.dtype)  # float32 values (the official centres); float64 for a float64 f
+        points = keypoints.detach().to(weight.dtype).flatten(1)[:, None, :]  # (B, 1, 2K)
         frozen = not (torch.is_grad_enabled() and weight.requires_grad)
         if frozen:
             key = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr(), ids.device)
