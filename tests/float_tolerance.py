@@ -25,10 +25,15 @@ def scale_of(t: torch.Tensor) -> float:
 
 
 def assert_float64_close(
-    got: torch.Tensor, ref: torch.Tensor, *, rel: float = FLOAT64_REL, scale: float | None = None, msg: str = ""
+    got: torch.Tensor,
+    ref: torch.Tensor,
+    *,
+    rel: float = FLOAT64_REL,
+    scale: float | None = None,
+    msg: str = "",
 ) -> None:
-    """Two float64 computations of the same quantity agree to ``rel`` of ``scale`` (default: the reference's
-    own scale; pass a common one for tensors that are exactly zero in theory and only rounding in practice)."""
+    """Two float64 computations of the same quantity agree to ``rel`` of ``scale`` (default: the
+    reference's own scale; pass a common one for tensors that are zero in theory, rounding in practice)."""
     assert got.dtype == ref.dtype == torch.float64, (got.dtype, ref.dtype)
     scale = scale_of(ref) if scale is None else float(scale)
     diff = scale_of(got - ref)
@@ -47,11 +52,11 @@ def assert_float32_close(
 ) -> float:
     """``got`` (float32, another algorithm or runtime) against the float64 value ``ref64`` of the computation.
 
-    Allowed: ``factor`` times the reference's own float32 error ``max|ref32 - ref64|`` (what float32 costs this
-    computation on this CPU, measured, so it follows the CPU's kernels), floored at ``ulps`` float32 ulps of the
-    scale (a computation that happens to round well must not make the bound vanish). A wrong result is off by
-    a large fraction of the scale; float32 rounding is off by a few ulps of it per operation, growing with the
-    depth of the computation, which is exactly what ``ref32 - ref64`` measures. Returns the allowed error."""
+    Allowed: ``factor`` times the reference's own float32 error ``max|ref32 - ref64|`` (what float32 costs
+    this computation on this CPU, measured, so it follows the CPU's kernels), floored at ``ulps`` float32 ulps
+    of the scale (a computation that happens to round well must not make the bound vanish). A wrong result
+    is off by a large fraction of the scale; float32 rounding is off by a few ulps of it per operation,
+    growing with the depth of the computation, which is what ``ref32 - ref64`` measures. Returns the bound."""
     got64, ref32_64 = got.detach().double(), ref32.detach().double()
     ref64 = ref64.detach().double()
     own = scale_of(ref32_64 - ref64)

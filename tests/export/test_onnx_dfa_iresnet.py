@@ -14,10 +14,9 @@ from safetensors.torch import load_file
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from float_tolerance import assert_float32_close  # noqa: E402
 from kprpe.export import export_onnx, load_engine, sidecar_path  # noqa: E402
 from kprpe.export.onnx import DFA_OUTPUTS, DfaGraph  # noqa: E402
-
-from float_tolerance import assert_float32_close  # noqa: E402
 
 DFA = Path(__file__).resolve().parents[1] / "fixtures" / "dfa"
 

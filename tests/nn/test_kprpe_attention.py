@@ -7,11 +7,10 @@ import pytest
 import torch
 
 import kprpe
+from float_tolerance import assert_float32_close, assert_float64_close
 from kprpe.nn import bucket_ids, kprpe_attention
 from kprpe.nn import keypoint_rpe as kprpe_module
 from kprpe.nn.kprpe_attention import BucketAttention, bucket_autograd
-
-from float_tolerance import assert_float32_close, assert_float64_close
 
 
 @pytest.fixture(autouse=True)
@@ -196,7 +195,9 @@ def test_auto_times_the_paths_once_per_shape_and_matches_gather():
     with torch.no_grad():
         out = auto(images, kp)
         wide = _tiny("gather").eval().double()  # the same weights (same seed) in float64
-        assert_float32_close(out, gather(images, kp), wide(images.double(), kp.double()), msg="auto vs gather")
+        assert_float32_close(
+            out, gather(images, kp), wide(images.double(), kp.double()), msg="auto vs gather"
+        )
         assert len(kprpe_module.AUTO_CHOICES) == 1
         ((choice, seconds),) = kprpe_module.AUTO_CHOICES.values()
         assert set(seconds) == {"gather", "index", "onehot", "decomposed"} and choice in seconds
@@ -215,3 +216,18 @@ def test_auto_keeps_gather_on_near_ties():
     assert choose({"gather": 1.0, "index": 0.97, "onehot": 1.2}) == "gather"  # within the margin: noise
     assert choose({"gather": 1.0, "index": 0.97, "decomposed": 0.6}) == "decomposed"
     assert choose({"gather": 1.0, "onehot": 0.3}) == "onehot"
+
+
+def test_pinned_bias_path_replaces_the_timed_choice():
+    kprpe_module.AUTO_CHOICES.clear()
+    auto = _tiny("auto").eval()
+    images, kp = _batch(auto)
+    with torch.no_grad():
+        with kprpe_module.pinned_bias_path("onehot"):
+            pinned = auto(images, kp)
+            assert auto.kprpe.last_impl == "onehot" and not kprpe_module.AUTO_CHOICES  # nothing timed
+        auto(images, kp)
+        assert len(kprpe_module.AUTO_CHOICES) == 1  # outside the block: timed again
+    assert torch.equal(pinned, _tiny("onehot").eval()(images, kp))
+    with pytest.raises(ValueError, match="pinned bias path 'decomposed'"):
+        kprpe_module.pinned_bias_path("decomposed").__enter__()

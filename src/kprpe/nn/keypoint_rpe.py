@@ -14,7 +14,9 @@ written by kprpe load in the official code and vice versa.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ __all__ = [
     "relative_keypoints",
     "keypoint_features",
     "resolve_bias_impl",
+    "pinned_bias_path",
     "KeypointRPE",
 ]
 
@@ -120,6 +123,24 @@ def resolve_bias_impl(requested: str, num_tokens: int, kp_input: str = "relative
 AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 # a path replaces the gather only when it is faster by more than this: near-ties are noise
 AUTO_MARGIN = 0.05
+
+
+# ``auto``'s pinned path inside :func:`pinned_bias_path` (None: timed). A context variable: per thread.
+_PINNED_PATH: ContextVar[str | None] = ContextVar("kprpe_pinned_bias_path", default=None)
+
+
+@contextmanager
+def pinned_bias_path(impl: str = "gather") -> Iterator[None]:
+    """Within: ``auto`` uses ``impl`` at inference instead of its timed choice. Evaluation and experiments pin
+    it so the numbers they report never depend on which path won a timing under load: the paths agree only to
+    float rounding (~1e-7 relative), enough to flip a near-tie at a decision threshold."""
+    if impl not in BIAS_IMPLS:
+        raise ValueError(f"pinned bias path {impl!r} must be one of {BIAS_IMPLS}")
+    token = _PINNED_PATH.set(impl)
+    try:
+        yield
+    finally:
+        _PINNED_PATH.reset(token)
 
 
 def choose_bias_path(seconds: dict[str, float]) -> str:
@@ -335,6 +356,8 @@ class KeypointRPE(nn.Module):
         counts). Tracing and compiling use the gather without timing."""
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             return "gather"
+        if _PINNED_PATH.get() is not None:  # evaluation / experiments: never a timed choice
+            return _PINNED_PATH.get()
         ids = self.bucket_ids
         dtype = (
             torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else None
