@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -87,6 +89,40 @@ def test_training_is_deterministic_per_seed():
     a = run_job(cfg, proto, "kprpe", "mild", "flatten", 0)
     b = run_job(cfg, proto, "kprpe", "mild", "flatten", 0)
     assert a["accuracy"] == b["accuracy"] and a["final_train_loss"] == b["final_train_loss"]
+
+
+@pytest.mark.slow
+def test_training_is_identical_beside_a_busy_loop():
+    """Same config and seed, same numbers whatever the load: one run alone, one while another process keeps a
+    core busy. Training uses one thread, a fixed data stream and the gather (never a timed choice), so load
+    may change the speed only."""
+    cfg = DigitsConfig(**dict(MICRO, regimes=("mild",), test_limit=10, sweeps={"rotation": (30.0,)}))
+    proto = build_protocol(cfg)
+    quiet = run_job(cfg, proto, "kprpe_noabs", "mild", "mean", 0)
+    # bounded: the loop ends itself after 120 s even if this test dies before stopping it
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 120\nwhile time.time() < end: pass"]
+    )
+    try:
+        loaded = run_job(cfg, proto, "kprpe_noabs", "mild", "mean", 0)
+    finally:
+        busy.kill()
+        busy.wait()
+    for key in ("accuracy", "curve", "final_train_loss"):
+        assert loaded[key] == quiet[key], key
+
+
+def test_experiments_never_time_the_bias_paths(monkeypatch):
+    """The BatchNorm recalibration and the tests run without gradients, where ``auto`` would time the paths:
+    the experiment pins it, so its numbers cannot follow the machine's load."""
+    from kprpe.nn.keypoint_rpe import KeypointRPE
+
+    def timed(self, keypoints):
+        raise AssertionError("the experiment timed the bias paths")
+
+    monkeypatch.setattr(KeypointRPE, "_time_paths", timed)
+    cfg = DigitsConfig(**dict(MICRO, regimes=("mild",), test_limit=10, sweeps={"rotation": (30.0,)}))
+    assert run_job(cfg, build_protocol(cfg), "kprpe_noabs", "mild", "mean", 0)["accuracy"]
 
 
 def test_every_model_builds_from_the_core_and_runs():
