@@ -475,3 +475,65 @@ def test_quick_notice_ranks_only_the_blocks_the_quick_run_trained(tmp_path, monk
     plateau = dict(quick, config=dict(quick["config"], converge=True, max_epochs=7, patience=2))
     notice = report.quick_run_notice(plateau, wall_seconds=1.0)
     assert "the convergence rule capped at 7 epochs (patience 2)" in notice and "Epochs used (best)" in notice
+
+
+def _quick_results(**accuracies) -> dict:
+    """The committed quick run with some accuracies replaced: model -> (clean, AffNIST-style)."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[2] / "docs" / "results" / "quick" / "digits_results.json"
+    results = json.loads(committed.read_text())
+    results.pop("summary", None)
+    for job in results["jobs"]:
+        if job["model"] in accuracies:
+            clean, mix = accuracies[job["model"]]
+            job["accuracy"] = dict(job["accuracy"], clean=clean, affnist=mix)
+    return results
+
+
+def test_quick_notice_flags_only_what_lies_outside_the_measured_spread(tmp_path, monkeypatch):
+    import kprpe.experiments.report as report
+
+    spread = tmp_path / "quick_spread.json"
+    runs = [  # two CPU kinds, seed 0 (the committed AVX-512 run and the AVX2 run of issue 23)
+        dict(
+            cpu="avx512",
+            seed=0,
+            accuracy=dict(
+                abs=dict(clean=94.9, affnist=63.7),
+                kprpe_noabs=dict(clean=93.2, affnist=84.9),
+                rpe_noabs=dict(clean=85.6, affnist=79.7),
+            ),
+        ),
+        dict(
+            cpu="avx2",
+            seed=0,
+            accuracy=dict(
+                abs=dict(clean=95.2, affnist=66.3),
+                kprpe_noabs=dict(clean=89.6, affnist=79.6),
+                rpe_noabs=dict(clean=87.8, affnist=77.5),
+            ),
+        ),
+    ]
+    spread.write_text(json.dumps(dict(runs=runs)))
+    monkeypatch.setattr(report, "_find_spread", lambda: spread)
+    lo, hi, n = report.quick_spread_bands(json.loads(spread.read_text()))["kprpe_noabs"]["clean"]
+    assert n == 2 and lo == pytest.approx(89.6 - 1.8) and hi == pytest.approx(93.2 + 1.8)  # half the range
+
+    # the AVX2 machine's numbers: within the spread, so no warning; RPE is short of its reference in every
+    # measured quick run (by design of a 30-epoch run), KP-RPE is not (it was flagged on AVX2 before)
+    notice = report.quick_run_notice(_quick_results(kprpe_noabs=(89.6, 79.6), rpe_noabs=(87.8, 77.5)), 1.0)
+    assert "WARNING" not in notice, notice
+    assert "NOT CONVERGED BY DESIGN: every measured quick run of RPE, no Abs-PE" in notice
+    assert "quick run of KP-RPE" not in notice
+    assert "the same seed repeats exactly on one machine" in notice
+
+    notice = report.quick_run_notice(_quick_results(kprpe_noabs=(80.0, 79.6)), 1.0)
+    assert "WARNING: KP-RPE, no Abs-PE clean 80.0 (expected 87.8-95.0) lies outside the spread" in notice
+    assert notice.count("WARNING") == 1
+
+    # another schedule than the measured one: the spread does not apply, only this run's own gap
+    short = _quick_results(kprpe_noabs=(80.0, 79.6))
+    short["config"]["epochs"] = 3
+    notice = report.quick_run_notice(short, 1.0)
+    assert "Expected range" not in notice and "WARNING: KP-RPE, no Abs-PE is 17.7 points below" in notice
