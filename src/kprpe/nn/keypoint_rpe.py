@@ -84,8 +84,9 @@ def relative_keypoints(keypoints: torch.Tensor, height: int, width: int) -> torc
     ``keypoints`` is ``(B, K, 2)`` with (x, y) normalised to [0, 1] by the input image's width/height.
     No gradient flows back into the keypoints.
     """
-    kp = keypoints.detach().float()
-    centres = patch_centres(height, width, device=kp.device)  # (N, 2)
+    kp = keypoints.detach()
+    kp = kp if kp.dtype == torch.float64 else kp.float()  # float64 stays exact (algorithm tests on any CPU)
+    centres = patch_centres(height, width, device=kp.device, dtype=kp.dtype)  # (N, 2), float32 values
     rel = centres[None, :, None, :] - kp[:, None, :, :]  # (B, N, K, 2)
     return rel.flatten(2)
 
