@@ -537,3 +537,45 @@ def test_quick_notice_flags_only_what_lies_outside_the_measured_spread(tmp_path,
     short["config"]["epochs"] = 3
     notice = report.quick_run_notice(short, 1.0)
     assert "Expected range" not in notice and "WARNING: KP-RPE, no Abs-PE is 17.7 points below" in notice
+
+
+class _RecordingBar:
+    """Stands in for tqdm: records the total and every update."""
+
+    made: list = []
+
+    def __init__(self, total, initial=0, **kw):
+        self.total, self.updates = total, [initial]
+        _RecordingBar.made.append(self)
+
+    def update(self, n=1):
+        self.updates.append(n)
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_progress_moves_every_epoch(workers, monkeypatch):
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _RecordingBar)
+    _RecordingBar.made.clear()
+    cfg = DigitsConfig(
+        **dict(
+            MICRO,
+            epochs=3,
+            seeds=(0,),
+            models=("abs", "kprpe"),
+            mean_head_models=(),
+            regimes=("none",),
+            workers=workers,
+        )
+    )
+    run_digits(cfg, progress=True)
+    (bar,) = _RecordingBar.made
+    assert bar.total == 2 * 3 and sum(bar.updates) == bar.total
+    assert bar.updates.count(1) >= 2 * 3  # one step per epoch, not one per model
