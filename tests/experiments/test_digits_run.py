@@ -411,11 +411,11 @@ def test_interrupted_run_keeps_finished_trainings_and_resumes(tmp_path, capsys, 
     real_run_job = digits.run_job
     calls = []
 
-    def dies_on_second_job(cfg, proto, model, *rest):
+    def dies_on_second_job(cfg, proto, model, *rest, **kw):
         calls.append(model)
         if len(calls) == 2:
             raise KeyboardInterrupt  # the run is killed while training the second model
-        return real_run_job(cfg, proto, model, *rest)
+        return real_run_job(cfg, proto, model, *rest, **kw)
 
     monkeypatch.setattr(digits, "run_job", dies_on_second_job)
     assert _resumable_run(tmp_path) == 130  # the CLI reports the interrupt
@@ -432,7 +432,10 @@ def test_interrupted_run_keeps_finished_trainings_and_resumes(tmp_path, capsys, 
     monkeypatch.setattr(
         digits,
         "run_job",
-        lambda cfg, proto, model, *rest: (calls.append(model), real_run_job(cfg, proto, model, *rest))[1],
+        lambda cfg, proto, model, *rest, **kw: (
+            calls.append(model),
+            real_run_job(cfg, proto, model, *rest, **kw),
+        )[1],
     )
     first = json.loads((tmp_path / "jobs" / saved[0]).read_text())["result"]
     assert _resumable_run(tmp_path, "--resume") == 0
