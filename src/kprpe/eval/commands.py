@@ -337,7 +337,20 @@ def _landmark_backend(args) -> None:
             _fail(f"cannot load the DFA aligner {args.aligner_weights}: {exc}")
 
 
+def _path_arguments(args) -> list[str]:
+    """Every argument value that names something on disk except the output and the cache: the inputs."""
+    values = []
+    for name, value in vars(args).items():
+        if name in ("output", "cache_dir", "func"):
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, Path)) and str(item) and Path(item).exists():
+                values.append(str(item))
+    return values
+
+
 def _settings(args):
+    from ..files import OutputPathError, check_not_input
     from .runs import EvalSettings
 
     if args.batch_size <= 0:
@@ -354,6 +367,10 @@ def _settings(args):
     for name in ("results.json", "summary.md", "roc.png", "sweep.json", "sweep.png"):
         if (out / name).is_dir():
             _fail(f"-o/--output {out}: {out / name} is a folder where a result file goes")
+        try:  # a result file is never written over an input (kprpe.files' output rule)
+            check_not_input(out / name, _path_arguments(args), inside=False)
+        except OutputPathError as exc:
+            _fail(str(exc))
     for far in args.far:
         if not 0 < far < 1:
             _fail(f"--far values must lie in (0, 1), got {far}")
@@ -361,8 +378,13 @@ def _settings(args):
     calibrate = getattr(args, "calibrate", None)
     if calibrate is not None and not 0 < calibrate < 1:
         _fail(f"--calibrate must be a false-accept rate in (0, 1), got {calibrate}")
-    if calibrate is not None and len(getattr(args, "bins", None) or [None]) != 1:
-        _fail("--calibrate needs exactly one --bin: a threshold is calibrated on one dataset")
+    if calibrate is not None and hasattr(args, "bins"):
+        count = _count_sets([*args.bins, *args.sets])
+        if count != 1:
+            _fail(
+                f"--calibrate needs exactly one set (a .bin file or one toolkit set), got {count}: a "
+                "threshold is calibrated on one dataset"
+            )
     _landmark_backend(args)
     return EvalSettings(
         flip=not args.no_flip,
@@ -374,6 +396,20 @@ def _settings(args):
         tar_far_convention=args.tar_far_convention,
         calibrate_far=calibrate,
     )
+
+
+def _count_sets(paths) -> int:
+    """How many sets ``kprpe eval verify`` will evaluate: a toolkit folder may hold several (facerec_val/)."""
+    from ..errors import KprpeError
+    from .toolkit import find_toolkit_sets
+
+    count = 0
+    for path in paths:
+        try:
+            count += len(find_toolkit_sets(path)) if Path(path).is_dir() else 1
+        except (KprpeError, OSError):  # not a toolkit folder: the run itself says so
+            count += 1
+    return count
 
 
 def _fail(message: str):
@@ -445,13 +481,16 @@ def _write_calibration(args, results: dict) -> None:
     if getattr(args, "calibrate", None) is None:
         return
     from ..face.pipeline import model_fingerprint
-    from ..nn import load_official
     from .calibration import write_calibration
 
     ((dataset, result),) = results["sets"].items()
+    if "calibration" not in result:
+        _fail(f"{dataset} gave no calibration: a threshold needs verification pairs")
     if "error" in result["calibration"]:
         _fail(result["calibration"]["error"])
-    fingerprint = _guarded(lambda: model_fingerprint(load_official(args.weights)))
+    # the model as the commands that read the file load it (an ONNX file's fingerprint is its hash)
+    engine = getattr(args, "engine", "torch")
+    fingerprint = _guarded(lambda: model_fingerprint(_handle(args.weights, engine)()))
     path = write_calibration(
         args.weights,
         result["calibration"],

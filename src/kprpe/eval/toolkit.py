@@ -379,6 +379,9 @@ def _ijb_result(
     )
     result.pop("kfold", None)  # accuracy is not an IJB metric
     result.pop("val_at_far", None)
+    from .runs import _calibrate
+
+    _calibrate(result, scores, label.astype(bool), settings)
     result.update(
         num_faces=len(ts),
         num_templates=int(templates.size),
@@ -406,7 +409,7 @@ def evaluate_toolkit(
     features weighted by detector score; ``ijb_use_norm`` keeps the feature norm too. ``landmarks[i]`` (a
     normalised ``idx,ldmk_0..ldmk_9`` CSV keyed by the ``index`` column) belongs to the i-th set found.
     """
-    from .runs import _embed, run_report
+    from .runs import _calibrate, _embed, run_report
     from .verification import pair_scores, resolve_keypoint_source, verification_metrics
 
     folders = [s for p in paths for s in find_toolkit_sets(p)]
@@ -419,18 +422,24 @@ def evaluate_toolkit(
     sets, kinds = {}, {}
     for folder, lm in zip(folders, landmarks, strict=True):
         ts = open_toolkit_set(folder)
+        if getattr(settings, "calibrate_far", None) is not None and ts.kind == "tinyface":  # before any work
+            raise ToolkitFormatError(
+                f"{folder}: --calibrate needs verification pairs; {ts.name} is a TinyFace identification set"
+            )
         kp_kind = resolve_keypoint_source(keypoint_source, lm)
         source = toolkit_face_source(ts, kp_kind, lm)
         emb, norms, cached = _embed(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=ts.name)
         if ts.kind == "verification":
             first, second, labels = verification_pairs(ts)
+            scores = pair_scores(emb, first, second)
             result = verification_metrics(
-                pair_scores(emb, first, second),
+                scores,
                 labels,
                 n_folds=settings.n_folds,
                 far_targets=settings.far_targets,
                 tar_far_convention=settings.tar_far_convention,
             )
+            _calibrate(result, scores, labels, settings)
         elif ts.kind == "ijb":
             result = _ijb_result(ts, emb, norms, settings, ijb_use_norm, ijb_use_detector_score)
         else:

@@ -141,7 +141,12 @@ def rows_to_columns(rows: list[FaceRow], dim: int, num_keypoints: int) -> dict[s
 
 
 def _task_entries(tasks: list[EmbeddedTask]) -> tuple[list, list]:
-    entries = [[t.task.key, t.task.segment, len(t.rows), bool(t.end), int(t.frames)] for t in tasks]
+    # [key, segment, rows, end, frames] (+ the next frame's segment when a time gap follows the segment)
+    entries = [
+        [t.task.key, t.task.segment, len(t.rows), bool(t.end), int(t.frames)]
+        + ([int(t.next_segment)] if (t.next_segment or 0) > t.task.segment + 1 else [])
+        for t in tasks
+    ]
     failures = [[t.task.path, t.failure] for t in tasks if t.failure is not None]
     return entries, failures
 
@@ -381,9 +386,32 @@ class ShardFolder:
         return sorted(self.folder.glob(f"part-*{self.suffix}"))
 
     def manifests(self) -> Iterator[tuple[Path, dict]]:
+        """Each shard with its manifest, checked to be this output's: same model and options."""
         read = _read_parquet_manifest if self.shard_format == "parquet" else _read_npz_manifest
         for shard in self.shards():
-            yield shard, read(shard)
+            manifest = read(shard)
+            self._check_owner(shard, manifest)
+            yield shard, manifest
+
+    def _check_owner(self, shard: Path, manifest: dict) -> None:
+        """A shard copied in from another output (other weights or options) would mix two models' rows into
+        one output: each shard names the settings it was made with, and must name these."""
+        wanted = _normalise(self.settings)
+        found = manifest.get("settings") if isinstance(manifest, dict) else None
+        fix = "remove it, or pass --overwrite to start the output afresh"
+        if not isinstance(found, dict) or "model_fingerprint" not in found:
+            raise EmbedOutputError(
+                f"{shard} names no model fingerprint (copied in, or written by a kprpe before shards "
+                f"carried one), so its rows cannot be trusted to come from these weights; {fix}"
+            )
+        if found["model_fingerprint"] != wanted.get("model_fingerprint"):
+            raise EmbedOutputError(
+                f"{shard} was made by another model (fingerprint {str(found['model_fingerprint'])[:12]}..., "
+                f"this output's {str(wanted.get('model_fingerprint'))[:12]}...); {fix}"
+            )
+        if found != wanted:
+            changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            raise EmbedOutputError(f"{shard} was made with other options ({', '.join(changed)}); {fix}")
 
     def columns(self, shard: Path, names: Iterable[str]) -> dict[str, np.ndarray]:
         if self.shard_format == "parquet":
@@ -398,7 +426,13 @@ class ShardFolder:
         rows = [row for task in tasks for row in task.rows]
         columns = rows_to_columns(rows, int(self.settings["output_dim"]), int(self.settings["num_keypoints"]))
         entries, failures = _task_entries(tasks)
-        manifest = {"format": EMBED_FORMAT, "rows": len(rows), "tasks": entries, "failures": failures}
+        manifest = {
+            "format": EMBED_FORMAT,
+            "rows": len(rows),
+            "tasks": entries,
+            "failures": failures,
+            "settings": self.settings,  # names the model: a shard copied into another output is refused
+        }
         existing = self.shards()
         number = int(existing[-1].name.split("-")[1].split(".")[0]) + 1 if existing else 0
         path = self.folder / f"part-{number:06d}{self.suffix}"
@@ -413,8 +447,8 @@ def _completed_from(manifests: Iterable[dict], completed: Completed) -> tuple[in
     rows, failures = 0, []
     for manifest in manifests:
         rows += int(manifest.get("rows", 0))
-        for key, segment, count, end, frames in manifest.get("tasks", []):
-            completed.add(key, int(segment), int(count), bool(end), int(frames))
+        for key, segment, count, end, frames, *jump in manifest.get("tasks", []):
+            completed.add(key, int(segment), int(count), bool(end), int(frames), *(int(j) for j in jump[:1]))
         failures.extend(manifest.get("failures", []))
     return rows, failures
 

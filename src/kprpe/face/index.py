@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -45,6 +47,9 @@ INDEX_BACKENDS = ("auto", "faiss", "numpy")
 # Below this many identities exact search is fast enough (about 10 ms per query at 100k x 512 on one core).
 DEFAULT_APPROXIMATE_ABOVE = 200_000
 DEFAULT_NPROBE = 64
+# A stored template is a float64 unit vector rounded to float32: its norm is 1 within 2^-24 (6e-8). 1e-3 also
+# admits a float16 copy (2^-11) and still refuses a rescaled template (x1000 scored ~988 as "same").
+UNIT_NORM_TOLERANCE = 1e-3
 _FAISS_HINT = "install the optional extra: pip install 'kprpe[index]' (faiss-cpu)"
 
 
@@ -228,6 +233,11 @@ class GalleryIndex:
         pooled = sums
         pooled[known] += self._templates[existing].astype(np.float64) * self._sum_norms[existing, None]
         norm = np.linalg.norm(pooled, axis=1)
+        if not np.isfinite(norm).all():  # never write a template no later command can load
+            raise GalleryIndexError(
+                f"identity {unique[int(np.argmin(np.isfinite(norm)))]!r}: its pooled template is not finite "
+                "(the index holds a non-finite template or sum norm)"
+            )
         if (norm < 1e-12).any():  # the images cancel out exactly: no direction to keep
             raise GalleryIndexError(
                 f"identity {unique[int(np.argmin(norm))]!r}: pooled embeddings sum to zero"
@@ -358,6 +368,8 @@ class GalleryIndex:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index atomically as a pickle-free ``.npz``."""
         size = len(self._names)
+        if not (np.isfinite(self._templates[:size]).all() and np.isfinite(self._sum_norms[:size]).all()):
+            raise GalleryIndexError(f"refusing to write {path}: the index holds NaN or infinite templates")
         settings = {
             "approximate_above": self.approximate_above,
             "nlist": self.nlist,
@@ -393,23 +405,40 @@ class GalleryIndex:
         path = Path(path)
         if not path.is_file():
             raise GalleryIndexError(f"index file {path} does not exist")
-        try:
+        try:  # members are read (and CRC-checked) here, so a damaged file fails now, with its name
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
         except ValueError as exc:  # includes "Object arrays cannot be loaded when allow_pickle=False"
             raise GalleryIndexError(f"index file {path} is not a plain kprpe index ({exc})") from None
-        except (OSError, EOFError) as exc:
-            raise GalleryIndexError(f"index file {path} is not a readable .npz ({exc})") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise GalleryIndexError(
+                f"index file {path} is not a readable .npz (truncated or damaged: {exc})"
+            ) from None
         try:
             metadata = json.loads(str(arrays["metadata"])) if "metadata" in arrays else None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise GalleryIndexError(f"index file {path}: metadata is not JSON ({exc})") from None
         if not isinstance(metadata, dict):
             raise GalleryIndexError(f"index file {path} has no metadata object; not a kprpe index")
-        if metadata.get("format") == LEGACY_INDEX_FORMAT:
-            return cls._from_legacy(
-                path, arrays, metadata, backend=backend, nprobe=nprobe, approximate_above=approximate_above
+        fingerprint = metadata.get("model_fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise GalleryIndexError(
+                f"index file {path}: model_fingerprint must be text, got {type(fingerprint).__name__}"
             )
+        if metadata.get("format") == LEGACY_INDEX_FORMAT:
+            try:
+                return cls._from_legacy(
+                    path,
+                    arrays,
+                    metadata,
+                    backend=backend,
+                    nprobe=nprobe,
+                    approximate_above=approximate_above,
+                )
+            except (KeyError, ValueError, TypeError) as exc:
+                if isinstance(exc, GalleryIndexError):
+                    raise
+                raise GalleryIndexError(f"index file {path}: not a usable v1 index ({exc})") from None
         if metadata.get("format") != GALLERY_INDEX_FORMAT:
             raise GalleryIndexError(
                 f"index file {path}: unknown format {metadata.get('format')!r} "
@@ -418,8 +447,15 @@ class GalleryIndex:
         missing = [k for k in ("names", "templates", "sum_norms", "counts") if k not in arrays]
         if missing:
             raise GalleryIndexError(f"index file {path} lacks arrays {missing}")
-        names = [str(n) for n in arrays["names"].tolist()]
         templates, sum_norms, counts = arrays["templates"], arrays["sum_norms"], arrays["counts"]
+        kinds = {"names": "U", "templates": "f", "sum_norms": "f", "counts": "iu"}
+        for key, kind in kinds.items():
+            if arrays[key].dtype.kind not in kind:
+                raise GalleryIndexError(
+                    f"index file {path}: {key} are {arrays[key].dtype} values, expected "
+                    f"{'text' if kind == 'U' else 'numbers'}"
+                )
+        names = [str(n) for n in arrays["names"].reshape(-1).tolist()]
         size = len(names)
         if (
             templates.ndim != 2
@@ -434,9 +470,8 @@ class GalleryIndex:
         live = [n for n in names if n]
         if len(set(live)) != len(live):
             raise GalleryIndexError(f"index file {path}: identity names repeat")
-        if not np.isfinite(templates).all():
-            raise GalleryIndexError(f"index file {path}: templates contain NaN or infinity")
-        settings = metadata.pop("index", {}) or {}
+        _check_templates(path, names, templates, sum_norms, counts)
+        settings = _index_settings(path, metadata.pop("index", None))
         for key in ("format", "dim"):
             metadata.pop(key, None)
         index = cls(
@@ -447,7 +482,7 @@ class GalleryIndex:
             if approximate_above is None
             else approximate_above,
             nlist=settings.get("nlist"),
-            nprobe=nprobe if nprobe is not None else int(settings.get("nprobe") or DEFAULT_NPROBE),
+            nprobe=nprobe if nprobe is not None else settings.get("nprobe") or DEFAULT_NPROBE,
         )
         index._names = names
         index._slot = {n: i for i, n in enumerate(names) if n}
@@ -500,6 +535,49 @@ class GalleryIndex:
         for name, template, count in zip(legacy.identities, legacy.embeddings, legacy.counts, strict=True):
             index.add({str(name): np.repeat(template[None].astype(np.float64), max(int(count), 1), axis=0)})
         return index
+
+
+def _check_templates(path, names: list[str], templates, sum_norms, counts) -> None:
+    """Live identities (non-empty names) need a finite unit template, a finite positive pooled-sum norm and at
+    least one image: a rescaled or NaN template gives wrong scores, or NaN ones after ``enrol --append``."""
+    live = np.array([bool(n) for n in names], dtype=bool)
+    if not np.isfinite(templates).all():
+        raise GalleryIndexError(f"index file {path}: templates contain NaN or infinity")
+    if not np.isfinite(sum_norms).all() or (sum_norms[live] <= 0).any():
+        raise GalleryIndexError(
+            f"index file {path}: sum_norms must be finite and positive for every identity"
+        )
+    if (counts < 0).any() or (counts[live] < 1).any():
+        raise GalleryIndexError(f"index file {path}: every identity needs an image count of at least 1")
+    norms = np.linalg.norm(templates[live].astype(np.float64), axis=1)
+    off = np.nonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)[0]
+    if off.size:
+        name = [n for n in names if n][int(off[0])]
+        raise GalleryIndexError(
+            f"index file {path}: the template of {name!r} has norm {norms[off[0]]:.6g}, not 1; templates are "
+            "unit vectors (the file was modified)"
+        )
+
+
+def _index_settings(path, settings) -> dict:
+    """The ``index`` part of the metadata, each value of the kind :class:`GalleryIndex` takes."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise GalleryIndexError(
+            f"index file {path}: metadata 'index' must be an object, got {settings!r:.60}"
+        )
+    for key, low in (("approximate_above", 0), ("nlist", 1), ("nprobe", 1)):
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise GalleryIndexError(
+                f"index file {path}: index setting {key} must be a whole number >= {low}, got {value!r:.60}"
+            )
+    if settings.get("kind", "exact") not in ("exact", "ivf"):
+        raise GalleryIndexError(
+            f"index file {path}: index kind must be 'exact' or 'ivf', got {settings['kind']!r}"
+        )
+    return settings
 
 
 def enrol_gallery(
