@@ -514,7 +514,8 @@ def _is_default_quick(cfg: dict) -> bool:
 
     default = quick_config().to_dict()
     same = ("epochs", "lr", "width", "depth", "heads", "canvas", "train_limit", "test_limit", "affnist_draws")
-    return not cfg.get("converge") and all(cfg.get(k) == default.get(k) for k in same)
+    same_data = cfg.get("data", "uci") == default.get("data", "uci")  # the spread was measured on UCI digits
+    return not cfg.get("converge") and same_data and all(cfg.get(k) == default.get(k) for k in same)
 
 
 def _spread_lines(spread: dict, quick_summary: dict, ref_summary: dict) -> list[str]:
