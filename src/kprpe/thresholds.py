@@ -23,6 +23,7 @@ from .errors import KprpeError
 
 __all__ = [
     "CALIBRATION_FORMAT",
+    "DEFAULT_THRESHOLD",
     "CalibrationError",
     "ThresholdChoice",
     "calibration_path",
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 CALIBRATION_FORMAT = "kprpe-threshold-v1"
+# Cosine-similarity threshold for "same person" when neither --threshold nor a calibration file gives one.
+# Typical for ArcFace-style models, but it depends on the checkpoint and the false-accept rate you need:
+# calibrate it on your own pairs.
+DEFAULT_THRESHOLD = 0.3
 _FIELDS = ("model_fingerprint", "far_target", "threshold")
 
 

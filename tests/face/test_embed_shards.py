@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from kprpe.face.embed_output import EmbedOutputError, read_embeddings
 
 from .conftest import TINY_WEIGHTS, run_cli

@@ -12,6 +12,7 @@ from .checkpoint import CheckpointError, load_official, load_weights, read_state
 # the model families: each registers itself and its presets on import (order: `kprpe models`, dispatch)
 from .vit_family import infer_config  # isort: skip
 from .iresnet import IResNet, IResNetConfig  # isort: skip
+from .swin import SwinConfig, SwinTransformer  # isort: skip
 from .keypoint_rpe import KeypointRPE, patch_centres, relative_keypoints
 from .position import gather_bias
 from .registry import (
@@ -33,6 +34,8 @@ __all__ = [
     "IResNetConfig",
     "KeypointRPE",
     "Mlp",
+    "SwinConfig",
+    "SwinTransformer",
     "ViTConfig",
     "VisionTransformer",
     "bucket_ids",
