@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -87,6 +89,40 @@ def test_training_is_deterministic_per_seed():
     a = run_job(cfg, proto, "kprpe", "mild", "flatten", 0)
     b = run_job(cfg, proto, "kprpe", "mild", "flatten", 0)
     assert a["accuracy"] == b["accuracy"] and a["final_train_loss"] == b["final_train_loss"]
+
+
+@pytest.mark.slow
+def test_training_is_identical_beside_a_busy_loop():
+    """Same config and seed, same numbers whatever the load: one run alone, one while another process keeps a
+    core busy. Training uses one thread, a fixed data stream and the gather (never a timed choice), so load
+    may change the speed only."""
+    cfg = DigitsConfig(**dict(MICRO, regimes=("mild",), test_limit=10, sweeps={"rotation": (30.0,)}))
+    proto = build_protocol(cfg)
+    quiet = run_job(cfg, proto, "kprpe_noabs", "mild", "mean", 0)
+    # bounded: the loop ends itself after 120 s even if this test dies before stopping it
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 120\nwhile time.time() < end: pass"]
+    )
+    try:
+        loaded = run_job(cfg, proto, "kprpe_noabs", "mild", "mean", 0)
+    finally:
+        busy.kill()
+        busy.wait()
+    for key in ("accuracy", "curve", "final_train_loss"):
+        assert loaded[key] == quiet[key], key
+
+
+def test_experiments_never_time_the_bias_paths(monkeypatch):
+    """The BatchNorm recalibration and the tests run without gradients, where ``auto`` would time the paths:
+    the experiment pins it, so its numbers cannot follow the machine's load."""
+    from kprpe.nn.keypoint_rpe import KeypointRPE
+
+    def timed(self, keypoints):
+        raise AssertionError("the experiment timed the bias paths")
+
+    monkeypatch.setattr(KeypointRPE, "_time_paths", timed)
+    cfg = DigitsConfig(**dict(MICRO, regimes=("mild",), test_limit=10, sweeps={"rotation": (30.0,)}))
+    assert run_job(cfg, build_protocol(cfg), "kprpe_noabs", "mild", "mean", 0)["accuracy"]
 
 
 def test_every_model_builds_from_the_core_and_runs():
@@ -375,11 +411,11 @@ def test_interrupted_run_keeps_finished_trainings_and_resumes(tmp_path, capsys, 
     real_run_job = digits.run_job
     calls = []
 
-    def dies_on_second_job(cfg, proto, model, *rest):
+    def dies_on_second_job(cfg, proto, model, *rest, **kw):
         calls.append(model)
         if len(calls) == 2:
             raise KeyboardInterrupt  # the run is killed while training the second model
-        return real_run_job(cfg, proto, model, *rest)
+        return real_run_job(cfg, proto, model, *rest, **kw)
 
     monkeypatch.setattr(digits, "run_job", dies_on_second_job)
     assert _resumable_run(tmp_path) == 130  # the CLI reports the interrupt
@@ -396,7 +432,10 @@ def test_interrupted_run_keeps_finished_trainings_and_resumes(tmp_path, capsys, 
     monkeypatch.setattr(
         digits,
         "run_job",
-        lambda cfg, proto, model, *rest: (calls.append(model), real_run_job(cfg, proto, model, *rest))[1],
+        lambda cfg, proto, model, *rest, **kw: (
+            calls.append(model),
+            real_run_job(cfg, proto, model, *rest, **kw),
+        )[1],
     )
     first = json.loads((tmp_path / "jobs" / saved[0]).read_text())["result"]
     assert _resumable_run(tmp_path, "--resume") == 0
@@ -439,3 +478,107 @@ def test_quick_notice_ranks_only_the_blocks_the_quick_run_trained(tmp_path, monk
     plateau = dict(quick, config=dict(quick["config"], converge=True, max_epochs=7, patience=2))
     notice = report.quick_run_notice(plateau, wall_seconds=1.0)
     assert "the convergence rule capped at 7 epochs (patience 2)" in notice and "Epochs used (best)" in notice
+
+
+def _quick_results(**accuracies) -> dict:
+    """The committed quick run with some accuracies replaced: model -> (clean, AffNIST-style)."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[2] / "docs" / "results" / "quick" / "digits_results.json"
+    results = json.loads(committed.read_text())
+    results.pop("summary", None)
+    for job in results["jobs"]:
+        if job["model"] in accuracies:
+            clean, mix = accuracies[job["model"]]
+            job["accuracy"] = dict(job["accuracy"], clean=clean, affnist=mix)
+    return results
+
+
+def test_quick_notice_flags_only_what_lies_outside_the_measured_spread(tmp_path, monkeypatch):
+    import kprpe.experiments.report as report
+
+    spread = tmp_path / "quick_spread.json"
+    runs = [  # two CPU kinds, seed 0 (the committed AVX-512 run and the AVX2 run of issue 23)
+        dict(
+            cpu="avx512",
+            seed=0,
+            accuracy=dict(
+                abs=dict(clean=94.9, affnist=63.7),
+                kprpe_noabs=dict(clean=93.2, affnist=84.9),
+                rpe_noabs=dict(clean=85.6, affnist=79.7),
+            ),
+        ),
+        dict(
+            cpu="avx2",
+            seed=0,
+            accuracy=dict(
+                abs=dict(clean=95.2, affnist=66.3),
+                kprpe_noabs=dict(clean=89.6, affnist=79.6),
+                rpe_noabs=dict(clean=87.8, affnist=77.5),
+            ),
+        ),
+    ]
+    spread.write_text(json.dumps(dict(runs=runs)))
+    monkeypatch.setattr(report, "_find_spread", lambda: spread)
+    lo, hi, n = report.quick_spread_bands(json.loads(spread.read_text()))["kprpe_noabs"]["clean"]
+    assert n == 2 and lo == pytest.approx(89.6 - 1.8) and hi == pytest.approx(93.2 + 1.8)  # half the range
+
+    # the AVX2 machine's numbers: within the spread, so no warning; RPE is short of its reference in every
+    # measured quick run (by design of a 30-epoch run), KP-RPE is not (it was flagged on AVX2 before)
+    notice = report.quick_run_notice(_quick_results(kprpe_noabs=(89.6, 79.6), rpe_noabs=(87.8, 77.5)), 1.0)
+    assert "WARNING" not in notice, notice
+    assert "NOT CONVERGED BY DESIGN: every measured quick run of RPE, no Abs-PE" in notice
+    assert "quick run of KP-RPE" not in notice
+    assert "the same seed repeats exactly on one machine" in notice
+
+    notice = report.quick_run_notice(_quick_results(kprpe_noabs=(80.0, 79.6)), 1.0)
+    assert "WARNING: KP-RPE, no Abs-PE clean 80.0 (expected 87.8-95.0) lies outside the spread" in notice
+    assert notice.count("WARNING") == 1
+
+    # another schedule than the measured one: the spread does not apply, only this run's own gap
+    short = _quick_results(kprpe_noabs=(80.0, 79.6))
+    short["config"]["epochs"] = 3
+    notice = report.quick_run_notice(short, 1.0)
+    assert "Expected range" not in notice and "WARNING: KP-RPE, no Abs-PE is 17.7 points below" in notice
+
+
+class _RecordingBar:
+    """Stands in for tqdm: records the total and every update."""
+
+    made: list = []
+
+    def __init__(self, total, initial=0, **kw):
+        self.total, self.updates = total, [initial]
+        _RecordingBar.made.append(self)
+
+    def update(self, n=1):
+        self.updates.append(n)
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_progress_moves_every_epoch(workers, monkeypatch):
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _RecordingBar)
+    _RecordingBar.made.clear()
+    cfg = DigitsConfig(
+        **dict(
+            MICRO,
+            epochs=3,
+            seeds=(0,),
+            models=("abs", "kprpe"),
+            mean_head_models=(),
+            regimes=("none",),
+            workers=workers,
+        )
+    )
+    run_digits(cfg, progress=True)
+    (bar,) = _RecordingBar.made
+    assert bar.total == 2 * 3 and sum(bar.updates) == bar.total
+    assert bar.updates.count(1) >= 2 * 3  # one step per epoch, not one per model

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from float_tolerance import assert_float32_close  # noqa: E402
 from kprpe.export import export_onnx, load_engine, sidecar_path  # noqa: E402
 from kprpe.export.onnx import DFA_OUTPUTS, DfaGraph  # noqa: E402
 
 DFA = Path(__file__).resolve().parents[1] / "fixtures" / "dfa"
-TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 def _dfa():
@@ -42,7 +42,10 @@ def test_iresnet_exports_and_runs_in_onnxruntime(tmp_path):
     images = torch.rand(3, 3, 112, 112) * 2 - 1
     with torch.no_grad():
         expected = model(images)
-    torch.testing.assert_close(load_engine(tmp_path / "ir18.onnx")(images), expected, **TOL)
+        exact = model.double()(images.double())  # the same network in float64: the ground truth
+    # ONNX Runtime's float32 within a few times PyTorch's own float32 error on this CPU (~4e-4 at an output
+    # scale of ~150 on AVX2: 18 layers of float32 convolutions), not a fixed atol read off one machine
+    assert_float32_close(load_engine(tmp_path / "ir18.onnx")(images), expected, exact, msg="ONNX Runtime")
 
 
 def test_dfa_graph_matches_the_official_vectors():

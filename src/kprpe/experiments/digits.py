@@ -13,7 +13,8 @@ import math
 import os
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import KprpeError
 from ..files import atomic_write_text
+from ..nn.keypoint_rpe import pinned_bias_path
 from ..train.schedule import learning_rate, lr_factor
 from .digits_data import (
     AFFNIST_MIX,
@@ -531,9 +533,33 @@ def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, kp: torch.Ten
         m.momentum = momentum
 
 
-def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, head: str, seed: int) -> dict:
+def run_job(
+    cfg: DigitsConfig,
+    proto: Protocol,
+    model_name: str,
+    regime: str,
+    head: str,
+    seed: int,
+    *,
+    on_epoch: Callable[[], None] | None = None,
+) -> dict:
     """Train one model with one seed in one regime (fixed length, or under the convergence rule), then test
-    it on every test set. The result holds the per-epoch learning curve."""
+    it on every test set. The result holds the per-epoch learning curve; ``on_epoch`` is called after each
+    epoch (progress). KP-RPE's ``auto`` bias path is pinned to the gather (training uses it anyway; the
+    BatchNorm recalibration and the tests no longer depend on a timing under load)."""
+    with pinned_bias_path("gather"):
+        return _train_and_test(cfg, proto, model_name, regime, head, seed, on_epoch)
+
+
+def _train_and_test(
+    cfg: DigitsConfig,
+    proto: Protocol,
+    model_name: str,
+    regime: str,
+    head: str,
+    seed: int,
+    on_epoch: Callable[[], None] | None,
+) -> dict:
     spec = MODEL_SPECS[model_name]
     torch.manual_seed(seed)
     model = build_classifier(
@@ -617,6 +643,8 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
         curve["train_loss"].append(round(loss_sum / max(seen, 1), 5))
         curve["train_accuracy"].append(round(100.0 * correct / max(seen, 1), 3))
         curve["lr"].append(lr)
+        if on_epoch is not None:
+            on_epoch()
         if val is None:
             continue
         calib = order[: cfg.bn_calibration_images]
@@ -667,8 +695,9 @@ _WORKER: dict = {}
 _JOB_LIST_FIELDS = ("seeds", "regimes", "models", "mean_head_models", "mean_head_regimes", "ablation_regimes")
 
 
-def _worker_init(cfg_dict: dict, threads: int) -> None:
+def _worker_init(cfg_dict: dict, threads: int, epochs_done=None) -> None:
     torch.set_num_threads(threads)
+    _WORKER["epochs_done"] = epochs_done  # a manager queue: one item per finished epoch (the progress bar)
     cfg_dict = dict(cfg_dict)
     cfg_dict.pop("model_heads", None)  # derived, not a field
     cfg_dict["sweeps"] = {k: tuple(v) for k, v in cfg_dict["sweeps"].items()}
@@ -679,7 +708,10 @@ def _worker_init(cfg_dict: dict, threads: int) -> None:
 
 
 def _worker_job(job: tuple[str, str, str, int]) -> dict:
-    return run_job(_WORKER["cfg"], _WORKER["proto"], *job)
+    queue = _WORKER.get("epochs_done")
+    return run_job(
+        _WORKER["cfg"], _WORKER["proto"], *job, on_epoch=None if queue is None else lambda: queue.put(1)
+    )
 
 
 class JobStoreError(KprpeError):
@@ -764,13 +796,22 @@ def run_digits(cfg: DigitsConfig, progress: bool = True, store: JobStore | None 
         if store is not None:
             store.save(result)
 
+    # progress in epochs, not models: a model takes minutes; a run the convergence rule stops early
+    # counts the rest of its cap when it ends
+    epochs = cfg.max_epochs if cfg.converge else cfg.epochs
     bar = tqdm(
-        total=len(jobs) + len(finished),
-        initial=len(finished),
+        total=(len(jobs) + len(finished)) * epochs,
+        initial=len(finished) * epochs,
         desc="digits: training",
-        unit="model",
+        unit="epoch",
         disable=not progress,
     )
+
+    def finish(result: dict, label: str) -> None:
+        done(result)
+        bar.set_postfix_str(label)
+        bar.update(epochs - result["epochs_used"])
+
     proto = None
     if not jobs:
         pass
@@ -781,26 +822,38 @@ def run_digits(cfg: DigitsConfig, progress: bool = True, store: JobStore | None 
             proto = build_protocol(cfg)
             for job in jobs:
                 bar.set_postfix_str(f"{job[0]} {job[1]} seed {job[3]}")
-                done(run_job(cfg, proto, *job))
-                bar.update()
+                finish(
+                    run_job(cfg, proto, *job, on_epoch=bar.update), f"done {job[0]} {job[1]} seed {job[3]}"
+                )
         finally:
             torch.set_num_threads(previous)
     else:
         import multiprocessing as mp
+        import queue as queues
+        from concurrent.futures import FIRST_COMPLETED, wait
 
         # spawn: a fresh interpreter per worker (forking a process with torch threads is unsafe)
-        with ProcessPoolExecutor(
-            min(cfg.workers, len(jobs)),
-            mp_context=mp.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(cfg.to_dict(), cfg.threads),
-        ) as pool:
-            futures = {pool.submit(_worker_job, job): job for job in jobs}
-            for fut in as_completed(futures):
-                done(fut.result())
-                job = futures[fut]
-                bar.set_postfix_str(f"done {job[0]} {job[1]} seed {job[3]}")
-                bar.update()
+        context = mp.get_context("spawn")
+        with context.Manager() as manager:
+            epochs_done = manager.Queue()  # the workers put one item per finished epoch
+            with ProcessPoolExecutor(
+                min(cfg.workers, len(jobs)),
+                mp_context=context,
+                initializer=_worker_init,
+                initargs=(cfg.to_dict(), cfg.threads, epochs_done),
+            ) as pool:
+                futures = {pool.submit(_worker_job, job): job for job in jobs}
+                pending = set(futures)
+                while pending:
+                    ended, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                    try:
+                        while True:
+                            bar.update(epochs_done.get_nowait())
+                    except queues.Empty:
+                        pass
+                    for fut in ended:
+                        job = futures[fut]
+                        finish(fut.result(), f"done {job[0]} {job[1]} seed {job[3]}")
     bar.close()
     if proto is None:  # built in this process only on the one-worker path (MNIST takes seconds to load)
         proto = build_protocol(cfg)

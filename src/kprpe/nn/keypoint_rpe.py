@@ -14,7 +14,9 @@ written by kprpe load in the official code and vice versa.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,7 @@ __all__ = [
     "relative_keypoints",
     "keypoint_features",
     "resolve_bias_impl",
+    "pinned_bias_path",
     "KeypointRPE",
 ]
 
@@ -85,8 +88,9 @@ def relative_keypoints(keypoints: torch.Tensor, height: int, width: int) -> torc
     ``keypoints`` is ``(B, K, 2)`` with (x, y) normalised to [0, 1] by the input image's width/height.
     No gradient flows back into the keypoints.
     """
-    kp = keypoints.detach().float()
-    centres = patch_centres(height, width, device=kp.device)  # (N, 2)
+    kp = keypoints.detach()
+    kp = kp if kp.dtype == torch.float64 else kp.float()  # float64 stays exact (algorithm tests on any CPU)
+    centres = patch_centres(height, width, device=kp.device, dtype=kp.dtype)  # (N, 2), float32 values
     rel = centres[None, :, None, :] - kp[:, None, :, :]  # (B, N, K, 2)
     return rel.flatten(2)
 
@@ -124,6 +128,24 @@ def resolve_bias_impl(requested: str, num_tokens: int, kp_input: str = "relative
 AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 # a path replaces the gather only when it is faster by more than this: near-ties are noise
 AUTO_MARGIN = 0.05
+
+
+# ``auto``'s pinned path inside :func:`pinned_bias_path` (None: timed). A context variable: per thread.
+_PINNED_PATH: ContextVar[str | None] = ContextVar("kprpe_pinned_bias_path", default=None)
+
+
+@contextmanager
+def pinned_bias_path(impl: str = "gather") -> Iterator[None]:
+    """Within: ``auto`` uses ``impl`` at inference instead of its timed choice. Evaluation and experiments pin
+    it so the numbers they report never depend on which path won a timing under load: the paths agree only to
+    float rounding (~1e-7 relative), enough to flip a near-tie at a decision threshold."""
+    if impl not in BIAS_IMPLS:
+        raise ValueError(f"pinned bias path {impl!r} must be one of {BIAS_IMPLS}")
+    token = _PINNED_PATH.set(impl)
+    try:
+        yield
+    finally:
+        _PINNED_PATH.reset(token)
 
 
 def choose_bias_path(seconds: dict[str, float]) -> str:
@@ -251,7 +273,8 @@ class KeypointRPE(nn.Module):
     # ------------------------------------------------------------------ f
     def hidden(self, keypoints: torch.Tensor | None) -> torch.Tensor:
         """Input of f's final linear layer for each query token: ``(B|1, N|1, F)``."""
-        x = keypoint_features(keypoints, *self.grid_size, self.kp_input)
+        # in f's dtype: the features are made in float32 (the official centres), a float64 model stays float64
+        x = keypoint_features(keypoints, *self.grid_size, self.kp_input).to(self.linear.weight.dtype)
         return self.mlp(x) if self.mlp is not None else x
 
     def table(self, hidden: torch.Tensor, layer: int, *, with_bias: bool = True) -> torch.Tensor:
@@ -356,6 +379,8 @@ class KeypointRPE(nn.Module):
         counts). Tracing and compiling use the gather without timing."""
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             return "gather"
+        if _PINNED_PATH.get() is not None:  # evaluation / experiments: never a timed choice
+            return _PINNED_PATH.get()
         ids = self.bucket_ids
         dtype = (
             torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else None
@@ -413,9 +438,10 @@ class KeypointRPE(nn.Module):
         # f(c_i - p_b) = (W c_i + w0) - W p_b: a batch-independent (1, H, N, N) position term, cached while
         # weights are frozen (inference), plus a per-sample shift of each bucket's value.
         ids = self.bucket_ids
-        centres = patch_centres(*self.grid_size, device=ids.device).repeat(1, self.num_keypoints)[None]
-        points = keypoints.detach().float().flatten(1)[:, None, :]  # (B, 1, 2K)
         weight, bias = self.linear.weight, self.linear.bias
+        centres = patch_centres(*self.grid_size, device=ids.device).repeat(1, self.num_keypoints)[None]
+        centres = centres.to(weight.dtype)  # float32 values (the official centres); float64 for a float64 f
+        points = keypoints.detach().to(weight.dtype).flatten(1)[:, None, :]  # (B, 1, 2K)
         frozen = not (torch.is_grad_enabled() and weight.requires_grad)
         if frozen:
             key = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr(), ids.device)
