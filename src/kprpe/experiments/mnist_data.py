@@ -90,7 +90,7 @@ def find_mnist_pickle() -> Path:
 def read_mnist_pickle(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"train" | "valid" | "test": (images (n, 28, 28) float32 in [0, 1], labels (n,) int64 in 0..9)}``
     from a gzipped pickle of ``((x, y), (x, y), (x, y))`` numpy arrays; anything else is refused."""
-    from ..eval.binfile import UnsafePickleError, restricted_loads
+    from ..safe_pickle import UnsafePickleError, restricted_loads
 
     path = Path(path)
     try:

@@ -22,6 +22,8 @@ import numpy as np
 
 from ..errors import KprpeError
 from ..files import atomic_write_bytes
+from ..safe_pickle import NUMERIC_KINDS, RestrictedUnpickler
+from ..safe_pickle import UnsafePickleError as SafePickleError
 
 __all__ = [
     "GaitFormatError",
@@ -36,84 +38,22 @@ __all__ = [
 ]
 
 NUM_JOINTS = 17  # COCO-17
-ARRAY_KINDS = "biuf"  # bool, signed, unsigned, float: what silhouettes and keypoints are made of
+ARRAY_KINDS = NUMERIC_KINDS  # bool, signed, unsigned, float: what silhouettes and keypoints are made of
 
 
 class GaitFormatError(KprpeError, ValueError):
     """A gait file or sequence folder that breaks the OpenGait layout (names the file and the problem)."""
 
 
-class UnsafePickleError(GaitFormatError, pickle.UnpicklingError):
+class UnsafePickleError(GaitFormatError, SafePickleError):
     """The pickle names a global that a plain numeric numpy array never needs."""
 
 
-class _NdarrayToken:
-    """Stands for ``numpy.ndarray`` inside a pickle; only the array reconstructor accepts it (a real class
-    would let the pickle call it with any arguments)."""
+class NumpyUnpickler(RestrictedUnpickler):
+    """The project's restricted unpickler (:mod:`kprpe.safe_pickle`) in its numeric-array mode."""
 
-
-_NDARRAY = _NdarrayToken()
-
-
-def _numeric_dtype(spec, align=False, copy=False) -> np.dtype:
-    if not isinstance(spec, str):
-        raise UnsafePickleError(f"refusing numpy.dtype({spec!r}): only plain dtype codes are allowed")
-    dtype = np.dtype(spec)
-    if dtype.kind not in ARRAY_KINDS:
-        raise UnsafePickleError(f"refusing dtype {spec!r}: only bool, integer and float arrays are allowed")
-    return np.dtype(spec, align=bool(align), copy=bool(copy))
-
-
-def _reconstruct(cls, shape, typecode):
-    # numpy's own reconstructor allocates an empty array that BUILD then fills with shape, dtype and bytes
-    if cls is not _NDARRAY:
-        raise UnsafePickleError("refusing to reconstruct anything but a plain numpy.ndarray")
-    return np.ndarray((0,), dtype=np.uint8)
-
-
-def _frombuffer(buffer, dtype, shape, order):
-    if not isinstance(dtype, np.dtype) or dtype.kind not in ARRAY_KINDS or dtype.hasobject:
-        raise UnsafePickleError(f"refusing a pickled buffer of dtype {dtype!r}")
-    if not isinstance(buffer, (bytes, bytearray, pickle.PickleBuffer)):
-        raise UnsafePickleError(f"refusing a pickled buffer of type {type(buffer).__name__}")
-    if order not in ("C", "F"):
-        raise UnsafePickleError(f"refusing array order {order!r}")
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order).copy()
-
-
-def _latin1_encode(text, encoding="latin1"):
-    # protocol <= 2 stores bytes as _codecs.encode(str, 'latin1'); allow exactly that
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafePickleError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r})")
-    return text.encode("latin1")
-
-
-_ALLOWED = {
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _numeric_dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # numpy 1.x
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2.x
-    ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # protocol 5
-    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("_codecs", "encode"): _latin1_encode,
-}
-
-
-class NumpyUnpickler(pickle.Unpickler):
-    """An unpickler that builds numeric numpy arrays (and the tuples, strings and bytes that describe them)
-    and refuses every other global, so no code named by the file can run."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"refusing to load global '{module}.{name}': a gait .pkl holds one numpy array, so this file "
-                "is corrupt or malicious"
-            ) from None
-
-    def persistent_load(self, pid):
-        raise UnsafePickleError(f"refusing persistent id {pid!r}")
+    def __init__(self, file, **kwargs):
+        super().__init__(file, numpy_arrays=True, what="one numeric numpy array (a gait .pkl)", **kwargs)
 
 
 def load_array_pickle(path: str | os.PathLike) -> np.ndarray:
@@ -126,7 +66,7 @@ def load_array_pickle(path: str | os.PathLike) -> np.ndarray:
         raise GaitFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         obj = NumpyUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except UnsafePickleError as exc:
+    except SafePickleError as exc:
         raise UnsafePickleError(f"{path}: {exc}") from None
     except (
         pickle.UnpicklingError,
