@@ -68,3 +68,19 @@ def test_bench_onnx_engine_smoke(tmp_path, capsys):
         if r["engine"] == "onnx":
             assert r["speedup_vs_torch"] > 0 and r["threads"] >= 1
     assert "| vit_tiny_kprpe | 2 |" in capsys.readouterr().out
+
+
+def test_bench_swin_rows_against_plain_swin(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--smoke", "--family", "swin", "--modes", "infer,train", "-o", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    labels = {(r["label"], r["mode"]) for r in results}
+    for mode in ("infer", "train"):
+        assert {
+            ("swin_small", mode),
+            ("swin_small_kprpe[gather]", mode),
+            ("swin_small_kprpe[loop]", mode),
+        } <= labels
+    for r in results:
+        assert "error" not in r, r
+        assert r["time_vs_vit"] > 0  # against the plain Swin of the same size, mode and batch

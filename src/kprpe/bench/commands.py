@@ -33,7 +33,33 @@ def _engine_cases(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
+def _swin_cases(args: argparse.Namespace) -> list[Case]:
+    """Swin-V2 (its CPB) vs Swin-KP-RPE: the one-gather windowed bias and the official per-window loop."""
+    cases = []
+    for size in args.sizes:
+        size_name, overrides = (size, {}) if size != "micro" else ("small", SWIN_MICRO)
+        for mode in args.modes:
+            for batch in (
+                args.train_batch_sizes if mode == "train" and args.train_batch_sizes else args.batch_sizes
+            ):
+                if mode == "train" and batch < 2:
+                    continue  # the head's BatchNorm cannot train on a single sample
+                common = dict(mode=mode, batch_size=batch, device=args.device, dtype=args.dtype)
+                cases.append(Case(model=f"swin_{size_name}", overrides=overrides, **common))
+                for impl in ("gather", "loop"):
+                    cases.append(
+                        Case(model=f"swin_{size_name}_kprpe", bias_impl=impl, overrides=overrides, **common)
+                    )
+    return cases
+
+
+# CI smoke size of the Swin rows: same code paths (padding, shifts, merges), seconds to run
+SWIN_MICRO = dict(img_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=5)
+
+
 def build_cases(args: argparse.Namespace) -> list[Case]:
+    if getattr(args, "family", "vit") == "swin":
+        return _swin_cases(args)
     if getattr(args, "engine", "torch") == "onnx":
         return _engine_cases(args)
     cases = []
@@ -202,6 +228,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--in-process", action="store_true", help="do not isolate cases in child processes")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on a micro model (CI)")
+    p.add_argument(
+        "--family",
+        default="vit",
+        choices=["vit", "swin"],
+        help="vit: ViT vs KP-RPE vs iRPE; swin: Swin-V2 (CPB) vs Swin-KP-RPE (gather; the official loop)",
+    )
     p.add_argument(
         "--engine",
         choices=("torch", "onnx"),

@@ -112,8 +112,10 @@ def _measure(case: Case, warmup: int, repeats: int) -> dict:
         overrides["kp_bias_impl"] = case.bias_impl
     model = kprpe.create_model(case.model, **overrides).to(device)
     if model.kprpe is not None:  # a zero table would make every path trivially cheap to get right
+        tables = model.keypoint_linear  # one Linear (ViT) or one per stage (Swin)
         with torch.no_grad():
-            model.keypoint_linear.weight.normal_(0, 0.1)
+            for table in tables if isinstance(tables, torch.nn.ModuleList) else [tables]:
+                table.weight.normal_(0, 0.1)
     cfg = model.config
     images = torch.rand(case.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device) * 2 - 1
     keypoints = torch.rand(case.batch_size, cfg.num_keypoints, 2, device=device) * 0.6 + 0.2
@@ -170,7 +172,9 @@ def _measure(case: Case, warmup: int, repeats: int) -> dict:
         "images_per_s": case.batch_size / median,
         "peak_mem_mb": peak / 2**20,
         "step_mem_mb": max(peak - base_mem, 0) / 2**20,
-        "bias_impl_used": model.kprpe.last_impl if model.kprpe is not None else None,
+        "bias_impl_used": getattr(model.kprpe, "last_impl", case.bias_impl)
+        if model.kprpe is not None
+        else None,
         "auto_timings_s": _auto_timings(),
     }
 
@@ -292,11 +296,12 @@ def _merge_rounds(rounds: list[dict]) -> dict:
 
 
 def _add_ratios(results: list[dict]) -> None:
-    """Ratio of each row to the plain ViT of the same size, mode, batch, device and dtype."""
+    """Ratio of each row to the plain model of its family (ViT, Swin) of the same size, mode, batch, device
+    and dtype."""
 
     def key(r: dict) -> tuple:
-        size = r["model"].split("_")[1]
-        return size, r["mode"], r["batch_size"], r["device"], r["dtype"], r.get("engine", "torch")
+        family, size = r["model"].split("_")[:2]
+        return family, size, r["mode"], r["batch_size"], r["device"], r["dtype"], r.get("engine", "torch")
 
     plain = {key(r): r for r in results if "error" not in r and r["model"].count("_") == 1}
     for r in results:

@@ -180,6 +180,21 @@ def _vit_adapter(model: nn.Module) -> ExportSpec:
     )
 
 
+def _swin_adapter(model: nn.Module) -> ExportSpec:
+    from ..nn.swin import SwinTransformer
+
+    cfg = model.config  # the same weights with the fused attention and no dropout
+    clone = SwinTransformer(
+        dataclasses.replace(cfg, attn_impl="sdpa", drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0)
+    )
+    clone.load_state_dict(model.state_dict())
+    wrapper = _ImagesAndKeypoints(clone) if clone.uses_keypoints else _ImagesOnly(clone)
+    config = cfg.to_dict()
+    config.pop("extra", None)
+    kp = cfg.num_keypoints if clone.uses_keypoints else 0
+    return ExportSpec(wrapper.eval(), "swin", cfg.img_size, cfg.in_chans, cfg.output_dim, kp, config=config)
+
+
 def _iresnet_adapter(model: nn.Module) -> ExportSpec:
     cfg = model.config  # BGR checkpoints reverse the channels inside forward: the graph still takes RGB
     return ExportSpec(
@@ -320,6 +335,7 @@ def _register_builtin() -> None:
 
     register_adapter(VisionTransformer, _vit_adapter)
     register_adapter(IResNet, _iresnet_adapter)
+    register_adapter("kprpe.nn.swin.SwinTransformer", _swin_adapter)
     register_adapter("kprpe.face.dfa.aligner.DifferentiableFaceAligner", _dfa_adapter)
 
 

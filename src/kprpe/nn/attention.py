@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .kprpe_attention import bucket_attention
-from .position import BucketBias, ContextualRPE, RelativePositionBias
+from .position import BucketBias
 
 __all__ = ["ATTN_IMPLS", "Attention", "Mlp", "Block", "DropPath"]
 
@@ -56,19 +58,21 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with optional relative position terms.
+    """Multi-head self-attention whose relative position terms come from modules passed in.
 
     Logits are ``(q * s) k^T + bias`` with ``s = head_dim ** -0.5``, where ``bias`` is the sum of an external
-    additive bias (KP-RPE passes its ``(B, H, N, N)`` bias here), this layer's own RPE table, and the iRPE
-    contextual terms ``rpe_k(q * s)[i, d(i, j)] + rpe_q(k * s)[j, d(j, i)]``; iRPE's value term adds
-    ``sum_j a[i, j] rpe_v[d(i, j)]`` to the output.
+    additive bias (KP-RPE passes its ``(B, H, N, N)`` bias or a :class:`BucketBias` here) and the terms of the
+    ``position`` modules (:mod:`kprpe.nn.position`: an RPE table, iRPE's contextual tables). Attention knows
+    nothing of any encoding: each module says whether its term is a fixed bias (``static``: it can join the
+    fused kernel's mask), a term that reads ``q``/``k`` (``logits``), or a term added to the output
+    (``output``, which needs the probabilities). The modules keep their names in the state dict
+    (``attn.rpe_bias.table``, ``attn.rpe_k.lookup_table_weight``: the official keys).
 
     ``attn_impl='math'`` runs an explicit softmax (matches the official code to the last bit);
     ``'sdpa'`` uses ``F.scaled_dot_product_attention`` with the bias as an additive mask (given a
     :class:`BucketBias` while training, KP-RPE's own backward: :mod:`kprpe.nn.kprpe_attention`);
     ``'flex'`` takes KP-RPE's bias as a per-bucket table (:class:`BucketBias`) and reads it inside a
-    FlexAttention kernel.
-    iRPE's value term needs the probabilities, so iRPE always uses the explicit path.
+    FlexAttention kernel. Terms that read ``q``/``k`` or the probabilities always use the explicit path.
     """
 
     def __init__(
@@ -79,10 +83,7 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        rpe: bool = False,
-        irpe_on: str = "",
-        irpe_shared_head: bool = True,
-        num_buckets: int = 49,
+        position: Mapping[str, nn.Module] | Callable[[], Mapping[str, nn.Module]] | None = None,
         attn_impl: str = "sdpa",
     ) -> None:
         super().__init__()
@@ -90,8 +91,6 @@ class Attention(nn.Module):
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"unknown attn_impl {attn_impl!r}; expected one of {ATTN_IMPLS}")
-        if set(irpe_on) - set("qkv"):
-            raise ValueError(f"irpe_on must be a combination of 'q', 'k', 'v', got {irpe_on!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -100,40 +99,41 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.rpe_bias = RelativePositionBias(num_heads, num_buckets) if rpe else None
+        # a factory is called here, after qkv/proj exist: seeded models draw their numbers in the same order
+        terms = position() if callable(position) else position
+        self.position_names: tuple[str, ...] = tuple(terms or {})
+        for name, module in (terms or {}).items():
+            self.add_module(name, module)
 
-        def table(kind: str) -> ContextualRPE:
-            return ContextualRPE(kind, self.head_dim, num_heads, irpe_shared_head, num_buckets)
-
-        self.rpe_q = table("qk") if "q" in irpe_on else None
-        self.rpe_k = table("qk") if "k" in irpe_on else None
-        self.rpe_v = table("v") if "v" in irpe_on else None
+    def position_terms(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.position_names]
 
     def forward(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``x (B, N, D)``; ``bias`` broadcastable to ``(B, H, N, N)`` or a :class:`BucketBias`;
-        ``ids (N, N)`` bucket index."""
+        ``ids (N, N)`` bucket index (read by the position modules)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
-        needs_ids = self.rpe_bias is not None or self.rpe_q is not None or self.rpe_k is not None
-        if (needs_ids or self.rpe_v is not None) and ids is None:
+        terms = self.position_terms()
+        if terms and ids is None:
             raise ValueError("this attention layer has relative position tables and needs the bucket ids")
-        if self.rpe_bias is not None:
-            bias = self.rpe_bias(ids) if bias is None else bias + self.rpe_bias(ids)
+        for term in terms:
+            if term.static:  # a bias fixed by position only: joins the external bias
+                bias = term.bias(ids) if bias is None else bias + term.bias(ids)
+        dynamic = sorted((t for t in terms if not t.static), key=lambda t: t.order)
 
-        irpe = self.rpe_q is not None or self.rpe_k is not None or self.rpe_v is not None
         if isinstance(bias, BucketBias):
-            if self.attn_impl == "flex" and not irpe:
+            if self.attn_impl == "flex" and not dynamic:
                 out = _flex_attention(q, k, v, bias.table.to(q.dtype), bias.ids, self.scale)
                 return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
-            if self.attn_impl == "sdpa" and not irpe and not (self.training and self.attn_drop.p > 0):
+            if self.attn_impl == "sdpa" and not dynamic and not (self.training and self.attn_drop.p > 0):
                 # fused forward, own backward: no (B, H, N, N) probabilities or bias gradient kept
                 out = bucket_attention(q, k, v, bias.table, bias.ids, self.scale, bias.form)
                 return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
             bias = bias.dense()
-        if self.attn_impl in ("sdpa", "flex") and not irpe:
+        if self.attn_impl in ("sdpa", "flex") and not dynamic:
             if bias is not None:
                 bias = bias.to(q.dtype)
             out = F.scaled_dot_product_attention(
@@ -147,17 +147,19 @@ class Attention(nn.Module):
         else:
             q = q * self.scale
             attn = q @ k.transpose(-2, -1)
-            if self.rpe_k is not None:
-                attn = attn + self.rpe_k(q, ids)
-            if self.rpe_q is not None:
-                attn = attn + self.rpe_q(k * self.scale, ids).transpose(2, 3)
+            for term in dynamic:
+                logits = term.logits(q, k * self.scale, ids)
+                if logits is not None:
+                    attn = attn + logits
             if bias is not None:
                 attn = attn + bias
             attn = attn.softmax(dim=-1)
             attn = self.attn_drop(attn)
             out = attn @ v
-            if self.rpe_v is not None:
-                out = out + self.rpe_v(attn, ids)
+            for term in dynamic:
+                extra = term.output(attn, ids)
+                if extra is not None:
+                    out = out + extra
         out = out.transpose(1, 2).reshape(b, n, d)
         return self.proj_drop(self.proj(out))
 

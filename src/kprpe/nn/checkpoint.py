@@ -37,6 +37,7 @@ from .iresnet import (
 )
 from .official_config import ctx_type_of, official_vit_fields
 from .registry import SIZES
+from .swin import is_swin_checkpoint, load_swin
 from .vit import VisionTransformer, ViTConfig
 
 __all__ = [
@@ -524,6 +525,9 @@ def load_official(source, **overrides) -> nn.Module:
             "recognition model; give it as the aligner (--aligner dfa --aligner-weights, "
             "kprpe.load_aligner) and give a face-recognition checkpoint here"
         )
+    if is_swin_checkpoint(state):  # Swin family: its own architecture inference (nn/swin.py)
+        where = _describe(source)
+        return load_swin(state, saved_config=saved, official_config=official, where=where, **overrides)
     if is_iresnet_checkpoint(state):  # IResNet family: its own architecture inference (nn/iresnet.py)
         where = _describe(source)
         return load_iresnet(state, saved_config=saved, official_config=official, where=where, **overrides)

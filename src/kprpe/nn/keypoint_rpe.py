@@ -22,12 +22,14 @@ from torch import nn
 
 from .buckets import bucket_ids, num_buckets
 from .position import BIAS_IMPLS, BucketBias, form_bias, gather_bias
+from .windows import window_index
 
 __all__ = [
     "KP_INPUTS",
     "KP_SHARINGS",
     "KP_MLPS",
     "KP_BIAS_IMPLS",
+    "WINDOW_BIAS_IMPLS",
     "OFFICIAL_NAMES",
     "patch_centres",
     "relative_keypoints",
@@ -49,6 +51,8 @@ KP_MLPS = ("gelu", "relu_layernorm")
 # How the bias is formed (same numbers, different speed): one of BIAS_IMPLS, or "decomposed" (the linear-f
 # identity: a cached position term plus a per-sample bucket shift), or "auto" (chosen from the grid size).
 KP_BIAS_IMPLS = ("auto", "decomposed", *BIAS_IMPLS)
+# Windowed (Swin) bias paths: one gather for all windows, or the official per-window loop (for benchmarks).
+WINDOW_BIAS_IMPLS = ("auto", "gather", "loop")
 # Sub-module name inside KeypointRPE -> the official checkpoint's name (linear f, and kprpe's GELU MLP).
 OFFICIAL_NAMES = {"mlp": "keypoint_mlp", "linear": "keypoint_linear"}
 # The official MLP is one nn.Sequential, keypoint_linear: Linear (0), ReLU (1), LayerNorm (2), Linear (3).
@@ -140,12 +144,17 @@ class KeypointRPE(nn.Module):
     layer's slice is computed, so no ``(B, N, depth * H * nb)`` tensor lives through the forward pass.
 
     ``bucket_tables=True`` (FlexAttention) hands attention a :class:`BucketBias` instead of a dense bias.
+
+    Any token grid: ``grid`` is the side of a square map or ``(height, width)``. With ``window=(wh, ww)``
+    attention runs inside windows of that map (Swin): the buckets are those of one window, f still runs once
+    over the whole map, and :meth:`window_biases` gathers each window's rows with an index tensor (padding and
+    cyclic shifts included, :mod:`kprpe.nn.windows`) — no loop over windows.
     """
 
     def __init__(
         self,
         *,
-        grid: int,
+        grid: int | tuple[int, int],
         num_heads: int,
         depth: int,
         num_keypoints: int = 5,
@@ -157,6 +166,7 @@ class KeypointRPE(nn.Module):
         ratio: float = 1.9,
         bias_impl: str = "auto",
         bucket_tables: bool = False,
+        window: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if kp_input not in KP_INPUTS:
@@ -166,6 +176,12 @@ class KeypointRPE(nn.Module):
         if mlp not in KP_MLPS:
             raise ValueError(f"unknown kp_mlp {mlp!r}; expected one of {KP_MLPS}")
         self.grid = grid
+        self.grid_size = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+        self.window = None if window is None else (int(window[0]), int(window[1]))
+        if self.window is not None and bias_impl not in WINDOW_BIAS_IMPLS:
+            raise ValueError(
+                f"windowed KP-RPE bias_impl must be one of {WINDOW_BIAS_IMPLS}, got {bias_impl!r}"
+            )
         self.num_heads = num_heads
         self.depth = depth
         self.num_keypoints = num_keypoints
@@ -174,7 +190,12 @@ class KeypointRPE(nn.Module):
         self.mlp_kind = mlp
         self.num_buckets = num_buckets(method, ratio)
         self.bucket_tables = bucket_tables
-        self.impl = resolve_bias_impl(bias_impl, grid * grid, kp_input, hidden)
+        attended = self.window if self.window is not None else self.grid_size  # the grid buckets live on
+        self.impl = (
+            ("loop" if bias_impl == "loop" else "gather")
+            if self.window is not None
+            else resolve_bias_impl(bias_impl, attended[0] * attended[1], kp_input, hidden)
+        )
 
         f_in = 2 if kp_input == "query_position" else 2 * num_keypoints
         self.mlp = None
@@ -186,7 +207,7 @@ class KeypointRPE(nn.Module):
             f_in = hidden
         self.linear = nn.Linear(f_in, self.out_features)
 
-        ids = bucket_ids(grid, method=method, ratio=ratio).clone()
+        ids = bucket_ids(*attended, method=method, ratio=ratio).clone()
         n, nb = ids.shape[0], self.num_buckets
         self.register_buffer("bucket_ids", ids, persistent=False)
         # position of bias value (i, j) in a flattened (N, nb) table: i * nb + ids[i, j]
@@ -200,6 +221,7 @@ class KeypointRPE(nn.Module):
         # are unchanged (keyed by their version counters and storage, so in-place updates invalidate it)
         self._position_terms: dict[int, torch.Tensor] = {}
         self._position_terms_key: tuple | None = None
+        self._window_flat: dict[tuple[int, int], torch.Tensor] = {}  # shift -> flat gather index
 
     def reset_parameters(self) -> None:
         """f's output layer starts at zero, so a new KP-RPE model begins as a plain ViT (as in the paper)."""
@@ -229,7 +251,7 @@ class KeypointRPE(nn.Module):
     # ------------------------------------------------------------------ f
     def hidden(self, keypoints: torch.Tensor | None) -> torch.Tensor:
         """Input of f's final linear layer for each query token: ``(B|1, N|1, F)``."""
-        x = keypoint_features(keypoints, self.grid, self.grid, self.kp_input)
+        x = keypoint_features(keypoints, *self.grid_size, self.kp_input)
         return self.mlp(x) if self.mlp is not None else x
 
     def table(self, hidden: torch.Tensor, layer: int, *, with_bias: bool = True) -> torch.Tensor:
@@ -391,7 +413,7 @@ class KeypointRPE(nn.Module):
         # f(c_i - p_b) = (W c_i + w0) - W p_b: a batch-independent (1, H, N, N) position term, cached while
         # weights are frozen (inference), plus a per-sample shift of each bucket's value.
         ids = self.bucket_ids
-        centres = patch_centres(self.grid, self.grid, device=ids.device).repeat(1, self.num_keypoints)[None]
+        centres = patch_centres(*self.grid_size, device=ids.device).repeat(1, self.num_keypoints)[None]
         points = keypoints.detach().float().flatten(1)[:, None, :]  # (B, 1, 2K)
         weight, bias = self.linear.weight, self.linear.bias
         frozen = not (torch.is_grad_enabled() and weight.requires_grad)
@@ -428,9 +450,61 @@ class KeypointRPE(nn.Module):
 
         return layer_bias
 
+    # ------------------------------------------------------------------ windows
+    def window_flat_index(self, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """``(nW * ws * ws,)`` index into a layer's table flattened to ``(N + 1) * nb`` per (sample, head):
+        entry ``(w, i, j)`` is ``token(w, i) * nb + bucket(i, j)``; padded query rows read row ``N``, which
+        :meth:`window_bias` fills with zeros (the official code gives padded queries no bias)."""
+        shift = (int(shift[0]), int(shift[1]))
+        device = self.bucket_ids.device
+        cached = self._window_flat.get(shift)
+        if cached is None or cached.device != device:
+            h, w = self.grid_size
+            index = window_index(h, w, self.window, shift, device=device)
+            rows = torch.where(index < 0, h * w, index)  # padding -> the zero row
+            cached = (rows[:, :, None] * self.num_buckets + self.bucket_ids[None]).flatten()
+            self._window_flat[shift] = cached
+        return cached
+
+    def window_bias(self, table: torch.Tensor, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """One layer's windowed bias ``(B * nW, H, ws, ws)`` from its map-wide table ``(B, H, N|1, nb)``:
+        ``bias[b * nW + w, h, i, j] = table[b, h, token(w, i), bucket(i, j)]``, 0 for padded query rows."""
+        if self.window is None:
+            raise ValueError("window_bias needs a KeypointRPE built with window=(height, width)")
+        if self.impl == "loop":
+            return self._window_bias_loop(table, shift)
+        h, w = self.grid_size
+        heads, ws = table.shape[1], self.bucket_ids.shape[0]
+        table = table.expand(-1, -1, h * w, -1)  # sizes from the tensors, so a traced batch stays free
+        flat = torch.cat([table, torch.zeros_like(table[:, :, :1])], dim=2).flatten(2)
+        bias = flat.index_select(2, self.window_flat_index(shift)).unflatten(2, (-1, ws, ws))
+        return bias.transpose(1, 2).reshape(-1, heads, ws, ws)
+
+    def _window_bias_loop(self, table: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
+        """The official code's way (a benchmark reference, same numbers): pad, roll and cut the table map like
+        the tokens, then one advanced-indexing call per window in a Python loop."""
+        from .windows import partition
+
+        b, heads, _, nb = table.shape
+        h, w = self.grid_size
+        grid = table.expand(-1, -1, h * w, -1).permute(0, 2, 1, 3).reshape(b, h, w, heads * nb)
+        ws = self.bucket_ids.shape[0]
+        windows = partition(grid, self.window, shift).view(b, -1, ws, heads, nb).transpose(2, 3)
+        rows = torch.arange(ws, device=table.device)[:, None]
+        per_window = [windows[:, i][:, :, rows, self.bucket_ids] for i in range(windows.shape[1])]
+        return torch.stack(per_window, dim=1).reshape(-1, heads, ws, ws)
+
+    def window_biases(self, keypoints: torch.Tensor | None) -> Callable[[int, tuple[int, int]], torch.Tensor]:
+        """For one batch: ``(layer, shift) -> (B * nW, H, ws, ws)`` windowed bias. f runs once over the map
+        (its input is shared by all layers); each layer's table is made when called."""
+        hidden = self.hidden(keypoints)
+        return lambda layer, shift=(0, 0): self.window_bias(self.table(hidden, layer), shift)
+
     def extra_repr(self) -> str:
+        h, w = self.grid_size
+        window = f", window={self.window[0]}x{self.window[1]}" if self.window is not None else ""
         return (
-            f"grid={self.grid}x{self.grid}, buckets={self.num_buckets}, kp_input={self.kp_input}, "
+            f"grid={h}x{w}{window}, buckets={self.num_buckets}, kp_input={self.kp_input}, "
             f"sharing={self.sharing}, impl={self.impl}"
         )
 

@@ -98,7 +98,13 @@ def form_bias(
 
 
 class RelativePositionBias(nn.Module):
-    """Plain RPE: a learned bias per head and bucket, ``B[h, i, j] = table[h, d(i, j)]``."""
+    """Plain RPE: a learned bias per head and bucket, ``B[h, i, j] = table[h, d(i, j)]``.
+
+    A position term of :class:`~kprpe.nn.attention.Attention`: ``static`` (it depends on positions only),
+    so it joins the additive mask of the fused kernel."""
+
+    static = True
+    order = 0
 
     def __init__(self, num_heads: int, num_buckets: int = 49) -> None:
         super().__init__()
@@ -110,35 +116,53 @@ class RelativePositionBias(nn.Module):
         n = ids.shape[0]
         return gather_bias(self.table[None, :, None, :], ids).reshape(1, -1, n, n)
 
+    bias = forward
+
 
 class ContextualRPE(nn.Module):
-    """One iRPE contextual table (official name ``lookup_table_weight``).
+    """One iRPE contextual table (official name ``lookup_table_weight``), on the query, key or value side.
 
-    ``kind='qk'`` (used for the query and key sides): weight ``(T, head_dim, nb)``; given ``x (B, H, N, hd)``
-    returns ``bias[b, h, i, j] = (x[b, h, i] @ W)[ids[i, j]]``. ``kind='v'``: weight ``(T, nb, head_dim)``;
-    given attention probabilities ``a (B, H, N, N)`` returns ``sum_j a[b, h, i, j] * W[ids[i, j]]``.
-    ``T`` is 1 when the table is shared by all heads, else the number of heads.
+    ``kind='k'`` (the term read with the query): weight ``(T, head_dim, nb)``; adds
+    ``(q s)[b, h, i] @ W [ids[i, j]]`` to the logits. ``kind='q'`` (read with the key): the same with the
+    scaled key and the index transposed, ``(k s)[b, h, j] @ W [ids[j, i]]``. ``kind='v'``: weight
+    ``(T, nb, head_dim)``; adds ``sum_j a[b, h, i, j] * W[ids[i, j]]`` to the output (it needs the
+    probabilities ``a``). ``T`` is 1 when the table is shared by all heads, else the number of heads.
+    ``forward(x, ids)`` is the table's own product: ``x`` is the scaled query/key (``'q'``/``'k'``, before the
+    transpose) or the probabilities (``'v'``).
     """
+
+    static = False  # reads q/k or the probabilities: always the explicit attention path
 
     def __init__(
         self, kind: str, head_dim: int, num_heads: int, shared_head: bool = True, num_buckets: int = 49
     ):
         super().__init__()
-        if kind not in ("qk", "v"):
-            raise ValueError(f"kind must be 'qk' or 'v', got {kind!r}")
+        if kind not in ("q", "k", "v"):
+            raise ValueError(f"kind must be 'q', 'k' or 'v', got {kind!r}")
         self.kind = kind
+        self.order = "kqv".index(kind)  # logits add the key-side term first (the official order)
         tables = 1 if shared_head else num_heads
-        shape = (tables, head_dim, num_buckets) if kind == "qk" else (tables, num_buckets, head_dim)
+        shape = (tables, head_dim, num_buckets) if kind != "v" else (tables, num_buckets, head_dim)
         self.lookup_table_weight = nn.Parameter(torch.zeros(shape))
         nn.init.trunc_normal_(self.lookup_table_weight, std=0.02)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        w = self.lookup_table_weight.to(x.dtype)[
-            None
-        ]  # (1, T, ., .) broadcasts over batch (and heads if T=1)
-        if self.kind == "qk":
+        w = self.lookup_table_weight.to(x.dtype)[None]  # (1, T, ., .) broadcasts over batch (heads if T=1)
+        if self.kind != "v":
             return gather_bias(torch.matmul(x, w), ids)
         b, h, n, _ = x.shape
         # sum attention probability per bucket, then one small matmul with the value table
         per_bucket = x.new_zeros(b, h, n, w.shape[-2]).scatter_add_(3, ids.expand(b, h, n, n), x)
         return torch.matmul(per_bucket, w)
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """This table's logit term given the scaled ``q`` and ``k`` (None for the value table)."""
+        if self.kind == "k":
+            return self(q, ids)
+        if self.kind == "q":
+            return self(k, ids).transpose(2, 3)
+        return None
+
+    def output(self, attn: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """The value table's output term from the probabilities (None for the query/key tables)."""
+        return self(attn, ids) if self.kind == "v" else None

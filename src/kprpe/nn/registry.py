@@ -12,14 +12,19 @@ from collections.abc import Callable
 from torch import nn
 
 from .iresnet import IRESNET_PRESETS, IResNet, IResNetConfig
+from .swin import SWIN_PRESETS, SwinConfig, SwinTransformer
 from .vit import VisionTransformer, ViTConfig
 
 __all__ = ["register_model", "create_model", "list_models", "preset_config"]
 
 _PRESETS: dict[str, Callable[[], dict]] = {}
-_FAMILY_OF: dict[str, str] = {}  # preset name -> "vit" | "iresnet"
+_FAMILY_OF: dict[str, str] = {}  # preset name -> "vit" | "iresnet" | "swin"
 # family -> (config class, builder from a config)
-FAMILIES = {"vit": (ViTConfig, VisionTransformer), "iresnet": (IResNetConfig, IResNet.from_config)}
+FAMILIES = {
+    "vit": (ViTConfig, VisionTransformer),
+    "iresnet": (IResNetConfig, IResNet.from_config),
+    "swin": (SwinConfig, SwinTransformer),
+}
 
 # Sizes of the official face ViTs (docs/models.md, "Presets") and the tiny size of the reference test vectors.
 SIZES = {
@@ -52,6 +57,8 @@ for _size, _size_values in SIZES.items():
         register_model(f"vit_{_size}{_suffix}", {**_size_values, **_enc_values})
 for _name, _ir_values in IRESNET_PRESETS.items():
     register_model(_name, _ir_values, family="iresnet")
+for _name, _swin_values in SWIN_PRESETS.items():
+    register_model(_name, _swin_values, family="swin")
 
 
 def list_models(family: str | None = None) -> list[str]:

@@ -25,6 +25,7 @@ from .keypoint_rpe import (
     module_load_state_dict_hook,
     official_state_dict_hook,
 )
+from .position import ContextualRPE, RelativePositionBias
 
 __all__ = [
     "RELATIVE_ENCODINGS",
@@ -188,10 +189,7 @@ class VisionTransformer(nn.Module):
                 drop_path=dpr[i],
                 qkv_bias=cfg.qkv_bias,
                 attn_drop=cfg.attn_drop_rate,
-                rpe=cfg.rel_pos == "rpe",
-                irpe_on=cfg.irpe_on if cfg.rel_pos == "irpe" else "",
-                irpe_shared_head=cfg.irpe_shared_head,
-                num_buckets=self.num_buckets,
+                position=self._position_factory(),
                 attn_impl=cfg.attn_impl,
             )
             for i in range(cfg.depth)
@@ -232,6 +230,21 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     # ------------------------------------------------------------------ construction
+    def _position_factory(self):
+        """What builds one layer's own relative position terms (RPE's table, iRPE's contextual tables), named
+        as in the official state dicts; KP-RPE's bias is made once for all layers and passed in instead."""
+        cfg, nb = self.config, self.num_buckets
+        head_dim = cfg.embed_dim // cfg.num_heads
+        if cfg.rel_pos == "rpe":
+            return lambda: {"rpe_bias": RelativePositionBias(cfg.num_heads, nb)}
+        if cfg.rel_pos == "irpe":
+            return lambda: {
+                f"rpe_{side}": ContextualRPE(side, head_dim, cfg.num_heads, cfg.irpe_shared_head, nb)
+                for side in "qkv"
+                if side in cfg.irpe_on
+            }
+        return None
+
     def init_weights(self) -> None:
         """Truncated-normal linear/patch weights, zero biases; f(P)'s output layer starts at zero so a new
         KP-RPE model begins as a plain ViT (as in the paper)."""
