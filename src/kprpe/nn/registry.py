@@ -13,6 +13,7 @@ from torch import nn
 
 from .iresnet import IRESNET_PRESETS, IResNet, IResNetConfig
 from .swin import SWIN_PRESETS, SwinConfig, SwinTransformer
+from .swingait import SWINGAIT_PRESETS, SwinGait, SwinGaitConfig
 from .vit import VisionTransformer, ViTConfig
 
 __all__ = ["register_model", "create_model", "list_models", "preset_config"]
@@ -24,6 +25,7 @@ FAMILIES = {
     "vit": (ViTConfig, VisionTransformer),
     "iresnet": (IResNetConfig, IResNet.from_config),
     "swin": (SwinConfig, SwinTransformer),
+    "swingait": (SwinGaitConfig, SwinGait),
 }
 
 # Sizes of the official face ViTs (docs/models.md, "Presets") and the tiny size of the reference test vectors.
@@ -59,6 +61,8 @@ for _name, _ir_values in IRESNET_PRESETS.items():
     register_model(_name, _ir_values, family="iresnet")
 for _name, _swin_values in SWIN_PRESETS.items():
     register_model(_name, _swin_values, family="swin")
+for _name, _gait_values in SWINGAIT_PRESETS.items():
+    register_model(_name, _gait_values, family="swingait")
 
 
 def list_models(family: str | None = None) -> list[str]:
