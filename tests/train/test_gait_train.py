@@ -211,4 +211,4 @@ def test_cli_train_then_eval_gait(tmp_path, walkers):
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 2 and "kprpe eval gait: error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "error: weights not found" in bad.stderr and "Traceback" not in bad.stderr
