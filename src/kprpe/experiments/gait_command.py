@@ -35,6 +35,12 @@ def register_gait(sub) -> None:
         default=None,
         help="comma-separated subset of baseline,kprpe,kprpe_shuffled,kprpe_noise,baseline_drawn",
     )
+    g.add_argument(
+        "--ids-per-batch", type=int, default=None, help="P of the P x K batches (default 8; 4 quick)"
+    )
+    g.add_argument(
+        "--clip-frames", type=int, default=None, help="training clip length (default 16; 12 quick)"
+    )
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     add_output_option(g, help="output folder")
     g.set_defaults(func=_cmd_gait)
@@ -44,13 +50,14 @@ def _cmd_gait(args: argparse.Namespace) -> int:
     from .gait import VARIANTS, GaitExperimentConfig, quick_gait_config, run_gait_experiment
 
     overrides = {
-        k: getattr(args, k) for k in ("seeds", "steps", "ids", "sequences") if getattr(args, k) is not None
+        k: getattr(args, k)
+        for k in ("seeds", "steps", "ids", "sequences", "ids_per_batch", "clip_frames")
+        if getattr(args, k) is not None
     }
     for key, value in overrides.items():
-        if value < (2 if key in ("ids", "sequences") else 1):
-            raise CommandError(
-                f"--{key} must be at least {2 if key in ('ids', 'sequences') else 1}, got {value}"
-            )
+        least = 2 if key in ("ids", "sequences", "ids_per_batch") else 1
+        if value < least:
+            raise CommandError(f"--{key.replace('_', '-')} must be at least {least}, got {value}")
     if args.variants:
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
         unknown = [v for v in variants if v not in VARIANTS]
@@ -73,7 +80,7 @@ def _cmd_gait(args: argparse.Namespace) -> int:
     if args.quick:
         print(
             f"--quick finished in {time.perf_counter() - start:.0f} s: one seed, {cfg.steps} steps on "
-            f"{cfg.ids} walkers. A smoke test of the pipeline, NOT a result: run without --quick (>= 3 seeds, "
-            "and all controls (docs/gait.md)."
+            f"{cfg.ids} walkers. A smoke test of the pipeline, NOT a result: run without --quick "
+            "(>= 3 seeds and all controls (docs/gait.md)."
         )
     return 0 if results["runs"] else 1
