@@ -212,3 +212,17 @@ def test_cli_train_then_eval_gait(tmp_path, walkers):
         text=True,
     )
     assert bad.returncode == 2 and "error: weights not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_shipped_gait_configs_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    paths = [p for p in sorted(root.glob("*.yaml")) if "task: gait" in p.read_text()]
+    assert {p.name for p in paths} >= {"gait_tiny.yaml", "gait3d_swingait_kprpe.yaml"}
+    for path in paths:
+        cfg = load_gait_config(path)
+        assert cfg.model.name in ("swingait_2d", "swingait_2d_kprpe")
+    paper = load_gait_config(root / "gait3d_swingait_kprpe.yaml")
+    assert (paper.optim.lr, paper.optim.weight_decay, paper.train.max_steps) == (3e-4, 2e-2, 60000)
+    assert (paper.data.ids_per_batch, paper.data.seqs_per_id, paper.data.frames) == (32, 4, 30)
