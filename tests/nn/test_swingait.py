@@ -144,3 +144,11 @@ def test_bad_input_is_named(tmp_path):
         SwinGaitConfig(kp_confidence="weights").validate()
     with pytest.raises(CheckpointError, match="not found"):
         load_swingait(tmp_path / "missing.safetensors")
+
+
+def test_models_command_lists_the_gait_presets(capsys):
+    from kprpe.cli import main
+
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out
+    assert "swingait_2d " in listed and "swingait_2d_kprpe" in listed and "rel_pos=kprpe" in listed

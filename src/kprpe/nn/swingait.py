@@ -129,6 +129,11 @@ class SwinGaitConfig:
         return sum(self.depths)
 
     @property
+    def rel_pos(self) -> str:
+        """The position encoding, as ``kprpe models`` lists it (KP-RPE comes on top of the CPB)."""
+        return "kprpe" if self.kprpe else self.position
+
+    @property
     def num_parts(self) -> int:
         return self.token_grid[0]  # one horizontal strip per token row
 
