@@ -29,25 +29,18 @@ COMMAND_MODULES = (
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .nn import list_models, num_parameters, preset_config
+    from .nn.registry import preset_family
 
     if args.zoo:
         from .zoo.commands import print_zoo
 
         print_zoo(as_json=args.json)
         return 0
-    rows = []
+    rows, texts = [], []
     for name in list_models():
-        cfg = preset_config(name)
-        if getattr(cfg, "arch", "vit") == "iresnet":
-            row = dict(name=name, arch="iresnet", num_layers=cfg.num_layers, mode=cfg.mode)
-        else:
-            row = dict(
-                name=name,
-                rel_pos=cfg.rel_pos,
-                depth=cfg.depth,
-                embed_dim=cfg.embed_dim,
-                num_heads=cfg.num_heads,
-            )
+        family = preset_family(name)  # each family describes its own presets
+        row = dict(name=name, **family.row(preset_config(name)))
+        texts.append(family.describe_text(row))
         if args.params:
             from .nn import create_model
 
@@ -56,15 +49,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        for r in rows:
+        for r, text in zip(rows, texts, strict=True):
             extra = f"  {r['parameters']:,} params" if "parameters" in r else ""
-            if r.get("arch") == "iresnet":
-                print(f"{r['name']:<18} IResNet-{r['num_layers']} mode={r['mode']}{extra}")
-                continue
-            print(
-                f"{r['name']:<18} rel_pos={r['rel_pos']:<6} depth={r['depth']:<3} dim={r['embed_dim']:<4} "
-                f"heads={r['num_heads']}{extra}"
-            )
+            print(f"{r['name']:<18} {text}{extra}")
     return 0
 
 

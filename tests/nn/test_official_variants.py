@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 
 import kprpe
 from kprpe.nn import CheckpointError, infer_config, save_model
-from kprpe.nn.official_config import CTX_TYPES, ctx_type_of, official_vit_fields
-from kprpe.nn.registry import SIZES
+from kprpe.nn.official_config import CTX_TYPES, SIZES, ctx_type_of, official_vit_fields
 from reference_vectors import DATA
 
 LAYOUTS = json.loads((DATA / "official_layouts.json").read_text())["models"]
@@ -250,7 +249,7 @@ def test_official_keypoint_ctx_warns_when_its_table_is_not_zero(tmp_path):
 @pytest.mark.parametrize("layout_name", sorted(LAYOUTS))
 def test_real_official_configs_map_to_the_presets_and_fit_their_layouts(layout_name):
     """The model.yaml of each official preset (recorded in official_layouts.json) describes its layout."""
-    from kprpe.nn.checkpoint import _check_fits_before_allocating
+    from kprpe.nn.checkpoint import check_fits_before_allocating
 
     layout = LAYOUTS[layout_name]
     fields = official_vit_fields(layout["config_yaml_content"])
@@ -263,4 +262,4 @@ def test_real_official_configs_map_to_the_presets_and_fit_their_layouts(layout_n
     with torch.device("meta"):
         state = {e["key"]: torch.empty(e["shape"], dtype=dtypes[e["dtype"]]) for e in layout["state_dict"]}
     values = {**infer_config(state, known=fields), **fields}
-    _check_fits_before_allocating(kprpe.nn.ViTConfig.from_dict(values), state, layout_name)
+    check_fits_before_allocating(kprpe.nn.ViTConfig.from_dict(values), state, layout_name)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import KprpeError
 from ..files import atomic_write_text
+from ..train.schedule import learning_rate, lr_factor
 from .digits_data import (
     AFFNIST_MIX,
     SWEEPS,
@@ -412,13 +413,6 @@ def to_tensors(
 
 
 # ---------------------------------------------------------------------------------------------- one job
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, spec: ModelSpec, test_sets: list[TestSet], canvas: int, batch: int = 64
@@ -532,10 +526,16 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
             idx = order[i : i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm in the head needs two samples
                 continue
-            if cfg.converge:
-                lr = cfg.lr * lr_scale * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            if cfg.converge:  # warm-up, then constant until the convergence rule lowers lr_scale
+                lr = (
+                    cfg.lr
+                    * lr_scale
+                    * lr_factor(step, total_steps=total, warmup_steps=warmup, schedule="constant")
+                )
             else:
-                lr = _lr_at(step, total, warmup, cfg.lr)
+                lr = learning_rate(
+                    step, base=cfg.lr, total_steps=total, warmup_steps=warmup, schedule="cosine"
+                )
             for group in opt.param_groups:
                 group["lr"] = lr
             logits = model(x_all[idx], kp_all[idx])

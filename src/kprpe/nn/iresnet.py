@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .checkpoint import CheckpointError, check_fits_before_allocating, load_weights
+from .registry import register_family, register_model
 
 __all__ = [
     "COLOR_SPACES",
@@ -37,6 +41,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "config_from_state_dict",
     "is_iresnet_checkpoint",
+    "load_iresnet",
     "official_fields",
 ]
 
@@ -431,6 +436,77 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor]) -> dict:
     )
 
 
+def load_iresnet(
+    state: Mapping[str, torch.Tensor],
+    *,
+    saved_config: Mapping | None = None,
+    official_config: Mapping | None = None,
+    file_config: Mapping | None = None,
+    where: str = "checkpoint",
+    **overrides,
+) -> IResNet:
+    """Build the IResNet a checkpoint describes and load it strictly (eval mode).
+
+    Shapes are ground truth; ``saved_config`` (kprpe's own metadata) gives the exact config; an official
+    config (model.yaml / config.json) adds ``color_space`` and ``dropout`` and must agree with the shapes;
+    keyword ``overrides`` win. Without any config the colour order cannot be known: RGB is assumed, with a
+    warning. ``file_config`` (config.json) is already part of ``official_config``.
+    """
+    bare = checkpoint_filter_fn(state)
+    try:
+        values = config_from_state_dict(bare)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: not a loadable IResNet: {exc}") from exc
+    official = official_fields(official_config)
+    if saved_config is not None:  # the registry checked that it names this family
+        values = {k: v for k, v in saved_config.items() if k != "arch"}
+    elif official:
+        other = official.get("name", "")
+        if "num_layers" not in official and OTHER_ARCH_NAME.match(other.strip().lower()):
+            raise CheckpointError(
+                f"{where}: the config names model {official['name']!r}, but the weights are an IResNet "
+                f"({values['mode']}_{values['num_layers']}); "
+                "the config and the weights do not belong together"
+            )
+        shape_table = LAYER_TABLES[values["num_layers"]]
+        named = (official["mode"], LAYER_TABLES[official["num_layers"]]) if "num_layers" in official else None
+        said = {  # what the config says vs what the tensor shapes say
+            "architecture": (named, (values["mode"], shape_table)),
+            "output_dim": (official.get("output_dim"), values["output_dim"]),
+            "input_size": (list(official.get("img_size") or []) or None, [values["img_size"]] * 2),
+        }
+        for what, (config_value, shape_value) in said.items():
+            if config_value is not None and config_value != shape_value:
+                raise CheckpointError(
+                    f"{where}: the config says {what} {config_value} (name {official.get('name')!r}) but the "
+                    f"tensor shapes say {shape_value}; the config and the weights do not belong together"
+                )
+        if "num_layers" in official:
+            values["num_layers"] = official["num_layers"]  # keeps the official name (101 rather than 100)
+        for key in ("color_space", "dropout"):
+            if key in official:
+                values[key] = official[key]
+    values.update(overrides)
+    if saved_config is None and "color_space" not in values:
+        warnings.warn(
+            f"{where}: no config tells this IResNet's colour order; assuming RGB input. The official "
+            "wrapper reverses the channels when the repo's pretrained_model/model.yaml says "
+            "'color_space: BGR': keep that file beside the weights, or pass color_space='BGR' (or 'RGB') "
+            "to load_official",
+            stacklevel=3,
+        )
+    try:
+        config = IResNetConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{where}: checkpoint implies an invalid IResNet config {values}: {exc}"
+        ) from exc
+    check_fits_before_allocating(config, bare, where)  # a config claiming a huge input allocates nothing
+    model = IResNet.from_config(config)
+    load_weights(model, bare)
+    return model.eval()
+
+
 def ir_18(**kwargs) -> IResNet:
     return IResNet(num_layers=18, mode="ir", **kwargs)
 
@@ -492,3 +568,26 @@ def ir_se_200(**kwargs) -> IResNet:
 IRESNET_PRESETS: dict[str, dict] = {
     f"{mode}_{depth}": dict(num_layers=depth, mode=mode) for mode in MODES for depth in LAYER_TABLES
 }
+
+
+# ---------------------------------------------------------------------- registration
+def _named_iresnet(official_config: Mapping | None) -> str | None:
+    """The IResNet an official config names (``ir101``, ``ir_se50``, ...), else None."""
+    found = official_fields(official_config)
+    return found["name"] if "num_layers" in found else None
+
+
+register_family(
+    IResNetConfig.arch,
+    IResNetConfig,
+    IResNet.from_config,
+    recognizes=is_iresnet_checkpoint,
+    load=load_iresnet,
+    signature="'input_layer.0.weight' and 'body.0.res_layer.*' keys",
+    title="IResNet",
+    describe=lambda cfg: dict(arch=IResNetConfig.arch, num_layers=cfg.num_layers, mode=cfg.mode),
+    describe_text=lambda row: f"IResNet-{row['num_layers']} mode={row['mode']}",
+    names_model=_named_iresnet,
+)
+for _name, _values in IRESNET_PRESETS.items():
+    register_model(_name, _values, family=IResNetConfig.arch)

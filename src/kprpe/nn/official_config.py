@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .registry import SIZES
-
 __all__ = [
+    "SIZES",
     "CTX_TYPES",
     "RPE_NAMES",
     "OFFICIAL_METHODS",
@@ -23,6 +22,13 @@ __all__ = [
     "ctx_type_of",
 ]
 
+# Sizes of the official face ViTs by their official name (docs/models.md, "Presets"), and the tiny size of the
+# reference test vectors; the ViT presets (nn/vit_family.py) are these sizes times the position encodings.
+SIZES = {
+    "tiny": dict(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, output_dim=32),
+    "small": dict(embed_dim=512, depth=12, num_heads=8, mlp_ratio=5.0, output_dim=512),
+    "base": dict(embed_dim=512, depth=24, num_heads=16, mlp_ratio=3.0, output_dim=512),
+}
 # Width of the official MLP f (the "_v2" context types): Linear(2K, 256) -> ReLU -> LayerNorm -> Linear.
 OFFICIAL_MLP_WIDTH = 256
 

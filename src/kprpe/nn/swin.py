@@ -777,3 +777,38 @@ def load_swin(
     model = SwinTransformer(config)
     load_weights(model, state)
     return model.eval()
+
+
+# ---------------------------------------------------------------------- registration (main's registry)
+def _load_swin_family(
+    state, *, saved_config=None, official_config=None, file_config=None, where="checkpoint", **overrides
+) -> SwinTransformer:
+    # the registry strips "arch" from saved configs; load_swin checks it, so it is put back
+    saved = None if saved_config is None else {**saved_config, "arch": SwinConfig.arch}
+    return load_swin(state, saved_config=saved, official_config=official_config, where=where, **overrides)
+
+
+def _register() -> None:
+    from .registry import register_family, register_model
+
+    register_family(
+        SwinConfig.arch,
+        SwinConfig,
+        SwinTransformer,
+        recognizes=is_swin_checkpoint,
+        load=_load_swin_family,
+        signature="'features.0.0.weight' and 'features.*.attn.logit_scale' keys",
+        title="Swin",
+        describe=lambda cfg: dict(
+            rel_pos=cfg.rel_pos, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads
+        ),
+        describe_text=lambda row: (
+            f"rel_pos={row['rel_pos']:<6} depth={row['depth']:<3} dim={row['embed_dim']:<4} "
+            f"heads={row['num_heads']}"
+        ),
+    )
+    for name, values in SWIN_PRESETS.items():
+        register_model(name, values, family=SwinConfig.arch)
+
+
+_register()

@@ -312,7 +312,9 @@ class GaitTransformer(nn.Module):
         )
         window = tuple(cfg.window_size)
         shift = (window[0] // 2, window[1] // 2)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [
+            cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)
+        ]  # no tensor: meta-safe
         self.stages = nn.ModuleList()
         done = 0
         for s, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads, strict=True)):
@@ -469,3 +471,57 @@ def load_swingait(path: str | Path) -> SwinGait:
     model = SwinGait(config)
     load_weights(model, path)
     return model.eval()
+
+
+# ---------------------------------------------------------------------- registration
+def is_swingait_checkpoint(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for bare SwinGait keys: the per-part FCs and the per-frame transformer stages."""
+    return (
+        "fcs" in state and "classifier" in state and any(k.startswith("transformer.stages.") for k in state)
+    )
+
+
+def _load_swingait_family(
+    state, *, saved_config=None, official_config=None, file_config=None, where="checkpoint", **overrides
+) -> SwinGait:
+    from .checkpoint import CheckpointError, check_fits_before_allocating, load_weights
+
+    if saved_config is None:
+        raise CheckpointError(
+            f"{where}: a SwinGait checkpoint needs the kprpe config saved with it (its sizes "
+            "cannot be read from the weights)"
+        )
+    try:
+        config = SwinGaitConfig.from_dict({**saved_config, **overrides})
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: invalid SwinGait config: {exc}") from None
+    check_fits_before_allocating(config, state, where)
+    model = SwinGait(config)
+    load_weights(model, state)
+    return model.eval()
+
+
+def _register() -> None:
+    from .registry import register_family, register_model
+
+    register_family(
+        SwinGaitConfig.arch,
+        SwinGaitConfig,
+        SwinGait,
+        recognizes=is_swingait_checkpoint,
+        load=_load_swingait_family,
+        signature="'fcs', 'classifier' and 'transformer.stages.*' keys",
+        title="SwinGait",
+        describe=lambda cfg: dict(
+            rel_pos=cfg.rel_pos, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads
+        ),
+        describe_text=lambda row: (
+            f"rel_pos={row['rel_pos']:<6} depth={row['depth']:<3} "
+            f"dim={row['embed_dim']:<4} heads={row['num_heads']}"
+        ),
+    )
+    for name, values in SWINGAIT_PRESETS.items():
+        register_model(name, values, family=SwinGaitConfig.arch)
+
+
+_register()

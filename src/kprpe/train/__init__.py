@@ -4,7 +4,8 @@ from .checkpoint import CheckpointState, latest_checkpoint
 from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
 from .distributed import DistributedBatchNorm1d, use_distributed_batchnorm
 from .heads import AdaFaceMargin, CombinedMargin, PartialFC, PlainLogits, build_margin, class_shard
-from .loop import Trainer, TrainingDiverged, lr_factor
+from .loop import Trainer, TrainingDiverged
+from .schedule import learning_rate, lr_factor
 from .validation import load_verification_bin, validation_accuracy, verification_accuracy
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "latest_checkpoint",
     "load_config",
     "load_verification_bin",
+    "learning_rate",
     "lr_factor",
     "use_distributed_batchnorm",
     "validation_accuracy",

@@ -21,11 +21,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from ..data.dataset import FaceDataset
-from ..data.sampler import ResumableSampler
 from ..errors import KprpeError
 from ..files import atomic_write_text
 from ..nn import create_model, load_official, save_model
@@ -42,7 +40,8 @@ from .distributed import (
     sum_allreduce_hook,
     use_distributed_batchnorm,
 )
-from .heads import PartialFC, build_margin
+from .parts import Validator, face_dataset, face_sampler, partial_fc_head, verification_validator
+from .schedule import lr_factor
 
 __all__ = [
     "Trainer",
@@ -52,29 +51,6 @@ __all__ = [
     "clip_global_grad_norm",
     "build_optimizer",
 ]
-
-
-def lr_factor(
-    step: int,
-    *,
-    total_steps: int,
-    warmup_steps: int,
-    schedule: str,
-    min_ratio: float = 0.0,
-    milestones: list[int] | None = None,
-    gamma: float = 0.1,
-) -> float:
-    """Multiplier of the base learning rate for optimiser step ``step`` (0-based): linear warm-up from
-    ``1/warmup`` to 1, then cosine to ``min_ratio``, step decay by ``gamma`` at ``milestones``, or
-    constant."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "cosine":
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "step":
-        return gamma ** sum(1 for m in (milestones or []) if step >= m)
-    return 1.0
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
@@ -129,6 +105,11 @@ class Trainer:
     ``resume``: None (fresh run; refuses an output directory that already has checkpoints), ``"latest"``
     (the newest checkpoint in ``train.output_dir``) or a checkpoint directory. ``step_callback(step)`` runs
     after every optimiser step (tests use it to simulate a crash).
+
+    The parts (contracts in train/parts.py) default to the face parts the config describes: ``dataset``
+    (FaceDataset of ``data.*``), ``sampler`` (ResumableSampler), ``head`` (PartialFC with the ``head.*``
+    margin over the dataset's ``num_classes``) and ``validator`` (verification accuracy on
+    ``validation.pairs``). Another task passes its own.
     """
 
     def __init__(
@@ -137,6 +118,10 @@ class Trainer:
         *,
         resume: str | os.PathLike | None = None,
         step_callback: Callable[[int], None] | None = None,
+        dataset: Dataset | None = None,
+        sampler: Sampler | None = None,
+        head: nn.Module | None = None,
+        validator: Validator | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.train.device)
@@ -149,25 +134,10 @@ class Trainer:
 
         self.model = self._build_model()
         self.image_size = self.model.config.img_size
-        self.dataset = FaceDataset(
-            cfg.data.train,
-            image_size=self.image_size,
-            landmarks=cfg.data.landmarks,
-            augment=cfg.data.augmentation,
-            num_classes=cfg.data.num_classes,
-            num_keypoints=self.model.config.num_keypoints,
-            missing_landmarks=cfg.data.missing_landmarks,
-            on_error=cfg.data.on_bad_sample,
-        )
+        # the parts, built in this order (the model's and the head's initialisation draw from one seeded RNG)
+        self.dataset = dataset if dataset is not None else face_dataset(cfg, self.model)
+        self.sampler = sampler if sampler is not None else face_sampler(cfg, len(self.dataset), self.dist)
         accum = cfg.optim.accumulation_steps
-        self.sampler = ResumableSampler(
-            len(self.dataset),
-            cfg.data.batch_size,
-            world_size=self.dist.world_size,
-            rank=self.dist.rank,
-            seed=cfg.train.seed,
-            micro_batches_multiple=accum,
-        )
         self.steps_per_epoch = self.sampler.micro_batches_per_epoch // accum
         self.total_steps = cfg.train.max_steps or max(1, int(round(cfg.train.epochs * self.steps_per_epoch)))
         s = cfg.schedule
@@ -178,27 +148,14 @@ class Trainer:
         )
         milestones = [int(round(m * self.steps_per_epoch)) for m in s.milestones]
 
-        h = cfg.head
-        margin = build_margin(
-            h.type,
-            scale=h.scale,
-            margin=h.margin,
-            m1=h.m1,
-            m2=h.m2,
-            m3=h.m3,
-            h=h.h,
-            t_alpha=h.t_alpha,
-            gradient=h.margin_gradient,
-        )
-        self.head = PartialFC(
-            self.model.config.output_dim,
-            self.dataset.num_classes,
-            margin,
-            sample_rate=h.sample_rate,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            seed=cfg.train.seed,
-        ).to(self.device)
+        if head is None:
+            if not hasattr(self.dataset, "num_classes"):
+                raise ConfigError(
+                    "the default partial-FC head needs the dataset's num_classes: give the dataset a "
+                    "num_classes attribute or pass head= as well"
+                )
+            head = partial_fc_head(cfg, self.model, self.dataset.num_classes, self.dist)
+        self.head = head.to(self.device)
         self.model.to(self.device)
         self.optimizer = build_optimizer(cfg, self.model, self.head)
         min_ratio = s.min_lr / cfg.optim.lr
@@ -233,14 +190,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
             self.ddp.register_comm_hook(None, sum_allreduce_hook)
-        self.validation_sets = []
-        if cfg.validation.pairs and self.dist.is_main:
-            from .validation import load_verification_bin
-
-            try:
-                self.validation_sets = [load_verification_bin(p) for p in cfg.validation.pairs]
-            except FileNotFoundError as exc:
-                raise ConfigError(f"validation.pairs: {exc}") from None
+        self.validator = None  # validation runs on the main process only
+        if self.dist.is_main:
+            self.validator = (
+                validator if validator is not None else verification_validator(cfg, self.image_size)
+            )
 
     # ------------------------------------------------------------------ construction
     def _build_model(self) -> nn.Module:
@@ -341,29 +295,22 @@ class Trainer:
                 self._tb.add_scalar(f"train/{k}", row[k], row["step"])
 
     def _validate(self) -> dict[str, float]:
-        from .validation import validation_accuracy
-
-        results = {}
-        for vset in self.validation_sets:
-            acc, std = validation_accuracy(
-                self.model,
-                vset,
-                image_size=self.image_size,
-                batch_size=self.cfg.validation.batch_size,
-                flip=self.cfg.validation.flip,
-                device=self.device,
-            )
-            results[vset.name] = acc
-            path = self.output_dir / "validation.csv"
+        """Run the validator; append its metrics to validation.csv; return each set's first metric."""
+        results = self.validator(self.model, self.device)
+        path = self.output_dir / "validation.csv"
+        headline = {}
+        for name, metrics in results.items():
             new = not path.exists()
             with open(path, "a", newline="") as f:
                 w = csv.writer(f)
                 if new:
-                    w.writerow(["step", "set", "accuracy", "std"])
-                w.writerow([self.step, vset.name, f"{acc:.5f}", f"{std:.5f}"])
+                    w.writerow(["step", "set", *metrics])
+                w.writerow([self.step, name, *(f"{v:.5f}" for v in metrics.values())])
+            first = next(iter(metrics.values()))
+            headline[name] = first
             if self._tb is not None:
-                self._tb.add_scalar(f"val/{vset.name}", acc, self.step)
-        return results
+                self._tb.add_scalar(f"val/{name}", first, self.step)
+        return headline
 
     # ------------------------------------------------------------------ training
     def train_step(self, micro_batches: list[dict]) -> dict:
@@ -391,7 +338,11 @@ class Trainer:
                 loss, info = self.head(emb.float(), labels, valid)
                 (loss / accum).backward()
             total_loss += float(loss.detach()) / accum
-            norm_mean += float(info["norm_mean"]) / accum
+            # a head that does not report the embedding norm: the mean over this micro-batch's valid samples
+            batch_norm = (
+                info["norm_mean"] if "norm_mean" in info else emb.detach().float()[valid].norm(dim=1).mean()
+            )
+            norm_mean += float(batch_norm) / accum
             if not bool(valid.all()) or self.dist.world_size > 1:
                 all_valid = all_gather_nograd(valid)
                 all_index = all_gather_nograd(batch["index"].to(self.device))
@@ -516,7 +467,7 @@ class Trainer:
                                 )
                             )
                         window, window_start = [], time.time()
-                    if self.validation_sets and self.step % cfg.validation.every == 0 and main:
+                    if self.validator is not None and self.step % cfg.validation.every == 0 and main:
                         bar.write(
                             f"step {self.step}: "
                             + ", ".join(f"{k} {v:.4f}" for k, v in self._validate().items())
@@ -532,7 +483,7 @@ class Trainer:
                         self.step_callback(self.step)
                     if self.step >= self.total_steps:
                         break
-            if self.validation_sets and self.step % cfg.validation.every != 0 and main:
+            if self.validator is not None and self.step % cfg.validation.every != 0 and main:
                 bar.write(", ".join(f"{k} {v:.4f}" for k, v in self._validate().items()))
             self._require_finite_weights("final checkpoint")
             self._save_checkpoint()
