@@ -11,7 +11,6 @@ the batches the uninterrupted run would have.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from ..files import write_json
 from .checkpoint import CheckpointState, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import ConfigError, _build, apply_overrides
 from .distributed import init_distributed
+from .schedule import lr_factor
 
 __all__ = [
     "GaitTrainConfig",
@@ -241,11 +241,12 @@ def parameter_groups(
 
 
 def cosine_factor(step: int, t_max: int, min_ratio: float, update_every: int = 1) -> float:
-    """One cosine decay (no restarts), held for ``update_every`` steps, floored at ``min_ratio``."""
+    """The shared cosine (:func:`kprpe.train.schedule.lr_factor`, no warm-up, no restarts) over ``t_max``
+    steps, held for ``update_every`` steps as OpenGait updates it, at ``min_ratio`` from ``t_max`` on."""
     held = (step // update_every) * update_every
-    if held >= t_max:
-        return min_ratio
-    return max(0.5 * (1 + math.cos(math.pi * held / t_max)), min_ratio)
+    return lr_factor(
+        min(held, t_max), total_steps=t_max, warmup_steps=0, schedule="cosine", min_ratio=min_ratio
+    )
 
 
 # ---------------------------------------------------------------------- trainer
