@@ -81,6 +81,6 @@ def _cmd_gait(args: argparse.Namespace) -> int:
         print(
             f"--quick finished in {time.perf_counter() - start:.0f} s: one seed, {cfg.steps} steps on "
             f"{cfg.ids} walkers. A smoke test of the pipeline, NOT a result: run without --quick "
-            "(>= 3 seeds and all controls (docs/gait.md)."
+            "(>= 3 seeds and all controls; docs/gait.md)."
         )
     return 0 if results["runs"] else 1
