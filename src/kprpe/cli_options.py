@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_DEVICE",
     "DEFAULT_BATCH_SIZE",
     "add_output_option",
+    "add_overwrite_option",
     "add_quiet_option",
     "add_device_option",
     "add_model_options",
@@ -51,6 +52,15 @@ def add_output_option(
         action=_DeprecatedAlias,
         preferred="-o/--output",
         help=argparse.SUPPRESS,
+    )
+
+
+def add_overwrite_option(parser, *, help: str | None = None) -> None:
+    """``--overwrite``: replace an existing output file (never an input; kprpe.files.check_output_path)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=help or "replace output files that already exist (inputs are never overwritten)",
     )
 
 

@@ -34,6 +34,9 @@ __all__ = [
     "write_png",
     "OutputFolderError",
     "check_output_folder",
+    "OutputPathError",
+    "check_output_path",
+    "check_not_input",
     "staged_folder",
 ]
 
@@ -142,8 +145,64 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-class OutputFolderError(KprpeError, ValueError):
+class OutputPathError(KprpeError, ValueError):
+    """An output a command may not write: one of its inputs, or an existing file without ``--overwrite``."""
+
+
+class OutputFolderError(OutputPathError):
     """An output folder that a command may not write: it holds files the command did not create, or inputs."""
+
+
+def _existing(path: Path) -> Path | None:
+    """``path`` with every symbolic link resolved, or None when nothing is there."""
+    return path.resolve() if path.exists() else None
+
+
+def check_not_input(
+    out: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    *,
+    folder: bool = False,
+    inside: bool = True,
+    error: type = None,
+) -> None:
+    """Inputs are never written over: raise :class:`OutputPathError` when ``out`` is one of ``inputs`` (a
+    symbolic or hard link to one included), when ``inside`` and ``out`` is an existing file inside an input
+    folder (it may be one of the photos read from there), or — for an output ``folder`` — when it contains
+    an input. Inputs that are not paths (e.g. a published repo id) are skipped."""
+    out = Path(out)
+    error = error or (OutputFolderError if folder else OutputPathError)
+    resolved = out.resolve()
+    for given in inputs:
+        found = _existing(Path(given))
+        if found is None:
+            continue
+        same = resolved == found or (out.exists() and os.path.samefile(out, found))
+        inside_input = inside and not folder and found.is_dir() and found in resolved.parents and out.exists()
+        if folder and (same or resolved in found.parents):
+            raise error(f"output folder {out} contains the input {given}; write the output elsewhere")
+        if same or inside_input:
+            raise error(
+                f"output {out} would overwrite the input {given}; inputs are never modified — write the "
+                "output elsewhere"
+            )
+
+
+def check_output_path(
+    out: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (), overwrite: bool = False
+) -> Path:
+    """The rule for every file a command writes (and each file written beside it, e.g. ``.idx``, ``.json``).
+
+    Raises :class:`OutputPathError` when ``out`` is one of ``inputs`` (after resolving links; even with
+    ``overwrite``), an existing file inside an input folder, a folder, or an existing file while
+    ``overwrite`` is false — kprpe never replaces a file it was not asked to."""
+    out = Path(out)
+    check_not_input(out, inputs)
+    if out.is_dir():
+        raise OutputPathError(f"output {out} is a folder; give a file name")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputPathError(f"output {out} already exists; pass --overwrite to replace it")
+    return out
 
 
 def check_output_folder(
@@ -151,13 +210,7 @@ def check_output_folder(
 ) -> None:
     """Raise :class:`OutputFolderError` unless :func:`staged_folder` may write ``out`` (see there)."""
     out = Path(out)
-    resolved = out.resolve()
-    for item in inputs:
-        item = Path(item).resolve()
-        if item == resolved or resolved in item.parents:
-            raise OutputFolderError(
-                f"output folder {out} contains the input {item}; write the output elsewhere"
-            )
+    check_not_input(out, inputs, folder=True)
     if out.exists():
         if not out.is_dir():
             raise OutputFolderError(f"output {out} exists and is not a folder")

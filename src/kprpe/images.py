@@ -19,7 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import KprpeError
 
@@ -32,6 +32,7 @@ __all__ = [
     "max_pixels",
     "check_pixels",
     "to_rgb_uint8",
+    "upright_rgb",
     "expand_image_paths",
 ]
 
@@ -56,35 +57,107 @@ def _scale_wide_integers(array: np.ndarray, max_value: int) -> np.ndarray:
     return np.rint(wide * (255.0 / max_value)).astype(np.uint8)
 
 
+# Rows converted per step hold about this many pixels: the wide (float64) intermediates of one band stay near
+# 25 MB whatever the image's size, so decoding costs the decoded image plus 3 bytes a pixel of output (it cost
+# 17-34 bytes a pixel when whole-image float64 copies were made).
+_BAND_PIXELS = 1 << 20
+
+
+def _band_converter(image: Image.Image, background: tuple[int, int, int]):
+    """``band (Pillow image) -> (rows, W) gray or (rows, W, 3) RGB uint8`` for ``image``'s mode."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return lambda band: _scale_wide_integers(np.asarray(band), 65535)
+    if mode == "I":
+        # Pillow opens 16-bit grayscale PNGs as "I"; genuine 32-bit data is rare in photos.
+        _, high = image.getextrema()
+        top = 65535 if high <= 65535 else int(np.iinfo(np.int32).max)
+        return lambda band: _scale_wide_integers(np.asarray(band), top)
+    if mode == "F":
+        high = max(
+            float(np.nan_to_num(np.asarray(band, dtype=np.float64)).max(initial=0))
+            for band in _bands(image)
+        )
+        scale = 255.0 if high <= 1.0 else 1.0
+
+        def float_band(band):
+            values = np.nan_to_num(np.asarray(band, dtype=np.float64))
+            values *= scale
+            np.rint(values, out=values)
+            return np.clip(values, 0, 255, out=values).astype(np.uint8)
+
+        return float_band
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+
+        def composite(band):
+            rgba = band.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (*background, 255))
+            canvas.alpha_composite(rgba)
+            return np.asarray(canvas.convert("RGB"), dtype=np.uint8)
+
+        return composite
+    if mode == "L":
+        return lambda band: np.asarray(band, dtype=np.uint8)
+    return lambda band: np.asarray(band if band.mode == "RGB" else band.convert("RGB"), dtype=np.uint8)
+
+
+def _bands(image: Image.Image):
+    width, height = image.size
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        yield image.crop((0, top, width, min(height, top + rows)))
+
+
 def to_rgb_uint8(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
     """Any Pillow image -> ``(H, W, 3)`` uint8 RGB.
 
     Transparent pixels are composited over ``background`` (so a transparent PNG does not turn black where the
     alpha channel was zero); 16-bit and 32-bit integer images are rescaled from their full range; float images
-    are taken as [0, 1] when their maximum is at most 1, else as [0, 255].
+    are taken as [0, 1] when their maximum is at most 1, else as [0, 255]. Converted a band of rows at a time
+    into the output, so memory is the output plus one band whatever the mode.
     """
-    mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        gray = _scale_wide_integers(np.asarray(image), 65535)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode == "I":
-        values = np.asarray(image)
-        # Pillow opens 16-bit grayscale PNGs as "I"; genuine 32-bit data is rare in photos.
-        top = 65535 if values.max(initial=0) <= 65535 else int(np.iinfo(np.int32).max)
-        gray = _scale_wide_integers(values, top)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
-        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        canvas.alpha_composite(rgba)
-        return np.asarray(canvas.convert("RGB"), dtype=np.uint8).copy()
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    width, height = image.size
+    out = np.empty((height, width, 3), np.uint8)
+    if width == 0 or height == 0:
+        return out
+    convert = _band_converter(image, background)
+    top = 0
+    for band in _bands(image):
+        pixels = convert(band)
+        rows = pixels.shape[0]
+        out[top : top + rows] = pixels[:, :, None] if pixels.ndim == 2 else pixels
+        top += rows
+    return out
+
+
+# EXIF orientation -> the same transposition as ImageOps.exif_transpose, done on the uint8 array (a view, then
+# one 3-byte-a-pixel copy) instead of on Pillow's 4-byte-a-pixel image.
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def upright_rgb(opened: Image.Image) -> np.ndarray:
+    """A just-opened Pillow image (its size already checked) -> decoded, upright ``(H, W, 3)`` uint8 RGB.
+
+    Peak memory is Pillow's decoded image plus the 3-byte-a-pixel output (plus one more output-sized copy
+    when the EXIF orientation asks for a rotation, made after Pillow's image is freed)."""
+    opened.load()  # decode now so truncated files fail here, not later
+    try:
+        orientation = opened.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block is not a reason to refuse the photo (nor is it for Pillow)
+        orientation = 1
+    rgb = to_rgb_uint8(opened)
+    opened.close()  # frees the decoded image before the rotation copies
+    turn = _ORIENT.get(orientation) if isinstance(orientation, int) else None
+    return np.ascontiguousarray(turn(rgb)) if turn is not None else rgb
 
 
 # 8000 x 8000: above any camera's photo, far below what a decompression bomb claims
@@ -133,9 +206,7 @@ def load_image(path: str | os.PathLike, *, limit: int | None = None) -> np.ndarr
             warnings.simplefilter("ignore")
             with Image.open(path) as opened:
                 check_pixels(*opened.size, path, limit)
-                opened.load()  # decode now so truncated files fail here, not later
-                upright = ImageOps.exif_transpose(opened)
-                rgb = to_rgb_uint8(upright if upright is not None else opened)
+                rgb = upright_rgb(opened)
     except UnidentifiedImageError:
         raise ImageLoadError(
             path, "not an image file Pillow can read (unknown or unsupported format)"
@@ -182,7 +253,7 @@ def decode_image(
         raise ImageLoadError(where, f"cannot decode image data ({len(data)} bytes; corrupt or not an image)")
     if announced is None:
         check_pixels(arr.shape[1], arr.shape[0], where, limit)
-    rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB, dst=arr)  # in place: no second full-size copy
     if size is not None and rgb.shape[:2] != (size, size):
         rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
     return rgb

@@ -7,11 +7,9 @@ import asyncio
 import io
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -26,6 +24,8 @@ pytest.importorskip("dlib")
 
 from kprpe.serve import FaceService, ServeLimits, create_app  # noqa: E402
 
+from .conftest import RunningServer, free_port  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -35,42 +35,6 @@ def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class _Server:
-    """uvicorn in a thread on a free local port."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.port = _free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", limit_concurrency=200)
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +75,7 @@ def server(service):
         max_concurrent=2,
         max_queued=64,
     )
-    with _Server(create_app(service, limits)) as running:
+    with RunningServer(create_app(service, limits), limits) as running:
         yield running
 
 
@@ -270,7 +234,7 @@ def test_fifty_concurrent_requests_all_answer_the_same(server, astronaut_png):
 
 def test_queue_bound_and_deadline(service, astronaut_png):
     tight = ServeLimits(max_concurrent=1, max_queued=1, request_timeout_s=60)
-    with _Server(create_app(service, tight)) as running:
+    with RunningServer(create_app(service, tight), tight) as running:
 
         async def burst():
             async with httpx.AsyncClient(base_url=running.url, timeout=120) as client:
@@ -282,7 +246,7 @@ def test_queue_bound_and_deadline(service, astronaut_png):
         assert set(codes) <= {200, 503} and 200 in codes and 503 in codes
         assert httpx.get(f"{running.url}/health").status_code == 200
     hurried = ServeLimits(request_timeout_s=0.001)
-    with _Server(create_app(service, hurried)) as running:
+    with RunningServer(create_app(service, hurried), hurried) as running:
         _error(
             httpx.post(f"{running.url}/embed", files={"image": ("f.png", astronaut_png)}), 504, "longer than"
         )
@@ -290,7 +254,7 @@ def test_queue_bound_and_deadline(service, astronaut_png):
 
 @pytest.mark.slow
 def test_kprpe_serve_command_with_supplied_keypoints(weights, astronaut_png, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [

@@ -41,7 +41,8 @@ def test_make_example_data_and_pack(tmp_path, capsys):
     images = str(tmp_path / "ex" / "images")
     assert main(["pack", images, "-o", str(tmp_path / "p2.rec"), "--quiet", "--allow-skipped"]) == 0
     (tmp_path / "ex" / "images" / "id_0001" / "img_000.png").unlink()
-    assert main(["pack", images, "-o", str(tmp_path / "p.rec"), "--quiet"]) == 0
+    # replacing its own earlier output is asked for, like any other existing file
+    assert main(["pack", images, "-o", str(tmp_path / "p.rec"), "--quiet", "--overwrite"]) == 0
     assert not (tmp_path / "p.failures.json").exists()  # a stale list from the earlier run is dropped
     assert main(["pack", str(tmp_path / "nowhere"), "-o", str(tmp_path / "p3.rec")]) == 2
     assert "image folder not found" in capsys.readouterr().err

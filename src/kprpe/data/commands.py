@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli_options import add_device_option, add_output_option, add_quiet_option
+from ..cli_options import add_device_option, add_output_option, add_overwrite_option, add_quiet_option
 from ..errors import CommandError
-from ..files import write_json
+from ..files import check_output_path, write_json
 
 __all__ = ["register", "face_keypoint_detector"]
 
@@ -29,6 +29,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix != ".rec":
         raise CommandError(f"--output must end in .rec (the .idx is written beside it), got {out}")
+    for path in (out, out.with_suffix(".idx")):
+        check_output_path(path, inputs=[args.folder], overwrite=args.overwrite)
     try:
         report = pack_folder(
             args.folder, out, resize=args.resize, quality=args.quality, progress=not args.quiet
@@ -137,6 +139,9 @@ def dfa_keypoint_detector(weights: str, device: str = "cpu", min_score: float | 
 def _cmd_landmarks(args: argparse.Namespace) -> int:
     from .pack import compute_landmarks
 
+    data = Path(args.data)
+    for path in (Path(args.output), Path(args.output).with_suffix(".failures.json")):
+        check_output_path(path, inputs=[data, data.with_suffix(".idx")], overwrite=args.overwrite)
     if args.aligner == "dfa":
         detect = dfa_keypoint_detector(args.aligner_weights, args.device, args.min_aligner_score)
     else:
@@ -189,6 +194,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("folder", help="folder with one sub-folder of images per identity")
     add_output_option(p, help="output .rec path (the .idx is written beside it)", metavar="REC")
+    add_overwrite_option(p, help="replace an existing .rec and .idx")
     p.add_argument("--resize", type=int, default=None, help="re-encode every image as a SIZE x SIZE JPEG")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
     p.add_argument(
@@ -205,6 +211,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("data", help="a .rec file (with .idx) or an image folder")
     add_output_option(p, help="CSV to write", metavar="CSV")
+    add_overwrite_option(p)
     p.add_argument(
         "--mode",
         choices=("auto", "detect", "crop"),

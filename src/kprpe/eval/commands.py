@@ -341,7 +341,20 @@ def _landmark_backend(args) -> None:
             _fail(f"cannot load the DFA aligner {args.aligner_weights}: {exc}")
 
 
+def _path_arguments(args) -> list[str]:
+    """Every argument value that names something on disk except the output and the cache: the inputs."""
+    values = []
+    for name, value in vars(args).items():
+        if name in ("output", "cache_dir", "func"):
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, Path)) and str(item) and Path(item).exists():
+                values.append(str(item))
+    return values
+
+
 def _settings(args):
+    from ..files import OutputPathError, check_not_input
     from .runs import EvalSettings
 
     if args.batch_size <= 0:
@@ -358,6 +371,10 @@ def _settings(args):
     for name in ("results.json", "summary.md", "roc.png", "sweep.json", "sweep.png"):
         if (out / name).is_dir():
             _fail(f"-o/--output {out}: {out / name} is a folder where a result file goes")
+        try:  # a result file is never written over an input (kprpe.files' output rule)
+            check_not_input(out / name, _path_arguments(args), inside=False)
+        except OutputPathError as exc:
+            _fail(str(exc))
     for far in args.far:
         if not 0 < far < 1:
             _fail(f"--far values must lie in (0, 1), got {far}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli_options import add_overwrite_option
+
 __all__ = ["register"]
 
 
@@ -19,8 +21,11 @@ def _override(text: str) -> tuple[str, object]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from ..files import check_output_path
     from .onnx import export_onnx, sidecar_path
 
+    for path in (args.output, sidecar_path(args.output)):  # both, before minutes of export work
+        check_output_path(path, inputs=[args.model], overwrite=args.overwrite)
     result = export_onnx(
         args.model,
         args.output,
@@ -59,6 +64,7 @@ def register(subparsers) -> None:
         "model", metavar="MODEL", help="checkpoint (anything kprpe.load_official accepts) or preset name"
     )
     p.add_argument("-o", "--output", required=True, metavar="ONNX", help="file to write (.onnx)")
+    add_overwrite_option(p, help="replace an existing ONNX file and its .onnx.json")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
     p.add_argument(
         "--fp16",

@@ -19,6 +19,7 @@ from ..cli_options import (
     add_device_option,
     add_model_options,
     add_output_option,
+    add_overwrite_option,
     add_quiet_option,
     add_workers_option,
 )
@@ -335,8 +336,11 @@ def _skipped(command: str):
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     """Streams (face/stream.py) into a resumable output (face/embed_output.py)."""
+    from ..files import check_not_input
     from .embed_output import embed_to_output
 
+    # an existing output this command wrote is continued or (--overwrite) replaced: embed_to_output's rule
+    check_not_input(args.output, [*args.inputs, str(args.weights)], inside=False)
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     summary = embed_to_output(
@@ -357,9 +361,21 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 1 if summary.failures else 0
 
 
+def _check_output(path, args: argparse.Namespace, inputs: list, *, overwrite: bool | None = None) -> None:
+    """The one output rule (kprpe.files.check_output_path) with this command's inputs and --weights."""
+    from ..files import check_output_path
+
+    weights = [args.weights] if isinstance(getattr(args, "weights", None), str) else []
+    landmarks = [args.landmarks] if isinstance(getattr(args, "landmarks", None), str) else []
+    overwrite = args.overwrite if overwrite is None else overwrite
+    check_output_path(path, inputs=[*inputs, *weights, *landmarks], overwrite=overwrite)
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .draw import side_by_side
 
+    if args.visualize:  # before the model is loaded: a refusal should not cost a run
+        _check_output(args.visualize, args, [args.a, args.b])
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     choice = _threshold(args, embedder)
@@ -376,7 +392,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         "aligner": pipeline.detector.name,
         "flip": embedder.flip,
     }
-    if args.visualize:
+    if args.visualize:  # checked again: the photos could have changed while the model ran
+        _check_output(args.visualize, args, [args.a, args.b])
         picture = side_by_side(*result.faces, result.similarity, result.same, result.threshold)
         payload["visualization"] = str(write_png(args.visualize, picture))
     _print_json(payload)
@@ -400,8 +417,10 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     from .index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
 
     pipeline = _pipeline(args)
-    embedder = _embedder(args)
     output = Path(args.output)
+    # --append updates the index named by -o; anything else there needs --overwrite
+    _check_output(output, args, [args.gallery], overwrite=args.overwrite or args.append)
+    embedder = _embedder(args)
     if args.append and output.exists():
         index = GalleryIndex.load(output, backend=args.backend)
         index.check_compatible(embedder.fingerprint, embedder.output_dim)
@@ -550,11 +569,7 @@ def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
         help=f"video frames sampled per second (default {DEFAULT_FPS:g})",
     )
     add_workers_option(group)
-    group.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace OUT (an output of kprpe embed) instead of continuing it",
-    )
+    add_overwrite_option(group, help="replace OUT (an output of kprpe embed) instead of continuing it")
     group.add_argument(
         "--shard-rows",
         type=int,
@@ -615,6 +630,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score"
     )
+    add_overwrite_option(p, help="replace an existing --visualize file")
     _add_pipeline_options(p, all_faces=False)
     add_model_options(p)
     _add_flip_option(p)
@@ -642,6 +658,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="add to INDEX if it exists (new identities are added, existing ones pool the new images)",
     )
+    add_overwrite_option(e, help="replace an existing INDEX (without --append)")
     _add_pipeline_options(e, all_faces=False)
     add_model_options(e)
     _add_flip_option(e)

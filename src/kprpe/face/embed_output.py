@@ -141,7 +141,12 @@ def rows_to_columns(rows: list[FaceRow], dim: int, num_keypoints: int) -> dict[s
 
 
 def _task_entries(tasks: list[EmbeddedTask]) -> tuple[list, list]:
-    entries = [[t.task.key, t.task.segment, len(t.rows), bool(t.end), int(t.frames)] for t in tasks]
+    # [key, segment, rows, end, frames] (+ the next frame's segment when a time gap follows the segment)
+    entries = [
+        [t.task.key, t.task.segment, len(t.rows), bool(t.end), int(t.frames)]
+        + ([int(t.next_segment)] if (t.next_segment or 0) > t.task.segment + 1 else [])
+        for t in tasks
+    ]
     failures = [[t.task.path, t.failure] for t in tasks if t.failure is not None]
     return entries, failures
 
@@ -413,8 +418,8 @@ def _completed_from(manifests: Iterable[dict], completed: Completed) -> tuple[in
     rows, failures = 0, []
     for manifest in manifests:
         rows += int(manifest.get("rows", 0))
-        for key, segment, count, end, frames in manifest.get("tasks", []):
-            completed.add(key, int(segment), int(count), bool(end), int(frames))
+        for key, segment, count, end, frames, *jump in manifest.get("tasks", []):
+            completed.add(key, int(segment), int(count), bool(end), int(frames), *(int(j) for j in jump[:1]))
         failures.extend(manifest.get("failures", []))
     return rows, failures
 

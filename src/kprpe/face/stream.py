@@ -180,6 +180,7 @@ class TaskResult:
     failure: str | None = None
     end: bool = True
     frames: int = 1
+    next_segment: int | None = None  # video: the segment of the next frame (segments before it are empty)
 
 
 # A task handed back with every face embedded has the same fields.
@@ -253,7 +254,7 @@ def run_task(
         return TaskResult(task, rows, failure=exc.reason, end=True, frames=frames)
     except Exception as exc:
         return TaskResult(task, rows, failure=f"{type(exc).__name__}: {exc}", end=True, frames=frames)
-    return TaskResult(task, rows, end=status.end, frames=frames)
+    return TaskResult(task, rows, end=status.end, frames=frames, next_segment=status.next_segment)
 
 
 # ------------------------------------------------------------------------------------- what is done
@@ -268,12 +269,18 @@ class Completed:
     video_end: dict[str, int] = field(default_factory=dict)  # video key -> the segment where it ended
     video_rows: dict[str, int] = field(default_factory=dict)
     video_frames: dict[str, int] = field(default_factory=dict)
+    # video key -> {segment: the segment of the next frame}, for segments followed by empty ones (a time gap)
+    jumps: dict[str, dict[int, int]] = field(default_factory=dict)
 
-    def add(self, key: str, segment: int, rows: int, end: bool, frames: int) -> None:
+    def add(
+        self, key: str, segment: int, rows: int, end: bool, frames: int, next_segment: int | None = None
+    ) -> None:
         if segment == STILL:
             self.stills.add(key)
             return
         self.segments.setdefault(key, set()).add(segment)
+        if next_segment is not None and next_segment > segment + 1:
+            self.jumps.setdefault(key, {})[segment] = next_segment
         self.video_rows[key] = self.video_rows.get(key, 0) + rows
         self.video_frames[key] = self.video_frames.get(key, 0) + frames
         if end:
@@ -284,7 +291,15 @@ class Completed:
         if not is_video_path(path):
             return key in self.stills
         end = self.video_end.get(key)
-        return end is not None and self.segments.get(key, set()).issuperset(range(end + 1))
+        if end is None:
+            return False
+        done, jumps = self.segments.get(key, set()), self.jumps.get(key, {})
+        segment = 0
+        while segment <= end:  # every segment read, stepping over the empty ones a gap left out
+            if segment not in done:
+                return False
+            segment = max(segment + 1, jumps.get(segment, 0))
+        return True
 
 
 class _TaskSource:
@@ -296,6 +311,11 @@ class _TaskSource:
         self._video: tuple[str, str, int] | None = None
         self.ended: dict[str, int] = dict(completed.video_end)
 
+    def skip_to(self, key: str, segment: int | None) -> None:
+        """The segments of ``key`` before ``segment`` hold no frame (a gap in the timestamps): skip them."""
+        if segment is not None and self._video is not None and self._video[0] == key:
+            self._video = (key, self._video[1], max(self._video[2], segment))
+
     def next(self) -> Task | None:
         while True:
             if self._video is not None:
@@ -306,6 +326,8 @@ class _TaskSource:
                     continue
                 self._video = (key, path, segment + 1)
                 if segment in self._completed.segments.get(key, ()):
+                    # resumed: read on from where that segment's next frame lies
+                    self.skip_to(key, self._completed.jumps.get(key, {}).get(segment))
                     continue
                 return Task(path, key, segment)
             path = next(self._files, None)
@@ -379,6 +401,8 @@ def iter_task_results(
             result = run_task(task, pipeline, fps=fps, segment_frames=segment_frames)
             if task.is_video and result.end:
                 source.ended[task.key] = task.segment
+            elif task.is_video:
+                source.skip_to(task.key, result.next_segment)
             yield result
         return
     from concurrent.futures import ProcessPoolExecutor
@@ -416,6 +440,8 @@ def iter_task_results(
                     continue  # asked for before the video's end was known: empty
                 if result.end:
                     source.ended[task.key] = task.segment
+                else:  # tasks already in flight past a gap come back empty; none are added after it
+                    source.skip_to(task.key, result.next_segment)
             yield result
         finished = True
     finally:

@@ -57,10 +57,25 @@ class VideoFrame:
 @dataclass
 class SegmentEnd:
     """Filled in by :func:`sample_frames` when the generator finishes: ``end`` is True when the stream
-    ended inside the segment (there is nothing after it)."""
+    ended inside the segment (there is nothing after it); otherwise ``next_segment`` is the segment holding
+    the next frame, so a gap in the timestamps (hours between two frames) is stepped over, not read segment
+    by empty segment."""
 
     end: bool = False
     decoded: int = 0
+    next_segment: int | None = None  # the segment of the first frame after this one (bins may be empty)
+
+
+def _check_frame_size(path, width: int | None, height: int | None) -> None:
+    """Frames obey ``KPRPE_MAX_PIXELS`` like photos, checked from the stream's header before any decoding
+    (a 144-megapixel MJPEG frame would otherwise take a gigabyte to convert)."""
+    from ..images import ImageLoadError, check_pixels
+
+    if width and height:
+        try:
+            check_pixels(int(width), int(height), path)
+        except ImageLoadError as exc:
+            raise VideoError(path, f"video frames: {exc.reason}") from None
 
 
 def is_video_path(path: str | os.PathLike) -> bool:
@@ -115,6 +130,7 @@ def sample_frames(
         time_base = stream.time_base
         if time_base is None:
             raise VideoError(path, "the video stream has no time base")
+        _check_frame_size(path, stream.codec_context.width, stream.codec_context.height)
         origin = stream.start_time or 0
         rate = stream.average_rate or stream.guessed_rate
         start = first_bin / fps
@@ -132,8 +148,10 @@ def sample_frames(
                     continue
                 if bin_index >= stop_bin:
                     status.end = False
+                    status.next_segment = bin_index // segment_frames
                     return
                 last_bin = bin_index
+                _check_frame_size(path, frame.width, frame.height)  # the size may change mid-stream
                 number = round(seconds * float(rate)) if rate else bin_index
                 yield VideoFrame(number=int(number), time=seconds, image=frame.to_ndarray(format="rgb24"))
         except (av.FFmpegError, OSError, ValueError) as exc:

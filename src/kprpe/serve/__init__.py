@@ -6,7 +6,7 @@ docs/serving.md.
 
 from __future__ import annotations
 
-from .app import ALIGNERS, FaceService, RequestError, ServeLimits, decode_upload
+from .app import ALIGNERS, FaceService, RequestError, ServeLimits, decode_upload, server_config
 
 
 def create_app(service: FaceService, limits: ServeLimits | None = None):
@@ -17,4 +17,12 @@ def create_app(service: FaceService, limits: ServeLimits | None = None):
     return build(service, limits)
 
 
-__all__ = ["ALIGNERS", "FaceService", "RequestError", "ServeLimits", "create_app", "decode_upload"]
+__all__ = [
+    "ALIGNERS",
+    "FaceService",
+    "RequestError",
+    "ServeLimits",
+    "create_app",
+    "decode_upload",
+    "server_config",
+]

@@ -11,21 +11,28 @@ score)
 - ``GET /health``: model, aligner, index and limits
 
 Safety: uploads are read from memory only (no name or path from a request is ever used on the file system);
-the request body is capped while it streams in; images are refused by their header's pixel count before any
-pixel is decoded (decompression bombs); at most ``max_concurrent`` requests work at once and at most
-``max_queued`` wait (the rest get 503); each request has a deadline (504); detection and the model run under
-one lock, so one model instance serves every request safely. Every error is JSON ``{"error": ...}`` with a
-4xx (or 503/504) status.
+the request body is capped while it streams in (413, chunked bodies included); images are refused by their
+header's pixel count before any pixel is decoded (decompression bombs). Time: a connection must send its
+request headers within ``read_timeout_s`` and the body within ``read_timeout_s`` after them (else it is
+closed, or answered 408); the whole request, body included, has a deadline (504); an idle keep-alive
+connection is closed after ``idle_timeout_s``. Admission counts requests, never sockets: at most
+``max_concurrent`` requests decode and infer at once, at most ``max_queued`` more wait or stream their body
+(the rest get a JSON 503); a request that times out keeps its slot until its worker thread has finished, so
+timed-out work never piles up beyond ``max_concurrent``. Detection and the model run under one lock, so one
+model instance serves every request safely. Every error is JSON ``{"error": ...}`` with a 4xx (or 503/504)
+status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import threading
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 
@@ -33,7 +40,7 @@ import numpy as np
 
 from ..errors import KprpeError
 
-__all__ = ["ALIGNERS", "ServeLimits", "FaceService", "RequestError", "decode_upload"]
+__all__ = ["ALIGNERS", "ServeLimits", "FaceService", "RequestError", "decode_upload", "server_config"]
 
 # Formats the service decodes (a short list keeps rarely used, less-tested decoders away from the network).
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
@@ -58,6 +65,8 @@ class ServeLimits:
     max_concurrent: int = 2
     max_queued: int = 64
     max_k: int = 100
+    read_timeout_s: float = 10.0
+    idle_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -68,15 +77,20 @@ class ServeLimits:
     def max_body_bytes(self) -> int:
         return 2 * self.max_upload_bytes + 64 * 1024
 
+    @property
+    def max_in_flight(self) -> int:
+        """Requests the server holds at once (working, waiting, or streaming their body in)."""
+        return self.max_concurrent + self.max_queued
+
 
 # ------------------------------------------------------------------------------------------------ decoding
 
 
 def decode_upload(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
     """Uploaded bytes -> upright RGB uint8, refusing empty, non-image, oversized and corrupt uploads."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
-    from ..images import to_rgb_uint8
+    from ..images import upright_rgb
 
     if not data:
         raise RequestError(400, f"field {field!r}: empty upload (0 bytes)")
@@ -93,9 +107,7 @@ def decode_upload(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
                     )
                 if width == 0 or height == 0:
                     raise RequestError(400, f"field {field!r}: image has no pixels ({width}x{height})")
-                opened.load()
-                upright = ImageOps.exif_transpose(opened)
-                return to_rgb_uint8(upright if upright is not None else opened)
+                return upright_rgb(opened)  # memory: the decoded image + 3 bytes a pixel
     except RequestError:
         raise
     except UnidentifiedImageError:
@@ -110,16 +122,21 @@ def decode_upload(data: bytes, *, field: str, max_pixels: int) -> np.ndarray:
         ) from None
 
 
+# 5 points of two numbers each fit in a few hundred characters; anything far longer is not keypoints.
+MAX_KEYPOINTS_TEXT = 4096
+
+
 def parse_keypoints(text: str | None, *, field: str) -> np.ndarray | None:
     """Form field holding 5 ``[x, y]`` photo-pixel points as JSON, or None when absent."""
     if text is None or not text.strip():
         return None
+    expected = f"field {field!r}: expected JSON [[x, y] x 5] in photo pixels"
+    if len(text) > MAX_KEYPOINTS_TEXT:  # also keeps deeply nested brackets away from the JSON parser
+        raise RequestError(422, f"{expected}, got {len(text):,} characters")
     try:
         points = np.asarray(json.loads(text), dtype=np.float64)
-    except (json.JSONDecodeError, TypeError, ValueError):
-        raise RequestError(
-            422, f"field {field!r}: expected JSON [[x, y] x 5] in photo pixels, got {text[:80]!r}"
-        ) from None
+    except (json.JSONDecodeError, TypeError, ValueError, RecursionError):
+        raise RequestError(422, f"{expected}, got {text[:80]!r}") from None
     if points.shape != (5, 2) or not np.isfinite(points).all():
         raise RequestError(422, f"field {field!r}: expected 5 finite [x, y] points, got shape {points.shape}")
     return points
@@ -257,82 +274,237 @@ def face_json(face) -> dict:
 
 
 class _Admission:
-    """At most ``max_concurrent`` requests work; at most ``max_queued`` wait; the rest are turned away."""
+    """Counts requests, not sockets: at most ``max_in_flight`` requests are held (:meth:`enter`), and of
+    those at most ``max_concurrent`` work at once (:meth:`slot`).
 
-    def __init__(self, max_concurrent: int, max_queued: int) -> None:
-        self.max_concurrent, self.max_queued = max_concurrent, max_queued
-        self.waiting = 0
+    Blocking work runs through :meth:`_Lease.run` on a pool of ``max_concurrent`` threads. A slot is given
+    back when its request has finished *and* its thread has: a request cancelled by its deadline (504) keeps
+    the slot until the decode or inference it started ends, so abandoned work never exceeds ``max_concurrent``
+    threads (and their memory)."""
+
+    def __init__(self, max_concurrent: int, max_in_flight: int) -> None:
+        self.max_concurrent, self.max_in_flight = max_concurrent, max_in_flight
+        self.in_flight = 0
+        self.executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="kprpe-serve")
         self._semaphore: asyncio.Semaphore | None = None
+
+    def enter(self) -> bool:
+        """Hold one more request, or return False when ``max_in_flight`` are already held."""
+        if self.in_flight >= self.max_in_flight:
+            return False
+        self.in_flight += 1
+        return True
+
+    def leave(self) -> None:
+        self.in_flight -= 1
 
     @asynccontextmanager
     async def slot(self):
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_concurrent)
-        if self._semaphore.locked() and self.waiting >= self.max_queued:
-            raise RequestError(
-                503,
-                f"server busy: {self.max_concurrent} requests running and "
-                f"{self.waiting} waiting; retry later",
-            )
-        self.waiting += 1
+        await self._semaphore.acquire()
+        lease = _Lease(self._semaphore, self.executor)
         try:
-            await self._semaphore.acquire()
+            yield lease
         finally:
-            self.waiting -= 1
-        try:
-            yield
-        finally:
+            lease.request_done()
+
+
+class _Lease:
+    """One working slot: released once the request is done and no thread it started is still running."""
+
+    def __init__(self, semaphore: asyncio.Semaphore, executor: ThreadPoolExecutor) -> None:
+        self._semaphore, self._executor = semaphore, executor
+        self._holders = 1  # the request itself, plus one per thread still running
+
+    def _drop(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
             self._semaphore.release()
 
+    def request_done(self) -> None:
+        self._drop()
 
-class _BodyLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` (by Content-Length, and while they stream in)."""
+    async def run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the slot's thread pool; the slot stays held until it returns."""
+        loop = asyncio.get_running_loop()
+        job = self._executor.submit(functools.partial(fn, *args, **kwargs))
+        self._holders += 1
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+        def finished(_) -> None:  # in the worker thread when fn ends, or at once if cancelled unstarted
+            try:
+                loop.call_soon_threadsafe(self._drop)
+            except RuntimeError:  # the server has stopped and closed its loop: nothing is left to release
+                pass
+
+        job.add_done_callback(finished)
+        return await asyncio.wrap_future(job)
+
+
+class _Refused(Exception):
+    """The body stream was cut short by the guard (too large, or too slow)."""
+
+
+class _RequestGuard:
+    """ASGI middleware around the routes: admission by request count, the body size cap (413, Content-Length
+    or while a chunked body streams in), the body read timeout (408) and the request deadline, body read
+    included (504). When the guard answers instead of the routes, whatever the routes tried to send is
+    dropped and the connection is closed (its unread body would otherwise keep it open)."""
+
+    def __init__(self, app, limits: ServeLimits, admission: _Admission) -> None:
+        self.app, self.limits, self.admission = app, limits, admission
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        message = f"request body larger than {self.max_bytes:,} bytes"
+        limits = self.limits
+        # /health is answered even when the queue is full: it is how operators see that it is full
+        counted = not (scope.get("method") == "GET" and scope.get("path") == "/health")
+        if counted and not self.admission.enter():
+            return await _send_json(
+                send,
+                503,
+                {"error": f"server busy: {limits.max_in_flight} requests in progress; retry later"},
+                close=False,
+            )
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            if counted:
+                self.admission.leave()
+
+    async def _guarded(self, scope, receive, send):
+        limits = self.limits
+        too_large = f"request body larger than {limits.max_body_bytes:,} bytes"
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _send_json(send, 413, {"error": message})
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            return await _send_json(send, 413, {"error": too_large})
+        loop = asyncio.get_running_loop()
+        body_deadline = loop.time() + limits.read_timeout_s
         received = 0
+        body_done = False
+        refusal: tuple[int, str] | None = None
         started = False
 
-        async def limited_receive():
-            nonlocal received
-            event = await receive()
+        async def guarded_receive():
+            nonlocal received, body_done, refusal
+            if refusal is not None:
+                raise _Refused
+            if body_done:  # waiting for a disconnect only: no deadline of its own
+                return await receive()
+            try:
+                event = await asyncio.wait_for(receive(), max(0.0, body_deadline - loop.time()))
+            except asyncio.TimeoutError:
+                refusal = (408, f"request body not received within {limits.read_timeout_s:g} s")
+                raise _Refused from None
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
+                if received > limits.max_body_bytes:
+                    refusal = (413, too_large)
+                    raise _Refused
+                body_done = not event.get("more_body", False)
             return event
 
-        async def tracking_send(event):
+        async def guarded_send(event):
             nonlocal started
+            if refusal is not None:  # the routes' answer to a body we cut short (e.g. a 400 parse error)
+                return
             started = started or event["type"] == "http.response.start"
             await send(event)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_json(send, 413, {"error": message})
+        # The deadline is kept here, not by cancelling and awaiting the app: a cancellation can be absorbed
+        # inside the framework, and the answer must not wait for that.
+        task = asyncio.ensure_future(self.app(scope, guarded_receive, guarded_send))
+        done, _ = await asyncio.wait({task}, timeout=limits.request_timeout_s)
+        if task in done:
+            try:
+                task.result()
+            except _Refused:
+                pass
+        else:
+            if refusal is None:
+                refusal = (504, f"request took longer than {limits.request_timeout_s:g} s")
+            task.cancel()  # its worker thread, if any, keeps its slot until it ends (see _Admission)
+            task.add_done_callback(_retrieve)
+        if refusal is not None and not started:
+            await _send_json(send, refusal[0], {"error": refusal[1]}, close=True)
 
 
-class _BodyTooLarge(KprpeError):
-    pass
+def _retrieve(task: asyncio.Task) -> None:
+    """Collect an abandoned request's outcome (else asyncio logs 'exception was never retrieved')."""
+    if not task.cancelled():
+        task.exception()
 
 
-async def _send_json(send, status: int, payload: dict) -> None:
+async def _send_json(send, status: int, payload: dict, *, close: bool = True) -> None:
     body = json.dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:  # a body we did not read would otherwise hold the connection open
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------------------------------------- server
+
+
+def server_config(app, limits: ServeLimits, *, host: str = "127.0.0.1", port: int = 8000, **options):
+    """The ``uvicorn.Config`` that ``kprpe serve`` runs ``app`` with (the tests use the same).
+
+    uvicorn's own ``limit_concurrency`` is left off: it counts sockets, so idle connections could lock
+    everyone out with a plain-text 503; the guard counts requests instead. Sockets are bounded in time:
+    headers within ``read_timeout_s`` (:class:`GuardedH11Protocol`), then the keep-alive idle timeout."""
+    import uvicorn
+
+    protocol = type("GuardedH11Protocol", (_guarded_h11(),), {"header_timeout_s": limits.read_timeout_s})
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        limit_concurrency=None,
+        timeout_keep_alive=max(1, round(limits.idle_timeout_s)),
+        **options,
+    )
+
+
+@functools.cache
+def _guarded_h11():
+    """uvicorn's h11 protocol with a header deadline (built on first use: uvicorn is an optional extra)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        """uvicorn's h11 protocol plus a header deadline: a connection that has not sent a whole request
+        head ``header_timeout_s`` after it opened (or after its previous response) is closed. uvicorn has
+        no such timeout: a socket that sends nothing, or a header a byte at a time, would stay forever."""
+
+        header_timeout_s = 10.0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            self._arm_header_timer()  # before super(): it may start the next pipelined request
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+            self._armed_cycle = self.cycle
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_deadline)
+
+        def _header_deadline(self) -> None:
+            # no new request head since the timer was armed (a new one replaces self.cycle)
+            if self.cycle is self._armed_cycle and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+

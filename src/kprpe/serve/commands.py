@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import CommandError
+from ..errors import CommandError, KprpeError
 
 __all__ = ["register", "build_service"]
 
@@ -79,6 +79,8 @@ def limits_from_args(args: argparse.Namespace):
         request_timeout_s=args.timeout,
         max_concurrent=args.max_concurrent,
         max_queued=args.max_queued,
+        read_timeout_s=args.read_timeout,
+        idle_timeout_s=args.idle_timeout,
     )
 
 
@@ -86,12 +88,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from .app import server_config
         from .routes import create_app
     except ImportError as exc:
         raise CommandError(
             f"kprpe serve needs FastAPI and uvicorn ({exc}); pip install 'kprpe[serve]'"
         ) from None
-    limits = limits_from_args(args)
+    try:
+        limits = limits_from_args(args)
+    except KprpeError as exc:  # a limit that is not positive
+        raise CommandError(str(exc)) from None
     service = build_service(args)
     app = create_app(service, limits)
     print(
@@ -101,14 +107,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        limit_concurrency=limits.max_concurrent + limits.max_queued + 8,
-        timeout_keep_alive=5,
-    )
+    config = server_config(app, limits, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.Server(config).run()
     return 0
 
 
@@ -199,7 +199,20 @@ def register(subparsers) -> None:
         "--max-queued",
         type=int,
         default=defaults.max_queued,
-        help="requests allowed to wait; more get 503 (default %(default)d)",
+        help="requests allowed to wait or stream their body in; more get a JSON 503 (default %(default)d)",
+    )
+    g.add_argument(
+        "--read-timeout",
+        type=float,
+        default=defaults.read_timeout_s,
+        help="seconds a connection may take to send its request headers, and then its body; slower ones are "
+        "closed or answered 408 (default %(default)g)",
+    )
+    g.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=defaults.idle_timeout_s,
+        help="seconds an idle keep-alive connection is kept open (default %(default)g)",
     )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_cmd_serve)

@@ -3,7 +3,6 @@ extra)."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import asdict
 from typing import Annotated
 
@@ -11,7 +10,6 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .app import (
@@ -19,7 +17,7 @@ from .app import (
     RequestError,
     ServeLimits,
     _Admission,
-    _BodyLimit,
+    _RequestGuard,
     decode_upload,
     face_json,
     parse_keypoints,
@@ -53,23 +51,17 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
-    async def read(upload: UploadFile, field: str) -> np.ndarray:
+    async def read(upload: UploadFile, field: str, lease) -> np.ndarray:
         data = await upload.read(limits.max_upload_bytes + 1)
         if len(data) > limits.max_upload_bytes:
             raise RequestError(413, f"field {field!r}: upload larger than {limits.max_upload_bytes:,} bytes")
-        return await run_in_threadpool(decode_upload, data, field=field, max_pixels=limits.max_pixels)
+        return await lease.run(decode_upload, data, field=field, max_pixels=limits.max_pixels)
 
     async def run(work):
-        """Admission, then ``work`` (a coroutine function) under the request deadline."""
-
-        async def admitted():
-            async with admission.slot():
-                return await work()
-
-        try:
-            return await asyncio.wait_for(admitted(), timeout=limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestError(504, f"request took longer than {limits.request_timeout_s:g} s") from None
+        """``work(lease)`` (a coroutine function) once a working slot is free; the request deadline around
+        it (body read included) is :class:`_RequestGuard`'s."""
+        async with admission.slot() as lease:
+            return await work(lease)
 
     @app.get("/health")
     async def health():
@@ -77,10 +69,10 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
 
     @app.post("/embed")
     async def embed(image: Annotated[UploadFile, File()], keypoints: Annotated[str | None, Form()] = None):
-        async def work():
-            photo = await read(image, "image")
+        async def work(lease):
+            photo = await read(image, "image", lease)
             points = parse_keypoints(keypoints, field="keypoints")
-            faces, unit, norms = await run_in_threadpool(service.analyse, [("image", photo, points)])
+            faces, unit, norms = await lease.run(service.analyse, [("image", photo, points)])
             return {
                 "embedding": unit[0].tolist(),
                 "norm": float(norms[0]),
@@ -97,13 +89,13 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
         keypoints_a: Annotated[str | None, Form()] = None,
         keypoints_b: Annotated[str | None, Form()] = None,
     ):
-        async def work():
-            photos = [await read(a, "a"), await read(b, "b")]
+        async def work(lease):
+            photos = [await read(a, "a", lease), await read(b, "b", lease)]
             points = [
                 parse_keypoints(keypoints_a, field="keypoints_a"),
                 parse_keypoints(keypoints_b, field="keypoints_b"),
             ]
-            faces, unit, norms = await run_in_threadpool(
+            faces, unit, norms = await lease.run(
                 service.analyse, [("a", photos[0], points[0]), ("b", photos[1], points[1])]
             )
             similarity = float(np.clip(unit[0].astype(np.float64) @ unit[1].astype(np.float64), -1.0, 1.0))
@@ -124,15 +116,15 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
         k: Annotated[int, Form()] = 5,
         keypoints: Annotated[str | None, Form()] = None,
     ):
-        async def work():
+        async def work(lease):
             if service.index is None:
                 raise RequestError(400, "this server has no gallery index; start it with --index INDEX")
             if not 1 <= k <= limits.max_k:
                 raise RequestError(422, f"field 'k': must be between 1 and {limits.max_k}, got {k}")
-            photo = await read(image, "image")
+            photo = await read(image, "image", lease)
             points = parse_keypoints(keypoints, field="keypoints")
-            faces, unit, _ = await run_in_threadpool(service.analyse, [("image", photo, points)])
-            hits = await run_in_threadpool(service.index.search, unit, k)
+            faces, unit, _ = await lease.run(service.analyse, [("image", photo, points)])
+            hits = await lease.run(service.index.search, unit, k)
             return {
                 "matches": [
                     {"identity": h.identity, "score": h.score, "same": h.score >= service.threshold}
@@ -149,10 +141,8 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
 
 
 def create_app(service: FaceService, limits: ServeLimits | None = None):
-    """The ASGI application for ``service`` (run it with uvicorn, or ``kprpe serve``): the routes behind the
-    request-body size limit and the admission (concurrency) control."""
+    """The ASGI application for ``service`` (run it with :func:`kprpe.serve.app.server_config`, or ``kprpe
+    serve``): the routes behind the request guard (admission, body size, read timeout, deadline)."""
     limits = limits or ServeLimits()
-    return _BodyLimit(
-        build_app(service, limits, _Admission(limits.max_concurrent, limits.max_queued)),
-        limits.max_body_bytes,
-    )
+    admission = _Admission(limits.max_concurrent, limits.max_in_flight)
+    return _RequestGuard(build_app(service, limits, admission), limits, admission)
