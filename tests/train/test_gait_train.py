@@ -160,6 +160,8 @@ def test_bad_gait_configs_are_named(tmp_path, walkers):
         load_gait_config(write_config(tmp_path, walkers, data__keypoints="wrong"))
     with pytest.raises(ConfigError, match="data.ids_per_batch"):
         GaitTrainer(load_gait_config(write_config(tmp_path, walkers, data__ids_per_batch=10)))
+    with pytest.raises(ConfigError, match="contains the input"):
+        GaitTrainer(load_gait_config(write_config(tmp_path, walkers, train__output_dir=str(walkers.parent))))
     with pytest.raises(ConfigError, match="frmes"):
         load_gait_config(write_config(tmp_path, walkers, data__frmes=3))
 
@@ -210,6 +212,24 @@ def test_cli_train_then_eval_gait(tmp_path, walkers):
         text=True,
     )
     assert bad.returncode == 2 and "error: weights not found" in bad.stderr and "Traceback" not in bad.stderr
+    inside = subprocess.run(
+        [
+            *env_cmd,
+            "eval",
+            "gait",
+            "--data",
+            str(walkers),
+            "--partition",
+            str(walkers / "partition.json"),
+            "--weights",
+            str(tmp_path / "run" / "model.safetensors"),
+            "-o",
+            str(walkers.parent),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert inside.returncode == 2 and "contains the input" in inside.stderr
 
 
 def test_shipped_gait_configs_are_valid():

@@ -86,13 +86,15 @@ def _run_gait(args) -> int:
     from pathlib import Path
 
     from ..errors import CommandError
-    from ..files import write_json
+    from ..files import check_not_input, write_json
     from ..gait import GaitFormatError
     from ..nn.checkpoint import CheckpointError
     from ..nn.swingait import load_swingait
     from .gait import GaitEvalError
 
     out = Path(args.output)
+    # the one output rule (kprpe.files): the output folder never holds an input
+    check_not_input(out, [args.data, args.partition, args.weights], folder=True, error=CommandError)
     if out.exists() and not out.is_dir():
         raise CommandError(f"-o/--output {out} is an existing file; the output is a folder (results.json)")
     if args.batch_size <= 0 or args.frames_limit <= 0:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..eval.gait_model import collate_sequences, evaluate_model
-from ..files import write_json
+from ..files import check_not_input, write_json
 from .checkpoint import CheckpointState, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import ConfigError, _build, apply_overrides
 from .distributed import init_distributed
@@ -281,6 +281,8 @@ class GaitTrainer:
             raise ConfigError("gait training runs in one process for now (see docs/gait.md)")
         self.device = self.dist.device
         self.output_dir = Path(cfg.train.output_dir)
+        # the one output rule (kprpe.files): checkpoints never go into the data (a scan would read them)
+        check_not_input(self.output_dir, [cfg.data.root, cfg.data.partition], folder=True, error=ConfigError)
         self.step_callback = step_callback
         if cfg.train.cpu_threads:
             torch.set_num_threads(cfg.train.cpu_threads)
