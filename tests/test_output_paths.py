@@ -95,15 +95,19 @@ W = str(TINY_WEIGHTS)
 # (command line, the file it must leave alone); {x} are paths under tmp_path
 WRITES_OVER_AN_INPUT = {
     "verify --visualize": ["verify", "{a}", "{b}", "--weights", W, "--visualize", "{a}", "--overwrite"],
+    "verify --show": ["verify", "{a}", "{b}", "--weights", W, "--show", "{b}", "--overwrite"],
     "search enrol -o": ["search", "enrol", "{g}", "-o", "{gallery_photo}", "--weights", W, "--overwrite"],
     "landmarks -o": ["landmarks", "{rec}", "-o", "{rec}", "--mode", "crop", "--overwrite"],
     "landmarks -o (the .idx)": ["landmarks", "{rec}", "-o", "{idx}", "--overwrite"],
     "embed -o": ["embed", "{a}", "-o", "{a}", "--weights", W],
     "align -o": ["align", "{g}", "-o", "{g}"],
+    "align --show": ["align", "{a}", "-o", "{tmp}/aligned", "--show", "{a}"],
 }
 
 WRITES_OVER_ANOTHER_FILE = {
     "verify --visualize": ["verify", "{a}", "{b}", "--weights", W, "--visualize", "{other}"],
+    "verify --show": ["verify", "{a}", "{b}", "--weights", W, "--show", "{other}"],
+    "align --show": ["align", "{a}", "-o", "{tmp}/aligned", "--show", "{other}"],
     "search enrol -o": ["search", "enrol", "{g}", "-o", "{other}", "--weights", W],
     "landmarks -o": ["landmarks", "{rec}", "-o", "{other}"],
     "export -o": ["export", "vit_tiny_kprpe", "-o", "{tmp}/other.onnx"],

@@ -9,8 +9,9 @@ corner, image-right mouth corner.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
-import torch
 
 __all__ = [
     "ARCFACE_TEMPLATE_112",
@@ -37,9 +38,19 @@ ARCFACE_TEMPLATE_112 = np.array(
 FACE_FLIP_PERMUTATION = (1, 0, 2, 4, 3)
 
 
-def template_keypoints(batch_size: int | None = None, dtype=torch.float32) -> torch.Tensor:
-    """The ArcFace template as normalised model keypoints: ``(5, 2)``, or ``(B, 5, 2)`` if ``batch_size``."""
-    kp = torch.tensor(ARCFACE_TEMPLATE_112 / 112.0, dtype=dtype)
+def _is_tensor(value) -> bool:
+    # torch is imported only by code that makes tensors: if it is not loaded, nothing here is a tensor
+    # (so numpy callers, and `kprpe --help`, never pay torch's ~3 s import)
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def template_keypoints(batch_size: int | None = None, dtype=None):
+    """The ArcFace template as normalised model keypoints, a torch tensor (``dtype`` default float32):
+    ``(5, 2)``, or ``(B, 5, 2)`` if ``batch_size``."""
+    import torch
+
+    kp = torch.tensor(ARCFACE_TEMPLATE_112 / 112.0, dtype=torch.float32 if dtype is None else dtype)
     return kp if batch_size is None else kp.expand(batch_size, 5, 2).clone()
 
 
@@ -49,7 +60,7 @@ def flip_keypoints(keypoints, width: int = 112, permutation=FACE_FLIP_PERMUTATIO
     Pixel x maps to ``width - 1 - x``, i.e. normalised ``x -> (width - 1) / width - x``; points are reordered
     by ``permutation`` (left/right swap) when one is given.
     """
-    if isinstance(keypoints, torch.Tensor):
+    if _is_tensor(keypoints):
         out = keypoints.clone()
     else:
         out = np.array(keypoints, dtype=np.float64, copy=True)
@@ -66,14 +77,14 @@ def flip_keypoints(keypoints, width: int = 112, permutation=FACE_FLIP_PERMUTATIO
 def normalize_keypoints(points_px, width: int, height: int):
     """Pixel coordinates ``(..., K, 2)`` -> model keypoints (divide x by width, y by height)."""
     scale = np.array([width, height], dtype=np.float64)
-    if isinstance(points_px, torch.Tensor):
-        return points_px / torch.as_tensor(scale, dtype=points_px.dtype, device=points_px.device)
+    if _is_tensor(points_px):
+        return points_px / points_px.new_tensor(scale)
     return np.asarray(points_px, dtype=np.float64) / scale
 
 
 def denormalize_keypoints(keypoints, width: int, height: int):
     """Model keypoints ``(..., K, 2)`` -> pixel coordinates."""
     scale = np.array([width, height], dtype=np.float64)
-    if isinstance(keypoints, torch.Tensor):
-        return keypoints * torch.as_tensor(scale, dtype=keypoints.dtype, device=keypoints.device)
+    if _is_tensor(keypoints):
+        return keypoints * keypoints.new_tensor(scale)
     return np.asarray(keypoints, dtype=np.float64) * scale

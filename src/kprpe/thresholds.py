@@ -23,6 +23,7 @@ from .errors import KprpeError
 
 __all__ = [
     "CALIBRATION_FORMAT",
+    "DEFAULT_THRESHOLD",
     "CalibrationError",
     "ThresholdChoice",
     "calibration_path",
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 CALIBRATION_FORMAT = "kprpe-threshold-v1"
+# Cosine-similarity threshold for "same person" when neither --threshold nor a calibration file gives one.
+# Typical for ArcFace-style models, but it depends on the checkpoint and the false-accept rate you need:
+# calibrate it on your own pairs.
+DEFAULT_THRESHOLD = 0.3
 _FIELDS = ("model_fingerprint", "far_target", "threshold")
 
 
@@ -87,11 +92,37 @@ def read_calibration(path: str | os.PathLike) -> dict:
     if missing:
         raise CalibrationError(f"calibration file {path} lacks {missing}")
     threshold = payload["threshold"]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
+    if not _is_number(threshold) or not -1.0 <= threshold <= 1.0:
         raise CalibrationError(
             f"calibration file {path}: threshold must be a cosine similarity in [-1, 1], got {threshold!r}"
         )
+    # every field a command reads, checked here once: a hand-edited file is refused, never half-used
+    if not _is_number(payload["far_target"]) or not 0.0 < payload["far_target"] < 1.0:
+        raise CalibrationError(
+            f"calibration file {path}: far_target must be a false-accept rate in (0, 1), "
+            f"got {payload['far_target']!r}"
+        )
+    for key in ("tar", "far"):
+        if key in payload and (not _is_number(payload[key]) or not 0.0 <= payload[key] <= 1.0):
+            raise CalibrationError(
+                f"calibration file {path}: {key} must be a rate in [0, 1], got {payload[key]!r}"
+            )
+    if not isinstance(payload["model_fingerprint"], str):
+        raise CalibrationError(
+            f"calibration file {path}: model_fingerprint must be text, got {payload['model_fingerprint']!r}"
+        )
+    if "flip" in payload and not isinstance(payload["flip"], bool):  # "false" (a string) is not false
+        raise CalibrationError(
+            f"calibration file {path}: flip must be true or false, got {payload['flip']!r}"
+        )
+    if "dataset" in payload and not isinstance(payload["dataset"], str):
+        raise CalibrationError(f"calibration file {path}: dataset must be text, got {payload['dataset']!r}")
     return payload
+
+
+def _is_number(value) -> bool:
+    """A finite JSON number (true/false are not numbers, NaN and infinity are not finite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -125,7 +156,7 @@ def resolve_threshold(
             payload = read_calibration(path)
             if payload["model_fingerprint"] != model_fingerprint:
                 note = f"{path} ignored: made for other weights"
-            elif bool(payload.get("flip", True)) != bool(flip):
+            elif payload.get("flip", True) != bool(flip):
                 note = f"{path} ignored: calibrated with flip={payload.get('flip')}, running with flip={flip}"
             else:
                 source = (

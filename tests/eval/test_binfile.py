@@ -130,3 +130,22 @@ def test_a_buffer_referenced_many_times_is_held_once(tmp_path):
     assert len(vb) == 4000 and vb.issame.all() and isinstance(vb.encoded_images[0], bytes)
     assert len({id(b) for b in vb.encoded_images}) == 1
     assert np.frombuffer(vb.encoded_images[3999], np.uint8)[:2].tolist() == [0xFF, 0xD8]
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_numpy_arrays_only_when_asked(protocol):
+    """Verification .bin files stay array-free; MNIST's pickle (kprpe.experiments.mnist_data) may hold plain
+    arrays, under NumPy 1 and 2 module names and both pickle encodings of an array."""
+    arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([3, 1], np.int64))
+    data = pickle.dumps(arrays, protocol=protocol)
+    with pytest.raises(UnsafePickleError, match="refusing to load global 'numpy"):
+        restricted_loads(data)
+    loaded = restricted_loads(data, numpy_arrays=True)
+    for got, want in zip(loaded, arrays, strict=True):
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == want.dtype
+    old_name = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # as NumPy 1 wrote it
+    if old_name != data:
+        np.testing.assert_array_equal(restricted_loads(old_name, numpy_arrays=True)[0], arrays[0])
+    with pytest.raises(UnsafePickleError, match="builtins.eval"):
+        restricted_loads(pickle.dumps(eval), numpy_arrays=True)

@@ -37,7 +37,7 @@ def test_threshold_keeps_the_measured_far_within_the_target(far):
     # the next stricter distinct impostor score would be below target too, the next laxer one above it
     laxer = scores[~labels][scores[~labels] < cal["threshold"]].max()
     assert (scores[~labels] >= laxer).mean() > far
-    assert cal["threshold"] == tar_at_far(scores, labels, [far], method="at_most")[0]["threshold"]
+    assert cal["threshold"] == tar_at_far(scores, labels, [far], convention="at_most")[0]["threshold"]
     assert (cal["num_genuine"], cal["num_impostor"]) == (400, 2000)
 
 

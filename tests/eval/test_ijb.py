@@ -58,7 +58,7 @@ def test_synthetic_ijb_gives_the_expected_tar():
     scores = np.round(scores, 9)  # exact ties between genuine pairs and the planted impostors
     scores[n_id:n_id + 2] = 1.0  # two impostors as similar as genuine pairs
     scores[:5] = 0.5  # five genuine pairs weaker than those impostors
-    rows = {r["far_target"]: r for r in tar_at_far(scores, labels, (1e-3, 1e-2, 1e-1), method="at_most")}
+    rows = {r["far_target"]: r for r in tar_at_far(scores, labels, (1e-3, 1e-2, 1e-1), convention="at_most")}
     assert rows[1e-3]["tar"] == 0.0 and not rows[1e-3]["resolvable"]
     assert rows[1e-2]["tar"] == 0.0 and rows[1e-2]["far"] == 0.0  # 2/180 > 1e-2: the top score is off-limits
     assert rows[1e-1]["tar"] == 1.0 and rows[1e-1]["far"] == pytest.approx(2 / 180)

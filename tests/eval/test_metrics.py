@@ -41,13 +41,13 @@ def test_tar_at_far_hand_computed():
     impostor = [0.85, 0.4, 0.3, 0.1, 0.05, 0.0, -0.1, -0.2, -0.3, -0.4]
     scores = np.array(genuine + impostor)
     labels = np.array([1] * 4 + [0] * 10, dtype=bool)
-    rows = {r["far_target"]: r for r in tar_at_far(scores, labels, [0.1, 0.2, 0.01], method="at_most")}
+    rows = {r["far_target"]: r for r in tar_at_far(scores, labels, [0.1, 0.2, 0.01], convention="at_most")}
     # FAR <= 0.1 allows one impostor (0.85): threshold 0.5 accepts 3 of 4 genuine; 0.4 would add an impostor
     assert rows[0.1]["tar"] == pytest.approx(0.75) and rows[0.1]["far"] == pytest.approx(0.1)
     assert rows[0.2]["tar"] == pytest.approx(0.75) and rows[0.2]["far"] == pytest.approx(0.2)
     assert rows[0.01]["tar"] == pytest.approx(0.25) and rows[0.01]["far"] == 0.0
     assert rows[0.1]["resolvable"] and not rows[0.01]["resolvable"]
-    nearest = {r["far_target"]: r for r in tar_at_far(scores, labels, [0.2, 0.01], method="nearest")}
+    nearest = {r["far_target"]: r for r in tar_at_far(scores, labels, [0.2, 0.01], convention="full_curve")}
     # nearest to 0.2: FAR 0.2 is reached at threshold 0.4 (two impostors), TAR then 3/4
     assert nearest[0.2]["far"] == pytest.approx(0.2) and nearest[0.2]["tar"] == pytest.approx(0.75)
     assert nearest[0.01]["far"] == 0.0 and nearest[0.01]["tar"] == pytest.approx(0.25)

@@ -66,7 +66,7 @@ def colour_embedder(monkeypatch):
         seen.append(source.fingerprint)
         return _unit_colors(images.reshape(source.count, -1, 3).mean(axis=1)), np.ones(source.count), False
 
-    monkeypatch.setattr(runs, "_embed", fake_embed)
+    monkeypatch.setattr(runs, "embed_source", fake_embed)
     return seen
 
 
@@ -140,6 +140,19 @@ def test_toolkit_ijb_pools_templates_from_metadata(tmp_path, colour_embedder):
     assert r["num_templates"] == 8 and r["use_norm"] is False and r["use_detector_score"] is True
     assert "kfold" not in r
 
+
+
+def test_toolkit_sets_are_calibrated_like_bin_sets(tmp_path, colour_embedder):
+    # the toolkit once had its own copy of the verification step, which never calibrated
+    from kprpe.eval.calibration import calibrate_threshold
+
+    colors, is_same = _verification_colors(20, seed=4)
+    _save_set(tmp_path / "lfw", colors, {"is_same": (is_same, "bool")})
+    settings = EvalSettings(progress=False, cache_dir=None, calibrate_far=0.1)
+    got = evaluate_toolkit(_handle(), [tmp_path], settings, keypoint_source="template")["sets"]["lfw"]
+    feats = _unit_colors(colors)
+    scores = np.einsum("ij,ij->i", feats[0::2], feats[1::2])
+    assert got["calibration"] == calibrate_threshold(scores, np.array(is_same[0::2]), 0.1)
 
 # TinyFace, hand-checked. Features are unit colours; scores are cosines of these colours.
 #   probe 1_a  A=(250,0,0): mate 1_b D=(250,250,0) scores .707; the distractor named 1_x is A itself (1.0) and

@@ -59,3 +59,39 @@ def test_swin_exports_with_parity_padded_shifted_rectangular(tmp_path, rel_pos):
     kp = keypoints if model.uses_keypoints else None
     with torch.no_grad():
         torch.testing.assert_close(engine(images, kp), model(images, kp), **TOL)
+
+
+def test_embed_command_same_with_torch_and_onnx_engines(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    weights = SWIN / "tiny_swin_kprpe.safetensors"
+    export_onnx(weights, tmp_path / "swin.onnx", check=False)
+    rng = np.random.default_rng(2)
+    rows = ["file,x0,y0,x1,y1,x2,y2,x3,y3,x4,y4"]
+    points = [38.3, 51.7, 73.5, 51.5, 56.0, 71.7, 41.5, 92.4, 70.7, 92.2]
+    for i in range(2):  # already aligned 112x112 crops with supplied landmarks: no detector involved
+        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(tmp_path / f"face{i}.png")
+        rows.append(",".join([f"face{i}.png", *(f"{v:.1f}" for v in points)]))
+    (tmp_path / "landmarks.csv").write_text("\n".join(rows) + "\n")
+    outputs = {}
+    for engine, model in (("torch", weights), ("onnx", tmp_path / "swin.onnx")):
+        argv = [
+            "embed",
+            tmp_path / "face0.png",
+            tmp_path / "face1.png",
+            "--landmarks",
+            tmp_path / "landmarks.csv",
+            "--weights",
+            model,
+            "--engine",
+            engine,
+            "-o",
+            tmp_path / f"{engine}.npz",
+            "-q",
+        ]
+        assert main([str(a) for a in argv]) == 0
+        assert json.loads(capsys.readouterr().out)["embedded"] == 2
+        with np.load(tmp_path / f"{engine}.npz", allow_pickle=False) as data:
+            outputs[engine] = data["embeddings"]
+    np.testing.assert_allclose(outputs["onnx"], outputs["torch"], atol=1e-4, rtol=0)

@@ -198,6 +198,60 @@ def test_verify_same_photo_and_visualization(capsys, photo_dir, tmp_path):
     assert code == 0 and payload["same"] is False and payload["threshold"] == 1.5
 
 
+def test_verify_show_draws_what_the_page_shows(capsys, photo_dir, tmp_path):
+    import cv2
+
+    from kprpe.face.draw import BOX_COLOUR
+
+    picture = tmp_path / "show.png"
+    a, b = photo_dir / "astronaut.png", photo_dir / "tilted.jpg"
+    argv = ["verify", str(a), str(b), "--weights", W, "--show", str(picture)]
+    code, payload, _ = run(capsys, *argv)
+    assert code == 0 and payload["show"] == str(picture)
+    image = np.asarray(Image.open(picture))
+    # the photos' row (320 high) with the detector box in the page's colour where dlib put it
+    face = FacePipeline().faces_in_file(a)[0]
+    scale = 320 / np.asarray(Image.open(a)).shape[0]
+    x0, y0, x1, y1 = (round(v * scale) for v in face.box)
+    top_edge = image[y0, x0 + 3 : x1 - 3]
+    assert (top_edge == BOX_COLOUR).all(axis=-1).mean() > 0.5
+    # the crops' row (224 high, 2x) under it holds the crop the model saw
+    crop_rows = image[330 : 330 + 224, :224]
+    expected = cv2.resize(face.image, (224, 224), interpolation=cv2.INTER_NEAREST)
+    assert np.abs(crop_rows.astype(int) - expected).mean() < 8  # only the drawn keypoints differ
+    assert image.shape[0] > 330 + 224  # and the score under them
+    code, _, err = run(capsys, *argv)  # never replaced without --overwrite
+    assert code == 2 and "already exists" in err
+
+
+def test_align_show_draws_the_photo_and_its_crop(capsys, photo_dir, tmp_path):
+    import cv2
+
+    from kprpe.face import FacePipeline
+    from kprpe.face.draw import BOX_COLOUR
+
+    photo, picture = photo_dir / "astronaut.png", tmp_path / "show.png"
+    code, payload, _ = run(capsys, "align", photo, "-o", tmp_path / "out", "--show", picture, "-q")
+    assert code == 0 and payload["show"] == str(picture) and payload["faces"] == 1
+    image = np.asarray(Image.open(picture))
+    face = FacePipeline().faces_in_file(photo)[0]
+    scale = 320 / np.asarray(Image.open(photo)).shape[0]
+    x0, y0, x1, y1 = (round(v * scale) for v in face.box)
+    assert (image[y0, x0 + 3 : x1 - 3] == BOX_COLOUR).all(axis=-1).mean() > 0.5
+    left = round(np.asarray(Image.open(photo)).shape[1] * scale) + 12  # the crop, 2x, right of the photo
+    expected = cv2.resize(face.image, (224, 224), interpolation=cv2.INTER_NEAREST)
+    assert np.abs(image[:224, left : left + 224].astype(int) - expected).mean() < 8
+    for argv, message in [
+        (["align", photo, photo_dir / "tilted.jpg", "-o", tmp_path / "o2", "--show", tmp_path / "s.png"],
+         "exactly one image"),
+        (["align", photo, "-o", tmp_path / "o3", "--show", tmp_path / "o3" / "s.png"], "inside the output"),
+        (["align", photo, "-o", tmp_path / "o4", "--show", picture], "already exists"),
+        (["align", photo, "-o", tmp_path / "o5", "--show", photo], "input"),
+    ]:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err, err
+
+
 @pytest.mark.parametrize(
     "make_b, extra, message",
     [
@@ -312,7 +366,7 @@ def test_align_killed_midway_leaves_the_previous_output_whole(capsys, photo_dir,
     out = tmp_path / "aligned"
     assert run(capsys, "align", str(photo_dir), "-o", str(out), "-q")[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    import kprpe.face.commands as commands
+    import kprpe.cli.face as commands
 
     def die(*a, **k):
         raise KeyboardInterrupt  # stands in for a crash while the crops are being written

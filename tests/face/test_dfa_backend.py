@@ -433,3 +433,16 @@ def test_serve_refuses_a_recognition_model_as_aligner(capsys):
     err = capsys.readouterr().err
     assert code == 2 and "recognition" in err
     _no_traceback(err)
+
+
+def test_load_dfa_backend_gives_one_error_naming_the_weights(tmp_path):
+    from kprpe.errors import KprpeError
+    from kprpe.face.dfa_backend import AlignerLoadError, load_dfa_backend
+
+    with pytest.raises(AlignerLoadError, match=f"cannot load the DFA aligner {tmp_path / 'missing'}"):
+        load_dfa_backend(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KprpeError, match="cannot load the DFA aligner"):
+        load_dfa_backend(tmp_path / "empty")
+    with pytest.raises(AlignerLoadError, match=r"--min-aligner-score must be in \[0, 1\].*1.5"):
+        load_dfa_backend(tmp_path / "missing", min_score=1.5)

@@ -8,13 +8,12 @@ import torch
 
 from kprpe.face import (
     FaceEmbedder,
-    FaceIndex,
-    FaceIndexError,
     FacePipeline,
     NoFaceFound,
     align_face,
     verify,
 )
+from kprpe.gallery.index import GalleryIndex, GalleryIndexError, enrol_gallery
 from kprpe.keypoints import flip_keypoints
 
 from .conftest import TINY_WEIGHTS
@@ -123,19 +122,23 @@ def test_index_enrol_save_load_search(dlib_detector, embedder, astronaut, tmp_pa
         gallery / "mirror.png"
     )  # loose image: identity "mirror"
     Image.new("RGB", (100, 100)).save(gallery / "nobody" / "black.png")
-    pipeline = FacePipeline(dlib_detector)
-    index, failures = FaceIndex.enrol(gallery, pipeline=pipeline, embedder=embedder, progress=False)
-    assert index.identities == ["eileen", "mirror"]
-    assert index.counts.tolist() == [1, 1]
+    pipeline = FacePipeline(dlib_detector, all_faces=True)  # enrolment keeps only the largest face
+    index = GalleryIndex(
+        embedder.output_dim, metadata={"model_fingerprint": embedder.fingerprint}, backend="numpy"
+    )
+    failures = enrol_gallery(index, gallery, pipeline=pipeline, embedder=embedder, progress=False)
+    assert index.names == ["eileen", "mirror"]
+    assert [index.count(name) for name in index.names] == [1, 1]
     failed = {p.split("/")[-1] for p, _ in failures}
     assert failed == {"upside_down.png", "black.png", "nobody"}
     saved = index.save(tmp_path / "index.npz")
-    with np.load(saved, allow_pickle=False) as raw:  # plain arrays only
-        assert set(raw.files) == {"identities", "embeddings", "counts", "metadata"}
-    loaded = FaceIndex.load(saved)
-    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
-    [face] = pipeline.faces_in_image(astronaut)
-    [hits] = loaded.search_faces([face], embedder, k=5)
+    np.load(saved, allow_pickle=False).close()  # plain arrays only
+    loaded = GalleryIndex.load(saved, backend="numpy")
+    np.testing.assert_array_equal(loaded.template("eileen"), index.template("eileen"))
+    loaded.check_compatible(embedder.fingerprint, embedder.output_dim)
+    [face] = FacePipeline(dlib_detector).faces_in_image(astronaut)
+    unit, _ = embedder.embed_faces([face])
+    [hits] = loaded.search(unit, k=5)
     assert [h.identity for h in hits][0] == "eileen" and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert len(hits) == 2 and hits[0].score >= hits[1].score
 
@@ -143,38 +146,36 @@ def test_index_enrol_save_load_search(dlib_detector, embedder, astronaut, tmp_pa
 def test_index_refuses_other_weights_and_bad_files(embedder, tmp_path):
     from kprpe import load_official
 
-    index = FaceIndex.from_embeddings(
-        {"a": np.eye(32, dtype=np.float32)[:1]},
-        {"format": "kprpe-face-index-v1", "model_fingerprint": embedder.fingerprint},
-    )
+    index = GalleryIndex(32, metadata={"model_fingerprint": embedder.fingerprint}, backend="numpy")
+    index.add({"a": np.eye(32, dtype=np.float32)[:1]})
     other = load_official(TINY_WEIGHTS)
     with torch.no_grad():
         next(other.parameters()).add_(1.0)
-    with pytest.raises(FaceIndexError, match="different weights"):
-        index.check_compatible(FaceEmbedder(other))
-    index.check_compatible(embedder)
+    with pytest.raises(GalleryIndexError, match="different weights"):
+        index.check_compatible(FaceEmbedder(other).fingerprint)
+    index.check_compatible(embedder.fingerprint)
     np.savez(tmp_path / "evil.npz", identities=np.array([object()], dtype=object))
-    with pytest.raises(FaceIndexError, match="not a plain kprpe index"):
-        FaceIndex.load(tmp_path / "evil.npz")
+    with pytest.raises(GalleryIndexError, match="not a plain kprpe index"):
+        GalleryIndex.load(tmp_path / "evil.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(FaceIndexError):
-        FaceIndex.load(tmp_path / "junk.npz")
-    with pytest.raises(FaceIndexError, match="does not exist"):
-        FaceIndex.load(tmp_path / "none.npz")
+    with pytest.raises(GalleryIndexError):
+        GalleryIndex.load(tmp_path / "junk.npz")
+    with pytest.raises(GalleryIndexError, match="does not exist"):
+        GalleryIndex.load(tmp_path / "none.npz")
     # truncated and CRC-corrupt files, metadata of the wrong type: clear errors, not tracebacks
     saved = index.save(tmp_path / "good.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(saved[: len(saved) // 2])
-    with pytest.raises(FaceIndexError, match="cut.npz"):
-        FaceIndex.load(tmp_path / "cut.npz")
+    with pytest.raises(GalleryIndexError, match="cut.npz"):
+        GalleryIndex.load(tmp_path / "cut.npz")
     flipped = bytearray(saved)
-    flipped[saved.index(b"embeddings.npy") + 200] ^= 0xFF
+    flipped[saved.index(b"templates.npy") + 200] ^= 0xFF
     (tmp_path / "crc.npz").write_bytes(bytes(flipped))
-    with pytest.raises(FaceIndexError, match="crc.npz"):
-        FaceIndex.load(tmp_path / "crc.npz")
+    with pytest.raises(GalleryIndexError, match="crc.npz"):
+        GalleryIndex.load(tmp_path / "crc.npz")
     np.savez(tmp_path / "list.npz", identities=np.array(["a"]), embeddings=np.zeros((1, 32), np.float32),
              counts=np.ones(1), metadata=np.asarray("[1, 2]"))
-    with pytest.raises(FaceIndexError, match="expected an object"):
-        FaceIndex.load(tmp_path / "list.npz")
+    with pytest.raises(GalleryIndexError, match="no metadata object"):
+        GalleryIndex.load(tmp_path / "list.npz")
 
 
 def test_embedder_takes_as_many_keypoints_as_the_model_was_built_for():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kprpe.face.index import faiss_available
+from kprpe.gallery.index import faiss_available
 
 from .conftest import run_cli
 
@@ -70,7 +70,7 @@ def test_enrol_append_query_remove(capsys, tmp_path, gallery, astronaut, tiny_we
         "-q",
     )
     assert code == 0 and out["identities"] == 2
-    from kprpe.face.index import GalleryIndex
+    from kprpe.gallery.index import GalleryIndex
 
     assert GalleryIndex.load(index, backend=backend).count("eileen") == 2  # pooled a second image
     photo = tmp_path / "probe.png"

@@ -1,5 +1,5 @@
 """Streaming ``kprpe embed``: videos sampled at --fps, worker processes, resumable Parquet/.npz outputs,
-failures listed, memory bounded by the batch (kprpe.face.stream, kprpe.face.embed_output)."""
+failures listed, memory bounded by the batch (kprpe.streaming.stream, kprpe.streaming.shards)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from PIL import Image
 
 from kprpe.cli import main
 from kprpe.face import FaceEmbedder, FacePipeline
-from kprpe.face.embed_output import HEADER, read_embeddings
-from kprpe.face.stream import StreamStats, stream_embeddings
-from kprpe.face.video import sample_frames
+from kprpe.streaming.shards import HEADER, read_embeddings
+from kprpe.streaming.stream import StreamStats, stream_embeddings
+from kprpe.streaming.video import sample_frames
 
 from .conftest import TINY_WEIGHTS, run_cli
 
@@ -377,7 +377,7 @@ def test_parquet_output_is_one_table_for_pyarrow(capsys, many_photos, tmp_path):
 
 
 def test_without_pyarrow_a_folder_gets_npz_shards(capsys, photo_dir, tmp_path, monkeypatch):
-    import kprpe.face.embed_output as embed_output
+    import kprpe.streaming.shards as embed_output
 
     monkeypatch.setattr(embed_output, "parquet_available", lambda: False)
     out = tmp_path / "shards"
@@ -443,7 +443,7 @@ def test_enrol_pools_batch_by_batch_into_the_mean_template(capsys, many_photos, 
         "numpy",
     )
     assert code == 0 and payload["identities"] == 2
-    from kprpe.face.index import GalleryIndex
+    from kprpe.gallery.index import GalleryIndex
 
     index = GalleryIndex.load(tmp_path / "i.npz", backend="numpy")
     for identity in ("a", "b"):

@@ -10,8 +10,8 @@ import itertools
 import numpy as np
 import pytest
 
-from kprpe.face.stream import Completed, Task, iter_task_results, run_task
-from kprpe.face.video import SegmentEnd, VideoError, sample_frames
+from kprpe.streaming.stream import Completed, Task, iter_task_results, run_task
+from kprpe.streaming.video import SegmentEnd, VideoError, sample_frames
 
 av = pytest.importorskip("av")
 

@@ -62,9 +62,10 @@ def _naive_window_bias(table: torch.Tensor, height, width, window, shift) -> tor
         ((5, 5), (5, 5), (2, 2)),
     ],
 )
-def test_window_bias_equals_naive_per_window_reference(grid, window, shift):
-    rpe = KeypointRPE(grid=grid, num_heads=3, depth=2, window=window)
-    loop = KeypointRPE(grid=grid, num_heads=3, depth=2, window=window, bias_impl="loop")
+@pytest.mark.parametrize("sharing", ["layer_head", "layer", "head", "shared"])
+def test_window_bias_equals_naive_per_window_reference(grid, window, shift, sharing):
+    rpe = KeypointRPE(grid=grid, num_heads=3, depth=2, window=window, sharing=sharing)
+    loop = KeypointRPE(grid=grid, num_heads=3, depth=2, window=window, sharing=sharing, bias_impl="loop")
     _random_tables(rpe)
     loop.load_state_dict(rpe.state_dict())
     kp = torch.rand(2, 5, 2) * 1.4 - 0.2  # on and outside the border
@@ -154,6 +155,17 @@ def test_sdpa_and_math_paths_agree_and_train():
     model.train()
     model(images, kp).square().mean().backward()
     assert model.kprpe[0].linear.weight.grad.abs().sum() > 0
+
+
+def test_training_after_inference_mode_evaluation():
+    # the per-shift window index is cached on first use: filled under inference_mode, it must serve training
+    model = SwinTransformer(**TINY, rel_pos="kprpe").eval()
+    images, kp = torch.rand(2, 3, 32, 32), torch.rand(2, 5, 2)
+    with torch.inference_mode():
+        model(images, kp)
+    model.train()
+    model(images, kp).square().mean().backward()
+    assert model.kprpe[1].linear.weight.grad is not None
 
 
 def test_bad_inputs_are_named():
@@ -260,3 +272,12 @@ def test_ambiguous_shapes_are_refused_with_the_candidates():
     assert loaded.config.kp_sharing == "layer"
     with pytest.raises(CheckpointError, match="pass img_size"):
         kprpe.load_official(model.state_dict(), kp_sharing="layer")
+
+
+def test_models_command_lists_the_swin_family(capsys):
+    from kprpe.cli import main
+
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["swin_small_kprpe"]["rel_pos"] == "kprpe" and rows["swin_base"]["rel_pos"] == "cpb"
+    assert rows["swin_base_kprpe"]["depth"] == 24 and list(rows["swin_base"]["num_heads"]) == [4, 8, 16, 32]

@@ -49,7 +49,7 @@ def weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def service(weights, astronaut, tmp_path_factory):
     from kprpe.face import FaceEmbedder, FacePipeline
-    from kprpe.face.index import GalleryIndex
+    from kprpe.gallery.index import GalleryIndex
 
     embedder = FaceEmbedder.from_weights(weights, batch_size=2)
     unit, _ = embedder.embed_faces(FacePipeline().faces_in_image(astronaut))

@@ -14,7 +14,8 @@ httpx = pytest.importorskip("httpx")
 
 from kprpe.serve import FaceService, ServeLimits, create_app  # noqa: E402
 
-from .test_server import _png, _Server  # noqa: E402
+from .conftest import RunningServer  # noqa: E402
+from .test_server import _png  # noqa: E402
 
 SWIN = Path(__file__).resolve().parents[1] / "fixtures" / "swin_kprpe" / "tiny_swin_kprpe.safetensors"
 
@@ -26,7 +27,7 @@ def test_swin_server_embeds_with_supplied_keypoints(astronaut):
     service = FaceService(embedder, aligner="supplied", threshold=0.3, threshold_source="default (test)")
     limits = ServeLimits(max_upload_bytes=2**21, max_pixels=4_000_000, request_timeout_s=60, max_concurrent=1)
     points = [[203.0, 102.0], [246.0, 104.0], [224.0, 126.0], [203.0, 140.0], [244.0, 141.0]]
-    with _Server(create_app(service, limits)) as server:
+    with RunningServer(create_app(service, limits), limits) as server:
         health = httpx.get(f"{server.url}/health").json()
         assert health["output_dim"] == 32
         response = httpx.post(

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from .commands import add_arguments
+from ..cli.bench import add_arguments
 
 parser = argparse.ArgumentParser(prog="python -m kprpe.bench", description="KP-RPE speed/memory benchmark")
 add_arguments(parser)

@@ -125,7 +125,7 @@ def _child(args: argparse.Namespace) -> None:
         unit, _ = embedder.embed_faces([record.face for record in batch.records])
         faces, files = len(unit), len(batch.records) + len(batch.failures)
     else:
-        from kprpe.face.embed_output import embed_to_output
+        from kprpe.streaming.shards import embed_to_output
 
         summary = embed_to_output(
             [folder],

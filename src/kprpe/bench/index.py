@@ -1,6 +1,6 @@
 """Gallery-index benchmark: query latency and recall@1 of the IVF index against exact search.
 
-``python -m kprpe.bench.index --entries 1000000`` builds a :class:`~kprpe.face.index.GalleryIndex` of
+``python -m kprpe.bench.index --entries 1000000`` builds a :class:`~kprpe.gallery.index.GalleryIndex` of
 synthetic 512-d identities, searches it exactly (FAISS flat, and a few queries with the NumPy fallback),
 trains the IVF index and measures recall@1 (approximate top-1 == exact top-1) and single-query latency for
 several ``nprobe``.
@@ -22,7 +22,8 @@ import time
 
 import numpy as np
 
-from ..face.index import GalleryIndex, exact_top_k
+from ..gallery.index import GalleryIndex
+from ..gallery.search import exact_top_k
 
 __all__ = ["synthetic_gallery_chunks", "run_index_benchmark", "main"]
 
@@ -86,7 +87,7 @@ def run_index_benchmark(
     rng = np.random.default_rng(seed + 1)
     mates = rng.choice(entries, queries, replace=False)
     probe = _unit(
-        np.sqrt(0.5) * index._templates[mates] + np.sqrt(0.5) * _unit(rng.standard_normal((queries, dim)))
+        np.sqrt(0.5) * index.template_rows[mates] + np.sqrt(0.5) * _unit(rng.standard_normal((queries, dim)))
     )
     probe = probe.astype(np.float32)
 
@@ -100,9 +101,9 @@ def run_index_benchmark(
         f"mate found at rank 1 for {mate_recall:.3f}"
     )
 
-    size = len(index._names)
-    numpy_ms = _median_ms(lambda q: exact_top_k(q, index._templates[:size], 10), probe[:numpy_queries])
-    numpy_rows, _ = exact_top_k(probe[:numpy_queries], index._templates[:size], 10)
+    rows = index.template_rows
+    numpy_ms = _median_ms(lambda q: exact_top_k(q, rows, 10), probe[:numpy_queries])
+    numpy_rows, _ = exact_top_k(probe[:numpy_queries], rows, 10)
     numpy_agrees = bool((numpy_rows[:, 0] == exact_rows[:numpy_queries, 0]).all())
     log(f"exact (numpy fallback): {numpy_ms:.0f} ms/query, top-1 agrees with faiss: {numpy_agrees}")
 
@@ -140,7 +141,7 @@ def run_index_benchmark(
         clusters=clusters if structure == "clustered" else None,
         queries=queries,
         latency_queries=latency_queries,
-        nlist=int(index._faiss_index.nlist),
+        nlist=index.describe()["nlist"],  # the trained IVF index's own
         faiss=faiss.__version__,
         faiss_threads=int(faiss.omp_get_max_threads()),
         python=platform.python_version(),

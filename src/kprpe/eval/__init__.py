@@ -1,60 +1,66 @@
 """Evaluation: verification (.bin 10-fold, custom pairs), IJB-B/C 1:1, identification, TinyFace, the CVLface
 evaluation-toolkit layout, and the alignment-robustness sweep. The command line is ``kprpe eval``; see
-docs/eval.md."""
+docs/eval.md.
+"""
 
 from __future__ import annotations
 
-from .binfile import (
-    BinFormatError,
-    RestrictedUnpickler,
-    UnsafePickleError,
-    VerificationBin,
-    read_verification_bin,
-    write_verification_bin,
-)
-from .embedding import EmbeddingCache, FaceSource, embed_faces, embed_with_cache
-from .geometry import (
-    CropParams,
-    aligned_crop_params,
-    box_crop_params,
-    box_from_landmarks,
-    crop_matrix,
-    interpolate_crop,
-    warp_face,
-)
-from .ijb import read_ijb_meta, template_features, template_pair_scores
-from .images import crop_face, read_pairs_csv, scan_identity_folders
-from .metrics import (
-    DEFAULT_FAR_TARGETS,
-    TAR_FAR_CONVENTIONS,
-    cmc_ranks,
-    kfold_accuracy,
-    open_set_dir_at_fpir,
-    rank_accuracy,
-    roc_auc,
-    roc_curve,
-    roc_curve_dropped,
-    tar_at_far,
-    val_at_far,
-)
-from .runs import (
-    EvalSettings,
-    ModelHandle,
-    evaluate_bins,
-    evaluate_identification,
-    evaluate_ijb,
-    evaluate_pairs,
-    robustness_sweep,
-)
-from .tinyface import TinyFaceProtocol, tinyface_identification
-from .toolkit import (
-    ToolkitFormatError,
-    evaluate_tinyface,
-    evaluate_toolkit,
-    open_toolkit_set,
-    read_toolkit_metadata,
-)
-from .verification import pair_scores, verification_metrics
+from ..lazy import lazy_exports
+
+# public name -> the module that defines it, imported the first time the name is read
+_EXPORTS = {
+    "BinFormatError": ".binfile",
+    "RestrictedUnpickler": ".binfile",
+    "UnsafePickleError": ".binfile",
+    "VerificationBin": ".binfile",
+    "read_verification_bin": ".binfile",
+    "write_verification_bin": ".binfile",
+    "EmbeddingCache": ".embedding",
+    "FaceSource": ".embedding",
+    "embed_faces": ".embedding",
+    "embed_with_cache": ".embedding",
+    "CropParams": ".geometry",
+    "aligned_crop_params": ".geometry",
+    "box_crop_params": ".geometry",
+    "box_from_landmarks": ".geometry",
+    "crop_matrix": ".geometry",
+    "interpolate_crop": ".geometry",
+    "warp_face": ".geometry",
+    "read_ijb_meta": ".ijb",
+    "template_features": ".ijb",
+    "template_pair_scores": ".ijb",
+    "crop_face": ".images",
+    "read_pairs_csv": ".images",
+    "scan_identity_folders": ".images",
+    "DEFAULT_FAR_TARGETS": ".metrics",
+    "TAR_FAR_CONVENTIONS": ".metrics",
+    "cmc_ranks": ".metrics",
+    "kfold_accuracy": ".metrics",
+    "open_set_dir_at_fpir": ".metrics",
+    "rank_accuracy": ".metrics",
+    "roc_auc": ".metrics",
+    "roc_curve": ".metrics",
+    "roc_curve_dropped": ".metrics",
+    "tar_at_far": ".metrics",
+    "val_at_far": ".metrics",
+    "EvalSettings": ".runs",
+    "ModelHandle": ".runs",
+    "evaluate_bins": ".runs",
+    "evaluate_identification": ".runs",
+    "evaluate_ijb": ".runs",
+    "evaluate_pairs": ".runs",
+    "robustness_sweep": ".runs",
+    "TinyFaceProtocol": ".tinyface",
+    "tinyface_identification": ".tinyface",
+    "ToolkitFormatError": ".toolkit",
+    "evaluate_tinyface": ".toolkit",
+    "evaluate_toolkit": ".toolkit",
+    "open_toolkit_set": ".toolkit",
+    "read_toolkit_metadata": ".toolkit",
+    "pair_scores": ".verification",
+    "verification_metrics": ".verification",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "BinFormatError",

@@ -49,29 +49,57 @@ def _latin1_encode(text, encoding="latin1"):
     return codecs.encode(text, "latin1")
 
 
+def _numpy_array_globals() -> dict[tuple[str, str], object]:
+    """The four globals a pickled plain ``numpy.ndarray`` names, under NumPy 1 and NumPy 2 module paths.
+
+    Taken from live objects (not by importing ``numpy.core``, deprecated under NumPy 2). Only plain arrays
+    can be built through them: ``_reconstruct``'s class argument can only be ``ndarray`` itself, because no
+    other class is reachable from the pickle."""
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    return {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy.core.numeric", "_frombuffer"): frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): frombuffer,
+    }
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """Builds only lists, tuples, dicts, str, bytes, bool, int, float and None.
+    """Builds only lists, tuples, dicts, str, bytes, bool, int, float and None (and, with
+    ``numpy_arrays=True``, plain numpy arrays).
 
     ``find_class`` is the only door through which a pickle reaches code (``os.system``, ``eval``, any
-    class); it is closed except for ``_codecs.encode`` with a latin-1 string (old-protocol ``bytes``).
-    Persistent ids are refused as well.
+    class); it is closed except for ``_codecs.encode`` with a latin-1 string (old-protocol ``bytes``) and,
+    when asked, the array constructors of :func:`_numpy_array_globals`. Persistent ids are refused as well.
     """
+
+    def __init__(self, file, *, numpy_arrays: bool = False, **kwargs):
+        super().__init__(file, **kwargs)
+        self._numpy = _numpy_array_globals() if numpy_arrays else {}
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("_codecs", "encode"):
             return _latin1_encode
+        if (module, name) in self._numpy:
+            return self._numpy[(module, name)]
+        allowed = "numeric arrays" if self._numpy else "image bytes and booleans"
         raise UnsafePickleError(
-            f"refusing to load global '{module}.{name}': a verification .bin only holds image bytes and "
-            "booleans, so this file is corrupt or malicious"
+            f"refusing to load global '{module}.{name}': this file should only hold {allowed}, so it is "
+            "corrupt or malicious"
         )
 
     def persistent_load(self, pid):
         raise UnsafePickleError(f"refusing persistent id {pid!r} in a pickle")
 
 
-def restricted_loads(data: bytes):
-    """``pickle.loads`` through :class:`RestrictedUnpickler` (Python 2 ``str`` read as bytes)."""
-    return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+def restricted_loads(data: bytes, *, numpy_arrays: bool = False):
+    """``pickle.loads`` through :class:`RestrictedUnpickler` (Python 2 ``str`` read as bytes); with
+    ``numpy_arrays=True`` plain numpy arrays are allowed too (check their dtype: object arrays can be
+    built, though only from the same harmless values)."""
+    return RestrictedUnpickler(io.BytesIO(data), encoding="bytes", numpy_arrays=numpy_arrays).load()
 
 
 @dataclass

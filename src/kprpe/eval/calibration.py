@@ -8,8 +8,8 @@ uncalibrated default, and report which threshold they used and where it came fro
 weights (different model fingerprint) or another flip setting is ignored, with a note saying so.
 
 Rule: "same" means ``similarity >= threshold``; the threshold is the ROC point with the best TAR whose FAR
-does not exceed the target (:func:`kprpe.eval.metrics.tar_at_far` with ``method="at_most"``), so the measured
-FAR on the calibration pairs is at most the target.
+does not exceed the target (:func:`kprpe.eval.metrics.tar_at_far` with ``convention="at_most"``), so the
+measured FAR on the calibration pairs is at most the target.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def calibrate_threshold(scores, labels, far_target: float) -> dict:
         raise CalibrationError(f"the FAR to calibrate for must lie in (0, 1), got {far_target}")
     labels = np.asarray(labels).astype(bool).reshape(-1)
     impostors = int((~labels).sum())
-    row = tar_at_far(scores, labels, [far_target], method="at_most")[0]
+    row = tar_at_far(scores, labels, [far_target], convention="at_most")[0]
     if not row["resolvable"] or not math.isfinite(row["threshold"]):
         raise CalibrationError(
             f"FAR {far_target:g} cannot be calibrated on {impostors} impostor pairs: the smallest "

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..face.align import apply_transform, box_crop_transform, similarity_transform, warp_crop
 from ..keypoints import ARCFACE_TEMPLATE_112
 
 __all__ = [
@@ -52,6 +51,8 @@ def _params_from_matrix(m: np.ndarray, size: int) -> CropParams:
 
 def aligned_crop_params(landmarks_px: np.ndarray, size: int = 112) -> CropParams:
     """The ArcFace alignment of a face with 5 landmarks (source pixels) as crop parameters."""
+    from ..face.align import similarity_transform  # the face pipeline's own (eval loads face only here)
+
     template = ARCFACE_TEMPLATE_112 * (size / 112.0)
     return _params_from_matrix(similarity_transform(landmarks_px, template), size)
 
@@ -87,6 +88,8 @@ def box_crop_params(box: np.ndarray, size: int = 112) -> CropParams:
     x1, y1, x2, y2 = (float(v) for v in box)
     if x2 <= x1 or y2 <= y1:
         raise ValueError(f"invalid box {box}: need x2 > x1 and y2 > y1")
+    from ..face.align import box_crop_transform
+
     return _params_from_matrix(box_crop_transform((x1, y1, x2, y2), size), size)
 
 
@@ -120,5 +123,7 @@ def warp_face(image: np.ndarray, landmarks_px: np.ndarray, params: CropParams, s
     landmarks mapped into it, normalised by ``size`` (model keypoints). A photo much larger than the crop is
     shrunk with area averaging first, as in the face pipeline
     (:func:`kprpe.face.align.downscale_for_warp`)."""
+    from ..face.align import apply_transform, warp_crop
+
     m = crop_matrix(params, size)
     return warp_crop(image, m, size, antialias=True), apply_transform(m, landmarks_px) / size

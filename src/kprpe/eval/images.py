@@ -15,7 +15,6 @@ import cv2
 import numpy as np
 
 from ..errors import KprpeError
-from ..face.align import apply_transform, unaligned_crop
 from ..images import load_image
 from .embedding import FaceSource
 from .geometry import aligned_crop_params, box_crop_params, box_from_landmarks, interpolate_crop, warp_face
@@ -53,6 +52,8 @@ def crop_face(image: np.ndarray, landmarks_px: np.ndarray, t: float = 0.0, box: 
     Returns the crop and its normalised keypoints (the landmarks moved by the same warp).
     """
     if t == 1.0:
+        from ..face.align import apply_transform, unaligned_crop  # eval loads face only when it crops
+
         box = box if box is not None else box_from_landmarks(landmarks_px)
         crop, matrix = unaligned_crop(image, box, size)
         return crop, apply_transform(matrix, landmarks_px) / size

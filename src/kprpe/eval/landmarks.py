@@ -24,12 +24,40 @@ __all__ = [
     "face_backend_available",
     "set_landmark_backend",
     "backend_tag",
+    "indexed_keypoints",
 ]
 
 
 def template_keypoints_for(n: int) -> np.ndarray:
     """The ArcFace template for ``n`` images: the right keypoints when the images really are aligned to it."""
     return template_keypoints(n).numpy().astype(np.float64)
+
+
+def indexed_keypoints(kind: str, landmarks, count: int, *, what: str = "images", index_name: str = "idx",
+                      error: type[Exception] = ValueError):
+    """Keypoints of a pre-aligned set's faces ``0..count-1``, a batch at a time: ``keypoints(start, stop,
+    images)`` -> ``(stop - start, 5, 2)``. ``kind``: ``file`` (a normalised ``idx,ldmk_0..ldmk_9`` CSV keyed
+    by the face's index; every face must have a row, else ``error`` names the first missing one), ``backend``
+    (:func:`face_backend_landmarks` on the batch's images) or ``template``. One definition for every set kind
+    (``.bin`` files, toolkit sets)."""
+    table = None
+    if kind == "file":
+        table = read_normalized_landmark_csv(landmarks)
+        missing = [i for i in range(count) if i not in table]
+        if missing:
+            raise error(
+                f"{landmarks}: no landmarks for {len(missing)} of {count} {what} (first: {index_name} "
+                f"{missing[0]})"
+            )
+
+    def keypoints(start: int, stop: int, images: np.ndarray) -> np.ndarray:
+        if kind == "file":
+            return np.stack([table[i] for i in range(start, stop)])
+        if kind == "backend":
+            return face_backend_landmarks(images)
+        return template_keypoints_for(stop - start)
+
+    return keypoints
 
 
 _PIPELINE = None
@@ -72,8 +100,8 @@ def landmark_backend():
         face = importlib.import_module("kprpe.face")
         if _BACKEND["aligner"] == "dfa":
             backend = importlib.import_module("kprpe.face.dfa_backend")
-            _PIPELINE = backend.DfaAligner(
-                _BACKEND.get("weights") or backend.DEFAULT_ALIGNER_WEIGHTS,
+            _PIPELINE = backend.load_dfa_backend(  # AlignerLoadError: one line naming the weights
+                _BACKEND.get("weights"),
                 device=_BACKEND.get("device", "cpu"),
                 batch_size=_BACKEND.get("batch_size", 64),
             )

@@ -127,8 +127,6 @@ def tar_at_far(
     labels,
     far_targets=DEFAULT_FAR_TARGETS,
     convention: str = "insightface",
-    *,
-    method: str | None = None,
 ) -> list[dict]:
     """TAR at each target FAR; ``convention`` says how the ROC point is chosen.
 
@@ -140,15 +138,9 @@ def tar_at_far(
       target, the best TAR among points with that FAR.
     - ``"at_most"``: the best TAR whose FAR does not exceed the target (conservative).
 
-    ``method`` is the old name: ``"nearest"`` means ``"full_curve"``, ``"at_most"`` stays. Each row also gives
-    the FAR actually reached, its threshold, the convention, and ``resolvable`` -- False when the target is
-    below 1/#impostors, so no measured point can reach it.
+    Each row also gives the FAR actually reached, its threshold, the convention, and ``resolvable`` -- False
+    when the target is below 1/#impostors, so no measured point can reach it.
     """
-    if method is not None:
-        legacy = {"nearest": "full_curve", "at_most": "at_most"}
-        if method not in legacy:
-            raise ValueError(f"method must be 'nearest' or 'at_most', got {method!r}")
-        convention = legacy[method]
     if convention not in TAR_FAR_CONVENTIONS:
         raise ValueError(f"TAR@FAR convention must be one of {TAR_FAR_CONVENTIONS}, got {convention!r}")
     if convention == "insightface":

@@ -114,7 +114,9 @@ def run_report(protocol: str, handle: ModelHandle, settings: EvalSettings, *, mo
                 mode=mode, keypoint_source=keypoint_source, sets=sets)
 
 
-def _embed(handle: ModelHandle, source, settings: EvalSettings, mode: str, desc: str):
+def embed_source(handle: ModelHandle, source, settings: EvalSettings, mode: str, desc: str):
+    """Every protocol's embedding step: ``source`` through the model with the run's settings and cache.
+    Returns ``(embeddings, norms, from_cache)``."""
     handle.device = settings.device
     return embed_with_cache(
         handle,
@@ -128,6 +130,56 @@ def _embed(handle: ModelHandle, source, settings: EvalSettings, mode: str, desc:
         progress=settings.progress,
         desc=desc,
     )
+
+
+def verification_result(scores, labels, settings: EvalSettings) -> dict:
+    """Every protocol's verification step: the metrics of :func:`verification_metrics` with the run's folds,
+    FAR targets and convention, and the calibrated threshold when the run asks for one."""
+    result = verification_metrics(
+        scores,
+        labels,
+        n_folds=settings.n_folds,
+        far_targets=settings.far_targets,
+        tar_far_convention=settings.tar_far_convention,
+    )
+    _calibrate(result, scores, labels, settings)
+    return result
+
+
+def ijb_result(
+    emb: np.ndarray,
+    norms: np.ndarray,
+    *,
+    template_ids: np.ndarray,
+    media_ids: np.ndarray,
+    detector_scores: np.ndarray,
+    pair_t1: np.ndarray,
+    pair_t2: np.ndarray,
+    labels: np.ndarray,
+    settings: EvalSettings,
+    use_norm: bool,
+    use_detector_score: bool,
+) -> dict:
+    """The IJB 1:1 protocol on face embeddings: template pooling (media-averaged, optionally weighted by
+    norm and detector score), template-pair scores, TAR@FAR (no k-fold accuracy: not an IJB metric)."""
+    feats, templates = template_features(
+        emb,
+        template_ids,
+        media_ids,
+        norms=norms if use_norm else None,
+        detector_scores=detector_scores if use_detector_score else None,
+    )
+    scores = template_pair_scores(feats, templates, pair_t1, pair_t2)
+    result = verification_result(scores, labels, settings)
+    result.pop("kfold", None)  # accuracy is not an IJB metric
+    result.pop("val_at_far", None)
+    result.update(
+        num_faces=int(emb.shape[0]),
+        num_templates=int(templates.size),
+        use_norm=use_norm,
+        use_detector_score=use_detector_score,
+    )
+    return result
 
 
 def _calibrate(result: dict, scores, labels, settings: EvalSettings) -> None:
@@ -158,16 +210,10 @@ def evaluate_bins(
         vb = read_verification_bin(path)
         source_kind = resolve_keypoint_source(keypoint_source, lm)
         source = bin_face_source(vb, path, source_kind, lm)
-        emb, norms, cached = _embed(handle, source, settings, mode=f"prealigned:{source_kind}", desc=vb.name)
+        mode = f"prealigned:{source_kind}"
+        emb, norms, cached = embed_source(handle, source, settings, mode=mode, desc=vb.name)
         scores = pair_scores(emb, np.arange(0, len(vb), 2), np.arange(1, len(vb), 2))
-        result = verification_metrics(
-            scores,
-            vb.issame,
-            n_folds=settings.n_folds,
-            far_targets=settings.far_targets,
-            tar_far_convention=settings.tar_far_convention,
-        )
-        _calibrate(result, scores, vb.issame, settings)
+        result = verification_result(scores, vb.issame, settings)
         result.update(keypoint_source=source_kind, embeddings_from_cache=cached)
         sets[vb.name] = result
         sources[vb.name] = source_kind
@@ -200,32 +246,21 @@ def evaluate_ijb(
             f"{len(missing)} of {len(paths)} faces are missing from {images_dir} (first: {missing[0].name})"
         )
     source = image_face_source(paths, meta.names, landmarks=meta.landmarks, t=t)
-    emb, norms, cached = _embed(handle, source, settings, mode=f"ijb:t={t:g}", desc=name)
-    feats, templates = template_features(
+    emb, norms, cached = embed_source(handle, source, settings, mode=f"ijb:t={t:g}", desc=name)
+    result = ijb_result(
         emb,
-        meta.template_ids,
-        meta.media_ids,
-        norms=norms if use_norm else None,
-        detector_scores=meta.detector_scores if use_detector_score else None,
-    )
-    scores = template_pair_scores(feats, templates, meta.pair_t1, meta.pair_t2)
-    result = verification_metrics(
-        scores,
-        meta.pair_labels,
-        n_folds=settings.n_folds,
-        far_targets=settings.far_targets,
-        tar_far_convention=settings.tar_far_convention,
-    )
-    _calibrate(result, scores, meta.pair_labels, settings)
-    result.pop("kfold", None)  # accuracy is not an IJB metric
-    result.pop("val_at_far", None)
-    result.update(
-        num_faces=len(meta.names),
-        num_templates=int(templates.size),
-        embeddings_from_cache=cached,
+        norms,
+        template_ids=meta.template_ids,
+        media_ids=meta.media_ids,
+        detector_scores=meta.detector_scores,
+        pair_t1=meta.pair_t1,
+        pair_t2=meta.pair_t2,
+        labels=meta.pair_labels,
+        settings=settings,
         use_norm=use_norm,
         use_detector_score=use_detector_score,
     )
+    result.update(embeddings_from_cache=cached)
     return run_report("IJB 1:1 verification", handle, settings, mode="aligned" if t == 0 else f"t={t:g}",
                       keypoint_source="landmark file", sets={name: result})
 
@@ -287,16 +322,9 @@ def evaluate_pairs(
         t=t,
         keypoint_source="template" if points is not None else kp_kind,
     )
-    emb, norms, cached = _embed(handle, source, settings, mode=f"pairs:t={t:g}", desc=pairs_csv.stem)
+    emb, norms, cached = embed_source(handle, source, settings, mode=f"pairs:t={t:g}", desc=pairs_csv.stem)
     scores = pair_scores(emb, pairs.first, pairs.second)
-    result = verification_metrics(
-        scores,
-        pairs.labels,
-        n_folds=settings.n_folds,
-        far_targets=settings.far_targets,
-        tar_far_convention=settings.tar_far_convention,
-    )
-    _calibrate(result, scores, pairs.labels, settings)
+    result = verification_result(scores, pairs.labels, settings)
     result.update(embeddings_from_cache=cached)
     mode = ("aligned" if t == 0 else f"t={t:g}") if points is not None else "prealigned"
     return run_report("verification (pairs CSV)", handle, settings, mode=mode, keypoint_source=kp_kind,
@@ -340,7 +368,7 @@ def evaluate_identification(
     feats = {}
     for role, items in parts.items():
         source = image_face_source(items.paths, [str(p) for p in items.paths], keypoint_source=kp_kind)
-        feats[role] = _embed(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=role)[0]
+        feats[role] = embed_source(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=role)[0]
     g_emb, g_lab = feats["gallery"], np.asarray(parts["gallery"].labels, dtype=object)
     if gallery_per == "identity":
         uniq, inv = np.unique(g_lab, return_inverse=True)
@@ -422,7 +450,7 @@ def robustness_sweep(
             raise ValueError(f"t must lie in [0, 1], got {t}")
         source = image_face_source(pairs.paths, pairs.names, landmarks=points, boxes=box_table, t=float(t))
         for h in handles:
-            emb = _embed(h, source, settings, mode=f"sweep:t={t:g}", desc=f"{h.name} t={t:g}")[0]
+            emb = embed_source(h, source, settings, mode=f"sweep:t={t:g}", desc=f"{h.name} t={t:g}")[0]
             kf = kfold_accuracy(
                 pair_scores(emb, pairs.first, pairs.second), pairs.labels, n_folds=settings.n_folds
             )

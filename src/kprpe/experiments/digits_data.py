@@ -21,10 +21,12 @@ __all__ = [
     "DigitsCanvas",
     "AffineRange",
     "TRAIN_AUGMENTATION",
+    "PLACED_AUGMENTATION",
     "AFFNIST_MIX",
     "SWEEPS",
     "TestSet",
     "load_canvas_digits",
+    "centre_on_canvas",
     "split_indices",
     "digit_box_keypoints",
     "affine_about",
@@ -85,12 +87,26 @@ def load_canvas_digits(canvas: int = 32, digit: int = 16, box: str = "ink") -> D
 
     data = load_digits()
     source = data.images.astype(np.float32) / 16.0  # (N, 8, 8), values 0..16 in the original
-    labels = data.target.astype(np.int64)
+    upsampled = np.stack(
+        [np.clip(cv2.resize(img, (digit, digit), interpolation=cv2.INTER_CUBIC), 0.0, 1.0) for img in source]
+    )
+    return centre_on_canvas(upsampled, data.target.astype(np.int64), canvas, box)
+
+
+def centre_on_canvas(digits: np.ndarray, labels: np.ndarray, canvas: int, box: str = "ink") -> DigitsCanvas:
+    """Paste ``(N, d, d)`` digits in [0, 1] in the centre of a black ``canvas`` square and box them (see
+    :func:`load_canvas_digits` for ``box``). MNIST's 28x28 digits on a 40x40 canvas give affNIST's
+    "just centred" images: a border of 6 background pixels."""
+    digit = digits.shape[-1]
+    if digits.ndim != 3 or digits.shape[1] != digit:
+        raise ValueError(f"digits must be square images (N, d, d), got shape {digits.shape}")
+    if digit > canvas:
+        raise ValueError(f"digit size {digit} must not exceed the canvas size {canvas}")
+    if box not in ("ink", "frame"):
+        raise ValueError(f"box must be 'ink' or 'frame', got {box!r}")
     offset = (canvas - digit) // 2
-    images = np.zeros((len(source), canvas, canvas), np.float32)
-    for i, img in enumerate(source):
-        up = cv2.resize(img, (digit, digit), interpolation=cv2.INTER_CUBIC)
-        images[i, offset : offset + digit, offset : offset + digit] = np.clip(up, 0.0, 1.0)
+    images = np.zeros((len(digits), canvas, canvas), np.float32)
+    images[:, offset : offset + digit, offset : offset + digit] = digits
     ink_boxes = np.stack([digit_box_keypoints(img, "ink") for img in images]).astype(np.float32)
     keypoints = (
         ink_boxes
@@ -195,6 +211,15 @@ class AffineRange:
 
 
 TRAIN_AUGMENTATION = AffineRange(scale=(0.9, 1.1), rotation_deg=10.0, shift=0.10)
+# The usual affNIST training protocol (Sabour et al. 2017, CapsNet, sec. 5.2: "each example is an MNIST digit
+# placed randomly on a black background of 40x40 pixels"): a translation anywhere that keeps the digit inside,
+# no rotation, scale or shear. A candidate for calibrating against the paper's 77.27% (docs/experiments.md).
+PLACED_AUGMENTATION = AffineRange(shift=None)
+# affNIST's random affines (https://www.cs.toronto.edu/~tijmen/affNIST/, "transformations"): rotation
+# uniform in +-20 deg, shear in +-0.2, horizontal and vertical scale each in 0.8-1.2, then a translation
+# that keeps the digit inside the 40x40 image. Inferred, as the page does not say: uniform draws, the shear
+# is along x, the order scale -> shear -> rotation, "inside" = the ink box (pixels > INK_THRESHOLD) inside
+# the canvas, the translation uniform over the positions that allow (docs/experiments.md, "Real MNIST").
 AFFNIST_MIX = AffineRange(scale=(0.8, 1.2), independent_xy=True, rotation_deg=20.0, shear=0.2, shift=None)
 # One-factor sweeps: each level is applied at exactly that strength (with a random sign/direction).
 SWEEPS: dict[str, tuple[float, ...]] = {

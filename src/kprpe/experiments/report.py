@@ -33,6 +33,7 @@ PAPER_NUMBERS = "[paper, Fig. 1] Abs-PE: 98.1% on MNIST, 77.27% on AffNIST; KP-R
 REGIME_TITLES = {
     "none": "trained without augmentation",
     "mild": "trained with mild augmentation (same for every model)",
+    "placed": "trained with random placement on the canvas (same for every model)",
 }
 
 
@@ -80,6 +81,13 @@ def _fmt(stat: dict, best: bool = False) -> str:
     return f"**{text}**" if best else text
 
 
+def data_names(cfg: dict) -> tuple[str, str]:
+    """(data set, name of the headline transformed test set) for titles; results without ``data`` are UCI."""
+    if cfg.get("data") == "mnist":
+        return "real MNIST, affNIST protocol", "affNIST protocol"
+    return "UCI handwriting", "AffNIST-style mix"
+
+
 def markdown_table(results: dict, summary: dict | None = None) -> str:
     """One block per (head, regime): rows = models, columns = clean, AffNIST-style mix and each sweep's
     mean over its levels; best mean per column in bold."""
@@ -87,7 +95,7 @@ def markdown_table(results: dict, summary: dict | None = None) -> str:
     cfg = results["config"]
     sweeps = list(cfg["sweeps"])
     columns = ["clean", "affnist"] + [f"{f}_mean" for f in sweeps]
-    titles = ["clean", "AffNIST-style mix"] + [
+    titles = ["clean", data_names(cfg)[1]] + [
         f"{f} (mean of {', '.join(f'{v:g}' for v in cfg['sweeps'][f])})" for f in sweeps
     ]
     seeds = len(cfg["seeds"])
@@ -223,7 +231,7 @@ def plot_sweeps(results: dict, summary: dict, head: str, regime: str, path: Path
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     bar_ax = axes[0][-1]
-    bar_ax.set_title("AffNIST-style mix")
+    bar_ax.set_title(data_names(cfg)[1])
     bar_ax.set_xticks(
         range(len(models)), [MODEL_SPECS[m].label for m in models], rotation=70, ha="right", fontsize=7
     )
@@ -233,7 +241,8 @@ def plot_sweeps(results: dict, summary: dict, head: str, regime: str, path: Path
     legend_ax.axis("off")
     legend_ax.legend(handles, labels, loc="center", fontsize=9, title="model (dashed: ablation/control)")
     fig.suptitle(
-        f"UCI digits, head '{head}', {REGIME_TITLES[regime]} ({len(cfg['seeds'])} seed(s), mean ± std)"
+        f"{data_names(cfg)[0]}, head '{head}', {REGIME_TITLES[regime]} "
+        f"({len(cfg['seeds'])} seed(s), mean ± std)"
     )
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -344,7 +353,7 @@ def write_outputs(
     summary = aggregate(results)
     results = dict(results, summary=summary, command=command)
     table = markdown_table(results, summary)
-    header = "# Digits experiment (paper Fig. 1 on UCI handwriting)\n\n"
+    header = f"# Digits experiment (paper Fig. 1 on {data_names(results['config'])[0]})\n\n"
     if command:
         resumed = results.get("resumed_jobs", 0)
         header += (

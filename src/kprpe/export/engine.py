@@ -23,6 +23,10 @@ from ..errors import KprpeError
 __all__ = ["OnnxModelError", "OnnxInputError", "OnnxEngine", "ENGINES", "load_engine"]
 
 ENGINES = ("torch", "onnx")
+CONFIG_KEY = "kprpe_config"  # the metadata kprpe export writes; other keys (a third party's) are not read
+# keypoints a graph without a 'keypoints' input is said to take: the face pipeline's five points, which such a
+# graph never reads (0 would make flip TTA ask for a left/right permutation of no points)
+IMAGE_ONLY_KEYPOINTS = 5
 
 
 class OnnxModelError(KprpeError):
@@ -114,18 +118,18 @@ class OnnxEngine:
         shape = inputs["images"].shape
         kp_shape = inputs["keypoints"].shape if "keypoints" in inputs else None
         out_shape = self.session.get_outputs()[outputs.index("embedding")].shape
+        if len(out_shape) != 2:
+            raise OnnxModelError(
+                f"{self.path}: output 'embedding' must be (B, D), got shape {list(out_shape)}; export it "
+                "with kprpe"
+            )
 
         def static(value, name):
             if not isinstance(value, int):
                 raise OnnxModelError(f"{self.path}: the {name} of the graph must be fixed, got {value!r}")
             return value
 
-        cfg = {}
-        if "config" in self._meta_keys():
-            try:
-                cfg = json.loads(self.metadata["kprpe_config"])
-            except json.JSONDecodeError:
-                cfg = {}
+        cfg = self._stored_config()
         self.config = SimpleNamespace(
             **{
                 **cfg,
@@ -133,7 +137,7 @@ class OnnxEngine:
                 "img_size": static(shape[2], "image height"),
                 "num_keypoints": static(kp_shape[1], "keypoint count")
                 if kp_shape
-                else cfg.get("num_keypoints", 0),
+                else cfg.get("num_keypoints") or IMAGE_ONLY_KEYPOINTS,
                 "output_dim": static(out_shape[1], "embedding size"),
                 "rel_pos": cfg.get("rel_pos", "kprpe" if kp_shape else "none"),
             }
@@ -143,10 +147,31 @@ class OnnxEngine:
                 f"{self.path}: images must be square, the graph expects {shape[2]}x{shape[3]}"
             )
         self.uses_keypoints = kp_shape is not None
-        self.precision = self.metadata.get("kprpe_precision", "float32")
+        self.precision = str(self.metadata.get("kprpe_precision", "float32"))
 
-    def _meta_keys(self) -> set[str]:
-        return {k.removeprefix("kprpe_") for k in self.metadata}
+    def _stored_config(self) -> dict:
+        """The model config kprpe export stored (empty for a third-party graph), its values checked: the
+        graph's shapes win over it, but ``num_keypoints`` and ``rel_pos`` are read from it."""
+        if CONFIG_KEY not in self.metadata:
+            return {}
+        try:
+            cfg = json.loads(self.metadata[CONFIG_KEY])
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise OnnxModelError(f"{self.path}: metadata {CONFIG_KEY} is not JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise OnnxModelError(
+                f"{self.path}: metadata {CONFIG_KEY} is a JSON {type(cfg).__name__}, expected an object of "
+                "model config fields"
+            )
+        count = cfg.get("num_keypoints", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 1024:
+            raise OnnxModelError(
+                f"{self.path}: metadata {CONFIG_KEY} num_keypoints must be a whole number in [0, 1024], "
+                f"got {count!r:.60}"
+            )
+        if not isinstance(cfg.get("rel_pos", ""), str):
+            raise OnnxModelError(f"{self.path}: metadata {CONFIG_KEY} rel_pos must be text")
+        return {k: v for k, v in cfg.items() if k.isidentifier() and not k.startswith("_")}
 
     @property
     def output_dim(self) -> int:

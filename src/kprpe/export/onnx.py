@@ -398,6 +398,9 @@ def export_onnx(
     output = Path(output)
     if output.suffix != ".onnx":
         raise ExportError(f"the output file must end in .onnx, got {output}")
+    for path in (output, sidecar_path(output)):  # checked before the (slow) export, not at the write
+        if path.is_dir():
+            raise ExportError(f"{path} is a folder; the ONNX file and its .onnx.json sidecar are files")
     if source is None:
         source = str(model) if not isinstance(model, nn.Module) else type(model).__name__
     module = resolve_model(model, **(overrides or {}))

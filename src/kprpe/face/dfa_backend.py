@@ -20,12 +20,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import KprpeError
+from ..zoo.catalog import DEFAULT_ALIGNER_WEIGHTS  # the published aligner's repo id; any path works too
 from .detector import FaceDetection, FaceDetector, NoFaceFound
 
-__all__ = ["DEFAULT_ALIGNER_WEIGHTS", "DfaAligner", "DfaResult", "load_aligner", "photo_to_input"]
+__all__ = [
+    "DEFAULT_ALIGNER_WEIGHTS",
+    "AlignerLoadError",
+    "DfaAligner",
+    "DfaResult",
+    "load_aligner",
+    "load_dfa_backend",
+    "photo_to_input",
+]
 
-# The published aligner (Hugging Face repo id); any path to its files works too.
-DEFAULT_ALIGNER_WEIGHTS = "minchul/cvlface_DFA_mobilenet"
 
 
 def load_aligner(
@@ -38,6 +46,35 @@ def load_aligner(
     from .dfa import load_aligner as load_aligner_folder
 
     return load_aligner_folder(resolve(name_or_path, kind="aligner"), device=device)
+
+
+class AlignerLoadError(KprpeError, ValueError):
+    """The DFA aligner cannot be used: missing or bad checkpoint, unusable device, score out of range."""
+
+
+def load_dfa_backend(
+    weights: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    min_score: float | None = None,
+    batch_size: int = 16,
+) -> DfaAligner:
+    """:class:`DfaAligner` for a command, a service or an evaluation: every way loading can fail is one
+    :class:`AlignerLoadError` line naming the weights or the device (the one place these messages live)."""
+    from ..zoo import ZooError
+    from .dfa import AlignerCheckpointError
+
+    weights = weights or DEFAULT_ALIGNER_WEIGHTS
+    if min_score is not None and not 0.0 <= float(min_score) <= 1.0:
+        raise AlignerLoadError(
+            f"--min-aligner-score must be in [0, 1] (a face probability), got {float(min_score):g}"
+        )
+    try:
+        return DfaAligner(weights, device=device, min_score=min_score, batch_size=batch_size)
+    except (ZooError, AlignerCheckpointError) as exc:
+        raise AlignerLoadError(f"cannot load the DFA aligner {weights}: {exc}") from None
+    except (RuntimeError, AssertionError) as exc:  # torch: unknown device, CUDA not available
+        raise AlignerLoadError(f"cannot use device {str(device)!r} for the DFA aligner: {exc}") from None
 
 
 def photo_to_input(images: Sequence[np.ndarray]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..images import ImageLoadError, expand_image_paths, load_image
 from ..landmarks import LandmarkFileError
+from ..thresholds import DEFAULT_THRESHOLD
 from .align import (
     ALIGN_MODES,
     CROP_SIZE,
@@ -43,9 +44,6 @@ __all__ = [
     "model_fingerprint",
 ]
 
-# Cosine-similarity threshold for "same person". Typical for ArcFace-style models, but it depends on the
-# checkpoint and the false-accept rate you need: calibrate it on your own pairs.
-DEFAULT_THRESHOLD = 0.3
 
 
 @dataclass
@@ -81,6 +79,10 @@ class FacePipeline:
     shape in one forward pass). In ``aligned`` mode a backend's own crop (the DFA's ``aligned_x``) is used
     as is; ``unaligned`` crops its box, ``prealigned`` reads keypoints on the crop itself.
     """
+
+    # what "no usable face in this image" raises: kprpe.streaming skips such a frame (a listed failure for a
+    # photo) instead of stopping the run
+    skip_errors = (NoFaceFound, AlignmentError, LandmarkFileError)
 
     def __init__(
         self,
@@ -118,6 +120,12 @@ class FacePipeline:
     def describe(self) -> dict:
         return {"mode": self.mode, "all_faces": self.all_faces, "min_face_size": self.min_face_size,
                 "min_relative_score": self.min_relative_score, "detector": self.detector.describe()}
+
+    def largest_only(self) -> FacePipeline:
+        """The same detection and cropping, keeping only the largest face (gallery enrolment)."""
+        return FacePipeline(
+            self.detector, mode=self.mode, all_faces=False, min_face_size=self.min_face_size
+        )
 
     def faces_in_image(
         self, image: np.ndarray, *, source: str | os.PathLike | None = None
@@ -180,7 +188,7 @@ class FacePipeline:
         image = load_image(path)
         try:
             return self.faces_in_image(image, source=path)
-        except (NoFaceFound, AlignmentError, LandmarkFileError) as exc:
+        except self.skip_errors as exc:
             raise type(exc)(f"{path}: {exc}") from None
 
     def process(self, inputs: Iterable[str | os.PathLike], *, progress: bool = True) -> BatchResult:
@@ -216,7 +224,7 @@ class FacePipeline:
 
     def _process_chunk(self, chunk: list[Path]) -> BatchResult:
         """One chunk of photos: loaded, detected in one backend call, cropped; failures named per photo."""
-        expected = (ImageLoadError, NoFaceFound, AlignmentError, LandmarkFileError)
+        expected = (ImageLoadError, *self.skip_errors)
         result = BatchResult()
         images: dict[int, np.ndarray] = {}
         problems: dict[int, Exception] = {}

@@ -28,10 +28,8 @@ from .registry import (
 from .vit import VisionTransformer, ViTConfig, normalize_embedding, num_parameters
 
 __all__ = [
-    "SwinConfig",
     "SwinGait",
     "SwinGaitConfig",
-    "SwinTransformer",
     "Attention",
     "Block",
     "CheckpointError",
@@ -39,6 +37,8 @@ __all__ = [
     "IResNetConfig",
     "KeypointRPE",
     "Mlp",
+    "SwinConfig",
+    "SwinTransformer",
     "ViTConfig",
     "VisionTransformer",
     "bucket_ids",

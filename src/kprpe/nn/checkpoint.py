@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import KprpeError
 from ..files import atomic_path
 from ..zoo import ZooError, resolve
+from .config_file import check_config_tree, read_config_yaml
 from .registry import DEFAULT_ARCH, family_of, family_of_model, get_family, list_families, recognize
 
 __all__ = [
@@ -178,8 +179,6 @@ def _describe(source) -> str:
 def _official_model_config(source, file_config: Mapping | None) -> dict | None:
     """The official ``model.yaml`` near a checkpoint (``pretrained_model/model.yaml`` of the published repos,
     or beside the weights) merged over its ``config.json``; None when neither exists."""
-    import yaml
-
     merged = dict(file_config or {})
     if not isinstance(source, (str, os.PathLike)):
         return merged or None
@@ -187,15 +186,21 @@ def _official_model_config(source, file_config: Mapping | None) -> dict | None:
     base = path if path.is_dir() else path.parent
     for candidate in (base / "model.yaml", base / "pretrained_model" / "model.yaml"):
         if candidate.is_file():
-            try:
-                loaded = yaml.safe_load(candidate.read_text())
-            except yaml.YAMLError as exc:
-                raise CheckpointError(f"{candidate} is not valid YAML: {exc}") from exc
+            try:  # bounded: size, depth, alias expansion (nn/config_file.py)
+                loaded = read_config_yaml(candidate)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(str(exc)) from None
             if not isinstance(loaded, Mapping):
                 raise CheckpointError(f"{candidate} should hold a mapping, got {type(loaded).__name__}")
             # model.yaml first: its values win, and are found first when searching at any depth
             merged = {**loaded, **{k: v for k, v in merged.items() if k not in loaded}}
             break
+    try:  # bounded before any family walks it; each family type-checks the values it reads
+        check_config_tree(merged, f"{_describe(source)}: its config")
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{_describe(source)}: its official config (model.yaml / config.json): {exc}"
+        ) from None
     return merged or None
 
 

@@ -348,32 +348,45 @@ def official_fields(config: Mapping | None) -> dict:
     """IResNet fields of an official config (``model.yaml`` / ``config.json``), searched at any depth:
     ``name`` (``ir18``, ``ir50``, ``ir101``, ``ir_se50``, ...), ``color_space``, ``output_dim``, ``dropout``,
     ``input_size``. Keeps the raw ``name`` under ``"name"`` so a non-IResNet name can be reported."""
+    from .config_file import config_int, config_number
+
     found: dict = {}
-
-    def walk(node) -> None:
-        if not isinstance(node, Mapping):
-            return
-        for key, value in node.items():
-            if isinstance(value, Mapping):
-                walk(value)
-            elif key == "name" and isinstance(value, str) and "name" not in found:
-                found["name"] = value
-                parsed = _parse_name(value)
-                if parsed:
-                    found["num_layers"], found["mode"] = parsed
-            elif key == "color_space" and isinstance(value, str):
-                found.setdefault("color_space", value.upper())
-            elif (
-                key in ("output_dim", "dropout")
-                and isinstance(value, (int, float))
-                and not isinstance(value, bool)
-            ):
-                found.setdefault(key, value)
-            elif key == "input_size" and isinstance(value, (list, tuple)) and len(value) == 2:
-                found.setdefault("img_size", value)
-
-    walk(config)
+    seen: set[int] = set()
+    # depth first in key order (a nested mapping is searched before the keys after it), each mapping once:
+    # YAML aliases share mappings, and a tree walk of nested aliases is exponential
+    stack = [iter(config.items())] if isinstance(config, Mapping) else []
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        key, value = entry
+        if isinstance(value, Mapping):
+            if id(value) not in seen:
+                seen.add(id(value))
+                stack.append(iter(value.items()))
+        elif key == "name" and isinstance(value, str) and "name" not in found:
+            found["name"] = value
+            parsed = _parse_name(value)
+            if parsed:
+                found["num_layers"], found["mode"] = parsed
+        elif key == "color_space" and isinstance(value, str):
+            found.setdefault("color_space", value.upper())
+        elif key == "output_dim" and "output_dim" not in found and value is not None:
+            found["output_dim"] = config_int(value, "output_dim", 1, 1 << 16)
+        elif key == "dropout" and "dropout" not in found and value is not None:
+            found["dropout"] = config_number(value, "dropout", 0.0, 1.0)
+        elif key == "input_size" and isinstance(value, (list, tuple)) and len(value) == 2:
+            found.setdefault("img_size", [config_int(v, "input_size", 1, 4096) for v in value])
     return found
+
+
+def _checked_official_fields(config: Mapping | None, where: str) -> dict:
+    """:func:`official_fields`, a value of the wrong kind reported as a CheckpointError naming the key."""
+    try:
+        return official_fields(config)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: its official config (model.yaml / config.json): {exc}") from None
 
 
 def is_iresnet_checkpoint(state: Mapping[str, torch.Tensor]) -> bool:
@@ -457,7 +470,7 @@ def load_iresnet(
         values = config_from_state_dict(bare)
     except ValueError as exc:
         raise CheckpointError(f"{where}: not a loadable IResNet: {exc}") from exc
-    official = official_fields(official_config)
+    official = _checked_official_fields(official_config, where)
     if saved_config is not None:  # the registry checked that it names this family
         values = {k: v for k, v in saved_config.items() if k != "arch"}
     elif official:
@@ -573,7 +586,7 @@ IRESNET_PRESETS: dict[str, dict] = {
 # ---------------------------------------------------------------------- registration
 def _named_iresnet(official_config: Mapping | None) -> str | None:
     """The IResNet an official config names (``ir101``, ``ir_se50``, ...), else None."""
-    found = official_fields(official_config)
+    found = _checked_official_fields(official_config, "checkpoint")
     return found["name"] if "num_layers" in found else None
 
 

@@ -452,33 +452,50 @@ class KeypointRPE(nn.Module):
 
     # ------------------------------------------------------------------ windows
     def window_flat_index(self, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
-        """``(nW * ws * ws,)`` index into a layer's table flattened to ``(N + 1) * nb`` per (sample, head):
-        entry ``(w, i, j)`` is ``token(w, i) * nb + bucket(i, j)``; padded query rows read row ``N``, which
-        :meth:`window_bias` fills with zeros (the official code gives padded queries no bias)."""
+        """``(nW * H * ws * ws,)`` index into one layer's f output ``(N + 1, width)`` flattened per sample
+        (``width`` = :attr:`table_width`): entry ``(w, h, i, j)`` is ``token(w, i) * width + h * nb +
+        bucket(i, j)`` (``h * nb`` only with a table per head). Padded query rows read row ``N``, which
+        :meth:`window_bias` fills with zeros (the official code gives padded queries no bias). Entries come
+        out batch-major, window, head, query, key: the attention's layout, with no transpose."""
         shift = (int(shift[0]), int(shift[1]))
         device = self.bucket_ids.device
         cached = self._window_flat.get(shift)
         if cached is None or cached.device != device:
             h, w = self.grid_size
-            index = window_index(h, w, self.window, shift, device=device)
-            rows = torch.where(index < 0, h * w, index)  # padding -> the zero row
-            cached = (rows[:, :, None] * self.num_buckets + self.bucket_ids[None]).flatten()
+            nb, width = self.num_buckets, self.table_width
+            per_head = self.sharing in _PER_HEAD
+            # made outside inference mode: a cache filled while evaluating must still serve training
+            with torch.inference_mode(False):
+                index = window_index(h, w, self.window, shift, device=device)
+                rows = torch.where(index < 0, h * w, index)  # padding -> the zero row
+                heads = torch.arange(self.num_heads, device=device) * (nb if per_head else 0)
+                cached = rows[:, None, :, None] * width + heads[None, :, None, None] + self.bucket_ids
+                cached = cached.flatten()
             self._window_flat[shift] = cached
         return cached
 
-    def window_bias(self, table: torch.Tensor, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
-        """One layer's windowed bias ``(B * nW, H, ws, ws)`` from its map-wide table ``(B, H, N|1, nb)``:
-        ``bias[b * nW + w, h, i, j] = table[b, h, token(w, i), bucket(i, j)]``, 0 for padded query rows."""
+    def window_bias(self, out: torch.Tensor, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """One layer's windowed bias ``(B * nW, H, ws, ws)`` from its f output ``(B, N|1, width)``
+        (:meth:`layer_output`): ``bias[b * nW + w, h, i, j] = table[b, h, token(w, i), bucket(i, j)]``, 0 for
+        padded query rows. One ``index_select`` per layer, whatever the number of windows."""
         if self.window is None:
             raise ValueError("window_bias needs a KeypointRPE built with window=(height, width)")
         if self.impl == "loop":
-            return self._window_bias_loop(table, shift)
+            return self._window_bias_loop(self.split(out), shift)
         h, w = self.grid_size
-        heads, ws = table.shape[1], self.bucket_ids.shape[0]
-        table = table.expand(-1, -1, h * w, -1)  # sizes from the tensors, so a traced batch stays free
-        flat = torch.cat([table, torch.zeros_like(table[:, :, :1])], dim=2).flatten(2)
-        bias = flat.index_select(2, self.window_flat_index(shift)).unflatten(2, (-1, ws, ws))
-        return bias.transpose(1, 2).reshape(-1, heads, ws, ws)
+        ws = self.bucket_ids.shape[0]
+        out = out.expand(-1, h * w, -1)  # sizes from the tensors, so a traced batch stays free
+        flat = torch.cat([out, torch.zeros_like(out[:, :1])], dim=1).flatten(1)
+        return flat.index_select(1, self.window_flat_index(shift)).view(-1, self.num_heads, ws, ws)
+
+    def layer_output(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """``(B, N|1, width)``: f's output features of ``layer`` (:meth:`table` before its head split)."""
+        width = self.table_width
+        weight, bias = self.linear.weight, self.linear.bias
+        if self.sharing in _PER_LAYER:
+            sl = slice(layer * width, (layer + 1) * width)
+            weight, bias = weight[sl], bias[sl]
+        return F.linear(hidden, weight, bias)
 
     def _window_bias_loop(self, table: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
         """The official code's way (a benchmark reference, same numbers): pad, roll and cut the table map like
@@ -498,7 +515,7 @@ class KeypointRPE(nn.Module):
         """For one batch: ``(layer, shift) -> (B * nW, H, ws, ws)`` windowed bias. f runs once over the map
         (its input is shared by all layers); each layer's table is made when called."""
         hidden = self.hidden(keypoints)
-        return lambda layer, shift=(0, 0): self.window_bias(self.table(hidden, layer), shift)
+        return lambda layer, shift=(0, 0): self.window_bias(self.layer_output(hidden, layer), shift)
 
     def extra_repr(self) -> str:
         h, w = self.grid_size

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .config_file import config_bool, config_int, config_number, config_text
+
 __all__ = [
     "SIZES",
     "CTX_TYPES",
@@ -56,17 +58,25 @@ RPE_NAMES = {"KPRPE_shared": "kprpe", "iRPE": "irpe"}
 OFFICIAL_METHODS = {"product": "product", "euc": "euclidean", "quant": "quantized"}
 # The official from_config fixes these for every named size (patch 8 on a 112 x 112 input).
 _FIXED = dict(img_size=112, patch_size=8, in_chans=3)
+# Bounds of the values a config may state: far above any face model, low enough that nothing overflows.
+MAX_OUTPUT_DIM = 1 << 16
+MAX_IMAGE_SIDE = 4096
+MAX_KEYPOINTS = 1024
 
 
 def _model_node(config: Mapping) -> Mapping | None:
     """The mapping that describes the network: the first one, breadth first (so model.yaml's top level wins
     over config.json's ``conf``), that names an official size or holds an ``rpe_config``."""
-    queue = [config]
-    while queue:
+    queue, seen = [config], {id(config)}
+    while queue:  # each mapping once: YAML aliases share mappings, and a tree walk of them is exponential
         node = queue.pop(0)
-        if node.get("name") in SIZES or isinstance(node.get("rpe_config"), Mapping):
+        name = node.get("name")
+        if (isinstance(name, str) and name in SIZES) or isinstance(node.get("rpe_config"), Mapping):
             return node
-        queue.extend(v for v in node.values() if isinstance(v, Mapping))
+        for value in node.values():
+            if isinstance(value, Mapping) and id(value) not in seen:
+                seen.add(id(value))
+                queue.append(value)
     return None
 
 
@@ -78,19 +88,24 @@ def official_vit_fields(config: Mapping | None) -> dict:
         return {}
     fields: dict = {}
     name = node.get("name")
-    if name in SIZES:
+    if name is not None and config_text(name, "name") in SIZES:
         size = SIZES[name]
         fields.update(_FIXED, **{k: size[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio")})
-    if isinstance(node.get("output_dim"), int) and not isinstance(node.get("output_dim"), bool):
-        fields["output_dim"] = node["output_dim"]
+    if node.get("output_dim") is not None:
+        fields["output_dim"] = config_int(node["output_dim"], "output_dim", 1, MAX_OUTPUT_DIM)
     size_in = node.get("input_size")
-    if isinstance(size_in, (list, tuple)) and len(size_in) == 3:
-        if size_in[1] != size_in[2]:
-            raise ValueError(f"input_size {list(size_in)}: only square inputs are supported")
-        fields["in_chans"], fields["img_size"] = int(size_in[0]), int(size_in[1])
-    if str(node.get("color_space", "RGB")).upper() != "RGB":
+    if size_in is not None:
+        if not isinstance(size_in, (list, tuple)) or len(size_in) not in (2, 3):
+            raise ValueError(f"input_size should be [channels, height, width], got {size_in!r:.80}")
+        sides = [config_int(v, f"input_size[{i}]", 1, MAX_IMAGE_SIDE) for i, v in enumerate(size_in)]
+        if len(sides) == 3:
+            if sides[1] != sides[2]:
+                raise ValueError(f"input_size {sides}: only square inputs are supported")
+            fields["in_chans"], fields["img_size"] = sides[0], sides[1]
+    color_space = config_text(node.get("color_space", "RGB"), "color_space")
+    if color_space.upper() != "RGB":
         raise ValueError(
-            f"color_space {node['color_space']!r}: kprpe's ViT takes RGB input and has no channel flip; "
+            f"color_space {color_space!r}: kprpe's ViT takes RGB input and has no channel flip; "
             "reverse the channels of the images yourself, or remove the key if the model was trained on RGB"
         )
     rpe = node.get("rpe_config")
@@ -100,35 +115,38 @@ def official_vit_fields(config: Mapping | None) -> dict:
     if not isinstance(rpe, Mapping):
         raise ValueError(f"rpe_config should be a mapping, got {type(rpe).__name__}")
     rpe_name = rpe.get("name")
-    if rpe_name not in RPE_NAMES:
-        raise ValueError(f"rpe_config.name {rpe_name!r} is not one of {sorted(RPE_NAMES)}")
+    if not isinstance(rpe_name, str) or rpe_name not in RPE_NAMES:  # a list is unhashable: kind first
+        raise ValueError(f"rpe_config.name {rpe_name!r:.60} is not one of {sorted(RPE_NAMES)}")
     fields["rel_pos"] = RPE_NAMES[rpe_name]
     if "method" in rpe:
-        method = str(rpe["method"]).lower()
+        method = config_text(rpe["method"], "rpe_config.method").lower()
         if method not in OFFICIAL_METHODS:
             raise ValueError(
                 f"rpe_config.method {rpe['method']!r} is not supported (known: {sorted(OFFICIAL_METHODS)})"
             )
         fields["rpe_method"] = OFFICIAL_METHODS[method]
     if "ratio" in rpe:
-        fields["rpe_ratio"] = float(rpe["ratio"])
+        fields["rpe_ratio"] = config_number(rpe["ratio"], "rpe_config.ratio", 1e-6, 1e6)
     if fields["rel_pos"] == "irpe":
         if "rpe_on" in rpe:
-            fields["irpe_on"] = str(rpe["rpe_on"])
+            fields["irpe_on"] = config_text(rpe["rpe_on"], "rpe_config.rpe_on")
         if "shared_head" in rpe:
-            fields["irpe_shared_head"] = bool(rpe["shared_head"])
+            fields["irpe_shared_head"] = config_bool(rpe["shared_head"], "rpe_config.shared_head")
         return fields
-    if rpe.get("rpe_on", "k") != "k":
-        raise ValueError(f"rpe_config.rpe_on {rpe['rpe_on']!r}: KP-RPE acts on keys only ('k')")
+    rpe_on = config_text(rpe.get("rpe_on", "k"), "rpe_config.rpe_on")
+    if rpe_on != "k":
+        raise ValueError(f"rpe_config.rpe_on {rpe_on!r}: KP-RPE acts on keys only ('k')")
     ctx = rpe.get("ctx_type")
-    if ctx not in CTX_TYPES:
+    if not isinstance(ctx, str) or ctx not in CTX_TYPES:
         raise ValueError(
-            f"rpe_config.ctx_type {ctx!r} is not an official KP-RPE context type "
+            f"rpe_config.ctx_type {ctx!r:.60} is not an official KP-RPE context type "
             f"(known: {', '.join(CTX_TYPES)})"
         )
     fields.update(CTX_TYPES[ctx])
     if "num_keypoints" in rpe:
-        fields["num_keypoints"] = int(rpe["num_keypoints"])
+        fields["num_keypoints"] = config_int(
+            rpe["num_keypoints"], "rpe_config.num_keypoints", 1, MAX_KEYPOINTS
+        )
     return fields
 
 

@@ -29,7 +29,9 @@ from torch import nn
 
 from .attention import DropPath
 from .buckets import METHODS
+from .checkpoint import CheckpointError
 from .keypoint_rpe import KP_SHARINGS, WINDOW_BIAS_IMPLS, KeypointRPE, _rename
+from .registry import register_family, register_model
 from .windows import merge, partition, shift_mask
 
 __all__ = [
@@ -723,7 +725,51 @@ def official_swin_fields(config: Mapping | None) -> dict:
     return fields
 
 
+def _mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], limit: int = 5) -> str:
+    """One line naming the keys a state dict lacks, has in excess, or holds in another shape ('' if none)."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    misshaped = [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in got and tuple(got[k].shape) != tuple(v.shape)
+    ]
+    parts = [
+        f"{len(items)} {what} ({'; '.join(items[:limit])})"
+        for what, items in (
+            ("of the wrong shape", misshaped),
+            ("missing", missing),
+            ("unexpected", unexpected),
+        )
+        if items
+    ]
+    return "; ".join(parts)
+
+
 def load_swin(
+    state: Mapping[str, torch.Tensor],
+    *,
+    saved_config: Mapping | None = None,
+    official_config: Mapping | None = None,
+    file_config: Mapping | None = None,
+    where: str = "checkpoint",
+    **overrides,
+) -> SwinTransformer:
+    """Build the Swin a bare state dict describes and load it strictly (eval mode). ``saved_config`` (kprpe's
+    metadata) is the exact config; an official config (model.yaml / config.json) must agree with the shapes;
+    keyword ``overrides`` win (runtime choices such as ``attn_impl``, or what the shapes leave open). Raises
+    :class:`~kprpe.nn.checkpoint.CheckpointError` naming the problem."""
+    try:
+        return _load_swin(
+            state, saved_config=saved_config, official_config=official_config, where=where, **overrides
+        )
+    except CheckpointError:
+        raise
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def _load_swin(
     state: Mapping[str, torch.Tensor],
     *,
     saved_config: Mapping | None = None,
@@ -731,30 +777,21 @@ def load_swin(
     where: str = "checkpoint",
     **overrides,
 ) -> SwinTransformer:
-    """Build the Swin a bare state dict describes and load it strictly (eval mode). ``saved_config`` (kprpe's
-    metadata) is the exact config; an official config (model.yaml / config.json) must agree with the shapes;
-    keyword ``overrides`` win (runtime choices such as ``attn_impl``, or what the shapes leave open)."""
-    from .checkpoint import CheckpointError, compare_shapes, load_weights
-
-    if saved_config is not None:
-        if saved_config.get("arch") != SwinConfig.arch:
-            raise CheckpointError(
-                f"{where}: the weights are a Swin but the stored kprpe config is for "
-                f"{saved_config.get('arch', 'a ViT')!r}: the file is inconsistent"
-            )
+    """load_swin's work; raises ValueError naming the problem."""
+    if saved_config is not None:  # the registry has checked that it names this family
         values = {k: v for k, v in saved_config.items() if k != "arch"}
     else:
         try:
             stated = official_swin_fields(official_config)
             values = swin_config_from_state_dict(state, known={**stated, **overrides})
         except ValueError as exc:
-            raise CheckpointError(f"{where}: cannot read the Swin architecture: {exc}") from None
+            raise ValueError(f"{where}: cannot read the Swin architecture: {exc}") from None
         for key, said in stated.items():
             shape_value = values.get(key)
             if key in ("depths", "num_heads", "window_size"):
                 said, shape_value = list(said), list(shape_value or [])
             if key in values and said != shape_value:
-                raise CheckpointError(
+                raise ValueError(
                     f"{where}: the config says {key} {said} but the tensor shapes say "
                     f"{shape_value}; the config and the weights do not belong together"
                 )
@@ -764,51 +801,48 @@ def load_swin(
     try:
         config = SwinConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: checkpoint implies an invalid Swin config {values}: {exc}") from None
+        raise ValueError(f"{where}: checkpoint implies an invalid Swin config {values}: {exc}") from None
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         probe = SwinTransformer(config)
-    mismatch = compare_shapes(probe.state_dict(), state)
-    if mismatch:
-        raise CheckpointError(
-            f"{where}: the tensors do not fit the Swin config {config.to_dict()}: "
-            f"{mismatch.summary()} — nothing was allocated"
+    mismatch = _mismatch(probe.state_dict(), state)
+    if mismatch:  # before anything is allocated: a file cannot make us build a huge model for nothing
+        raise ValueError(
+            f"{where}: the tensors do not fit the Swin config {config.to_dict()}: {mismatch} — nothing was "
+            "allocated"
         )
     model = SwinTransformer(config)
-    load_weights(model, state)
+    model.load_state_dict(dict(state))  # same keys and shapes (checked); copy_ casts the dtypes
     return model.eval()
 
 
-# ---------------------------------------------------------------------- registration (main's registry)
-def _load_swin_family(
-    state, *, saved_config=None, official_config=None, file_config=None, where="checkpoint", **overrides
-) -> SwinTransformer:
-    # the registry strips "arch" from saved configs; load_swin checks it, so it is put back
-    saved = None if saved_config is None else {**saved_config, "arch": SwinConfig.arch}
-    return load_swin(state, saved_config=saved, official_config=official_config, where=where, **overrides)
-
-
-def _register() -> None:
-    from .registry import register_family, register_model
-
-    register_family(
-        SwinConfig.arch,
-        SwinConfig,
-        SwinTransformer,
-        recognizes=is_swin_checkpoint,
-        load=_load_swin_family,
-        signature="'features.0.0.weight' and 'features.*.attn.logit_scale' keys",
-        title="Swin",
-        describe=lambda cfg: dict(
-            rel_pos=cfg.rel_pos, depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads
-        ),
-        describe_text=lambda row: (
-            f"rel_pos={row['rel_pos']:<6} depth={row['depth']:<3} dim={row['embed_dim']:<4} "
-            f"heads={row['num_heads']}"
-        ),
+def _describe(config: SwinConfig) -> dict:
+    return dict(
+        rel_pos=config.rel_pos,
+        depth=config.depth,
+        embed_dim=config.embed_dim,
+        num_heads=list(config.num_heads),
+        window=list(config.window_size),
     )
-    for name, values in SWIN_PRESETS.items():
-        register_model(name, values, family=SwinConfig.arch)
 
 
-_register()
+def _describe_text(row: Mapping) -> str:
+    return (
+        f"rel_pos={row['rel_pos']:<6} depth={row['depth']:<3} dim={row['embed_dim']:<4} "
+        f"heads={row['num_heads']} window={row['window'][0]}x{row['window'][1]}"
+    )
+
+
+register_family(
+    SwinConfig.arch,
+    SwinConfig,
+    SwinTransformer,
+    recognizes=is_swin_checkpoint,
+    load=load_swin,
+    signature="'features.0.0.weight' and 'features.<i>.attn.logit_scale' keys",
+    title="Swin",
+    describe=_describe,
+    describe_text=_describe_text,
+)
+for _name, _values in SWIN_PRESETS.items():
+    register_model(_name, _values, family=SwinConfig.arch)

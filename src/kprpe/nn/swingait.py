@@ -289,11 +289,10 @@ class GaitKeypointRPE(nn.Module):
             features = features * mask.repeat_interleave(2, dim=1)[:, None, :]
 
         def bias_of(layer: int, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
-            table = self.rpe.table(features, layer)
+            out = self.rpe.layer_output(features, layer)  # (F, N, H * nb): f's output before the head split
             if self.confidence is not None:
-                extra = F.linear(kp[..., 2], self.confidence.weight[self._slice(layer)])[:, None, :]
-                table = table + self.rpe.split(extra)
-            return self.rpe.window_bias(table, tuple(shift))
+                out = out + F.linear(kp[..., 2], self.confidence.weight[self._slice(layer)])[:, None, :]
+            return self.rpe.window_bias(out, tuple(shift))
 
         return bias_of
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .buckets import num_buckets
 from .checkpoint import CheckpointError, check_fits_before_allocating, load_weights
+from .config_file import check_field_types
 from .official_config import SIZES, ctx_type_of, official_vit_fields
 from .registry import register_family, register_model
 from .vit import VisionTransformer, ViTConfig
@@ -228,15 +229,20 @@ def _config_from_file(config: Mapping) -> dict:
 
     def walk(node) -> None:
         if isinstance(node, Mapping):
-            if node.get("name") in SIZES and "num_heads" not in found:
-                found["num_heads"] = SIZES[node["name"]]["num_heads"]
+            name = node.get("name")
+            if isinstance(name, str) and name in SIZES and "num_heads" not in found:
+                found["num_heads"] = SIZES[name]["num_heads"]
             for key, value in node.items():
                 if key in fields and not isinstance(value, (Mapping, list)):
                     found.setdefault(key, value)
                 else:
                     walk(value)
 
-    walk(config)
+    walk(config)  # a JSON tree, bounded by check_config_tree when load_official read it
+    try:
+        check_field_types(found, ViTConfig)
+    except ValueError as exc:
+        raise CheckpointError(f"config.json: {exc}") from None
     return found
 
 

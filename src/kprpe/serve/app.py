@@ -155,13 +155,11 @@ def _dlib_aligner(options: dict) -> Callable:
 
 
 def _dfa_aligner(options: dict) -> Callable:
-    from ..face.dfa_backend import DEFAULT_ALIGNER_WEIGHTS, DfaAligner
+    from ..face.dfa_backend import load_dfa_backend
     from ..face.pipeline import FacePipeline
 
-    backend = DfaAligner(
-        options.get("weights") or DEFAULT_ALIGNER_WEIGHTS,
-        device=options.get("device", "cpu"),
-        min_score=options.get("min_score"),
+    backend = load_dfa_backend(
+        options.get("weights"), device=options.get("device", "cpu"), min_score=options.get("min_score")
     )
     return FacePipeline(backend).faces_in_image
 
@@ -211,6 +209,8 @@ class FaceService:
         index=None,
         threshold: float,
         threshold_source: str,
+        index_path=None,
+        api_key: str | None = None,
     ) -> None:
         if aligner not in ALIGNERS:
             raise KprpeError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS)}")
@@ -220,6 +220,8 @@ class FaceService:
         self.index = index
         self.threshold = float(threshold)
         self.threshold_source = threshold_source
+        self.index_path = index_path  # enrol/remove save the gallery here (None: memory only)
+        self.api_key = api_key or None  # required by the page's write actions (see routes.check_write)
         self._lock = threading.Lock()  # dlib and the model are used by one request at a time
         if index is not None:
             index.check_compatible(embedder.fingerprint, embedder.output_dim)
@@ -249,6 +251,52 @@ class FaceService:
             unit, norms = self.embedder.embed_faces(faces)
         return faces, unit, norms
 
+    def search(self, unit: np.ndarray, k: int) -> list:
+        with self._lock:  # enrol/remove change the index under the same lock
+            return self.index.search(unit, k)
+
+    def enrol(self, identity: str, unit: np.ndarray) -> int:
+        """Add one face's embedding to ``identity`` (new or existing) and save the gallery; its face count."""
+        from ..face.index import GalleryIndexError
+
+        with self._lock:
+            if self.index is None:
+                raise RequestError(400, "this server has no gallery index; start it with --index INDEX")
+            try:
+                self.index.add({identity: unit})
+            except (GalleryIndexError, ValueError) as exc:
+                raise RequestError(422, f"cannot enrol {identity!r}: {exc}") from None
+            self._save_index()
+            return self.index.count(identity)
+
+    def remove(self, identity: str) -> None:
+        with self._lock:
+            if self.index is None:
+                raise RequestError(400, "this server has no gallery index; start it with --index INDEX")
+            if identity not in self.index:
+                raise RequestError(404, f"identity {identity!r} is not in the gallery")
+            self.index.remove([identity])
+            self._save_index()
+
+    def kprpe_view(self):
+        """The "See KP-RPE" view of the model, or the reason there is none (a string)."""
+        if not hasattr(self, "_kprpe_view"):
+            from .bias import KprpeView, NotKprpeModel
+
+            try:
+                self._kprpe_view = KprpeView.of(self.embedder.model)
+            except NotKprpeModel as exc:
+                self._kprpe_view = str(exc)
+        return self._kprpe_view
+
+    def bias_rows(self, view, keypoints: np.ndarray, query: int, layer: int, head: int | None) -> dict:
+        with self._lock:  # the model's modules are shared with the requests that embed
+            return view.rows(keypoints, query, layer, head)
+
+    def _save_index(self) -> None:
+        if self.index_path is not None:
+            self.index.save(self.index_path)  # atomic: a crash leaves the previous gallery
+
     def describe(self) -> dict:
         return {
             "aligner": self.aligner,
@@ -261,8 +309,23 @@ class FaceService:
         }
 
 
-def face_json(face) -> dict:
+def crop_data_url(face) -> str:
+    """The 112x112 crop the model saw, as a PNG ``data:`` URL (for the page: no file is written)."""
+    import base64
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(face.image, dtype=np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def face_json(face, *, visual: bool = False) -> dict:
+    """Box, landmarks and crop keypoints; ``visual`` adds the crop as a PNG data URL (the page asks for it,
+    API clients get the compact answer)."""
+    extra = {"crop_png": crop_data_url(face)} if visual else {}
     return {
+        **extra,
         "box": [float(v) for v in face.box] if face.box is not None else None,
         "landmarks": np.asarray(face.source_keypoints, dtype=np.float64).round(3).tolist(),
         "score": None if face.score is None else float(face.score),
@@ -341,8 +404,9 @@ class _Lease:
         return await asyncio.wrap_future(job)
 
 
-class _Refused(Exception):
-    """The body stream was cut short by the guard (too large, or too slow)."""
+class _Refused(KprpeError):
+    """The body stream was cut short by the guard (too large, or too slow); internal to the guard, never
+    reaches a caller (a KprpeError like every deliberate error, so the CLI would print it as one line)."""
 
 
 class _RequestGuard:

@@ -3,13 +3,16 @@ extra)."""
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
 from dataclasses import asdict
+from importlib import resources
 from typing import Annotated
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .app import (
@@ -23,10 +26,35 @@ from .app import (
     parse_keypoints,
 )
 
-__all__ = ["build_app", "create_app"]
+__all__ = ["build_app", "create_app", "is_loopback"]
+
+# The page's files (kprpe/serve/page/, shipped as package data) and the types they are served with.
+PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+# No inline script, nothing from elsewhere: an injected tag could not run even if one slipped through.
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "cache-control": "no-cache",
+}
+MAX_IDENTITY_CHARS = 200
 
 
-def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: assume it is reachable from elsewhere
+        return False
+
+
+def _page_file(name: str) -> bytes:
+    return resources.files("kprpe.serve").joinpath("page", name).read_bytes()
+
+
+def build_app(service: FaceService, limits: ServeLimits, admission, *, public: bool = False) -> FastAPI:
     app = FastAPI(
         title="kprpe",
         description="KP-RPE face embedding, verification and search",
@@ -63,12 +91,38 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
         async with admission.slot() as lease:
             return await work(lease)
 
+    def check_write(request: Request) -> None:
+        """Gallery writes: the API key when one is set; without one, only a loopback-only server accepts."""
+        given = request.headers.get("x-api-key", "")
+        if service.api_key is not None:
+            if not secrets.compare_digest(given.encode(), service.api_key.encode()):
+                raise RequestError(401, "gallery changes need the server's API key (header X-API-Key)")
+        elif public:
+            raise RequestError(
+                403, "gallery changes are refused: this server listens beyond loopback and has no API key "
+                "(start it with --api-key or KPRPE_API_KEY)"
+            )
+
+    @app.get("/")
+    async def page():
+        return Response(_page_file("index.html"), media_type=PAGE_FILES["index.html"], headers=PAGE_HEADERS)
+
+    @app.get("/page/{name}")
+    async def page_file(name: str):
+        if name not in PAGE_FILES:  # a fixed list: no path from the request reaches the file system
+            raise RequestError(404, "no such page file")
+        return Response(_page_file(name), media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", **service.describe(), "limits": asdict(limits)}
 
     @app.post("/embed")
-    async def embed(image: Annotated[UploadFile, File()], keypoints: Annotated[str | None, Form()] = None):
+    async def embed(
+        image: Annotated[UploadFile, File()],
+        keypoints: Annotated[str | None, Form()] = None,
+        visual: Annotated[bool, Query()] = False,
+    ):
         async def work(lease):
             photo = await read(image, "image", lease)
             points = parse_keypoints(keypoints, field="keypoints")
@@ -77,7 +131,7 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
                 "embedding": unit[0].tolist(),
                 "norm": float(norms[0]),
                 "dim": int(unit.shape[1]),
-                "face": face_json(faces[0]),
+                "face": face_json(faces[0], visual=visual),
             }
 
         return await run(work)
@@ -88,6 +142,7 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
         b: Annotated[UploadFile, File()],
         keypoints_a: Annotated[str | None, Form()] = None,
         keypoints_b: Annotated[str | None, Form()] = None,
+        visual: Annotated[bool, Query()] = False,
     ):
         async def work(lease):
             photos = [await read(a, "a", lease), await read(b, "b", lease)]
@@ -105,7 +160,7 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
                 "threshold": service.threshold,
                 "threshold_source": service.threshold_source,
                 "norms": [float(norms[0]), float(norms[1])],
-                "faces": {"a": face_json(faces[0]), "b": face_json(faces[1])},
+                "faces": {"a": face_json(faces[0], visual=visual), "b": face_json(faces[1], visual=visual)},
             }
 
         return await run(work)
@@ -115,6 +170,7 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
         image: Annotated[UploadFile, File()],
         k: Annotated[int, Form()] = 5,
         keypoints: Annotated[str | None, Form()] = None,
+        visual: Annotated[bool, Query()] = False,
     ):
         async def work(lease):
             if service.index is None:
@@ -124,7 +180,7 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
             photo = await read(image, "image", lease)
             points = parse_keypoints(keypoints, field="keypoints")
             faces, unit, _ = await lease.run(service.analyse, [("image", photo, points)])
-            hits = await lease.run(service.index.search, unit, k)
+            hits = await lease.run(service.search, unit, k)
             return {
                 "matches": [
                     {"identity": h.identity, "score": h.score, "same": h.score >= service.threshold}
@@ -132,17 +188,97 @@ def build_app(service: FaceService, limits: ServeLimits, admission) -> FastAPI:
                 ],
                 "threshold": service.threshold,
                 "threshold_source": service.threshold_source,
-                "face": face_json(faces[0]),
+                "face": face_json(faces[0], visual=visual),
             }
+
+        return await run(work)
+
+    @app.get("/gallery")
+    async def gallery():
+        if service.index is None:
+            return {"identities": None, "writable": False}
+        return {"identities": service.index.names, "saved_to_file": service.index_path is not None}
+
+    @app.post("/gallery/enrol")
+    async def enrol(
+        request: Request,
+        image: Annotated[UploadFile, File()],
+        identity: Annotated[str, Form()],
+        keypoints: Annotated[str | None, Form()] = None,
+    ):
+        check_write(request)
+        name = _identity(identity)
+
+        async def work(lease):
+            photo = await read(image, "image", lease)
+            points = parse_keypoints(keypoints, field="keypoints")
+            faces, unit, _ = await lease.run(service.analyse, [("image", photo, points)])
+            count = await lease.run(service.enrol, name, unit)
+            return {"identity": name, "faces": count, "face": face_json(faces[0], visual=True)}
+
+        return await run(work)
+
+    @app.post("/gallery/remove")
+    async def remove(request: Request, identity: Annotated[str, Form()]):
+        check_write(request)
+        name = _identity(identity)
+
+        async def work(lease):
+            await lease.run(service.remove, name)
+            return {"removed": name}
+
+        return await run(work)
+
+    @app.get("/kprpe")
+    async def kprpe_info():
+        view = service.kprpe_view()
+        if isinstance(view, str):
+            return {"available": False, "reason": view}
+        return {"available": True, **view.describe()}
+
+    @app.post("/kprpe/bias")
+    async def kprpe_bias(
+        keypoints: Annotated[list[list[float]], Body()],
+        query: Annotated[int, Body()],
+        layer: Annotated[int, Body()] = 0,
+        head: Annotated[int | None, Body()] = None,
+    ):
+        view = service.kprpe_view()
+        if isinstance(view, str):
+            raise RequestError(400, view)
+        points = np.asarray(keypoints, dtype=np.float64)
+        if points.shape != (5, 2) or not np.isfinite(points).all() or np.abs(points).max() > 4:
+            raise RequestError(
+                422, f"field 'keypoints': expected 5 finite [x, y] points in crop units (0-1), "
+                f"got {str(keypoints)[:80]}",
+            )
+
+        async def work(lease):
+            try:
+                rows = await lease.run(service.bias_rows, view, points, query, layer, head)
+            except ValueError as exc:
+                raise RequestError(422, str(exc)) from None
+            return {**view.describe(), "query": query, "layer": layer, "head": head, **rows}
 
         return await run(work)
 
     return app
 
 
-def create_app(service: FaceService, limits: ServeLimits | None = None):
+def _identity(text: str) -> str:
+    name = text.strip()
+    if not name or len(name) > MAX_IDENTITY_CHARS or any(ord(c) < 32 for c in name):
+        raise RequestError(
+            422, f"field 'identity': 1 to {MAX_IDENTITY_CHARS} printable characters, got {text[:80]!r}"
+        )
+    return name
+
+
+def create_app(service: FaceService, limits: ServeLimits | None = None, *, host: str = "127.0.0.1"):
     """The ASGI application for ``service`` (run it with :func:`kprpe.serve.app.server_config`, or ``kprpe
-    serve``): the routes behind the request guard (admission, body size, read timeout, deadline)."""
+    serve``): the routes behind the request guard (admission, body size, read timeout, deadline). ``host`` is
+    the address it listens on: beyond loopback, gallery writes need ``service.api_key``."""
     limits = limits or ServeLimits()
     admission = _Admission(limits.max_concurrent, limits.max_in_flight)
-    return _RequestGuard(build_app(service, limits, admission), limits, admission)
+    app = build_app(service, limits, admission, public=not is_loopback(host))
+    return _RequestGuard(app, limits, admission)

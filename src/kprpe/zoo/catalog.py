@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ZooEntry", "CATALOG", "SOURCES", "LICENCES", "METRICS", "find_entry"]
+__all__ = ["ZooEntry", "CATALOG", "DEFAULT_ALIGNER_WEIGHTS", "SOURCES", "LICENCES", "METRICS", "find_entry"]
 
 SOURCES = {
     "cvlface-readme": (
@@ -23,6 +23,9 @@ SOURCES = {
         "as the aligner for KP-RPE keypoints)"
     ),
 }
+
+# The aligner every published KP-RPE weight was trained and evaluated with (the default of --aligner dfa).
+DEFAULT_ALIGNER_WEIGHTS = "minchul/cvlface_DFA_mobilenet"
 
 # Column names exactly as in the source table (CPFLW is the source's spelling of CPLFW; IJB columns are TAR at
 # the FAR the source labels "@0.01"; TinyFace columns are rank-1 / rank-5 identification accuracy).

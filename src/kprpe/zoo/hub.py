@@ -114,7 +114,20 @@ def parse_repo_id(text: str) -> tuple[str, str | None] | None:
     repo = match["repo"]
     if "--" in repo or ".." in repo or repo.lower().endswith(WEIGHT_SUFFIXES):
         return None
-    return repo, match["revision"]
+    revision = match["revision"]
+    if revision is not None and not _safe_revision(revision):
+        return None
+    return repo, revision
+
+
+def _safe_revision(revision: str) -> bool:
+    """A branch, tag or commit name that stays a name: huggingface_hub joins it to ``refs/`` and
+    ``snapshots/`` in the cache, so ``..``, an empty part or one starting with a dot would leave the cache
+    (git refuses those names too)."""
+    parts = revision.split("/")
+    return all(part and not part.startswith(".") and not part.endswith(".lock") for part in parts) and (
+        ".." not in revision
+    )
 
 
 def _check_kind(repo: str, kind: str) -> None:
@@ -147,11 +160,22 @@ def resolve(source, kind: str = "recognition", *, offline: bool | None = None) -
             f"{kind} weights must be a path or a Hugging Face repo id, got {type(source).__name__}"
         )
     path = Path(text).expanduser()
-    if path.exists():  # a file or folder wins over a repo id spelled the same way
+    try:
+        exists = path.exists()  # a file or folder wins over a repo id spelled the same way
+    except OSError as exc:  # a name too long for the file system: neither a path nor a repo id
+        shown = text[:80] + ("..." if len(text) > 80 else "")
+        raise ZooError(f"{kind} weights {shown!r} cannot be a path here ({exc.strerror or exc})") from None
+    if exists:
         if not (path.is_file() or path.is_dir()):
             raise ZooError(f"{kind} weights {text!r} exist but are neither a regular file nor a folder")
         return path
     parsed = parse_repo_id(text)
+    named, at, revision = text.partition("@")
+    if parsed is None and at and parse_repo_id(named) is not None:
+        raise ZooError(
+            f"revision {revision!r} of {named} is not a branch, tag or commit name (no '..', no empty part, "
+            "no part starting with a dot)"
+        )
     if parsed is None:
         raise ZooError(
             f"{kind} weights not found: {text!r} is neither an existing checkpoint file (.safetensors, .pt, "
@@ -176,12 +200,39 @@ def _hub():
 
 
 def _has(folder: Path, pattern: str) -> bool:
-    return any(p.is_file() for p in folder.rglob(pattern))
+    return any(fnmatch(p.name, pattern) and p.is_file() for p in _snapshot_files(folder))
+
+
+def _snapshot_files(folder: Path) -> list[Path]:
+    """Every file under a snapshot, sorted. The loader follows links, so a linked folder (which rglob and
+    os.walk do not enter) is refused, and so is a file linking outside the repo's cache folder (the Hub's
+    own links go to ``../../blobs/``): what is hashed is all that can be read."""
+    repo_dir = folder.resolve().parent.parent
+    found = []
+    for directory, subfolders, files in os.walk(folder):  # followlinks=False
+        for sub in subfolders:
+            if (Path(directory) / sub).is_symlink():
+                raise ZooError(
+                    f"{Path(directory) / sub} is a link to a folder in the Hugging Face cache; the Hub "
+                    "writes none, so its files would be read unchecked: delete the repo's cache folder "
+                    "and fetch it again"
+                )
+        for name in files:
+            path = Path(directory) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(repo_dir):
+                raise ZooError(
+                    f"{path} links outside its repo's cache folder {repo_dir} (to {path.resolve()}); the "
+                    "Hub links only into blobs/: delete the repo's cache folder and fetch it again"
+                )
+            found.append(path)
+    return sorted(found)
 
 
 def snapshot(repo: str, *, revision: str | None = None, offline: bool | None = None) -> Path:
     """Fetch (or find in the cache, when offline) the weights and configs of ``repo`` and verify them; returns
     the snapshot folder ``<cache>/models--owner--name/snapshots/<commit>``."""
+    if revision is not None and not _safe_revision(revision):  # also for direct callers of snapshot()
+        raise ZooError(f"revision {revision!r} of {repo} is not a branch, tag or commit name")
     hub = _hub()
     cache = hub_cache_dir()
     offline = hub_offline() if offline is None else offline
@@ -201,6 +252,7 @@ def snapshot(repo: str, *, revision: str | None = None, offline: bool | None = N
         if explained is exc:
             raise
         raise explained from exc
+    _check_inside_cache(repo, folder, cache)
     if not any(_has(folder, f"*{suffix}") for suffix in (".safetensors", ".pt", ".pth")):
         raise ZooError(
             f"{repo} (commit {folder.name}) has no weights in the cache at {folder}: expected "
@@ -209,6 +261,20 @@ def snapshot(repo: str, *, revision: str | None = None, offline: bool | None = N
         )
     verify_snapshot(repo, folder)
     return folder
+
+
+def _check_inside_cache(repo: str, folder: Path, cache: Path) -> None:
+    """The snapshot folder huggingface_hub names must be ``<cache>/models--owner--name/snapshots/<commit>``:
+    a ref file whose content is a relative path (``../../..``) would otherwise hand out any folder."""
+    owner, name = repo.split("/", 1)
+    snapshots = (cache / f"models--{owner}--{name}" / "snapshots").resolve()
+    real = folder.resolve()
+    if real.parent != snapshots or not _HEX40.fullmatch(real.name):
+        raise ZooError(
+            f"the Hugging Face cache entry of {repo} points outside its snapshots folder ({folder} is "
+            f"{real}, expected {snapshots}/<40-hex commit>): its refs/ file was tampered with; "
+            f"delete {snapshots.parent} and run `kprpe fetch {repo}` again"
+        )
 
 
 def _fetch_hint(repo: str, cache: Path) -> str:
@@ -304,9 +370,9 @@ def verify_snapshot(repo: str, folder: Path) -> dict[str, str]:
     found: dict[str, str] = {}
     new: dict[str, dict] = {}
     refetch = f"delete {folder.parent.parent} and run `kprpe fetch {repo}` again"
-    for file in sorted(folder.rglob("*")):
+    for file in _snapshot_files(folder):
         relative = file.relative_to(folder).as_posix()
-        if file.is_dir() or not _wanted(relative):
+        if not _wanted(relative):
             continue
         if not file.is_file():
             raise ZooError(

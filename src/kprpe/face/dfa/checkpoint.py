@@ -81,12 +81,12 @@ def _check_config(weights: Path) -> float:
 
 
 def _padding_from_config(path: Path) -> float:
-    import yaml
+    from ...nn.config_file import read_config_yaml
 
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
-        raise AlignerCheckpointError(f"{path} is not a readable YAML aligner config: {exc}") from exc
+    try:  # bounded: size, depth, alias expansion (an untrusted folder's YAML)
+        config = read_config_yaml(path)
+    except (OSError, ValueError) as exc:
+        raise AlignerCheckpointError(f"{path} is not a readable YAML aligner config: {exc}") from None
     if not isinstance(config, dict):
         raise AlignerCheckpointError(
             f"{path}: expected a mapping of aligner settings, got {type(config).__name__}"
@@ -97,12 +97,12 @@ def _padding_from_config(path: Path) -> float:
             raise AlignerCheckpointError(
                 f"{path}: {key} = {config[key]!r}, but the DFA aligner supports only {key} = {value!r}"
             )
-    try:
-        return float(config.get("input_padding_ratio", 0.0) or 0.0)
-    except (TypeError, ValueError) as exc:
+    ratio = config.get("input_padding_ratio", 0.0) or 0.0
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 10.0:
         raise AlignerCheckpointError(
-            f"{path}: input_padding_ratio must be a number, got {config.get('input_padding_ratio')!r}"
-        ) from exc
+            f"{path}: input_padding_ratio must be a number in [0, 10), got {ratio!r}"
+        )
+    return float(ratio)
 
 
 def aligner_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,733 @@
+"""``kprpe align | embed | verify | search``: the face pipeline on the command line.
+
+Every command prints one JSON object on stdout (progress and per-file problems go to stderr). Exit status:
+0 all inputs processed; 1 finished, but some inputs failed (they are listed in the output); 2 nothing could
+be done (bad arguments, missing weights, no face in a verify photo, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import CommandError
+from ..face.align import ALIGN_MODES, AlignmentError
+from ..face.backends import ALIGNER_CHOICES, make_detector
+from ..face.detector import NoFaceFound
+from ..face.landmark_files import LANDMARK_COLUMNS
+from ..files import write_csv, write_png
+from ..gallery.search import GalleryIndexError
+from ..images import ImageLoadError
+from ..landmarks import LandmarkFileError
+from ..thresholds import DEFAULT_THRESHOLD
+from ..zoo.catalog import DEFAULT_ALIGNER_WEIGHTS
+from .options import (
+    add_device_option,
+    add_model_options,
+    add_output_option,
+    add_overwrite_option,
+    add_quiet_option,
+    add_workers_option,
+)
+
+if TYPE_CHECKING:  # the model side (torch) is imported by the commands that run it, not by `kprpe --help`
+    from ..face.detector import FaceDetector
+    from ..face.embedder import FaceEmbedder
+    from ..face.pipeline import FacePipeline
+
+__all__ = ["register"]
+
+
+# ------------------------------------------------------------------------------------------- shared options
+
+
+def _upsample(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or 0..4, got {text!r}") from None
+    if not 0 <= value <= 4:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or 0..4, got {value}")
+    return value
+
+
+def add_aligner_options(group, *, device: bool) -> None:
+    """``--aligner dlib|dfa``, ``--aligner-weights``, ``--min-aligner-score`` (and ``--device`` for commands
+    without model options)."""
+    group.add_argument(
+        "--aligner",
+        choices=ALIGNER_CHOICES,
+        default="dlib",
+        help="landmark backend: dlib (offline, no download; default) or dfa (the official CVLface "
+        "Differentiable Face Aligner the published KP-RPE weights were trained with; its own crop is used)",
+    )
+    group.add_argument(
+        "--aligner-weights",
+        metavar="W",
+        default=DEFAULT_ALIGNER_WEIGHTS,
+        help=f"DFA checkpoint file/folder or Hugging Face repo id (default {DEFAULT_ALIGNER_WEIGHTS})",
+    )
+    group.add_argument(
+        "--min-aligner-score",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --aligner dfa: reject photos whose DFA face score is below S in [0, 1] (default: keep "
+        "all; the DFA always returns its best guess, see docs/face.md)",
+    )
+    if device:
+        add_device_option(group)
+
+
+def _add_pipeline_options(
+    parser: argparse.ArgumentParser, *, all_faces: bool = True, device: bool = False
+) -> None:
+    group = parser.add_argument_group("faces")
+    add_aligner_options(group, device=device)
+    group.add_argument(
+        "--mode",
+        choices=ALIGN_MODES,
+        default="aligned",
+        help="aligned: similarity transform to the ArcFace template (default); unaligned: detector box "
+        "resized to 112, keypoints follow; prealigned: inputs already are 112x112 crops",
+    )
+    group.add_argument(
+        "--detector",
+        choices=("hog", "cnn"),
+        default="hog",
+        help="dlib face detector: hog (fast, default) or cnn (more robust, slow on CPU)",
+    )
+    group.add_argument(
+        "--landmark-model",
+        choices=("68", "5"),
+        default="68",
+        help="dlib shape model: 68 points (default) or 5 points (mouth corners estimated)",
+    )
+    group.add_argument(
+        "--upsample",
+        type=_upsample,
+        default="auto",
+        help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4",
+    )
+    group.add_argument("--min-score", type=float, default=0.0, help="detector score threshold (default 0)")
+    group.add_argument(
+        "--min-face-size", type=float, default=0.0, help="ignore faces smaller than this many pixels"
+    )
+    group.add_argument(
+        "--landmarks",
+        metavar="FILE",
+        help="use keypoints from this CSV/JSON file (any external detector) instead of dlib",
+    )
+    group.add_argument(
+        "--landmarks-normalized",
+        action="store_true",
+        help="coordinates in --landmarks are fractions of image width/height, not pixels",
+    )
+    if all_faces:
+        group.add_argument("--all-faces", action="store_true", help="keep every face, not only the largest")
+    add_quiet_option(parser)
+
+
+def _add_flip_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="flip-sum test-time augmentation even with --aligner dfa (whose official pipeline, and so "
+        "its default here, has none)",
+    )
+
+
+def _detector(args: argparse.Namespace) -> FaceDetector:
+    """The backend the face options name (built by :func:`kprpe.face.backends.make_detector`)."""
+    return make_detector(
+        args.aligner,
+        landmarks=args.landmarks,
+        landmarks_normalized=args.landmarks_normalized,
+        detector=args.detector,
+        landmark_model=args.landmark_model,
+        upsample=args.upsample,
+        min_score=args.min_score,
+        aligner_weights=args.aligner_weights,
+        min_aligner_score=args.min_aligner_score,
+        device=getattr(args, "device", "cpu"),
+        batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
+    )
+
+
+def _pipeline(args: argparse.Namespace) -> FacePipeline:
+    from ..face.pipeline import FacePipeline
+
+    return FacePipeline(
+        _detector(args),
+        mode=args.mode,
+        all_faces=getattr(args, "all_faces", False),
+        min_face_size=args.min_face_size,
+        batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
+    )
+
+
+def _flip(args: argparse.Namespace) -> bool:
+    """Flip TTA: on by default with dlib; off by default with the DFA, whose official pipeline has none
+    (``--flip`` turns it on, ``--no-flip`` off, either way)."""
+    if getattr(args, "flip", False) and args.no_flip:
+        raise CommandError("--flip and --no-flip contradict each other; give one")
+    if getattr(args, "flip", False):
+        return True
+    return not args.no_flip and getattr(args, "aligner", "dlib") != "dfa"
+
+
+def _embedder(args: argparse.Namespace) -> FaceEmbedder:
+    from ..face.embedder import FaceEmbedder
+    from ..nn import CheckpointError
+
+    if args.batch_size <= 0:
+        raise CommandError(f"--batch-size must be positive, got {args.batch_size}")
+    from ..zoo import ZooError, resolve
+
+    try:
+        weights = resolve(args.weights, kind="recognition")  # a path, or a repo id -> its verified snapshot
+    except ZooError as exc:
+        raise CommandError(str(exc)) from None
+    if getattr(args, "engine", "torch") == "onnx":
+        from ..export import load_engine
+
+        engine = load_engine(weights, device=args.device)  # OnnxModelError: a one-line KprpeError
+        return FaceEmbedder(engine, flip=_flip(args), batch_size=args.batch_size, device="cpu")
+    try:
+        return FaceEmbedder.from_weights(
+            weights, flip=_flip(args), batch_size=args.batch_size, device=args.device
+        )
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise CommandError(f"cannot load weights {weights}: {exc}") from None
+    except (RuntimeError, AssertionError) as exc:  # torch: unknown device, CUDA not available
+        raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
+
+
+def _report_failures(command: str, failed: list[tuple[str, str]]) -> list[dict]:
+    for path, reason in failed:
+        print(f"kprpe {command}: skipped {path}: {reason}", file=sys.stderr)
+    return [{"file": path, "reason": reason} for path, reason in failed]
+
+
+def _require_finite(values, what: str, weights) -> None:
+    """NaN or infinite embeddings come from broken weights (e.g. a diverged training run): refuse them."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        bad = int(
+            (~np.isfinite(values.reshape(len(values), -1) if values.ndim else values.reshape(1, 1)))
+            .any(-1)
+            .sum()
+        )
+        raise CommandError(
+            f"the model produced non-finite {what} ({bad} affected) with weights {weights}; "
+            "the checkpoint is broken (did its training diverge?) — nothing was written"
+        )
+
+
+def _score(value) -> float | None:
+    """A face's detector/aligner score for JSON (None when the backend gives none)."""
+    return None if value is None else round(float(value), 6)
+
+
+def _print_json(payload: dict) -> None:
+    # strict JSON: a NaN or infinity is a bug upstream and must not reach a consumer as invalid JSON
+    print(json.dumps(payload, indent=2, allow_nan=False))
+
+
+def _unique_stem(stem: str, used: set[str]) -> str:
+    candidate, counter = stem, 2
+    while candidate in used:
+        candidate = f"{stem}-{counter}"
+        counter += 1
+    used.add(candidate)
+    return candidate
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+ALIGN_MARKER = ".kprpe-align"
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from ..face.draw import draw_keypoints
+    from ..files import OutputFolderError, check_output_folder, staged_folder
+
+    out = Path(args.output)
+    try:  # a folder holding inputs or files align did not write is refused before any work is done
+        check_output_folder(out, ALIGN_MARKER, inputs=args.inputs)
+    except OutputFolderError as exc:
+        raise CommandError(str(exc)) from None
+    if args.show:
+        _check_show(args, out)
+    pipeline = _pipeline(args)
+    failed: list[tuple[str, str]] = []  # each chunk's crops are written, then dropped (bounded memory)
+    sources: set[str] = set()
+    # crops, landmarks.csv and failures.csv are committed together: they replace an earlier run's set whole
+    with staged_folder(out, ALIGN_MARKER, inputs=args.inputs) as folder:
+        used: set[str] = set()
+        rows, scores = [], []
+        shown = None  # (source, face) of the first face, for --show
+        for part in pipeline.iter_batches(args.inputs, progress=not args.quiet):
+            failed.extend(part.failures)
+            for record in part.records:
+                sources.add(record.source)
+                if args.show and shown is None:  # kept only when asked: crops are otherwise let go per chunk
+                    shown = (record.source, record.face)
+                stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
+                stem = _unique_stem(stem, used)
+                write_png(folder / f"{stem}.png", record.face.image)
+                if args.draw:
+                    write_png(folder / "draw" / f"{stem}.png", draw_keypoints(record.face))
+                rows.append([f"{stem}.png", *(f"{v:.6f}" for v in record.face.keypoints.reshape(-1))])
+                scores.append({"file": f"{stem}.png", "score": _score(record.face.score)})
+        if args.show and shown is not None:
+            _write_show(args, *shown, pipeline.detector.name)
+        write_csv(folder / "landmarks.csv", ["file", *LANDMARK_COLUMNS], rows)
+        failures = _report_failures("align", failed)
+        if failures:
+            write_csv(folder / "failures.csv", ["file", "reason"], failed)
+    _print_json(
+        {
+            "output": str(out),
+            "landmarks": str(out / "landmarks.csv"),
+            "faces": len(rows),
+            "images": len(sources) + len(failures),
+            "aligner": pipeline.detector.name,
+            "scores": scores,
+            "failures": failures,
+            **({"show": args.show} if args.show and shown is not None else {}),
+        }
+    )
+    return 1 if failures else 0
+
+
+def _check_show(args: argparse.Namespace, out: Path) -> None:
+    """``align --show PNG``: one photo, a new file outside the output folder (which align replaces whole)."""
+    from ..files import check_output_path
+
+    if len(args.inputs) != 1 or Path(args.inputs[0]).is_dir():
+        raise CommandError("--show draws one photo: give exactly one image file")
+    show = Path(args.show).resolve()
+    if show == out.resolve() or out.resolve() in show.parents:
+        raise CommandError(f"--show {args.show} is inside the output folder {out}; write it elsewhere")
+    check_output_path(args.show, inputs=args.inputs)
+
+
+def _write_show(args: argparse.Namespace, source: str, face, aligner: str) -> None:
+    from ..files import write_png
+    from ..images import load_image
+    from .draw import alignment_picture
+
+    _check_show(args, Path(args.output))  # again: time has passed since the first check
+    try:
+        photo = load_image(source)
+    except ImageLoadError as exc:
+        raise CommandError(str(exc)) from None
+    score = "" if face.score is None else f", face score {face.score:.3f}"
+    caption = f"{Path(source).name}: aligner {aligner}{score}; the 112x112 crop the model reads"
+    write_png(args.show, alignment_picture(photo, face, caption))
+
+
+def _workers(args: argparse.Namespace) -> int | None:
+    if args.workers is not None and args.workers < 0:
+        raise CommandError(f"--workers must be >= 0, got {args.workers}")
+    return args.workers  # None: kprpe.streaming.stream.resolve_workers picks from the number of inputs
+
+
+def _skipped(command: str):
+    from tqdm.auto import tqdm
+
+    return lambda path, reason: tqdm.write(f"kprpe {command}: skipped {path}: {reason}", file=sys.stderr)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    """Streams (streaming/stream.py) into a resumable output (streaming/shards.py)."""
+    from ..files import check_not_input
+    from ..streaming.shards import embed_to_output
+
+    # an existing output this command wrote is continued or (--overwrite) replaced: embed_to_output's rule
+    check_not_input(args.output, [*args.inputs, str(args.weights)], inside=False)
+    pipeline = _pipeline(args)
+    embedder = _embedder(args)
+    summary = embed_to_output(
+        args.inputs,
+        args.output,
+        pipeline=pipeline,
+        embedder=embedder,
+        fps=args.fps,
+        workers=_workers(args),
+        pipeline_factory=functools.partial(_pipeline, args),  # each worker builds its own detector
+        overwrite=args.overwrite,
+        shard_rows=args.shard_rows,
+        progress=not args.quiet,
+        info={"weights": str(args.weights)},
+        on_failure=_skipped("embed"),
+    )
+    _print_json(summary.to_dict())
+    return 1 if summary.failures else 0
+
+
+def _check_output(path, args: argparse.Namespace, inputs: list, *, overwrite: bool | None = None) -> None:
+    """The one output rule (kprpe.files.check_output_path) with this command's inputs and --weights."""
+    from ..files import check_output_path
+
+    weights = [args.weights] if isinstance(getattr(args, "weights", None), str) else []
+    landmarks = [args.landmarks] if isinstance(getattr(args, "landmarks", None), str) else []
+    overwrite = args.overwrite if overwrite is None else overwrite
+    check_output_path(path, inputs=[*inputs, *weights, *landmarks], overwrite=overwrite)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from ..face.draw import side_by_side
+    from ..face.pipeline import verify
+
+    if args.visualize:  # before the model is loaded: a refusal should not cost a run
+        _check_output(args.visualize, args, [args.a, args.b])
+    if args.show:
+        _check_output(args.show, args, [args.a, args.b])
+        if args.visualize and Path(args.show).resolve() == Path(args.visualize).resolve():
+            raise CommandError("--show and --visualize name the same file; give two")
+    pipeline = _pipeline(args)
+    embedder = _embedder(args)
+    choice = _threshold(args, embedder)
+    try:
+        result = verify(args.a, args.b, pipeline=pipeline, embedder=embedder, threshold=choice.threshold)
+    except (ImageLoadError, NoFaceFound, AlignmentError, LandmarkFileError) as exc:
+        raise CommandError(str(exc)) from None
+    _require_finite([result.similarity], "similarity", args.weights)
+    payload = {
+        "a": args.a,
+        "b": args.b,
+        **result.to_dict(),
+        "threshold_source": choice.source,
+        "aligner": pipeline.detector.name,
+        "flip": embedder.flip,
+    }
+    if args.visualize:  # checked again: the photos could have changed while the model ran
+        _check_output(args.visualize, args, [args.a, args.b])
+        picture = side_by_side(*result.faces, result.similarity, result.same, result.threshold)
+        payload["visualization"] = str(write_png(args.visualize, picture))
+    if args.show:
+        from ..images import load_image
+        from .draw import verification_picture
+
+        _check_output(args.show, args, [args.a, args.b])
+        try:
+            photos = (load_image(args.a), load_image(args.b))
+        except ImageLoadError as exc:  # changed or removed while the model ran
+            raise CommandError(str(exc)) from None
+        picture = verification_picture(
+            photos, result.faces, result.similarity, result.same, result.threshold, choice.source
+        )
+        payload["show"] = str(write_png(args.show, picture))
+    _print_json(payload)
+    return 0
+
+
+def _threshold(args: argparse.Namespace, embedder: FaceEmbedder):
+    """--threshold, else the calibration beside --weights (kprpe eval ... --calibrate), else the default."""
+    from ..thresholds import resolve_threshold
+
+    return resolve_threshold(
+        args.threshold,
+        args.weights,
+        model_fingerprint=embedder.fingerprint,
+        flip=embedder.flip,
+        default=DEFAULT_THRESHOLD,
+    )
+
+
+def _cmd_search_enrol(args: argparse.Namespace) -> int:
+    from ..gallery.index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
+
+    pipeline = _pipeline(args)
+    output = Path(args.output)
+    # --append updates the index named by -o; anything else there needs --overwrite
+    _check_output(output, args, [args.gallery], overwrite=args.overwrite or args.append)
+    embedder = _embedder(args)
+    if args.append and output.exists():
+        index = GalleryIndex.load(output, backend=args.backend)
+        index.check_compatible(embedder.fingerprint, embedder.output_dim)
+    else:
+        metadata = {
+            "model_fingerprint": embedder.fingerprint,
+            "output_dim": embedder.output_dim,
+            "flip": embedder.flip,
+            "pipeline": pipeline.describe(),
+            "weights": str(args.weights),
+        }
+        index = GalleryIndex(
+            embedder.output_dim,
+            metadata=metadata,
+            backend=args.backend,
+            approximate_above=args.approximate_above,
+            nlist=args.nlist,
+            nprobe=args.nprobe or DEFAULT_NPROBE,
+        )
+    try:
+        failures = enrol_gallery(
+            index,
+            args.gallery,
+            pipeline=pipeline,
+            embedder=embedder,
+            progress=not args.quiet,
+            workers=_workers(args),
+            pipeline_factory=functools.partial(_pipeline, args),
+        )
+    except GalleryIndexError as exc:
+        raise CommandError(str(exc)) from None
+    for path, reason in failures:
+        print(f"kprpe search enrol: skipped {path}: {reason}", file=sys.stderr)
+    if len(index) == 0:
+        raise CommandError(f"no identity in {args.gallery} had a usable face; nothing enrolled")
+    index.save(output)
+    _print_json(
+        {
+            "output": str(output),
+            "identities": len(index),
+            "index": index.describe(),
+            "failures": [{"file": p, "reason": r} for p, r in failures],
+        }
+    )
+    return 1 if failures else 0
+
+
+def _cmd_search_remove(args: argparse.Namespace) -> int:
+    from ..gallery.index import GalleryIndex
+
+    index = GalleryIndex.load(args.index, backend=args.backend)
+    removed = index.remove(args.identities)
+    index.save(args.index)
+    _print_json({"index": str(args.index), "removed": removed, "identities": len(index)})
+    return 0
+
+
+def _cmd_search_query(args: argparse.Namespace) -> int:
+    from ..gallery.index import GalleryIndex
+
+    if args.top_k <= 0:
+        raise CommandError(f"-k must be positive, got {args.top_k}")
+    index = GalleryIndex.load(args.index, backend=args.backend, nprobe=args.nprobe)
+    pipeline = _pipeline(args)
+    embedder = _embedder(args)
+    index.check_compatible(embedder.fingerprint, embedder.output_dim)
+    choice = _threshold(args, embedder)
+    failed: list[tuple[str, str]] = []
+    results: list[dict] = []  # crops are embedded and dropped an embedder batch at a time
+    pending: list = []
+
+    def search_pending() -> None:
+        unit, _ = embedder.embed_faces([r.face for r in pending])
+        for record, row in zip(pending, index.search(unit, k=args.top_k), strict=True):
+            matches = [
+                {"identity": h.identity, "score": h.score, "same": h.score >= choice.threshold} for h in row
+            ]
+            results.append(
+                {
+                    "name": record.name,
+                    "file": record.source,
+                    "face_index": record.face_index,
+                    "face_score": _score(record.face.score),
+                    "matches": matches,
+                }
+            )
+        pending.clear()
+
+    for part in pipeline.iter_batches(args.inputs, progress=not args.quiet):
+        failed.extend(part.failures)
+        pending.extend(part.records)
+        if len(pending) >= embedder.batch_size:
+            search_pending()
+    if pending:
+        search_pending()
+    failures = _report_failures("search", failed)
+    _print_json(
+        {
+            "index": str(args.index),
+            "threshold": choice.threshold,
+            "threshold_source": choice.source,
+            "results": results,
+            "failures": failures,
+        }
+    )
+    return 1 if failures else 0
+
+
+def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
+    from ..gallery.index import DEFAULT_APPROXIMATE_ABOVE, INDEX_BACKENDS
+
+    group = parser.add_argument_group("index")
+    group.add_argument(
+        "--backend",
+        choices=INDEX_BACKENDS,
+        default="auto",
+        help="faiss, numpy (exact, no dependency) or auto (faiss when installed; default)",
+    )
+    group.add_argument(
+        "--nprobe",
+        type=int,
+        default=None,
+        help="IVF lists searched per query once the index is approximate (recall vs speed)",
+    )
+    if build:
+        group.add_argument(
+            "--approximate-above",
+            type=int,
+            default=DEFAULT_APPROXIMATE_ABOVE,
+            metavar="N",
+            help=f"switch to an IVF index at N identities (default {DEFAULT_APPROXIMATE_ABOVE}; "
+            "0 = always exact)",
+        )
+        group.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(identities))")
+
+
+def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
+    from ..streaming.shards import SHARD_ROWS
+    from ..streaming.stream import DEFAULT_FPS
+
+    group = parser.add_argument_group("streaming")
+    group.add_argument(
+        "--fps",
+        type=float,
+        default=DEFAULT_FPS,
+        help=f"video frames sampled per second (default {DEFAULT_FPS:g})",
+    )
+    add_workers_option(group)
+    add_overwrite_option(group, help="replace OUT (an output of kprpe embed) instead of continuing it")
+    group.add_argument(
+        "--shard-rows",
+        type=int,
+        default=SHARD_ROWS,
+        metavar="N",
+        help=f"rows per committed shard: an interrupted run loses at most this many (default {SHARD_ROWS})",
+    )
+
+
+def register(subparsers) -> None:
+    """Add ``align``, ``embed``, ``verify`` and ``search`` to the ``kprpe`` command."""
+    p = subparsers.add_parser(
+        "align",
+        help="detect faces and write 112x112 crops + landmarks.csv",
+        description="Detect faces, crop them (aligned, unaligned or prealigned) to 112x112 "
+        "PNGs in OUT and write OUT/landmarks.csv (keypoints normalised to the crop).",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
+    add_output_option(p, help="output directory")
+    p.add_argument(
+        "--draw", action="store_true", help="also write OUT/draw/<stem>.png with the keypoints drawn"
+    )
+    p.add_argument(
+        "--show",
+        metavar="PNG",
+        help="(one photo) write the photo with its face box and 5 keypoints beside the crop, as kprpe "
+        "serve's page shows it",
+    )
+    _add_pipeline_options(p, device=True)
+    p.set_defaults(func=_cmd_align)
+
+    p = subparsers.add_parser(
+        "embed",
+        help="embed the faces of photos and videos into Parquet or .npz (resumable)",
+        description="Embed faces with a KP-RPE checkpoint, streaming: workers detect and align while the "
+        "model embeds in batches. OUT.parquet: a Parquet data set (folder of shards); OUT.npz: one .npz "
+        "(allow_pickle=False); other OUT: a folder of shards. Rows: file, name, frame, time, face_index, "
+        "box, landmarks, keypoints, score, embedding (unit), norm; failures are listed. Re-running into "
+        "the same OUT with the same model and options continues it (inputs already done are skipped).",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_VIDEOS_OR_DIRS")
+    add_output_option(p, help="output: OUT.parquet, OUT.npz or a folder", metavar="OUT")
+    _add_pipeline_options(p)
+    add_model_options(p)
+    _add_flip_option(p)
+    _add_embed_stream_options(p)
+    p.set_defaults(func=_cmd_embed)
+
+    p = subparsers.add_parser(
+        "verify",
+        help="compare the largest faces of two photos",
+        description="Prints one JSON object: similarity (cosine), same, threshold, norms, "
+        "keypoints. The threshold depends on the checkpoint: calibrate it.",
+    )
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="cosine similarity at or above which the faces count as the same (default: the calibration "
+        f"beside --weights from 'kprpe eval ... --calibrate FAR', else {DEFAULT_THRESHOLD})",
+    )
+    p.add_argument(
+        "--visualize", metavar="PNG", help="write a side-by-side picture of the crops, keypoints and score"
+    )
+    p.add_argument(
+        "--show",
+        metavar="PNG",
+        help="write what kprpe serve's page shows: each photo with its face box and 5 keypoints, the 112x112 "
+        "crops the model saw, the similarity, the decision and the threshold's source",
+    )
+    add_overwrite_option(p, help="replace an existing --visualize / --show file")
+    _add_pipeline_options(p, all_faces=False)
+    add_model_options(p)
+    _add_flip_option(p)
+    p.set_defaults(func=_cmd_verify)
+
+    p = subparsers.add_parser(
+        "search",
+        help="enrol a gallery of identities, then identify query faces",
+        description="'kprpe search enrol GALLERY -o index.npz' then "
+        "'kprpe search query IMAGES --index index.npz'; 'kprpe search remove "
+        "NAMES --index index.npz'. FAISS when installed, NumPy otherwise.",
+    )
+    search_sub = p.add_subparsers(dest="search_command", metavar="ACTION", required=True)
+    e = search_sub.add_parser(
+        "enrol",
+        aliases=["enroll"],
+        help="build an index from GALLERY/<identity>/<images>",
+        description="One template per identity: the normalised mean of its images' embeddings. "
+        "The index is an .npz that loads with allow_pickle=False.",
+    )
+    e.add_argument("gallery", metavar="GALLERY")
+    add_output_option(e, help="index file to write (.npz)", metavar="INDEX")
+    e.add_argument(
+        "--append",
+        action="store_true",
+        help="add to INDEX if it exists (new identities are added, existing ones pool the new images)",
+    )
+    add_overwrite_option(e, help="replace an existing INDEX (without --append)")
+    _add_pipeline_options(e, all_faces=False)
+    add_model_options(e)
+    _add_flip_option(e)
+    add_workers_option(e)
+    _add_index_options(e, build=True)
+    e.set_defaults(func=_cmd_search_enrol)
+    r = search_sub.add_parser("remove", help="remove identities from an index (no re-enrolment)")
+    r.add_argument("identities", nargs="+", metavar="IDENTITY")
+    r.add_argument("--index", required=True, metavar="INDEX")
+    r.add_argument("--backend", choices=("auto", "faiss", "numpy"), default="auto")
+    r.set_defaults(func=_cmd_search_remove)
+    q = search_sub.add_parser("query", help="top-k identities for the faces of query photos")
+    q.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
+    q.add_argument("--index", required=True, metavar="INDEX")
+    q.add_argument("-k", "--top-k", type=int, default=5, help="identities to return per face (default 5)")
+    q.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="score at or above which a match counts as the same person (default: the calibration beside "
+        f"--weights, else {DEFAULT_THRESHOLD})",
+    )
+    _add_pipeline_options(q)
+    add_model_options(q)
+    _add_flip_option(q)
+    _add_index_options(q, build=False)
+    q.set_defaults(func=_cmd_search_query)

@@ -1,0 +1,124 @@
+"""The ``kprpe`` command. Each command group is a module of this package with a ``register(subparsers)``
+function that imports no model code (the handlers import what they run); this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+
+from ..errors import KprpeError
+
+# Command groups, in the order they appear in ``kprpe --help``; a group whose module is absent is skipped
+# (a task package such as gait adds its cli/<task>.py and its name here).
+COMMAND_MODULES = (
+    "kprpe.cli.face",
+    "kprpe.cli.data",
+    "kprpe.cli.train",
+    "kprpe.cli.eval",
+    "kprpe.cli.gait",
+    "kprpe.cli.experiments",
+    "kprpe.cli.bench",
+    "kprpe.cli.zoo",
+    "kprpe.cli.serve",
+    "kprpe.cli.export",
+)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from ..nn import list_models, num_parameters, preset_config
+    from ..nn.registry import preset_family
+
+    if args.zoo:
+        from .zoo import print_zoo
+
+        print_zoo(as_json=args.json)
+        return 0
+    rows, texts = [], []
+    for name in list_models():
+        family = preset_family(name)  # each family describes its own presets
+        row = dict(name=name, **family.row(preset_config(name)))
+        texts.append(family.describe_text(row))
+        if args.params:
+            from ..nn import create_model
+
+            row["parameters"] = num_parameters(create_model(name))
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r, text in zip(rows, texts, strict=True):
+            extra = f"  {r['parameters']:,} params" if "parameters" in r else ""
+            print(f"{r['name']:<18} {text}{extra}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    return run_demo(model_name=args.model, batch_size=args.batch_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kprpe",
+        description="Face recognition with KP-RPE vision transformers: models, face pipeline, training, "
+        "evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"kprpe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the registered model presets")
+    p.add_argument("--params", action="store_true", help="also build each preset and count its parameters")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--zoo",
+        action="store_true",
+        help="list the published checkpoints loadable by name (repo id, data, reported accuracy, terms)",
+    )
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("demo", help="build a KP-RPE model and embed a few synthetic faces (smoke demo)")
+    p.add_argument("--model", default="vit_small_kprpe", help="preset name (default: vit_small_kprpe)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=_cmd_demo)
+
+    for module_name in COMMAND_MODULES:
+        if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) is None:
+            continue
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        importlib.import_module(module_name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KprpeError as exc:  # every deliberate error (CommandError, bad files, configs, checkpoints)
+        print(f"kprpe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`kprpe models --json | head`): not an error of ours. Point stdout at devnull
+        # so the interpreter's final flush does not raise again, and exit like other Unix tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

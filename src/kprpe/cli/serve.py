@@ -1,0 +1,232 @@
+"""``kprpe serve``: load the model (and index) once, then answer HTTP requests until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import CommandError, KprpeError
+
+__all__ = ["register", "build_service"]
+
+
+def build_service(args: argparse.Namespace):
+    """Model, aligner, index and threshold from the command line (shared by the CLI and the tests)."""
+    from ..face.detector import MissingDependencyError
+    from ..face.embedder import FaceEmbedder
+    from ..face.pipeline import DEFAULT_THRESHOLD
+    from ..nn import CheckpointError
+    from ..serve.app import FaceService
+    from ..thresholds import resolve_threshold
+    from ..zoo import ZooError, resolve
+
+    try:
+        weights = resolve(args.weights, kind="recognition")  # a path, or a published repo id -> its snapshot
+    except ZooError as exc:
+        raise CommandError(str(exc)) from None
+    if getattr(args, "flip", False) and args.no_flip:
+        raise CommandError("--flip and --no-flip contradict each other; give one")
+    # the DFA's official pipeline has no flip TTA, so neither has --aligner dfa unless --flip asks for it
+    flip = getattr(args, "flip", False) or (not args.no_flip and args.aligner != "dfa")
+    try:
+        embedder = FaceEmbedder.from_weights(weights, flip=flip, batch_size=2, device=args.device)
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise CommandError(f"cannot load weights {weights}: {exc}") from None
+    except (RuntimeError, AssertionError) as exc:
+        raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
+    index = None
+    if args.index:
+        from ..gallery.index import GalleryIndex
+
+        index = GalleryIndex.load(args.index, nprobe=args.nprobe)
+    choice = resolve_threshold(
+        args.threshold,
+        weights,
+        model_fingerprint=embedder.fingerprint,
+        flip=embedder.flip,
+        default=DEFAULT_THRESHOLD,
+    )
+    try:
+        return FaceService(
+            embedder,
+            aligner=args.aligner,
+            index=index,
+            threshold=choice.threshold,
+            threshold_source=choice.source,
+            index_path=args.index or None,
+            api_key=getattr(args, "api_key", None) or os.environ.get("KPRPE_API_KEY") or None,
+            aligner_options={
+                "detector": args.detector,
+                "landmark_model": args.landmark_model,
+                "weights": getattr(args, "aligner_weights", None),
+                "device": args.device,
+                "min_score": getattr(args, "min_aligner_score", None),
+            },
+        )
+    except MissingDependencyError as exc:
+        raise CommandError(str(exc)) from None
+    except ValueError as exc:  # AlignerLoadError (bad DFA weights, device or score) is one too
+        raise CommandError(str(exc)) from None
+
+
+def limits_from_args(args: argparse.Namespace):
+    from ..serve.app import ServeLimits
+
+    return ServeLimits(
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=int(args.max_megapixels * 1e6),
+        request_timeout_s=args.timeout,
+        max_concurrent=args.max_concurrent,
+        max_queued=args.max_queued,
+        read_timeout_s=args.read_timeout,
+        idle_timeout_s=args.idle_timeout,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve.app import server_config
+        from ..serve.routes import create_app
+    except ImportError as exc:
+        raise CommandError(
+            f"kprpe serve needs FastAPI and uvicorn ({exc}); pip install 'kprpe[serve]'"
+        ) from None
+    try:
+        limits = limits_from_args(args)
+    except KprpeError as exc:  # a limit that is not positive
+        raise CommandError(str(exc)) from None
+    service = build_service(args)
+    from .routes import is_loopback
+
+    app = create_app(service, limits, host=args.host)
+    writes = (
+        "gallery changes need the API key" if service.api_key
+        else "gallery changes allowed (loopback only)" if is_loopback(args.host)
+        else "gallery changes refused (no --api-key)"
+    )
+    print(
+        f"kprpe serve: page and API at http://{args.host}:{args.port}/ ; {writes}; aligner={service.aligner} "
+        f"threshold={service.threshold:g} ({service.threshold_source})"
+        + (f" index={args.index} ({len(service.index)} identities)" if service.index is not None else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    config = server_config(app, limits, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``serve`` to the ``kprpe`` command."""
+    from ..serve.app import ALIGNERS, ServeLimits
+
+    defaults = ServeLimits()
+    p = subparsers.add_parser(
+        "serve",
+        help="HTTP service: a web page at / and /embed, /verify, /search, /health (FastAPI + uvicorn)",
+        description="Serve a KP-RPE checkpoint over HTTP. POST /embed (file 'image'), /verify (files 'a', "
+        "'b'), "
+        "/search (file 'image', form 'k'); GET /health. JSON answers; errors are JSON with a 4xx "
+        "status. See docs/serving.md.",
+    )
+    p.add_argument("--weights", required=True, metavar="W",
+                   help="checkpoint file or directory, or a published repo id (see kprpe models --zoo)")
+    p.add_argument(
+        "--aligner",
+        choices=sorted(ALIGNERS),
+        default="dlib",
+        help="dlib: detect faces and landmarks (default); dfa: the official DFA aligner (its crop, "
+        "no flip TTA unless --flip); supplied: clients send 5 keypoints per image",
+    )
+    p.add_argument(
+        "--aligner-weights",
+        metavar="W",
+        default="minchul/cvlface_DFA_mobilenet",
+        help="DFA checkpoint file/folder or repo id (default minchul/cvlface_DFA_mobilenet)",
+    )
+    p.add_argument(
+        "--min-aligner-score",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --aligner dfa: answer 422 'no face' when the DFA face score is below S",
+    )
+    p.add_argument(
+        "--index", metavar="INDEX", help="gallery index from 'kprpe search enrol' (enables /search)"
+    )
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help="key the page's gallery changes (enrol/remove, header X-API-Key) must carry (default: env "
+        "KPRPE_API_KEY). Without one, changes are allowed only when --host is a loopback address",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="same-person threshold (default: the calibration beside --weights, else 0.3)",
+    )
+    p.add_argument(
+        "--nprobe", type=int, default=None, help="IVF lists searched per query (approximate indexes)"
+    )
+    p.add_argument("--detector", choices=("hog", "cnn"), default="hog", help="dlib detector (default hog)")
+    p.add_argument(
+        "--landmark-model", choices=("68", "5"), default="68", help="dlib shape model (default 68)"
+    )
+    p.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
+    p.add_argument("--flip", action="store_true", help="flip test-time augmentation even with --aligner dfa")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    g = p.add_argument_group("limits")
+    g.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=defaults.max_upload_bytes / 2**20,
+        help="largest file per upload field, MiB (default %(default)g)",
+    )
+    g.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=defaults.max_pixels / 1e6,
+        help="largest image, megapixels, checked before decoding (default %(default)g)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.request_timeout_s,
+        help="seconds a request may take, waiting included (default %(default)g)",
+    )
+    g.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=defaults.max_concurrent,
+        help="requests decoding/inferring at once (default %(default)d; the model runs one at a time)",
+    )
+    g.add_argument(
+        "--max-queued",
+        type=int,
+        default=defaults.max_queued,
+        help="requests allowed to wait or stream their body in; more get a JSON 503 (default %(default)d)",
+    )
+    g.add_argument(
+        "--read-timeout",
+        type=float,
+        default=defaults.read_timeout_s,
+        help="seconds a connection may take to send its request headers, and then its body; slower ones are "
+        "closed or answered 408 (default %(default)g)",
+    )
+    g.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=defaults.idle_timeout_s,
+        help="seconds an idle keep-alive connection is kept open (default %(default)g)",
+    )
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=_cmd_serve)

@@ -1,0 +1,20 @@
+"""The gallery: identities pooled from embeddings and searched exactly or with FAISS (:mod:`.index`), the
+gallery folder layout and exact top-k (:mod:`.search`). Task-neutral: it stores vectors, whatever made them.
+"""
+
+from __future__ import annotations
+
+from ..lazy import lazy_exports
+
+# public name -> the module that defines it, imported the first time the name is read
+_EXPORTS = {
+    "GalleryIndex": ".index",
+    "enrol_gallery": ".index",
+    "GalleryIndexError": ".search",
+    "SearchHit": ".search",
+    "exact_top_k": ".search",
+    "gallery_images": ".search",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = ["GalleryIndex", "GalleryIndexError", "SearchHit", "enrol_gallery", "exact_top_k", "gallery_images"]

@@ -1,0 +1,132 @@
+"""The ``kprpe`` command's structure: shared options spelled once, no command module importing the CLI
+back, no torch for ``import kprpe`` or ``kprpe --help``."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kprpe.cli import COMMAND_MODULES, build_parser, main
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "kprpe"
+
+
+def test_command_modules_import_errors_not_the_cli():
+    # cli/main.py imports the command modules; a command module importing it back would be a hidden loop
+    for name in COMMAND_MODULES:
+        path = SRC / Path(*name.split(".")[1:]).with_suffix(".py")
+        if not path.exists():  # a group whose package is not there (yet)
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                assert module not in (".main", "kprpe.cli.main", "kprpe.cli", "."), f"{path} imports the CLI"
+
+
+def _subparser(*names: str):
+    parser = build_parser()
+    for name in names:
+        parser = parser._subparsers._group_actions[0].choices[name]
+    return parser
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("eval", "verify"),
+        ("eval", "sweep"),
+        ("embed",),
+        ("experiment", "digits"),
+        ("bench",),
+        ("pack",),
+        ("landmarks",),
+        ("align",),
+    ],
+)
+def test_output_is_spelled_dash_o_everywhere(names):
+    options = {s for a in _subparser(*names)._actions for s in a.option_strings}
+    assert {"-o", "--output"} <= options
+
+
+def test_output_has_one_spelling_and_is_required(capsys):
+    args = build_parser().parse_args(["eval", "verify", "--weights", "w", "--bin", "b.bin", "-o", "folder"])
+    assert str(args.output) == "folder"
+    # the hidden, deprecated --out alias is gone (argparse still takes --out as an abbreviation of --output)
+    options = {s for a in _subparser("eval", "verify")._actions for s in a.option_strings}
+    assert "--out" not in options
+    build_parser().parse_args(["eval", "verify", "--weights", "w", "--bin", "b.bin", "--out", "folder"])
+    assert "deprecated" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "verify", "--weights", "w", "--bin", "b.bin"])
+    assert "-o/--output" in capsys.readouterr().err
+
+
+def test_one_device_default_for_face_eval_and_bench():
+    parser = build_parser()
+    embed = parser.parse_args(["embed", "x.jpg", "-o", "e.npz", "--weights", "w"])
+    verify = parser.parse_args(["eval", "verify", "--weights", "w", "--bin", "b", "-o", "o"])
+    bench = parser.parse_args(["bench"])
+    assert embed.device == verify.device == bench.device == "cpu"
+
+
+def test_bad_option_combination_is_one_line_under_python_m(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "kprpe.cli", "train", str(tmp_path / "x.yaml"), "--resume",
+                          "--resume-from", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("kprpe train: error: use either --resume (latest checkpoint of the run) or "
+                                  "--resume-from DIR, not both")
+
+
+def test_main_without_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_a_closed_pipe_is_not_a_traceback():
+    """`kprpe models --json | head -1` once printed a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    # more output than a pipe buffer holds, so the writer is still writing when the reader leaves
+    script = (
+        "import sys; from kprpe.cli import main; "
+        "sys.exit(max(main(['models', '--json']) for _ in range(300)))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # the reader goes away after the first bytes, like `head -c 10`
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert code == 141
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import kprpe",
+        "import kprpe.errors",
+        "import kprpe.face, kprpe.eval, kprpe.streaming, kprpe.gallery",
+        "from kprpe.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+    ],
+)
+def test_import_and_help_do_not_load_torch(code):
+    # torch's import alone takes ~3 s: the package, its sub-packages and `kprpe --help` (which registers
+    # every command group) must leave it to the commands that run a model
+    script = f"import sys\n{code}\nprint('torch' in sys.modules, 'kprpe.nn' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "False False", run.stdout
+
+
+def test_lazy_names_load_on_first_use():
+    import kprpe
+    import kprpe.face
+
+    assert callable(kprpe.create_model) and kprpe.face.FacePipeline.__name__ == "FacePipeline"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        kprpe.face.nope  # noqa: B018
+    assert "FacePipeline" in dir(kprpe.face)

