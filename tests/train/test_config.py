@@ -50,5 +50,7 @@ def test_shipped_configs_are_valid():
 
     root = Path(__file__).resolve().parents[2] / "configs"
     for path in sorted(root.glob("*.yaml")):
+        if "task: gait" in path.read_text():
+            continue  # kprpe.train.gait's configs: tests/train/test_gait_train.py
         cfg = load_config(path)
         assert cfg.data.train

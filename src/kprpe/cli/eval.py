@@ -280,6 +280,10 @@ def register(subparsers) -> None:
 
     _register_keypoint_noise(sub)
 
+    from .eval_gait import register_gait
+
+    register_gait(sub)
+
     p = sub.add_parser(
         "sweep",
         help="accuracy vs alignment (paper Fig. 5), several checkpoints in one plot",

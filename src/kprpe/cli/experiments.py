@@ -149,6 +149,9 @@ def register(subparsers) -> None:
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_digits)
+    from .experiment_gait import register_gait
+
+    register_gait(sub)
     p.set_defaults(func=lambda args: _no_experiment(p))
 
 

@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError, load_official, load_weights, read_state
 from .vit_family import infer_config  # isort: skip
 from .iresnet import IResNet, IResNetConfig  # isort: skip
 from .swin import SwinConfig, SwinTransformer  # isort: skip
+from .swingait import SwinGait, SwinGaitConfig  # isort: skip
 from .keypoint_rpe import KeypointRPE, patch_centres, relative_keypoints
 from .position import gather_bias
 from .registry import (
@@ -27,6 +28,8 @@ from .registry import (
 from .vit import VisionTransformer, ViTConfig, normalize_embedding, num_parameters
 
 __all__ = [
+    "SwinGait",
+    "SwinGaitConfig",
     "Attention",
     "Block",
     "CheckpointError",
