@@ -328,7 +328,7 @@ def test_every_preset_output_shape(name, img_size):
     assert tuple(out.shape) == (3, 512)
 
 
-def test_preset_list_has_both_families():
+def test_preset_list_has_every_family():
     names = set(kprpe.list_models())
     assert {
         "ir_18",
@@ -341,7 +341,7 @@ def test_preset_list_has_both_families():
         "ir_se_50",
         "ir_se_101",
     } <= names
-    families = ("vit", "iresnet", "swin")
+    families = ("vit", "iresnet", "swin", "swingait")
     assert set().union(*(kprpe.list_models(family) for family in families)) == names
 
 

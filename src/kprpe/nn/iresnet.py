@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, check_fits_before_allocating, load_weights
-from .registry import register_family, register_model
+from .registry import config_from_dict, register_family, register_model
 
 __all__ = [
     "COLOR_SPACES",
@@ -196,15 +196,7 @@ class IResNetConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping) -> IResNetConfig:
-        values = dict(values)
-        arch = values.pop("arch", cls.arch)
-        if arch != cls.arch:
-            raise ValueError(f"config is for architecture {arch!r}, not {cls.arch!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown IResNet config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values).validate()
+        return config_from_dict(cls, values, "IResNet")
 
 
 # ---------------------------------------------------------------------- model

@@ -24,6 +24,7 @@ are ViTs (:data:`DEFAULT_ARCH`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from torch import nn
 
 __all__ = [
+    "config_from_dict",
     "DEFAULT_ARCH",
     "ModelFamily",
     "register_family",
@@ -80,6 +82,21 @@ class ModelFamily:
 _FAMILIES: dict[str, ModelFamily] = {}
 _PRESETS: dict[str, dict] = {}
 _FAMILY_OF: dict[str, str] = {}  # preset name -> family name
+
+
+
+def config_from_dict(cls, values: Mapping, title: str):
+    """The ``from_dict`` every family's config dataclass shares: drop a matching ``"arch"`` (refuse another),
+    refuse unknown keys naming the known ones, build and validate. ``title`` names the family in errors."""
+    values = dict(values)
+    arch = values.pop("arch", cls.arch)
+    if arch != cls.arch:
+        raise ValueError(f"config is for architecture {arch!r}, not {cls.arch!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {title} config keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values).validate()
 
 
 def register_family(

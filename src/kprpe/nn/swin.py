@@ -31,7 +31,7 @@ from .attention import DropPath
 from .buckets import METHODS
 from .checkpoint import CheckpointError
 from .keypoint_rpe import KP_SHARINGS, WINDOW_BIAS_IMPLS, KeypointRPE, _rename
-from .registry import register_family, register_model
+from .registry import config_from_dict, register_family, register_model
 from .windows import merge, partition, shift_mask
 
 __all__ = [
@@ -166,15 +166,7 @@ class SwinConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping) -> SwinConfig:
-        values = dict(values)
-        arch = values.pop("arch", cls.arch)
-        if arch != cls.arch:
-            raise ValueError(f"config is for architecture {arch!r}, not {cls.arch!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown Swin config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values).validate()
+        return config_from_dict(cls, values, "Swin")
 
 
 # ---------------------------------------------------------------------- modules

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .keypoint_rpe import KeypointRPE, patch_centres, relative_keypoints
+from .registry import config_from_dict
 from .swin import SwinBlockV2, SwinConfig
 from .windows import window_index
 
@@ -144,15 +145,7 @@ class SwinGaitConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping) -> SwinGaitConfig:
-        values = dict(values)
-        arch = values.pop("arch", cls.arch)
-        if arch != cls.arch:
-            raise ValueError(f"config is for architecture {arch!r}, not {cls.arch!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown SwinGait config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values).validate()
+        return config_from_dict(cls, values, "SwinGait")
 
 
 # The paper-scale model (NOTES 1.1, "B1442 C2" with 2-D blocks): stem 64 / 128 channels with 1 and 4 blocks,

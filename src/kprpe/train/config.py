@@ -350,10 +350,9 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config, apply overrides, validate. Relative data paths are resolved against the config
-    file's directory when they exist there (so shipped configs work from any working directory)."""
-    path = Path(path)
+def read_config_values(path: Path, overrides: list[str] | None = None) -> dict:
+    """A YAML training config as a dict of sections, with ``section.key=value`` overrides applied (shared by
+    the face and the gait trainer); a missing file, bad YAML or a non-mapping is a :class:`ConfigError`."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -363,6 +362,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, head, ...)")
     apply_overrides(values, list(overrides or []))
+    return values
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply overrides, validate. Relative data paths are resolved against the config
+    file's directory when they exist there (so shipped configs work from any working directory)."""
+    path = Path(path)
+    values = read_config_values(path, overrides)
     cfg = config_from_dict(values)
     base = path.parent
     for section, name in (("data", "train"), ("data", "landmarks"), ("model", "pretrained")):

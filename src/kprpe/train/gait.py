@@ -25,7 +25,7 @@ from torch import nn
 from ..eval.gait_model import collate_sequences, evaluate_model
 from ..files import check_not_input, write_json
 from .checkpoint import CheckpointState, latest_checkpoint, restore_checkpoint, save_checkpoint
-from .config import ConfigError, _build, apply_overrides
+from .config import ConfigError, _build, read_config_values
 from .distributed import init_distributed
 from .schedule import lr_factor
 
@@ -161,18 +161,8 @@ def is_gait_config(values: dict) -> bool:
 def load_gait_config(path: str | os.PathLike, overrides: list[str] | None = None) -> GaitTrainConfig:
     """Read a ``task: gait`` YAML config, apply ``section.key=value`` overrides, validate; relative data
     paths resolve against the config's folder when they exist there."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections")
-    apply_overrides(values, list(overrides or []))
+    values = read_config_values(path, overrides)
     cfg = _build(GaitTrainConfig, values, "")
     for name in ("root", "partition"):
         value = getattr(cfg.data, name)
