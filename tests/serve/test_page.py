@@ -212,13 +212,13 @@ def test_only_loopback_hosts_allow_keyless_writes(host, loopback):
 def test_serve_takes_the_key_from_the_option_or_the_environment(monkeypatch, embedder, tmp_path):
     import argparse
 
-    from kprpe.serve.commands import register
+    from kprpe.cli.serve import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["serve", "--weights", "w", "--api-key", "k1"])
     assert args.api_key == "k1"
-    from kprpe.serve import commands
+    from kprpe.cli import serve as commands
 
     monkeypatch.setenv("KPRPE_API_KEY", "from-env")
     monkeypatch.setattr("kprpe.face.embedder.FaceEmbedder.from_weights", lambda *a, **k: embedder)

@@ -325,7 +325,7 @@ def _check_show(args: argparse.Namespace, out: Path) -> None:
 def _write_show(args: argparse.Namespace, source: str, face, aligner: str) -> None:
     from ..files import write_png
     from ..images import load_image
-    from .draw import alignment_picture
+    from ..face.draw import alignment_picture
 
     _check_show(args, Path(args.output))  # again: time has passed since the first check
     try:
@@ -418,7 +418,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         payload["visualization"] = str(write_png(args.visualize, picture))
     if args.show:
         from ..images import load_image
-        from .draw import verification_picture
+        from ..face.draw import verification_picture
 
         _check_output(args.show, args, [args.a, args.b])
         try:

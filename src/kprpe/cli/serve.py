@@ -99,7 +99,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except KprpeError as exc:  # a limit that is not positive
         raise CommandError(str(exc)) from None
     service = build_service(args)
-    from .routes import is_loopback
+    from ..serve.routes import is_loopback
 
     app = create_app(service, limits, host=args.host)
     writes = (
