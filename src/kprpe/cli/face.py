@@ -323,9 +323,9 @@ def _check_show(args: argparse.Namespace, out: Path) -> None:
 
 
 def _write_show(args: argparse.Namespace, source: str, face, aligner: str) -> None:
+    from ..face.draw import alignment_picture
     from ..files import write_png
     from ..images import load_image
-    from ..face.draw import alignment_picture
 
     _check_show(args, Path(args.output))  # again: time has passed since the first check
     try:
@@ -417,8 +417,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         picture = side_by_side(*result.faces, result.similarity, result.same, result.threshold)
         payload["visualization"] = str(write_png(args.visualize, picture))
     if args.show:
-        from ..images import load_image
         from ..face.draw import verification_picture
+        from ..images import load_image
 
         _check_output(args.show, args, [args.a, args.b])
         try:
