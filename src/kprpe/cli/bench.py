@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from ..bench.runner import Case, format_engine_table, format_table, machine_info, run_suite
 from ..errors import CommandError
-from ..files import write_json
-from .options import add_device_option, add_output_option
+from ..files import check_output_path, write_json
+from .options import add_device_option, add_output_option, add_overwrite_option
 
 BIAS_PATHS = ("naive", "gather", "index", "onehot", "decomposed")
 
@@ -113,7 +115,20 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
+BENCH_MARKER = "kprpe bench"  # written into every result file, so the next run may replace its own file
+
+
+def _written_by_bench(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("written_by") == BENCH_MARKER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    # the one output rule (kprpe.files.check_output_path), before any work; a previous bench result at the
+    # same path is this command's own file and is replaced, anything else needs --overwrite
+    check_output_path(args.output, overwrite=args.overwrite or _written_by_bench(Path(args.output)))
     if args.smoke:
         args.sizes, args.batch_sizes, args.repeats, args.warmup, args.rounds, args.in_process = (
             ["micro"],
@@ -164,6 +179,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if engines:
         print("\nONNX Runtime vs eager PyTorch (inference):\n" + engines)
     payload = {
+        "written_by": BENCH_MARKER,
         "machine": info,
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "results": results,
@@ -243,6 +259,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_option(
         p, help="JSON output file", required=False, default="runs/bench/bench.json", metavar="JSON"
     )
+    add_overwrite_option(p, help="replace an existing output file that an earlier kprpe bench did not write")
     p.set_defaults(func=cmd_bench)
 
 
