@@ -75,3 +75,15 @@ def test_landmarks_command_with_the_dlib_backend(tmp_path, synthetic_data):
     )
     kp = read_landmarks(out, num_samples=2)
     assert np.isfinite(kp).all()  # crop mode always yields points (synthetic images are not real faces)
+
+
+def test_make_example_data_never_replaces_data_without_overwrite(tmp_path, capsys):
+    """The one output rule: a second run into the same folder is refused before any work, --overwrite replaces."""
+    args = ["make-example-data", str(tmp_path / "ex"), "--identities", "2", "--images-per-identity", "2", "-q"]
+    assert main(args) == 0
+    landmarks = tmp_path / "ex" / "landmarks.csv"
+    landmarks.write_text("my own edits")
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err and landmarks.read_text() == "my own edits"
+    assert main([*args, "--overwrite"]) == 0
+    assert landmarks.read_text() != "my own edits"

@@ -103,6 +103,12 @@ def _cmd_example_data(args: argparse.Namespace) -> int:
     from ..data.synthetic import make_synthetic_faces
 
     out = Path(args.output)
+    # the one output rule, before any work: files of an earlier data set are replaced only with --overwrite
+    for target in ("train.rec", "train.idx", "landmarks.csv"):
+        check_output_path(out / target, overwrite=args.overwrite)
+    images = out / "images"
+    if images.is_dir() and any(images.iterdir()) and not args.overwrite:
+        raise CommandError(f"{images} already holds images; pass --overwrite to replace the example data")
     folder, landmarks = make_synthetic_faces(
         out / "images",
         num_identities=args.identities,
@@ -187,6 +193,7 @@ def register(subparsers) -> None:
         "make-example-data", help="write the small synthetic data set the example config trains on"
     )
     p.add_argument("output", nargs="?", default="example_data", help="output folder (default example_data)")
+    add_overwrite_option(p, help="replace the example data already in the output folder")
     p.add_argument("--identities", type=int, default=20)
     p.add_argument("--images-per-identity", type=int, default=16)
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
