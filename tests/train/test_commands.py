@@ -78,8 +78,9 @@ def test_landmarks_command_with_the_dlib_backend(tmp_path, synthetic_data):
 
 
 def test_make_example_data_never_replaces_data_without_overwrite(tmp_path, capsys):
-    """The one output rule: a second run into the same folder is refused before any work, --overwrite replaces."""
-    args = ["make-example-data", str(tmp_path / "ex"), "--identities", "2", "--images-per-identity", "2", "-q"]
+    """The one output rule: a second run into one folder is refused before any work; --overwrite replaces."""
+    args = ["make-example-data", str(tmp_path / "ex"), "--identities", "2", "--images-per-identity", "2"]
+    args.append("-q")
     assert main(args) == 0
     landmarks = tmp_path / "ex" / "landmarks.csv"
     landmarks.write_text("my own edits")
