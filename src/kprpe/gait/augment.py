@@ -1,6 +1,6 @@
 """Joint silhouette + keypoint augmentation: whatever moves the silhouettes moves the keypoints the same way.
 
-OpenGait's transforms touch only the silhouettes (NOTES 1.5); a KP-RPE model needs the pose to follow. A
+OpenGait's transforms touch only the silhouettes (docs/gait.md); a KP-RPE model needs the pose to follow. A
 horizontal flip maps pixel column ``j`` to ``W - 1 - j`` (pixel-index coordinates, docs/gait.md), so a joint's
 ``x`` becomes ``W - 1 - x``, and the left and right joints trade places (a flipped left knee is drawn where a
 right knee would be). Undetected joints (all zero) stay ``(0, 0, 0)``.

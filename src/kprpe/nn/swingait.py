@@ -3,13 +3,13 @@
 each sequence's own frames, a horizontal pooling pyramid (one part per token row), separate per-part FCs and
 BNNecks.
 
-Layout from ../shared/reference/gait/NOTES.md sections 1.1-1.2 and 3.3 (written clean-room; SwinGait-2D
-itself is unreleased, so its sizes are configurable). The blocks are this package's Swin-V2 blocks
+Layout from the public SwinGait description and the KP-RPE paper (docs/gait.md; written clean-room;
+SwinGait-2D itself is unreleased, so its sizes are configurable). The blocks are this package's Swin-V2 blocks
 (:class:`~kprpe.nn.swin.SwinBlockV2`: post-norm, cosine attention, continuous position bias) and the windows
 are :mod:`kprpe.nn.windows`'s. KP-RPE is *added on top of* the blocks' own position bias, with zero tables at
 initialisation, so a new ``swingait_2d_kprpe`` computes exactly what ``swingait_2d`` computes.
 
-KP-RPE's bias is formed in the separable form of a linear f (NOTES 3.2): ``f(g_i - P) = A . g_i + C(P)``.
+KP-RPE's bias is formed in the separable form of a linear f (docs/gait.md): ``f(g_i - P) = A . g_i + C(P)``.
 Per frame only ``C`` (heads x buckets values) and, when confidences mask joints, ``A`` (x2) are kept; the
 naive per-token table (frames x tokens x buckets x heads, ~1.8e9 values per stage at the paper's batch) is
 never built.
@@ -49,7 +49,7 @@ POSITION_TERMS = ("cpb", "none")
 @dataclass
 class SwinGaitConfig:
     """Every architecture choice of :class:`SwinGait`. Defaults: a small model for CPUs and tests; the
-    ``swingait_2d*`` presets carry the paper-scale sizes (NOTES 1.1, with per-frame 2-D blocks)."""
+    ``swingait_2d*`` presets carry the paper-scale sizes (docs/gait.md, with per-frame 2-D blocks)."""
 
     frame_size: tuple = (64, 44)  # (height, width) of the silhouettes
     stem_channels: tuple = (16, 32)  # conv stage 1 (full resolution), conv stage 2 (stride 2)
@@ -148,7 +148,7 @@ class SwinGaitConfig:
         return config_from_dict(cls, values, "SwinGait")
 
 
-# The paper-scale model (NOTES 1.1, "B1442 C2" with 2-D blocks): stem 64 / 128 channels with 1 and 4 blocks,
+# The paper-scale model ("B1442 C2", 2-D blocks; docs/gait.md): stem 64 / 128 channels with 1 and 4 blocks,
 # stages of 256 and 512 channels, depths 4 and 2, 16 and 32 heads, 256-d parts, Gait3D's 3000 training ids.
 _PAPER = dict(
     stem_channels=(64, 128),

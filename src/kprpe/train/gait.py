@@ -1,4 +1,4 @@
-"""Gait training (SwinGait, NOTES sections 1.2-1.5): P x K batches of fixed-length ordered clips, batch-all
+"""Gait training (SwinGait, docs/gait.md): P x K batches of fixed-length ordered clips, batch-all
 triplet + label-smoothed CE on the BNNeck's cosine logits, AdamW with SwinGait's parameter groups, one cosine
 decay, exact resume, and the Gait3D protocol as validation.
 
@@ -208,7 +208,7 @@ def part_cross_entropy(
 def parameter_groups(
     model: nn.Module, lr: float, weight_decay: float, stem_lr_scale: float = 0.1
 ) -> list[dict]:
-    """SwinGait's AdamW groups (NOTES 1.3): transformer norms, patch embedding and position terms (the blocks'
+    """SwinGait's AdamW groups: transformer norms, patch embedding and position terms (the blocks'
     CPB and logit scales, KP-RPE's tables) without weight decay; the other transformer weights with it; the
     conv stem, FCs and BNNeck at ``lr * stem_lr_scale``. Every parameter lands in exactly one group."""
     no_decay, decay, rest = [], [], []
