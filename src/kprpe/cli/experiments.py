@@ -16,7 +16,7 @@ __all__ = ["register"]
 def register(subparsers) -> None:
     """Add ``kprpe experiment digits``."""
     p = subparsers.add_parser(
-        "experiment", help="reproduce the paper's experiments (toy digits: paper Fig. 1)"
+        "experiment", help="reproduce the paper's experiments (digits: paper Fig. 1; gait: synthetic walkers)"
     )
     sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     d = sub.add_parser(

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kprpe",
-        description="Face recognition with KP-RPE vision transformers: models, face pipeline, training, "
-        "evaluation.",
+        description="Face and gait recognition with KP-RPE vision transformers (ViT, Swin): models, face "
+        "pipeline, training, evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"kprpe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
