@@ -14,6 +14,7 @@ from torch import nn
 
 __all__ = [
     "DistInfo",
+    "DistributedBatchNorm2d",
     "init_distributed",
     "is_distributed",
     "world_size",
@@ -194,6 +195,18 @@ class DistributedBatchNorm1d(nn.BatchNorm1d):
         if self.affine:
             y = y * self.weight + self.bias
         return y.to(x.dtype)
+
+
+class DistributedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d with the statistics of all processes' batches: :class:`DistributedBatchNorm1d` on the
+    pixels as rows (N * H * W samples per channel, as torch's SyncBatchNorm counts them). Same keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        rows = DistributedBatchNorm1d.forward(self, x.permute(0, 2, 3, 1).reshape(-1, c))
+        return rows.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def use_distributed_batchnorm(module: nn.Module) -> nn.Module:
