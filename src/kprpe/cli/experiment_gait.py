@@ -43,6 +43,24 @@ def register_gait(sub) -> None:
         "--clip-frames", type=int, default=None, help="training clip length (default 8)"
     )
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between validations for the learning curves (default: half the steps); training does "
+        "not depend on it",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="run only this seed index (0..seeds-1), to split the experiment over processes",
+    )
+    g.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: tabulate the runs finished in OUTPUT/runs and list the missing ones",
+    )
     add_output_option(g, help="output folder")
     g.set_defaults(func=_cmd_gait)
 
@@ -52,7 +70,7 @@ def _cmd_gait(args: argparse.Namespace) -> int:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("seeds", "steps", "ids", "sequences", "ids_per_batch", "clip_frames")
+        for k in ("seeds", "steps", "ids", "sequences", "ids_per_batch", "clip_frames", "eval_every")
         if getattr(args, k) is not None
     }
     for key, value in overrides.items():
@@ -73,8 +91,16 @@ def _cmd_gait(args: argparse.Namespace) -> int:
     else:
         overrides.setdefault("eval_every", max(1, overrides.get("steps", 100) // 2))
     cfg = quick_gait_config(**overrides) if args.quick else GaitExperimentConfig(**overrides)
+    if args.seed is not None and not 0 <= args.seed < cfg.seeds:
+        raise CommandError(f"--seed must be in 0..{cfg.seeds - 1} (--seeds {cfg.seeds}), got {args.seed}")
     start = time.perf_counter()
-    results = run_gait_experiment(args.output, cfg, log=lambda m: print(m, flush=True))
+    results = run_gait_experiment(
+        args.output,
+        cfg,
+        log=lambda m: print(m, flush=True),
+        seeds=None if args.seed is None else [args.seed],
+        train=not args.collect,
+    )
     from pathlib import Path
 
     print((Path(args.output) / "gait_table.md").read_text(), end="")

@@ -146,9 +146,14 @@ def _train_config(cfg: GaitExperimentConfig, variant: str, seed: int, root: Path
     return _build(GaitTrainConfig, values, "").validate()
 
 
-def run_gait_experiment(out, cfg: GaitExperimentConfig, log=print) -> dict:
+def run_gait_experiment(
+    out, cfg: GaitExperimentConfig, log=print, *, seeds: list[int] | None = None, train: bool = True
+) -> dict:
     """Train and test every (variant, seed); write ``gait_results.json``, ``gait_table.md`` and
-    ``gait_curves.png`` to ``out``. Finished runs (a ``test.json`` in their folder) are reused."""
+    ``gait_curves.png`` to ``out``. Finished runs (a ``test.json`` in their folder) are reused.
+
+    ``seeds``: only these seed indices (to split one experiment over processes); ``train=False``: train
+    nothing, tabulate the finished runs and list the missing ones (``missing`` in the results)."""
     from ..eval.gait_model import evaluate_model
     from ..nn.swingait import load_swingait
     from ..train.loop import Trainer
@@ -157,14 +162,17 @@ def run_gait_experiment(out, cfg: GaitExperimentConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     aligned, misaligned = _make_data(out, cfg, log)
-    runs = []
+    runs, missing = [], []
     # seed-major: a run cut short still has every variant at the seeds it finished
-    for seed in range(cfg.seeds):
+    for seed in seeds if seeds is not None else range(cfg.seeds):
         for variant in cfg.variants:
             run_dir = out / "runs" / f"{variant}_seed{seed}"
             done = run_dir / "test.json"
             if done.is_file():
                 runs.append(json.loads(done.read_text()))
+                continue
+            if not train:
+                missing.append(f"{variant}_seed{seed}")
                 continue
             tcfg = _train_config(cfg, variant, seed, aligned, run_dir)
             resume = "latest" if (run_dir / "checkpoints" / "latest").is_file() else None
@@ -193,7 +201,11 @@ def run_gait_experiment(out, cfg: GaitExperimentConfig, log=print) -> dict:
             write_json(done, run)
             runs.append(run)
     results = dict(
-        config=asdict(cfg), runs=runs, summary=summarise(runs), seconds=round(time.perf_counter() - start, 1)
+        config=asdict(cfg),
+        runs=runs,
+        missing=missing,
+        summary=summarise(runs),
+        seconds=round(time.perf_counter() - start, 1),
     )
     write_json(out / "gait_results.json", results)
     atomic_write_text(out / "gait_table.md", table(results))
@@ -221,15 +233,19 @@ def table(results: dict) -> str:
     cfg = results["config"]
     lines = [
         f"Synthetic walkers: {cfg['ids']} ids x {cfg['sequences']} walks, {cfg['steps']} steps, "
-        f"{cfg['seeds']} seed(s); mean +- std over seeds (population std). Gait3D protocol, percent.",
+        f"{cfg['seeds']} seed(s); mean +- std over the seeds finished (n; population std). Gait3D protocol, "
+        "percent.",
         "",
-        "| variant | test | Rank-1 | Rank-5 | mAP | mINP |",
-        "|---|---|---|---|---|---|",
+        "| variant | test | n | Rank-1 | Rank-5 | mAP | mINP |",
+        "|---|---|---|---|---|---|---|",
     ]
     for variant, tests in results["summary"].items():
         for test, metrics in tests.items():
             cells = " | ".join(f"{m['mean']:.1f} +- {m['std']:.1f}" for m in metrics.values())
-            lines.append(f"| {variant} | {test} | {cells} |")
+            n = next(iter(metrics.values()))["n"]
+            lines.append(f"| {variant} | {test} | {n} | {cells} |")
+    if results.get("missing"):
+        lines += ["", f"**Not finished** (not in the table): {', '.join(results['missing'])}."]
     if cfg.get("quick"):
         lines += [
             "",

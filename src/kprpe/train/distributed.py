@@ -88,8 +88,11 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
         ws = dist.get_world_size()
         ctx.rank, ctx.batch = dist.get_rank(), tensor.shape[0]
+        # contiguous *before* empty_like: empty_like keeps a transposed tensor's strides, and gloo writes
+        # into the buffers as if they were contiguous (heap corruption with the gait embeddings)
+        tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(ws)]
-        dist.all_gather(parts, tensor.contiguous())
+        dist.all_gather(parts, tensor)
         return torch.cat(parts, dim=0)
 
     @staticmethod
@@ -143,8 +146,9 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 def all_gather_nograd(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return tensor
+    tensor = tensor.contiguous()  # before empty_like (see _GatherWithGrad)
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    dist.all_gather(parts, tensor)
     return torch.cat(parts, dim=0)
 
 

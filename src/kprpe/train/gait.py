@@ -61,6 +61,8 @@ class GaitDataSection:
     ids_per_batch: int = 32  # P
     seqs_per_id: int = 4  # K
     flip_p: float = 0.2
+    rotate_p: float = 0.0  # OpenGait's RandomRotate (+-10 degrees); the SwinGait recipe uses 0.2
+    perspective_p: float = 0.0  # OpenGait's RandomPerspective; the SwinGait recipe uses 0.2
     keypoints: str = "real"  # real | shuffled | noise | drawn (experiment controls)
     test_frames_limit: int = 720
 
@@ -147,7 +149,9 @@ class GaitTrainConfig:
             need(value > 0, key, f"must be positive, got {value}")
         need(d.ids_per_batch >= 2, "data.ids_per_batch", "the triplet loss needs at least 2 identities")
         need(d.skip >= 0, "data.skip", f"must be >= 0, got {d.skip}")
-        need(0 <= d.flip_p <= 1, "data.flip_p", f"must be in [0, 1], got {d.flip_p}")
+        for key in ("flip_p", "rotate_p", "perspective_p"):
+            value = getattr(d, key)
+            need(0 <= value <= 1, f"data.{key}", f"must be in [0, 1], got {value}")
         need(d.keypoints in KEYPOINT_CONTROLS, "data.keypoints", f"must be one of {KEYPOINT_CONTROLS}")
         need(
             o.lr > 0 and o.weight_decay >= 0 and o.stem_lr_scale > 0,
@@ -278,15 +282,18 @@ class GaitTask:
 
     def build_model(self) -> nn.Module:
         from ..gait import FixedOrderedFrames, GaitDataset, read_partition
-        from ..gait.augment import Compose, KeypointControl, RandomFlip
+        from ..gait.augment import Compose, KeypointControl, RandomFlip, RandomPerspective, RandomRotate
         from ..nn import create_model
 
         cfg, d = self.cfg, self.cfg.data
         # the one output rule (kprpe.files): checkpoints never go into the data (a scan would read them)
         check_not_input(cfg.train.output_dir, [d.root, d.partition], folder=True, error=ConfigError)
         self.partition = read_partition(d.partition)
+        # OpenGait's order (NOTES 1.4): perspective, flip, rotate; the keypoints move with each
         transform = Compose(
+            RandomPerspective(d.perspective_p) if d.perspective_p else None,
             RandomFlip(d.flip_p) if d.flip_p else None,
+            RandomRotate(d.rotate_p) if d.rotate_p else None,
             KeypointControl(d.keypoints) if d.keypoints != "real" else None,
         )
         self.dataset = GaitDataset(
