@@ -14,7 +14,6 @@ from torch import nn
 
 __all__ = [
     "DistInfo",
-    "DistributedBatchNorm2d",
     "init_distributed",
     "is_distributed",
     "world_size",
@@ -88,11 +87,8 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
         ws = dist.get_world_size()
         ctx.rank, ctx.batch = dist.get_rank(), tensor.shape[0]
-        # contiguous *before* empty_like: empty_like keeps a transposed tensor's strides, and gloo writes
-        # into the buffers as if they were contiguous (heap corruption with the gait embeddings)
-        tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(ws)]
-        dist.all_gather(parts, tensor)
+        dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=0)
 
     @staticmethod
@@ -146,9 +142,8 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 def all_gather_nograd(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return tensor
-    tensor = tensor.contiguous()  # before empty_like (see _GatherWithGrad)
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor)
+    dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
 
 
@@ -199,18 +194,6 @@ class DistributedBatchNorm1d(nn.BatchNorm1d):
         if self.affine:
             y = y * self.weight + self.bias
         return y.to(x.dtype)
-
-
-class DistributedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d with the statistics of all processes' batches: :class:`DistributedBatchNorm1d` on the
-    pixels as rows (N * H * W samples per channel, as torch's SyncBatchNorm counts them). Same keys."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and is_distributed()):
-            return super().forward(x)
-        n, c, h, w = x.shape
-        rows = DistributedBatchNorm1d.forward(self, x.permute(0, 2, 3, 1).reshape(-1, c))
-        return rows.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def use_distributed_batchnorm(module: nn.Module) -> nn.Module:

@@ -25,7 +25,6 @@ from ..files import check_not_input, write_json
 from .config import ConfigError, RunConfig, _build, read_config_values
 from .distributed import (
     DistInfo,
-    DistributedBatchNorm2d,
     all_gather_nograd,
     all_reduce_sum,
     gather_with_grad,
@@ -271,8 +270,8 @@ class GaitTask:
 
     Under torchrun each process draws the whole step's batch from ``(seed, step)`` and keeps its contiguous
     share; the batch-all triplet runs on every process's embeddings (gathered), and the CE on each share is
-    weighted by its size, so W processes take the step one process takes on the whole batch (with
-    ``train.sync_batchnorm``; tests/train/test_gait_train.py)."""
+    weighted by its size. ``train.sync_batchnorm`` shares the BNNeck's statistics; the conv stem's
+    BatchNorm2d keep per-process statistics, so W processes are close to, not exactly, one process."""
 
     name = "gait"
     metrics = ("triplet", "ce", "nonzero", "accuracy")
@@ -315,11 +314,8 @@ class GaitTask:
             )
         model.config.frame_size = tuple(model.config.frame_size)
         model.train()
-        if cfg.train.sync_batchnorm:  # the stem's BatchNorm2d too: its statistics are per batch of frames
+        if cfg.train.sync_batchnorm:  # the BNNeck; the stem's BatchNorm2d stay per process (docs/gait.md)
             use_distributed_batchnorm(model)
-            for module in model.modules():
-                if type(module) is nn.BatchNorm2d:
-                    module.__class__ = DistributedBatchNorm2d
         return model
 
     def build_parts(self, model: nn.Module, dist_info: DistInfo) -> nn.Module:
