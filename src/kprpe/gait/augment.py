@@ -87,7 +87,24 @@ def warp_sequence(sils: np.ndarray, pose: np.ndarray | None, matrix: np.ndarray)
     return warped, out
 
 
-class RandomRotate:
+class _RandomWarp:
+    """A whole sequence warped with probability ``p`` by the ``matrix(frame_size, rng)`` a subclass draws."""
+
+    p: float
+
+    def __call__(self, item: dict, rng: np.random.Generator) -> dict:
+        if not (self.p and rng.random() < self.p):
+            return item
+        item = dict(item)
+        item["sils"], pose = warp_sequence(
+            item["sils"], item.get("pose"), self.matrix(item["sils"].shape[1:], rng)
+        )
+        if pose is not None:
+            item["pose"] = pose
+        return item
+
+
+class RandomRotate(_RandomWarp):
     """OpenGait's ``RandomRotate``: with probability ``p`` a whole sequence turns by a uniform angle in
     ``[-degrees, degrees]`` about ``(h // 2, w // 2)`` taken as (x, y), as OpenGait passes it; joints
     follow."""
@@ -104,19 +121,8 @@ class RandomRotate:
         angle = rng.uniform(-self.degrees, self.degrees)
         return cv2.getRotationMatrix2D((height // 2, width // 2), angle, 1.0)
 
-    def __call__(self, item: dict, rng: np.random.Generator) -> dict:
-        if not (self.p and rng.random() < self.p):
-            return item
-        item = dict(item)
-        item["sils"], pose = warp_sequence(
-            item["sils"], item.get("pose"), self.matrix(item["sils"].shape[1:], rng)
-        )
-        if pose is not None:
-            item["pose"] = pose
-        return item
 
-
-class RandomPerspective:
+class RandomPerspective(_RandomWarp):
     """OpenGait's ``RandomPerspective``: with probability ``p`` the top and bottom corners of a sequence's
     frames are each moved inwards by a random ``0 .. cut - 1`` columns (``cut = W // 44 * 10``) and the
     quadrilateral is stretched back to the frame; joints follow."""
@@ -136,17 +142,6 @@ class RandomPerspective:
         corners = np.float32([(left[0], 0), (right[0], 0), (right[1], height), (left[1], height)])
         canvas = np.float32([(0, 0), (width, 0), (width, height), (0, height)])
         return cv2.getPerspectiveTransform(corners, canvas)
-
-    def __call__(self, item: dict, rng: np.random.Generator) -> dict:
-        if not (self.p and rng.random() < self.p):
-            return item
-        item = dict(item)
-        item["sils"], pose = warp_sequence(
-            item["sils"], item.get("pose"), self.matrix(item["sils"].shape[1:], rng)
-        )
-        if pose is not None:
-            item["pose"] = pose
-        return item
 
 
 # ---------------------------------------------------------------------- keypoint controls (experiments)
