@@ -273,8 +273,16 @@ def test_quick_mnist_notice_says_when_no_spread_was_measured(tmp_path, monkeypat
     monkeypatch.setattr(report, "_find_reference", lambda data: reference if data == "mnist" else None)
     monkeypatch.setattr(report, "_find_spread", lambda data: None)
     notice = report.quick_run_notice(results, 1.0)
-    assert (
-        "No measured spread of quick runs on this data set" in notice and "mnist/quick_spread.json" in notice
+    assert "No measured spread of quick runs on this data set" in notice
+    assert "mnist/quick_spread.json" in notice
+    assert "affNIST protocol (quick / ref)" in notice and "trained to its plateau" in notice
+    # a reference whose trainings hit the epoch cap is not called converged
+    capped = [dict(job, seed=s, stop_reason="max_epochs") for s in (0, 1)]
+    reference.write_text(json.dumps(dict(config=dict(cfg, seeds=[0, 1]), jobs=capped)))
+    notice = report.quick_run_notice(results, 1.0)
+    assert "2 of its 2 trainings ended at the epoch cap" in notice and "trained to its plateau" not in notice
+    reference.write_text(
+        json.dumps(dict(config=dict(cfg, seeds=[0, 1, 2]), jobs=[dict(job, seed=s) for s in range(3)]))
     )
     # a measured spread (made the way the UCI one is) is used when present
     spread = tmp_path / "quick_spread.json"

@@ -469,7 +469,8 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
         f"{ref_cfg.get('max_epochs')} epochs, "
         f"made by `{ref.get('command', '?')}`). Quick minus reference, in points:"
     )
-    lines.append(f"  {'model':<40} {'clean (quick / ref)':>26} {'AffNIST-style (quick / ref)':>30}")
+    mix = "affNIST protocol" if data == "mnist" else "AffNIST-style"
+    lines.append(f"  {'model':<40} {'clean (quick / ref)':>26} {mix + ' (quick / ref)':>30}")
     quick_summary = aggregate(results)
     for head, by_regime in quick_summary.items():
         for regime, by_model in by_regime.items():
@@ -515,7 +516,14 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
                 f"Reference ranking on the AffNIST-style mix (head {h}, {r} aug.): "
                 + ", ".join(f"{MODEL_SPECS[m].label} {by_model[m]['affnist']['mean']:.1f}" for m in ranked)
             )
-    lines.append("Read model comparisons from the reference run (more seeds, trained to its plateau).")
+    capped = sum(j.get("stop_reason") == "max_epochs" for j in ref.get("jobs", []))
+    if capped:  # a reference that did not converge must not be called converged
+        lines.append(
+            f"Read model comparisons from the reference run (more seeds, longer), but {capped} of its "
+            f"{len(ref['jobs'])} trainings ended at the epoch cap, not at a plateau: they are not converged."
+        )
+    else:
+        lines.append("Read model comparisons from the reference run (more seeds, trained to its plateau).")
     return "\n".join(lines + ["=" * 100])
 
 
