@@ -469,7 +469,7 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
         f"{ref_cfg.get('max_epochs')} epochs, "
         f"made by `{ref.get('command', '?')}`). Quick minus reference, in points:"
     )
-    mix = "affNIST protocol" if data == "mnist" else "AffNIST-style"
+    mix = "affNIST protocol" if data == "mnist" else "AffNIST-style"  # the mix of random affines, named
     lines.append(f"  {'model':<40} {'clean (quick / ref)':>26} {mix + ' (quick / ref)':>30}")
     quick_summary = aggregate(results)
     for head, by_regime in quick_summary.items():
@@ -513,7 +513,7 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
                 continue
             ranked = sorted(by_model, key=lambda m: -by_model[m]["affnist"]["mean"])
             lines.append(
-                f"Reference ranking on the AffNIST-style mix (head {h}, {r} aug.): "
+                f"Reference ranking on the {mix if data == 'mnist' else mix + ' mix'} (head {h}, {r} aug.): "
                 + ", ".join(f"{MODEL_SPECS[m].label} {by_model[m]['affnist']['mean']:.1f}" for m in ranked)
             )
     capped = sum(j.get("stop_reason") == "max_epochs" for j in ref.get("jobs", []))
