@@ -157,6 +157,16 @@ class GalleryIndex:
         view.flags.writeable = False
         return view
 
+    def pooled_rows(self, names: Iterable[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(templates, sum_norms, counts)`` of ``names`` as float64 / float64 / int64 copies: what a copy of
+        these identities elsewhere (a vector database) needs to go on pooling them."""
+        slots = np.array([self._lookup(name) for name in names], dtype=np.int64)
+        return (
+            self._templates[slots].astype(np.float64),
+            self._sum_norms[slots].copy(),
+            self._counts[slots].copy(),
+        )
+
     def describe(self) -> dict:
         info = {
             "backend": self.backend,
