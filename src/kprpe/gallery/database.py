@@ -1,6 +1,6 @@
 """The gallery in a vector database: the same operations and answers as :class:`~.index.GalleryIndex`
-(enrol, grow, remove, top-k cosine search over IJB-style templates, the fingerprint check), stored in Milvus or
-Qdrant instead of a local ``.npz`` file.
+(enrol, grow, remove, top-k cosine search over IJB-style templates, the fingerprint check), stored in Milvus
+or Qdrant instead of a local ``.npz`` file.
 
 A gallery is named by a URI (:func:`parse_gallery_uri`):
 
@@ -266,7 +266,8 @@ class DatabaseGallery:
         if k <= 0:
             raise GalleryIndexError(f"k must be positive, got {k}")
         unit = unit_queries(queries, self.dim)
-        return [[SearchHit(name, float(score)) for name, score in hits] for hits in self._store.search(unit, k)]
+        found = self._store.search(unit, k)
+        return [[SearchHit(name, float(score)) for name, score in hits] for hits in found]
 
 
 # ------------------------------------------------------------------------------------------------ engines
