@@ -35,11 +35,16 @@ def build_service(args: argparse.Namespace):
         raise CommandError(f"cannot load weights {weights}: {exc}") from None
     except (RuntimeError, AssertionError) as exc:
         raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
-    index = None
-    if args.index:
-        from ..gallery.index import GalleryIndex
+    index, location = None, getattr(args, "gallery_uri", None)
+    if location and args.index:
+        raise CommandError("give the gallery once: --gallery or --index, not both")
+    location = location or args.index
+    if location:
+        from ..gallery.database import is_database_uri, open_gallery
 
-        index = GalleryIndex.load(args.index, nprobe=args.nprobe)
+        index = open_gallery(location, nprobe=args.nprobe)
+        if is_database_uri(location):  # every change is written to the database when it is made
+            location = None
     choice = resolve_threshold(
         args.threshold,
         weights,
@@ -54,7 +59,7 @@ def build_service(args: argparse.Namespace):
             index=index,
             threshold=choice.threshold,
             threshold_source=choice.source,
-            index_path=args.index or None,
+            index_path=location,
             api_key=getattr(args, "api_key", None) or os.environ.get("KPRPE_API_KEY") or None,
             aligner_options={
                 "detector": args.detector,
@@ -110,7 +115,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"kprpe serve: page and API at http://{args.host}:{args.port}/ ; {writes}; aligner={service.aligner} "
         f"threshold={service.threshold:g} ({service.threshold_source})"
-        + (f" index={args.index} ({len(service.index)} identities)" if service.index is not None else ""),
+        + (
+            f" index={args.gallery_uri or args.index} ({len(service.index)} identities)"
+            if service.index is not None
+            else ""
+        ),
         file=sys.stderr,
         flush=True,
     )
@@ -156,6 +165,14 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--index", metavar="INDEX", help="gallery index from 'kprpe search enrol' (enables /search)"
+    )
+    p.add_argument(
+        "--gallery",
+        dest="gallery_uri",
+        metavar="URI",
+        default=None,
+        help="the gallery as a file path (like --index) or a vector database URI: http://HOST:19530 (a "
+        "Milvus server several kprpe serve processes can share), milvus:///PATH.db, qdrant:///FOLDER",
     )
     p.add_argument(
         "--api-key",
