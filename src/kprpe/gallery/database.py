@@ -46,6 +46,9 @@ __all__ = [
 DATABASE_ENGINES = ("milvus", "qdrant")
 DEFAULT_COLLECTION = "kprpe_gallery"
 WRITE_ROWS = 2048  # rows per upsert: 2048 x 512 float32 = 4 MiB, far below Milvus's 64 MiB gRPC message limit
+# Milvus: rows written since the last flush are searched unindexed; seal them after this many (see commit)
+FLUSH_ROWS = 16384
+SEAL_ROWS = 1024
 _HINT = {
     "milvus": "install the optional extra: pip install 'kprpe[db]' (pymilvus, milvus-lite)",
     "qdrant": "install the optional extra: pip install 'kprpe[db]' (qdrant-client)",
@@ -244,6 +247,7 @@ class DatabaseGallery:
             self._store.upsert(
                 [identity_id(name) for name in part], part, templates.astype(np.float32), sum_norms, counts
             )
+        self._store.commit()
 
     def remove(self, names: Iterable[str]) -> list[str]:
         """Drop identities (unknown names are an error, checked before anything changes)."""
@@ -307,6 +311,7 @@ class _MilvusStore:
             why = "another process has it open? share a gallery through a server URI" if local else str(exc)
             raise GalleryIndexError(f"cannot open Milvus gallery {target} ({why})") from None
         self._name, self._meta = collection, f"{collection}_meta"
+        self._unflushed = 0
 
     def read_meta(self) -> dict | None:
         if not self._client.has_collection(self._meta):
@@ -353,6 +358,17 @@ class _MilvusStore:
             for i, n, t, s, c in zip(ids, names, templates, sum_norms, counts, strict=True)
         ]
         self._client.upsert(self._name, rows)
+        self._unflushed += len(rows)
+        if self._unflushed >= FLUSH_ROWS:
+            self.commit()
+
+    def commit(self) -> None:
+        """Seal what was written into an indexed segment: Milvus Lite searches rows still in its growing
+        segment far slower (1.7 s per query over 5,000 unsealed rows, 25-40 ms once sealed, on this
+        project's loaded 2-core machine). Rows are durable before this (a killed writer loses none)."""
+        if self._unflushed >= SEAL_ROWS:
+            self._client.flush(self._name)
+        self._unflushed = 0
 
     def delete(self, ids: list[int]) -> None:
         self._client.delete(self._name, ids=ids)
@@ -441,6 +457,9 @@ class _QdrantStore:
             for i, n, t, s, c in zip(ids, names, templates, sum_norms, counts, strict=True)
         ]
         self._client.upsert(self._name, points, wait=True)
+
+    def commit(self) -> None:
+        """Nothing to do: ``wait=True`` writes are applied and searchable when ``upsert`` returns."""
 
     def delete(self, ids: list[int]) -> None:
         self._client.delete(self._name, points_selector=self._models.PointIdsList(points=ids), wait=True)
