@@ -57,8 +57,9 @@ def test_uris_name_an_engine_and_paths_stay_files():
 @pytest.mark.parametrize("engine", ENGINES)
 def test_same_operations_and_answers_as_the_file_index(engine, tmp_path):
     uri = _uri(engine, tmp_path)
-    with pytest.raises(GalleryIndexError, match="holds no kprpe gallery"):
+    with pytest.raises(GalleryIndexError, match="does not exist"):
         DatabaseGallery.open(uri)
+    assert list(tmp_path.iterdir()) == []  # opening to read creates nothing
     reference = GalleryIndex(32, backend="numpy")
     with DatabaseGallery.open(uri, dim=32, metadata={"model_fingerprint": "model-a"}) as gallery:
         for seed in (1, 2):  # the second round grows existing identities and adds new ones
@@ -110,6 +111,9 @@ def test_rewriting_an_enrolment_is_idempotent(engine, tmp_path):
         for name in staging.names:
             assert gallery.count(name) == staging.count(name)
             np.testing.assert_allclose(gallery.template(name), staging.template(name), atol=ATOL)
+        gallery.clear()  # what search enrol --overwrite does first
+    with pytest.raises(GalleryIndexError, match="holds no kprpe gallery"):
+        DatabaseGallery.open(_uri(engine, tmp_path))
 
 
 WRITER = """

@@ -127,6 +127,12 @@ class DatabaseGallery:
         if parsed is None:
             raise GalleryIndexError(f"{os.fspath(uri)!r} is a file path, not a database URI")
         engine, target = parsed
+        local = not target.startswith(("http://", "https://"))
+        if dim is None and local and not Path(target).expanduser().exists():  # a query creates no files
+            raise GalleryIndexError(
+                f"gallery {os.fspath(uri)} does not exist; enrol one first "
+                "('kprpe search enrol GALLERY --gallery URI')"
+            )
         store = _STORES[engine](target, collection)
         stored = store.read_meta()
         if stored is None:
