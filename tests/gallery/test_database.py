@@ -157,3 +157,14 @@ def test_a_writer_killed_mid_enrolment_leaves_only_whole_identities(engine, tmp_
         for name in names:  # every row visible is whole: its count, a unit template, its own name
             assert gallery.count(name) == 3
             assert abs(float(np.linalg.norm(gallery.template(name))) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("engine", [_engine("qdrant", "qdrant_client")])
+def test_an_unreachable_server_is_a_one_line_error(engine):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(GalleryIndexError, match=f"gallery qdrant\\+http://127.0.0.1:{port}: qdrant failed"):
+        DatabaseGallery.open(f"qdrant+http://127.0.0.1:{port}")

@@ -25,7 +25,7 @@ import numpy as np
 from ..gallery.index import GalleryIndex
 from ..gallery.search import exact_top_k
 
-__all__ = ["synthetic_gallery_chunks", "run_index_benchmark", "main"]
+__all__ = ["emit_results", "synthetic_gallery_chunks", "run_index_benchmark", "main"]
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -192,12 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         clusters=args.clusters,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    if args.output:
+    emit_results(results, args.output)
+    return 0
+
+
+def emit_results(results: dict, output: str | None) -> None:
+    """Print a benchmark's results as JSON, and write them to ``output`` when given."""
+    if output:
         from ..files import write_json
 
-        write_json(args.output, results)
+        write_json(output, results)
     print(json.dumps(results, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Milvus uses an exact ``FLAT`` index, Qdrant's local mode searches exactly. Galle
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 from ..gallery.database import DatabaseGallery
 from ..gallery.index import GalleryIndex
 from ..gallery.search import exact_top_k
-from .index import _median_ms, _peak_rss_gib, _unit, synthetic_gallery_chunks
+from .index import _median_ms, _peak_rss_gib, _unit, emit_results, synthetic_gallery_chunks
 
 __all__ = ["ENGINES", "run_gallery_engine_benchmark", "main"]
 
@@ -179,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=args.workdir,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    if args.output:
-        from ..files import write_json
-
-        write_json(args.output, results)
-    print(json.dumps(results, indent=2))
+    emit_results(results, args.output)
     return 0
 
 

@@ -133,7 +133,7 @@ class DatabaseGallery:
                 f"gallery {os.fspath(uri)} does not exist; enrol one first "
                 "('kprpe search enrol GALLERY --gallery URI')"
             )
-        store = _STORES[engine](target, collection)
+        store = _Guarded(_STORES[engine](target, collection), os.fspath(uri))
         stored = store.read_meta()
         if stored is None:
             if dim is None:
@@ -283,6 +283,32 @@ class DatabaseGallery:
 # ------------------------------------------------------------------------------------------------ engines
 
 
+class _Guarded:
+    """A store whose calls turn the database's own failures (a server gone, a refused request: pymilvus,
+    gRPC and qdrant-client each raise their own types) into one-line :class:`GalleryIndexError`s naming the
+    gallery."""
+
+    def __init__(self, store, uri: str) -> None:
+        self._store, self._uri = store, uri
+        self.engine = store.engine
+
+    def __getattr__(self, name: str):
+        method = getattr(self._store, name)
+
+        def guarded(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except GalleryIndexError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database's error types are its own
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise GalleryIndexError(
+                    f"gallery {self._uri}: {self.engine} failed in {name}: {first}"
+                ) from None
+
+        return guarded
+
+
 def _decoded(found_meta) -> dict | None:
     if found_meta is None:
         return None
@@ -304,10 +330,8 @@ class _MilvusStore:
     def __init__(self, target: str, collection: str) -> None:
         try:
             from pymilvus import MilvusClient
-            from pymilvus.exceptions import MilvusException
         except ImportError:
             raise GalleryIndexError(f"a Milvus gallery needs pymilvus; {_HINT['milvus']}") from None
-        self._error = MilvusException
         local = not target.startswith(("http://", "https://"))
         if local:
             Path(target).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
