@@ -10,8 +10,9 @@ A gallery is named by a URI (:func:`parse_gallery_uri`):
 - ``qdrant:///abs/path/folder``: Qdrant's local mode, embedded; ``qdrant+http://host:6333``: a Qdrant server;
 - anything else is a file path: today's FAISS/NumPy ``.npz`` index (:func:`open_gallery` loads it).
 
-Qdrant's local mode keeps its points as pickles and unpickles them on open: a Qdrant folder must be one you wrote
-(a database is storage you run; exchange galleries as ``.npz`` index files). Milvus Lite stores no pickles.
+Qdrant's local mode keeps its points as pickles and unpickles them on open: a Qdrant folder must be one you
+wrote (a database is storage you run; exchange galleries as ``.npz`` index files). Milvus Lite stores no
+pickles.
 
 An embedded gallery is locked by the process that opens it (both engines refuse a second process); to share
 one gallery between processes (several ``kprpe serve``), use a server URI.
