@@ -19,7 +19,6 @@ Milvus uses an exact ``FLAT`` index, Qdrant's local mode searches exactly. Galle
 
 from __future__ import annotations
 
-import argparse
 import platform
 import shutil
 import sys
@@ -32,7 +31,14 @@ import numpy as np
 from ..gallery.database import DatabaseGallery
 from ..gallery.index import GalleryIndex
 from ..gallery.search import exact_top_k
-from .index import _median_ms, _peak_rss_gib, _unit, emit_results, synthetic_gallery_chunks
+from .index import (
+    _median_ms,
+    _peak_rss_gib,
+    _unit,
+    emit_results,
+    gallery_bench_parser,
+    synthetic_gallery_chunks,
+)
 
 __all__ = ["ENGINES", "run_gallery_engine_benchmark", "main"]
 
@@ -146,18 +152,9 @@ def _versions(engines) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kprpe.bench.vector_db",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--entries", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=512)
+    parser = gallery_bench_parser("python -m kprpe.bench.vector_db", __doc__, queries=100, latency_queries=20)
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: faiss,milvus,qdrant")
-    parser.add_argument("--queries", type=int, default=100, help="planted queries for recall (default 100)")
-    parser.add_argument("--latency-queries", type=int, default=20, help="single queries timed (default 20)")
     parser.add_argument("--workdir", default=None, help="folder for the galleries (default: a temporary one)")
-    parser.add_argument("-o", "--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     engines = [e for e in args.engines.split(",") if e]
     unknown = sorted(set(engines) - set(ENGINES))
