@@ -94,12 +94,21 @@ def test_own_weights_keep_dlib_and_no_notice(capsys, offline, photos):  # noqa: 
     assert payload["aligner"] == "dlib" and err.strip() == ""
 
 
-def test_offline_and_not_cached_is_one_line_naming_kprpe_fetch(capsys, offline, photos):  # noqa: F811 - the imported fixture
-    for argv in (["verify", *photos], ["embed", photos[0], "-o", offline.parent / "out.npz"]):
-        code, payload, err = run(capsys, *argv, "-q")
-        assert code == 2 and payload is None
+def test_offline_and_not_cached_is_one_line_naming_kprpe_fetch(capsys, offline, photos):  # noqa: F811
+    pairs = offline.parent / "pairs.csv"
+    pairs.write_text("a,b,label\n")
+    commands = (
+        ["verify", *photos],
+        ["embed", photos[0], "-o", offline.parent / "out.npz"],
+        ["serve"],
+        ["eval", "pairs", "--pairs", pairs, "-o", offline.parent / "runs"],
+    )
+    for argv in commands:
+        code, payload, err = run(capsys, *argv, *(["-q"] if argv[0] in ("verify", "embed") else []))
+        assert code == 2 and payload is None, argv
         assert len(err.strip().splitlines()) == 1, err
-        assert err.startswith(f"kprpe {argv[0]}: error: ") and f"kprpe fetch {DEFAULT_WEIGHTS}" in err
+        assert err.startswith(f"kprpe {argv[0]}") and ": error: " in err
+        assert f"kprpe fetch {DEFAULT_WEIGHTS}" in err and "HF_HUB_OFFLINE is set" in err
     assert not (offline.parent / "out.npz").exists()
 
 
