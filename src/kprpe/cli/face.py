@@ -461,7 +461,8 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     # --append updates the index named by -o; anything else there needs --overwrite
     _check_output(output, args, [args.gallery], overwrite=args.overwrite or args.append)
     embedder = _embedder(args)
-    if args.append and output.exists():
+    appending = args.append and output.exists()
+    if appending:
         index = GalleryIndex.load(output, backend=args.backend)
         index.check_compatible(embedder.fingerprint, embedder.output_dim)
     else:
@@ -497,15 +498,44 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     if len(index) == 0:
         raise CommandError(f"no identity in {args.gallery} had a usable face; nothing enrolled")
     index.save(output)
+    thumbnails = _enrol_thumbnails(args, pipeline, index, fresh=not appending)
     _print_json(
         {
             "output": str(output),
             "identities": len(index),
             "index": index.describe(),
+            **thumbnails,
             "failures": [{"file": p, "reason": r} for p, r in failures],
         }
     )
     return 1 if failures else 0
+
+
+def _enrol_thumbnails(args: argparse.Namespace, pipeline, index, *, fresh: bool) -> dict:
+    """The page's thumbnails beside the index (``INDEX.thumbnails``): a replaced index takes its old ones
+    with it; ``--thumbnails`` keeps the first usable face of each identity that has none (one more
+    detection per identity: the enrolment itself keeps no crops)."""
+    from ..gallery.search import gallery_images
+    from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
+
+    store = ThumbnailStore(thumbnails_beside(args.output))
+    if fresh:
+        store.clear()
+    if not args.thumbnails:
+        return {}
+    written = 0
+    for name, paths in gallery_images(args.gallery).items():
+        if name not in index or store.numbers(name):
+            continue
+        for path in paths:
+            try:
+                faces = pipeline.faces_in_file(path)
+            except (ImageLoadError, *pipeline.skip_errors):
+                continue
+            store.add(name, faces[0].image)
+            written += 1
+            break
+    return {"thumbnails": str(store.folder), "thumbnails_written": written}
 
 
 def _cmd_search_remove(args: argparse.Namespace) -> int:
@@ -717,6 +747,12 @@ def register(subparsers) -> None:
         help="add to INDEX if it exists (new identities are added, existing ones pool the new images)",
     )
     add_overwrite_option(e, help="replace an existing INDEX (without --append)")
+    e.add_argument(
+        "--thumbnails",
+        action="store_true",
+        help="also keep a 56x56 thumbnail of each identity's first usable face in INDEX.thumbnails, as kprpe "
+        "serve's page shows (one more face detection per identity)",
+    )
     _add_pipeline_options(e, all_faces=False)
     add_model_options(e)
     _add_flip_option(e)

@@ -103,6 +103,13 @@ class ThumbnailStore:
         except FileNotFoundError:
             raise ThumbnailError(f"no thumbnail {key}/{number}") from None
 
+    def clear(self) -> None:
+        """Delete every thumbnail (the gallery they belonged to was replaced)."""
+        if self.folder.is_dir():
+            doomed = self.folder.with_name(f".{self.folder.name}.removed-{uuid.uuid4().hex[:8]}")
+            os.replace(self.folder, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
     def remove(self, identity: str) -> bool:
         """Delete every thumbnail of ``identity``; False when it had none."""
         folder = self.folder / self.key(identity)
