@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .catalog import _VIT_KPRPE, COMMON_TERMS, DEFAULT_ALIGNER_WEIGHTS, find_entry
+from .catalog import COMMON_TERMS, DEFAULT_ALIGNER_WEIGHTS, find_entry
 from .hub import ZooError, kprpe_cache_dir, resolve, snapshot_origin
 
 __all__ = [
@@ -45,9 +45,9 @@ def show_terms_once(repo: str, *, stream=None) -> bool:
     marker = terms_marker(entry.repo_id)
     if marker.exists():
         return False
-    data = entry.training_data or "its training data"
+    trained = f"was trained on {entry.training_data}: " if entry.training_data else ""
     print(
-        f"kprpe: {entry.repo_id} was trained on {data}: {entry.licence}; {COMMON_TERMS} "
+        f"kprpe: {entry.repo_id} {trained}{entry.licence}; {COMMON_TERMS} "
         "(shown once; all checkpoints' terms: kprpe models --zoo)",
         file=stream or sys.stderr,
         flush=True,
@@ -64,11 +64,17 @@ def show_terms_once(repo: str, *, stream=None) -> bool:
 def trained_aligner(weights: str | os.PathLike | None) -> str | None:
     """The aligner a published checkpoint was trained on its crops (the DFA, for the KP-RPE models), named by
     repo id or found as a snapshot of the Hugging Face cache; None for anything else (your own weights)."""
+    entry = _published(weights)
+    kprpe_vit = entry is not None and entry.loader == "vit" and "KP-RPE" in entry.architecture
+    return DEFAULT_ALIGNER_WEIGHTS if kprpe_vit else None
+
+
+def _published(weights):
+    """The catalog entry of ``weights`` named by repo id or by its snapshot folder, else None."""
     if weights is None:
         return None
     origin = snapshot_origin(weights)
-    entry = find_entry(origin[0] if origin else os.fspath(weights))
-    return DEFAULT_ALIGNER_WEIGHTS if entry is not None and entry.architecture == _VIT_KPRPE else None
+    return find_entry(origin[0] if origin else os.fspath(weights))
 
 
 @dataclass(frozen=True)
@@ -91,9 +97,10 @@ def default_aligner(weights, aligner_weights: str | os.PathLike | None = None) -
         resolve(aligner_weights, kind="aligner")
     except ZooError as exc:
         reason = str(exc).split(";", 1)[0]
+        model = _published(weights).repo_id
         return AlignerChoice(
             "dlib",
-            f"kprpe: using dlib landmarks, not the DFA aligner {weights} was trained with ({reason}); "
+            f"kprpe: using dlib landmarks, not the DFA aligner {model} was trained with ({reason}); "
             f"run `kprpe fetch {aligner_weights}` to use it, or give --aligner",
         )
     return AlignerChoice("dfa")
