@@ -134,3 +134,34 @@ def test_an_embedded_milvus_lite_file_is_refused_to_a_second_process(tmp_path):
         )
     assert other.returncode == 3, other.stderr[-2000:]
     assert "server URI" in other.stdout and "Traceback" not in other.stdout
+
+
+def test_serve_gallery_option_opens_the_database_and_writes_through(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    import kprpe
+    from kprpe.cli.serve import build_service, register
+    from kprpe.errors import CommandError
+    from kprpe.face import FaceEmbedder
+    from kprpe.gallery.database import DatabaseGallery
+
+    weights = kprpe.save_model(kprpe.create_model("vit_tiny_kprpe"), tmp_path / "tiny.safetensors")
+    embedder = FaceEmbedder.from_weights(weights)
+    uri = f"milvus://{tmp_path / 'g.db'}"
+    DatabaseGallery.open(uri, dim=embedder.output_dim, metadata={"model_fingerprint": embedder.fingerprint})
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    argv = ["serve", "--weights", str(weights), "--aligner", "supplied"]
+    with pytest.raises(CommandError, match="not both"):
+        build_service(parser.parse_args([*argv, "--gallery", uri, "--index", str(tmp_path / "g.npz")]))
+    service = build_service(parser.parse_args([*argv, "--gallery", uri]))
+    assert service.index_path is None and service.describe()["index"]["backend"] == "milvus"
+    unit = np.random.default_rng(0).standard_normal((1, embedder.output_dim))
+    assert service.enrol("ann", unit) == 1
+    # written through at once: another handle on the same gallery finds it, with no save
+    assert [h.identity for h in DatabaseGallery.open(uri).search(unit, k=1)[0]] == ["ann"]
+    assert service.search(unit, 1)[0][0].identity == "ann"
+    service.remove("ann")
+    assert len(DatabaseGallery.open(uri)) == 0
