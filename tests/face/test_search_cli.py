@@ -219,3 +219,8 @@ def test_gallery_uri_gives_the_file_index_answers(capsys, tmp_path, gallery, ast
     assert code == 2 and "not both" in err
     code, _, err = run(capsys, "search", "query", photo, "--gallery", "redis://h/x", "--weights", w)
     assert code == 2 and "unknown scheme" in err
+    # --overwrite drops the database gallery and enrols afresh (also for an engine that allows one handle)
+    code, out, _ = run(
+        capsys, "search", "enrol", gallery, "--gallery", uri, "--overwrite", "--weights", w, "-q"
+    )
+    assert code == 0 and out["identities"] == 2 and out["enrolled"] == 2

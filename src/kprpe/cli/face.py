@@ -496,6 +496,7 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
         )
         if args.overwrite:
             target.clear()
+            target.close()  # an embedded engine allows one open handle per gallery, even in one process
             target = DatabaseGallery.open(
                 location, dim=embedder.output_dim, metadata=_gallery_metadata(args, pipeline, embedder)
             )
