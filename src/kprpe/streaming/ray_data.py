@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import KprpeError
 from .stream import (
     DEFAULT_FPS,
     SEGMENT_FRAMES,
@@ -69,19 +71,6 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
 
 
-def check_address(address: str | None) -> None:
-    """Refuse what cannot be a Ray address before Ray spends seconds on it: most often an input that
-    ``--ray`` took as its ADDRESS (``kprpe embed --ray photos/ ...``)."""
-    if address is LOCAL or address == "auto" or address.startswith(("ray://", "anyscale://")):
-        return
-    host, _, port = address.rpartition(":")
-    if os.path.exists(address) or not host or not port.isdigit():
-        raise RayJobError(
-            f"--ray {address!r} is not a Ray address (auto, HOST:PORT or ray://HOST:PORT); to start a local "
-            "Ray, put --ray after the inputs or write --ray= with no address"
-        )
-
-
 CONNECT_SECONDS = 10.0  # a Ray head answers a TCP connect at once; Ray itself would retry for minutes
 
 
@@ -97,6 +86,22 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def check_address(address: str | None, *, connect: bool = False) -> None:
+    """Refuse what cannot be a Ray address before Ray spends minutes on it: most often an input that
+    ``--ray`` took as its ADDRESS (``kprpe embed --ray photos/ ...``); ``connect``: also one nobody
+    answers at."""
+    if address is LOCAL or address == "auto" or address.startswith("anyscale://"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if os.path.exists(address) or not host or not port.isdigit():
+        raise RayJobError(
+            f"--ray {address!r} is not a Ray address (auto, HOST:PORT or ray://HOST:PORT); to start a local "
+            "Ray, put --ray after the inputs or write --ray= with no address"
+        )
+    if connect:
+        _check_reachable(address)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = LOCAL, *, workers: int | None = None) -> Iterator[object]:
     """Ray for one job: a Ray this process already started is used as it is; else a local Ray with
@@ -105,9 +110,7 @@ def ray_session(address: str | None = LOCAL, *, workers: int | None = None) -> I
     if ray.is_initialized():
         yield ray
         return
-    check_address(address)
-    if address not in (LOCAL, "auto") and not address.startswith("anyscale://"):
-        _check_reachable(address)
+    check_address(address, connect=True)
     try:
         ray.init(
             address=address,
@@ -140,8 +143,8 @@ class _EmbedActor:
             self.error = error_text(exc)
 
     def __call__(self, batch: dict) -> dict:
-        if self.error is not None:
-            raise WorkerStartError(self.error)
+        if self.error is not None:  # a value, not an exception: Ray would wrap it in pages of traceback
+            return {"task": np.full(1, None, dtype=object), "start_error": np.asarray([self.error])}
         paths = [Path(str(path)) for path in batch["path"]]
         results = iter_task_results(
             paths,
@@ -153,7 +156,7 @@ class _EmbedActor:
         done = list(iter_embedded(results, self.embedder))
         tasks = np.empty(len(done), dtype=object)  # Ray carries the (small, crop-free) tasks as objects
         tasks[:] = done
-        return {"task": tasks}
+        return {"task": tasks, "start_error": np.full(len(done), "")}
 
 
 @dataclass
@@ -177,7 +180,7 @@ class RayRunner:
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers <= 0:
             raise RayJobError(f"--ray-workers must be positive, got {self.workers}")
-        check_address(self.address)
+        check_address(self.address, connect=True)  # now, not after the model has loaded
 
     def __call__(self, todo: list[Path], completed: Completed, stats: StreamStats) -> Iterator[EmbeddedTask]:
         if not todo:
@@ -207,10 +210,15 @@ class RayRunner:
                 num_cpus=1,
             )
             batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
+            # Ray Data's notes and its multi-page error reports would bury kprpe's one-line report
+            logging.getLogger("ray.data").setLevel(logging.CRITICAL)
             try:
                 for batch in batches:
+                    if any(batch["start_error"]):
+                        error = next(text for text in batch["start_error"] if text)
+                        raise WorkerStartError(f"a Ray worker could not start: {error}")
                     yield from batch["task"]
-            except (KeyboardInterrupt, GeneratorExit, StreamError):
+            except (KeyboardInterrupt, GeneratorExit, KprpeError):
                 raise
             except Exception as exc:
                 raise _job_error(exc) from None
@@ -221,17 +229,9 @@ class RayRunner:
 
 
 def _job_error(exc: BaseException) -> RayJobError:
-    """Ray wraps an actor's error in its own (a traceback for a message): one line, the cause's if kprpe's."""
-    from ..errors import KprpeError
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        cause = getattr(seen, "cause", None)
-        if isinstance(cause, KprpeError):
-            return RayJobError(f"a Ray worker failed: {cause}")
-        if isinstance(seen, KprpeError) and seen is not exc:
-            return RayJobError(f"a Ray worker failed: {_first_line(seen)}")
-        seen = seen.__cause__ or seen.__context__ or cause
-    return RayJobError(
-        f"the Ray job failed ({_first_line(exc)}); what was finished before is kept — re-run to continue"
-    )
+    """Ray carries an actor's error as the text of its traceback inside its own: name the original in one
+    line (the full story is in Ray's log folder)."""
+    found = re.findall(r"^((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\b.*)$", str(exc), flags=re.M)
+    inner = [line for line in found if not line.startswith(("ray.", "RayTaskError", "UserCodeException"))]
+    what = inner[0].strip() if inner else _first_line(exc)
+    return RayJobError(f"the Ray job failed ({what}); what was finished before is kept — re-run to continue")
