@@ -211,7 +211,9 @@ class RayRunner:
             )
             batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
             # Ray Data's notes and its multi-page error reports would bury kprpe's one-line report
-            logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+            data_log = logging.getLogger("ray.data")
+            level = data_log.level
+            data_log.setLevel(logging.CRITICAL)
             try:
                 for batch in batches:
                     if any(batch["start_error"]):
@@ -223,6 +225,7 @@ class RayRunner:
             except Exception as exc:
                 raise _job_error(exc) from None
             finally:
+                data_log.setLevel(level)
                 close = getattr(batches, "close", None)
                 if close is not None:
                     close()
