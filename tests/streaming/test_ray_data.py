@@ -85,3 +85,21 @@ def test_import_kprpe_and_a_local_embed_do_not_load_ray():
         "assert 'ray' not in sys.modules, 'ray imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_partly_done_video_travels_to_the_actors_with_what_is_done():
+    """Actors get the resume state of the files they are given (Completed.subset), nothing else."""
+    from kprpe.streaming.stream import Completed, file_key
+
+    done = Completed()
+    done.add(file_key("a.jpg"), -1, 1, True, 1)
+    done.add(file_key("v.mp4"), 0, 3, False, 16, next_segment=4)  # a time gap: segments 1-3 are empty
+    done.add(file_key("w.mp4"), 0, 2, False, 16)
+    part = done.subset([file_key("v.mp4")])
+    assert part.stills == set() and set(part.segments) == {file_key("v.mp4")}
+    assert part.jumps == {file_key("v.mp4"): {0: 4}} and part.video_rows == {file_key("v.mp4"): 3}
+    done.add(file_key("v.mp4"), 4, 1, True, 5)
+    assert 4 not in part.segments[file_key("v.mp4")]  # a copy: later additions to the whole stay there
+    assert not part.file_done("v.mp4")
+    part.add(file_key("v.mp4"), 4, 1, True, 5)
+    assert part.file_done("v.mp4") and done.file_done("v.mp4")

@@ -17,6 +17,7 @@ resumed run skips exactly those.
 
 from __future__ import annotations
 
+import copy
 import math
 import multiprocessing
 import os
@@ -298,7 +299,7 @@ class Completed:
         for key in keys:
             for name in ("segments", "video_end", "video_rows", "video_frames", "jumps"):
                 if key in getattr(self, name):
-                    getattr(part, name)[key] = getattr(self, name)[key]
+                    getattr(part, name)[key] = copy.deepcopy(getattr(self, name)[key])
         return part
 
     def file_done(self, path: str | os.PathLike) -> bool:
