@@ -347,6 +347,27 @@ def _workers(args: argparse.Namespace) -> int | None:
     return args.workers  # None: kprpe.streaming.stream.resolve_workers picks from the number of inputs
 
 
+def _ray_runner(args: argparse.Namespace):
+    """``--ray [ADDRESS]``: the tasks run in Ray actors (kprpe.streaming.ray_data); None without it."""
+    if args.ray is None:
+        if args.ray_workers is not None:
+            raise CommandError("--ray-workers needs --ray")
+        return None
+    if args.workers is not None:
+        raise CommandError("--workers counts this machine's processes; with --ray, give --ray-workers")
+    from ..streaming.ray_data import RayRunner, import_ray
+
+    import_ray()
+    return RayRunner(
+        pipeline_factory=functools.partial(_pipeline, args),  # each actor builds its own detector...
+        embedder_factory=functools.partial(_embedder, args),  # ...and loads the model once
+        address=args.ray or None,
+        workers=args.ray_workers,
+        batch_size=args.batch_size,
+        fps=args.fps,
+    )
+
+
 def _skipped(command: str):
     from tqdm.auto import tqdm
 
@@ -361,6 +382,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     # an existing output this command wrote is continued or (--overwrite) replaced: embed_to_output's rule
     check_not_input(args.output, [*args.inputs, str(args.weights)], inside=False)
+    runner = _ray_runner(args)  # before the model loads: a missing Ray or a bad address is said at once
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     summary = embed_to_output(
@@ -376,6 +398,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         info={"weights": str(args.weights)},
         on_failure=_skipped("embed"),
+        runner=runner,
     )
     _print_json(summary.to_dict())
     return 1 if summary.failures else 0
@@ -709,6 +732,27 @@ def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ray (kprpe[ray]; docs/deployment.md)")
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the job on Ray Data: actors each load the model once and embed; the same output as "
+        "without. No ADDRESS: a Ray started on this machine for the job; ADDRESS (auto, HOST:PORT, "
+        "ray://HOST:PORT): an existing cluster, whose machines see the inputs at the same paths",
+    )
+    group.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --ray: N actors of one CPU each (default: every CPU of the Ray cluster)",
+    )
+
+
 def register(subparsers) -> None:
     """Add ``align``, ``embed``, ``verify`` and ``search`` to the ``kprpe`` command."""
     p = subparsers.add_parser(
@@ -746,6 +790,7 @@ def register(subparsers) -> None:
     add_model_options(p)
     _add_flip_option(p)
     _add_embed_stream_options(p)
+    _add_ray_options(p)
     p.set_defaults(func=_cmd_embed)
 
     p = subparsers.add_parser(
