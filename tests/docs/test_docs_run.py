@@ -72,7 +72,7 @@ class _Pages:
         if entry is not None and entry.skip:
             return "", Outcome(0, "")
         text = runnable_text(block, entry, SUBSTITUTIONS)
-        timeout = entry.timeout if entry else 300.0
+        timeout = entry.timeout if entry else 900.0
         if block.language == "python":
             if block.page not in self.sessions:
                 self.sessions[block.page] = PythonSession(self.folder(block.page))
@@ -106,15 +106,15 @@ def test_doc_block_runs(block: Block, workspace: Path, shared_pages: _Pages, tmp
     else:
         folder = _copy_workspace(workspace, tmp_path / "ws")
         text = runnable_text(block, entry, SUBSTITUTIONS)
-        timeout = entry.timeout if entry else 300.0
+        timeout = entry.timeout if entry else 900.0
         run = run_python if block.language == "python" else run_bash
         outcome = run(text, folder, timeout)
     assert outcome.returncode == 0, failure_message(block, text, outcome)
     try:
         if entry is not None and entry.check is not None:
             entry.check(outcome.output, folder, text)
-        if entry is not None and entry.picture is not None:
-            _compare_picture(folder / entry.picture, REPO / entry.picture)
+        for picture in entry.pictures if entry is not None else ():
+            _compare_picture(folder / picture, REPO / picture)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{failure_message(block, text, outcome)}") from None
 
@@ -133,8 +133,8 @@ def _compare_picture(made: Path, committed: Path) -> None:
     assert new.shape == old.shape, f"{committed.name}: the command makes {new.shape}, committed {old.shape}"
     changed = np.abs(new - old).max(axis=2) > 32
     assert changed.mean() < 0.01, (
-        f"{committed.relative_to(REPO)} differs from what its command makes now in {changed.mean():.1%} of the "
-        "pixels: regenerate it (KPRPE_DOC_PICTURES=update)"
+        f"{committed.relative_to(REPO)} differs from what its command makes now in {changed.mean():.1%} of "
+        "the pixels: regenerate it (KPRPE_DOC_PICTURES=update)"
     )
 
 
@@ -142,4 +142,6 @@ def test_every_table_entry_names_one_block():
     """A stale entry (its block edited away) or one matching two blocks fails here, not silently."""
     for entry in ENTRIES:
         found = [b.id for b in BLOCKS if entry.matches(b)]
-        assert len(found) == 1, f"table entry {entry.page!r} / {entry.contains!r} matches {found or 'no block'}"
+        assert len(found) == 1, (
+            f"table entry {entry.page!r} / {entry.contains!r} matches {found or 'no block'}"
+        )
