@@ -394,8 +394,9 @@ def _write_video(path: Path, photo: np.ndarray, seconds: int = 2, fps: int = 4) 
             container.mux(packet)
 
 
-def _write_bin(path: Path, photo: np.ndarray, seed: int, pairs: int = 20) -> None:
-    """A .bin of 112x112 crops: same-pairs are a crop and its shifted copy, others two random crops."""
+def _write_bin(path: Path, photo: np.ndarray, seed: int, pairs: int = 60) -> None:
+    """A .bin of 112x112 crops of one photo: a same-pair is one place seen twice (shifted by up to 16 px, with
+    noise), an other-pair two places — enough overlap for a ROC curve that is not a step."""
     import io
 
     from PIL import Image
@@ -409,14 +410,19 @@ def _write_bin(path: Path, photo: np.ndarray, seed: int, pairs: int = 20) -> Non
         Image.fromarray(image).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    def crop() -> np.ndarray:
-        y, x = rng.integers(0, photo.shape[0] - 112, 2)
-        return photo[y : y + 112, x : x + 112]
+    def crop(y: int, x: int) -> np.ndarray:
+        y, x = int(np.clip(y, 0, photo.shape[0] - 112)), int(np.clip(x, 0, photo.shape[1] - 112))
+        noisy = photo[y : y + 112, x : x + 112] + rng.normal(0, 12, (112, 112, 3))
+        return np.clip(noisy, 0, 255).astype(np.uint8)
 
     images, same = [], []
     for k in range(pairs):
-        first = crop()
-        second = np.roll(first, 3, axis=1) if k % 2 == 0 else crop()
-        images += [encode(np.ascontiguousarray(first)), encode(np.ascontiguousarray(second))]
+        y, x = rng.integers(0, photo.shape[0] - 112, 2)
+        if k % 2 == 0:
+            dy, dx = rng.integers(-16, 17, 2)
+            second = crop(y + dy, x + dx)
+        else:
+            second = crop(*rng.integers(0, photo.shape[0] - 112, 2))
+        images += [encode(crop(y, x)), encode(second)]
         same.append(k % 2 == 0)
     write_verification_bin(path, images, same)
