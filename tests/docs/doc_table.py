@@ -344,7 +344,7 @@ def build_workspace(root: Path) -> Path:
     save(photo, "photos/astronaut.jpg", "photos/eileen/1.jpg", "photos/eileen/2.jpg", "photos/eileen/3.jpg")
     save(mirrored, "photos/mirror.jpg", "photos/mirror/1.jpg", "photos/mirror/2.jpg")
     save(tilted, "photos/tilted.jpg", "photos/mirror/3.jpg")
-    save(photo, "gallery/eileen/1.png", "more_photos/carl/1.png")
+    save(photo, "gallery/eileen/1.png", "more_photos/carl/1.png", "more/eileen2.jpg")
     save(mirrored, "gallery/mirror/1.png")
     (root / "my_pairs.csv").write_text(
         "image_a,image_b,label\nastronaut.jpg,tilted.jpg,1\nastronaut.jpg,mirror.jpg,0\n"
