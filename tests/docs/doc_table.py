@@ -372,6 +372,7 @@ def build_workspace(root: Path) -> Path:
         load_file(FIXTURES / "dfa" / "dfa_weights.safetensors"),
         root / DFA_FOLDER / "pretrained_model" / "model.pt",
     )
+    shutil.copytree(REPO / "configs", root / "configs")  # the docs train from configs/*.yaml
     (root / "docs" / "images").mkdir(parents=True)  # blocks that make the docs' pictures write here
     return root
 
