@@ -91,11 +91,16 @@ NO_FINE_TUNE = {  # the per-person loop: align, pack and landmarks run; these tw
     "(the one-line error this gives is tested in tests/train/test_commands.py)",
     "kprpe verify --weights runs/finetune": "needs the fine-tune above",
 }
-# kprpe serve in the background, stopped when the block ends; the block's requests wait for /health
-SERVE_IN_BACKGROUND = (
-    "server=$!; trap 'kill $server 2>/dev/null || true' EXIT\n"
-    "for i in $(seq 300); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done\n"
-)
+# kprpe serve on a free port (others may serve on 8000 on a shared machine) in the background, stopped when
+# the block ends; the block's requests wait for /health
+SERVE_IN_BACKGROUND = {
+    "kprpe serve": 'PORT=$(python -c \'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); '
+    "print(s.getsockname()[1])')\nkprpe serve",
+    "--port 8000     # 127.0.0.1 by default\n": "--port $PORT &\n"
+    "server=$!; trap 'pkill -P $server; kill $server 2>/dev/null || true' EXIT\n"  # the shell and its python
+    "for i in $(seq 300); do curl -sf localhost:$PORT/health >/dev/null && break; sleep 1; done\n",
+    "localhost:8000": "localhost:$PORT",
+}
 FEW_CORES = "two training processes on this shared 2-core machine (tests/train/test_distributed.py)"
 NEEDS_DATA = "a benchmark data set (LFW/IJB-C/TinyFace/toolkit) that cannot be downloaded here"
 ENTRIES: list[Entry] = [
@@ -294,7 +299,7 @@ ENTRIES: list[Entry] = [
         "curl -s localhost:8000/health",
         slow=True,
         check=_check_health,
-        replace={"--port 8000     # 127.0.0.1 by default\n": "--port 8000 &\n" + SERVE_IN_BACKGROUND},
+        replace=SERVE_IN_BACKGROUND,
     ),
     Entry(
         "docs/serving.md",
