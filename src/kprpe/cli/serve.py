@@ -33,12 +33,17 @@ def build_service(args: argparse.Namespace):
         raise CommandError(f"cannot load weights {weights}: {exc}") from None
     except (RuntimeError, AssertionError) as exc:
         raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
-    index = None
-    if args.index:
-        from ..gallery.index import GalleryIndex
+    index, location = None, getattr(args, "gallery_uri", None)
+    if location and args.index:
+        raise CommandError("give the gallery once: --gallery or --index, not both")
+    location = location or args.index
+    if location:
+        from ..gallery.database import is_database_uri, open_gallery
 
-        index = GalleryIndex.load(args.index, nprobe=args.nprobe)
-    thumbnails = _thumbnail_store(args)
+        index = open_gallery(location, nprobe=args.nprobe)
+        if is_database_uri(location):  # every change is written to the database when it is made
+            location = None
+    thumbnails = _thumbnail_store(args, location)
     choice = resolve_threshold(
         args.threshold,
         args.weights,
@@ -53,7 +58,7 @@ def build_service(args: argparse.Namespace):
             index=index,
             threshold=choice.threshold,
             threshold_source=choice.source,
-            index_path=args.index or None,
+            index_path=location,
             api_key=getattr(args, "api_key", None) or os.environ.get("KPRPE_API_KEY") or None,
             thumbnails=thumbnails,
             aligner_options={
@@ -70,19 +75,19 @@ def build_service(args: argparse.Namespace):
         raise CommandError(str(exc)) from None
 
 
-def _thumbnail_store(args: argparse.Namespace):
+def _thumbnail_store(args: argparse.Namespace, gallery_file: str | None):
     """``--thumbnails DIR`` (``none``: keep none); by default a folder beside a gallery file (``--index
-    gallery.npz`` -> ``gallery.npz.thumbnails``). A gallery without a file of its own keeps none unless given
-    a folder."""
+    gallery.npz`` -> ``gallery.npz.thumbnails``). A gallery without a file of its own (in memory, or in a
+    vector database) keeps none unless given a folder."""
     from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
 
     folder = getattr(args, "thumbnails", None)
     if folder == "none":
         return None
     if folder is None:
-        if not getattr(args, "index", None):
+        if not gallery_file:
             return None
-        folder = thumbnails_beside(args.index)
+        folder = thumbnails_beside(gallery_file)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise CommandError(f"--thumbnails {folder} exists and is not a folder")
     return ThumbnailStore(folder)
@@ -128,7 +133,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"kprpe serve: page and API at http://{args.host}:{args.port}/ ; {writes}; aligner={service.aligner} "
         f"threshold={service.threshold:g} ({service.threshold_source})"
-        + (f" index={args.index} ({len(service.index)} identities)" if service.index is not None else ""),
+        + (
+            f" index={args.gallery_uri or args.index} ({len(service.index)} identities)"
+            if service.index is not None
+            else ""
+        ),
         file=sys.stderr,
         flush=True,
     )
@@ -181,6 +190,14 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--index", metavar="INDEX", help="gallery index from 'kprpe search enrol' (enables /search)"
+    )
+    p.add_argument(
+        "--gallery",
+        dest="gallery_uri",
+        metavar="URI",
+        default=None,
+        help="the gallery as a file path (like --index) or a vector database URI: http://HOST:19530 (a "
+        "Milvus server several kprpe serve processes can share), milvus:///PATH.db, qdrant:///FOLDER",
     )
     p.add_argument(
         "--thumbnails",
