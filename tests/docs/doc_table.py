@@ -231,6 +231,15 @@ ENTRIES: list[Entry] = [
         },
     ),
     Entry("docs/face.md", "kprpe embed photos/ holiday.mp4", slow=True),
+    Entry(
+        "docs/face.md",
+        "--ray --ray-workers 2",
+        slow=True,
+        omit={
+            "ray start --head": "starts a Ray cluster that outlives the block",
+            "kprpe embed /shared/photos": "a Ray cluster's shared folder",
+        },
+    ),
     Entry("docs/face.md", "from kprpe.face import FacePipeline", slow=True),
     # docs/gait.md (developer A's page)
     Entry(
@@ -286,6 +295,13 @@ ENTRIES: list[Entry] = [
     Entry("docs/performance.md", "--device cuda", skip="a CUDA GPU", blocks=2),
     # docs/serving.md (blocks share one folder)
     Entry("docs/serving.md", "kprpe search enrol gallery -o gallery.npz", slow=True),
+    Entry("docs/serving.md", "--gallery milvus://gallery.db", slow=True),
+    Entry(
+        "docs/serving.md",
+        "milvus-lite server --data-dir",
+        skip="starts a Milvus server and two kprpe servers on fixed ports that run until stopped "
+        "(tests/serve/test_shared_gallery.py covers sharing a gallery)",
+    ),
     Entry(
         "docs/serving.md",
         "index.add_embeddings(",
