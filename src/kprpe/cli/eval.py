@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import CommandError
 from ..eval.metrics import DEFAULT_FAR_TARGETS, TAR_FAR_CONVENTIONS
-from .options import add_model_options, add_output_option, add_quiet_option
+from .options import add_model_options, add_output_option, add_quiet_option, apply_model_defaults
 
 __all__ = ["register"]
 
@@ -386,6 +386,7 @@ def _settings(args):
                 "threshold is calibrated on one dataset"
             )
     _landmark_backend(args)
+    apply_model_defaults(args)  # no --weights: the published KP-RPE ViT-Base (after the output checks)
     return EvalSettings(
         flip=not args.no_flip,
         batch_size=args.batch_size,

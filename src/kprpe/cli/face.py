@@ -34,6 +34,7 @@ from .options import (
     add_overwrite_option,
     add_quiet_option,
     add_workers_option,
+    apply_model_defaults,
 )
 
 if TYPE_CHECKING:  # the model side (torch) is imported by the commands that run it, not by `kprpe --help`
@@ -61,13 +62,20 @@ def _upsample(text: str) -> int | str:
 
 def add_aligner_options(group, *, device: bool) -> None:
     """``--aligner dlib|dfa``, ``--aligner-weights``, ``--min-aligner-score`` (and ``--device`` for commands
-    without model options)."""
+    without model options, whose aligner defaults to dlib; with model options it is left None, for
+    :func:`~kprpe.cli.options.apply_model_defaults` to choose from the weights)."""
     group.add_argument(
         "--aligner",
         choices=ALIGNER_CHOICES,
-        default="dlib",
-        help="landmark backend: dlib (offline, no download; default) or dfa (the official CVLface "
-        "Differentiable Face Aligner the published KP-RPE weights were trained with; its own crop is used)",
+        default="dlib" if device else None,
+        help="landmark backend: dlib (offline, no download) or dfa (the official CVLface Differentiable Face "
+        "Aligner the published KP-RPE weights were trained with; its own crop is used). Default: "
+        + (
+            "dlib"
+            if device
+            else "dfa with the published KP-RPE weights (dlib, with a notice, when it cannot be had "
+            "offline), dlib with any other weights"
+        ),
     )
     group.add_argument(
         "--aligner-weights",
@@ -190,12 +198,8 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
 
     if args.batch_size <= 0:
         raise CommandError(f"--batch-size must be positive, got {args.batch_size}")
-    from ..zoo import ZooError, resolve
-
-    try:
-        weights = resolve(args.weights, kind="recognition")  # a path, or a repo id -> its verified snapshot
-    except ZooError as exc:
-        raise CommandError(str(exc)) from None
+    apply_model_defaults(args)  # no --weights: the published default; a repo id -> its verified snapshot
+    weights = args.weights_path
     if getattr(args, "engine", "torch") == "onnx":
         from ..export import load_engine
 
@@ -343,6 +347,27 @@ def _workers(args: argparse.Namespace) -> int | None:
     return args.workers  # None: kprpe.streaming.stream.resolve_workers picks from the number of inputs
 
 
+def _ray_runner(args: argparse.Namespace):
+    """``--ray [ADDRESS]``: the tasks run in Ray actors (kprpe.streaming.ray_data); None without it."""
+    if args.ray is None:
+        if args.ray_workers is not None:
+            raise CommandError("--ray-workers needs --ray")
+        return None
+    if args.workers is not None:
+        raise CommandError("--workers counts this machine's processes; with --ray, give --ray-workers")
+    from ..streaming.ray_data import RayRunner, import_ray
+
+    import_ray()
+    return RayRunner(
+        pipeline_factory=functools.partial(_pipeline, args),  # each actor builds its own detector...
+        embedder_factory=functools.partial(_embedder, args),  # ...and loads the model once
+        address=args.ray or None,
+        workers=args.ray_workers,
+        batch_size=args.batch_size,
+        fps=args.fps,
+    )
+
+
 def _skipped(command: str):
     from tqdm.auto import tqdm
 
@@ -354,8 +379,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from ..files import check_not_input
     from ..streaming.shards import embed_to_output
 
+    apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     # an existing output this command wrote is continued or (--overwrite) replaced: embed_to_output's rule
     check_not_input(args.output, [*args.inputs, str(args.weights)], inside=False)
+    runner = _ray_runner(args)  # before the model loads: a missing Ray or a bad address is said at once
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     summary = embed_to_output(
@@ -371,6 +398,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         info={"weights": str(args.weights)},
         on_failure=_skipped("embed"),
+        runner=runner,
     )
     _print_json(summary.to_dict())
     return 1 if summary.failures else 0
@@ -396,6 +424,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _check_output(args.show, args, [args.a, args.b])
         if args.visualize and Path(args.show).resolve() == Path(args.visualize).resolve():
             raise CommandError("--show and --visualize name the same file; give two")
+    apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     choice = _threshold(args, embedder)
@@ -446,28 +475,63 @@ def _threshold(args: argparse.Namespace, embedder: FaceEmbedder):
     )
 
 
+def _gallery_location(args: argparse.Namespace, path_option: str) -> str:
+    """The gallery a search command works on: ``--gallery URI`` or the index path option, exactly one."""
+    path = args.output if path_option == "-o" else args.index
+    if args.gallery_uri and path:
+        raise CommandError(f"give the gallery once: --gallery or {path_option}, not both")
+    if not (args.gallery_uri or path):
+        raise CommandError(
+            f"no gallery given: --gallery URI (a file path or a database URI) or {path_option} INDEX"
+        )
+    return args.gallery_uri or path
+
+
+def _gallery_metadata(args: argparse.Namespace, pipeline, embedder) -> dict:
+    return {
+        "model_fingerprint": embedder.fingerprint,
+        "output_dim": embedder.output_dim,
+        "flip": embedder.flip,
+        "pipeline": pipeline.describe(),
+        "weights": str(args.weights),
+    }
+
+
 def _cmd_search_enrol(args: argparse.Namespace) -> int:
+    from ..gallery.database import DatabaseGallery, is_database_uri
     from ..gallery.index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
 
+    location = _gallery_location(args, "-o")
+    database = is_database_uri(location)
+    if database and args.thumbnails:
+        raise CommandError(
+            "--thumbnails live beside a gallery file (INDEX.thumbnails); a database gallery keeps none"
+        )
+    appending = args.append and not database and Path(location).exists()
+    apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     pipeline = _pipeline(args)
-    output = Path(args.output)
-    # --append updates the index named by -o; anything else there needs --overwrite
-    _check_output(output, args, [args.gallery], overwrite=args.overwrite or args.append)
+    if not database:  # --append updates the index named by -o; anything else there needs --overwrite
+        _check_output(location, args, [args.gallery], overwrite=args.overwrite or args.append)
     embedder = _embedder(args)
-    if args.append and output.exists():
-        index = GalleryIndex.load(output, backend=args.backend)
+    if database:  # opened before the photos are embedded: a wrong model or URI costs nothing
+        target = DatabaseGallery.open(
+            location, dim=embedder.output_dim, metadata=_gallery_metadata(args, pipeline, embedder)
+        )
+        if args.overwrite:
+            target.clear()
+            target.close()  # an embedded engine allows one open handle per gallery, even in one process
+            target = DatabaseGallery.open(
+                location, dim=embedder.output_dim, metadata=_gallery_metadata(args, pipeline, embedder)
+            )
+        # staged in memory, then written identity by identity (see DatabaseGallery.write)
+        index = GalleryIndex(embedder.output_dim, backend="numpy", approximate_above=0)
+    elif appending:
+        index = GalleryIndex.load(location, backend=args.backend)
         index.check_compatible(embedder.fingerprint, embedder.output_dim)
     else:
-        metadata = {
-            "model_fingerprint": embedder.fingerprint,
-            "output_dim": embedder.output_dim,
-            "flip": embedder.flip,
-            "pipeline": pipeline.describe(),
-            "weights": str(args.weights),
-        }
         index = GalleryIndex(
             embedder.output_dim,
-            metadata=metadata,
+            metadata=_gallery_metadata(args, pipeline, embedder),
             backend=args.backend,
             approximate_above=args.approximate_above,
             nlist=args.nlist,
@@ -489,34 +553,77 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
         print(f"kprpe search enrol: skipped {path}: {reason}", file=sys.stderr)
     if len(index) == 0:
         raise CommandError(f"no identity in {args.gallery} had a usable face; nothing enrolled")
-    index.save(output)
+    enrolled, thumbnails = len(index), {}
+    if database:
+        target.write(index, pool=args.append)
+        index = target
+    else:
+        index.save(location)
+        thumbnails = _enrol_thumbnails(args, location, pipeline, index, fresh=not appending)
     _print_json(
         {
-            "output": str(output),
+            "output": str(location),
             "identities": len(index),
+            "enrolled": enrolled,
             "index": index.describe(),
+            **thumbnails,
             "failures": [{"file": p, "reason": r} for p, r in failures],
         }
     )
     return 1 if failures else 0
 
 
-def _cmd_search_remove(args: argparse.Namespace) -> int:
-    from ..gallery.index import GalleryIndex
+def _enrol_thumbnails(args: argparse.Namespace, location: str, pipeline, index, *, fresh: bool) -> dict:
+    """The page's thumbnails beside the index (``INDEX.thumbnails``): a replaced index takes its old ones
+    with it; ``--thumbnails`` keeps the first usable face of each identity that has none (one more
+    detection per identity: the enrolment itself keeps no crops)."""
+    from ..gallery.search import gallery_images
+    from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
 
-    index = GalleryIndex.load(args.index, backend=args.backend)
+    store = ThumbnailStore(thumbnails_beside(location))
+    if fresh:
+        store.clear()
+    if not args.thumbnails:
+        return {}
+    written = 0
+    for name, paths in gallery_images(args.gallery).items():
+        if name not in index or store.numbers(name):
+            continue
+        for path in paths:
+            try:
+                faces = pipeline.faces_in_file(path)
+            except (ImageLoadError, *pipeline.skip_errors):
+                continue
+            store.add(name, faces[0].image)
+            written += 1
+            break
+    return {"thumbnails": str(store.folder), "thumbnails_written": written}
+
+
+def _cmd_search_remove(args: argparse.Namespace) -> int:
+    from ..gallery.database import is_database_uri, open_gallery
+    from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
+
+    location = _gallery_location(args, "--index")
+    index = open_gallery(location, backend=args.backend)
     removed = index.remove(args.identities)
-    index.save(args.index)
-    _print_json({"index": str(args.index), "removed": removed, "identities": len(index)})
+    index.save(location)  # a database gallery has written it already
+    thumbnails = None if is_database_uri(location) else thumbnails_beside(location)
+    if thumbnails is not None and thumbnails.is_dir():  # the page's thumbnails of the removed go too
+        for name in removed:
+            ThumbnailStore(thumbnails).remove(name)
+    _print_json({"index": str(location), "removed": removed, "identities": len(index)})
     return 0
 
 
 def _cmd_search_query(args: argparse.Namespace) -> int:
-    from ..gallery.index import GalleryIndex
+    from ..gallery.database import open_gallery
 
     if args.top_k <= 0:
         raise CommandError(f"-k must be positive, got {args.top_k}")
-    index = GalleryIndex.load(args.index, backend=args.backend, nprobe=args.nprobe)
+    location = _gallery_location(args, "--index")
+    index = open_gallery(location, backend=args.backend, nprobe=args.nprobe)
+    apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     index.check_compatible(embedder.fingerprint, embedder.output_dim)
@@ -552,7 +659,7 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
     failures = _report_failures("search", failed)
     _print_json(
         {
-            "index": str(args.index),
+            "index": str(location),
             "threshold": choice.threshold,
             "threshold_source": choice.source,
             "results": results,
@@ -566,6 +673,7 @@ def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
     from ..gallery.index import DEFAULT_APPROXIMATE_ABOVE, INDEX_BACKENDS
 
     group = parser.add_argument_group("index")
+    _add_gallery_uri_option(group)
     group.add_argument(
         "--backend",
         choices=INDEX_BACKENDS,
@@ -590,6 +698,18 @@ def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
         group.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(identities))")
 
 
+def _add_gallery_uri_option(parser) -> None:
+    parser.add_argument(
+        "--gallery",
+        dest="gallery_uri",
+        metavar="URI",
+        default=None,
+        help="where the gallery lives: a file path (the FAISS/NumPy .npz index) or a vector database: "
+        "milvus:///PATH.db (Milvus Lite, embedded), http://HOST:19530 (a Milvus server), qdrant:///FOLDER, "
+        "qdrant+http://HOST:6333 (see docs/serving.md)",
+    )
+
+
 def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
     from ..streaming.shards import SHARD_ROWS
     from ..streaming.stream import DEFAULT_FPS
@@ -609,6 +729,27 @@ def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
         default=SHARD_ROWS,
         metavar="N",
         help=f"rows per committed shard: an interrupted run loses at most this many (default {SHARD_ROWS})",
+    )
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ray (kprpe[ray]; docs/deployment.md)")
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the job on Ray Data: actors each load the model once and embed; the same output as "
+        "without. No ADDRESS: a Ray started on this machine for the job; ADDRESS (auto, HOST:PORT, "
+        "ray://HOST:PORT): an existing cluster, whose machines see the inputs at the same paths",
+    )
+    group.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --ray: N actors of one CPU each (default: every CPU of the Ray cluster)",
     )
 
 
@@ -649,6 +790,7 @@ def register(subparsers) -> None:
     add_model_options(p)
     _add_flip_option(p)
     _add_embed_stream_options(p)
+    _add_ray_options(p)
     p.set_defaults(func=_cmd_embed)
 
     p = subparsers.add_parser(
@@ -686,7 +828,8 @@ def register(subparsers) -> None:
         help="enrol a gallery of identities, then identify query faces",
         description="'kprpe search enrol GALLERY -o index.npz' then "
         "'kprpe search query IMAGES --index index.npz'; 'kprpe search remove "
-        "NAMES --index index.npz'. FAISS when installed, NumPy otherwise.",
+        "NAMES --index index.npz'. FAISS when installed, NumPy otherwise; --gallery URI instead of "
+        "-o/--index keeps the gallery in a vector database (milvus:///gallery.db, http://HOST:19530).",
     )
     search_sub = p.add_subparsers(dest="search_command", metavar="ACTION", required=True)
     e = search_sub.add_parser(
@@ -697,13 +840,22 @@ def register(subparsers) -> None:
         "The index is an .npz that loads with allow_pickle=False.",
     )
     e.add_argument("gallery", metavar="GALLERY")
-    add_output_option(e, help="index file to write (.npz)", metavar="INDEX")
+    add_output_option(e, help="index file to write (.npz); or --gallery URI", metavar="INDEX", required=False)
     e.add_argument(
         "--append",
         action="store_true",
-        help="add to INDEX if it exists (new identities are added, existing ones pool the new images)",
+        help="add to INDEX if it exists (new identities are added, existing ones pool the new images); "
+        "without it a database gallery's identities in GALLERY are set to this run's templates",
     )
-    add_overwrite_option(e, help="replace an existing INDEX (without --append)")
+    add_overwrite_option(
+        e, help="replace an existing INDEX (without --append); a database gallery: drop it first"
+    )
+    e.add_argument(
+        "--thumbnails",
+        action="store_true",
+        help="also keep a 56x56 thumbnail of each identity's first usable face in INDEX.thumbnails, as kprpe "
+        "serve's page shows (one more face detection per identity)",
+    )
     _add_pipeline_options(e, all_faces=False)
     add_model_options(e)
     _add_flip_option(e)
@@ -712,12 +864,13 @@ def register(subparsers) -> None:
     e.set_defaults(func=_cmd_search_enrol)
     r = search_sub.add_parser("remove", help="remove identities from an index (no re-enrolment)")
     r.add_argument("identities", nargs="+", metavar="IDENTITY")
-    r.add_argument("--index", required=True, metavar="INDEX")
+    r.add_argument("--index", metavar="INDEX", help="the index file; or --gallery URI")
     r.add_argument("--backend", choices=("auto", "faiss", "numpy"), default="auto")
+    _add_gallery_uri_option(r)
     r.set_defaults(func=_cmd_search_remove)
     q = search_sub.add_parser("query", help="top-k identities for the faces of query photos")
     q.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
-    q.add_argument("--index", required=True, metavar="INDEX")
+    q.add_argument("--index", metavar="INDEX", help="the index file; or --gallery URI")
     q.add_argument("-k", "--top-k", type=int, default=5, help="identities to return per face (default 5)")
     q.add_argument(
         "--threshold",

@@ -19,12 +19,10 @@ def build_service(args: argparse.Namespace):
     from ..nn import CheckpointError
     from ..serve.app import FaceService
     from ..thresholds import resolve_threshold
-    from ..zoo import ZooError, resolve
+    from .options import apply_model_defaults
 
-    try:
-        weights = resolve(args.weights, kind="recognition")  # a path, or a published repo id -> its snapshot
-    except ZooError as exc:
-        raise CommandError(str(exc)) from None
+    apply_model_defaults(args)  # no --weights: the published default; a repo id -> its verified snapshot
+    weights = args.weights_path
     if getattr(args, "flip", False) and args.no_flip:
         raise CommandError("--flip and --no-flip contradict each other; give one")
     # the DFA's official pipeline has no flip TTA, so neither has --aligner dfa unless --flip asks for it
@@ -35,14 +33,20 @@ def build_service(args: argparse.Namespace):
         raise CommandError(f"cannot load weights {weights}: {exc}") from None
     except (RuntimeError, AssertionError) as exc:
         raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
-    index = None
-    if args.index:
-        from ..gallery.index import GalleryIndex
+    index, location = None, getattr(args, "gallery_uri", None)
+    if location and args.index:
+        raise CommandError("give the gallery once: --gallery or --index, not both")
+    location = location or args.index
+    if location:
+        from ..gallery.database import is_database_uri, open_gallery
 
-        index = GalleryIndex.load(args.index, nprobe=args.nprobe)
+        index = open_gallery(location, nprobe=args.nprobe)
+        if is_database_uri(location):  # every change is written to the database when it is made
+            location = None
+    thumbnails = _thumbnail_store(args, location)
     choice = resolve_threshold(
         args.threshold,
-        weights,
+        args.weights,
         model_fingerprint=embedder.fingerprint,
         flip=embedder.flip,
         default=DEFAULT_THRESHOLD,
@@ -54,8 +58,9 @@ def build_service(args: argparse.Namespace):
             index=index,
             threshold=choice.threshold,
             threshold_source=choice.source,
-            index_path=args.index or None,
+            index_path=location,
             api_key=getattr(args, "api_key", None) or os.environ.get("KPRPE_API_KEY") or None,
+            thumbnails=thumbnails,
             aligner_options={
                 "detector": args.detector,
                 "landmark_model": args.landmark_model,
@@ -68,6 +73,24 @@ def build_service(args: argparse.Namespace):
         raise CommandError(str(exc)) from None
     except ValueError as exc:  # AlignerLoadError (bad DFA weights, device or score) is one too
         raise CommandError(str(exc)) from None
+
+
+def _thumbnail_store(args: argparse.Namespace, gallery_file: str | None):
+    """``--thumbnails DIR`` (``none``: keep none); by default a folder beside a gallery file (``--index
+    gallery.npz`` -> ``gallery.npz.thumbnails``). A gallery without a file of its own (in memory, or in a
+    vector database) keeps none unless given a folder."""
+    from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
+
+    folder = getattr(args, "thumbnails", None)
+    if folder == "none":
+        return None
+    if folder is None:
+        if not gallery_file:
+            return None
+        folder = thumbnails_beside(gallery_file)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CommandError(f"--thumbnails {folder} exists and is not a folder")
+    return ThumbnailStore(folder)
 
 
 def limits_from_args(args: argparse.Namespace):
@@ -110,7 +133,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"kprpe serve: page and API at http://{args.host}:{args.port}/ ; {writes}; aligner={service.aligner} "
         f"threshold={service.threshold:g} ({service.threshold_source})"
-        + (f" index={args.index} ({len(service.index)} identities)" if service.index is not None else ""),
+        + (
+            f" index={args.gallery_uri or args.index} ({len(service.index)} identities)"
+            if service.index is not None
+            else ""
+        ),
         file=sys.stderr,
         flush=True,
     )
@@ -132,14 +159,21 @@ def register(subparsers) -> None:
         "/search (file 'image', form 'k'); GET /health. JSON answers; errors are JSON with a 4xx "
         "status. See docs/serving.md.",
     )
-    p.add_argument("--weights", required=True, metavar="W",
-                   help="checkpoint file or directory, or a published repo id (see kprpe models --zoo)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="W",
+        help="checkpoint file or directory, or a published repo id (see kprpe models --zoo); default: the "
+        "published KP-RPE ViT-Base, minchul/cvlface_adaface_vit_base_kprpe_webface4m, downloaded on first "
+        "use",
+    )
     p.add_argument(
         "--aligner",
         choices=sorted(ALIGNERS),
-        default="dlib",
-        help="dlib: detect faces and landmarks (default); dfa: the official DFA aligner (its crop, "
-        "no flip TTA unless --flip); supplied: clients send 5 keypoints per image",
+        default=None,
+        help="dlib: detect faces and landmarks; dfa: the official DFA aligner (its crop, no flip TTA unless "
+        "--flip); supplied: clients send 5 keypoints per image. Default: dfa with the published KP-RPE "
+        "weights (dlib, with a notice, when it cannot be had offline), dlib with any other weights",
     )
     p.add_argument(
         "--aligner-weights",
@@ -156,6 +190,21 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--index", metavar="INDEX", help="gallery index from 'kprpe search enrol' (enables /search)"
+    )
+    p.add_argument(
+        "--gallery",
+        dest="gallery_uri",
+        metavar="URI",
+        default=None,
+        help="the gallery as a file path (like --index) or a vector database URI: http://HOST:19530 (a "
+        "Milvus server several kprpe serve processes can share), milvus:///PATH.db, qdrant:///FOLDER",
+    )
+    p.add_argument(
+        "--thumbnails",
+        metavar="DIR",
+        default=None,
+        help="folder for the enrolled faces' 56x56 thumbnails the page shows, by identity (default: beside "
+        "--index, INDEX.thumbnails; 'none': keep none)",
     )
     p.add_argument(
         "--api-key",
