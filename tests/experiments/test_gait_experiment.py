@@ -16,18 +16,27 @@ def test_quick_experiment_runs_end_to_end(tmp_path, capsys):
     argv = ["experiment", "gait", "--quick", "--steps", "2", "--ids", "8", "--sequences", "3", "-o", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "NOT a result" in printed and "| kprpe | misaligned |" in printed
+    assert "NOT a result" in printed and "| kprpe | misaligned | 1 |" in printed
     results = json.loads((out / "gait_results.json").read_text())
     assert [r["variant"] for r in results["runs"]] == ["baseline", "kprpe"]
     for run in results["runs"]:
         for test in ("aligned", "misaligned"):
             assert run["test"][test]["probes"] == 4 and 0 <= run["test"][test]["mAP"] <= 100
-        assert run["curve"] and all(np.isfinite(r["loss"]) for r in run["curve"])
+        losses = [r["loss"] for r in run["curve"] if "loss" in r]  # validation-only rows have no loss
+        assert losses and all(np.isfinite(losses)) and any("mAP" in r for r in run["curve"])
     assert "smoke test" in (out / "gait_table.md").read_text()
     # a second call reuses the finished runs (nothing retrained: same numbers, fast)
     assert main(argv) == 0
     again = json.loads((out / "gait_results.json").read_text())
     assert again["runs"] == results["runs"]
+    # --collect trains nothing: the finished runs are tabulated and the missing ones named
+    collect = [*argv, "--collect", "--variants", "baseline,kprpe,kprpe_mask"]
+    assert main(collect) == 0
+    collected = json.loads((out / "gait_results.json").read_text())
+    assert collected["runs"] == results["runs"] and collected["missing"] == ["kprpe_mask_seed0"]
+    assert "**Not finished** (not in the table): kprpe_mask_seed0." in (out / "gait_table.md").read_text()
+    assert not (out / "runs" / "kprpe_mask_seed0").exists()
+    assert main([*argv, "--seed", "1"]) == 2 and "--seed must be in 0..0" in capsys.readouterr().err
 
 
 def test_bad_options_are_named(capsys):
@@ -52,8 +61,15 @@ def test_summary_and_table():
     summary = summarise(runs)
     assert summary["kprpe"]["aligned"]["Rank-1"] == {"mean": 10.0, "std": float(np.std([0, 10, 20])), "n": 3}
     text = table({"config": {"ids": 4, "sequences": 2, "steps": 1, "seeds": 3}, "summary": summary})
-    assert "| kprpe | aligned | 10.0 +- 8.2 | 50.0 +- 0.0 | 31.0 +- 0.8 | 20.0 +- 0.0 |" in text
-    assert set(VARIANTS) == {"baseline", "kprpe", "kprpe_shuffled", "kprpe_noise", "baseline_drawn"}
+    assert "| kprpe | aligned | 3 | 10.0 +- 8.2 | 50.0 +- 0.0 | 31.0 +- 0.8 | 20.0 +- 0.0 |" in text
+    assert set(VARIANTS) == {
+        "baseline",
+        "kprpe",
+        "kprpe_mask",
+        "kprpe_shuffled",
+        "kprpe_noise",
+        "baseline_drawn",
+    }
 
 
 def test_keypoint_controls():

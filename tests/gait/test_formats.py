@@ -117,6 +117,20 @@ def test_out_of_frame_joint_with_zero_confidence_is_allowed(tmp_path):
     assert load_sequence(tmp_path / "s")["pose"][1, 4, 0] == 400.0
 
 
+def test_unconfident_joints_far_above_an_occluded_frame_are_allowed(tmp_path):
+    # synthetic walkers hit this: an occluder hid the upper body, the pretreatment stretched the visible legs
+    # to 64 rows, and the hidden head's low-confidence guesses landed ~115 px above the frame
+    write_sequence(tmp_path / "s", frames=4)
+    pose = load_array_pickle(tmp_path / "s" / "pose.pkl")
+    pose[2, :6] = (49.0, -115.0, 0.27)
+    dump_array_pickle(tmp_path / "s" / "pose.pkl", pose)
+    assert load_sequence(tmp_path / "s")["pose"][2, 0, 1] == -115.0
+    pose[2, 0, 2] = 0.5  # the same position with a confident joint is still refused
+    dump_array_pickle(tmp_path / "s" / "pose.pkl", pose)
+    with pytest.raises(GaitFormatError, match="far outside"):
+        load_sequence(tmp_path / "s")
+
+
 def test_links_leaving_the_root_are_refused(tmp_path):
     outside = write_sequence(tmp_path / "outside" / "seq", frames=3)
     root = tmp_path / "root"

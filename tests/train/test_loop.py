@@ -220,7 +220,7 @@ def test_a_diverging_run_stops_keeps_its_good_checkpoints_and_saves_nothing_non_
 def test_an_isolated_non_finite_step_is_skipped_not_applied(tiny_config):
     tiny_config["train"].update(max_steps=3, progress=False)
     trainer = Trainer(config_from_dict(tiny_config))
-    loader = iter(trainer._loader())
+    loader = iter(trainer.task._loader(trainer.device))
     batch = next(loader)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     poisoned = dict(batch, image=batch["image"].clone())

@@ -23,25 +23,44 @@ def register_gait(sub) -> None:
     g.add_argument(
         "--quick",
         action="store_true",
-        help="a short smoke run: 1 seed, baseline vs KP-RPE, 12 walkers, 40 steps (a few minutes on 2 "
+        help="a short smoke run: 1 seed, baseline vs KP-RPE, 16 walkers, 30 steps (a few minutes on 2 "
         "cores); says it is short",
     )
     g.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 1 with --quick)")
-    g.add_argument("--steps", type=int, default=None, help="training steps per run (default 400; 40 quick)")
-    g.add_argument("--ids", type=int, default=None, help="walkers (default 40; 12 quick)")
-    g.add_argument("--sequences", type=int, default=None, help="walks per walker (default 6; 4 quick)")
+    g.add_argument("--steps", type=int, default=None, help="training steps per run (default 100; 30 quick)")
+    g.add_argument("--ids", type=int, default=None, help="walkers (default 32; 16 quick)")
+    g.add_argument("--sequences", type=int, default=None, help="walks per walker (default 4)")
     g.add_argument(
         "--variants",
         default=None,
-        help="comma-separated subset of baseline,kprpe,kprpe_shuffled,kprpe_noise,baseline_drawn",
+        help="comma-separated subset of baseline,kprpe,kprpe_mask,kprpe_shuffled,kprpe_noise,"
+        "baseline_drawn",
     )
     g.add_argument(
-        "--ids-per-batch", type=int, default=None, help="P of the P x K batches (default 8; 4 quick)"
+        "--ids-per-batch", type=int, default=None, help="P of the P x K batches (default 6; 4 quick)"
     )
     g.add_argument(
-        "--clip-frames", type=int, default=None, help="training clip length (default 16; 12 quick)"
+        "--clip-frames", type=int, default=None, help="training clip length (default 8)"
     )
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between validations for the learning curves (default: half the steps); training does "
+        "not depend on it",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="run only this seed index (0..seeds-1), to split the experiment over processes",
+    )
+    g.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: tabulate the runs finished in OUTPUT/runs and list the missing ones",
+    )
     add_output_option(g, help="output folder")
     g.set_defaults(func=_cmd_gait)
 
@@ -51,7 +70,7 @@ def _cmd_gait(args: argparse.Namespace) -> int:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("seeds", "steps", "ids", "sequences", "ids_per_batch", "clip_frames")
+        for k in ("seeds", "steps", "ids", "sequences", "ids_per_batch", "clip_frames", "eval_every")
         if getattr(args, k) is not None
     }
     for key, value in overrides.items():
@@ -68,12 +87,20 @@ def _cmd_gait(args: argparse.Namespace) -> int:
         overrides["variants"] = variants
     overrides["threads"] = args.threads
     if args.quick:
-        overrides.setdefault("eval_every", max(1, overrides.get("steps", 40) // 2))
+        overrides.setdefault("eval_every", max(1, overrides.get("steps", 30) // 2))
     else:
-        overrides.setdefault("eval_every", max(1, overrides.get("steps", 400) // 4))
+        overrides.setdefault("eval_every", max(1, overrides.get("steps", 100) // 2))
     cfg = quick_gait_config(**overrides) if args.quick else GaitExperimentConfig(**overrides)
+    if args.seed is not None and not 0 <= args.seed < cfg.seeds:
+        raise CommandError(f"--seed must be in 0..{cfg.seeds - 1} (--seeds {cfg.seeds}), got {args.seed}")
     start = time.perf_counter()
-    results = run_gait_experiment(args.output, cfg, log=lambda m: print(m, flush=True))
+    results = run_gait_experiment(
+        args.output,
+        cfg,
+        log=lambda m: print(m, flush=True),
+        seeds=None if args.seed is None else [args.seed],
+        train=not args.collect,
+    )
     from pathlib import Path
 
     print((Path(args.output) / "gait_table.md").read_text(), end="")

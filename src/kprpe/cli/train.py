@@ -18,21 +18,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "use either --resume (latest checkpoint of the run) or --resume-from DIR, not both"
         )
     resume = args.resume_from or ("latest" if args.resume else None)
-    if _is_gait_config(args.config):  # task: gait (kprpe.train.gait: SwinGait, P x K, triplet + CE)
-        from ..train.gait import GaitTrainer, load_gait_config
-
-        gait = GaitTrainer(load_gait_config(args.config, args.overrides), resume=resume)
-        final = gait.run()
-        print(
-            f"trained {gait.step} steps; model: {final}; Gait3D protocol on the test split: "
-            f"{gait.output_dir / 'results.json'}"
-        )
-        return 0
     # bad configs, data, landmark files and checkpoints raise KprpeError subclasses: kprpe.cli prints them
-    cfg = load_config(args.config, args.overrides)
+    if _is_gait_config(args.config):  # task: gait (kprpe.train.gait: SwinGait, P x K, triplet + CE)
+        from ..train.gait import load_gait_config
+
+        cfg = load_gait_config(args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, resume=resume)
     final = trainer.run()
-    if trainer.dist.is_main:
+    if trainer.dist.is_main and trainer.task.name == "gait":
+        print(
+            f"trained {trainer.step} steps; model: {final}; Gait3D protocol on the test split: "
+            f"{trainer.output_dir / 'results.json'}"
+        )
+    elif trainer.dist.is_main:
         print(
             f"trained {trainer.step} steps; model: {final} (load with kprpe.load_official or kprpe verify "
             "--weights)"

@@ -4,6 +4,11 @@ OpenGait's transforms touch only the silhouettes (docs/gait.md); a KP-RPE model 
 horizontal flip maps pixel column ``j`` to ``W - 1 - j`` (pixel-index coordinates, docs/gait.md), so a joint's
 ``x`` becomes ``W - 1 - x``, and the left and right joints trade places (a flipped left knee is drawn where a
 right knee would be). Undetected joints (all zero) stay ``(0, 0, 0)``.
+
+OpenGait's SwinGait recipe also draws ``RandomRotate`` (+-10 degrees about OpenGait's ``(h // 2, w // 2)``
+point, a quirk kept: it passes (h, w) as (x, y)) and ``RandomPerspective`` (the top and bottom corners moved
+inwards by up to 10 columns, stretched back to the frame). Both warp with OpenCV, whose matrices map input
+pixel-index coordinates to output ones, so a joint moves by the same matrix (docs/gait.md).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ __all__ = [
     "Compose",
     "KeypointControl",
     "RandomFlip",
+    "RandomPerspective",
+    "RandomRotate",
+    "warp_sequence",
     "draw_keypoints",
     "flip_sequence",
     "noise_keypoints",
@@ -54,6 +62,86 @@ class RandomFlip:
             if pose is not None:
                 item["pose"] = pose
         return item
+
+
+def warp_sequence(sils: np.ndarray, pose: np.ndarray | None, matrix: np.ndarray):
+    """Warp every frame of ``sils [T, H, W]`` by ``matrix`` (2x3 affine or 3x3 homography, OpenCV's
+    input -> output convention, bilinear) and move ``pose [T, 17, 3]``'s detected joints by the same map."""
+    import cv2
+
+    height, width = sils.shape[1:]
+    if matrix.shape == (2, 3):
+        frames = [cv2.warpAffine(f, matrix, (width, height)) for f in sils]
+        matrix = np.vstack([matrix, [0.0, 0.0, 1.0]])
+    else:
+        frames = [cv2.warpPerspective(f, matrix, (width, height)) for f in sils]
+    warped = np.stack(frames).astype(sils.dtype, copy=False)
+    if pose is None:
+        return warped, None
+    out = np.array(pose, dtype=np.float32, copy=True)
+    detected = np.any(out != 0, axis=-1)
+    points = np.concatenate([out[..., :2].astype(np.float64), np.ones(out.shape[:-1] + (1,))], axis=-1)
+    moved = points @ matrix.T
+    moved = moved[..., :2] / moved[..., 2:]
+    out[..., :2] = np.where(detected[..., None], moved, 0.0)
+    return warped, out
+
+
+class _RandomWarp:
+    """A whole sequence warped with probability ``p`` by the ``matrix(frame_size, rng)`` a subclass draws."""
+
+    p: float
+
+    def __call__(self, item: dict, rng: np.random.Generator) -> dict:
+        if not (self.p and rng.random() < self.p):
+            return item
+        item = dict(item)
+        item["sils"], pose = warp_sequence(
+            item["sils"], item.get("pose"), self.matrix(item["sils"].shape[1:], rng)
+        )
+        if pose is not None:
+            item["pose"] = pose
+        return item
+
+
+class RandomRotate(_RandomWarp):
+    """OpenGait's ``RandomRotate``: with probability ``p`` a whole sequence turns by a uniform angle in
+    ``[-degrees, degrees]`` about ``(h // 2, w // 2)`` taken as (x, y), as OpenGait passes it; joints
+    follow."""
+
+    def __init__(self, p: float = 0.2, degrees: float = 10.0) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"rotation probability must be in [0, 1], got {p}")
+        self.p, self.degrees = float(p), float(degrees)
+
+    def matrix(self, frame_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        import cv2
+
+        height, width = frame_size
+        angle = rng.uniform(-self.degrees, self.degrees)
+        return cv2.getRotationMatrix2D((height // 2, width // 2), angle, 1.0)
+
+
+class RandomPerspective(_RandomWarp):
+    """OpenGait's ``RandomPerspective``: with probability ``p`` the top and bottom corners of a sequence's
+    frames are each moved inwards by a random ``0 .. cut - 1`` columns (``cut = W // 44 * 10``) and the
+    quadrilateral is stretched back to the frame; joints follow."""
+
+    def __init__(self, p: float = 0.2) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"perspective probability must be in [0, 1], got {p}")
+        self.p = float(p)
+
+    def matrix(self, frame_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        import cv2
+
+        height, width = frame_size
+        cut = width // 44 * 10
+        left = rng.integers(0, cut, 2)
+        right = rng.integers(width - cut, width, 2)
+        corners = np.float32([(left[0], 0), (right[0], 0), (right[1], height), (left[1], height)])
+        canvas = np.float32([(0, 0), (width, 0), (width, height), (0, height)])
+        return cv2.getPerspectiveTransform(corners, canvas)
 
 
 # ---------------------------------------------------------------------- keypoint controls (experiments)

@@ -99,10 +99,17 @@ def is_pose(array: np.ndarray) -> bool:
     return array.ndim == 3 and array.shape[1:] == (NUM_JOINTS, 3) and array.dtype.kind == "f"
 
 
+# the confidence from which a joint's position is trusted (docs/gait.md draws these green)
+CONFIDENT = 0.5
+
+
 def check_pose(pose: np.ndarray, where: str, frame_size: tuple[int, int] | None = None) -> None:
     """Raise :class:`GaitFormatError` for NaN/inf values, negative confidences, or (``frame_size=(H, W)``)
-    confident joints more than one frame size outside the frame, which means the keypoints are in another
-    coordinate frame than the silhouettes (e.g. raw detector pixels that were never packed)."""
+    confident joints (confidence >= 0.5) more than one frame size outside the frame, which means the
+    keypoints are in another coordinate frame than the silhouettes (e.g. raw detector pixels that were never
+    packed). Unconfident joints may legitimately lie far outside: when an occluder hides the upper body, the
+    pretreatment crops the silhouette to the visible rows and stretches them to 64, and the hidden head's
+    guess lands several frame heights above the frame."""
     if not np.all(np.isfinite(pose)):
         raise GaitFormatError(f"{where}: {int(np.sum(~np.isfinite(pose)))} keypoint values are NaN/inf")
     confidence = pose[..., 2]
@@ -110,7 +117,7 @@ def check_pose(pose: np.ndarray, where: str, frame_size: tuple[int, int] | None 
         raise GaitFormatError(f"{where}: {int(np.sum(confidence < 0))} keypoint confidences are negative")
     if frame_size is not None:
         height, width = frame_size
-        seen = confidence > 0
+        seen = confidence >= CONFIDENT
         x, y = pose[..., 0][seen], pose[..., 1][seen]
         outside = (x < -width) | (x > 2 * width) | (y < -height) | (y > 2 * height)
         if np.any(outside):

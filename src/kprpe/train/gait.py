@@ -1,19 +1,17 @@
-"""Gait training (SwinGait, docs/gait.md): P x K batches of fixed-length ordered clips, batch-all
+"""The gait task (SwinGait, docs/gait.md): P x K batches of fixed-length ordered clips, batch-all
 triplet + label-smoothed CE on the BNNeck's cosine logits, AdamW with SwinGait's parameter groups, one cosine
-decay, exact resume, and the Gait3D protocol as validation.
+decay, and the Gait3D protocol as validation.
 
-``kprpe train CONFIG.yaml`` runs this loop when the config says ``task: gait`` (configs/gait_tiny.yaml,
-configs/gait3d_swingait_kprpe.yaml). Checkpoints use :mod:`kprpe.train.checkpoint` (same layout, atomic, a
-``latest`` pointer); batches and frame choices are drawn from ``(seed, step)`` so a resumed run sees exactly
-the batches the uninterrupted run would have.
+``kprpe train CONFIG.yaml`` trains it with the one :class:`~kprpe.train.loop.Trainer` when the config says
+``task: gait`` (configs/gait_tiny.yaml, configs/gait3d_swingait_kprpe.yaml): the same checkpoints, exact
+resume, logging, non-finite handling and torchrun/DDP path as face training. Batches and frame choices are
+drawn from ``(seed, step)``, so a resumed run sees exactly the batches the uninterrupted run would have, and
+under torchrun every process draws the whole P x K batch and keeps its share of it.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,9 +22,14 @@ from torch import nn
 
 from ..eval.gait_model import collate_sequences, evaluate_model
 from ..files import check_not_input, write_json
-from .checkpoint import CheckpointState, latest_checkpoint, restore_checkpoint, save_checkpoint
-from .config import ConfigError, _build, read_config_values
-from .distributed import init_distributed
+from .config import ConfigError, RunConfig, _build, read_config_values
+from .distributed import (
+    DistInfo,
+    all_gather_nograd,
+    all_reduce_sum,
+    gather_with_grad,
+    use_distributed_batchnorm,
+)
 from .schedule import lr_factor
 
 __all__ = [
@@ -37,7 +40,7 @@ __all__ = [
     "part_cross_entropy",
     "parameter_groups",
     "cosine_factor",
-    "GaitTrainer",
+    "GaitTask",
 ]
 
 
@@ -57,6 +60,8 @@ class GaitDataSection:
     ids_per_batch: int = 32  # P
     seqs_per_id: int = 4  # K
     flip_p: float = 0.2
+    rotate_p: float = 0.0  # OpenGait's RandomRotate (+-10 degrees); the SwinGait recipe uses 0.2
+    perspective_p: float = 0.0  # OpenGait's RandomPerspective; the SwinGait recipe uses 0.2
     keypoints: str = "real"  # real | shuffled | noise | drawn (experiment controls)
     test_frames_limit: int = 720
 
@@ -76,6 +81,7 @@ class GaitOptimSection:
     weight_decay: float = 0.02
     stem_lr_scale: float = 0.1  # conv stem, FCs and BNNecks (OpenGait: pretrained from DeepGaitV2)
     grad_clip: float = 0.0
+    accumulation_steps: int = 1  # batch-all triplets need the whole P x K batch at once: always 1
 
 
 @dataclass
@@ -86,15 +92,14 @@ class GaitScheduleSection:
 
 
 @dataclass
-class GaitRunSection:
-    max_steps: int = 100
-    seed: int = 0
+class GaitRunSection(RunConfig):
+    """The face run section (one vocabulary for both tasks), with gait's defaults; ``epochs`` is unused."""
+
+    max_steps: int | None = 100
     output_dir: str = "runs/gait"
-    log_every: int = 10
     checkpoint_every: int = 50
-    keep: int = 2
-    cpu_threads: int = 0
-    device: str = "auto"
+    tensorboard: bool = False
+    progress: bool = False
 
 
 @dataclass
@@ -133,22 +138,28 @@ class GaitTrainConfig:
             ("data.frames", d.frames),
             ("data.ids_per_batch", d.ids_per_batch),
             ("data.seqs_per_id", d.seqs_per_id),
-            ("train.max_steps", t.max_steps),
+            ("train.max_steps", t.max_steps or 0),
             ("train.checkpoint_every", t.checkpoint_every),
-            ("train.keep", t.keep),
+            ("train.keep_checkpoints", t.keep_checkpoints),
+            ("train.log_every", t.log_every),
             ("validation.batch_size", self.validation.batch_size),
             ("schedule.update_every", self.schedule.update_every),
         ):
             need(value > 0, key, f"must be positive, got {value}")
         need(d.ids_per_batch >= 2, "data.ids_per_batch", "the triplet loss needs at least 2 identities")
         need(d.skip >= 0, "data.skip", f"must be >= 0, got {d.skip}")
-        need(0 <= d.flip_p <= 1, "data.flip_p", f"must be in [0, 1], got {d.flip_p}")
+        for key in ("flip_p", "rotate_p", "perspective_p"):
+            value = getattr(d, key)
+            need(0 <= value <= 1, f"data.{key}", f"must be in [0, 1], got {value}")
         need(d.keypoints in KEYPOINT_CONTROLS, "data.keypoints", f"must be one of {KEYPOINT_CONTROLS}")
         need(
             o.lr > 0 and o.weight_decay >= 0 and o.stem_lr_scale > 0,
             "optim",
             "lr > 0, weight_decay >= 0, stem_lr_scale > 0",
         )
+        need(o.accumulation_steps == 1, "optim.accumulation_steps", "gait trains on whole P x K batches: 1")
+        need(self.validation.every >= 0, "validation.every", f"must be >= 0, got {self.validation.every}")
+        need(t.amp in ("none", "bf16"), "train.amp", f"must be none or bf16, got {t.amp!r}")
         need(0 <= self.loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")
         need(self.validation.metric in ("euc", "cos"), "validation.metric", "must be euc or cos")
         return self
@@ -239,7 +250,7 @@ def cosine_factor(step: int, t_max: int, min_ratio: float, update_every: int = 1
     )
 
 
-# ---------------------------------------------------------------------- trainer
+# ---------------------------------------------------------------------- the task
 class _NoHead(nn.Module):
     """The classifier lives inside the model (BNNeck); the checkpoint helpers still ask for a head."""
 
@@ -254,33 +265,34 @@ class _NoHead(nn.Module):
         pass
 
 
-class GaitTrainer:
-    """Build model, data, loss, optimiser and schedule from a :class:`GaitTrainConfig`; :meth:`run` trains
-    and returns the final model file. ``resume``: None, ``"latest"`` or a checkpoint folder."""
+class GaitTask:
+    """SwinGait on P x K batches for :class:`~kprpe.train.loop.Trainer` (the contract: train/parts.py).
 
-    def __init__(
-        self, cfg: GaitTrainConfig, *, resume=None, step_callback: Callable[[int], None] | None = None
-    ):
+    Under torchrun each process draws the whole step's batch from ``(seed, step)`` and keeps its contiguous
+    share; the batch-all triplet runs on every process's embeddings (gathered), and the CE on each share is
+    weighted by its size. ``train.sync_batchnorm`` shares the BNNeck's statistics; the conv stem's
+    BatchNorm2d keep per-process statistics, so W processes are close to, not exactly, one process."""
+
+    name = "gait"
+    metrics = ("triplet", "ce", "nonzero", "accuracy")
+
+    def __init__(self, cfg: GaitTrainConfig) -> None:
+        self.cfg = cfg
+
+    def build_model(self) -> nn.Module:
         from ..gait import FixedOrderedFrames, GaitDataset, read_partition
-        from ..gait.augment import Compose, KeypointControl, RandomFlip
+        from ..gait.augment import Compose, KeypointControl, RandomFlip, RandomPerspective, RandomRotate
         from ..nn import create_model
 
-        self.cfg = cfg
-        self.dist = init_distributed(cfg.train.device)
-        if self.dist.world_size > 1:
-            raise ConfigError("gait training runs in one process for now (see docs/gait.md)")
-        self.device = self.dist.device
-        self.output_dir = Path(cfg.train.output_dir)
+        cfg, d = self.cfg, self.cfg.data
         # the one output rule (kprpe.files): checkpoints never go into the data (a scan would read them)
-        check_not_input(self.output_dir, [cfg.data.root, cfg.data.partition], folder=True, error=ConfigError)
-        self.step_callback = step_callback
-        if cfg.train.cpu_threads:
-            torch.set_num_threads(cfg.train.cpu_threads)
-        torch.manual_seed(cfg.train.seed)
-        d = cfg.data
+        check_not_input(cfg.train.output_dir, [d.root, d.partition], folder=True, error=ConfigError)
         self.partition = read_partition(d.partition)
+        # OpenGait's order (NOTES 1.4): perspective, flip, rotate; the keypoints move with each
         transform = Compose(
+            RandomPerspective(d.perspective_p) if d.perspective_p else None,
             RandomFlip(d.flip_p) if d.flip_p else None,
+            RandomRotate(d.rotate_p) if d.rotate_p else None,
             KeypointControl(d.keypoints) if d.keypoints != "real" else None,
         )
         self.dataset = GaitDataset(
@@ -293,150 +305,108 @@ class GaitTrainer:
             )
         overrides = dict(cfg.model.overrides, num_classes=len(self.dataset.identities))
         try:
-            self.model = create_model(cfg.model.name, **overrides).to(self.device)
+            model = create_model(cfg.model.name, **overrides)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"model: {exc}") from None
-        if type(self.model).__name__ != "SwinGait":
+        if type(model).__name__ != "SwinGait":
             raise ConfigError(
                 f"model.name: {cfg.model.name!r} is not a gait model (swingait_2d, swingait_2d_kprpe)"
             )
-        self.model.config.frame_size = tuple(self.model.config.frame_size)
-        o, s = cfg.optim, cfg.schedule
-        self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, o.lr, o.weight_decay, o.stem_lr_scale)
-        )
-        t_max = s.t_max or cfg.train.max_steps
-        min_ratio = s.min_lr / o.lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: cosine_factor(step, t_max, min_ratio, s.update_every)
-        )
-        self.head = _NoHead(len(self.dataset.identities))
-        self.step = 0
-        self.history: list[dict] = []
-        if resume is not None:
-            restored = restore_checkpoint(
-                resume,
-                self.output_dir,
-                model=self.model,
-                head=self.head,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                dist_info=self.dist,
+        model.config.frame_size = tuple(model.config.frame_size)
+        model.train()
+        if cfg.train.sync_batchnorm:  # the BNNeck; the stem's BatchNorm2d stay per process (docs/gait.md)
+            use_distributed_batchnorm(model)
+        return model
+
+    def build_parts(self, model: nn.Module, dist_info: DistInfo) -> nn.Module:
+        d = self.cfg.data
+        self.dist = dist_info
+        self.batch_size = d.ids_per_batch * d.seqs_per_id
+        if self.batch_size % dist_info.world_size:
+            raise ConfigError(
+                f"data.ids_per_batch x data.seqs_per_id = {self.batch_size} sequences do not split evenly "
+                f"over {dist_info.world_size} processes"
             )
-            self.step = restored.step
-            self.history = self._read_log(self.step)
-        elif latest_checkpoint(self.output_dir) is not None:
-            raise CheckpointState(
-                f"{self.output_dir} already holds checkpoints; pass --resume to continue that "
-                "run, or choose another train.output_dir"
-            )
+        self.frame_size = tuple(model.config.frame_size)
+        self.total_steps = int(self.cfg.train.max_steps)
+        self.steps_per_epoch = max(1, len(self.dataset) // self.batch_size)  # one epoch ~ one pass
+        self.samples_per_step = self.batch_size
+        return _NoHead(len(self.dataset.identities))
 
-    def _read_log(self, upto: int) -> list[dict]:
-        path = self.output_dir / "log.jsonl"
-        if not path.is_file():
-            return []
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [r for r in rows if r.get("step", 0) <= upto]
+    def make_optimizer(self, model: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        return torch.optim.AdamW(parameter_groups(model, o.lr, o.weight_decay, o.stem_lr_scale))
 
-    def _log(self, row: dict) -> None:
-        self.history.append(row)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r) + "\n" for r in self.history)
-        from ..files import atomic_write_text
-
-        atomic_write_text(self.output_dir / "log.jsonl", text)  # rewritten whole: a resume drops later rows
+    def lr_lambda(self, total_steps: int):
+        s = self.cfg.schedule
+        t_max, min_ratio = s.t_max or total_steps, s.min_lr / self.cfg.optim.lr
+        return lambda step: cosine_factor(step, t_max, min_ratio, s.update_every)
 
     def batch(self, step: int) -> dict:
-        """Step ``step``'s batch: P ids x K sequences and their frames, drawn from ``(seed, step)``."""
+        """Step ``step``'s batch on this process: P ids x K sequences and their frames, drawn from
+        ``(seed, step)``; this process's contiguous share of them."""
         from ..gait import pk_batches
 
         d = self.cfg.data
         rng = np.random.default_rng([self.cfg.train.seed, step])
         indices = next(pk_batches(self.dataset.indices_by_label, d.ids_per_batch, d.seqs_per_id, rng))
+        # every process draws every item, in order: the frames and flips of item i depend on items < i
         items = [self.dataset.sample(int(i), rng) for i in indices]
-        return collate_sequences(items, tuple(self.model.config.frame_size))
+        share = len(items) // self.dist.world_size
+        mine = items[self.dist.rank * share : (self.dist.rank + 1) * share]
+        return collate_sequences(mine, self.frame_size)
 
-    def train_step(self, batch: dict) -> dict:
+    def step_batches(self, trainer):
+        while trainer.step < trainer.total_steps:
+            yield [self.batch(trainer.step)]
+
+    def loss(self, model, head, batch: dict, device: torch.device, amp):
         lc = self.cfg.loss
-        self.model.train()
-        dev = self.device
-        labels = batch["labels"].to(dev)
-        out = self.model(batch["sils"].to(dev), batch["keypoints"].to(dev), batch["lengths"].to(dev))
-        triplet, share = batch_all_triplet(out["embeddings"], labels, lc.triplet_margin)
-        ce = part_cross_entropy(out["logits"], labels, lc.scale, lc.label_smoothing)
-        loss = lc.triplet_weight * triplet + lc.ce_weight * ce
-        if not torch.isfinite(loss):
-            from .loop import TrainingDiverged
-
-            raise TrainingDiverged(f"gait training diverged at step {self.step + 1}: loss {loss.item()}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.optim.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        accuracy = (out["logits"].mean(-1).argmax(1) == labels).float().mean()
-        return dict(
-            loss=loss.item(),
-            triplet=triplet.item(),
-            ce=ce.item(),
-            nonzero=share.item(),
-            accuracy=accuracy.item(),
-            lr=self.optimizer.param_groups[1]["lr"],
+        labels = batch["labels"].to(device)
+        with amp:
+            out = model(batch["sils"].to(device), batch["keypoints"].to(device), batch["lengths"].to(device))
+        embeddings, logits = out["embeddings"].float(), out["logits"].float()
+        world = self.dist.world_size
+        all_labels = all_gather_nograd(labels)
+        # every process computes the same triplet loss on the gathered batch, and the gather's backward sums
+        # their gradients: each back-propagates 1/W of it. The CE of a share is weighted by its size.
+        triplet, share = batch_all_triplet(gather_with_grad(embeddings), all_labels, lc.triplet_margin)
+        ce = part_cross_entropy(logits, labels, lc.scale, lc.label_smoothing)
+        weight = len(labels) / len(all_labels)
+        loss = lc.triplet_weight * (triplet * (1 / world)) + lc.ce_weight * (ce * weight)
+        accuracy = (logits.detach().mean(-1).argmax(1) == labels).float().mean() * weight
+        with torch.no_grad():
+            global_ce, accuracy = (all_reduce_sum(t.detach()) for t in (ce * weight, accuracy))
+        return loss, dict(
+            loss=lc.triplet_weight * triplet.detach() + lc.ce_weight * global_ce,
+            norm_mean=embeddings.detach().norm(dim=1).mean(),
+            triplet=triplet.detach(),
+            ce=global_ce,
+            nonzero=share.detach(),
+            accuracy=accuracy,
         )
 
-    def validate(self) -> dict:
+    def validator(self, is_main: bool):
+        if not is_main:
+            return None
         v, d = self.cfg.validation, self.cfg.data
-        return evaluate_model(
-            self.model,
-            d.root,
-            d.partition,
-            batch_size=v.batch_size,
-            metric=v.metric,
-            frames_limit=d.test_frames_limit,
-            keypoints=d.keypoints,
-            device=self.device,
-        )
 
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.output_dir,
-            self.step,
-            model=self.model,
-            head=self.head,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            dist_info=self.dist,
-            config=self.cfg.to_dict(),
-            bad_samples=0,
-            keep=self.cfg.train.keep,
-        )
-
-    def run(self) -> Path:
-        from ..nn import save_model
-
-        t = self.cfg.train
-        v = self.cfg.validation
-        start = time.perf_counter()
-        while self.step < t.max_steps:
-            stats = self.train_step(self.batch(self.step))
-            self.step += 1
-            row = None
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                row = dict(step=self.step, seconds=round(time.perf_counter() - start, 2), **stats)
-            if v.every and self.step % v.every == 0 and self.step != t.max_steps:
-                row = dict(
-                    row or dict(step=self.step, **stats),
-                    **{"val/" + k: m for k, m in self.validate().items()},
+        def validate(model: nn.Module, device: torch.device) -> dict:
+            return {
+                "gait3d": evaluate_model(
+                    model,
+                    d.root,
+                    d.partition,
+                    batch_size=v.batch_size,
+                    metric=v.metric,
+                    frames_limit=d.test_frames_limit,
+                    keypoints=d.keypoints,
+                    device=device,
                 )
-            if row is not None:
-                self._log(row)
-            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
-                self.save()
-            if self.step_callback is not None:
-                self.step_callback(self.step)
-        results = self.validate()
-        write_json(self.output_dir / "results.json", dict(protocol="gait3d", step=self.step, **results))
-        return save_model(
-            self.model, self.output_dir / "model.safetensors", metadata={"kprpe_train_step": str(self.step)}
-        )
+            }
+
+        return validate
+
+    def write_results(self, output_dir, step: int, results: dict) -> None:
+        """``results.json``: the Gait3D protocol's numbers at the end of training."""
+        write_json(Path(output_dir) / "results.json", dict(protocol="gait3d", step=step, **results["gait3d"]))

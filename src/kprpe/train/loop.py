@@ -1,9 +1,11 @@
-"""The training loop: ``Trainer(config).run()`` — single process, or one process per GPU under torchrun.
+"""The training loop: ``Trainer(config).run()`` — single process, or one process per GPU under torchrun —
+for every task: face (the default, :class:`~kprpe.train.parts.FaceTask`) and gait (a ``task: gait`` config,
+:class:`~kprpe.train.gait.GaitTask`). The task builds the model, data and loss; the loop is shared.
 
-What a step is: ``optim.accumulation_steps`` micro-batches of ``data.batch_size`` samples per process, then
-one optimiser step. The global batch per step is ``batch_size x processes x accumulation_steps``. The data
-order, augmentation and partial-FC sampling are functions of the seed and the step, so a resumed run repeats
-an uninterrupted one exactly.
+What a face step is: ``optim.accumulation_steps`` micro-batches of ``data.batch_size`` samples per process,
+then one optimiser step. The global batch per step is ``batch_size x processes x accumulation_steps``. A gait
+step is one P x K batch split over the processes. The data order, augmentation and partial-FC sampling are
+functions of the seed and the step, so a resumed run repeats an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -21,18 +23,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 from ..errors import KprpeError
 from ..files import atomic_write_text
-from ..nn import create_model, load_official, save_model
+from ..nn import save_model
 from .checkpoint import CheckpointState, latest_checkpoint, restore_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .distributed import (
     DistInfo,
     DistributedBatchNorm1d,
-    all_gather_nograd,
     all_reduce_max_nograd,
     barrier,
     init_distributed,
@@ -40,7 +41,7 @@ from .distributed import (
     sum_allreduce_hook,
     use_distributed_batchnorm,
 )
-from .parts import Validator, face_dataset, face_sampler, partial_fc_head, verification_validator
+from .parts import FaceTask, Validator
 from .schedule import lr_factor
 
 __all__ = [
@@ -100,16 +101,17 @@ class TrainingDiverged(KprpeError, RuntimeError):
 
 
 class Trainer:
-    """Build everything from a :class:`TrainConfig`; :meth:`run` trains and returns the final model path.
+    """Build everything from a config; :meth:`run` trains and returns the final model path.
 
+    ``cfg``: a :class:`TrainConfig` (face) or a :class:`~kprpe.train.gait.GaitTrainConfig` (``task: gait``).
     ``resume``: None (fresh run; refuses an output directory that already has checkpoints), ``"latest"``
     (the newest checkpoint in ``train.output_dir``) or a checkpoint directory. ``step_callback(step)`` runs
     after every optimiser step (tests use it to simulate a crash).
 
-    The parts (contracts in train/parts.py) default to the face parts the config describes: ``dataset``
-    (FaceDataset of ``data.*``), ``sampler`` (ResumableSampler), ``head`` (PartialFC with the ``head.*``
-    margin over the dataset's ``num_classes``) and ``validator`` (verification accuracy on
-    ``validation.pairs``). Another task passes its own.
+    ``task`` (contract in train/parts.py) defaults to the config's: :class:`~kprpe.train.parts.FaceTask`,
+    whose parts default to those the config describes: ``dataset`` (FaceDataset of ``data.*``), ``sampler``
+    (ResumableSampler), ``head`` (PartialFC with the ``head.*`` margin over the dataset's ``num_classes``) and
+    ``validator`` (verification accuracy on ``validation.pairs``); or the gait task of a gait config.
     """
 
     def __init__(
@@ -122,8 +124,12 @@ class Trainer:
         sampler: Sampler | None = None,
         head: nn.Module | None = None,
         validator: Validator | None = None,
+        task=None,
     ) -> None:
         self.cfg = cfg
+        if task is None:
+            task = default_task(cfg, dataset=dataset, sampler=sampler, head=head, validator=validator)
+        self.task = task
         self.dist: DistInfo = init_distributed(cfg.train.device)
         self.device = self.dist.device
         self.output_dir = Path(cfg.train.output_dir)
@@ -132,45 +138,17 @@ class Trainer:
             torch.set_num_threads(cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed)
 
-        self.model = self._build_model()
-        self.image_size = self.model.config.img_size
-        # the parts, built in this order (the model's and the head's initialisation draw from one seeded RNG)
-        self.dataset = dataset if dataset is not None else face_dataset(cfg, self.model)
-        self.sampler = sampler if sampler is not None else face_sampler(cfg, len(self.dataset), self.dist)
-        accum = cfg.optim.accumulation_steps
-        self.steps_per_epoch = self.sampler.micro_batches_per_epoch // accum
-        self.total_steps = cfg.train.max_steps or max(1, int(round(cfg.train.epochs * self.steps_per_epoch)))
-        s = cfg.schedule
-        self.warmup_steps = (
-            s.warmup_steps
-            if s.warmup_steps is not None
-            else int(round(s.warmup_epochs * self.steps_per_epoch))
-        )
-        milestones = [int(round(m * self.steps_per_epoch)) for m in s.milestones]
-
-        if head is None:
-            if not hasattr(self.dataset, "num_classes"):
-                raise ConfigError(
-                    "the default partial-FC head needs the dataset's num_classes: give the dataset a "
-                    "num_classes attribute or pass head= as well"
-                )
-            head = partial_fc_head(cfg, self.model, self.dataset.num_classes, self.dist)
+        # in this order: the model's and the head's initialisation draw from one seeded RNG
+        self.model = task.build_model()
+        head = task.build_parts(self.model, self.dist)
+        self.dataset, self.sampler = task.dataset, getattr(task, "sampler", None)
+        self.steps_per_epoch, self.total_steps = task.steps_per_epoch, task.total_steps
         self.head = head.to(self.device)
         self.model.to(self.device)
-        self.optimizer = build_optimizer(cfg, self.model, self.head)
-        min_ratio = s.min_lr / cfg.optim.lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_factor(
-                step,
-                total_steps=self.total_steps,
-                warmup_steps=self.warmup_steps,
-                schedule=s.name,
-                min_ratio=min_ratio,
-                milestones=milestones,
-                gamma=s.gamma,
-            ),
-        )
+        self.optimizer = task.make_optimizer(self.model, self.head)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, task.lr_lambda(self.total_steps))
+        self.history: list[dict] = []  # logged rows and validations (log.jsonl), for curves
+        self.last_validation: dict | None = None
         self.step = 0
         self.bad_samples = 0
         self.nonfinite_steps = 0  # updates skipped because the loss or gradient was NaN/inf
@@ -190,35 +168,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
             self.ddp.register_comm_hook(None, sum_allreduce_hook)
-        self.validator = None  # validation runs on the main process only
-        if self.dist.is_main:
-            self.validator = (
-                validator if validator is not None else verification_validator(cfg, self.image_size)
-            )
-
-    # ------------------------------------------------------------------ construction
-    def _build_model(self) -> nn.Module:
-        m = self.cfg.model
-        if m.pretrained:
-            runtime = {
-                k: v
-                for k, v in m.overrides.items()
-                if k in ("attn_impl", "drop_path_rate", "drop_rate", "attn_drop_rate")
-            }
-            model = load_official(m.pretrained, **runtime)
-        else:
-            try:
-                model = create_model(m.name, **m.overrides)
-            except (TypeError, ValueError) as exc:
-                raise CheckpointState(
-                    f"model: cannot build {m.name!r} with overrides {m.overrides}: {exc}"
-                ) from exc
-        model.train()
-        if m.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        if self.cfg.train.sync_batchnorm:
-            use_distributed_batchnorm(model)
-        return model
+        self.validator = task.validator(self.dist.is_main)  # validation runs on the main process only
 
     # ------------------------------------------------------------------ checkpoints (train/checkpoint.py)
     def _save_checkpoint(self) -> Path:
@@ -246,6 +196,10 @@ class Trainer:
             dist_info=self.dist,
         )
         self.step, self.bad_samples, self.resumed_from = restored.step, restored.bad_samples, restored.path
+        history = self.output_dir / "log.jsonl"
+        if history.is_file():  # drop rows the interrupted run logged after its checkpoint
+            rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+            self.history = [r for r in rows if r.get("step", 0) <= self.step]
 
     # ------------------------------------------------------------------ logging
     def _open_logs(self):
@@ -287,9 +241,21 @@ class Trainer:
                 )
         atomic_write_text(self.output_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
 
-    def _log(self, row: dict) -> None:
+    def _record(self, row: dict) -> None:
+        """Add ``row`` to the history (a validation at the step just logged joins that row) and rewrite
+        log.jsonl whole, atomically (a resume drops the rows after its checkpoint)."""
+        if self.history and self.history[-1].get("step") == row["step"]:
+            self.history[-1].update(row)
+        else:
+            self.history.append(dict(row))
+        text = "".join(json.dumps(r) + "\n" for r in self.history)
+        atomic_write_text(self.output_dir / "log.jsonl", text)
+
+    def _log(self, row: dict, extra: dict | None = None) -> None:
         self._csv.writerow(row)
         self._csv_file.flush()
+        numbers = {k: float(row[k]) for k in ("lr", "loss", "grad_norm", "norm_mean", "samples_per_s")}
+        self._record(dict(step=row["step"], seconds=float(row["elapsed_s"]), **numbers, **(extra or {})))
         if self._tb is not None:
             for k in ("lr", "loss", "grad_norm", "norm_mean", "samples_per_s"):
                 self._tb.add_scalar(f"train/{k}", row[k], row["step"])
@@ -297,6 +263,7 @@ class Trainer:
     def _validate(self) -> dict[str, float]:
         """Run the validator; append its metrics to validation.csv; return each set's first metric."""
         results = self.validator(self.model, self.device)
+        self.last_validation = results
         path = self.output_dir / "validation.csv"
         headline = {}
         for name, metrics in results.items():
@@ -305,7 +272,10 @@ class Trainer:
                 w = csv.writer(f)
                 if new:
                     w.writerow(["step", "set", *metrics])
-                w.writerow([self.step, name, *(f"{v:.5f}" for v in metrics.values())])
+                # a metric may be None (Rank-5 with a gallery of 3)
+                w.writerow([self.step, name, *("" if v is None else f"{v:.5f}" for v in metrics.values())])
+            prefix = "val/" if len(results) == 1 else f"val/{name}/"
+            self._record(dict(step=self.step, **{prefix + k: v for k, v in metrics.items()}))
             first = next(iter(metrics.values()))
             headline[name] = first
             if self._tb is not None:
@@ -326,31 +296,22 @@ class Trainer:
         )
         accum = len(micro_batches)
         total_loss, norm_mean, bad = 0.0, 0.0, 0
+        metrics: dict[str, float] = {}
         for i, batch in enumerate(micro_batches):
-            images = batch["image"].to(self.device, non_blocking=True)
-            keypoints = batch["keypoints"].to(self.device, non_blocking=True)
-            labels = batch["label"].to(self.device, non_blocking=True)
-            valid = batch["valid"].to(self.device, non_blocking=True)
             sync = contextlib.nullcontext() if (self.ddp is None or i == accum - 1) else self.ddp.no_sync()
             with sync:
-                with amp:
-                    emb = model(images, keypoints)
-                loss, info = self.head(emb.float(), labels, valid)
+                loss, info = self.task.loss(model, self.head, batch, self.device, amp)
                 (loss / accum).backward()
-            total_loss += float(loss.detach()) / accum
-            # a head that does not report the embedding norm: the mean over this micro-batch's valid samples
-            batch_norm = (
-                info["norm_mean"] if "norm_mean" in info else emb.detach().float()[valid].norm(dim=1).mean()
-            )
-            norm_mean += float(batch_norm) / accum
-            if not bool(valid.all()) or self.dist.world_size > 1:
-                all_valid = all_gather_nograd(valid)
-                all_index = all_gather_nograd(batch["index"].to(self.device))
-                bad_index = all_index[~all_valid].tolist()
-                bad += len(bad_index)
-                if bad_index and self.dist.is_main:
-                    with open(self.output_dir / "bad_samples.txt", "a") as f:
-                        f.write("".join(f"{i}\n" for i in bad_index))
+            total_loss += float(info.pop("loss", loss).detach()) / accum
+            norm_mean += float(info.pop("norm_mean")) / accum
+            bad_index = info.pop("bad_index", [])
+            bad += len(bad_index)
+            if bad_index and self.dist.is_main:
+                with open(self.output_dir / "bad_samples.txt", "a") as f:
+                    f.write("".join(f"{i}\n" for i in bad_index))
+            for key, value in info.items():
+                if key in self.task.metrics:
+                    metrics[key] = metrics.get(key, 0.0) + float(value) / accum
         grad_norm = clip_global_grad_norm(
             list(self.model.parameters()), list(self.head.parameters()), self.cfg.optim.grad_clip
         )
@@ -383,7 +344,15 @@ class Trainer:
                 "already in "
                 f"{self.output_dir / 'checkpoints'} are kept; nothing non-finite was saved"
             )
-        return dict(loss=total_loss, grad_norm=grad_norm, lr=lr, norm_mean=norm_mean, bad=bad, finite=finite)
+        return dict(
+            loss=total_loss,
+            grad_norm=grad_norm,
+            lr=lr,
+            norm_mean=norm_mean,
+            bad=bad,
+            finite=finite,
+            metrics=metrics,
+        )
 
     def _require_finite_weights(self, what: str) -> None:
         """Never write a model whose weights or statistics are NaN/inf (it would replace good checkpoints)."""
@@ -395,27 +364,12 @@ class Trainer:
                         f"the last good checkpoint in {self.output_dir / 'checkpoints'} is kept"
                     )
 
-    def _loader(self) -> DataLoader:
-        workers = self.cfg.data.num_workers
-        return DataLoader(
-            self.dataset,
-            batch_size=self.cfg.data.batch_size,
-            sampler=self.sampler,
-            num_workers=workers,
-            drop_last=True,
-            pin_memory=self.device.type == "cuda",
-            # its own generator: creating a loader must not consume the global RNG (exact resume)
-            generator=torch.Generator().manual_seed(self.cfg.train.seed),
-            multiprocessing_context="fork" if workers > 0 and os.name != "nt" else None,
-        )
-
     def run(self) -> Path:
         """Train to ``total_steps``; checkpoints every ``train.checkpoint_every`` steps and at the end; writes
         ``<output_dir>/model.safetensors`` (loadable by ``kprpe.load_official``) and returns its path."""
         cfg, main = self.cfg, self.dist.is_main
         if main:
             self._open_logs()
-        accum = cfg.optim.accumulation_steps
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -428,16 +382,10 @@ class Trainer:
         window: list[dict] = []
         window_start = time.time()
         try:
-            while self.step < self.total_steps:
-                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-                self.sampler.set_epoch(epoch, in_epoch * accum)
-                pending: list[dict] = []
-                for batch in self._loader():
-                    pending.append(batch)
-                    if len(pending) < accum:
-                        continue
+            every = cfg.validation.every  # 0: only at the end
+            if self.step < self.total_steps:
+                for pending in self.task.step_batches(self):
                     out = self.train_step(pending)
-                    pending = []
                     window.append(out)
                     if main:
                         bar.update(1)
@@ -451,7 +399,10 @@ class Trainer:
                         if main:
                             elapsed = time.time() - window_start
                             n = len(window)
-                            samples = n * accum * cfg.data.batch_size * self.dist.world_size
+                            samples = n * self.task.samples_per_step
+                            extra = {
+                                k: sum(o["metrics"].get(k, 0.0) for o in window) / n for k in out["metrics"]
+                            }
                             self._log(
                                 dict(
                                     step=self.step,
@@ -464,10 +415,11 @@ class Trainer:
                                     bad_samples=self.bad_samples,
                                     nonfinite_steps=self.nonfinite_steps,
                                     elapsed_s=f"{time.time() - start_time:.1f}",
-                                )
+                                ),
+                                extra,
                             )
                         window, window_start = [], time.time()
-                    if self.validator is not None and self.step % cfg.validation.every == 0 and main:
+                    if self.validator is not None and every and self.step % every == 0 and main:
                         bar.write(
                             f"step {self.step}: "
                             + ", ".join(f"{k} {v:.4f}" for k, v in self._validate().items())
@@ -483,8 +435,10 @@ class Trainer:
                         self.step_callback(self.step)
                     if self.step >= self.total_steps:
                         break
-            if self.validator is not None and self.step % cfg.validation.every != 0 and main:
+            if self.validator is not None and (not every or self.step % every != 0) and main:
                 bar.write(", ".join(f"{k} {v:.4f}" for k, v in self._validate().items()))
+            if main and self.last_validation is not None:
+                self.task.write_results(self.output_dir, self.step, self.last_validation)
             self._require_finite_weights("final checkpoint")
             self._save_checkpoint()
             final = self.output_dir / "model.safetensors"
@@ -498,3 +452,16 @@ class Trainer:
                 self._csv_file.close()
                 if self._tb is not None:
                     self._tb.close()
+
+
+def default_task(cfg, **parts):
+    """The task a config describes: gait for a ``task: gait`` config, else face with ``parts``."""
+    if getattr(cfg, "task", "face") == "gait":
+        from .gait import GaitTask
+
+        if any(v is not None for v in parts.values()):
+            raise TypeError(
+                "dataset=, sampler=, head= and validator= are face parts; a gait config builds its own"
+            )
+        return GaitTask(cfg)
+    return FaceTask(cfg, **parts)
