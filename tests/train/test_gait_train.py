@@ -312,3 +312,11 @@ def test_two_gloo_processes_train_gait_through_the_shared_trainer(tmp_path, walk
     # process, 2 sequences x 6 frames each), which moves the loss by a few percent, not more
     assert rows[0]["loss"] == pytest.approx(reference[0]["loss"], rel=0.25)
     assert rows[0]["loss"] != reference[0]["loss"]  # ... and does move it: the stems are not synchronised
+
+
+def test_the_0_3_spelling_train_keep_still_works_with_a_warning(tmp_path, walkers):
+    with pytest.warns(FutureWarning, match="train.keep is deprecated"):
+        cfg = load_gait_config(write_config(tmp_path, walkers, train__keep=3))
+    assert cfg.train.keep_checkpoints == 3
+    with pytest.raises(ConfigError, match="keep_checkpoints only"):
+        load_gait_config(write_config(tmp_path, walkers, train__keep=3, train__keep_checkpoints=2))

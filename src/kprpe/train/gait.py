@@ -12,6 +12,7 @@ under torchrun every process draws the whole P x K batch and keeps its share of 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -174,6 +175,15 @@ def load_gait_config(path: str | os.PathLike, overrides: list[str] | None = None
     paths resolve against the config's folder when they exist there."""
     path = Path(path)
     values = read_config_values(path, overrides)
+    train = values.get("train")
+    if isinstance(train, dict) and "keep" in train:
+        # 0.3.0 spelled it `train.keep`; the one Trainer's name is `keep_checkpoints` (accepted until 0.5)
+        if "keep_checkpoints" in train:
+            raise ConfigError(f"{path}: give train.keep_checkpoints only (train.keep is its old spelling)")
+        warnings.warn(
+            f"{path}: train.keep is deprecated, use train.keep_checkpoints", FutureWarning, stacklevel=2
+        )
+        train["keep_checkpoints"] = train.pop("keep")
     cfg = _build(GaitTrainConfig, values, "")
     for name in ("root", "partition"):
         value = getattr(cfg.data, name)
