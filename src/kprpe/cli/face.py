@@ -1,6 +1,8 @@
 """``kprpe align | embed | verify | search``: the face pipeline on the command line.
 
-Every command prints one JSON object on stdout (progress and per-file problems go to stderr). Exit status:
+Every command prints its result by the one output convention (docs/cli.md): a short summary on a terminal,
+one line of compact JSON with ``--json`` or when stdout is piped; progress and per-file problems go to stderr.
+Exit status:
 0 all inputs processed; 1 finished, but some inputs failed (they are listed in the output); 2 nothing could
 be done (bad arguments, missing weights, no face in a verify photo, ...).
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,12 +29,18 @@ from ..landmarks import LandmarkFileError
 from ..thresholds import DEFAULT_THRESHOLD
 from ..zoo.catalog import DEFAULT_ALIGNER_WEIGHTS
 from .options import (
+    add_deprecated_alias,
     add_device_option,
+    add_gallery_option,
+    add_json_option,
     add_model_options,
     add_output_option,
     add_overwrite_option,
     add_quiet_option,
     add_workers_option,
+    emit,
+    flip_enabled,
+    require_gallery,
 )
 
 if TYPE_CHECKING:  # the model side (torch) is imported by the commands that run it, not by `kprpe --help`
@@ -60,8 +67,9 @@ def _upsample(text: str) -> int | str:
 
 
 def add_aligner_options(group, *, device: bool) -> None:
-    """``--aligner dlib|dfa``, ``--aligner-weights``, ``--min-aligner-score`` (and ``--device`` for commands
-    without model options)."""
+    """``--aligner dlib|dfa``, ``--aligner-weights``, ``--min-score`` (one threshold name for either aligner;
+    ``--min-aligner-score`` is its deprecated spelling), and ``--device`` for commands without model
+    options."""
     group.add_argument(
         "--aligner",
         choices=ALIGNER_CHOICES,
@@ -76,13 +84,14 @@ def add_aligner_options(group, *, device: bool) -> None:
         help=f"DFA checkpoint file/folder or Hugging Face repo id (default {DEFAULT_ALIGNER_WEIGHTS})",
     )
     group.add_argument(
-        "--min-aligner-score",
+        "--min-score",
         type=float,
         default=None,
         metavar="S",
-        help="with --aligner dfa: reject photos whose DFA face score is below S in [0, 1] (default: keep "
-        "all; the DFA always returns its best guess, see docs/face.md)",
+        help="drop faces whose score is below S: dlib's detector score (default 0), or the DFA's face score "
+        "in [0, 1] (default: keep all; the DFA always returns its best guess, see docs/face.md)",
     )
+    add_deprecated_alias(group, "--min-aligner-score", new="--min-score", dest="min_score", type=float)
     if device:
         add_device_option(group)
 
@@ -117,14 +126,15 @@ def _add_pipeline_options(
         default="auto",
         help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4",
     )
-    group.add_argument("--min-score", type=float, default=0.0, help="detector score threshold (default 0)")
     group.add_argument(
         "--min-face-size", type=float, default=0.0, help="ignore faces smaller than this many pixels"
     )
     group.add_argument(
         "--landmarks",
         metavar="FILE",
-        help="use keypoints from this CSV/JSON file (any external detector) instead of dlib",
+        help="use keypoints from this file (any external detector) instead of dlib: a CSV with columns "
+        "file,x0,y0,..,x4,y4 or JSON {file: face}; other landmark formats are refused by content "
+        "(docs/cli.md)",
     )
     group.add_argument(
         "--landmarks-normalized",
@@ -136,17 +146,13 @@ def _add_pipeline_options(
     add_quiet_option(parser)
 
 
-def _add_flip_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--flip",
-        action="store_true",
-        help="flip-sum test-time augmentation even with --aligner dfa (whose official pipeline, and so "
-        "its default here, has none)",
-    )
-
-
 def _detector(args: argparse.Namespace) -> FaceDetector:
     """The backend the face options name (built by :func:`kprpe.face.backends.make_detector`)."""
+    from ..landmarks import require_landmark_format
+
+    if args.landmarks:  # another kind of landmark file is refused by its content, naming both formats
+        require_landmark_format(args.landmarks, ("photo-list",))
+    dfa = args.aligner == "dfa"
     return make_detector(
         args.aligner,
         landmarks=args.landmarks,
@@ -154,9 +160,9 @@ def _detector(args: argparse.Namespace) -> FaceDetector:
         detector=args.detector,
         landmark_model=args.landmark_model,
         upsample=args.upsample,
-        min_score=args.min_score,
+        min_score=0.0 if dfa or args.min_score is None else args.min_score,  # one --min-score, either aligner
         aligner_weights=args.aligner_weights,
-        min_aligner_score=args.min_aligner_score,
+        min_aligner_score=args.min_score if dfa else None,
         device=getattr(args, "device", "cpu"),
         batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
     )
@@ -172,16 +178,6 @@ def _pipeline(args: argparse.Namespace) -> FacePipeline:
         min_face_size=args.min_face_size,
         batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
     )
-
-
-def _flip(args: argparse.Namespace) -> bool:
-    """Flip TTA: on by default with dlib; off by default with the DFA, whose official pipeline has none
-    (``--flip`` turns it on, ``--no-flip`` off, either way)."""
-    if getattr(args, "flip", False) and args.no_flip:
-        raise CommandError("--flip and --no-flip contradict each other; give one")
-    if getattr(args, "flip", False):
-        return True
-    return not args.no_flip and getattr(args, "aligner", "dlib") != "dfa"
 
 
 def _embedder(args: argparse.Namespace) -> FaceEmbedder:
@@ -200,10 +196,10 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
         from ..export import load_engine
 
         engine = load_engine(weights, device=args.device)  # OnnxModelError: a one-line KprpeError
-        return FaceEmbedder(engine, flip=_flip(args), batch_size=args.batch_size, device="cpu")
+        return FaceEmbedder(engine, flip=flip_enabled(args), batch_size=args.batch_size, device="cpu")
     try:
         return FaceEmbedder.from_weights(
-            weights, flip=_flip(args), batch_size=args.batch_size, device=args.device
+            weights, flip=flip_enabled(args), batch_size=args.batch_size, device=args.device
         )
     except (CheckpointError, ValueError, OSError) as exc:
         raise CommandError(f"cannot load weights {weights}: {exc}") from None
@@ -237,9 +233,9 @@ def _score(value) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
-def _print_json(payload: dict) -> None:
-    # strict JSON: a NaN or infinity is a bug upstream and must not reach a consumer as invalid JSON
-    print(json.dumps(payload, indent=2, allow_nan=False))
+def _failed_line(failures: list) -> str:
+    """The summary's last line when some inputs failed (each was named on stderr as it failed)."""
+    return f"\n{len(failures)} inputs failed (listed above and in --json)" if failures else ""
 
 
 def _unique_stem(stem: str, used: set[str]) -> str:
@@ -257,6 +253,28 @@ def _unique_stem(stem: str, used: set[str]) -> str:
 ALIGN_MARKER = ".kprpe-align"
 
 
+def _align_inputs(inputs: list[str], out: Path) -> tuple[list[Path], dict[str, str]]:
+    """The photos ``align`` reads — folders searched with their sub-folders (``photos/<person>/*.jpg`` in one
+    run) — and each photo's crop name: its path under the folder given, without suffix, so the output keeps
+    the folder structure (``crops/<person>/<photo>.png``). An output folder inside an input is skipped."""
+    from ..images import expand_image_paths
+
+    skip = out.resolve()
+    paths: list[Path] = []
+    names: dict[str, str] = {}
+    for given in inputs:
+        root = Path(given)
+        for path in expand_image_paths([root], recursive=True):
+            relative = path.relative_to(root) if root.is_dir() else Path(path.name)
+            if skip == path.resolve() or skip in path.resolve().parents or any(
+                part.startswith(".") for part in relative.parts[:-1]
+            ):
+                continue  # an earlier run's crops, or a hidden folder (a staging folder among them)
+            paths.append(path)
+            names[str(path)] = relative.with_suffix("").as_posix()
+    return paths, names
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
     from ..face.draw import draw_keypoints
     from ..files import OutputFolderError, check_output_folder, staged_folder
@@ -268,6 +286,10 @@ def _cmd_align(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     if args.show:
         _check_show(args, out)
+    try:
+        paths, crop_names = _align_inputs(args.inputs, out)
+    except ImageLoadError as exc:  # a folder with no images, in it or below it
+        raise CommandError(str(exc)) from None
     pipeline = _pipeline(args)
     failed: list[tuple[str, str]] = []  # each chunk's crops are written, then dropped (bounded memory)
     sources: set[str] = set()
@@ -276,13 +298,13 @@ def _cmd_align(args: argparse.Namespace) -> int:
         used: set[str] = set()
         rows, scores = [], []
         shown = None  # (source, face) of the first face, for --show
-        for part in pipeline.iter_batches(args.inputs, progress=not args.quiet):
+        for part in pipeline.iter_batches(paths, progress=not args.quiet):
             failed.extend(part.failures)
             for record in part.records:
                 sources.add(record.source)
                 if args.show and shown is None:  # kept only when asked: crops are otherwise let go per chunk
                     shown = (record.source, record.face)
-                stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
+                stem = crop_names[record.source] + (f"_{record.face_index}" if pipeline.all_faces else "")
                 stem = _unique_stem(stem, used)
                 write_png(folder / f"{stem}.png", record.face.image)
                 if args.draw:
@@ -295,18 +317,22 @@ def _cmd_align(args: argparse.Namespace) -> int:
         failures = _report_failures("align", failed)
         if failures:
             write_csv(folder / "failures.csv", ["file", "reason"], failed)
-    _print_json(
-        {
-            "output": str(out),
-            "landmarks": str(out / "landmarks.csv"),
-            "faces": len(rows),
-            "images": len(sources) + len(failures),
-            "aligner": pipeline.detector.name,
-            "scores": scores,
-            "failures": failures,
-            **({"show": args.show} if args.show and shown is not None else {}),
-        }
+    payload = {
+        "output": str(out),
+        "landmarks": str(out / "landmarks.csv"),
+        "faces": len(rows),
+        "images": len(sources) + len(failures),
+        "aligner": pipeline.detector.name,
+        "scores": scores,
+        "failures": failures,
+        **({"show": args.show} if args.show and shown is not None else {}),
+    }
+    summary = (
+        f"aligned {payload['faces']} faces from {payload['images']} images into {out} "
+        f"(aligner {payload['aligner']}); keypoints in {payload['landmarks']}"
+        + (f"; picture {args.show}" if "show" in payload else "")
     )
+    emit(args, payload, summary + _failed_line(failures))
     return 1 if failures else 0
 
 
@@ -372,7 +398,14 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         info={"weights": str(args.weights)},
         on_failure=_skipped("embed"),
     )
-    _print_json(summary.to_dict())
+    payload = summary.to_dict()
+    text = (
+        f"embedded {payload['rows']} faces from {payload['files']} files into {payload['output']} "
+        f"({payload['format']}, dim {payload['dim']}, {payload['seconds']:g} s"
+        + (", resumed" if payload["resumed"] else "")
+        + ")"
+    )
+    emit(args, payload, text + _failed_line(payload["failures"]))
     return 1 if summary.failures else 0
 
 
@@ -429,7 +462,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             photos, result.faces, result.similarity, result.same, result.threshold, choice.source
         )
         payload["show"] = str(write_png(args.show, picture))
-    _print_json(payload)
+    decision = "same person" if result.same else "different people"
+    text = (
+        f"{args.a} vs {args.b}: similarity {result.similarity:.4f} -> {decision} (threshold "
+        f"{result.threshold:g}, {choice.source}; aligner {payload['aligner']}, "
+        f"flip {'on' if embedder.flip else 'off'})"
+    )
+    pictures = [payload[k] for k in ("visualization", "show") if k in payload]
+    emit(args, payload, text + (f"\nwrote {', '.join(pictures)}" if pictures else ""))
     return 0
 
 
@@ -450,9 +490,9 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     from ..gallery.index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
 
     pipeline = _pipeline(args)
-    output = Path(args.output)
-    # --append updates the index named by -o; anything else there needs --overwrite
-    _check_output(output, args, [args.gallery], overwrite=args.overwrite or args.append)
+    output = Path(require_gallery(args))
+    # --append updates the index named by --gallery; anything else there needs --overwrite
+    _check_output(output, args, [args.folder], overwrite=args.overwrite or args.append)
     embedder = _embedder(args)
     if args.append and output.exists():
         index = GalleryIndex.load(output, backend=args.backend)
@@ -476,7 +516,7 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     try:
         failures = enrol_gallery(
             index,
-            args.gallery,
+            args.folder,
             pipeline=pipeline,
             embedder=embedder,
             progress=not args.quiet,
@@ -488,26 +528,28 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     for path, reason in failures:
         print(f"kprpe search enrol: skipped {path}: {reason}", file=sys.stderr)
     if len(index) == 0:
-        raise CommandError(f"no identity in {args.gallery} had a usable face; nothing enrolled")
+        raise CommandError(f"no identity in {args.folder} had a usable face; nothing enrolled")
     index.save(output)
-    _print_json(
-        {
-            "output": str(output),
-            "identities": len(index),
-            "index": index.describe(),
-            "failures": [{"file": p, "reason": r} for p, r in failures],
-        }
-    )
+    payload = {
+        "gallery": str(output),
+        "identities": len(index),
+        "index": index.describe(),
+        "failures": [{"file": p, "reason": r} for p, r in failures],
+    }
+    text = f"gallery {output}: {len(index)} identities from {args.folder}"
+    emit(args, payload, text + _failed_line(failures))
     return 1 if failures else 0
 
 
 def _cmd_search_remove(args: argparse.Namespace) -> int:
     from ..gallery.index import GalleryIndex
 
-    index = GalleryIndex.load(args.index, backend=args.backend)
+    gallery = require_gallery(args)
+    index = GalleryIndex.load(gallery, backend=args.backend)
     removed = index.remove(args.identities)
-    index.save(args.index)
-    _print_json({"index": str(args.index), "removed": removed, "identities": len(index)})
+    index.save(gallery)
+    payload = {"gallery": str(gallery), "removed": removed, "identities": len(index)}
+    emit(args, payload, f"gallery {gallery}: removed {removed}; {len(index)} identities left")
     return 0
 
 
@@ -516,7 +558,8 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
 
     if args.top_k <= 0:
         raise CommandError(f"-k must be positive, got {args.top_k}")
-    index = GalleryIndex.load(args.index, backend=args.backend, nprobe=args.nprobe)
+    gallery = require_gallery(args)
+    index = GalleryIndex.load(gallery, backend=args.backend, nprobe=args.nprobe)
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     index.check_compatible(embedder.fingerprint, embedder.output_dim)
@@ -549,16 +592,24 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
             search_pending()
     if pending:
         search_pending()
-    failures = _report_failures("search", failed)
-    _print_json(
-        {
-            "index": str(args.index),
-            "threshold": choice.threshold,
-            "threshold_source": choice.source,
-            "results": results,
-            "failures": failures,
-        }
-    )
+    failures = _report_failures("search query", failed)
+    payload = {
+        "gallery": str(gallery),
+        "threshold": choice.threshold,
+        "threshold_source": choice.source,
+        "results": results,
+        "failures": failures,
+    }
+    lines = [f"gallery {gallery}, threshold {choice.threshold:g} ({choice.source}):"]
+    for r in results:
+        best = r["matches"][0] if r["matches"] else None
+        found = (
+            f"{best['identity']} {best['score']:.4f} ({'same' if best['same'] else 'below threshold'})"
+            if best
+            else "no identity"
+        )
+        lines.append(f"  {r['file']} face {r['face_index']}: {found}")
+    emit(args, payload, "\n".join(lines) + _failed_line(failures))
     return 1 if failures else 0
 
 
@@ -618,7 +669,9 @@ def register(subparsers) -> None:
         "align",
         help="detect faces and write 112x112 crops + landmarks.csv",
         description="Detect faces, crop them (aligned, unaligned or prealigned) to 112x112 "
-        "PNGs in OUT and write OUT/landmarks.csv (keypoints normalised to the crop).",
+        "PNGs in OUT and write OUT/landmarks.csv (keypoints normalised to the crop). Folders are searched "
+        "with their sub-folders and OUT keeps their structure: 'kprpe align photos/ -o crops/' writes "
+        "crops/<person>/<photo>.png for photos/<person>/<photo>.jpg.",
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
     add_output_option(p, help="output directory")
@@ -632,6 +685,7 @@ def register(subparsers) -> None:
         "serve's page shows it",
     )
     _add_pipeline_options(p, device=True)
+    add_json_option(p)
     p.set_defaults(func=_cmd_align)
 
     p = subparsers.add_parser(
@@ -647,8 +701,8 @@ def register(subparsers) -> None:
     add_output_option(p, help="output: OUT.parquet, OUT.npz or a folder", metavar="OUT")
     _add_pipeline_options(p)
     add_model_options(p)
-    _add_flip_option(p)
     _add_embed_stream_options(p)
+    add_json_option(p)
     p.set_defaults(func=_cmd_embed)
 
     p = subparsers.add_parser(
@@ -678,15 +732,15 @@ def register(subparsers) -> None:
     add_overwrite_option(p, help="replace an existing --visualize / --show file")
     _add_pipeline_options(p, all_faces=False)
     add_model_options(p)
-    _add_flip_option(p)
+    add_json_option(p)
     p.set_defaults(func=_cmd_verify)
 
     p = subparsers.add_parser(
         "search",
         help="enrol a gallery of identities, then identify query faces",
-        description="'kprpe search enrol GALLERY -o index.npz' then "
-        "'kprpe search query IMAGES --index index.npz'; 'kprpe search remove "
-        "NAMES --index index.npz'. FAISS when installed, NumPy otherwise.",
+        description="'kprpe search enrol FOLDER --gallery index.npz' then "
+        "'kprpe search query IMAGES --gallery index.npz'; 'kprpe search remove "
+        "NAMES --gallery index.npz'. FAISS when installed, NumPy otherwise.",
     )
     search_sub = p.add_subparsers(dest="search_command", metavar="ACTION", required=True)
     e = search_sub.add_parser(
@@ -696,28 +750,29 @@ def register(subparsers) -> None:
         description="One template per identity: the normalised mean of its images' embeddings. "
         "The index is an .npz that loads with allow_pickle=False.",
     )
-    e.add_argument("gallery", metavar="GALLERY")
-    add_output_option(e, help="index file to write (.npz)", metavar="INDEX")
+    e.add_argument("folder", metavar="FOLDER", help="FOLDER/<identity>/<images>")
+    add_gallery_option(e, help="gallery index to write (.npz); required", old=("-o", "--output"))
     e.add_argument(
         "--append",
         action="store_true",
-        help="add to INDEX if it exists (new identities are added, existing ones pool the new images)",
+        help="add to GALLERY if it exists (new identities are added, existing ones pool the new images)",
     )
-    add_overwrite_option(e, help="replace an existing INDEX (without --append)")
+    add_overwrite_option(e, help="replace an existing GALLERY (without --append)")
     _add_pipeline_options(e, all_faces=False)
     add_model_options(e)
-    _add_flip_option(e)
     add_workers_option(e)
     _add_index_options(e, build=True)
+    add_json_option(e)
     e.set_defaults(func=_cmd_search_enrol)
     r = search_sub.add_parser("remove", help="remove identities from an index (no re-enrolment)")
     r.add_argument("identities", nargs="+", metavar="IDENTITY")
-    r.add_argument("--index", required=True, metavar="INDEX")
+    add_gallery_option(r, help="gallery index from 'kprpe search enrol'; required")
     r.add_argument("--backend", choices=("auto", "faiss", "numpy"), default="auto")
+    add_json_option(r)
     r.set_defaults(func=_cmd_search_remove)
     q = search_sub.add_parser("query", help="top-k identities for the faces of query photos")
     q.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
-    q.add_argument("--index", required=True, metavar="INDEX")
+    add_gallery_option(q, help="gallery index from 'kprpe search enrol'; required")
     q.add_argument("-k", "--top-k", type=int, default=5, help="identities to return per face (default 5)")
     q.add_argument(
         "--threshold",
@@ -728,6 +783,6 @@ def register(subparsers) -> None:
     )
     _add_pipeline_options(q)
     add_model_options(q)
-    _add_flip_option(q)
     _add_index_options(q, build=False)
+    add_json_option(q)
     q.set_defaults(func=_cmd_search_query)

@@ -95,7 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(module_name) is None:
             continue
         importlib.import_module(module_name).register(sub)
+    _name_every_command(parser)
     return parser
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser):
+    """``(parser, its sub-command parsers)`` pairs, depth first (aliases such as ``enroll`` skipped)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            seen = set()
+            for child in action.choices.values():
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                yield child
+                yield from subcommand_parsers(child)
+
+
+def _name_every_command(parser: argparse.ArgumentParser) -> None:
+    """Each command records its full name (``kprpe eval pairs``): errors and warnings are prefixed with it.
+    The deepest parser's default wins (argparse copies a sub-command's namespace over its parent's)."""
+    parser.set_defaults(command_prog=parser.prog)
+    for child in subcommand_parsers(parser):
+        child.set_defaults(command_prog=child.prog)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KprpeError as exc:  # every deliberate error (CommandError, bad files, configs, checkpoints)
-        print(f"kprpe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{args.command_prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
