@@ -120,8 +120,9 @@ def add_overwrite_option(parser, *, help: str | None = None) -> None:
     )
 
 
-def add_quiet_option(parser) -> None:
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+def add_quiet_option(parser, *, help: str = "no progress bars") -> None:
+    """``-q/--quiet``: less on stderr (the result on stdout is unchanged)."""
+    parser.add_argument("-q", "--quiet", action="store_true", help=help)
 
 
 def add_device_option(parser) -> None:

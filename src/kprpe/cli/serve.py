@@ -1,4 +1,7 @@
-"""``kprpe serve``: load the model (and index) once, then answer HTTP requests until interrupted."""
+"""``kprpe serve``: load the model (and index) once, then answer HTTP requests until interrupted.
+
+It takes the face commands' options (docs/cli.md): the model options (``--engine onnx`` included), the
+aligner, ``--mode``, ``--gallery``, ``--landmarks request`` for keypoints sent with each request, ``-q``."""
 
 from __future__ import annotations
 
@@ -7,6 +10,12 @@ import os
 import sys
 
 from ..errors import CommandError, KprpeError
+from .face import add_aligner_options
+from .options import add_gallery_option, add_model_options, add_quiet_option
+
+# ``--landmarks request``: each request carries its face's keypoints (the face commands' --landmarks FILE,
+# for uploads, which have no file name to look up)
+LANDMARKS_FROM_REQUEST = "request"
 
 __all__ = ["register", "build_service"]
 
@@ -14,32 +23,24 @@ __all__ = ["register", "build_service"]
 def build_service(args: argparse.Namespace):
     """Model, aligner, index and threshold from the command line (shared by the CLI and the tests)."""
     from ..face.detector import MissingDependencyError
-    from ..face.embedder import FaceEmbedder
     from ..face.pipeline import DEFAULT_THRESHOLD
-    from ..nn import CheckpointError
     from ..serve.app import FaceService
     from ..thresholds import resolve_threshold
     from ..zoo import ZooError, resolve
+    from .face import _embedder
 
+    aligner = _aligner(args)
+    # the face commands' model loading: a checkpoint or repo id, or an ONNX file with --engine onnx
+    embedder = _embedder(args)
     try:
-        weights = resolve(args.weights, kind="recognition")  # a path, or a published repo id -> its snapshot
+        weights = resolve(args.weights, kind="recognition")  # where the calibration file is looked up
     except ZooError as exc:
         raise CommandError(str(exc)) from None
-    if getattr(args, "flip", False) and args.no_flip:
-        raise CommandError("--flip and --no-flip contradict each other; give one")
-    # the DFA's official pipeline has no flip TTA, so neither has --aligner dfa unless --flip asks for it
-    flip = getattr(args, "flip", False) or (not args.no_flip and args.aligner != "dfa")
-    try:
-        embedder = FaceEmbedder.from_weights(weights, flip=flip, batch_size=2, device=args.device)
-    except (CheckpointError, ValueError, OSError) as exc:
-        raise CommandError(f"cannot load weights {weights}: {exc}") from None
-    except (RuntimeError, AssertionError) as exc:
-        raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
     index = None
-    if args.index:
+    if args.gallery:
         from ..gallery.index import GalleryIndex
 
-        index = GalleryIndex.load(args.index, nprobe=args.nprobe)
+        index = GalleryIndex.load(args.gallery, nprobe=args.nprobe)
     choice = resolve_threshold(
         args.threshold,
         weights,
@@ -50,24 +51,53 @@ def build_service(args: argparse.Namespace):
     try:
         return FaceService(
             embedder,
-            aligner=args.aligner,
+            aligner=aligner,
             index=index,
             threshold=choice.threshold,
             threshold_source=choice.source,
-            index_path=args.index or None,
+            index_path=args.gallery or None,
             api_key=getattr(args, "api_key", None) or os.environ.get("KPRPE_API_KEY") or None,
             aligner_options={
                 "detector": args.detector,
                 "landmark_model": args.landmark_model,
+                "upsample": args.upsample,
                 "weights": getattr(args, "aligner_weights", None),
                 "device": args.device,
-                "min_score": getattr(args, "min_aligner_score", None),
+                "min_score": args.min_score,
+                "mode": args.mode,
             },
         )
     except MissingDependencyError as exc:
         raise CommandError(str(exc)) from None
     except ValueError as exc:  # AlignerLoadError (bad DFA weights, device or score) is one too
         raise CommandError(str(exc)) from None
+
+
+def _aligner(args: argparse.Namespace) -> str:
+    """The service's aligner: ``--landmarks request`` (clients send keypoints), else ``--aligner``. The old
+    ``--aligner supplied`` still works, with a warning."""
+    if args.aligner == "supplied":
+        from .options import REMOVED_IN
+
+        prog = getattr(args, "command_prog", "kprpe serve")
+        print(
+            f"{prog}: warning: --aligner supplied is deprecated, use --landmarks {LANDMARKS_FROM_REQUEST} "
+            f"(the old spelling goes in kprpe {REMOVED_IN})",
+            file=sys.stderr,
+        )
+        args.aligner, args.landmarks = "dlib", LANDMARKS_FROM_REQUEST
+    if args.landmarks is None:
+        return args.aligner
+    if args.landmarks != LANDMARKS_FROM_REQUEST:
+        raise CommandError(
+            f"kprpe serve takes --landmarks {LANDMARKS_FROM_REQUEST} (each request sends its face's 5 "
+            f"keypoints), not a file ({args.landmarks}): uploads have no file name to look up in it"
+        )
+    if args.aligner == "dfa":
+        raise CommandError(
+            f"--landmarks {LANDMARKS_FROM_REQUEST} and --aligner dfa both give keypoints; choose one"
+        )
+    return "supplied"
 
 
 def limits_from_args(args: argparse.Namespace):
@@ -107,21 +137,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         else "gallery changes allowed (loopback only)" if is_loopback(args.host)
         else "gallery changes refused (no --api-key)"
     )
-    print(
-        f"kprpe serve: page and API at http://{args.host}:{args.port}/ ; {writes}; aligner={service.aligner} "
-        f"threshold={service.threshold:g} ({service.threshold_source})"
-        + (f" index={args.index} ({len(service.index)} identities)" if service.index is not None else ""),
-        file=sys.stderr,
-        flush=True,
-    )
-    config = server_config(app, limits, host=args.host, port=args.port, log_level=args.log_level)
+    if not args.quiet:
+        print(
+            f"kprpe serve: page and API at http://{args.host}:{args.port}/ ; {writes}; "
+            f"aligner={service.aligner} threshold={service.threshold:g} ({service.threshold_source})"
+            + ("" if service.index is None else f" gallery={args.gallery} ({len(service.index)} identities)"),
+            file=sys.stderr,
+            flush=True,
+        )
+    log_level = "warning" if args.quiet and args.log_level == "info" else args.log_level
+    config = server_config(app, limits, host=args.host, port=args.port, log_level=log_level)
     uvicorn.Server(config).run()
     return 0
 
 
 def register(subparsers) -> None:
     """Add ``serve`` to the ``kprpe`` command."""
-    from ..serve.app import ALIGNERS, ServeLimits
+    from ..face.align import ALIGN_MODES
+    from ..serve.app import ServeLimits
+    from .face import _upsample
 
     defaults = ServeLimits()
     p = subparsers.add_parser(
@@ -132,31 +166,39 @@ def register(subparsers) -> None:
         "/search (file 'image', form 'k'); GET /health. JSON answers; errors are JSON with a 4xx "
         "status. See docs/serving.md.",
     )
-    p.add_argument("--weights", required=True, metavar="W",
-                   help="checkpoint file or directory, or a published repo id (see kprpe models --zoo)")
-    p.add_argument(
-        "--aligner",
-        choices=sorted(ALIGNERS),
-        default="dlib",
-        help="dlib: detect faces and landmarks (default); dfa: the official DFA aligner (its crop, "
-        "no flip TTA unless --flip); supplied: clients send 5 keypoints per image",
-    )
-    p.add_argument(
-        "--aligner-weights",
-        metavar="W",
-        default="minchul/cvlface_DFA_mobilenet",
-        help="DFA checkpoint file/folder or repo id (default minchul/cvlface_DFA_mobilenet)",
-    )
-    p.add_argument(
-        "--min-aligner-score",
-        type=float,
+    add_model_options(p)  # --weights, --flip/--no-flip, --batch-size, --device, --engine (onnx too)
+    faces = p.add_argument_group("faces")
+    add_aligner_options(faces, device=False)  # --aligner, --aligner-weights, --min-score
+    # the old --aligner supplied: accepted (with a warning) but no longer offered
+    aligner = next(a for a in faces._group_actions if "--aligner" in a.option_strings)
+    aligner.choices = (*aligner.choices, "supplied")
+    faces.add_argument(
+        "--landmarks",
+        metavar=LANDMARKS_FROM_REQUEST,
         default=None,
-        metavar="S",
-        help="with --aligner dfa: answer 422 'no face' when the DFA face score is below S",
+        help=f"{LANDMARKS_FROM_REQUEST}: clients send each face's 5 keypoints (form field 'keypoints', JSON "
+        "[[x, y] x 5] in photo pixels); no detector runs",
     )
-    p.add_argument(
-        "--index", metavar="INDEX", help="gallery index from 'kprpe search enrol' (enables /search)"
+    faces.add_argument(
+        "--mode",
+        choices=ALIGN_MODES,
+        default="aligned",
+        help="aligned: similarity transform to the ArcFace template (default); unaligned: detector box "
+        "resized to 112; prealigned: uploads already are 112x112 crops",
     )
+    faces.add_argument(
+        "--detector", choices=("hog", "cnn"), default="hog", help="dlib detector (default hog)"
+    )
+    faces.add_argument(
+        "--landmark-model", choices=("68", "5"), default="68", help="dlib shape model (default 68)"
+    )
+    faces.add_argument(
+        "--upsample",
+        type=_upsample,
+        default="auto",
+        help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4",
+    )
+    add_gallery_option(p, help="gallery index from 'kprpe search enrol' (enables /search)")
     p.add_argument(
         "--api-key",
         metavar="KEY",
@@ -177,13 +219,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--nprobe", type=int, default=None, help="IVF lists searched per query (approximate indexes)"
     )
-    p.add_argument("--detector", choices=("hog", "cnn"), default="hog", help="dlib detector (default hog)")
-    p.add_argument(
-        "--landmark-model", choices=("68", "5"), default="68", help="dlib shape model (default 68)"
-    )
-    p.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
-    p.add_argument("--flip", action="store_true", help="flip test-time augmentation even with --aligner dfa")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_quiet_option(p, help="no start-up line; uvicorn logs warnings only")
     g = p.add_argument_group("limits")
     g.add_argument(
         "--max-upload-mb",
