@@ -549,7 +549,8 @@ def _cmd_search_remove(args: argparse.Namespace) -> int:
     removed = index.remove(args.identities)
     index.save(gallery)
     payload = {"gallery": str(gallery), "removed": removed, "identities": len(index)}
-    emit(args, payload, f"gallery {gallery}: removed {removed}; {len(index)} identities left")
+    text = f"gallery {gallery}: removed {', '.join(removed) or 'nothing'}; {len(index)} identities left"
+    emit(args, payload, text)
     return 0
 
 

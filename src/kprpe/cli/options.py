@@ -21,6 +21,7 @@ __all__ = [
     "add_json_option",
     "emit",
     "wants_json",
+    "stdout_is_terminal",
     "add_flip_options",
     "flip_enabled",
     "add_gallery_option",
@@ -79,9 +80,13 @@ def add_json_option(parser) -> None:
     )
 
 
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
 def wants_json(args: argparse.Namespace) -> bool:
     """The output convention: JSON with ``--json`` or when stdout is piped or redirected, else a summary."""
-    return bool(getattr(args, "json", False)) or not sys.stdout.isatty()
+    return bool(getattr(args, "json", False)) or not stdout_is_terminal()
 
 
 def emit(args: argparse.Namespace, payload: dict, summary: str) -> None:
@@ -195,8 +200,8 @@ def add_flip_options(parser) -> None:
         action="store_const",
         const=True,
         default=None,
-        help="flip-sum test-time augmentation (default: on, except with --aligner dfa, whose official "
-        "pipeline has none)",
+        help="flip-sum test-time augmentation (default: on; off where the DFA makes the crop, i.e. face "
+        "commands and serve with --aligner dfa, as in its official pipeline)",
     )
     group.add_argument(
         "--no-flip", dest="flip", action="store_const", const=False, help="no flip test-time augmentation"
