@@ -90,8 +90,8 @@ def _aligner(args: argparse.Namespace) -> str:
         return args.aligner
     if args.landmarks != LANDMARKS_FROM_REQUEST:
         raise CommandError(
-            f"kprpe serve takes --landmarks {LANDMARKS_FROM_REQUEST} (each request sends its face's 5 "
-            f"keypoints), not a file ({args.landmarks}): uploads have no file name to look up in it"
+            f"--landmarks takes '{LANDMARKS_FROM_REQUEST}' here (each request sends its face's 5 keypoints), "
+            f"not a file ({args.landmarks}): uploads have no file name to look up in it"
         )
     if args.aligner == "dfa":
         raise CommandError(
