@@ -57,7 +57,7 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
-_LANDMARKS_ONLY = "--landmarks alone (this protocol's keypoints come from it)"
+_LANDMARKS_ONLY = "--landmarks alone: this protocol's keypoints come from it"
 # which landmark file (kprpe.landmarks.LANDMARK_FORMATS) each protocol's --landmarks reads
 _INDEX_CSV = ("index-csv",)  # sets of aligned crops, by image index: verify, toolkit, keypoint-noise
 _PIXEL_LIST = ("pixel-list",)  # photos by name, in pixels: ijb, pairs, sweep

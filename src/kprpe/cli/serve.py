@@ -171,7 +171,9 @@ def register(subparsers) -> None:
     add_aligner_options(faces, device=False)  # --aligner, --aligner-weights, --min-score
     # the old --aligner supplied: accepted (with a warning) but no longer offered
     aligner = next(a for a in faces._group_actions if "--aligner" in a.option_strings)
+    aligner.metavar = "{" + ",".join(aligner.choices) + "}"
     aligner.choices = (*aligner.choices, "supplied")
+    aligner.deprecated_values = {"supplied": f"--landmarks {LANDMARKS_FROM_REQUEST}"}  # docs/cli.md lists it
     faces.add_argument(
         "--landmarks",
         metavar=LANDMARKS_FROM_REQUEST,
