@@ -9,7 +9,7 @@ from kprpe.cli import main
 from kprpe.data import RecordSource, read_landmarks
 
 
-def test_make_example_data_and_pack(tmp_path, capsys):
+def test_make_example_data_and_pack(tmp_path, capsys, terminal):
     assert (
         main(
             [
