@@ -16,6 +16,8 @@ import pytest
 from kprpe.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
+IJB = ["eval", "ijb", "--weights", "w", "--tid-mid", "t", "--pairs", "p", "--landmarks", "l", "--images", "i"]
+IJB += ["-o", "o"]
 
 
 def _parse(capsys, *argv):
@@ -63,23 +65,7 @@ def _gallery(path: Path) -> Path:
             "--min-score",
         ),
         (
-            [
-                "eval",
-                "ijb",
-                "--weights",
-                "w",
-                "--tid-mid",
-                "t",
-                "--pairs",
-                "p",
-                "--landmarks",
-                "l",
-                "--images",
-                "i",
-                "-o",
-                "o",
-                "--no-norm",
-            ],
+            [*IJB, "--no-norm"],
             "norm_pooling",
             False,
             "--no-norm",
@@ -116,46 +102,11 @@ def test_old_spelling_works_and_warns_with_the_full_command(capsys, argv, dest, 
             0.5,
         ),
         (
-            [
-                "eval",
-                "ijb",
-                "--weights",
-                "w",
-                "--tid-mid",
-                "t",
-                "--pairs",
-                "p",
-                "--landmarks",
-                "l",
-                "--images",
-                "i",
-                "-o",
-                "o",
-                "--norm-pooling",
-            ],
+            [*IJB, "--norm-pooling"],
             "norm_pooling",
             True,
         ),
-        (
-            [
-                "eval",
-                "ijb",
-                "--weights",
-                "w",
-                "--tid-mid",
-                "t",
-                "--pairs",
-                "p",
-                "--landmarks",
-                "l",
-                "--images",
-                "i",
-                "-o",
-                "o",
-            ],
-            "norm_pooling",
-            False,
-        ),
+        (IJB, "norm_pooling", False),
         (["eval", "toolkit", "s", "--weights", "w", "-o", "o"], "norm_pooling", False),
         (["serve", "--weights", "w", "--landmarks", "request"], "landmarks", "request"),
         (["serve", "--weights", "w.onnx", "--engine", "onnx"], "engine", "onnx"),
@@ -169,23 +120,7 @@ def test_new_spelling_works_without_a_warning(capsys, argv, dest, value):
 
 def test_one_ijb_pooling_default_in_both_commands(capsys):
     # eval ijb pooled with the norm by default and eval toolkit without: now one flag, one default
-    ijb, _ = _parse(
-        capsys,
-        "eval",
-        "ijb",
-        "--weights",
-        "w",
-        "--tid-mid",
-        "t",
-        "--pairs",
-        "p",
-        "--landmarks",
-        "l",
-        "--images",
-        "i",
-        "-o",
-        "o",
-    )
+    ijb, _ = _parse(capsys, *IJB)
     toolkit, _ = _parse(capsys, "eval", "toolkit", "s", "--weights", "w", "-o", "o")
     assert ijb.norm_pooling is toolkit.norm_pooling is False
 
