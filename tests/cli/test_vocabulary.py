@@ -178,6 +178,17 @@ def test_removed_flag_of_the_old_gallery_spelling_still_changes_the_gallery(tmp_
     assert "warning: --index is deprecated, use --gallery" in captured.err
 
 
+def test_make_example_data_takes_dash_o_and_still_its_old_positional(tmp_path, capsys):
+    small = ["--identities", "2", "--images-per-identity", "2", "--size", "16", "-q"]
+    assert main(["make-example-data", "-o", str(tmp_path / "new"), *small]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["output"] == str(tmp_path / "new") and captured.err == ""
+    assert main(["make-example-data", str(tmp_path / "old"), *small]) == 0
+    captured = capsys.readouterr()
+    assert (tmp_path / "old" / "train.rec").is_file()
+    assert captured.err.startswith("kprpe make-example-data: warning: a positional DIR is deprecated, use -o")
+
+
 # --------------------------------------------------------------------------------------------- errors
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import CommandError
 from ..files import check_output_path, write_json
 from .options import (
+    REMOVED_IN,
     add_deprecated_alias,
     add_device_option,
     add_json_option,
@@ -124,6 +125,13 @@ def _cmd_example_data(args: argparse.Namespace) -> int:
     from ..data.pack import pack_folder
     from ..data.synthetic import make_synthetic_faces
 
+    if args.old_output is not None:
+        print(
+            f"{args.command_prog}: warning: a positional DIR is deprecated, use -o DIR (the old spelling "
+            f"goes in kprpe {REMOVED_IN})",
+            file=sys.stderr,
+        )
+        args.output = args.old_output
     out = Path(args.output)
     # the one output rule, before any work: files of an earlier data set are replaced only with --overwrite
     for target in ("train.rec", "train.idx", "landmarks.csv"):
@@ -224,7 +232,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "make-example-data", help="write the small synthetic data set the example config trains on"
     )
-    p.add_argument("output", nargs="?", default="example_data", help="output folder (default example_data)")
+    add_output_option(p, help="output folder", required=False, default="example_data", metavar="DIR")
+    # the old spelling, a positional DIR: kept for one version, with a warning (docs/cli.md, deprecations)
+    old = p.add_argument("old_output", nargs="?", default=None, metavar="DIR", help=argparse.SUPPRESS)
+    old.deprecated_values = {"(positional)": "-o DIR"}  # docs/cli.md lists it
     add_overwrite_option(p, help="replace the example data already in the output folder")
     p.add_argument("--identities", type=int, default=20)
     p.add_argument("--images-per-identity", type=int, default=16)

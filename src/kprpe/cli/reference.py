@@ -73,8 +73,9 @@ def deprecation_table(parser: argparse.ArgumentParser | None = None) -> str:
                 old = "/".join(action.option_strings)
                 spelling, colon, why = action.new.partition(":")  # "--landmarks alone: the reason"
                 lines.append(f"| `{leaf.prog}` | `{old}` | `{spelling}`{colon}{why} |")
-            for value, new in getattr(action, "deprecated_values", {}).items():  # an old choice of an option
-                lines.append(f"| `{leaf.prog}` | `{action.option_strings[0]} {value}` | `{new}` |")
+            for value, new in getattr(action, "deprecated_values", {}).items():  # an old choice or positional
+                spelling = action.option_strings[0] if action.option_strings else action.metavar
+                lines.append(f"| `{leaf.prog}` | `{spelling} {value}` | `{new}` |")
     return "\n".join(lines)
 
 
