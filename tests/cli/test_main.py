@@ -130,3 +130,18 @@ def test_lazy_names_load_on_first_use():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         kprpe.face.nope  # noqa: B018
     assert "FacePipeline" in dir(kprpe.face)
+
+
+def test_demo_runs_every_face_family_and_refuses_gait_models(capsys):
+    """`kprpe demo --model ir_18` crashed reading a ViT-only config field; gait models need sequences."""
+    from kprpe.cli.main import main
+
+    assert main(["demo", "--model", "ir_18", "--batch-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ir_18 (iresnet)" in out and "ignores keypoints" in out
+    assert main(["demo", "--model", "vit_tiny_kprpe", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    cosines = [float(v) for v in out.split("cosine(")[1].split("[")[1].split("]")[0].split(",")]
+    assert all(c < 1.0 for c in cosines)  # the randomised keypoint table makes moved keypoints matter
+    assert main(["demo", "--model", "swingait_2d"]) == 2
+    assert "gait model" in capsys.readouterr().err

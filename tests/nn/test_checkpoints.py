@@ -245,3 +245,14 @@ def test_embedded_config_of_the_wrong_type_is_a_checkpoint_error(tmp_path, tiny_
     save_file(tiny_state, str(path), metadata={CONFIG_METADATA_KEY: embedded})
     with pytest.raises(CheckpointError, match=CONFIG_METADATA_KEY):
         kprpe.load_official(path)
+
+
+def test_an_oversized_config_json_is_refused_before_it_is_read(tmp_path):
+    from kprpe.nn.checkpoint import MAX_CONFIG_BYTES
+
+    state = load_file(str(DATA / "tiny_vit.safetensors"))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    # valid JSON, just far larger than any model config: it must not be parsed into memory
+    (tmp_path / "config.json").write_text('{"pad": "' + "x" * MAX_CONFIG_BYTES + '"}')
+    with pytest.raises(CheckpointError, match="more than any model config"):
+        kprpe.load_official(tmp_path / "model.safetensors")

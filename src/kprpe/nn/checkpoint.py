@@ -64,6 +64,9 @@ def _find_weights_file(directory: Path) -> Path:
     )
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """State dict and the config stored beside or inside it (None when there is none)."""
     if not path.is_file():
@@ -114,6 +117,12 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             owners.append(path.parent.parent / "config.json")
         for cfg_path in owners:
             if cfg_path.is_file():
+                size = cfg_path.stat().st_size
+                if size > MAX_CONFIG_BYTES:  # a model config is a few KB: refuse before reading it
+                    raise CheckpointError(
+                        f"{cfg_path} is {size:,} bytes, more than any model config "
+                        f"(limit {MAX_CONFIG_BYTES:,}): not a config.json"
+                    )
                 try:
                     config = json.loads(cfg_path.read_text(encoding="utf-8"))
                 except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
