@@ -209,11 +209,12 @@ def add_flip_options(parser) -> None:
 
 
 def flip_enabled(args: argparse.Namespace) -> bool:
-    """The one flip rule: ``--flip``/``--no-flip`` when given; otherwise on, unless the DFA crops the faces
-    (``--aligner dfa`` on a command whose aligner makes the crop: the official DFA pipeline has no flip)."""
+    """The one flip rule for commands whose aligner makes the crop (face commands, serve): ``--flip`` /
+    ``--no-flip`` when given; otherwise on, unless ``--aligner dfa`` crops the faces (the official DFA
+    pipeline has no flip). ``eval`` never crops with its aligner: there the default is always on."""
     if getattr(args, "flip", None) is not None:
         return bool(args.flip)
-    return not (getattr(args, "aligner", "dlib") == "dfa" and getattr(args, "aligner_crops", True))
+    return getattr(args, "aligner", "dlib") != "dfa"
 
 
 def add_gallery_option(parser, *, help: str, old: tuple[str, ...] = ("--index",)) -> None:
