@@ -99,12 +99,10 @@ def _common(p: argparse.ArgumentParser, *, keypoint_backend: bool = True) -> Non
             default="minchul/cvlface_DFA_mobilenet",
             help="DFA checkpoint file/folder or Hugging Face repo id (default minchul/cvlface_DFA_mobilenet)",
         )
-    else:  # keypoints come from --landmarks: these never did anything here
+    else:  # keypoints come from --landmarks: these never did anything here (and still do nothing)
         g.set_defaults(aligner="dlib", aligner_weights=None)
-        add_deprecated_alias(g, "--aligner", new=_LANDMARKS_ONLY, dest="aligner")
-        add_deprecated_alias(
-            g, "--aligner-weights", new=_LANDMARKS_ONLY, dest="aligner_weights"
-        )
+        add_deprecated_alias(g, "--aligner", new=_LANDMARKS_ONLY, dest="ignored_aligner")
+        add_deprecated_alias(g, "--aligner-weights", new=_LANDMARKS_ONLY, dest="ignored_aligner_weights")
     add_quiet_option(g)
     add_json_option(g)
     g.add_argument(
