@@ -1,5 +1,6 @@
 """Decision thresholds for "same person": the calibration files that ``kprpe eval ... --calibrate FAR`` writes
-beside the weights (``model.safetensors.threshold.json``, or ``threshold.json`` inside a checkpoint folder),
+beside the weights (``model.safetensors.threshold.json``, ``threshold.json`` inside a checkpoint folder, or
+in kprpe's cache for a published checkpoint: :func:`calibration_path`),
 and the choice ``kprpe verify``, ``kprpe search query`` and ``kprpe serve`` make between an explicit
 threshold, such a file and the uncalibrated default — reporting which one they used and where it came from. A
 file made for other weights (different model fingerprint) or another flip setting is ignored, with a note
@@ -45,13 +46,30 @@ class CalibrationError(KprpeError):
 
 
 def calibration_path(weights: str | os.PathLike) -> Path:
-    """Where the calibration of ``weights`` lives: beside the file, or inside the checkpoint folder."""
-    weights = Path(weights)
-    return (
-        weights / "threshold.json"
-        if weights.is_dir()
-        else weights.with_name(weights.name + ".threshold.json")
-    )
+    """Where the calibration of ``weights`` lives — the one answer for every command that reads or writes
+    one: beside a weights file, inside a checkpoint folder, and for a published checkpoint in kprpe's cache
+    (``$KPRPE_CACHE/thresholds/models--owner--name/<commit>.threshold.json``), whether it is named by repo id
+    or by its snapshot folder in the Hugging Face cache (never inside that cache, nor a path made of the
+    repo id)."""
+    from .zoo.hub import cached_snapshot, kprpe_cache_dir, parse_repo_id, snapshot_origin
+
+    text = os.fspath(weights)
+    path = Path(text).expanduser()
+    origin = snapshot_origin(path)
+    parsed = None if origin is not None or path.exists() else parse_repo_id(text)
+    if parsed is not None:
+        folder = cached_snapshot(*parsed)
+        if folder is None:
+            raise CalibrationError(
+                f"{text} is not in the Hugging Face cache, so it has no calibration yet: load it once (or "
+                f"`kprpe fetch {parsed[0]}`) first"
+            )
+        origin = parsed[0], folder.name
+    if origin is not None:
+        repo, commit = origin
+        owner, name = repo.split("/", 1)
+        return kprpe_cache_dir() / "thresholds" / f"models--{owner}--{name}" / f"{commit}.threshold.json"
+    return path / "threshold.json" if path.is_dir() else path.with_name(path.name + ".threshold.json")
 
 
 def write_calibration(

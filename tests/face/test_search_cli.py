@@ -140,3 +140,33 @@ def test_verify_and_search_use_the_calibration_beside_the_weights(
     assert run(capsys, "search", "enrol", gallery, "-o", index, "--weights", w, "-q")[0] == 0
     code, out, _ = run(capsys, "search", "query", photo, "--index", index, "--weights", w, "-q")
     assert out["threshold"] == 0.42 and "calibration" in out["threshold_source"]
+
+
+def test_enrol_thumbnails_for_the_page(capsys, tmp_path, gallery, astronaut, tiny_weights):
+    from kprpe.gallery.thumbnails import ThumbnailStore, thumbnails_beside
+
+    index = tmp_path / "gallery.npz"
+    store = ThumbnailStore(thumbnails_beside(index))
+    common = ("--weights", tiny_weights["a"], "--backend", "numpy", "-q")
+    code, out, _ = run(capsys, "search", "enrol", gallery, "-o", index, "--thumbnails", *common)
+    assert code == 0 and out["thumbnails_written"] == 2 and out["thumbnails"] == str(store.folder)
+    assert store.numbers("eileen") == [0] and store.numbers("mirror") == [0]
+    # the first usable face of the identity, as the pipeline crops it (JPEG of a 56x56 resize: see the store)
+    from kprpe.face import FacePipeline
+
+    crop = FacePipeline().faces_in_image(astronaut)[0].image
+    thumb = np.asarray(Image.open(store.folder / store.key("eileen") / "0.jpg"))
+    expected = np.asarray(Image.fromarray(crop).resize((56, 56), Image.LANCZOS))
+    # JPEG quality 90 moves a 56x56 face about 3 grey levels on average (3.3 measured in
+    # tests/serve/test_page.py); another picture is tens away
+    assert np.abs(thumb.astype(float) - expected.astype(float)).mean() < 6
+    more = tmp_path / "more"
+    (more / "new").mkdir(parents=True)
+    Image.fromarray(astronaut).save(more / "new" / "1.png")
+    code, out, _ = run(capsys, "search", "enrol", more, "-o", index, "--append", "--thumbnails", *common)
+    assert code == 0 and out["thumbnails_written"] == 1 and store.numbers("eileen") == [0]
+    assert run(capsys, "search", "remove", "new", "--index", index)[0] == 0
+    assert store.numbers("new") == [] and store.numbers("mirror") == [0]
+    # a replaced index takes its thumbnails with it
+    code, out, _ = run(capsys, "search", "enrol", more, "-o", index, "--overwrite", *common)
+    assert code == 0 and "thumbnails" not in out and not store.folder.exists()

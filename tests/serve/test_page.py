@@ -188,6 +188,49 @@ def test_gallery_writes_need_the_key_and_are_saved(embedder, tmp_path, astronaut
         assert bad.status_code == 422 and "printable" in bad.json()["error"]
 
 
+def test_enrolled_crops_are_kept_as_thumbnails_by_identity_and_removed_with_it(
+    embedder, tmp_path, astronaut
+):
+    import base64
+
+    from PIL import Image
+
+    from kprpe.gallery.thumbnails import ThumbnailStore
+
+    store = ThumbnailStore(tmp_path / "thumbs")
+    service = service_with_gallery(embedder, tmp_path, thumbnails=store)
+    name = "<img src=x>/../../etc"  # neither markup nor a path: the store keys identities by a hash
+    photo = {"image": ("e.png", png(astronaut))}
+    with RunningServer(create_app(service, LIMITS), LIMITS) as running:
+        done = httpx.post(running.url + "/gallery/enrol", files=photo, data={"identity": name}, timeout=60)
+        assert done.status_code == 200, done.text
+        (url,) = done.json()["thumbnails"]
+        assert url == f"/gallery/thumbnail/{store.key(name)}/0"
+        listing = httpx.get(running.url + "/gallery").json()
+        assert listing["thumbnails"] == {"someone": [], name: [url]} and listing["keeps_thumbnails"] is True
+        picture = httpx.get(running.url + url)
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
+        thumb = np.asarray(Image.open(io.BytesIO(picture.content)))
+        assert thumb.shape == (56, 56, 3)
+        # it is the crop the model saw, made small: JPEG quality 90 moves a 56x56 astronaut face 3.3 grey
+        # levels on average (measured), another picture (scikit-image's cat) is 66 away
+        crop_png = base64.b64decode(done.json()["face"]["crop_png"].split(",", 1)[1])
+        crop = np.asarray(Image.open(io.BytesIO(crop_png)).resize((56, 56), Image.LANCZOS))
+        assert np.abs(thumb.astype(float) - crop.astype(float)).mean() < 6
+        visual = running.url + "/search?visual=true"
+        hits = httpx.post(visual, files=photo, data={"k": "2"}, timeout=60).json()
+        assert hits["matches"][0] == {**hits["matches"][0], "identity": name, "thumbnails": [url]}
+        compact = httpx.post(running.url + "/search", files=photo, data={"k": "1"}, timeout=60).json()
+        assert "thumbnails" not in compact["matches"][0]  # API clients get the compact answer
+        for bad in ("/gallery/thumbnail/..%2F..%2Fgallery.npz/0", f"/gallery/thumbnail/{store.key(name)}/9",
+                    "/gallery/thumbnail/" + "0" * 32 + "/0"):
+            missing = httpx.get(running.url + bad)
+            assert missing.status_code in (404, 422) and "error" in missing.json()
+        assert httpx.post(running.url + "/gallery/remove", data={"identity": name}).status_code == 200
+        assert httpx.get(running.url + url).status_code == 404
+        assert store.numbers(name) == [] and list((tmp_path / "thumbs").iterdir()) == []
+
+
 def test_a_public_server_without_a_key_refuses_writes(embedder, tmp_path):
     service = service_with_gallery(embedder, tmp_path)
     with RunningServer(create_app(service, LIMITS, host="0.0.0.0"), LIMITS) as running:

@@ -75,7 +75,12 @@ def photos(tmp_path_factory, astronaut) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def page(embedder, tmp_path_factory):  # noqa: F811
-    service = service_with_gallery(embedder, tmp_path_factory.mktemp("g"), api_key="s3cret")
+    from kprpe.gallery.thumbnails import ThumbnailStore
+
+    folder = tmp_path_factory.mktemp("g")
+    service = service_with_gallery(
+        embedder, folder, api_key="s3cret", thumbnails=ThumbnailStore(folder / "gallery.npz.thumbnails")
+    )
     with RunningServer(create_app(service, LIMITS), LIMITS) as running:
         yield running
 
@@ -201,4 +206,12 @@ def test_enrol_needs_the_key_and_names_render_as_text(browser, page, photos):
     wait(browser, lambda d: d.find_element(By.ID, "search-result").is_displayed() or error_text(d))
     first = browser.find_element(By.CSS_SELECTOR, "#search-matches tbody tr td:nth-child(2)")
     assert first.text == name
+    # the enrolled crop's thumbnail, loaded from the server, beside the match and in the gallery list
+    cell = browser.find_element(By.CSS_SELECTOR, "#search-matches tbody tr td:nth-child(3)")
+    thumbnail = cell.find_element(By.CSS_SELECTOR, "img.thumbnail")
+    wait(browser, lambda d: d.execute_script("return arguments[0].complete", thumbnail))
+    size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", thumbnail)
+    assert size == [56, 56] and thumbnail.get_attribute("alt") == f"enrolled face of {name}"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery-list img.thumbnail")) == 1
+    assert browser.find_elements(By.CSS_SELECTOR, "#search-matches b") == []  # the name stayed text
     screenshot(browser, "search")

@@ -19,6 +19,7 @@ from .options import (
     add_model_options,
     add_output_option,
     add_quiet_option,
+    apply_model_defaults,
     emit,
 )
 
@@ -428,6 +429,7 @@ def _settings(args):
                 "threshold is calibrated on one dataset"
             )
     _landmark_backend(args)
+    apply_model_defaults(args)  # no --weights: the published KP-RPE ViT-Base (after the output checks)
     return EvalSettings(
         # eval's --aligner finds keypoints on crops and never makes one: the flip rule's default is on
         flip=args.flip is not False,

@@ -38,6 +38,7 @@ from .options import (
     add_overwrite_option,
     add_quiet_option,
     add_workers_option,
+    apply_model_defaults,
     emit,
     flip_enabled,
     require_gallery,
@@ -68,14 +69,21 @@ def _upsample(text: str) -> int | str:
 
 def add_aligner_options(group, *, device: bool) -> None:
     """``--aligner dlib|dfa``, ``--aligner-weights``, ``--min-score`` (one threshold name for either aligner;
-    ``--min-aligner-score`` is its deprecated spelling), and ``--device`` for commands without model
-    options."""
+    ``--min-aligner-score`` is its deprecated spelling), and ``--device`` for commands without model options,
+    whose aligner defaults to dlib; with model options it is left None, for
+    :func:`~kprpe.cli.options.apply_model_defaults` to choose from the weights."""
     group.add_argument(
         "--aligner",
         choices=ALIGNER_CHOICES,
-        default="dlib",
-        help="landmark backend: dlib (offline, no download; default) or dfa (the official CVLface "
-        "Differentiable Face Aligner the published KP-RPE weights were trained with; its own crop is used)",
+        default="dlib" if device else None,
+        help="landmark backend: dlib (offline, no download) or dfa (the official CVLface Differentiable Face "
+        "Aligner the published KP-RPE weights were trained with; its own crop is used). Default: "
+        + (
+            "dlib"
+            if device
+            else "dfa with the published KP-RPE weights (dlib, with a notice, when it cannot be had "
+            "offline), dlib with any other weights"
+        ),
     )
     group.add_argument(
         "--aligner-weights",
@@ -186,12 +194,8 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
 
     if args.batch_size <= 0:
         raise CommandError(f"--batch-size must be positive, got {args.batch_size}")
-    from ..zoo import ZooError, resolve
-
-    try:
-        weights = resolve(args.weights, kind="recognition")  # a path, or a repo id -> its verified snapshot
-    except ZooError as exc:
-        raise CommandError(str(exc)) from None
+    apply_model_defaults(args)  # no --weights: the published default; a repo id -> its verified snapshot
+    weights = args.weights_path
     if getattr(args, "engine", "torch") == "onnx":
         from ..export import load_engine
 
@@ -380,6 +384,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from ..files import check_not_input
     from ..streaming.shards import embed_to_output
 
+    apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     # an existing output this command wrote is continued or (--overwrite) replaced: embed_to_output's rule
     check_not_input(args.output, [*args.inputs, str(args.weights)], inside=False)
     pipeline = _pipeline(args)
@@ -429,6 +434,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _check_output(args.show, args, [args.a, args.b])
         if args.visualize and Path(args.show).resolve() == Path(args.visualize).resolve():
             raise CommandError("--show and --visualize name the same file; give two")
+    apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     choice = _threshold(args, embedder)
@@ -489,12 +495,14 @@ def _threshold(args: argparse.Namespace, embedder: FaceEmbedder):
 def _cmd_search_enrol(args: argparse.Namespace) -> int:
     from ..gallery.index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
 
+    apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     pipeline = _pipeline(args)
     output = Path(require_gallery(args))
     # --append updates the index named by --gallery; anything else there needs --overwrite
     _check_output(output, args, [args.folder], overwrite=args.overwrite or args.append)
     embedder = _embedder(args)
-    if args.append and output.exists():
+    appending = args.append and output.exists()
+    if appending:
         index = GalleryIndex.load(output, backend=args.backend)
         index.check_compatible(embedder.fingerprint, embedder.output_dim)
     else:
@@ -530,10 +538,12 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     if len(index) == 0:
         raise CommandError(f"no identity in {args.folder} had a usable face; nothing enrolled")
     index.save(output)
+    thumbnails = _enrol_thumbnails(args, pipeline, index, output, fresh=not appending)
     payload = {
         "gallery": str(output),
         "identities": len(index),
         "index": index.describe(),
+        **thumbnails,
         "failures": [{"file": p, "reason": r} for p, r in failures],
     }
     text = f"gallery {output}: {len(index)} identities from {args.folder}"
@@ -541,13 +551,45 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _enrol_thumbnails(args: argparse.Namespace, pipeline, index, gallery: Path, *, fresh: bool) -> dict:
+    """The page's thumbnails beside the index (``INDEX.thumbnails``): a replaced index takes its old ones
+    with it; ``--thumbnails`` keeps the first usable face of each identity that has none (one more
+    detection per identity: the enrolment itself keeps no crops)."""
+    from ..gallery.search import gallery_images
+    from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
+
+    store = ThumbnailStore(thumbnails_beside(gallery))
+    if fresh:
+        store.clear()
+    if not args.thumbnails:
+        return {}
+    written = 0
+    for name, paths in gallery_images(args.folder).items():
+        if name not in index or store.numbers(name):
+            continue
+        for path in paths:
+            try:
+                faces = pipeline.faces_in_file(path)
+            except (ImageLoadError, *pipeline.skip_errors):
+                continue
+            store.add(name, faces[0].image)
+            written += 1
+            break
+    return {"thumbnails": str(store.folder), "thumbnails_written": written}
+
+
 def _cmd_search_remove(args: argparse.Namespace) -> int:
     from ..gallery.index import GalleryIndex
+    from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
 
     gallery = require_gallery(args)
     index = GalleryIndex.load(gallery, backend=args.backend)
     removed = index.remove(args.identities)
     index.save(gallery)
+    thumbnails = thumbnails_beside(gallery)  # the page's thumbnails of the removed go too
+    if thumbnails.is_dir():
+        for name in removed:
+            ThumbnailStore(thumbnails).remove(name)
     payload = {"gallery": str(gallery), "removed": removed, "identities": len(index)}
     text = f"gallery {gallery}: removed {', '.join(removed) or 'nothing'}; {len(index)} identities left"
     emit(args, payload, text)
@@ -561,6 +603,7 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
         raise CommandError(f"-k must be positive, got {args.top_k}")
     gallery = require_gallery(args)
     index = GalleryIndex.load(gallery, backend=args.backend, nprobe=args.nprobe)
+    apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     index.check_compatible(embedder.fingerprint, embedder.output_dim)
@@ -759,6 +802,12 @@ def register(subparsers) -> None:
         help="add to GALLERY if it exists (new identities are added, existing ones pool the new images)",
     )
     add_overwrite_option(e, help="replace an existing GALLERY (without --append)")
+    e.add_argument(
+        "--thumbnails",
+        action="store_true",
+        help="also keep a 56x56 thumbnail of each identity's first usable face in GALLERY.thumbnails, as "
+        "kprpe serve's page shows (one more face detection per identity)",
+    )
     _add_pipeline_options(e, all_faces=False)
     add_model_options(e)
     add_workers_option(e)

@@ -32,6 +32,7 @@ __all__ = [
     "add_device_option",
     "add_model_options",
     "add_workers_option",
+    "apply_model_defaults",
 ]
 
 DEFAULT_DEVICE = "cpu"
@@ -154,11 +155,11 @@ def add_model_options(parser, *, repeatable: bool = False) -> argparse._Argument
     else:
         group.add_argument(
             "--weights",
-            required=True,
+            default=None,
             metavar="W",
-            help="checkpoint file or directory, or a published repo id such as "
-            "minchul/cvlface_adaface_vit_base_kprpe_webface4m (anything kprpe.load_official "
-            "accepts); with --engine onnx, a file from 'kprpe export'",
+            help="checkpoint file or directory, or a published repo id (anything kprpe.load_official "
+            "accepts); with --engine onnx, a file from 'kprpe export' (default: the published KP-RPE "
+            "ViT-Base, minchul/cvlface_adaface_vit_base_kprpe_webface4m, downloaded on first use)",
         )
     add_flip_options(group)
     group.add_argument(
@@ -230,3 +231,34 @@ def require_gallery(args: argparse.Namespace) -> str:
     if not args.gallery:
         raise CommandError("--gallery GALLERY is required (the index file of 'kprpe search enrol')")
     return args.gallery
+
+
+def apply_model_defaults(args: argparse.Namespace) -> None:
+    """What a command with model options uses when they are not given, decided in one place (idempotent):
+    ``--weights`` -> the published KP-RPE ViT-Base (:data:`kprpe.zoo.DEFAULT_WEIGHTS`), resolved through
+    the zoo into ``args.weights_path`` (downloaded on first use, sha256 checked, its training-data terms
+    shown once; offline and not cached: the one-line error naming ``kprpe fetch``); an ``--aligner`` left
+    unset (None) -> the DFA for the published KP-RPE weights, which were trained on its crops, else dlib (and
+    dlib with a one-line notice when the DFA cannot be had offline)."""
+    import sys
+
+    from ..errors import CommandError
+    from ..zoo import DEFAULT_WEIGHTS, ZooError, default_aligner, resolve
+
+    if getattr(args, "weights", None) is None:
+        if getattr(args, "engine", "torch") == "onnx":
+            raise CommandError("--engine onnx needs --weights: the .onnx file 'kprpe export' wrote")
+        args.weights = DEFAULT_WEIGHTS
+    if isinstance(args.weights, str) and getattr(args, "weights_path", None) is None:
+        try:  # a path is itself; a repo id -> its verified snapshot (fetched on first use)
+            args.weights_path = resolve(args.weights, kind="recognition")
+        except ZooError as exc:
+            raise CommandError(str(exc)) from None
+    if getattr(args, "aligner", "") is None:
+        if getattr(args, "landmarks", None) or getattr(args, "mode", "aligned") != "aligned":
+            args.aligner = "dlib"  # keypoints from a file, or crops the DFA would not make: as before
+        else:
+            choice = default_aligner(args.weights, getattr(args, "aligner_weights", None))
+            if choice.notice:
+                print(choice.notice, file=sys.stderr, flush=True)
+            args.aligner = choice.name

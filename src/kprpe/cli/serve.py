@@ -11,7 +11,7 @@ import sys
 
 from ..errors import CommandError, KprpeError
 from .face import add_aligner_options
-from .options import add_gallery_option, add_model_options, add_quiet_option
+from .options import add_gallery_option, add_model_options, add_quiet_option, apply_model_defaults
 
 # ``--landmarks request``: each request carries its face's keypoints (the face commands' --landmarks FILE,
 # for uploads, which have no file name to look up)
@@ -26,24 +26,20 @@ def build_service(args: argparse.Namespace):
     from ..face.pipeline import DEFAULT_THRESHOLD
     from ..serve.app import FaceService
     from ..thresholds import resolve_threshold
-    from ..zoo import ZooError, resolve
     from .face import _embedder
 
     aligner = _aligner(args)
     # the face commands' model loading: a checkpoint or repo id, or an ONNX file with --engine onnx
     embedder = _embedder(args)
-    try:
-        weights = resolve(args.weights, kind="recognition")  # where the calibration file is looked up
-    except ZooError as exc:
-        raise CommandError(str(exc)) from None
     index = None
     if args.gallery:
         from ..gallery.index import GalleryIndex
 
         index = GalleryIndex.load(args.gallery, nprobe=args.nprobe)
+    thumbnails = _thumbnail_store(args)
     choice = resolve_threshold(
         args.threshold,
-        weights,
+        args.weights,
         model_fingerprint=embedder.fingerprint,
         flip=embedder.flip,
         default=DEFAULT_THRESHOLD,
@@ -57,6 +53,7 @@ def build_service(args: argparse.Namespace):
             threshold_source=choice.source,
             index_path=args.gallery or None,
             api_key=getattr(args, "api_key", None) or os.environ.get("KPRPE_API_KEY") or None,
+            thumbnails=thumbnails,
             aligner_options={
                 "detector": args.detector,
                 "landmark_model": args.landmark_model,
@@ -86,9 +83,7 @@ def _aligner(args: argparse.Namespace) -> str:
             file=sys.stderr,
         )
         args.aligner, args.landmarks = "dlib", LANDMARKS_FROM_REQUEST
-    if args.landmarks is None:
-        return args.aligner
-    if args.landmarks != LANDMARKS_FROM_REQUEST:
+    if args.landmarks is not None and args.landmarks != LANDMARKS_FROM_REQUEST:
         raise CommandError(
             f"--landmarks takes '{LANDMARKS_FROM_REQUEST}' here (each request sends its face's 5 keypoints), "
             f"not a file ({args.landmarks}): uploads have no file name to look up in it"
@@ -97,7 +92,26 @@ def _aligner(args: argparse.Namespace) -> str:
         raise CommandError(
             f"--landmarks {LANDMARKS_FROM_REQUEST} and --aligner dfa both give keypoints; choose one"
         )
-    return "supplied"
+    apply_model_defaults(args)  # an --aligner left unset: chosen from the weights (dlib with --landmarks)
+    return "supplied" if args.landmarks else args.aligner
+
+
+def _thumbnail_store(args: argparse.Namespace):
+    """``--thumbnails DIR`` (``none``: keep none); by default a folder beside a gallery file (``--gallery
+    gallery.npz`` -> ``gallery.npz.thumbnails``). A gallery without a file of its own keeps none unless given
+    a folder."""
+    from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
+
+    folder = getattr(args, "thumbnails", None)
+    if folder == "none":
+        return None
+    if folder is None:
+        if not getattr(args, "gallery", None):
+            return None
+        folder = thumbnails_beside(args.gallery)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CommandError(f"--thumbnails {folder} exists and is not a folder")
+    return ThumbnailStore(folder)
 
 
 def limits_from_args(args: argparse.Namespace):
@@ -201,6 +215,13 @@ def register(subparsers) -> None:
         help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4",
     )
     add_gallery_option(p, help="gallery index from 'kprpe search enrol' (enables /search)")
+    p.add_argument(
+        "--thumbnails",
+        metavar="DIR",
+        default=None,
+        help="folder for the enrolled faces' 56x56 thumbnails the page shows, by identity (default: beside "
+        "--gallery, GALLERY.thumbnails; 'none': keep none)",
+    )
     p.add_argument(
         "--api-key",
         metavar="KEY",

@@ -73,8 +73,9 @@ class FaceEmbedder:
         self._fingerprint: str | None = None
 
     @classmethod
-    def from_weights(cls, weights: str | os.PathLike, **kwargs) -> FaceEmbedder:
-        """Load any checkpoint :func:`kprpe.load_official` accepts (file, published directory)."""
+    def from_weights(cls, weights: str | os.PathLike | None = None, **kwargs) -> FaceEmbedder:
+        """Load any checkpoint :func:`kprpe.load_official` accepts (file, published directory, repo id);
+        None: the published KP-RPE ViT-Base (:data:`kprpe.zoo.DEFAULT_WEIGHTS`)."""
         from ..nn import load_official
 
         return cls(load_official(weights), **kwargs)

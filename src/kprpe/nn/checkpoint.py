@@ -252,7 +252,7 @@ def _family_for(
     return found
 
 
-def load_official(source, **overrides) -> nn.Module:
+def load_official(source=None, **overrides) -> nn.Module:
     """Build a model from an official (or kprpe-saved) checkpoint and load it strictly, in eval mode.
 
     The registered family that recognises the state dict builds it (nn/registry.py): face ViTs (KP-RPE,
@@ -263,9 +263,15 @@ def load_official(source, **overrides) -> nn.Module:
     ``source``: a ``.safetensors`` / ``.pt`` / ``.pth`` file; a directory laid out like the published repos
     (``config.json`` + ``model.safetensors``, or ``pretrained_model/model.pt``); a Hugging Face repo id
     (``minchul/cvlface_adaface_vit_base_kprpe_webface4m``, see :func:`kprpe.zoo.resolve`); or a state dict.
+    None (the default): the published KP-RPE ViT-Base, :data:`kprpe.zoo.DEFAULT_WEIGHTS`, downloaded on first
+    use (its training-data terms are printed once).
     ``overrides`` set config fields the checkpoint cannot tell (e.g. ``num_heads`` of a non-standard plain
     ViT) or runtime choices (``attn_impl``). Raises :class:`CheckpointError` on any mismatch.
     """
+    if source is None:
+        from ..zoo import DEFAULT_WEIGHTS
+
+        source = DEFAULT_WEIGHTS
     if isinstance(source, (str, os.PathLike)):
         try:
             source = resolve(source, kind="recognition")  # a repo id -> its verified local snapshot

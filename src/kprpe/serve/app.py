@@ -217,6 +217,7 @@ class FaceService:
         threshold_source: str,
         index_path=None,
         api_key: str | None = None,
+        thumbnails=None,
     ) -> None:
         if aligner not in ALIGNERS:
             raise KprpeError(f"unknown aligner {aligner!r}; choose one of {sorted(ALIGNERS)}")
@@ -229,6 +230,7 @@ class FaceService:
         self.threshold_source = threshold_source
         self.index_path = index_path  # enrol/remove save the gallery here (None: memory only)
         self.api_key = api_key or None  # required by the page's write actions (see routes.check_write)
+        self.thumbnails = thumbnails  # a kprpe.gallery.thumbnails.ThumbnailStore, or None (none are kept)
         self._lock = threading.Lock()  # dlib and the model are used by one request at a time
         if index is not None:
             index.check_compatible(embedder.fingerprint, embedder.output_dim)
@@ -262,9 +264,10 @@ class FaceService:
         with self._lock:  # enrol/remove change the index under the same lock
             return self.index.search(unit, k)
 
-    def enrol(self, identity: str, unit: np.ndarray) -> int:
-        """Add one face's embedding to ``identity`` (new or existing) and save the gallery; its face count."""
-        from ..face.index import GalleryIndexError
+    def enrol(self, identity: str, unit: np.ndarray, crop: np.ndarray | None = None) -> int:
+        """Add one face's embedding to ``identity`` (new or existing) and save the gallery, then keep a
+        thumbnail of its ``crop`` (when the service keeps thumbnails); the identity's face count."""
+        from ..gallery.search import GalleryIndexError
 
         with self._lock:
             if self.index is None:
@@ -274,6 +277,13 @@ class FaceService:
             except (GalleryIndexError, ValueError) as exc:
                 raise RequestError(422, f"cannot enrol {identity!r}: {exc}") from None
             self._save_index()
+            if self.thumbnails is not None and crop is not None:
+                try:
+                    self.thumbnails.add(identity, crop)
+                except OSError as exc:  # the enrolment itself is saved; say what is missing
+                    raise RequestError(
+                        507, f"enrolled {identity!r}, but its thumbnail could not be written ({exc})"
+                    ) from None
             return self.index.count(identity)
 
     def remove(self, identity: str) -> None:
@@ -284,6 +294,8 @@ class FaceService:
                 raise RequestError(404, f"identity {identity!r} is not in the gallery")
             self.index.remove([identity])
             self._save_index()
+            if self.thumbnails is not None:
+                self.thumbnails.remove(identity)
 
     def kprpe_view(self):
         """The "See KP-RPE" view of the model, or the reason there is none (a string)."""
@@ -300,6 +312,13 @@ class FaceService:
         with self._lock:  # the model's modules are shared with the requests that embed
             return view.rows(keypoints, query, layer, head)
 
+    def thumbnail_urls(self, identity: str) -> list[str]:
+        """Where the page loads ``identity``'s thumbnails from (no name in the URL: the store's hash key)."""
+        if self.thumbnails is None:
+            return []
+        key = self.thumbnails.key(identity)
+        return [f"/gallery/thumbnail/{key}/{n}" for n in self.thumbnails.numbers(identity)]
+
     def _save_index(self) -> None:
         if self.index_path is not None:
             self.index.save(self.index_path)  # atomic: a crash leaves the previous gallery
@@ -313,6 +332,7 @@ class FaceService:
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "index": self.index.describe() if self.index is not None else None,
+            "thumbnails": str(self.thumbnails.folder) if self.thumbnails is not None else None,
         }
 
 

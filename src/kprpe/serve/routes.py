@@ -183,7 +183,12 @@ def build_app(service: FaceService, limits: ServeLimits, admission, *, public: b
             hits = await lease.run(service.search, unit, k)
             return {
                 "matches": [
-                    {"identity": h.identity, "score": h.score, "same": h.score >= service.threshold}
+                    {
+                        "identity": h.identity,
+                        "score": h.score,
+                        "same": h.score >= service.threshold,
+                        **({"thumbnails": service.thumbnail_urls(h.identity)} if visual else {}),
+                    }
                     for h in hits[0]
                 ],
                 "threshold": service.threshold,
@@ -197,7 +202,25 @@ def build_app(service: FaceService, limits: ServeLimits, admission, *, public: b
     async def gallery():
         if service.index is None:
             return {"identities": None, "writable": False}
-        return {"identities": service.index.names, "saved_to_file": service.index_path is not None}
+        names = service.index.names
+        return {
+            "identities": names,
+            "saved_to_file": service.index_path is not None,
+            "keeps_thumbnails": service.thumbnails is not None,
+            "thumbnails": {name: service.thumbnail_urls(name) for name in names},
+        }
+
+    @app.get("/gallery/thumbnail/{key}/{number}")
+    async def thumbnail(key: str, number: int):
+        from ..gallery.thumbnails import ThumbnailError
+
+        if service.thumbnails is None:
+            raise RequestError(404, "this server keeps no thumbnails")
+        try:  # the key is checked to be a hash before any path is made from it
+            data = service.thumbnails.read(key, number)
+        except ThumbnailError as exc:
+            raise RequestError(404, str(exc)) from None
+        return Response(data, media_type="image/jpeg", headers=PAGE_HEADERS)
 
     @app.post("/gallery/enrol")
     async def enrol(
@@ -213,8 +236,13 @@ def build_app(service: FaceService, limits: ServeLimits, admission, *, public: b
             photo = await read(image, "image", lease)
             points = parse_keypoints(keypoints, field="keypoints")
             faces, unit, _ = await lease.run(service.analyse, [("image", photo, points)])
-            count = await lease.run(service.enrol, name, unit)
-            return {"identity": name, "faces": count, "face": face_json(faces[0], visual=True)}
+            count = await lease.run(service.enrol, name, unit, faces[0].image)
+            return {
+                "identity": name,
+                "faces": count,
+                "face": face_json(faces[0], visual=True),
+                "thumbnails": service.thumbnail_urls(name),
+            }
 
         return await run(work)
 

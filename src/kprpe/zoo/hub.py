@@ -30,6 +30,8 @@ __all__ = [
     "hub_offline",
     "kprpe_cache_dir",
     "registry_path",
+    "snapshot_origin",
+    "cached_snapshot",
     "verify_snapshot",
 ]
 
@@ -260,7 +262,48 @@ def snapshot(repo: str, *, revision: str | None = None, offline: bool | None = N
             f"pretrained_model/model.pt; run `kprpe fetch {repo}` on a connected machine"
         )
     verify_snapshot(repo, folder)
+    from .defaults import show_terms_once
+
+    show_terms_once(repo)  # a published checkpoint's training-data terms, the first time it is used here
     return folder
+
+
+def snapshot_origin(path: str | os.PathLike) -> tuple[str, str] | None:
+    """``(repo_id, commit)`` when ``path`` is (or lies in) a snapshot folder of the Hugging Face cache,
+    ``<cache>/models--owner--name/snapshots/<commit>``; None for any other path (or a repo id)."""
+    try:
+        real = Path(path).expanduser().absolute()
+        snapshots_root = hub_cache_dir().expanduser().absolute()
+        relative = real.relative_to(snapshots_root).parts
+    except (ValueError, OSError):
+        return None
+    if len(relative) < 3 or relative[1] != "snapshots" or not _HEX40.fullmatch(relative[2]):
+        return None
+    kind, _, name = relative[0].partition("--")
+    owner, _, model = name.partition("--")
+    if kind != "models" or not owner or not model:
+        return None
+    return f"{owner}/{model}", relative[2]
+
+
+def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
+    """The snapshot folder the Hugging Face cache holds for ``repo`` at ``revision`` (a commit, or a branch
+    or tag its ``refs/`` names; default main), read from the cache alone: no download, no hashing. None when
+    it is not cached."""
+    owner, name = repo.split("/", 1)
+    repo_dir = hub_cache_dir() / f"models--{owner}--{name}"
+    revision = revision or "main"
+    if _HEX40.fullmatch(revision):
+        commit = revision
+    else:
+        try:
+            commit = (repo_dir / "refs" / revision).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+    if not _HEX40.fullmatch(commit):
+        return None
+    folder = repo_dir / "snapshots" / commit
+    return folder if folder.is_dir() else None
 
 
 def _check_inside_cache(repo: str, folder: Path, cache: Path) -> None:

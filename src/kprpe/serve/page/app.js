@@ -124,6 +124,24 @@ async function verify() {
 
 // ---------------------------------------------------------------------------------------------- search
 
+function thumbnailStrip(urls, identity) {
+  // the server's URLs (a hash key and a number, never a name); the name only ever goes into alt text
+  const strip = document.createElement("span");
+  strip.className = "thumbnails";
+  for (const url of urls || []) {
+    const img = document.createElement("img");
+    img.className = "thumbnail";
+    img.src = url;
+    img.alt = "enrolled face of " + identity;
+    strip.append(img);
+  }
+  if (!strip.childElementCount) {
+    strip.textContent = "no thumbnail";
+    strip.classList.add("muted");
+  }
+  return strip;
+}
+
 async function refreshGallery() {
   const answer = await call("/gallery");
   const list = $("gallery-list");
@@ -134,7 +152,8 @@ async function refreshGallery() {
   }
   $("search-gallery-note").textContent =
     answer.identities.length + " identities in the gallery" +
-    (answer.saved_to_file ? "; changes are saved to its file." : "; changes last until the server stops.");
+    (answer.saved_to_file ? "; changes are saved to its file." : "; changes last until the server stops.") +
+    (answer.keeps_thumbnails ? "" : " This server keeps no thumbnails (see --thumbnails).");
   for (const name of answer.identities) {
     const item = document.createElement("li");
     const label = document.createElement("span");
@@ -144,7 +163,7 @@ async function refreshGallery() {
     remove.type = "button";
     remove.textContent = "remove";
     remove.addEventListener("click", () => guarded(() => removeIdentity(name)));
-    item.append(label, " ", remove);
+    item.append(thumbnailStrip(answer.thumbnails[name], name), " ", label, " ", remove);
     list.append(item);
   }
 }
@@ -187,6 +206,7 @@ async function search() {
     const row = body.insertRow();
     row.insertCell().textContent = String(i + 1);
     row.insertCell().textContent = match.identity;
+    row.insertCell().append(thumbnailStrip(match.thumbnails, match.identity));
     row.insertCell().textContent = match.score.toFixed(4);
     row.insertCell().textContent = match.same ? "yes (>= " + answer.threshold.toFixed(3) + ")" : "no";
   });
