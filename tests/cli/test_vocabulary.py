@@ -16,6 +16,7 @@ import pytest
 from kprpe.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
+TINY_WEIGHTS = ROOT / "tests" / "fixtures" / "tiny_kprpe.safetensors"
 IJB = ["eval", "ijb", "--weights", "w", "--tid-mid", "t", "--pairs", "p", "--landmarks", "l", "--images", "i"]
 IJB += ["-o", "o"]
 
@@ -128,12 +129,12 @@ def test_one_ijb_pooling_default_in_both_commands(capsys):
 @pytest.mark.parametrize(
     "argv, aligner, flip",
     [
-        (["verify", "a", "b", "--weights", "w"], "dlib", True),
+        (["verify", "a", "b", "--weights", "w"], None, True),  # None: chosen from the weights, then the rule
         (["verify", "a", "b", "--weights", "w", "--aligner", "dfa"], "dfa", False),  # the DFA's own pipeline
         (["verify", "a", "b", "--weights", "w", "--aligner", "dfa", "--flip"], "dfa", True),
-        (["verify", "a", "b", "--weights", "w", "--no-flip"], "dlib", False),
+        (["verify", "a", "b", "--weights", "w", "--no-flip"], None, False),
         (["serve", "--weights", "w", "--aligner", "dfa"], "dfa", False),
-        (["serve", "--weights", "w"], "dlib", True),
+        (["serve", "--weights", "w", "--aligner", "dlib"], "dlib", True),
     ],
 )
 def test_one_flip_rule(capsys, argv, aligner, flip):
@@ -252,7 +253,7 @@ def test_landmark_formats_are_told_apart_by_content(tmp_path):
         (["eval", "verify", "--weights", "w", "--bin", "x.bin", "-o", "{out}"], _pixel_list, "pixel-list"),
         (["eval", "sweep", "--weights", "w", "--pairs", "p.csv", "-o", "{out}"], _index_csv, "index-csv"),
         (["eval", "pairs", "--weights", "w", "--pairs", "p.csv", "-o", "{out}"], _photo_csv, "photo-list"),
-        (["verify", "a.jpg", "b.jpg", "--weights", "w"], _index_csv, "index-csv"),
+        (["verify", "a.jpg", "b.jpg", "--weights", str(TINY_WEIGHTS)], _index_csv, "index-csv"),
     ],
 )
 def test_a_landmark_file_of_another_format_is_one_clear_line(tmp_path, capsys, argv, make, found):
