@@ -96,3 +96,10 @@ def test_serve_quiet_prints_nothing_before_the_server_starts(monkeypatch, capsys
     assert capsys.readouterr().err == "" and seen["level"] == "warning"
     assert main(["serve", "--weights", str(TINY_WEIGHTS), "--landmarks", "request"]) == 0
     assert "page and API at" in capsys.readouterr().err
+
+
+def test_serve_landmarks_request_and_the_dfa_are_one_choice(capsys):
+    assert main(["serve", "--weights", str(TINY_WEIGHTS), "--landmarks", "request", "--aligner", "dfa"]) == 2
+    err = capsys.readouterr().err
+    expected = "--landmarks request and --aligner dfa both give keypoints; choose one"
+    assert err == f"kprpe serve: error: {expected}\n"

@@ -88,7 +88,7 @@ def _aligner(args: argparse.Namespace) -> str:
             f"--landmarks takes '{LANDMARKS_FROM_REQUEST}' here (each request sends its face's 5 keypoints), "
             f"not a file ({args.landmarks}): uploads have no file name to look up in it"
         )
-    if args.aligner == "dfa":
+    if args.landmarks and args.aligner == "dfa":
         raise CommandError(
             f"--landmarks {LANDMARKS_FROM_REQUEST} and --aligner dfa both give keypoints; choose one"
         )
