@@ -24,6 +24,7 @@ ARGPARSE_SCRIPTS = {
     "kprpe.bench.embed_memory",
     "kprpe.bench.index",
     "kprpe.bench.partial_fc",
+    "kprpe.bench.vector_db",
 }
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 DATA = Path(__file__).resolve().parents[1] / "fixtures"
 TINY_WEIGHTS = DATA / "tiny_kprpe.safetensors"
@@ -80,6 +81,45 @@ def three_photos(tmp_path_factory, astronaut) -> Path:
     Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(folder / "b.png")
     Image.fromarray(astronaut).rotate(10, resample=Image.BILINEAR).save(folder / "c.png")
     return folder
+
+
+def _face(astronaut: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(astronaut[0:300, 80:380])  # one face, small enough to detect fast
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory, astronaut):
+    """Eight different photos of one face (shifted, flipped, darker), so each has its own embedding."""
+    folder = tmp_path_factory.mktemp("many")
+    face = _face(astronaut)
+    for i in range(8):
+        variant = np.roll(face, 6 * i, axis=1)
+        if i % 2:
+            variant = variant[:, ::-1]
+        variant = np.clip(variant.astype(np.int16) - 8 * i, 0, 255).astype(np.uint8)
+        Image.fromarray(np.ascontiguousarray(variant)).save(folder / f"p{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, astronaut):
+    """A 2 s video at 10 fps of the face drifting sideways (H.264 when available, else MPEG-4)."""
+    av = pytest.importorskip("av")
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    face = _face(astronaut)[:256, :256]
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(
+                np.ascontiguousarray(np.roll(face, 2 * i, axis=1)), format="rgb24"
+            )
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
 
 
 @pytest.fixture

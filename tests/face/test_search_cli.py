@@ -170,3 +170,57 @@ def test_enrol_thumbnails_for_the_page(capsys, tmp_path, gallery, astronaut, tin
     # a replaced index takes its thumbnails with it
     code, out, _ = run(capsys, "search", "enrol", more, "-o", index, "--overwrite", *common)
     assert code == 0 and "thumbnails" not in out and not store.folder.exists()
+
+
+def _engine(name: str):
+    module = {"milvus": "pymilvus", "qdrant": "qdrant_client"}[name]
+    return pytest.param(name, marks=pytest.mark.skipif(not _importable(module), reason=f"{module} missing"))
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.parametrize("engine", [_engine("milvus"), _engine("qdrant")])
+def test_gallery_uri_gives_the_file_index_answers(capsys, tmp_path, gallery, astronaut, tiny_weights, engine):
+    uri = f"milvus://{tmp_path / 'g.db'}" if engine == "milvus" else f"qdrant://{tmp_path / 'g_qdrant'}"
+    index, w = tmp_path / "g.npz", tiny_weights["a"]
+    photo = tmp_path / "probe.png"
+    Image.fromarray(astronaut).save(photo)
+    for target in (("-o", index), ("--gallery", uri)):
+        assert run(capsys, "search", "enrol", gallery, *target, "--weights", w, "-q")[0] == 0
+        code, out, _ = run(
+            capsys, "search", "enrol", gallery / "extra", *target, "--append", "--weights", w, "-q"
+        )
+        assert code == 0 and out["identities"] == 2
+    assert out["index"]["backend"] == engine and out["enrolled"] == 1
+    answers = {}
+    for target in (("--index", index), ("--gallery", uri)):
+        code, out, _ = run(capsys, "search", "query", photo, *target, "--weights", w, "-k", "2", "-q")
+        assert code == 0
+        answers[target[0]] = [(m["identity"], m["score"]) for m in out["results"][0]["matches"]]
+    assert [name for name, _ in answers["--gallery"]] == [name for name, _ in answers["--index"]]
+    # the same float32 templates and query; FAISS/NumPy and the database each sum 512 float32 products
+    # (relative error about 512 x 6e-8 = 3e-5)
+    np.testing.assert_allclose(
+        [s for _, s in answers["--gallery"]], [s for _, s in answers["--index"]], atol=1e-4
+    )
+    # another model's gallery is refused, on query and on enrolment, before anything is written
+    for argv in (("query", photo), ("enrol", gallery, "--append")):
+        code, out, err = run(capsys, "search", *argv, "--gallery", uri, "--weights", tiny_weights["b"], "-q")
+        assert code == 2 and out is None and "different weights" in err
+    code, out, _ = run(capsys, "search", "remove", "eileen", "--gallery", uri)
+    assert code == 0 and out["removed"] == ["eileen"] and out["identities"] == 1
+    code, _, err = run(capsys, "search", "remove", "nobody", "--gallery", uri)
+    assert code == 2 and "nobody" in err
+    code, _, err = run(capsys, "search", "query", photo, "--gallery", uri, "--index", index, "--weights", w)
+    assert code == 2 and "not both" in err
+    code, _, err = run(capsys, "search", "query", photo, "--gallery", "redis://h/x", "--weights", w)
+    assert code == 2 and "unknown scheme" in err
+    # --overwrite drops the database gallery and enrols afresh (also for an engine that allows one handle)
+    code, out, _ = run(
+        capsys, "search", "enrol", gallery, "--gallery", uri, "--overwrite", "--weights", w, "-q"
+    )
+    assert code == 0 and out["identities"] == 2 and out["enrolled"] == 2

@@ -210,3 +210,19 @@ def test_template_rows_are_the_rows_search_reports_and_read_only():
     found, _ = index.search_rows(rows[[4]], 1)
     assert found[0, 0] == 4
     np.testing.assert_array_equal(rows[5], index.template("id005"))
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("faiss", marks=needs_faiss)])
+def test_search_normalises_queries_so_scores_are_cosines(backend):
+    # issue 31: raw (non-unit) queries scored -1.517 and 3.36 as "cosine"; a model's raw output is not unit
+    rng = np.random.default_rng(5)
+    index = GalleryIndex(16, backend=backend)
+    index.add({f"id{i}": rng.standard_normal((2, 16)) for i in range(6)})
+    raw = rng.standard_normal((4, 16)) * np.array([[0.01], [3.0], [40.0], [1.0]])
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    got = [[h.score for h in hits] for hits in index.search(raw, k=6)]
+    cosines = unit @ index.template_rows.T.astype(np.float64)
+    # float32 queries and templates: each cosine is within a few float32 ulps (6e-8) times dim of float64's
+    np.testing.assert_allclose(got, -np.sort(-cosines, axis=1), atol=1e-5)
+    with pytest.raises(GalleryIndexError, match="zero norm"):
+        index.search(np.zeros(16), k=1)

@@ -25,7 +25,7 @@ import numpy as np
 from ..gallery.index import GalleryIndex
 from ..gallery.search import exact_top_k
 
-__all__ = ["synthetic_gallery_chunks", "run_index_benchmark", "main"]
+__all__ = ["emit_results", "gallery_bench_parser", "synthetic_gallery_chunks", "run_index_benchmark", "main"]
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -158,22 +158,35 @@ def run_index_benchmark(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def gallery_bench_parser(
+    prog: str, doc: str, *, queries: int, latency_queries: int
+) -> argparse.ArgumentParser:
+    """The options every gallery benchmark takes: its size, the queries, ``-o`` (the JSON output)."""
     parser = argparse.ArgumentParser(
-        prog="python -m kprpe.bench.index",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=500, help="queries for recall (default 500)")
-    parser.add_argument("--latency-queries", type=int, default=50, help="single queries timed (default 50)")
+    parser.add_argument(
+        "--queries", type=int, default=queries, help=f"queries for recall (default {queries})"
+    )
+    parser.add_argument(
+        "--latency-queries",
+        type=int,
+        default=latency_queries,
+        help=f"single queries timed (default {latency_queries})",
+    )
+    parser.add_argument("-o", "--output", default=None, help="write the results as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = gallery_bench_parser("python -m kprpe.bench.index", __doc__, queries=500, latency_queries=50)
     parser.add_argument("--nprobe", default="1,4,16,32,64,128", help="comma-separated nprobe values")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(entries))")
     parser.add_argument("--structure", choices=("clustered", "uniform"), default="clustered")
     parser.add_argument("--clusters", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: all)")
-    parser.add_argument("-o", "--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.entries < 100 or args.dim <= 0 or args.queries <= 0:
         parser.error("--entries must be >= 100 and --dim, --queries positive")
@@ -192,12 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         clusters=args.clusters,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    if args.output:
+    emit_results(results, args.output)
+    return 0
+
+
+def emit_results(results: dict, output: str | None) -> None:
+    """Print a benchmark's results as JSON, and write them to ``output`` when given."""
+    if output:
         from ..files import write_json
 
-        write_json(args.output, results)
+        write_json(output, results)
     print(json.dumps(results, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -373,6 +373,27 @@ def _workers(args: argparse.Namespace) -> int | None:
     return args.workers  # None: kprpe.streaming.stream.resolve_workers picks from the number of inputs
 
 
+def _ray_runner(args: argparse.Namespace):
+    """``--ray [ADDRESS]``: the tasks run in Ray actors (kprpe.streaming.ray_data); None without it."""
+    if args.ray is None:
+        if args.ray_workers is not None:
+            raise CommandError("--ray-workers needs --ray")
+        return None
+    if args.workers is not None:
+        raise CommandError("--workers counts this machine's processes; with --ray, give --ray-workers")
+    from ..streaming.ray_data import RayRunner, import_ray
+
+    import_ray()
+    return RayRunner(
+        pipeline_factory=functools.partial(_pipeline, args),  # each actor builds its own detector...
+        embedder_factory=functools.partial(_embedder, args),  # ...and loads the model once
+        address=args.ray or None,
+        workers=args.ray_workers,
+        batch_size=args.batch_size,
+        fps=args.fps,
+    )
+
+
 def _skipped(command: str):
     from tqdm.auto import tqdm
 
@@ -387,6 +408,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     # an existing output this command wrote is continued or (--overwrite) replaced: embed_to_output's rule
     check_not_input(args.output, [*args.inputs, str(args.weights)], inside=False)
+    runner = _ray_runner(args)  # before the model loads: a missing Ray or a bad address is said at once
     pipeline = _pipeline(args)
     embedder = _embedder(args)
     summary = embed_to_output(
@@ -402,6 +424,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         info={"weights": str(args.weights)},
         on_failure=_skipped("embed"),
+        runner=runner,
     )
     payload = summary.to_dict()
     text = (
@@ -492,30 +515,57 @@ def _threshold(args: argparse.Namespace, embedder: FaceEmbedder):
     )
 
 
+def _gallery_location(args: argparse.Namespace) -> str:
+    """The gallery a search command works on: ``--gallery``, a file path or a database URI (the old
+    ``-o``/``--index`` spellings store into it, with a warning)."""
+    return require_gallery(args)
+
+
+def _gallery_metadata(args: argparse.Namespace, pipeline, embedder) -> dict:
+    return {
+        "model_fingerprint": embedder.fingerprint,
+        "output_dim": embedder.output_dim,
+        "flip": embedder.flip,
+        "pipeline": pipeline.describe(),
+        "weights": str(args.weights),
+    }
+
+
 def _cmd_search_enrol(args: argparse.Namespace) -> int:
+    from ..gallery.database import DatabaseGallery, is_database_uri
     from ..gallery.index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
 
+    location = _gallery_location(args)
+    database = is_database_uri(location)
+    if database and args.thumbnails:
+        raise CommandError(
+            "--thumbnails live beside a gallery file (INDEX.thumbnails); a database gallery keeps none"
+        )
+    appending = args.append and not database and Path(location).exists()
     apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     pipeline = _pipeline(args)
-    output = Path(require_gallery(args))
-    # --append updates the index named by --gallery; anything else there needs --overwrite
-    _check_output(output, args, [args.folder], overwrite=args.overwrite or args.append)
+    if not database:  # --append updates the index named by --gallery; anything else there needs --overwrite
+        _check_output(location, args, [args.folder], overwrite=args.overwrite or args.append)
     embedder = _embedder(args)
-    appending = args.append and output.exists()
-    if appending:
-        index = GalleryIndex.load(output, backend=args.backend)
+    if database:  # opened before the photos are embedded: a wrong model or URI costs nothing
+        target = DatabaseGallery.open(
+            location, dim=embedder.output_dim, metadata=_gallery_metadata(args, pipeline, embedder)
+        )
+        if args.overwrite:
+            target.clear()
+            target.close()  # an embedded engine allows one open handle per gallery, even in one process
+            target = DatabaseGallery.open(
+                location, dim=embedder.output_dim, metadata=_gallery_metadata(args, pipeline, embedder)
+            )
+        # staged in memory, then written identity by identity (see DatabaseGallery.write)
+        index = GalleryIndex(embedder.output_dim, backend="numpy", approximate_above=0)
+    elif appending:
+        index = GalleryIndex.load(location, backend=args.backend)
         index.check_compatible(embedder.fingerprint, embedder.output_dim)
     else:
-        metadata = {
-            "model_fingerprint": embedder.fingerprint,
-            "output_dim": embedder.output_dim,
-            "flip": embedder.flip,
-            "pipeline": pipeline.describe(),
-            "weights": str(args.weights),
-        }
         index = GalleryIndex(
             embedder.output_dim,
-            metadata=metadata,
+            metadata=_gallery_metadata(args, pipeline, embedder),
             backend=args.backend,
             approximate_above=args.approximate_above,
             nlist=args.nlist,
@@ -537,28 +587,34 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
         print(f"kprpe search enrol: skipped {path}: {reason}", file=sys.stderr)
     if len(index) == 0:
         raise CommandError(f"no identity in {args.folder} had a usable face; nothing enrolled")
-    index.save(output)
-    thumbnails = _enrol_thumbnails(args, pipeline, index, output, fresh=not appending)
+    enrolled, thumbnails = len(index), {}
+    if database:
+        target.write(index, pool=args.append)
+        index = target
+    else:
+        index.save(location)
+        thumbnails = _enrol_thumbnails(args, location, pipeline, index, fresh=not appending)
     payload = {
-        "gallery": str(output),
+        "gallery": str(location),
         "identities": len(index),
+        "enrolled": enrolled,
         "index": index.describe(),
         **thumbnails,
         "failures": [{"file": p, "reason": r} for p, r in failures],
     }
-    text = f"gallery {output}: {len(index)} identities from {args.folder}"
+    text = f"gallery {location}: {len(index)} identities ({enrolled} from {args.folder})"
     emit(args, payload, text + _failed_line(failures))
     return 1 if failures else 0
 
 
-def _enrol_thumbnails(args: argparse.Namespace, pipeline, index, gallery: Path, *, fresh: bool) -> dict:
+def _enrol_thumbnails(args: argparse.Namespace, location: str, pipeline, index, *, fresh: bool) -> dict:
     """The page's thumbnails beside the index (``INDEX.thumbnails``): a replaced index takes its old ones
     with it; ``--thumbnails`` keeps the first usable face of each identity that has none (one more
     detection per identity: the enrolment itself keeps no crops)."""
     from ..gallery.search import gallery_images
     from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
 
-    store = ThumbnailStore(thumbnails_beside(gallery))
+    store = ThumbnailStore(thumbnails_beside(location))
     if fresh:
         store.clear()
     if not args.thumbnails:
@@ -579,30 +635,30 @@ def _enrol_thumbnails(args: argparse.Namespace, pipeline, index, gallery: Path, 
 
 
 def _cmd_search_remove(args: argparse.Namespace) -> int:
-    from ..gallery.index import GalleryIndex
+    from ..gallery.database import is_database_uri, open_gallery
     from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
 
-    gallery = require_gallery(args)
-    index = GalleryIndex.load(gallery, backend=args.backend)
+    location = _gallery_location(args)
+    index = open_gallery(location, backend=args.backend)
     removed = index.remove(args.identities)
-    index.save(gallery)
-    thumbnails = thumbnails_beside(gallery)  # the page's thumbnails of the removed go too
-    if thumbnails.is_dir():
+    index.save(location)  # a database gallery has written it already
+    thumbnails = None if is_database_uri(location) else thumbnails_beside(location)
+    if thumbnails is not None and thumbnails.is_dir():  # the page's thumbnails of the removed go too
         for name in removed:
             ThumbnailStore(thumbnails).remove(name)
-    payload = {"gallery": str(gallery), "removed": removed, "identities": len(index)}
-    text = f"gallery {gallery}: removed {', '.join(removed) or 'nothing'}; {len(index)} identities left"
+    payload = {"gallery": str(location), "removed": removed, "identities": len(index)}
+    text = f"gallery {location}: removed {', '.join(removed) or 'nothing'}; {len(index)} identities left"
     emit(args, payload, text)
     return 0
 
 
 def _cmd_search_query(args: argparse.Namespace) -> int:
-    from ..gallery.index import GalleryIndex
+    from ..gallery.database import open_gallery
 
     if args.top_k <= 0:
         raise CommandError(f"-k must be positive, got {args.top_k}")
-    gallery = require_gallery(args)
-    index = GalleryIndex.load(gallery, backend=args.backend, nprobe=args.nprobe)
+    location = _gallery_location(args)
+    index = open_gallery(location, backend=args.backend, nprobe=args.nprobe)
     apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     pipeline = _pipeline(args)
     embedder = _embedder(args)
@@ -638,13 +694,13 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
         search_pending()
     failures = _report_failures("search query", failed)
     payload = {
-        "gallery": str(gallery),
+        "gallery": str(location),
         "threshold": choice.threshold,
         "threshold_source": choice.source,
         "results": results,
         "failures": failures,
     }
-    lines = [f"gallery {gallery}, threshold {choice.threshold:g} ({choice.source}):"]
+    lines = [f"gallery {location}, threshold {choice.threshold:g} ({choice.source}):"]
     for r in results:
         best = r["matches"][0] if r["matches"] else None
         found = (
@@ -655,6 +711,14 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
         lines.append(f"  {r['file']} face {r['face_index']}: {found}")
     emit(args, payload, "\n".join(lines) + _failed_line(failures))
     return 1 if failures else 0
+
+
+# --gallery: where the gallery lives, a file or a database (docs/cli.md: one name in every command)
+GALLERY_HELP = (
+    "where the gallery lives: a file path (the FAISS/NumPy .npz index of 'kprpe search enrol') or a vector "
+    "database: milvus:///PATH.db (Milvus Lite, embedded), http://HOST:19530 (a Milvus server), "
+    "qdrant:///FOLDER, qdrant+http://HOST:6333 (see docs/serving.md)"
+)
 
 
 def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
@@ -707,6 +771,27 @@ def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ray (kprpe[ray]; docs/deployment.md)")
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the job on Ray Data: actors each load the model once and embed; the same output as "
+        "without. No ADDRESS: a Ray started on this machine for the job; ADDRESS (auto, HOST:PORT, "
+        "ray://HOST:PORT): an existing cluster, whose machines see the inputs at the same paths",
+    )
+    group.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --ray: N actors of one CPU each (default: every CPU of the Ray cluster)",
+    )
+
+
 def register(subparsers) -> None:
     """Add ``align``, ``embed``, ``verify`` and ``search`` to the ``kprpe`` command."""
     p = subparsers.add_parser(
@@ -746,6 +831,7 @@ def register(subparsers) -> None:
     _add_pipeline_options(p)
     add_model_options(p)
     _add_embed_stream_options(p)
+    _add_ray_options(p)
     add_json_option(p)
     p.set_defaults(func=_cmd_embed)
 
@@ -784,7 +870,8 @@ def register(subparsers) -> None:
         help="enrol a gallery of identities, then identify query faces",
         description="'kprpe search enrol FOLDER --gallery index.npz' then "
         "'kprpe search query IMAGES --gallery index.npz'; 'kprpe search remove "
-        "NAMES --gallery index.npz'. FAISS when installed, NumPy otherwise.",
+        "NAMES --gallery index.npz'. FAISS when installed, NumPy otherwise; a --gallery URI keeps the "
+        "gallery in a vector database (milvus:///gallery.db, http://HOST:19530).",
     )
     search_sub = p.add_subparsers(dest="search_command", metavar="ACTION", required=True)
     e = search_sub.add_parser(
@@ -795,13 +882,16 @@ def register(subparsers) -> None:
         "The index is an .npz that loads with allow_pickle=False.",
     )
     e.add_argument("folder", metavar="FOLDER", help="FOLDER/<identity>/<images>")
-    add_gallery_option(e, help="gallery index to write (.npz); required", old=("-o", "--output"))
+    add_gallery_option(e, help=f"{GALLERY_HELP}; required", old=("-o", "--output"))
     e.add_argument(
         "--append",
         action="store_true",
-        help="add to GALLERY if it exists (new identities are added, existing ones pool the new images)",
+        help="add to GALLERY if it exists (new identities are added, existing ones pool the new images); "
+        "without it a database gallery's identities in FOLDER are set to this run's templates",
     )
-    add_overwrite_option(e, help="replace an existing GALLERY (without --append)")
+    add_overwrite_option(
+        e, help="replace an existing GALLERY file (without --append); a database gallery: drop it first"
+    )
     e.add_argument(
         "--thumbnails",
         action="store_true",
@@ -816,13 +906,13 @@ def register(subparsers) -> None:
     e.set_defaults(func=_cmd_search_enrol)
     r = search_sub.add_parser("remove", help="remove identities from an index (no re-enrolment)")
     r.add_argument("identities", nargs="+", metavar="IDENTITY")
-    add_gallery_option(r, help="gallery index from 'kprpe search enrol'; required")
+    add_gallery_option(r, help=f"{GALLERY_HELP}; required")
     r.add_argument("--backend", choices=("auto", "faiss", "numpy"), default="auto")
     add_json_option(r)
     r.set_defaults(func=_cmd_search_remove)
     q = search_sub.add_parser("query", help="top-k identities for the faces of query photos")
     q.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
-    add_gallery_option(q, help="gallery index from 'kprpe search enrol'; required")
+    add_gallery_option(q, help=f"{GALLERY_HELP}; required")
     q.add_argument("-k", "--top-k", type=int, default=5, help="identities to return per face (default 5)")
     q.add_argument(
         "--threshold",

@@ -229,7 +229,9 @@ def add_gallery_option(parser, *, help: str, old: tuple[str, ...] = ("--index",)
 def require_gallery(args: argparse.Namespace) -> str:
     """``--gallery`` of a command that cannot run without one (a usage error, exit 2, like argparse's)."""
     if not args.gallery:
-        raise CommandError("--gallery GALLERY is required (the index file of 'kprpe search enrol')")
+        raise CommandError(
+            "--gallery GALLERY is required: a gallery file of 'kprpe search enrol' or a database URI"
+        )
     return args.gallery
 
 

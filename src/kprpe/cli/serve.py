@@ -31,12 +31,14 @@ def build_service(args: argparse.Namespace):
     aligner = _aligner(args)
     # the face commands' model loading: a checkpoint or repo id, or an ONNX file with --engine onnx
     embedder = _embedder(args)
-    index = None
-    if args.gallery:
-        from ..gallery.index import GalleryIndex
+    index, location = None, args.gallery
+    if location:
+        from ..gallery.database import is_database_uri, open_gallery
 
-        index = GalleryIndex.load(args.gallery, nprobe=args.nprobe)
-    thumbnails = _thumbnail_store(args)
+        index = open_gallery(location, nprobe=args.nprobe)
+        if is_database_uri(location):  # every change is written to the database when it is made
+            location = None
+    thumbnails = _thumbnail_store(args, location)
     choice = resolve_threshold(
         args.threshold,
         args.weights,
@@ -51,7 +53,7 @@ def build_service(args: argparse.Namespace):
             index=index,
             threshold=choice.threshold,
             threshold_source=choice.source,
-            index_path=args.gallery or None,
+            index_path=location,
             api_key=getattr(args, "api_key", None) or os.environ.get("KPRPE_API_KEY") or None,
             thumbnails=thumbnails,
             aligner_options={
@@ -96,19 +98,19 @@ def _aligner(args: argparse.Namespace) -> str:
     return "supplied" if args.landmarks else args.aligner
 
 
-def _thumbnail_store(args: argparse.Namespace):
+def _thumbnail_store(args: argparse.Namespace, gallery_file: str | None):
     """``--thumbnails DIR`` (``none``: keep none); by default a folder beside a gallery file (``--gallery
-    gallery.npz`` -> ``gallery.npz.thumbnails``). A gallery without a file of its own keeps none unless given
-    a folder."""
+    gallery.npz`` -> ``gallery.npz.thumbnails``). A gallery without a file of its own (in memory, or in a
+    vector database) keeps none unless given a folder."""
     from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
 
     folder = getattr(args, "thumbnails", None)
     if folder == "none":
         return None
     if folder is None:
-        if not getattr(args, "gallery", None):
+        if not gallery_file:
             return None
-        folder = thumbnails_beside(args.gallery)
+        folder = thumbnails_beside(gallery_file)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise CommandError(f"--thumbnails {folder} exists and is not a folder")
     return ThumbnailStore(folder)
@@ -214,7 +216,12 @@ def register(subparsers) -> None:
         default="auto",
         help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4",
     )
-    add_gallery_option(p, help="gallery index from 'kprpe search enrol' (enables /search)")
+    add_gallery_option(
+        p,
+        help="the gallery (enables /search): a file of 'kprpe search enrol' or a vector database URI: "
+        "http://HOST:19530 (a Milvus server several kprpe serve processes can share), milvus:///PATH.db, "
+        "qdrant:///FOLDER",
+    )
     p.add_argument(
         "--thumbnails",
         metavar="DIR",

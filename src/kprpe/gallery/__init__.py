@@ -1,5 +1,6 @@
-"""The gallery: identities pooled from embeddings and searched exactly or with FAISS (:mod:`.index`), the
-gallery folder layout and exact top-k (:mod:`.search`). Task-neutral: it stores vectors, whatever made them.
+"""The gallery: identities pooled from embeddings and searched exactly or with FAISS (:mod:`.index`) or in a
+vector database, Milvus or Qdrant (:mod:`.database`); the gallery folder layout and exact top-k
+(:mod:`.search`). Task-neutral: it stores vectors, whatever made them.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from ..lazy import lazy_exports
 
 # public name -> the module that defines it, imported the first time the name is read
 _EXPORTS = {
+    "DatabaseGallery": ".database",
+    "open_gallery": ".database",
     "GalleryIndex": ".index",
     "enrol_gallery": ".index",
     "GalleryIndexError": ".search",
@@ -17,4 +20,13 @@ _EXPORTS = {
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-__all__ = ["GalleryIndex", "GalleryIndexError", "SearchHit", "enrol_gallery", "exact_top_k", "gallery_images"]
+__all__ = [
+    "DatabaseGallery",
+    "GalleryIndex",
+    "GalleryIndexError",
+    "SearchHit",
+    "enrol_gallery",
+    "exact_top_k",
+    "gallery_images",
+    "open_gallery",
+]

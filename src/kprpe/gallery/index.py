@@ -26,7 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_path
-from .search import LEGACY_INDEX_FORMAT, GalleryIndexError, SearchHit, exact_top_k, gallery_images
+from .search import (
+    LEGACY_INDEX_FORMAT,
+    GalleryIndexError,
+    SearchHit,
+    check_compatible,
+    exact_top_k,
+    gallery_images,
+    unit_queries,
+)
 
 __all__ = [
     "GALLERY_INDEX_FORMAT",
@@ -148,6 +156,16 @@ class GalleryIndex:
         view = self._templates[: len(self._names)].view()
         view.flags.writeable = False
         return view
+
+    def pooled_rows(self, names: Iterable[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(templates, sum_norms, counts)`` of ``names`` as float64 / float64 / int64 copies: what a copy of
+        these identities elsewhere (a vector database) needs to go on pooling them."""
+        slots = np.array([self._lookup(name) for name in names], dtype=np.int64)
+        return (
+            self._templates[slots].astype(np.float64),
+            self._sum_norms[slots].copy(),
+            self._counts[slots].copy(),
+        )
 
     def describe(self) -> dict:
         info = {
@@ -322,15 +340,7 @@ class GalleryIndex:
         """Top-``k`` ``(slots, scores)`` per query, ``-1`` / ``-inf`` where fewer identities exist."""
         if k <= 0:
             raise GalleryIndexError(f"k must be positive, got {k}")
-        queries = np.asarray(queries, dtype=np.float32)
-        if queries.ndim == 1:
-            queries = queries[None]
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise GalleryIndexError(
-                f"queries are {queries.shape[1:]}-shaped but the index holds {self.dim}-d templates"
-            )
-        if not np.isfinite(queries).all():
-            raise GalleryIndexError("queries contain NaN or infinity")
+        queries = unit_queries(queries, self.dim)
         width = min(k, len(self))
         if self._faiss_index is None or width == 0:
             size = len(self._names)
@@ -342,7 +352,7 @@ class GalleryIndex:
         return rows.astype(np.int64), scores
 
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[SearchHit]]:
-        """Top-``k`` identities (cosine similarity, best first) for each unit query embedding."""
+        """Top-``k`` identities (cosine similarity, best first) for each query embedding (normalised here)."""
         rows, scores = self.search_rows(queries, k)
         return [
             [SearchHit(self._names[r], float(s)) for r, s in zip(row, score, strict=True) if r >= 0]
@@ -353,17 +363,7 @@ class GalleryIndex:
 
     def check_compatible(self, fingerprint: str, output_dim: int | None = None) -> None:
         """Refuse a query model other than the one the index was enrolled with."""
-        expected = self.metadata.get("model_fingerprint")
-        if expected and expected != fingerprint:
-            raise GalleryIndexError(
-                "the index was enrolled with different weights than the query model "
-                f"(fingerprint {expected[:12]}... vs {fingerprint[:12]}...); re-enrol or use the same "
-                "--weights"
-            )
-        if output_dim and output_dim != self.dim:
-            raise GalleryIndexError(
-                f"index templates are {self.dim}-d but the model gives {output_dim}-d embeddings"
-            )
+        check_compatible(self.metadata, self.dim, fingerprint, output_dim)
 
     # -------------------------------------------------------------------------------------------- files
 

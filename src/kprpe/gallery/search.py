@@ -16,7 +16,15 @@ import numpy as np
 from ..errors import KprpeError
 from ..images import IMAGE_EXTENSIONS
 
-__all__ = ["GalleryIndexError", "LEGACY_INDEX_FORMAT", "SearchHit", "exact_top_k", "gallery_images"]
+__all__ = [
+    "GalleryIndexError",
+    "LEGACY_INDEX_FORMAT",
+    "SearchHit",
+    "check_compatible",
+    "exact_top_k",
+    "gallery_images",
+    "unit_queries",
+]
 
 LEGACY_INDEX_FORMAT = "kprpe-face-index-v1"
 
@@ -29,6 +37,37 @@ class GalleryIndexError(KprpeError, ValueError):
 class SearchHit:
     identity: str
     score: float
+
+
+def unit_queries(queries, dim: int) -> np.ndarray:
+    """Queries ``(n, dim)`` (or one ``(dim,)``) as float32 unit rows: scores against unit templates are then
+    cosines whatever the caller's scale (a raw model output's norm carries quality, not identity)."""
+    queries = np.asarray(queries, dtype=np.float64)
+    if queries.ndim == 1:
+        queries = queries[None]
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise GalleryIndexError(
+            f"queries are {queries.shape[1:]}-shaped but the gallery holds {dim}-d templates"
+        )
+    if not np.isfinite(queries).all():
+        raise GalleryIndexError("queries contain NaN or infinity")
+    norms = np.linalg.norm(queries, axis=1, keepdims=True)
+    if (norms < 1e-12).any():
+        raise GalleryIndexError(f"query {int(np.argmin(norms))} has zero norm: it has no direction to search")
+    return (queries / norms).astype(np.float32)
+
+
+def check_compatible(metadata: dict, dim: int, fingerprint: str, output_dim: int | None = None) -> None:
+    """Refuse a query model other than the one a gallery (file or database) was enrolled with."""
+    expected = metadata.get("model_fingerprint")
+    if expected and expected != fingerprint:
+        raise GalleryIndexError(
+            "the index was enrolled with different weights than the query model "
+            f"(fingerprint {expected[:12]}... vs {fingerprint[:12]}...); re-enrol or use the same "
+            "--weights"
+        )
+    if output_dim and output_dim != dim:
+        raise GalleryIndexError(f"index templates are {dim}-d but the model gives {output_dim}-d embeddings")
 
 
 def gallery_images(gallery: str | os.PathLike) -> dict[str, list[Path]]:

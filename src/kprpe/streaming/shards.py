@@ -39,6 +39,7 @@ from .stream import (
     Completed,
     EmbeddedTask,
     FaceRow,
+    Runner,
     StreamStats,
     expand_media_paths,
     stream_embeddings,
@@ -583,11 +584,13 @@ def embed_to_output(
     progress: bool = True,
     info: dict | None = None,
     on_failure: Callable[[str, str], None] | None = None,
+    runner: Runner | None = None,
 ) -> EmbedSummary:
     """Embed every face of ``inputs`` into ``output`` (see the module notes for the formats), continuing an
     earlier run of the same model and options. ``on_failure(file, reason)`` is called as failures happen;
     all failures of the output are in the summary (failed inputs are not retried; ``overwrite`` starts
-    afresh)."""
+    afresh). ``runner``: run the tasks elsewhere (:class:`kprpe.streaming.ray_data.RayRunner`); the output
+    is written here, the same either way."""
     if shard_rows <= 0:
         raise EmbedOutputError(f"--shard-rows must be positive, got {shard_rows}")
     output = Path(output)
@@ -671,6 +674,7 @@ def embed_to_output(
         progress=progress,
         stats=stats,
         paths=paths,
+        runner=runner,
     )
     lowest = math.inf
     try:

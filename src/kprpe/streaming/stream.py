@@ -17,6 +17,7 @@ resumed run skips exactly those.
 
 from __future__ import annotations
 
+import copy
 import math
 import multiprocessing
 import os
@@ -48,12 +49,14 @@ __all__ = [
     "TaskResult",
     "WorkerStartError",
     "default_workers",
+    "error_text",
     "expand_media_paths",
     "file_key",
     "resolve_workers",
     "iter_embedded",
     "iter_task_results",
     "run_task",
+    "single_threaded",
     "stream_embeddings",
 ]
 
@@ -290,6 +293,15 @@ class Completed:
         if end:
             self.video_end[key] = min(segment, self.video_end.get(key, segment))
 
+    def subset(self, keys: Iterable[str]) -> Completed:
+        """What is known about these files' videos only (what a worker elsewhere needs to resume them)."""
+        part = Completed()
+        for key in keys:
+            for name in ("segments", "video_end", "video_rows", "video_frames", "jumps"):
+                if key in getattr(self, name):
+                    getattr(part, name)[key] = copy.deepcopy(getattr(self, name)[key])
+        return part
+
     def file_done(self, path: str | os.PathLike) -> bool:
         key = file_key(path)
         if not is_video_path(path):
@@ -359,8 +371,8 @@ class _Given:
         return self.pipeline
 
 
-def _worker_init(factory: Callable, fps: float, segment_frames: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+def single_threaded() -> None:
+    """One thread for OpenCV and torch: a worker is one of many on the machine's cores."""
     try:
         import cv2
 
@@ -370,13 +382,20 @@ def _worker_init(factory: Callable, fps: float, segment_frames: int) -> None:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover - both are dependencies
         pass
+
+
+def error_text(exc: BaseException) -> str:
+    """How a worker's error reads in the one-line report (a kprpe error speaks for itself)."""
+    return str(exc) if isinstance(exc, KprpeError) else f"{type(exc).__name__}: {exc}"
+
+
+def _worker_init(factory: Callable, fps: float, segment_frames: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    single_threaded()
     try:
         _WORKER.update(pipeline=factory(), fps=fps, segment_frames=segment_frames, error=None)
     except Exception as exc:  # reported on the first task instead of a pool that restarts workers forever
-        _WORKER.update(
-            pipeline=None,
-            error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, KprpeError) else str(exc),
-        )
+        _WORKER.update(pipeline=None, error=error_text(exc))
 
 
 def _worker_run(task: Task) -> TaskResult:
@@ -453,6 +472,10 @@ def iter_task_results(
 
 
 # ------------------------------------------------------------------------------------------- embedding
+
+
+# Runs the tasks of the files still to do elsewhere: (todo, completed, stats) -> embedded tasks, in order.
+Runner = Callable[[list[Path], "Completed", "StreamStats"], Iterator[EmbeddedTask]]
 
 
 @dataclass
@@ -532,12 +555,15 @@ def stream_embeddings(
     progress: bool = True,
     stats: StreamStats | None = None,
     paths: list[Path] | None = None,
+    runner: Runner | None = None,
 ) -> Iterator[EmbeddedTask]:
     """Photos and videos (files or folders) -> embedded tasks in input order (see the module notes).
 
     A video in which no sampled frame had a usable face gets a failure on its last segment, as a photo
     without a face does. ``completed``: tasks to skip (a resumed run). ``workers``: processes for decoding,
-    detection and alignment (0: in this process; None: :func:`resolve_workers` decides).
+    detection and alignment (0: in this process; None: :func:`resolve_workers` decides). ``runner``: who
+    runs the tasks instead of this machine (:class:`kprpe.streaming.ray_data.RayRunner`); it is called with
+    the files still to do, ``completed`` and ``stats`` and yields their embedded tasks in input order.
     """
     if not fps > 0 or not math.isfinite(fps):
         raise StreamError(f"--fps must be a positive number of frames per second, got {fps}")
@@ -545,19 +571,21 @@ def stream_embeddings(
     stats = stats if stats is not None else StreamStats()
     paths = expand_media_paths(inputs) if paths is None else paths
     todo = [path for path in paths if not completed.file_done(path)]
-    workers = resolve_workers(workers, todo)
     video_rows = dict(completed.video_rows)
     video_frames = dict(completed.video_frames)
-    results = iter_task_results(
-        todo,
-        pipeline=pipeline,
-        fps=fps,
-        segment_frames=segment_frames,
-        workers=workers,
-        pipeline_factory=pipeline_factory,
-        completed=completed,
-    )
-    embedded = iter_embedded(results, embedder, stats=stats)
+    if runner is None:
+        results = iter_task_results(
+            todo,
+            pipeline=pipeline,
+            fps=fps,
+            segment_frames=segment_frames,
+            workers=resolve_workers(workers, todo),
+            pipeline_factory=pipeline_factory,
+            completed=completed,
+        )
+        embedded = iter_embedded(results, embedder, stats=stats)
+    else:
+        embedded = results = runner(todo, completed, stats)  # a generator: closing it ends the job
     from tqdm.auto import tqdm  # here, not at the top: `kprpe --help` reads this module's defaults
 
     bar = tqdm(

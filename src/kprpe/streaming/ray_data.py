@@ -1,0 +1,240 @@
+"""The embedding stream on Ray Data: the same tasks, run by the same code, on the cores of many machines.
+
+``kprpe embed --ray [ADDRESS]`` hands :func:`kprpe.streaming.stream.stream_embeddings` a :class:`RayRunner`
+instead of its worker processes. The files still to do become a Ray Dataset (their paths); a pool of actors
+each builds the pipeline and loads the model once, then runs the local path's own code on a few files per
+call (:func:`~kprpe.streaming.stream.iter_task_results` in the actor's process, then
+:func:`~kprpe.streaming.stream.iter_embedded`). The embedded tasks come back to this process in input order
+and are written by the same :class:`~kprpe.streaming.shards.ShardFolder` as a local run: same shards, same
+manifests, same resume, same failures.
+
+What is identical to a local run: every row, in the same order, with the same detections bit for bit; the
+embeddings to float32 rounding, because the model sees other batches (a matrix product's sums are split
+differently for another batch size; see docs/face.md). Inputs (and weights) must be at the same path on every
+machine of a cluster (a shared file system); the output is written by this process only.
+
+Ray is imported here only, when a job runs: ``import kprpe`` and a local ``kprpe embed`` never load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import KprpeError
+from .stream import (
+    DEFAULT_FPS,
+    SEGMENT_FRAMES,
+    Completed,
+    EmbeddedTask,
+    StreamError,
+    StreamStats,
+    WorkerStartError,
+    error_text,
+    file_key,
+    iter_embedded,
+    iter_task_results,
+    single_threaded,
+)
+
+__all__ = ["RAY_EXTRA_HINT", "RayJobError", "RayRunner", "import_ray", "ray_session"]
+
+RAY_EXTRA_HINT = "install the optional extra: pip install 'kprpe[ray]'"
+LOCAL = None  # the address of a Ray started on this machine for the job
+
+
+class RayJobError(StreamError):
+    """Ray is missing, cannot be reached, or its job failed (the message says which, in one line)."""
+
+
+def import_ray():
+    """``ray`` with Ray Data, or a one-line error naming the extra that installs them."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the part the job needs (the `ray[data]` extra)
+    except ImportError as exc:
+        raise RayJobError(f"--ray needs Ray Data ({exc}); {RAY_EXTRA_HINT}") from None
+    return ray
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+
+
+CONNECT_SECONDS = 10.0  # a Ray head answers a TCP connect at once; Ray itself would retry for minutes
+
+
+def _check_reachable(address: str) -> None:
+    """A TCP connect to HOST:PORT first: ``ray.init`` retries an address nobody listens on for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as exc:
+        raise RayJobError(
+            f"cannot reach Ray at {address!r} ({exc.strerror or type(exc).__name__}); is a Ray cluster "
+            "running there (`ray start --head` prints its address)?"
+        ) from None
+
+
+def check_address(address: str | None, *, connect: bool = False) -> None:
+    """Refuse what cannot be a Ray address before Ray spends minutes on it: most often an input that
+    ``--ray`` took as its ADDRESS (``kprpe embed --ray photos/ ...``); ``connect``: also one nobody
+    answers at."""
+    if address is LOCAL or address == "auto" or address.startswith("anyscale://"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if os.path.exists(address) or not host or not port.isdigit():
+        raise RayJobError(
+            f"--ray {address!r} is not a Ray address (auto, HOST:PORT or ray://HOST:PORT); to start a local "
+            "Ray, put --ray after the inputs or write --ray= with no address"
+        )
+    if connect:
+        _check_reachable(address)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = LOCAL, *, workers: int | None = None) -> Iterator[object]:
+    """Ray for one job: a Ray this process already started is used as it is; else a local Ray with
+    ``workers`` CPUs (``address`` None), or the cluster at ``address``; shut down afterwards."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    check_address(address, connect=True)
+    try:
+        ray.init(
+            address=address,
+            num_cpus=workers if address is LOCAL else None,
+            include_dashboard=False,
+            log_to_driver=False,  # actors' logs stay in Ray's log folder, not on this command's stderr
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    except Exception as exc:  # ConnectionError, TimeoutError, ValueError... all mean "no Ray there"
+        where = "a local Ray" if address is LOCAL else f"Ray at {address!r}"
+        raise RayJobError(f"cannot start or reach {where}: {_first_line(exc)}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class _EmbedActor:
+    """One Ray actor: builds the pipeline and loads the model once, then embeds a few files per call."""
+
+    def __init__(self, pipeline_factory, embedder_factory, fps, segment_frames, completed, cwd) -> None:
+        single_threaded()  # one CPU per actor: Ray schedules as many actors as there are CPUs
+        if os.path.isdir(cwd):  # relative inputs (and the rows that name them) read as on the command line
+            os.chdir(cwd)
+        self.fps, self.segment_frames, self.completed = fps, segment_frames, completed
+        try:
+            self.pipeline, self.embedder, self.error = pipeline_factory(), embedder_factory(), None
+        except Exception as exc:  # reported with the first call, in one line, instead of a restart loop
+            self.error = error_text(exc)
+
+    def __call__(self, batch: dict) -> dict:
+        if self.error is not None:  # a value, not an exception: Ray would wrap it in pages of traceback
+            return {"task": np.full(1, None, dtype=object), "start_error": np.asarray([self.error])}
+        paths = [Path(str(path)) for path in batch["path"]]
+        results = iter_task_results(
+            paths,
+            pipeline=self.pipeline,
+            fps=self.fps,
+            segment_frames=self.segment_frames,
+            completed=self.completed,
+        )
+        done = list(iter_embedded(results, self.embedder))
+        tasks = np.empty(len(done), dtype=object)  # Ray carries the (small, crop-free) tasks as objects
+        tasks[:] = done
+        return {"task": tasks, "start_error": np.full(len(done), "")}
+
+
+@dataclass
+class RayRunner:
+    """Runs the files still to do on Ray (see the module notes); a ``runner`` for ``stream_embeddings``.
+
+    ``pipeline_factory`` and ``embedder_factory`` are picklable callables each actor calls once (the
+    detector and the model are built where they run). ``workers``: actors, one CPU each (default: every CPU
+    Ray has). ``files_per_call``: files an actor embeds per call, its model batches spanning them (default:
+    enough for one model batch, fewer when that would leave actors idle)."""
+
+    pipeline_factory: Callable
+    embedder_factory: Callable
+    address: str | None = LOCAL
+    workers: int | None = None
+    batch_size: int = 16
+    files_per_call: int | None = None
+    fps: float = DEFAULT_FPS
+    segment_frames: int = SEGMENT_FRAMES
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers <= 0:
+            raise RayJobError(f"--ray-workers must be positive, got {self.workers}")
+        check_address(self.address, connect=True)  # now, not after the model has loaded
+
+    def __call__(self, todo: list[Path], completed: Completed, stats: StreamStats) -> Iterator[EmbeddedTask]:
+        if not todo:
+            return
+        with ray_session(self.address, workers=self.workers) as ray:
+            workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            per_call = self.files_per_call or max(1, min(self.batch_size, math.ceil(len(todo) / workers)))
+            context = ray.data.DataContext.get_current()
+            context.execution_options.preserve_order = True  # shards in input order, as a local run
+            context.enable_progress_bars = False  # kprpe's own bar counts files
+            context.print_on_execution_start = False  # no "Starting execution of Dataset" lines
+            dataset = ray.data.from_items(
+                [{"path": str(path)} for path in todo], override_num_blocks=math.ceil(len(todo) / per_call)
+            ).map_batches(
+                _EmbedActor,
+                fn_constructor_kwargs={
+                    "pipeline_factory": self.pipeline_factory,
+                    "embedder_factory": self.embedder_factory,
+                    "fps": self.fps,
+                    "segment_frames": self.segment_frames,
+                    "completed": completed.subset(file_key(path) for path in todo),
+                    "cwd": os.getcwd(),
+                },
+                batch_size=per_call,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=min(workers, math.ceil(len(todo) / per_call))),
+                num_cpus=1,
+            )
+            batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
+            # Ray Data's notes and its multi-page error reports would bury kprpe's one-line report
+            data_log = logging.getLogger("ray.data")
+            level = data_log.level
+            data_log.setLevel(logging.CRITICAL)
+            try:
+                for batch in batches:
+                    if any(batch["start_error"]):
+                        error = next(text for text in batch["start_error"] if text)
+                        raise WorkerStartError(f"a Ray worker could not start: {error}")
+                    yield from batch["task"]
+            except (KeyboardInterrupt, GeneratorExit, KprpeError):
+                raise
+            except Exception as exc:
+                raise _job_error(exc) from None
+            finally:
+                data_log.setLevel(level)
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+
+
+def _job_error(exc: BaseException) -> RayJobError:
+    """Ray carries an actor's error as the text of its traceback inside its own: name the original in one
+    line (the full story is in Ray's log folder)."""
+    found = re.findall(r"^((?:\w+\.)*\w*(?:Error|Exception|Interrupt)\b.*)$", str(exc), flags=re.M)
+    inner = [line for line in found if not line.startswith(("ray.", "RayTaskError", "UserCodeException"))]
+    what = inner[0].strip() if inner else _first_line(exc)
+    return RayJobError(f"the Ray job failed ({what}); what was finished before is kept — re-run to continue")
