@@ -320,3 +320,11 @@ def test_a_real_pipe_gets_json_and_a_real_terminal_the_summary(tmp_path):
         os.close(leader)
         os.close(follower)
     assert done.returncode == 0 and text.strip() == f"gallery {gallery}: removed bob; 1 identities left"
+
+
+@pytest.mark.parametrize("order", [("--gallery", "--index"), ("--index", "--gallery")])
+def test_a_gallery_and_its_old_spelling_together_are_refused(capsys, order):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["search", "remove", "ann", order[0], "a.npz", order[1], "b.npz"])
+    assert exc.value.code == 2
+    assert "kprpe search remove: error: " in capsys.readouterr().err

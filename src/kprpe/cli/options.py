@@ -53,12 +53,24 @@ class DeprecatedAlias(argparse.Action):
         super().__init__(option_strings, dest, nargs=0 if const is not None else nargs, const=const, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
+        # the new spelling came first (a value other than the option's default)
+        if getattr(namespace, self.dest, None) not in (None, self.default, parser.get_default(self.dest)):
+            parser.error(f"{option_string} is an old spelling of {self.new}: give it once")
         print(
             f"{parser.prog}: warning: {option_string} is deprecated, use {self.new} "
             f"(the old spelling goes in kprpe {REMOVED_IN})",
             file=sys.stderr,
         )
         setattr(namespace, self.dest, self.const if self.const is not None else values)
+
+
+class _StoreOnce(argparse.Action):
+    """A value that an old spelling may also have given (``--index`` then ``--gallery``): refused twice."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) not in (None, self.default):
+            parser.error(f"{option_string} and an old spelling of it were both given: give it once")
+        setattr(namespace, self.dest, values)
 
 
 def add_deprecated_alias(parser, old: str, *, new: str, dest: str, const=None, **kwargs) -> None:
@@ -221,7 +233,9 @@ def flip_enabled(args: argparse.Namespace) -> bool:
 def add_gallery_option(parser, *, help: str, old: tuple[str, ...] = ("--index",)) -> None:
     """``--gallery GALLERY``: the gallery index every command reads or writes (``old``: deprecated spellings).
     Not argparse-required, so that an old spelling can satisfy it: check with :func:`require_gallery`."""
-    parser.add_argument("--gallery", dest="gallery", metavar="GALLERY", default=None, help=help)
+    parser.add_argument(
+        "--gallery", dest="gallery", action=_StoreOnce, metavar="GALLERY", default=None, help=help
+    )
     for spelling in old:
         add_deprecated_alias(parser, spelling, new="--gallery", dest="gallery", metavar="GALLERY")
 
