@@ -21,6 +21,8 @@ def test_bench_smoke_writes_every_path(tmp_path, capsys):
         assert r["median_s"] > 0 and r["images_per_s"] > 0
         if r["model"] != "vit_tiny_irpe":
             assert r["time_vs_vit"] > 0
+            # issue 31: KP-RPE rows read "step MB 0" / "step mem x ViT 0.00" (an RSS delta after warm-up)
+            assert r["step_mem_mb"] > 0 and r["step_mem_vs_vit"] > 0, r
     assert "| vit_tiny_kprpe[decomposed] | train |" in capsys.readouterr().out
 
 

@@ -32,8 +32,11 @@ MICRO = dict(
 )
 
 
-# MICRO's sizes as command-line options (one epoch of a one-block, 16-wide model on 40 digits).
+# MICRO's sizes as command-line options (one epoch of a one-block, 16-wide model on 40 UCI digits; the
+# command's default data set is MNIST where it is installed).
 MICRO_CLI = [
+    "--data",
+    "uci",
     "--epochs",
     "1",
     "--train-limit",
@@ -146,9 +149,9 @@ def test_bad_options_are_clear_errors(capsys):
         DigitsConfig(models=("abs", "vit9")).validate()
     with pytest.raises(ValueError, match="regimes"):
         DigitsConfig(regimes=("heavy",)).validate()
-    assert main(["experiment", "digits", "--models", "nope", "--no-progress"]) == 2
+    assert main(["experiment", "digits", "--data", "uci", "--models", "nope", "--no-progress"]) == 2
     assert "unknown model" in capsys.readouterr().err
-    assert main(["experiment", "digits", "--canvas", "30"]) == 2
+    assert main(["experiment", "digits", "--data", "uci", "--canvas", "30"]) == 2
     assert "multiple of patch" in capsys.readouterr().err
 
 
@@ -376,6 +379,8 @@ def test_quick_path_prints_that_it_is_a_short_run(tmp_path, capsys):
             "experiment",
             "digits",
             "--quick",
+            "--data",
+            "uci",
             "--out",
             str(tmp_path),
             "--epochs",
@@ -469,7 +474,7 @@ def test_quick_notice_ranks_only_the_blocks_the_quick_run_trained(tmp_path, monk
     full = run_digits(DigitsConfig(**dict(MICRO, seeds=(0,), regimes=("mild",))), progress=False)
     reference = tmp_path / "digits_results.json"
     reference.write_text(json.dumps(full))
-    monkeypatch.setattr(report, "_find_reference", lambda: reference)
+    monkeypatch.setattr(report, "_find_reference", lambda data="uci": reference)
     quick = dict(full, jobs=[j for j in full["jobs"] if j["head"] == "mean"])
     notice = report.quick_run_notice(quick, wall_seconds=1.0)
     assert "Reference ranking on the AffNIST-style mix (head mean, mild aug.)" in notice
@@ -519,7 +524,7 @@ def test_quick_notice_flags_only_what_lies_outside_the_measured_spread(tmp_path,
         ),
     ]
     spread.write_text(json.dumps(dict(runs=runs)))
-    monkeypatch.setattr(report, "_find_spread", lambda: spread)
+    monkeypatch.setattr(report, "_find_spread", lambda data="uci": spread)
     lo, hi, n = report.quick_spread_bands(json.loads(spread.read_text()))["kprpe_noabs"]["clean"]
     assert n == 2 and lo == pytest.approx(89.6 - 1.8) and hi == pytest.approx(93.2 + 1.8)  # half the range
 

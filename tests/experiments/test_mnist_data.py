@@ -229,15 +229,94 @@ def test_the_real_file_when_installed():
     np.testing.assert_array_equal(np.bincount(splits["test"][1]), counts)
 
 
-def test_quick_mnist_run_says_it_is_short_and_has_no_reference(fake_mnist, monkeypatch, tmp_path, capsys):
+def test_quick_mnist_run_is_compared_with_the_committed_mnist_run(fake_mnist, monkeypatch, tmp_path, capsys):
+    import kprpe.experiments.report as report
+
     monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
-    args = ["experiment", "digits", "--quick", "--data", "mnist", "-o", str(tmp_path), "--epochs", "1"]
-    args += ["--train-limit", "20", "--test-limit", "4", "--width", "8", "--depth", "1", "--workers", "1"]
-    assert main([*args, "--no-progress", "--no-plots"]) == 0
+    tiny = ["--train-limit", "20", "--test-limit", "4", "--width", "8", "--workers", "1"]
+    tiny += ["--no-progress", "--no-plots"]
+    # a stand-in for the committed full MNIST run: the same models, head and regime, more epochs
+    full = tmp_path / "full"
+    args = ["experiment", "digits", "--data", "mnist", "-o", str(full), "--models", "abs,kprpe"]
+    args += ["--mean-head-models", "none", "--regimes", "placed", "--seeds", "2", "--epochs", "2"]
+    assert main([*args, "--patch", "8", "--depth", "2", *tiny]) == 0
+    monkeypatch.setattr(
+        report, "_find_reference", lambda data: full / "digits_results.json" if data == "mnist" else None
+    )
+    monkeypatch.setattr(report, "_find_spread", lambda data: None)
+    capsys.readouterr()
+    args = ["experiment", "digits", "--quick", "--data", "mnist", "-o", str(tmp_path / "q"), "--epochs", "1"]
+    assert main([*args, *tiny]) == 0
     out = capsys.readouterr().out
-    # the UCI reference run is not compared with an MNIST run
-    assert "a short run on real MNIST" in out and "No full MNIST run is committed yet" in out
-    assert "quick / ref" not in out
+    assert "SHORT RUN (--quick) on real MNIST under the affNIST protocol" in out
+    reference = json.loads((full / "digits_results.json").read_text())["summary"]["flatten"]["placed"]
+    quick = json.loads((tmp_path / "q" / "digits_results.json").read_text())["summary"]["flatten"]["placed"]
+    for model, label in (("abs", "Abs-PE"), ("kprpe", "KP-RPE")):  # quick minus reference, both measured
+        q, r = quick[model]["clean"]["mean"], reference[model]["clean"]
+        row = next(line for line in out.splitlines() if line.strip().startswith(label + " "))
+        assert f"{q:5.1f} / {r['mean']:5.1f} ± {r['std']:3.1f} ({q - r['mean']:+5.1f})" in row
+    # other sizes than the measured quick run: no spread applies, only this run's own gaps
+    assert "Expected range" not in out
+
+
+def test_quick_mnist_notice_says_when_no_spread_was_measured(tmp_path, monkeypatch):
+    import kprpe.experiments.report as report
+    from kprpe.experiments.digits import quick_config
+
+    cfg = dict(quick_config(data="mnist").to_dict(), sweeps={})  # the notice reads clean and affNIST only
+    job = dict(model="abs", regime="placed", head="flatten", seed=0, train_seconds=1.0)
+    job["accuracy"] = dict(clean=90.0, affnist=70.0)
+    results = dict(config=cfg, jobs=[job], cpu_count=2)
+    reference = tmp_path / "ref.json"
+    reference.write_text(
+        json.dumps(dict(config=dict(cfg, seeds=[0, 1, 2]), jobs=[dict(job, seed=s) for s in range(3)]))
+    )
+    monkeypatch.setattr(report, "_find_reference", lambda data: reference if data == "mnist" else None)
+    monkeypatch.setattr(report, "_find_spread", lambda data: None)
+    notice = report.quick_run_notice(results, 1.0)
+    assert "No measured spread of quick runs on this data set" in notice
+    assert "mnist/quick_spread.json" in notice
+    assert "affNIST protocol (quick / ref)" in notice and "trained to its plateau" in notice
+    # a reference whose trainings hit the epoch cap is not called converged
+    capped = [dict(job, seed=s, stop_reason="max_epochs") for s in (0, 1)]
+    reference.write_text(json.dumps(dict(config=dict(cfg, seeds=[0, 1]), jobs=capped)))
+    notice = report.quick_run_notice(results, 1.0)
+    assert "2 of its 2 trainings ended at the epoch cap" in notice and "trained to its plateau" not in notice
+    reference.write_text(
+        json.dumps(dict(config=dict(cfg, seeds=[0, 1, 2]), jobs=[dict(job, seed=s) for s in range(3)]))
+    )
+    # a measured spread (made the way the UCI one is) is used when present
+    spread = tmp_path / "quick_spread.json"
+    spread.write_text(
+        json.dumps(
+            dict(
+                runs=[
+                    dict(cpu="avx2", seed=s, accuracy=dict(abs=dict(clean=89.0 + s, affnist=70.0)))
+                    for s in range(3)
+                ]
+            )
+        )
+    )
+    monkeypatch.setattr(report, "_find_spread", lambda data: spread if data == "mnist" else None)
+    notice = report.quick_run_notice(results, 1.0)
+    assert "Expected range (measured: 3 quick runs" in notice and "clean 88.0-92.0" in notice
+    assert "WARNING" not in notice
+
+
+def test_data_auto_is_mnist_where_installed_and_uci_otherwise(fake_mnist, monkeypatch, capsys):
+    from kprpe.cli.experiments import resolve_data
+
+    monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
+    assert (resolve_data("auto"), resolve_data("uci"), resolve_data("mnist")) == ("mnist", "uci", "mnist")
+    assert capsys.readouterr().err == ""
+
+    def missing():
+        raise MnistUnavailableError("real MNIST is not installed")
+
+    monkeypatch.setattr(mnist_data, "find_mnist_pickle", missing)
+    assert resolve_data("auto") == "uci"
+    assert MNIST_INSTALL in capsys.readouterr().err  # says how to get the main data set
+    assert resolve_data("uci") == "uci"
 
 
 def test_placed_regime_only_translates_and_keeps_digits_inside(fake_mnist):
@@ -270,5 +349,11 @@ def test_quick_mnist_is_a_subset_unless_told_otherwise():
 
     quick = quick_config(data="mnist")
     assert (quick.canvas, quick.digit, quick.train_limit, quick.test_limit) == (40, 28, 1000, 500)
+    # the committed MNIST run's setup and headline pair, so the reference has the same cells
+    assert (quick.patch, quick.depth, quick.regimes) == (8, 2, ("placed",))
+    assert sorted(j[:3] for j in quick.jobs()) == [
+        ("abs", "placed", "flatten"),
+        ("kprpe", "placed", "flatten"),
+    ]
     assert quick_config(data="mnist", train_limit=20).train_limit == 20
     assert quick_config().train_limit == 0  # the UCI quick run is unchanged

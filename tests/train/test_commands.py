@@ -89,3 +89,17 @@ def test_make_example_data_never_replaces_data_without_overwrite(tmp_path, capsy
     assert "already exists" in capsys.readouterr().err and landmarks.read_text() == "my own edits"
     assert main([*args, "--overwrite"]) == 0
     assert landmarks.read_text() != "my own edits"
+
+
+def test_train_on_fewer_samples_than_one_batch_is_one_line_exit_2(tmp_path, capsys, tiny_config):
+    """issue 31: a fine-tune on a small folder ended in a traceback (exit 1); it must be one line, exit 2."""
+    import yaml
+
+    tiny_config["data"]["batch_size"] = 500  # the synthetic set has 24 x 8 = 192 samples
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("kprpe train: error: 192 samples are fewer than one global batch (500 x 1 process")
+    assert "data.batch_size" in err

@@ -1,8 +1,11 @@
 """Speed and memory of plain ViT, KP-RPE (every bias path) and iRPE, inference and training step.
 
 Each measurement runs in a fresh child process so its peak memory is its own (CPU: peak resident set size
-from the kernel; CUDA: ``torch.cuda.max_memory_allocated``). Times are medians over ``repeats`` after
-``warmup`` untimed runs. Nothing here is a test: it prints what it measured and on what.
+from the kernel; CUDA: ``torch.cuda.max_memory_allocated``). The memory of one step (``step_mem_mb``) is the
+peak of the tensor bytes it holds above what was live when it started: on CUDA from the allocator, on CPU
+from the profiler's allocation events of one extra, untimed step (the RSS cannot say it: the allocator keeps
+freed pages, so after warm-up the RSS no longer grows and the delta read 0). Times are medians over
+``repeats`` after ``warmup`` untimed runs. Nothing here is a test: it prints what it measured and on what.
 """
 
 from __future__ import annotations
@@ -90,6 +93,22 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _cpu_step_peak_bytes(step) -> int:
+    """Peak tensor bytes allocated by one call of ``step`` above its start (torch's CPU profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocations = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in allocations:  # frees are negative
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def run_case(case: Case, warmup: int = 1, repeats: int = 3) -> dict:
     """Measure one case in this process (use :func:`run_suite` for isolated peak memory)."""
 
@@ -151,8 +170,6 @@ def _measure(case: Case, warmup: int, repeats: int) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
-    else:
-        base_mem = _rss_bytes()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -161,8 +178,10 @@ def _measure(case: Case, warmup: int, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
+        step_mem = max(peak - base_mem, 0)
     else:
         peak = _peak_rss_bytes()
+        step_mem = _cpu_step_peak_bytes(step)  # after the timed steps: profiling slows the step it watches
     median = statistics.median(times)
     return {
         **asdict(case),
@@ -171,7 +190,7 @@ def _measure(case: Case, warmup: int, repeats: int) -> dict:
         "times_s": times,
         "images_per_s": case.batch_size / median,
         "peak_mem_mb": peak / 2**20,
-        "step_mem_mb": max(peak - base_mem, 0) / 2**20,
+        "step_mem_mb": step_mem / 2**20,
         "bias_impl_used": getattr(model.kprpe, "last_impl", case.bias_impl)
         if model.kprpe is not None
         else None,

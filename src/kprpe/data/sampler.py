@@ -14,7 +14,13 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["ResumableSampler"]
+from ..errors import KprpeError
+
+__all__ = ["ResumableSampler", "TooFewSamplesError"]
+
+
+class TooFewSamplesError(KprpeError, ValueError):
+    """The data set holds less than one global batch (a small fine-tuning folder): no step could run."""
 
 
 class ResumableSampler(Sampler):
@@ -41,10 +47,11 @@ class ResumableSampler(Sampler):
         micro = self.num_samples // global_batch
         self.micro_batches_per_epoch = (micro // micro_batches_multiple) * micro_batches_multiple
         if self.micro_batches_per_epoch == 0:
-            raise ValueError(
+            raise TooFewSamplesError(
                 f"{self.num_samples} samples are fewer than one global batch ({self.batch_size} x "
-                f"{self.world_size} "
-                f"processes x {micro_batches_multiple} accumulation steps); lower the batch size"
+                f"{self.world_size} processes x {micro_batches_multiple} accumulation steps); lower "
+                f"data.batch_size (per process, e.g. data.batch_size={max(1, self.num_samples // 2)}) or add "
+                "data"
             )
         self.epoch = 0
         self.start_micro_batch = 0

@@ -58,11 +58,17 @@ _EXPORTS = {
     "open_toolkit_set": ".toolkit",
     "read_toolkit_metadata": ".toolkit",
     "pair_scores": ".verification",
+    "markdown_summary": ".report",
+    "plot_roc": ".report",
+    "plot_sweep": ".report",
     "verification_metrics": ".verification",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
+    "markdown_summary",
+    "plot_roc",
+    "plot_sweep",
     "BinFormatError",
     "CropParams",
     "DEFAULT_FAR_TARGETS",

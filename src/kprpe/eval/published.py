@@ -5,13 +5,26 @@ The published numbers are those of :mod:`kprpe.zoo.catalog` (copied from the sou
 matched to a published column by its name (``lfw``, ``cfp_fp``, ``agedb_30``, ``calfw``, ``cplfw``, ``IJBB``,
 ``IJBC``, ``tinyface``...): verification sets compare the 10-fold accuracy, IJB sets TAR at FAR 1e-4 (the
 source's "@0.01" columns are percent: 0.01 % = 1e-4), TinyFace the rank-1 and rank-5 rates.
+
+A repo id alone does not prove the weights are the published ones (anything can sit in a cache under that
+name): the numbers are compared only when the checkpoint has the published architecture's parameter count,
+and otherwise ``results["published_not_compared"]`` says why not.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["published_metric", "attach_published", "published_lines"]
+__all__ = ["published_metric", "attach_published", "published_lines", "published_parameters"]
+
+# the catalog's architecture (before any " (...)" note) -> the kprpe preset that builds it
+_ARCHITECTURE_PRESETS = {
+    "ViT-Base + KP-RPE": "vit_base_kprpe",
+    "ViT-Base": "vit_base",
+    "IR-101": "ir_101",
+    "IR-50": "ir_50",
+    "IR-18": "ir_18",
+}
 
 # normalised set name -> catalog column
 _SET_COLUMNS = {
@@ -51,15 +64,40 @@ def _ours(column: str, result: dict) -> float | None:
     return None if not kfold else 100.0 * kfold["accuracy_mean"]
 
 
+def published_parameters(architecture: str) -> int | None:
+    """The parameter count of a catalog architecture (built on the meta device: no memory), or None."""
+    import torch
+
+    from ..nn import create_model
+
+    preset = _ARCHITECTURE_PRESETS.get(architecture.split(" (", 1)[0])
+    if preset is None:
+        return None
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(preset).parameters())
+
+
 def attach_published(results: dict) -> list[dict]:
-    """For a run on a catalogued checkpoint (``results["model"]`` is its repo id), add to each matching set a
-    ``published`` entry ``{metric, published, ours, difference, source}`` (percent) and return them all; an
-    uncatalogued model or set gets nothing."""
+    """For a run on a catalogued checkpoint (``results["model"]`` is its repo id) whose parameter count
+    (``results["parameters"]``) is the published architecture's, add to each matching set a ``published``
+    entry ``{metric, published, ours, difference, source}`` (percent) and return them all; an uncatalogued
+    model or set gets nothing, another architecture ``results["published_not_compared"]`` (the reason)."""
     from ..zoo.catalog import SOURCES, find_entry
 
     model = str(results.get("model") or "")
     entry = find_entry(model) if model.count("/") == 1 else None
     if entry is None or not entry.reported:
+        return []
+    expected, found = published_parameters(entry.architecture), results.get("parameters")
+    if expected is None or found != expected:
+        architecture = entry.architecture.split(" (", 1)[0]
+        results["published_not_compared"] = (
+            f"{model} was published as {architecture}"
+            + (f" ({expected:,} parameters)" if expected else "")
+            + (f"; these weights have {found:,} parameters" if found else "; these weights' size is unknown")
+            + ", so they are not the published model"
+            + ("" if expected else " as far as kprpe can check")
+        )
         return []
     rows = []
     for name, result in results.get("sets", {}).items():

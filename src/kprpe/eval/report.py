@@ -54,6 +54,8 @@ def markdown_summary(results: dict, extra_columns: Sequence[ExtraColumn] = ()) -
         ("flip TTA", results.get("flip")),
     ]
     lines += [f"- {k}: `{v}`" for k, v in meta if v is not None]
+    if results.get("published_not_compared"):
+        lines.append(f"- published numbers: not compared — {results['published_not_compared']}")
     lines.append("")
     extra_headers = [h for h, _ in extra_columns]
     sets = results.get("sets", {})

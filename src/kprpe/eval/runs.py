@@ -88,6 +88,13 @@ class ModelHandle:
             self._model = model.eval()
         return self._model
 
+    def parameter_count(self) -> int | None:
+        """The model's parameter count (None for an ONNX engine): says whether it can be a published model."""
+        model = self()
+        if not isinstance(model, torch.nn.Module):
+            return None
+        return sum(p.numel() for p in model.parameters())
+
     @property
     def fingerprint_path(self) -> Path:
         """The file whose identity keys the cache (a directory's model file when given a directory)."""
@@ -110,8 +117,9 @@ def run_report(protocol: str, handle: ModelHandle, settings: EvalSettings, *, mo
     be a per-set mapping; it is written as one value when every set used the same source."""
     if isinstance(keypoint_source, dict) and len(set(keypoint_source.values())) == 1:
         keypoint_source = next(iter(keypoint_source.values()))
-    return dict(protocol=protocol, weights=str(handle.weights), model=handle.source, flip=settings.flip,
-                mode=mode, keypoint_source=keypoint_source, sets=sets)
+    return dict(protocol=protocol, weights=str(handle.weights), model=handle.source,
+                parameters=handle.parameter_count(), flip=settings.flip, mode=mode,
+                keypoint_source=keypoint_source, sets=sets)
 
 
 def embed_source(handle: ModelHandle, source, settings: EvalSettings, mode: str, desc: str):

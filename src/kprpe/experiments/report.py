@@ -30,9 +30,13 @@ __all__ = [
 # convergence rule with a 100-epoch cap), found next to the sources in a checkout of the repository.
 QUICK_GAP_WARNING = 5.0  # points of clean accuracy below the reference that mark a model as not converged
 QUICK_REFERENCE = Path("docs") / "results" / "converged" / "digits_results.json"
+# ... per data set: a --quick --data mnist run is compared with the committed MNIST run (same setup)
+MNIST_REFERENCE = Path("docs") / "results" / "mnist" / "digits_results.json"
+QUICK_REFERENCES = {"uci": QUICK_REFERENCE, "mnist": MNIST_REFERENCE}
 # How far --quick numbers move across seeds and CPU kinds (float32 kernels round differently on AVX2 and
 # AVX-512, and training amplifies the difference): measured quick runs, with how they were made.
 QUICK_SPREAD = Path("docs") / "results" / "quick" / "quick_spread.json"
+QUICK_SPREADS = {"uci": QUICK_SPREAD, "mnist": Path("docs") / "results" / "mnist" / "quick_spread.json"}
 # A handful of runs under-estimates a range: the band is the measured min..max widened by half its width on
 # each side, and by at least this many points (one clean test digit is 0.25 point).
 QUICK_SPREAD_FLOOR = 1.0
@@ -401,12 +405,12 @@ def _find_in_checkout(relative: Path) -> Path | None:
     return None
 
 
-def _find_reference() -> Path | None:
-    return _find_in_checkout(QUICK_REFERENCE)
+def _find_reference(data: str = "uci") -> Path | None:
+    return _find_in_checkout(QUICK_REFERENCES[data])
 
 
-def _find_spread() -> Path | None:
-    return _find_in_checkout(QUICK_SPREAD)
+def _find_spread(data: str = "uci") -> Path | None:
+    return _find_in_checkout(QUICK_SPREADS[data])
 
 
 def quick_spread_bands(spread: dict) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -442,16 +446,18 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
             "Epochs: a fixed short schedule, not the reference run's plateau rule (the gaps below show what "
             "it costs)."
         )
+    data = cfg.get("data", "uci")
+    what = "real MNIST under the affNIST protocol" if data == "mnist" else "the UCI digits"
     lines = [
         "=" * 100,
-        f"SHORT RUN (--quick): {len(cfg['seeds'])} seed, {len(jobs)} models, {schedule}, "
+        f"SHORT RUN (--quick) on {what}: {len(cfg['seeds'])} seed, {len(jobs)} models, {schedule}, "
         f"{wall_seconds:.0f} s wall on {results.get('cpu_count')} CPUs.",
         epochs,
     ]
-    ref_path = _find_reference()
+    ref_path = _find_reference(data)
     if ref_path is None:
         lines.append(
-            f"No reference results found ({QUICK_REFERENCE} is in the source repository): see "
+            f"No reference results found ({QUICK_REFERENCES[data]} is in the source repository): see "
             "docs/experiments.md for the longer run's numbers."
         )
         return "\n".join(lines + ["=" * 100])
@@ -463,7 +469,8 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
         f"{ref_cfg.get('max_epochs')} epochs, "
         f"made by `{ref.get('command', '?')}`). Quick minus reference, in points:"
     )
-    lines.append(f"  {'model':<40} {'clean (quick / ref)':>26} {'AffNIST-style (quick / ref)':>30}")
+    mix = "affNIST protocol" if data == "mnist" else "AffNIST-style"  # the mix of random affines, named
+    lines.append(f"  {'model':<40} {'clean (quick / ref)':>26} {mix + ' (quick / ref)':>30}")
     quick_summary = aggregate(results)
     for head, by_regime in quick_summary.items():
         for regime, by_model in by_regime.items():
@@ -477,11 +484,16 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
                     q, r = cell[metric]["mean"], ref_cell[metric]
                     parts.append(f"{q:5.1f} / {r['mean']:5.1f} ± {r['std']:3.1f} ({q - r['mean']:+5.1f})")
                 lines.append(f"  {MODEL_SPECS[model].label:<40} {parts[0]:>26} {parts[1]:>30}")
-    spread_path = _find_spread()
+    spread_path = _find_spread(data)
     if spread_path is not None and _is_default_quick(cfg):
         spread = json.loads(spread_path.read_text(encoding="utf-8"))
-        lines += _spread_lines(spread, quick_summary, ref_summary)
+        lines += _spread_lines(spread, quick_summary, ref_summary, spread_path)
     else:  # another schedule or size than the measured one: only this run's own gaps can be judged
+        if spread_path is None and _is_default_quick(cfg):
+            lines.append(
+                f"No measured spread of quick runs on this data set ({QUICK_SPREADS[data]}): the gaps above "
+                "cannot be told apart from seed-to-seed and CPU-to-CPU variation."
+            )
         behind = [
             (model, ref_summary[h][r][model]["clean"]["mean"] - cell["clean"]["mean"])
             for h, by_regime in quick_summary.items()
@@ -501,10 +513,17 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
                 continue
             ranked = sorted(by_model, key=lambda m: -by_model[m]["affnist"]["mean"])
             lines.append(
-                f"Reference ranking on the AffNIST-style mix (head {h}, {r} aug.): "
+                f"Reference ranking on the {mix if data == 'mnist' else mix + ' mix'} (head {h}, {r} aug.): "
                 + ", ".join(f"{MODEL_SPECS[m].label} {by_model[m]['affnist']['mean']:.1f}" for m in ranked)
             )
-    lines.append("Read model comparisons from the reference run (more seeds, trained to its plateau).")
+    capped = sum(j.get("stop_reason") == "max_epochs" for j in ref.get("jobs", []))
+    if capped:  # a reference that did not converge must not be called converged
+        lines.append(
+            f"Read model comparisons from the reference run (more seeds, longer), but {capped} of its "
+            f"{len(ref['jobs'])} trainings ended at the epoch cap, not at a plateau: they are not converged."
+        )
+    else:
+        lines.append("Read model comparisons from the reference run (more seeds, trained to its plateau).")
     return "\n".join(lines + ["=" * 100])
 
 
@@ -512,13 +531,14 @@ def _is_default_quick(cfg: dict) -> bool:
     """Whether this run is the measured --quick run (same schedule and sizes), so its spread applies."""
     from .digits import quick_config
 
-    default = quick_config().to_dict()
-    same = ("epochs", "lr", "width", "depth", "heads", "canvas", "train_limit", "test_limit", "affnist_draws")
-    same_data = cfg.get("data", "uci") == default.get("data", "uci")  # the spread was measured on UCI digits
-    return not cfg.get("converge") and same_data and all(cfg.get(k) == default.get(k) for k in same)
+    data = cfg.get("data", "uci")  # each data set has its own measured spread
+    default = quick_config(data=data).to_dict()
+    same = ("epochs", "lr", "width", "depth", "heads", "patch", "canvas", "train_limit", "test_limit")
+    same += ("affnist_draws",)
+    return not cfg.get("converge") and all(cfg.get(k) == default.get(k) for k in same)
 
 
-def _spread_lines(spread: dict, quick_summary: dict, ref_summary: dict) -> list[str]:
+def _spread_lines(spread: dict, quick_summary: dict, ref_summary: dict, path: Path) -> list[str]:
     """The measured spread of --quick numbers, a flag for each number outside it, and the models that no
     measured quick run brings within QUICK_GAP_WARNING points of the reference (not converged by design)."""
     bands = quick_spread_bands(spread)
@@ -526,8 +546,8 @@ def _spread_lines(spread: dict, quick_summary: dict, ref_summary: dict) -> list[
     kinds = sorted({run["cpu"] for run in runs})
     lines = [
         f"Expected range (measured: {len(runs)} quick runs over seeds {sorted({r['seed'] for r in runs})} on "
-        f"{len(kinds)} CPU kinds, {QUICK_SPREAD}): the same seed repeats exactly on one machine, but float32 "
-        "rounds differently on other CPUs (AVX2 vs AVX-512) and training amplifies it."
+        f"{len(kinds)} CPU kind(s), {'/'.join(path.parts[-4:])}): the same seed repeats exactly on one "
+        "machine, but float32 rounds differently on other CPUs (AVX2 vs AVX-512) and training amplifies it."
     ]
     outside, short = [], []
     for h, by_regime in quick_summary.items():
