@@ -39,6 +39,12 @@ def one_torch_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture
+def terminal(monkeypatch):
+    """Commands print as on a terminal (the human summary; under pytest stdout is a pipe: compact JSON)."""
+    monkeypatch.setattr("kprpe.cli.options.stdout_is_terminal", lambda: True)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

@@ -30,6 +30,9 @@ __all__ = [
     "read_landmark_rows",
     "read_landmarks",
     "read_pixel_landmarks",
+    "LANDMARK_FORMATS",
+    "landmark_file_format",
+    "require_landmark_format",
 ]
 
 # Normalised coordinates of a face in frame lie near [0, 1]; far outside means pixels were written.
@@ -190,3 +193,51 @@ def read_pixel_landmarks(path: str | os.PathLike) -> tuple[dict[str, np.ndarray]
     if not points:
         raise LandmarkFileError(f"{path}: no landmark rows")
     return points, scores
+
+
+# The three landmark files commands read, by the name docs/cli.md gives them; a command names the ones it
+# reads and a file of another kind is refused by its content, naming both (one --landmarks, detected).
+LANDMARK_FORMATS = {
+    "photo-list": "photos by name: a CSV with columns file,x0,y0,..,x4,y4 (optional score, box_*) or JSON "
+    "{file: face}, pixels (kprpe.face.landmark_files)",
+    "index-csv": "samples by index: rows idx,ldmk_0,..,ldmk_9 normalised to the image (kprpe landmarks "
+    "writes it)",
+    "pixel-list": "images by name: rows 'image x0 y0 .. x4 y4 [score]' in pixels, no header (insightface IJB "
+    "*_name_5pts_score.txt)",
+}
+
+
+def landmark_file_format(path: str | os.PathLike) -> str:
+    """Which of :data:`LANDMARK_FORMATS` a file holds, from its first line that is not blank or a comment."""
+    path = Path(path)
+    with _open(path) as lines:
+        first = next((line.strip() for line in lines if line.strip() and not line.startswith("#")), "")
+    if not first:
+        raise LandmarkFileError(f"{path}: no landmark rows")
+    if first[0] in "{[":
+        return "photo-list"  # JSON
+    fields = [f.strip().lower() for f in _fields(first)]
+    if fields[0] == "idx":
+        return "index-csv"
+    if "file" in fields:
+        return "photo-list"
+    if _is_number(fields[0]):  # a header-less index CSV starts with a sample index; the others with a name
+        return "index-csv"
+    return "pixel-list"
+
+
+def require_landmark_format(
+    path: str | os.PathLike, accepted: tuple[str, ...], *, option: str = "--landmarks"
+) -> str:
+    """The format of ``path`` if it is one of ``accepted``; otherwise a :class:`LandmarkFileError` that names
+    the format found and the one(s) this command reads. A missing file is left to the reader's own error."""
+    if not Path(path).is_file():
+        return ""
+    found = landmark_file_format(path)
+    if found not in accepted:
+        wanted = "; or ".join(f"{name} ({LANDMARK_FORMATS[name]})" for name in accepted)
+        raise LandmarkFileError(
+            f"{option} {path} is a {found} file ({LANDMARK_FORMATS[found]}); this command reads {wanted} "
+            "(docs/cli.md, landmark files)"
+        )
+    return found

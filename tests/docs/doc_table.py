@@ -126,7 +126,7 @@ ENTRIES: list[Entry] = [
     ),
     Entry(
         "README.md",
-        "for d in photos/*/",
+        "kprpe align photos/ -o crops/ -q",
         slow=True,
         omit=NO_FINE_TUNE,
     ),
@@ -224,7 +224,7 @@ ENTRIES: list[Entry] = [
         check=None,
         replace={
             # the random reference DFA scores faces near 0: keep them
-            "--aligner dfa --weights": f"--aligner dfa --aligner-weights {DFA_FOLDER} --min-aligner-score 0 "
+            "--aligner dfa --weights": f"--aligner dfa --aligner-weights {DFA_FOLDER} --min-score 0 "
             "--weights",
             "remove some_identity": "remove mirror",  # a placeholder; gallery/ holds eileen and mirror
         },
@@ -340,7 +340,7 @@ ENTRIES: list[Entry] = [
     ),
     Entry(
         "docs/training.md",
-        "for d in photos/*/",
+        "kprpe align photos/ -o crops/ -q",
         slow=True,
         omit=NO_FINE_TUNE,
     ),

@@ -137,9 +137,10 @@ def test_eval_pairs_calibrate_writes_the_threshold_beside_the_weights(tmp_path, 
             "0.1",
         ]
     )
-    stdout = capsys.readouterr().out
-    assert code == 0 and "calibrated threshold" in stdout
+    printed = json.loads(capsys.readouterr().out)  # on a pipe: one line of JSON, the calibration in it
+    assert code == 0 and printed["calibration"]["file"] == str(calibration_path(weights))
     stored = read_calibration(calibration_path(weights))
+    assert printed["calibration"]["threshold"] == stored["threshold"]
     reported = json.loads((out / "results.json").read_text())["sets"]["pairs"]["calibration"]
     assert stored["threshold"] == reported["threshold"] and stored["far"] <= 0.1
     assert stored["model_fingerprint"] == model_fingerprint(kprpe.load_official(weights))

@@ -39,7 +39,7 @@ def test_help_documents_each_protocol(capsys):
         assert protocol in text
 
 
-def test_verify_writes_report_and_reuses_cache(tmp_path, capsys):
+def test_verify_writes_report_and_reuses_cache(tmp_path, capsys, monkeypatch):
     bin_path = _make_bin(tmp_path / "toy_lfw.bin")
     lm = tmp_path / "toy_lfw_landmarks.csv"
     rng = np.random.default_rng(0)
@@ -54,7 +54,9 @@ def test_verify_writes_report_and_reuses_cache(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["verify", "--weights", TINY_KPRPE, "--bin", bin_path, "--landmarks", lm, "-o", out,
             "--cache-dir", tmp_path / "cache", "--quiet"]
+    monkeypatch.setattr("kprpe.cli.options.stdout_is_terminal", lambda: True)  # as on a terminal
     code, stdout, _ = _run(capsys, *args)
+    monkeypatch.undo()
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     r = results["sets"]["toy_lfw"]
@@ -66,8 +68,12 @@ def test_verify_writes_report_and_reuses_cache(tmp_path, capsys):
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "accuracy (10-fold)" in stdout
     # a second run (here: another FAR list) reads the cached embeddings and gives the same accuracy
-    code, _, _ = _run(capsys, *args, "--far", "1e-2,1e-1")
+    code, stdout, _ = _run(capsys, *args, "--far", "1e-2,1e-1")
     again = json.loads((out / "results.json").read_text())["sets"]["toy_lfw"]
+    # on a pipe (pytest's stdout): one line of JSON, the results without their curves, and the files
+    printed = json.loads(stdout)
+    assert stdout.count("\n") == 1 and printed["results"]["sets"]["toy_lfw"]["kfold"] == again["kfold"]
+    assert "roc" not in printed["results"]["sets"]["toy_lfw"] and str(out / "roc.png") in printed["files"]
     assert code == 0 and again["embeddings_from_cache"]
     assert again["kfold"] == r["kfold"]
     # template keypoints are a different mode: a different cache entry

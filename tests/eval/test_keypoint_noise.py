@@ -42,7 +42,7 @@ def test_plain_vit_ignores_keypoint_noise_and_kprpe_does_not(tmp_path):
     assert kp[3]["cosine_mean"] < 1.0 - 1e-6 and kp[3]["cosine_min"] <= kp[3]["cosine_p05"]
 
 
-def test_cli_writes_report_and_plot(tmp_path, capsys):
+def test_cli_writes_report_and_plot(tmp_path, capsys, terminal):
     bin_path = _make_bin(tmp_path / "toy.bin", n_pairs=10)
     out = tmp_path / "run"
     code = main(

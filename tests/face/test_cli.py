@@ -425,3 +425,26 @@ def test_search_query_lets_each_chunk_of_crops_go(capsys, three_photos, tmp_path
     best = [r["matches"][0]["score"] for r in payload["results"]]
     assert code == 0 and best == pytest.approx([1, 1, 1], abs=1e-5)
     assert len(old_crops_alive) == 3 and max(old_crops_alive) == 0
+
+
+def test_align_searches_identity_folders_and_keeps_their_structure(capsys, photo_dir, tmp_path):
+    # photos/<person>/<photo>: one run instead of a shell loop with a start-up per folder
+    import shutil
+
+    photos = tmp_path / "photos"
+    (photos / "ann").mkdir(parents=True)
+    (photos / "bob").mkdir()
+    shutil.copy(photo_dir / "astronaut.png", photos / "ann" / "astronaut.png")
+    shutil.copy(photo_dir / "tilted.jpg", photos / "bob" / "tilted.jpg")
+    shutil.copy(photo_dir / "astronaut.png", photos / "bob" / "astronaut.png")  # same name, other person
+    out = photos / "crops"  # an output inside the input folder is not read back on a re-run
+    for _ in range(2):
+        code, payload, _ = run(capsys, "align", str(photos), "-o", str(out), "-q")
+        assert code == 0 and payload["faces"] == 3 and payload["images"] == 3
+    rows = [r["file"] for r in csv.DictReader(open(out / "landmarks.csv"))]
+    assert rows == ["ann/astronaut.png", "bob/astronaut.png", "bob/tilted.png"]
+    for name in rows:
+        assert np.asarray(Image.open(out / name)).shape == (112, 112, 3)
+    # the crops feed `kprpe pack` as they are: one identity per sub-folder
+    code = main(["pack", str(out), "-o", str(tmp_path / "train.rec"), "-q"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["identities"] == 2

@@ -170,11 +170,11 @@ def test_min_aligner_score_rejects_low_scores(capsys, dfa_folder, photos, tmp_pa
         "-o",
         tmp_path / "f.npz",
         "-q",
-        "--min-aligner-score",
+        "--min-score",
         threshold,
     )
     assert code == 1 and payload["embedded"] == 0 and len(payload["failures"]) == 2
-    assert "below --min-aligner-score" in payload["failures"][0]["reason"]
+    assert "below --min-score" in payload["failures"][0]["reason"]
 
 
 def test_align_with_dfa_writes_crops_and_scores(capsys, dfa_folder, photos, tmp_path):
@@ -250,7 +250,7 @@ def test_min_aligner_score_out_of_range_and_landmarks_conflict(capsys, dfa_folde
         "dfa",
         "--aligner-weights",
         dfa_folder,
-        "--min-aligner-score",
+        "--min-score",
         "1.5",
         "-o",
         tmp_path / "x",
@@ -449,5 +449,5 @@ def test_load_dfa_backend_gives_one_error_naming_the_weights(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(KprpeError, match="cannot load the DFA aligner"):
         load_dfa_backend(tmp_path / "empty")
-    with pytest.raises(AlignerLoadError, match=r"--min-aligner-score must be in \[0, 1\].*1.5"):
+    with pytest.raises(AlignerLoadError, match=r"--min-score must be in \[0, 1\].*1.5"):
         load_dfa_backend(tmp_path / "missing", min_score=1.5)

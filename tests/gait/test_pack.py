@@ -203,4 +203,4 @@ def test_cli_pack(tmp_path, capsys):
     assert main([*args, "-q", "--allow-skipped"]) == 0
     assert "kept 4 from an earlier run" in capsys.readouterr().out
     assert main(["gait", "pack", str(tmp_path / "nothing"), "-o", str(tmp_path / "o2")]) == 2
-    assert "kprpe gait: error: gait data root not found" in capsys.readouterr().err
+    assert "kprpe gait pack: error: gait data root not found" in capsys.readouterr().err

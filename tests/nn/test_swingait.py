@@ -146,7 +146,7 @@ def test_bad_input_is_named(tmp_path):
         load_swingait(tmp_path / "missing.safetensors")
 
 
-def test_models_command_lists_the_gait_presets(capsys):
+def test_models_command_lists_the_gait_presets(capsys, terminal):
     from kprpe.cli import main
 
     assert main(["models"]) == 0

@@ -143,7 +143,6 @@ def test_serve_gallery_option_opens_the_database_and_writes_through(tmp_path):
 
     import kprpe
     from kprpe.cli.serve import build_service, register
-    from kprpe.errors import CommandError
     from kprpe.face import FaceEmbedder
     from kprpe.gallery.database import DatabaseGallery
 
@@ -154,8 +153,10 @@ def test_serve_gallery_option_opens_the_database_and_writes_through(tmp_path):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     argv = ["serve", "--weights", str(weights), "--aligner", "supplied"]
-    with pytest.raises(CommandError, match="not both"):
-        build_service(parser.parse_args([*argv, "--gallery", uri, "--index", str(tmp_path / "g.npz")]))
+    with pytest.raises(SystemExit):  # --index is the old spelling of --gallery: one gallery, given once
+        parser.parse_args([*argv, "--gallery", uri, "--index", str(tmp_path / "g.npz")])
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--index", str(tmp_path / "g.npz"), "--gallery", uri])
     service = build_service(parser.parse_args([*argv, "--gallery", uri]))
     assert service.index_path is None and service.describe()["index"]["backend"] == "milvus"
     unit = np.random.default_rng(0).standard_normal((1, embedder.output_dim))

@@ -9,11 +9,12 @@ from kprpe.cli import main
 from kprpe.data import RecordSource, read_landmarks
 
 
-def test_make_example_data_and_pack(tmp_path, capsys):
+def test_make_example_data_and_pack(tmp_path, capsys, terminal):
     assert (
         main(
             [
                 "make-example-data",
+                "-o",
                 str(tmp_path / "ex"),
                 "--identities",
                 "3",
@@ -79,8 +80,8 @@ def test_landmarks_command_with_the_dlib_backend(tmp_path, synthetic_data):
 
 def test_make_example_data_never_replaces_data_without_overwrite(tmp_path, capsys):
     """The one output rule: a second run into one folder is refused before any work; --overwrite replaces."""
-    args = ["make-example-data", str(tmp_path / "ex"), "--identities", "2", "--images-per-identity", "2"]
-    args.append("-q")
+    args = ["make-example-data", "-o", str(tmp_path / "ex"), "--identities", "2", "--images-per-identity"]
+    args += ["2", "-q"]
     assert main(args) == 0
     landmarks = tmp_path / "ex" / "landmarks.csv"
     landmarks.write_text("my own edits")

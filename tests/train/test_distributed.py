@@ -91,7 +91,7 @@ def test_example_config_under_torchrun(tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
-        [sys.executable, "-m", "kprpe", "make-example-data", str(tmp_path / "data"), "--quiet"],
+        [sys.executable, "-m", "kprpe", "make-example-data", "-o", str(tmp_path / "data"), "--quiet"],
         check=True,
         env=env,
     )

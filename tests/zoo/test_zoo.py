@@ -303,7 +303,7 @@ def test_models_zoo_lists_every_checkpoint(capsys):
     assert rows[1]["reported"]["IJBC@0.01"] == 97.13 and "CVLface" in rows[1]["source"]
 
 
-def test_fetch_prints_verified_files(offline, capsys):
+def test_fetch_prints_verified_files(offline, capsys, terminal):
     folder = make_cached_repo(offline)
     assert main(["fetch", REPO]) == 0
     out = capsys.readouterr().out
@@ -362,7 +362,7 @@ def test_docs_table_matches_catalog():
 
 
 def test_eval_on_a_zoo_checkpoint_prints_the_published_number_beside_ours(
-    offline, tmp_path, capsys, monkeypatch
+    offline, tmp_path, capsys, monkeypatch, terminal
 ):
     import cv2
     import numpy as np

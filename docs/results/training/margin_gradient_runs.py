@@ -58,7 +58,7 @@ def train_all() -> dict[str, dict]:
     curves: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "example_data"
-        kprpe("make-example-data", str(data))
+        kprpe("make-example-data", "-o", str(data))
         for head, gradient in RUNS:
             out = Path(tmp) / f"{head}_{gradient}"
             start = time.perf_counter()

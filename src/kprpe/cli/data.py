@@ -1,4 +1,5 @@
-"""``kprpe pack``, ``kprpe landmarks`` and ``kprpe make-example-data``."""
+"""``kprpe pack``, ``kprpe landmarks`` and ``kprpe make-example-data``. Each prints its result by the one
+output convention (docs/cli.md): a short summary on a terminal, compact JSON with ``--json`` or on a pipe."""
 
 from __future__ import annotations
 
@@ -8,17 +9,26 @@ from pathlib import Path
 
 from ..errors import CommandError
 from ..files import check_output_path, write_json
-from .options import add_device_option, add_output_option, add_overwrite_option, add_quiet_option
+from .options import (
+    REMOVED_IN,
+    add_deprecated_alias,
+    add_device_option,
+    add_json_option,
+    add_output_option,
+    add_overwrite_option,
+    add_quiet_option,
+    emit,
+)
 
 __all__ = ["register"]
 
 
-def _print_first(failures: list[tuple], label: str, limit: int = 20) -> None:
-    """Print the first ``limit`` (item, reason) failures and how many more there are."""
-    for item, reason in failures[:limit]:
-        print(f"  {label.format(item)}: {reason}")
+def _first(failures: list[tuple], label: str, limit: int = 20) -> list[str]:
+    """Summary lines for the first ``limit`` (item, reason) failures and how many more there are."""
+    lines = [f"  {label.format(item)}: {reason}" for item, reason in failures[:limit]]
     if len(failures) > limit:
-        print(f"  ... and {len(failures) - limit} more")
+        lines.append(f"  ... and {len(failures) - limit} more")
+    return lines
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
@@ -35,22 +45,31 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         )
     except OSError as exc:  # data, landmark and image errors are KprpeErrors: kprpe.cli prints them
         raise CommandError(str(exc)) from None
-    print(
+    lines = [
         f"wrote {report.num_images} images of {report.num_identities} identities to {out} (+ "
         f"{out.with_suffix('.idx').name})"
-    )
+    ]
+    payload = {
+        "output": str(out),
+        "index": str(out.with_suffix(".idx")),
+        "images": report.num_images,
+        "identities": report.num_identities,
+        "ignored": list(report.ignored),
+        "failures": [{"file": f, "reason": r} for f, r in report.failures],
+    }
     if report.ignored:
-        print(f"ignored {len(report.ignored)} non-image files (first: {', '.join(report.ignored[:5])})")
+        first = ", ".join(report.ignored[:5])
+        lines.append(f"ignored {len(report.ignored)} non-image files (first: {first})")
     if report.failures:
-        print(f"SKIPPED {len(report.failures)} unreadable images:")
-        _print_first(report.failures, "{}")
-        failures_path = write_json(
-            out.with_suffix(".failures.json"), [{"file": f, "reason": r} for f, r in report.failures]
-        )
-        print(
+        lines.append(f"SKIPPED {len(report.failures)} unreadable images:")
+        lines += _first(report.failures, "{}")
+        failures_path = write_json(out.with_suffix(".failures.json"), payload["failures"])
+        lines.append(
             f"full list: {failures_path}; note: sample indices follow the packed order; compute landmarks "
             "on the packed .rec"
         )
+    emit(args, payload, "\n".join(lines))
+    if report.failures:
         if not args.allow_skipped:
             print(
                 f"kprpe pack: {len(report.failures)} images were skipped (exit status 1; pass "
@@ -76,25 +95,29 @@ def _cmd_landmarks(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CommandError(f"the face pipeline (kprpe.face) is not available: {exc}") from None
     if args.aligner == "dfa":
-        detect = backends.dfa_keypoint_function(args.aligner_weights, args.device, args.min_aligner_score)
+        detect = backends.dfa_keypoint_function(args.aligner_weights, args.device, args.min_score)
     else:
         detect = backends.dlib_keypoint_function(args.mode, args.detector, args.landmark_model)
     try:
         report = compute_landmarks(args.data, args.output, detect, progress=not args.quiet, limit=args.limit)
     except OSError as exc:  # data, landmark and image errors are KprpeErrors: kprpe.cli prints them
         raise CommandError(str(exc)) from None
-    print(f"landmarks for {report.num_found} of {report.num_samples} samples written to {report.csv_path}")
+    lines = [f"landmarks for {report.num_found} of {report.num_samples} samples written to {report.csv_path}"]
+    payload = {
+        "output": str(report.csv_path),
+        "samples": report.num_samples,
+        "found": report.num_found,
+        "failures": [{"index": i, "reason": r} for i, r in report.failures],
+    }
     if report.failures:
-        print(f"{len(report.failures)} samples have no landmarks (no row in the file):")
-        _print_first(report.failures, "sample {}")
-        failures_path = write_json(
-            Path(args.output).with_suffix(".failures.json"),
-            [{"index": i, "reason": r} for i, r in report.failures],
-        )
-        print(
+        lines.append(f"{len(report.failures)} samples have no landmarks (no row in the file):")
+        lines += _first(report.failures, "sample {}")
+        failures_path = write_json(Path(args.output).with_suffix(".failures.json"), payload["failures"])
+        lines.append(
             f"full list: {failures_path}; train with data.missing_landmarks=template to use the template for "
             "them"
         )
+    emit(args, payload, "\n".join(lines))
     return 0
 
 
@@ -102,6 +125,13 @@ def _cmd_example_data(args: argparse.Namespace) -> int:
     from ..data.pack import pack_folder
     from ..data.synthetic import make_synthetic_faces
 
+    if args.old_output is not None:
+        print(
+            f"{args.command_prog}: warning: a positional DIR is deprecated, use -o DIR (the old spelling "
+            f"goes in kprpe {REMOVED_IN})",
+            file=sys.stderr,
+        )
+        args.output = args.old_output
     out = Path(args.output)
     # the one output rule, before any work: files of an earlier data set are replaced only with --overwrite
     for target in ("train.rec", "train.idx", "landmarks.csv"):
@@ -119,11 +149,18 @@ def _cmd_example_data(args: argparse.Namespace) -> int:
     )
     report = pack_folder(folder, out / "train.rec", progress=not args.quiet)
     (out / "landmarks.csv").write_bytes(landmarks.read_bytes())
-    print(
+    payload = {
+        "output": str(out),
+        "rec": str(out / "train.rec"),
+        "landmarks": str(out / "landmarks.csv"),
+        "images": report.num_images,
+        "identities": report.num_identities,
+    }
+    text = (
         f"wrote {report.num_images} synthetic images of {report.num_identities} identities: "
-        f"{out / 'train.rec'}, "
-        f"{out / 'landmarks.csv'} (images kept in {folder})"
+        f"{out / 'train.rec'}, {out / 'landmarks.csv'} (images kept in {folder})"
     )
+    emit(args, payload, text)
     return 0
 
 
@@ -143,6 +180,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # the default since 0.2
     add_quiet_option(p)
+    add_json_option(p)
     p.set_defaults(func=_cmd_pack)
 
     p = subparsers.add_parser(
@@ -179,24 +217,30 @@ def register(subparsers) -> None:
         help="DFA checkpoint file/folder or Hugging Face repo id (default minchul/cvlface_DFA_mobilenet)",
     )
     g.add_argument(
-        "--min-aligner-score",
+        "--min-score",
         type=float,
         default=None,
         metavar="S",
         help="with --aligner dfa: samples whose DFA face score is below S get no row (default: keep all)",
     )
+    add_deprecated_alias(g, "--min-aligner-score", new="--min-score", dest="min_score", type=float)
     add_device_option(g)
     add_quiet_option(p)
+    add_json_option(p)
     p.set_defaults(func=_cmd_landmarks)
 
     p = subparsers.add_parser(
         "make-example-data", help="write the small synthetic data set the example config trains on"
     )
-    p.add_argument("output", nargs="?", default="example_data", help="output folder (default example_data)")
+    add_output_option(p, help="output folder", required=False, default="example_data", metavar="DIR")
+    # the old spelling, a positional DIR: kept for one version, with a warning (docs/cli.md, deprecations)
+    old = p.add_argument("old_output", nargs="?", default=None, metavar="DIR", help=argparse.SUPPRESS)
+    old.deprecated_values = {"(positional)": "-o DIR"}  # docs/cli.md lists it
     add_overwrite_option(p, help="replace the example data already in the output folder")
     p.add_argument("--identities", type=int, default=20)
     p.add_argument("--images-per-identity", type=int, default=16)
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     p.add_argument("--seed", type=int, default=0)
     add_quiet_option(p)
+    add_json_option(p)
     p.set_defaults(func=_cmd_example_data)

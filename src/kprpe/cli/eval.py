@@ -1,6 +1,7 @@
 """``kprpe eval``: verification (.bin), IJB-B/C 1:1, custom pairs, identification and the
 alignment-robustness sweep. Each run writes ``results.json``, ``summary.md`` and PNG plots into
-``-o/--output``."""
+``-o/--output``, and prints by the one output convention (docs/cli.md): the Markdown summary on a terminal,
+one line of compact JSON (the results without curves, and the files written) with ``--json`` or on a pipe."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from pathlib import Path
 
 from ..errors import CommandError
 from ..eval.metrics import DEFAULT_FAR_TARGETS, TAR_FAR_CONVENTIONS
-from .options import add_model_options, add_output_option, add_quiet_option, apply_model_defaults
+from .options import (
+    add_deprecated_alias,
+    add_json_option,
+    add_model_options,
+    add_output_option,
+    add_quiet_option,
+    apply_model_defaults,
+    emit,
+)
 
 __all__ = ["register"]
 
@@ -49,7 +58,25 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+_LANDMARKS_ONLY = "--landmarks alone: this protocol's keypoints come from it"
+# which landmark file (kprpe.landmarks.LANDMARK_FORMATS) each protocol's --landmarks reads
+_INDEX_CSV = ("index-csv",)  # sets of aligned crops, by image index: verify, toolkit, keypoint-noise
+_PIXEL_LIST = ("pixel-list",)  # photos by name, in pixels: ijb, pairs, sweep
+
+
+def _check_landmarks(args, accepted: tuple[str, ...]) -> None:
+    """A landmark file of another format is refused by its content, naming both formats (docs/cli.md)."""
+    from ..landmarks import require_landmark_format
+
+    given = args.landmarks if isinstance(args.landmarks, list) else [args.landmarks]
+    for path in given:
+        if path is not None:
+            require_landmark_format(path, accepted)
+
+
+def _common(p: argparse.ArgumentParser, *, keypoint_backend: bool = True) -> None:
+    """Options every protocol shares; ``keypoint_backend``: the protocol has ``--keypoints backend`` (the
+    ones whose keypoints always come from --landmarks accept --aligner for one version, with a warning)."""
     add_output_option(p, type=Path, help="output folder (results.json, summary.md, plots)")
     g = p.add_argument_group("run")
     g.add_argument(
@@ -59,20 +86,26 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="embedding cache folder (default: $KPRPE_CACHE_DIR or ~/.cache/kprpe/embeddings)",
     )
     g.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
-    g.add_argument(
-        "--aligner",
-        choices=("dlib", "dfa"),
-        default="dlib",
-        help="landmark backend of --keypoints backend: dlib (default) or dfa (the official DFA aligner, "
-        "which the published KP-RPE weights were evaluated with; runs on --device, batched)",
-    )
-    g.add_argument(
-        "--aligner-weights",
-        metavar="W",
-        default="minchul/cvlface_DFA_mobilenet",
-        help="DFA checkpoint file/folder or Hugging Face repo id (default minchul/cvlface_DFA_mobilenet)",
-    )
+    if keypoint_backend:
+        g.add_argument(
+            "--aligner",
+            choices=("dlib", "dfa"),
+            default="dlib",
+            help="landmark backend of --keypoints backend: dlib (default) or dfa (the official DFA aligner, "
+            "which the published KP-RPE weights were evaluated with; runs on --device, batched)",
+        )
+        g.add_argument(
+            "--aligner-weights",
+            metavar="W",
+            default="minchul/cvlface_DFA_mobilenet",
+            help="DFA checkpoint file/folder or Hugging Face repo id (default minchul/cvlface_DFA_mobilenet)",
+        )
+    else:  # keypoints come from --landmarks: these never did anything here (and still do nothing)
+        g.set_defaults(aligner="dlib", aligner_weights=None)
+        add_deprecated_alias(g, "--aligner", new=_LANDMARKS_ONLY, dest="ignored_aligner")
+        add_deprecated_alias(g, "--aligner-weights", new=_LANDMARKS_ONLY, dest="ignored_aligner_weights")
     add_quiet_option(g)
+    add_json_option(g)
     g.add_argument(
         "--far",
         type=_float_list,
@@ -86,6 +119,21 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="how TAR@FAR picks the ROC point: insightface (default; the papers' numbers: sklearn "
         "roc_curve with dropped intermediate points, nearest FAR), full_curve (every threshold, "
         "nearest FAR), at_most (best TAR with FAR <= target). See docs/eval.md",
+    )
+
+
+def _add_norm_pooling_option(p: argparse.ArgumentParser, *, old: str, old_value: bool) -> None:
+    """``--norm-pooling`` / ``--no-norm-pooling``: IJB template pooling, one flag and one default for ``eval
+    ijb`` and ``eval toolkit`` (``old``: the command's former spelling, which stores ``old_value``)."""
+    p.add_argument(
+        "--norm-pooling",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="IJB: keep each face feature's norm when pooling (insightface's IJB script); default off: unit "
+        "features x detector score, the official toolkit's headline Norm:False_Det:True",
+    )
+    add_deprecated_alias(
+        p, old, new=f"--{'' if old_value else 'no-'}norm-pooling", dest="norm_pooling", const=old_value
     )
 
 
@@ -169,9 +217,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--t", type=float, default=0.0, help="0 aligned (default), 1 detector-box crop (unaligned)"
     )
-    p.add_argument("--no-norm", action="store_true", help="normalise face features before pooling")
+    _add_norm_pooling_option(p, old="--no-norm", old_value=False)
     p.add_argument("--no-detector-score", action="store_true", help="do not weight faces by detector score")
-    _common(p)
+    _common(p, keypoint_backend=False)
     _calibrate_option(p)
     p.set_defaults(func=_run_ijb)
 
@@ -246,12 +294,7 @@ def register(subparsers) -> None:
         "order the sets are found",
     )
     p.add_argument("--keypoints", choices=("auto", "file", "backend", "template"), default="auto")
-    p.add_argument(
-        "--ijb-use-norm",
-        action="store_true",
-        help="IJB: keep the face-feature norm when pooling (default: the toolkit headline, "
-        "Norm:False_Det:True)",
-    )
+    _add_norm_pooling_option(p, old="--ijb-use-norm", old_value=True)
     p.add_argument(
         "--no-detector-score", action="store_true", help="IJB: do not weight faces by detector score"
     )
@@ -309,7 +352,7 @@ def register(subparsers) -> None:
         default=[0.0, 0.25, 0.5, 0.75, 1.0],
         help="interpolation points in [0, 1] (default 0,0.25,0.5,0.75,1)",
     )
-    _common(p)
+    _common(p, keypoint_backend=False)
     p.set_defaults(func=_run_sweep)
 
 
@@ -388,7 +431,8 @@ def _settings(args):
     _landmark_backend(args)
     apply_model_defaults(args)  # no --weights: the published KP-RPE ViT-Base (after the output checks)
     return EvalSettings(
-        flip=not args.no_flip,
+        # eval's --aligner finds keypoints on crops and never makes one: the flip rule's default is on
+        flip=args.flip is not False,
         batch_size=args.batch_size,
         device=args.device,
         cache_dir=cache,
@@ -440,7 +484,8 @@ def _handle(spec: str, engine: str = "torch"):
     return ModelHandle(Path(path), name=name, engine=engine)
 
 
-def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
+def _write_outputs(out: Path, results: dict, roc: bool = True) -> tuple[str, list[str]]:
+    """results.json, summary.md and the ROC plot; returns the summary and the files written."""
     from ..eval.published import attach_published, published_lines
     from ..eval.report import markdown_summary, plot_roc
     from ..files import atomic_write_text, write_json
@@ -473,14 +518,54 @@ def _write_outputs(out: Path, results: dict, roc: bool = True) -> None:
         plot_roc(
             curves, out / "roc.png", title=f"{results['protocol']} — {Path(str(results.get('weights'))).name}"
         )
-    print(summary)
-    print(f"wrote {out / 'results.json'}, {out / 'summary.md'}" + (", roc.png" if roc and curves else ""))
+    files = [str(out / "results.json"), str(out / "summary.md")]
+    return summary, files + ([str(out / "roc.png")] if roc and curves else [])
 
 
-def _write_calibration(args, results: dict) -> None:
+def _finish(args, results: dict, summary: str, files: list[str], calibration: dict | None = None) -> int:
+    """Print a protocol's result by the output convention: the Markdown summary, or compact JSON of the
+    results without their curves (they are in results.json) and the files written."""
+    light = {key: value for key, value in results.items() if key not in ("sets", "sweep")}
+    light["sets"] = {
+        name: {key: value for key, value in result.items() if key != "roc"}
+        for name, result in results.get("sets", {}).items()
+    }
+    if "sweep" in results:
+        light["sweep"] = results["sweep"]
+    payload = {"output": str(args.output), "files": files, "results": light}
+    text = f"{summary}\nwrote {', '.join(files)}"
+    if calibration is not None:
+        payload["calibration"] = calibration
+        cal = calibration
+        text += (
+            f"\ncalibrated threshold {cal['threshold']:.6f} for FAR {cal['far_target']:g} on "
+            f"{cal['dataset']} (measured FAR {cal['far']:.3g}, TAR {cal['tar']:.4f}); wrote {cal['file']}"
+        )
+    emit(args, _json_safe(payload), text)
+    return 0
+
+
+def _json_safe(value):
+    """Strict JSON for the pipe: paths as text, NaN/inf (a metric with no data) as null."""
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return _json_safe(value.tolist())
+    return str(value)
+
+
+def _write_calibration(args, results: dict) -> dict | None:
     """With ``--calibrate``: the threshold measured on the (single) set goes beside the weights."""
     if getattr(args, "calibrate", None) is None:
-        return
+        return None
     from ..eval.calibration import write_calibration
     from ..face.pipeline import model_fingerprint
 
@@ -501,16 +586,17 @@ def _write_calibration(args, results: dict) -> None:
         flip=results["flip"],
     )
     cal = result["calibration"]
-    print(
-        f"calibrated threshold {cal['threshold']:.6f} for FAR {cal['far_target']:g} on {dataset} "
-        f"(measured FAR {cal['far']:.3g}, TAR {cal['tar']:.4f}); wrote {path}"
-    )
+    return {key: cal[key] for key in ("threshold", "far_target", "far", "tar")} | {
+        "dataset": dataset,
+        "file": str(path),
+    }
 
 
 def _run_verify(args) -> int:
     from ..eval.runs import evaluate_bins
     from ..eval.toolkit import evaluate_toolkit
 
+    _check_landmarks(args, _INDEX_CSV)
     settings = _settings(args)
     sets = [*args.bins, *args.sets]
     if not sets:
@@ -547,14 +633,13 @@ def _run_verify(args) -> int:
             results = toolkit
         else:
             results["sets"].update(toolkit["sets"])
-    _write_outputs(args.output, results)
-    _write_calibration(args, results)
-    return 0
+    return _finish(args, results, *_write_outputs(args.output, results), _write_calibration(args, results))
 
 
 def _run_ijb(args) -> int:
     from ..eval.runs import evaluate_ijb
 
+    _check_landmarks(args, _PIXEL_LIST)
     settings = _settings(args)
     if not 0 <= args.t <= 1:
         _fail(f"--t must lie in [0, 1], got {args.t}")
@@ -568,18 +653,17 @@ def _run_ijb(args) -> int:
             images_dir=args.images,
             settings=settings,
             t=args.t,
-            use_norm=not args.no_norm,
+            use_norm=args.norm_pooling,
             use_detector_score=not args.no_detector_score,
         )
     )
-    _write_outputs(args.output, results)
-    _write_calibration(args, results)
-    return 0
+    return _finish(args, results, *_write_outputs(args.output, results), _write_calibration(args, results))
 
 
 def _run_pairs(args) -> int:
     from ..eval.runs import evaluate_pairs
 
+    _check_landmarks(args, _PIXEL_LIST)
     settings = _settings(args)
     if not 0 <= args.t <= 1:
         _fail(f"--t must lie in [0, 1], got {args.t}")
@@ -594,9 +678,7 @@ def _run_pairs(args) -> int:
             keypoint_source=args.keypoints,
         )
     )
-    _write_outputs(args.output, results)
-    _write_calibration(args, results)
-    return 0
+    return _finish(args, results, *_write_outputs(args.output, results), _write_calibration(args, results))
 
 
 def _run_identify(args) -> int:
@@ -621,8 +703,7 @@ def _run_identify(args) -> int:
             name=args.name,
         )
     )
-    _write_outputs(args.output, results, roc=False)
-    return 0
+    return _finish(args, results, *_write_outputs(args.output, results, roc=False))
 
 
 def _int_ranks(values) -> list[int]:
@@ -635,6 +716,7 @@ def _int_ranks(values) -> list[int]:
 def _run_toolkit(args) -> int:
     from ..eval.toolkit import evaluate_toolkit
 
+    _check_landmarks(args, _INDEX_CSV)
     settings = _settings(args)
     results = _guarded(
         lambda: evaluate_toolkit(
@@ -643,13 +725,12 @@ def _run_toolkit(args) -> int:
             settings,
             keypoint_source=args.keypoints,
             landmarks=args.landmarks,
-            ijb_use_norm=args.ijb_use_norm,
+            ijb_use_norm=args.norm_pooling,
             ijb_use_detector_score=not args.no_detector_score,
             ranks=_int_ranks(args.ranks),
         )
     )
-    _write_outputs(args.output, results)
-    return 0
+    return _finish(args, results, *_write_outputs(args.output, results))
 
 
 def _run_tinyface(args) -> int:
@@ -666,8 +747,7 @@ def _run_tinyface(args) -> int:
             name=args.name,
         )
     )
-    _write_outputs(args.output, results, roc=False)
-    return 0
+    return _finish(args, results, *_write_outputs(args.output, results, roc=False))
 
 
 def _run_sweep(args) -> int:
@@ -675,6 +755,7 @@ def _run_sweep(args) -> int:
     from ..eval.runs import robustness_sweep
     from ..files import write_json
 
+    _check_landmarks(args, _PIXEL_LIST)
     settings = _settings(args)
     results = _guarded(
         lambda: robustness_sweep(
@@ -687,12 +768,12 @@ def _run_sweep(args) -> int:
             boxes=args.boxes,
         )
     )
-    _write_outputs(args.output, results, roc=False)
+    summary, files = _write_outputs(args.output, results, roc=False)
     sweep = results["sweep"]
     write_json(args.output / "sweep.json", sweep)
     plot_sweep(sweep["t"], sweep["accuracy"], args.output / "sweep.png")
-    print(f"wrote {args.output / 'sweep.json'}, {args.output / 'sweep.png'}")
-    return 0
+    files += [str(args.output / "sweep.json"), str(args.output / "sweep.png")]
+    return _finish(args, results, summary, files)
 
 
 def _register_keypoint_noise(sub) -> None:
@@ -751,6 +832,7 @@ def _run_keypoint_noise(args) -> int:
         write_keypoint_noise_outputs,
     )
 
+    _check_landmarks(args, _INDEX_CSV)
     settings = _settings(args)
     sets = [*args.bins, *args.sets]
     if not sets:
@@ -771,6 +853,4 @@ def _run_keypoint_noise(args) -> int:
         )
     )
     paths = write_keypoint_noise_outputs(args.output, results)
-    print(markdown_keypoint_noise(results))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return _finish(args, results, markdown_keypoint_noise(results), [str(p) for p in paths.values()])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_overwrite_option
+from .options import add_json_option, add_output_option, add_overwrite_option, emit
 
 __all__ = ["register"]
 
@@ -44,7 +44,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     }
     if "parity" in result:
         summary["parity"] = result["parity"]
-    print(json.dumps(summary, indent=2))
+    text = f"exported {summary['kind']} ({summary['precision']}, opset {summary['opset']}) to {args.output}"
+    if "parity" in summary:
+        text += f"; ONNX Runtime vs PyTorch max |diff| {summary['parity']['max_abs_diff']:.2g}"
+    emit(args, summary, text)
     return 0
 
 
@@ -63,7 +66,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "model", metavar="MODEL", help="checkpoint (anything kprpe.load_official accepts) or preset name"
     )
-    p.add_argument("-o", "--output", required=True, metavar="ONNX", help="file to write (.onnx)")
+    add_output_option(p, help="file to write (.onnx)", metavar="ONNX")
     add_overwrite_option(p, help="replace an existing ONNX file and its .onnx.json")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
     p.add_argument(
@@ -83,4 +86,5 @@ def register(subparsers) -> None:
         metavar="KEY=VALUE",
         help="config field the checkpoint cannot tell, e.g. --set num_heads=8 (repeatable)",
     )
+    add_json_option(p)
     p.set_defaults(func=_cmd_export)

@@ -1,6 +1,8 @@
 """``kprpe align | embed | verify | search``: the face pipeline on the command line.
 
-Every command prints one JSON object on stdout (progress and per-file problems go to stderr). Exit status:
+Every command prints its result by the one output convention (docs/cli.md): a short summary on a terminal,
+one line of compact JSON with ``--json`` or when stdout is piped; progress and per-file problems go to stderr.
+Exit status:
 0 all inputs processed; 1 finished, but some inputs failed (they are listed in the output); 2 nothing could
 be done (bad arguments, missing weights, no face in a verify photo, ...).
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,13 +29,19 @@ from ..landmarks import LandmarkFileError
 from ..thresholds import DEFAULT_THRESHOLD
 from ..zoo.catalog import DEFAULT_ALIGNER_WEIGHTS
 from .options import (
+    add_deprecated_alias,
     add_device_option,
+    add_gallery_option,
+    add_json_option,
     add_model_options,
     add_output_option,
     add_overwrite_option,
     add_quiet_option,
     add_workers_option,
     apply_model_defaults,
+    emit,
+    flip_enabled,
+    require_gallery,
 )
 
 if TYPE_CHECKING:  # the model side (torch) is imported by the commands that run it, not by `kprpe --help`
@@ -61,9 +68,10 @@ def _upsample(text: str) -> int | str:
 
 
 def add_aligner_options(group, *, device: bool) -> None:
-    """``--aligner dlib|dfa``, ``--aligner-weights``, ``--min-aligner-score`` (and ``--device`` for commands
-    without model options, whose aligner defaults to dlib; with model options it is left None, for
-    :func:`~kprpe.cli.options.apply_model_defaults` to choose from the weights)."""
+    """``--aligner dlib|dfa``, ``--aligner-weights``, ``--min-score`` (one threshold name for either aligner;
+    ``--min-aligner-score`` is its deprecated spelling), and ``--device`` for commands without model options,
+    whose aligner defaults to dlib; with model options it is left None, for
+    :func:`~kprpe.cli.options.apply_model_defaults` to choose from the weights."""
     group.add_argument(
         "--aligner",
         choices=ALIGNER_CHOICES,
@@ -84,13 +92,14 @@ def add_aligner_options(group, *, device: bool) -> None:
         help=f"DFA checkpoint file/folder or Hugging Face repo id (default {DEFAULT_ALIGNER_WEIGHTS})",
     )
     group.add_argument(
-        "--min-aligner-score",
+        "--min-score",
         type=float,
         default=None,
         metavar="S",
-        help="with --aligner dfa: reject photos whose DFA face score is below S in [0, 1] (default: keep "
-        "all; the DFA always returns its best guess, see docs/face.md)",
+        help="drop faces whose score is below S: dlib's detector score (default 0), or the DFA's face score "
+        "in [0, 1] (default: keep all; the DFA always returns its best guess, see docs/face.md)",
     )
+    add_deprecated_alias(group, "--min-aligner-score", new="--min-score", dest="min_score", type=float)
     if device:
         add_device_option(group)
 
@@ -125,14 +134,15 @@ def _add_pipeline_options(
         default="auto",
         help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4",
     )
-    group.add_argument("--min-score", type=float, default=0.0, help="detector score threshold (default 0)")
     group.add_argument(
         "--min-face-size", type=float, default=0.0, help="ignore faces smaller than this many pixels"
     )
     group.add_argument(
         "--landmarks",
         metavar="FILE",
-        help="use keypoints from this CSV/JSON file (any external detector) instead of dlib",
+        help="use keypoints from this file (any external detector) instead of dlib: a CSV with columns "
+        "file,x0,y0,..,x4,y4 or JSON {file: face}; other landmark formats are refused by content "
+        "(docs/cli.md)",
     )
     group.add_argument(
         "--landmarks-normalized",
@@ -144,17 +154,13 @@ def _add_pipeline_options(
     add_quiet_option(parser)
 
 
-def _add_flip_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--flip",
-        action="store_true",
-        help="flip-sum test-time augmentation even with --aligner dfa (whose official pipeline, and so "
-        "its default here, has none)",
-    )
-
-
 def _detector(args: argparse.Namespace) -> FaceDetector:
     """The backend the face options name (built by :func:`kprpe.face.backends.make_detector`)."""
+    from ..landmarks import require_landmark_format
+
+    if args.landmarks:  # another kind of landmark file is refused by its content, naming both formats
+        require_landmark_format(args.landmarks, ("photo-list",))
+    dfa = args.aligner == "dfa"
     return make_detector(
         args.aligner,
         landmarks=args.landmarks,
@@ -162,9 +168,9 @@ def _detector(args: argparse.Namespace) -> FaceDetector:
         detector=args.detector,
         landmark_model=args.landmark_model,
         upsample=args.upsample,
-        min_score=args.min_score,
+        min_score=0.0 if dfa or args.min_score is None else args.min_score,  # one --min-score, either aligner
         aligner_weights=args.aligner_weights,
-        min_aligner_score=args.min_aligner_score,
+        min_aligner_score=args.min_score if dfa else None,
         device=getattr(args, "device", "cpu"),
         batch_size=max(1, min(getattr(args, "batch_size", 16), 64)),
     )
@@ -182,16 +188,6 @@ def _pipeline(args: argparse.Namespace) -> FacePipeline:
     )
 
 
-def _flip(args: argparse.Namespace) -> bool:
-    """Flip TTA: on by default with dlib; off by default with the DFA, whose official pipeline has none
-    (``--flip`` turns it on, ``--no-flip`` off, either way)."""
-    if getattr(args, "flip", False) and args.no_flip:
-        raise CommandError("--flip and --no-flip contradict each other; give one")
-    if getattr(args, "flip", False):
-        return True
-    return not args.no_flip and getattr(args, "aligner", "dlib") != "dfa"
-
-
 def _embedder(args: argparse.Namespace) -> FaceEmbedder:
     from ..face.embedder import FaceEmbedder
     from ..nn import CheckpointError
@@ -204,10 +200,10 @@ def _embedder(args: argparse.Namespace) -> FaceEmbedder:
         from ..export import load_engine
 
         engine = load_engine(weights, device=args.device)  # OnnxModelError: a one-line KprpeError
-        return FaceEmbedder(engine, flip=_flip(args), batch_size=args.batch_size, device="cpu")
+        return FaceEmbedder(engine, flip=flip_enabled(args), batch_size=args.batch_size, device="cpu")
     try:
         return FaceEmbedder.from_weights(
-            weights, flip=_flip(args), batch_size=args.batch_size, device=args.device
+            weights, flip=flip_enabled(args), batch_size=args.batch_size, device=args.device
         )
     except (CheckpointError, ValueError, OSError) as exc:
         raise CommandError(f"cannot load weights {weights}: {exc}") from None
@@ -241,9 +237,9 @@ def _score(value) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
-def _print_json(payload: dict) -> None:
-    # strict JSON: a NaN or infinity is a bug upstream and must not reach a consumer as invalid JSON
-    print(json.dumps(payload, indent=2, allow_nan=False))
+def _failed_line(failures: list) -> str:
+    """The summary's last line when some inputs failed (each was named on stderr as it failed)."""
+    return f"\n{len(failures)} inputs failed (listed above and in --json)" if failures else ""
 
 
 def _unique_stem(stem: str, used: set[str]) -> str:
@@ -261,6 +257,28 @@ def _unique_stem(stem: str, used: set[str]) -> str:
 ALIGN_MARKER = ".kprpe-align"
 
 
+def _align_inputs(inputs: list[str], out: Path) -> tuple[list[Path], dict[str, str]]:
+    """The photos ``align`` reads — folders searched with their sub-folders (``photos/<person>/*.jpg`` in one
+    run) — and each photo's crop name: its path under the folder given, without suffix, so the output keeps
+    the folder structure (``crops/<person>/<photo>.png``). An output folder inside an input is skipped."""
+    from ..images import expand_image_paths
+
+    skip = out.resolve()
+    paths: list[Path] = []
+    names: dict[str, str] = {}
+    for given in inputs:
+        root = Path(given)
+        for path in expand_image_paths([root], recursive=True):
+            relative = path.relative_to(root) if root.is_dir() else Path(path.name)
+            if skip == path.resolve() or skip in path.resolve().parents or any(
+                part.startswith(".") for part in relative.parts[:-1]
+            ):
+                continue  # an earlier run's crops, or a hidden folder (a staging folder among them)
+            paths.append(path)
+            names[str(path)] = relative.with_suffix("").as_posix()
+    return paths, names
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
     from ..face.draw import draw_keypoints
     from ..files import OutputFolderError, check_output_folder, staged_folder
@@ -272,6 +290,10 @@ def _cmd_align(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     if args.show:
         _check_show(args, out)
+    try:
+        paths, crop_names = _align_inputs(args.inputs, out)
+    except ImageLoadError as exc:  # a folder with no images, in it or below it
+        raise CommandError(str(exc)) from None
     pipeline = _pipeline(args)
     failed: list[tuple[str, str]] = []  # each chunk's crops are written, then dropped (bounded memory)
     sources: set[str] = set()
@@ -280,13 +302,13 @@ def _cmd_align(args: argparse.Namespace) -> int:
         used: set[str] = set()
         rows, scores = [], []
         shown = None  # (source, face) of the first face, for --show
-        for part in pipeline.iter_batches(args.inputs, progress=not args.quiet):
+        for part in pipeline.iter_batches(paths, progress=not args.quiet):
             failed.extend(part.failures)
             for record in part.records:
                 sources.add(record.source)
                 if args.show and shown is None:  # kept only when asked: crops are otherwise let go per chunk
                     shown = (record.source, record.face)
-                stem = Path(record.source).stem + (f"_{record.face_index}" if pipeline.all_faces else "")
+                stem = crop_names[record.source] + (f"_{record.face_index}" if pipeline.all_faces else "")
                 stem = _unique_stem(stem, used)
                 write_png(folder / f"{stem}.png", record.face.image)
                 if args.draw:
@@ -299,18 +321,22 @@ def _cmd_align(args: argparse.Namespace) -> int:
         failures = _report_failures("align", failed)
         if failures:
             write_csv(folder / "failures.csv", ["file", "reason"], failed)
-    _print_json(
-        {
-            "output": str(out),
-            "landmarks": str(out / "landmarks.csv"),
-            "faces": len(rows),
-            "images": len(sources) + len(failures),
-            "aligner": pipeline.detector.name,
-            "scores": scores,
-            "failures": failures,
-            **({"show": args.show} if args.show and shown is not None else {}),
-        }
+    payload = {
+        "output": str(out),
+        "landmarks": str(out / "landmarks.csv"),
+        "faces": len(rows),
+        "images": len(sources) + len(failures),
+        "aligner": pipeline.detector.name,
+        "scores": scores,
+        "failures": failures,
+        **({"show": args.show} if args.show and shown is not None else {}),
+    }
+    summary = (
+        f"aligned {payload['faces']} faces from {payload['images']} images into {out} "
+        f"(aligner {payload['aligner']}); keypoints in {payload['landmarks']}"
+        + (f"; picture {args.show}" if "show" in payload else "")
     )
+    emit(args, payload, summary + _failed_line(failures))
     return 1 if failures else 0
 
 
@@ -400,7 +426,14 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         on_failure=_skipped("embed"),
         runner=runner,
     )
-    _print_json(summary.to_dict())
+    payload = summary.to_dict()
+    text = (
+        f"embedded {payload['rows']} faces from {payload['files']} files into {payload['output']} "
+        f"({payload['format']}, dim {payload['dim']}, {payload['seconds']:g} s"
+        + (", resumed" if payload["resumed"] else "")
+        + ")"
+    )
+    emit(args, payload, text + _failed_line(payload["failures"]))
     return 1 if summary.failures else 0
 
 
@@ -458,7 +491,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             photos, result.faces, result.similarity, result.same, result.threshold, choice.source
         )
         payload["show"] = str(write_png(args.show, picture))
-    _print_json(payload)
+    decision = "same person" if result.same else "different people"
+    text = (
+        f"{args.a} vs {args.b}: similarity {result.similarity:.4f} -> {decision} (threshold "
+        f"{result.threshold:g}, {choice.source}; aligner {payload['aligner']}, "
+        f"flip {'on' if embedder.flip else 'off'})"
+    )
+    pictures = [payload[k] for k in ("visualization", "show") if k in payload]
+    emit(args, payload, text + (f"\nwrote {', '.join(pictures)}" if pictures else ""))
     return 0
 
 
@@ -475,16 +515,10 @@ def _threshold(args: argparse.Namespace, embedder: FaceEmbedder):
     )
 
 
-def _gallery_location(args: argparse.Namespace, path_option: str) -> str:
-    """The gallery a search command works on: ``--gallery URI`` or the index path option, exactly one."""
-    path = args.output if path_option == "-o" else args.index
-    if args.gallery_uri and path:
-        raise CommandError(f"give the gallery once: --gallery or {path_option}, not both")
-    if not (args.gallery_uri or path):
-        raise CommandError(
-            f"no gallery given: --gallery URI (a file path or a database URI) or {path_option} INDEX"
-        )
-    return args.gallery_uri or path
+def _gallery_location(args: argparse.Namespace) -> str:
+    """The gallery a search command works on: ``--gallery``, a file path or a database URI (the old
+    ``-o``/``--index`` spellings store into it, with a warning)."""
+    return require_gallery(args)
 
 
 def _gallery_metadata(args: argparse.Namespace, pipeline, embedder) -> dict:
@@ -501,7 +535,7 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     from ..gallery.database import DatabaseGallery, is_database_uri
     from ..gallery.index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
 
-    location = _gallery_location(args, "-o")
+    location = _gallery_location(args)
     database = is_database_uri(location)
     if database and args.thumbnails:
         raise CommandError(
@@ -510,8 +544,8 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     appending = args.append and not database and Path(location).exists()
     apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     pipeline = _pipeline(args)
-    if not database:  # --append updates the index named by -o; anything else there needs --overwrite
-        _check_output(location, args, [args.gallery], overwrite=args.overwrite or args.append)
+    if not database:  # --append updates the index named by --gallery; anything else there needs --overwrite
+        _check_output(location, args, [args.folder], overwrite=args.overwrite or args.append)
     embedder = _embedder(args)
     if database:  # opened before the photos are embedded: a wrong model or URI costs nothing
         target = DatabaseGallery.open(
@@ -540,7 +574,7 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     try:
         failures = enrol_gallery(
             index,
-            args.gallery,
+            args.folder,
             pipeline=pipeline,
             embedder=embedder,
             progress=not args.quiet,
@@ -552,7 +586,7 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     for path, reason in failures:
         print(f"kprpe search enrol: skipped {path}: {reason}", file=sys.stderr)
     if len(index) == 0:
-        raise CommandError(f"no identity in {args.gallery} had a usable face; nothing enrolled")
+        raise CommandError(f"no identity in {args.folder} had a usable face; nothing enrolled")
     enrolled, thumbnails = len(index), {}
     if database:
         target.write(index, pool=args.append)
@@ -560,16 +594,16 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
     else:
         index.save(location)
         thumbnails = _enrol_thumbnails(args, location, pipeline, index, fresh=not appending)
-    _print_json(
-        {
-            "output": str(location),
-            "identities": len(index),
-            "enrolled": enrolled,
-            "index": index.describe(),
-            **thumbnails,
-            "failures": [{"file": p, "reason": r} for p, r in failures],
-        }
-    )
+    payload = {
+        "gallery": str(location),
+        "identities": len(index),
+        "enrolled": enrolled,
+        "index": index.describe(),
+        **thumbnails,
+        "failures": [{"file": p, "reason": r} for p, r in failures],
+    }
+    text = f"gallery {location}: {len(index)} identities ({enrolled} from {args.folder})"
+    emit(args, payload, text + _failed_line(failures))
     return 1 if failures else 0
 
 
@@ -586,7 +620,7 @@ def _enrol_thumbnails(args: argparse.Namespace, location: str, pipeline, index, 
     if not args.thumbnails:
         return {}
     written = 0
-    for name, paths in gallery_images(args.gallery).items():
+    for name, paths in gallery_images(args.folder).items():
         if name not in index or store.numbers(name):
             continue
         for path in paths:
@@ -604,7 +638,7 @@ def _cmd_search_remove(args: argparse.Namespace) -> int:
     from ..gallery.database import is_database_uri, open_gallery
     from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
 
-    location = _gallery_location(args, "--index")
+    location = _gallery_location(args)
     index = open_gallery(location, backend=args.backend)
     removed = index.remove(args.identities)
     index.save(location)  # a database gallery has written it already
@@ -612,7 +646,9 @@ def _cmd_search_remove(args: argparse.Namespace) -> int:
     if thumbnails is not None and thumbnails.is_dir():  # the page's thumbnails of the removed go too
         for name in removed:
             ThumbnailStore(thumbnails).remove(name)
-    _print_json({"index": str(location), "removed": removed, "identities": len(index)})
+    payload = {"gallery": str(location), "removed": removed, "identities": len(index)}
+    text = f"gallery {location}: removed {', '.join(removed) or 'nothing'}; {len(index)} identities left"
+    emit(args, payload, text)
     return 0
 
 
@@ -621,7 +657,7 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
 
     if args.top_k <= 0:
         raise CommandError(f"-k must be positive, got {args.top_k}")
-    location = _gallery_location(args, "--index")
+    location = _gallery_location(args)
     index = open_gallery(location, backend=args.backend, nprobe=args.nprobe)
     apply_model_defaults(args)  # before the pipeline: the weights choose the default aligner
     pipeline = _pipeline(args)
@@ -656,24 +692,39 @@ def _cmd_search_query(args: argparse.Namespace) -> int:
             search_pending()
     if pending:
         search_pending()
-    failures = _report_failures("search", failed)
-    _print_json(
-        {
-            "index": str(location),
-            "threshold": choice.threshold,
-            "threshold_source": choice.source,
-            "results": results,
-            "failures": failures,
-        }
-    )
+    failures = _report_failures("search query", failed)
+    payload = {
+        "gallery": str(location),
+        "threshold": choice.threshold,
+        "threshold_source": choice.source,
+        "results": results,
+        "failures": failures,
+    }
+    lines = [f"gallery {location}, threshold {choice.threshold:g} ({choice.source}):"]
+    for r in results:
+        best = r["matches"][0] if r["matches"] else None
+        found = (
+            f"{best['identity']} {best['score']:.4f} ({'same' if best['same'] else 'below threshold'})"
+            if best
+            else "no identity"
+        )
+        lines.append(f"  {r['file']} face {r['face_index']}: {found}")
+    emit(args, payload, "\n".join(lines) + _failed_line(failures))
     return 1 if failures else 0
+
+
+# --gallery: where the gallery lives, a file or a database (docs/cli.md: one name in every command)
+GALLERY_HELP = (
+    "where the gallery lives: a file path (the FAISS/NumPy .npz index of 'kprpe search enrol') or a vector "
+    "database: milvus:///PATH.db (Milvus Lite, embedded), http://HOST:19530 (a Milvus server), "
+    "qdrant:///FOLDER, qdrant+http://HOST:6333 (see docs/serving.md)"
+)
 
 
 def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
     from ..gallery.index import DEFAULT_APPROXIMATE_ABOVE, INDEX_BACKENDS
 
     group = parser.add_argument_group("index")
-    _add_gallery_uri_option(group)
     group.add_argument(
         "--backend",
         choices=INDEX_BACKENDS,
@@ -696,18 +747,6 @@ def _add_index_options(parser: argparse.ArgumentParser, *, build: bool) -> None:
             "0 = always exact)",
         )
         group.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(identities))")
-
-
-def _add_gallery_uri_option(parser) -> None:
-    parser.add_argument(
-        "--gallery",
-        dest="gallery_uri",
-        metavar="URI",
-        default=None,
-        help="where the gallery lives: a file path (the FAISS/NumPy .npz index) or a vector database: "
-        "milvus:///PATH.db (Milvus Lite, embedded), http://HOST:19530 (a Milvus server), qdrant:///FOLDER, "
-        "qdrant+http://HOST:6333 (see docs/serving.md)",
-    )
 
 
 def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
@@ -759,7 +798,9 @@ def register(subparsers) -> None:
         "align",
         help="detect faces and write 112x112 crops + landmarks.csv",
         description="Detect faces, crop them (aligned, unaligned or prealigned) to 112x112 "
-        "PNGs in OUT and write OUT/landmarks.csv (keypoints normalised to the crop).",
+        "PNGs in OUT and write OUT/landmarks.csv (keypoints normalised to the crop). Folders are searched "
+        "with their sub-folders and OUT keeps their structure: 'kprpe align photos/ -o crops/' writes "
+        "crops/<person>/<photo>.png for photos/<person>/<photo>.jpg.",
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
     add_output_option(p, help="output directory")
@@ -773,6 +814,7 @@ def register(subparsers) -> None:
         "serve's page shows it",
     )
     _add_pipeline_options(p, device=True)
+    add_json_option(p)
     p.set_defaults(func=_cmd_align)
 
     p = subparsers.add_parser(
@@ -788,9 +830,9 @@ def register(subparsers) -> None:
     add_output_option(p, help="output: OUT.parquet, OUT.npz or a folder", metavar="OUT")
     _add_pipeline_options(p)
     add_model_options(p)
-    _add_flip_option(p)
     _add_embed_stream_options(p)
     _add_ray_options(p)
+    add_json_option(p)
     p.set_defaults(func=_cmd_embed)
 
     p = subparsers.add_parser(
@@ -820,16 +862,16 @@ def register(subparsers) -> None:
     add_overwrite_option(p, help="replace an existing --visualize / --show file")
     _add_pipeline_options(p, all_faces=False)
     add_model_options(p)
-    _add_flip_option(p)
+    add_json_option(p)
     p.set_defaults(func=_cmd_verify)
 
     p = subparsers.add_parser(
         "search",
         help="enrol a gallery of identities, then identify query faces",
-        description="'kprpe search enrol GALLERY -o index.npz' then "
-        "'kprpe search query IMAGES --index index.npz'; 'kprpe search remove "
-        "NAMES --index index.npz'. FAISS when installed, NumPy otherwise; --gallery URI instead of "
-        "-o/--index keeps the gallery in a vector database (milvus:///gallery.db, http://HOST:19530).",
+        description="'kprpe search enrol FOLDER --gallery index.npz' then "
+        "'kprpe search query IMAGES --gallery index.npz'; 'kprpe search remove "
+        "NAMES --gallery index.npz'. FAISS when installed, NumPy otherwise; a --gallery URI keeps the "
+        "gallery in a vector database (milvus:///gallery.db, http://HOST:19530).",
     )
     search_sub = p.add_subparsers(dest="search_command", metavar="ACTION", required=True)
     e = search_sub.add_parser(
@@ -839,38 +881,38 @@ def register(subparsers) -> None:
         description="One template per identity: the normalised mean of its images' embeddings. "
         "The index is an .npz that loads with allow_pickle=False.",
     )
-    e.add_argument("gallery", metavar="GALLERY")
-    add_output_option(e, help="index file to write (.npz); or --gallery URI", metavar="INDEX", required=False)
+    e.add_argument("folder", metavar="FOLDER", help="FOLDER/<identity>/<images>")
+    add_gallery_option(e, help=f"{GALLERY_HELP}; required", old=("-o", "--output"))
     e.add_argument(
         "--append",
         action="store_true",
-        help="add to INDEX if it exists (new identities are added, existing ones pool the new images); "
-        "without it a database gallery's identities in GALLERY are set to this run's templates",
+        help="add to GALLERY if it exists (new identities are added, existing ones pool the new images); "
+        "without it a database gallery's identities in FOLDER are set to this run's templates",
     )
     add_overwrite_option(
-        e, help="replace an existing INDEX (without --append); a database gallery: drop it first"
+        e, help="replace an existing GALLERY file (without --append); a database gallery: drop it first"
     )
     e.add_argument(
         "--thumbnails",
         action="store_true",
-        help="also keep a 56x56 thumbnail of each identity's first usable face in INDEX.thumbnails, as kprpe "
-        "serve's page shows (one more face detection per identity)",
+        help="also keep a 56x56 thumbnail of each identity's first usable face in GALLERY.thumbnails, as "
+        "kprpe serve's page shows (one more face detection per identity)",
     )
     _add_pipeline_options(e, all_faces=False)
     add_model_options(e)
-    _add_flip_option(e)
     add_workers_option(e)
     _add_index_options(e, build=True)
+    add_json_option(e)
     e.set_defaults(func=_cmd_search_enrol)
     r = search_sub.add_parser("remove", help="remove identities from an index (no re-enrolment)")
     r.add_argument("identities", nargs="+", metavar="IDENTITY")
-    r.add_argument("--index", metavar="INDEX", help="the index file; or --gallery URI")
+    add_gallery_option(r, help=f"{GALLERY_HELP}; required")
     r.add_argument("--backend", choices=("auto", "faiss", "numpy"), default="auto")
-    _add_gallery_uri_option(r)
+    add_json_option(r)
     r.set_defaults(func=_cmd_search_remove)
     q = search_sub.add_parser("query", help="top-k identities for the faces of query photos")
     q.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS")
-    q.add_argument("--index", metavar="INDEX", help="the index file; or --gallery URI")
+    add_gallery_option(q, help=f"{GALLERY_HELP}; required")
     q.add_argument("-k", "--top-k", type=int, default=5, help="identities to return per face (default 5)")
     q.add_argument(
         "--threshold",
@@ -881,6 +923,6 @@ def register(subparsers) -> None:
     )
     _add_pipeline_options(q)
     add_model_options(q)
-    _add_flip_option(q)
     _add_index_options(q, build=False)
+    add_json_option(q)
     q.set_defaults(func=_cmd_search_query)

@@ -12,6 +12,7 @@ import os
 import sys
 
 from ..errors import KprpeError
+from .options import add_json_option, wants_json
 
 # Command groups, in the order they appear in ``kprpe --help``; a group whose module is absent is skipped
 # (a task package such as gait adds its cli/<task>.py and its name here).
@@ -36,7 +37,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.zoo:
         from .zoo import print_zoo
 
-        print_zoo(as_json=args.json)
+        print_zoo(as_json=wants_json(args))
         return 0
     rows, texts = [], []
     for name in list_models():
@@ -48,8 +49,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
             row["parameters"] = num_parameters(create_model(name))
         rows.append(row)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    if wants_json(args):  # the output convention: --json, or stdout not a terminal
+        print(json.dumps(rows, separators=(",", ":")))
     else:
         for r, text in zip(rows, texts, strict=True):
             extra = f"  {r['parameters']:,} params" if "parameters" in r else ""
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered model presets")
     p.add_argument("--params", action="store_true", help="also build each preset and count its parameters")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_option(p)
     p.add_argument(
         "--zoo",
         action="store_true",
@@ -95,7 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(module_name) is None:
             continue
         importlib.import_module(module_name).register(sub)
+    _name_every_command(parser)
     return parser
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser):
+    """``(parser, its sub-command parsers)`` pairs, depth first (aliases such as ``enroll`` skipped)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            seen = set()
+            for child in action.choices.values():
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                yield child
+                yield from subcommand_parsers(child)
+
+
+def _name_every_command(parser: argparse.ArgumentParser) -> None:
+    """Each command records its full name (``kprpe eval pairs``): errors and warnings are prefixed with it.
+    The deepest parser's default wins (argparse copies a sub-command's namespace over its parent's)."""
+    parser.set_defaults(command_prog=parser.prog)
+    for child in subcommand_parsers(parser):
+        child.set_defaults(command_prog=child.prog)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KprpeError as exc:  # every deliberate error (CommandError, bad files, configs, checkpoints)
-        print(f"kprpe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{args.command_prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

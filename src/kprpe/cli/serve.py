@@ -1,4 +1,7 @@
-"""``kprpe serve``: load the model (and index) once, then answer HTTP requests until interrupted."""
+"""``kprpe serve``: load the model (and index) once, then answer HTTP requests until interrupted.
+
+It takes the face commands' options (docs/cli.md): the model options (``--engine onnx`` included), the
+aligner, ``--mode``, ``--gallery``, ``--landmarks request`` for keypoints sent with each request, ``-q``."""
 
 from __future__ import annotations
 
@@ -7,6 +10,12 @@ import os
 import sys
 
 from ..errors import CommandError, KprpeError
+from .face import add_aligner_options
+from .options import add_gallery_option, add_model_options, add_quiet_option, apply_model_defaults
+
+# ``--landmarks request``: each request carries its face's keypoints (the face commands' --landmarks FILE,
+# for uploads, which have no file name to look up)
+LANDMARKS_FROM_REQUEST = "request"
 
 __all__ = ["register", "build_service"]
 
@@ -14,29 +23,15 @@ __all__ = ["register", "build_service"]
 def build_service(args: argparse.Namespace):
     """Model, aligner, index and threshold from the command line (shared by the CLI and the tests)."""
     from ..face.detector import MissingDependencyError
-    from ..face.embedder import FaceEmbedder
     from ..face.pipeline import DEFAULT_THRESHOLD
-    from ..nn import CheckpointError
     from ..serve.app import FaceService
     from ..thresholds import resolve_threshold
-    from .options import apply_model_defaults
+    from .face import _embedder
 
-    apply_model_defaults(args)  # no --weights: the published default; a repo id -> its verified snapshot
-    weights = args.weights_path
-    if getattr(args, "flip", False) and args.no_flip:
-        raise CommandError("--flip and --no-flip contradict each other; give one")
-    # the DFA's official pipeline has no flip TTA, so neither has --aligner dfa unless --flip asks for it
-    flip = getattr(args, "flip", False) or (not args.no_flip and args.aligner != "dfa")
-    try:
-        embedder = FaceEmbedder.from_weights(weights, flip=flip, batch_size=2, device=args.device)
-    except (CheckpointError, ValueError, OSError) as exc:
-        raise CommandError(f"cannot load weights {weights}: {exc}") from None
-    except (RuntimeError, AssertionError) as exc:
-        raise CommandError(f"cannot use device {args.device!r} for weights {weights}: {exc}") from None
-    index, location = None, getattr(args, "gallery_uri", None)
-    if location and args.index:
-        raise CommandError("give the gallery once: --gallery or --index, not both")
-    location = location or args.index
+    aligner = _aligner(args)
+    # the face commands' model loading: a checkpoint or repo id, or an ONNX file with --engine onnx
+    embedder = _embedder(args)
+    index, location = None, args.gallery
     if location:
         from ..gallery.database import is_database_uri, open_gallery
 
@@ -54,7 +49,7 @@ def build_service(args: argparse.Namespace):
     try:
         return FaceService(
             embedder,
-            aligner=args.aligner,
+            aligner=aligner,
             index=index,
             threshold=choice.threshold,
             threshold_source=choice.source,
@@ -64,9 +59,11 @@ def build_service(args: argparse.Namespace):
             aligner_options={
                 "detector": args.detector,
                 "landmark_model": args.landmark_model,
+                "upsample": args.upsample,
                 "weights": getattr(args, "aligner_weights", None),
                 "device": args.device,
-                "min_score": getattr(args, "min_aligner_score", None),
+                "min_score": args.min_score,
+                "mode": args.mode,
             },
         )
     except MissingDependencyError as exc:
@@ -75,8 +72,34 @@ def build_service(args: argparse.Namespace):
         raise CommandError(str(exc)) from None
 
 
+def _aligner(args: argparse.Namespace) -> str:
+    """The service's aligner: ``--landmarks request`` (clients send keypoints), else ``--aligner``. The old
+    ``--aligner supplied`` still works, with a warning."""
+    if args.aligner == "supplied":
+        from .options import REMOVED_IN
+
+        prog = getattr(args, "command_prog", "kprpe serve")
+        print(
+            f"{prog}: warning: --aligner supplied is deprecated, use --landmarks {LANDMARKS_FROM_REQUEST} "
+            f"(the old spelling goes in kprpe {REMOVED_IN})",
+            file=sys.stderr,
+        )
+        args.aligner, args.landmarks = "dlib", LANDMARKS_FROM_REQUEST
+    if args.landmarks is not None and args.landmarks != LANDMARKS_FROM_REQUEST:
+        raise CommandError(
+            f"--landmarks takes '{LANDMARKS_FROM_REQUEST}' here (each request sends its face's 5 keypoints), "
+            f"not a file ({args.landmarks}): uploads have no file name to look up in it"
+        )
+    if args.landmarks and args.aligner == "dfa":
+        raise CommandError(
+            f"--landmarks {LANDMARKS_FROM_REQUEST} and --aligner dfa both give keypoints; choose one"
+        )
+    apply_model_defaults(args)  # an --aligner left unset: chosen from the weights (dlib with --landmarks)
+    return "supplied" if args.landmarks else args.aligner
+
+
 def _thumbnail_store(args: argparse.Namespace, gallery_file: str | None):
-    """``--thumbnails DIR`` (``none``: keep none); by default a folder beside a gallery file (``--index
+    """``--thumbnails DIR`` (``none``: keep none); by default a folder beside a gallery file (``--gallery
     gallery.npz`` -> ``gallery.npz.thumbnails``). A gallery without a file of its own (in memory, or in a
     vector database) keeps none unless given a folder."""
     from ..gallery.thumbnails import ThumbnailStore, thumbnails_beside
@@ -130,25 +153,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         else "gallery changes allowed (loopback only)" if is_loopback(args.host)
         else "gallery changes refused (no --api-key)"
     )
-    print(
-        f"kprpe serve: page and API at http://{args.host}:{args.port}/ ; {writes}; aligner={service.aligner} "
-        f"threshold={service.threshold:g} ({service.threshold_source})"
-        + (
-            f" index={args.gallery_uri or args.index} ({len(service.index)} identities)"
-            if service.index is not None
-            else ""
-        ),
-        file=sys.stderr,
-        flush=True,
-    )
-    config = server_config(app, limits, host=args.host, port=args.port, log_level=args.log_level)
+    if not args.quiet:
+        print(
+            f"kprpe serve: page and API at http://{args.host}:{args.port}/ ; {writes}; "
+            f"aligner={service.aligner} threshold={service.threshold:g} ({service.threshold_source})"
+            + ("" if service.index is None else f" gallery={args.gallery} ({len(service.index)} identities)"),
+            file=sys.stderr,
+            flush=True,
+        )
+    log_level = "warning" if args.quiet and args.log_level == "info" else args.log_level
+    config = server_config(app, limits, host=args.host, port=args.port, log_level=log_level)
     uvicorn.Server(config).run()
     return 0
 
 
 def register(subparsers) -> None:
     """Add ``serve`` to the ``kprpe`` command."""
-    from ..serve.app import ALIGNERS, ServeLimits
+    from ..face.align import ALIGN_MODES
+    from ..serve.app import ServeLimits
+    from .face import _upsample
 
     defaults = ServeLimits()
     p = subparsers.add_parser(
@@ -159,52 +182,52 @@ def register(subparsers) -> None:
         "/search (file 'image', form 'k'); GET /health. JSON answers; errors are JSON with a 4xx "
         "status. See docs/serving.md.",
     )
-    p.add_argument(
-        "--weights",
+    add_model_options(p)  # --weights, --flip/--no-flip, --batch-size, --device, --engine (onnx too)
+    faces = p.add_argument_group("faces")
+    add_aligner_options(faces, device=False)  # --aligner, --aligner-weights, --min-score
+    # the old --aligner supplied: accepted (with a warning) but no longer offered
+    aligner = next(a for a in faces._group_actions if "--aligner" in a.option_strings)
+    aligner.metavar = "{" + ",".join(aligner.choices) + "}"
+    aligner.choices = (*aligner.choices, "supplied")
+    aligner.deprecated_values = {"supplied": f"--landmarks {LANDMARKS_FROM_REQUEST}"}  # docs/cli.md lists it
+    faces.add_argument(
+        "--landmarks",
+        metavar=LANDMARKS_FROM_REQUEST,
         default=None,
-        metavar="W",
-        help="checkpoint file or directory, or a published repo id (see kprpe models --zoo); default: the "
-        "published KP-RPE ViT-Base, minchul/cvlface_adaface_vit_base_kprpe_webface4m, downloaded on first "
-        "use",
+        help=f"{LANDMARKS_FROM_REQUEST}: clients send each face's 5 keypoints (form field 'keypoints', JSON "
+        "[[x, y] x 5] in photo pixels); no detector runs",
     )
-    p.add_argument(
-        "--aligner",
-        choices=sorted(ALIGNERS),
-        default=None,
-        help="dlib: detect faces and landmarks; dfa: the official DFA aligner (its crop, no flip TTA unless "
-        "--flip); supplied: clients send 5 keypoints per image. Default: dfa with the published KP-RPE "
-        "weights (dlib, with a notice, when it cannot be had offline), dlib with any other weights",
+    faces.add_argument(
+        "--mode",
+        choices=ALIGN_MODES,
+        default="aligned",
+        help="aligned: similarity transform to the ArcFace template (default); unaligned: detector box "
+        "resized to 112; prealigned: uploads already are 112x112 crops",
     )
-    p.add_argument(
-        "--aligner-weights",
-        metavar="W",
-        default="minchul/cvlface_DFA_mobilenet",
-        help="DFA checkpoint file/folder or repo id (default minchul/cvlface_DFA_mobilenet)",
+    faces.add_argument(
+        "--detector", choices=("hog", "cnn"), default="hog", help="dlib detector (default hog)"
     )
-    p.add_argument(
-        "--min-aligner-score",
-        type=float,
-        default=None,
-        metavar="S",
-        help="with --aligner dfa: answer 422 'no face' when the DFA face score is below S",
+    faces.add_argument(
+        "--landmark-model", choices=("68", "5"), default="68", help="dlib shape model (default 68)"
     )
-    p.add_argument(
-        "--index", metavar="INDEX", help="gallery index from 'kprpe search enrol' (enables /search)"
+    faces.add_argument(
+        "--upsample",
+        type=_upsample,
+        default="auto",
+        help="dlib upsampling for small faces: auto (0, then 1, then 2 until a face is found) or 0..4",
     )
-    p.add_argument(
-        "--gallery",
-        dest="gallery_uri",
-        metavar="URI",
-        default=None,
-        help="the gallery as a file path (like --index) or a vector database URI: http://HOST:19530 (a "
-        "Milvus server several kprpe serve processes can share), milvus:///PATH.db, qdrant:///FOLDER",
+    add_gallery_option(
+        p,
+        help="the gallery (enables /search): a file of 'kprpe search enrol' or a vector database URI: "
+        "http://HOST:19530 (a Milvus server several kprpe serve processes can share), milvus:///PATH.db, "
+        "qdrant:///FOLDER",
     )
     p.add_argument(
         "--thumbnails",
         metavar="DIR",
         default=None,
         help="folder for the enrolled faces' 56x56 thumbnails the page shows, by identity (default: beside "
-        "--index, INDEX.thumbnails; 'none': keep none)",
+        "--gallery, GALLERY.thumbnails; 'none': keep none)",
     )
     p.add_argument(
         "--api-key",
@@ -226,13 +249,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--nprobe", type=int, default=None, help="IVF lists searched per query (approximate indexes)"
     )
-    p.add_argument("--detector", choices=("hog", "cnn"), default="hog", help="dlib detector (default hog)")
-    p.add_argument(
-        "--landmark-model", choices=("68", "5"), default="68", help="dlib shape model (default 68)"
-    )
-    p.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
-    p.add_argument("--flip", action="store_true", help="flip test-time augmentation even with --aligner dfa")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_quiet_option(p, help="no start-up line; uvicorn logs warnings only")
     g = p.add_argument_group("limits")
     g.add_argument(
         "--max-upload-mb",

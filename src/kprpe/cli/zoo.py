@@ -7,6 +7,7 @@ import argparse
 import json
 
 from ..zoo.catalog import CATALOG, COMMON_TERMS, METRICS, SOURCES
+from .options import add_json_option, emit
 
 
 def zoo_rows() -> list[dict]:
@@ -17,7 +18,7 @@ def print_zoo(as_json: bool = False) -> None:
     """The known published checkpoints, with their reported accuracy, its source and the data terms."""
     rows = zoo_rows()
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, separators=(",", ":")))
         return
     shown = ("AVG", "IJBC@0.01", "TinyFace R1")
     print(
@@ -67,11 +68,12 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     except ZooError as exc:
         raise CommandError(str(exc)) from None
     entry = find_entry(repo)
-    print(f"{repo} ({entry.kind if entry else 'not in the zoo catalog'}): {folder}")
     prefix = f"{repo}@{folder.name}/"
-    for key, value in recorded.items():
-        if key.startswith(prefix):
-            print(f"  {value['sha256']}  {key[len(prefix) :]}")
+    files = {key[len(prefix) :]: value["sha256"] for key, value in recorded.items() if key.startswith(prefix)}
+    text = f"{repo} ({entry.kind if entry else 'not in the zoo catalog'}): {folder}"
+    text += "".join(f"\n  {digest}  {name}" for name, digest in files.items())
+    payload = {"repo": repo, "kind": entry.kind if entry else None, "folder": str(folder), "sha256": files}
+    emit(args, payload, text)
     return 0
 
 
@@ -87,4 +89,5 @@ def register(subparsers) -> None:
     p.add_argument(
         "repo", help="repo id, e.g. minchul/cvlface_adaface_vit_base_kprpe_webface4m (@revision optional)"
     )
+    add_json_option(p)
     p.set_defaults(func=_cmd_fetch)

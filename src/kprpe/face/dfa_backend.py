@@ -67,7 +67,7 @@ def load_dfa_backend(
     weights = weights or DEFAULT_ALIGNER_WEIGHTS
     if min_score is not None and not 0.0 <= float(min_score) <= 1.0:
         raise AlignerLoadError(
-            f"--min-aligner-score must be in [0, 1] (a face probability), got {float(min_score):g}"
+            f"--min-score must be in [0, 1] (a face probability), got {float(min_score):g}"
         )
     try:
         return DfaAligner(weights, device=device, min_score=min_score, batch_size=batch_size)
@@ -199,7 +199,7 @@ class DfaAligner(FaceDetector):
     def _detection(self, result: DfaResult) -> FaceDetection:
         if self.min_score is not None and result.score < self.min_score:
             raise NoFaceFound(
-                f"the DFA aligner's face score {result.score:.3f} is below --min-aligner-score "
+                f"the DFA aligner's face score {result.score:.3f} is below --min-score "
                 f"{self.min_score:g} (the DFA always returns its best guess; a low score means no clear face)"
             )
         return FaceDetection(

@@ -149,7 +149,13 @@ def _dlib_aligner(options: dict) -> Callable:
     from ..face.dlib_backend import DlibDetector
     from ..face.pipeline import FacePipeline
 
-    pipeline = FacePipeline(DlibDetector(options.get("detector", "hog"), options.get("landmark_model", "68")))
+    detector = DlibDetector(
+        options.get("detector", "hog"),
+        options.get("landmark_model", "68"),
+        upsample=options.get("upsample", "auto"),
+        min_score=options.get("min_score") or 0.0,
+    )
+    pipeline = FacePipeline(detector, mode=options.get("mode", "aligned"))
     pipeline.detector  # noqa: B018 - load dlib's models now, not on the first request
     return pipeline.faces_in_image
 
@@ -161,14 +167,14 @@ def _dfa_aligner(options: dict) -> Callable:
     backend = load_dfa_backend(
         options.get("weights"), device=options.get("device", "cpu"), min_score=options.get("min_score")
     )
-    return FacePipeline(backend).faces_in_image
+    return FacePipeline(backend, mode=options.get("mode", "aligned")).faces_in_image
 
 
 def _supplied_aligner(options: dict) -> Callable:
     def faces_in_image(image: np.ndarray) -> list:
         raise RequestError(
             422,
-            "this server uses --aligner supplied: send the face's 5 keypoints in the "
+            "this server uses --landmarks request: send the face's 5 keypoints in the "
             "'keypoints' form field (JSON [[x, y] x 5], photo pixels)",
         )
 
@@ -184,12 +190,12 @@ ALIGNERS: dict[str, Callable[[dict], Callable]] = {
 }
 
 
-def _faces_from_keypoints(image: np.ndarray, keypoints: np.ndarray) -> list:
+def _faces_from_keypoints(image: np.ndarray, keypoints: np.ndarray, mode: str = "aligned") -> list:
     """Crop the face the client located itself (keypoints in the request: no detector runs)."""
     from ..face.landmark_files import SuppliedLandmarks
     from ..face.pipeline import FacePipeline
 
-    return FacePipeline(SuppliedLandmarks.from_arrays({"upload": keypoints})).faces_in_image(
+    return FacePipeline(SuppliedLandmarks.from_arrays({"upload": keypoints}), mode=mode).faces_in_image(
         image, source="upload"
     )
 
@@ -218,6 +224,7 @@ class FaceService:
         self.embedder = embedder
         self.aligner = aligner
         self._faces_in_image = ALIGNERS[aligner](dict(aligner_options or {}))
+        self.mode = (aligner_options or {}).get("mode", "aligned")  # also for keypoints sent with a request
         self.index = index
         self.threshold = float(threshold)
         self.threshold_source = threshold_source
@@ -241,7 +248,7 @@ class FaceService:
             for field, image, keypoints in images:
                 try:
                     found = (
-                        _faces_from_keypoints(image, keypoints)
+                        _faces_from_keypoints(image, keypoints, self.mode)
                         if keypoints is not None
                         else self._faces_in_image(image)
                     )
@@ -264,7 +271,7 @@ class FaceService:
 
         with self._lock:
             if self.index is None:
-                raise RequestError(400, "this server has no gallery index; start it with --index INDEX")
+                raise RequestError(400, "this server has no gallery index; start it with --gallery GALLERY")
             try:
                 self.index.add({identity: unit})
             except (GalleryIndexError, ValueError) as exc:
@@ -282,7 +289,7 @@ class FaceService:
     def remove(self, identity: str) -> None:
         with self._lock:
             if self.index is None:
-                raise RequestError(400, "this server has no gallery index; start it with --index INDEX")
+                raise RequestError(400, "this server has no gallery index; start it with --gallery GALLERY")
             if identity not in self.index:
                 raise RequestError(404, f"identity {identity!r} is not in the gallery")
             self.index.remove([identity])

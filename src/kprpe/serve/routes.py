@@ -174,7 +174,7 @@ def build_app(service: FaceService, limits: ServeLimits, admission, *, public: b
     ):
         async def work(lease):
             if service.index is None:
-                raise RequestError(400, "this server has no gallery index; start it with --index INDEX")
+                raise RequestError(400, "this server has no gallery index; start it with --gallery GALLERY")
             if not 1 <= k <= limits.max_k:
                 raise RequestError(422, f"field 'k': must be between 1 and {limits.max_k}, got {k}")
             photo = await read(image, "image", lease)

@@ -147,7 +147,7 @@ async function refreshGallery() {
   const list = $("gallery-list");
   list.replaceChildren();
   if (answer.identities === null) {
-    $("search-gallery-note").textContent = "This server has no gallery index (start it with --index INDEX).";
+    $("search-gallery-note").textContent = "This server has no gallery index (start it with --gallery GALLERY).";
     return;
   }
   $("search-gallery-note").textContent =
