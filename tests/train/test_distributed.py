@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,30 +15,7 @@ from safetensors.torch import load_file
 
 import kprpe
 from kprpe.train import Trainer, config_from_dict
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, cfg_values: dict) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    try:
-        Trainer(config_from_dict(cfg_values)).run()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+from process_group import free_port, train_as_rank
 
 
 def _config(tiny_config, out: Path, batch: int, head: str) -> dict:
@@ -59,7 +36,13 @@ def test_two_gloo_processes_match_one_process(tiny_config, tmp_path, head):
     single_cfg = _config(tiny_config, tmp_path / "single", batch=16, head=head)
     Trainer(config_from_dict(single_cfg)).run()
     ddp_cfg = _config(tiny_config, tmp_path / "ddp", batch=8, head=head)
-    mp.start_processes(_worker, args=(2, _free_port(), ddp_cfg), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        train_as_rank,
+        args=(2, free_port(), partial(config_from_dict, ddp_cfg)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
 
     single = load_file(tmp_path / "single" / "model.safetensors")
     ddp = load_file(tmp_path / "ddp" / "model.safetensors")
@@ -102,7 +85,7 @@ def test_example_config_under_torchrun(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "kprpe",
         "train",

@@ -248,34 +248,16 @@ def test_shipped_gait_configs_are_valid():
     assert (paper.data.ids_per_batch, paper.data.seqs_per_id, paper.data.frames) == (32, 4, 30)
 
 
-def _gait_worker(rank: int, world: int, port: int, path: str) -> None:
-    import os
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    try:
-        Trainer(load_gait_config(path)).run()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def test_two_gloo_processes_train_gait_through_the_shared_trainer(tmp_path, walkers):
     """torchrun for gait comes from the shared Trainer: each process keeps half of the P x K batch and the
     triplet sees the gathered batch. Not exactly one process's step: the conv stem's BatchNorm2d use
     per-process statistics (a distributed BatchNorm2d crashed gloo; docs/gait.md, open items)."""
-    import socket
+    from functools import partial
 
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
+
+    from process_group import free_port, train_as_rank
 
     def config(name):
         return write_config(
@@ -291,11 +273,8 @@ def test_two_gloo_processes_train_gait_through_the_shared_trainer(tmp_path, walk
     for name in ("single", "ddp"):
         (tmp_path / name).mkdir()
     Trainer(load_gait_config(config("single"))).run()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = str(config("ddp"))
-    mp.start_processes(_gait_worker, args=(2, port, path), nprocs=2, join=True, start_method="spawn")
+    load = partial(load_gait_config, str(config("ddp")))
+    mp.start_processes(train_as_rank, args=(2, free_port(), load), nprocs=2, join=True, start_method="spawn")
     single = load_file(tmp_path / "single" / "run" / "model.safetensors")
     ddp = load_file(tmp_path / "ddp" / "run" / "model.safetensors")
     assert single.keys() == ddp.keys() and all(torch.isfinite(t).all() for t in ddp.values())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -18,15 +17,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from kprpe.train.heads import PartialFC, build_margin, class_shard, init_class_centres
+from process_group import free_port, join_group
 
 CLASSES, DIM, BATCH_PER_RANK, WORLD = 1001, 64, 8, 2  # 1001 over 2: shards of 501 and 500
 SCALE, MARGIN, RATE, LR, SEED = 16.0, 0.5, 0.3, 0.5, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,8 +32,7 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank))
-    torch.set_num_threads(1)
+    join_group(rank, WORLD, port)
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -96,7 +89,7 @@ def _reference(columns: torch.Tensor):
 @pytest.mark.slow  # two spawned processes importing torch: about a minute on the loaded 2-core CI machine
 def test_two_gloo_processes_take_the_single_process_step(tmp_path):
     mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn"
+        _worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn"
     )
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD)]
     for r, got in enumerate(ranks):  # each rank sampled round(rate x its classes), positives included
