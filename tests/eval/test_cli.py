@@ -212,3 +212,18 @@ def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, m
     )
     assert code == 2 and "is a file" in err
     assert taken.read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("command", ["pairs", "ijb"])
+def test_a_t_outside_0_1_is_one_line_naming_the_command(command, tmp_path, capsys):
+    from kprpe.cli.main import main
+
+    pairs = tmp_path / "p.csv"
+    pairs.write_text("a.png,b.png,1\n")
+    extra = ["--pairs", str(pairs)] if command == "pairs" else [
+        "--name", "X", "--images", str(tmp_path), "--tid-mid", str(pairs), "--pairs", str(pairs),
+        "--landmarks", str(pairs),
+    ]
+    argv = ["eval", command, "--weights", str(tmp_path / "w.safetensors"), *extra, "-o", str(tmp_path / "o")]
+    assert main([*argv, "--t", "2"]) == 2
+    assert f"kprpe eval {command}: error: --t must lie in [0, 1], got 2.0" in capsys.readouterr().err

@@ -396,6 +396,9 @@ def _settings(args):
 
     if args.batch_size <= 0:
         _fail(f"--batch-size must be positive, got {args.batch_size}")
+    t = getattr(args, "t", None)  # ijb and pairs: the point on the aligned -> box-crop path
+    if t is not None and not 0 <= t <= 1:
+        _fail(f"--t must lie in [0, 1], got {t}")
     out = Path(args.output)
     # the outputs are checked before any work: an evaluation must not run for hours to fail at the write
     if out.exists() and not out.is_dir():
@@ -641,8 +644,6 @@ def _run_ijb(args) -> int:
 
     _check_landmarks(args, _PIXEL_LIST)
     settings = _settings(args)
-    if not 0 <= args.t <= 1:
-        _fail(f"--t must lie in [0, 1], got {args.t}")
     results = _guarded(
         lambda: evaluate_ijb(
             _handle(args.weights, args.engine),
@@ -665,8 +666,6 @@ def _run_pairs(args) -> int:
 
     _check_landmarks(args, _PIXEL_LIST)
     settings = _settings(args)
-    if not 0 <= args.t <= 1:
-        _fail(f"--t must lie in [0, 1], got {args.t}")
     results = _guarded(
         lambda: evaluate_pairs(
             _handle(args.weights, args.engine),
