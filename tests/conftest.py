@@ -24,7 +24,9 @@ def pytest_configure(config):
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers is None:
         return
-    threads = os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // int(workers))))
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if not threads.isdigit() or int(threads) < 1:
+        threads = os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // int(workers)))
     torch.set_num_threads(int(threads))
 
 
