@@ -29,10 +29,10 @@ from ..train.schedule import learning_rate, lr_factor
 from .digits_data import (
     AFFNIST_MIX,
     PLACED_AUGMENTATION,
-    WIDE_AUGMENTATION,
-    WIDER_AUGMENTATION,
     SWEEPS,
     TRAIN_AUGMENTATION,
+    WIDE_AUGMENTATION,
+    WIDER_AUGMENTATION,
     DigitsCanvas,
     TestSet,
     build_test_sets,
