@@ -19,6 +19,8 @@ from PIL import Image
 from kprpe.cli import build_parser, main
 from kprpe.gait import load_sequence
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _one_json_line(out: str) -> dict | list:
     """stdout on a pipe: one line of JSON and nothing else (progress, logs and notices go to stderr)."""
@@ -82,52 +84,41 @@ def test_train_face_prints_one_json_line_on_a_pipe_and_a_summary_on_a_terminal(
     assert captured.err == ""  # -q: no progress bar
 
 
+def _gait_train_argv(walkers: Path, output_dir: Path, *changes: str) -> list[str]:
+    """``kprpe train`` with the shipped configs/gait_tiny.yaml on tiny walkers (short clips, P x K 2 x 2)."""
+    return [
+        "train",
+        str(ROOT / "configs" / "gait_tiny.yaml"),
+        f"data.root={walkers}",
+        f"data.partition={walkers / 'partition.json'}",
+        "data.frames=6",
+        "data.skip=2",
+        "data.ids_per_batch=2",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        f"train.output_dir={output_dir}",
+        *changes,
+    ]
+
+
 @pytest.fixture(scope="module")
 def gait_run(tmp_path_factory) -> dict:
-    """Tiny synthetic walkers and a 2-step SwinGait-2D + KP-RPE run on them, through ``kprpe train`` on a
-    pipe, validated every step (the per-step validation lines must stay off stdout)."""
+    """Tiny synthetic walkers and a 2-step gait run on them through ``kprpe train`` on a pipe, validated every
+    step (the per-step validation lines must stay off stdout)."""
     from kprpe.gait.synthetic import SyntheticConfig, make_synthetic
 
     root = tmp_path_factory.mktemp("gait")
     walkers = root / "walkers"
     make_synthetic(walkers, SyntheticConfig(ids=6, sequences_per_id=3, frames=(6, 9), occluder_probability=0))
-    config = {
-        "task": "gait",
-        "model": {
-            "name": "swingait_2d_kprpe",
-            "overrides": {
-                "stem_channels": [4, 8],
-                "embed_dim": 8,
-                "depths": [2, 1],
-                "num_heads": [1, 2],
-                "part_dim": 8,
-                "cpb_hidden": 8,
-            },
-        },
-        "data": {
-            "root": str(walkers),
-            "partition": str(walkers / "partition.json"),
-            "frames": 6,
-            "skip": 2,
-            "ids_per_batch": 2,
-            "seqs_per_id": 2,
-        },
-        "train": {"max_steps": 2, "log_every": 1, "checkpoint_every": 2, "output_dir": str(root / "run")},
-        "validation": {"every": 1},
-    }
-    path = root / "gait.yaml"
-    path.write_text(yaml.safe_dump(config))
     out, err = io.StringIO(), io.StringIO()  # a pipe (StringIO is no terminal), as capsys would give
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(["train", str(path)])
+            code = main(_gait_train_argv(walkers, root / "run", "train.max_steps=2", "validation.every=1"))
     finally:
         torch.set_num_threads(threads)
-    return dict(
-        code=code, out=out.getvalue(), err=err.getvalue(), walkers=walkers, run=root / "run", config=path
-    )
+    return dict(code=code, out=out.getvalue(), err=err.getvalue(), walkers=walkers, run=root / "run")
 
 
 def test_train_gait_prints_its_results_file_as_json(gait_run):
@@ -141,12 +132,8 @@ def test_train_gait_prints_its_results_file_as_json(gait_run):
 
 
 def test_train_gait_summary_on_a_terminal(gait_run, capsys, terminal, tmp_path):
-    config = yaml.safe_load(gait_run["config"].read_text())
-    config["train"].update(max_steps=1, output_dir=str(tmp_path / "run"))
-    config["validation"]["every"] = 0
-    path = tmp_path / "gait.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["train", str(path), "--quiet"]) == 0
+    argv = _gait_train_argv(gait_run["walkers"], tmp_path / "run", "train.max_steps=1", "validation.every=0")
+    assert main([*argv, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("trained 1 steps; final loss ") and "\ngait3d: Rank-1 " in out
     assert f"Gait3D protocol on the test split: {tmp_path / 'run' / 'results.json'}" in out
