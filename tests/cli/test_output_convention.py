@@ -292,7 +292,8 @@ def test_gait_pack_json_on_a_pipe_summary_on_a_terminal(tmp_path, capsys, monkey
     result = _one_json_line(captured.out)
     assert result["sequences"] == 4 and result["frames"] == 32
     assert result["output"] == str(tmp_path / "packed")
-    assert result["partition"] == {"file": "partition.json", "train_ids": 1, "test_ids": 1, "probes": 1}
+    assert result["partition"] == {"train_ids": 1, "test_ids": 1, "probes": 1}
+    assert result["files"] == [str(tmp_path / "packed" / "partition.json")]
     assert [s["sequence"] for s in result["skipped"]] == [str(sils / "0009" / "walk0" / "000")]
     assert "sequences were skipped (exit status 1" in captured.err
     monkeypatch.setattr("kprpe.cli.options.stdout_is_terminal", lambda: True)

@@ -88,6 +88,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         "links_left": report.links_left,
         "partition": partition,
         "skipped": [{"sequence": path, "reason": reason} for path, reason in report.skipped],
+        "files": [str(Path(args.output) / "partition.json")],
     }
     emit(args, json_safe(payload), "\n".join(lines))
     if report.skipped and not args.allow_skipped:
@@ -103,7 +104,6 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 def _partition_counts(partition) -> dict:
     """partition.json in numbers (the summary's and the JSON's)."""
     return {
-        "file": "partition.json",
         "train_ids": len(partition.train_ids),
         "test_ids": len(partition.test_ids),
         "probes": len(partition.probe_set),
