@@ -234,6 +234,16 @@ def test_experiment_digits_no_progress_is_a_deprecated_spelling_of_quiet(tmp_pat
     assert exc.value.code == 2 and "give it once" in capsys.readouterr().err
 
 
+def test_experiment_digits_quick_notice_goes_to_stderr_beside_the_json(tmp_path, capsys):
+    quick = ["experiment", "digits", "--quick", "--data", "uci", "-o", str(tmp_path / "q"), "--epochs", "1"]
+    quick += ["--train-limit", "40", "--test-limit", "10", "--width", "16", "--depth", "1", "--workers", "1"]
+    assert main([*quick, "--mean-head-models", "abs", "-q", "--no-plots"]) == 0  # one training
+    captured = capsys.readouterr()
+    result = _one_json_line(captured.out)
+    assert result["quick"] is True and [row["model"] for row in result["headline"]] == ["abs"]
+    assert "SHORT RUN (--quick)" in captured.err  # the warning that it is no result: still shown
+
+
 def test_experiment_digits_list_models_by_the_convention(capsys, terminal):
     assert main(["experiment", "digits", "--list-models", "--json"]) == 0
     rows = _one_json_line(capsys.readouterr().out)
