@@ -359,3 +359,21 @@ def test_quick_mnist_is_a_subset_unless_told_otherwise():
     ]
     assert quick_config(data="mnist", train_limit=20).train_limit == 20
     assert quick_config().train_limit == 0  # the UCI quick run is unchanged
+
+
+@pytest.mark.parametrize("regime, limit_px", [("mild", 4.0), ("wide", 6.0), ("wider", 8.0)])
+def test_shift_regimes_translate_up_to_their_limit(fake_mnist, regime, limit_px):
+    """The calibration's wide/wider regimes are mild with larger shifts (6 and 8 px on the 40x40 canvas)."""
+    from kprpe.experiments.digits import TRAIN_REGIMES
+    from kprpe.experiments.digits_data import sample_affines
+
+    m = load_mnist_canvas(path=fake_mnist)
+    boxes = np.repeat(m.data.ink_boxes[m.train_idx], 20, axis=0)  # enough draws to reach the limit
+    mats = sample_affines(boxes, 40, TRAIN_REGIMES[regime], np.random.default_rng(0))
+    centre = np.full(2, 19.5)
+    lin = mats[:, :, :2]
+    shift = mats[:, :, 2] - (centre - lin @ centre)  # added after rotation/scale about the centre
+    assert np.abs(shift).max() <= limit_px + 1e-9
+    assert np.abs(shift).max() > 0.8 * limit_px
+    angles = np.degrees(np.arctan2(lin[:, 1, 0], lin[:, 0, 0]))
+    assert np.abs(angles).max() <= 10.0 + 1e-9
