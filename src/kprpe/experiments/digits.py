@@ -31,6 +31,7 @@ from .digits_data import (
     PLACED_AUGMENTATION,
     SWEEPS,
     TRAIN_AUGMENTATION,
+    MEDIUM_AUGMENTATION,
     WIDE_AUGMENTATION,
     WIDER_AUGMENTATION,
     DigitsCanvas,
@@ -75,6 +76,7 @@ REGIMES = ("none", "mild")  # training augmentation: none, or TRAIN_AUGMENTATION
 TRAIN_REGIMES = {
     "none": None,
     "mild": TRAIN_AUGMENTATION,
+    "medium": MEDIUM_AUGMENTATION,
     "wide": WIDE_AUGMENTATION,
     "wider": WIDER_AUGMENTATION,
     "placed": PLACED_AUGMENTATION,
