@@ -363,7 +363,7 @@ def test_quick_mnist_is_a_subset_unless_told_otherwise():
 
 @pytest.mark.parametrize("regime, limit_px", [("mild", 4.0), ("medium", 5.0), ("wide", 6.0), ("wider", 8.0)])
 def test_shift_regimes_translate_up_to_their_limit(fake_mnist, regime, limit_px):
-    """The calibration's medium/wide/wider regimes are mild with larger shifts (5, 6 and 8 px on the 40x40 canvas)."""
+    """Calibration regimes medium/wide/wider: mild with larger shifts (5, 6, 8 px on the 40x40 canvas)."""
     from kprpe.experiments.digits import TRAIN_REGIMES
     from kprpe.experiments.digits_data import sample_affines
 

@@ -28,10 +28,10 @@ from ..nn.keypoint_rpe import pinned_bias_path
 from ..train.schedule import learning_rate, lr_factor
 from .digits_data import (
     AFFNIST_MIX,
+    MEDIUM_AUGMENTATION,
     PLACED_AUGMENTATION,
     SWEEPS,
     TRAIN_AUGMENTATION,
-    MEDIUM_AUGMENTATION,
     WIDE_AUGMENTATION,
     WIDER_AUGMENTATION,
     DigitsCanvas,
