@@ -28,6 +28,7 @@ from ..nn.keypoint_rpe import pinned_bias_path
 from ..train.schedule import learning_rate, lr_factor
 from .digits_data import (
     AFFNIST_MIX,
+    CALIBRATED_AUGMENTATION,
     MEDIUM_AUGMENTATION,
     PLACED_AUGMENTATION,
     SWEEPS,
@@ -77,6 +78,7 @@ TRAIN_REGIMES = {
     "none": None,
     "mild": TRAIN_AUGMENTATION,
     "medium": MEDIUM_AUGMENTATION,
+    "calibrated": CALIBRATED_AUGMENTATION,
     "wide": WIDE_AUGMENTATION,
     "wider": WIDER_AUGMENTATION,
     "placed": PLACED_AUGMENTATION,
