@@ -361,9 +361,11 @@ def test_quick_mnist_is_a_subset_unless_told_otherwise():
     assert quick_config().train_limit == 0  # the UCI quick run is unchanged
 
 
-@pytest.mark.parametrize("regime, limit_px", [("mild", 4.0), ("medium", 5.0), ("calibrated", 5.6), ("wide", 6.0), ("wider", 8.0)])
+@pytest.mark.parametrize(
+    "regime, limit_px", [("mild", 4.0), ("medium", 5.0), ("calibrated", 5.6), ("wide", 6.0), ("wider", 8.0)]
+)
 def test_shift_regimes_translate_up_to_their_limit(fake_mnist, regime, limit_px):
-    """Calibration regimes medium/wide/wider: mild with larger shifts (5, 6, 8 px on the 40x40 canvas)."""
+    """The calibration's regimes: mild with larger shifts (5, 5.6, 6, 8 px on the 40x40 canvas)."""
     from kprpe.experiments.digits import TRAIN_REGIMES
     from kprpe.experiments.digits_data import sample_affines
 
