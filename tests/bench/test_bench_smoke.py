@@ -7,7 +7,7 @@ import json
 from kprpe.cli import main
 
 
-def test_bench_smoke_writes_every_path(tmp_path, capsys):
+def test_bench_smoke_writes_every_path(tmp_path, capsys, terminal):
     out = tmp_path / "bench.json"
     assert main(["bench", "--smoke", "--modes", "infer,train", "-o", str(out)]) == 0
     payload = json.loads(out.read_text())
@@ -56,7 +56,7 @@ def test_bench_gpu_options_fail_cleanly_without_cuda(capsys):
     assert "compiled on CUDA only" in capsys.readouterr().err
 
 
-def test_bench_onnx_engine_smoke(tmp_path, capsys):
+def test_bench_onnx_engine_smoke(tmp_path, capsys, terminal):
     import pytest
 
     pytest.importorskip("onnxruntime")

@@ -49,7 +49,7 @@ MICRO_CLI = [
     "1",
     "--workers",
     "1",
-    "--no-progress",
+    "-q",
 ]
 
 
@@ -149,13 +149,13 @@ def test_bad_options_are_clear_errors(capsys):
         DigitsConfig(models=("abs", "vit9")).validate()
     with pytest.raises(ValueError, match="regimes"):
         DigitsConfig(regimes=("heavy",)).validate()
-    assert main(["experiment", "digits", "--data", "uci", "--models", "nope", "--no-progress"]) == 2
+    assert main(["experiment", "digits", "--data", "uci", "--models", "nope", "-q"]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert main(["experiment", "digits", "--data", "uci", "--canvas", "30"]) == 2
     assert "multiple of patch" in capsys.readouterr().err
 
 
-def test_cli_micro_run(tmp_path, capsys):
+def test_cli_micro_run(tmp_path, capsys, terminal):
     code = main(
         [
             "experiment",
@@ -358,7 +358,7 @@ def test_keypoint_noise_test_sets_move_keypoints_not_images():
     assert 0.5 < spread[0] < 1.5 and 6 < spread[1] < 10
 
 
-def test_learned_keypoints_model_is_listed_and_trains(capsys):
+def test_learned_keypoints_model_is_listed_and_trains(capsys, terminal):
     assert main(["experiment", "digits", "--list-models"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("kprpe_learned_noabs"))
     assert "[learned-keypoints model]" in line
@@ -367,7 +367,7 @@ def test_learned_keypoints_model_is_listed_and_trains(capsys):
     assert job["accuracy"]["kpnoise@8"] == job["accuracy"]["clean"]  # it never reads the given keypoints
 
 
-def test_quick_path_prints_that_it_is_a_short_run(tmp_path, capsys):
+def test_quick_path_prints_that_it_is_a_short_run(tmp_path, capsys, terminal):
     from kprpe.experiments.digits import quick_config
 
     cfg = quick_config()
@@ -395,7 +395,7 @@ def test_quick_path_prints_that_it_is_a_short_run(tmp_path, capsys):
             "1",
             "--workers",
             "1",
-            "--no-progress",
+            "-q",
             "--no-plots",
         ]
     )

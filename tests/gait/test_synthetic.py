@@ -149,7 +149,7 @@ def test_identity_lives_in_the_motion_not_in_one_frame():
     assert accuracy["motion"] >= 2 * accuracy["static"], accuracy
 
 
-def test_cli_make_synthetic(tmp_path, capsys):
+def test_cli_make_synthetic(tmp_path, capsys, terminal):
     out = tmp_path / "walkers"
     args = [
         "gait",

@@ -105,3 +105,7 @@ def test_example_config_under_torchrun(tmp_path):
     rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()[1:]
     losses = [float(r.split(",")[3]) for r in rows]
     assert len(losses) == 4 and losses[-1] < losses[0]
+    # one result per run, printed by the main process only (a pipe: one line of JSON, docs/cli.md)
+    import json
+
+    assert result.stdout.count("\n") == 1 and json.loads(result.stdout)["steps"] == 40

@@ -121,6 +121,8 @@ def run_gallery_engine_benchmark(
     log=print,
 ) -> dict:
     results = []
+    if workdir is not None:  # a named folder that does not exist yet is made, not a traceback
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     for engine in engines:
         folder = Path(tempfile.mkdtemp(prefix=f"kprpe-bench-{engine}-", dir=workdir))
         try:

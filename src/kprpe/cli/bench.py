@@ -9,7 +9,15 @@ from pathlib import Path
 from ..bench.runner import Case, format_engine_table, format_table, machine_info, run_suite
 from ..errors import CommandError
 from ..files import check_output_path, write_json
-from .options import add_device_option, add_output_option, add_overwrite_option
+from .options import (
+    add_device_option,
+    add_json_option,
+    add_output_option,
+    add_overwrite_option,
+    add_quiet_option,
+    emit,
+    json_safe,
+)
 
 BIAS_PATHS = ("naive", "gather", "index", "onehot", "decomposed")
 
@@ -159,12 +167,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cases = build_cases(args)
     info = machine_info(args.device)
-    print(
-        f"machine: {info.get('cpu_model', info['processor'])}, {info['cpu_count']} CPUs, torch "
-        f"{info['torch']}, "
-        f"threads {args.threads or info['threads']}, device "
-        f"{args.device}{' (' + info['gpu'] + ')' if 'gpu' in info else ''}, dtype {args.dtype}"
-    )
     results = run_suite(
         cases,
         warmup=args.warmup,
@@ -172,20 +174,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         threads=args.threads,
         isolated=not args.in_process,
+        progress=not args.quiet,
     )
-    table = format_table(results)
-    print(table)
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command_prog", "json", "quiet")}
+    write_json(
+        args.output, {"written_by": BENCH_MARKER, "machine": info, "settings": settings, "results": results}
+    )
+    lines = [
+        f"machine: {info.get('cpu_model', info['processor'])}, {info['cpu_count']} CPUs, torch "
+        f"{info['torch']}, threads {args.threads or info['threads']}, device "
+        f"{args.device}{' (' + info['gpu'] + ')' if 'gpu' in info else ''}, dtype {args.dtype}",
+        format_table(results),
+    ]
     engines = format_engine_table(results)
     if engines:
-        print("\nONNX Runtime vs eager PyTorch (inference):\n" + engines)
-    payload = {
-        "written_by": BENCH_MARKER,
-        "machine": info,
-        "settings": {k: v for k, v in vars(args).items() if k != "func"},
-        "results": results,
-    }
-    write_json(args.output, payload)
-    print(f"wrote {args.output}")
+        lines.append("\nONNX Runtime vs eager PyTorch (inference):\n" + engines)
+    lines.append(f"wrote {args.output}")
+    # the table on a terminal; on a pipe the rows themselves (the file adds the settings)
+    emit(args, json_safe({"output": args.output, "machine": info, "results": results}), "\n".join(lines))
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -260,6 +266,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p, help="JSON output file", required=False, default="runs/bench/bench.json", metavar="JSON"
     )
     add_overwrite_option(p, help="replace an existing output file that an earlier kprpe bench did not write")
+    add_quiet_option(p, help="no progress bar")
+    add_json_option(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -268,6 +276,7 @@ def register(subparsers) -> None:
         "bench",
         help="time and measure memory of ViT vs KP-RPE (every bias path) vs iRPE",
         description="Inference and training-step time (median), images/s, peak memory and the KP-RPE/ViT "
-        "ratio, on CPU or CUDA. Prints a Markdown table and writes a JSON file with the machine description.",
+        "ratio, on CPU or CUDA. Prints a Markdown table (on a pipe or with --json: the rows as one line of "
+        "JSON) and writes a JSON file with the machine description.",
     )
     add_arguments(p)

@@ -21,6 +21,7 @@ from .options import (
     add_quiet_option,
     apply_model_defaults,
     emit,
+    json_safe,
 )
 
 __all__ = ["register"]
@@ -544,25 +545,8 @@ def _finish(args, results: dict, summary: str, files: list[str], calibration: di
             f"\ncalibrated threshold {cal['threshold']:.6f} for FAR {cal['far_target']:g} on "
             f"{cal['dataset']} (measured FAR {cal['far']:.3g}, TAR {cal['tar']:.4f}); wrote {cal['file']}"
         )
-    emit(args, _json_safe(payload), text)
+    emit(args, json_safe(payload), text)
     return 0
-
-
-def _json_safe(value):
-    """Strict JSON for the pipe: paths as text, NaN/inf (a metric with no data) as null."""
-    import math
-
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _json_safe(value.tolist())
-    return str(value)
 
 
 def _write_calibration(args, results: dict) -> dict | None:

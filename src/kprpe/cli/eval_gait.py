@@ -16,6 +16,7 @@ def _run_gait(args) -> int:
     from ..gait import GaitFormatError
     from ..nn.checkpoint import CheckpointError
     from ..nn.swingait import load_swingait
+    from .options import emit, json_safe
 
     out = Path(args.output)
     # the one output rule (kprpe.files): the output folder never holds an input
@@ -34,6 +35,7 @@ def _run_gait(args) -> int:
             metric=args.metric,
             frames_limit=args.frames_limit,
             keypoints=args.keypoints,
+            progress=not args.quiet,
         )
     except (CheckpointError, GaitFormatError, GaitEvalError) as exc:
         raise CommandError(str(exc)) from None
@@ -52,7 +54,10 @@ def _run_gait(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if v is not None)
-    print(f"gait3d ({probes} probes, {gallery} gallery): {shown}; wrote {out / 'results.json'}")
+    # the shape of the other eval protocols' output (kprpe.cli.eval): the output, its files, the results
+    payload = {"output": str(out), "files": [str(out / "results.json")], "results": results}
+    summary = f"gait3d ({probes} probes, {gallery} gallery): {shown}; wrote {out / 'results.json'}"
+    emit(args, json_safe(payload), summary)
     return 0
 
 
@@ -60,7 +65,7 @@ def register_gait(sub) -> None:
     """``kprpe eval gait --data ROOT --partition P.json --weights W -o OUT``."""
     from pathlib import Path
 
-    from .options import add_output_option
+    from .options import add_json_option, add_output_option, add_quiet_option
 
     p = sub.add_parser(
         "gait",
@@ -81,4 +86,6 @@ def register_gait(sub) -> None:
         help="keypoint control used in training (default real)",
     )
     add_output_option(p, type=Path, help="output folder (results.json)")
+    add_quiet_option(p, help="no progress bar")
+    add_json_option(p)
     p.set_defaults(func=_run_gait)

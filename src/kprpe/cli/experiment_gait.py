@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from ..errors import CommandError
-from .options import add_output_option
+from .options import add_json_option, add_output_option, add_quiet_option, emit, json_safe, wants_json
 
 __all__ = ["register_gait"]
 
@@ -62,6 +63,8 @@ def register_gait(sub) -> None:
         help="train nothing: tabulate the runs finished in OUTPUT/runs and list the missing ones",
     )
     add_output_option(g, help="output folder")
+    add_quiet_option(g, help="no progress lines (which run is training)")
+    add_json_option(g)
     g.set_defaults(func=_cmd_gait)
 
 
@@ -97,17 +100,34 @@ def _cmd_gait(args: argparse.Namespace) -> int:
     results = run_gait_experiment(
         args.output,
         cfg,
-        log=lambda m: print(m, flush=True),
+        log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)),
         seeds=None if args.seed is None else [args.seed],
         train=not args.collect,
     )
     from pathlib import Path
 
-    print((Path(args.output) / "gait_table.md").read_text(), end="")
-    if args.quick:
-        print(
+    out = Path(args.output)
+    text = (out / "gait_table.md").read_text().rstrip("\n")
+    if args.quick:  # on a pipe the warning goes to stderr: the JSON says "quick" too
+        notice = (
             f"--quick finished in {time.perf_counter() - start:.0f} s: one seed, {cfg.steps} steps on "
             f"{cfg.ids} walkers. A smoke test of the pipeline, NOT a result: run without --quick "
             "(>= 3 seeds and all controls; docs/gait.md)."
         )
+        if wants_json(args):
+            print(notice, file=sys.stderr)
+        else:
+            text += "\n" + notice
+    files = [out / name for name in ("gait_results.json", "gait_table.md", "gait_curves.png")]
+    payload = {
+        "output": str(out),
+        "files": [str(f) for f in files if f.is_file()],
+        "results": str(out / "gait_results.json"),
+        "quick": args.quick,
+        "runs": len(results["runs"]),
+        "missing": results["missing"],
+        "seconds": results["seconds"],
+        "summary": results["summary"],  # variant -> aligned/misaligned -> metric -> mean, std, n
+    }
+    emit(args, json_safe(payload), text)
     return 0 if results["runs"] else 1

@@ -8,7 +8,15 @@ import sys
 import time
 
 from ..errors import CommandError
-from .options import add_output_option
+from .options import (
+    add_deprecated_alias,
+    add_json_option,
+    add_output_option,
+    add_quiet_option,
+    emit,
+    json_safe,
+    wants_json,
+)
 
 __all__ = ["register"]
 
@@ -149,7 +157,9 @@ def register(subparsers) -> None:
         action="store_true",
         help="delete the trainings an earlier run saved in OUTPUT/jobs and train everything again",
     )
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quiet_option(d, help="no progress bar")
+    add_deprecated_alias(d, "--no-progress", new="-q/--quiet", dest="quiet", const=True)
+    add_json_option(d)
     d.set_defaults(func=_cmd_digits)
     from .experiment_gait import register_gait
 
@@ -186,11 +196,16 @@ def _cmd_digits(args: argparse.Namespace) -> int:
 
     if args.list_models:
         kinds = {"learned": "learned-keypoints model"}
-        for spec in MODEL_SPECS.values():
-            print(f"{spec.name:<20} {spec.label:<40} [{kinds.get(spec.group, spec.group)}] {spec.note}")
+        specs = list(MODEL_SPECS.values())
+        text = "\n".join(
+            f"{spec.name:<20} {spec.label:<40} [{kinds.get(spec.group, spec.group)}] {spec.note}"
+            for spec in specs
+        )
+        rows = [dict(name=spec.name, label=spec.label, group=spec.group, note=spec.note) for spec in specs]
+        emit(args, rows, text)
         return 0
     if args.from_results:
-        return _render_from_results(args.from_results, args.output, plots=not args.no_plots)
+        return _render_from_results(args, args.from_results, args.output, plots=not args.no_plots)
     data = resolve_data(args.data)
     overrides: dict = data_defaults(data)
     if args.seeds is not None:
@@ -260,7 +275,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     try:
-        results = run_digits(cfg, progress=not args.no_progress, store=store)
+        results = run_digits(cfg, progress=not args.quiet, store=store)
     except JobStoreError as exc:
         raise CommandError(str(exc)) from None
     if results["resumed_jobs"]:
@@ -268,16 +283,57 @@ def _cmd_digits(args: argparse.Namespace) -> int:
             f"reused {results['resumed_jobs']} finished training run(s) from {store.folder}", file=sys.stderr
         )
     paths = write_outputs(results, args.output, command=command.strip(), plots=not args.no_plots)
-    print(paths["table"].read_text(encoding="utf-8"))
-    if args.quick:  # compared with the committed run on the same data set
+    table = paths["table"].read_text(encoding="utf-8")
+    payload = _digits_payload(args.output, paths, quick=args.quick)
+    if args.quick:  # compared with the committed run on the same data set: on a pipe, on stderr
         from ..experiments.report import quick_run_notice
 
-        print(quick_run_notice(results, time.perf_counter() - start))
+        notice = quick_run_notice(results, time.perf_counter() - start)
+        if wants_json(args):
+            print(notice, file=sys.stderr)
+        else:
+            table += "\n" + notice
     print(
         f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - start:.0f} s",
         file=sys.stderr,
     )
+    emit(args, payload, table)
     return 0
+
+
+def _digits_payload(output, paths: dict, quick: bool = False) -> dict:
+    """A digits run as compact JSON: the files written and, per (head, regime, model), the headline numbers
+    (mean and std over seeds of the clean and transformed-mix accuracy, %), read back from the results
+    file so that they are its numbers."""
+    import json
+
+    recorded = json.loads(paths["json"].read_text(encoding="utf-8"))
+    headline = [
+        dict(
+            head=head,
+            regime=regime,
+            model=model,
+            seeds=cell["clean"]["n"],
+            clean=cell["clean"]["mean"],
+            clean_std=cell["clean"]["std"],
+            affnist=cell["affnist"]["mean"],
+            affnist_std=cell["affnist"]["std"],
+        )
+        for head, by_regime in recorded["summary"].items()
+        for regime, by_model in by_regime.items()
+        for model, cell in by_model.items()
+    ]
+    return json_safe(
+        {
+            "output": str(output),
+            "files": [str(p) for p in paths.values()],
+            "results": str(paths["json"]),
+            "data": recorded["config"].get("data", "uci"),
+            "quick": quick,
+            "elapsed_s": recorded["elapsed_seconds"],
+            "headline": headline,
+        }
+    )
 
 
 def resolve_data(data: str) -> str:
@@ -312,15 +368,20 @@ def _calibrate(cfg, args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     try:
-        rows = calibrate_abs(cfg, candidates, Path(args.output), progress=not args.no_progress)
+        rows = calibrate_abs(cfg, candidates, Path(args.output), progress=not args.quiet)
     except JobStoreError as exc:
         raise CommandError(str(exc)) from None
-    print(calibration_table(rows, cfg))
-    print(f"wrote {Path(args.output) / 'calibration.md'} and calibration.json", file=sys.stderr)
+    files = [str(Path(args.output) / name) for name in ("calibration.md", "calibration.json")]
+    print(f"wrote {' and '.join(files)}", file=sys.stderr)
+    emit(
+        args,
+        json_safe({"output": str(args.output), "files": files, "candidates": rows}),
+        calibration_table(rows, cfg),
+    )
     return 0
 
 
-def _render_from_results(json_path: str, out_dir: str, plots: bool) -> int:
+def _render_from_results(args: argparse.Namespace, json_path: str, out_dir: str, plots: bool) -> int:
     """Rebuild digits_table.md / plots from a results file (same numbers, current report code)."""
     import json
     from pathlib import Path
@@ -347,5 +408,5 @@ def _render_from_results(json_path: str, out_dir: str, plots: bool) -> int:
         paths = write_outputs(results, out_dir, command=command, plots=plots)
     except (KeyError, TypeError, ValueError) as exc:
         raise CommandError(f"{path}: malformed digits results ({type(exc).__name__}: {exc})") from None
-    print(paths["table"].read_text(encoding="utf-8"))
+    emit(args, _digits_payload(out_dir, paths), paths["table"].read_text(encoding="utf-8"))
     return 0

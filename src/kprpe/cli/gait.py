@@ -1,11 +1,15 @@
-"""``kprpe gait pack`` and ``kprpe gait make-synthetic``: thin wrappers over :mod:`kprpe.gait`."""
+"""``kprpe gait pack`` and ``kprpe gait make-synthetic``: thin wrappers over :mod:`kprpe.gait`. Each prints
+its result by the one output convention (docs/cli.md): a short summary on a terminal, compact JSON with
+``--json`` or on a pipe."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import CommandError
+from .options import add_json_option, add_output_option, add_quiet_option, emit, json_safe
 
 __all__ = ["register"]
 
@@ -54,36 +58,56 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=_progress(args.quiet, "sequence"),
     )
-    print(
+    partition = _partition_counts(report.partition)
+    lines = [
         f"packed {report.packed} sequences ({report.frames} frames) to {args.output}"
-        + (f"; kept {report.resumed} from an earlier run" if report.resumed else "")
-    )
-    print(
+        + (f"; kept {report.resumed} from an earlier run" if report.resumed else ""),
         f"dropped {report.dropped_frames} near-empty frames; {report.frames_without_pose} frames without "
         f"a pose file; {report.invalid_joints} invalid joints zeroed (NaN, negative confidence, outside "
-        "the image)"
-    )
+        "the image)",
+    ]
     if report.links_left:
-        print(f"ignored {report.links_left} frame files that are links leaving their root")
-    partition = report.partition
-    print(
-        f"partition.json: {len(partition.train_ids)} train ids, {len(partition.test_ids)} test ids, "
-        f"{len(partition.probe_set)} probes"
+        lines.append(f"ignored {report.links_left} frame files that are links leaving their root")
+    lines.append(
+        f"partition.json: {partition['train_ids']} train ids, {partition['test_ids']} test ids, "
+        f"{partition['probes']} probes"
     )
     if report.skipped:
-        print(f"SKIPPED {len(report.skipped)} sequences:")
-        for path, reason in report.skipped[:20]:
-            print(f"  {path}: {reason}")
+        lines.append(f"SKIPPED {len(report.skipped)} sequences:")
+        lines += [f"  {path}: {reason}" for path, reason in report.skipped[:20]]
         if len(report.skipped) > 20:
-            print(f"  ... and {len(report.skipped) - 20} more")
-        if not args.allow_skipped:
-            print(
-                f"kprpe gait pack: {len(report.skipped)} sequences were skipped (exit status 1; pass "
-                "--allow-skipped to accept; re-running resumes)",
-                file=sys.stderr,
-            )
-            return 1
+            lines.append(f"  ... and {len(report.skipped) - 20} more")
+    payload = {
+        "output": str(args.output),
+        "sequences": report.packed,
+        "resumed": report.resumed,
+        "frames": report.frames,
+        "dropped_frames": report.dropped_frames,
+        "frames_without_pose": report.frames_without_pose,
+        "invalid_joints": report.invalid_joints,
+        "links_left": report.links_left,
+        "partition": partition,
+        "skipped": [{"sequence": path, "reason": reason} for path, reason in report.skipped],
+        "files": [str(Path(args.output) / "partition.json")],
+    }
+    emit(args, json_safe(payload), "\n".join(lines))
+    if report.skipped and not args.allow_skipped:
+        print(
+            f"kprpe gait pack: {len(report.skipped)} sequences were skipped (exit status 1; pass "
+            "--allow-skipped to accept; re-running resumes)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _partition_counts(partition) -> dict:
+    """partition.json in numbers (the summary's and the JSON's)."""
+    return {
+        "train_ids": len(partition.train_ids),
+        "test_ids": len(partition.test_ids),
+        "probes": len(partition.probe_set),
+    }
 
 
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
@@ -110,13 +134,22 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     report = make_synthetic(
         args.output, config, progress=_progress(args.quiet, "walker"), workers=args.workers
     )
-    partition = report.partition
-    print(
+    partition = _partition_counts(report.partition)
+    summary = (
         f"wrote {report.sequences} sequences ({report.frames} frames) of {config.ids} walkers to "
-        f"{args.output}; "
-        f"partition.json: {len(partition.train_ids)} train / {len(partition.test_ids)} test ids, "
-        f"{len(partition.probe_set)} probes"
+        f"{args.output}; partition.json: {partition['train_ids']} train / {partition['test_ids']} test ids, "
+        f"{partition['probes']} probes"
     )
+    payload = {
+        "output": str(args.output),
+        "walkers": config.ids,
+        "sequences": report.sequences,
+        "frames": report.frames,
+        "partition": partition,
+        # every sequence's nuisances (view, phase, speed, ...) are in synthetic.json, not on stdout
+        "files": [str(Path(args.output) / name) for name in ("partition.json", "synthetic.json")],
+    }
+    emit(args, json_safe(payload), summary)
     return 0
 
 
@@ -137,7 +170,7 @@ def register(subparsers) -> None:
     )
     pack.add_argument("silhouettes", help="folder of <id>/<type>/<view>/*.png (Gait3D: 2D_Silhouettes)")
     pack.add_argument("--poses", help="folder of <id>/<type>/<view>/*.txt|json|csv (Gait3D: 2D_Poses)")
-    pack.add_argument("-o", "--output", required=True, help="output folder (new, empty, or an earlier pack)")
+    add_output_option(pack, help="output folder (new, empty, or an earlier pack)")
     pack.add_argument(
         "--width", type=int, choices=(44, 64), default=44, help="output frame width (default 44)"
     )
@@ -152,7 +185,8 @@ def register(subparsers) -> None:
     )
     pack.add_argument("--test-fraction", type=float, default=0.5, help="made partition: share of test ids")
     pack.add_argument("--seed", type=int, default=0, help="made partition: seed for test ids and probes")
-    pack.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    add_quiet_option(pack, help="no progress")
+    add_json_option(pack)
     pack.set_defaults(func=_cmd_pack)
 
     syn = sub.add_parser(
@@ -162,7 +196,7 @@ def register(subparsers) -> None:
         "frame's static shape says little. For tests and sanity checks only, never accuracy claims. "
         "See docs/gait.md.",
     )
-    syn.add_argument("-o", "--output", required=True, help="output folder (new, empty, or an earlier output)")
+    add_output_option(syn, help="output folder (new, empty, or an earlier output)")
     syn.add_argument("--ids", type=int, default=20, help="number of walkers (default 20)")
     syn.add_argument("--sequences", type=int, default=6, help="sequences per walker (default 6)")
     syn.add_argument(
@@ -188,5 +222,6 @@ def register(subparsers) -> None:
     )
     syn.add_argument("--test-fraction", type=float, default=0.5, help="share of test ids in partition.json")
     syn.add_argument("--workers", type=int, default=1, help="processes rendering walkers (same output)")
-    syn.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    add_quiet_option(syn, help="no progress")
+    add_json_option(syn)
     syn.set_defaults(func=_cmd_make_synthetic)

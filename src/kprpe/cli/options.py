@@ -20,6 +20,7 @@ __all__ = [
     "add_deprecated_alias",
     "add_json_option",
     "emit",
+    "json_safe",
     "wants_json",
     "stdout_is_terminal",
     "add_flip_options",
@@ -110,6 +111,24 @@ def emit(args: argparse.Namespace, payload: dict, summary: str) -> None:
         print(json.dumps(payload, separators=(",", ":"), allow_nan=False))
     else:
         print(summary)
+
+
+def json_safe(value):
+    """A result made fit for :func:`emit`'s strict JSON: paths as text, numpy values as Python ones, NaN and
+    infinity (a metric with no data, a skipped non-finite step's loss) as null."""
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return json_safe(value.tolist())
+    return str(value)
 
 
 def add_output_option(

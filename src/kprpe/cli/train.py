@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import CommandError
+from .options import add_json_option, add_quiet_option, emit, json_safe
 
 __all__ = ["register"]
 
@@ -18,26 +19,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "use either --resume (latest checkpoint of the run) or --resume-from DIR, not both"
         )
     resume = args.resume_from or ("latest" if args.resume else None)
+    overrides = [*args.overrides, "train.progress=false"] if args.quiet else args.overrides
     # bad configs, data, landmark files and checkpoints raise KprpeError subclasses: kprpe.cli prints them
     if _is_gait_config(args.config):  # task: gait (kprpe.train.gait: SwinGait, P x K, triplet + CE)
         from ..train.gait import load_gait_config
 
-        cfg = load_gait_config(args.config, args.overrides)
+        cfg = load_gait_config(args.config, overrides)
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg, resume=resume)
     final = trainer.run()
-    if trainer.dist.is_main and trainer.task.name == "gait":
-        print(
-            f"trained {trainer.step} steps; model: {final}; Gait3D protocol on the test split: "
-            f"{trainer.output_dir / 'results.json'}"
-        )
-    elif trainer.dist.is_main:
-        print(
-            f"trained {trainer.step} steps; model: {final} (load with kprpe.load_official or kprpe verify "
-            "--weights)"
-        )
+    if trainer.dist.is_main:  # one result per run, not one per torchrun process
+        payload, summary = _result(trainer, final)
+        emit(args, json_safe(payload), summary)
     return 0
+
+
+def _result(trainer, final) -> tuple[dict, str]:
+    """The finished run by the output convention: where the model and logs are, the steps, the last logged
+    loss and the final validation; a task that writes a results file (gait: results.json) has its content
+    under ``results``."""
+    import json
+
+    out = trainer.output_dir
+    # gait writes results.json at the end of a validated run (face runs keep validation.csv only)
+    results = out / "results.json" if trainer.task.name == "gait" and trainer.last_validation else None
+    losses = [row["loss"] for row in trainer.history if "loss" in row]
+    logs = [out / name for name in ("log.jsonl", "train_log.csv", "validation.csv") if (out / name).is_file()]
+    payload = {
+        "task": trainer.task.name,
+        "output": str(out),
+        "model": str(final),
+        "steps": trainer.step,
+        "loss": losses[-1] if losses else None,
+        "validation": trainer.last_validation,
+        "files": [str(f) for f in [final, *([results] if results else []), *logs]],
+    }
+    lines = [f"trained {trainer.step} steps" + (f"; final loss {losses[-1]:.4f}" if losses else "")]
+    for name, metrics in (trainer.last_validation or {}).items():
+        lines.append(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None))
+    if results:
+        payload["results"] = json.loads(results.read_text(encoding="utf-8"))
+        lines.append(f"Gait3D protocol on the test split: {results}")
+        lines.append(f"model: {final} (kprpe eval gait --weights)")
+    else:
+        lines.append(f"model: {final} (load with kprpe.load_official or kprpe verify --weights)")
+    return payload, "\n".join(lines)
 
 
 def _is_gait_config(path) -> bool:
@@ -69,4 +96,6 @@ def register(subparsers) -> None:
     p.add_argument(
         "--resume-from", default=None, metavar="DIR", help="continue from this checkpoint directory"
     )
+    add_quiet_option(p, help="no progress bar (the per-step numbers still go to train_log.csv and log.jsonl)")
+    add_json_option(p)
     p.set_defaults(func=_cmd_train)

@@ -35,19 +35,27 @@ def collate_sequences(items: list[dict], frame_size: tuple[int, int]) -> dict:
 
 
 @torch.no_grad()
-def embed_dataset(model: nn.Module, dataset, batch_size: int = 4, device=None) -> np.ndarray:
-    """``(N, E, P)`` float32 embeddings (before the BNNeck) of every sequence of ``dataset``, all frames."""
+def embed_dataset(
+    model: nn.Module, dataset, batch_size: int = 4, device=None, progress: bool = False
+) -> np.ndarray:
+    """``(N, E, P)`` float32 embeddings (before the BNNeck) of every sequence of ``dataset``, all frames;
+    ``progress``: a bar on stderr, in sequences."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     frame_size = tuple(model.config.frame_size)
     out = []
     rng = np.random.default_rng(0)
+    bar = tqdm(total=len(dataset), desc="sequences", unit="seq", disable=not progress)
     for start in range(0, len(dataset), batch_size):
         items = [dataset.sample(i, rng) for i in range(start, min(start + batch_size, len(dataset)))]
         batch = collate_sequences(items, frame_size)
         result = model(batch["sils"].to(device), batch["keypoints"].to(device), batch["lengths"].to(device))
         out.append(result["embeddings"].float().cpu().numpy())
+        bar.update(len(items))
+    bar.close()
     model.train(was_training)
     return np.concatenate(out)
 
@@ -62,8 +70,10 @@ def evaluate_model(
     frames_limit: int = 720,
     keypoints: str = "real",
     device=None,
+    progress: bool = False,
 ) -> dict:
-    """The Gait3D protocol (:func:`kprpe.eval.gait.evaluate_gait3d`) on the test split of ``partition``."""
+    """The Gait3D protocol (:func:`kprpe.eval.gait.evaluate_gait3d`) on the test split of ``partition``
+    (``progress``: a bar on stderr while the sequences are embedded)."""
     from ..gait import AllOrderedFrames, GaitDataset, read_partition
     from ..gait.augment import KeypointControl
     from .gait import evaluate_gait3d
@@ -71,7 +81,7 @@ def evaluate_model(
     part = read_partition(partition)
     control = KeypointControl(keypoints, tuple(model.config.frame_size)) if keypoints != "real" else None
     dataset = GaitDataset(root, part, "test", frames=AllOrderedFrames(frames_limit), transform=control)
-    features = embed_dataset(model, dataset, batch_size, device)
+    features = embed_dataset(model, dataset, batch_size, device, progress=progress)
     sequences = [(s.identity, s.seq_type, s.view) for s in dataset.sequences]
     raw = {
         "TRAIN_SET": list(part.train_ids),

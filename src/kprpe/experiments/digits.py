@@ -28,11 +28,13 @@ from ..nn.keypoint_rpe import pinned_bias_path
 from ..train.schedule import learning_rate, lr_factor
 from .digits_data import (
     AFFNIST_MIX,
+    CALIBRATED_AUGMENTATION,
+    MEDIUM_AUGMENTATION,
     PLACED_AUGMENTATION,
-    WIDE_AUGMENTATION,
-    WIDER_AUGMENTATION,
     SWEEPS,
     TRAIN_AUGMENTATION,
+    WIDE_AUGMENTATION,
+    WIDER_AUGMENTATION,
     DigitsCanvas,
     TestSet,
     build_test_sets,
@@ -75,6 +77,8 @@ REGIMES = ("none", "mild")  # training augmentation: none, or TRAIN_AUGMENTATION
 TRAIN_REGIMES = {
     "none": None,
     "mild": TRAIN_AUGMENTATION,
+    "medium": MEDIUM_AUGMENTATION,
+    "calibrated": CALIBRATED_AUGMENTATION,
     "wide": WIDE_AUGMENTATION,
     "wider": WIDER_AUGMENTATION,
     "placed": PLACED_AUGMENTATION,

@@ -45,6 +45,8 @@ PAPER_NUMBERS = "[paper, Fig. 1] Abs-PE: 98.1% on MNIST, 77.27% on AffNIST; KP-R
 REGIME_TITLES = {
     "none": "trained without augmentation",
     "mild": "trained with mild augmentation (same for every model)",
+    "medium": "trained with mild augmentation and shifts up to 12.5% of the canvas (same for every model)",
+    "calibrated": "trained with mild augmentation and shifts up to 14% of the canvas (same for every model)",
     "wide": "trained with mild augmentation and shifts up to 15% of the canvas (same for every model)",
     "wider": "trained with mild augmentation and shifts up to 20% of the canvas (same for every model)",
     "placed": "trained with random placement on the canvas (same for every model)",

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -237,7 +238,8 @@ class Trainer:
             except ImportError:
                 print(
                     "kprpe train: tensorboard is not installed; logging to train_log.csv only (pip install "
-                    "tensorboard)"
+                    "tensorboard)",
+                    file=sys.stderr,
                 )
         atomic_write_text(self.output_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
 
@@ -393,7 +395,9 @@ class Trainer:
                         if not out["finite"]:
                             bar.write(
                                 f"step {self.step}: non-finite loss or gradient; update skipped "
-                                f"({self.nonfinite_streak} in a row, patience {cfg.train.nonfinite_patience})"
+                                f"({self.nonfinite_streak} in a row, "
+                                f"patience {cfg.train.nonfinite_patience})",
+                                file=sys.stderr,
                             )
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                         if main:
@@ -422,7 +426,8 @@ class Trainer:
                     if self.validator is not None and every and self.step % every == 0 and main:
                         bar.write(
                             f"step {self.step}: "
-                            + ", ".join(f"{k} {v:.4f}" for k, v in self._validate().items())
+                            + ", ".join(f"{k} {v:.4f}" for k, v in self._validate().items()),
+                            file=sys.stderr,
                         )
                     if (
                         cfg.train.checkpoint_every
@@ -436,7 +441,7 @@ class Trainer:
                     if self.step >= self.total_steps:
                         break
             if self.validator is not None and (not every or self.step % every != 0) and main:
-                bar.write(", ".join(f"{k} {v:.4f}" for k, v in self._validate().items()))
+                bar.write(", ".join(f"{k} {v:.4f}" for k, v in self._validate().items()), file=sys.stderr)
             if main and self.last_validation is not None:
                 self.task.write_results(self.output_dir, self.step, self.last_validation)
             self._require_finite_weights("final checkpoint")
