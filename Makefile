@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-serial lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,11 +23,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kprpe experiment digits --quick --restart
 
+# The suite on pytest-xdist workers, one per core of a 2-core CI machine; a unit of work is a test file (or
+# one page of the doc runner's blocks: tests/conftest.py). `make test-serial` runs it in one process.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
+
+test-serial: $(STAMP)
+	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/kprpe bench

@@ -1,13 +1,43 @@
-"""Shared fixtures."""
+"""Shared fixtures; threads and units of work for pytest-xdist workers (make test)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "fixtures"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def pytest_configure(config):
+    """An xdist worker gets its share of the cores (1 thread with `make test`'s 2 workers on 2 cores): more
+    threads than cores make the workers, and the processes the tests start, only wait for each other."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None:
+        return
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if not threads.isdigit() or int(threads) < 1:
+        threads = os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // int(workers)))
+    torch.set_num_threads(int(threads))
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: no error where it is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (make test), the doc runner's blocks one page at a time: tests/xdist_units.py."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist_units import make_scheduler
+
+    return make_scheduler(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from docs.doc_blocks import (
+    REPO,
     SHARED_MARKER,
     Entry,
     PythonSession,
+    all_blocks,
     console_commands,
     entry_for,
     extract_blocks,
@@ -117,3 +119,19 @@ def test_shared_python_blocks_keep_their_names_and_report_errors(tmp_path):
         assert session.run("print(x)\n").output.strip() == "41"  # an error does not lose the page's state
     finally:
         session.close()
+
+
+def test_make_test_gives_each_page_of_blocks_to_one_worker():
+    """Under xdist (make test) a page's blocks are one unit of work (a shared page runs them in order in one
+    folder), each page its own unit so the pages spread over the workers; other tests go by file."""
+    import docs.test_docs_run as runner
+    from xdist_units import DOC_BLOCKS, unit_of_work
+
+    test_file = Path(runner.__file__).relative_to(REPO).as_posix()
+    assert DOC_BLOCKS == f"{test_file}::{runner.test_doc_block_runs.__name__}["
+    pages_of_unit: dict[str, set[str]] = {}
+    for block in all_blocks():
+        pages_of_unit.setdefault(unit_of_work(f"{DOC_BLOCKS}{block.id}]"), set()).add(block.page)
+    assert all(len(pages) == 1 for pages in pages_of_unit.values())
+    assert len(pages_of_unit) == len({block.page for block in all_blocks()}) > 5
+    assert unit_of_work("tests/face/test_pipeline.py::test_a[x:1]") == "tests/face/test_pipeline.py"
