@@ -26,6 +26,7 @@ from ..errors import KprpeError
 from ..files import atomic_write_text
 from ..nn.keypoint_rpe import pinned_bias_path
 from ..train.schedule import learning_rate, lr_factor
+from ..workers import exit_with_parent
 from .digits_data import (
     AFFNIST_MIX,
     CALIBRATED_AUGMENTATION,
@@ -721,6 +722,7 @@ _JOB_LIST_FIELDS = ("seeds", "regimes", "models", "mean_head_models", "mean_head
 
 
 def _worker_init(cfg_dict: dict, threads: int, epochs_done=None) -> None:
+    exit_with_parent()  # a killed run leaves no training behind
     torch.set_num_threads(threads)
     _WORKER["epochs_done"] = epochs_done  # a manager queue: one item per finished epoch (the progress bar)
     cfg_dict = dict(cfg_dict)

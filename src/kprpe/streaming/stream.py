@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import KprpeError
 from ..images import ImageLoadError, expand_image_paths, load_image
+from ..workers import exit_with_parent
 from .video import VIDEO_EXTENSIONS, SegmentEnd, VideoError, is_video_path, sample_frames
 
 __all__ = [
@@ -391,6 +392,7 @@ def error_text(exc: BaseException) -> str:
 
 def _worker_init(factory: Callable, fps: float, segment_frames: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    exit_with_parent()  # ... and a killed main process takes its workers with it
     single_threaded()
     try:
         _WORKER.update(pipeline=factory(), fps=fps, segment_frames=segment_frames, error=None)
