@@ -3,24 +3,19 @@ uvicorn server on a free local port, configured as ``kprpe serve`` configures it
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from process_group import free_port  # the one helper (tests/ is on sys.path, as for the distributed tests)
+
 
 @pytest.fixture(scope="session")
 def astronaut() -> np.ndarray:
     skimage_data = pytest.importorskip("skimage.data")
     return skimage_data.astronaut()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RunningServer:
