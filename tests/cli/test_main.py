@@ -136,7 +136,7 @@ def test_lazy_names_load_on_first_use():
     assert "FacePipeline" in dir(kprpe.face)
 
 
-def test_demo_runs_every_face_family_and_refuses_gait_models(capsys):
+def test_demo_runs_every_face_family_and_refuses_gait_models(capsys, terminal):
     """`kprpe demo --model ir_18` crashed reading a ViT-only config field; gait models need sequences."""
     from kprpe.cli.main import main
 
@@ -149,3 +149,18 @@ def test_demo_runs_every_face_family_and_refuses_gait_models(capsys):
     assert all(c < 1.0 for c in cosines)  # the randomised keypoint table makes moved keypoints matter
     assert main(["demo", "--model", "swingait_2d"]) == 2
     assert "gait model" in capsys.readouterr().err
+
+
+def test_demo_prints_one_line_of_json_on_a_pipe(capsys):
+    """The output convention (docs/cli.md): under pytest stdout is not a terminal."""
+    import json
+
+    from kprpe.cli.main import main
+
+    assert main(["demo", "--model", "vit_tiny_kprpe", "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["model"] == "vit_tiny_kprpe" and result["has_kprpe"] and result["trained"] is False
+    cosines = result["cosine_moved_keypoints"]
+    assert len(cosines) == 2 and all(c < 1.0 for c in cosines)

@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..errors import KprpeError
-from .options import add_json_option, wants_json
+from .options import add_json_option, emit, wants_json
 
 # Command groups, in the order they appear in ``kprpe --help``; a group whose module is absent is skipped
 # (a task package such as gait adds its cli/<task>.py and its name here).
@@ -59,9 +59,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..demo import demo_summary, run_demo
 
-    return run_demo(model_name=args.model, batch_size=args.batch_size)
+    result = run_demo(model_name=args.model, batch_size=args.batch_size)
+    emit(args, result, demo_summary(result))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build a KP-RPE model and embed a few synthetic faces (smoke demo)")
     p.add_argument("--model", default="vit_small_kprpe", help="preset name (default: vit_small_kprpe)")
     p.add_argument("--batch-size", type=int, default=4)
+    add_json_option(p)
     p.set_defaults(func=_cmd_demo)
 
     for module_name in COMMAND_MODULES:
