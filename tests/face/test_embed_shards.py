@@ -6,7 +6,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from kprpe.face.embed_output import EmbedOutputError, read_embeddings
+
+from kprpe.streaming.shards import EmbedOutputError, read_embeddings
 
 from .conftest import TINY_WEIGHTS, run_cli
 

@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
-from kprpe.face.index import GalleryIndex, GalleryIndexError
 
 from kprpe.cli import main
+from kprpe.gallery.index import GalleryIndex, GalleryIndexError
 
 DIM = 8
 

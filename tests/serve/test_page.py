@@ -44,7 +44,7 @@ def embedder(tmp_path_factory):
 
 
 def service_with_gallery(embedder, tmp_path, **options) -> FaceService:
-    from kprpe.face.index import GalleryIndex
+    from kprpe.gallery.index import GalleryIndex
 
     index = GalleryIndex(embedder.output_dim, metadata={"model_fingerprint": embedder.fingerprint})
     index.add({"someone": np.random.default_rng(0).standard_normal((1, embedder.output_dim))})
@@ -162,7 +162,7 @@ def test_a_model_without_kprpe_says_the_view_needs_one(tmp_path, astronaut):
 
 
 def test_gallery_writes_need_the_key_and_are_saved(embedder, tmp_path, astronaut):
-    from kprpe.face.index import GalleryIndex
+    from kprpe.gallery.index import GalleryIndex
 
     service = service_with_gallery(embedder, tmp_path, api_key="s3cret")
     photo = {"image": ("e.png", png(astronaut))}
