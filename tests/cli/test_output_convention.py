@@ -164,6 +164,16 @@ def test_eval_gait_json_on_a_pipe_summary_on_a_terminal(gait_run, capsys, monkey
     assert captured.out.startswith("gait3d (") and "mAP" in captured.out and captured.err == ""
 
 
+def test_eval_gait_takes_the_device_option(gait_run, capsys, tmp_path):
+    """--device like every command that runs a model (docs/cli.md); an unusable one is one line, exit 2."""
+    assert main([*_eval_gait_args(gait_run, tmp_path / "cpu"), "--device", "cpu", "-q"]) == 0
+    capsys.readouterr()
+    assert main([*_eval_gait_args(gait_run, tmp_path / "bad"), "--device", "nosuchdevice", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kprpe eval gait: error: cannot use device 'nosuchdevice'")
+    assert "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------------------------- bench
 
 

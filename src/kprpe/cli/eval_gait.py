@@ -27,6 +27,13 @@ def _run_gait(args) -> int:
         raise CommandError("--batch-size and --frames-limit must be positive")
     try:
         model = load_swingait(args.weights)
+    except CheckpointError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        model = model.to(args.device)
+    except (RuntimeError, AssertionError) as exc:  # torch: unknown device, CUDA not available
+        raise CommandError(f"cannot use device {args.device!r} for weights {args.weights}: {exc}") from None
+    try:
         metrics = evaluate_model(
             model,
             args.data,
@@ -35,9 +42,10 @@ def _run_gait(args) -> int:
             metric=args.metric,
             frames_limit=args.frames_limit,
             keypoints=args.keypoints,
+            device=args.device,
             progress=not args.quiet,
         )
-    except (CheckpointError, GaitFormatError, GaitEvalError) as exc:
+    except (GaitFormatError, GaitEvalError) as exc:
         raise CommandError(str(exc)) from None
     probes, gallery = metrics.pop("probes"), metrics.pop("gallery")
     results = dict(
@@ -65,7 +73,7 @@ def register_gait(sub) -> None:
     """``kprpe eval gait --data ROOT --partition P.json --weights W -o OUT``."""
     from pathlib import Path
 
-    from .options import add_json_option, add_output_option, add_quiet_option
+    from .options import add_device_option, add_json_option, add_output_option, add_quiet_option
 
     p = sub.add_parser(
         "gait",
@@ -79,6 +87,7 @@ def register_gait(sub) -> None:
     p.add_argument("--metric", choices=("euc", "cos"), default="euc")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--frames-limit", type=int, default=720, help="at most this many frames per sequence")
+    add_device_option(p)
     p.add_argument(
         "--keypoints",
         choices=("real", "shuffled", "noise", "drawn"),
