@@ -208,6 +208,7 @@ def test_enrolled_crops_are_kept_as_thumbnails_by_identity_and_removed_with_it(
         assert url == f"/gallery/thumbnail/{store.key(name)}/0"
         listing = httpx.get(running.url + "/gallery").json()
         assert listing["thumbnails"] == {"someone": [], name: [url]} and listing["keeps_thumbnails"] is True
+        assert listing["saved_to"] == "file" and listing["saved_to_file"] is True
         picture = httpx.get(running.url + url)
         assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
         thumb = np.asarray(Image.open(io.BytesIO(picture.content)))

@@ -102,7 +102,10 @@ def test_two_serve_processes_share_a_milvus_server_gallery(tmp_path, astronaut):
         assert found.status_code == 200, found.text
         [match] = found.json()["matches"]
         assert match["identity"] == "eileen" and match["score"] > 0.999  # the same photo and keypoints
-        assert httpx.get(f"{url_b}/gallery").json()["identities"] == ["eileen"]
+        listing = httpx.get(f"{url_b}/gallery").json()
+        assert listing["identities"] == ["eileen"]
+        # changes persist in the database (the page said "last until the server stops": no file was named)
+        assert listing["saved_to"] == "database" and listing["saved_to_file"] is False
         removed = httpx.post(f"{url_b}/gallery/remove", data={"identity": "eileen"}, timeout=60)
         assert removed.status_code == 200, removed.text
         assert httpx.get(f"{url_a}/gallery").json()["identities"] == []

@@ -319,6 +319,16 @@ class FaceService:
         key = self.thumbnails.key(identity)
         return [f"/gallery/thumbnail/{key}/{n}" for n in self.thumbnails.numbers(identity)]
 
+    @property
+    def saved_to(self) -> str | None:
+        """Where enrol/remove changes persist: ``"file"``, ``"database"`` (a DatabaseGallery writes each
+        change as it is made), or None (an in-memory gallery)."""
+        if self.index_path is not None:
+            return "file"
+        if getattr(self.index, "kind", None) == "database":
+            return "database"
+        return None
+
     def _save_index(self) -> None:
         if self.index_path is not None:
             self.index.save(self.index_path)  # atomic: a crash leaves the previous gallery

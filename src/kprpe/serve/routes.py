@@ -206,6 +206,9 @@ def build_app(service: FaceService, limits: ServeLimits, admission, *, public: b
         return {
             "identities": names,
             "saved_to_file": service.index_path is not None,
+            # where enrol/remove changes persist: "file" (the --gallery file), "database" (written as they
+            # are made), or null (memory only: gone when the server stops)
+            "saved_to": service.saved_to,
             "keeps_thumbnails": service.thumbnails is not None,
             "thumbnails": {name: service.thumbnail_urls(name) for name in names},
         }

@@ -152,7 +152,9 @@ async function refreshGallery() {
   }
   $("search-gallery-note").textContent =
     answer.identities.length + " identities in the gallery" +
-    (answer.saved_to_file ? "; changes are saved to its file." : "; changes last until the server stops.") +
+    (answer.saved_to === "file" ? "; changes are saved to its file."
+      : answer.saved_to === "database" ? "; changes are saved in the database as they are made."
+      : "; changes last until the server stops.") +
     (answer.keeps_thumbnails ? "" : " This server keeps no thumbnails (see --thumbnails).");
   for (const name of answer.identities) {
     const item = document.createElement("li");
