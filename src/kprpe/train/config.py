@@ -43,6 +43,12 @@ class ConfigError(KprpeError, ValueError):
     """An invalid training config; the message starts with the dotted key at fault."""
 
 
+def need(cond: bool, key: str, msg: str) -> None:
+    """One config check: ``key: msg`` as a :class:`ConfigError` when ``cond`` is false."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
 @dataclass
 class ModelConfig:
     name: str = "vit_small_kprpe"  # preset for kprpe.create_model
@@ -141,10 +147,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"{key}: {msg}")
-
         d, h, o, s, t, v = self.data, self.head, self.optim, self.schedule, self.train, self.validation
         need(
             bool(d.train),

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..eval.gait_model import collate_sequences, evaluate_model
 from ..files import check_not_input, write_json
-from .config import ConfigError, RunConfig, _build, read_config_values
+from .config import ConfigError, RunConfig, _build, need, read_config_values
 from .distributed import (
     DistInfo,
     all_gather_nograd,
@@ -126,10 +126,6 @@ class GaitTrainConfig:
 
     def validate(self) -> GaitTrainConfig:
         from ..gait.augment import KEYPOINT_CONTROLS
-
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"{key}: {msg}")
 
         d, o, t = self.data, self.optim, self.train
         need(self.task == "gait", "task", f"must be 'gait', got {self.task!r}")
