@@ -98,6 +98,9 @@ def register(subparsers) -> None:
     )
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default 10, 30 with --quick)")
     d.add_argument(
+        "--lr", type=float, default=None, help="peak AdamW learning rate (default 1e-3, 3e-3 with --quick)"
+    )
+    d.add_argument(
         "--models",
         default=None,
         help="comma-separated model names trained with the flatten head (default: the 11 models of the full "
@@ -214,6 +217,7 @@ def _cmd_digits(args: argparse.Namespace) -> int:
         overrides["seeds"] = tuple(range(args.seeds))
     simple = dict(
         epochs=args.epochs,
+        lr=args.lr,
         keypoint_box=args.keypoint_box,
         canvas=args.canvas,
         digit=args.digit,

@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..errors import KprpeError
-from .options import add_json_option, emit, wants_json
+from .options import Parser, add_json_option, emit, wants_json
 
 # Command groups, in the order they appear in ``kprpe --help``; a group whose module is absent is skipped
 # (a task package such as gait adds its cli/<task>.py and its name here).
@@ -69,7 +69,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kprpe",
         description="Face and gait recognition with KP-RPE vision transformers (ViT, Swin): models, face "
         "pipeline, training, evaluation.",

@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "REMOVED_IN",
     "DeprecatedAlias",
+    "Parser",
     "add_deprecated_alias",
     "add_json_option",
     "emit",
@@ -43,6 +44,15 @@ REMOVED_IN = "0.5"
 
 
 # ------------------------------------------------------------------------------------- deprecated spellings
+
+
+class Parser(argparse.ArgumentParser):
+    """Every ``kprpe`` parser: options match only when spelled out. argparse's default prefix matching took
+    ``--lr 3`` for ``--lr-drops 3`` without a word; sub-command parsers inherit this class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
 
 class DeprecatedAlias(argparse.Action):

@@ -186,6 +186,7 @@ class DigitsConfig:
             "threads",
         ):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
         need(len(self.seeds) > 0, "at least one seed is needed")
         need(
             all(r in TRAIN_REGIMES for r in self.regimes) and self.regimes,
