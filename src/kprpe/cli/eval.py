@@ -480,12 +480,43 @@ def _guarded(run):
 
 
 def _handle(spec: str, engine: str = "torch"):
+    """A sweep's ``--weights [NAME=]W``: one handle per compared checkpoint."""
     from ..eval.runs import ModelHandle
 
     name, sep, path = str(spec).partition("=")
     if not sep:
         name, path = "", spec
     return ModelHandle(Path(path), name=name, engine=engine)
+
+
+def _model(args):
+    """The one handle of a single-model run, passed to everything that needs the model (embeddings,
+    parameter count, calibration fingerprint) so that it is loaded once; built on the path
+    apply_model_defaults resolved, so a repo id's snapshot is not verified (hashed) a second time."""
+    from ..eval.runs import ModelHandle
+
+    return ModelHandle(Path(args.weights), engine=args.engine, resolved=getattr(args, "weights_path", None))
+
+
+def _start(args, landmark_formats: tuple[str, ...] | None = None, *, single_model: bool = True):
+    """The opening every protocol shares, in this order: a --landmarks file of another format is refused
+    (``landmark_formats``: the ones the protocol reads), then the settings (option values, output folder,
+    landmark backend, model defaults), then the run's model handle (``single_model``; a sweep makes one per
+    --weights itself). Returns ``(settings, handle or None)``."""
+    if landmark_formats is not None:
+        _check_landmarks(args, landmark_formats)
+    settings = _settings(args)
+    return settings, (_guarded(lambda: _model(args)) if single_model else None)
+
+
+def _bin_sets(args, none_given: str) -> list[Path]:
+    """``--bin`` sets, then positional ones, each with its --landmarks file when they are given."""
+    sets = [*args.bins, *args.sets]
+    if not sets:
+        _fail(none_given)
+    if args.landmarks and len(args.landmarks) != len(sets):
+        _fail(f"give one --landmarks per set ({len(sets)} sets, {len(args.landmarks)} landmark files)")
+    return sets
 
 
 def _write_outputs(out: Path, results: dict, roc: bool = True) -> tuple[str, list[str]]:
@@ -549,8 +580,16 @@ def _finish(args, results: dict, summary: str, files: list[str], calibration: di
     return 0
 
 
-def _write_calibration(args, results: dict) -> dict | None:
-    """With ``--calibrate``: the threshold measured on the (single) set goes beside the weights."""
+def _report(args, handle, results: dict, *, roc: bool = True) -> int:
+    """How a single-model protocol ends: results.json, summary.md, the ROC plot (``roc``), the threshold
+    when --calibrate asks for one, and the printed result."""
+    summary, files = _write_outputs(args.output, results, roc=roc)
+    return _finish(args, results, summary, files, _write_calibration(args, results, handle))
+
+
+def _write_calibration(args, results: dict, handle) -> dict | None:
+    """With ``--calibrate``: the threshold measured on the (single) set goes beside the weights, with the
+    fingerprint of the model the run used (``handle``: already loaded, not loaded again)."""
     if getattr(args, "calibrate", None) is None:
         return None
     from ..eval.calibration import write_calibration
@@ -562,8 +601,7 @@ def _write_calibration(args, results: dict) -> dict | None:
     if "error" in result["calibration"]:
         _fail(result["calibration"]["error"])
     # the model as the commands that read the file load it (an ONNX file's fingerprint is its hash)
-    engine = getattr(args, "engine", "torch")
-    fingerprint = _guarded(lambda: model_fingerprint(_handle(args.weights, engine)()))
+    fingerprint = _guarded(lambda: model_fingerprint(handle()))
     path = write_calibration(
         args.weights,
         result["calibration"],
@@ -583,13 +621,8 @@ def _run_verify(args) -> int:
     from ..eval.runs import evaluate_bins
     from ..eval.toolkit import evaluate_toolkit
 
-    _check_landmarks(args, _INDEX_CSV)
-    settings = _settings(args)
-    sets = [*args.bins, *args.sets]
-    if not sets:
-        _fail("give at least one set: a .bin file or a CVLface toolkit folder (or --bin FILE)")
-    if args.landmarks and len(args.landmarks) != len(sets):
-        _fail(f"give one --landmarks per set ({len(sets)} sets, {len(args.landmarks)} landmark files)")
+    settings, handle = _start(args, _INDEX_CSV)
+    sets = _bin_sets(args, "give at least one set: a .bin file or a CVLface toolkit folder (or --bin FILE)")
     if args.keypoints == "file" and not args.landmarks:
         _fail("--keypoints file needs --landmarks")
     landmarks = args.landmarks or [None] * len(sets)
@@ -599,7 +632,7 @@ def _run_verify(args) -> int:
     if bins:
         results = _guarded(
             lambda: evaluate_bins(
-                _handle(args.weights, args.engine),
+                handle,
                 [b for b, _ in bins],
                 settings,
                 keypoint_source=args.keypoints,
@@ -609,7 +642,7 @@ def _run_verify(args) -> int:
     if folders:
         toolkit = _guarded(
             lambda: evaluate_toolkit(
-                _handle(args.weights, args.engine),
+                handle,
                 [f for f, _ in folders],
                 settings,
                 keypoint_source=args.keypoints,
@@ -620,17 +653,16 @@ def _run_verify(args) -> int:
             results = toolkit
         else:
             results["sets"].update(toolkit["sets"])
-    return _finish(args, results, *_write_outputs(args.output, results), _write_calibration(args, results))
+    return _report(args, handle, results)
 
 
 def _run_ijb(args) -> int:
     from ..eval.runs import evaluate_ijb
 
-    _check_landmarks(args, _PIXEL_LIST)
-    settings = _settings(args)
+    settings, handle = _start(args, _PIXEL_LIST)
     results = _guarded(
         lambda: evaluate_ijb(
-            _handle(args.weights, args.engine),
+            handle,
             name=args.name,
             tid_mid=args.tid_mid,
             pairs=args.pairs,
@@ -642,17 +674,16 @@ def _run_ijb(args) -> int:
             use_detector_score=not args.no_detector_score,
         )
     )
-    return _finish(args, results, *_write_outputs(args.output, results), _write_calibration(args, results))
+    return _report(args, handle, results)
 
 
 def _run_pairs(args) -> int:
     from ..eval.runs import evaluate_pairs
 
-    _check_landmarks(args, _PIXEL_LIST)
-    settings = _settings(args)
+    settings, handle = _start(args, _PIXEL_LIST)
     results = _guarded(
         lambda: evaluate_pairs(
-            _handle(args.weights, args.engine),
+            handle,
             args.pairs,
             settings,
             images_root=args.root,
@@ -661,19 +692,19 @@ def _run_pairs(args) -> int:
             keypoint_source=args.keypoints,
         )
     )
-    return _finish(args, results, *_write_outputs(args.output, results), _write_calibration(args, results))
+    return _report(args, handle, results)
 
 
 def _run_identify(args) -> int:
     from ..eval.runs import evaluate_identification
 
-    settings = _settings(args)
+    settings, handle = _start(args)
     ranks = [int(r) for r in args.ranks]
     if any(r < 1 for r in ranks):
         _fail(f"--ranks must be positive integers, got {args.ranks}")
     results = _guarded(
         lambda: evaluate_identification(
-            _handle(args.weights, args.engine),
+            handle,
             settings,
             gallery=args.gallery,
             probe=args.probe,
@@ -686,7 +717,7 @@ def _run_identify(args) -> int:
             name=args.name,
         )
     )
-    return _finish(args, results, *_write_outputs(args.output, results, roc=False))
+    return _report(args, handle, results, roc=False)
 
 
 def _int_ranks(values) -> list[int]:
@@ -699,11 +730,10 @@ def _int_ranks(values) -> list[int]:
 def _run_toolkit(args) -> int:
     from ..eval.toolkit import evaluate_toolkit
 
-    _check_landmarks(args, _INDEX_CSV)
-    settings = _settings(args)
+    settings, handle = _start(args, _INDEX_CSV)
     results = _guarded(
         lambda: evaluate_toolkit(
-            _handle(args.weights, args.engine),
+            handle,
             args.sets,
             settings,
             keypoint_source=args.keypoints,
@@ -713,16 +743,16 @@ def _run_toolkit(args) -> int:
             ranks=_int_ranks(args.ranks),
         )
     )
-    return _finish(args, results, *_write_outputs(args.output, results))
+    return _report(args, handle, results)
 
 
 def _run_tinyface(args) -> int:
     from ..eval.toolkit import evaluate_tinyface
 
-    settings = _settings(args)
+    settings, handle = _start(args)
     results = _guarded(
         lambda: evaluate_tinyface(
-            _handle(args.weights, args.engine),
+            handle,
             args.folder,
             settings,
             keypoint_source=args.keypoints,
@@ -730,7 +760,7 @@ def _run_tinyface(args) -> int:
             name=args.name,
         )
     )
-    return _finish(args, results, *_write_outputs(args.output, results, roc=False))
+    return _report(args, handle, results, roc=False)
 
 
 def _run_sweep(args) -> int:
@@ -738,8 +768,7 @@ def _run_sweep(args) -> int:
     from ..eval.runs import robustness_sweep
     from ..files import write_json
 
-    _check_landmarks(args, _PIXEL_LIST)
-    settings = _settings(args)
+    settings, _ = _start(args, _PIXEL_LIST, single_model=False)
     results = _guarded(
         lambda: robustness_sweep(
             [_handle(w, args.engine) for w in args.weights],
@@ -815,16 +844,11 @@ def _run_keypoint_noise(args) -> int:
         write_keypoint_noise_outputs,
     )
 
-    _check_landmarks(args, _INDEX_CSV)
-    settings = _settings(args)
-    sets = [*args.bins, *args.sets]
-    if not sets:
-        _fail("give at least one .bin set")
-    if args.landmarks and len(args.landmarks) != len(sets):
-        _fail(f"give one --landmarks per set ({len(sets)} sets, {len(args.landmarks)} landmark files)")
+    settings, handle = _start(args, _INDEX_CSV)
+    sets = _bin_sets(args, "give at least one .bin set")
     results = _guarded(
         lambda: keypoint_noise_study(
-            _handle(args.weights, args.engine),
+            handle,
             sets,
             settings,
             keypoint_source=args.keypoints,

@@ -55,12 +55,15 @@ class EvalSettings:
 
 @dataclass
 class ModelHandle:
-    """A checkpoint path whose model is loaded only when some embedding is not cached."""
+    """A checkpoint path whose model is loaded on first use (an embedding not in the cache, the parameter
+    count, a fingerprint) and then kept: one handle, one load, so a run passes its one handle everywhere."""
 
     weights: Path
     name: str = ""
     device: str | None = None
     engine: str = "torch"  # torch: a checkpoint; onnx: a file from ``kprpe export`` run by ONNX Runtime
+    # ``weights`` already resolved by the caller (kprpe.zoo.resolve): a repo id's snapshot is not hashed again
+    resolved: Path | None = field(default=None, repr=False)
     _model: torch.nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -68,11 +71,14 @@ class ModelHandle:
         self.weights = Path(self.weights)
         if not self.name:
             self.name = self.weights.stem if self.weights.stem != "model" else self.weights.parent.name
-        from ..zoo import resolve
+        if self.resolved is not None:
+            self.weights = Path(self.resolved)
+        else:
+            from ..zoo import resolve
 
-        self.weights = resolve(
-            self.weights, kind="recognition"
-        )  # a path, or a repo id -> its verified snapshot
+            self.weights = resolve(
+                self.weights, kind="recognition"
+            )  # a path, or a repo id -> its verified snapshot
 
     def __call__(self) -> torch.nn.Module:
         if self._model is None and self.engine == "onnx":
