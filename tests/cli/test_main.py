@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kprpe.cli import COMMAND_MODULES, build_parser, main
+from kprpe.cli.main import subcommand_parsers
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "kprpe"
 
@@ -55,14 +56,27 @@ def test_output_is_spelled_dash_o_everywhere(names):
 def test_output_has_one_spelling_and_is_required(capsys):
     args = build_parser().parse_args(["eval", "verify", "--weights", "w", "--bin", "b.bin", "-o", "folder"])
     assert str(args.output) == "folder"
-    # the hidden, deprecated --out alias is gone (argparse still takes --out as an abbreviation of --output)
+    # the hidden, deprecated --out alias is gone, and no prefix of an option stands for it (0.4.2)
     options = {s for a in _subparser("eval", "verify")._actions for s in a.option_strings}
     assert "--out" not in options
-    build_parser().parse_args(["eval", "verify", "--weights", "w", "--bin", "b.bin", "--out", "folder"])
-    assert "deprecated" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "verify", "--weights", "w", "--bin", "b.bin", "--out", "folder"])
+    assert "required: -o/--output" in capsys.readouterr().err  # --out was not taken for it
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "verify", "--weights", "w", "--bin", "b.bin"])
     assert "-o/--output" in capsys.readouterr().err
+
+
+def test_options_are_never_matched_by_a_prefix(capsys):
+    """argparse took `--lr 3` for `--lr-drops 3` without a word; a prefix also breaks the day an option
+    sharing it is added. Every sub-command parser inherits the setting."""
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["experiment", "digits", "--lr-d", "3"])
+    assert "unrecognized arguments: --lr-d 3" in capsys.readouterr().err
+    assert parser.parse_args(["experiment", "digits", "--lr", "0.002"]).lr == 0.002
+    unchecked = [sub.prog for sub in subcommand_parsers(parser) if sub.allow_abbrev]
+    assert unchecked == []
 
 
 def test_one_device_default_for_face_eval_and_bench():

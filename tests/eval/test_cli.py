@@ -227,3 +227,12 @@ def test_a_t_outside_0_1_is_one_line_naming_the_command(command, tmp_path, capsy
     argv = ["eval", command, "--weights", str(tmp_path / "w.safetensors"), *extra, "-o", str(tmp_path / "o")]
     assert main([*argv, "--t", "2"]) == 2
     assert f"kprpe eval {command}: error: --t must lie in [0, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_identify_refuses_fractional_ranks(tmp_path, capsys):
+    """--ranks 1.5 was cut to rank 1 without a word (toolkit and tinyface refused it)."""
+    for role in ("gallery", "probe"):
+        (tmp_path / role / "a").mkdir(parents=True)
+    code, _, err = _run(capsys, "identify", "--weights", TINY_KPRPE, "--gallery", tmp_path / "gallery",
+                        "--probe", tmp_path / "probe", "--ranks", "1.5", "-o", tmp_path / "out", "--quiet")
+    assert code == 2 and "--ranks must be positive integers" in err and "1.5" in err

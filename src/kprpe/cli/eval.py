@@ -699,9 +699,7 @@ def _run_identify(args) -> int:
     from ..eval.runs import evaluate_identification
 
     settings, handle = _start(args)
-    ranks = [int(r) for r in args.ranks]
-    if any(r < 1 for r in ranks):
-        _fail(f"--ranks must be positive integers, got {args.ranks}")
+    ranks = _int_ranks(args.ranks)  # 1.5 is refused, as toolkit and tinyface refuse it (was cut to 1)
     results = _guarded(
         lambda: evaluate_identification(
             handle,
