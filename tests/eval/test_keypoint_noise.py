@@ -59,7 +59,7 @@ def test_cli_writes_report_and_plot(tmp_path, capsys, terminal):
             "1,4",
             "--displacements",
             "8",
-            "--out",
+            "-o",
             str(out),
             "--quiet",
             "--no-flip",
@@ -88,11 +88,11 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
             "template",
             "--displace-index",
             "7",
-            "--out",
+            "-o",
             str(tmp_path / "o"),
             "--quiet",
         ]
     )
     assert code == 2 and "displace_index" in capsys.readouterr().err
-    code = main(["eval", "keypoint-noise", "--weights", str(TINY_KPRPE), "--out", str(tmp_path / "o")])
+    code = main(["eval", "keypoint-noise", "--weights", str(TINY_KPRPE), "-o", str(tmp_path / "o")])
     assert code == 2 and ".bin" in capsys.readouterr().err

@@ -381,7 +381,7 @@ def test_quick_path_prints_that_it_is_a_short_run(tmp_path, capsys, terminal):
             "--quick",
             "--data",
             "uci",
-            "--out",
+            "-o",
             str(tmp_path),
             "--epochs",
             "1",

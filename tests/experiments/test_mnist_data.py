@@ -240,7 +240,7 @@ def test_quick_mnist_run_is_compared_with_the_committed_mnist_run(
     # a stand-in for the committed full MNIST run: the same models, head and regime, more epochs
     full = tmp_path / "full"
     args = ["experiment", "digits", "--data", "mnist", "-o", str(full), "--models", "abs,kprpe"]
-    args += ["--mean-head-models", "none", "--regimes", "placed", "--seeds", "2", "--epochs", "2"]
+    args += ["--mean-head-models", "none", "--regimes", "calibrated", "--seeds", "2", "--epochs", "2"]
     assert main([*args, "--patch", "8", "--depth", "2", *tiny]) == 0
     monkeypatch.setattr(
         report, "_find_reference", lambda data: full / "digits_results.json" if data == "mnist" else None
@@ -251,8 +251,8 @@ def test_quick_mnist_run_is_compared_with_the_committed_mnist_run(
     assert main([*args, *tiny]) == 0
     out = capsys.readouterr().out
     assert "SHORT RUN (--quick) on real MNIST under the affNIST protocol" in out
-    reference = json.loads((full / "digits_results.json").read_text())["summary"]["flatten"]["placed"]
-    quick = json.loads((tmp_path / "q" / "digits_results.json").read_text())["summary"]["flatten"]["placed"]
+    reference = json.loads((full / "digits_results.json").read_text())["summary"]["flatten"]["calibrated"]
+    quick = json.loads((tmp_path / "q" / "digits_results.json").read_text())["summary"]["flatten"]["calibrated"]
     for model, label in (("abs", "Abs-PE"), ("kprpe", "KP-RPE")):  # quick minus reference, both measured
         q, r = quick[model]["clean"]["mean"], reference[model]["clean"]
         row = next(line for line in out.splitlines() if line.strip().startswith(label + " "))
@@ -266,7 +266,7 @@ def test_quick_mnist_notice_says_when_no_spread_was_measured(tmp_path, monkeypat
     from kprpe.experiments.digits import quick_config
 
     cfg = dict(quick_config(data="mnist").to_dict(), sweeps={})  # the notice reads clean and affNIST only
-    job = dict(model="abs", regime="placed", head="flatten", seed=0, train_seconds=1.0)
+    job = dict(model="abs", regime="calibrated", head="flatten", seed=0, train_seconds=1.0)
     job["accuracy"] = dict(clean=90.0, affnist=70.0)
     results = dict(config=cfg, jobs=[job], cpu_count=2)
     reference = tmp_path / "ref.json"
@@ -277,8 +277,11 @@ def test_quick_mnist_notice_says_when_no_spread_was_measured(tmp_path, monkeypat
     monkeypatch.setattr(report, "_find_spread", lambda data: None)
     notice = report.quick_run_notice(results, 1.0)
     assert "No measured spread of quick runs on this data set" in notice
-    assert "mnist/quick_spread.json" in notice
-    assert "affNIST protocol (quick / ref)" in notice and "trained to its plateau" in notice
+    assert "mnist_calibrated/quick_spread.json" in notice
+    assert "affNIST protocol (quick / ref)" in notice
+    # the calibrated reference is a fixed schedule: its length is named, no plateau is claimed
+    assert "(3 seeds, 20 epochs, 3,000 training digits" in notice and "longer, on more digits" in notice
+    assert "plateau" not in notice and "cap" not in notice
     # a reference whose trainings hit the epoch cap is not called converged
     capped = [dict(job, seed=s, stop_reason="max_epochs") for s in (0, 1)]
     reference.write_text(json.dumps(dict(config=dict(cfg, seeds=[0, 1]), jobs=capped)))
@@ -302,6 +305,7 @@ def test_quick_mnist_notice_says_when_no_spread_was_measured(tmp_path, monkeypat
     monkeypatch.setattr(report, "_find_spread", lambda data: spread if data == "mnist" else None)
     notice = report.quick_run_notice(results, 1.0)
     assert "Expected range (measured: 3 quick runs" in notice and "clean 88.0-92.0" in notice
+    assert "affNIST protocol 69.0-71.0" in notice and "AffNIST-style" not in notice  # MNIST's mix, named
     assert "WARNING" not in notice
 
 
@@ -350,12 +354,13 @@ def test_quick_mnist_is_a_subset_unless_told_otherwise():
     from kprpe.experiments.digits import quick_config
 
     quick = quick_config(data="mnist")
-    assert (quick.canvas, quick.digit, quick.train_limit, quick.test_limit) == (40, 28, 1000, 500)
-    # the committed MNIST run's setup and headline pair, so the reference has the same cells
-    assert (quick.patch, quick.depth, quick.regimes) == (8, 2, ("placed",))
+    assert (quick.canvas, quick.digit, quick.train_limit, quick.test_limit) == (40, 28, 3000, 500)
+    # the calibrated run's model, augmentation and headline pair (shorter), so the reference has the same cells
+    assert (quick.patch, quick.depth, quick.width, quick.regimes) == (8, 4, 64, ("calibrated",))
+    assert (quick.epochs, quick.lr, quick.converge) == (20, 2e-3, False)
     assert sorted(j[:3] for j in quick.jobs()) == [
-        ("abs", "placed", "flatten"),
-        ("kprpe", "placed", "flatten"),
+        ("abs", "calibrated", "flatten"),
+        ("kprpe", "calibrated", "flatten"),
     ]
     assert quick_config(data="mnist", train_limit=20).train_limit == 20
     assert quick_config().train_limit == 0  # the UCI quick run is unchanged
