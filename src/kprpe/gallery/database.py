@@ -224,10 +224,11 @@ class DatabaseGallery:
     def image_records(self, names: Iterable[str]) -> dict[str, tuple[frozenset[bytes], int]]:
         """``{name: (digests of the images recorded as pooled, image count)}`` for the names stored (others
         left out). ``count - len(digests)`` images were pooled without a record."""
-        return {
-            name: (frozenset(_unpack_digests(row[4], name)), int(row[3]))
-            for name, row in self._rows(names).items()
-        }
+        names, found = list(names), {}
+        for start in range(0, len(names), WRITE_ROWS):  # a folder of 100k identities: bounded requests
+            for name, row in self._rows(names[start : start + WRITE_ROWS]).items():
+                found[name] = (frozenset(_unpack_digests(row[4], name)), int(row[3]))
+        return found
 
     def _rows(self, names: Iterable[str]) -> dict[str, tuple]:
         """``{name: (name, template, sum_norm, count, digests text or None)}`` for the names stored (absent

@@ -785,6 +785,7 @@ def enrol_gallery_report(
     identity_of: dict[str, str] = {}
     digest_of: dict[str, bytes] = {}
     paths: list[Path] = []
+    known: set[str] = set()  # identities with an image already pooled: in the gallery, never "dropped"
     for name, images in per_identity_paths.items():
         seen = set(stored[name][0]) if name in stored else set()
         for path in images:  # hashed before anything is embedded: a skipped image costs one read
@@ -795,6 +796,7 @@ def enrol_gallery_report(
                 continue
             if digest in seen:
                 report.already_pooled += 1
+                known.add(name)
                 continue
             seen.add(digest)
             identity_of[str(path)], digest_of[str(path)] = name, digest
@@ -833,9 +835,8 @@ def enrol_gallery_report(
             if len(names) >= embedder.batch_size:
                 pool()
         pool()
-    waiting = set(identity_of.values())  # identities with images to pool this run
     for name in per_identity_paths:
-        if name in waiting and name not in report.pooled:
+        if name not in known and name not in report.pooled:
             report.failures.append(
                 (str(Path(gallery) / name), "identity dropped: no usable face in any of its images")
             )
