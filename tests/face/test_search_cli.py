@@ -225,3 +225,107 @@ def test_gallery_uri_gives_the_file_index_answers(capsys, tmp_path, gallery, ast
         capsys, "search", "enrol", gallery, "--gallery", uri, "--overwrite", "--weights", w, "-q"
     )
     assert code == 0 and out["identities"] == 2 and out["enrolled"] == 2
+
+
+def _gallery_target(engine: str, tmp_path) -> tuple[str, str]:
+    if engine == "file":
+        return "--gallery", str(tmp_path / "g.npz")
+    if engine == "milvus":
+        return "--gallery", f"milvus://{tmp_path / 'g.db'}"
+    return "--gallery", f"qdrant://{tmp_path / 'g_qdrant'}"
+
+
+def _state(target: str) -> dict:
+    from kprpe.gallery.database import open_gallery
+
+    gallery = open_gallery(target, backend="numpy")
+    try:
+        return {name: (gallery.count(name), gallery.template(name)) for name in gallery.names}
+    finally:
+        getattr(gallery, "close", lambda: None)()
+
+
+@pytest.mark.parametrize("engine", ["file", _engine("milvus"), _engine("qdrant")])
+def test_append_skips_images_already_pooled(capsys, tmp_path, gallery, tiny_weights, engine, monkeypatch):
+    """Re-running `enrol --append FOLDER` (an interrupted run, a cron job over a growing folder) adds nothing:
+    an image is known by its content, so a renamed copy is skipped too, before it is embedded; the same
+    image under another identity is that identity's image; a new image is pooled."""
+    import shutil
+
+    import kprpe.streaming.stream as stream
+
+    option, target = _gallery_target(engine, tmp_path)
+    common = ("--weights", tiny_weights["a"], "--backend", "numpy", "-q")
+    assert run(capsys, "search", "enrol", gallery, option, target, *common)[0] == 0
+    code, out, _ = run(capsys, "search", "enrol", gallery / "extra", option, target, "--append", *common)
+    assert code == 0 and out["enrolled"] == 1 and out["already_pooled"] == 0
+    before = _state(target)
+    file_bytes = (tmp_path / "g.npz").read_bytes() if engine == "file" else None
+    embedded = []
+    real = stream.stream_embeddings
+    monkeypatch.setattr(
+        stream, "stream_embeddings", lambda inputs, **kw: embedded.extend(inputs) or real(inputs, **kw)
+    )
+    code, out, err = run(capsys, "search", "enrol", gallery / "extra", option, target, "--append", *common)
+    assert code == 0 and out["already_pooled"] == 1 and out["enrolled"] == 0 and out["images"] == 0
+    assert embedded == [] and "notice" not in err  # skipped before embedding; nothing unknown
+    after = _state(target)
+    assert (
+        {n: c for n, (c, _) in after.items()}
+        == {n: c for n, (c, _) in before.items()}
+        == {
+            "eileen": 2,
+            "mirror": 1,
+        }
+    )
+    for name in before:
+        np.testing.assert_array_equal(after[name][1], before[name][1])
+    if engine == "file":
+        assert (tmp_path / "g.npz").read_bytes() == file_bytes  # bit-identical: not even rewritten
+    # a renamed, moved copy is the same image; under another identity it is that identity's new image; a
+    # really new image is pooled
+    more = tmp_path / "more"
+    for folder in ("eileen", "mirror"):
+        (more / folder).mkdir(parents=True)
+    shutil.copy(gallery / "extra" / "eileen" / "2.png", more / "eileen" / "renamed.png")
+    shutil.copy(gallery / "eileen" / "1.png", more / "eileen" / "first_again.png")
+    shutil.copy(gallery / "extra" / "eileen" / "2.png", more / "mirror" / "not_mirror.png")
+    Image.open(gallery / "mirror" / "1.png").rotate(-8).save(more / "eileen" / "3.png")
+    code, out, _ = run(capsys, "search", "enrol", more, option, target, "--append", *common)
+    assert code == 0 and out["already_pooled"] == 2 and out["images"] == 2 and out["enrolled"] == 2
+    assert [str(p) for p in embedded] == [
+        str(more / "eileen" / "3.png"),
+        str(more / "mirror" / "not_mirror.png"),
+    ]
+    counts = {n: c for n, (c, _) in _state(target).items()}
+    assert counts == {"eileen": 3, "mirror": 2}
+    # remove drops the identity's record with it: enrolled again, its images are new
+    assert run(capsys, "search", "remove", "eileen", option, target)[0] == 0
+    code, out, _ = run(capsys, "search", "enrol", gallery / "extra", option, target, "--append", *common)
+    assert code == 0 and out["already_pooled"] == 0 and out["enrolled"] == 1
+    assert _state(target)["eileen"][0] == 1
+
+
+def test_append_to_an_index_without_a_record(capsys, tmp_path, gallery, tiny_weights):
+    """An index written before identities recorded their images loads and appends; its images are unknown
+    (pooled again if given again), which one notice says; what this run pools is recorded from now on."""
+    index = tmp_path / "old.npz"
+    common = ("--weights", tiny_weights["a"], "--backend", "numpy", "-q")
+    assert run(capsys, "search", "enrol", gallery, "-o", index, *common)[0] == 0
+    with np.load(index, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files if not k.startswith("image_digest")}
+    assert len(arrays) == 5
+    with open(index, "wb") as stream:
+        np.savez(stream, **arrays)
+    code, out, err = run(capsys, "search", "enrol", gallery, "-o", index, "--append", *common)
+    assert code == 0 and out["already_pooled"] == 0 and out["images"] == 2
+    assert err.count("notice") == 1 and "2 identities" in err and "2 images pooled without a record" in err
+    from kprpe.gallery.index import GalleryIndex
+
+    loaded = GalleryIndex.load(index)
+    assert loaded.count("eileen") == 2  # the unknown first image was pooled again: what the notice warns of
+    digests, count = loaded.image_records(["eileen"])["eileen"]
+    assert (len(digests), count) == (1, 2)
+    code, out, err = run(capsys, "search", "enrol", gallery, "-o", index, "--append", *common)
+    assert code == 0 and out["already_pooled"] == 2 and out["images"] == 0  # recorded from then on
+    assert err.count("notice") == 1  # still one unknown image each

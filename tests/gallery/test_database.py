@@ -5,6 +5,7 @@ identity."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -168,3 +169,100 @@ def test_an_unreachable_server_is_a_one_line_error(engine):
         port = sock.getsockname()[1]
     with pytest.raises(GalleryIndexError, match=f"gallery qdrant\\+http://127.0.0.1:{port}: qdrant failed"):
         DatabaseGallery.open(f"qdrant+http://127.0.0.1:{port}")
+
+
+def _digest(i: int) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(f"image {i}".encode()).digest()
+
+
+def _staged(rows: dict[str, list[int]], seed: int = 0) -> GalleryIndex:
+    """A staging index whose identities pooled the images numbered ``rows[name]``."""
+    rng = np.random.default_rng(seed)
+    staging = GalleryIndex(32, backend="numpy")
+    names = [name for name, images in rows.items() for _ in images]
+    staging.add_embeddings(
+        names, rng.standard_normal((len(names), 32)), digests=[_digest(i) for i in sum(rows.values(), [])]
+    )
+    return staging
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_row_records_its_images(engine, tmp_path):
+    uri = _uri(engine, tmp_path)
+    with DatabaseGallery.open(uri, dim=32) as gallery:
+        assert gallery.records_images
+        gallery.write(_staged({"ann": [0, 1], "bob": [0]}), pool=True)
+        template = gallery.template("ann")
+        with pytest.raises(GalleryIndexError, match="already pooled"):  # pooling image 1 again: refused
+            gallery.write(_staged({"ann": [1, 2]}, seed=1), pool=True)
+        assert gallery.count("ann") == 2
+        np.testing.assert_array_equal(gallery.template("ann"), template)
+        gallery.write(_staged({"ann": [2]}, seed=1), pool=True)
+        gallery.add({"ann": np.ones((1, 32))})  # pooled without a digest (kprpe serve's page): unknown
+        assert gallery.image_records(["ann", "bob", "nobody"]) == {
+            "ann": (frozenset({_digest(0), _digest(1), _digest(2)}), 4),
+            "bob": (frozenset({_digest(0)}), 1),
+        }
+        gallery.write(_staged({"bob": [7]}), pool=False)  # without pooling the record is set, as the template
+        assert gallery.image_records(["bob"])["bob"] == (frozenset({_digest(7)}), 1)
+        gallery.remove(["ann"])  # the record goes with the row
+        gallery.write(_staged({"ann": [0]}), pool=True)
+        assert gallery.image_records(["ann"])["ann"] == (frozenset({_digest(0)}), 1)
+    with DatabaseGallery.open(uri) as again:  # persisted
+        assert again.image_records(["bob"])["bob"] == (frozenset({_digest(7)}), 1)
+
+
+@pytest.mark.parametrize("engine", [_engine("qdrant", "qdrant_client")])
+def test_qdrant_rows_written_before_the_record_append_with_unknown_images(engine, tmp_path):
+    with DatabaseGallery.open(_uri(engine, tmp_path), dim=32) as gallery:
+        staging = _staged({"ann": [0, 1]})
+        # the row an older kprpe wrote: no record in its payload
+        gallery._store.upsert([identity_id("ann")], ["ann"], *staging.pooled_rows(["ann"]), None)
+        assert gallery.image_records(["ann"])["ann"] == (frozenset(), 2)
+        gallery.write(_staged({"ann": [0]}, seed=2), pool=True)  # image 0 is unknown, so it is pooled again
+        assert gallery.image_records(["ann"])["ann"] == (frozenset({_digest(0)}), 3)
+
+
+@pytest.mark.parametrize("engine", [_engine("milvus", "pymilvus")])
+def test_milvus_galleries_without_the_record_field_still_append(engine, tmp_path):
+    from pymilvus import DataType, MilvusClient
+
+    uri = _uri(engine, tmp_path)
+    client = MilvusClient(str(tmp_path / "g.db"))  # the schema kprpe created before there was a record
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("name", DataType.VARCHAR, max_length=4096)
+    schema.add_field("template", DataType.FLOAT_VECTOR, dim=32)
+    schema.add_field("sum_norm", DataType.DOUBLE)
+    schema.add_field("count", DataType.INT64)
+    params = client.prepare_index_params()
+    params.add_index("template", index_type="FLAT", metric_type="IP")
+    client.create_collection("kprpe_gallery", schema=schema, index_params=params, consistency_level="Strong")
+    meta_schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    meta_schema.add_field("id", DataType.INT64, is_primary=True)
+    meta_schema.add_field("meta", DataType.VARCHAR, max_length=65535)
+    meta_schema.add_field("unused", DataType.FLOAT_VECTOR, dim=2)
+    meta_params = client.prepare_index_params()
+    meta_params.add_index("unused", index_type="FLAT", metric_type="L2")
+    client.create_collection("kprpe_gallery_meta", schema=meta_schema, index_params=meta_params)
+    client.upsert("kprpe_gallery_meta", [{"id": 0, "meta": json.dumps({"dim": 32}), "unused": [0.0, 0.0]}])
+    client.close()
+    with DatabaseGallery.open(uri, dim=32) as gallery:
+        assert not gallery.records_images  # Milvus cannot add a field to a collection: no record is kept
+        for seed in (0, 1):
+            gallery.write(_staged({"ann": [0]}, seed=seed), pool=True)
+        assert gallery.count("ann") == 2 and gallery.image_records(["ann"])["ann"] == (frozenset(), 2)
+
+
+@pytest.mark.parametrize("engine", [_engine("milvus", "pymilvus")])
+def test_a_milvus_record_too_large_for_its_field_is_refused(engine, tmp_path):
+    from kprpe.gallery.database import MILVUS_MAX_DIGESTS
+
+    with DatabaseGallery.open(_uri(engine, tmp_path), dim=32) as gallery:
+        gallery.write(_staged({"ann": list(range(MILVUS_MAX_DIGESTS))}), pool=False)  # the most that fit
+        assert gallery.count("ann") == MILVUS_MAX_DIGESTS
+        with pytest.raises(GalleryIndexError, match=f"at most {MILVUS_MAX_DIGESTS} per identity"):
+            gallery.write(_staged({"ann": [MILVUS_MAX_DIGESTS]}), pool=True)
+        assert gallery.count("ann") == MILVUS_MAX_DIGESTS  # nothing written

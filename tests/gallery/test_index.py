@@ -226,3 +226,61 @@ def test_search_normalises_queries_so_scores_are_cosines(backend):
     np.testing.assert_allclose(got, -np.sort(-cosines, axis=1), atol=1e-5)
     with pytest.raises(GalleryIndexError, match="zero norm"):
         index.search(np.zeros(16), k=1)
+
+
+def _digest(i: int) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(f"image {i}".encode()).digest()
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("faiss", marks=needs_faiss)])
+def test_the_image_record_survives_save_load_and_goes_with_a_removed_identity(backend, tmp_path):
+    rng = np.random.default_rng(11)
+    index = GalleryIndex(32, backend=backend)
+    index.add_embeddings(["ann", "ann", "bob"], _unit(rng, 3), digests=[_digest(0), _digest(1), _digest(0)])
+    index.add({"cid": _unit(rng, 2)})  # pooled without digests: two unknown images
+    with pytest.raises(GalleryIndexError, match="already pooled"):  # the same image twice in one identity
+        index.add_embeddings(["ann"], _unit(rng, 1), digests=[_digest(1)])
+    with pytest.raises(GalleryIndexError, match="already pooled"):  # within one call too
+        index.add_embeddings(["bob", "bob"], _unit(rng, 2), digests=[_digest(5), _digest(5)])
+    with pytest.raises(GalleryIndexError, match="32-byte"):
+        index.add_embeddings(["bob"], _unit(rng, 1), digests=[b"short"])
+    assert index.count("ann") == 2 and index.count("bob") == 1  # refused before anything changed
+    index.save(tmp_path / "g.npz")
+    with np.load(tmp_path / "g.npz", allow_pickle=False) as data:
+        assert data["image_digests"].shape == (3, 32) and data["image_digest_slots"].tolist() == [0, 0, 1]
+    loaded = GalleryIndex.load(tmp_path / "g.npz", backend=backend)
+    assert loaded.image_records(["ann", "bob", "cid", "nobody"]) == {
+        "ann": (frozenset({_digest(0), _digest(1)}), 2),
+        "bob": (frozenset({_digest(0)}), 1),
+        "cid": (frozenset(), 2),
+    }
+    loaded.add_embeddings(["ann"], _unit(rng, 1), digests=[_digest(2)])  # the file's record and a new one
+    assert loaded.image_records(["ann"])["ann"] == (frozenset({_digest(i) for i in range(3)}), 3)
+    loaded.remove(["ann"])
+    loaded.save(tmp_path / "g.npz")
+    again = GalleryIndex.load(tmp_path / "g.npz", backend=backend)
+    assert again.image_records(["ann", "bob"]) == {"bob": (frozenset({_digest(0)}), 1)}
+    again.add_embeddings(["ann"], _unit(rng, 1), digests=[_digest(0)])  # enrolled anew: not "already pooled"
+    assert again.image_records(["ann"])["ann"] == (frozenset({_digest(0)}), 1)
+
+
+def test_a_damaged_image_record_is_refused(tmp_path):
+    rng = np.random.default_rng(12)
+    index = GalleryIndex(32, backend="numpy")
+    index.add_embeddings(["ann", "bob"], _unit(rng, 2), digests=[_digest(0), _digest(1)])
+    index.save(tmp_path / "g.npz")
+    with np.load(tmp_path / "g.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    for change, message in (
+        ({"image_digest_slots": np.array([0, 7])}, "not in it"),
+        ({"image_digest_slots": np.array([0, 0])}, "more images than its image count"),
+        ({"image_digests": np.zeros((2, 16), np.uint8)}, r"\(M, 32\) uint8"),
+        ({"image_digest_slots": None}, "come together"),
+    ):
+        damaged = {k: v for k, v in {**arrays, **change}.items() if v is not None}
+        with open(tmp_path / "bad.npz", "wb") as stream:
+            np.savez(stream, **damaged)
+        with pytest.raises(GalleryIndexError, match=message):
+            GalleryIndex.load(tmp_path / "bad.npz")

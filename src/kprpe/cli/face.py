@@ -533,7 +533,7 @@ def _gallery_metadata(args: argparse.Namespace, pipeline, embedder) -> dict:
 
 def _cmd_search_enrol(args: argparse.Namespace) -> int:
     from ..gallery.database import DatabaseGallery, is_database_uri
-    from ..gallery.index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery
+    from ..gallery.index import DEFAULT_NPROBE, GalleryIndex, enrol_gallery_report
 
     location = _gallery_location(args)
     database = is_database_uri(location)
@@ -571,8 +571,11 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
             nlist=args.nlist,
             nprobe=args.nprobe or DEFAULT_NPROBE,
         )
+    # the images each identity has pooled (by content) are skipped before they are embedded; without
+    # --append a database gallery's identities are set to this run's images, so nothing stored counts
+    records = target.image_records if database and args.append else None
     try:
-        failures = enrol_gallery(
+        report = enrol_gallery_report(
             index,
             args.folder,
             pipeline=pipeline,
@@ -580,31 +583,63 @@ def _cmd_search_enrol(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             workers=_workers(args),
             pipeline_factory=functools.partial(_pipeline, args),
+            records=records,
         )
     except GalleryIndexError as exc:
         raise CommandError(str(exc)) from None
+    failures = report.failures
     for path, reason in failures:
         print(f"kprpe search enrol: skipped {path}: {reason}", file=sys.stderr)
-    if len(index) == 0:
+    if args.append:
+        _unrecorded_notice(location, report.unrecorded, target if database else index)
+    if not report.pooled and not report.already_pooled:
         raise CommandError(f"no identity in {args.folder} had a usable face; nothing enrolled")
-    enrolled, thumbnails = len(index), {}
+    enrolled, thumbnails = len(report.pooled), {}
     if database:
-        target.write(index, pool=args.append)
+        if report.pooled:
+            target.write(index, pool=args.append)
         index = target
     else:
-        index.save(location)
+        if report.pooled or not appending:
+            index.save(location)
         thumbnails = _enrol_thumbnails(args, location, pipeline, index, fresh=not appending)
     payload = {
         "gallery": str(location),
         "identities": len(index),
         "enrolled": enrolled,
+        "images": sum(report.pooled.values()),
+        "already_pooled": report.already_pooled,
         "index": index.describe(),
         **thumbnails,
         "failures": [{"file": p, "reason": r} for p, r in failures],
     }
-    text = f"gallery {location}: {len(index)} identities ({enrolled} from {args.folder})"
-    emit(args, payload, text + _failed_line(failures))
+    text = f"gallery {location}: {len(index)} identities ({enrolled} from {args.folder}"
+    if report.already_pooled:
+        text += f"; {report.already_pooled} images already pooled, skipped"
+    emit(args, payload, text + ")" + _failed_line(failures))
     return 1 if failures else 0
+
+
+def _unrecorded_notice(location: str, unrecorded: dict[str, int], gallery) -> None:
+    """Say once when an image of FOLDER may be pooled twice because the gallery cannot tell: its identities
+    hold images pooled without a record (an older gallery, or faces enrolled through kprpe serve), or the
+    gallery keeps no record at all (a Milvus gallery created before there was one)."""
+    if not getattr(gallery, "records_images", True):
+        print(
+            f"kprpe search enrol: notice: {location} was created before galleries recorded their images "
+            "(Milvus cannot add the field to it), so images are pooled without a record and re-running an "
+            "--append pools them again; re-enrol it with --overwrite to keep a record",
+            file=sys.stderr,
+        )
+    elif unrecorded:
+        example = next(iter(unrecorded))
+        print(
+            f"kprpe search enrol: notice: {len(unrecorded)} identities of {location} (e.g. {example!r}) hold "
+            f"{sum(unrecorded.values())} images pooled without a record of which they were (enrolled before "
+            "galleries recorded them, or through kprpe serve); those are unknown, so a copy of one is pooled "
+            "again",
+            file=sys.stderr,
+        )
 
 
 def _enrol_thumbnails(args: argparse.Namespace, location: str, pipeline, index, *, fresh: bool) -> dict:
@@ -886,8 +921,9 @@ def register(subparsers) -> None:
     e.add_argument(
         "--append",
         action="store_true",
-        help="add to GALLERY if it exists (new identities are added, existing ones pool the new images); "
-        "without it a database gallery's identities in FOLDER are set to this run's templates",
+        help="add to GALLERY if it exists (new identities are added, existing ones pool the new images; an "
+        "image an identity has already pooled, by content, is skipped); without it a database gallery's "
+        "identities in FOLDER are set to this run's templates",
     )
     add_overwrite_option(
         e, help="replace an existing GALLERY file (without --append); a database gallery: drop it first"

@@ -13,6 +13,8 @@ _EXPORTS = {
     "open_gallery": ".database",
     "GalleryIndex": ".index",
     "enrol_gallery": ".index",
+    "enrol_gallery_report": ".index",
+    "image_digest": ".index",
     "GalleryIndexError": ".search",
     "SearchHit": ".search",
     "exact_top_k": ".search",
@@ -26,7 +28,9 @@ __all__ = [
     "GalleryIndexError",
     "SearchHit",
     "enrol_gallery",
+    "enrol_gallery_report",
     "exact_top_k",
     "gallery_images",
+    "image_digest",
     "open_gallery",
 ]

@@ -18,14 +18,20 @@ An embedded gallery is locked by the process that opens it (both engines refuse 
 one gallery between processes (several ``kprpe serve``), use a server URI.
 
 Each identity is one row: a 63-bit id derived from its name (:func:`identity_id`, so writes are idempotent),
-the name, the unit template (float32), the norm of the pooled sum of its unit embeddings and its image count;
-the row is written whole, so an identity is never half-written. The gallery's metadata (model fingerprint,
-crop settings) is one row of a second collection, ``<collection>_meta``. Searches go to the database every
-time, so a process sees other processes' enrolments at once.
+the name, the unit template (float32), the norm of the pooled sum of its unit embeddings, its image count and
+its image record (the SHA-256 of each image pooled, base64 text: what lets ``enrol --append`` skip an image
+already pooled); the row is written whole, so an identity is never half-written. A Milvus row's record is a
+``VARCHAR`` of at most 65,535 bytes, :data:`MILVUS_MAX_DIGESTS` images; a Milvus gallery created before the
+record existed has no such field (Milvus cannot add one to a collection) and pools without a record. The
+gallery's metadata (model fingerprint, crop settings) is one row of a second collection,
+``<collection>_meta``. Searches go to the database every time, so a process sees other processes'
+enrolments at once.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
@@ -34,13 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import GalleryIndex
+from .index import DIGEST_SIZE, GalleryIndex
 from .search import GalleryIndexError, SearchHit, check_compatible, unit_queries
 
 __all__ = [
     "DATABASE_ENGINES",
     "DEFAULT_COLLECTION",
     "DatabaseGallery",
+    "MILVUS_MAX_DIGESTS",
     "identity_id",
     "is_database_uri",
     "open_gallery",
@@ -53,6 +60,9 @@ WRITE_ROWS = 2048  # rows per upsert: 2048 x 512 float32 = 4 MiB, far below Milv
 # Milvus: rows written since the last flush are searched unindexed; seal them after this many (see commit)
 FLUSH_ROWS = 16384
 SEAL_ROWS = 1024
+# Milvus caps a VARCHAR at 65,535 bytes: base64 of 1,535 SHA-256 digests is 65,496 characters, of 1,536 65,536
+MILVUS_DIGESTS_LENGTH = 65535
+MILVUS_MAX_DIGESTS = 1535
 _HINT = {
     "milvus": "install the optional extra: pip install 'kprpe[db]' (pymilvus, milvus-lite)",
     "qdrant": "install the optional extra: pip install 'kprpe[db]' (qdrant-client)",
@@ -95,6 +105,23 @@ def identity_id(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
+def _pack_digests(digests: Iterable[bytes]) -> str:
+    """An identity's image record as one text value (sorted: the same record is the same text)."""
+    return base64.b64encode(b"".join(sorted(digests))).decode("ascii")
+
+
+def _unpack_digests(text, name) -> list[bytes]:
+    if text is None:  # a row written before there was a record: its images are unknown
+        return []
+    try:
+        raw = base64.b64decode(text, validate=True) if isinstance(text, str) else None
+    except (binascii.Error, ValueError):
+        raw = None
+    if raw is None or len(raw) % DIGEST_SIZE:
+        raise GalleryIndexError(f"identity {name!r}: its image record is not base64 SHA-256 digests")
+    return [raw[i : i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
+
+
 def open_gallery(uri: str | os.PathLike, **options):
     """A gallery by URI: :class:`DatabaseGallery` for a database URI, else ``GalleryIndex.load(path)``
     (``options``: ``backend``, ``nprobe`` for files; ``collection`` for databases)."""
@@ -115,6 +142,8 @@ class DatabaseGallery:
         self.metadata = dict(metadata)
         self.backend = store.engine
         self.kind = "database"
+        # False for a Milvus gallery created before identities recorded their images: it pools without one
+        self.records_images = bool(store.records_images)
 
     @classmethod
     def open(
@@ -192,8 +221,18 @@ class DatabaseGallery:
         """Nothing to do: every change was written when it was made (kept so callers treat files and
         databases alike)."""
 
+    def image_records(self, names: Iterable[str]) -> dict[str, tuple[frozenset[bytes], int]]:
+        """``{name: (digests of the images recorded as pooled, image count)}`` for the names stored (others
+        left out). ``count - len(digests)`` images were pooled without a record."""
+        names, found = list(names), {}
+        for start in range(0, len(names), WRITE_ROWS):  # a folder of 100k identities: bounded requests
+            for name, row in self._rows(names[start : start + WRITE_ROWS]).items():
+                found[name] = (frozenset(_unpack_digests(row[4], name)), int(row[3]))
+        return found
+
     def _rows(self, names: Iterable[str]) -> dict[str, tuple]:
-        """``{name: (name, template, sum_norm, count)}`` for the names stored (absent ones left out)."""
+        """``{name: (name, template, sum_norm, count, digests text or None)}`` for the names stored (absent
+        ones left out)."""
         names = list(names)
         ids = [identity_id(name) for name in names]
         found = self._store.get(ids)
@@ -230,10 +269,11 @@ class DatabaseGallery:
     def write(self, staging: GalleryIndex, *, pool: bool) -> None:
         """Write every identity of ``staging`` (an in-memory index built by :func:`~.index.enrol_gallery`).
 
-        ``pool=False`` sets each identity to ``staging``'s template (idempotent: writing the same staging
-        again gives the same gallery, which is how an interrupted enrolment is finished: run it again);
-        ``pool=True`` adds ``staging``'s images to what the gallery already holds for that identity.
-        Rows go in batches of :data:`WRITE_ROWS`; each identity's row is written whole.
+        ``pool=False`` sets each identity to ``staging``'s template and image record (idempotent: writing the
+        same staging again gives the same gallery, which is how an interrupted enrolment is finished: run it
+        again); ``pool=True`` adds ``staging``'s images to what the gallery already holds for that identity,
+        and their digests to its record (an image already recorded there is refused: it would count twice).
+        Rows go in batches of :data:`WRITE_ROWS`; each identity's row, record included, is written whole.
         """
         if staging.dim != self.dim:
             raise GalleryIndexError(f"templates are {staging.dim}-d but the gallery holds {self.dim}-d ones")
@@ -241,21 +281,40 @@ class DatabaseGallery:
         for start in range(0, len(names), WRITE_ROWS):
             part = names[start : start + WRITE_ROWS]
             templates, sum_norms, counts = staging.pooled_rows(part)
+            records = {name: set(digests) for name, (digests, _) in staging.image_records(part).items()}
+            stored = self._rows(part)  # also refuses an id collision before anything is written
             if pool:
-                stored = self._rows(part)
                 for i, name in enumerate(part):
                     if name in stored:
-                        _, template, sum_norm, count = stored[name]
+                        _, template, sum_norm, count, text = stored[name]
+                        before = _unpack_digests(text, name)
+                        if records[name].intersection(before):
+                            raise GalleryIndexError(
+                                f"identity {name!r}: an image of this enrolment is already pooled into it"
+                            )
+                        records[name].update(before)
                         pooled = templates[i] * sum_norms[i] + np.asarray(template, np.float64) * sum_norm
                         sum_norms[i] = np.linalg.norm(pooled)
                         if not np.isfinite(sum_norms[i]) or sum_norms[i] < 1e-12:
                             raise GalleryIndexError(f"identity {name!r}: pooled embeddings sum to zero")
                         templates[i] = pooled / sum_norms[i]
                         counts[i] += int(count)
-            else:
-                self._rows(part)  # refuses an id collision before anything is written
+            texts = [_pack_digests(records[name]) for name in part]
+            if self._store.engine == "milvus" and self.records_images:
+                for name, text in zip(part, texts, strict=True):
+                    if len(text) > MILVUS_DIGESTS_LENGTH:  # refused before this batch is written
+                        raise GalleryIndexError(
+                            f"identity {name!r}: {len(records[name])} images; a Milvus gallery records at "
+                            f"most {MILVUS_MAX_DIGESTS} per identity (its 64 KiB text field); keep "
+                            "identities this large in a Qdrant gallery or an .npz index"
+                        )
             self._store.upsert(
-                [identity_id(name) for name in part], part, templates.astype(np.float32), sum_norms, counts
+                [identity_id(name) for name in part],
+                part,
+                templates.astype(np.float32),
+                sum_norms,
+                counts,
+                texts if self.records_images else None,
             )
         self._store.commit()
 
@@ -295,6 +354,10 @@ class _Guarded:
     def __init__(self, store, uri: str) -> None:
         self._store, self._uri = store, uri
         self.engine = store.engine
+
+    @property
+    def records_images(self) -> bool:
+        return self._store.records_images
 
     def __getattr__(self, name: str):
         method = getattr(self._store, name)
@@ -346,12 +409,15 @@ class _MilvusStore:
             raise GalleryIndexError(f"cannot open Milvus gallery {target} ({why})") from None
         self._name, self._meta = collection, f"{collection}_meta"
         self._unflushed = 0
+        self.records_images = True
 
     def read_meta(self) -> dict | None:
         if not self._client.has_collection(self._meta):
             return None
         self._client.load_collection(self._meta)
         self._client.load_collection(self._name)
+        fields = self._client.describe_collection(self._name)["fields"]
+        self.records_images = any(f["name"] == "digests" for f in fields)
         rows = self._client.get(self._meta, ids=[0], output_fields=["meta"])
         return _decoded(rows[0]["meta"] if rows else None)
 
@@ -365,6 +431,8 @@ class _MilvusStore:
         schema.add_field("template", DataType.FLOAT_VECTOR, dim=dim)
         schema.add_field("sum_norm", DataType.DOUBLE)
         schema.add_field("count", DataType.INT64)
+        schema.add_field("digests", DataType.VARCHAR, max_length=MILVUS_DIGESTS_LENGTH)
+        self.records_images = True
         params = client.prepare_index_params()
         params.add_index("template", index_type="FLAT", metric_type="IP")
         client.create_collection(self._name, schema=schema, index_params=params, consistency_level="Strong")
@@ -383,14 +451,21 @@ class _MilvusStore:
     def get(self, ids: list[int]) -> dict[int, tuple]:
         if not ids:
             return {}
-        rows = self._client.get(self._name, ids=ids, output_fields=["name", "template", "sum_norm", "count"])
-        return {r["id"]: (r["name"], r["template"], float(r["sum_norm"]), int(r["count"])) for r in rows}
+        fields = ["name", "template", "sum_norm", "count"] + (["digests"] if self.records_images else [])
+        rows = self._client.get(self._name, ids=ids, output_fields=fields)
+        return {
+            r["id"]: (r["name"], r["template"], float(r["sum_norm"]), int(r["count"]), r.get("digests"))
+            for r in rows
+        }
 
-    def upsert(self, ids, names, templates, sum_norms, counts) -> None:
+    def upsert(self, ids, names, templates, sum_norms, counts, digests) -> None:
         rows = [
             {"id": i, "name": n, "template": t, "sum_norm": float(s), "count": int(c)}
             for i, n, t, s, c in zip(ids, names, templates, sum_norms, counts, strict=True)
         ]
+        if digests is not None:
+            for row, text in zip(rows, digests, strict=True):
+                row["digests"] = text
         self._client.upsert(self._name, rows)
         self._unflushed += len(rows)
         if self._unflushed >= FLUSH_ROWS:
@@ -454,6 +529,7 @@ class _QdrantStore:
                 f"cannot open Qdrant gallery {target} ({exc}); share a gallery through a server URI"
             ) from None
         self._name, self._meta = collection, f"{collection}_meta"
+        self.records_images = True  # a payload takes any key: an older row simply has no record
 
     def read_meta(self) -> dict | None:
         if not self._client.collection_exists(self._meta):
@@ -478,17 +554,27 @@ class _QdrantStore:
             return {}
         points = self._client.retrieve(self._name, ids=ids, with_payload=True, with_vectors=True)
         return {
-            int(p.id): (p.payload["name"], p.vector, float(p.payload["sum_norm"]), int(p.payload["count"]))
+            int(p.id): (
+                p.payload["name"],
+                p.vector,
+                float(p.payload["sum_norm"]),
+                int(p.payload["count"]),
+                p.payload.get("digests"),
+            )
             for p in points
         }
 
-    def upsert(self, ids, names, templates, sum_norms, counts) -> None:
+    def upsert(self, ids, names, templates, sum_norms, counts, digests) -> None:
         models = self._models
+        digests = digests if digests is not None else [None] * len(ids)
         points = [
             models.PointStruct(
-                id=i, vector=t.tolist(), payload={"name": n, "sum_norm": float(s), "count": int(c)}
+                id=i,
+                vector=t.tolist(),
+                payload={"name": n, "sum_norm": float(s), "count": int(c)}
+                | ({} if d is None else {"digests": d}),
             )
-            for i, n, t, s, c in zip(ids, names, templates, sum_norms, counts, strict=True)
+            for i, n, t, s, c, d in zip(ids, names, templates, sum_norms, counts, digests, strict=True)
         ]
         self._client.upsert(self._name, points, wait=True)
 

@@ -8,19 +8,26 @@ which gives the same ranking). Above ``approximate_above`` identities the FAISS 
 index (``IndexIVFFlat``: inverted lists that support adding and removing ids after training; HNSW cannot
 remove) searched with ``nprobe`` lists; docs/serving.md gives its recall and latency at 1M entries.
 
+Each identity also records which images it has pooled, by content (the SHA-256 of the file's bytes, see
+:func:`image_digest`), so ``enrol --append`` can skip an image that is already in its template; images pooled
+without a digest (older files, ``add`` without ``digests``) count as unknown: ``count - len(record)``.
+
 The index file is one ``.npz`` that loads with ``allow_pickle=False``: names, templates, pooled-sum norms,
-image counts, a JSON metadata string (model fingerprint, crop settings, index settings) and, for IVF only, the
-trained FAISS index as bytes (``faiss.serialize_index``; the exact index is rebuilt from the templates).
+image counts, the image record (``image_digests`` ``(M, 32)`` uint8 with their slots, ``image_digest_slots``),
+a JSON metadata string (model fingerprint, crop settings, index settings) and, for IVF only, the trained FAISS
+index as bytes (``faiss.serialize_index``; the exact index is rebuilt from the templates).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +48,15 @@ __all__ = [
     "INDEX_BACKENDS",
     "DEFAULT_APPROXIMATE_ABOVE",
     "DEFAULT_NPROBE",
+    "DIGEST_SIZE",
+    "EnrolReport",
     "GalleryIndex",
     "GalleryIndexError",
     "enrol_gallery",
+    "enrol_gallery_report",
     "exact_top_k",
     "faiss_available",
+    "image_digest",
 ]
 
 GALLERY_INDEX_FORMAT = "kprpe-gallery-index-v2"
@@ -57,6 +68,29 @@ DEFAULT_NPROBE = 64
 # admits a float16 copy (2^-11) and still refuses a rescaled template (x1000 scored ~988 as "same").
 UNIT_NORM_TOLERANCE = 1e-3
 _FAISS_HINT = "install the optional extra: pip install 'kprpe[index]' (faiss-cpu)"
+DIGEST_SIZE = 32  # SHA-256
+
+
+def image_digest(path: str | os.PathLike) -> bytes:
+    """The SHA-256 of a file's bytes: the image's identity in an identity's record, whatever its name or
+    folder (a renamed or moved copy is the same image)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def _check_digests(digests, count: int) -> list[bytes]:
+    digests = list(digests)
+    if len(digests) != count:
+        raise GalleryIndexError(f"got {len(digests)} image digests for {count} embeddings")
+    for digest in digests:
+        if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
+            raise GalleryIndexError(
+                f"image digests must be {DIGEST_SIZE}-byte SHA-256 digests, got {digest!r:.80}"
+            )
+    return digests
 
 
 def faiss_available() -> bool:
@@ -129,6 +163,12 @@ class GalleryIndex:
         self._templates = np.zeros((0, self.dim), np.float32)
         self._sum_norms = np.zeros((0,), np.float64)  # |sum of unit embeddings|: template * norm = pooled sum
         self._counts = np.zeros((0,), np.int64)
+        # the image record: the file's rows sorted by slot (looked up by bisection, not turned into a million
+        # Python objects at load), plus what was pooled since; a removed slot's rows are ignored, then dropped
+        # on save (slots are never reused)
+        self._digest_slots = np.zeros((0,), np.int64)
+        self._digest_rows = np.zeros((0, DIGEST_SIZE), np.uint8)
+        self._digests_added: dict[int, list[bytes]] = {}
         self._faiss_index = self._new_flat() if backend == "faiss" else None
 
     # ------------------------------------------------------------------------------------------ contents
@@ -166,6 +206,22 @@ class GalleryIndex:
             self._sum_norms[slots].copy(),
             self._counts[slots].copy(),
         )
+
+    def _recorded(self, slot: int) -> list[bytes]:
+        if not self._names[slot]:
+            return []
+        lo, hi = np.searchsorted(self._digest_slots, [slot, slot + 1])
+        return [row.tobytes() for row in self._digest_rows[lo:hi]] + self._digests_added.get(slot, [])
+
+    def image_records(self, names: Iterable[str]) -> dict[str, tuple[frozenset[bytes], int]]:
+        """``{name: (digests of the images recorded as pooled, image count)}`` for the names in the index
+        (others left out). ``count - len(digests)`` images were pooled without a record."""
+        found = {}
+        for name in names:
+            slot = self._slot.get(name)
+            if slot is not None:
+                found[name] = (frozenset(self._recorded(slot)), int(self._counts[slot]))
+        return found
 
     def describe(self) -> dict:
         info = {
@@ -212,9 +268,11 @@ class GalleryIndex:
         if names:
             self.add_embeddings(names, np.concatenate(blocks))
 
-    def add_embeddings(self, names, embeddings: np.ndarray, *, chunk_rows: int = 65536) -> None:
+    def add_embeddings(self, names, embeddings: np.ndarray, *, digests=None, chunk_rows: int = 65536) -> None:
         """Pool row ``i`` of ``embeddings`` ``(n, D)`` into identity ``names[i]`` (names may repeat).
 
+        ``digests``: the :func:`image_digest` of each row's image, recorded in its identity's record; an
+        image already recorded for that identity is refused (pooling it again would count it twice).
         Everything is checked before anything changes; the work goes in chunks so a million rows need no
         float64 copy of the whole batch.
         """
@@ -225,6 +283,17 @@ class GalleryIndex:
                 f"embeddings must be ({len(names)}, {self.dim}) for {len(names)} names, "
                 f"got {embeddings.shape}"
             )
+        if digests is not None:
+            digests = _check_digests(digests, len(names))
+            seen: dict[str, set[bytes]] = {}
+            for name, digest in zip(names, digests, strict=True):
+                if name not in seen:
+                    seen[name] = set(self._recorded(self._slot[name])) if name in self._slot else set()
+                if digest in seen[name]:
+                    raise GalleryIndexError(
+                        f"identity {name!r}: image {digest.hex()[:16]}... is already pooled into its template"
+                    )
+                seen[name].add(digest)
         for start in range(0, len(names), chunk_rows):
             rows = embeddings[start : start + chunk_rows].astype(np.float64)
             if not np.isfinite(rows).all():
@@ -238,6 +307,10 @@ class GalleryIndex:
         for start in range(0, len(names), chunk_rows):
             rows = embeddings[start : start + chunk_rows].astype(np.float64)
             self._pool(names[start : start + chunk_rows], rows / np.linalg.norm(rows, axis=1, keepdims=True))
+            if digests is not None:  # recorded with the chunk that pooled them
+                for i in range(start, min(start + chunk_rows, len(names))):
+                    name, digest = names[i], digests[i]
+                    self._digests_added.setdefault(self._slot[name], []).append(digest)
 
     def _pool(self, names: list[str], unit: np.ndarray) -> None:
         unique, inverse = np.unique(np.asarray(names, dtype=str), return_inverse=True)
@@ -287,6 +360,7 @@ class GalleryIndex:
         slots = np.array([self._slot.pop(name) for name in names], dtype=np.int64)
         for slot in slots:
             self._names[slot] = ""
+            self._digests_added.pop(int(slot), None)  # the file's rows of a removed slot are dropped on save
         self._templates[slots] = 0.0
         self._sum_norms[slots] = 0.0
         self._counts[slots] = 0
@@ -379,12 +453,15 @@ class GalleryIndex:
             "kind": self.kind,
         }
         metadata = {**self.metadata, "format": GALLERY_INDEX_FORMAT, "dim": self.dim, "index": settings}
+        digest_slots, digest_rows = self._digest_table()
         arrays = dict(
             metadata=np.asarray(json.dumps(metadata)),
             names=np.asarray(self._names if size else [""], dtype=str)[:size],
             templates=self._templates[:size],
             sum_norms=self._sum_norms[:size],
             counts=self._counts[:size],
+            image_digests=digest_rows,
+            image_digest_slots=digest_slots,
         )
         if self.kind == "ivf":
             arrays["faiss_ivf"] = _faiss().serialize_index(self._faiss_index)
@@ -393,6 +470,18 @@ class GalleryIndex:
             with open(temporary, "wb") as stream:  # a file object keeps numpy from appending ".npz"
                 np.savez(stream, **arrays)
         return path
+
+    def _digest_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole image record as ``(slots, digests)``, sorted by slot, live identities only."""
+        live = np.array([bool(name) for name in self._names], dtype=bool)
+        keep = live[self._digest_slots] if self._digest_slots.size else np.zeros((0,), bool)
+        slots, rows = [self._digest_slots[keep]], [self._digest_rows[keep]]
+        for slot, digests in self._digests_added.items():
+            slots.append(np.full(len(digests), slot, np.int64))
+            rows.append(np.frombuffer(b"".join(digests), np.uint8).reshape(-1, DIGEST_SIZE))
+        slots, rows = np.concatenate(slots), np.concatenate(rows)
+        order = np.argsort(slots, kind="stable")
+        return slots[order], rows[order]
 
     @classmethod
     def load(
@@ -492,6 +581,7 @@ class GalleryIndex:
         index._sum_norms = sum_norms.astype(np.float64)
         index._counts = counts.astype(np.int64)
         index._counts[[i for i, n in enumerate(names) if not n]] = 0
+        index._digest_slots, index._digest_rows = _image_record(path, arrays, names, index._counts)
         if index.backend == "faiss":
             if "faiss_ivf" in arrays:
                 faiss = _faiss()
@@ -575,6 +665,34 @@ def _check_templates(path, names: list[str], templates, sum_norms, counts) -> No
         )
 
 
+def _image_record(path, arrays: dict, names: list[str], counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The file's image record, checked; an index written before there was one has none (its images are
+    unknown: pooled, but not recorded)."""
+    if "image_digests" not in arrays and "image_digest_slots" not in arrays:
+        return np.zeros((0,), np.int64), np.zeros((0, DIGEST_SIZE), np.uint8)
+    rows, slots = arrays.get("image_digests"), arrays.get("image_digest_slots")
+    if rows is None or slots is None:
+        raise GalleryIndexError(f"index file {path}: image_digests and image_digest_slots come together")
+    if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != DIGEST_SIZE:
+        raise GalleryIndexError(
+            f"index file {path}: image_digests must be (M, {DIGEST_SIZE}) uint8, got "
+            f"{rows.shape} {rows.dtype}"
+        )
+    if slots.dtype.kind not in "iu" or slots.shape != (rows.shape[0],):
+        raise GalleryIndexError(
+            f"index file {path}: image_digest_slots must be {rows.shape[0]} whole numbers, got "
+            f"{slots.shape} {slots.dtype}"
+        )
+    slots = slots.astype(np.int64)
+    live = np.array([bool(n) for n in names], dtype=bool)
+    if slots.size and ((slots < 0).any() or (slots >= len(names)).any() or not live[slots].all()):
+        raise GalleryIndexError(f"index file {path}: image_digest_slots name identities that are not in it")
+    if (np.bincount(slots, minlength=len(names)) > counts).any():  # more images recorded than pooled
+        raise GalleryIndexError(f"index file {path}: an identity records more images than its image count")
+    order = np.argsort(slots, kind="stable")  # already sorted when kprpe wrote it
+    return slots[order], np.ascontiguousarray(rows[order])
+
+
 def _index_settings(path, settings) -> dict:
     """The ``index`` part of the metadata, each value of the kind :class:`GalleryIndex` takes."""
     if settings is None:
@@ -596,6 +714,20 @@ def _index_settings(path, settings) -> dict:
     return settings
 
 
+@dataclass
+class EnrolReport:
+    """What :func:`enrol_gallery_report` did: ``failures`` (image or identity, reason); ``pooled``: images
+    pooled per identity; ``already_pooled``: images skipped, unembedded, because their content is already
+    in that identity's record (pooled before, or a copy earlier in this folder); ``unrecorded``: identities
+    of the folder already in the gallery with images pooled without a record, and how many (those cannot be
+    recognised, so a copy of one would be pooled again)."""
+
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    pooled: dict[str, int] = field(default_factory=dict)
+    already_pooled: int = 0
+    unrecorded: dict[str, int] = field(default_factory=dict)
+
+
 def enrol_gallery(
     index: GalleryIndex,
     gallery: str | os.PathLike,
@@ -607,7 +739,35 @@ def enrol_gallery(
     pipeline_factory=None,
 ) -> list[tuple[str, str]]:
     """Embed ``GALLERY/<identity>/<images>`` (largest face each) and pool them into ``index`` (new identities
-    are created, existing ones grow). Returns the images and identities that failed, with reasons.
+    are created, existing ones grow; an image already in an identity's record is skipped). Returns the images
+    and identities that failed, with reasons; :func:`enrol_gallery_report` says what was pooled and skipped.
+    """
+    return enrol_gallery_report(
+        index,
+        gallery,
+        pipeline=pipeline,
+        embedder=embedder,
+        progress=progress,
+        workers=workers,
+        pipeline_factory=pipeline_factory,
+    ).failures
+
+
+def enrol_gallery_report(
+    index: GalleryIndex,
+    gallery: str | os.PathLike,
+    *,
+    pipeline,
+    embedder,
+    progress: bool = True,
+    workers: int | None = 0,
+    pipeline_factory=None,
+    records: Callable[[list[str]], Mapping[str, tuple[frozenset[bytes], int]]] | None = None,
+) -> EnrolReport:
+    """Embed ``GALLERY/<identity>/<images>`` (largest face each) and pool them into ``index`` with their
+    :func:`image_digest`, skipping, before they are embedded, the images whose content an identity has
+    already pooled. ``records``: where those records are read (default ``index.image_records``; a database
+    gallery staged in a fresh ``index`` passes its own).
 
     Streams (:mod:`kprpe.streaming.stream`): crops are embedded a batch at a time and pooled as they come, so
     memory does not grow with the gallery. ``workers``/``pipeline_factory``: detection in worker processes.
@@ -616,44 +776,68 @@ def enrol_gallery(
     """
     from ..streaming.stream import stream_embeddings
 
+    report = EnrolReport()
     per_identity_paths = gallery_images(gallery)
-    identity_of = {str(p): name for name, paths in per_identity_paths.items() for p in paths}
+    stored = (records or index.image_records)(list(per_identity_paths))
+    report.unrecorded = {
+        name: count - len(digests) for name, (digests, count) in stored.items() if count > len(digests)
+    }
+    identity_of: dict[str, str] = {}
+    digest_of: dict[str, bytes] = {}
+    paths: list[Path] = []
+    known: set[str] = set()  # identities with an image already pooled: in the gallery, never "dropped"
+    for name, images in per_identity_paths.items():
+        seen = set(stored[name][0]) if name in stored else set()
+        for path in images:  # hashed before anything is embedded: a skipped image costs one read
+            try:
+                digest = image_digest(path)
+            except OSError as exc:
+                report.failures.append((str(path), f"cannot read the file ({exc.strerror or exc})"))
+                continue
+            if digest in seen:
+                report.already_pooled += 1
+                known.add(name)
+                continue
+            seen.add(digest)
+            identity_of[str(path)], digest_of[str(path)] = name, digest
+            paths.append(path)
     single = pipeline.largest_only() if getattr(pipeline, "all_faces", False) else pipeline
-    failures: list[tuple[str, str]] = []
-    embedded: set[str] = set()
     names: list[str] = []
     vectors: list[np.ndarray] = []
+    digests: list[bytes] = []
 
     def pool() -> None:
         if names:
-            index.add_embeddings(names, np.stack(vectors))
+            index.add_embeddings(names, np.stack(vectors), digests=digests)
+            for name in names:
+                report.pooled[name] = report.pooled.get(name, 0) + 1
             names.clear()
             vectors.clear()
+            digests.clear()
 
-    paths = [p for paths in per_identity_paths.values() for p in paths]
-    for done in stream_embeddings(
-        paths,
-        pipeline=single,
-        embedder=embedder,
-        workers=workers,
-        pipeline_factory=pipeline_factory,
-        progress=progress,
-        paths=paths,
-    ):
-        if done.failure is not None:
-            failures.append((done.task.path, done.failure))
-        for row in done.rows:
-            if row.face_index == 0:  # the largest face (a factory-built pipeline may keep them all)
-                names.append(identity_of[done.task.path])
-                vectors.append(row.embedding)
-        if len(names) >= embedder.batch_size:
-            embedded.update(names)
-            pool()
-    embedded.update(names)
-    pool()
+    if paths:
+        for done in stream_embeddings(
+            paths,
+            pipeline=single,
+            embedder=embedder,
+            workers=workers,
+            pipeline_factory=pipeline_factory,
+            progress=progress,
+            paths=paths,
+        ):
+            if done.failure is not None:
+                report.failures.append((done.task.path, done.failure))
+            for row in done.rows:
+                if row.face_index == 0:  # the largest face (a factory-built pipeline may keep them all)
+                    names.append(identity_of[done.task.path])
+                    vectors.append(row.embedding)
+                    digests.append(digest_of[done.task.path])
+            if len(names) >= embedder.batch_size:
+                pool()
+        pool()
     for name in per_identity_paths:
-        if name not in embedded:
-            failures.append(
+        if name not in known and name not in report.pooled:
+            report.failures.append(
                 (str(Path(gallery) / name), "identity dropped: no usable face in any of its images")
             )
-    return failures
+    return report
