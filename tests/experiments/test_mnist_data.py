@@ -252,7 +252,8 @@ def test_quick_mnist_run_is_compared_with_the_committed_mnist_run(
     out = capsys.readouterr().out
     assert "SHORT RUN (--quick) on real MNIST under the affNIST protocol" in out
     reference = json.loads((full / "digits_results.json").read_text())["summary"]["flatten"]["calibrated"]
-    quick = json.loads((tmp_path / "q" / "digits_results.json").read_text())["summary"]["flatten"]["calibrated"]
+    quick = json.loads((tmp_path / "q" / "digits_results.json").read_text())["summary"]["flatten"]
+    quick = quick["calibrated"]
     for model, label in (("abs", "Abs-PE"), ("kprpe", "KP-RPE")):  # quick minus reference, both measured
         q, r = quick[model]["clean"]["mean"], reference[model]["clean"]
         row = next(line for line in out.splitlines() if line.strip().startswith(label + " "))
@@ -355,7 +356,7 @@ def test_quick_mnist_is_a_subset_unless_told_otherwise():
 
     quick = quick_config(data="mnist")
     assert (quick.canvas, quick.digit, quick.train_limit, quick.test_limit) == (40, 28, 3000, 500)
-    # the calibrated run's model, augmentation and headline pair (shorter), so the reference has the same cells
+    # the calibrated run's model, augmentation and headline pair, shorter: the reference has the same cells
     assert (quick.patch, quick.depth, quick.width, quick.regimes) == (8, 4, 64, ("calibrated",))
     assert (quick.epochs, quick.lr, quick.converge) == (20, 2e-3, False)
     assert sorted(j[:3] for j in quick.jobs()) == [
