@@ -2,7 +2,12 @@
 
 from .checkpoint import CheckpointState, latest_checkpoint
 from .config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
-from .distributed import DistributedBatchNorm1d, use_distributed_batchnorm
+from .distributed import (
+    DistributedBatchNorm1d,
+    DistributedBatchNorm2d,
+    DistributedBatchNorm3d,
+    use_distributed_batchnorm,
+)
 from .heads import AdaFaceMargin, CombinedMargin, PartialFC, PlainLogits, build_margin, class_shard
 from .loop import Trainer, TrainingDiverged
 from .schedule import learning_rate, lr_factor
@@ -14,6 +19,8 @@ __all__ = [
     "CombinedMargin",
     "ConfigError",
     "DistributedBatchNorm1d",
+    "DistributedBatchNorm2d",
+    "DistributedBatchNorm3d",
     "PartialFC",
     "PlainLogits",
     "TrainConfig",

@@ -26,6 +26,8 @@ __all__ = [
     "sum_allreduce_hook",
     "barrier",
     "DistributedBatchNorm1d",
+    "DistributedBatchNorm2d",
+    "DistributedBatchNorm3d",
     "use_distributed_batchnorm",
 ]
 
@@ -170,35 +172,80 @@ def sum_allreduce_hook(process_group, bucket):
     return fut.then(lambda f: f.value()[0])
 
 
-class DistributedBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the batch of all processes (works with gloo and NCCL),
-    so W processes compute exactly what one process computes on the whole batch. Same state dict keys."""
+class _GlobalBatchStatistics:
+    """The training forward of :class:`DistributedBatchNorm1d` / ``2d`` / ``3d``: statistics per channel
+    (dim 1) over every other dim of the batches of all processes, so W processes compute exactly what one
+    process computes on the whole batch, forward and backward. Works with gloo and NCCL; hand-written
+    because ``nn.SyncBatchNorm`` refuses CPU tensors (torch 2.13: "expected input tensor to be on GPU"),
+    so gloo runs could not use it.
+
+    Each process computes its share's count, mean and centred sum of squares (torch's two-pass kernel, no
+    E[x^2] - E[x]^2 cancellation); one differentiable all-gather brings every share's row to every process,
+    where they combine exactly (Chan et al.). The gather's backward sums every process's gradient of the
+    rows, which makes the input gradient the one-process gradient. Uneven shares are fine (the counts weigh
+    them); an empty share contributes nothing."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
+        self._check_input_dim(x)
         c = x.shape[1]
+        dims = [0, *range(2, x.dim())]
         xf = x.float()
-        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([float(x.shape[0])])])
-        stats = all_reduce_sum(stats)
-        total = stats[-1]
-        mean = stats[:c] / total
-        var = (stats[c : 2 * c] / total - mean * mean).clamp_min(0)
+        count = x.numel() // c if c else 0
+        if count:
+            var, mean = torch.var_mean(xf, dim=dims, correction=0)
+        else:  # zeros that still belong to the graph
+            mean = var = xf.sum(dims)
+        row = torch.cat([xf.new_tensor([float(count)]), mean, var * count])
+        rows = gather_with_grad(row[None])  # (processes, 1 + 2C)
+        counts, means, sums_sq = rows[:, :1], rows[:, 1 : 1 + c], rows[:, 1 + c :]
+        total = counts.sum().clamp_min(1)
+        mean = (counts * means).sum(0) / total
+        sum_sq = sums_sq.sum(0) + (counts * (means - mean) ** 2).sum(0)
+        var = sum_sq / total  # biased: what normalises
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                self.running_var.mul_(1 - m).add_(m * var.detach() * total / (total - 1).clamp_min(1))
-        y = (xf - mean) / torch.sqrt(var + self.eps)
+                # unbiased, with the count of all processes (as nn.BatchNorm on the whole batch)
+                self.running_var.mul_(1 - m).add_(m * sum_sq.detach() / (total - 1).clamp_min(1))
+        # torch's CPU kernel's form: y = x * alpha + beta (saves x, not a normalised copy)
+        alpha = torch.rsqrt(var + self.eps)
+        beta = -mean * alpha
         if self.affine:
-            y = y * self.weight + self.bias
-        return y.to(x.dtype)
+            alpha = alpha * self.weight
+            beta = self.bias + beta * self.weight
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        return (xf * alpha.view(shape) + beta.view(shape)).to(x.dtype)
+
+
+class DistributedBatchNorm1d(_GlobalBatchStatistics, nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the batch of all processes (works with gloo and NCCL),
+    so W processes compute exactly what one process computes on the whole batch. Same state dict keys."""
+
+
+class DistributedBatchNorm2d(_GlobalBatchStatistics, nn.BatchNorm2d):
+    """BatchNorm2d over the batch of all processes (N x H x W values per channel). Same state dict keys."""
+
+
+class DistributedBatchNorm3d(_GlobalBatchStatistics, nn.BatchNorm3d):
+    """BatchNorm3d over the batch of all processes (N x D x H x W values per channel). Same keys."""
+
+
+_DISTRIBUTED = {
+    nn.BatchNorm1d: DistributedBatchNorm1d,
+    nn.BatchNorm2d: DistributedBatchNorm2d,
+    nn.BatchNorm3d: DistributedBatchNorm3d,
+}
 
 
 def use_distributed_batchnorm(module: nn.Module) -> nn.Module:
-    """Turn every BatchNorm1d of ``module`` into :class:`DistributedBatchNorm1d`, in place (weights kept)."""
+    """Turn every BatchNorm1d / 2d / 3d of ``module`` into its ``Distributed`` twin, in place (weights,
+    buffers and state dict keys kept). Subclasses of the torch classes are left alone (their own forward)."""
     for child in module.modules():
-        if type(child) is nn.BatchNorm1d:
-            child.__class__ = DistributedBatchNorm1d
+        twin = _DISTRIBUTED.get(type(child))
+        if twin is not None:
+            child.__class__ = twin
     return module

@@ -276,8 +276,9 @@ class GaitTask:
 
     Under torchrun each process draws the whole step's batch from ``(seed, step)`` and keeps its contiguous
     share; the batch-all triplet runs on every process's embeddings (gathered), and the CE on each share is
-    weighted by its size. ``train.sync_batchnorm`` shares the BNNeck's statistics; the conv stem's
-    BatchNorm2d keep per-process statistics, so W processes are close to, not exactly, one process."""
+    weighted by its size. With ``train.sync_batchnorm`` every BatchNorm (the conv stem's BatchNorm2d and the
+    BNNeck) normalises with the statistics of all processes' frames, so W processes take the step one process
+    takes on the whole batch (to float32 rounding; tests/train/test_gait_train.py)."""
 
     name = "gait"
     metrics = ("triplet", "ce", "nonzero", "accuracy")
@@ -320,7 +321,7 @@ class GaitTask:
             )
         model.config.frame_size = tuple(model.config.frame_size)
         model.train()
-        if cfg.train.sync_batchnorm:  # the BNNeck; the stem's BatchNorm2d stay per process (docs/gait.md)
+        if cfg.train.sync_batchnorm:  # the stem's BatchNorm2d and the BNNeck: statistics over all processes
             use_distributed_batchnorm(model)
         return model
 
