@@ -7,9 +7,11 @@ finds started in its process."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -115,6 +117,14 @@ def test_ray_gives_the_local_runs_output(capsys, local_ray, inputs, local_output
     assert want["embedded"] == 16  # 8 photos + 8 frames (2 s at 4 fps)
     for key in ("embedded", "rows", "files", "frames", "failures"):
         assert got[key] == want[key], key
+    # model batches: the local run cuts all 16 faces into 3s; each actor call cuts the faces of its own
+    # files (per call: min(--batch-size, files / workers) files, in input order)
+    files = [str(path) for path in expand_media_paths(inputs)]
+    faces = collections.Counter(read_embeddings(local)["file"].tolist())
+    per_call = min(3, math.ceil(len(files) / 2))
+    calls = [files[start : start + per_call] for start in range(0, len(files), per_call)]
+    assert want["batches"] == math.ceil(16 / 3)
+    assert got["batches"] == sum(math.ceil(sum(faces[f] for f in call) / 3) for call in calls)
     assert {f["file"] for f in got["failures"]} == {inputs[2], inputs[3]}
     assert f"skipped {inputs[2]}" in err  # reported as they happen, as a local run reports them
     # the same kind of shards, saying the same tasks are done (what resume and readers go by); where a run
@@ -195,3 +205,15 @@ def test_an_actor_that_cannot_load_the_model_is_one_line(capsys, local_ray, many
         )
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "out.parquet").exists()  # nothing committed: nothing left behind
+
+
+@pytest.mark.slow
+def test_gpus_on_a_cluster_without_any_are_refused(capsys, local_ray, many_photos, tmp_path):
+    """Ray would keep actors that ask for a GPU pending forever on this GPU-less Ray: one line instead."""
+    assert "GPU" not in local_ray.cluster_resources()
+    out = tmp_path / "o.parquet"
+    argv = ["embed", many_photos, "--weights", W, "-o", out, "--ray", "--ray-gpus", "1"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "Traceback" not in err
+    assert "--ray-gpus 1 asks a GPU for each actor, but the Ray cluster has none" in err
+    assert not out.exists()

@@ -144,7 +144,12 @@ class _EmbedActor:
 
     def __call__(self, batch: dict) -> dict:
         if self.error is not None:  # a value, not an exception: Ray would wrap it in pages of traceback
-            return {"task": np.full(1, None, dtype=object), "start_error": np.asarray([self.error])}
+            return {
+                "task": np.full(1, None, dtype=object),
+                "start_error": np.asarray([self.error]),
+                "batches": np.zeros(1, np.int64),
+                "peak_faces": np.zeros(1, np.int64),
+            }
         paths = [Path(str(path)) for path in batch["path"]]
         results = iter_task_results(
             paths,
@@ -153,10 +158,16 @@ class _EmbedActor:
             segment_frames=self.segment_frames,
             completed=self.completed,
         )
-        done = list(iter_embedded(results, self.embedder))
+        stats = StreamStats()
+        done = list(iter_embedded(results, self.embedder, stats=stats))
         tasks = np.empty(len(done), dtype=object)  # Ray carries the (small, crop-free) tasks as objects
         tasks[:] = done
-        return {"task": tasks, "start_error": np.full(len(done), "")}
+        # this call's model batches ride on its first row (columns are per row), so the driver's sum is exact
+        batches = np.zeros(len(done), np.int64)
+        peak = np.zeros(len(done), np.int64)
+        if len(done):
+            batches[0], peak[0] = stats.batches, stats.peak_buffered_faces
+        return {"task": tasks, "start_error": np.full(len(done), ""), "batches": batches, "peak_faces": peak}
 
 
 @dataclass
@@ -166,7 +177,9 @@ class RayRunner:
     ``pipeline_factory`` and ``embedder_factory`` are picklable callables each actor calls once (the
     detector and the model are built where they run). ``workers``: actors, one CPU each (default: every CPU
     Ray has). ``files_per_call``: files an actor embeds per call, its model batches spanning them (default:
-    enough for one model batch, fewer when that would leave actors idle)."""
+    enough for one model batch, fewer when that would leave actors idle). ``num_gpus``: GPUs Ray reserves
+    for each actor (a fraction shares one; default 0): the factories must then build on ``"cuda"``, which in
+    an actor is the GPU Ray gave it."""
 
     pipeline_factory: Callable
     embedder_factory: Callable
@@ -176,10 +189,17 @@ class RayRunner:
     files_per_call: int | None = None
     fps: float = DEFAULT_FPS
     segment_frames: int = SEGMENT_FRAMES
+    num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers <= 0:
             raise RayJobError(f"--ray-workers must be positive, got {self.workers}")
+        gpus = self.num_gpus
+        if not (math.isfinite(gpus) and gpus >= 0) or (gpus > 1 and gpus != int(gpus)):
+            # Ray's own rule: a fraction shares one GPU, more than one must be whole GPUs
+            raise RayJobError(
+                f"--ray-gpus must be 0, a fraction of one GPU (e.g. 0.5) or a whole number, got {gpus:g}"
+            )
         check_address(self.address, connect=True)  # now, not after the model has loaded
 
     def __call__(self, todo: list[Path], completed: Completed, stats: StreamStats) -> Iterator[EmbeddedTask]:
@@ -187,6 +207,8 @@ class RayRunner:
             return
         with ray_session(self.address, workers=self.workers) as ray:
             workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            if self.num_gpus > 0:
+                workers = self._gpu_workers(ray, workers)
             per_call = self.files_per_call or max(1, min(self.batch_size, math.ceil(len(todo) / workers)))
             context = ray.data.DataContext.get_current()
             context.execution_options.preserve_order = True  # shards in input order, as a local run
@@ -208,6 +230,7 @@ class RayRunner:
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=min(workers, math.ceil(len(todo) / per_call))),
                 num_cpus=1,
+                **({"num_gpus": self.num_gpus} if self.num_gpus > 0 else {}),
             )
             batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
             # Ray Data's notes and its multi-page error reports would bury kprpe's one-line report
@@ -219,6 +242,9 @@ class RayRunner:
                     if any(batch["start_error"]):
                         error = next(text for text in batch["start_error"] if text)
                         raise WorkerStartError(f"a Ray worker could not start: {error}")
+                    stats.batches += int(batch["batches"].sum())
+                    peak = int(batch["peak_faces"].max(initial=0))  # per actor: each holds its own crops
+                    stats.peak_buffered_faces = max(stats.peak_buffered_faces, peak)
                     yield from batch["task"]
             except (KeyboardInterrupt, GeneratorExit, KprpeError):
                 raise
@@ -229,6 +255,37 @@ class RayRunner:
                 close = getattr(batches, "close", None)
                 if close is not None:
                     close()
+
+    def _gpu_workers(self, ray, workers: int) -> int:
+        """Actors that can get ``num_gpus`` each now, checked before the job is submitted: Ray would wait
+        forever for a GPU the cluster does not have. ``workers`` given: refused when there are too few;
+        else as many as both the CPUs and the GPUs allow."""
+        per_node = [
+            float(node.get("Resources", {}).get("GPU", 0)) for node in ray.nodes() if node.get("Alive", True)
+        ]
+        total = float(ray.cluster_resources().get("GPU", 0))
+        asked = f"--ray-gpus {self.num_gpus:g}"
+        if total <= 0:
+            raise RayJobError(
+                f"{asked} asks a GPU for each actor, but the Ray cluster has none (ray.cluster_resources() "
+                "lists no GPU); leave --ray-gpus out to run on CPUs, or start Ray on nodes with GPUs"
+            )
+        # an actor's GPUs come from one node; fractions pack per GPU (0.3 -> 3 actors per GPU, not 3.33)
+        if self.num_gpus > 1:
+            fits = sum(int(gpus // self.num_gpus) for gpus in per_node)
+        else:
+            fits = sum(int(gpus) * int(1 / self.num_gpus + 1e-9) for gpus in per_node)
+        if fits == 0:
+            raise RayJobError(
+                f"{asked} asks {self.num_gpus:g} GPUs for each actor, but no Ray node has that many "
+                f"(the most on one node: {max(per_node, default=0):g})"
+            )
+        if self.workers is not None and self.workers > fits:
+            raise RayJobError(
+                f"--ray-workers {self.workers} with {asked} needs GPUs for {self.workers} actors; the Ray "
+                f"cluster's GPUs ({total:g}) hold {fits}: give --ray-workers {fits} or less"
+            )
+        return min(workers, fits)
 
 
 def _job_error(exc: BaseException) -> RayJobError:
