@@ -7,9 +7,11 @@ finds started in its process."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -115,6 +117,15 @@ def test_ray_gives_the_local_runs_output(capsys, local_ray, inputs, local_output
     assert want["embedded"] == 16  # 8 photos + 8 frames (2 s at 4 fps)
     for key in ("embedded", "rows", "files", "frames", "failures"):
         assert got[key] == want[key], key
+    # model batches: the local run cuts all 16 faces into 3s; each actor call cuts the faces of its own
+    # units (per call: min(--batch-size, units / workers) of them, in input order); each file is one unit
+    # here, the clip's 8 sampled frames being less than a segment
+    files = [str(path) for path in expand_media_paths(inputs)]
+    faces = collections.Counter(read_embeddings(local)["file"].tolist())
+    per_call = min(3, math.ceil(len(files) / 2))
+    calls = [files[start : start + per_call] for start in range(0, len(files), per_call)]
+    assert want["batches"] == math.ceil(16 / 3)
+    assert got["batches"] == sum(math.ceil(sum(faces[f] for f in call) / 3) for call in calls)
     assert {f["file"] for f in got["failures"]} == {inputs[2], inputs[3]}
     assert f"skipped {inputs[2]}" in err  # reported as they happen, as a local run reports them
     # the same kind of shards, saying the same tasks are done (what resume and readers go by); where a run
@@ -195,3 +206,50 @@ def test_an_actor_that_cannot_load_the_model_is_one_line(capsys, local_ray, many
         )
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "out.parquet").exists()  # nothing committed: nothing left behind
+
+
+@pytest.mark.slow
+def test_gpus_on_a_cluster_without_any_are_refused(capsys, local_ray, many_photos, tmp_path):
+    """Ray would keep actors that ask for a GPU pending forever on this GPU-less Ray: one line instead."""
+    assert "GPU" not in local_ray.cluster_resources()
+    out = tmp_path / "o.parquet"
+    argv = ["embed", many_photos, "--weights", W, "-o", out, "--ray", "--ray-gpus", "1"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "Traceback" not in err
+    assert "--ray-gpus 1 asks a GPU for each actor, but the Ray cluster has none" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_video_split_across_actors_gives_the_local_rows(local_ray, clip):
+    """The clip in segments of 2 sampled frames (4 units) on 2 actors: the local path's tasks and rows."""
+    import functools
+
+    from kprpe.streaming.ray_data import RayRunner, plan_units
+    from kprpe.streaming.stream import Completed, stream_embeddings
+
+    def run(runner=None):
+        embedder = FaceEmbedder.from_weights(TINY_WEIGHTS, batch_size=1)  # each face alone, either way
+        done = stream_embeddings(
+            [clip], pipeline=FacePipeline(), embedder=embedder, fps=4.0, segment_frames=2, runner=runner
+        )
+        return list(done)
+
+    factory = functools.partial(FaceEmbedder.from_weights, TINY_WEIGHTS, batch_size=1)
+    runner = RayRunner(FacePipeline, factory, workers=2, batch_size=1, fps=4.0, segment_frames=2)
+    assert [unit[1:] for unit in plan_units([clip], Completed(), fps=4.0, segment_frames=2)] == [
+        (0, False), (1, False), (2, False), (3, True)  # one unit a call: 4 calls over the 2 actors
+    ]
+    local, split = run(), run(runner)
+    summary = [[(d.task, d.end, d.frames, d.failure, len(d.rows)) for d in done] for done in (local, split)]
+    assert summary[1] == summary[0] and len(summary[0]) == 4
+    rows = [[row for d in done for row in d.rows] for done in (local, split)]
+    assert len(rows[0]) == 8
+    for mine, theirs in zip(rows[1], rows[0], strict=True):
+        for name in ("name", "frame", "time", "score"):
+            assert getattr(mine, name) == getattr(theirs, name), name
+        np.testing.assert_array_equal(mine.landmarks, theirs.landmarks)
+        np.testing.assert_array_equal(mine.keypoints, theirs.keypoints)
+        # the same crop through the same model, in another process's threads: float32 rounding at most
+        # (another frame's or crop's embedding differs by more than 1e-2)
+        np.testing.assert_allclose(mine.embedding, theirs.embedding, rtol=0, atol=1e-5)

@@ -4,9 +4,14 @@ that belong to the other path. (The Ray runs themselves: tests/face/test_embed_r
 
 from __future__ import annotations
 
+import contextlib
+import math
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -103,3 +108,120 @@ def test_a_partly_done_video_travels_to_the_actors_with_what_is_done():
     assert not part.file_done("v.mp4")
     part.add(file_key("v.mp4"), 4, 1, True, 5)
     assert part.file_done("v.mp4") and done.file_done("v.mp4")
+
+
+class _FakeRay:
+    """What RayRunner asks of Ray, recording what the job is submitted with (no Ray is started)."""
+
+    def __init__(self, nodes: list[dict]) -> None:
+        self._nodes = nodes
+        self.submitted: dict = {}
+        fake = self
+
+        class Dataset:
+            def map_batches(self, fn, **options):
+                fake.submitted = options
+                return self
+
+            def iter_batches(self, **_):
+                return iter([])
+
+        context = SimpleNamespace(execution_options=SimpleNamespace())
+        self.data = SimpleNamespace(
+            DataContext=SimpleNamespace(get_current=lambda: context),
+            from_items=lambda items, **_: Dataset(),
+            ActorPoolStrategy=lambda size: ("actors", size),
+        )
+
+    def nodes(self) -> list[dict]:
+        return self._nodes
+
+    def cluster_resources(self) -> dict:
+        total: dict = {}
+        for node in self._nodes:
+            for name, amount in node["Resources"].items():
+                total[name] = total.get(name, 0) + amount
+        return total
+
+
+def _submit(monkeypatch, nodes, files: int = 20, **runner) -> dict:
+    """Run a RayRunner on ``files`` photos against a fake cluster of ``nodes``: the options Ray gets."""
+    from kprpe.streaming import ray_data
+    from kprpe.streaming.stream import Completed, StreamStats
+
+    fake = _FakeRay([{"Alive": True, "Resources": resources} for resources in nodes])
+    monkeypatch.setattr(ray_data, "ray_session", lambda *a, **k: contextlib.nullcontext(fake))
+    job = ray_data.RayRunner(pipeline_factory=object, embedder_factory=object, batch_size=1, **runner)
+    assert list(job([Path(f"p{i}.jpg") for i in range(files)], Completed(), StreamStats())) == []
+    return fake.submitted
+
+
+def test_ray_gpus_reach_the_actor_options(monkeypatch):
+    cluster = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 2}]
+    options = _submit(monkeypatch, cluster, num_gpus=0.5)
+    assert options["num_gpus"] == 0.5 and options["num_cpus"] == 1
+    assert options["compute"] == ("actors", 6)  # 3 GPUs, two actors on each; not the 16 CPUs
+    options = _submit(monkeypatch, cluster, num_gpus=2, workers=1)
+    assert options["num_gpus"] == 2 and options["compute"] == ("actors", 1)
+    assert "num_gpus" not in _submit(monkeypatch, cluster)  # CPU actors, as before
+
+
+@pytest.mark.parametrize(
+    ("nodes", "runner", "message"),
+    [
+        ([{"CPU": 8}], {"num_gpus": 1}, "but the Ray cluster has none"),
+        ([{"CPU": 8, "GPU": 1}] * 2, {"num_gpus": 2}, "no Ray node has that many (the most on one node: 1)"),
+        ([{"CPU": 8, "GPU": 1}], {"num_gpus": 0.5, "workers": 3}, "give --ray-workers 2 or less"),
+    ],
+)
+def test_gpus_the_cluster_cannot_give_are_refused_before_the_job(monkeypatch, nodes, runner, message):
+    """Ray would keep such actors pending forever, waiting for a GPU that never comes."""
+    from kprpe.streaming.ray_data import RayJobError
+
+    with pytest.raises(RayJobError, match=re.escape(message)):
+        _submit(monkeypatch, nodes, **runner)
+
+
+@pytest.mark.parametrize("gpus", [-1.0, 1.5, math.inf, math.nan])
+def test_ray_gpus_ray_cannot_schedule_are_refused(gpus):
+    from kprpe.streaming.ray_data import RayJobError, RayRunner
+
+    with pytest.raises(RayJobError, match="--ray-gpus must be 0, a fraction of one GPU"):
+        RayRunner(pipeline_factory=object, embedder_factory=object, num_gpus=gpus)
+
+
+def _runner_for(argv):
+    from kprpe.cli.face import _ray_runner
+    from kprpe.cli.main import build_parser
+
+    return _ray_runner(build_parser().parse_args(["embed", "x.jpg", "--weights", WEIGHTS, "-o", "o", *argv]))
+
+
+def test_with_ray_gpus_the_actors_model_is_built_on_cuda(monkeypatch):
+    """The actors' factories build with --device cuda (Ray makes an actor's GPU its only cuda device)."""
+    pytest.importorskip("ray.data")
+    from kprpe.face.embedder import FaceEmbedder
+
+    runner = _runner_for(["--ray", "--ray-gpus", "0.5"])
+    assert runner.num_gpus == 0.5
+    built = []
+    monkeypatch.setattr(FaceEmbedder, "from_weights", lambda *a, **k: built.append(k["device"]))
+    runner.embedder_factory()
+    _runner_for(["--ray"]).embedder_factory()
+    assert built == ["cuda", "cpu"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ray-gpus", "1"], "--ray-gpus needs --ray"),
+        (["--ray", "--device", "cuda"], "--device cuda with --ray: the actors get no GPU from Ray"),
+        (["--ray", "--ray-gpus", "1", "--device", "cuda:1"], "leave --device out"),
+    ],
+)
+def test_devices_ray_does_not_schedule_are_refused(argv, message):
+    pytest.importorskip("ray.data")
+    from kprpe.errors import CommandError
+
+    with pytest.raises(CommandError, match=re.escape(message)):
+        _runner_for(argv)

@@ -373,24 +373,46 @@ def _workers(args: argparse.Namespace) -> int | None:
     return args.workers  # None: kprpe.streaming.stream.resolve_workers picks from the number of inputs
 
 
+def _on_device(factory, args: argparse.Namespace, device: str):
+    """``factory(args)`` with ``--device`` replaced (what an actor, or the command beside Ray, builds on)."""
+    return factory(argparse.Namespace(**{**vars(args), "device": device}))
+
+
 def _ray_runner(args: argparse.Namespace):
     """``--ray [ADDRESS]``: the tasks run in Ray actors (kprpe.streaming.ray_data); None without it."""
     if args.ray is None:
-        if args.ray_workers is not None:
-            raise CommandError("--ray-workers needs --ray")
+        for option, value in (("--ray-workers", args.ray_workers), ("--ray-gpus", args.ray_gpus)):
+            if value is not None:
+                raise CommandError(f"{option} needs --ray")
         return None
     if args.workers is not None:
         raise CommandError("--workers counts this machine's processes; with --ray, give --ray-workers")
+    gpus = 0.0 if args.ray_gpus is None else args.ray_gpus
+    # Ray hands each actor its GPUs as "cuda" (CUDA_VISIBLE_DEVICES); actors without them must not touch
+    # the node's GPUs behind Ray's back (Ray 2.60 no longer hides them from such actors)
+    if gpus > 0 and args.device not in ("cpu", "cuda"):
+        raise CommandError(
+            f"--device {args.device} with --ray-gpus: each actor uses the GPU Ray gives it (as cuda); "
+            "leave --device out"
+        )
+    if gpus <= 0 and args.device != "cpu":
+        raise CommandError(
+            f"--device {args.device} with --ray: the actors get no GPU from Ray; give --ray-gpus G (GPUs "
+            "per actor, e.g. 1 or 0.5) and they run on cuda"
+        )
     from ..streaming.ray_data import RayRunner, import_ray
 
     import_ray()
+    device = "cuda" if gpus > 0 else "cpu"
     return RayRunner(
-        pipeline_factory=functools.partial(_pipeline, args),  # each actor builds its own detector...
-        embedder_factory=functools.partial(_embedder, args),  # ...and loads the model once
+        # each actor builds its own detector and loads the model once, on its device
+        pipeline_factory=functools.partial(_on_device, _pipeline, args, device),
+        embedder_factory=functools.partial(_on_device, _embedder, args, device),
         address=args.ray or None,
         workers=args.ray_workers,
         batch_size=args.batch_size,
         fps=args.fps,
+        num_gpus=gpus,
     )
 
 
@@ -409,8 +431,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     # an existing output this command wrote is continued or (--overwrite) replaced: embed_to_output's rule
     check_not_input(args.output, [*args.inputs, str(args.weights)], inside=False)
     runner = _ray_runner(args)  # before the model loads: a missing Ray or a bad address is said at once
-    pipeline = _pipeline(args)
-    embedder = _embedder(args)
+    # with --ray this process embeds nothing (the model gives the output's settings): its CPU will do
+    pipeline = _pipeline(args) if runner is None else _on_device(_pipeline, args, "cpu")
+    embedder = _embedder(args) if runner is None else _on_device(_embedder, args, "cpu")
     summary = embed_to_output(
         args.inputs,
         args.output,
@@ -807,7 +830,7 @@ def _add_embed_stream_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("ray (kprpe[ray]; docs/deployment.md)")
+    group = parser.add_argument_group("ray (kprpe[ray]; docs/face.md)")
     group.add_argument(
         "--ray",
         nargs="?",
@@ -824,6 +847,14 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="with --ray: N actors of one CPU each (default: every CPU of the Ray cluster)",
+    )
+    group.add_argument(
+        "--ray-gpus",
+        type=float,
+        default=None,
+        metavar="G",
+        help="with --ray: G GPUs for each actor, whose model (and DFA aligner) then runs on cuda; a fraction "
+        "shares a GPU (0.5: two actors on one). Refused when the Ray cluster has no GPU (default 0: CPUs)",
     )
 
 

@@ -546,6 +546,7 @@ class EmbedSummary:
             "files": self.files,
             "skipped_files": self.skipped_files,
             "frames": self.frames,
+            "batches": 0 if self.stats is None else self.stats.batches,
             "dim": self.dim,
             "resumed": self.resumed,
             "seconds": round(self.seconds, 3),

@@ -24,6 +24,7 @@ __all__ = [
     "SegmentEnd",
     "is_video_path",
     "sample_frames",
+    "segment_count",
     "video_available",
 ]
 
@@ -157,3 +158,25 @@ def sample_frames(
         except (av.FFmpegError, OSError, ValueError) as exc:
             raise VideoError(path, f"cannot decode frames after {start:.2f} s ({exc})") from None
     status.end = True
+
+
+def segment_count(path: str | os.PathLike, *, fps: float, segment_frames: int) -> int | None:
+    """How many segments the stream's header says the video has (its duration), or None when it does not
+    say or the file cannot be opened. An estimate for splitting the work (kprpe.streaming.ray_data): the
+    header may be wrong, so whoever reads the last segment must read on to the real end."""
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration:
+                seconds = container.duration / av.time_base
+            else:
+                return None
+    except Exception:  # no PyAV, no video stream, not a video: the actor that reads it says which
+        return None
+    if not (math.isfinite(seconds) and seconds > 0):
+        return None
+    return max(1, math.ceil(seconds * fps / segment_frames - 1e-6))
