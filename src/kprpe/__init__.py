@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .lazy import alias_moved_modules, lazy_exports
 
-__version__ = "0.4.1"
+__version__ = "0.4.2"
 
 # public name -> the module that defines it, imported the first time the name is read
 _EXPORTS = {
