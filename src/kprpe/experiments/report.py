@@ -458,7 +458,8 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
     what = "real MNIST under the affNIST protocol" if data == "mnist" else "the UCI digits"
     lines = [
         "=" * 100,
-        f"SHORT RUN (--quick) on {what}: {len(cfg['seeds'])} seed, {len(jobs)} models, {schedule}, "
+        f"SHORT RUN (--quick) on {what}: {_count(len(cfg['seeds']), 'seed')}, {len(jobs)} trainings, "
+        f"{schedule}, "
         f"{wall_seconds:.0f} s wall on {results.get('cpu_count')} CPUs.",
         epochs,
     ]
@@ -478,7 +479,8 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
         train = f"{ref_cfg['train_limit']:,} training digits" if ref_cfg.get("train_limit") else "every digit"
         ref_schedule = f"{ref_cfg['epochs']} epochs, {train}"
     lines.append(
-        f"Reference: {'/'.join(ref_path.parts[-4:])} ({len(ref_cfg['seeds'])} seeds, {ref_schedule}, "
+        f"Reference: {'/'.join(ref_path.parts[-4:])} ({_count(len(ref_cfg['seeds']), 'seed')}, "
+        f"{ref_schedule}, "
         f"made by `{ref.get('command', '?')}`). Quick minus reference, in points:"
     )
     mix = "affNIST protocol" if data == "mnist" else "AffNIST-style"  # the mix of random affines, named
@@ -539,6 +541,10 @@ def quick_run_notice(results: dict, wall_seconds: float) -> str:
     else:
         lines.append("Read model comparisons from the reference run (more seeds, longer, on more digits).")
     return "\n".join(lines + ["=" * 100])
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _is_default_quick(cfg: dict) -> bool:
