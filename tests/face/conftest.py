@@ -122,6 +122,36 @@ def clip(tmp_path_factory, astronaut):
     return path
 
 
+def _write_times(path, times: list[float], face: np.ndarray) -> None:
+    """An MJPEG video of the face drifting sideways, a frame at each of ``times`` seconds."""
+    import fractions
+
+    av = pytest.importorskip("av")
+    base = fractions.Fraction(1, 1000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = face.shape[1], face.shape[0], "yuvj420p"
+        stream.time_base = base
+        for i, seconds in enumerate(times):
+            image = np.ascontiguousarray(np.roll(face, 2 * i, axis=1))
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = int(round(seconds * 1000)), base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def gap_clip(tmp_path_factory, astronaut):
+    """1 s of face at 10 fps, then nothing for 5 s, then 1 s more (sampled at 4 fps in segments of 2
+    frames, segments 2 to 11 hold no frame)."""
+    path = tmp_path_factory.mktemp("gap") / "gap.mkv"
+    times = [i / 10 for i in range(10)] + [6 + i / 10 for i in range(10)]
+    _write_times(path, times, _face(astronaut)[:256, :256])
+    return path
+
+
 @pytest.fixture
 def old_crops_alive(monkeypatch) -> list[int]:
     """Runs every FacePipeline.iter_batches one photo per chunk and records, each time the caller asks for

@@ -6,7 +6,6 @@ would pickle, so the split and its reassembly are checked in seconds (a real Ray
 from __future__ import annotations
 
 import contextlib
-import fractions
 import functools
 import pickle
 
@@ -17,7 +16,7 @@ from kprpe.face import FaceEmbedder, FacePipeline
 from kprpe.streaming import ray_data
 from kprpe.streaming.stream import STILL, Completed, file_key, stream_embeddings
 
-from .conftest import TINY_WEIGHTS, _face
+from .conftest import TINY_WEIGHTS
 
 av = pytest.importorskip("av")
 pytest.importorskip("dlib")
@@ -62,32 +61,6 @@ class _InProcessRay:
 class _Context:
     def __init__(self) -> None:
         self.execution_options = type("Options", (), {})()
-
-
-def _write(path, times: list[float], face: np.ndarray) -> None:
-    """An MJPEG video of the face drifting sideways, a frame at each of ``times`` seconds."""
-    base = fractions.Fraction(1, 1000)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mjpeg", rate=10)
-        stream.width, stream.height, stream.pix_fmt = face.shape[1], face.shape[0], "yuvj420p"
-        stream.time_base = base
-        for i, seconds in enumerate(times):
-            image = np.ascontiguousarray(np.roll(face, 2 * i, axis=1))
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = int(round(seconds * 1000)), base
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-@pytest.fixture(scope="module")
-def gap_clip(tmp_path_factory, astronaut):
-    """1 s of face, then nothing for 5 s, then 1 s more: segments 2 to 11 hold no frame."""
-    path = tmp_path_factory.mktemp("gap") / "gap.mkv"
-    times = [i / 10 for i in range(10)] + [6 + i / 10 for i in range(10)]
-    _write(path, times, _face(astronaut)[:256, :256])
-    return path
 
 
 def _tasks(done) -> list[tuple]:

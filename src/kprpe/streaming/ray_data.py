@@ -44,8 +44,8 @@ from .stream import (
     StreamStats,
     Task,
     TaskResult,
+    TaskSource,
     WorkerStartError,
-    _TaskSource,
     error_text,
     file_key,
     iter_embedded,
@@ -216,19 +216,19 @@ def plan_units(
 class _InOrder:
     """Which of the units' tasks a local run would have: the segments of a video are run independently,
     so those past its end (or a failure that ended it) and those inside a time gap come back too, empty or
-    past the end: the local path never runs them, so they are dropped here (:class:`_TaskSource`, replayed
+    past the end: the local path never runs them, so they are dropped here (:class:`TaskSource`, replayed
     with each kept task's outcome, says which task comes next)."""
 
     def __init__(self, completed: Completed) -> None:
         self.completed = completed
-        self.videos: dict[str, tuple[_TaskSource, Task | None]] = {}
+        self.videos: dict[str, tuple[TaskSource, Task | None]] = {}
 
     def keep(self, done: EmbeddedTask) -> bool:
         task = done.task
         if not task.is_video:
             return True
         if task.key not in self.videos:
-            source = _TaskSource([Path(task.path)], self.completed)
+            source = TaskSource([Path(task.path)], self.completed)
             self.videos[task.key] = (source, source.next())
         source, expected = self.videos[task.key]
         if expected is None or task.segment < expected.segment:  # past the end, or in a gap stepped over

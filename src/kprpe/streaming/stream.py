@@ -48,6 +48,7 @@ __all__ = [
     "StreamStats",
     "Task",
     "TaskResult",
+    "TaskSource",
     "WorkerStartError",
     "default_workers",
     "error_text",
@@ -319,19 +320,49 @@ class Completed:
         return True
 
 
-class _TaskSource:
-    """Tasks in input order: each photo, then each video segment until the video's end is known."""
+class TaskSource:
+    """Tasks in input order: each photo, then each video segment until the video's end is known.
+    Internal to the streaming package (the local worker loop and :mod:`.ray_data` replay it)."""
 
     def __init__(self, paths: list[Path], completed: Completed) -> None:
         self._files = iter(paths)
         self._completed = completed
         self._video: tuple[str, str, int] | None = None
         self.ended: dict[str, int] = dict(completed.video_end)
+        # video key -> (last segment before, first after) the latest gap a result revealed; results come in
+        # order, so every task inside an earlier gap has come back before a later gap replaces it
+        self._gap: dict[str, tuple[int, int]] = {}
 
     def skip_to(self, key: str, segment: int | None) -> None:
         """The segments of ``key`` before ``segment`` hold no frame (a gap in the timestamps): skip them."""
         if segment is not None and self._video is not None and self._video[0] == key:
             self._video = (key, self._video[1], max(self._video[2], segment))
+
+    def record(self, result: TaskResult) -> None:
+        """What a video task found out: that the video ends there, or where its next frame lies."""
+        task = result.task
+        if not task.is_video:
+            return
+        if result.end:
+            self.ended[task.key] = task.segment
+            return
+        if result.next_segment is not None and result.next_segment > task.segment + 1:
+            self._gap[task.key] = (task.segment, result.next_segment)
+        self.skip_to(task.key, result.next_segment)
+
+    def stepped_over(self, task: Task) -> bool:
+        """A task asked for before an earlier result was known that the in-process path never runs: a
+        segment past its video's end, or inside a time gap. Worker processes run tasks ahead, so these come
+        back (empty); recording them would make the manifests depend on how many were in flight. Not
+        recording them loses nothing: a resumed run steps over a gap by the jump recorded on the segment
+        before it, so the gap's segments are never read again."""
+        if not task.is_video:
+            return False
+        end = self.ended.get(task.key)
+        if end is not None and task.segment > end:
+            return True
+        before, after = self._gap.get(task.key, (0, 0))
+        return before < task.segment < after
 
     def next(self) -> Task | None:
         while True:
@@ -420,14 +451,11 @@ def iter_task_results(
     so they are safe next to threads of the model) each build their pipeline with ``pipeline_factory`` (a
     picklable callable; default: ``pipeline`` itself is pickled) and at most ``2 * workers`` tasks are in
     flight. ``workers == 0``: in this process, one task at a time."""
-    source = _TaskSource(paths, completed or Completed())
+    source = TaskSource(paths, completed or Completed())
     if workers <= 0:
         while (task := source.next()) is not None:
             result = run_task(task, pipeline, fps=fps, segment_frames=segment_frames)
-            if task.is_video and result.end:
-                source.ended[task.key] = task.segment
-            elif task.is_video:
-                source.skip_to(task.key, result.next_segment)
+            source.record(result)
             yield result
         return
     from concurrent.futures import ProcessPoolExecutor
@@ -459,14 +487,9 @@ def iter_task_results(
                     "'__main__':` guard: workers import the main module); what was finished before is kept — "
                     "re-run to continue, or use --workers 0"
                 ) from None
-            if task.is_video:
-                end = source.ended.get(task.key)
-                if end is not None and task.segment > end:
-                    continue  # asked for before the video's end was known: empty
-                if result.end:
-                    source.ended[task.key] = task.segment
-                else:  # tasks already in flight past a gap come back empty; none are added after it
-                    source.skip_to(task.key, result.next_segment)
+            if source.stepped_over(task):  # past the video's end or inside a gap: as if never run
+                continue
+            source.record(result)
             yield result
         finished = True
     finally:
