@@ -207,6 +207,23 @@ def test_command_runs_end_to_end_on_a_tiny_subsample(fake_mnist, monkeypatch, tm
     assert jobs == ["depth-1", "width-8"]
 
 
+def test_the_calibration_header_states_only_what_every_candidate_shares(fake_mnist, monkeypatch, tmp_path):
+    # every candidate sets epochs (differently) and patch (alike): the base's 3 epochs and patch 4 trained
+    # nothing, so the header must not state them; depth and width are the base's for all
+    monkeypatch.setattr(mnist_data, "find_mnist_pickle", lambda: fake_mnist)
+    tiny = ["--seeds", "1", "--epochs", "3", "--patch", "4", "--train-limit", "30", "--test-limit", "6"]
+    tiny += ["--width", "16", "--depth", "1", "--workers", "1", "-q", "--no-plots"]
+    cal = tmp_path / "cal"
+    args = ["experiment", "digits", "--data", "mnist", "-o", str(cal), "--calibrate-abs"]
+    assert main([*args, "epochs=1,patch=8;epochs=2,patch=8", *tiny]) == 0
+    header = (cal / "calibration.md").read_text().splitlines()[0]
+    setup = header.split("points). ", 1)[1]
+    shared = "All candidates: depth 1, width 16, patch 8, train limit 30, regime mild"
+    assert setup == f"{shared}; per candidate: epochs."
+    assert "3 epochs" not in header and "patch 4" not in header
+    assert json.loads((cal / "calibration.json").read_text())["candidates"][1]["epochs_used"] == [2]
+
+
 def test_bad_calibration_candidates_are_one_line_errors(capsys):
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_candidates("depth=2,colour=red")

@@ -160,15 +160,77 @@ def test_a_writer_killed_mid_enrolment_leaves_only_whole_identities(engine, tmp_
             assert abs(float(np.linalg.norm(gallery.template(name))) - 1) < 1e-5
 
 
-@pytest.mark.parametrize("engine", [_engine("qdrant", "qdrant_client")])
-def test_an_unreachable_server_is_a_one_line_error(engine):
+def _free_port() -> int:
     import socket
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("engine", [_engine("qdrant", "qdrant_client")])
+def test_an_unreachable_server_is_a_one_line_error(engine):
+    port = _free_port()
     with pytest.raises(GalleryIndexError, match=f"gallery qdrant\\+http://127.0.0.1:{port}: qdrant failed"):
         DatabaseGallery.open(f"qdrant+http://127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("engine", [_engine("qdrant", "qdrant_client")])
+def test_an_unreachable_server_leaves_no_late_version_warning(engine):
+    # qdrant-client's own version check warned from a background thread after open's error had been raised,
+    # landing on whatever ran next (another test, another request); the threads the open started are joined
+    # so that such a warning, if any, is recorded here
+    import threading
+    import warnings
+
+    before = set(threading.enumerate())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(GalleryIndexError, match="qdrant failed"):
+            DatabaseGallery.open(f"qdrant+http://127.0.0.1:{_free_port()}")
+        for thread in set(threading.enumerate()) - before:
+            thread.join(timeout=30)
+    assert not [w for w in caught if "version" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("engine", [_engine("qdrant", "qdrant_client")])
+@pytest.mark.parametrize("version", ["0.1.0", "same"])
+def test_a_server_of_another_version_is_warned_about_when_opened(engine, version):
+    import importlib.metadata
+    import threading
+    import warnings
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    client = importlib.metadata.version("qdrant-client")
+    reported = client if version == "same" else version
+
+    class Handler(BaseHTTPRequestHandler):  # a "server" that only reports its version
+        def do_GET(self):
+            body = json.dumps({"title": "qdrant", "version": reported}).encode()
+            self.send_response(200 if self.path == "/" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(GalleryIndexError, match="qdrant failed in read_meta"):  # the rest is a 404
+                DatabaseGallery.open(f"qdrant+http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    found = [str(w.message) for w in caught if "qdrant-client is" in str(w.message)]
+    if version == "same":
+        assert found == []
+    else:
+        assert len(found) == 1 and f"runs version '0.1.0', qdrant-client is {client}" in found[0]
 
 
 def _digest(i: int) -> bytes:

@@ -134,14 +134,46 @@ def _mean_std(values: list[float]) -> dict:
     return dict(mean=round(mean, 2), std=round(std, 2), values=[round(v, 2) for v in values])
 
 
+# the setup the header always states (with the keys a candidate sets), how each value reads there
+_HEADER_KEYS = ("depth", "width", "patch", "epochs", "train_limit", "regime")
+_HEADER_TEXT = {
+    "epochs": lambda v: f"{v} epochs",
+    "train_limit": lambda v: f"train limit {v or 'none'}",
+    "mlp_ratio": lambda v: f"MLP ratio {v:g}",
+    "lr": lambda v: f"lr {v:g}",
+    "batch_size": lambda v: f"batch size {v}",
+    "weight_decay": lambda v: f"weight decay {v:g}",
+}
+
+
+def _setup_header(rows: list[dict], base: DigitsConfig) -> str:
+    """What every candidate trained with, and which keys differ between candidates ("per candidate": the
+    candidate column gives their values), so that no base value is stated that a candidate overrode."""
+    configs = [candidate_config(base, r["candidate"]) for r in rows]
+    keys = [
+        *_HEADER_KEYS,
+        *(k for k in CANDIDATE_KEYS if k not in _HEADER_KEYS and any(k in r["candidate"] for r in rows)),
+    ]
+    shared, varied = [], []
+    for key in keys:
+        if key == "epochs" and base.converge:  # the convergence rule decides the length, not `epochs`
+            shared.append("converged")
+            continue
+        values = {c.regimes[0] if key == "regime" else getattr(c, key) for c in configs}
+        if len(values) == 1:
+            shared.append(_HEADER_TEXT.get(key, lambda v, k=key: f"{k} {v}")(values.pop()))
+        else:
+            varied.append(key)
+    text = f"All candidates: {', '.join(shared)}" if shared else "Nothing shared by all candidates"
+    return text + (f"; per candidate: {', '.join(varied)}." if varied else ".")
+
+
 def calibration_table(rows: list[dict], base: DigitsConfig) -> str:
     """Markdown: one line per candidate, Abs-PE's clean / affNIST-protocol accuracy, its gaps to the paper."""
-    length = "converged" if base.converge else f"{base.epochs} epochs"
     lines = [
         f"Abs-PE calibration on `{base.data}` (paper: {PAPER_ABS_PE['clean']} clean / "
         f"{PAPER_ABS_PE['affnist']} affNIST; a candidate fits when both gaps are within "
-        f"{CALIBRATION_TOLERANCE:g} points). Base: depth {base.depth}, width {base.width}, "
-        f"patch {base.patch}, {length}, train limit {base.train_limit or 'none'}.",
+        f"{CALIBRATION_TOLERANCE:g} points). {_setup_header(rows, base)}",
         "",
         "| candidate | seeds | clean | affNIST protocol | gap clean | gap affNIST | fits | train s |",
         "|---|---|---|---|---|---|---|---|",

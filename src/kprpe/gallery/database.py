@@ -521,17 +521,48 @@ class _QdrantStore:
         except ImportError:
             raise GalleryIndexError(f"a Qdrant gallery needs qdrant-client; {_HINT['qdrant']}") from None
         self._models = models
-        local = not target.startswith(("http://", "https://"))
+        self._remote = target.startswith(("http://", "https://"))
         try:
-            self._client = QdrantClient(path=target) if local else QdrantClient(url=target)
+            # qdrant-client's own server-version check runs in a background thread and warns whenever it
+            # ends: for a server that is not there, after open's one-line error, on whatever runs next. The
+            # version is checked in read_meta instead, in the caller's thread (_check_server_version).
+            if self._remote:
+                self._client = QdrantClient(url=target, check_compatibility=False)
+            else:
+                self._client = QdrantClient(path=target)
         except RuntimeError as exc:  # local mode: "already accessed by another instance"
             raise GalleryIndexError(
                 f"cannot open Qdrant gallery {target} ({exc}); share a gallery through a server URI"
             ) from None
+        self._target = target
         self._name, self._meta = collection, f"{collection}_meta"
         self.records_images = True  # a payload takes any key: an older row simply has no record
 
+    def _check_server_version(self) -> None:
+        """Warn, as qdrant-client would, when the server's major version differs from the client's or their
+        minor versions are more than one apart. An unreachable server raises here (one line, via _Guarded)."""
+        import importlib.metadata
+        import warnings
+
+        server = str(self._client.info().version)
+        client = importlib.metadata.version("qdrant-client")
+        try:
+            s_major, s_minor = map(int, server.split(".")[:2])
+            c_major, c_minor = map(int, client.split(".")[:2])
+            compatible = s_major == c_major and abs(s_minor - c_minor) <= 1
+        except ValueError:  # not MAJOR.MINOR...: nothing to compare
+            compatible = False
+        if not compatible:
+            warnings.warn(
+                f"Qdrant server {self._target} runs version {server!r}, qdrant-client is {client}: "
+                "major versions should match and minor versions differ by at most 1",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def read_meta(self) -> dict | None:
+        if self._remote:  # the first call DatabaseGallery.open makes
+            self._check_server_version()
         if not self._client.collection_exists(self._meta):
             return None
         points = self._client.retrieve(self._meta, ids=[0], with_payload=True)
