@@ -56,7 +56,8 @@ class EvalSettings:
 @dataclass
 class ModelHandle:
     """A checkpoint path whose model is loaded on first use (an embedding not in the cache, the parameter
-    count, a fingerprint) and then kept: one handle, one load, so a run passes its one handle everywhere."""
+    count when the weights file cannot tell it, a fingerprint) and then kept: one handle, one load, so a
+    run passes its one handle everywhere."""
 
     weights: Path
     name: str = ""
@@ -95,7 +96,18 @@ class ModelHandle:
         return self._model
 
     def parameter_count(self) -> int | None:
-        """The model's parameter count (None for an ONNX engine): says whether it can be a published model."""
+        """The model's parameter count (None for an ONNX engine): says whether it can be a published model.
+
+        Read from the weights file's header when the model is not loaded yet (a run served from the
+        embedding cache then never builds it); counted on the built model when the file cannot tell."""
+        if self.engine == "onnx":  # an ONNX graph's initializers are not the module's parameters
+            return None
+        if self._model is None:
+            from .parameters import header_parameter_count
+
+            count = header_parameter_count(self.fingerprint_path)
+            if count is not None:
+                return count
         model = self()
         if not isinstance(model, torch.nn.Module):
             return None
