@@ -43,13 +43,15 @@ def test_every_stored_tensor_but_the_named_buffers_is_a_parameter(preset):
 
 @pytest.fixture(scope="module")
 def iresnet_files(tmp_path_factory):
-    """IR-18 saved by kprpe (with its config) and as an official zoo file (``model.net.`` keys, no config)."""
+    """IR-18 saved by kprpe (its config inside) and as an official zoo folder (``model.net.`` keys and a
+    config.json)."""
     folder = tmp_path_factory.mktemp("ir18")
     model = kprpe.create_model("ir_18").eval()
     saved = kprpe.nn.save_model(model, folder / "saved" / "ir18.safetensors")
     official = folder / "zoo" / "model.safetensors"
     official.parent.mkdir()
     save_file({f"model.net.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(official))
+    (official.parent / "config.json").write_text('{"color_space": "RGB"}')  # else a warning: RGB assumed
     return {"saved": saved, "zoo-folder": official.parent}
 
 
