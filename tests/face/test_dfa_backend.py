@@ -285,17 +285,13 @@ def test_load_aligner_top_level_accepts_paths(dfa_folder):
 
 # ----------------------------------------------------------------------------------------- evaluation
 def test_eval_backend_keypoints_are_the_official_dfa_landmarks(dfa_folder, astronaut):
-    from kprpe.eval.landmarks import backend_tag, face_backend_landmarks, set_landmark_backend
+    from kprpe.eval.landmarks import LandmarkBackend, backend_tag
     from kprpe.face.dfa_backend import photo_to_input
 
     faces = [np.ascontiguousarray(astronaut[y : y + 112, x : x + 112]) for y, x in ((40, 160), (60, 170))]
-    try:
-        set_landmark_backend("dfa", weights=str(dfa_folder))
-        keypoints = face_backend_landmarks(np.stack(faces))
-        assert "dfa" in backend_tag()
-    finally:
-        set_landmark_backend("dlib")
-    assert backend_tag() == ""
+    backend = LandmarkBackend("dfa", weights=str(dfa_folder))
+    keypoints = backend.landmarks(np.stack(faces))
+    assert "dfa" in backend.tag and backend_tag() == ""  # the default stays dlib
     import kprpe
 
     with torch.no_grad():
@@ -309,56 +305,48 @@ def test_eval_pairs_with_the_dfa_backend(capsys, dfa_folder, astronaut, tmp_path
         Image.fromarray(np.ascontiguousarray(astronaut[y : y + 112, x : x + 112])).save(tmp_path / f"{i}.png")
     rows = ["0.png,1.png,1", "2.png,3.png,1", "0.png,3.png,0", "1.png,2.png,0"]
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
-    try:
-        code = main(
-            [
-                "eval",
-                "pairs",
-                "--weights",
-                str(TINY_WEIGHTS),
-                "--pairs",
-                str(tmp_path / "pairs.csv"),
-                "--keypoints",
-                "backend",
-                "--aligner",
-                "dfa",
-                "--aligner-weights",
-                str(dfa_folder),
-                "-o",
-                str(tmp_path / "run"),
-                "--no-cache",
-                "--quiet",
-            ]
-        )
-    finally:
-        from kprpe.eval.landmarks import set_landmark_backend
-
-        set_landmark_backend("dlib")
+    code = main(
+        [
+            "eval",
+            "pairs",
+            "--weights",
+            str(TINY_WEIGHTS),
+            "--pairs",
+            str(tmp_path / "pairs.csv"),
+            "--keypoints",
+            "backend",
+            "--aligner",
+            "dfa",
+            "--aligner-weights",
+            str(dfa_folder),
+            "-o",
+            str(tmp_path / "run"),
+            "--no-cache",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
-    try:
-        code = main(
-            [
-                "eval",
-                "pairs",
-                "--weights",
-                str(TINY_WEIGHTS),
-                "--pairs",
-                str(tmp_path / "pairs.csv"),
-                "--keypoints",
-                "backend",
-                "--aligner",
-                "dfa",
-                "--aligner-weights",
-                str(TINY_WEIGHTS),
-                "-o",
-                str(tmp_path / "bad"),
-                "--no-cache",
-                "--quiet",
-            ]
-        )
-    finally:
-        set_landmark_backend("dlib")
+    code = main(
+        [
+            "eval",
+            "pairs",
+            "--weights",
+            str(TINY_WEIGHTS),
+            "--pairs",
+            str(tmp_path / "pairs.csv"),
+            "--keypoints",
+            "backend",
+            "--aligner",
+            "dfa",
+            "--aligner-weights",
+            str(TINY_WEIGHTS),
+            "-o",
+            str(tmp_path / "bad"),
+            "--no-cache",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "recognition" in err and not (tmp_path / "bad").exists()
     _no_traceback(err)

@@ -362,21 +362,17 @@ def _missing_protocol(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _landmark_backend(args) -> None:
-    """Configure (and, for the DFA, load now, so a bad checkpoint fails before any work) the backend."""
-    from ..eval.landmarks import set_landmark_backend
+def _landmark_backend(args):
+    """This run's landmark backend (for the DFA loaded now, so a bad checkpoint fails before any work)."""
+    from ..eval.landmarks import DEFAULT_LANDMARK_BACKEND, LandmarkBackend
 
     aligner = getattr(args, "aligner", "dlib")
-    set_landmark_backend(
-        aligner,
-        weights=getattr(args, "aligner_weights", None),
-        device=args.device,
-        batch_size=args.batch_size,
-    )
-    if aligner == "dfa":
-        from ..eval.landmarks import landmark_backend
-
-        landmark_backend()  # AlignerLoadError: one line naming the weights or device
+    if aligner != "dfa":
+        return DEFAULT_LANDMARK_BACKEND  # dlib takes no settings: its loaded pipeline is shared
+    weights = getattr(args, "aligner_weights", None)
+    backend = LandmarkBackend(aligner, weights=weights, device=args.device, batch_size=args.batch_size)
+    backend.load()  # AlignerLoadError: one line naming the weights or device
+    return backend
 
 
 def _path_arguments(args) -> list[str]:
@@ -432,7 +428,7 @@ def _settings(args):
                 f"--calibrate needs exactly one set (a .bin file or one toolkit set), got {count}: a "
                 "threshold is calibrated on one dataset"
             )
-    _landmark_backend(args)
+    landmark_backend = _landmark_backend(args)
     apply_model_defaults(args)  # no --weights: the published KP-RPE ViT-Base (after the output checks)
     return EvalSettings(
         # eval's --aligner finds keypoints on crops and never makes one: the flip rule's default is on
@@ -444,6 +440,7 @@ def _settings(args):
         far_targets=tuple(args.far),
         tar_far_convention=args.tar_far_convention,
         calibrate_far=calibrate,
+        landmark_backend=landmark_backend,
     )
 
 

@@ -18,7 +18,7 @@ from ..errors import KprpeError
 from ..images import load_image
 from .embedding import FaceSource
 from .geometry import aligned_crop_params, box_crop_params, box_from_landmarks, interpolate_crop, warp_face
-from .landmarks import backend_tag, face_backend_landmarks, template_keypoints_for
+from .landmarks import LandmarkBackend, backend_tag, face_backend_landmarks, template_keypoints_for
 
 __all__ = [
     "path_inside",
@@ -81,10 +81,11 @@ def image_face_source(
     t: float = 0.0,
     keypoint_source: str = "template",
     size: int = 112,
+    backend: LandmarkBackend | None = None,
 ) -> FaceSource:
     """Faces from files. With ``landmarks`` (pixel, keyed by ``keys``) every image is cropped by
     :func:`crop_face` at ``t``; without, images are taken as already aligned (resized to ``size``) and
-    keypoints come from ``keypoint_source`` (``backend`` or ``template``)."""
+    keypoints come from ``keypoint_source`` (``backend``: from ``backend``, default dlib; or ``template``)."""
     if len(paths) != len(keys):
         raise ValueError("paths and keys differ in length")
     if landmarks is not None:
@@ -115,7 +116,7 @@ def image_face_source(
         if landmarks is not None:
             return images_arr, np.stack(kps)
         if keypoint_source == "backend":
-            return images_arr, face_backend_landmarks(images_arr)
+            return images_arr, face_backend_landmarks(images_arr, backend)
         return images_arr, template_keypoints_for(stop - start)
 
     digest = hashlib.sha256()
@@ -124,7 +125,7 @@ def image_face_source(
         digest.update(f"{p.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
     mode = f"t={t:g}" if landmarks is not None else f"prealigned:{keypoint_source}"
     if landmarks is None and keypoint_source == "backend":
-        mode += backend_tag()
+        mode += backend_tag(backend)
     if landmarks is not None:
         for k in keys:
             digest.update(landmarks[k].tobytes())

@@ -100,11 +100,12 @@ def keypoint_noise_study(
         raise ValueError(f"{len(landmarks)} landmark files for {len(bin_paths)} .bin sets")
     model = handle()
     sets, kinds = {}, set()
+    backend = getattr(settings, "landmark_backend", None)
     for path, lm in zip(bin_paths, landmarks, strict=True):
         vb = read_verification_bin(path)
-        kind = resolve_keypoint_source(keypoint_source, lm)
+        kind = resolve_keypoint_source(keypoint_source, lm, backend)
         kinds.add(kind)
-        source = bin_face_source(vb, path, kind, lm)
+        source = bin_face_source(vb, path, kind, lm, backend=backend)
         n = source.count
         num_kp = source.load(0, 1)[1].shape[1]
         if displace_index is not None and not 0 <= displace_index < num_kp:

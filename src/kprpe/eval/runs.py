@@ -22,7 +22,7 @@ from .images import (
     read_pairs_csv,
     scan_identity_folders,
 )
-from .landmarks import LandmarkFileError, read_pixel_landmarks
+from .landmarks import DEFAULT_LANDMARK_BACKEND, LandmarkBackend, LandmarkFileError, read_pixel_landmarks
 from .metrics import DEFAULT_FAR_TARGETS, cmc_ranks, kfold_accuracy, open_set_dir_at_fpir, rank_accuracy
 from .verification import bin_face_source, pair_scores, resolve_keypoint_source, verification_metrics
 
@@ -51,12 +51,15 @@ class EvalSettings:
     n_folds: int = 10
     tar_far_convention: str = "insightface"  # see metrics.TAR_FAR_CONVENTIONS
     calibrate_far: float | None = None  # also report the threshold for this FAR (kprpe.eval.calibration)
+    # where ``backend`` keypoints come from (dlib, or the DFA aligner): this run's, never a process-wide one
+    landmark_backend: LandmarkBackend = DEFAULT_LANDMARK_BACKEND
 
 
 @dataclass
 class ModelHandle:
     """A checkpoint path whose model is loaded on first use (an embedding not in the cache, the parameter
-    count, a fingerprint) and then kept: one handle, one load, so a run passes its one handle everywhere."""
+    count when the weights file cannot tell it, a fingerprint) and then kept: one handle, one load, so a
+    run passes its one handle everywhere."""
 
     weights: Path
     name: str = ""
@@ -95,7 +98,18 @@ class ModelHandle:
         return self._model
 
     def parameter_count(self) -> int | None:
-        """The model's parameter count (None for an ONNX engine): says whether it can be a published model."""
+        """The model's parameter count (None for an ONNX engine): says whether it can be a published model.
+
+        Read from the weights file's header when the model is not loaded yet (a run served from the
+        embedding cache then never builds it); counted on the built model when the file cannot tell."""
+        if self.engine == "onnx":  # an ONNX graph's initializers are not the module's parameters
+            return None
+        if self._model is None:
+            from .parameters import header_parameter_count
+
+            count = header_parameter_count(self.fingerprint_path)
+            if count is not None:
+                return count
         model = self()
         if not isinstance(model, torch.nn.Module):
             return None
@@ -222,8 +236,8 @@ def evaluate_bins(
     sets, sources = {}, {}
     for path, lm in zip(bin_paths, landmarks, strict=True):
         vb = read_verification_bin(path)
-        source_kind = resolve_keypoint_source(keypoint_source, lm)
-        source = bin_face_source(vb, path, source_kind, lm)
+        source_kind = resolve_keypoint_source(keypoint_source, lm, settings.landmark_backend)
+        source = bin_face_source(vb, path, source_kind, lm, backend=settings.landmark_backend)
         mode = f"prealigned:{source_kind}"
         emb, norms, cached = embed_source(handle, source, settings, mode=mode, desc=vb.name)
         scores = pair_scores(emb, np.arange(0, len(vb), 2), np.arange(1, len(vb), 2))
@@ -328,13 +342,18 @@ def evaluate_pairs(
     pairs_csv = Path(pairs_csv)
     pairs = _read_image_pairs(pairs_csv, images_root)
     points = read_pixel_landmarks(landmarks)[0] if landmarks else None
-    kp_kind = "landmark file" if points is not None else resolve_keypoint_source(keypoint_source, None)
+    kp_kind = (
+        "landmark file"
+        if points is not None
+        else resolve_keypoint_source(keypoint_source, None, settings.landmark_backend)
+    )
     source = image_face_source(
         pairs.paths,
         pairs.names,
         landmarks=points,
         t=t,
         keypoint_source="template" if points is not None else kp_kind,
+        backend=settings.landmark_backend,
     )
     emb, norms, cached = embed_source(handle, source, settings, mode=f"pairs:t={t:g}", desc=pairs_csv.stem)
     scores = pair_scores(emb, pairs.first, pairs.second)
@@ -366,7 +385,7 @@ def evaluate_identification(
     """
     if gallery_per not in ("image", "identity"):
         raise ValueError(f"gallery_per must be 'image' or 'identity', got {gallery_per!r}")
-    kp_kind = resolve_keypoint_source(keypoint_source, None)
+    kp_kind = resolve_keypoint_source(keypoint_source, None, settings.landmark_backend)
     parts = {
         "gallery": scan_identity_folders(gallery, label_regex),
         "probe": scan_identity_folders(probe, label_regex),
@@ -381,7 +400,8 @@ def evaluate_identification(
         )
     feats = {}
     for role, items in parts.items():
-        source = image_face_source(items.paths, [str(p) for p in items.paths], keypoint_source=kp_kind)
+        source = image_face_source(items.paths, [str(p) for p in items.paths], keypoint_source=kp_kind,
+                                   backend=settings.landmark_backend)
         feats[role] = embed_source(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=role)[0]
     g_emb, g_lab = feats["gallery"], np.asarray(parts["gallery"].labels, dtype=object)
     if gallery_per == "identity":

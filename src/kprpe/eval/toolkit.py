@@ -299,14 +299,16 @@ def _image_bytes(item, where: str) -> bytes:
 
 
 def toolkit_face_source(
-    ts: ToolkitSet, keypoint_source: str, landmarks: str | os.PathLike | None = None
+    ts: ToolkitSet, keypoint_source: str, landmarks: str | os.PathLike | None = None, *, backend=None
 ) -> FaceSource:
     """The faces of ``ts`` in index order, decoded per batch (112x112), keypoints from ``keypoint_source``
-    (``file``: a ``idx,ldmk_0..ldmk_9`` CSV keyed by the ``index`` column; ``backend``; ``template``)."""
+    (``file``: a ``idx,ldmk_0..ldmk_9`` CSV keyed by the ``index`` column; ``backend``: from ``backend``, a
+    :class:`~kprpe.eval.landmarks.LandmarkBackend`, default dlib; ``template``)."""
     datasets = _datasets()
     images = ts.dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
     keypoints = indexed_keypoints(
-        keypoint_source, landmarks, len(ts), what="faces", index_name="index", error=ToolkitFormatError
+        keypoint_source, landmarks, len(ts), what="faces", index_name="index", error=ToolkitFormatError,
+        backend=backend,
     )
 
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -326,7 +328,7 @@ def toolkit_face_source(
     arrow = sorted(ts.path.glob("*.arrow"))
     fp = "toolkit:" + "|".join(file_fingerprint(p) for p in arrow) + f"|kp:{keypoint_source}"
     if keypoint_source == "backend":
-        fp += backend_tag()
+        fp += backend_tag(backend)
     if landmarks is not None and keypoint_source == "file":
         fp += f"|{file_fingerprint(landmarks)}"
     return FaceSource(count=len(ts), load=load, fingerprint=fp)
@@ -393,14 +395,15 @@ def evaluate_toolkit(
     if len(landmarks) != len(folders):
         raise ToolkitFormatError(f"{len(landmarks)} landmark files for {len(folders)} toolkit sets ({names})")
     sets, kinds = {}, {}
+    backend = getattr(settings, "landmark_backend", None)
     for folder, lm in zip(folders, landmarks, strict=True):
         ts = open_toolkit_set(folder)
         if getattr(settings, "calibrate_far", None) is not None and ts.kind == "tinyface":  # before any work
             raise ToolkitFormatError(
                 f"{folder}: --calibrate needs verification pairs; {ts.name} is a TinyFace identification set"
             )
-        kp_kind = resolve_keypoint_source(keypoint_source, lm)
-        source = toolkit_face_source(ts, kp_kind, lm)
+        kp_kind = resolve_keypoint_source(keypoint_source, lm, backend)
+        source = toolkit_face_source(ts, kp_kind, lm, backend=backend)
         mode = f"prealigned:{kp_kind}"
         emb, norms, cached = embed_source(handle, source, settings, mode=mode, desc=ts.name)
         if ts.kind == "verification":
@@ -454,20 +457,22 @@ def evaluate_tinyface(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"TinyFace folder not found: {path}")
-    kp_kind = resolve_keypoint_source(keypoint_source, None)
+    backend = getattr(settings, "landmark_backend", None)
+    kp_kind = resolve_keypoint_source(keypoint_source, None, backend)
     if is_toolkit_dataset(path):
         ts = open_toolkit_set(path)
         if ts.kind != "tinyface":
             raise ToolkitFormatError(f"{path}: a {ts.kind} set, not TinyFace (use `kprpe eval toolkit`)")
         emb, _, cached = embed_source(
-            handle, toolkit_face_source(ts, kp_kind), settings, mode=f"prealigned:{kp_kind}", desc=ts.name
+            handle, toolkit_face_source(ts, kp_kind, backend=backend), settings, mode=f"prealigned:{kp_kind}",
+            desc=ts.name,
         )
         result = tinyface_toolkit_result(ts, emb, ranks)
         layout = "CVLface toolkit"
     elif is_tinyface_folder(path):
         probes, matches, distractors = tinyface_folder_lists(path)
         files = probes + matches + distractors
-        source = image_face_source(files, [str(p) for p in files], keypoint_source=kp_kind)
+        source = image_face_source(files, [str(p) for p in files], keypoint_source=kp_kind, backend=backend)
         emb, _, cached = embed_source(handle, source, settings, mode=f"prealigned:{kp_kind}", desc=path.name)
         n_p, n_m = len(probes), len(matches)
         protocol = TinyFaceProtocol(

@@ -11,11 +11,7 @@ import numpy as np
 from ..images import decode_image
 from .binfile import VerificationBin
 from .embedding import FaceSource, file_fingerprint
-from .landmarks import (
-    backend_tag,
-    face_backend_available,
-    indexed_keypoints,
-)
+from .landmarks import LandmarkBackend, backend_tag, face_backend_available, indexed_keypoints
 from .metrics import DEFAULT_FAR_TARGETS, kfold_accuracy, roc_auc, roc_curve, tar_at_far, val_at_far
 
 __all__ = [
@@ -30,9 +26,10 @@ __all__ = [
 KEYPOINT_SOURCES = ("auto", "file", "backend", "template")
 
 
-def resolve_keypoint_source(requested: str, landmarks: str | os.PathLike | None) -> str:
-    """``auto`` -> ``file`` when a landmark file is given, else ``backend`` when ``kprpe.face`` offers one
-    (dlib, or the DFA aligner chosen with ``--aligner dfa``, see :func:`set_landmark_backend`), else
+def resolve_keypoint_source(requested: str, landmarks: str | os.PathLike | None,
+                            backend: LandmarkBackend | None = None) -> str:
+    """``auto`` -> ``file`` when a landmark file is given, else ``backend`` when ``kprpe.face`` offers
+    ``backend`` (default dlib; the DFA aligner with ``--aligner dfa``, see :class:`LandmarkBackend`), else
     ``template`` (with a warning: only right for faces really aligned to the ArcFace template)."""
     if requested not in KEYPOINT_SOURCES:
         raise ValueError(f"keypoint source must be one of {KEYPOINT_SOURCES}, got {requested!r}")
@@ -42,7 +39,7 @@ def resolve_keypoint_source(requested: str, landmarks: str | os.PathLike | None)
         return requested
     if landmarks is not None:
         return "file"
-    if face_backend_available():
+    if face_backend_available(backend):
         return "backend"
     warnings.warn("no landmark file and no kprpe.face landmark backend: using the ArcFace template keypoints",
                   stacklevel=2)
@@ -50,10 +47,12 @@ def resolve_keypoint_source(requested: str, landmarks: str | os.PathLike | None)
 
 
 def bin_face_source(vb: VerificationBin, path: str | os.PathLike, keypoint_source: str,
-                    landmarks: str | os.PathLike | None = None, *, image_size: int = 112) -> FaceSource:
+                    landmarks: str | os.PathLike | None = None, *, image_size: int = 112,
+                    backend: LandmarkBackend | None = None) -> FaceSource:
     """Faces of a ``.bin`` set (decoded per batch, resized to ``image_size``) with keypoints from
-    ``keypoint_source``. ``path`` names the set in messages and, when it is a file, keys the cache."""
-    keypoints = indexed_keypoints(keypoint_source, landmarks, len(vb))
+    ``keypoint_source`` (``backend``: from ``backend``, default dlib). ``path`` names the set in messages
+    and, when it is a file, keys the cache."""
+    keypoints = indexed_keypoints(keypoint_source, landmarks, len(vb), backend=backend)
 
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         images = np.stack([decode_image(vb.encoded_images[i], where=f"{path} image {i}", size=image_size)
@@ -62,7 +61,7 @@ def bin_face_source(vb: VerificationBin, path: str | os.PathLike, keypoint_sourc
 
     fp = f"bin:{file_fingerprint(path) if Path(path).is_file() else vb.name}|kp:{keypoint_source}"
     if keypoint_source == "backend":
-        fp += backend_tag()
+        fp += backend_tag(backend)
     if image_size != 112:
         fp += f"|size:{image_size}"
     if landmarks is not None and keypoint_source == "file":
