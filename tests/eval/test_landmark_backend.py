@@ -107,3 +107,18 @@ def test_an_unknown_aligner_is_refused():
 
     with pytest.raises(ValueError, match="'dlib' or 'dfa', got 'mtcnn'"):
         LandmarkBackend("mtcnn")
+
+
+def test_the_0_4_set_landmark_backend_still_works_with_a_warning(monkeypatch):
+    """Removed as a process-wide switch; kept until 0.5 for scripts that call it, with a warning."""
+    import kprpe.eval.landmarks as landmarks
+
+    monkeypatch.setattr(landmarks, "_DEPRECATED_CHOICE", [])
+    assert landmarks.backend_tag() == ""
+    with pytest.warns(FutureWarning, match="set_landmark_backend is deprecated"):
+        landmarks.set_landmark_backend("dfa", weights="w.safetensors")
+    assert landmarks.backend_tag() == "|aligner:dfa:w.safetensors"
+    # an explicit per-run backend is never overridden by it
+    assert landmarks.backend_tag(landmarks.LandmarkBackend()) == ""
+    with pytest.raises(ValueError, match="'dlib' or 'dfa'"):
+        landmarks.set_landmark_backend("nope")

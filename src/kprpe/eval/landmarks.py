@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_LANDMARK_BACKEND",
     "backend_tag",
     "indexed_keypoints",
+    "set_landmark_backend",
 ]
 
 
@@ -151,8 +153,27 @@ class LandmarkBackend:
 DEFAULT_LANDMARK_BACKEND = LandmarkBackend()
 
 
+_DEPRECATED_CHOICE: list[LandmarkBackend] = []  # set only by set_landmark_backend (deprecated, goes in 0.5)
+
+
 def _or_default(backend: LandmarkBackend | None) -> LandmarkBackend:
-    return DEFAULT_LANDMARK_BACKEND if backend is None else backend
+    if backend is not None:
+        return backend
+    return _DEPRECATED_CHOICE[0] if _DEPRECATED_CHOICE else DEFAULT_LANDMARK_BACKEND
+
+
+def set_landmark_backend(
+    aligner: str = "dlib", *, weights: str | None = None, device: str = "cpu", batch_size: int = 64
+) -> None:
+    """Deprecated (goes in 0.5): pass ``LandmarkBackend(...)`` as ``EvalSettings.landmark_backend`` or as
+    ``backend=``. Until then it sets the backend of every call given none, process-wide, as it did."""
+    warnings.warn(
+        "kprpe.eval.landmarks.set_landmark_backend is deprecated and goes in kprpe 0.5: pass LandmarkBackend(aligner, weights, device, batch_size) as "
+        "EvalSettings.landmark_backend or backend= (a process-wide choice leaked into later runs)",
+        FutureWarning,
+        stacklevel=2,
+    )
+    _DEPRECATED_CHOICE[:] = [LandmarkBackend(aligner, weights, device, batch_size)]
 
 
 def backend_tag(backend: LandmarkBackend | None = None) -> str:
