@@ -168,7 +168,8 @@ def set_landmark_backend(
     """Deprecated (goes in 0.5): pass ``LandmarkBackend(...)`` as ``EvalSettings.landmark_backend`` or as
     ``backend=``. Until then it sets the backend of every call given none, process-wide, as it did."""
     warnings.warn(
-        "kprpe.eval.landmarks.set_landmark_backend is deprecated and goes in kprpe 0.5: pass LandmarkBackend(aligner, weights, device, batch_size) as "
+        "kprpe.eval.landmarks.set_landmark_backend is deprecated and goes in kprpe 0.5: pass "
+        "LandmarkBackend(aligner, weights, device, batch_size) as "
         "EvalSettings.landmark_backend or backend= (a process-wide choice leaked into later runs)",
         FutureWarning,
         stacklevel=2,
