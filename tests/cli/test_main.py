@@ -178,3 +178,24 @@ def test_demo_prints_one_line_of_json_on_a_pipe(capsys):
     assert result["model"] == "vit_tiny_kprpe" and result["has_kprpe"] and result["trained"] is False
     cosines = result["cosine_moved_keypoints"]
     assert len(cosines) == 2 and all(c < 1.0 for c in cosines)
+
+
+@pytest.mark.parametrize(
+    "module, prefix",
+    [
+        ("kprpe.bench.kernels", "--batc"),
+        ("kprpe.bench.embed_memory", "--count"),
+        ("kprpe.bench.partial_fc", "--classe"),
+        ("kprpe.bench.index", "--entrie"),
+        ("kprpe.bench.vector_db", "--entrie"),
+    ],
+)
+def test_benchmark_scripts_match_options_only_when_spelled_out(module, prefix, capsys):
+    """The `python -m kprpe.bench.*` scripts parse their own options: a prefix is refused there too,
+    before any work (each option above is the prefix of one the script has)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main([prefix, "2"])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {prefix} 2" in capsys.readouterr().err

@@ -162,6 +162,7 @@ def _child(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # options only when spelled out, as kprpe's own
         prog="python -m kprpe.bench.embed_memory", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--counts", default="200,2000", help="photo counts to compare (default 200,2000)")

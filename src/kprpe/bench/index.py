@@ -163,6 +163,7 @@ def gallery_bench_parser(
 ) -> argparse.ArgumentParser:
     """The options every gallery benchmark takes: its size, the queries, ``-o`` (the JSON output)."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # options only when spelled out, as kprpe's own
         prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--entries", type=int, default=1_000_000)

@@ -121,7 +121,9 @@ def build_cases(batch: int, heads: int, grid: int, dim: int, compile_: bool) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kprpe.bench.kernels", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m kprpe.bench.kernels", description=__doc__, allow_abbrev=False
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=16, help="ViT-Base: 16, ViT-Small: 8")
     parser.add_argument("--grid", type=int, default=14, help="patch grid side (112 px / 8 px patches: 14)")

@@ -338,6 +338,7 @@ def formula_table(setup: Setup, ranks: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # options only when spelled out, as kprpe's own
         prog="torchrun --nproc_per_node R -m kprpe.bench.partial_fc", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--classes", type=int, default=2_000_000, help="identities (default 2,000,000)")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .main import build_parser, subcommand_parsers
-from .options import DeprecatedAlias
+from .options import DeprecatedAlias, Parser
 
 __all__ = ["BEGIN", "END", "command_table", "deprecation_table", "generated_block", "rewrite"]
 
@@ -104,7 +104,7 @@ def rewrite(page: str, block: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     from ..files import atomic_write_text
 
-    cli = argparse.ArgumentParser(prog="python -m kprpe.cli.reference", description=__doc__)
+    cli = Parser(prog="python -m kprpe.cli.reference", description=__doc__)
     cli.add_argument("--write", metavar="PAGE", help="rewrite the generated part of PAGE (docs/cli.md)")
     args = cli.parse_args(argv)
     block = generated_block()
