@@ -53,8 +53,9 @@ def register(subparsers) -> None:
         help="instead of the comparison: train only Abs-PE under each candidate setup and print its clean / "
         "affNIST accuracy against the paper's 98.1 / 77.27; candidates separated by ';', each a "
         "comma-separated KEY=VALUE list (depth, width, heads, patch, mlp_ratio, epochs, lr, batch_size, "
-        "weight_decay, train_limit, regime=none|mild|placed), e.g. 'depth=2,width=64;depth=4,regime=none'; "
-        "the other options (--data, --seeds, --converge, --train-limit, ...) set the base",
+        "weight_decay, train_limit, regime), e.g. 'depth=2,width=64;depth=4,regime=none'; the other options "
+        "(--data, --seeds, --converge, --train-limit, ...) set the base; a candidate without regime= trains "
+        "under the one --regimes value (mild without --regimes)",
     )
     d.add_argument(
         "--quick",
@@ -360,11 +361,20 @@ def resolve_data(data: str) -> str:
 
 
 def _calibrate(cfg, args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
-    from ..experiments.calibration import calibrate_abs, calibration_table, candidate_config, parse_candidates
+    from ..experiments.calibration import (
+        DEFAULT_CALIBRATION_REGIME,
+        calibrate_abs,
+        calibration_table,
+        candidate_config,
+        parse_candidates,
+    )
     from ..experiments.digits import JobStoreError
 
+    if args.regimes is None:  # not the comparison's two default regimes: the one committed calibrations used
+        cfg = dataclasses.replace(cfg, regimes=(DEFAULT_CALIBRATION_REGIME,))
     try:  # every candidate checked before the first one trains
         candidates = parse_candidates(args.calibrate_abs)
         for cand in candidates:

@@ -20,6 +20,7 @@ from .digits import TRAIN_REGIMES, DigitsConfig, JobStore, run_digits
 __all__ = [
     "PAPER_ABS_PE",
     "CALIBRATION_TOLERANCE",
+    "DEFAULT_CALIBRATION_REGIME",
     "CANDIDATE_KEYS",
     "parse_candidates",
     "candidate_config",
@@ -29,6 +30,10 @@ __all__ = [
 
 PAPER_ABS_PE = {"clean": 98.1, "affnist": 77.27}  # the paper's Fig. 1: Abs-PE on MNIST / affNIST, %
 CALIBRATION_TOLERANCE = 2.0  # points: "within ~2 points of both" (issue 28)
+# the regime of a candidate without `regime=` when the command names none (no --regimes): what the committed
+# calibrations (docs/results/mnist_calibration) were trained under; DigitsConfig's default regimes are two
+# (none, mild), so they cannot serve as the one regime of a candidate
+DEFAULT_CALIBRATION_REGIME = "mild"
 # what a candidate may set: the model's shape, the training recipe and the augmentation regime
 CANDIDATE_KEYS: dict[str, type] = {
     "depth": int,
@@ -77,11 +82,20 @@ def parse_candidates(text: str) -> list[dict]:
 
 
 def candidate_config(base: DigitsConfig, cand: dict) -> DigitsConfig:
-    """``base`` with the candidate's values, training Abs-PE only (flatten head) in the candidate's regime."""
+    """``base`` with the candidate's values, training Abs-PE only (flatten head) in the candidate's regime,
+    else in the base's one regime (a base with several cannot say which: ValueError)."""
+    regime = cand.get("regime")
+    if regime is None:
+        if len(base.regimes) != 1:
+            described = ",".join(f"{k}={v}" for k, v in cand.items()) or "(empty)"
+            raise ValueError(
+                f"calibration candidate {described!r} sets no regime but the base has {len(base.regimes)} "
+                f"({', '.join(base.regimes) or 'none'}): a calibration candidate trains under one regime; "
+                "give regime= per candidate or one --regimes value"
+            )
+        regime = base.regimes[0]
     fields = {k: v for k, v in cand.items() if k != "regime"}
-    cfg = dataclasses.replace(
-        base, models=("abs",), mean_head_models=(), regimes=(cand.get("regime", "mild"),), **fields
-    )
+    cfg = dataclasses.replace(base, models=("abs",), mean_head_models=(), regimes=(regime,), **fields)
     return cfg.validate()
 
 
