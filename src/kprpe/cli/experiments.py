@@ -115,8 +115,9 @@ def register(subparsers) -> None:
     d.add_argument(
         "--regimes",
         default=None,
-        help="comma-separated training regimes: none, mild (default: both), placed (random placement "
-        "on the canvas, affNIST's usual training protocol)",
+        help="comma-separated training regimes: none, mild (default: both); medium, calibrated, wide, wider "
+        "(mild with shifts up to 12.5/14/15/20%% of the canvas; calibrated: the MNIST run's); placed (random "
+        "placement on the canvas, affNIST's usual training protocol)",
     )
     d.add_argument(
         "--ablation-regimes", default=None, help="regimes for the ablation/control models (default: mild)"
