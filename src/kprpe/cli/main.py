@@ -18,6 +18,7 @@ from .options import Parser, add_json_option, emit, wants_json
 # (a task package such as gait adds its cli/<task>.py and its name here).
 COMMAND_MODULES = (
     "kprpe.cli.face",
+    "kprpe.cli.search",
     "kprpe.cli.data",
     "kprpe.cli.train",
     "kprpe.cli.eval",
