@@ -120,5 +120,5 @@ def test_the_0_4_set_landmark_backend_still_works_with_a_warning(monkeypatch):
     assert landmarks.backend_tag() == "|aligner:dfa:w.safetensors"
     # an explicit per-run backend is never overridden by it
     assert landmarks.backend_tag(landmarks.LandmarkBackend()) == ""
-    with pytest.raises(ValueError, match="'dlib' or 'dfa'"):
+    with pytest.raises(ValueError, match="'dlib' or 'dfa'"), pytest.warns(FutureWarning):
         landmarks.set_landmark_backend("nope")
