@@ -305,48 +305,18 @@ def test_eval_pairs_with_the_dfa_backend(capsys, dfa_folder, astronaut, tmp_path
         Image.fromarray(np.ascontiguousarray(astronaut[y : y + 112, x : x + 112])).save(tmp_path / f"{i}.png")
     rows = ["0.png,1.png,1", "2.png,3.png,1", "0.png,3.png,0", "1.png,2.png,0"]
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
-    code = main(
-        [
-            "eval",
-            "pairs",
-            "--weights",
-            str(TINY_WEIGHTS),
-            "--pairs",
-            str(tmp_path / "pairs.csv"),
-            "--keypoints",
-            "backend",
-            "--aligner",
-            "dfa",
-            "--aligner-weights",
-            str(dfa_folder),
-            "-o",
-            str(tmp_path / "run"),
-            "--no-cache",
-            "--quiet",
-        ]
-    )
+
+    def pairs(aligner_weights, out):
+        return main(
+            ["eval", "pairs", "--weights", str(TINY_WEIGHTS), "--pairs", str(tmp_path / "pairs.csv")]
+            + ["--keypoints", "backend", "--aligner", "dfa", "--aligner-weights", str(aligner_weights)]
+            + ["-o", str(tmp_path / out), "--no-cache", "--quiet"]
+        )
+
+    code = pairs(dfa_folder, "run")
     err = capsys.readouterr().err
     assert code == 0, err
-    code = main(
-        [
-            "eval",
-            "pairs",
-            "--weights",
-            str(TINY_WEIGHTS),
-            "--pairs",
-            str(tmp_path / "pairs.csv"),
-            "--keypoints",
-            "backend",
-            "--aligner",
-            "dfa",
-            "--aligner-weights",
-            str(TINY_WEIGHTS),
-            "-o",
-            str(tmp_path / "bad"),
-            "--no-cache",
-            "--quiet",
-        ]
-    )
+    code = pairs(TINY_WEIGHTS, "bad")  # recognition weights given as the aligner's
     err = capsys.readouterr().err
     assert code == 2 and "recognition" in err and not (tmp_path / "bad").exists()
     _no_traceback(err)
